@@ -1,0 +1,47 @@
+# kaggle-tta — `make infer` runs the embedded demo offline; `make test` runs the tests.
+PYTHON     ?= python3
+PIP        ?= $(PYTHON) -m pip
+# torch is not pinned by the package; this pair is what we test with (on these machines pip
+# takes it from local disk). Override for another platform: make install TORCH_PAIR="torch torchvision"
+TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
+PIPELINE   ?= pipeline.yaml
+DEMO_DIR   ?= build/demo/test
+
+.PHONY: install infer run blend demo-data demo-weights test bench kernel clean help
+
+help:
+	@echo "make infer        install what is missing, write the demo test set, run pipeline.yaml"
+	@echo "make test         install what is missing, run the test suite"
+	@echo "make blend        re-blend from the cache (no model, no image)"
+	@echo "make bench        run benchmarks/ and write bench-results/bench.md"
+	@echo "make demo-weights retrain the demo members (kaggle_tta/demo/weights)"
+
+# Installs only what is missing: the torch pair first (so pip does not pick another build),
+# then the package (editable) with its test extras.
+install:
+	@$(PYTHON) -c "import torch, torchvision" 2>/dev/null || $(PIP) install $(TORCH_PAIR)
+	@$(PYTHON) -c "import importlib.metadata as m, kaggle_tta, timm, albumentations, ensemble_boxes, polars, tqdm, safetensors, cv2, ttach, pytest; m.version('kaggle-tta')" 2>/dev/null \
+		|| $(PIP) install -e '.[test]'
+
+demo-data: install
+	$(PYTHON) -m kaggle_tta demo-data $(DEMO_DIR)
+
+infer: demo-data
+	$(PYTHON) -m kaggle_tta run $(PIPELINE)
+
+run: infer
+
+blend: install
+	$(PYTHON) -m kaggle_tta blend $(PIPELINE)
+
+demo-weights: install
+	$(PYTHON) -m kaggle_tta.demo.train $(PIPELINE)
+
+test: install
+	$(PYTHON) -m pytest
+
+bench: install
+	$(PYTHON) benchmarks/run.py --out bench-results
+
+clean:
+	rm -rf build cache submission.csv bench-results

@@ -1,0 +1,5 @@
+import sys
+
+from kaggle_tta.cli import main
+
+sys.exit(main())

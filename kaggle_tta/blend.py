@@ -1,0 +1,61 @@
+"""Evaluating the blend DAG from the cache alone.
+
+This module reads cached views and merges them; it never builds a model or reads an image
+(it imports neither models, data nor engine), so re-blending runs in seconds anywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from kaggle_tta.cache import CacheEntry
+from kaggle_tta.config import PipelineConfig
+from kaggle_tta.errors import CacheError
+from kaggle_tta.merge import Prediction, blend, reduce_views
+
+
+@dataclass
+class MemberSource:
+    """Where a member's predictions are: its cache entry, the views to merge, the activation."""
+
+    name: str
+    entry: CacheEntry | None
+    views: Sequence[str]
+    activation: str
+    merge: str
+    fill_hint: str = "kaggle-tta infer PIPELINE"
+
+
+def check_complete(sources: Sequence[MemberSource], ids: Sequence[str]) -> None:
+    """Raises one CacheError naming every missing (member, view) and how to fill it."""
+    missing = []
+    for s in sources:
+        done = s.entry is not None and all(s.entry.is_complete(v) for v in s.views)
+        if not done:
+            lacking = [v for v in s.views if s.entry is None or not s.entry.is_complete(v)]
+            missing.append(f"{s.name}: {', '.join(lacking)}")
+    if missing:
+        raise CacheError(f"not in the cache: {'; '.join(missing)} — run '{sources[0].fill_hint}' to compute them (blend runs no model)")
+    for s in sources:
+        if s.entry.read_ids() != list(ids):  # type: ignore[union-attr]
+            raise CacheError(f"{s.entry.dir}: row ids differ from the test set; delete that folder and rerun infer")  # type: ignore[union-attr]
+
+
+def member_prediction(s: MemberSource, views: Sequence[str] | None = None) -> Prediction:
+    """Merges a member's cached views (all of them, or the given subset)."""
+    assert s.entry is not None
+    names = list(views) if views is not None else list(s.views)
+    return reduce_views(s.merge, (s.entry.read(v) for v in names), s.activation)
+
+
+def evaluate(cfg: PipelineConfig, members: Mapping[str, Prediction], activation: str) -> dict[str, Prediction]:
+    """Every node's prediction: the members' as given, then each blend in dependency order."""
+    out: dict[str, Prediction] = dict(members)
+    remaining = list(cfg.blends)
+    while remaining:  # the config validator has ruled out cycles
+        ready = [b for b in remaining if all(i in out for i in b.inputs)]
+        for b in ready:
+            out[b.name] = blend(b.method, [out[i] for i in b.inputs], b.weights, activation, b.space, b.power)
+        remaining = [b for b in remaining if b not in ready]
+    return out

@@ -1,0 +1,181 @@
+"""The prediction store: one .npy per (member, view) under a content fingerprint.
+
+Layout::
+
+    <cache>/<member>/<fingerprint>/manifest.json     what the numbers depend on; per-view state
+    <cache>/<member>/<fingerprint>/ids.txt           row order: one test id per line
+    <cache>/<member>/<fingerprint>/<view>.npy        complete predictions, [N, C]
+    <cache>/<member>/<fingerprint>/<view>.npy.partial   being filled (an .npy memmap)
+
+A view's file is preallocated under ``.partial``, filled as batches finish, flushed, and only
+then counted in the manifest (``rows_done``); when all rows are in, it is renamed into place.
+The manifest is replaced atomically, so a run killed at any moment leaves either the old or the
+new manifest, never a torn one, and resumes from ``rows_done``. Readers take only files the
+manifest marks complete, so a blend never reads a partial file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kaggle_tta.errors import CacheError
+
+FORMAT_VERSION = 1
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class CacheEntry:
+    """The cached predictions of one member under one fingerprint."""
+
+    def __init__(self, root: Path, member: str, fingerprint: str, inputs: dict[str, Any] | None = None):
+        self.dir = Path(root) / member / fingerprint
+        self.member = member
+        self.fingerprint = fingerprint
+        self.inputs = inputs or {}
+        self.manifest_path = self.dir / "manifest.json"
+        self.manifest = self._load()
+        self._open: dict[str, np.memmap] = {}
+
+    # ---- manifest ------------------------------------------------------------------------
+
+    def _load(self) -> dict[str, Any]:
+        if not self.manifest_path.is_file():
+            return {"format_version": FORMAT_VERSION, "member": self.member, "fingerprint": self.fingerprint, "inputs": self.inputs, "views": {}}
+        try:
+            m = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CacheError(f"{self.manifest_path}: damaged manifest ({exc}); delete {self.dir} to recompute") from None
+        if m.get("format_version") != FORMAT_VERSION:
+            raise CacheError(f"{self.manifest_path}: cache format {m.get('format_version')} is not {FORMAT_VERSION}; delete {self.dir}")
+        return m
+
+    def save(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        _atomic_write_text(self.manifest_path, json.dumps(self.manifest, indent=1, sort_keys=True))
+
+    def view_state(self, view: str) -> dict[str, Any]:
+        return self.manifest["views"].get(view, {})
+
+    def path(self, view: str) -> Path:
+        return self.dir / f"{view}.npy"
+
+    def is_complete(self, view: str) -> bool:
+        return self.view_state(view).get("status") == "complete" and self.path(view).is_file()
+
+    def rows_done(self, view: str) -> int:
+        if self.is_complete(view):
+            return int(self.view_state(view)["rows"])
+        st = self.view_state(view)
+        partial = self.dir / f"{view}.npy.partial"
+        return int(st.get("rows_done", 0)) if st.get("status") == "partial" and partial.is_file() else 0
+
+    # ---- ids -----------------------------------------------------------------------------
+
+    def write_ids(self, ids: list[str]) -> None:
+        """Records the row order once; a different order under the same fingerprint is a bug."""
+        f = self.dir / "ids.txt"
+        text = "\n".join(ids) + "\n"
+        if f.is_file():
+            if f.read_text(encoding="utf-8") != text:
+                raise CacheError(f"{f}: ids differ from the test set under the same fingerprint; delete {self.dir}")
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(f, text)
+
+    def read_ids(self) -> list[str]:
+        f = self.dir / "ids.txt"
+        if not f.is_file():
+            raise CacheError(f"{f}: missing; the entry is incomplete, run 'kaggle-tta infer' to fill it")
+        return f.read_text(encoding="utf-8").splitlines()
+
+    # ---- writing -------------------------------------------------------------------------
+
+    def open_for_write(self, view: str, shape: tuple[int, ...], dtype: str) -> tuple[np.memmap, int]:
+        """The view's partial file (created or reopened) and the rows already in it."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        partial = self.dir / f"{view}.npy.partial"
+        start = self.rows_done(view)
+        mm = None
+        if start > 0:
+            try:
+                mm = np.lib.format.open_memmap(partial, mode="r+")
+                if mm.shape != tuple(shape) or mm.dtype != np.dtype(dtype):
+                    mm, start = None, 0
+            except (OSError, ValueError):
+                mm, start = None, 0
+        if mm is None:
+            mm = np.lib.format.open_memmap(partial, mode="w+", dtype=np.dtype(dtype), shape=tuple(shape))
+            start = 0
+            self.manifest["views"][view] = {"status": "partial", "rows_done": 0, "rows": int(shape[0]), "shape": list(shape), "dtype": dtype, "seconds": 0.0, "nonfinite_recomputed": 0}
+        self._open[view] = mm
+        return mm, start
+
+    def record(self, view: str, rows_done: int, seconds: float, nonfinite: int = 0) -> None:
+        """Notes progress in memory; `commit` makes it durable."""
+        st = self.manifest["views"][view]
+        st["rows_done"] = int(rows_done)
+        st["seconds"] = float(st.get("seconds", 0.0)) + float(seconds)
+        st["nonfinite_recomputed"] = int(st.get("nonfinite_recomputed", 0)) + int(nonfinite)
+
+    def commit(self) -> None:
+        """Flushes every open view's rows to disk, then the manifest that counts them, then
+        completes the views whose rows are all in."""
+        for mm in self._open.values():
+            mm.flush()
+        for view, mm in list(self._open.items()):
+            st = self.manifest["views"][view]
+            if st["rows_done"] >= st["rows"]:
+                del mm
+                self._open.pop(view)
+                os.replace(self.dir / f"{view}.npy.partial", self.path(view))
+                st["status"] = "complete"
+        self.save()
+
+    def close(self) -> None:
+        for mm in self._open.values():
+            mm.flush()
+        self._open.clear()
+
+    # ---- reading -------------------------------------------------------------------------
+
+    def read(self, view: str) -> np.ndarray:
+        """A complete view's predictions, memory-mapped read-only."""
+        if not self.is_complete(view):
+            raise CacheError(f"{self.dir}: view '{view}' is not complete")
+        return np.load(self.path(view), mmap_mode="r")
+
+
+def list_entries(root: Path) -> list[tuple[str, str, dict[str, Any]]]:
+    """Every (member, fingerprint, manifest) under a cache root."""
+    out = []
+    if not Path(root).is_dir():
+        return out
+    for mdir in sorted(p for p in Path(root).iterdir() if p.is_dir()):
+        for fdir in sorted(p for p in mdir.iterdir() if p.is_dir()):
+            f = fdir / "manifest.json"
+            if f.is_file():
+                try:
+                    out.append((mdir.name, fdir.name, json.loads(f.read_text(encoding="utf-8"))))
+                except (OSError, json.JSONDecodeError):
+                    out.append((mdir.name, fdir.name, {"views": {}, "damaged": True}))
+    return out
+
+
+def remove_entry(root: Path, member: str, fingerprint: str) -> None:
+    shutil.rmtree(Path(root) / member / fingerprint, ignore_errors=True)

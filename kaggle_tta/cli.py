@@ -1,0 +1,170 @@
+"""The command line: a table of subcommands, each a thin call into the modules.
+
+Exit status: 0 on success, 2 on a user error (one line on stderr, no traceback), 130 when
+interrupted (rerun the same command to resume from the cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from kaggle_tta.errors import KaggleTTAError
+
+
+def _load(args: argparse.Namespace):
+    from kaggle_tta.config import load_pipeline
+
+    return load_pipeline(args.pipeline, args.set)
+
+
+def _labels(plan):
+    from kaggle_tta.data import load_labels
+
+    return load_labels(plan.cfg, plan.testset.ids, plan.classes)
+
+
+def _print_stats(stats) -> None:
+    if stats.all_cached:
+        n = sum(len(m.views_cached) for m in stats.members.values())
+        print(f"cache: all {n} (member, view) predictions reused — no model was run")
+        return
+    for m in stats.members.values():
+        parts = []
+        if m.views_computed:
+            parts.append(f"{len(m.views_computed)} view(s) computed")
+        if m.views_cached:
+            parts.append(f"{len(m.views_cached)} reused from the cache")
+        if m.nonfinite_recomputed:
+            parts.append(f"{m.nonfinite_recomputed} non-finite chunk(s) recomputed in fp32")
+        print(f"cache: {m.name}: {', '.join(parts)}")
+    print(f"inference: {stats.rows_computed} images on {stats.device} ({stats.precision}, forward batch {stats.forward_batch}) in {stats.seconds:.1f}s")
+
+
+def _blend(plan, pipeline_arg: str) -> None:
+    from kaggle_tta.api import blend_and_write, format_report, sources_for
+
+    result = blend_and_write(plan, sources_for(plan, pipeline_arg), _labels(plan))
+    print(format_report(result))
+    print(f"wrote {result.path} ({len(plan.testset)} rows) from '{result.source}'")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from kaggle_tta.api import infer
+
+    plan, stats = infer(_load(args), progress=not args.quiet)
+    _print_stats(stats)
+    _blend(plan, args.pipeline)
+
+
+def cmd_infer(args: argparse.Namespace) -> None:
+    from kaggle_tta.api import infer
+
+    _, stats = infer(_load(args), progress=not args.quiet)
+    _print_stats(stats)
+
+
+def cmd_blend(args: argparse.Namespace) -> None:
+    from kaggle_tta.plan import build_plan
+
+    _blend(build_plan(_load(args)), args.pipeline)
+
+
+def cmd_cache_ls(args: argparse.Namespace) -> None:
+    from kaggle_tta.cache import list_entries
+    from kaggle_tta.plan import build_plan
+
+    plan = build_plan(_load(args))
+    current = {(m.name, m.fingerprint(p)) for m in plan.members for p in ("fp32", "bf16", "fp16")}
+    wanted = {m.name: [v.name for v in m.views] for m in plan.members}
+    entries = list_entries(plan.cache_root)
+    if not entries:
+        print(f"{plan.cache_root}: empty")
+        return
+    print("| member | fingerprint | state | views complete | rows | seconds | MB |")
+    print("|---|---|---|---|---|---|---|")
+    for member, fp, man in entries:
+        views = man.get("views", {})
+        done = [v for v, st in views.items() if st.get("status") == "complete"]
+        rows = max((st.get("rows_done", 0) for st in views.values()), default=0)
+        secs = sum(st.get("seconds", 0.0) for st in views.values())
+        size = sum(f.stat().st_size for f in (plan.cache_root / member / fp).glob("*.npy*")) / 1e6
+        state = "current" if (member, fp) in current else "stale"
+        need = wanted.get(member, [])
+        have = f"{len([v for v in need if v in done])}/{len(need)}" if state == "current" else f"{len(done)}"
+        print(f"| {member} | {fp} | {state} | {have} | {rows} | {secs:.1f} | {size:.1f} |")
+
+
+def cmd_cache_prune(args: argparse.Namespace) -> None:
+    from kaggle_tta.cache import list_entries, remove_entry
+    from kaggle_tta.plan import build_plan
+
+    plan = build_plan(_load(args))
+    current = {(m.name, m.fingerprint(p)) for m in plan.members for p in ("fp32", "bf16", "fp16")}
+    removed = 0
+    for member, fp, _ in list_entries(plan.cache_root):
+        if (member, fp) not in current:
+            remove_entry(plan.cache_root, member, fp)
+            removed += 1
+    print(f"removed {removed} stale entr{'y' if removed == 1 else 'ies'} from {plan.cache_root}")
+
+
+def cmd_demo_data(args: argparse.Namespace) -> None:
+    from kaggle_tta.demo.generate import write_split
+
+    n = write_split(Path(args.out), args.n, args.seed, args.size)
+    print(f"{args.out}: {n} demo images and labels.csv")
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
+    "run": (cmd_run, "fill the cache as needed, blend, write the submission"),
+    "infer": (cmd_infer, "fill the cache only"),
+    "blend": (cmd_blend, "blend from the cache and write the submission (builds no model, reads no image)"),
+    "cache ls": (cmd_cache_ls, "list cache entries: current or stale, views, rows, seconds"),
+    "cache prune": (cmd_cache_prune, "delete cache entries the pipeline no longer uses"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="kaggle-tta", description="Test-time-augmentation ensemble inference with a prediction cache.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for name, (fn, help_text) in COMMANDS.items():
+        parent, _, child = name.partition(" ")
+        if child:
+            if parent not in groups:
+                gp = sub.add_parser(parent, help=f"{parent} subcommands")
+                groups[parent] = gp.add_subparsers(dest="subcommand", required=True)
+            p = groups[parent].add_parser(child, help=help_text)
+        else:
+            p = sub.add_parser(name, help=help_text)
+        p.add_argument("pipeline", help="path of pipeline.yaml")
+        p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a YAML value (repeatable), e.g. runtime.precision=fp32")
+        p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+        p.set_defaults(func=fn)
+    d = sub.add_parser("demo-data", help="write the embedded demo test set (images + labels.csv)")
+    d.add_argument("out")
+    d.add_argument("--n", type=int, default=240)
+    d.add_argument("--seed", type=int, default=1)
+    d.add_argument("--size", type=int, default=72)
+    d.set_defaults(func=cmd_demo_data)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KaggleTTAError as exc:
+        print(f"kaggle-tta: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kaggle-tta: interrupted; completed batches are in the cache — rerun to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,487 @@
+"""The pipeline.yaml schema and its loader.
+
+Every model forbids unknown keys, so a typo is an error naming its YAML path rather than a
+silently ignored setting. Resolution order for any value: ``--set`` override > YAML >
+timm's ``pretrained_cfg`` for the member's architecture > the default written here.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kaggle_tta.errors import ConfigError, did_you_mean
+
+Task = Literal["classification", "segmentation", "detection"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+ViewItem = Union[str, dict[str, Any]]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class CsvSource(_Model):
+    """A CSV listing the test set."""
+
+    path: Path
+    """The CSV file (relative paths are relative to pipeline.yaml)."""
+    id_column: str = "id"
+    """Column holding the image id written to the submission."""
+    path_column: str | None = None
+    """Column holding the image path (relative to `root`); or give `path_template`."""
+    path_template: str | None = None
+    """Builds the path from the id, e.g. ``images/{id}.jpg`` (relative to `root`)."""
+    root: Path | None = None
+    """Folder the paths are relative to; default: the CSV's folder."""
+
+    @model_validator(mode="after")
+    def _one_path_rule(self) -> CsvSource:
+        if (self.path_column is None) == (self.path_template is None):
+            raise ValueError("give exactly one of 'path_column' or 'path_template'")
+        return self
+
+
+class LabelsSpec(_Model):
+    """Ground-truth labels for the test set, used only to print the with/without-TTA table."""
+
+    path: Path
+    id_column: str = "id"
+    label_column: str = "label"
+    """Class name (or, multi-label, space-separated class names)."""
+
+
+class DataConfig(_Model):
+    """Where the test images are and what the classes are."""
+
+    folder: Path | None = None
+    """Every image file in this folder (recursively); id = path relative to it, no suffix."""
+    glob: str | None = None
+    """A glob pattern (relative to pipeline.yaml); id = file name without suffix."""
+    csv: CsvSource | None = None
+    """A CSV with an id column and a path column or template."""
+    extensions: list[str] = [".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"]
+    """File suffixes picked up by `folder` and `glob`."""
+    classes: list[str] | None = None
+    """Class names, in the order of the model's outputs; or give `classes_file`."""
+    classes_file: Path | None = None
+    """A text file with one class name a line."""
+    labels: LabelsSpec | None = None
+    """Optional ground truth: the run then prints accuracy with and without TTA."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        given = [k for k in ("folder", "glob", "csv") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of 'folder', 'glob' or 'csv' (got {given or 'none'})")
+        if self.classes is None and self.classes_file is None:
+            raise ValueError("give 'classes' (a list of names) or 'classes_file'")
+        return self
+
+
+class RuntimeConfig(_Model):
+    """Where and how the forward passes run."""
+
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N."""
+    precision: Precision = "auto"
+    """auto: bf16 where the device computes it natively, fp16 on CUDA cards without bf16,
+    else fp32. Chunks that come out non-finite are recomputed in fp32."""
+    forward_batch: int | Literal["auto"] = 32
+    """Inputs (images x views) per forward call; 'auto' times a few sizes on the first batches."""
+    batch_size: int = 64
+    """Images decoded per loader batch; bounds host memory whatever the test-set size."""
+    workers: int = 2
+    """DataLoader worker processes for decoding and preprocessing (0: in the main process)."""
+    channels_last: bool | Literal["auto"] = "auto"
+    """auto: on with CUDA or reduced precision, where it pays."""
+    threads: int | None = None
+    """torch intra-op threads on the CPU; default: torch's own choice."""
+
+    @field_validator("forward_batch", "batch_size")
+    @classmethod
+    def _positive(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be at least 1")
+        return v
+
+    @field_validator("workers")
+    @classmethod
+    def _non_negative(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError("must be 0 or more")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v in ("auto", "cpu", "cuda", "mps") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError(f"unknown device '{v}': use auto, cpu, cuda or cuda:N")
+
+
+class CacheConfig(_Model):
+    """The prediction cache."""
+
+    dir: Path = Path("cache")
+    """Root folder; relative paths are relative to pipeline.yaml."""
+    dtype: Literal["float32", "float16"] = "float32"
+    """Storage type of cached logits (float16 halves the disk and the re-blend I/O)."""
+
+
+class PreprocessConfig(_Model):
+    """How a member's input is made from a decoded image. Unset fields come from timm's
+    pretrained_cfg for the architecture (input size, crop pct, interpolation, mean, std)."""
+
+    input_size: list[int] | None = None
+    """[C, H, W] or [H, W] of the model input."""
+    crop_pct: float | None = None
+    """The image is resized so its shortest side is floor(size / crop_pct), then the
+    centre (or, for crop views, a corner) at the input size is taken."""
+    interpolation: Literal["nearest", "bilinear", "bicubic", "area", "lanczos"] | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    albumentations: dict[str, Any] | Path | None = None
+    """An albumentations pipeline in its own serialized form (``A.to_dict``), inline or as a
+    JSON/YAML file. It replaces resize and crop; it must end with uint8 HWC images of one
+    size (normalization stays on the device, with `mean` and `std`)."""
+
+    @field_validator("input_size")
+    @classmethod
+    def _size(cls, v: list[int] | None) -> list[int] | None:
+        if v is None:
+            return v
+        if len(v) not in (2, 3) or any(s < 1 for s in v):
+            raise ValueError("give [C, H, W] or [H, W] with positive sizes")
+        return v
+
+    @field_validator("crop_pct")
+    @classmethod
+    def _crop(cls, v: float | None) -> float | None:
+        if v is not None and not 0.0 < v <= 1.0:
+            raise ValueError("must be in (0, 1]")
+        return v
+
+
+class MemberConfig(_Model):
+    """One model of the ensemble."""
+
+    name: str
+    """Unique name; also the cache sub-folder."""
+    arch: str | None = None
+    """A timm architecture, built with ``timm.create_model(arch, pretrained=False, num_classes=...)``."""
+    factory: str | None = None
+    """Instead of `arch`: any importable ``package.module:callable`` returning an nn.Module."""
+    kwargs: dict[str, Any] = {}
+    """Keyword arguments for timm.create_model or the factory."""
+    checkpoint: Path | None = None
+    """Weights: .safetensors, or a torch file loaded with weights_only=True. Nestings
+    (state_dict, model, ema, ...) and a 'module.' prefix are unwrapped."""
+    preprocess: PreprocessConfig = PreprocessConfig()
+    tta: str | list[ViewItem] = "none"
+    """A preset name (none, hflip, flips, d4, five_crop, ten_crop) or a list of views."""
+    merge: str = "mean"
+    """How this member's views merge: mean (of logits), mean_prob, geomean, max, tsharpen."""
+    activation: Literal["auto", "softmax", "sigmoid", "none"] = "auto"
+    """How logits become probabilities; auto: softmax, or sigmoid for multi-label."""
+
+    @model_validator(mode="after")
+    def _arch_or_factory(self) -> MemberConfig:
+        if (self.arch is None) == (self.factory is None):
+            raise ValueError("give exactly one of 'arch' (a timm name) or 'factory' ('module:callable')")
+        if self.factory is not None and ":" not in self.factory:
+            raise ValueError(f"factory '{self.factory}' must look like 'package.module:callable'")
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ValueError(f"member name '{self.name}' must be non-empty and contain no '/'")
+        return self
+
+
+class BlendConfig(_Model):
+    """A node of the blend DAG: merges members and/or other blends."""
+
+    name: str
+    inputs: list[str]
+    """Names of members or blends."""
+    method: str = "mean"
+    """mean (weighted), rank_mean, power_mean."""
+    weights: list[float] | None = None
+    """One non-negative weight per input (normalized to sum 1); default equal."""
+    power: float = 2.0
+    """Exponent of power_mean."""
+    space: Literal["probs", "logits"] = "probs"
+    """Whether mean/power_mean combine probabilities (default) or logits."""
+
+    @model_validator(mode="after")
+    def _weights(self) -> BlendConfig:
+        if not self.inputs:
+            raise ValueError("'inputs' must name at least one member or blend")
+        if len(set(self.inputs)) != len(self.inputs):
+            raise ValueError(f"'inputs' repeats a name: {self.inputs}")
+        if self.weights is not None:
+            if len(self.weights) != len(self.inputs):
+                raise ValueError(
+                    f"{len(self.weights)} weights for {len(self.inputs)} inputs {self.inputs}: give one weight per input"
+                )
+            if any(w < 0 or not math.isfinite(w) for w in self.weights):
+                raise ValueError(f"weights must be finite and non-negative, got {self.weights}")
+            if sum(self.weights) <= 0:
+                raise ValueError("weights must not all be zero")
+        return self
+
+
+class SubmissionConfig(_Model):
+    """What is written and how."""
+
+    source: str | None = None
+    """The blend or member whose prediction is written; default: the last blend, else the
+    only member."""
+    path: Path = Path("submission.csv")
+    format: Literal["label", "probs", "topk", "multilabel"] = "label"
+    """label: the top class; probs: one column per class; topk: the k best, space-separated;
+    multilabel: every class whose probability reaches `threshold`, space-separated."""
+    id_column: str = "id"
+    label_column: str = "label"
+    k: int = 5
+    threshold: float = 0.5
+    class_columns: list[str] | None = None
+    """Column names for `probs` (default: the class names)."""
+
+
+class PipelineConfig(_Model):
+    """The whole of pipeline.yaml."""
+
+    task: Task = "classification"
+    multilabel: bool = False
+    """Classification with independent labels (sigmoid); views must leave every label unchanged."""
+    data: DataConfig
+    runtime: RuntimeConfig = RuntimeConfig()
+    cache: CacheConfig = CacheConfig()
+    members: list[MemberConfig]
+    blends: list[BlendConfig] = []
+    submission: SubmissionConfig = SubmissionConfig()
+
+    # Set by load_pipeline: the folder relative paths resolve against; not a YAML key.
+    base_dir: Path = Field(default=Path("."), exclude=True)
+
+    @model_validator(mode="after")
+    def _graph(self) -> PipelineConfig:
+        if not self.members:
+            raise ValueError("'members' must list at least one model")
+        names: dict[str, str] = {}
+        for i, m in enumerate(self.members):
+            if m.name in names:
+                raise ValueError(f"members[{i}].name: '{m.name}' is used twice; names must be unique")
+            names[m.name] = "member"
+        for i, b in enumerate(self.blends):
+            if b.name in names:
+                raise ValueError(f"blends[{i}].name: '{b.name}' is already a {names[b.name]}")
+            names[b.name] = "blend"
+        blend_inputs = {b.name: b.inputs for b in self.blends}
+        for i, b in enumerate(self.blends):
+            for j, inp in enumerate(b.inputs):
+                if inp not in names:
+                    raise ValueError(
+                        f"blends[{i}].inputs[{j}]: unknown input '{inp}'{did_you_mean(inp, names)}; "
+                        "inputs must be member or blend names"
+                    )
+        # Depth-first search for a cycle; report it as a path.
+        state: dict[str, int] = {}
+
+        def visit(node: str, path: list[str]) -> None:
+            if state.get(node) == 1:
+                cycle = path[path.index(node):] + [node]
+                raise ValueError(f"blends form a cycle: {' -> '.join(cycle)}")
+            if state.get(node) == 2 or node not in blend_inputs:
+                return
+            state[node] = 1
+            for inp in blend_inputs[node]:
+                visit(inp, path + [node])
+            state[node] = 2
+
+        for b in self.blends:
+            visit(b.name, [])
+        src = self.submission.source
+        if src is not None and src not in names:
+            raise ValueError(f"submission.source: unknown '{src}'{did_you_mean(src, names)}")
+        if src is None and not self.blends and len(self.members) > 1:
+            raise ValueError("submission.source: several members and no blend; name the member or blend to write")
+        return self
+
+    # ---- derived values -------------------------------------------------------------------
+
+    def resolve(self, path: Path | str) -> Path:
+        """A path from the YAML, made absolute against pipeline.yaml's folder."""
+        p = Path(os.path.expanduser(str(path)))
+        return p if p.is_absolute() else (self.base_dir / p)
+
+    @property
+    def submission_source(self) -> str:
+        if self.submission.source:
+            return self.submission.source
+        return self.blends[-1].name if self.blends else self.members[0].name
+
+    def member(self, name: str) -> MemberConfig:
+        return next(m for m in self.members if m.name == name)
+
+
+# ---- loading --------------------------------------------------------------------------------
+
+
+def _format_loc(loc: tuple[Any, ...], raw: Any) -> str:
+    """('members', 1, 'tta') -> 'members[1].tta', using the member's name where known."""
+    out = ""
+    node = raw
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("function-after", "function-before") or str(part).startswith(("str", "list", "dict", "int", "float", "bool", "literal", "union", "tagged")):
+            continue  # pydantic's union branch labels: not YAML keys
+        else:
+            out += f".{part}" if out else str(part)
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            node = None
+    return out or "pipeline"
+
+
+def format_validation_error(err: ValidationError, raw: Any, source: str) -> str:
+    """One line per problem: 'pipeline.yaml: members[0].tta: ... '."""
+    msgs = []
+    seen = set()
+    for e in err.errors():
+        loc = _format_loc(tuple(e["loc"]), raw)
+        if e["type"] == "extra_forbidden":
+            key = e["loc"][-1]
+            parent_loc = tuple(e["loc"][:-1])
+            model = _model_at(parent_loc)
+            hint = did_you_mean(str(key), model.model_fields) if model else ""
+            text = f"{loc}: unknown key '{key}'{hint}"
+        else:
+            text = f"{loc}: {e['msg'].removeprefix('Value error, ')}"
+        if text not in seen:
+            seen.add(text)
+            msgs.append(text)
+    return f"{source}: " + "; ".join(msgs[:5]) + (f" (and {len(msgs) - 5} more)" if len(msgs) > 5 else "")
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class found at a location, to suggest a key that exists."""
+    model: Any = PipelineConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        nxt = None
+        for c in candidates:
+            for cc in (c, *getattr(c, "__args__", ())):
+                if isinstance(cc, type) and issubclass(cc, BaseModel):
+                    nxt = cc
+        if nxt is None:
+            return None
+        model = nxt
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Applies ``key.path=value`` to the raw YAML mapping, in place.
+
+    Path parts address mappings by key and lists by index or, for members and blends, by
+    name (``members.effb0.tta=d4``). The value is parsed as YAML (``[1, 2]``, ``true``, ``0.5``).
+    """
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment}: expected key.path=value")
+    key, _, value_text = assignment.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set {assignment}: empty key")
+    try:
+        value = yaml.safe_load(value_text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {assignment}: value is not valid YAML ({exc})") from None
+    node: Any = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            idx = _list_index(node, part)
+            if idx is None:
+                raise ConfigError(f"--set {assignment}: '{where}' matches no list item (use an index or a name)")
+            if last:
+                node[idx] = value
+            else:
+                node = node[idx]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if part not in node or node[part] is None:
+                    node[part] = {}
+                node = node[part]
+        else:
+            raise ConfigError(f"--set {assignment}: '{'.'.join(parts[:i])}' is not a mapping or list")
+
+
+def _list_index(items: list[Any], part: str) -> int | None:
+    if part.lstrip("-").isdigit():
+        idx = int(part)
+        return idx if -len(items) <= idx < len(items) else None
+    for i, item in enumerate(items):
+        if isinstance(item, dict) and item.get("name") == part:
+            return i
+    return None
+
+
+def load_pipeline(path: Path | str, overrides: list[str] | None = None) -> PipelineConfig:
+    """Reads, overrides and validates pipeline.yaml.
+
+    Args:
+        path: The YAML file.
+        overrides: ``key.path=value`` strings applied before validation.
+
+    Raises:
+        ConfigError: the file is missing or not YAML, or a field is invalid (the message names
+            the YAML path of each problem).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such pipeline file; pass the path of your pipeline.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level (task, data, members, ...)")
+    for assignment in overrides or []:
+        apply_override(raw, assignment)
+    try:
+        cfg = PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, raw, str(path))) from None
+    cfg.base_dir = path.resolve().parent
+    return cfg
+
+
+def load_classes(cfg: PipelineConfig) -> list[str]:
+    """The class names, from `data.classes` or `data.classes_file`."""
+    if cfg.data.classes is not None:
+        classes = list(cfg.data.classes)
+    else:
+        f = cfg.resolve(cfg.data.classes_file)  # type: ignore[arg-type]
+        if not f.is_file():
+            raise ConfigError(f"data.classes_file: {f} does not exist")
+        classes = [line.strip() for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not classes:
+        raise ConfigError("data.classes: no class names given")
+    if len(set(classes)) != len(classes):
+        raise ConfigError("data.classes: a class name is repeated")
+    return classes

@@ -1,0 +1,300 @@
+"""The test set: listing, decoding once, preprocessing groups, and the streaming loader.
+
+Decoding uses OpenCV. Images are converted, not refused:
+  - grayscale (1 channel) is repeated to 3 channels;
+  - RGBA / BGRA drops the alpha channel (no compositing);
+  - 16-bit integers are scaled to 8 bits (value / 257, so 65535 -> 255);
+  - float images are taken as [0, 1] and scaled to 8 bits.
+Zero-byte, unreadable and truncated files raise a DataError naming the path.
+
+Each member's *canvas* is made in the loader workers with albumentations: the image
+resized so its shortest side is ``floor(input / crop_pct)`` and centre-cropped square (for a
+non-square input size: resized to exactly ``floor(input / crop_pct)``, as timm does). Members
+whose canvases coincide share one; views then run on the device.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import polars as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from kaggle_tta.config import PipelineConfig
+from kaggle_tta.errors import ConfigError, DataError
+
+cv2.setLogLevel(2) if hasattr(cv2, "setLogLevel") else None  # errors only; we report our own
+
+_CV2_INTERPOLATION = {
+    "nearest": cv2.INTER_NEAREST,
+    "bilinear": cv2.INTER_LINEAR,
+    "bicubic": cv2.INTER_CUBIC,
+    "area": cv2.INTER_AREA,
+    "lanczos": cv2.INTER_LANCZOS4,
+}
+
+
+# ---- listing -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TestSet:
+    """The ids and files of the test set, in a deterministic order."""
+
+    ids: list[str]
+    paths: list[Path]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def fingerprint(self) -> str:
+        """Hash of ids and file identities (path, size, mtime): any change is a new test set."""
+        h = hashlib.sha256()
+        for i, p in zip(self.ids, self.paths):
+            st = p.stat()
+            h.update(f"{i}\0{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()[:16]
+
+
+def list_test_set(cfg: PipelineConfig) -> TestSet:
+    """Lists the test set as pipeline.yaml declares it.
+
+    Raises:
+        DataError: the folder/CSV is missing, nothing matched, an id is duplicated, a file is
+            missing or zero bytes.
+    """
+    d = cfg.data
+    exts = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in d.extensions}
+    if d.folder is not None:
+        root = cfg.resolve(d.folder)
+        if not root.is_dir():
+            raise DataError(f"data.folder: {root} is not a folder; point it at the test images")
+        paths = sorted((p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in exts), key=lambda p: p.relative_to(root).as_posix())
+        ids = [p.relative_to(root).with_suffix("").as_posix() for p in paths]
+        where = f"data.folder ({root})"
+    elif d.glob is not None:
+        pattern = str(cfg.resolve(d.glob))
+        paths = sorted(Path(p) for p in globlib.glob(pattern, recursive=True) if Path(p).is_file() and Path(p).suffix.lower() in exts)
+        ids = [p.stem for p in paths]
+        where = f"data.glob ({pattern})"
+    else:
+        ids, paths = _list_csv(cfg)
+        where = f"data.csv ({cfg.resolve(d.csv.path)})"  # type: ignore[union-attr]
+    if not ids:
+        raise DataError(f"{where}: the test set is empty; check the path and data.extensions {sorted(exts)}")
+    _check_unique(ids, paths, where)
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise DataError(f"{where}: image file not found: {', '.join(map(str, missing[:3]))}{more}")
+    empty = [p for p in paths if p.stat().st_size == 0]
+    if empty:
+        raise DataError(f"{empty[0]}: zero-byte image file; replace or remove it" + (f" ({len(empty)} such files)" if len(empty) > 1 else ""))
+    return TestSet(ids, paths)
+
+
+def _list_csv(cfg: PipelineConfig) -> tuple[list[str], list[Path]]:
+    c = cfg.data.csv
+    assert c is not None
+    path = cfg.resolve(c.path)
+    if not path.is_file():
+        raise DataError(f"data.csv.path: {path} does not exist")
+    try:
+        df = pl.read_csv(path, infer_schema=False)
+    except Exception as exc:  # polars raises several types for a malformed file
+        raise DataError(f"{path}: cannot read as CSV ({str(exc).splitlines()[0]})") from None
+    for col in filter(None, [c.id_column, c.path_column]):
+        if col not in df.columns:
+            raise DataError(f"{path}: no column '{col}' (columns: {df.columns}); set data.csv.id_column / path_column")
+    root = cfg.resolve(c.root) if c.root else path.parent
+    ids = [str(v) for v in df[c.id_column].to_list()]
+    if c.path_column:
+        rel = [str(v) for v in df[c.path_column].to_list()]
+    else:
+        try:
+            rel = [c.path_template.format(id=i) for i in ids]  # type: ignore[union-attr]
+        except (KeyError, IndexError) as exc:
+            raise ConfigError(f"data.csv.path_template: only {{id}} may be used ({exc})") from None
+    return ids, [Path(r) if Path(r).is_absolute() else root / r for r in rel]
+
+
+def _check_unique(ids: Sequence[str], paths: Sequence[Path], where: str) -> None:
+    seen: dict[str, int] = {}
+    for k, i in enumerate(ids):
+        if i in seen:
+            raise DataError(f"{where}: duplicate id '{i}' ({paths[seen[i]]} and {paths[k]}); ids must be unique")
+        seen[i] = k
+
+
+def load_labels(cfg: PipelineConfig, ids: Sequence[str], classes: Sequence[str]) -> np.ndarray | None:
+    """Ground truth as class indices ``[N]`` (or ``[N, C]`` 0/1 for multi-label), if given."""
+    spec = cfg.data.labels
+    if spec is None:
+        return None
+    path = cfg.resolve(spec.path)
+    if not path.is_file():
+        raise DataError(f"data.labels.path: {path} does not exist")
+    df = pl.read_csv(path, infer_schema=False)
+    for col in (spec.id_column, spec.label_column):
+        if col not in df.columns:
+            raise DataError(f"{path}: no column '{col}' (columns: {df.columns})")
+    table = dict(zip(df[spec.id_column].to_list(), df[spec.label_column].to_list()))
+    index = {c: k for k, c in enumerate(classes)}
+    missing = [i for i in ids if i not in table]
+    if missing:
+        raise DataError(f"{path}: no label for id '{missing[0]}' ({len(missing)} ids missing)")
+    try:
+        if cfg.multilabel:
+            y = np.zeros((len(ids), len(classes)), dtype=np.uint8)
+            for r, i in enumerate(ids):
+                for name in str(table[i] or "").split():
+                    y[r, index[name]] = 1
+            return y
+        return np.array([index[str(table[i])] for i in ids], dtype=np.int64)
+    except KeyError as exc:
+        raise DataError(f"{path}: label {exc} is not in data.classes") from None
+
+
+# ---- decoding ------------------------------------------------------------------------------
+
+
+def decode_image(path: Path) -> np.ndarray:
+    """Reads an image as uint8 RGB ``[H, W, 3]``, converting the formats listed above.
+
+    Raises:
+        DataError: zero bytes, unreadable or truncated, naming the path.
+    """
+    try:
+        buf = np.fromfile(str(path), dtype=np.uint8)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror})") from None
+    if buf.size == 0:
+        raise DataError(f"{path}: zero-byte image file; replace or remove it")
+    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    if img is None or img.size == 0:
+        raise DataError(f"{path}: unreadable or truncated image; re-export or remove it")
+    if img.dtype == np.uint16:
+        img = (img.astype(np.uint32) // 257).astype(np.uint8)
+    elif img.dtype in (np.float32, np.float64):
+        img = (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        raise DataError(f"{path}: unsupported pixel type {img.dtype}; convert to 8 or 16 bits")
+    if img.ndim == 2:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    if img.shape[2] == 1:
+        return cv2.cvtColor(img[:, :, 0], cv2.COLOR_GRAY2RGB)
+    if img.shape[2] == 4:
+        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+# ---- preprocessing groups ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CanvasSpec:
+    """How a member's canvas is made from the decoded image; equal specs share one canvas."""
+
+    size: tuple[int, int]  # the model input (H, W)
+    crop_pct: float
+    interpolation: str
+    albumentations: str | None = None  # JSON of A.to_dict, when the user gives a pipeline
+
+    @property
+    def canvas_size(self) -> tuple[int, int]:
+        return tuple(int(math.floor(s / self.crop_pct)) for s in self.size)  # type: ignore[return-value]
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(self.__dict__, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+    def build(self) -> Any:
+        import albumentations as A
+
+        if self.albumentations is not None:
+            return A.from_dict(json.loads(self.albumentations))
+        interp = _CV2_INTERPOLATION[self.interpolation]
+        sh, sw = self.canvas_size
+        if self.size[0] == self.size[1]:
+            return A.Compose([A.SmallestMaxSize(max_size=sh, interpolation=interp), A.CenterCrop(sh, sw)])
+        return A.Compose([A.Resize(sh, sw, interpolation=interp)])
+
+
+class CanvasDataset(Dataset):
+    """Decodes image i once and makes every group's canvas from it.
+
+    Errors are returned, not raised, so the main process reports them as one clean line
+    (an exception raised in a worker would arrive wrapped in a traceback).
+    """
+
+    def __init__(self, paths: Sequence[Path], specs: dict[str, CanvasSpec], start: int = 0):
+        self.paths = list(paths)
+        self.specs = specs
+        self.start = start
+        self._transforms: dict[str, Any] | None = None
+
+    def __len__(self) -> int:
+        return len(self.paths) - self.start
+
+    def __getitem__(self, k: int) -> tuple[int, dict[str, np.ndarray] | str]:
+        i = self.start + k
+        if self._transforms is None:
+            self._transforms = {key: spec.build() for key, spec in self.specs.items()}
+        try:
+            img = decode_image(self.paths[i])
+            out = {}
+            for key, t in self._transforms.items():
+                canvas = t(image=img)["image"]
+                if not isinstance(canvas, np.ndarray) or canvas.dtype != np.uint8 or canvas.ndim != 3:
+                    return i, f"{self.paths[i]}: the albumentations preprocessing must return uint8 HWC images; drop Normalize/ToTensorV2 (normalization runs on the device)"
+                out[key] = canvas
+            return i, out
+        except DataError as exc:
+            return i, str(exc)
+
+
+def _collate(items: list[tuple[int, dict[str, np.ndarray] | str]]) -> tuple[list[int], dict[str, torch.Tensor] | str]:
+    idx = [i for i, _ in items]
+    for _, v in items:
+        if isinstance(v, str):
+            return idx, v
+    keys = items[0][1].keys()  # type: ignore[union-attr]
+    out = {}
+    for key in keys:
+        arrays = [v[key] for _, v in items]  # type: ignore[index]
+        shapes = {a.shape for a in arrays}
+        if len(shapes) > 1:
+            return idx, f"preprocessing gave images of different sizes {sorted(shapes)}; end it with a fixed-size resize or crop"
+        out[key] = torch.from_numpy(np.stack(arrays))  # [B, H, W, C] uint8
+    return idx, out
+
+
+def _worker_init(_: int) -> None:
+    cv2.setNumThreads(1)  # workers already run in parallel; avoid oversubscribing cores
+    torch.set_num_threads(1)
+
+
+def make_loader(paths: Sequence[Path], specs: dict[str, CanvasSpec], batch_size: int, workers: int, start: int = 0, pin_memory: bool = False) -> DataLoader:
+    """Streams ``(row indices, {group key: uint8 [B, H, W, C]})`` from row ``start`` on."""
+    ds = CanvasDataset(paths, specs, start)
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_collate,
+        worker_init_fn=_worker_init if workers else None,
+        pin_memory=pin_memory,
+        prefetch_factor=2 if workers else None,
+        persistent_workers=False,
+    )

@@ -1,0 +1,286 @@
+"""The streaming loop: batches of decoded canvases x members x views -> the cache.
+
+Each image is decoded once (in the DataLoader workers) and turned into every canvas the
+pending members need. On the device, per member, the canvas is normalized once, each pending
+view is applied, and the view inputs are packed into forward chunks of ``forward_batch``
+under autocast, channels_last and inference_mode. A chunk that comes out non-finite under
+reduced precision is recomputed in fp32 and counted; on out-of-memory the chunk size halves.
+Rows are written to the cache as each batch finishes and committed with the manifest, so a
+run killed at any moment resumes from the last committed batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from kaggle_tta.cache import CacheEntry
+from kaggle_tta.data import make_loader
+from kaggle_tta.errors import CheckpointError, DataError
+from kaggle_tta.models import build_model
+from kaggle_tta.plan import MemberPlan, Plan
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class MemberStats:
+    name: str
+    views_computed: list[str] = field(default_factory=list)
+    views_cached: list[str] = field(default_factory=list)
+    nonfinite_recomputed: int = 0
+
+
+@dataclass
+class RunStats:
+    device: str
+    precision: str
+    images: int
+    rows_computed: int = 0
+    seconds: float = 0.0
+    forward_batch: int | None = None
+    members: dict[str, MemberStats] = field(default_factory=dict)
+
+    @property
+    def all_cached(self) -> bool:
+        return all(not m.views_computed for m in self.members.values())
+
+
+class ChunkSizer:
+    """The forward chunk size: fixed, or 'auto' — time a few sizes on the first chunks (their
+    outputs are kept; nothing is computed twice) and keep the fastest per input."""
+
+    CANDIDATES = (8, 16, 32, 64, 128)
+
+    def __init__(self, setting: int | str, ceiling: int):
+        self.auto = setting == "auto"
+        self.ceiling = max(1, ceiling)
+        if self.auto:
+            self.trials = [c for c in self.CANDIDATES if c <= self.ceiling] or [self.ceiling]
+            self.timing: dict[int, list[float]] = defaultdict(list)  # size -> [inputs, seconds]
+            self.current = self.trials[0]
+            self.warm = False
+        else:
+            self.current = int(setting)
+
+    def report(self, n: int, seconds: float) -> None:
+        if not self.auto or not self.trials:
+            return
+        if not self.warm:  # the first chunk pays one-off costs (allocations, kernel choice)
+            self.warm = True
+            return
+        rec = self.timing[self.current]
+        if not rec:
+            rec.extend([0.0, 0.0])
+        rec[0] += n
+        rec[1] += seconds
+        if rec[0] >= 2 * self.current and rec[0] >= 16:
+            i = self.trials.index(self.current)
+            if i + 1 < len(self.trials):
+                self.current = self.trials[i + 1]
+            else:
+                self.current = min(self.timing, key=lambda s: self.timing[s][1] / self.timing[s][0])
+                self.trials = []
+
+    def shrink(self) -> None:
+        self.current = max(1, self.current // 2)
+        self.ceiling = self.current
+        if self.auto:
+            self.trials = []
+
+
+def _first_tensor(out: object) -> Tensor:
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, dict):
+        for k in ("logits", "out", "output"):
+            if k in out:
+                return out[k]
+        return next(v for v in out.values() if isinstance(v, Tensor))
+    if isinstance(out, (list, tuple)):
+        return _first_tensor(out[0])
+    raise TypeError(f"model returned {type(out).__name__}")
+
+
+class _Runner:
+    """Forward passes for one member, with precision fallback and OOM back-off."""
+
+    def __init__(self, model: nn.Module, device: torch.device, precision: str, channels_last: bool, sizer: ChunkSizer):
+        self.model, self.device, self.precision = model, device, precision
+        self.channels_last, self.sizer = channels_last, sizer
+        self.nonfinite = 0
+
+    def _forward(self, x: Tensor, reduced: bool) -> Tensor:
+        ctx = torch.autocast(self.device.type, dtype=_DTYPES[self.precision]) if reduced else contextlib.nullcontext()
+        with ctx:
+            out = _first_tensor(self.model(x))
+        return out.float()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        try:
+            out = self._forward(x, self.precision != "fp32")
+        except torch.OutOfMemoryError:
+            if x.shape[0] == 1:
+                raise
+            torch.cuda.empty_cache() if self.device.type == "cuda" else None
+            self.sizer.shrink()
+            half = x.shape[0] // 2
+            return torch.cat([self(x[:half]), self(x[half:])])
+        if self.precision != "fp32" and not bool(torch.isfinite(out).all()):
+            self.nonfinite += 1
+            out = self._forward(x, False)
+        return out
+
+
+@dataclass
+class _Pending:
+    member: MemberPlan
+    entry: CacheEntry
+    views: list  # bound views still to compute
+    start: dict[str, int]  # view -> first row still missing
+    arrays: dict[str, np.ndarray]
+    runner: _Runner | None = None
+
+
+def run_inference(plan: Plan, device: torch.device, precision: str, progress: bool = True) -> RunStats:
+    """Fills the cache for every (member, view) of the plan that is not complete."""
+    cfg = plan.cfg
+    rt = cfg.runtime
+    n = len(plan.testset)
+    n_classes = len(plan.classes)
+    stats = RunStats(device=str(device), precision=precision, images=n)
+    if rt.threads:
+        torch.set_num_threads(rt.threads)
+    pending: list[_Pending] = []
+    for m in plan.members:
+        entry = CacheEntry(plan.cache_root, m.name, m.fingerprint(precision), m.inputs)
+        ms = stats.members[m.name] = MemberStats(m.name)
+        todo = [v for v in m.views if not entry.is_complete(v.name)]
+        ms.views_cached = [v.name for v in m.views if entry.is_complete(v.name)]
+        if todo:
+            pending.append(_Pending(m, entry, todo, {}, {}))
+    if not pending:
+        return stats
+
+    channels_last = rt.channels_last if rt.channels_last != "auto" else (device.type == "cuda" or precision != "fp32")
+    max_views = max(len(p.views) for p in pending)
+    sizer = ChunkSizer(rt.forward_batch, rt.batch_size * max_views)
+    for p in pending:
+        p.entry.write_ids(plan.testset.ids)
+        model = build_model(cfg, p.member.cfg, n_classes).to(device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        p.runner = _Runner(model, device, precision, channels_last, sizer)
+        for v in p.views:
+            arr, start = p.entry.open_for_write(v.name, (n, n_classes), cfg.cache.dtype)
+            p.arrays[v.name], p.start[v.name] = arr, start
+        p.entry.save()
+    start = min(min(p.start.values()) for p in pending)
+    specs = {p.member.canvas.key: p.member.canvas for p in pending}
+    loader = make_loader(plan.testset.paths, specs, rt.batch_size, rt.workers, start, pin_memory=device.type == "cuda")
+    n_views = sum(len(p.views) for p in pending)
+    bar = tqdm(total=n - start, unit="img", desc=f"{len(pending)} member(s), {n_views} view(s)", disable=not progress, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            for rows, canvases in loader:
+                if isinstance(canvases, str):
+                    raise DataError(canvases)
+                lo, hi = rows[0], rows[-1] + 1
+                for p in pending:
+                    _run_member_batch(p, canvases[p.member.canvas.key], lo, hi, device, sizer, n_classes)
+                for p in pending:
+                    p.entry.commit()
+                stats.rows_computed += hi - lo
+                bar.update(hi - lo)
+                bar.set_postfix_str(f"{(hi - start) / max(time.perf_counter() - t0, 1e-9):.1f} img/s, chunk {sizer.current}")
+    finally:
+        bar.close()
+        for p in pending:
+            p.entry.close()
+            p.entry.save()
+    for p in pending:
+        ms = stats.members[p.member.name]
+        ms.views_computed = [v.name for v in p.views]
+        ms.nonfinite_recomputed = p.runner.nonfinite if p.runner else 0
+    stats.seconds = time.perf_counter() - t0
+    stats.forward_batch = sizer.current
+    return stats
+
+
+def _normalize(canvas: Tensor, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> Tensor:
+    """uint8 [B, H, W, C] -> normalized float [B, C, H, W] on the device."""
+    x = canvas.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+    m = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255.0
+    s = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255.0
+    return ((x - m) / s).contiguous()
+
+
+def _chunks(p: _Pending, x: Tensor, lo: int, hi: int, size_fn) -> Iterator[tuple[Tensor, list[tuple[str, int, int]]]]:
+    """Packs (view, rows) pieces of equal input size into chunks of the current size.
+
+    Yields the stacked input and, per piece, (view name, first row, row count).
+    """
+    by_size: dict[tuple[int, ...], list] = defaultdict(list)
+    for v in p.views:
+        first = max(lo, p.start[v.name])
+        if first < hi:
+            by_size[tuple(v.out_size(tuple(x.shape[-2:])))].append((v, first))
+    for group in by_size.values():
+        buf: list[Tensor] = []
+        meta: list[tuple[str, int, int]] = []
+        filled = 0
+        for v, first in group:
+            xv = v.apply(x[first - lo :])
+            off = 0
+            while off < xv.shape[0]:
+                take = min(size_fn() - filled, xv.shape[0] - off)
+                buf.append(xv[off : off + take])
+                meta.append((v.name, first + off, take))
+                filled += take
+                off += take
+                if filled >= size_fn():
+                    yield (torch.cat(buf) if len(buf) > 1 else buf[0]), meta
+                    buf, meta, filled = [], [], 0
+        if buf:
+            yield (torch.cat(buf) if len(buf) > 1 else buf[0]), meta
+
+
+def _run_member_batch(p: _Pending, canvas: Tensor, lo: int, hi: int, device: torch.device, sizer: ChunkSizer, n_classes: int) -> None:
+    pre = p.member.preprocess
+    x = _normalize(canvas, pre.mean, pre.std, device)
+    seconds: dict[str, float] = defaultdict(float)
+    for inp, meta in _chunks(p, x, lo, hi, lambda: sizer.current):
+        t = time.perf_counter()
+        out = p.runner(inp)  # type: ignore[misc]
+        if out.dim() != 2 or out.shape[1] != n_classes:
+            raise CheckpointError(
+                f"members.{p.member.name}: the model outputs shape {tuple(out.shape)}, expected [N, {n_classes}] "
+                "(one logit per class in data.classes)"
+            )
+        res = out.cpu().numpy()
+        dt = time.perf_counter() - t
+        sizer.report(inp.shape[0], dt)
+        off = 0
+        for name, first, count in meta:
+            arr = p.arrays[name]
+            chunk = res[off : off + count]
+            if arr.dtype == np.float16:
+                chunk = np.clip(chunk, -65504, 65504)
+            arr[first : first + count] = chunk
+            seconds[name] += dt * count / inp.shape[0]
+            off += count
+    for v in p.views:
+        if p.start[v.name] < hi:
+            p.start[v.name] = hi
+            p.entry.record(v.name, hi, seconds[v.name])

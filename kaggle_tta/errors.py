@@ -1,0 +1,37 @@
+"""The package's own exceptions.
+
+Every error a user can cause by their input (a YAML field, an image, a checkpoint, the
+cache) is one of these. The message names the file or YAML path and says how to fix it;
+the CLI prints it as one line and exits with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class KaggleTTAError(Exception):
+    """Base class: a problem with the user's input, reported without a traceback."""
+
+
+class ConfigError(KaggleTTAError):
+    """pipeline.yaml (or an override) is invalid."""
+
+
+class DataError(KaggleTTAError):
+    """The test set: a missing, duplicate, empty or unreadable entry."""
+
+
+class CheckpointError(KaggleTTAError):
+    """A member's model or checkpoint cannot be built or loaded."""
+
+
+class CacheError(KaggleTTAError):
+    """The prediction cache lacks an entry a blend needs, or an entry is damaged."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """Returns `` — did you mean 'x'?`` for the closest choice, or '' when none is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" — did you mean '{close[0]}'?" if close else ""

@@ -1,0 +1,141 @@
+"""Reducers, by name: how a member's views merge and how blends combine their inputs.
+
+Reducers stream: they take one ``[N, C]`` array at a time and keep one float32 accumulator,
+so merging eight views of a large test set costs eight reads and one buffer, never a stack.
+A prediction carries its *kind*: ``logits``, ``probs``, or ``scores`` (ranks, in [0, 1]).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from kaggle_tta.errors import ConfigError, did_you_mean
+
+
+@dataclass
+class Prediction:
+    values: np.ndarray  # float32 [N, C]
+    kind: str  # logits | probs | scores
+
+
+def activate(logits: np.ndarray, activation: str) -> np.ndarray:
+    """Logits -> probabilities (float32), without overflow."""
+    x = np.asarray(logits, dtype=np.float32)
+    if activation == "softmax":
+        e = np.exp(x - x.max(axis=1, keepdims=True))
+        e /= e.sum(axis=1, keepdims=True)
+        return e
+    if activation == "sigmoid":
+        return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)
+    return x.copy()
+
+
+def to_probs(p: Prediction, activation: str) -> np.ndarray:
+    return activate(p.values, activation) if p.kind == "logits" else p.values
+
+
+def _normalize_rows(x: np.ndarray, activation: str) -> np.ndarray:
+    if activation == "softmax":
+        x /= np.maximum(x.sum(axis=1, keepdims=True), 1e-30)
+    return x
+
+
+# ---- view reducers (a member's views; inputs are logits) ------------------------------------
+
+
+def reduce_views(name: str, arrays: Iterable[np.ndarray], activation: str) -> Prediction:
+    """Merges a member's per-view logits with the reducer called ``name``.
+
+    mean: mean of logits; mean_prob: mean of probabilities; geomean: geometric mean of
+    probabilities (renormalized for softmax); max: element-wise max of probabilities;
+    tsharpen: mean of sqrt(probabilities) (renormalized for softmax).
+    """
+    if name not in VIEW_REDUCERS:
+        raise ConfigError(f"unknown merge '{name}'{did_you_mean(name, VIEW_REDUCERS)}; choose one of {', '.join(VIEW_REDUCERS)}")
+    transform, combine, finish, kind = VIEW_REDUCERS[name]
+    acc: np.ndarray | None = None
+    n = 0
+    for a in arrays:
+        x = transform(np.asarray(a, dtype=np.float32), activation)
+        acc = x.copy() if acc is None else combine(acc, x)
+        n += 1
+    if acc is None:
+        raise ValueError("no views to merge")
+    return Prediction(finish(acc, n, activation), kind)
+
+
+def _add(acc: np.ndarray, x: np.ndarray) -> np.ndarray:
+    acc += x
+    return acc
+
+
+def _max(acc: np.ndarray, x: np.ndarray) -> np.ndarray:
+    np.maximum(acc, x, out=acc)
+    return acc
+
+
+def _mean(acc: np.ndarray, n: int, act: str) -> np.ndarray:
+    acc /= n
+    return acc
+
+
+def _log_probs(x: np.ndarray, act: str) -> np.ndarray:
+    return np.log(np.maximum(activate(x, act), 1e-30))
+
+
+VIEW_REDUCERS: dict[str, tuple[Callable, Callable, Callable, str]] = {
+    "mean": (lambda x, act: x, _add, _mean, "logits"),
+    "mean_prob": (lambda x, act: activate(x, act), _add, _mean, "probs"),
+    "geomean": (_log_probs, _add, lambda acc, n, act: _normalize_rows(np.exp(acc / n), act), "probs"),
+    "max": (lambda x, act: activate(x, act), _max, lambda acc, n, act: acc, "probs"),
+    "tsharpen": (lambda x, act: np.sqrt(activate(x, act)), _add, lambda acc, n, act: _normalize_rows(acc / n, act), "probs"),
+}
+
+
+# ---- blend methods (members and blends) ----------------------------------------------------
+
+
+def rank_columns(x: np.ndarray) -> np.ndarray:
+    """Per-column ranks scaled to [0, 1] (ties broken by order, as rank averaging usually is)."""
+    n = x.shape[0]
+    order = np.argsort(x, axis=0, kind="stable")
+    ranks = np.empty_like(x, dtype=np.float32)
+    np.put_along_axis(ranks, order, np.arange(n, dtype=np.float32)[:, None].repeat(x.shape[1], axis=1), axis=0)
+    return ranks / max(n - 1, 1)
+
+
+def blend(method: str, inputs: Sequence[Prediction], weights: Sequence[float] | None, activation: str, space: str = "probs", power: float = 2.0) -> Prediction:
+    """Combines predictions with normalized weights.
+
+    mean: weighted mean, of probabilities (``space: probs``) or logits (when every input is
+    logits); rank_mean: weighted mean of per-class ranks; power_mean: (sum w p^power)^(1/power)
+    of probabilities.
+    """
+    if method not in BLEND_METHODS:
+        raise ConfigError(f"unknown blend method '{method}'{did_you_mean(method, BLEND_METHODS)}; choose one of {', '.join(BLEND_METHODS)}")
+    w = np.asarray(weights if weights is not None else [1.0] * len(inputs), dtype=np.float64)
+    w = w / w.sum()
+    acc: np.ndarray | None = None
+    kind = "probs"
+    for p, wi in zip(inputs, w):
+        if method == "mean":
+            if space == "logits" and all(q.kind == "logits" for q in inputs):
+                x, kind = p.values, "logits"
+            else:
+                x = to_probs(p, activation)
+        elif method == "rank_mean":
+            x, kind = rank_columns(p.values), "scores"
+        else:
+            x = np.power(np.clip(to_probs(p, activation), 0, None), power)
+        term = x.astype(np.float32) * np.float32(wi)
+        acc = term if acc is None else acc.__iadd__(term)
+    assert acc is not None
+    if method == "power_mean":
+        acc = np.power(acc, 1.0 / power)
+    return Prediction(acc, kind)
+
+
+BLEND_METHODS = ("mean", "rank_mean", "power_mean")

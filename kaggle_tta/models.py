@@ -1,0 +1,199 @@
+"""Members: resolving their preprocessing, building the model, loading checkpoints safely.
+
+Checkpoints are read with safetensors or ``torch.load(weights_only=True)``; nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kaggle_tta.config import MemberConfig, PipelineConfig
+from kaggle_tta.errors import CheckpointError, ConfigError, did_you_mean
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Keys under which training scripts nest the weights, tried in this order.
+_NESTINGS = ("state_dict_ema", "model_ema", "ema", "state_dict", "model_state_dict", "model", "module", "net", "params")
+_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """A member's resolved input spec."""
+
+    size: tuple[int, int]
+    crop_pct: float
+    interpolation: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    albumentations: str | None  # JSON of the user's A.to_dict pipeline
+
+
+def _timm_cfg(arch: str, where: str) -> Any:
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    if not timm.is_model(arch):
+        names = timm.list_models()
+        raise ConfigError(f"{where}.arch: unknown timm architecture '{arch}'{did_you_mean(arch, names)}")
+    return get_pretrained_cfg(arch) or get_pretrained_cfg(arch.split(".")[0])
+
+
+def resolve_preprocess(cfg: PipelineConfig, m: MemberConfig) -> Preprocess:
+    """YAML values first, then timm's pretrained_cfg for the arch, then defaults."""
+    where = f"members.{m.name}"
+    p = m.preprocess
+    pc = _timm_cfg(m.arch, where) if m.arch else None
+    size = p.input_size or (list(pc.input_size) if pc and pc.input_size else None)
+    if size is None:
+        raise ConfigError(f"{where}.preprocess.input_size: required for a factory model (e.g. [3, 224, 224])")
+    hw = (int(size[-2]), int(size[-1]))
+    crop_pct = p.crop_pct or (pc.crop_pct if pc and pc.crop_pct else 1.0)
+    interp = p.interpolation or (pc.interpolation if pc and pc.interpolation in ("nearest", "bilinear", "bicubic") else "bilinear")
+    mean = tuple(p.mean or (pc.mean if pc and pc.mean else IMAGENET_MEAN))
+    std = tuple(p.std or (pc.std if pc and pc.std else IMAGENET_STD))
+    if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
+        raise ConfigError(f"{where}.preprocess: mean and std need 3 values each, std positive")
+    alb = None
+    if p.albumentations is not None:
+        alb = _load_albumentations(cfg, p.albumentations, f"{where}.preprocess.albumentations")
+    return Preprocess(hw, float(crop_pct), interp, mean, std, alb)
+
+
+def _load_albumentations(cfg: PipelineConfig, spec: dict[str, Any] | Path, where: str) -> str:
+    import albumentations as A
+    import yaml
+
+    if not isinstance(spec, dict):
+        path = cfg.resolve(spec)
+        if not path.is_file():
+            raise ConfigError(f"{where}: {path} does not exist")
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML too
+    try:
+        A.from_dict(spec)
+    except Exception as exc:  # albumentations raises several types for a bad dict
+        raise ConfigError(f"{where}: not an albumentations pipeline in A.to_dict form ({exc})") from None
+    return json.dumps(spec, sort_keys=True)
+
+
+def file_digest(path: Path, memo_dir: Path | None = None) -> str:
+    """SHA-256 of a file's content (memoized by path, size and mtime under ``memo_dir``)."""
+    st = path.stat()
+    memo = None
+    if memo_dir is not None:
+        key = hashlib.sha256(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:24]
+        memo = memo_dir / f"{key}.sha256"
+        if memo.is_file():
+            return memo.read_text().strip()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    digest = h.hexdigest()
+    if memo is not None:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_suffix(".tmp")
+        tmp.write_text(digest)
+        tmp.replace(memo)
+    return digest
+
+
+def build_model(cfg: PipelineConfig, m: MemberConfig, num_classes: int) -> nn.Module:
+    """Builds a member with its weights loaded, in eval mode, on the CPU."""
+    where = f"members.{m.name}"
+    if m.arch:
+        import timm
+
+        _timm_cfg(m.arch, where)
+        try:
+            model = timm.create_model(m.arch, pretrained=False, num_classes=num_classes, **m.kwargs)
+        except TypeError as exc:
+            raise ConfigError(f"{where}.kwargs: {exc}") from None
+    else:
+        model = _call_factory(m.factory, m.kwargs, cfg, where)  # type: ignore[arg-type]
+    if m.checkpoint is not None:
+        load_checkpoint(model, cfg.resolve(m.checkpoint), f"{where}.checkpoint")
+    elif m.arch:
+        raise ConfigError(f"{where}.checkpoint: a timm member needs its trained weights (a .safetensors or torch state dict)")
+    return model.eval()
+
+
+def _call_factory(spec: str, kwargs: dict[str, Any], cfg: PipelineConfig, where: str) -> nn.Module:
+    mod_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise ConfigError(f"{where}.factory: cannot import '{mod_name}' ({exc}); install it or fix the name") from None
+    fn: Any = module
+    for part in attr.split("."):
+        if not hasattr(fn, part):
+            raise ConfigError(f"{where}.factory: '{mod_name}' has no '{attr}'")
+        fn = getattr(fn, part)
+    # Path-like string kwargs ("f", "path", "checkpoint") resolve against pipeline.yaml.
+    kw = {k: (str(cfg.resolve(v)) if k in ("f", "path", "file") and isinstance(v, str) else v) for k, v in kwargs.items()}
+    try:
+        model = fn(**kw)
+    except Exception as exc:  # a user factory can raise anything
+        raise ConfigError(f"{where}.factory: {spec}(**kwargs) failed: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"{where}.factory: {spec} returned {type(model).__name__}, not a torch nn.Module")
+    return model
+
+
+def read_state_dict(path: Path, where: str) -> dict[str, torch.Tensor]:
+    """Reads weights safely and unwraps the usual nestings and prefixes."""
+    if not path.is_file():
+        raise CheckpointError(f"{where}: checkpoint {path} not found; run 'make demo-weights' or fix the path")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd: Any = load_file(str(path), device="cpu")
+        else:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt file, pickle with code objects, ...
+        raise CheckpointError(f"{where}: cannot load {path} safely ({str(exc).splitlines()[0][:200]}); save a plain state dict or safetensors") from None
+    for _ in range(3):
+        if isinstance(sd, dict) and not any(isinstance(v, torch.Tensor) for v in sd.values()):
+            key = next((k for k in _NESTINGS if k in sd and isinstance(sd[k], dict)), None)
+            if key is None:
+                break
+            sd = sd[key]
+    if not isinstance(sd, dict) or not sd:
+        raise CheckpointError(f"{where}: {path} holds no state dict (found {type(sd).__name__})")
+    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    for prefix in _PREFIXES:
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_checkpoint(model: nn.Module, path: Path, where: str) -> None:
+    """Loads weights strictly, explaining a class-count or key mismatch."""
+    sd = read_state_dict(path, where)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{where}: {path.name} does not match the model: {len(missing)} missing keys (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}); check the arch/factory and kwargs"
+        )
+    for k, v in own.items():
+        if sd[k].shape != v.shape:
+            head = k.endswith(("weight", "bias")) and v.dim() <= 2 and k.split(".")[0] in ("fc", "head", "classifier", "last_linear", "heads")
+            hint = (
+                f"the checkpoint has {sd[k].shape[0]} classes, the pipeline declares {v.shape[0]} (data.classes)"
+                if head or (v.dim() >= 1 and sd[k].shape[1:] == v.shape[1:])
+                else "check the arch/kwargs"
+            )
+            raise CheckpointError(f"{where}: {path.name}: '{k}' has shape {tuple(sd[k].shape)}, the model {tuple(v.shape)}: {hint}")
+    model.load_state_dict({k: sd[k].to(v.dtype) for k, v in own.items()}, strict=True)

@@ -1,0 +1,189 @@
+"""From a validated config to a plan: each member's views, canvas and cache fingerprint.
+
+Everything a run or a blend needs to know before it touches a model or an image is resolved
+here, so that a bad view, merge rule or checkpoint path fails at load time, naming the member.
+Building the plan lists the test set and stats its files but never decodes them, and it never
+builds a model: re-blending uses it too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kaggle_tta import cache as cache_mod
+from kaggle_tta.config import MemberConfig, PipelineConfig, load_classes
+from kaggle_tta.data import CanvasSpec, TestSet, list_test_set
+from kaggle_tta.errors import CheckpointError, ConfigError
+from kaggle_tta.merge import BLEND_METHODS, VIEW_REDUCERS
+from kaggle_tta.models import Preprocess, file_digest, resolve_preprocess
+from kaggle_tta.views import View, parse_tta
+
+# What each task needs a view to invert.
+TASK_TARGET = {"classification": "label", "segmentation": "mask", "detection": "boxes"}
+IMPLEMENTED_TASKS = {"classification"}
+
+
+@dataclass
+class MemberPlan:
+    cfg: MemberConfig
+    preprocess: Preprocess
+    canvas: CanvasSpec
+    views: list[View]
+    activation: str
+    inputs: dict[str, Any]  # what the fingerprint hashes, recorded in the manifest
+    key: str  # hash of `inputs`: the fingerprint without the precision
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    def fingerprint(self, precision: str) -> str:
+        return f"{self.key}-{precision}"
+
+
+@dataclass
+class Plan:
+    cfg: PipelineConfig
+    classes: list[str]
+    testset: TestSet
+    members: list[MemberPlan]
+    cache_root: Path
+
+    def member(self, name: str) -> MemberPlan:
+        return next(m for m in self.members if m.name == name)
+
+
+def validate_static(cfg: PipelineConfig) -> dict[str, list[View]]:
+    """Checks what needs no file: views per task, merge rules, blend methods, output format."""
+    target = TASK_TARGET[cfg.task]
+    views: dict[str, list[View]] = {}
+    for m in cfg.members:
+        where = f"members.{m.name}.tta"
+        vs = parse_tta(m.tta, where)
+        for i, v in enumerate(vs):
+            if target not in v.targets:
+                hint = "crops are legal for maps and boxes only through tiling" if v.crop.position != "center" else "drop it from the list"
+                raise ConfigError(f"{where}: view '{v.name}' cannot be inverted on {target}s (task: {cfg.task}); {hint}")
+        views[m.name] = vs
+        if m.merge not in VIEW_REDUCERS:
+            from kaggle_tta.errors import did_you_mean
+
+            raise ConfigError(f"members.{m.name}.merge: unknown '{m.merge}'{did_you_mean(m.merge, VIEW_REDUCERS)}; choose one of {', '.join(VIEW_REDUCERS)}")
+    for i, b in enumerate(cfg.blends):
+        if b.method not in BLEND_METHODS:
+            from kaggle_tta.errors import did_you_mean
+
+            raise ConfigError(f"blends[{i}].method: unknown '{b.method}'{did_you_mean(b.method, BLEND_METHODS)}; choose one of {', '.join(BLEND_METHODS)}")
+    if cfg.submission.format == "multilabel" and not cfg.multilabel:
+        raise ConfigError("submission.format: 'multilabel' needs 'multilabel: true' at the top level")
+    if cfg.task not in IMPLEMENTED_TASKS:
+        raise ConfigError(f"task: '{cfg.task}' pipelines are validated but cannot run yet (planned: issue #3); use task: classification")
+    return views
+
+
+def activation_of(cfg: PipelineConfig, m: MemberConfig) -> str:
+    if m.activation != "auto":
+        return m.activation
+    return "sigmoid" if cfg.multilabel else "softmax"
+
+
+def build_plan(cfg: PipelineConfig) -> Plan:
+    """Resolves every member (preprocessing, views, fingerprint) and lists the test set."""
+    views = validate_static(cfg)
+    classes = load_classes(cfg)
+    testset = list_test_set(cfg)
+    cache_root = cfg.resolve(cfg.cache.dir)
+    memo = cache_root / ".digests"
+    tfp = testset.fingerprint()
+    members = []
+    for m in cfg.members:
+        pre = resolve_preprocess(cfg, m)
+        canvas = CanvasSpec(pre.size, pre.crop_pct if pre.albumentations is None else 1.0, pre.interpolation, pre.albumentations)
+        ckpt = None
+        if m.checkpoint is not None:
+            path = cfg.resolve(m.checkpoint)
+            if not path.is_file():
+                raise CheckpointError(f"members.{m.name}.checkpoint: {path} not found; run 'make demo-weights' or fix the path")
+            ckpt = file_digest(path, memo)
+        elif m.arch:
+            raise ConfigError(f"members.{m.name}.checkpoint: a timm member needs its trained weights (a .safetensors or torch state dict)")
+        inputs = {
+            "format_version": cache_mod.FORMAT_VERSION,
+            "task": cfg.task,
+            "arch": m.arch,
+            "factory": m.factory,
+            "kwargs": _jsonable(m.kwargs),
+            "checkpoint_sha256": ckpt,
+            "num_classes": len(classes),
+            "preprocess": _jsonable(pre.__dict__),
+            "testset": tfp,
+            "n_images": len(testset),
+            "dtype": cfg.cache.dtype,
+        }
+        key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+        bound = [v.bind(pre.size, pre.mean, pre.std) for v in views[m.name]]
+        members.append(MemberPlan(m, pre, canvas, bound, activation_of(cfg, m), inputs, key))
+    return Plan(cfg, classes, testset, members, cache_root)
+
+
+def _jsonable(x: Any) -> Any:
+    return json.loads(json.dumps(x, sort_keys=True, default=str))
+
+
+# ---- device and precision ------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"runtime.device: '{name}' but no CUDA device is visible; use auto or cpu")
+    return torch.device(name)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where oneDNN computes bf16 natively (AVX512-BF16 or AMX); emulated bf16 is slower
+    than fp32, so 'auto' keeps fp32 there."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """auto: bf16 where native, fp16 on CUDA without bf16 (T4, P100), else fp32."""
+    if name != "auto":
+        if name == "fp16" and device.type == "cpu":
+            raise ConfigError("runtime.precision: fp16 autocast is for CUDA; on the CPU use bf16, fp32 or auto")
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return "bf16"
+    return "fp32"
+
+
+def find_entry(plan: Plan, m: MemberPlan, precision_setting: str, device: torch.device | None = None) -> cache_mod.CacheEntry | None:
+    """The cache entry a blend should read for member ``m``.
+
+    With an explicit precision, exactly that fingerprint. With 'auto', the one this machine
+    would compute first, else any precision whose entry holds every view (a cache filled on a
+    GPU in bf16 re-blends on a CPU-only machine).
+    """
+    if precision_setting != "auto":
+        return cache_mod.CacheEntry(plan.cache_root, m.name, m.fingerprint(precision_setting), m.inputs)
+    preferred = resolve_precision("auto", device or torch.device("cpu"))
+    candidates = [preferred] + [p for p in ("fp32", "bf16", "fp16") if p != preferred]
+    for p in candidates:
+        e = cache_mod.CacheEntry(plan.cache_root, m.name, m.fingerprint(p), m.inputs)
+        if all(e.is_complete(v.name) for v in m.views):
+            return e
+    return None
