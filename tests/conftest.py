@@ -1,0 +1,72 @@
+"""Shared fixtures: a small demo test set, tiny timm checkpoints, pipeline files."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py holds test factories
+
+CLASSES = ["circle", "square", "triangle", "cross"]
+N_IMAGES = 24
+
+
+@pytest.fixture(scope="session")
+def demo_images(tmp_path_factory) -> Path:
+    from kaggle_tta.demo.generate import write_split
+
+    out = tmp_path_factory.mktemp("demo") / "test"
+    write_split(out, N_IMAGES, seed=7)
+    return out
+
+
+def save_random_checkpoint(path: Path, arch: str, seed: int, n_classes: int = len(CLASSES)) -> Path:
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    model = timm.create_model(arch, pretrained=False, num_classes=n_classes)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("ckpt")
+    return {
+        "test_resnet": save_random_checkpoint(d / "test_resnet.safetensors", "test_resnet", 0),
+        "test_efficientnet": save_random_checkpoint(d / "test_efficientnet.safetensors", "test_efficientnet", 1),
+    }
+
+
+def base_pipeline(images: Path, checkpoints: dict[str, Path], tmp: Path) -> dict:
+    pre = {"input_size": [3, 56, 56], "crop_pct": 0.875}
+    return {
+        "task": "classification",
+        "data": {"folder": str(images), "classes": CLASSES, "labels": {"path": str(images / "labels.csv")}},
+        "runtime": {"device": "cpu", "precision": "fp32", "forward_batch": 16, "batch_size": 8, "workers": 0},
+        "cache": {"dir": str(tmp / "cache")},
+        "members": [
+            {"name": "a", "arch": "test_resnet", "checkpoint": str(checkpoints["test_resnet"]), "preprocess": dict(pre), "tta": "hflip"},
+            {"name": "b", "arch": "test_efficientnet", "checkpoint": str(checkpoints["test_efficientnet"]), "preprocess": dict(pre), "tta": "d4"},
+        ],
+        "blends": [{"name": "ens", "inputs": ["a", "b"], "method": "mean", "weights": [1, 1]}],
+        "submission": {"path": str(tmp / "submission.csv")},
+    }
+
+
+@pytest.fixture
+def pipeline(demo_images, checkpoints, tmp_path):
+    """Returns (write(cfg) -> path, a fresh copy of the base pipeline dict)."""
+
+    def write(cfg: dict, name: str = "pipeline.yaml") -> Path:
+        p = tmp_path / name
+        p.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        return p
+
+    return write, copy.deepcopy(base_pipeline(demo_images, checkpoints, tmp_path))
