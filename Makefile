@@ -15,6 +15,7 @@ help:
 	@echo "make blend        re-blend from the cache (no model, no image)"
 	@echo "make bench        run benchmarks/ and write bench-results/bench.md"
 	@echo "make demo-weights retrain the demo members (kaggle_tta/demo/weights)"
+	@echo "make kernel       build the offline Kaggle dataset + notebook under build/kaggle"
 
 # Installs only what is missing: the torch pair first (so pip does not pick another build),
 # then the package (editable) with its test extras.
@@ -42,6 +43,9 @@ test: install
 
 bench: install
 	$(PYTHON) benchmarks/run.py --out bench-results
+
+kernel: install
+	$(PYTHON) -m kaggle_tta kernel $(PIPELINE) --out build/kaggle
 
 clean:
 	rm -rf build cache submission.csv bench-results

@@ -150,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=1)
     d.add_argument("--size", type=int, default=72)
     d.set_defaults(func=cmd_demo_data)
+    from kaggle_tta import kernel  # light: argument definitions only
+
+    k = sub.add_parser("kernel", help="build the offline Kaggle bundle: a dataset (wheels, checkpoints, pipeline) and a notebook kernel")
+    kernel.add_arguments(k)
+    k.set_defaults(func=kernel.run)
     return ap
 
 
