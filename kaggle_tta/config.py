@@ -361,7 +361,7 @@ def format_validation_error(err: ValidationError, raw: Any, source: str) -> str:
             parent_loc = tuple(e["loc"][:-1])
             model = _model_at(parent_loc)
             hint = did_you_mean(str(key), model.model_fields) if model else ""
-            text = f"{loc}: unknown key '{key}'{hint}"
+            text = f"{_format_loc(parent_loc, raw)}: unknown key '{key}'{hint}"
         else:
             text = f"{loc}: {e['msg'].removeprefix('Value error, ')}"
         if text not in seen:

@@ -1,0 +1,186 @@
+"""Bad input: one clear line naming the file or YAML path, exit 2, nothing half-written."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import CLASSES, save_random_checkpoint
+from kaggle_tta.cli import main
+
+
+def _fails(capsys, path, *extra) -> str:
+    code = main(["run", str(path), "-q", *extra])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("kaggle-tta: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+def _nothing_written(tmp_path):
+    assert not (tmp_path / "submission.csv").exists()
+    assert not list((tmp_path / "cache").glob("*/*/*.npy"))
+
+
+def _config_cases():
+    def unknown_key(c):
+        c["runtime"]["precison"] = "fp16"
+
+    def unknown_arch(c):
+        c["members"][0]["arch"] = "resnet_18"
+
+    def unknown_view(c):
+        c["members"][1]["tta"] = ["identity", "hfilp"]
+
+    def cannot_invert(c):
+        c["task"] = "segmentation"
+        c["members"][0]["tta"] = "five_crop"
+
+    def cycle(c):
+        c["blends"] = [{"name": "x", "inputs": ["a", "y"]}, {"name": "y", "inputs": ["x", "b"]}]
+
+    def unknown_input(c):
+        c["blends"][0]["inputs"] = ["a", "bb"]
+
+    def weights(c):
+        c["blends"][0]["weights"] = [1, 2, 3]
+
+    def negative_weight(c):
+        c["blends"][0]["weights"] = [1, -1]
+
+    def unknown_merge(c):
+        c["members"][0]["merge"] = "median"
+
+    def bad_precision(c):
+        c["runtime"]["precision"] = "int8"
+
+    return [
+        (unknown_key, "runtime: unknown key 'precison' — did you mean 'precision'?"),
+        (unknown_arch, "members.a.arch: unknown timm architecture 'resnet_18' — did you mean"),
+        (unknown_view, "members.b.tta[1]: unknown view 'hfilp' — did you mean 'hflip'?"),
+        (cannot_invert, "members.a.tta: view 'crop_tl' cannot be inverted on masks (task: segmentation)"),
+        (cycle, "blends form a cycle: x -> y -> x"),
+        (unknown_input, "blends[0].inputs[1]: unknown input 'bb' — did you mean 'b'?"),
+        (weights, "blends[0]: 3 weights for 2 inputs"),
+        (negative_weight, "weights must be finite and non-negative"),
+        (unknown_merge, "members.a.merge: unknown 'median'"),
+        (bad_precision, "runtime.precision: Input should be 'auto', 'fp32', 'bf16' or 'fp16'"),
+    ]
+
+
+@pytest.mark.parametrize("mutate,message", _config_cases(), ids=lambda x: getattr(x, "__name__", ""))
+def test_bad_pipeline_fields(pipeline, capsys, tmp_path, mutate, message):
+    write, cfg = pipeline
+    mutate(cfg)
+    err = _fails(capsys, write(cfg))
+    assert message in err
+    _nothing_written(tmp_path)
+
+
+def test_bad_override_and_missing_file(pipeline, capsys, tmp_path):
+    write, cfg = pipeline
+    path = write(cfg)
+    assert "runtime.forward_batch: must be at least 1" in _fails(capsys, path, "--set", "runtime.forward_batch=0")
+    assert "--set nonsense: expected key.path=value" in _fails(capsys, path, "--set", "nonsense")
+    assert "no such pipeline file" in _fails(capsys, tmp_path / "nope.yaml")
+    (tmp_path / "broken.yaml").write_text("members: [\n")
+    assert "not valid YAML" in _fails(capsys, tmp_path / "broken.yaml")
+
+
+def test_missing_checkpoint(pipeline, capsys, tmp_path):
+    write, cfg = pipeline
+    cfg["members"][0]["checkpoint"] = str(tmp_path / "missing.safetensors")
+    err = _fails(capsys, write(cfg))
+    assert "members.a.checkpoint:" in err and "missing.safetensors not found" in err
+    _nothing_written(tmp_path)
+
+
+def test_checkpoint_with_other_class_count(pipeline, capsys, tmp_path):
+    write, cfg = pipeline
+    cfg["members"][0]["checkpoint"] = str(save_random_checkpoint(tmp_path / "ten.safetensors", "test_resnet", 0, n_classes=10))
+    err = _fails(capsys, write(cfg))
+    assert "members.a.checkpoint: ten.safetensors:" in err
+    assert "the checkpoint has 10 classes, the pipeline declares 4 (data.classes)" in err
+    _nothing_written(tmp_path)
+
+
+def test_checkpoint_of_another_arch(pipeline, capsys, tmp_path, checkpoints):
+    write, cfg = pipeline
+    cfg["members"][0]["checkpoint"] = str(checkpoints["test_efficientnet"])
+    err = _fails(capsys, write(cfg))
+    assert "does not match the model" in err and "missing keys" in err
+
+
+def test_nested_and_prefixed_torch_checkpoints_load(pipeline, capsys, tmp_path, checkpoints):
+    from safetensors.torch import load_file
+
+    sd = load_file(str(checkpoints["test_resnet"]))
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in sd.items()}}, tmp_path / "nested.pth")
+    write, cfg = pipeline
+    cfg["members"][0]["checkpoint"] = str(tmp_path / "nested.pth")
+    assert main(["run", str(write(cfg)), "-q"]) == 0, capsys.readouterr().err
+
+
+def test_pickled_code_is_refused(pipeline, capsys, tmp_path):
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "hook": np.dtype}, tmp_path / "evil.pth")  # not weights-only
+    write, cfg = pipeline
+    cfg["members"][0]["checkpoint"] = str(tmp_path / "evil.pth")
+    err = _fails(capsys, write(cfg))
+    assert "cannot load" in err and "safely" in err
+
+
+def test_empty_test_set(pipeline, capsys, tmp_path):
+    write, cfg = pipeline
+    (tmp_path / "empty").mkdir()
+    cfg["data"]["folder"] = str(tmp_path / "empty")
+    cfg["data"].pop("labels")
+    err = _fails(capsys, write(cfg))
+    assert "the test set is empty" in err and "data.folder" in err
+
+
+def test_duplicate_ids(pipeline, capsys, tmp_path, demo_images):
+    d = tmp_path / "dup"
+    (d / "x").mkdir(parents=True)
+    shutil.copy(demo_images / "img_00000.png", d / "img_00000.png")
+    shutil.copy(demo_images / "img_00001.png", d / "img_00001.jpg")
+    shutil.copy(demo_images / "img_00001.png", d / "img_00001.png")
+    write, cfg = pipeline
+    cfg["data"] = {"glob": str(d / "*"), "classes": CLASSES}
+    err = _fails(capsys, write(cfg))
+    assert "duplicate id 'img_00001'" in err
+
+
+@pytest.mark.parametrize("damage", ["zero", "truncated", "garbage"])
+def test_bad_image_is_named(pipeline, capsys, tmp_path, demo_images, damage):
+    d = tmp_path / "imgs"
+    shutil.copytree(demo_images, d)
+    victim = d / "img_00013.png"
+    data = victim.read_bytes()
+    victim.write_bytes({"zero": b"", "truncated": data[: len(data) // 2], "garbage": b"not an image at all" * 10}[damage])
+    write, cfg = pipeline
+    cfg["data"]["folder"] = str(d)
+    cfg["data"]["labels"]["path"] = str(d / "labels.csv")
+    err = _fails(capsys, write(cfg))
+    assert str(victim) in err
+    assert ("zero-byte" in err) if damage == "zero" else ("unreadable or truncated" in err)
+    assert not (tmp_path / "submission.csv").exists()
+    assert not list((tmp_path / "cache").glob("*/*/*.npy"))  # the rows before it stay partial
+
+
+def test_factory_that_does_not_import(pipeline, capsys, tmp_path):
+    write, cfg = pipeline
+    cfg["members"][0] = {"name": "a", "factory": "no_such_pkg.models:Unet", "preprocess": {"input_size": [3, 56, 56]}}
+    err = _fails(capsys, write(cfg))
+    assert "members.a.factory: cannot import 'no_such_pkg.models'" in err
+
+
+def test_labels_with_unknown_class(pipeline, capsys, tmp_path, demo_images):
+    write, cfg = pipeline
+    (tmp_path / "labels.csv").write_text("id,label\n" + "".join(f"{p.stem},hexagon\n" for p in sorted(demo_images.glob("*.png"))))
+    cfg["data"]["labels"]["path"] = str(tmp_path / "labels.csv")
+    err = _fails(capsys, write(cfg))
+    assert "label 'hexagon' is not in data.classes" in err
