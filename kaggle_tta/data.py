@@ -287,6 +287,14 @@ def _worker_init(_: int) -> None:
 def make_loader(paths: Sequence[Path], specs: dict[str, CanvasSpec], batch_size: int, workers: int, start: int = 0, pin_memory: bool = False) -> DataLoader:
     """Streams ``(row indices, {group key: uint8 [B, H, W, C]})`` from row ``start`` on."""
     ds = CanvasDataset(paths, specs, start)
+    # Workers are not forked from this process: a parent that has already used OpenCV's or
+    # OpenMP's thread pools (a notebook, a test) can deadlock a forked child inside cv2.
+    # forkserver starts them from a clean process once per loader.
+    ctx = None
+    if workers:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
     return DataLoader(
         ds,
         batch_size=batch_size,
@@ -297,4 +305,5 @@ def make_loader(paths: Sequence[Path], specs: dict[str, CanvasSpec], batch_size:
         pin_memory=pin_memory,
         prefetch_factor=2 if workers else None,
         persistent_workers=False,
+        multiprocessing_context=ctx,
     )
