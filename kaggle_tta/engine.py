@@ -175,12 +175,13 @@ def run_inference(plan: Plan, device: torch.device, precision: str, progress: bo
     channels_last = rt.channels_last if rt.channels_last != "auto" else (device.type == "cuda" or precision != "fp32")
     max_views = max(len(p.views) for p in pending)
     sizer = ChunkSizer(rt.forward_batch, rt.batch_size * max_views)
-    for p in pending:
-        p.entry.write_ids(plan.testset.ids)
+    for p in pending:  # every model first: a bad checkpoint fails before the cache is touched
         model = build_model(cfg, p.member.cfg, n_classes).to(device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         p.runner = _Runner(model, device, precision, channels_last, sizer)
+    for p in pending:
+        p.entry.write_ids(plan.testset.ids)
         for v in p.views:
             arr, start = p.entry.open_for_write(v.name, (n, n_classes), cfg.cache.dtype)
             p.arrays[v.name], p.start[v.name] = arr, start

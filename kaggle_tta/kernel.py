@@ -71,13 +71,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset-slug", default="kaggle-tta-bundle", help="slug of the dataset (default: kaggle-tta-bundle)")
     p.add_argument("--kernel-slug", default="kaggle-tta-inference", help="slug of the notebook kernel (default: kaggle-tta-inference)")
     p.add_argument("--competition", default=None, help="competition slug: attached to the kernel; its data is read from /kaggle/input")
-    p.add_argument("--data-root", type=Path, default=None, help="local copy of the competition data: data paths under it are read from the competition's folder on Kaggle")
+    p.add_argument(
+        "--data-root", type=Path, default=None,
+        help="local copy of the competition data: data paths under it are read from the competition's folder on Kaggle",
+    )
     p.add_argument("--bundle-data", action="store_true", help="ship the test data in the dataset even with --competition (default: only without one)")
     p.add_argument("--enable-gpu", action=argparse.BooleanOptionalAction, default=False, help="request a GPU for the kernel (default: no)")
     p.add_argument("--time-limit-hours", type=float, default=9.0, help="run-time limit the notebook checks its estimate against (default: 9)")
-    p.add_argument("--wheel-exclude", action="append", default=[], metavar="PATTERN", help=f"also leave these distributions to the Kaggle image (fnmatch; always: {', '.join(DEFAULT_EXCLUDES)})")
-    p.add_argument("--extra-wheel", action="append", default=[], metavar="DIST", help="also bundle this installed distribution and its dependencies (repeatable)")
-    p.add_argument("--wheel-cache", type=Path, default=None, help="folder where downloaded wheels are kept between builds (default: ~/.cache/kaggle-tta/wheels; '' for none)")
+    p.add_argument(
+        "--wheel-exclude", action="append", default=[], metavar="PATTERN",
+        help=f"also leave these distributions to the Kaggle image (fnmatch, repeatable; always: {', '.join(DEFAULT_EXCLUDES)})",
+    )
+    p.add_argument("--extra-wheel", action="append", default=[], metavar="DIST", help="also bundle this installed distribution and what it needs (repeatable)")
+    p.add_argument(
+        "--wheel-cache", type=Path, default=None,
+        help="folder keeping downloaded wheels between builds (default: $KAGGLE_TTA_WHEEL_CACHE or ~/.cache/kaggle-tta/wheels; '' for none)",
+    )
     p.add_argument("--python-version", default=None, metavar="X.Y", help="build for another CPython on Kaggle's manylinux x86_64 (default: this interpreter)")
 
 
@@ -160,14 +169,14 @@ def build_bundle(pipeline: Path, opts: KernelOptions) -> BundleReport:
     raw = yaml.safe_load(pipeline.read_text(encoding="utf-8"))
     for assignment in opts.overrides:
         apply_override(raw, assignment)
-    col = _Collector(cfg, raw, opts, pipeline.name)
+    col = _Collector(cfg, raw, opts, pipeline)
     col.collect()
     target = _Target.of(opts.python_version)
     out = opts.out
     with tempfile.TemporaryDirectory(prefix="kaggle-tta-kernel-") as tmp:
         tmp_dir = Path(tmp)
         own = _build_own_wheel(root, tmp_dir / "own")
-        roots = _wheel_requires(own) + list(opts.extra_wheels) + sorted(col.distributions)
+        roots = [(r, PACKAGE) for r in _wheel_requires(own)] + [(r, "--extra-wheel") for r in opts.extra_wheels] + sorted(col.distributions.items())
         excludes = list(DEFAULT_EXCLUDES) + list(opts.wheel_exclude)
         pins, excluded = _pin_closure(roots, excludes, target)
         cache = opts.wheel_cache or tmp_dir / "downloads"
@@ -191,7 +200,7 @@ def build_bundle(pipeline: Path, opts: KernelOptions) -> BundleReport:
     size = sum(p.stat().st_size for p in ds.rglob("*") if p.is_file())
     return BundleReport(
         ds, out / "kernel", sorted([own.name, *(w.name for w in wheels.values())]), excluded,
-        sorted(col.files) + sorted(col.trees), sorted({n.split("/")[0] for n in col.trees}), col.owner_placeholder, size,
+        sorted([*col.files, *col.trees, *col.tree_files]), sorted({n.split("/")[0] for n in [*col.trees, *col.tree_files]}), col.owner_placeholder, size,
     )
 
 
@@ -234,15 +243,15 @@ class _Collector:
     /kaggle/working (the notebook sets them again from the working folder it finds).
     """
 
-    def __init__(self, cfg: Any, raw: dict[str, Any], opts: KernelOptions, pipeline_name: str):
-        self.cfg, self.raw, self.opts = cfg, copy.deepcopy(raw), opts
-        self.pipeline_name = pipeline_name if pipeline_name.endswith((".yaml", ".yml")) else "pipeline.yaml"
+    def __init__(self, cfg: Any, raw: dict[str, Any], opts: KernelOptions, source: Path):
+        self.cfg, self.raw, self.opts, self.source = cfg, copy.deepcopy(raw), opts, source
+        self.pipeline_name = source.name if source.suffix in (".yaml", ".yml") else "pipeline.yaml"
         self.files: dict[str, Path] = {}  # dataset name -> source file
         self.trees: dict[str, Path] = {}  # dataset sub-folder -> source folder (copied whole)
         self.tree_files: dict[str, Path] = {}  # dataset path under a sub-folder -> source file
         self.competition_paths: list[dict[str, Any]] = []
         self.bundled_paths: list[dict[str, str]] = []  # YAML keys pointing into data/ or code/
-        self.distributions: set[str] = set()
+        self.distributions: dict[str, str] = {}  # installed distribution -> the factory needing it
         self.code_modules: list[str] = []
         self.owner = opts.owner or os.environ.get("KAGGLE_USERNAME") or "your-kaggle-username"
         self.owner_placeholder = not (opts.owner or os.environ.get("KAGGLE_USERNAME"))
@@ -306,7 +315,7 @@ class _Collector:
             return
         dists = md.packages_distributions().get(top)
         if dists:
-            self.distributions.add(dists[0])
+            self.distributions.setdefault(dists[0], where)
             return
         try:
             found = importlib.util.find_spec(top)
@@ -342,7 +351,10 @@ class _Collector:
         if d.classes_file is not None:
             path = cfg.resolve(d.classes_file)
             rel = self._competition_rel(path)
-            node["classes_file"] = self._competition("data.classes_file", rel, "file") if rel is not None else self._flat(self._existing(path, "data.classes_file"), "classes")
+            if rel is not None:
+                node["classes_file"] = self._competition("data.classes_file", rel, "file")
+            else:
+                node["classes_file"] = self._flat(self._existing(path, "data.classes_file"), "classes")
 
     def _competition_rel(self, path: Path) -> str | None:
         comp = self.opts.competition
@@ -367,8 +379,11 @@ class _Collector:
         if rel is not None:
             return self._competition(key, rel, "dir" if kind == "csv-root" else kind, optional)
         if self.opts.competition is not None and not self.opts.bundle_data:
-            hint = f"it is not under --data-root {self.opts.data_root}" if self.opts.data_root else "give --data-root (your local copy of the competition data)"
-            raise KernelError(f"{key}: {path}: the test data should come from the competition's folder on Kaggle, but {hint}; or pass --bundle-data to ship it in the dataset")
+            where = f"it is not under --data-root {self.opts.data_root}" if self.opts.data_root else "no --data-root says where the competition data lies here"
+            raise KernelError(
+                f"{key}: {path}: with --competition the test data is read from the competition's folder on Kaggle, but {where}; "
+                "give --data-root (your local copy of the competition data), or --bundle-data to ship this data in the dataset"
+            )
         return self._bundle_data(key, path, kind)
 
     def _bundle_data(self, key: str, path: Path, kind: str) -> str:
@@ -495,8 +510,9 @@ def _wheel_requires(wheel: Path) -> list[str]:
     return meta.get_all("Requires-Dist") or []
 
 
-def _pin_closure(roots: list[str], excludes: list[str], target: _Target) -> tuple[dict[str, tuple[str, str]], list[str]]:
-    """Walks the installed metadata from ``roots``: normalized name -> (version, required by).
+def _pin_closure(roots: list[tuple[str, str]], excludes: list[str], target: _Target) -> tuple[dict[str, tuple[str, str]], list[str]]:
+    """Walks the installed metadata from ``roots`` ((requirement, who asks)): normalized name ->
+    (version, required by).
 
     Returns the pins and the excluded names that were reached (the Kaggle image must have them).
     """
@@ -510,7 +526,7 @@ def _pin_closure(roots: list[str], excludes: list[str], target: _Target) -> tupl
     excluded: set[str] = set()
     seen: set[tuple[str, frozenset[str]]] = set()
     # (requirement text, who requires it, the extras that parent was asked for)
-    stack: list[tuple[str, str, frozenset[str]]] = [(r, PACKAGE, frozenset()) for r in reversed(roots)]
+    stack: list[tuple[str, str, frozenset[str]]] = [(r, who, frozenset()) for r, who in reversed(roots)]
     while stack:
         text, parent, parent_extras = stack.pop()
         try:
@@ -548,7 +564,7 @@ def _pin_closure(roots: list[str], excludes: list[str], target: _Target) -> tupl
 
 def _index_wheels(folders: list[Path], target: _Target) -> dict[tuple[str, str], Path]:
     """(name, version) -> the best wheel for the target found in ``folders``."""
-    from packaging.utils import InvalidWheelFilename, parse_wheel_filename
+    from packaging.utils import InvalidWheelFilename, canonicalize_version, parse_wheel_filename
 
     rank = {t: i for i, t in enumerate(target.tags)}
     best: dict[tuple[str, str], tuple[int, Path]] = {}
@@ -559,7 +575,7 @@ def _index_wheels(folders: list[Path], target: _Target) -> dict[tuple[str, str],
             except InvalidWheelFilename:
                 continue
             score = min((rank[t] for t in wtags if t in rank), default=None)
-            key = (str(name), str(version))
+            key = (str(name), canonicalize_version(version))
             if score is not None and (key not in best or score < best[key][0]):
                 best[key] = (score, p)
     return {k: v[1] for k, v in best.items()}
@@ -573,7 +589,7 @@ def _fetch_wheels(pins: dict[str, tuple[str, str]], folders: list[Path], downloa
         have = _index_wheels(folders + [download_to], target)
         found, missing = {}, []
         for name, (version, _) in pins.items():
-            hit = have.get((name, version)) or have.get((name, canonicalize_version(version)))
+            hit = have.get((name, canonicalize_version(version)))
             if hit is None:
                 missing.append(name)
             else:
@@ -592,7 +608,7 @@ def _fetch_wheels(pins: dict[str, tuple[str, str]], folders: list[Path], downloa
             found, missing = lookup()
             if missing:  # pip saved something our tag check refuses (should not happen)
                 n = missing[0]
-                raise KernelError(f"wheels: pip fetched {n}=={pins[n][0]} but no wheel for {target.describe()} is in {download_to}; delete it there and rebuild")
+                raise KernelError(f"wheels: pip fetched {n}=={pins[n][0]}, but no wheel for {target.describe()} is in {download_to}; delete it and rebuild")
             break
         bad = _failed_requirement(res, missing)
         if bad is None:
@@ -627,7 +643,8 @@ def _pip(args: list[str]) -> subprocess.CompletedProcess:
 
 
 def _pip_error(res: subprocess.CompletedProcess) -> str:
-    lines = [ln.strip() for ln in (res.stderr or res.stdout).splitlines() if ln.strip()]
+    text = re.sub(r"\x1b\[[0-9;]*m", "", res.stderr or res.stdout)  # pip colours its errors on some terminals
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     errors = [ln for ln in lines if ln.startswith("ERROR")]
     return (errors[-1] if errors else lines[-1] if lines else f"exit status {res.returncode}")[:300]
 
@@ -635,7 +652,9 @@ def _pip_error(res: subprocess.CompletedProcess) -> str:
 # ---- writing -----------------------------------------------------------------------------------
 
 
-def _write_dataset(stage: Path, col: _Collector, own: Path, wheels: dict[str, Path], excluded: list[str], opts: KernelOptions, root: Path, target: _Target) -> None:
+def _write_dataset(
+    stage: Path, col: _Collector, own: Path, wheels: dict[str, Path], excluded: list[str], opts: KernelOptions, root: Path, target: _Target
+) -> None:
     import yaml
 
     stage.mkdir(parents=True)
@@ -651,7 +670,7 @@ def _write_dataset(stage: Path, col: _Collector, own: Path, wheels: dict[str, Pa
         (stage / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, stage / name)
     header = (
-        f"# Rewritten by 'kaggle-tta kernel' from {col.cfg.base_dir / col.pipeline_name}: paths are relative to this\n"
+        f"# Rewritten by 'kaggle-tta kernel' from {col.source.resolve()}: paths are relative to this\n"
         "# dataset; the notebook points competition data, cache.dir and submission.path at what it finds.\n"
     )
     (stage / col.pipeline_name).write_text(header + yaml.safe_dump(col.raw, sort_keys=False, allow_unicode=True, default_flow_style=None), encoding="utf-8")
@@ -676,7 +695,12 @@ def _write_dataset(stage: Path, col: _Collector, own: Path, wheels: dict[str, Pa
 def _write_kernel(stage: Path, col: _Collector, opts: KernelOptions, root: Path) -> None:
     stage.mkdir(parents=True)
     nb = json.loads((root / "kernels" / NOTEBOOK).read_text(encoding="utf-8"))
-    values = {"DATASET_SLUG": opts.dataset_slug, "PIPELINE": col.pipeline_name, "COMPETITION": opts.competition or "", "TIME_LIMIT_HOURS": float(opts.time_limit_hours)}
+    values = {
+        "DATASET_SLUG": opts.dataset_slug,
+        "PIPELINE": col.pipeline_name,
+        "COMPETITION": opts.competition or "",
+        "TIME_LIMIT_HOURS": float(opts.time_limit_hours),
+    }
     cell = next((c for c in nb["cells"] if c["cell_type"] == "code" and "parameters" in c.get("metadata", {}).get("tags", [])), None)
     if cell is None:
         raise KernelError(f"kernels/{NOTEBOOK}: no code cell tagged 'parameters'; restore the template")

@@ -12,6 +12,7 @@ $KAGGLE_TTA_WHEEL_CACHE): the first run on a clean machine downloads them from t
 from __future__ import annotations
 
 import importlib.metadata as md
+import importlib.util
 import json
 import os
 import re
@@ -26,14 +27,16 @@ import yaml
 from kaggle_tta import kernel
 from kaggle_tta.cli import main
 from kaggle_tta.config import load_pipeline
-from kaggle_tta.errors import KaggleTTAError
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = REPO / "kernels" / kernel.NOTEBOOK
 N_DEMO = 24
+# With nbclient the notebook runs in a Jupyter kernel; without, its code cells run in order in one
+# process (the notebook uses no IPython magic).
+NBCLIENT = all(importlib.util.find_spec(m) for m in ("nbclient", "nbformat", "ipykernel"))
 # What a Kaggle image has preinstalled, for the test's virtual environment: torch and torchvision
-# (with their dependencies), the Jupyter kernel and pip. Everything else must come from the bundle.
-IMAGE_DISTS = ["torch", "torchvision", "ipykernel", "pip"]
+# (with their dependencies), pip and the Jupyter kernel. Everything else must come from the bundle.
+IMAGE_DISTS = ["torch", "torchvision", "pip"] + (["ipykernel"] if NBCLIENT else [])
 FROM_BUNDLE = ["timm", "albumentations", "polars", "ensemble_boxes", "cv2", "pydantic", "safetensors", "yaml", "tqdm"]
 
 
@@ -62,7 +65,7 @@ def _demo_pipeline(tmp: Path, images: Path, **runtime) -> Path:
 
 
 @pytest.fixture(scope="module")
-def demo_images(tmp_path_factory) -> Path:
+def kernel_demo_images(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("kernel-demo") / "test"
     assert main(["demo-data", str(out), "--n", str(N_DEMO)]) == 0
     return out
@@ -71,7 +74,7 @@ def demo_images(tmp_path_factory) -> Path:
 def _image_site(dest: Path) -> Path:
     """A folder of symlinks to the system's copies of IMAGE_DISTS and their dependencies only."""
     dest.mkdir()
-    pins, _ = kernel._pin_closure(IMAGE_DISTS, [], kernel._Target.of(None))  # extras and markers as pip sees them
+    pins, _ = kernel._pin_closure([(d, "image") for d in IMAGE_DISTS], [], kernel._Target.of(None))  # extras and markers as pip sees them
     for dist in map(md.distribution, pins):
         base = Path(dist.locate_file(""))
         tops = {Path(str(f)).parts[0] for f in dist.files or [] if not str(f).startswith("..")}
@@ -116,14 +119,12 @@ def _execute(notebook: Path, python: Path, working: Path, env: dict[str, str], t
     """Executes the notebook with ``python``; returns the text of its outputs.
 
     With nbclient, through a Jupyter kernel whose spec runs ``python``; without it, the code
-    cells in order in one ``python`` process (the notebook uses no IPython magic).
+    cells in order in one ``python`` process.
     """
-    try:
+    if NBCLIENT:
         import nbclient
         import nbformat
-    except ImportError:
-        nbclient = None
-    if nbclient is not None:
+
         spec = tmp / "jupyter" / "kernels" / "kaggle-image"
         spec.mkdir(parents=True)
         argv = [str(python), "-m", "ipykernel_launcher", "-f", "{connection_file}"]
@@ -150,6 +151,16 @@ def _execute(notebook: Path, python: Path, working: Path, env: dict[str, str], t
     return done.stdout + done.stderr
 
 
+_WHERE = "import importlib.util as u, json, sys; print(json.dumps({m: getattr(u.find_spec(m), 'origin', None) for m in sys.argv[1:]}))"
+
+
+def _where(python: Path, modules: list[str], cwd: Path) -> dict[str, str | None]:
+    """Where ``python`` finds each module (None: nowhere)."""
+    done = subprocess.run([str(python), "-c", _WHERE, *modules], capture_output=True, text=True, cwd=cwd)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
 def _tree(root: Path) -> dict[str, int]:
     return {p.relative_to(root).as_posix(): p.stat().st_size for p in sorted(root.rglob("*"))}
 
@@ -157,11 +168,12 @@ def _tree(root: Path) -> dict[str, int]:
 # ---- the proof: the notebook runs offline from the bundle ----------------------------------------
 
 
-def test_notebook_runs_offline_from_the_bundle_and_matches_kaggle_tta_run(demo_images, tmp_path, monkeypatch, capsys):
-    # batch_size 8: the timing pass (two batches, 16 images) is smaller than the test set (24).
-    pipeline = _demo_pipeline(tmp_path, demo_images, batch_size=8, workers=0)
+def test_notebook_runs_offline_from_the_bundle_and_matches_kaggle_tta_run(kernel_demo_images, tmp_path, monkeypatch, capsys):
+    # batch_size 8: the timing pass (one batch of 8 images) is smaller than the test set (24).
+    pipeline = _demo_pipeline(tmp_path, kernel_demo_images, batch_size=8, workers=0)
     out = tmp_path / "kaggle"
-    code, stdout, err = _run(capsys, "kernel", str(pipeline), "--out", str(out), "--owner", "tester", "--dataset-slug", "tta-bundle-test", "--time-limit-hours", "2")
+    argv = ["kernel", str(pipeline), "--out", str(out), "--owner", "tester", "--dataset-slug", "tta-bundle-test", "--time-limit-hours", "2"]
+    code, stdout, err = _run(capsys, *argv)
     assert code == 0, err
     assert "left to the Kaggle image: torch, torchvision" in stdout
 
@@ -191,20 +203,17 @@ def test_notebook_runs_offline_from_the_bundle_and_matches_kaggle_tta_run(demo_i
     before = _tree(kaggle / "input")
     python = _venv(tmp_path / "venv", _image_site(tmp_path / "image-site"))
     env = _offline_env(monkeypatch, kaggle)
-    probe = subprocess.run([str(python), "-c", "import importlib.util as u, sys; print([m for m in sys.argv[1:] if u.find_spec(m)])", "kaggle_tta", *FROM_BUNDLE], capture_output=True, text=True, cwd=working)
-    assert probe.stdout.strip() == "[]", probe.stdout + probe.stderr  # before the notebook: only the image's packages
+    before_run = _where(python, ["kaggle_tta", *FROM_BUNDLE, "torch"], working)
+    assert before_run.pop("torch") and not any(before_run.values()), before_run  # only the image's packages so far
 
     text = _execute(kdir / kernel.NOTEBOOK, python, working, env, tmp_path, monkeypatch)
     (tmp_path / "notebook-output.txt").write_text(text)  # kept by pytest for a look after a failure
 
     assert re.search(r"estimate: inference on 24 images ~ \d+:\d\d:\d\d; the notebook ~ .* of the 2 h limit", text), text[-3000:]
     assert "pip:" in text and "Successfully installed" in text and "timm-" in text
-    where = subprocess.run([str(python), "-c", "import sys, importlib; print('\\n'.join(importlib.import_module(m).__file__ for m in sys.argv[1:]))", "kaggle_tta", *FROM_BUNDLE, "torch"], capture_output=True, text=True, cwd=working)
-    files = where.stdout.split()
-    assert where.returncode == 0 and len(files) == len(FROM_BUNDLE) + 2, where.stderr
-    venv_site = str((tmp_path / "venv").resolve())
-    assert all(f.startswith(venv_site) for f in files[:-1]), files  # installed from the bundle's wheels
-    assert files[-1].startswith(str(tmp_path / "image-site")), files  # torch: the image's
+    after_run = _where(python, ["kaggle_tta", *FROM_BUNDLE, "torch"], working)
+    assert after_run.pop("torch").startswith(str(tmp_path / "image-site"))  # torch: the image's
+    assert all(str(f).startswith(str(tmp_path / "venv")) for f in after_run.values()), after_run  # the rest: the bundle's wheels
     assert _tree(kaggle / "input") == before  # the input stays read-only
     assert not (working / ".kaggle_tta").exists()  # cache removed (KEEP_CACHE False)
 
@@ -217,11 +226,59 @@ def test_notebook_runs_offline_from_the_bundle_and_matches_kaggle_tta_run(demo_i
     assert len(ours.splitlines()) == N_DEMO + 1
 
 
+def _bundle_without_wheels(pipeline: Path, out: Path, **opts) -> tuple[Path, Path]:
+    """The dataset and kernel folders as `kaggle-tta kernel` writes them, minus the wheels."""
+    o = kernel.KernelOptions(out=out, owner="tester", **opts)
+    col = kernel._Collector(load_pipeline(pipeline), yaml.safe_load(pipeline.read_text()), o, pipeline)
+    col.collect()
+    own = out / "kaggle_tta-0.1.0-py3-none-any.whl"  # never installed: this test skips the pip cell
+    own.parent.mkdir(parents=True)
+    own.write_bytes(b"")
+    kernel._write_dataset(out / "dataset", col, own, {}, ["torch", "torchvision"], o, REPO, kernel._Target.of(None))
+    kernel._write_kernel(out / "kernel", col, o, REPO)
+    return out / "dataset", out / "kernel"
+
+
+def test_notebook_finds_the_competition_data_wherever_it_is_mounted(kernel_demo_images, tmp_path, monkeypatch, capsys):
+    """Competition mode, in this process (kaggle_tta is installed here; the pip cell is skipped):
+    the data under --data-root is read from /kaggle/input/competitions/<slug>, hidden labels are
+    dropped, and the submission equals `kaggle-tta run`'s."""
+    local = tmp_path / "comp-data"
+    shutil.copytree(kernel_demo_images, local / "test")
+    pipeline = _demo_pipeline(tmp_path, local / "test", batch_size=8, workers=0)
+    dataset, kdir = _bundle_without_wheels(pipeline, tmp_path / "kaggle", competition="shapes-comp", data_root=local)
+    assert not (dataset / "data").exists()
+    kaggle = tmp_path / "fake-kaggle"
+    shutil.copytree(dataset, kaggle / "input" / "tta-bundle-x")  # found by its manifest, not by its name
+    comp = kaggle / "input" / "competitions" / "shapes-comp"
+    shutil.copytree(local, comp)
+    (comp / "test" / "labels.csv").unlink()  # hidden on Kaggle
+    (kaggle / "working").mkdir()
+    for key, value in {"KAGGLE_INPUT_ROOT": kaggle / "input", "KAGGLE_WORKING_DIR": kaggle / "working", "NO_ALBUMENTATIONS_UPDATE": 1, "HF_HUB_OFFLINE": 1}.items():
+        monkeypatch.setenv(key, str(value))
+    nb = json.loads((kdir / kernel.NOTEBOOK).read_text())
+    ns: dict = {"__name__": "__main__"}
+    for cell in nb["cells"]:
+        src = "".join(cell["source"])
+        if cell["cell_type"] == "code" and '"pip", "install"' not in src:
+            exec(compile(src, "<cell>", "exec"), ns)
+    out = capsys.readouterr().out
+    assert f"competition data: {comp}" in out
+    assert "data.labels.path" in out and "not used" in out
+    assert "warning: no dataset named 'kaggle-tta-bundle'" in out
+    assert "estimate: inference on 24 images" in out
+
+    monkeypatch.undo()
+    code, _, err = _run(capsys, "run", str(pipeline), "-q")
+    assert code == 0, err
+    assert (kaggle / "working" / "submission.csv").read_text() == (tmp_path / "reference" / "submission.csv").read_text()
+
+
 # ---- checks before anything is written ---------------------------------------------------------
 
 
-def test_missing_checkpoint_fails_before_writing(demo_images, tmp_path, capsys):
-    pipeline = _demo_pipeline(tmp_path, demo_images)
+def test_missing_checkpoint_fails_before_writing(kernel_demo_images, tmp_path, capsys):
+    pipeline = _demo_pipeline(tmp_path, kernel_demo_images)
     raw = yaml.safe_load(pipeline.read_text())
     raw["members"][1]["checkpoint"] = str(tmp_path / "gone.safetensors")
     pipeline.write_text(yaml.safe_dump(raw))
@@ -230,8 +287,8 @@ def test_missing_checkpoint_fails_before_writing(demo_images, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_dependency_without_a_wheel_fails_naming_it(demo_images, tmp_path, monkeypatch, capsys):
-    pipeline = _demo_pipeline(tmp_path, demo_images)
+def test_dependency_without_a_wheel_fails_naming_it(kernel_demo_images, tmp_path, monkeypatch, capsys):
+    pipeline = _demo_pipeline(tmp_path, kernel_demo_images)
     empty = tmp_path / "no-index"
     empty.mkdir()
     for key in [k for k in os.environ if k.startswith("PIP_")]:
@@ -244,15 +301,15 @@ def test_dependency_without_a_wheel_fails_naming_it(demo_images, tmp_path, monke
     assert not (tmp_path / "out").exists()
 
 
-def test_dependency_not_installed_here_fails_naming_it(demo_images, tmp_path, capsys):
-    pipeline = _demo_pipeline(tmp_path, demo_images)
+def test_dependency_not_installed_here_fails_naming_it(kernel_demo_images, tmp_path, capsys):
+    pipeline = _demo_pipeline(tmp_path, kernel_demo_images)
     code, _, err = _run(capsys, "kernel", str(pipeline), "--out", str(tmp_path / "out"), "--extra-wheel", "surely-not-installed-dist")
     assert code == 2 and "surely-not-installed-dist" in err and "not installed here" in err
     assert not (tmp_path / "out").exists()
 
 
-def test_competition_data_must_come_from_the_competition(demo_images, tmp_path, capsys):
-    pipeline = _demo_pipeline(tmp_path, demo_images)
+def test_competition_data_must_come_from_the_competition(kernel_demo_images, tmp_path, capsys):
+    pipeline = _demo_pipeline(tmp_path, kernel_demo_images)
     code, _, err = _run(capsys, "kernel", str(pipeline), "--out", str(tmp_path / "out"), "--competition", "some-comp")
     assert code == 2 and "data.folder" in err and "--data-root" in err
     code, _, err = _run(capsys, "kernel", str(pipeline), "--out", str(tmp_path / "out"), "--data-root", str(tmp_path))
@@ -264,13 +321,13 @@ def test_competition_data_must_come_from_the_competition(demo_images, tmp_path, 
 
 def _collect(pipeline: Path, **opts) -> kernel._Collector:
     cfg = load_pipeline(pipeline)
-    col = kernel._Collector(cfg, yaml.safe_load(pipeline.read_text()), kernel.KernelOptions(out=pipeline.parent / "out", **opts), pipeline.name)
+    col = kernel._Collector(cfg, yaml.safe_load(pipeline.read_text()), kernel.KernelOptions(out=pipeline.parent / "out", **opts), pipeline)
     col.collect()
     return col
 
 
-def test_data_under_data_root_is_read_from_the_competition(demo_images, tmp_path):
-    col = _collect(_demo_pipeline(tmp_path, demo_images), competition="shapes-comp", data_root=demo_images.parent)
+def test_data_under_data_root_is_read_from_the_competition(kernel_demo_images, tmp_path):
+    col = _collect(_demo_pipeline(tmp_path, kernel_demo_images), competition="shapes-comp", data_root=kernel_demo_images.parent)
     assert col.raw["data"]["folder"] == "/kaggle/input/shapes-comp/test"
     assert col.competition_paths == [
         {"key": "data.folder", "path": "test", "kind": "dir", "optional": False},
@@ -281,8 +338,8 @@ def test_data_under_data_root_is_read_from_the_competition(demo_images, tmp_path
     assert col.raw["cache"]["dir"].startswith("/kaggle/working/") and col.raw["submission"]["path"] == "/kaggle/working/submission.csv"
 
 
-def test_kaggle_paths_and_clashing_names(demo_images, tmp_path):
-    pipeline = _demo_pipeline(tmp_path, demo_images)
+def test_kaggle_paths_and_clashing_names(kernel_demo_images, tmp_path):
+    pipeline = _demo_pipeline(tmp_path, kernel_demo_images)
     raw = yaml.safe_load(pipeline.read_text())
     raw["data"]["folder"] = "/kaggle/input/competitions/shapes-comp/test_images"
     del raw["data"]["labels"]
@@ -295,6 +352,32 @@ def test_kaggle_paths_and_clashing_names(demo_images, tmp_path):
     assert col.competition_paths == [{"key": "data.folder", "path": "test_images", "kind": "dir", "optional": False}]
     names = [m["checkpoint"] for m in col.raw["members"]]
     assert len(set(names)) == 2 and "test_efficientnet.safetensors" in names
+
+
+def test_glob_csv_classes_file_and_factory_module_are_bundled(kernel_demo_images, tmp_path):
+    pipeline = _demo_pipeline(tmp_path, kernel_demo_images)
+    raw = yaml.safe_load(pipeline.read_text())
+    (tmp_path / "classes.txt").write_text("\n".join(raw["data"].pop("classes")) + "\n")
+    raw["data"] = {"glob": f"{kernel_demo_images}/img_0000*.png", "classes_file": "classes.txt"}
+    raw["members"][1] = {"name": "inv", "factory": "helpers:invariant_model", "preprocess": {"input_size": [3, 32, 32]}}
+    raw["blends"] = [{"name": "ens", "inputs": ["resnet", "inv"]}]
+    raw["submission"]["source"] = "ens"
+    pipeline.write_text(yaml.safe_dump(raw))
+    col = _collect(pipeline)
+    assert col.raw["data"]["glob"] == "data/test/img_0000*.png" and col.raw["data"]["classes_file"] == "classes.txt"
+    assert sorted(n for n in col.tree_files if n.startswith("data/")) == [f"data/test/img_0000{i}.png" for i in range(10)]
+    assert col.tree_files["code/helpers.py"] == Path(__file__).parent / "helpers.py" and col.code_modules == ["helpers"]
+
+    lines = ["id,file"] + [f"x{i},sub/img_{i:05d}.png" for i in range(3)]
+    (tmp_path / "list.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "root" / "sub").mkdir(parents=True)
+    for i in range(3):
+        shutil.copy(kernel_demo_images / f"img_{i:05d}.png", tmp_path / "root" / "sub")
+    raw["data"] = {"csv": {"path": "list.csv", "path_column": "file", "root": "root"}, "classes_file": "classes.txt"}
+    pipeline.write_text(yaml.safe_dump(raw))
+    col = _collect(pipeline)
+    assert col.raw["data"]["csv"] == {"path": "data/list.csv", "path_column": "file", "root": "data/root"}
+    assert sorted(col.tree_files) == ["code/helpers.py", "data/list.csv", *(f"data/root/sub/img_{i:05d}.png" for i in range(3))]
 
 
 def test_notebook_template_is_a_papermill_notebook_without_magics():

@@ -358,3 +358,29 @@ def test_loader_workers_and_auto_forward_batch(pipeline, capsys, tmp_path):
     code, out, err = _run(capsys, "run", str(write(cfg)), "-q")
     assert code == 0, err
     assert "forward batch" in out
+
+
+def test_albumentations_preprocessing_in_its_serialized_form(pipeline, capsys, tmp_path):
+    """A.to_dict pipelines replace resize + crop; the same ops give the same numbers."""
+    import albumentations as A
+
+    write, cfg = pipeline
+    cfg["members"] = cfg["members"][:1]
+    cfg["blends"] = []
+    cfg["members"][0]["preprocess"] = {"input_size": [3, 56, 56], "crop_pct": 0.875, "interpolation": "bilinear"}
+    assert _run(capsys, "infer", str(write(cfg)), "-q")[0] == 0
+    alb = A.to_dict(A.Compose([A.SmallestMaxSize(max_size=64, interpolation=1), A.CenterCrop(64, 64)]))
+    (tmp_path / "pre.json").write_text(json.dumps(alb))
+    cfg["members"][0]["preprocess"] = {"input_size": [3, 56, 56], "albumentations": str(tmp_path / "pre.json")}
+    cfg["cache"]["dir"] = str(tmp_path / "cache_alb")
+    code, _, err = _run(capsys, "infer", str(write(cfg)), "-q")
+    assert code == 0, err
+    d1, d2 = next((tmp_path / "cache" / "a").iterdir()), next((tmp_path / "cache_alb" / "a").iterdir())
+    for f in d1.glob("*.npy"):
+        np.testing.assert_allclose(np.load(d2 / f.name), np.load(f), atol=1e-6)
+    # A pipeline that normalizes on the CPU is refused with the fix.
+    alb = A.to_dict(A.Compose([A.Resize(64, 64), A.Normalize()]))
+    cfg["members"][0]["preprocess"]["albumentations"] = alb
+    cfg["cache"]["dir"] = str(tmp_path / "cache_bad")
+    code, _, err = _run(capsys, "infer", str(write(cfg)), "-q")
+    assert code == 2 and "must return uint8 HWC images" in err
