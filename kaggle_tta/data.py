@@ -294,7 +294,13 @@ def make_loader(paths: Sequence[Path], specs: dict[str, CanvasSpec], batch_size:
     if workers:
         import multiprocessing as mp
 
-        ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+        if "forkserver" in mp.get_all_start_methods():
+            ctx = mp.get_context("forkserver")
+            # Workers fork from a server that has imported this module once, so each starts
+            # without re-importing torch and OpenCV (no effect once the server runs).
+            ctx.set_forkserver_preload([__name__])
+        else:
+            ctx = mp.get_context("spawn")
     return DataLoader(
         ds,
         batch_size=batch_size,

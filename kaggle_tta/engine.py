@@ -175,26 +175,33 @@ def run_inference(plan: Plan, device: torch.device, precision: str, progress: bo
     channels_last = rt.channels_last if rt.channels_last != "auto" else (device.type == "cuda" or precision != "fp32")
     max_views = max(len(p.views) for p in pending)
     sizer = ChunkSizer(rt.forward_batch, rt.batch_size * max_views)
-    for p in pending:  # every model first: a bad checkpoint fails before the cache is touched
-        model = build_model(cfg, p.member.cfg, n_classes).to(device)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        p.runner = _Runner(model, device, precision, channels_last, sizer)
-    for p in pending:
-        p.entry.write_ids(plan.testset.ids)
-        for v in p.views:
-            arr, start = p.entry.open_for_write(v.name, (n, n_classes), cfg.cache.dtype)
-            p.arrays[v.name], p.start[v.name] = arr, start
-        p.entry.save()
-    start = min(min(p.start.values()) for p in pending)
+    start = min(p.entry.rows_done(v.name) for p in pending for v in p.views)
     specs = {p.member.canvas.key: p.member.canvas for p in pending}
-    loader = make_loader(plan.testset.paths, specs, rt.batch_size, rt.workers, start, pin_memory=device.type == "cuda")
-    n_views = sum(len(p.views) for p in pending)
-    bar = tqdm(total=n - start, unit="img", desc=f"{len(pending)} member(s), {n_views} view(s)", disable=not progress, dynamic_ncols=True)
-    t0 = time.perf_counter()
+    # Start the workers now: they decode the first batches while the models are built.
+    batches = iter(make_loader(plan.testset.paths, specs, rt.batch_size, rt.workers, start, pin_memory=device.type == "cuda"))
+    opened: list[_Pending] = []
+    bar = None
     try:
+        for p in pending:  # every model first: a bad checkpoint fails before the cache is touched
+            model = build_model(cfg, p.member.cfg, n_classes).to(device)
+            if channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            p.runner = _Runner(model, device, precision, channels_last, sizer)
+        for p in pending:
+            p.entry.write_ids(plan.testset.ids)
+            for v in p.views:
+                arr, p.start[v.name] = p.entry.open_for_write(v.name, (n, n_classes), cfg.cache.dtype)
+                p.arrays[v.name] = arr
+            opened.append(p)
+            p.entry.save()
+        if min(min(p.start.values()) for p in pending) < start:  # a partial file was unusable
+            start = min(min(p.start.values()) for p in pending)
+            batches = iter(make_loader(plan.testset.paths, specs, rt.batch_size, rt.workers, start, pin_memory=device.type == "cuda"))
+        n_views = sum(len(p.views) for p in pending)
+        bar = tqdm(total=n - start, unit="img", desc=f"{len(pending)} member(s), {n_views} view(s)", disable=not progress, dynamic_ncols=True)
+        t0 = time.perf_counter()
         with torch.inference_mode():
-            for rows, canvases in loader:
+            for rows, canvases in batches:
                 if isinstance(canvases, str):
                     raise DataError(canvases)
                 lo, hi = rows[0], rows[-1] + 1
@@ -204,10 +211,12 @@ def run_inference(plan: Plan, device: torch.device, precision: str, progress: bo
                     p.entry.commit()
                 stats.rows_computed += hi - lo
                 bar.update(hi - lo)
-                bar.set_postfix_str(f"{(hi - start) / max(time.perf_counter() - t0, 1e-9):.1f} img/s, chunk {sizer.current}")
+                bar.set_postfix_str(f"forward batch {sizer.current}")
     finally:
-        bar.close()
-        for p in pending:
+        del batches  # stops the workers
+        if bar is not None:
+            bar.close()
+        for p in opened:
             p.entry.close()
             p.entry.save()
     for p in pending:
