@@ -72,12 +72,17 @@ def cmd_blend(args: argparse.Namespace) -> None:
     _blend(build_plan(_load(args)), args.pipeline)
 
 
+def _current(plan) -> set[tuple[str, str]]:
+    """(member, fingerprint) of every entry the pipeline can use, in any precision."""
+    return {(m.name, m.fingerprint(p)) for m in plan.members for p in ("fp32", "bf16", "fp16")}
+
+
 def cmd_cache_ls(args: argparse.Namespace) -> None:
     from kaggle_tta.cache import list_entries
     from kaggle_tta.plan import build_plan
 
     plan = build_plan(_load(args))
-    current = {(m.name, m.fingerprint(p)) for m in plan.members for p in ("fp32", "bf16", "fp16")}
+    current = _current(plan)
     wanted = {m.name: [v.name for v in m.views] for m in plan.members}
     entries = list_entries(plan.cache_root)
     if not entries:
@@ -102,7 +107,7 @@ def cmd_cache_prune(args: argparse.Namespace) -> None:
     from kaggle_tta.plan import build_plan
 
     plan = build_plan(_load(args))
-    current = {(m.name, m.fingerprint(p)) for m in plan.members for p in ("fp32", "bf16", "fp16")}
+    current = _current(plan)
     removed = 0
     for member, fp, _ in list_entries(plan.cache_root):
         if (member, fp) not in current:

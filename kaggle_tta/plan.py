@@ -19,7 +19,7 @@ import torch
 from kaggle_tta import cache as cache_mod
 from kaggle_tta.config import MemberConfig, PipelineConfig, load_classes
 from kaggle_tta.data import CanvasSpec, TestSet, list_test_set
-from kaggle_tta.errors import CheckpointError, ConfigError
+from kaggle_tta.errors import CheckpointError, ConfigError, did_you_mean
 from kaggle_tta.merge import BLEND_METHODS, VIEW_REDUCERS
 from kaggle_tta.models import Preprocess, file_digest, resolve_preprocess
 from kaggle_tta.views import View, parse_tta
@@ -66,19 +66,15 @@ def validate_static(cfg: PipelineConfig) -> dict[str, list[View]]:
     for m in cfg.members:
         where = f"members.{m.name}.tta"
         vs = parse_tta(m.tta, where)
-        for i, v in enumerate(vs):
+        for v in vs:
             if target not in v.targets:
                 hint = "crops are legal for maps and boxes only through tiling" if v.crop.position != "center" else "drop it from the list"
                 raise ConfigError(f"{where}: view '{v.name}' cannot be inverted on {target}s (task: {cfg.task}); {hint}")
         views[m.name] = vs
         if m.merge not in VIEW_REDUCERS:
-            from kaggle_tta.errors import did_you_mean
-
             raise ConfigError(f"members.{m.name}.merge: unknown '{m.merge}'{did_you_mean(m.merge, VIEW_REDUCERS)}; choose one of {', '.join(VIEW_REDUCERS)}")
     for i, b in enumerate(cfg.blends):
         if b.method not in BLEND_METHODS:
-            from kaggle_tta.errors import did_you_mean
-
             raise ConfigError(f"blends[{i}].method: unknown '{b.method}'{did_you_mean(b.method, BLEND_METHODS)}; choose one of {', '.join(BLEND_METHODS)}")
     if cfg.submission.format == "multilabel" and not cfg.multilabel:
         raise ConfigError("submission.format: 'multilabel' needs 'multilabel: true' at the top level")

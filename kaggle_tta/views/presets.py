@@ -95,13 +95,9 @@ def compose(names: list[str]) -> View:
     crop = Crop(position)
     if crop.position != "center":
         parts.append(crop.name)
-    parts.extend(op_name for op_name in (_canonical(op) for op in ops))
+    parts.extend(op.name for op in ops)
     name = _simplify("+".join(parts)) if parts else "identity"
     return View(name, tuple(ops), crop)
-
-
-def _canonical(op: Op) -> str:
-    return op.name
 
 
 def _simplify(name: str) -> str:
