@@ -1,0 +1,415 @@
+"""One measured configuration, in its own process: ``python3 _child.py KIND 'SPEC-JSON'``.
+
+Every kind imports its libraries first and starts its clock after the imports, so the in-process
+seconds compare the work itself (the orchestrator also records the process wall time and peak RSS
+of each child). The last stdout line is ``RESULT {json}``.
+
+Kinds:
+  limit        the model's forward alone on ready tensors, at a forward batch and precision
+  kaggle       kaggle_tta.cli.main(['run', PIPELINE, '-q']) (== ``kaggle-tta run PIPELINE -q``)
+  ttach        ttach.ClassificationTTAWrapper over a DataLoader, same model/batch/precision
+  reference    the reference document's per-image albumentations path, fp32
+  blend-guard  ``kaggle-tta blend`` with timm.create_model and build_model made to raise
+  numpy-blend  np.load the cached views, average, argmax, write a CSV
+  reblend-setup  write 3 members x N views of [rows, 1000] float16 logits into the cache
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+
+
+def _result(d: dict) -> None:
+    print("RESULT " + json.dumps(d), flush=True)
+
+
+def _load_model(checkpoint: str, threads: int):
+    import timm
+    import torch
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(threads)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=1000)
+    model.load_state_dict(load_file(checkpoint, device="cpu"), strict=True)
+    return model.eval()
+
+
+def _precision(setting: str) -> tuple[str, bool]:
+    """Resolved precision and channels_last, by the same rules as kaggle_tta's engine (CPU)."""
+    import torch
+    from kaggle_tta.plan import resolve_precision
+
+    p = resolve_precision(setting, torch.device("cpu"))
+    return p, p != "fp32"
+
+
+def _autocast(precision: str):
+    import torch
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
+
+
+# ---- 1. the limit ----------------------------------------------------------------------------
+
+
+def limit(spec: dict) -> None:
+    import torch
+
+    t_build = time.perf_counter()
+    model = _load_model(spec["checkpoint"], spec["threads"])
+    precision, cl = _precision(spec["precision"])
+    if cl:
+        model = model.to(memory_format=torch.channels_last)
+    build_s = time.perf_counter() - t_build
+    fb, size = spec["forward_batch"], spec.get("size", 224)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(fb, 3, size, size, generator=g)
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    chunks = max(1, -(-spec["inputs"] // fb))
+    with torch.inference_mode(), _autocast(precision):
+        for _ in range(spec.get("warmup", 2)):
+            model(x)
+        t0 = time.perf_counter()
+        for _ in range(chunks):
+            model(x).float()
+        secs = time.perf_counter() - t0
+    _result({"seconds": secs, "inputs": chunks * fb, "per_input": secs / (chunks * fb), "precision": precision, "build_s": build_s})
+
+
+# ---- 2. kaggle-tta end to end ----------------------------------------------------------------
+
+
+def kaggle(spec: dict) -> None:
+    # What `python3 -m kaggle_tta run` would import on its way; imported before the clock.
+    import albumentations  # noqa: F401
+    import cv2  # noqa: F401
+    import polars  # noqa: F401
+    import safetensors.torch  # noqa: F401
+    import timm  # noqa: F401
+    import torch  # noqa: F401
+    import tqdm  # noqa: F401
+
+    import kaggle_tta.api  # noqa: F401
+    import kaggle_tta.engine  # noqa: F401
+    from kaggle_tta import cli
+
+    buf = io.StringIO()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(buf):
+        rc = cli.main(["run", spec["pipeline"], "-q"])
+    secs = time.perf_counter() - t0
+    out = buf.getvalue()
+    m = re.search(r"inference: (\d+) images on \S+ \((\w+), forward batch (\d+)\) in ([\d.]+)s", out)
+    _result({
+        "rc": rc,
+        "seconds": secs,
+        "images": int(m.group(1)) if m else None,
+        "precision": m.group(2) if m else None,
+        "forward_batch": int(m.group(3)) if m else None,
+        "inference_s": float(m.group(4)) if m else None,
+        "submission": spec["submission"],
+        "stdout_tail": out[-600:] if rc else "",
+    })
+
+
+# ---- 3. ttach --------------------------------------------------------------------------------
+
+
+class _AlbuFolder:
+    def __init__(self, paths: list[str], canvas: int, crop: int):
+        self.paths, self.canvas, self.crop = paths, canvas, crop
+        self.t = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        import albumentations as A
+        import cv2
+        from albumentations.pytorch import ToTensorV2
+
+        if self.t is None:
+            self.t = A.Compose([
+                A.SmallestMaxSize(max_size=self.canvas, interpolation=cv2.INTER_LINEAR),
+                A.CenterCrop(self.crop, self.crop),
+                A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+                ToTensorV2(),
+            ])
+        img = cv2.cvtColor(cv2.imread(self.paths[i], cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        return self.t(image=img)["image"]
+
+
+def _worker_init(_: int) -> None:
+    import cv2
+    import torch
+
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+def _write_labels(path: str, ids: list[str], top: "object") -> None:
+    with open(path, "w") as f:
+        f.write("id,label\n")
+        for i, k in zip(ids, top.tolist()):  # type: ignore[attr-defined]
+            f.write(f"{i},c{k:04d}\n")
+
+
+def run_ttach(spec: dict) -> None:
+    import albumentations  # noqa: F401
+    import cv2  # noqa: F401
+    import torch
+    import ttach as tta
+    from torch.utils.data import DataLoader
+
+    paths = sorted(str(p) for p in Path(spec["folder"]).glob("*.jpg"))
+    t0 = time.perf_counter()
+    model = _load_model(spec["checkpoint"], spec["threads"])
+    precision, cl = _precision(spec["precision"])
+    if cl:
+        model = model.to(memory_format=torch.channels_last)
+    views = spec["views"]
+    transforms = {
+        1: lambda: tta.Compose([]),
+        2: tta.aliases.hflip_transform,
+        8: tta.aliases.d4_transform,
+        10: lambda: tta.aliases.ten_crop_transform(224, 224),
+    }[views]()
+    assert len(transforms) == views, (len(transforms), views)
+    wrapper = tta.ClassificationTTAWrapper(model, transforms, merge_mode="mean")
+    crop = 256 if views == 10 else 224  # ten_crop takes its crops from the 256 canvas
+    ds = _AlbuFolder(paths, 256, crop)
+    w = spec["workers"]
+    loader = DataLoader(ds, batch_size=spec["forward_batch"], shuffle=False, num_workers=w,
+                        worker_init_fn=_worker_init if w else None, prefetch_factor=2 if w else None)
+    outs = []
+    with torch.inference_mode(), _autocast(precision):
+        for x in loader:
+            if cl:
+                x = x.contiguous(memory_format=torch.channels_last)
+            outs.append(wrapper(x).float())
+    logits = torch.cat(outs).numpy()
+    _write_labels(spec["submission"], [Path(p).stem for p in paths], logits.argmax(1))
+    secs = time.perf_counter() - t0
+    _result({"seconds": secs, "images": len(paths), "precision": precision})
+
+
+# ---- 4. the reference document's path ---------------------------------------------------------
+
+
+def reference(spec: dict) -> None:
+    """As in the reference document (test-time-augmentation.md): PIL decode, then per image
+    and per view albumentations SmallestMaxSize(256), CenterCrop(224), Normalize, ToTensorV2
+    (ten-crop: SmallestMaxSize(256), five A.Crop boxes and their HorizontalFlip), the views of
+    one image stacked into one fp32 forward under torch.no_grad, logits averaged."""
+    import albumentations as A
+    import numpy as np
+    import torch
+    from albumentations.pytorch import ToTensorV2
+    from PIL import Image
+
+    paths = sorted(str(p) for p in Path(spec["folder"]).glob("*.jpg"))
+    views = spec["views"]
+    t0 = time.perf_counter()
+    model = _load_model(spec["checkpoint"], spec["threads"])
+
+    base = A.Compose([
+        A.SmallestMaxSize(max_size=256),
+        A.CenterCrop(height=224, width=224),
+        A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+        ToTensorV2(),
+    ])
+    normalize = A.Compose([A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD), ToTensorV2()])
+    flip = A.HorizontalFlip(p=1.0)
+    d4 = [  # the document's D4 list
+        A.Compose([]),
+        A.HorizontalFlip(p=1.0),
+        A.VerticalFlip(p=1.0),
+        A.Compose([A.HorizontalFlip(p=1.0), A.VerticalFlip(p=1.0)]),
+        A.Compose([A.Transpose(p=1.0)]),
+        A.Compose([A.Transpose(p=1.0), A.HorizontalFlip(p=1.0)]),
+        A.Compose([A.Transpose(p=1.0), A.VerticalFlip(p=1.0)]),
+        A.Compose([A.Transpose(p=1.0), A.HorizontalFlip(p=1.0), A.VerticalFlip(p=1.0)]),
+    ]
+    resize256 = A.SmallestMaxSize(max_size=256)
+
+    def inputs(image: np.ndarray) -> list[torch.Tensor]:
+        if views == 1:
+            return [base(image=image)["image"]]
+        if views == 2:
+            return [base(image=image)["image"], base(image=flip(image=image)["image"])["image"]]
+        if views == 8:
+            return [base(image=t(image=image)["image"])["image"] for t in d4]
+        image_resized = resize256(image=image)["image"]
+        h, w = image_resized.shape[:2]
+        cs = 224
+        boxes = [
+            [0, 0, cs, cs],
+            [w - cs, 0, w, cs],
+            [0, h - cs, cs, h],
+            [w - cs, h - cs, w, h],
+            [(w - cs) // 2, (h - cs) // 2, (w + cs) // 2, (h + cs) // 2],
+        ]
+        crops = []
+        for x_min, y_min, x_max, y_max in boxes:
+            crop = A.Crop(x_min=x_min, y_min=y_min, x_max=x_max, y_max=y_max)(image=image_resized)["image"]
+            crops.append(normalize(image=crop)["image"])
+            crops.append(normalize(image=flip(image=crop)["image"])["image"])
+        return crops
+
+    top = []
+    for p in paths:
+        image = np.array(Image.open(p).convert("RGB"))
+        x = torch.stack(inputs(image))
+        with torch.no_grad():
+            logits = model(x).mean(dim=0, keepdim=True)
+        top.append(int(logits.argmax(dim=1)))
+    _write_labels(spec["submission"], [Path(p).stem for p in paths], np.array(top))
+    secs = time.perf_counter() - t0
+    _result({"seconds": secs, "images": len(paths), "precision": "fp32"})
+
+
+# ---- 5. re-blend -----------------------------------------------------------------------------
+
+
+def reblend_setup(spec: dict) -> None:
+    """Writes each member's views straight into its cache entry, in the layout and under the
+    fingerprint kaggle-tta itself uses (plan.build_plan + cache.CacheEntry), so that
+    ``kaggle-tta blend`` finds them complete. Reuses entries that are already complete."""
+    import numpy as np
+    import torch
+
+    from kaggle_tta.cache import CacheEntry
+    from kaggle_tta.config import load_pipeline
+    from kaggle_tta.plan import build_plan, resolve_precision
+
+    cfg = load_pipeline(spec["pipeline"])
+    plan = build_plan(cfg)
+    precision = resolve_precision(cfg.runtime.precision, torch.device("cpu"))
+    n, c = len(plan.testset), len(plan.classes)
+    rng = np.random.default_rng(0)
+    written = reused = 0
+    t0 = time.perf_counter()
+    for m in plan.members:
+        entry = CacheEntry(plan.cache_root, m.name, m.fingerprint(precision), m.inputs)
+        if all(entry.is_complete(v.name) for v in m.views):
+            reused += len(m.views)
+            continue
+        entry.write_ids(plan.testset.ids)
+        for v in m.views:
+            if entry.is_complete(v.name):
+                reused += 1
+                continue
+            arr, _ = entry.open_for_write(v.name, (n, c), cfg.cache.dtype)
+            step = 5000
+            for lo in range(0, n, step):
+                hi = min(n, lo + step)
+                arr[lo:hi] = (rng.standard_normal((hi - lo, c), dtype=np.float32) * 3.0).astype(arr.dtype)
+            entry.record(v.name, n, 0.0)
+            entry.commit()
+            del arr
+            written += 1
+        entry.close()
+    files = [str(CacheEntry(plan.cache_root, m.name, m.fingerprint(precision)).path(v.name)) for m in plan.members for v in m.views]
+    ids_file = str(CacheEntry(plan.cache_root, plan.members[0].name, plan.members[0].fingerprint(precision)).dir / "ids.txt")
+    _result({"written": written, "reused": reused, "seconds": time.perf_counter() - t0, "files": files, "ids": ids_file,
+             "bytes": sum(Path(f).stat().st_size for f in files), "rows": n, "classes": c, "precision": precision})
+
+
+def blend_guard(spec: dict) -> None:
+    """`kaggle-tta blend` with every way of building a model made to raise."""
+    import timm
+    import torch
+
+    import kaggle_tta.models as models
+    from kaggle_tta import cli
+
+    calls = []
+
+    def refuse(*a, **k):
+        calls.append(a[:1])
+        raise RuntimeError("blend built a model")
+
+    timm.create_model = refuse
+    models.build_model = refuse
+    orig_init = torch.nn.Module.__init__
+    n_modules = [0]
+
+    def counting_init(self, *a, **k):
+        n_modules[0] += 1
+        orig_init(self, *a, **k)
+
+    torch.nn.Module.__init__ = counting_init
+    engine_before = "kaggle_tta.engine" in sys.modules
+    buf = io.StringIO()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(buf):
+        rc = cli.main(["blend", spec["pipeline"], "-q"])
+    secs = time.perf_counter() - t0
+    _result({"rc": rc, "seconds": secs, "model_calls": len(calls), "nn_modules_created": n_modules[0],
+             "engine_imported": (not engine_before) and "kaggle_tta.engine" in sys.modules, "stdout_tail": buf.getvalue()[-400:]})
+
+
+def numpy_blend(spec: dict) -> None:
+    """The baseline: read every cached view with np.load, average all of them (float32
+    accumulator), argmax, write id,label to a CSV."""
+    import numpy as np
+
+    t0 = time.perf_counter()
+    classes = Path(spec["classes"]).read_text().split()
+    ids = Path(spec["ids"]).read_text().splitlines()
+    acc = None
+    for f in spec["files"]:
+        a = np.load(f)
+        if acc is None:
+            acc = a.astype(np.float32)
+        else:
+            acc += a
+    acc /= len(spec["files"])
+    top = acc.argmax(axis=1)
+    names = np.asarray(classes, dtype=object)[top]
+    with open(spec["out"], "w") as fh:
+        fh.write("id,label\n")
+        fh.write("".join(f"{i},{c}\n" for i, c in zip(ids, names)))
+    _result({"seconds": time.perf_counter() - t0, "rows": len(ids)})
+
+
+def setup(spec: dict) -> None:
+    """Writes the data and the checkpoint here, so the orchestrator never imports numpy, cv2
+    or torch: a child's peak RSS (wait4) starts from the size of the process that forked it."""
+    from _common import write_checkpoint, write_classes, write_jpegs
+
+    t0 = time.perf_counter()
+    for folder, n, size, seed in spec.get("jpegs", []):
+        write_jpegs(Path(folder), n, size, seed)
+    if spec.get("classes"):
+        write_classes(Path(spec["classes"]))
+    if spec.get("checkpoint"):
+        write_checkpoint(Path(spec["checkpoint"]))
+    _result({"seconds": time.perf_counter() - t0})
+
+
+KINDS = {
+    "setup": setup,
+    "limit": limit,
+    "kaggle": kaggle,
+    "ttach": run_ttach,
+    "reference": reference,
+    "reblend-setup": reblend_setup,
+    "blend-guard": blend_guard,
+    "numpy-blend": numpy_blend,
+}
+
+if __name__ == "__main__":
+    KINDS[sys.argv[1]](json.loads(sys.argv[2]))
