@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from kaggle_tta.blend import MemberSource, check_complete, evaluate, member_prediction
 from kaggle_tta.config import PipelineConfig
@@ -45,16 +44,13 @@ def infer(cfg: PipelineConfig, progress: bool = True):
     return plan, stats
 
 
-def sources_for(plan: Plan, pipeline_arg: str = "PIPELINE") -> list[MemberSource]:
+def sources_for(plan: Plan, pipeline_arg: str = "PIPELINE", computed: str | None = None) -> list[MemberSource]:
+    """Where each member's cached views are (see plan.find_entry); ``computed`` is the
+    precision a run just filled the cache in."""
     cfg = plan.cfg
-    device = torch.device("cuda") if cfg.runtime.device != "cpu" and torch.cuda.is_available() else torch.device("cpu")
     out = []
     for m in plan.members:
-        entry = find_entry(plan, m, cfg.runtime.precision, device)
-        if entry is None:  # report against the entry this machine would fill
-            from kaggle_tta.cache import CacheEntry
-
-            entry = CacheEntry(plan.cache_root, m.name, m.fingerprint(resolve_precision(cfg.runtime.precision, device)), m.inputs)
+        entry = find_entry(plan, m, cfg.runtime.precision, computed)
         out.append(MemberSource(m.name, entry, [v.name for v in m.views], m.activation, m.cfg.merge, f"kaggle-tta infer {pipeline_arg}"))
     return out
 
@@ -92,14 +88,15 @@ def blend_and_write(plan: Plan, sources: list[MemberSource] | None = None, label
     result = BlendResult(str(out_path), src, metric=("F1" if cfg.multilabel else "accuracy") if labels is not None else None)
 
     # Without TTA: each member's identity view alone, blended the same way.
-    plain_ok = all("identity" in s.views for s in sources)
+    has_identity = all("identity" in s.views for s in sources)
+    plain_ok = labels is not None and has_identity
     plain_nodes = evaluate(cfg, {s.name: member_prediction(s, ["identity"]) for s in sources}, act) if plain_ok else {}
     secs = {s.name: {v: float(s.entry.view_state(v).get("seconds", 0.0)) for v in s.views} for s in sources}  # type: ignore[union-attr]
     members_of = _members_of(cfg)
     for name, pred in nodes.items():
         ms = members_of[name]
         total = sum(sum(secs[m].values()) for m in ms)
-        plain_s = sum(secs[m].get("identity", 0.0) for m in ms) if plain_ok else None
+        plain_s = sum(secs[m].get("identity", 0.0) for m in ms) if has_identity else None
         views = sum(len(secs[m]) for m in ms)
         kind = "member" if name in preds else "blend"
         result.rows.append(ReportRow(name, kind, views, _score(plain_nodes[name], labels, plan) if plain_ok else None, _score(pred, labels, plan), plain_s, total))

@@ -43,10 +43,10 @@ def _print_stats(stats) -> None:
     print(f"inference: {stats.rows_computed} images on {stats.device} ({stats.precision}, forward batch {stats.forward_batch}) in {stats.seconds:.1f}s")
 
 
-def _blend(plan, pipeline_arg: str) -> None:
+def _blend(plan, pipeline_arg: str, computed: str | None = None) -> None:
     from kaggle_tta.api import blend_and_write, format_report, sources_for
 
-    result = blend_and_write(plan, sources_for(plan, pipeline_arg), _labels(plan))
+    result = blend_and_write(plan, sources_for(plan, pipeline_arg, computed), _labels(plan))
     print(format_report(result))
     print(f"wrote {result.path} ({len(plan.testset)} rows) from '{result.source}'")
 
@@ -56,7 +56,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
     plan, stats = infer(_load(args), progress=not args.quiet)
     _print_stats(stats)
-    _blend(plan, args.pipeline)
+    _blend(plan, args.pipeline, stats.precision)
 
 
 def cmd_infer(args: argparse.Namespace) -> None:

@@ -24,24 +24,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import polars as pl
-import torch
-from torch.utils.data import DataLoader, Dataset
 
 from kaggle_tta.config import PipelineConfig
 from kaggle_tta.errors import ConfigError, DataError
 
-cv2.setLogLevel(2) if hasattr(cv2, "setLogLevel") else None  # errors only; we report our own
+# OpenCV and torch are imported where images are decoded and batched, not at import: listing
+# the test set (which re-blending does) needs neither.
+_CV2_INTERPOLATION = {"nearest": "INTER_NEAREST", "bilinear": "INTER_LINEAR", "bicubic": "INTER_CUBIC", "area": "INTER_AREA", "lanczos": "INTER_LANCZOS4"}
 
-_CV2_INTERPOLATION = {
-    "nearest": cv2.INTER_NEAREST,
-    "bilinear": cv2.INTER_LINEAR,
-    "bicubic": cv2.INTER_CUBIC,
-    "area": cv2.INTER_AREA,
-    "lanczos": cv2.INTER_LANCZOS4,
-}
+
+def _cv2():
+    import cv2
+
+    if hasattr(cv2, "setLogLevel"):
+        cv2.setLogLevel(2)  # errors only; we report our own
+    return cv2
 
 
 # ---- listing -------------------------------------------------------------------------------
@@ -178,6 +177,7 @@ def decode_image(path: Path) -> np.ndarray:
         buf = np.fromfile(str(path), dtype=np.uint8)
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror})") from None
+    cv2 = _cv2()
     if buf.size == 0:
         raise DataError(f"{path}: zero-byte image file; replace or remove it")
     img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
@@ -223,14 +223,14 @@ class CanvasSpec:
 
         if self.albumentations is not None:
             return A.from_dict(json.loads(self.albumentations))
-        interp = _CV2_INTERPOLATION[self.interpolation]
+        interp = getattr(_cv2(), _CV2_INTERPOLATION[self.interpolation])
         sh, sw = self.canvas_size
         if self.size[0] == self.size[1]:
             return A.Compose([A.SmallestMaxSize(max_size=sh, interpolation=interp), A.CenterCrop(sh, sw)])
         return A.Compose([A.Resize(sh, sw, interpolation=interp)])
 
 
-class CanvasDataset(Dataset):
+class CanvasDataset:
     """Decodes image i once and makes every group's canvas from it.
 
     Errors are returned, not raised, so the main process reports them as one clean line
@@ -263,7 +263,9 @@ class CanvasDataset(Dataset):
             return i, str(exc)
 
 
-def _collate(items: list[tuple[int, dict[str, np.ndarray] | str]]) -> tuple[list[int], dict[str, torch.Tensor] | str]:
+def _collate(items: list[tuple[int, dict[str, np.ndarray] | str]]) -> tuple[list[int], dict[str, Any] | str]:
+    import torch
+
     idx = [i for i, _ in items]
     for _, v in items:
         if isinstance(v, str):
@@ -280,12 +282,17 @@ def _collate(items: list[tuple[int, dict[str, np.ndarray] | str]]) -> tuple[list
 
 
 def _worker_init(_: int) -> None:
-    cv2.setNumThreads(1)  # workers already run in parallel; avoid oversubscribing cores
+    import torch
+
+    _cv2().setNumThreads(1)  # workers already run in parallel; avoid oversubscribing cores
     torch.set_num_threads(1)
 
 
-def make_loader(paths: Sequence[Path], specs: dict[str, CanvasSpec], batch_size: int, workers: int, start: int = 0, pin_memory: bool = False) -> DataLoader:
-    """Streams ``(row indices, {group key: uint8 [B, H, W, C]})`` from row ``start`` on."""
+def make_loader(paths: Sequence[Path], specs: dict[str, CanvasSpec], batch_size: int, workers: int, start: int = 0, pin_memory: bool = False) -> Any:
+    """A torch DataLoader streaming ``(row indices, {group key: uint8 [B, H, W, C]})`` from
+    row ``start`` on."""
+    from torch.utils.data import DataLoader
+
     ds = CanvasDataset(paths, specs, start)
     # Workers are not forked from this process: a parent that has already used OpenCV's or
     # OpenMP's thread pools (a notebook, a test) can deadlock a forked child inside cv2.
@@ -296,9 +303,9 @@ def make_loader(paths: Sequence[Path], specs: dict[str, CanvasSpec], batch_size:
 
         if "forkserver" in mp.get_all_start_methods():
             ctx = mp.get_context("forkserver")
-            # Workers fork from a server that has imported this module once, so each starts
-            # without re-importing torch and OpenCV (no effect once the server runs).
-            ctx.set_forkserver_preload([__name__])
+            # Workers fork from a server that has imported these once, so each starts without
+            # re-importing torch and OpenCV (no effect once the server runs).
+            ctx.set_forkserver_preload(["torch", "cv2", __name__])
         else:
             ctx = mp.get_context("spawn")
     return DataLoader(

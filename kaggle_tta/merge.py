@@ -59,8 +59,11 @@ def reduce_views(name: str, arrays: Iterable[np.ndarray], activation: str) -> Pr
     acc: np.ndarray | None = None
     n = 0
     for a in arrays:
-        x = transform(np.asarray(a, dtype=np.float32), activation)
-        acc = x.copy() if acc is None else combine(acc, x)
+        if name == "mean":  # add float16/32 views straight into one float32 buffer: no copies
+            acc = np.array(a, dtype=np.float32) if acc is None else np.add(acc, a, out=acc, dtype=np.float32)
+        else:
+            x = transform(np.asarray(a, dtype=np.float32), activation)
+            acc = x if acc is None else combine(acc, x)
         n += 1
     if acc is None:
         raise ValueError("no views to merge")

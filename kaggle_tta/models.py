@@ -8,15 +8,17 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from kaggle_tta.config import MemberConfig, PipelineConfig
 from kaggle_tta.errors import CheckpointError, ConfigError, did_you_mean
+
+if TYPE_CHECKING:  # torch and timm load on use: resolving a member's inputs needs neither
+    import torch
+    from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -37,29 +39,56 @@ class Preprocess:
     albumentations: str | None  # JSON of the user's A.to_dict pipeline
 
 
-def _timm_cfg(arch: str, where: str) -> Any:
+_TIMM_FIELDS = ("input_size", "crop_pct", "interpolation", "mean", "std")
+
+
+def _timm_cfg(arch: str, where: str, memo_dir: Path | None = None) -> dict[str, Any]:
+    """The preprocessing fields of timm's pretrained_cfg for ``arch``.
+
+    Memoized per timm version under ``memo_dir``, so that re-blending, which must resolve the
+    same inputs, does not import timm (and torch) again.
+    """
+    from importlib.metadata import version
+
+    memo = memo_dir / f"timm-{version('timm')}-cfg.json" if memo_dir is not None else None
+    table: dict[str, Any] = {}
+    if memo is not None and memo.is_file():
+        try:
+            table = json.loads(memo.read_text())
+        except (OSError, json.JSONDecodeError):
+            table = {}
+        if arch in table:
+            return table[arch]
     import timm
     from timm.models import get_pretrained_cfg
 
     if not timm.is_model(arch):
-        names = timm.list_models()
-        raise ConfigError(f"{where}.arch: unknown timm architecture '{arch}'{did_you_mean(arch, names)}")
-    return get_pretrained_cfg(arch) or get_pretrained_cfg(arch.split(".")[0])
+        raise ConfigError(f"{where}.arch: unknown timm architecture '{arch}'{did_you_mean(arch, timm.list_models())}")
+    pc = get_pretrained_cfg(arch) or get_pretrained_cfg(arch.split(".")[0])
+    fields = {k: (list(v) if isinstance(v, tuple) else v) for k in _TIMM_FIELDS if (v := getattr(pc, k, None)) is not None} if pc else {}
+    if memo is not None:
+        table[arch] = fields
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table, sort_keys=True))
+        tmp.replace(memo)
+    return fields
 
 
 def resolve_preprocess(cfg: PipelineConfig, m: MemberConfig) -> Preprocess:
     """YAML values first, then timm's pretrained_cfg for the arch, then defaults."""
     where = f"members.{m.name}"
     p = m.preprocess
-    pc = _timm_cfg(m.arch, where) if m.arch else None
-    size = p.input_size or (list(pc.input_size) if pc and pc.input_size else None)
+    given = all(getattr(p, k) is not None for k in _TIMM_FIELDS)
+    pc = _timm_cfg(m.arch, where, cfg.resolve(cfg.cache.dir) / ".digests") if m.arch and not given else {}
+    size = p.input_size or pc.get("input_size")
     if size is None:
         raise ConfigError(f"{where}.preprocess.input_size: required for a factory model (e.g. [3, 224, 224])")
     hw = (int(size[-2]), int(size[-1]))
-    crop_pct = p.crop_pct or (pc.crop_pct if pc and pc.crop_pct else 1.0)
-    interp = p.interpolation or (pc.interpolation if pc and pc.interpolation in ("nearest", "bilinear", "bicubic") else "bilinear")
-    mean = tuple(p.mean or (pc.mean if pc and pc.mean else IMAGENET_MEAN))
-    std = tuple(p.std or (pc.std if pc and pc.std else IMAGENET_STD))
+    crop_pct = p.crop_pct or pc.get("crop_pct") or 1.0
+    interp = p.interpolation or (pc["interpolation"] if pc.get("interpolation") in ("nearest", "bilinear", "bicubic") else "bilinear")
+    mean = tuple(p.mean or pc.get("mean") or IMAGENET_MEAN)
+    std = tuple(p.std or pc.get("std") or IMAGENET_STD)
     if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
         raise ConfigError(f"{where}.preprocess: mean and std need 3 values each, std positive")
     alb = None
@@ -112,7 +141,8 @@ def build_model(cfg: PipelineConfig, m: MemberConfig, num_classes: int) -> nn.Mo
     if m.arch:
         import timm
 
-        _timm_cfg(m.arch, where)
+        if not timm.is_model(m.arch):
+            raise ConfigError(f"{where}.arch: unknown timm architecture '{m.arch}'{did_you_mean(m.arch, timm.list_models())}")
         try:
             model = timm.create_model(m.arch, pretrained=False, num_classes=num_classes, **m.kwargs)
         except TypeError as exc:
@@ -127,6 +157,8 @@ def build_model(cfg: PipelineConfig, m: MemberConfig, num_classes: int) -> nn.Mo
 
 
 def _call_factory(spec: str, kwargs: dict[str, Any], cfg: PipelineConfig, where: str) -> nn.Module:
+    from torch import nn
+
     mod_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(mod_name)
@@ -150,6 +182,8 @@ def _call_factory(spec: str, kwargs: dict[str, Any], cfg: PipelineConfig, where:
 
 def read_state_dict(path: Path, where: str) -> dict[str, torch.Tensor]:
     """Reads weights safely and unwraps the usual nestings and prefixes."""
+    import torch
+
     if not path.is_file():
         raise CheckpointError(f"{where}: checkpoint {path} not found; run 'make demo-weights' or fix the path")
     try:

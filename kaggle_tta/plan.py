@@ -12,9 +12,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from kaggle_tta import cache as cache_mod
 from kaggle_tta.config import MemberConfig, PipelineConfig, load_classes
@@ -23,6 +21,9 @@ from kaggle_tta.errors import CheckpointError, ConfigError, did_you_mean
 from kaggle_tta.merge import BLEND_METHODS, VIEW_REDUCERS
 from kaggle_tta.models import Preprocess, file_digest, resolve_preprocess
 from kaggle_tta.views import View, parse_tta
+
+if TYPE_CHECKING:  # torch loads only where a device is resolved: re-blending never needs it
+    import torch
 
 # What each task needs a view to invert.
 TASK_TARGET = {"classification": "label", "segmentation": "mask", "detection": "boxes"}
@@ -136,6 +137,8 @@ def _jsonable(x: Any) -> Any:
 
 
 def resolve_device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -148,6 +151,8 @@ def resolve_device(name: str) -> torch.device:
 def cpu_has_native_bf16() -> bool:
     """True where oneDNN computes bf16 natively (AVX512-BF16 or AMX); emulated bf16 is slower
     than fp32, so 'auto' keeps fp32 there."""
+    import torch
+
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -156,6 +161,8 @@ def cpu_has_native_bf16() -> bool:
 
 def resolve_precision(name: str, device: torch.device) -> str:
     """auto: bf16 where native, fp16 on CUDA without bf16 (T4, P100), else fp32."""
+    import torch
+
     if name != "auto":
         if name == "fp16" and device.type == "cpu":
             raise ConfigError("runtime.precision: fp16 autocast is for CUDA; on the CPU use bf16, fp32 or auto")
@@ -167,19 +174,24 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return "fp32"
 
 
-def find_entry(plan: Plan, m: MemberPlan, precision_setting: str, device: torch.device | None = None) -> cache_mod.CacheEntry | None:
+def find_entry(plan: Plan, m: MemberPlan, precision_setting: str, computed: str | None = None) -> cache_mod.CacheEntry | None:
     """The cache entry a blend should read for member ``m``.
 
-    With an explicit precision, exactly that fingerprint. With 'auto', the one this machine
-    would compute first, else any precision whose entry holds every view (a cache filled on a
-    GPU in bf16 re-blends on a CPU-only machine).
+    With an explicit precision, exactly that fingerprint. With 'auto': the precision this run
+    computed (``computed``) if given; else the one complete entry (a cache filled in bf16 on a
+    GPU re-blends on a CPU-only machine); where several precisions are complete, the one this
+    machine would compute, then fp32.
     """
     if precision_setting != "auto":
         return cache_mod.CacheEntry(plan.cache_root, m.name, m.fingerprint(precision_setting), m.inputs)
-    preferred = resolve_precision("auto", device or torch.device("cpu"))
-    candidates = [preferred] + [p for p in ("fp32", "bf16", "fp16") if p != preferred]
-    for p in candidates:
+    if computed is not None:
+        return cache_mod.CacheEntry(plan.cache_root, m.name, m.fingerprint(computed), m.inputs)
+    complete = []
+    for p in ("fp32", "bf16", "fp16"):
         e = cache_mod.CacheEntry(plan.cache_root, m.name, m.fingerprint(p), m.inputs)
         if all(e.is_complete(v.name) for v in m.views):
-            return e
-    return None
+            complete.append((p, e))
+    if len(complete) > 1:  # only here is torch needed, to ask what this machine computes
+        preferred = resolve_precision("auto", resolve_device(plan.cfg.runtime.device))
+        complete.sort(key=lambda pe: (pe[0] != preferred, pe[0] != "fp32"))
+    return complete[0][1] if complete else None

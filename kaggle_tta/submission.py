@@ -18,7 +18,7 @@ def build_table(ids: Sequence[str], probs: np.ndarray, classes: Sequence[str], s
     names = np.asarray(classes, dtype=object)
     idc = pl.Series(spec.id_column, list(ids), dtype=pl.String)
     if spec.format == "label":
-        return pl.DataFrame([idc, pl.Series(spec.label_column, names[probs.argmax(axis=1)].tolist(), dtype=pl.String)])
+        return pl.DataFrame({spec.id_column: idc, spec.label_column: pl.Series(names[probs.argmax(axis=1)].tolist(), dtype=pl.String)})
     if spec.format == "probs":
         cols = spec.class_columns or list(classes)
         if len(cols) != len(classes):

@@ -12,13 +12,25 @@ to the member's input size (the centre, unless it names a corner) and then appli
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import Tensor
 
-from kaggle_tta.views import functional as Fn
+if TYPE_CHECKING:
+    from torch import Tensor
+
+
+class _Functional:
+    """The tensor ops, imported on first use: parsing view names (re-blending from the cache)
+    then never imports torch."""
+
+    def __getattr__(self, name: str):
+        return getattr(importlib.import_module("kaggle_tta.views.functional"), name)
+
+
+Fn = _Functional()
 
 ALL_TARGETS = frozenset({"label", "mask", "boxes"})
 Size = tuple[int, int]
@@ -152,6 +164,8 @@ class Colour(Op):
         return f"{self.kind}_{self.value:g}"
 
     def apply(self, x: Tensor) -> Tensor:
+        import torch
+
         if self.mean is None or self.std is None:
             raise RuntimeError(f"view {self.name} was not bound to a member's mean/std")
         mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
