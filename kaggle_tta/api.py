@@ -81,7 +81,10 @@ def blend_and_write(plan: Plan, sources: list[MemberSource] | None = None, label
     preds = {s.name: member_prediction(s) for s in sources}
     nodes = evaluate(cfg, preds, act)
     src = cfg.submission_source
-    probs = to_probs(nodes[src], act)
+    # label and topk only rank each row: logits rank as their probabilities do, so the
+    # softmax over [N, C] is skipped for them.
+    ranked_only = cfg.submission.format in ("label", "topk")
+    probs = nodes[src].values if ranked_only else to_probs(nodes[src], act)
     table = build_table(plan.testset.ids, probs, plan.classes, cfg.submission)
     out_path = cfg.resolve(cfg.submission.path)
     write_submission(table, out_path)

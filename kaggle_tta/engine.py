@@ -83,11 +83,15 @@ class ChunkSizer:
         rec[0] += n
         rec[1] += seconds
         if rec[0] >= 2 * self.current and rec[0] >= 16:
+            best = min(self.timing, key=lambda s: self.timing[s][1] / self.timing[s][0])
             i = self.trials.index(self.current)
-            if i + 1 < len(self.trials):
+            # Per-input cost is U-shaped in the chunk size: once a size is clearly slower than
+            # the best so far, larger ones will not win, so the trials stop there.
+            worse = self.timing[self.current][1] / self.timing[self.current][0] > 1.05 * self.timing[best][1] / self.timing[best][0]
+            if i + 1 < len(self.trials) and not worse:
                 self.current = self.trials[i + 1]
             else:
-                self.current = min(self.timing, key=lambda s: self.timing[s][1] / self.timing[s][0])
+                self.current = best
                 self.trials = []
 
     def shrink(self) -> None:
