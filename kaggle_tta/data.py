@@ -52,6 +52,7 @@ class TestSet:
 
     ids: list[str]
     paths: list[Path]
+    identities: list[tuple[int, int]]  # (size, mtime_ns) per file, from one stat at listing
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -59,9 +60,8 @@ class TestSet:
     def fingerprint(self) -> str:
         """Hash of ids and file identities (path, size, mtime): any change is a new test set."""
         h = hashlib.sha256()
-        for i, p in zip(self.ids, self.paths):
-            st = p.stat()
-            h.update(f"{i}\0{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        for i, p, (size, mtime) in zip(self.ids, self.paths, self.identities):
+            h.update(f"{i}\0{p}\0{size}\0{mtime}\n".encode())
         return h.hexdigest()[:16]
 
 
@@ -92,14 +92,20 @@ def list_test_set(cfg: PipelineConfig) -> TestSet:
     if not ids:
         raise DataError(f"{where}: the test set is empty; check the path and data.extensions {sorted(exts)}")
     _check_unique(ids, paths, where)
-    missing = [p for p in paths if not p.is_file()]
+    identities, missing = [], []
+    for p in paths:  # one stat per file: existence, zero bytes and the fingerprint
+        try:
+            st = p.stat()
+            identities.append((st.st_size, st.st_mtime_ns))
+        except FileNotFoundError:
+            missing.append(p)
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
         raise DataError(f"{where}: image file not found: {', '.join(map(str, missing[:3]))}{more}")
-    empty = [p for p in paths if p.stat().st_size == 0]
+    empty = [p for p, (size, _) in zip(paths, identities) if size == 0]
     if empty:
         raise DataError(f"{empty[0]}: zero-byte image file; replace or remove it" + (f" ({len(empty)} such files)" if len(empty) > 1 else ""))
-    return TestSet(ids, paths)
+    return TestSet(ids, paths, identities)
 
 
 def _list_csv(cfg: PipelineConfig) -> tuple[list[str], list[Path]]:
