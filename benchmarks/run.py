@@ -164,18 +164,11 @@ class Bench:
         cfg_common = {"checkpoint": str(self.ckpt), "threads": a.threads, "forward_batch": a.forward_batch, "workers": a.workers}
         auto_same = self.info["auto_precision"] == "fp32" and not a.measure_auto
         tools: list[tuple[str, str]] = []  # (name, precision)
-        if "limit" in rows:
-            tools.append(("limit", "fp32"))
-            if not auto_same:
-                tools.append(("limit", "auto"))
-        if "kaggle" in rows:
-            tools.append(("kaggle", "fp32"))
-            if not auto_same:
-                tools.append(("kaggle", "auto"))
-        if "ttach" in rows:
-            tools.append(("ttach", "fp32"))
-            if not auto_same:
-                tools.append(("ttach", "auto"))
+        for tool in ("limit", "kaggle", "ttach"):  # each in fp32, and in auto where that differs
+            if tool in rows:
+                tools.append((tool, "fp32"))
+                if not auto_same:
+                    tools.append((tool, "auto"))
         if "reference" in rows:
             tools.append(("reference", "fp32"))
         raw: dict[str, list[dict[str, Any]]] = {}
