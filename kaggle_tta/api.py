@@ -6,7 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import polars as pl
 
+from kaggle_tta.cache import IMAGE_SIZE
 from kaggle_tta.blend import MemberSource, check_complete, evaluate, member_prediction
 from kaggle_tta.config import PipelineConfig
 from kaggle_tta.merge import Prediction, to_probs
@@ -19,8 +21,8 @@ class ReportRow:
     node: str
     kind: str  # member | blend
     views: int
-    score_plain: float | None
-    score_tta: float | None
+    scores_plain: dict[str, float]  # metric -> value with the identity view alone ({} if unknown)
+    scores_tta: dict[str, float]  # metric -> value with every view
     seconds_plain: float | None
     seconds: float
 
@@ -30,7 +32,8 @@ class BlendResult:
     path: str
     source: str
     rows: list[ReportRow] = field(default_factory=list)
-    metric: str | None = None
+    metrics: list[str] = field(default_factory=list)  # empty without ground truth
+    n_rows: int = 0  # rows written
 
 
 def infer(cfg: PipelineConfig, progress: bool = True):
@@ -73,37 +76,79 @@ def _score(pred: Prediction, y: np.ndarray | None, plan: Plan) -> float | None:
 
 
 def blend_and_write(plan: Plan, sources: list[MemberSource] | None = None, labels: np.ndarray | None = None) -> BlendResult:
-    """Merges cached views, evaluates the blend DAG, writes the submission; reads no image."""
+    """Merges cached views, evaluates the blend DAG, writes the submission; reads no image.
+
+    With ground truth (``labels`` for classification, ``data.masks`` or ``data.boxes``) every
+    node is scored with TTA and, where each member has the identity view, without it.
+    """
     cfg = plan.cfg
     sources = sources if sources is not None else sources_for(plan)
-    check_complete(sources, plan.testset.ids)
-    act = _activation(plan)
-    preds = {s.name: member_prediction(s) for s in sources}
-    nodes = evaluate(cfg, preds, act)
-    src = cfg.submission_source
-    # label and topk only rank each row: logits rank as their probabilities do, so the
-    # softmax over [N, C] is skipped for them.
-    ranked_only = cfg.submission.format in ("label", "topk")
-    probs = nodes[src].values if ranked_only else to_probs(nodes[src], act)
-    table = build_table(plan.testset.ids, probs, plan.classes, cfg.submission)
+    check_complete(sources, plan.testset.ids, extra=() if cfg.task == "classification" else (IMAGE_SIZE,))
+    has_identity = all("identity" in s.views for s in sources)
+    write = {"classification": _classification, "segmentation": _segmentation, "detection": _detection}[cfg.task]
+    table, metrics, tta, plain = write(plan, sources, labels, has_identity)
     out_path = cfg.resolve(cfg.submission.path)
     write_submission(table, out_path)
-    result = BlendResult(str(out_path), src, metric=("F1" if cfg.multilabel else "accuracy") if labels is not None else None)
-
-    # Without TTA: each member's identity view alone, blended the same way.
-    has_identity = all("identity" in s.views for s in sources)
-    plain_ok = labels is not None and has_identity
-    plain_nodes = evaluate(cfg, {s.name: member_prediction(s, ["identity"]) for s in sources}, act) if plain_ok else {}
+    result = BlendResult(str(out_path), cfg.submission_source, metrics=metrics if tta else [], n_rows=table.height)
     secs = {s.name: {v: float(s.entry.view_state(v).get("seconds", 0.0)) for v in s.views} for s in sources}  # type: ignore[union-attr]
     members_of = _members_of(cfg)
-    for name, pred in nodes.items():
+    for name in [s.name for s in sources] + [b.name for b in cfg.blends]:
         ms = members_of[name]
         total = sum(sum(secs[m].values()) for m in ms)
         plain_s = sum(secs[m].get("identity", 0.0) for m in ms) if has_identity else None
         views = sum(len(secs[m]) for m in ms)
-        kind = "member" if name in preds else "blend"
-        result.rows.append(ReportRow(name, kind, views, _score(plain_nodes[name], labels, plan) if plain_ok else None, _score(pred, labels, plan), plain_s, total))
+        kind = "member" if name in secs else "blend"
+        result.rows.append(ReportRow(name, kind, views, plain.get(name, {}), tta.get(name, {}), plain_s, total))
     return result
+
+
+Scored = tuple[pl.DataFrame, list[str], dict[str, dict[str, float]], dict[str, dict[str, float]]]
+
+
+def _classification(plan: Plan, sources: list[MemberSource], labels: np.ndarray | None, has_identity: bool) -> Scored:
+    cfg = plan.cfg
+    act = _activation(plan)
+    nodes = evaluate(cfg, {s.name: member_prediction(s) for s in sources}, act)
+    # label and topk only rank each row: logits rank as their probabilities do, so the
+    # softmax over [N, C] is skipped for them.
+    ranked_only = cfg.submission.format in ("label", "topk")
+    src = nodes[cfg.submission_source]
+    table = build_table(plan.testset.ids, src.values if ranked_only else to_probs(src, act), plan.classes, cfg.submission)
+    metric = "F1" if cfg.multilabel else "accuracy"
+    if labels is None:
+        return table, [metric], {}, {}
+    tta = {name: {metric: _score(pred, labels, plan)} for name, pred in nodes.items()}
+    plain = {}
+    if has_identity:  # without TTA: each member's identity view alone, blended the same way
+        plain_nodes = evaluate(cfg, {s.name: member_prediction(s, ["identity"]) for s in sources}, act)
+        plain = {name: {metric: _score(pred, labels, plan)} for name, pred in plain_nodes.items()}
+    return table, [metric], tta, plain  # type: ignore[return-value]
+
+
+def _segmentation(plan: Plan, sources: list[MemberSource], labels: np.ndarray | None, has_identity: bool) -> Scored:
+    from kaggle_tta.tasks import segmentation
+
+    act = plan.members[0].activation
+    table, tta, plain = segmentation.write_and_score(plan.cfg, plan.testset.ids, plan.classes, sources, act, has_identity)
+    return table, ["Dice", "IoU"], tta, plain
+
+
+def _detection(plan: Plan, sources: list[MemberSource], labels: np.ndarray | None, has_identity: bool) -> Scored:
+    from kaggle_tta.tasks import detection
+
+    cfg = plan.cfg
+    sizes = np.asarray(sources[0].entry.read(IMAGE_SIZE))  # type: ignore[union-attr]
+    nodes = detection.evaluate_boxes(cfg, {s.name: detection.member_boxes(s, sizes, cfg.detection) for s in sources}, sizes)
+    table = detection.submission_table(cfg, plan.testset.ids, nodes[cfg.submission_source], sizes, plan.classes)
+    if cfg.data.boxes is None:
+        return table, ["mAP@0.5"], {}, {}
+    truth = detection.load_truth(cfg, plan.testset.ids, plan.classes)
+    tta = {name: {"mAP@0.5": detection.mean_ap(b, truth, len(plan.classes))} for name, b in nodes.items()}
+    plain = {}
+    if has_identity:
+        plain_nodes = detection.evaluate_boxes(cfg, {s.name: detection.member_boxes(s, sizes, cfg.detection, ["identity"]) for s in sources}, sizes)
+        plain = {name: {"mAP@0.5": detection.mean_ap(b, truth, len(plan.classes))} for name, b in plain_nodes.items()}
+    return table, ["mAP@0.5"], tta, plain
 
 
 def _members_of(cfg: PipelineConfig) -> dict[str, list[str]]:
@@ -128,16 +173,15 @@ def _members_of(cfg: PipelineConfig) -> dict[str, list[str]]:
 
 def format_report(result: BlendResult) -> str:
     """A markdown table like the reference document's: with and without TTA per node."""
-    metric = result.metric or "score"
-    lines = [
-        f"| node | kind | views | {metric} (no TTA) | {metric} (TTA) | gain | seconds | relative cost |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    metrics = result.metrics or ["score"]
+    head = " | ".join(f"{m} (no TTA) | {m} (TTA) | gain" for m in metrics)
+    lines = [f"| node | kind | views | {head} | seconds | relative cost |", "|---|---|---|" + "---|---|---|" * len(metrics) + "---|---|"]
     for r in result.rows:
-        fmt = (lambda v: f"{100 * v:.2f}%") if r.score_tta is not None else (lambda v: "—")
-        plain = fmt(r.score_plain) if r.score_plain is not None else "—"
-        tta = fmt(r.score_tta) if r.score_tta is not None else "—"
-        gain = f"{100 * (r.score_tta - r.score_plain):+.2f}" if r.score_tta is not None and r.score_plain is not None else "—"
+        cells = []
+        for m in metrics:
+            plain, tta = r.scores_plain.get(m), r.scores_tta.get(m)
+            cells += [f"{100 * plain:.2f}%" if plain is not None else "—", f"{100 * tta:.2f}%" if tta is not None else "—"]
+            cells.append(f"{100 * (tta - plain):+.2f}" if tta is not None and plain is not None else "—")
         rel = f"{r.seconds / r.seconds_plain:.1f}×" if r.seconds_plain else "—"
-        lines.append(f"| {r.node}{' ◀' if r.node == result.source else ''} | {r.kind} | {r.views} | {plain} | {tta} | {gain} | {r.seconds:.2f} | {rel} |")
+        lines.append(f"| {r.node}{' ◀' if r.node == result.source else ''} | {r.kind} | {r.views} | {' | '.join(cells)} | {r.seconds:.2f} | {rel} |")
     return "\n".join(lines)

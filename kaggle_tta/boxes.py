@@ -16,7 +16,6 @@ import string
 from collections.abc import Callable, Sequence
 from typing import Literal
 
-import ensemble_boxes
 import numpy as np
 
 from kaggle_tta.errors import KaggleTTAError, did_you_mean
@@ -24,6 +23,7 @@ from kaggle_tta.errors import KaggleTTAError, did_you_mean
 Method = Literal["wbf", "nms", "soft_nms", "nmw"]
 ConfType = Literal["avg", "max", "box_and_model_avg", "absent_model_aware_avg"]
 CONF_TYPES = ("avg", "max", "box_and_model_avg", "absent_model_aware_avg")
+FUSION_METHODS = ("wbf", "nms", "soft_nms", "nmw")
 
 
 class BoxesError(KaggleTTAError):
@@ -36,22 +36,28 @@ class BoxesError(KaggleTTAError):
 # (boxes, scores, labels). Each passes on only the options its algorithm has.
 
 
+def _eb():  # noqa: ANN202
+    import ensemble_boxes  # 0.6 s to import (pandas): only where boxes are actually fused
+
+    return ensemble_boxes
+
+
 def _wbf(boxes: list, scores: list, labels: list, weights: list[float] | None, o: dict) -> tuple:
-    return ensemble_boxes.weighted_boxes_fusion(
+    return _eb().weighted_boxes_fusion(
         boxes, scores, labels, weights=weights, iou_thr=o["iou_thr"], skip_box_thr=o["skip_box_thr"], conf_type=o["conf_type"]
     )
 
 
 def _nms(boxes: list, scores: list, labels: list, weights: list[float] | None, o: dict) -> tuple:
-    return ensemble_boxes.nms(boxes, scores, labels, iou_thr=o["iou_thr"], weights=weights)
+    return _eb().nms(boxes, scores, labels, iou_thr=o["iou_thr"], weights=weights)
 
 
 def _soft_nms(boxes: list, scores: list, labels: list, weights: list[float] | None, o: dict) -> tuple:
-    return ensemble_boxes.soft_nms(boxes, scores, labels, iou_thr=o["iou_thr"], sigma=o["sigma"], thresh=o["thresh"], weights=weights)
+    return _eb().soft_nms(boxes, scores, labels, iou_thr=o["iou_thr"], sigma=o["sigma"], thresh=o["thresh"], weights=weights)
 
 
 def _nmw(boxes: list, scores: list, labels: list, weights: list[float] | None, o: dict) -> tuple:
-    return ensemble_boxes.non_maximum_weighted(boxes, scores, labels, weights=weights, iou_thr=o["iou_thr"], skip_box_thr=o["skip_box_thr"])
+    return _eb().non_maximum_weighted(boxes, scores, labels, weights=weights, iou_thr=o["iou_thr"], skip_box_thr=o["skip_box_thr"])
 
 
 _FUSERS: dict[str, Callable[..., tuple]] = {"wbf": _wbf, "nms": _nms, "soft_nms": _soft_nms, "nmw": _nmw}

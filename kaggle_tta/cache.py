@@ -6,6 +6,9 @@ Layout::
     <cache>/<member>/<fingerprint>/ids.txt           row order: one test id per line
     <cache>/<member>/<fingerprint>/<view>.npy        complete predictions, [N, C]
     <cache>/<member>/<fingerprint>/<view>.npy.partial   being filled (an .npy memmap)
+    <cache>/<member>/<fingerprint>/<view>.boxes.npy   detection: every image's boxes, [M, 6]
+    <cache>/<member>/<fingerprint>/<view>.offsets.npy image i's rows are offsets[i]:offsets[i+1]
+    <cache>/<member>/<fingerprint>/_image_size.npy    segmentation, detection: [N, 2] decoded (H, W)
 
 A view's file is preallocated under ``.partial``, filled as batches finish, flushed, and only
 then counted in the manifest (``rows_done``); when all rows are in, it is renamed into place.
@@ -28,6 +31,7 @@ import numpy as np
 from kaggle_tta.errors import CacheError
 
 FORMAT_VERSION = 1
+IMAGE_SIZE = "_image_size"  # segmentation, detection: [N, 2] decoded (H, W), stored like a view
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -73,7 +77,9 @@ class CacheEntry:
         return self.manifest["views"].get(view, {})
 
     def path(self, view: str) -> Path:
-        return self.dir / f"{view}.npy"
+        """The file whose presence (with the manifest) marks the view complete."""
+        ragged = self.view_state(view).get("kind") == "ragged"
+        return self.dir / (f"{view}.boxes.npy" if ragged else f"{view}.npy")
 
     def is_complete(self, view: str) -> bool:
         return self.view_state(view).get("status") == "complete" and self.path(view).is_file()
@@ -82,7 +88,7 @@ class CacheEntry:
         if self.is_complete(view):
             return int(self.view_state(view)["rows"])
         st = self.view_state(view)
-        partial = self.dir / f"{view}.npy.partial"
+        partial = self.dir / (f"{view}.offsets.npy.partial" if st.get("kind") == "ragged" else f"{view}.npy.partial")
         return int(st.get("rows_done", 0)) if st.get("status") == "partial" and partial.is_file() else 0
 
     # ---- ids -----------------------------------------------------------------------------
@@ -126,6 +132,35 @@ class CacheEntry:
         self._open[view] = mm
         return mm, start
 
+    def open_ragged(self, view: str, n: int) -> tuple[RaggedWriter, int]:
+        """A detection view's writer (created or reopened) and the images already in it.
+
+        Rows of ``[x1, y1, x2, y2, score, label]`` (normalized corners) are appended to a raw
+        ``.boxes.partial`` file; ``.offsets.npy.partial`` (preallocated, ``[N + 1]``) says where
+        each image's rows start. On resume the raw file is cut back to the last committed image.
+        """
+        self.dir.mkdir(parents=True, exist_ok=True)
+        start = self.rows_done(view)
+        st = self.view_state(view)
+        offsets_path = self.dir / f"{view}.offsets.npy.partial"
+        raw_path = self.dir / f"{view}.boxes.partial"
+        offsets = None
+        if start > 0 and st.get("kind") == "ragged" and raw_path.is_file():
+            try:
+                offsets = np.lib.format.open_memmap(offsets_path, mode="r+")
+                if offsets.shape != (n + 1,) or raw_path.stat().st_size < int(offsets[start]) * RAGGED_WIDTH * 4:
+                    offsets, start = None, 0
+            except (OSError, ValueError):
+                offsets, start = None, 0
+        if offsets is None:
+            start = 0
+            offsets = np.lib.format.open_memmap(offsets_path, mode="w+", dtype=np.int64, shape=(n + 1,))
+            raw_path.write_bytes(b"")
+            self.manifest["views"][view] = {"status": "partial", "kind": "ragged", "rows_done": 0, "rows": int(n), "seconds": 0.0, "nonfinite_recomputed": 0}
+        writer = RaggedWriter(raw_path, offsets, start)
+        self._open[view] = writer  # type: ignore[assignment]
+        return writer, start
+
     def record(self, view: str, rows_done: int, seconds: float, nonfinite: int = 0) -> None:
         """Notes progress in memory; `commit` makes it durable."""
         st = self.manifest["views"][view]
@@ -141,15 +176,20 @@ class CacheEntry:
         for view, mm in list(self._open.items()):
             st = self.manifest["views"][view]
             if st["rows_done"] >= st["rows"]:
-                del mm
                 self._open.pop(view)
-                os.replace(self.dir / f"{view}.npy.partial", self.path(view))
+                if isinstance(mm, RaggedWriter):
+                    mm.finish(self.dir / f"{view}.boxes.npy", self.dir / f"{view}.offsets.npy")
+                else:
+                    del mm
+                    os.replace(self.dir / f"{view}.npy.partial", self.dir / f"{view}.npy")
                 st["status"] = "complete"
         self.save()
 
     def close(self) -> None:
         for mm in self._open.values():
             mm.flush()
+            if isinstance(mm, RaggedWriter):
+                mm._f.close()
         self._open.clear()
 
     # ---- reading -------------------------------------------------------------------------
@@ -159,6 +199,58 @@ class CacheEntry:
         if not self.is_complete(view):
             raise CacheError(f"{self.dir}: view '{view}' is not complete")
         return np.load(self.path(view), mmap_mode="r")
+
+    def read_ragged(self, view: str) -> tuple[np.ndarray, np.ndarray]:
+        """A complete detection view: ``(rows [M, 6], offsets [N + 1])``."""
+        if not self.is_complete(view):
+            raise CacheError(f"{self.dir}: view '{view}' is not complete")
+        return np.load(self.path(view), mmap_mode="r"), np.load(self.dir / f"{view}.offsets.npy")
+
+
+RAGGED_WIDTH = 6  # x1, y1, x2, y2 (normalized), score, label
+
+
+class RaggedWriter:
+    """Appends per-image rows of a detection view; see :meth:`CacheEntry.open_ragged`."""
+
+    def __init__(self, raw_path: Path, offsets: np.memmap, start: int):
+        self.raw_path = raw_path
+        self.offsets = offsets
+        size = int(offsets[start]) * RAGGED_WIDTH * 4
+        with open(raw_path, "r+b") as f:
+            f.truncate(size)  # rows of images after the last commit are dropped, then redone
+        self._f = open(raw_path, "ab")  # noqa: SIM115 - held open while the view fills
+
+    def write(self, first: int, rows: list[np.ndarray]) -> None:
+        """Stores images ``first, first + 1, ...``: one ``[n_i, 6]`` array each."""
+        at = int(self.offsets[first])
+        for k, r in enumerate(rows):
+            r = np.ascontiguousarray(r, dtype=np.float32).reshape(-1, RAGGED_WIDTH)
+            self._f.write(r.tobytes())
+            at += len(r)
+            self.offsets[first + k + 1] = at
+
+    def flush(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self.offsets.flush()
+
+    def finish(self, boxes_path: Path, offsets_path: Path) -> None:
+        """Writes the complete view as two .npy files (offsets first: the boxes file marks
+        the view complete) and removes the partial files."""
+        self._f.close()
+        rows = np.fromfile(self.raw_path, dtype=np.float32).reshape(-1, RAGGED_WIDTH)
+        for path, arr in ((offsets_path, np.asarray(self.offsets)), (boxes_path, rows)):
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            with open(tmp, "wb") as f:
+                np.save(f, arr)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        offsets_partial = Path(self.offsets.filename)
+        del self.offsets
+        offsets_partial.unlink(missing_ok=True)
+        self.raw_path.unlink(missing_ok=True)
 
 
 def list_entries(root: Path) -> list[tuple[str, str, dict[str, Any]]]:

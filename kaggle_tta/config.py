@@ -56,6 +56,26 @@ class LabelsSpec(_Model):
     """Class name (or, multi-label, space-separated class names)."""
 
 
+class MasksSpec(_Model):
+    """Ground-truth masks: one single-channel PNG per image, pixel value 0 for background and
+    k + 1 for class k (or, with one class, any non-zero value for it)."""
+
+    folder: Path
+    template: str = "{id}.png"
+    """The mask file of an image, relative to `folder`."""
+
+
+class BoxesSpec(_Model):
+    """Ground-truth boxes: a CSV with one row per box, pixel corners in the original image."""
+
+    path: Path
+    id_column: str = "id"
+    columns: list[str] = ["x1", "y1", "x2", "y2"]
+    """The corner columns, in x1, y1, x2, y2 order."""
+    label_column: str = "label"
+    """Class name of each box."""
+
+
 class DataConfig(_Model):
     """Where the test images are and what the classes are."""
 
@@ -73,6 +93,10 @@ class DataConfig(_Model):
     """A text file with one class name a line."""
     labels: LabelsSpec | None = None
     """Optional ground truth: the run then prints accuracy with and without TTA."""
+    masks: MasksSpec | None = None
+    """Segmentation ground truth, for the with/without-TTA Dice and IoU table."""
+    boxes: BoxesSpec | None = None
+    """Detection ground truth, for the with/without-TTA mAP@0.5 table."""
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
@@ -130,8 +154,19 @@ class CacheConfig(_Model):
 
     dir: Path = Path("cache")
     """Root folder; relative paths are relative to pipeline.yaml."""
-    dtype: Literal["float32", "float16"] = "float32"
-    """Storage type of cached logits (float16 halves the disk and the re-blend I/O)."""
+    dtype: Literal["float32", "float16", "uint8"] = "float32"
+    """Storage type of cached predictions. float16 halves the disk and the re-blend I/O;
+    uint8 (segmentation) stores probabilities quantized to 1/255, a quarter of float32."""
+    scale: float = 1.0
+    """Segmentation: the cached maps' resolution relative to the working canvas (0.5 stores a
+    quarter of the pixels); maps are resized back with bilinear interpolation when blended."""
+
+    @field_validator("scale")
+    @classmethod
+    def _scale(cls, v: float) -> float:
+        if not 0.0 < v <= 1.0:
+            raise ValueError("must be in (0, 1]")
+        return v
 
 
 class PreprocessConfig(_Model):
@@ -168,6 +203,47 @@ class PreprocessConfig(_Model):
         return v
 
 
+class TilingConfig(_Model):
+    """Sliding-window inference (segmentation): the canvas is cut into overlapping tiles, each
+    tile goes through every view, and the inverted tile maps are stitched with weights."""
+
+    tile: int | list[int]
+    """Tile size: one side, or [H, W]. A canvas side smaller than the tile is one tile."""
+    overlap: float = 0.25
+    """Fraction of the tile shared with its neighbour, in [0, 1)."""
+    weight: Literal["gaussian", "uniform"] = "gaussian"
+    """gaussian down-weights tile borders, where context is missing (as nnU-Net does)."""
+    sigma: float = 0.125
+    """The gaussian's standard deviation, as a fraction of the tile side."""
+
+    @field_validator("tile")
+    @classmethod
+    def _tile(cls, v: int | list[int]) -> int | list[int]:
+        sides = [v] if isinstance(v, int) else v
+        if len(sides) not in (1, 2) or any(s < 1 for s in sides):
+            raise ValueError("give one positive side or [H, W]")
+        return v
+
+    @field_validator("overlap")
+    @classmethod
+    def _overlap(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError("must be in [0, 1)")
+        return v
+
+    @field_validator("sigma")
+    @classmethod
+    def _sigma(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("must be positive")
+        return v
+
+    @property
+    def size(self) -> tuple[int, int]:
+        t = self.tile
+        return (t, t) if isinstance(t, int) else (int(t[0]), int(t[-1]))
+
+
 class MemberConfig(_Model):
     """One model of the ensemble."""
 
@@ -185,10 +261,20 @@ class MemberConfig(_Model):
     preprocess: PreprocessConfig = PreprocessConfig()
     tta: str | list[ViewItem] = "none"
     """A preset name (none, hflip, flips, d4, five_crop, ten_crop) or a list of views."""
-    merge: str = "mean"
-    """How this member's views merge: mean (of logits), mean_prob, geomean, max, tsharpen."""
+    merge: str | None = None
+    """How this member's views merge. Classification and segmentation: mean (of logits, the
+    default), mean_prob, geomean, max, tsharpen. Detection: wbf (default), nms, soft_nms, nmw."""
     activation: Literal["auto", "softmax", "sigmoid", "none"] = "auto"
-    """How logits become probabilities; auto: softmax, or sigmoid for multi-label."""
+    """How logits become probabilities. auto: softmax, or sigmoid for multi-label; for
+    segmentation, sigmoid with one class (or multilabel) and softmax over background + classes
+    otherwise."""
+    tiling: TilingConfig | None = None
+    """Segmentation only: sliding-window inference over tiles of this member's input size."""
+    adapter: str = "torchvision"
+    """Detection only: how the model's output becomes boxes. 'torchvision' (a list of dicts
+    with boxes, scores, labels, as torchvision's detection models return), 'boxes' (a tuple
+    or dict of boxes [B, n, 4], scores [B, n], labels [B, n]), or 'module:callable' called as
+    ``fn(output, (H, W))`` returning per image (boxes xyxy in input pixels, scores, labels)."""
 
     @model_validator(mode="after")
     def _arch_or_factory(self) -> MemberConfig:
@@ -201,14 +287,69 @@ class MemberConfig(_Model):
         return self
 
 
+class SegmentationConfig(_Model):
+    """Segmentation settings shared by every member."""
+
+    size: list[int] | None = None
+    """Working canvas [H, W]: every image is resized to it, maps are predicted there and
+    resized back to each image's own size for the submission. null: images are used at their
+    native size (they must then all have one size)."""
+    threshold: float = 0.5
+    """Sigmoid members: a pixel belongs to a class when its probability reaches this."""
+    min_area: int = 0
+    """Connected components smaller than this many pixels are removed before encoding."""
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (len(v) != 2 or any(s < 1 for s in v)):
+            raise ValueError("give [H, W] with positive sizes, or null for the native size")
+        return v
+
+
+class DetectionConfig(_Model):
+    """Box fusion settings (ensemble-boxes), used over a member's views and in blends."""
+
+    iou_thr: float = 0.55
+    """IoU above which two boxes of a class match."""
+    skip_box_thr: float = 0.0
+    """Boxes scoring below this are dropped before fusion."""
+    conf_type: Literal["avg", "max", "box_and_model_avg", "absent_model_aware_avg"] = "avg"
+    """wbf: how a fused box's confidence is computed."""
+    sigma: float = 0.5
+    """soft_nms: the gaussian's width."""
+    thresh: float = 0.001
+    """soft_nms: boxes whose decayed score falls to this are dropped."""
+    max_boxes: int | None = None
+    """Keep at most this many boxes per image (highest scores), after fusion."""
+
+
+class RLEConfig(_Model):
+    """Run-length encoding of segmentation masks, with the options competitions differ on."""
+
+    order: Literal["column", "row"] = "column"
+    """column: pixels numbered top to bottom, then left to right (most competitions);
+    row: left to right, then top to bottom (e.g. Vesuvius)."""
+    one_indexed: bool = True
+    """Starts count from 1 (most competitions) or from 0."""
+    empty: str = ""
+    """What an empty mask is written as: '', '-1' or '-'."""
+    rows: Literal["image", "image_class"] = "image_class"
+    """One row per image (the union of foreground classes) or one per (image, class)."""
+    id_template: str = "{id}_{class}"
+    """The id of an image_class row; fields {id}, {class} (name) and {index} (0-based)."""
+    column: str = "EncodedPixels"
+
+
 class BlendConfig(_Model):
     """A node of the blend DAG: merges members and/or other blends."""
 
     name: str
     inputs: list[str]
     """Names of members or blends."""
-    method: str = "mean"
-    """mean (weighted), rank_mean, power_mean."""
+    method: str | None = None
+    """Classification: mean (weighted, default), rank_mean, power_mean. Segmentation: mean,
+    power_mean. Detection: wbf (default), nms, soft_nms, nmw."""
     weights: list[float] | None = None
     """One non-negative weight per input (normalized to sum 1); default equal."""
     power: float = 2.0
@@ -241,15 +382,24 @@ class SubmissionConfig(_Model):
     """The blend or member whose prediction is written; default: the last blend, else the
     only member."""
     path: Path = Path("submission.csv")
-    format: Literal["label", "probs", "topk", "multilabel"] = "label"
-    """label: the top class; probs: one column per class; topk: the k best, space-separated;
-    multilabel: every class whose probability reaches `threshold`, space-separated."""
+    format: Literal["label", "probs", "topk", "multilabel", "rle", "boxes"] | None = None
+    """label (classification default): the top class; probs: one column per class; topk:
+    the k best, space-separated; multilabel: every class whose probability reaches
+    `threshold`, space-separated; rle (segmentation): run-length encoded masks; boxes
+    (detection): one PredictionString per image."""
     id_column: str = "id"
     label_column: str = "label"
     k: int = 5
     threshold: float = 0.5
     class_columns: list[str] | None = None
     """Column names for `probs` (default: the class names)."""
+    rle: RLEConfig = RLEConfig()
+    """Segmentation: how masks are encoded."""
+    template: str = "global_wheat"
+    """Detection: each box through this str.format template, or a preset: global_wheat
+    ('{conf} {x} {y} {w} {h}', pixels) or open_images ('{label} {conf} {nx1} {ny1} {nx2}
+    {ny2}', normalized)."""
+    prediction_column: str = "PredictionString"
 
 
 class PipelineConfig(_Model):
@@ -261,12 +411,28 @@ class PipelineConfig(_Model):
     data: DataConfig
     runtime: RuntimeConfig = RuntimeConfig()
     cache: CacheConfig = CacheConfig()
+    segmentation: SegmentationConfig = SegmentationConfig()
+    detection: DetectionConfig = DetectionConfig()
     members: list[MemberConfig]
     blends: list[BlendConfig] = []
     submission: SubmissionConfig = SubmissionConfig()
 
     # Set by load_pipeline: the folder relative paths resolve against; not a YAML key.
     base_dir: Path = Field(default=Path("."), exclude=True)
+
+    @model_validator(mode="after")
+    def _task_defaults(self) -> PipelineConfig:
+        """Fills the settings whose default depends on the task."""
+        det = self.task == "detection"
+        for m in self.members:
+            if m.merge is None:
+                m.merge = "wbf" if det else "mean"
+        for b in self.blends:
+            if b.method is None:
+                b.method = "wbf" if det else "mean"
+        if self.submission.format is None:
+            self.submission.format = {"classification": "label", "segmentation": "rle", "detection": "boxes"}[self.task]
+        return self
 
     @model_validator(mode="after")
     def _graph(self) -> PipelineConfig:

@@ -211,10 +211,11 @@ def decode_image(path: Path) -> np.ndarray:
 class CanvasSpec:
     """How a member's canvas is made from the decoded image; equal specs share one canvas."""
 
-    size: tuple[int, int]  # the model input (H, W)
+    size: tuple[int, int]  # the model input (H, W); (0, 0) with mode 'native'
     crop_pct: float
     interpolation: str
     albumentations: str | None = None  # JSON of A.to_dict, when the user gives a pipeline
+    mode: str = "crop"  # crop: resize + centre crop (classification); resize: to `size`; native: as decoded
 
     @property
     def canvas_size(self) -> tuple[int, int]:
@@ -230,10 +231,17 @@ class CanvasSpec:
         if self.albumentations is not None:
             return A.from_dict(json.loads(self.albumentations))
         interp = getattr(_cv2(), _CV2_INTERPOLATION[self.interpolation])
+        if self.mode == "native":
+            return A.Compose([A.NoOp()])
+        if self.mode == "resize":  # maps and boxes need the whole image: no crop
+            return A.Compose([A.Resize(*self.size, interpolation=interp)])
         sh, sw = self.canvas_size
         if self.size[0] == self.size[1]:
             return A.Compose([A.SmallestMaxSize(max_size=sh, interpolation=interp), A.CenterCrop(sh, sw)])
         return A.Compose([A.Resize(sh, sw, interpolation=interp)])
+
+
+SIZE_KEY = "__image_size__"  # each batch also carries the decoded images' (H, W)
 
 
 class CanvasDataset:
@@ -264,6 +272,7 @@ class CanvasDataset:
                 if not isinstance(canvas, np.ndarray) or canvas.dtype != np.uint8 or canvas.ndim != 3:
                     return i, f"{self.paths[i]}: the albumentations preprocessing must return uint8 HWC images; drop Normalize/ToTensorV2 (normalization runs on the device)"
                 out[key] = canvas
+            out[SIZE_KEY] = np.array(img.shape[:2], dtype=np.int32)  # maps and boxes go back to it
             return i, out
         except DataError as exc:
             return i, str(exc)
@@ -282,7 +291,10 @@ def _collate(items: list[tuple[int, dict[str, np.ndarray] | str]]) -> tuple[list
         arrays = [v[key] for _, v in items]  # type: ignore[index]
         shapes = {a.shape for a in arrays}
         if len(shapes) > 1:
-            return idx, f"preprocessing gave images of different sizes {sorted(shapes)}; end it with a fixed-size resize or crop"
+            return idx, (
+                f"images of different sizes {sorted(s[:2] for s in shapes)} in one batch (around {idx[0]}); "
+                "segmentation: set segmentation.size: [H, W]; a user preprocessing: end it with a fixed-size resize or crop"
+            )
         out[key] = torch.from_numpy(np.stack(arrays))  # [B, H, W, C] uint8
     return idx, out
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,10 +24,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from kaggle_tta.cache import CacheEntry
-from kaggle_tta.data import make_loader
-from kaggle_tta.errors import CheckpointError, DataError
+from kaggle_tta.data import SIZE_KEY, make_loader
+from kaggle_tta.errors import DataError
 from kaggle_tta.models import build_model
 from kaggle_tta.plan import MemberPlan, Plan
+from kaggle_tta.steps import STEPS, open_views
+from kaggle_tta.tasks.detection import detection_post
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -115,20 +118,25 @@ def _first_tensor(out: object) -> Tensor:
 
 
 class _Runner:
-    """Forward passes for one member, with precision fallback and OOM back-off."""
+    """Forward passes for one member, with precision fallback and OOM back-off.
 
-    def __init__(self, model: nn.Module, device: torch.device, precision: str, channels_last: bool, sizer: ChunkSizer):
+    ``post`` turns the model's raw output into the result (default: its logits tensor, as
+    float32; detection: the adapter's per-image boxes); results of split chunks are joined.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device, precision: str, channels_last: bool, sizer: ChunkSizer, post: Callable[[Any, Tensor], Any] | None = None):
         self.model, self.device, self.precision = model, device, precision
         self.channels_last, self.sizer = channels_last, sizer
+        self.post = post or (lambda out, x: _first_tensor(out).float())
         self.nonfinite = 0
 
-    def _forward(self, x: Tensor, reduced: bool) -> Tensor:
+    def _forward(self, x: Tensor, reduced: bool) -> Any:
         ctx = torch.autocast(self.device.type, dtype=_DTYPES[self.precision]) if reduced else contextlib.nullcontext()
         with ctx:
-            out = _first_tensor(self.model(x))
-        return out.float()
+            out = self.model(x)
+        return self.post(out, x)
 
-    def __call__(self, x: Tensor) -> Tensor:
+    def __call__(self, x: Tensor) -> Any:
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         try:
@@ -139,11 +147,18 @@ class _Runner:
             torch.cuda.empty_cache() if self.device.type == "cuda" else None
             self.sizer.shrink()
             half = x.shape[0] // 2
-            return torch.cat([self(x[:half]), self(x[half:])])
-        if self.precision != "fp32" and not bool(torch.isfinite(out).all()):
+            a, b = self(x[:half]), self(x[half:])
+            return torch.cat([a, b]) if isinstance(a, Tensor) else a + b
+        if self.precision != "fp32" and not _finite(out):
             self.nonfinite += 1
             out = self._forward(x, False)
         return out
+
+
+def _finite(out: Any) -> bool:
+    if isinstance(out, Tensor):
+        return bool(torch.isfinite(out).all())
+    return all(np.isfinite(b).all() and np.isfinite(s).all() for b, s, _ in out)  # detection results
 
 
 @dataclass
@@ -152,8 +167,9 @@ class _Pending:
     entry: CacheEntry
     views: list  # bound views still to compute
     start: dict[str, int]  # view -> first row still missing
-    arrays: dict[str, np.ndarray]
+    arrays: dict[str, Any]  # view -> memmap (dense) or RaggedWriter (detection boxes)
     runner: _Runner | None = None
+    canvas_size: tuple[int, int] = (0, 0)  # segmentation: the (H, W) every canvas must have
 
 
 def run_inference(plan: Plan, device: torch.device, precision: str, progress: bool = True) -> RunStats:
@@ -161,7 +177,6 @@ def run_inference(plan: Plan, device: torch.device, precision: str, progress: bo
     cfg = plan.cfg
     rt = cfg.runtime
     n = len(plan.testset)
-    n_classes = len(plan.classes)
     stats = RunStats(device=str(device), precision=precision, images=n)
     if rt.threads:
         torch.set_num_threads(rt.threads)
@@ -187,15 +202,14 @@ def run_inference(plan: Plan, device: torch.device, precision: str, progress: bo
     bar = None
     try:
         for p in pending:  # every model first: a bad checkpoint fails before the cache is touched
-            model = build_model(cfg, p.member.cfg, n_classes).to(device)
+            model = build_model(cfg, p.member.cfg, len(plan.classes)).to(device)
             if channels_last:
                 model = model.to(memory_format=torch.channels_last)
-            p.runner = _Runner(model, device, precision, channels_last, sizer)
+            post = detection_post(p.member.cfg.adapter, f"members.{p.member.name}.adapter") if cfg.task == "detection" else None
+            p.runner = _Runner(model, device, precision, channels_last, sizer, post)
         for p in pending:
             p.entry.write_ids(plan.testset.ids)
-            for v in p.views:
-                arr, p.start[v.name] = p.entry.open_for_write(v.name, (n, n_classes), cfg.cache.dtype)
-                p.arrays[v.name] = arr
+            open_views(p, plan, start)
             opened.append(p)
             p.entry.save()
         if min(min(p.start.values()) for p in pending) < start:  # a partial file was unusable
@@ -210,7 +224,7 @@ def run_inference(plan: Plan, device: torch.device, precision: str, progress: bo
                     raise DataError(canvases)
                 lo, hi = rows[0], rows[-1] + 1
                 for p in pending:
-                    _run_member_batch(p, canvases[p.member.canvas.key], lo, hi, device, sizer, n_classes)
+                    STEPS[cfg.task](p, canvases[p.member.canvas.key], canvases[SIZE_KEY], lo, hi, device, sizer, plan)
                 for p in pending:
                     p.entry.commit()
                 stats.rows_computed += hi - lo
@@ -230,71 +244,3 @@ def run_inference(plan: Plan, device: torch.device, precision: str, progress: bo
     stats.seconds = time.perf_counter() - t0
     stats.forward_batch = sizer.current
     return stats
-
-
-def _normalize(canvas: Tensor, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> Tensor:
-    """uint8 [B, H, W, C] -> normalized float [B, C, H, W] on the device."""
-    x = canvas.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-    m = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255.0
-    s = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255.0
-    return ((x - m) / s).contiguous()
-
-
-def _chunks(p: _Pending, x: Tensor, lo: int, hi: int, size_fn) -> Iterator[tuple[Tensor, list[tuple[str, int, int]]]]:
-    """Packs (view, rows) pieces of equal input size into chunks of the current size.
-
-    Yields the stacked input and, per piece, (view name, first row, row count).
-    """
-    by_size: dict[tuple[int, ...], list] = defaultdict(list)
-    for v in p.views:
-        first = max(lo, p.start[v.name])
-        if first < hi:
-            by_size[tuple(v.out_size(tuple(x.shape[-2:])))].append((v, first))
-    for group in by_size.values():
-        buf: list[Tensor] = []
-        meta: list[tuple[str, int, int]] = []
-        filled = 0
-        for v, first in group:
-            xv = v.apply(x[first - lo :])
-            off = 0
-            while off < xv.shape[0]:
-                take = min(size_fn() - filled, xv.shape[0] - off)
-                buf.append(xv[off : off + take])
-                meta.append((v.name, first + off, take))
-                filled += take
-                off += take
-                if filled >= size_fn():
-                    yield (torch.cat(buf) if len(buf) > 1 else buf[0]), meta
-                    buf, meta, filled = [], [], 0
-        if buf:
-            yield (torch.cat(buf) if len(buf) > 1 else buf[0]), meta
-
-
-def _run_member_batch(p: _Pending, canvas: Tensor, lo: int, hi: int, device: torch.device, sizer: ChunkSizer, n_classes: int) -> None:
-    pre = p.member.preprocess
-    x = _normalize(canvas, pre.mean, pre.std, device)
-    seconds: dict[str, float] = defaultdict(float)
-    for inp, meta in _chunks(p, x, lo, hi, lambda: sizer.current):
-        t = time.perf_counter()
-        out = p.runner(inp)  # type: ignore[misc]
-        if out.dim() != 2 or out.shape[1] != n_classes:
-            raise CheckpointError(
-                f"members.{p.member.name}: the model outputs shape {tuple(out.shape)}, expected [N, {n_classes}] "
-                "(one logit per class in data.classes)"
-            )
-        res = out.cpu().numpy()
-        dt = time.perf_counter() - t
-        sizer.report(inp.shape[0], dt)
-        off = 0
-        for name, first, count in meta:
-            arr = p.arrays[name]
-            chunk = res[off : off + count]
-            if arr.dtype == np.float16:
-                chunk = np.clip(chunk, -65504, 65504)
-            arr[first : first + count] = chunk
-            seconds[name] += dt * count / inp.shape[0]
-            off += count
-    for v in p.views:
-        if p.start[v.name] < hi:
-            p.start[v.name] = hi
-            p.entry.record(v.name, hi, seconds[v.name])

@@ -75,13 +75,16 @@ def _timm_cfg(arch: str, where: str, memo_dir: Path | None = None) -> dict[str, 
     return fields
 
 
-def resolve_preprocess(cfg: PipelineConfig, m: MemberConfig) -> Preprocess:
-    """YAML values first, then timm's pretrained_cfg for the arch, then defaults."""
+def resolve_preprocess(cfg: PipelineConfig, m: MemberConfig, default_size: tuple[int, int] | None = None) -> Preprocess:
+    """YAML values first, then timm's pretrained_cfg for the arch, then defaults.
+
+    ``default_size`` replaces the input size altogether (segmentation: the canvas or tile).
+    """
     where = f"members.{m.name}"
     p = m.preprocess
     given = all(getattr(p, k) is not None for k in _TIMM_FIELDS)
     pc = _timm_cfg(m.arch, where, cfg.resolve(cfg.cache.dir) / ".digests") if m.arch and not given else {}
-    size = p.input_size or pc.get("input_size")
+    size = default_size or p.input_size or pc.get("input_size")
     if size is None:
         raise ConfigError(f"{where}.preprocess.input_size: required for a factory model (e.g. [3, 224, 224])")
     hw = (int(size[-2]), int(size[-1]))

@@ -39,3 +39,82 @@ def nan_model(num_classes: int = 4) -> nn.Module:
 
 def invariant_model(num_classes: int = 4) -> nn.Module:
     return MeanColourClassifier(num_classes)
+
+
+class PerPixel(nn.Module):
+    """A 1x1 convolution: exactly equivariant to every flip, rotation and transpose."""
+
+    def __init__(self, out_channels: int = 5):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class StridedPerPixel(PerPixel):
+    """Per-pixel logits predicted at half resolution (as a stride-2 decoder would)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.nn.functional.avg_pool2d(x, 2, ceil_mode=True))
+
+
+class BrightBoxes(nn.Module):
+    """A deterministic detector: for each channel c, the box around the pixels brighter than
+    a threshold is a detection of class c, scored by their mean brightness. Its boxes move
+    exactly with the image, so TTA + fusion must give back the same boxes."""
+
+    def __init__(self, threshold: float = 1.5):
+        super().__init__()
+        self.threshold = threshold
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        b, c = x.shape[:2]
+        boxes = torch.zeros(b, c, 4)
+        scores = torch.zeros(b, c)
+        labels = torch.full((b, c), -1, dtype=torch.int64)
+        for i in range(b):
+            for k in range(c):
+                on = x[i, k] > self.threshold
+                if on.any():
+                    ys, xs = torch.nonzero(on, as_tuple=True)
+                    boxes[i, k] = torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float()
+                    scores[i, k] = torch.sigmoid(x[i, k][on].mean())
+                    labels[i, k] = k
+        return {"boxes": boxes, "scores": scores, "labels": labels}
+
+
+def per_pixel(out_channels: int = 5) -> nn.Module:
+    return PerPixel(out_channels)
+
+
+def strided_per_pixel(out_channels: int = 5) -> nn.Module:
+    return StridedPerPixel(out_channels)
+
+
+def bright_boxes(threshold: float = 1.5) -> nn.Module:
+    return BrightBoxes(threshold)
+
+
+class BrightPixels(nn.Module):
+    """Per-pixel segmentation of bright colour channels: background logit 0, class c logit
+    8 * (x_c - 1) (channel c of the normalized image), a fourth class never present."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 1)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.bias.zero_()
+            for c in range(3):
+                self.conv.weight[c + 1, c] = 8.0
+                self.conv.bias[c + 1] = -8.0
+            self.conv.bias[4] = -20.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def bright_pixels() -> nn.Module:
+    return BrightPixels()

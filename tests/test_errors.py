@@ -67,7 +67,7 @@ def _config_cases():
         (unknown_input, "blends[0].inputs[1]: unknown input 'bb' — did you mean 'b'?"),
         (weights, "blends[0]: 3 weights for 2 inputs"),
         (negative_weight, "weights must be finite and non-negative"),
-        (unknown_merge, "members.a.merge: unknown 'median'"),
+        (unknown_merge, "members.a.merge: 'median' is not a classification view merge"),
         (bad_precision, "runtime.precision: Input should be 'auto', 'fp32', 'bf16' or 'fp16'"),
     ]
 

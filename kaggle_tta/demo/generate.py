@@ -95,24 +95,33 @@ def make_split(n: int, seed: int, size: int = 64) -> list[Scene]:
     return [make_scene(rng, size) for _ in range(n)]
 
 
+def _write_if_changed(path: Path, data: bytes) -> None:
+    if not path.is_file() or path.read_bytes() != data:  # keep mtimes stable: the cache keys on them
+        path.write_bytes(data)
+
+
 def write_split(out: Path, n: int, seed: int, size: int = 64) -> int:
-    """Writes ``img_00000.png ...`` and ``labels.csv`` (id,label) to ``out``; idempotent."""
+    """Writes a test set to ``out``, idempotently: ``img_00000.png ...``, ``labels.csv``
+    (id, label), the masks under ``../<name>_masks/`` (so a folder listing of ``out`` sees
+    images only) and ``boxes.csv`` (id, x1, y1, x2, y2, label; pixel corners)."""
     import polars as pl
 
     out.mkdir(parents=True, exist_ok=True)
+    masks = out.parent / f"{out.name}_masks"
+    masks.mkdir(exist_ok=True)
     scenes = make_split(n, seed, size)
     ids = []
+    box_rows: dict[str, list] = {"id": [], "x1": [], "y1": [], "x2": [], "y2": [], "label": []}
     for k, s in enumerate(scenes):
         ident = f"img_{k:05d}"
-        path = out / f"{ident}.png"
-        ok, buf = cv2.imencode(".png", cv2.cvtColor(s.image, cv2.COLOR_RGB2BGR))
-        data = buf.tobytes()
-        if not path.is_file() or path.read_bytes() != data:  # keep mtimes stable: the cache keys on them
-            path.write_bytes(data)
+        _write_if_changed(out / f"{ident}.png", cv2.imencode(".png", cv2.cvtColor(s.image, cv2.COLOR_RGB2BGR))[1].tobytes())
+        _write_if_changed(masks / f"{ident}.png", cv2.imencode(".png", s.mask)[1].tobytes())
         ids.append(ident)
-    table = pl.DataFrame({"id": ids, "label": [CLASSES[s.label] for s in scenes]})
-    csv = out / "labels.csv"
-    text = table.write_csv()
-    if not csv.is_file() or csv.read_text() != text:
-        csv.write_text(text)
+        for b, lab in zip(s.boxes.tolist(), s.box_labels.tolist()):
+            for key, v in zip(("x1", "y1", "x2", "y2"), b):
+                box_rows[key].append(v)
+            box_rows["id"].append(ident)
+            box_rows["label"].append(CLASSES[lab])
+    for name, table in (("labels.csv", pl.DataFrame({"id": ids, "label": [CLASSES[s.label] for s in scenes]})), ("boxes.csv", pl.DataFrame(box_rows))):
+        _write_if_changed(out / name, table.write_csv().encode())
     return n

@@ -239,10 +239,11 @@ class View:
     def is_spatial(self) -> bool:
         return any(not isinstance(op, Colour) for op in self.ops) or self.crop.position != "center"
 
-    def bind(self, input_size: Size, mean: tuple[float, ...], std: tuple[float, ...]) -> View:
-        """The view for one member: crop at its input size, colour with its mean/std."""
+    def bind(self, input_size: Size | None, mean: tuple[float, ...], std: tuple[float, ...]) -> View:
+        """The view for one member: crop at its input size (None: the whole canvas, as
+        segmentation members see it), colour with its mean/std."""
         ops = tuple(dataclasses.replace(op, mean=tuple(mean), std=tuple(std)) if isinstance(op, Colour) else op for op in self.ops)
-        return View(self.name, ops, dataclasses.replace(self.crop, size=tuple(input_size)))
+        return View(self.name, ops, dataclasses.replace(self.crop, size=tuple(input_size) if input_size else None))
 
     def apply(self, images: Tensor) -> Tensor:
         """``[B, C, H, W]`` canvas -> ``[B, C, H', W']`` model input."""

@@ -1,0 +1,229 @@
+"""Detection: adapters from a model's output to boxes, and boxes from the cache to a submission.
+
+Adapter protocol. A member's ``adapter`` turns the model's raw output for a chunk of inputs
+into one ``(boxes, scores, labels)`` per input: boxes ``[n, 4]`` as x1, y1, x2, y2 in pixels
+of the tensor the model was given (``input_size = (H, W)``), scores ``[n]``, integer labels
+``[n]`` indexing ``data.classes``. Built in: ``torchvision`` (torchvision's detection models:
+a list of dicts; their label 0 is the background, so labels are shifted down by one) and
+``boxes`` (a dict or tuple of batched ``boxes [B, n, 4], scores [B, n], labels [B, n]``). Any
+``module:callable`` with the signature ``fn(output, input_size)`` is used as given (e.g. a
+YOLO-style decoder of raw grids; see kaggle_tta.demo.models.decode_centernet).
+
+From the cache, each member's views of an image are fused (wbf by default) and members are
+fused again by the blends, per image, through kaggle_tta.boxes (ensemble-boxes, checked).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from kaggle_tta.blend import MemberSource
+from kaggle_tta.boxes import fuse_boxes, prediction_string
+from kaggle_tta.config import DetectionConfig, PipelineConfig
+from kaggle_tta.errors import CheckpointError, ConfigError, DataError
+
+Boxes = tuple[np.ndarray, np.ndarray, np.ndarray]  # pixel xyxy [n, 4], scores [n], labels [n]
+
+
+# ---- adapters (engine side; tensors are duck-typed, torch is not imported here) ------------
+
+
+def _np(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x)
+
+
+def torchvision_adapter(output: Any, input_size: tuple[int, int]) -> list[Boxes]:
+    """torchvision detection models (Faster R-CNN, RetinaNet, FCOS, SSD, ...) in eval mode."""
+    return [(_np(d["boxes"]), _np(d["scores"]), _np(d["labels"]).astype(np.int64) - 1) for d in output]
+
+
+def boxes_adapter(output: Any, input_size: tuple[int, int]) -> list[Boxes]:
+    """A dict (boxes, scores, labels) or a 3-tuple of batched, padded arrays; rows with a
+    negative label or a non-positive score are padding."""
+    b, s, lab = (output["boxes"], output["scores"], output["labels"]) if isinstance(output, dict) else output
+    b, s, lab = _np(b), _np(s), _np(lab)
+    out = []
+    for i in range(b.shape[0]):
+        keep = (lab[i] >= 0) & (s[i] > 0)
+        out.append((b[i][keep], s[i][keep], lab[i][keep].astype(np.int64)))
+    return out
+
+
+ADAPTERS: dict[str, Callable[[Any, tuple[int, int]], list[Boxes]]] = {"torchvision": torchvision_adapter, "boxes": boxes_adapter}
+
+
+def resolve_adapter(spec: str, where: str) -> Callable[[Any, tuple[int, int]], list[Boxes]]:
+    if spec in ADAPTERS:
+        return ADAPTERS[spec]
+    if ":" not in spec:
+        raise ConfigError(f"{where}: unknown adapter '{spec}'; use {', '.join(ADAPTERS)} or 'module:callable'")
+    mod_name, _, attr = spec.partition(":")
+    try:
+        fn: Any = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise ConfigError(f"{where}: cannot import '{mod_name}' ({exc})") from None
+    for part in attr.split("."):
+        if not hasattr(fn, part):
+            raise ConfigError(f"{where}: '{mod_name}' has no '{attr}'")
+        fn = getattr(fn, part)
+    return fn
+
+
+def detection_post(spec: str, where: str) -> Callable[[Any, Any], list[Boxes]]:
+    """The runner's post-processing for a detection member: adapter, then checks."""
+    adapter = resolve_adapter(spec, where)
+
+    def post(output: Any, x: Any) -> list[Boxes]:
+        size = (int(x.shape[-2]), int(x.shape[-1]))
+        res = adapter(output, size)
+        if not isinstance(res, (list, tuple)) or len(res) != x.shape[0]:
+            raise CheckpointError(f"{where}: the adapter returned {type(res).__name__} of length {len(res) if hasattr(res, '__len__') else '?'} for {x.shape[0]} inputs; return one (boxes, scores, labels) per input")
+        out = []
+        for b, s, lab in res:
+            b = np.asarray(_np(b), dtype=np.float64).reshape(-1, 4)
+            s = np.asarray(_np(s), dtype=np.float64).reshape(-1)
+            lab = np.asarray(_np(lab)).reshape(-1)
+            if not len(b) == len(s) == len(lab):
+                raise CheckpointError(f"{where}: the adapter gave {len(b)} boxes, {len(s)} scores and {len(lab)} labels for one image")
+            out.append((b, s, lab.astype(np.int64)))
+        return out
+
+    return post
+
+
+# ---- from the cache ------------------------------------------------------------------------
+
+
+def _options(d: DetectionConfig) -> dict[str, Any]:
+    return {"iou_thr": d.iou_thr, "skip_box_thr": d.skip_box_thr, "conf_type": d.conf_type, "sigma": d.sigma, "thresh": d.thresh}
+
+
+def _cap(b: Boxes, max_boxes: int | None) -> Boxes:
+    return b if max_boxes is None else (b[0][:max_boxes], b[1][:max_boxes], b[2][:max_boxes])
+
+
+def member_boxes(s: MemberSource, sizes: np.ndarray, d: DetectionConfig, views: Sequence[str] | None = None) -> list[Boxes]:
+    """Per image, the member's views fused with its merge rule (one view passes through,
+    sorted by score), in pixels of the original image."""
+    names = list(views) if views is not None else list(s.views)
+    data = [s.entry.read_ragged(v) for v in names]  # type: ignore[union-attr]
+    out = []
+    for i, (h, w) in enumerate(sizes.tolist()):
+        scale = np.array([w, h, w, h], dtype=np.float64)
+        per_view = [np.asarray(rows[off[i] : off[i + 1]], dtype=np.float64) for rows, off in data]
+        if len(per_view) == 1:
+            r = per_view[0]
+            order = np.argsort(-r[:, 4], kind="stable")
+            out.append((r[order, :4] * scale, r[order, 4], r[order, 5].astype(np.int64)))
+            continue
+        out.append(
+            fuse_boxes([r[:, :4] * scale for r in per_view], [r[:, 4] for r in per_view], [r[:, 5] for r in per_view], (h, w), s.merge, **_options(d))  # type: ignore[arg-type]
+        )
+    return out
+
+
+def evaluate_boxes(cfg: PipelineConfig, members: dict[str, list[Boxes]], sizes: np.ndarray) -> dict[str, list[Boxes]]:
+    """Every node's boxes: the members', then each blend (fused over its inputs) in
+    dependency order."""
+    d = cfg.detection
+    out = {k: [_cap(b, d.max_boxes) for b in v] for k, v in members.items()}
+    remaining = list(cfg.blends)
+    while remaining:
+        ready = [b for b in remaining if all(i in out for i in b.inputs)]
+        for bl in ready:
+            fused = []
+            for i, (h, w) in enumerate(sizes.tolist()):
+                ins = [out[name][i] for name in bl.inputs]
+                fused.append(_cap(fuse_boxes([x[0] for x in ins], [x[1] for x in ins], [x[2] for x in ins], (h, w), bl.method, bl.weights, **_options(d)), d.max_boxes))  # type: ignore[arg-type]
+            out[bl.name] = fused
+        remaining = [b for b in remaining if b not in ready]
+    return out
+
+
+def submission_table(cfg: PipelineConfig, ids: Sequence[str], boxes: list[Boxes], sizes: np.ndarray, classes: Sequence[str]) -> pl.DataFrame:
+    spec = cfg.submission
+    strings = [prediction_string(b, s, lab, tuple(sz), spec.template, classes) for (b, s, lab), sz in zip(boxes, sizes.tolist())]
+    return pl.DataFrame({spec.id_column: list(ids), spec.prediction_column: strings}, schema={spec.id_column: pl.String, spec.prediction_column: pl.String})
+
+
+# ---- ground truth and mAP ------------------------------------------------------------------
+
+
+def load_truth(cfg: PipelineConfig, ids: Sequence[str], classes: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per image, ground-truth (pixel xyxy boxes, labels) from ``data.boxes``."""
+    spec = cfg.data.boxes
+    assert spec is not None
+    path = cfg.resolve(spec.path)
+    if not path.is_file():
+        raise DataError(f"data.boxes.path: {path} does not exist")
+    df = pl.read_csv(path, schema_overrides={spec.id_column: pl.String, spec.label_column: pl.String})
+    need = [spec.id_column, *spec.columns, spec.label_column]
+    if len(spec.columns) != 4 or any(c not in df.columns for c in need):
+        raise DataError(f"{path}: needs columns {need} (data.boxes.columns gives x1, y1, x2, y2), has {df.columns}")
+    index = {c: k for k, c in enumerate(classes)}
+    unknown = set(df[spec.label_column].to_list()) - set(index)
+    if unknown:
+        raise DataError(f"{path}: label '{sorted(unknown)[0]}' is not in data.classes")
+    groups = {k[0]: g for k, g in df.group_by(spec.id_column)}
+    out = []
+    for i in ids:
+        g = groups.get(i)
+        if g is None:
+            out.append((np.zeros((0, 4)), np.zeros(0, np.int64)))
+        else:
+            out.append((g.select(spec.columns).to_numpy().astype(np.float64), np.array([index[x] for x in g[spec.label_column].to_list()], np.int64)))
+    return out
+
+
+def _iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
+    x1 = np.maximum(box[0], others[:, 0])
+    y1 = np.maximum(box[1], others[:, 1])
+    x2 = np.minimum(box[2], others[:, 2])
+    y2 = np.minimum(box[3], others[:, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area = (box[2] - box[0]) * (box[3] - box[1]) + (others[:, 2] - others[:, 0]) * (others[:, 3] - others[:, 1]) - inter
+    return inter / np.maximum(area, 1e-12)
+
+
+def mean_ap(pred: list[Boxes], truth: list[tuple[np.ndarray, np.ndarray]], n_classes: int, iou_thr: float = 0.5) -> float:
+    """mAP at one IoU threshold: per class, all-point interpolated AP (VOC 2010+, COCO-style
+    greedy matching by descending score), averaged over the classes that have ground truth."""
+    aps = []
+    for c in range(n_classes):
+        n_truth = sum(int((lab == c).sum()) for _, lab in truth)
+        if n_truth == 0:
+            continue
+        dets = []  # (score, image, box)
+        for i, (b, s, lab) in enumerate(pred):
+            for k in np.flatnonzero(lab == c):
+                dets.append((float(s[k]), i, b[k]))
+        dets.sort(key=lambda t: -t[0])
+        used = {i: np.zeros(int((lab == c).sum()), bool) for i, (_, lab) in enumerate(truth)}
+        tp = np.zeros(len(dets))
+        for k, (_, i, box) in enumerate(dets):
+            gt = truth[i][0][truth[i][1] == c]
+            if len(gt) == 0:
+                continue
+            ious = _iou(box, gt)
+            ious[used[i]] = -1.0
+            j = int(ious.argmax())
+            if ious[j] >= iou_thr:
+                used[i][j] = True
+                tp[k] = 1.0
+        ctp = np.cumsum(tp)
+        recall = ctp / n_truth
+        precision = ctp / np.arange(1, len(dets) + 1) if len(dets) else np.zeros(0)
+        # precision envelope, then the area under the stepwise curve
+        mrec = np.concatenate([[0.0], recall, [1.0]])
+        mpre = np.concatenate([[0.0], precision, [0.0]])
+        mpre = np.maximum.accumulate(mpre[::-1])[::-1]
+        steps = np.flatnonzero(mrec[1:] != mrec[:-1])
+        aps.append(float(np.sum((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1])))
+    return float(np.mean(aps)) if aps else 0.0
