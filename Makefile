@@ -7,12 +7,13 @@ TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
 PIPELINE   ?= pipeline.yaml
 DEMO_DIR   ?= build/demo/test
 
-.PHONY: install infer run blend demo-data demo-weights test bench kernel clean help
+.PHONY: install infer run blend examples demo-data demo-weights test bench kernel clean help
 
 help:
 	@echo "make infer        install what is missing, write the demo test set, run pipeline.yaml"
 	@echo "make test         install what is missing, run the test suite"
 	@echo "make blend        re-blend from the cache (no model, no image)"
+	@echo "make examples     run examples/segmentation.yaml and examples/detection.yaml on the demo set"
 	@echo "make bench        run benchmarks/ and write bench-results/bench.md"
 	@echo "make demo-weights retrain the demo members (kaggle_tta/demo/weights)"
 	@echo "make kernel       build the offline Kaggle dataset + notebook under build/kaggle"
@@ -35,8 +36,14 @@ run: infer
 blend: install
 	$(PYTHON) -m kaggle_tta blend $(PIPELINE)
 
+examples: demo-data
+	$(PYTHON) -m kaggle_tta run examples/segmentation.yaml
+	$(PYTHON) -m kaggle_tta run examples/detection.yaml
+
 demo-weights: install
 	$(PYTHON) -m kaggle_tta.demo.train $(PIPELINE)
+	$(PYTHON) -m kaggle_tta.demo.train_tasks segmentation --out kaggle_tta/demo/weights/seg_unet.safetensors
+	$(PYTHON) -m kaggle_tta.demo.train_tasks detection --out kaggle_tta/demo/weights/det_centernet.safetensors
 
 test: install
 	$(PYTHON) -m pytest
@@ -48,4 +55,4 @@ kernel: demo-data
 	$(PYTHON) -m kaggle_tta kernel $(PIPELINE) --out build/kaggle
 
 clean:
-	rm -rf build cache submission.csv bench-results
+	rm -rf build cache submission.csv submission_segmentation.csv submission_detection.csv bench-results

@@ -48,7 +48,7 @@ def _blend(plan, pipeline_arg: str, computed: str | None = None) -> None:
 
     result = blend_and_write(plan, sources_for(plan, pipeline_arg, computed), _labels(plan))
     print(format_report(result))
-    print(f"wrote {result.path} ({len(plan.testset)} rows) from '{result.source}'")
+    print(f"wrote {result.path} ({result.n_rows} rows) from '{result.source}'")
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -95,7 +95,7 @@ def cmd_cache_ls(args: argparse.Namespace) -> None:
         done = [v for v, st in views.items() if st.get("status") == "complete"]
         rows = max((st.get("rows_done", 0) for st in views.values()), default=0)
         secs = sum(st.get("seconds", 0.0) for st in views.values())
-        size = sum(f.stat().st_size for f in (plan.cache_root / member / fp).glob("*.npy*")) / 1e6
+        size = sum(f.stat().st_size for f in (plan.cache_root / member / fp).iterdir() if f.is_file()) / 1e6
         state = "current" if (member, fp) in current else "stale"
         need = wanted.get(member, [])
         have = f"{len([v for v in need if v in done])}/{len(need)}" if state == "current" else f"{len(done)}"

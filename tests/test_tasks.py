@@ -270,3 +270,22 @@ def test_task_config_errors_name_the_field(odd_images, tmp_path, task, change, m
     change(cfg)
     with pytest.raises(ConfigError, match=message):
         build_plan(load_pipeline(_write(tmp_path, cfg)))
+
+
+# ---- the shipped examples, on the 24-image demo set ----------------------------------------
+
+
+@pytest.mark.parametrize("example,metric,floor", [("segmentation", "Dice", 0.6), ("detection", "mAP@0.5", 0.6)])
+def test_examples_run_with_their_trained_members(demo_images, tmp_path, example, metric, floor):
+    """examples/*.yaml with the committed weights: TTA does not hurt and the members are
+    trained (a broken inverse would drop the TTA score far below the plain one)."""
+    repo = Path(__file__).resolve().parents[1]
+    sets = [f"data.folder={demo_images}", f"cache.dir={tmp_path / 'cache'}", f"submission.path={tmp_path / 'sub.csv'}", "runtime.workers=0", "runtime.precision=fp32"]
+    sets.append(f"data.masks.folder={demo_images.parent / 'test_masks'}" if example == "segmentation" else f"data.boxes.path={demo_images / 'boxes.csv'}")
+    cfg = load_pipeline(repo / "examples" / f"{example}.yaml", sets)
+    plan, _ = infer(cfg, progress=False)
+    result = blend_and_write(plan)
+    for row in result.rows:
+        assert row.scores_tta[metric] > floor, (row.node, row.scores_tta)
+        assert row.scores_tta[metric] >= row.scores_plain[metric] - 0.03, (row.node, row.scores_plain, row.scores_tta)
+    assert result.n_rows == (24 * 4 if example == "segmentation" else 24)
