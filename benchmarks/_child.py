@@ -4,6 +4,11 @@ Every kind imports its libraries first and starts its clock after the imports, s
 seconds compare the work itself (the orchestrator also records the process wall time and peak RSS
 of each child). The last stdout line is ``RESULT {json}``.
 
+``spec["device"]`` ("cpu", the default, or "cuda") is where the model runs. On cuda every kind
+that runs a model creates the CUDA context before its clock starts, as it imports its libraries
+(a one-off cost of the process that every tool pays alike), and synchronizes before it reads a
+clock. ``spec["threads"]`` None leaves torch's intra-op thread count as it is.
+
 Kinds:
   limit        the model's forward alone on ready tensors, at a forward batch and precision
   kaggle       kaggle_tta.cli.main(['run', PIPELINE, '-q']) (== ``kaggle-tta run PIPELINE -q``)
@@ -32,32 +37,55 @@ def _result(d: dict) -> None:
     print("RESULT " + json.dumps(d), flush=True)
 
 
-def _load_model(checkpoint: str, threads: int):
+def _device(spec: dict) -> str:
+    """The spec's device; on cuda, checks that there is one and creates the CUDA context now
+    (called before the clock starts, like the imports)."""
+    device = spec.get("device", "cpu")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit(f"device cuda asked for, but torch {torch.__version__} sees no CUDA device")
+        torch.zeros(1, device="cuda").add_(1)
+        torch.cuda.synchronize()
+    return device
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _load_model(checkpoint: str, threads: int | None, device: str = "cpu"):
     import timm
     import torch
     from safetensors.torch import load_file
 
-    torch.set_num_threads(threads)
+    if threads:
+        torch.set_num_threads(threads)
     model = timm.create_model("resnet18", pretrained=False, num_classes=1000)
     model.load_state_dict(load_file(checkpoint, device="cpu"), strict=True)
-    return model.eval()
+    return model.eval().to(device)
 
 
-def _precision(setting: str) -> tuple[str, bool]:
-    """Resolved precision and channels_last, by the same rules as kaggle_tta's engine (CPU)."""
+def _precision(setting: str, device: str = "cpu") -> tuple[str, bool]:
+    """Resolved precision and channels_last, by the same rules as kaggle_tta's engine
+    (runtime.channels_last auto: on with CUDA or with reduced precision)."""
     import torch
     from kaggle_tta.plan import resolve_precision
 
-    p = resolve_precision(setting, torch.device("cpu"))
-    return p, p != "fp32"
+    p = resolve_precision(setting, torch.device(device))
+    return p, device == "cuda" or p != "fp32"
 
 
-def _autocast(precision: str):
+def _autocast(precision: str, device: str = "cpu"):
     import torch
 
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast("cpu", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
+    return torch.autocast(device, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
 
 
 # ---- 1. the limit ----------------------------------------------------------------------------
@@ -66,24 +94,28 @@ def _autocast(precision: str):
 def limit(spec: dict) -> None:
     import torch
 
+    device = _device(spec)
     t_build = time.perf_counter()
-    model = _load_model(spec["checkpoint"], spec["threads"])
-    precision, cl = _precision(spec["precision"])
+    model = _load_model(spec["checkpoint"], spec["threads"], device)
+    precision, cl = _precision(spec["precision"], device)
     if cl:
         model = model.to(memory_format=torch.channels_last)
+    _sync(device)
     build_s = time.perf_counter() - t_build
     fb, size = spec["forward_batch"], spec.get("size", 224)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(fb, 3, size, size, generator=g)
+    x = torch.randn(fb, 3, size, size, generator=g).to(device)
     if cl:
         x = x.contiguous(memory_format=torch.channels_last)
     chunks = max(1, -(-spec["inputs"] // fb))
-    with torch.inference_mode(), _autocast(precision):
+    with torch.inference_mode(), _autocast(precision, device):
         for _ in range(spec.get("warmup", 2)):
             model(x)
+        _sync(device)
         t0 = time.perf_counter()
         for _ in range(chunks):
             model(x).float()
+        _sync(device)
         secs = time.perf_counter() - t0
     _result({"seconds": secs, "inputs": chunks * fb, "per_input": secs / (chunks * fb), "precision": precision, "build_s": build_s})
 
@@ -105,6 +137,7 @@ def kaggle(spec: dict) -> None:
     import kaggle_tta.engine  # noqa: F401
     from kaggle_tta import cli
 
+    _device(spec)  # the pipeline's runtime.device says the same; CUDA context before the clock
     buf = io.StringIO()
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(buf):
@@ -174,9 +207,10 @@ def run_ttach(spec: dict) -> None:
     from torch.utils.data import DataLoader
 
     paths = sorted(str(p) for p in Path(spec["folder"]).glob("*.jpg"))
+    device = _device(spec)
     t0 = time.perf_counter()
-    model = _load_model(spec["checkpoint"], spec["threads"])
-    precision, cl = _precision(spec["precision"])
+    model = _load_model(spec["checkpoint"], spec["threads"], device)
+    precision, cl = _precision(spec["precision"], device)
     if cl:
         model = model.to(memory_format=torch.channels_last)
     views = spec["views"]
@@ -191,15 +225,19 @@ def run_ttach(spec: dict) -> None:
     crop = 256 if views == 10 else 224  # ten_crop takes its crops from the 256 canvas
     ds = _AlbuFolder(paths, 256, crop)
     w = spec["workers"]
+    cuda = device == "cuda"
     loader = DataLoader(ds, batch_size=spec["forward_batch"], shuffle=False, num_workers=w,
-                        worker_init_fn=_worker_init if w else None, prefetch_factor=2 if w else None)
+                        worker_init_fn=_worker_init if w else None, prefetch_factor=2 if w else None,
+                        **({"pin_memory": True} if cuda else {}))
     outs = []
-    with torch.inference_mode(), _autocast(precision):
+    with torch.inference_mode(), _autocast(precision, device):
         for x in loader:
+            if cuda:
+                x = x.to(device, non_blocking=True)
             if cl:
                 x = x.contiguous(memory_format=torch.channels_last)
             outs.append(wrapper(x).float())
-    logits = torch.cat(outs).numpy()
+    logits = torch.cat(outs).cpu().numpy()
     _write_labels(spec["submission"], [Path(p).stem for p in paths], logits.argmax(1))
     secs = time.perf_counter() - t0
     _result({"seconds": secs, "images": len(paths), "precision": precision})
@@ -212,7 +250,8 @@ def reference(spec: dict) -> None:
     """As in the reference document (test-time-augmentation.md): PIL decode, then per image
     and per view albumentations SmallestMaxSize(256), CenterCrop(224), Normalize, ToTensorV2
     (ten-crop: SmallestMaxSize(256), five A.Crop boxes and their HorizontalFlip), the views of
-    one image stacked into one fp32 forward under torch.no_grad, logits averaged."""
+    one image stacked into one fp32 forward under torch.no_grad, logits averaged. On cuda the
+    preprocessing stays on the CPU, the stacked views are moved to the GPU for the forward."""
     import albumentations as A
     import numpy as np
     import torch
@@ -221,8 +260,9 @@ def reference(spec: dict) -> None:
 
     paths = sorted(str(p) for p in Path(spec["folder"]).glob("*.jpg"))
     views = spec["views"]
+    device = _device(spec)
     t0 = time.perf_counter()
-    model = _load_model(spec["checkpoint"], spec["threads"])
+    model = _load_model(spec["checkpoint"], spec["threads"], device)
 
     base = A.Compose([
         A.SmallestMaxSize(max_size=256),
@@ -271,7 +311,7 @@ def reference(spec: dict) -> None:
     top = []
     for p in paths:
         image = np.array(Image.open(p).convert("RGB"))
-        x = torch.stack(inputs(image))
+        x = torch.stack(inputs(image)).to(device)
         with torch.no_grad():
             logits = model(x).mean(dim=0, keepdim=True)
         top.append(int(logits.argmax(dim=1)))

@@ -22,12 +22,18 @@ N_CLASSES = 1000
 PRESET = {1: "none", 2: "hflip", 8: "d4", 10: "ten_crop"}
 
 
+# OMP/MKL thread count of every child; None leaves them to the libraries (run.py sets it from
+# --threads on --device cuda, where the thread count is not limited by default).
+CHILD_OMP_THREADS: str | None = "2"
+
+
 def child_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     # Each measured process sets its own thread count; keep OpenMP from spinning up more.
-    env.setdefault("OMP_NUM_THREADS", "2")
-    env.setdefault("MKL_NUM_THREADS", "2")
+    if CHILD_OMP_THREADS is not None:
+        env.setdefault("OMP_NUM_THREADS", CHILD_OMP_THREADS)
+        env.setdefault("MKL_NUM_THREADS", CHILD_OMP_THREADS)
     return env
 
 
@@ -136,9 +142,10 @@ def write_pipeline(
     forward_batch: int | str,
     batch_size: int,
     workers: int,
-    threads: int,
+    threads: int | None,
     cache_dtype: str = "float32",
     blends: list[dict[str, Any]] | None = None,
+    device: str = "cpu",
 ) -> Path:
     import yaml
 
@@ -146,7 +153,7 @@ def write_pipeline(
         "task": "classification",
         "data": {**data, "classes_file": str(classes_file)},
         "runtime": {
-            "device": "cpu",
+            "device": device,
             "precision": precision,
             "forward_batch": forward_batch,
             "batch_size": batch_size,
@@ -188,21 +195,46 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def machine_info() -> dict[str, Any]:
-    """Asked of a child process, so the orchestrator itself never imports torch."""
+_GPU_INFO = (
+    "if dev == 'cuda' and torch.cuda.is_available():\n"
+    "    p = torch.cuda.get_device_properties(0)\n"
+    "    info.update(gpu=torch.cuda.get_device_name(0), gpu_memory_gb=round(p.total_memory / 2**30, 1),"
+    " gpu_capability='%d.%d' % (p.major, p.minor), gpu_count=torch.cuda.device_count(),"
+    " cuda_runtime=torch.version.cuda, cudnn=torch.backends.cudnn.version(),"
+    " cuda_bf16=torch.cuda.is_bf16_supported(), cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,"
+    " matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32)\n"
+    "    try:\n"
+    "        import subprocess\n"
+    "        info['gpu_driver'] = subprocess.run(['nvidia-smi', '--query-gpu=driver_version', '--format=csv,noheader'],"
+    " capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]\n"
+    "    except Exception:\n"
+    "        pass\n"
+)
+
+
+def machine_info(device: str = "cpu") -> dict[str, Any]:
+    """Asked of a child process, so the orchestrator itself never imports torch. With
+    device 'cuda': also the GPU (name, memory, capability, CUDA/cuDNN versions), and
+    auto_precision is what 'auto' resolves to on that GPU."""
     code = (
         "import json, torch, timm, albumentations, ttach, numpy, cv2\n"
         "from importlib.metadata import version\n"
         "from kaggle_tta.plan import cpu_has_native_bf16, resolve_precision\n"
-        "print(json.dumps({'torch': torch.__version__, 'timm': timm.__version__,"
+        f"dev = {device!r}\n"
+        "info = {'torch': torch.__version__, 'timm': timm.__version__,"
         " 'albumentations': albumentations.__version__, 'ttach': version('ttach'),"
         " 'numpy': numpy.__version__, 'opencv': cv2.__version__,"
         " 'cuda': torch.cuda.is_available(), 'native_bf16': cpu_has_native_bf16(),"
-        " 'auto_precision': resolve_precision('auto', torch.device('cpu')),"
-        " 'torch_default_threads': torch.get_num_threads()}))"
+        " 'auto_precision': resolve_precision('auto', torch.device(dev if dev == 'cpu' or torch.cuda.is_available() else 'cpu')),"
+        " 'torch_default_threads': torch.get_num_threads(), 'torch_cuda_build': torch.version.cuda}\n"
+        + _GPU_INFO
+        + "print(json.dumps(info))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env(), cwd=REPO, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env(), cwd=REPO)
+    if out.returncode != 0:
+        raise RuntimeError(f"machine_info: the probe process failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     info = json.loads(out.stdout.strip().splitlines()[-1])
+    info["device"] = device
     flags = _cpu_flags()
     simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
     try:

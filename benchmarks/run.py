@@ -3,6 +3,7 @@
     python3 benchmarks/run.py --out bench-results            # the full run (make bench)
     python3 benchmarks/run.py --out bench-results --quick    # smoke check: 64 images, 1 repeat
     python3 benchmarks/run.py --out bench-results --only kaggle,ttach --views 8
+    python3 benchmarks/run.py --out bench-gpu --device cuda --only 1,2,3,4   # on a GPU
 
 Every measured configuration runs in a fresh subprocess (benchmarks/_child.py); compared
 configurations are interleaved (A B C A B C ...) and each figure is the median of the repeats,
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
 from _common import CHILD, PRESET, REPO, child_env, loadavg, machine_info, member, write_pipeline  # noqa: E402
 
 ROWS = ["limit", "kaggle", "ttach", "reference", "reblend", "memory", "autobatch"]
@@ -67,11 +69,15 @@ def run_cmd(cmd: list[str], timeout: float | None = None) -> dict[str, Any]:
         return {"wall_s": wall, "rc": p.returncode, "maxrss_mb": ru.ru_maxrss / 1024, "stdout": fo.read(), "stderr": fe.read()}
 
 
+CHILD_TIMEOUT: float | None = None  # --child-timeout
+
+
 def run_child(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
-    r = run_cmd([sys.executable, str(CHILD), kind, json.dumps(spec)])
+    r = run_cmd([sys.executable, str(CHILD), kind, json.dumps(spec)], timeout=CHILD_TIMEOUT)
     lines = [ln for ln in r["stdout"].splitlines() if ln.startswith("RESULT ")]
     if r["rc"] != 0 or not lines:
-        raise ChildFailed(f"{kind} failed (exit {r['rc']}):\n{r['stderr'][-3000:]}\n{r['stdout'][-1000:]}")
+        killed = f" after the {CHILD_TIMEOUT:.0f}s --child-timeout" if CHILD_TIMEOUT and r["wall_s"] >= CHILD_TIMEOUT else ""
+        raise ChildFailed(f"{kind} failed (exit {r['rc']}{killed}):\n{r['stderr'][-3000:]}\n{r['stdout'][-1000:]}")
     res = json.loads(lines[-1][7:])
     if res.get("rc", 0) != 0:
         raise ChildFailed(f"{kind}: kaggle-tta exited {res['rc']}: {res.get('stdout_tail')}\n{r['stderr'][-2000:]}")
@@ -115,6 +121,7 @@ class Bench:
         self.work = self.out / "work"
         self.runs = self.work / "runs"
         self.res: dict[str, Any] = {"config": {k: v for k, v in vars(args).items()}}
+        self.failures: list[str] = []  # child failures skipped by --keep-going
 
     # -- setup --
 
@@ -140,7 +147,7 @@ class Bench:
         p = write_pipeline(
             run_dir / "pipeline.yaml", data=data, classes_file=self.classes, members=[member("r18", self.ckpt, views, size)],
             cache_dir=run_dir / "cache", submission=sub, precision=precision, forward_batch=forward_batch,
-            batch_size=self.a.batch_size, workers=self.a.workers, threads=self.a.threads,
+            batch_size=self.a.batch_size, workers=self.a.workers, threads=self.a.threads, device=self.a.device,
         )
         return p, sub
 
@@ -151,7 +158,7 @@ class Bench:
         sub = self.subs / f"{tag}-{precision}-fb{fb}-v{views}-r{rep}.csv"
         pipe, sub = self.kt_pipeline(d, data=data or {"folder": str(self.images)}, views=views, precision=precision, forward_batch=fb, submission=sub)
         try:
-            return run_child("kaggle", {"pipeline": str(pipe), "submission": str(sub)})
+            return run_child("kaggle", {"pipeline": str(pipe), "submission": str(sub), "device": self.a.device})
         finally:
             if not self.a.keep:
                 shutil.rmtree(d, ignore_errors=True)
@@ -161,7 +168,9 @@ class Bench:
     def inference_rows(self, rows: set[str]) -> None:
         a = self.a
         n = a.images
-        cfg_common = {"checkpoint": str(self.ckpt), "threads": a.threads, "forward_batch": a.forward_batch, "workers": a.workers}
+        cfg_common = {"checkpoint": str(self.ckpt), "threads": a.threads, "forward_batch": a.forward_batch, "workers": a.workers, "device": a.device}
+        if a.device == "cuda":  # more forwards than on the CPU to average over, and a longer warm-up (cuDNN, clocks)
+            cfg_common["warmup"] = 10
         auto_same = self.info["auto_precision"] == "fp32" and not a.measure_auto
         tools: list[tuple[str, str]] = []  # (name, precision)
         for tool in ("limit", "kaggle", "ttach"):  # each in fp32, and in auto where that differs
@@ -172,6 +181,8 @@ class Bench:
         if "reference" in rows:
             tools.append(("reference", "fp32"))
         raw: dict[str, list[dict[str, Any]]] = {}
+        # Filled as the runs go, so that a failure (or the deadline) keeps what was measured.
+        self.res["inference"] = {"raw": raw, "auto_same": auto_same, "tools": tools}
         total = a.repeats * len(a.views) * len(tools)
         k = 0
         for rep in range(a.repeats):
@@ -180,28 +191,47 @@ class Bench:
                 for name, prec in order:
                     k += 1
                     key = f"{name}/{prec}/{v}"
-                    if name == "limit":
-                        inputs = min(v * n, a.limit_inputs)
-                        r = run_child("limit", {**cfg_common, "precision": prec, "inputs": inputs})
-                        r["seconds_scaled"] = r["per_input"] * v * n
-                        msg = f"{r['per_input'] * 1000:.1f} ms/input x {v}x{n} = {r['seconds_scaled']:.1f}s"
-                    elif name == "kaggle":
-                        r = self.run_kaggle(v, prec, rep)
-                        msg = f"{r['seconds']:.1f}s in-process ({n / r['seconds']:.1f} img/s), wall {r['wall_s']:.1f}s, forward batch {r['forward_batch']}, {r['precision']}"
-                    elif name == "ttach":
-                        sub = self.subs / f"ttach-{prec}-v{v}-r{rep}.csv"
-                        r = run_child("ttach", {**cfg_common, "precision": prec, "views": v, "folder": str(self.images), "submission": str(sub)})
-                        r["submission"] = str(sub)
-                        msg = f"{r['seconds']:.1f}s ({n / r['seconds']:.1f} img/s)"
-                    else:
-                        sub = self.subs / f"reference-v{v}-r{rep}.csv"
-                        r = run_child("reference", {**cfg_common, "views": v, "folder": str(self.images), "submission": str(sub)})
-                        r["submission"] = str(sub)
-                        msg = f"{r['seconds']:.1f}s ({n / r['seconds']:.1f} img/s)"
+                    if self.past_deadline():
+                        self.res["inference"]["stopped"] = f"--deadline {a.deadline:.0f}s reached: {k - 1} of {total} runs done"
+                        log(f"deadline: {self.res['inference']['stopped']}; the report uses what was measured")
+                        return
+                    try:
+                        r, msg = self.inference_run(name, prec, v, rep, cfg_common)
+                    except ChildFailed as exc:
+                        if not a.keep_going:
+                            raise
+                        self.failures.append(f"{key} rep {rep + 1}: {exc}")
+                        log(f"({k}/{total}) rep {rep + 1}/{a.repeats} {v:2d} view(s) {name:9s} {prec}: FAILED (--keep-going): {str(exc)[-800:]}")
+                        continue
                     r["rep"] = rep
                     raw.setdefault(key, []).append(r)
                     log(f"({k}/{total}) rep {rep + 1}/{a.repeats} {v:2d} view(s) {name:9s} {prec}: {msg}  [load {loadavg()}]")
-        self.res["inference"] = {"raw": raw, "auto_same": auto_same, "tools": tools}
+
+    def past_deadline(self) -> bool:
+        return self.a.deadline is not None and time.perf_counter() - T_START > self.a.deadline
+
+    def inference_run(self, name: str, prec: str, v: int, rep: int, cfg_common: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        a = self.a
+        n = a.images
+        if name == "limit":
+            inputs = min(v * n, a.limit_inputs)
+            r = run_child("limit", {**cfg_common, "precision": prec, "inputs": inputs})
+            r["seconds_scaled"] = r["per_input"] * v * n
+            msg = f"{ms(r['per_input'])} ms/input x {v}x{n} = {sec(r['seconds_scaled'])}s"
+        elif name == "kaggle":
+            r = self.run_kaggle(v, prec, rep)
+            msg = f"{sec(r['seconds'])}s in-process ({n / r['seconds']:.1f} img/s), wall {r['wall_s']:.1f}s, forward batch {r['forward_batch']}, {r['precision']}"
+        elif name == "ttach":
+            sub = self.subs / f"ttach-{prec}-v{v}-r{rep}.csv"
+            r = run_child("ttach", {**cfg_common, "precision": prec, "views": v, "folder": str(self.images), "submission": str(sub)})
+            r["submission"] = str(sub)
+            msg = f"{sec(r['seconds'])}s ({n / r['seconds']:.1f} img/s)"
+        else:
+            sub = self.subs / f"reference-v{v}-r{rep}.csv"
+            r = run_child("reference", {**cfg_common, "views": v, "folder": str(self.images), "submission": str(sub)})
+            r["submission"] = str(sub)
+            msg = f"{sec(r['seconds'])}s ({n / r['seconds']:.1f} img/s)"
+        return r, msg
 
     # -- row 5 --
 
@@ -316,21 +346,50 @@ def fmt(x: float | None, spec: str = ".2f", suffix: str = "") -> str:
     return "—" if x is None else f"{x:{spec}}{suffix}"
 
 
+def sec(x: float | None) -> str:
+    """Seconds: one decimal, three below 1 s (GPU runs)."""
+    return "—" if x is None else f"{x:.1f}" if x >= 1 else f"{x:.3f}"
+
+
+def ms(x: float) -> str:
+    """Seconds as milliseconds: one decimal, three below 1 ms (GPU forwards)."""
+    return f"{x * 1000:.1f}" if x >= 1e-3 else f"{x * 1000:.3f}"
+
+
+def device_words(info: dict[str, Any]) -> str:
+    if info.get("device") != "cuda":
+        return "cpu"
+    return f"cuda ({info.get('gpu', '?')})"
+
+
 def report(b: Bench) -> str:
     a, info, res = b.a, b.info, b.res
     L: list[str] = []
     goals: list[tuple[str, str, str]] = []  # (goal, figure, status)
-    L.append("# kaggle-tta benchmark")
+    cuda = a.device == "cuda"
+    L.append("# kaggle-tta benchmark" + (f" — GPU: {info.get('gpu', '?')}" if cuda else ""))
     L.append("")
+    if cuda:
+        L.append(f"- **Device**: {info.get('gpu', '?')} ({info.get('gpu_memory_gb', '?')} GB, compute capability {info.get('gpu_capability', '?')}, "
+                 f"{info.get('gpu_count', '?')} visible), driver {info.get('gpu_driver', '?')}, CUDA {info.get('cuda_runtime', '?')}, cuDNN {info.get('cudnn', '?')}, "
+                 f"bf16: {'yes' if info.get('cuda_bf16') else 'no'}; TF32 (torch defaults, untouched): cuDNN convolutions "
+                 f"{'on' if info.get('cudnn_allow_tf32') else 'off'}, matmul {'on' if info.get('matmul_allow_tf32') else 'off'}")
     L.append(f"- **Machine**: {info['cpu']}, {info['cores']} cores ({', '.join(info['simd']) or 'no AVX2'}; native bf16: {'yes' if info['native_bf16'] else 'no'}), "
              f"{info['memory_gb']} GB RAM, CUDA: {'yes' if info['cuda'] else 'no'}; {info['os']}")
     L.append(f"- **Software**: Python {info['python']}, torch {info['torch']}, timm {info['timm']}, albumentations {info['albumentations']}, "
              f"ttach {info['ttach']}, numpy {info['numpy']}, OpenCV {info['opencv']}")
     L.append(f"- **Date**: {info['date']}; run took {res['elapsed_min']:.1f} min; load average at start {res['load_start']}, at end {res['load_end']}")
+    threads = f"{a.threads} threads" if a.threads else f"torch's default threads ({info.get('torch_default_threads', '?')})"
     L.append(f"- **Setup**: timm `resnet18` (random init, `pretrained=False`), 224x224 inputs from 256-px JPEGs, {a.images} images, "
-             f"{a.threads} threads, `forward_batch: {a.forward_batch}`, `batch_size: {a.batch_size}`, `workers: {a.workers}`, device cpu; "
+             f"{threads}, `forward_batch: {a.forward_batch}`, `batch_size: {a.batch_size}`, `workers: {a.workers}`, device {device_words(info)}; "
              f"`precision: auto` resolves to **{info['auto_precision']}** here. Medians of {a.repeats} interleaved repeat(s)"
              + (" (`--quick`)" if a.quick else "") + ".")
+    if cuda:
+        L.append("- **On the GPU**: models and batches on the GPU; decoding and preprocessing on the CPU (kaggle-tta's and ttach's DataLoader "
+                 "workers, the reference path in its main process) except kaggle-tta's normalization and views, which run on the GPU. "
+                 "channels_last throughout (the engine's `channels_last: auto` on CUDA), autocast only where the precision is bf16/fp16; "
+                 "the reference path is fp32 as in the document. Every child creates its CUDA context before its clock starts "
+                 "(like its imports) and synchronizes before reading a clock.")
     L.append("")
 
     inf = res.get("inference")
@@ -359,13 +418,19 @@ def report(b: Bench) -> str:
         L.append("Seconds are in-process (after the Python imports, which every tool pays alike; kaggle-tta's whole-process wall time, "
                  "imports included, is in its own column). Ratios are medians of per-repeat ratios.")
         L.append("")
+        if inf.get("stopped"):
+            L.append(f"**Stopped early**: {inf['stopped']}; figures below use the runs that were done.")
+            L.append("")
         L.append("| # | path | views | precision | seconds | images/s | ratio | goal | status |")
         L.append("|---|---|---|---|---|---|---|---|---|")
         for v in a.views:
-            lim = f"limit/fp32/{v}"
-            if raw.get(lim):
+            for prec in ("fp32", "auto"):
+                lim = f"limit/{prec}/{v}"
+                if not raw.get(lim) or (prec == "auto" and auto_same):
+                    continue
                 per = med([r["per_input"] for r in raw[lim]])
-                L.append(f"| 1 | limit: forward only, {per * 1000:.1f} ms/input × {v}×{n} | {v} | fp32 | {fmt(med(secs(lim)), '.1f')} | "
+                label = f"auto (→{info['auto_precision']})" if prec == "auto" else "fp32"
+                L.append(f"| 1 | limit: forward only, {ms(per)} ms/input × {v}×{n} | {v} | {label} | {sec(med(secs(lim)))} | "
                          f"{fmt(n / med(secs(lim)), '.1f')} | 1.00 | — | |")
             for prec in ("fp32", "auto"):
                 key = alias(f"kaggle/{prec}/{v}")
@@ -377,25 +442,28 @@ def report(b: Bench) -> str:
                 goal_applies = v in (2, 8, 10) and ratio is not None
                 st = ok(ratio <= 1.10) if goal_applies else ""
                 label = f"auto (→{info['auto_precision']}{', same runs as fp32' if auto_same else ''})" if prec == "auto" else "fp32"
-                L.append(f"| 2 | kaggle-tta run (process wall {wall:.1f}s) | {v} | {label} | {s:.1f} | {n / s:.1f} | {fmt(ratio)}× limit | "
+                L.append(f"| 2 | kaggle-tta run (process wall {wall:.1f}s) | {v} | {label} | {sec(s)} | {n / s:.1f} | {fmt(ratio)}× limit | "
                          f"{'≤ 1.10' if v in (2, 8, 10) else '—'} | {st} |")
                 if goal_applies:
                     goals.append((f"kaggle-tta ≤ 1.10 × limit, {v} views, {prec}", f"{ratio:.2f}×", st))
-            tkey = f"ttach/fp32/{v}"
-            if raw.get(tkey):
+            for prec in ("fp32", "auto"):
+                tkey = f"ttach/{prec}/{v}"
+                if not raw.get(tkey) or (prec == "auto" and auto_same):
+                    continue
                 s = med(secs(tkey))
-                sp = paired(tkey, f"kaggle/fp32/{v}")  # ttach seconds / kaggle seconds = kaggle speed / ttach speed
+                sp = paired(tkey, f"kaggle/{prec}/{v}")  # ttach seconds / kaggle seconds = kaggle speed / ttach speed
                 st = ok(sp >= 1.0) if sp is not None else ""
-                L.append(f"| 3 | ttach ClassificationTTAWrapper | {v} | fp32 | {s:.1f} | {n / s:.1f} | kaggle-tta {fmt(sp)}× as fast | ≥ 1.00 | {st} |")
+                label = f"auto (→{info['auto_precision']})" if prec == "auto" else "fp32"
+                L.append(f"| 3 | ttach ClassificationTTAWrapper | {v} | {label} | {sec(s)} | {n / s:.1f} | kaggle-tta {fmt(sp)}× as fast | ≥ 1.00 | {st} |")
                 if sp is not None:
-                    goals.append((f"kaggle-tta at least as fast as ttach, {v} views", f"{sp:.2f}×", st))
+                    goals.append((f"kaggle-tta at least as fast as ttach, {v} views" + (", auto" if prec == "auto" else ""), f"{sp:.2f}×", st))
             rkey = f"reference/fp32/{v}"
             if raw.get(rkey):
                 s = med(secs(rkey))
                 sp = paired(rkey, alias(f"kaggle/auto/{v}"))
                 goal_applies = v in (8, 10) and sp is not None
                 st = ok(sp >= 3.0) if goal_applies else ""
-                L.append(f"| 4 | reference document, per image | {v} | fp32 | {s:.1f} | {n / s:.1f} | kaggle-tta (auto) {fmt(sp)}× as fast | "
+                L.append(f"| 4 | reference document, per image | {v} | fp32 | {sec(s)} | {n / s:.1f} | kaggle-tta (auto) {fmt(sp)}× as fast | "
                          f"{'≥ 3' if v in (8, 10) else '—'} | {st} |")
                 if goal_applies:
                     goals.append((f"kaggle-tta auto ≥ 3 × reference images/s, {v} views", f"{sp:.2f}×", st))
@@ -530,11 +598,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--images", type=int, default=None, help="test images for rows 1-4 (default 512; --quick 64)")
     ap.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 3; --quick 1)")
     ap.add_argument("--views", default="1,2,8,10", help="view counts for rows 1-4, from 1,2,8,10")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="where every model runs (limit, kaggle-tta runtime.device, ttach, reference); decoding stays on the CPU")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads of each child (default 2 on cpu; on cuda unset: torch's default, and OMP/MKL not limited)")
     ap.add_argument("--forward-batch", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--limit-inputs", type=int, default=None, help="inputs timed for the limit (per-input time x views x images; default 512)")
+    ap.add_argument("--workers", type=int, default=None, help="DataLoader workers of kaggle-tta and ttach (default 1 on cpu, 8 on cuda)")
+    ap.add_argument("--limit-inputs", type=int, default=None,
+                    help="inputs timed for the limit (per-input time x views x images; default 512, 4096 on cuda)")
+    ap.add_argument("--child-timeout", type=float, default=None, help="kill a measured child after this many seconds (default: none)")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="rows 1-4 start no new run after this many seconds from the start; the report uses what was done")
+    ap.add_argument("--keep-going", action="store_true", help="rows 1-4: a failed run is reported and skipped instead of ending the rows")
     ap.add_argument("--measure-auto", action="store_true", help="run precision: auto separately even where it resolves to fp32")
     ap.add_argument("--reblend-rows", type=int, default=None, help="rows of the re-blend cache (default 50000; --quick 5000)")
     ap.add_argument("--memory-images", default=None, help="the two test-set sizes of the memory row (default 500,5000; --quick 100,1000)")
@@ -547,7 +623,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     q = a.quick
     a.images = a.images or (64 if q else 512)
     a.repeats = a.repeats or (1 if q else 3)
-    a.limit_inputs = a.limit_inputs or (128 if q else 512)
+    cuda = a.device == "cuda"
+    a.threads = a.threads if a.threads is not None else (None if cuda else 2)
+    a.workers = a.workers if a.workers is not None else (8 if cuda else 1)
+    a.limit_inputs = a.limit_inputs or (128 if q else 4096 if cuda else 512)
     a.reblend_rows = a.reblend_rows or (5000 if q else 50000)
     a.memory_images = [int(x) for x in (a.memory_images or ("100,1000" if q else "500,5000")).split(",")]
     a.autobatch_images = a.autobatch_images or (64 if q else 256)
@@ -570,14 +649,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global CHILD_TIMEOUT
     a = parse_args(argv)
+    if a.device == "cuda":  # threads unset: leave OMP/MKL to the libraries too; set: the same number
+        _common.CHILD_OMP_THREADS = str(a.threads) if a.threads else None
+    CHILD_TIMEOUT = a.child_timeout
     b = Bench(a)
     b.out.mkdir(parents=True, exist_ok=True)
     b.res["load_start"] = loadavg()
-    log(f"kaggle-tta benchmark → {b.out}; rows: {', '.join(a.rows)}; {a.images} images, {a.repeats} repeat(s)")
-    b.info = machine_info()
+    log(f"kaggle-tta benchmark → {b.out}; device {a.device}; rows: {', '.join(a.rows)}; {a.images} images, {a.repeats} repeat(s)")
+    b.info = machine_info(a.device)
     b.res["machine"] = b.info
-    log(f"machine: {b.info['cpu']}, {b.info['cores']} cores, torch {b.info['torch']}, precision auto → {b.info['auto_precision']}")
+    if a.device == "cuda" and not b.info["cuda"]:
+        print(f"run.py: error: --device cuda, but torch {b.info['torch']} (built for CUDA {b.info.get('torch_cuda_build')}) sees no CUDA device "
+              "(torch.cuda.is_available() is False); run with --device cpu", file=sys.stderr)
+        return 2
+    log(f"machine: {b.info['cpu']}, {b.info['cores']} cores, torch {b.info['torch']}, device {device_words(b.info)}, precision auto → {b.info['auto_precision']}")
     b.setup()
     rows = set(a.rows)
     failures = []
@@ -595,6 +682,7 @@ def main(argv: list[str] | None = None) -> int:
         except ChildFailed as exc:
             failures.append(str(exc))
             log(f"FAILED: {exc}")
+    failures = b.failures + failures
     import resource
 
     b.res["orchestrator_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the floor of every child's peak RSS
