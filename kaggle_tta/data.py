@@ -19,6 +19,7 @@ import glob as globlib
 import hashlib
 import json
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,7 @@ class TestSet:
     """The ids and files of the test set, in a deterministic order."""
 
     ids: list[str]
-    paths: list[Path]
+    paths: list[str]  # plain strings: a 100 000-image listing is not 100 000 Path objects
     identities: list[tuple[int, int]]  # (size, mtime_ns) per file, from one stat at listing
 
     def __len__(self) -> int:
@@ -78,13 +79,15 @@ def list_test_set(cfg: PipelineConfig) -> TestSet:
         root = cfg.resolve(d.folder)
         if not root.is_dir():
             raise DataError(f"data.folder: {root} is not a folder; point it at the test images")
-        paths = sorted((p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in exts), key=lambda p: p.relative_to(root).as_posix())
-        ids = [p.relative_to(root).with_suffix("").as_posix() for p in paths]
+        found = sorted((p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in exts), key=lambda p: p.relative_to(root).as_posix())
+        ids = [p.relative_to(root).with_suffix("").as_posix() for p in found]
+        paths = [str(p) for p in found]
         where = f"data.folder ({root})"
     elif d.glob is not None:
         pattern = str(cfg.resolve(d.glob))
-        paths = sorted(Path(p) for p in globlib.glob(pattern, recursive=True) if Path(p).is_file() and Path(p).suffix.lower() in exts)
-        ids = [p.stem for p in paths]
+        found = sorted(Path(p) for p in globlib.glob(pattern, recursive=True) if Path(p).is_file() and Path(p).suffix.lower() in exts)
+        ids = [p.stem for p in found]
+        paths = [str(p) for p in found]
         where = f"data.glob ({pattern})"
     else:
         ids, paths = _list_csv(cfg)
@@ -95,7 +98,7 @@ def list_test_set(cfg: PipelineConfig) -> TestSet:
     identities, missing = [], []
     for p in paths:  # one stat per file: existence, zero bytes and the fingerprint
         try:
-            st = p.stat()
+            st = os.stat(p)
             identities.append((st.st_size, st.st_mtime_ns))
         except FileNotFoundError:
             missing.append(p)
@@ -108,7 +111,7 @@ def list_test_set(cfg: PipelineConfig) -> TestSet:
     return TestSet(ids, paths, identities)
 
 
-def _list_csv(cfg: PipelineConfig) -> tuple[list[str], list[Path]]:
+def _list_csv(cfg: PipelineConfig) -> tuple[list[str], list[str]]:
     c = cfg.data.csv
     assert c is not None
     path = cfg.resolve(c.path)
@@ -130,7 +133,8 @@ def _list_csv(cfg: PipelineConfig) -> tuple[list[str], list[Path]]:
             rel = [c.path_template.format(id=i) for i in ids]  # type: ignore[union-attr]
         except (KeyError, IndexError) as exc:
             raise ConfigError(f"data.csv.path_template: only {{id}} may be used ({exc})") from None
-    return ids, [Path(r) if Path(r).is_absolute() else root / r for r in rel]
+    base = str(root)
+    return ids, [os.path.normpath(r if os.path.isabs(r) else os.path.join(base, r)) for r in rel]
 
 
 def _check_unique(ids: Sequence[str], paths: Sequence[Path], where: str) -> None:
@@ -173,7 +177,7 @@ def load_labels(cfg: PipelineConfig, ids: Sequence[str], classes: Sequence[str])
 # ---- decoding ------------------------------------------------------------------------------
 
 
-def decode_image(path: Path) -> np.ndarray:
+def decode_image(path: Path | str) -> np.ndarray:
     """Reads an image as uint8 RGB ``[H, W, 3]``, converting the formats listed above.
 
     Raises:

@@ -430,7 +430,7 @@ class _Collector:
         from kaggle_tta.data import list_test_set
 
         dest = self._data_dir(root.name)
-        for p in list_test_set(self.cfg).paths:
+        for p in map(Path, list_test_set(self.cfg).paths):
             try:
                 rel = p.resolve().relative_to(root.resolve())
             except ValueError:
