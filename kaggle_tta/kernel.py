@@ -348,6 +348,10 @@ class _Collector:
                 node["csv"]["root"] = self._data_path("data.csv.root", root, "csv-root")
         if d.labels is not None:
             node["labels"]["path"] = self._data_path("data.labels.path", cfg.resolve(d.labels.path), "file", optional=True)
+        if d.masks is not None:  # segmentation ground truth: a folder of mask images
+            node["masks"]["folder"] = self._data_path("data.masks.folder", cfg.resolve(d.masks.folder), "dir", optional=True)
+        if d.boxes is not None:  # detection ground truth: a CSV of boxes
+            node["boxes"]["path"] = self._data_path("data.boxes.path", cfg.resolve(d.boxes.path), "file", optional=True)
         if d.classes_file is not None:
             path = cfg.resolve(d.classes_file)
             rel = self._competition_rel(path)
