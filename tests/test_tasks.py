@@ -289,3 +289,42 @@ def test_examples_run_with_their_trained_members(demo_images, tmp_path, example,
         assert row.scores_tta[metric] > floor, (row.node, row.scores_tta)
         assert row.scores_tta[metric] >= row.scores_plain[metric] - 0.03, (row.node, row.scores_plain, row.scores_tta)
     assert result.n_rows == (24 * 4 if example == "segmentation" else 24)
+
+
+# ---- resume ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", ["segmentation", "detection"])
+def test_an_interrupted_run_resumes_to_the_same_submission(odd_images, tmp_path, monkeypatch, task):
+    """Killed mid-run (after the first loader batch), the rerun computes only what is missing
+    and writes the submission a clean run writes."""
+    import kaggle_tta.engine as engine
+
+    def cfg_for(cache: str) -> dict:
+        c = _seg_cfg(odd_images, tmp_path, factory="helpers:bright_pixels", tta="flips") if task == "segmentation" else _det_cfg(odd_images, tmp_path, "flips")
+        c["cache"]["dir"] = str(tmp_path / cache)
+        c["runtime"]["forward_batch"] = 4  # one loader batch of 4 images = one chunk per view
+        return c
+
+    clean, _ = infer(load_pipeline(_write(tmp_path, cfg_for("clean"), "clean.yaml")), progress=False)
+    expected = pl.read_csv(blend_and_write(clean).path).to_dicts()
+
+    original = engine._Runner.__call__
+    calls = {"n": 0}
+
+    def flaky(self, x):
+        calls["n"] += 1
+        if calls["n"] > 3:  # the first batch's three views done, then killed
+            raise KeyboardInterrupt
+        return original(self, x)
+
+    path = _write(tmp_path, cfg_for("resumed"), "resumed.yaml")
+    with monkeypatch.context() as m:
+        m.setattr(engine._Runner, "__call__", flaky)
+        with pytest.raises(KeyboardInterrupt):
+            infer(load_pipeline(path), progress=False)
+    (entry_dir,) = (tmp_path / "resumed").glob("*/*")
+    assert not list(entry_dir.glob("hflip.npy")) and not list(entry_dir.glob("hflip.boxes.npy"))  # nothing complete to misread
+    plan, stats = infer(load_pipeline(path), progress=False)
+    assert stats.rows_computed == 2  # images 4 and 5 only
+    assert pl.read_csv(blend_and_write(plan).path).to_dicts() == expected
