@@ -27,7 +27,7 @@ from kaggle_tta.cache import CacheEntry
 from kaggle_tta.data import SIZE_KEY, make_loader
 from kaggle_tta.errors import DataError
 from kaggle_tta.models import build_model
-from kaggle_tta.plan import MemberPlan, Plan
+from kaggle_tta.plan import MemberPlan, Plan, resolve_workers
 from kaggle_tta.steps import STEPS, open_views
 from kaggle_tta.tasks.detection import detection_post
 
@@ -178,8 +178,9 @@ def run_inference(plan: Plan, device: torch.device, precision: str, progress: bo
     rt = cfg.runtime
     n = len(plan.testset)
     stats = RunStats(device=str(device), precision=precision, images=n)
-    if rt.threads:
-        torch.set_num_threads(rt.threads)
+    workers, threads = resolve_workers(rt.workers, device, rt.threads)
+    if threads:
+        torch.set_num_threads(threads)
     pending: list[_Pending] = []
     for m in plan.members:
         entry = CacheEntry(plan.cache_root, m.name, m.fingerprint(precision), m.inputs)
@@ -197,7 +198,7 @@ def run_inference(plan: Plan, device: torch.device, precision: str, progress: bo
     start = min(p.entry.rows_done(v.name) for p in pending for v in p.views)
     specs = {p.member.canvas.key: p.member.canvas for p in pending}
     # Start the workers now: they decode the first batches while the models are built.
-    batches = iter(make_loader(plan.testset.paths, specs, rt.batch_size, rt.workers, start, pin_memory=device.type == "cuda"))
+    batches = iter(make_loader(plan.testset.paths, specs, rt.batch_size, workers, start, pin_memory=device.type == "cuda"))
     opened: list[_Pending] = []
     bar = None
     try:
@@ -214,7 +215,7 @@ def run_inference(plan: Plan, device: torch.device, precision: str, progress: bo
             p.entry.save()
         if min(min(p.start.values()) for p in pending) < start:  # a partial file was unusable
             start = min(min(p.start.values()) for p in pending)
-            batches = iter(make_loader(plan.testset.paths, specs, rt.batch_size, rt.workers, start, pin_memory=device.type == "cuda"))
+            batches = iter(make_loader(plan.testset.paths, specs, rt.batch_size, workers, start, pin_memory=device.type == "cuda"))
         n_views = sum(len(p.views) for p in pending)
         bar = tqdm(total=n - start, unit="img", desc=f"{len(pending)} member(s), {n_views} view(s)", disable=not progress, dynamic_ncols=True)
         t0 = time.perf_counter()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -207,6 +208,31 @@ def cpu_has_native_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # what this process may use (containers, taskset)
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def resolve_workers(setting: int | str, device: torch.device, threads: int | None) -> tuple[int, int | None]:
+    """(decode workers, torch CPU threads to set or None) for ``runtime.workers``.
+
+    On the CPU the forward and the decoding share the cores: a worker that takes a core from
+    a 2-thread forward stalls its synchronized kernels, so small machines decode in-process,
+    and larger ones leave the workers' cores out of torch's threads.
+    """
+    cores = cpu_cores()
+    if setting != "auto":
+        return int(setting), threads
+    if device.type == "cuda":
+        return min(8, max(0, cores - 1)), threads
+    if cores <= 4:
+        return 0, threads
+    workers = max(1, cores // 8)
+    return workers, threads if threads else cores - workers
 
 
 def resolve_precision(name: str, device: torch.device) -> str:

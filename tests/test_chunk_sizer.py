@@ -1,4 +1,5 @@
-"""forward_batch: auto — the chunk-size search, on simulated per-input costs."""
+"""Runtime knobs resolved at run time: the forward_batch: auto chunk-size search (on simulated
+per-input costs) and workers: auto."""
 
 from __future__ import annotations
 
@@ -34,3 +35,24 @@ def test_fixed_size_and_shrink():
     s.shrink()
     assert s.current == 24
     assert ChunkSizer("auto", 10).current == 8  # candidates never exceed images x views
+
+
+@pytest.mark.parametrize(
+    "cores,device,setting,threads,expected",
+    [
+        (2, "cpu", "auto", None, (0, None)),  # decode in-process: no core taken from the forward
+        (4, "cpu", "auto", None, (0, None)),
+        (16, "cpu", "auto", None, (2, 14)),  # workers' cores left out of torch's threads
+        (16, "cpu", "auto", 4, (2, 4)),  # an explicit thread count is kept
+        (16, "cuda", "auto", None, (8, None)),
+        (2, "cuda", "auto", None, (1, None)),
+        (2, "cpu", 3, None, (3, None)),  # an explicit worker count is kept
+    ],
+)
+def test_workers_auto(monkeypatch, cores, device, setting, threads, expected):
+    import torch
+
+    from kaggle_tta import plan
+
+    monkeypatch.setattr(plan, "cpu_cores", lambda: cores)
+    assert plan.resolve_workers(setting, torch.device(device), threads) == expected
