@@ -604,7 +604,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="torch intra-op threads of each child (default 2 on cpu; on cuda unset: torch's default, and OMP/MKL not limited)")
     ap.add_argument("--forward-batch", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--workers", type=int, default=None, help="DataLoader workers of kaggle-tta and ttach (default 1 on cpu, 8 on cuda)")
+    ap.add_argument("--workers", type=int, default=None, help="DataLoader workers of kaggle-tta and ttach (default: what workers: auto gives, 0 on a CPU of <= 4 cores, cores // 8 above; 8 on cuda)")
     ap.add_argument("--limit-inputs", type=int, default=None,
                     help="inputs timed for the limit (per-input time x views x images; default 512, 4096 on cuda)")
     ap.add_argument("--child-timeout", type=float, default=None, help="kill a measured child after this many seconds (default: none)")
@@ -625,7 +625,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.repeats = a.repeats or (1 if q else 3)
     cuda = a.device == "cuda"
     a.threads = a.threads if a.threads is not None else (None if cuda else 2)
-    a.workers = a.workers if a.workers is not None else (8 if cuda else 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    a.workers = a.workers if a.workers is not None else (8 if cuda else 0 if cores <= 4 else max(1, cores // 8))
     a.limit_inputs = a.limit_inputs or (128 if q else 4096 if cuda else 512)
     a.reblend_rows = a.reblend_rows or (5000 if q else 50000)
     a.memory_images = [int(x) for x in (a.memory_images or ("100,1000" if q else "500,5000")).split(",")]
