@@ -62,17 +62,21 @@ def _activation(plan: Plan) -> str:
     return "sigmoid" if plan.cfg.multilabel else "softmax"
 
 
-def _score(pred: Prediction, y: np.ndarray | None, plan: Plan) -> float | None:
-    if y is None:
-        return None
+def _counts(pred: Prediction, y: np.ndarray, plan: Plan) -> np.ndarray:
+    """What a score is made of, additive over blocks of rows: (correct, rows), or for
+    multi-label (true positives, false positives, false negatives)."""
     p = to_probs(pred, _activation(plan))
     if plan.cfg.multilabel:
         hit = p >= plan.cfg.submission.threshold
-        tp = float((hit & (y == 1)).sum())
-        fp = float((hit & (y == 0)).sum())
-        fn = float((~hit & (y == 1)).sum())
-        return 2 * tp / max(2 * tp + fp + fn, 1.0)
-    return float((p.argmax(axis=1) == y).mean())
+        return np.array([(hit & (y == 1)).sum(), (hit & (y == 0)).sum(), (~hit & (y == 1)).sum()], dtype=np.float64)
+    return np.array([(p.argmax(axis=1) == y).sum(), len(y)], dtype=np.float64)
+
+
+def _score(counts: np.ndarray, plan: Plan) -> float:
+    if plan.cfg.multilabel:
+        tp, fp, fn = counts
+        return float(2 * tp / max(2 * tp + fp + fn, 1.0))
+    return float(counts[0] / max(counts[1], 1.0))
 
 
 def blend_and_write(plan: Plan, sources: list[MemberSource] | None = None, labels: np.ndarray | None = None) -> BlendResult:
@@ -105,24 +109,36 @@ def blend_and_write(plan: Plan, sources: list[MemberSource] | None = None, label
 Scored = tuple[pl.DataFrame, list[str], dict[str, dict[str, float]], dict[str, dict[str, float]]]
 
 
+BLOCK_ROWS = 2048  # rows merged and blended at a time: accumulators stay small and in cache
+
+
 def _classification(plan: Plan, sources: list[MemberSource], labels: np.ndarray | None, has_identity: bool) -> Scored:
+    """Blends in blocks of rows (every view, member and blend of a block at once), so memory
+    is a few blocks whatever the test-set size; rank_mean ranks whole columns, so a DAG that
+    uses it is evaluated in one block."""
     cfg = plan.cfg
     act = _activation(plan)
-    nodes = evaluate(cfg, {s.name: member_prediction(s) for s in sources}, act)
+    n = len(plan.testset)
     # label and topk only rank each row: logits rank as their probabilities do, so the
     # softmax over [N, C] is skipped for them.
     ranked_only = cfg.submission.format in ("label", "topk")
-    src = nodes[cfg.submission_source]
-    table = build_table(plan.testset.ids, src.values if ranked_only else to_probs(src, act), plan.classes, cfg.submission)
+    step = n if any(b.method == "rank_mean" for b in cfg.blends) else BLOCK_ROWS
     metric = "F1" if cfg.multilabel else "accuracy"
-    if labels is None:
-        return table, [metric], {}, {}
-    tta = {name: {metric: _score(pred, labels, plan)} for name, pred in nodes.items()}
-    plain = {}
-    if has_identity:  # without TTA: each member's identity view alone, blended the same way
-        plain_nodes = evaluate(cfg, {s.name: member_prediction(s, ["identity"]) for s in sources}, act)
-        plain = {name: {metric: _score(pred, labels, plan)} for name, pred in plain_nodes.items()}
-    return table, [metric], tta, plain  # type: ignore[return-value]
+    tables, tta, plain = [], {}, {}
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        nodes = evaluate(cfg, {s.name: member_prediction(s, rows=(lo, hi)) for s in sources}, act)
+        src = nodes[cfg.submission_source]
+        tables.append(build_table(plan.testset.ids[lo:hi], src.values if ranked_only else to_probs(src, act), plan.classes, cfg.submission))
+        if labels is None:
+            continue
+        for name, pred in nodes.items():
+            tta[name] = tta.get(name, 0) + _counts(pred, labels[lo:hi], plan)
+        if has_identity:  # without TTA: each member's identity view alone, blended the same way
+            for name, pred in evaluate(cfg, {s.name: member_prediction(s, ["identity"], (lo, hi)) for s in sources}, act).items():
+                plain[name] = plain.get(name, 0) + _counts(pred, labels[lo:hi], plan)
+    table = pl.concat(tables) if len(tables) > 1 else tables[0]
+    return table, [metric], {k: {metric: _score(c, plan)} for k, c in tta.items()}, {k: {metric: _score(c, plan)} for k, c in plain.items()}
 
 
 def _segmentation(plan: Plan, sources: list[MemberSource], labels: np.ndarray | None, has_identity: bool) -> Scored:

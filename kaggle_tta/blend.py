@@ -44,11 +44,13 @@ def check_complete(sources: Sequence[MemberSource], ids: Sequence[str], extra: S
             raise CacheError(f"{s.entry.dir}: row ids differ from the test set; delete that folder and rerun infer")  # type: ignore[union-attr]
 
 
-def member_prediction(s: MemberSource, views: Sequence[str] | None = None) -> Prediction:
-    """Merges a member's cached views (all of them, or the given subset)."""
+def member_prediction(s: MemberSource, views: Sequence[str] | None = None, rows: tuple[int, int] | None = None) -> Prediction:
+    """Merges a member's cached views (all of them, or the given subset), for every row or
+    for rows ``lo:hi`` (sliced from the memory-mapped files: only those rows are read)."""
     assert s.entry is not None
     names = list(views) if views is not None else list(s.views)
-    return reduce_views(s.merge, (s.entry.read(v) for v in names), s.activation)
+    lo, hi = rows if rows is not None else (None, None)
+    return reduce_views(s.merge, (s.entry.read(v)[lo:hi] for v in names), s.activation)
 
 
 def evaluate(cfg: PipelineConfig, members: Mapping[str, Prediction], activation: str) -> dict[str, Prediction]:

@@ -133,7 +133,7 @@ def blend(method: str, inputs: Sequence[Prediction], weights: Sequence[float] | 
             x, kind = rank_columns(p.values), "scores"
         else:
             x = np.power(np.clip(to_probs(p, activation), 0, None), power)
-        term = x.astype(np.float32) * np.float32(wi)
+        term = np.multiply(x, np.float32(wi), dtype=np.float32)  # one temporary, not two
         acc = term if acc is None else acc.__iadd__(term)
     assert acc is not None
     if method == "power_mean":

@@ -384,3 +384,28 @@ def test_albumentations_preprocessing_in_its_serialized_form(pipeline, capsys, t
     cfg["cache"]["dir"] = str(tmp_path / "cache_bad")
     code, _, err = _run(capsys, "infer", str(write(cfg)), "-q")
     assert code == 2 and "must return uint8 HWC images" in err
+
+
+@pytest.mark.parametrize("fmt,multilabel", [("label", False), ("probs", False), ("topk", False), ("multilabel", True)])
+def test_blending_in_blocks_of_rows_changes_nothing(pipeline, tmp_path, monkeypatch, fmt, multilabel):
+    """The re-blend streams blocks of rows; blocks of 5 rows (24 images: 5 blocks, the last
+    short) give the same submission and the same scores as one block."""
+    import kaggle_tta.api as api
+    from kaggle_tta.config import load_pipeline
+    from kaggle_tta.data import load_labels
+
+    write, cfg = pipeline
+    cfg["submission"]["format"] = fmt
+    cfg["multilabel"] = multilabel
+    cfg["blends"].append({"name": "top", "inputs": ["ens", "a"], "method": "power_mean", "weights": [2, 1]})
+    plan, _ = api.infer(load_pipeline(write(cfg)), progress=False)
+    labels = None if multilabel else load_labels(plan.cfg, plan.testset.ids, plan.classes)
+    one = api.blend_and_write(plan, labels=labels)
+    whole = pl.read_csv(one.path)
+    monkeypatch.setattr(api, "BLOCK_ROWS", 5)
+    blocked = api.blend_and_write(plan, labels=labels)
+    assert pl.read_csv(blocked.path).equals(whole)
+    assert multilabel or one.rows[-1].scores_tta["accuracy"] > 0
+    for a, b in zip(one.rows, blocked.rows):
+        assert a.node == b.node
+        assert a.scores_tta == pytest.approx(b.scores_tta) and a.scores_plain == pytest.approx(b.scores_plain)
