@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from kaggle_tta.cache import CacheEntry
+from kaggle_tta.cache import IMAGE_SIZE, CacheEntry
 from kaggle_tta.data import SIZE_KEY, make_loader
 from kaggle_tta.errors import DataError
 from kaggle_tta.models import build_model
@@ -187,7 +187,8 @@ def run_inference(plan: Plan, device: torch.device, precision: str, progress: bo
         ms = stats.members[m.name] = MemberStats(m.name)
         todo = [v for v in m.views if not entry.is_complete(v.name)]
         ms.views_cached = [v.name for v in m.views if entry.is_complete(v.name)]
-        if todo:
+        sizes_missing = cfg.task != "classification" and not entry.is_complete(IMAGE_SIZE)
+        if todo or sizes_missing:
             pending.append(_Pending(m, entry, todo, {}, {}))
     if not pending:
         return stats
@@ -195,7 +196,8 @@ def run_inference(plan: Plan, device: torch.device, precision: str, progress: bo
     channels_last = rt.channels_last if rt.channels_last != "auto" else (device.type == "cuda" or precision != "fp32")
     max_views = max(len(p.views) for p in pending)
     sizer = ChunkSizer(rt.forward_batch, rt.batch_size * max_views)
-    start = min(p.entry.rows_done(v.name) for p in pending for v in p.views)
+    extra = [IMAGE_SIZE] if cfg.task != "classification" else []  # image sizes, stored like a view
+    start = min(p.entry.rows_done(name) for p in pending for name in [*(v.name for v in p.views), *extra])
     specs = {p.member.canvas.key: p.member.canvas for p in pending}
     # Start the workers now: they decode the first batches while the models are built.
     batches = iter(make_loader(plan.testset.paths, specs, rt.batch_size, workers, start, pin_memory=device.type == "cuda"))
@@ -206,13 +208,15 @@ def run_inference(plan: Plan, device: torch.device, precision: str, progress: bo
             model = build_model(cfg, p.member.cfg, len(plan.classes)).to(device)
             if channels_last:
                 model = model.to(memory_format=torch.channels_last)
-            post = detection_post(p.member.cfg.adapter, f"members.{p.member.name}.adapter") if cfg.task == "detection" else None
+            post = detection_post(p.member.cfg.adapter, f"members.{p.member.name}.adapter", len(plan.classes)) if cfg.task == "detection" else None
             p.runner = _Runner(model, device, precision, channels_last, sizer, post)
         for p in pending:
             p.entry.write_ids(plan.testset.ids)
-            open_views(p, plan, start)
-            opened.append(p)
-            p.entry.save()
+            opened.append(p)  # first: files opened before a failure are still closed
+            open_views(p, plan)
+            # commit, not save: a view whose rows were all recorded before an interrupt hit
+            # the last commit is completed here, instead of waiting for rows that never come
+            p.entry.commit()
         if min(min(p.start.values()) for p in pending) < start:  # a partial file was unusable
             start = min(min(p.start.values()) for p in pending)
             batches = iter(make_loader(plan.testset.paths, specs, rt.batch_size, workers, start, pin_memory=device.type == "cuda"))

@@ -177,6 +177,9 @@ def build_plan(cfg: PipelineConfig) -> Plan:
         key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
         bound = [v.bind(None if seg else pre.size, pre.mean, pre.std) for v in views[m.name]]
         members.append(MemberPlan(m, pre, canvas, bound, act, out_channels(cfg, act, len(classes)), inputs, key))
+    if seg and len({m.activation for m in members}) > 1:  # maps blend element-wise: one meaning per channel
+        acts = ", ".join(f"{m.name}: {m.activation}" for m in members)
+        raise ConfigError(f"members.*.activation: segmentation members must share one activation ({acts}); set activation on each member")
     return Plan(cfg, classes, testset, members, cache_root)
 
 

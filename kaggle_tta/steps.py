@@ -50,17 +50,17 @@ def stored_size(plan: Plan, canvas: tuple[int, int]) -> tuple[int, int]:
     return (max(1, round(canvas[0] * s)), max(1, round(canvas[1] * s))) if s != 1.0 else canvas
 
 
-def open_views(p: _Pending, plan: Plan, start: int) -> None:
+def open_views(p: _Pending, plan: Plan) -> None:
     """Opens (or reopens) the cache files of every pending view of member ``p``."""
     n = len(plan.testset)
     task = plan.cfg.task
     entry = p.entry
-    if task != "classification":
+    if task != "classification" and not entry.is_complete(IMAGE_SIZE):  # a complete one is kept as it is
         p.arrays[IMAGE_SIZE], p.start[IMAGE_SIZE] = entry.open_for_write(IMAGE_SIZE, (n, 2), "int32")
     if task == "classification":
         shape: tuple[int, ...] = (n, p.member.out_channels)
     elif task == "segmentation":
-        p.canvas_size = map_size(plan, plan.testset.paths[min(start, n - 1)])
+        p.canvas_size = map_size(plan, plan.testset.paths[0])
         shape = (n, p.member.out_channels, *stored_size(plan, p.canvas_size))
     for v in p.views:
         if task == "detection":

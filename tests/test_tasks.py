@@ -328,3 +328,68 @@ def test_an_interrupted_run_resumes_to_the_same_submission(odd_images, tmp_path,
     plan, stats = infer(load_pipeline(path), progress=False)
     assert stats.rows_computed == 2  # images 4 and 5 only
     assert pl.read_csv(blend_and_write(plan).path).to_dicts() == expected
+
+
+def test_adding_a_view_keeps_the_image_sizes_of_a_complete_entry(odd_images, tmp_path, monkeypatch):
+    """A run that adds a view and is interrupted must not spoil what was complete: the old
+    pipeline still blends without computing anything."""
+    import kaggle_tta.engine as engine
+
+    old = _write(tmp_path, _seg_cfg(odd_images, tmp_path, factory="helpers:bright_pixels"), "old.yaml")
+    plan, _ = infer(load_pipeline(old), progress=False)
+    expected = pl.read_csv(blend_and_write(plan).path).to_dicts()
+    with monkeypatch.context() as m:
+        m.setattr(engine._Runner, "__call__", lambda self, x: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            infer(load_pipeline(_write(tmp_path, _seg_cfg(odd_images, tmp_path, factory="helpers:bright_pixels", tta="flips"), "new.yaml")), progress=False)
+    plan, stats = infer(load_pipeline(old), progress=False)
+    assert stats.all_cached
+    assert pl.read_csv(blend_and_write(plan).path).to_dicts() == expected
+
+
+def test_an_interrupt_inside_the_last_commit_is_completed_on_the_next_run(odd_images, tmp_path, monkeypatch):
+    """All rows recorded, then killed while the finished file was being renamed into place:
+    the next run completes the view from what is on disk, computing nothing."""
+    import kaggle_tta.cache as cache
+
+    path = _write(tmp_path, _seg_cfg(odd_images, tmp_path, factory="helpers:bright_pixels", tta="hflip"))
+    real = cache.os.replace
+    hit = {"n": 0}
+
+    def replace(src, dst):
+        if str(src).endswith(".npy.partial") and not hit["n"]:
+            hit["n"] += 1
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(cache.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        infer(load_pipeline(path), progress=False)
+    monkeypatch.setattr(cache.os, "replace", real)
+    plan, stats = infer(load_pipeline(path), progress=False)
+    assert stats.rows_computed == 0
+    (src,) = sources_for(plan)
+    assert all(src.entry.is_complete(v) for v in ("identity", "hflip", "_image_size"))
+    assert blend_and_write(plan).n_rows == 6 * 4
+
+
+def test_segmentation_members_must_share_an_activation(odd_images, tmp_path):
+    from kaggle_tta.plan import build_plan
+
+    cfg = _seg_cfg(odd_images, tmp_path)
+    cfg["members"].append({"name": "sig", "factory": "helpers:per_pixel", "kwargs": {"out_channels": 4}, "activation": "sigmoid"})
+    cfg["blends"] = [{"name": "b", "inputs": ["px", "sig"]}]
+    with pytest.raises(ConfigError, match="share one activation"):
+        build_plan(load_pipeline(_write(tmp_path, cfg)))
+
+
+def test_adapters_drop_background_and_reject_labels_outside_the_classes():
+    import torch
+
+    out = [{"boxes": torch.tensor([[0.0, 0, 4, 4], [1, 1, 5, 5]]), "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([0, 2])}]
+    ((b, s, lab),) = det.torchvision_adapter(out, (8, 8))
+    assert lab.tolist() == [1] and s.tolist() == pytest.approx([0.8]) and b.shape == (1, 4)
+    post = det.detection_post("boxes", "members.m.adapter", n_classes=2)
+    bad = (torch.zeros(1, 1, 4) + torch.tensor([0.0, 0, 2, 2]), torch.ones(1, 1), torch.tensor([[5]]))
+    with pytest.raises(KaggleTTAError, match="label 5"):
+        post(bad, torch.zeros(1, 3, 8, 8))

@@ -41,7 +41,12 @@ def _np(x: Any) -> np.ndarray:
 
 def torchvision_adapter(output: Any, input_size: tuple[int, int]) -> list[Boxes]:
     """torchvision detection models (Faster R-CNN, RetinaNet, FCOS, SSD, ...) in eval mode."""
-    return [(_np(d["boxes"]), _np(d["scores"]), _np(d["labels"]).astype(np.int64) - 1) for d in output]
+    out = []
+    for d in output:
+        lab = _np(d["labels"]).astype(np.int64)
+        keep = lab > 0  # RetinaNet and FCOS can emit label 0 (the background index): not an object
+        out.append((_np(d["boxes"])[keep], _np(d["scores"])[keep], lab[keep] - 1))
+    return out
 
 
 def boxes_adapter(output: Any, input_size: tuple[int, int]) -> list[Boxes]:
@@ -76,8 +81,9 @@ def resolve_adapter(spec: str, where: str) -> Callable[[Any, tuple[int, int]], l
     return fn
 
 
-def detection_post(spec: str, where: str) -> Callable[[Any, Any], list[Boxes]]:
-    """The runner's post-processing for a detection member: adapter, then checks."""
+def detection_post(spec: str, where: str, n_classes: int) -> Callable[[Any, Any], list[Boxes]]:
+    """The runner's post-processing for a detection member: adapter, then checks (so a bad
+    adapter fails during inference, naming the member, not at blend time)."""
     adapter = resolve_adapter(spec, where)
 
     def post(output: Any, x: Any) -> list[Boxes]:
@@ -92,6 +98,8 @@ def detection_post(spec: str, where: str) -> Callable[[Any, Any], list[Boxes]]:
             lab = np.asarray(_np(lab)).reshape(-1)
             if not len(b) == len(s) == len(lab):
                 raise CheckpointError(f"{where}: the adapter gave {len(b)} boxes, {len(s)} scores and {len(lab)} labels for one image")
+            if len(lab) and (lab.min() < 0 or lab.max() >= n_classes):
+                raise CheckpointError(f"{where}: the adapter gave label {int(lab.min() if lab.min() < 0 else lab.max())}; labels must index data.classes (0..{n_classes - 1})")
             out.append((b, s, lab.astype(np.int64)))
         return out
 
@@ -118,8 +126,9 @@ def member_boxes(s: MemberSource, sizes: np.ndarray, d: DetectionConfig, views: 
     for i, (h, w) in enumerate(sizes.tolist()):
         scale = np.array([w, h, w, h], dtype=np.float64)
         per_view = [np.asarray(rows[off[i] : off[i + 1]], dtype=np.float64) for rows, off in data]
-        if len(per_view) == 1:
+        if len(per_view) == 1:  # nothing to fuse; the same filters fusion applies
             r = per_view[0]
+            r = r[(r[:, 4] >= d.skip_box_thr) & (r[:, 2] > r[:, 0]) & (r[:, 3] > r[:, 1])]
             order = np.argsort(-r[:, 4], kind="stable")
             out.append((r[order, :4] * scale, r[order, 4], r[order, 5].astype(np.int64)))
             continue

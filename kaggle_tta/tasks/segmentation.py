@@ -68,10 +68,9 @@ def masks_of(probs: np.ndarray, size: tuple[int, int], activation: str, threshol
 
     h, w = int(size[0]), int(size[1])
     p = np.ascontiguousarray(np.moveaxis(probs.astype(np.float32), 0, -1))
-    if p.shape[:2] != (h, w):
-        p = cv2.resize(p, (w, h), interpolation=cv2.INTER_LINEAR)
-        if p.ndim == 2:
-            p = p[:, :, None]
+    if p.shape[:2] != (h, w):  # cv2.resize takes at most 128 channels at a time here
+        parts = [cv2.resize(np.ascontiguousarray(p[:, :, c : c + 128]), (w, h), interpolation=cv2.INTER_LINEAR) for c in range(0, p.shape[-1], 128)]
+        p = np.concatenate([q[:, :, None] if q.ndim == 2 else q for q in parts], axis=-1)
     if activation == "softmax":
         best = p.argmax(axis=-1)
         masks = np.stack([best == c for c in range(1, p.shape[-1])])
