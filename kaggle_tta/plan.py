@@ -84,6 +84,11 @@ def validate_static(cfg: PipelineConfig) -> dict[str, list[View]]:
             raise ConfigError(f"members.{m.name}.merge: '{m.merge}' is not a {task} view merge{did_you_mean(str(m.merge), merges)}; choose one of {', '.join(merges)}")
         if m.tiling is not None and task != "segmentation":
             raise ConfigError(f"members.{m.name}.tiling: tiling is for segmentation; remove it (task: {task})")
+        if task != "classification" and m.preprocess.albumentations is not None:
+            raise ConfigError(
+                f"members.{m.name}.preprocess.albumentations: for {task} the canvas is a plain resize, so that maps and boxes "
+                "map back to the image exactly; remove it (classification only)"
+            )
         if task == "segmentation" and m.preprocess.input_size is not None:
             raise ConfigError(
                 f"members.{m.name}.preprocess.input_size: a segmentation member sees the whole canvas (segmentation.size) "

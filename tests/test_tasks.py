@@ -258,6 +258,7 @@ def test_torchvision_detector_through_the_adapter(odd_images, tmp_path):
         ("segmentation", lambda c: c["members"][0].update(preprocess={"input_size": [32, 32]}), "remove input_size"),
         ("segmentation", lambda c: c["submission"].update(format="label"), "is not a segmentation format"),
         ("detection", lambda c: c["members"][0].update(tiling={"tile": 16}), "tiling is for segmentation"),
+        ("detection", lambda c: c["members"][0]["preprocess"].update(albumentations={"transform": {}}), "plain resize"),
         ("detection", lambda c: c.update(blends=[{"name": "b", "inputs": ["bright"], "method": "rank_mean"}]), "is not a detection blend"),
         ("detection", lambda c: c["cache"].update(dtype="uint8"), "uint8 stores segmentation"),
         ("detection", lambda c: c["submission"].update(template="kaggle"), "submission.template"),
