@@ -6,13 +6,17 @@ This module reads cached views and merges them; it never builds a model or reads
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from kaggle_tta.cache import CacheEntry
-from kaggle_tta.config import PipelineConfig
+from kaggle_tta.config import BlendConfig, PipelineConfig
 from kaggle_tta.errors import CacheError
 from kaggle_tta.merge import Prediction, blend, reduce_views
+
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -53,13 +57,19 @@ def member_prediction(s: MemberSource, views: Sequence[str] | None = None, rows:
     return reduce_views(s.merge, (s.entry.read(v)[lo:hi] for v in names), s.activation)
 
 
-def evaluate(cfg: PipelineConfig, members: Mapping[str, Prediction], activation: str) -> dict[str, Prediction]:
-    """Every node's prediction: the members' as given, then each blend in dependency order."""
-    out: dict[str, Prediction] = dict(members)
+def evaluate_dag(cfg: PipelineConfig, members: Mapping[str, T], combine: Callable[[BlendConfig, list[T]], T]) -> dict[str, T]:
+    """Every node's value: the members' as given, then each blend, ``combine(blend, its
+    inputs' values)``, in dependency order (the config validator has ruled out cycles)."""
+    out: dict[str, T] = dict(members)
     remaining = list(cfg.blends)
-    while remaining:  # the config validator has ruled out cycles
+    while remaining:
         ready = [b for b in remaining if all(i in out for i in b.inputs)]
         for b in ready:
-            out[b.name] = blend(b.method, [out[i] for i in b.inputs], b.weights, activation, b.space, b.power)
+            out[b.name] = combine(b, [out[i] for i in b.inputs])
         remaining = [b for b in remaining if b not in ready]
     return out
+
+
+def evaluate(cfg: PipelineConfig, members: Mapping[str, Prediction], activation: str) -> dict[str, Prediction]:
+    """Every node's prediction (classification, segmentation maps)."""
+    return evaluate_dag(cfg, members, lambda b, ins: blend(b.method, ins, b.weights, activation, b.space, b.power))

@@ -159,19 +159,24 @@ def build_model(cfg: PipelineConfig, m: MemberConfig, num_classes: int) -> nn.Mo
     return model.eval()
 
 
+def import_callable(spec: str, where: str) -> Any:
+    """The object named by ``package.module:attr.path``; errors name ``where`` and the fix."""
+    mod_name, _, attr = spec.partition(":")
+    try:
+        fn: Any = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise ConfigError(f"{where}: cannot import '{mod_name}' ({exc}); install it or fix the name") from None
+    for part in attr.split("."):
+        if not hasattr(fn, part):
+            raise ConfigError(f"{where}: '{mod_name}' has no '{attr}'")
+        fn = getattr(fn, part)
+    return fn
+
+
 def _call_factory(spec: str, kwargs: dict[str, Any], cfg: PipelineConfig, where: str) -> nn.Module:
     from torch import nn
 
-    mod_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(mod_name)
-    except ImportError as exc:
-        raise ConfigError(f"{where}.factory: cannot import '{mod_name}' ({exc}); install it or fix the name") from None
-    fn: Any = module
-    for part in attr.split("."):
-        if not hasattr(fn, part):
-            raise ConfigError(f"{where}.factory: '{mod_name}' has no '{attr}'")
-        fn = getattr(fn, part)
+    fn = import_callable(spec, f"{where}.factory")
     # Path-like string kwargs ("f", "path", "checkpoint") resolve against pipeline.yaml.
     kw = {k: (str(cfg.resolve(v)) if k in ("f", "path", "file") and isinstance(v, str) else v) for k, v in kwargs.items()}
     try:

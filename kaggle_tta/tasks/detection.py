@@ -15,17 +15,17 @@ fused again by the blends, per image, through kaggle_tta.boxes (ensemble-boxes, 
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import polars as pl
 
-from kaggle_tta.blend import MemberSource
+from kaggle_tta.blend import MemberSource, evaluate_dag
 from kaggle_tta.boxes import fuse_boxes, prediction_string
-from kaggle_tta.config import DetectionConfig, PipelineConfig
+from kaggle_tta.config import BlendConfig, DetectionConfig, PipelineConfig
 from kaggle_tta.errors import CheckpointError, ConfigError, DataError
+from kaggle_tta.models import import_callable
 
 Boxes = tuple[np.ndarray, np.ndarray, np.ndarray]  # pixel xyxy [n, 4], scores [n], labels [n]
 
@@ -69,16 +69,7 @@ def resolve_adapter(spec: str, where: str) -> Callable[[Any, tuple[int, int]], l
         return ADAPTERS[spec]
     if ":" not in spec:
         raise ConfigError(f"{where}: unknown adapter '{spec}'; use {', '.join(ADAPTERS)} or 'module:callable'")
-    mod_name, _, attr = spec.partition(":")
-    try:
-        fn: Any = importlib.import_module(mod_name)
-    except ImportError as exc:
-        raise ConfigError(f"{where}: cannot import '{mod_name}' ({exc})") from None
-    for part in attr.split("."):
-        if not hasattr(fn, part):
-            raise ConfigError(f"{where}: '{mod_name}' has no '{attr}'")
-        fn = getattr(fn, part)
-    return fn
+    return import_callable(spec, where)
 
 
 def detection_post(spec: str, where: str, n_classes: int) -> Callable[[Any, Any], list[Boxes]]:
@@ -139,21 +130,17 @@ def member_boxes(s: MemberSource, sizes: np.ndarray, d: DetectionConfig, views: 
 
 
 def evaluate_boxes(cfg: PipelineConfig, members: dict[str, list[Boxes]], sizes: np.ndarray) -> dict[str, list[Boxes]]:
-    """Every node's boxes: the members', then each blend (fused over its inputs) in
-    dependency order."""
+    """Every node's boxes: the members', then each blend fused over its inputs, per image."""
     d = cfg.detection
-    out = {k: [_cap(b, d.max_boxes) for b in v] for k, v in members.items()}
-    remaining = list(cfg.blends)
-    while remaining:
-        ready = [b for b in remaining if all(i in out for i in b.inputs)]
-        for bl in ready:
-            fused = []
-            for i, (h, w) in enumerate(sizes.tolist()):
-                ins = [out[name][i] for name in bl.inputs]
-                fused.append(_cap(fuse_boxes([x[0] for x in ins], [x[1] for x in ins], [x[2] for x in ins], (h, w), bl.method, bl.weights, **_options(d)), d.max_boxes))  # type: ignore[arg-type]
-            out[bl.name] = fused
-        remaining = [b for b in remaining if b not in ready]
-    return out
+
+    def fuse(bl: BlendConfig, inputs: list[list[Boxes]]) -> list[Boxes]:
+        out = []
+        for i, (h, w) in enumerate(sizes.tolist()):
+            ins = [x[i] for x in inputs]
+            out.append(_cap(fuse_boxes([x[0] for x in ins], [x[1] for x in ins], [x[2] for x in ins], (h, w), bl.method, bl.weights, **_options(d)), d.max_boxes))  # type: ignore[arg-type]
+        return out
+
+    return evaluate_dag(cfg, {k: [_cap(b, d.max_boxes) for b in v] for k, v in members.items()}, fuse)
 
 
 def submission_table(cfg: PipelineConfig, ids: Sequence[str], boxes: list[Boxes], sizes: np.ndarray, classes: Sequence[str]) -> pl.DataFrame:
