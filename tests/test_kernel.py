@@ -274,6 +274,46 @@ def test_notebook_finds_the_competition_data_wherever_it_is_mounted(kernel_demo_
     assert (kaggle / "working" / "submission.csv").read_text() == (tmp_path / "reference" / "submission.csv").read_text()
 
 
+@pytest.mark.parametrize("example", ["segmentation", "detection"])
+def test_notebook_runs_the_segmentation_and_detection_examples(tmp_path, monkeypatch, capsys, example):
+    """The examples bundled (data, masks or boxes, weights), the notebook's cells run in this
+    process from a fake /kaggle (the pip cell skipped): its submission equals `kaggle-tta run`'s."""
+    from kaggle_tta.demo.generate import write_split
+
+    images = tmp_path / "demo" / "test"
+    write_split(images, 12, seed=7)
+    raw = yaml.safe_load((REPO / "examples" / f"{example}.yaml").read_text())
+    raw["data"]["folder"] = str(images)
+    if example == "segmentation":
+        raw["data"]["masks"]["folder"] = str(images.parent / "test_masks")
+    else:
+        raw["data"]["boxes"]["path"] = str(images / "boxes.csv")
+    for m in raw["members"]:
+        m["checkpoint"] = str((REPO / "examples" / m["checkpoint"]).resolve())
+    raw["cache"]["dir"] = str(tmp_path / "cache")
+    raw["submission"]["path"] = str(tmp_path / "reference.csv")
+    raw["runtime"]["workers"] = 0
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(yaml.safe_dump(raw, sort_keys=False))
+    dataset, kdir = _bundle_without_wheels(pipeline, tmp_path / "kaggle")
+    kaggle = tmp_path / "fake-kaggle"
+    shutil.copytree(dataset, kaggle / "input" / "kaggle-tta-bundle")
+    (kaggle / "working").mkdir()
+    for key, value in {"KAGGLE_INPUT_ROOT": kaggle / "input", "KAGGLE_WORKING_DIR": kaggle / "working", "NO_ALBUMENTATIONS_UPDATE": 1}.items():
+        monkeypatch.setenv(key, str(value))
+    ns: dict = {"__name__": "__main__"}
+    for cell in json.loads((kdir / kernel.NOTEBOOK).read_text())["cells"]:
+        src = "".join(cell["source"])
+        if cell["cell_type"] == "code" and '"pip", "install"' not in src:
+            exec(compile(src, "<cell>", "exec"), ns)
+    out = capsys.readouterr().out
+    assert ("Dice (TTA)" if example == "segmentation" else "mAP@0.5 (TTA)") in out  # ground truth bundled too
+    monkeypatch.undo()
+    code, _, err = _run(capsys, "run", str(pipeline), "-q")
+    assert code == 0, err
+    assert (kaggle / "working" / "submission.csv").read_text() == (tmp_path / "reference.csv").read_text()
+
+
 # ---- checks before anything is written ---------------------------------------------------------
 
 
