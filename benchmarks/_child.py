@@ -80,6 +80,18 @@ def _precision(setting: str, device: str = "cpu") -> tuple[str, bool]:
     return p, device == "cuda" or p != "fp32"
 
 
+def _model_for(spec: dict, device: str):
+    """The spec's model on the device, its resolved precision and whether channels_last is on
+    (then already applied to the model): what the limit and ttach rows both start from."""
+    import torch
+
+    model = _load_model(spec["checkpoint"], spec["threads"], device)
+    precision, channels_last = _precision(spec["precision"], device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, precision, channels_last
+
+
 def _autocast(precision: str, device: str = "cpu"):
     import torch
 
@@ -96,10 +108,7 @@ def limit(spec: dict) -> None:
 
     device = _device(spec)
     t_build = time.perf_counter()
-    model = _load_model(spec["checkpoint"], spec["threads"], device)
-    precision, cl = _precision(spec["precision"], device)
-    if cl:
-        model = model.to(memory_format=torch.channels_last)
+    model, precision, cl = _model_for(spec, device)
     _sync(device)
     build_s = time.perf_counter() - t_build
     fb, size = spec["forward_batch"], spec.get("size", 224)
@@ -209,10 +218,7 @@ def run_ttach(spec: dict) -> None:
     paths = sorted(str(p) for p in Path(spec["folder"]).glob("*.jpg"))
     device = _device(spec)
     t0 = time.perf_counter()
-    model = _load_model(spec["checkpoint"], spec["threads"], device)
-    precision, cl = _precision(spec["precision"], device)
-    if cl:
-        model = model.to(memory_format=torch.channels_last)
+    model, precision, cl = _model_for(spec, device)
     views = spec["views"]
     transforms = {
         1: lambda: tta.Compose([]),

@@ -18,7 +18,7 @@ from typing import Literal
 
 import numpy as np
 
-from kaggle_tta.errors import KaggleTTAError, did_you_mean
+from kaggle_tta.errors import KaggleTTAError, check_hw, did_you_mean
 
 Method = Literal["wbf", "nms", "soft_nms", "nmw"]
 ConfType = Literal["avg", "max", "box_and_model_avg", "absent_model_aware_avg"]
@@ -210,13 +210,7 @@ def _check_weights(weights: Sequence[float] | None, n_models: int) -> list[float
 
 
 def _check_image_size(image_size: tuple[int, int]) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in image_size)
-    except (TypeError, ValueError):
-        raise BoxesError(f"image_size must be (H, W), got {image_size!r}") from None
-    if h <= 0 or w <= 0:
-        raise BoxesError(f"image_size must be positive, got {image_size!r}")
-    return h, w
+    return check_hw(image_size, "image_size", BoxesError)
 
 
 def _empty() -> tuple[np.ndarray, np.ndarray, np.ndarray]:

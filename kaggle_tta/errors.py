@@ -35,3 +35,14 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """Returns `` — did you mean 'x'?`` for the closest choice, or '' when none is close."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" — did you mean '{close[0]}'?" if close else ""
+
+
+def check_hw(value: object, what: str, error: type[KaggleTTAError]) -> tuple[int, int]:
+    """``value`` as a positive ``(H, W)`` pair of ints, else ``error`` naming ``what``."""
+    try:
+        h, w = (int(v) for v in value)  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        raise error(f"{what} must be (H, W), got {value!r}") from None
+    if h <= 0 or w <= 0:
+        raise error(f"{what} must be positive, got {value!r}")
+    return h, w

@@ -19,7 +19,7 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from kaggle_tta.errors import DataError
+from kaggle_tta.errors import DataError, check_hw
 
 Order = Literal["F", "C"]
 
@@ -196,13 +196,7 @@ def _check_order(order: str) -> None:
 
 
 def _check_shape(shape: tuple[int, int]) -> tuple[int, int]:
-    try:
-        h, w = (int(s) for s in shape)
-    except (TypeError, ValueError):
-        raise RLEError(f"shape must be (H, W), got {shape!r}") from None
-    if h <= 0 or w <= 0:
-        raise RLEError(f"shape must be positive, got {shape!r}")
-    return h, w
+    return check_hw(shape, "shape", RLEError)
 
 
 def _clip(s: str, n: int = 60) -> str:
