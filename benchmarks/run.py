@@ -167,7 +167,6 @@ class Bench:
 
     def inference_rows(self, rows: set[str]) -> None:
         a = self.a
-        n = a.images
         cfg_common = {"checkpoint": str(self.ckpt), "threads": a.threads, "forward_batch": a.forward_batch, "workers": a.workers, "device": a.device}
         if a.device == "cuda":  # more forwards than on the CPU to average over, and a longer warm-up (cuDNN, clocks)
             cfg_common["warmup"] = 10
@@ -390,6 +389,10 @@ def report(b: Bench) -> str:
                  "channels_last throughout (the engine's `channels_last: auto` on CUDA), autocast only where the precision is bf16/fp16; "
                  "the reference path is fp32 as in the document. Every child creates its CUDA context before its clock starts "
                  "(like its imports) and synchronizes before reading a clock.")
+    if not cuda and info["auto_precision"] == "fp32":
+        L.append("- **Memory layout**: `channels_last: auto` on a CPU in fp32 times both layouts on the first chunks and keeps the faster "
+                 "(the layout each run picked is named in its row). The limit is the faster of the two, measured for each; ttach gets "
+                 "the faster, picked on ready tensors before its clock starts; the reference path stays contiguous, as in the document.")
     L.append("")
 
     inf = res.get("inference")
@@ -413,6 +416,17 @@ def report(b: Bench) -> str:
         def alias(key: str) -> str:  # auto measured by the fp32 run where auto resolves to fp32
             return key.replace("/auto/", "/fp32/") if auto_same else key
 
+        def layout(key: str) -> str:
+            """The memory layout the runs of ``key`` used: ', channels_last' or ', contiguous'
+            (a mix counted): where channels_last: auto timed both, what was picked."""
+            got = [r.get("channels_last") for r in raw.get(key, []) if r.get("channels_last") is not None]
+            if not got:
+                return ""
+            names = ["channels_last" if g else "contiguous" for g in got]
+            if len(set(names)) == 1:
+                return f", {names[0]}"
+            return ", " + " / ".join(f"{names.count(x)}× {x}" for x in sorted(set(names)))
+
         L.append("## Rows 1–4: inference, end to end")
         L.append("")
         L.append("Seconds are in-process (after the Python imports, which every tool pays alike; kaggle-tta's whole-process wall time, "
@@ -430,7 +444,7 @@ def report(b: Bench) -> str:
                     continue
                 per = med([r["per_input"] for r in raw[lim]])
                 label = f"auto (→{info['auto_precision']})" if prec == "auto" else "fp32"
-                L.append(f"| 1 | limit: forward only, {ms(per)} ms/input × {v}×{n} | {v} | {label} | {sec(med(secs(lim)))} | "
+                L.append(f"| 1 | limit: forward only{layout(lim)}, {ms(per)} ms/input × {v}×{n} | {v} | {label} | {sec(med(secs(lim)))} | "
                          f"{fmt(n / med(secs(lim)), '.1f')} | 1.00 | — | |")
             for prec in ("fp32", "auto"):
                 key = alias(f"kaggle/{prec}/{v}")
@@ -442,7 +456,7 @@ def report(b: Bench) -> str:
                 goal_applies = v in (2, 8, 10) and ratio is not None
                 st = ok(ratio <= 1.10) if goal_applies else ""
                 label = f"auto (→{info['auto_precision']}{', same runs as fp32' if auto_same else ''})" if prec == "auto" else "fp32"
-                L.append(f"| 2 | kaggle-tta run (process wall {wall:.1f}s) | {v} | {label} | {sec(s)} | {n / s:.1f} | {fmt(ratio)}× limit | "
+                L.append(f"| 2 | kaggle-tta run{layout(key)} (process wall {wall:.1f}s) | {v} | {label} | {sec(s)} | {n / s:.1f} | {fmt(ratio)}× limit | "
                          f"{'≤ 1.10' if v in (2, 8, 10) else '—'} | {st} |")
                 if goal_applies:
                     goals.append((f"kaggle-tta ≤ 1.10 × limit, {v} views, {prec}", f"{ratio:.2f}×", st))
@@ -454,7 +468,7 @@ def report(b: Bench) -> str:
                 sp = paired(tkey, f"kaggle/{prec}/{v}")  # ttach seconds / kaggle seconds = kaggle speed / ttach speed
                 st = ok(sp >= 1.0) if sp is not None else ""
                 label = f"auto (→{info['auto_precision']})" if prec == "auto" else "fp32"
-                L.append(f"| 3 | ttach ClassificationTTAWrapper | {v} | {label} | {sec(s)} | {n / s:.1f} | kaggle-tta {fmt(sp)}× as fast | ≥ 1.00 | {st} |")
+                L.append(f"| 3 | ttach ClassificationTTAWrapper{layout(tkey)} | {v} | {label} | {sec(s)} | {n / s:.1f} | kaggle-tta {fmt(sp)}× as fast | ≥ 1.00 | {st} |")
                 if sp is not None:
                     goals.append((f"kaggle-tta at least as fast as ttach, {v} views" + (", auto" if prec == "auto" else ""), f"{sp:.2f}×", st))
             rkey = f"reference/fp32/{v}"

@@ -34,7 +34,8 @@ def _print_stats(stats) -> None:
     for m in stats.members.values():
         parts = []
         if m.views_computed:
-            parts.append(f"{len(m.views_computed)} view(s) computed")
+            layout = "" if m.channels_last is None else f", {'channels_last' if m.channels_last else 'contiguous'}"
+            parts.append(f"{len(m.views_computed)} view(s) computed (forward batch {m.forward_batch}{layout})")
         if m.views_cached:
             parts.append(f"{len(m.views_cached)} reused from the cache")
         if m.nonfinite_recomputed:

@@ -32,7 +32,7 @@ from kaggle_tta.errors import CheckpointError, DataError
 from kaggle_tta.tasks.tiling import tile_origins, tile_weight
 
 if TYPE_CHECKING:
-    from kaggle_tta.engine import ChunkSizer, _Pending
+    from kaggle_tta.engine import _Pending
     from kaggle_tta.plan import Plan
 
 
@@ -77,8 +77,9 @@ def _normalize(canvas: Tensor, mean: tuple[float, ...], std: tuple[float, ...], 
     return ((x - m) / s).contiguous()
 
 
-def _record(p: _Pending, hi: int, seconds: dict[str, float], sizes: Tensor, lo: int) -> None:
-    """Marks rows up to ``hi`` done for every view (and the image sizes) that needed them."""
+def _record(p: _Pending, hi: int, seconds: dict[str, float], recomputed: dict[str, int], sizes: Tensor, lo: int) -> None:
+    """Marks rows up to ``hi`` done for every view (and the image sizes) that needed them, with
+    the view's forward seconds and its chunks recomputed in fp32 for this batch."""
     if IMAGE_SIZE in p.start and p.start[IMAGE_SIZE] < hi:
         first = p.start[IMAGE_SIZE]
         p.arrays[IMAGE_SIZE][first:hi] = sizes[first - lo :].numpy()
@@ -87,7 +88,7 @@ def _record(p: _Pending, hi: int, seconds: dict[str, float], sizes: Tensor, lo: 
     for v in p.views:
         if p.start[v.name] < hi:
             p.start[v.name] = hi
-            p.entry.record(v.name, hi, seconds[v.name], 0)
+            p.entry.record(v.name, hi, seconds[v.name], recomputed[v.name])
 
 
 # ---- classification ------------------------------------------------------------------------
@@ -123,14 +124,17 @@ def _chunks(p: _Pending, x: Tensor, lo: int, hi: int, size_fn: Callable[[], int]
             yield (torch.cat(buf) if len(buf) > 1 else buf[0]), meta
 
 
-def classify_step(p: _Pending, canvas: Tensor, sizes: Tensor, lo: int, hi: int, device: torch.device, sizer: ChunkSizer, plan: Plan) -> None:
+def classify_step(p: _Pending, canvas: Tensor, sizes: Tensor, lo: int, hi: int, device: torch.device, plan: Plan) -> None:
     pre = p.member.preprocess
     n_classes = p.member.out_channels
+    runner = p.runner
+    assert runner is not None
     x = _normalize(canvas, pre.mean, pre.std, device)
     seconds: dict[str, float] = defaultdict(float)
-    for inp, meta in _chunks(p, x, lo, hi, lambda: sizer.current):
+    recomputed: dict[str, int] = defaultdict(int)
+    for inp, meta in _chunks(p, x, lo, hi, lambda: runner.sizer.current):
         t = time.perf_counter()
-        out = p.runner(inp)  # type: ignore[misc]
+        out = runner(inp)
         if out.dim() != 2 or out.shape[1] != n_classes:
             raise CheckpointError(
                 f"members.{p.member.name}: the model outputs shape {tuple(out.shape)}, expected [N, {n_classes}] "
@@ -138,7 +142,6 @@ def classify_step(p: _Pending, canvas: Tensor, sizes: Tensor, lo: int, hi: int, 
             )
         res = out.cpu().numpy()
         dt = time.perf_counter() - t
-        sizer.report(inp.shape[0], dt)
         off = 0
         for name, first, count in meta:
             arr = p.arrays[name]
@@ -147,16 +150,19 @@ def classify_step(p: _Pending, canvas: Tensor, sizes: Tensor, lo: int, hi: int, 
                 chunk = np.clip(chunk, -65504, 65504)
             arr[first : first + count] = chunk
             seconds[name] += dt * count / inp.shape[0]
+            recomputed[name] += runner.last_recomputed
             off += count
-    _record(p, hi, seconds, sizes, lo)
+    _record(p, hi, seconds, recomputed, sizes, lo)
 
 
 # ---- segmentation --------------------------------------------------------------------------
 
 
-def segment_step(p: _Pending, canvas: Tensor, sizes: Tensor, lo: int, hi: int, device: torch.device, sizer: ChunkSizer, plan: Plan) -> None:
+def segment_step(p: _Pending, canvas: Tensor, sizes: Tensor, lo: int, hi: int, device: torch.device, plan: Plan) -> None:
     """Tiles x views -> forward -> resize to the view input -> invert -> stitch -> store."""
     m = p.member
+    runner = p.runner
+    assert runner is not None
     pre = m.preprocess
     x = _normalize(canvas, pre.mean, pre.std, device)
     size = tuple(x.shape[-2:])
@@ -175,6 +181,7 @@ def segment_step(p: _Pending, canvas: Tensor, sizes: Tensor, lo: int, hi: int, d
     k = m.out_channels
     dtype = plan.cfg.cache.dtype
     seconds: dict[str, float] = defaultdict(float)
+    recomputed: dict[str, int] = defaultdict(int)
     for v in p.views:
         first = max(lo, p.start[v.name])
         if first >= hi:
@@ -186,9 +193,10 @@ def segment_step(p: _Pending, canvas: Tensor, sizes: Tensor, lo: int, hi: int, d
         view_in = tuple(v.out_size((th, tw)))
         off = 0
         while off < xv.shape[0]:
-            take = min(sizer.current, xv.shape[0] - off)
+            take = min(runner.sizer.current, xv.shape[0] - off)
             t0 = time.perf_counter()
-            out = p.runner(v.apply(xv[off : off + take]))  # type: ignore[misc]
+            out = runner(v.apply(xv[off : off + take]))
+            recomputed[v.name] += runner.last_recomputed
             if out.dim() != 4 or out.shape[1] != k:
                 raise CheckpointError(
                     f"members.{m.name}: the model outputs shape {tuple(out.shape)}, expected [N, {k}, h, w] "
@@ -205,13 +213,11 @@ def segment_step(p: _Pending, canvas: Tensor, sizes: Tensor, lo: int, hi: int, d
                 else:
                     acc[img, :, top : top + th, left : left + tw] += inv[j] * weight
                     wsum[img, :, top : top + th, left : left + tw] += weight  # type: ignore[index]
-            dt = time.perf_counter() - t0
-            sizer.report(take, dt)
-            seconds[v.name] += dt
+            seconds[v.name] += time.perf_counter() - t0
             off += take
         maps = acc / wsum if wsum is not None else acc
         p.arrays[v.name][first:hi] = _to_store(maps, plan, m.activation, dtype)
-    _record(p, hi, seconds, sizes, lo)
+    _record(p, hi, seconds, recomputed, sizes, lo)
 
 
 def _to_store(maps: Tensor, plan: Plan, activation: str, dtype: str) -> np.ndarray:
@@ -230,12 +236,15 @@ def _to_store(maps: Tensor, plan: Plan, activation: str, dtype: str) -> np.ndarr
 # ---- detection -----------------------------------------------------------------------------
 
 
-def detect_step(p: _Pending, canvas: Tensor, sizes: Tensor, lo: int, hi: int, device: torch.device, sizer: ChunkSizer, plan: Plan) -> None:
+def detect_step(p: _Pending, canvas: Tensor, sizes: Tensor, lo: int, hi: int, device: torch.device, plan: Plan) -> None:
     """Views -> forward -> adapter boxes (view pixels) -> normalized -> inverted -> stored."""
     pre = p.member.preprocess
+    runner = p.runner
+    assert runner is not None
     x = _normalize(canvas, pre.mean, pre.std, device)
     size = tuple(x.shape[-2:])
     seconds: dict[str, float] = defaultdict(float)
+    recomputed: dict[str, int] = defaultdict(int)
     for v in p.views:
         first = max(lo, p.start[v.name])
         if first >= hi:
@@ -246,17 +255,16 @@ def detect_step(p: _Pending, canvas: Tensor, sizes: Tensor, lo: int, hi: int, de
         rows: list[np.ndarray] = []
         off = 0
         while off < xv.shape[0]:
-            take = min(sizer.current, xv.shape[0] - off)
+            take = min(runner.sizer.current, xv.shape[0] - off)
             t0 = time.perf_counter()
-            for boxes, scores, labels in p.runner(xv[off : off + take]):  # type: ignore[misc]
+            for boxes, scores, labels in runner(xv[off : off + take]):
                 b = v.invert_boxes(np.clip(boxes / scale, 0.0, 1.0), size)
                 rows.append(np.column_stack([b, scores, labels]).astype(np.float32))
-            dt = time.perf_counter() - t0
-            sizer.report(take, dt)
-            seconds[v.name] += dt
+            recomputed[v.name] += runner.last_recomputed
+            seconds[v.name] += time.perf_counter() - t0
             off += take
         p.arrays[v.name].write(first, rows)
-    _record(p, hi, seconds, sizes, lo)
+    _record(p, hi, seconds, recomputed, sizes, lo)
 
 
 STEPS = {"classification": classify_step, "segmentation": segment_step, "detection": detect_step}

@@ -1,5 +1,5 @@
-"""Runtime knobs resolved at run time: the forward_batch: auto chunk-size search (on simulated
-per-input costs) and workers: auto."""
+"""Runtime knobs resolved at run time: the forward_batch: auto chunk-size search and the
+channels_last: auto layout trial (on simulated per-input costs), and workers: auto."""
 
 from __future__ import annotations
 
@@ -35,6 +35,88 @@ def test_fixed_size_and_shrink():
     s.shrink()
     assert s.current == 24
     assert ChunkSizer("auto", 10).current == 8  # candidates never exceed images x views
+
+
+def _drive_layout(cost: dict[bool, float], size_costs: dict[int, float] | None = None, setting: int | str = 16, chunks: int = 200) -> ChunkSizer:
+    s = ChunkSizer(setting, 1024, (False, True))
+    for _ in range(chunks):
+        n = s.current
+        s.report(n, n * cost[s.channels_last] * (size_costs[n] if size_costs else 1.0))
+    return s
+
+
+@pytest.mark.parametrize("cost,best", [({False: 1.0, True: 0.7}, True), ({False: 1.0, True: 1.1}, False)])
+def test_layout_trial_keeps_the_faster_memory_format(cost, best):
+    s = _drive_layout(cost)
+    assert s.channels_last is best and s.layouts == [best] and not s.measuring
+    assert s.current == 16  # a fixed forward_batch is left alone
+    assert all(rec[0] >= ChunkSizer.LAYOUT_INPUTS for rec in s.layout_timing.values())  # both were timed
+
+
+def test_layout_then_size_trials():
+    s = _drive_layout({False: 1.0, True: 0.7}, {8: 1.5, 16: 1.2, 32: 1.0, 64: 1.1, 128: 1.3}, setting="auto")
+    assert (s.channels_last, s.current) == (True, 32)
+
+
+def test_out_of_memory_ends_the_trials_on_the_layout_in_use():
+    s = ChunkSizer("auto", 1024, (False, True))
+    s.report(8, 1.0)  # warm-up chunk of the first layout
+    s.shrink()
+    assert (s.channels_last, s.current, s.measuring) == (False, 4, False)
+
+
+def test_runner_times_both_layouts_and_keeps_the_faster(monkeypatch):
+    """The runner converts model and input to the layout under trial, times the forward alone
+    and then keeps the faster layout; every chunk's output is the model's own."""
+    import time
+
+    import torch
+    from torch import nn
+
+    from kaggle_tta.engine import _Runner
+
+    seen: list[bool] = []
+
+    class SlowUnlessChannelsLast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            seen.append(cl)
+            time.sleep(x.shape[0] * (0.0002 if cl else 0.003))
+            return self.conv(x).mean((2, 3))
+
+    model = SlowUnlessChannelsLast().eval()
+    runner = _Runner(model, torch.device("cpu"), "fp32", ChunkSizer(8, 64, (False, True)))
+    x = torch.randn(8, 3, 5, 7)
+    with torch.inference_mode():
+        ref = model.conv(x).mean((2, 3))
+        for _ in range(14):
+            torch.testing.assert_close(runner(x), ref, atol=1e-6, rtol=1e-6)
+    assert seen[0] is False and True in seen  # contiguous first, then channels_last tried
+    assert runner.sizer.channels_last is True and not runner.sizer.measuring
+    assert seen[-4:] == [True] * 4
+    assert model.conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize(
+    "setting,device,precision,expected",
+    [
+        ("auto", "cpu", "fp32", (False, True)),  # timed: resnet18 gains, convnext loses
+        ("auto", "cpu", "bf16", (True,)),
+        ("auto", "cuda", "fp32", (True,)),
+        (False, "cuda", "bf16", (False,)),
+        (True, "cpu", "fp32", (True,)),
+    ],
+)
+def test_layout_candidates(setting, device, precision, expected):
+    import torch
+
+    from kaggle_tta.engine import layout_candidates
+
+    assert layout_candidates(setting, torch.device(device), precision) == expected
 
 
 @pytest.mark.parametrize(

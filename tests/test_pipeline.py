@@ -253,9 +253,12 @@ def test_reduced_precision_falls_back_to_fp32_on_non_finite_chunks(pipeline, cap
     cfg["blends"] = []
     code, out, err = _run(capsys, "run", str(write(cfg)), "-q")
     assert code == 0, err
-    assert "n: 2 view(s) computed, 3 non-finite chunk(s) recomputed in fp32" in out  # 24 imgs, 8/batch, 1 chunk each
+    # 24 images, 8 per loader batch: one chunk of 16 (both views) per batch, each recomputed
+    assert "n: 2 view(s) computed (forward batch 16, channels_last), 3 non-finite chunk(s) recomputed in fp32" in out
     d = next((tmp_path / "cache" / "n").iterdir())
     assert np.isfinite(np.load(d / "identity.npy")).all()
+    views = json.loads((d / "manifest.json").read_text())["views"]
+    assert {v: views[v]["nonfinite_recomputed"] for v in ("identity", "hflip")} == {"identity": 3, "hflip": 3}
 
 
 def test_invariant_model_gives_the_same_scores_with_and_without_tta(pipeline, capsys, tmp_path):
