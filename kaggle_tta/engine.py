@@ -143,6 +143,12 @@ class ChunkSizer:
                 self.current = best
                 self.trials = []
 
+    def settle_layout(self, channels_last: bool) -> None:
+        """Ends the layout trial on ``channels_last`` (the model cannot take the other)."""
+        self.channels_last, self.layouts = channels_last, [channels_last]
+        if self.auto and self.trials:
+            self.warm = False  # the size trial's first chunk is this layout's warm-up
+
     def shrink(self) -> None:
         self.current = max(1, self.current // 2)
         self.ceiling = self.current
@@ -183,9 +189,16 @@ class _Runner:
         self._set_layout(sizer.channels_last)
 
     def _set_layout(self, channels_last: bool) -> None:
-        if channels_last != self._layout:
+        if channels_last == self._layout:
+            return
+        try:
             self.model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-            self._layout = channels_last
+        except RuntimeError:  # a 5-D weight (3-D convolution) has no channels_last: stay contiguous
+            self.model.to(memory_format=torch.contiguous_format)
+            self.sizer.settle_layout(False)
+            self._layout = False
+            return
+        self._layout = channels_last
 
     def _forward(self, x: Tensor, reduced: bool) -> Any:
         ctx = torch.autocast(self.device.type, dtype=_DTYPES[self.precision]) if reduced else contextlib.nullcontext()

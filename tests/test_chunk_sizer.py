@@ -101,6 +101,35 @@ def test_runner_times_both_layouts_and_keeps_the_faster(monkeypatch):
     assert model.conv.weight.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("layouts", [(False, True), (True,)])
+def test_a_model_without_channels_last_stays_contiguous(layouts):
+    """A 5-D weight (a 3-D convolution) cannot take channels_last: the runner keeps the model
+    contiguous instead of failing, and the trial ends there."""
+    import torch
+    from torch import nn
+
+    from kaggle_tta.engine import _Runner
+
+    class WithConv3d(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.conv3d = nn.Conv3d(1, 1, 1)
+
+        def forward(self, x):
+            return self.conv(x).mean((2, 3)) + self.conv3d(x[:, None, :1]).mean((1, 2, 3, 4))[:, None]
+
+    model = WithConv3d().eval()
+    runner = _Runner(model, torch.device("cpu"), "fp32", ChunkSizer(8, 64, layouts))
+    x = torch.randn(8, 3, 5, 7)
+    with torch.inference_mode():
+        ref = model(x)
+        for _ in range(12):
+            torch.testing.assert_close(runner(x), ref)
+    assert runner.sizer.channels_last is False and not runner.sizer.measuring
+    assert model.conv.weight.is_contiguous()
+
+
 @pytest.mark.parametrize(
     "setting,device,precision,expected",
     [
