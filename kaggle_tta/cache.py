@@ -11,7 +11,8 @@ Layout::
     <cache>/<member>/<fingerprint>/_image_size.npy    segmentation, detection: [N, 2] decoded (H, W)
 
 A view's file is preallocated under ``.partial``, filled as batches finish, flushed, and only
-then counted in the manifest (``rows_done``); when all rows are in, it is renamed into place.
+then counted in the manifest (``rows_done``); when all rows are in (and counted), it is renamed
+into place, and a kill between that rename and the next manifest save is recovered on load.
 The manifest is replaced atomically, so a run killed at any moment leaves either the old or the
 new manifest, never a torn one, and resumes from ``rows_done``. Readers take only files the
 manifest marks complete, so a blend never reads a partial file.
@@ -66,7 +67,31 @@ class CacheEntry:
             raise CacheError(f"{self.manifest_path}: damaged manifest ({exc}); delete {self.dir} to recompute") from None
         if m.get("format_version") != FORMAT_VERSION:
             raise CacheError(f"{self.manifest_path}: cache format {m.get('format_version')} is not {FORMAT_VERSION}; delete {self.dir}")
+        for view, st in m.get("views", {}).items():
+            if st.get("status") == "partial" and int(st.get("rows_done", 0)) >= int(st.get("rows", -1)) >= 0 and self._renamed(view, st):
+                st["status"] = "complete"  # killed after the rename, before the manifest said so
         return m
+
+    def _renamed(self, view: str, st: dict[str, Any]) -> bool:
+        """Whether a view whose rows were all counted was already moved into place: `commit`
+        saves the manifest (all rows in) before it renames, so a kill between the rename and
+        the next save leaves exactly this; the file must match the recorded shape and dtype."""
+        if st.get("kind") == "ragged":
+            boxes, offsets = self.dir / f"{view}.boxes.npy", self.dir / f"{view}.offsets.npy"
+            if not (boxes.is_file() and offsets.is_file()) or (self.dir / f"{view}.boxes.partial").exists():
+                return False  # finish() had not ended: the partial files complete it again
+            try:
+                return np.load(offsets, mmap_mode="r").shape == (int(st["rows"]) + 1,)
+            except (OSError, ValueError):
+                return False
+        final = self.dir / f"{view}.npy"
+        if not final.is_file() or (self.dir / f"{view}.npy.partial").exists():
+            return False
+        try:
+            arr = np.load(final, mmap_mode="r")
+        except (OSError, ValueError):
+            return False
+        return list(arr.shape) == list(st.get("shape", [])) and arr.dtype == np.dtype(st.get("dtype", "float32"))
 
     def save(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -173,16 +198,18 @@ class CacheEntry:
         completes the views whose rows are all in."""
         for mm in self._open.values():
             mm.flush()
-        for view, mm in list(self._open.items()):
+        done = [v for v in self._open if self.manifest["views"][v]["rows_done"] >= self.manifest["views"][v]["rows"]]
+        if done:  # all rows counted before any file moves: a kill after a move is recovered on load
+            self.save()
+        for view in done:
             st = self.manifest["views"][view]
-            if st["rows_done"] >= st["rows"]:
-                self._open.pop(view)
-                if isinstance(mm, RaggedWriter):
-                    mm.finish(self.dir / f"{view}.boxes.npy", self.dir / f"{view}.offsets.npy")
-                else:
-                    del mm
-                    os.replace(self.dir / f"{view}.npy.partial", self.dir / f"{view}.npy")
-                st["status"] = "complete"
+            mm = self._open.pop(view)
+            if isinstance(mm, RaggedWriter):
+                mm.finish(self.dir / f"{view}.boxes.npy", self.dir / f"{view}.offsets.npy")
+            else:
+                del mm
+                os.replace(self.dir / f"{view}.npy.partial", self.dir / f"{view}.npy")
+            st["status"] = "complete"
         self.save()
 
     def close(self) -> None:

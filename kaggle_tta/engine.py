@@ -57,7 +57,7 @@ class RunStats:
     def forward_batch(self) -> str:
         """The computed members' chunk sizes: one number, or one per member joined by '/'."""
         sizes = [str(m.forward_batch) for m in self.members.values() if m.forward_batch is not None]
-        return "/".join(dict.fromkeys(sizes)) if len(set(sizes)) <= 1 else "/".join(sizes)
+        return sizes[0] if len(set(sizes)) == 1 else "/".join(sizes)
 
     @property
     def all_cached(self) -> bool:

@@ -3,6 +3,8 @@ PredictionString submissions, ragged box caches that resume."""
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import cv2
@@ -224,6 +226,47 @@ def test_ragged_cache_resumes_after_an_uncommitted_write(tmp_path):
     assert off.tolist() == [0, 2, 2, 5, 6]
     np.testing.assert_array_equal(got, np.concatenate(rows))
     assert not list(tmp_path.glob("m/fp/*.partial"))
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+def test_a_kill_after_the_rename_keeps_the_completed_view(tmp_path, monkeypatch, ragged):
+    """Killed after a finished view was moved into place but before the manifest said so:
+    the next open finds it complete (the manifest already counted all its rows), nothing is
+    recomputed, and a damaged or mismatched file would not be taken."""
+    e = CacheEntry(tmp_path, "m", "fp")
+    rows = [np.full((k, 6), k, np.float32) for k in (2, 0, 3)]
+    dense = np.arange(6, dtype=np.float32).reshape(3, 2)
+    if ragged:
+        w, _ = e.open_ragged("v", 3)
+        w.write(0, rows)
+    else:
+        mm, _ = e.open_for_write("v", (3, 2), "float32")
+        mm[:] = dense
+    e.record("v", 3, 0.1)
+    final = tmp_path / "m" / "fp" / ("v.boxes.npy" if ragged else "v.npy")
+    real_save = CacheEntry.save
+
+    def save(self):
+        if final.exists():  # the save that follows the move
+            raise KeyboardInterrupt
+        real_save(self)
+
+    monkeypatch.setattr(CacheEntry, "save", save)
+    with pytest.raises(KeyboardInterrupt):
+        e.commit()
+    monkeypatch.setattr(CacheEntry, "save", real_save)
+    e.close()
+    assert json.loads((tmp_path / "m" / "fp" / "manifest.json").read_text())["views"]["v"]["status"] == "partial"
+    e2 = CacheEntry(tmp_path, "m", "fp")
+    assert e2.is_complete("v") and e2.rows_done("v") == 3
+    if ragged:
+        got, off = e2.read_ragged("v")
+        assert off.tolist() == [0, 2, 2, 5]
+        np.testing.assert_array_equal(got, np.concatenate(rows))
+    else:
+        np.testing.assert_array_equal(e2.read("v"), dense)
+        np.save(final, dense[:2])  # a file of another shape is not taken as the view
+        assert not CacheEntry(tmp_path, "m", "fp").is_complete("v")
 
 
 def test_torchvision_detector_through_the_adapter(odd_images, tmp_path):
