@@ -179,7 +179,7 @@ def kaggle(spec: dict) -> None:
         rc = cli.main(["run", spec["pipeline"], "-q"])
     secs = time.perf_counter() - t0
     out = buf.getvalue()
-    m = re.search(r"inference: (\d+) images on \S+ \((\w+), forward batch (\d+)\) in ([\d.]+)s", out)
+    m = re.search(r"inference: (\d+) images on \S+ \((\w+), forward batch (\d+)[\d/]*\) in ([\d.]+)s", out)  # per member: 32/64
     _result({
         "rc": rc,
         "seconds": secs,

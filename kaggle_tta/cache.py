@@ -276,8 +276,9 @@ class RaggedWriter:
             os.replace(tmp, path)
         offsets_partial = Path(self.offsets.filename)
         del self.offsets
-        offsets_partial.unlink(missing_ok=True)
+        # the raw rows first: with them gone the finished files are taken as the view on load
         self.raw_path.unlink(missing_ok=True)
+        offsets_partial.unlink(missing_ok=True)
 
 
 def list_entries(root: Path) -> list[tuple[str, str, dict[str, Any]]]:

@@ -68,12 +68,13 @@ class ChunkSizer:
     """One member's forward tuning, decided on its first chunks (their outputs are kept;
     nothing is computed twice):
 
-    - the memory layout, when more than one is given (``channels_last: auto`` on a CPU in
-      fp32, where it depends on the model: measured 0.7x the time for resnet18 and
-      efficientnet_b0 but 1.1x for convnext_nano on this project's CPUs): each layout runs
-      a warm-up chunk and then at least 32 timed inputs, and the faster per input is kept;
-    - the chunk size, when ``forward_batch: auto``: sizes 8..128 are timed in turn and the
-      fastest per input is kept.
+    - the chunk size, when ``forward_batch: auto``: sizes 8..128 are timed in turn (in the
+      first layout) and the fastest per input is kept;
+    - then the memory layout, when more than one is given (``channels_last: auto`` on a CPU
+      in fp32, where it depends on the model: measured 0.7x the time for resnet18 and
+      efficientnet_b0 but 1.1x for convnext_nano on this project's CPUs), at the chunk size
+      in use: each layout runs a warm-up chunk and then at least 32 timed inputs, and the
+      faster per input is kept.
     """
 
     CANDIDATES = (8, 16, 32, 64, 128)
@@ -90,7 +91,7 @@ class ChunkSizer:
             self.trials = [c for c in self.CANDIDATES if c <= self.ceiling] or [self.ceiling]
             self.timing: dict[int, list[float]] = defaultdict(list)  # size -> [inputs, seconds]
             self.current = self.trials[0]
-            self.warm = len(self.layouts) > 1  # the layout trial has warmed the first size
+            self.warm = False
         else:
             self.trials = []
             self.current = int(setting)
@@ -101,10 +102,10 @@ class ChunkSizer:
         return len(self.layouts) > 1 or bool(self.trials)
 
     def report(self, n: int, seconds: float) -> None:
-        if len(self.layouts) > 1:
-            self._report_layout(n, seconds)
-        elif self.auto and self.trials:
+        if self.trials:
             self._report_size(n, seconds)
+        elif len(self.layouts) > 1:
+            self._report_layout(n, seconds)
 
     def _report_layout(self, n: int, seconds: float) -> None:
         if not self.layout_warm:  # a layout's first chunk pays its one-off costs (kernel choice)
@@ -143,11 +144,13 @@ class ChunkSizer:
                 self.current = best
                 self.trials = []
 
+    @property
+    def layout_settled(self) -> bool:
+        return len(self.layouts) == 1
+
     def settle_layout(self, channels_last: bool) -> None:
         """Ends the layout trial on ``channels_last`` (the model cannot take the other)."""
         self.channels_last, self.layouts = channels_last, [channels_last]
-        if self.auto and self.trials:
-            self.warm = False  # the size trial's first chunk is this layout's warm-up
 
     def shrink(self) -> None:
         self.current = max(1, self.current // 2)
@@ -176,28 +179,25 @@ class _Runner:
 
     ``post`` turns the model's raw output into the result (default: its logits tensor, as
     float32; detection: the adapter's per-image boxes); results of split chunks are joined.
-    ``nonfinite`` counts chunks recomputed in fp32; ``last_recomputed`` says whether the last
-    call's chunk was one of them.
+    ``nonfinite`` counts chunks recomputed in fp32; ``last_recomputed`` is how many of them the
+    last call had (more than one where an out-of-memory split it).
     """
 
     def __init__(self, model: nn.Module, device: torch.device, precision: str, sizer: ChunkSizer, post: Callable[[Any, Tensor], Any] | None = None):
         self.model, self.device, self.precision, self.sizer = model, device, precision, sizer
         self.post = post or (lambda out, x: _first_tensor(out).float())
         self.nonfinite = 0
-        self.last_recomputed = False
+        self.last_recomputed = 0
         self._layout = False  # the model's current memory format: channels_last or not
         self._set_layout(sizer.channels_last)
 
     def _set_layout(self, channels_last: bool) -> None:
         if channels_last == self._layout:
             return
-        try:
-            self.model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        except RuntimeError:  # a 5-D weight (3-D convolution) has no channels_last: stay contiguous
-            self.model.to(memory_format=torch.contiguous_format)
-            self.sizer.settle_layout(False)
-            self._layout = False
+        if channels_last and any(t.dim() == 5 for t in (*self.model.parameters(), *self.model.buffers())):
+            self.sizer.settle_layout(False)  # a 5-D weight (3-D convolution) has no channels_last
             return
+        self.model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         self._layout = channels_last
 
     def _forward(self, x: Tensor, reduced: bool) -> Any:
@@ -216,7 +216,7 @@ class _Runner:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.sizer.report(x.shape[0], time.perf_counter() - t0)
-        self.last_recomputed = self.nonfinite > before
+        self.last_recomputed = self.nonfinite - before
         return out
 
     def _call(self, x: Tensor) -> Any:
@@ -328,7 +328,10 @@ def run_inference(plan: Plan, device: torch.device, precision: str, progress: bo
         ms.views_computed = [v.name for v in p.views]
         if p.runner:
             ms.nonfinite_recomputed = p.runner.nonfinite
-            ms.forward_batch, ms.channels_last = p.runner.sizer.current, p.runner.sizer.channels_last
+            sz = p.runner.sizer
+            # a trial still running at the end (a small test set) picked nothing: reported as undecided
+            ms.forward_batch = sz.current
+            ms.channels_last = sz.channels_last if sz.layout_settled else None
     stats.seconds = time.perf_counter() - t0
     return stats
 
