@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from kaggle_tta.cache import IMAGE_SIZE, CacheEntry
 from kaggle_tta.data import SIZE_KEY, make_loader
-from kaggle_tta.errors import DataError
+from kaggle_tta.errors import CheckpointError, DataError
 from kaggle_tta.models import build_model
 from kaggle_tta.plan import MemberPlan, Plan, resolve_workers
 from kaggle_tta.steps import STEPS, open_views
@@ -152,8 +152,9 @@ class ChunkSizer:
         """Ends the layout trial on ``channels_last`` (the model cannot take the other)."""
         self.channels_last, self.layouts = channels_last, [channels_last]
 
-    def shrink(self) -> None:
-        self.current = max(1, self.current // 2)
+    def shrink(self, failed: int | None = None) -> None:
+        """After out-of-memory on a chunk of ``failed`` inputs: half of it (or of the current size)."""
+        self.current = max(1, min(self.current, failed or self.current) // 2)
         self.ceiling = self.current
         self.trials = []
         if len(self.layouts) > 1:  # out of memory mid-trial: keep the layout in use
@@ -183,8 +184,8 @@ class _Runner:
     last call had (more than one where an out-of-memory split it).
     """
 
-    def __init__(self, model: nn.Module, device: torch.device, precision: str, sizer: ChunkSizer, post: Callable[[Any, Tensor], Any] | None = None):
-        self.model, self.device, self.precision, self.sizer = model, device, precision, sizer
+    def __init__(self, model: nn.Module, device: torch.device, precision: str, sizer: ChunkSizer, post: Callable[[Any, Tensor], Any] | None = None, name: str = "model"):
+        self.model, self.device, self.precision, self.sizer, self.name = model, device, precision, sizer, name
         self.post = post or (lambda out, x: _first_tensor(out).float())
         self.nonfinite = 0
         self.last_recomputed = 0
@@ -224,14 +225,23 @@ class _Runner:
             x = x.contiguous(memory_format=torch.channels_last)
         try:
             out = self._forward(x, self.precision != "fp32")
-        except torch.OutOfMemoryError:
+        except torch.OutOfMemoryError as exc:
             if x.shape[0] == 1:
-                raise
+                raise CheckpointError(
+                    f"members.{self.name}: one input of {tuple(x.shape[1:])} does not fit in {self.device} memory "
+                    f"({self.precision}): lower its input size (preprocess.input_size, segmentation.size or tiling.size), "
+                    "use precision: auto or fp16, or run on a larger device"
+                ) from exc
             torch.cuda.empty_cache() if self.device.type == "cuda" else None
-            self.sizer.shrink()
-            half = x.shape[0] // 2
-            a, b = self._call(x[:half]), self._call(x[half:])
-            return torch.cat([a, b]) if isinstance(a, Tensor) else a + b
+            self.sizer.shrink(x.shape[0])
+            # pieces of the new size (each may shrink it again): a size that fits is kept for
+            # the rest of the chunk, not halved again on the way back
+            parts, off = [], 0
+            while off < x.shape[0]:
+                take = self.sizer.current
+                parts.append(self._call(x[off : off + take]))
+                off += take
+            return torch.cat(parts) if isinstance(parts[0], Tensor) else [r for part in parts for r in part]
         if self.precision != "fp32" and not _finite(out):
             self.nonfinite += 1
             out = self._forward(x, False)
@@ -290,7 +300,7 @@ def run_inference(plan: Plan, device: torch.device, precision: str, progress: bo
             post = detection_post(p.member.cfg.adapter, f"members.{p.member.name}.adapter", len(plan.classes)) if cfg.task == "detection" else None
             # per member: chunk size and layout are the model's own (a resnet and a convnext disagree)
             sizer = ChunkSizer(rt.forward_batch, rt.batch_size * max(1, len(p.views)), layouts)
-            p.runner = _Runner(model, device, precision, sizer, post)
+            p.runner = _Runner(model, device, precision, sizer, post, p.member.name)
         for p in pending:
             p.entry.write_ids(plan.testset.ids)
             opened.append(p)  # first: files opened before a failure are still closed

@@ -167,3 +167,42 @@ def test_workers_auto(monkeypatch, cores, device, setting, threads, expected):
 
     monkeypatch.setattr(plan, "cpu_cores", lambda: cores)
     assert plan.resolve_workers(setting, torch.device(device), threads) == expected
+
+
+@pytest.mark.parametrize("as_list", [False, True])
+def test_out_of_memory_splits_into_pieces_of_the_size_that_fits(as_list):
+    """A chunk of 128 on a device that fits 40: it is redone in pieces of 64 (too big: 32),
+    the size that fits (32) is kept for the rest of the chunk and later chunks, and the
+    outputs come back in order (a tensor, or per-image results for detection)."""
+    import torch
+    from torch import nn
+
+    from kaggle_tta.engine import _Runner
+
+    class Fits40(nn.Module):
+        def forward(self, x):
+            if x.shape[0] > 40:
+                raise torch.OutOfMemoryError("simulated")
+            return x.flatten(1)[:, :3] * 2
+
+    post = (lambda out, x: [(r,) for r in out]) if as_list else None
+    runner = _Runner(Fits40(), torch.device("cpu"), "fp32", ChunkSizer(128, 1024), post)
+    x = torch.arange(128 * 3 * 2 * 2, dtype=torch.float32).reshape(128, 3, 2, 2)
+    out = runner(x)
+    expected = x.flatten(1)[:, :3] * 2
+    if as_list:
+        assert len(out) == 128
+        torch.testing.assert_close(torch.stack([r[0] for r in out]), expected)
+    else:
+        torch.testing.assert_close(out, expected)
+    assert runner.sizer.current == 32  # halving by halves would have ended at 16
+
+    class Never(nn.Module):
+        def forward(self, x):
+            raise torch.OutOfMemoryError("simulated")
+
+    from kaggle_tta.errors import CheckpointError
+
+    # one input that does not fit is the user's to fix: the error names the member and the knobs
+    with pytest.raises(CheckpointError, match=r"members\.big: one input of \(3, 2, 2\) does not fit in cpu memory .*input_size"):
+        _Runner(Never(), torch.device("cpu"), "fp32", ChunkSizer(8, 1024), name="big")(torch.zeros(3, 3, 2, 2))
