@@ -99,12 +99,12 @@ class ChunkSizer:
     @property
     def measuring(self) -> bool:
         """True while reports decide something (then CUDA work is synchronized before timing)."""
-        return len(self.layouts) > 1 or bool(self.trials)
+        return not self.layout_settled or bool(self.trials)
 
     def report(self, n: int, seconds: float) -> None:
         if self.trials:
             self._report_size(n, seconds)
-        elif len(self.layouts) > 1:
+        elif not self.layout_settled:
             self._report_layout(n, seconds)
 
     def _report_layout(self, n: int, seconds: float) -> None:
@@ -120,8 +120,7 @@ class ChunkSizer:
         if untried:
             self.channels_last, self.layout_warm = untried[0], False
         else:
-            self.channels_last = min(self.layout_timing, key=lambda c: self.layout_timing[c][1] / self.layout_timing[c][0])
-            self.layouts = [self.channels_last]
+            self.settle_layout(min(self.layout_timing, key=lambda c: self.layout_timing[c][1] / self.layout_timing[c][0]))
 
     def _report_size(self, n: int, seconds: float) -> None:
         if not self.warm:  # the first chunk pays one-off costs (allocations, kernel choice)
@@ -157,8 +156,7 @@ class ChunkSizer:
         self.current = max(1, min(self.current, failed or self.current) // 2)
         self.ceiling = self.current
         self.trials = []
-        if len(self.layouts) > 1:  # out of memory mid-trial: keep the layout in use
-            self.layouts = [self.channels_last]
+        self.settle_layout(self.channels_last)  # out of memory mid-trial: keep the layout in use
 
 
 def _first_tensor(out: object) -> Tensor:
