@@ -56,12 +56,16 @@ class RunStats:
     @property
     def forward_batch(self) -> str:
         """The computed members' chunk sizes: one number, or one per member joined by '/'."""
-        sizes = [str(m.forward_batch) for m in self.members.values() if m.forward_batch is not None]
-        return sizes[0] if len(set(sizes)) == 1 else "/".join(sizes)
+        return _sizes_text([m.forward_batch for m in self.members.values() if m.forward_batch is not None])
 
     @property
     def all_cached(self) -> bool:
         return all(not m.views_computed for m in self.members.values())
+
+
+def _sizes_text(sizes: list[int]) -> str:
+    """Chunk sizes of several members: '32' when they agree, else '32/64' in member order."""
+    return str(sizes[0]) if len(set(sizes)) == 1 else "/".join(map(str, sizes))
 
 
 class ChunkSizer:
@@ -323,7 +327,7 @@ def run_inference(plan: Plan, device: torch.device, precision: str, progress: bo
                     p.entry.commit()
                 stats.rows_computed += hi - lo
                 bar.update(hi - lo)
-                bar.set_postfix_str(f"forward batch {'/'.join(str(p.runner.sizer.current) for p in pending if p.runner)}")
+                bar.set_postfix_str(f"forward batch {_sizes_text([p.runner.sizer.current for p in pending if p.runner])}")
     finally:
         del batches  # stops the workers
         if bar is not None:

@@ -206,3 +206,13 @@ def test_out_of_memory_splits_into_pieces_of_the_size_that_fits(as_list):
     # one input that does not fit is the user's to fix: the error names the member and the knobs
     with pytest.raises(CheckpointError, match=r"members\.big: one input of \(3, 2, 2\) does not fit in cpu memory .*input_size"):
         _Runner(Never(), torch.device("cpu"), "fp32", ChunkSizer(8, 1024), name="big")(torch.zeros(3, 3, 2, 2))
+
+
+def test_run_summary_names_each_members_chunk_size_when_they_differ():
+    from kaggle_tta.engine import MemberStats, RunStats
+
+    st = RunStats(device="cpu", precision="fp32", images=4)
+    st.members = {"a": MemberStats("a", forward_batch=32), "b": MemberStats("b", forward_batch=32), "c": MemberStats("c")}
+    assert st.forward_batch == "32"  # c computed nothing
+    st.members["b"].forward_batch = 64
+    assert st.forward_batch == "32/64"
