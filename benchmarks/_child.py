@@ -103,6 +103,12 @@ def _with_layout(model, x, channels_last: bool):
     return model.to(memory_format=fmt), x.contiguous(memory_format=fmt)
 
 
+def _fastest_layout(model, x, layouts: tuple[bool, ...], precision: str, device: str, chunks: int, warmup: int) -> tuple[bool, dict[bool, float]]:
+    """Seconds per input in each layout (the model is left in the last one) and the fastest."""
+    per = {cl: _per_input(*_with_layout(model, x, cl), precision, device, chunks, warmup) for cl in layouts}
+    return min(per, key=per.get), per  # type: ignore[arg-type]
+
+
 def _model_for(spec: dict, device: str):
     """The spec's model on the device, its resolved precision and whether channels_last is on
     (then already applied to the model): what the ttach row starts from. Where the engine
@@ -116,8 +122,7 @@ def _model_for(spec: dict, device: str):
     if len(layouts) > 1:
         t0 = time.perf_counter()
         x = torch.randn(spec["forward_batch"], 3, 224, 224).to(device)
-        per = {cl: _per_input(*_with_layout(model, x, cl), precision, device, chunks=2, warmup=1) for cl in layouts}
-        layouts = (min(per, key=per.get),)
+        layouts = (_fastest_layout(model, x, layouts, precision, device, chunks=2, warmup=1)[0],)
         pick_s = time.perf_counter() - t0
     model, _ = _with_layout(model, torch.empty(1, 3, 1, 1), layouts[0])
     return model, precision, layouts[0], pick_s
@@ -149,8 +154,7 @@ def limit(spec: dict) -> None:
     chunks = max(1, -(-spec["inputs"] // fb))
     # Where the engine times both layouts, the limit is the faster of the two: the pipeline is
     # held to the best the model can do, not to the layout it happened to pick.
-    per = {cl: _per_input(*_with_layout(model, x, cl), precision, device, chunks, spec.get("warmup", 2)) for cl in layouts}
-    best = min(per, key=per.get)
+    best, per = _fastest_layout(model, x, layouts, precision, device, chunks, spec.get("warmup", 2))
     _result({"seconds": per[best] * chunks * fb, "inputs": chunks * fb, "per_input": per[best], "precision": precision, "build_s": build_s,
              "channels_last": best, "per_input_by_layout": {str(k): v for k, v in per.items()}})
 
@@ -179,6 +183,7 @@ def kaggle(spec: dict) -> None:
         rc = cli.main(["run", spec["pipeline"], "-q"])
     secs = time.perf_counter() - t0
     out = buf.getvalue()
+    layout = re.search(r"forward batch \d+, (channels_last|contiguous)\)", out)  # the member's line
     m = re.search(r"inference: (\d+) images on \S+ \((\w+), forward batch (\d+)[\d/]*\) in ([\d.]+)s", out)  # per member: 32/64
     _result({
         "rc": rc,
@@ -187,7 +192,7 @@ def kaggle(spec: dict) -> None:
         "precision": m.group(2) if m else None,
         "forward_batch": int(m.group(3)) if m else None,
         "inference_s": float(m.group(4)) if m else None,
-        "channels_last": (lambda c: None if not c else c.group(1) == "channels_last")(re.search(r"forward batch \d+, (channels_last|contiguous)\)", out)),
+        "channels_last": layout.group(1) == "channels_last" if layout else None,
         "submission": spec["submission"],
         "stdout_tail": out[-600:] if rc else "",
     })
