@@ -134,7 +134,7 @@ def fuse_boxes(
     for i in range(n_models):
         b, s, lab = _check_model(i, boxes_list[i], scores_list[i], labels_list[i])
         b = np.clip(b, 0.0, scale) / scale  # clip to the image, then normalize
-        keep = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1]) & (s >= skip_box_thr)
+        keep = valid_boxes(b, s, skip_box_thr)
         boxes_n.append(b[keep])
         scores_n.append(s[keep])
         labels_n.append(lab[keep])
@@ -151,6 +151,11 @@ def fuse_boxes(
     # writers. WBF's output is already sorted, and a stable sort keeps it as it is.
     order = np.argsort(-fused_s, kind="stable")
     return fused_b[order] * scale, fused_s[order], fused_l[order]
+
+
+def valid_boxes(boxes: np.ndarray, scores: np.ndarray, skip_box_thr: float) -> np.ndarray:
+    """The rows fusion keeps: positive width and height, score at least ``skip_box_thr``."""
+    return (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]) & (scores >= skip_box_thr)
 
 
 def _check_model(i: int, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

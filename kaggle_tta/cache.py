@@ -55,6 +55,7 @@ class CacheEntry:
         self.manifest_path = self.dir / "manifest.json"
         self.manifest = self._load()
         self._open: dict[str, np.memmap] = {}
+        self._mapped: dict[str, np.ndarray] = {}  # complete views already memory-mapped by read()
 
     # ---- manifest ------------------------------------------------------------------------
 
@@ -222,10 +223,13 @@ class CacheEntry:
     # ---- reading -------------------------------------------------------------------------
 
     def read(self, view: str) -> np.ndarray:
-        """A complete view's predictions, memory-mapped read-only."""
+        """A complete view's predictions, memory-mapped read-only (mapped once: blends read
+        the same views block after block)."""
         if not self.is_complete(view):
             raise CacheError(f"{self.dir}: view '{view}' is not complete")
-        return np.load(self.path(view), mmap_mode="r")
+        if view not in self._mapped:
+            self._mapped[view] = np.load(self.path(view), mmap_mode="r")
+        return self._mapped[view]
 
     def read_ragged(self, view: str) -> tuple[np.ndarray, np.ndarray]:
         """A complete detection view: ``(rows [M, 6], offsets [N + 1])``."""

@@ -22,7 +22,7 @@ import numpy as np
 import polars as pl
 
 from kaggle_tta.blend import MemberSource, evaluate_dag
-from kaggle_tta.boxes import fuse_boxes, prediction_string
+from kaggle_tta.boxes import fuse_boxes, prediction_string, valid_boxes
 from kaggle_tta.config import BlendConfig, DetectionConfig, PipelineConfig
 from kaggle_tta.errors import CheckpointError, ConfigError, DataError
 from kaggle_tta.models import import_callable
@@ -119,7 +119,7 @@ def member_boxes(s: MemberSource, sizes: np.ndarray, d: DetectionConfig, views: 
         per_view = [np.asarray(rows[off[i] : off[i + 1]], dtype=np.float64) for rows, off in data]
         if len(per_view) == 1:  # nothing to fuse; the same filters fusion applies
             r = per_view[0]
-            r = r[(r[:, 4] >= d.skip_box_thr) & (r[:, 2] > r[:, 0]) & (r[:, 3] > r[:, 1])]
+            r = r[valid_boxes(r[:, :4], r[:, 4], d.skip_box_thr)]
             order = np.argsort(-r[:, 4], kind="stable")
             out.append((r[order, :4] * scale, r[order, 4], r[order, 5].astype(np.int64)))
             continue

@@ -70,7 +70,8 @@ def masks_of(probs: np.ndarray, size: tuple[int, int], activation: str, threshol
     p = np.ascontiguousarray(np.moveaxis(probs.astype(np.float32), 0, -1))
     if p.shape[:2] != (h, w):  # cv2.resize takes at most 128 channels at a time here
         parts = [cv2.resize(np.ascontiguousarray(p[:, :, c : c + 128]), (w, h), interpolation=cv2.INTER_LINEAR) for c in range(0, p.shape[-1], 128)]
-        p = np.concatenate([q[:, :, None] if q.ndim == 2 else q for q in parts], axis=-1)
+        parts = [q[:, :, None] if q.ndim == 2 else q for q in parts]
+        p = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
     if activation == "softmax":
         best = p.argmax(axis=-1)
         masks = np.stack([best == c for c in range(1, p.shape[-1])])
