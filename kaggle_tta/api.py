@@ -9,7 +9,7 @@ import numpy as np
 import polars as pl
 
 from kaggle_tta.cache import IMAGE_SIZE
-from kaggle_tta.blend import MemberSource, check_complete, evaluate, member_prediction
+from kaggle_tta.blend import MemberSource, blocks, check_complete, node_predictions
 from kaggle_tta.config import PipelineConfig
 from kaggle_tta.merge import Prediction, to_probs
 from kaggle_tta.plan import Plan, build_plan, find_entry, resolve_device, resolve_precision
@@ -125,9 +125,8 @@ def _classification(plan: Plan, sources: list[MemberSource], labels: np.ndarray 
     step = n if any(b.method == "rank_mean" for b in cfg.blends) else BLOCK_ROWS
     metric = "F1" if cfg.multilabel else "accuracy"
     tables, tta, plain = [], {}, {}
-    for lo in range(0, n, step):
-        hi = min(n, lo + step)
-        nodes = evaluate(cfg, {s.name: member_prediction(s, rows=(lo, hi)) for s in sources}, act)
+    for lo, hi in blocks(n, step):
+        nodes = node_predictions(cfg, sources, lo, hi, act)
         src = nodes[cfg.submission_source]
         tables.append(build_table(plan.testset.ids[lo:hi], src.values if ranked_only else to_probs(src, act), plan.classes, cfg.submission))
         if labels is None:
@@ -135,7 +134,7 @@ def _classification(plan: Plan, sources: list[MemberSource], labels: np.ndarray 
         for name, pred in nodes.items():
             tta[name] = tta.get(name, 0) + _counts(pred, labels[lo:hi], plan)
         if has_identity:  # without TTA: each member's identity view alone, blended the same way
-            for name, pred in evaluate(cfg, {s.name: member_prediction(s, ["identity"], (lo, hi)) for s in sources}, act).items():
+            for name, pred in node_predictions(cfg, sources, lo, hi, act, ["identity"]).items():
                 plain[name] = plain.get(name, 0) + _counts(pred, labels[lo:hi], plan)
     table = pl.concat(tables) if len(tables) > 1 else tables[0]
     return table, [metric], {k: {metric: _score(c, plan)} for k, c in tta.items()}, {k: {metric: _score(c, plan)} for k, c in plain.items()}

@@ -6,9 +6,11 @@ This module reads cached views and merges them; it never builds a model or reads
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
+
+import numpy as np
 
 from kaggle_tta.cache import CacheEntry
 from kaggle_tta.config import BlendConfig, PipelineConfig
@@ -48,13 +50,32 @@ def check_complete(sources: Sequence[MemberSource], ids: Sequence[str], extra: S
             raise CacheError(f"{s.entry.dir}: row ids differ from the test set; delete that folder and rerun infer")  # type: ignore[union-attr]
 
 
-def member_prediction(s: MemberSource, views: Sequence[str] | None = None, rows: tuple[int, int] | None = None) -> Prediction:
-    """Merges a member's cached views (all of them, or the given subset), for every row or
-    for rows ``lo:hi`` (sliced from the memory-mapped files: only those rows are read)."""
+def member_prediction(
+    s: MemberSource, lo: int, hi: int, views: Sequence[str] | None = None, transform: Callable[[np.ndarray, str], np.ndarray] | None = None
+) -> Prediction:
+    """Merges a member's cached views (all of them, or the given subset) for rows ``lo:hi``
+    (sliced from the memory-mapped files: only those rows are read), each first passed
+    through ``transform(values, activation)`` where given (segmentation: uint8 -> logits)."""
     assert s.entry is not None
     names = list(views) if views is not None else list(s.views)
-    lo, hi = rows if rows is not None else (None, None)
-    return reduce_views(s.merge, (s.entry.read(v)[lo:hi] for v in names), s.activation)
+    arrays = (s.entry.read(v)[lo:hi] for v in names)
+    if transform is not None:
+        arrays = (transform(a, s.activation) for a in arrays)
+    return reduce_views(s.merge, arrays, s.activation)
+
+
+def blocks(n: int, block: int) -> Iterator[tuple[int, int]]:
+    """Row ranges ``(lo, hi)`` of ``block`` rows covering ``0:n``."""
+    for lo in range(0, n, block):
+        yield lo, min(n, lo + block)
+
+
+def node_predictions(
+    cfg: PipelineConfig, sources: Sequence[MemberSource], lo: int, hi: int, activation: str,
+    views: Sequence[str] | None = None, transform: Callable[[np.ndarray, str], np.ndarray] | None = None,
+) -> dict[str, Prediction]:
+    """Every node's prediction for rows ``lo:hi``: members from their views, then blends."""
+    return evaluate(cfg, {s.name: member_prediction(s, lo, hi, views, transform) for s in sources}, activation)
 
 
 def evaluate_dag(cfg: PipelineConfig, members: Mapping[str, T], combine: Callable[[BlendConfig, list[T]], T]) -> dict[str, T]:

@@ -9,17 +9,17 @@ probabilities again, so every merge rule applies unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
 
-from kaggle_tta.blend import MemberSource, evaluate
+from kaggle_tta.blend import MemberSource, blocks, member_prediction, node_predictions
 from kaggle_tta.cache import IMAGE_SIZE
 from kaggle_tta.config import PipelineConfig, SubmissionConfig
 from kaggle_tta.errors import DataError
-from kaggle_tta.merge import Prediction, reduce_views, to_probs
+from kaggle_tta.merge import Prediction, to_probs
 from kaggle_tta.rle import mask_to_rle, remove_small_components
 
 BLOCK = 16  # images per block: bounds the maps held in memory
@@ -38,19 +38,13 @@ def _as_logits(arr: np.ndarray, activation: str) -> np.ndarray:
 
 
 def member_maps(s: MemberSource, lo: int, hi: int, views: Sequence[str] | None = None) -> Prediction:
-    """A member's views of images ``lo:hi`` merged with its rule."""
-    names = list(views) if views is not None else list(s.views)
-    return reduce_views(s.merge, (_as_logits(s.entry.read(v)[lo:hi], s.activation) for v in names), s.activation)  # type: ignore[union-attr]
-
-
-def blocks(n: int, block: int = BLOCK) -> Iterator[tuple[int, int]]:
-    for lo in range(0, n, block):
-        yield lo, min(n, lo + block)
+    """A member's views of images ``lo:hi`` merged with its rule, as logits."""
+    return member_prediction(s, lo, hi, views, _as_logits)
 
 
 def node_maps(cfg: PipelineConfig, sources: Sequence[MemberSource], lo: int, hi: int, activation: str, views: Sequence[str] | None = None) -> dict[str, Prediction]:
     """Every node's maps for images ``lo:hi``."""
-    return evaluate(cfg, {s.name: member_maps(s, lo, hi, views) for s in sources}, activation)
+    return node_predictions(cfg, sources, lo, hi, activation, views, _as_logits)
 
 
 def image_sizes(s: MemberSource) -> np.ndarray:
@@ -148,7 +142,7 @@ def write_and_score(
     truth_given = cfg.data.masks is not None
     tta: dict[str, Scores] = {}
     no_tta: dict[str, Scores] = {}
-    for lo, hi in blocks(len(ids)):
+    for lo, hi in blocks(len(ids), BLOCK):
         nodes = node_maps(cfg, sources, lo, hi, activation)
         plain_nodes = node_maps(cfg, sources, lo, hi, activation, ["identity"]) if plain and truth_given else {}
         probs = {name: to_probs(p, activation) for name, p in nodes.items()}
