@@ -55,7 +55,6 @@ class CacheEntry:
         self.manifest_path = self.dir / "manifest.json"
         self.manifest = self._load()
         self._open: dict[str, np.memmap] = {}
-        self._mapped: dict[str, np.ndarray] = {}  # complete views already memory-mapped by read()
 
     # ---- manifest ------------------------------------------------------------------------
 
@@ -223,13 +222,13 @@ class CacheEntry:
     # ---- reading -------------------------------------------------------------------------
 
     def read(self, view: str) -> np.ndarray:
-        """A complete view's predictions, memory-mapped read-only (mapped once: blends read
-        the same views block after block)."""
+        """A complete view's predictions, memory-mapped read-only. Mapped afresh on each call,
+        on purpose: blends slice one block at a time, and a map kept open would keep every
+        page read so far in the process's resident memory (measured: 163 -> 366 MB peak on
+        the quick re-blend, growing with the cache)."""
         if not self.is_complete(view):
             raise CacheError(f"{self.dir}: view '{view}' is not complete")
-        if view not in self._mapped:
-            self._mapped[view] = np.load(self.path(view), mmap_mode="r")
-        return self._mapped[view]
+        return np.load(self.path(view), mmap_mode="r")
 
     def read_ragged(self, view: str) -> tuple[np.ndarray, np.ndarray]:
         """A complete detection view: ``(rows [M, 6], offsets [N + 1])``."""
