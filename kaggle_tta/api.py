@@ -1,19 +1,31 @@
-"""The three operations the CLI and notebooks call: infer (fill the cache), blend (cache ->
-submission) and run (both), plus the with/without-TTA report."""
+"""The public operations, for the CLI and for notebooks: ``infer`` (fill the cache),
+``blend`` (cache -> submission) and ``run`` (both). Each takes a pipeline as a path, a dict,
+a validated config or a plan, with ``--set``-style overrides, and returns its results as
+objects (RunStats, BlendResult, RunResult), not only files::
+
+    from kaggle_tta import load_pipeline, run
+    result = run("pipeline.yaml", overrides=["runtime.precision=fp32"])
+    result.blend.table        # the submission as a polars DataFrame
+    print(result.blend.report())
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
 
-import numpy as np
 import polars as pl
 
-from kaggle_tta.cache import IMAGE_SIZE
-from kaggle_tta.blend import MemberSource, blocks, check_complete, node_predictions
-from kaggle_tta.config import PipelineConfig
-from kaggle_tta.merge import Prediction, to_probs
+from kaggle_tta.dag import MemberSource, check_complete
+from kaggle_tta.config import PipelineConfig, load_pipeline
 from kaggle_tta.plan import Plan, build_plan, find_entry, resolve_device, resolve_precision
-from kaggle_tta.submission import build_table, write_submission
+from kaggle_tta.submission import write_submission
+
+if TYPE_CHECKING:
+    from kaggle_tta.engine import RunStats
+
+Pipeline = Union[str, Path, dict[str, Any], PipelineConfig, Plan]
 
 
 @dataclass
@@ -34,17 +46,56 @@ class BlendResult:
     rows: list[ReportRow] = field(default_factory=list)
     metrics: list[str] = field(default_factory=list)  # empty without ground truth
     n_rows: int = 0  # rows written
+    table: pl.DataFrame | None = None  # what was written
+
+    def row(self, node: str) -> ReportRow:
+        """The report row of a member or blend."""
+        return next(r for r in self.rows if r.node == node)
+
+    def report(self) -> str:
+        """The with/without-TTA table, in markdown."""
+        return format_report(self)
 
 
-def infer(cfg: PipelineConfig, progress: bool = True):
-    """Builds the plan and fills the cache; returns (plan, RunStats)."""
+@dataclass
+class RunResult:
+    stats: RunStats
+    blend: BlendResult
+
+
+def plan_of(pipeline: Pipeline, overrides: list[str] | None = None) -> Plan:
+    """A plan from any form of pipeline (overrides apply to a path or a dict only)."""
+    if isinstance(pipeline, Plan):
+        return pipeline
+    if isinstance(pipeline, PipelineConfig):
+        return build_plan(pipeline)
+    return build_plan(load_pipeline(pipeline, overrides))
+
+
+def infer(pipeline: Pipeline, overrides: list[str] | None = None, progress: bool = True) -> RunStats:
+    """Fills the cache for every (member, view) not in it yet; returns what was computed."""
     from kaggle_tta.engine import run_inference  # torch models: only where a run needs them
 
-    plan = build_plan(cfg)
-    device = resolve_device(cfg.runtime.device)
-    precision = resolve_precision(cfg.runtime.precision, device)
-    stats = run_inference(plan, device, precision, progress=progress)
-    return plan, stats
+    plan = plan_of(pipeline, overrides)
+    device = resolve_device(plan.cfg.runtime.device)
+    return run_inference(plan, device, resolve_precision(plan.cfg.runtime.precision, device), progress=progress)
+
+
+def blend(pipeline: Pipeline, overrides: list[str] | None = None, computed: str | None = None, fill_hint: str = "PIPELINE") -> BlendResult:
+    """Blends from the cache and writes the submission; builds no model, reads no image.
+
+    ``computed`` is the precision a run just filled the cache in (see plan.find_entry);
+    ``fill_hint`` names the pipeline in the error that lists missing entries.
+    """
+    plan = plan_of(pipeline, overrides)
+    return blend_plan(plan, sources_for(plan, fill_hint, computed))
+
+
+def run(pipeline: Pipeline, overrides: list[str] | None = None, progress: bool = True, fill_hint: str = "PIPELINE") -> RunResult:
+    """``infer`` then ``blend`` on what it computed."""
+    plan = plan_of(pipeline, overrides)
+    stats = infer(plan, progress=progress)
+    return RunResult(stats, blend(plan, computed=stats.precision, fill_hint=fill_hint))
 
 
 def sources_for(plan: Plan, pipeline_arg: str = "PIPELINE", computed: str | None = None) -> list[MemberSource]:
@@ -54,46 +105,24 @@ def sources_for(plan: Plan, pipeline_arg: str = "PIPELINE", computed: str | None
     out = []
     for m in plan.members:
         entry = find_entry(plan, m, cfg.runtime.precision, computed)
-        out.append(MemberSource(m.name, entry, [v.name for v in m.views], m.activation, m.cfg.merge, f"kaggle-tta infer {pipeline_arg}"))
+        out.append(MemberSource(m.name, entry, [v.name for v in m.views], m.activation, m.cfg.merge, f"kaggle-tta infer {pipeline_arg}"))  # type: ignore[arg-type]
     return out
 
 
-def _activation(plan: Plan) -> str:
-    return "sigmoid" if plan.cfg.multilabel else "softmax"
+def blend_plan(plan: Plan, sources: list[MemberSource]) -> BlendResult:
+    """Merges cached views, evaluates the blend DAG through the task, writes the submission.
 
-
-def _counts(pred: Prediction, y: np.ndarray, plan: Plan) -> np.ndarray:
-    """What a score is made of, additive over blocks of rows: (correct, rows), or for
-    multi-label (true positives, false positives, false negatives)."""
-    p = to_probs(pred, _activation(plan))
-    if plan.cfg.multilabel:
-        hit = p >= plan.cfg.submission.threshold
-        return np.array([(hit & (y == 1)).sum(), (hit & (y == 0)).sum(), (~hit & (y == 1)).sum()], dtype=np.float64)
-    return np.array([(p.argmax(axis=1) == y).sum(), len(y)], dtype=np.float64)
-
-
-def _score(counts: np.ndarray, plan: Plan) -> float:
-    if plan.cfg.multilabel:
-        tp, fp, fn = counts
-        return float(2 * tp / max(2 * tp + fp + fn, 1.0))
-    return float(counts[0] / max(counts[1], 1.0))
-
-
-def blend_and_write(plan: Plan, sources: list[MemberSource] | None = None, labels: np.ndarray | None = None) -> BlendResult:
-    """Merges cached views, evaluates the blend DAG, writes the submission; reads no image.
-
-    With ground truth (``labels`` for classification, ``data.masks`` or ``data.boxes``) every
-    node is scored with TTA and, where each member has the identity view, without it.
+    With ground truth every node is scored with TTA and, where each member has the identity
+    view, without it.
     """
-    cfg = plan.cfg
-    sources = sources if sources is not None else sources_for(plan)
-    check_complete(sources, plan.testset.ids, extra=() if cfg.task == "classification" else (IMAGE_SIZE,))
+    cfg, task = plan.cfg, plan.task
+    check_complete(sources, plan.testset.ids, sizes=task.stores_image_sizes)
     has_identity = all("identity" in s.views for s in sources)
-    write = {"classification": _classification, "segmentation": _segmentation, "detection": _detection}[cfg.task]
-    table, metrics, tta, plain = write(plan, sources, labels, has_identity)
+    sizes = sources[0].entry.read_sizes() if task.stores_image_sizes else None  # type: ignore[union-attr]
+    out = task.blend(plan, sources, sizes, has_identity)
     out_path = cfg.resolve(cfg.submission.path)
-    write_submission(table, out_path)
-    result = BlendResult(str(out_path), cfg.submission_source, metrics=metrics if tta else [], n_rows=table.height)
+    write_submission(out.table, out_path)
+    result = BlendResult(str(out_path), cfg.submission_source, metrics=out.metrics if out.tta else [], n_rows=out.table.height, table=out.table)
     secs = {s.name: {v: float(s.entry.view_state(v).get("seconds", 0.0)) for v in s.views} for s in sources}  # type: ignore[union-attr]
     members_of = _members_of(cfg)
     for name in [s.name for s in sources] + [b.name for b in cfg.blends]:
@@ -102,68 +131,8 @@ def blend_and_write(plan: Plan, sources: list[MemberSource] | None = None, label
         plain_s = sum(secs[m].get("identity", 0.0) for m in ms) if has_identity else None
         views = sum(len(secs[m]) for m in ms)
         kind = "member" if name in secs else "blend"
-        result.rows.append(ReportRow(name, kind, views, plain.get(name, {}), tta.get(name, {}), plain_s, total))
+        result.rows.append(ReportRow(name, kind, views, out.plain.get(name, {}), out.tta.get(name, {}), plain_s, total))
     return result
-
-
-Scored = tuple[pl.DataFrame, list[str], dict[str, dict[str, float]], dict[str, dict[str, float]]]
-
-
-BLOCK_ROWS = 2048  # rows merged and blended at a time: accumulators stay small and in cache
-
-
-def _classification(plan: Plan, sources: list[MemberSource], labels: np.ndarray | None, has_identity: bool) -> Scored:
-    """Blends in blocks of rows (every view, member and blend of a block at once), so memory
-    is a few blocks whatever the test-set size; rank_mean ranks whole columns, so a DAG that
-    uses it is evaluated in one block."""
-    cfg = plan.cfg
-    act = _activation(plan)
-    n = len(plan.testset)
-    # label and topk only rank each row: logits rank as their probabilities do, so the
-    # softmax over [N, C] is skipped for them.
-    ranked_only = cfg.submission.format in ("label", "topk")
-    step = n if any(b.method == "rank_mean" for b in cfg.blends) else BLOCK_ROWS
-    metric = "F1" if cfg.multilabel else "accuracy"
-    tables, tta, plain = [], {}, {}
-    for lo, hi in blocks(n, step):
-        nodes = node_predictions(cfg, sources, lo, hi, act)
-        src = nodes[cfg.submission_source]
-        tables.append(build_table(plan.testset.ids[lo:hi], src.values if ranked_only else to_probs(src, act), plan.classes, cfg.submission))
-        if labels is None:
-            continue
-        for name, pred in nodes.items():
-            tta[name] = tta.get(name, 0) + _counts(pred, labels[lo:hi], plan)
-        if has_identity:  # without TTA: each member's identity view alone, blended the same way
-            for name, pred in node_predictions(cfg, sources, lo, hi, act, ["identity"]).items():
-                plain[name] = plain.get(name, 0) + _counts(pred, labels[lo:hi], plan)
-    table = pl.concat(tables) if len(tables) > 1 else tables[0]
-    return table, [metric], {k: {metric: _score(c, plan)} for k, c in tta.items()}, {k: {metric: _score(c, plan)} for k, c in plain.items()}
-
-
-def _segmentation(plan: Plan, sources: list[MemberSource], labels: np.ndarray | None, has_identity: bool) -> Scored:
-    from kaggle_tta.tasks import segmentation
-
-    act = plan.members[0].activation
-    table, tta, plain = segmentation.write_and_score(plan.cfg, plan.testset.ids, plan.classes, sources, act, has_identity)
-    return table, ["Dice", "IoU"], tta, plain
-
-
-def _detection(plan: Plan, sources: list[MemberSource], labels: np.ndarray | None, has_identity: bool) -> Scored:
-    from kaggle_tta.tasks import detection
-
-    cfg = plan.cfg
-    sizes = np.asarray(sources[0].entry.read(IMAGE_SIZE))  # type: ignore[union-attr]
-    nodes = detection.evaluate_boxes(cfg, {s.name: detection.member_boxes(s, sizes, cfg.detection) for s in sources}, sizes)
-    table = detection.submission_table(cfg, plan.testset.ids, nodes[cfg.submission_source], sizes, plan.classes)
-    if cfg.data.boxes is None:
-        return table, ["mAP@0.5"], {}, {}
-    truth = detection.load_truth(cfg, plan.testset.ids, plan.classes)
-    tta = {name: {"mAP@0.5": detection.mean_ap(b, truth, len(plan.classes))} for name, b in nodes.items()}
-    plain = {}
-    if has_identity:
-        plain_nodes = detection.evaluate_boxes(cfg, {s.name: detection.member_boxes(s, sizes, cfg.detection, ["identity"]) for s in sources}, sizes)
-        plain = {name: {"mAP@0.5": detection.mean_ap(b, truth, len(plan.classes))} for name, b in plain_nodes.items()}
-    return table, ["mAP@0.5"], tta, plain
 
 
 def _members_of(cfg: PipelineConfig) -> dict[str, list[str]]:

@@ -261,7 +261,7 @@ def prediction_string(
         BoxesError: mismatched lengths, an unknown preset or template field, a template
             that cannot format its field, or a label with no name in ``classes``.
     """
-    template = _resolve_template(template)
+    template = resolve_template(template)
     h, w = _check_image_size(image_size)
     b = np.asarray(boxes, dtype=np.float64)
     b = b.reshape(0, 4) if b.size == 0 else b
@@ -295,7 +295,7 @@ def prediction_string(
     return " ".join(out)
 
 
-def _resolve_template(template: str) -> str:
+def resolve_template(template: str) -> str:
     """A preset's template, or the template itself once its field names are checked."""
     if template in PRESETS:
         return PRESETS[template]

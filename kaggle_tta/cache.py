@@ -8,7 +8,8 @@ Layout::
     <cache>/<member>/<fingerprint>/<view>.npy.partial   being filled (an .npy memmap)
     <cache>/<member>/<fingerprint>/<view>.boxes.npy   detection: every image's boxes, [M, 6]
     <cache>/<member>/<fingerprint>/<view>.offsets.npy image i's rows are offsets[i]:offsets[i+1]
-    <cache>/<member>/<fingerprint>/_image_size.npy    segmentation, detection: [N, 2] decoded (H, W)
+    <cache>/<member>/<fingerprint>/_image_size.npy    tasks that map back (segmentation, detection):
+                                                       each image's decoded (H, W), [N, 2] int32
 
 A view's file is preallocated under ``.partial``, filled as batches finish, flushed, and only
 then counted in the manifest (``rows_done``); when all rows are in (and counted), it is renamed
@@ -32,7 +33,12 @@ import numpy as np
 from kaggle_tta.errors import CacheError
 
 FORMAT_VERSION = 1
-IMAGE_SIZE = "_image_size"  # segmentation, detection: [N, 2] decoded (H, W), stored like a view
+# Each image's decoded (H, W): data of the entry, read and written through its own methods
+# (sizes_complete, open_sizes, write_sizes, read_sizes). It is kept with the views' machinery
+# (a preallocated .partial, rows counted in the manifest, renamed when complete) under this
+# reserved name, which is no view name, so caches written before stay readable; nothing
+# outside this module sees it as a view.
+_SIZES = "_image_size"
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -101,6 +107,10 @@ class CacheEntry:
     def view_state(self, view: str) -> dict[str, Any]:
         return self.manifest["views"].get(view, {})
 
+    def view_states(self) -> dict[str, dict[str, Any]]:
+        """Every view's state (the image sizes are not a view)."""
+        return view_states(self.manifest)
+
     def path(self, view: str) -> Path:
         """The file whose presence (with the manifest) marks the view complete."""
         ragged = self.view_state(view).get("kind") == "ragged"
@@ -115,6 +125,10 @@ class CacheEntry:
         st = self.view_state(view)
         partial = self.dir / (f"{view}.offsets.npy.partial" if st.get("kind") == "ragged" else f"{view}.npy.partial")
         return int(st.get("rows_done", 0)) if st.get("status") == "partial" and partial.is_file() else 0
+
+    def first_missing(self, views: list[str], sizes: bool = False) -> int:
+        """The first row any of ``views`` (and, with ``sizes``, the image sizes) lacks."""
+        return min(self.rows_done(v) for v in [*views, *([_SIZES] if sizes else [])])
 
     # ---- ids -----------------------------------------------------------------------------
 
@@ -219,6 +233,24 @@ class CacheEntry:
                 mm._f.close()
         self._open.clear()
 
+    # ---- image sizes ---------------------------------------------------------------------
+
+    def sizes_complete(self) -> bool:
+        return self.is_complete(_SIZES)
+
+    def open_sizes(self, n: int) -> int:
+        """Opens the image sizes for writing; returns the first image still missing."""
+        return self.open_for_write(_SIZES, (n, 2), "int32")[1]
+
+    def write_sizes(self, first: int, hi: int, values: np.ndarray) -> None:
+        """Stores the (H, W) of images ``first:hi`` and counts them (made durable by commit)."""
+        self._open[_SIZES][first:hi] = values
+        self.record(_SIZES, hi, 0.0)
+
+    def read_sizes(self) -> np.ndarray:
+        """Every image's decoded (H, W), ``[N, 2]``."""
+        return np.asarray(self.read(_SIZES))
+
     # ---- reading -------------------------------------------------------------------------
 
     def read(self, view: str) -> np.ndarray:
@@ -282,6 +314,11 @@ class RaggedWriter:
         # the raw rows first: with them gone the finished files are taken as the view on load
         self.raw_path.unlink(missing_ok=True)
         offsets_partial.unlink(missing_ok=True)
+
+
+def view_states(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The views of a manifest, without the image sizes."""
+    return {v: st for v, st in manifest.get("views", {}).items() if v != _SIZES}
 
 
 def list_entries(root: Path) -> list[tuple[str, str, dict[str, Any]]]:

@@ -20,12 +20,6 @@ def _load(args: argparse.Namespace):
     return load_pipeline(args.pipeline, args.set)
 
 
-def _labels(plan):
-    from kaggle_tta.data import load_labels
-
-    return load_labels(plan.cfg, plan.testset.ids, plan.classes)
-
-
 def _print_stats(stats) -> None:
     if stats.all_cached:
         n = sum(len(m.views_cached) for m in stats.members.values())
@@ -44,33 +38,29 @@ def _print_stats(stats) -> None:
     print(f"inference: {stats.rows_computed} images on {stats.device} ({stats.precision}, forward batch {stats.forward_batch}) in {stats.seconds:.1f}s")
 
 
-def _blend(plan, pipeline_arg: str, computed: str | None = None) -> None:
-    from kaggle_tta.api import blend_and_write, format_report, sources_for
-
-    result = blend_and_write(plan, sources_for(plan, pipeline_arg, computed), _labels(plan))
-    print(format_report(result))
+def _print_blend(result) -> None:
+    print(result.report())
     print(f"wrote {result.path} ({result.n_rows} rows) from '{result.source}'")
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from kaggle_tta.api import infer
+    from kaggle_tta.api import run
 
-    plan, stats = infer(_load(args), progress=not args.quiet)
-    _print_stats(stats)
-    _blend(plan, args.pipeline, stats.precision)
+    result = run(_load(args), progress=not args.quiet, fill_hint=args.pipeline)
+    _print_stats(result.stats)
+    _print_blend(result.blend)
 
 
 def cmd_infer(args: argparse.Namespace) -> None:
     from kaggle_tta.api import infer
 
-    _, stats = infer(_load(args), progress=not args.quiet)
-    _print_stats(stats)
+    _print_stats(infer(_load(args), progress=not args.quiet))
 
 
 def cmd_blend(args: argparse.Namespace) -> None:
-    from kaggle_tta.plan import build_plan
+    from kaggle_tta.api import blend
 
-    _blend(build_plan(_load(args)), args.pipeline)
+    _print_blend(blend(_load(args), fill_hint=args.pipeline))
 
 
 def _current(plan) -> set[tuple[str, str]]:
@@ -79,7 +69,7 @@ def _current(plan) -> set[tuple[str, str]]:
 
 
 def cmd_cache_ls(args: argparse.Namespace) -> None:
-    from kaggle_tta.cache import list_entries
+    from kaggle_tta.cache import list_entries, view_states
     from kaggle_tta.plan import build_plan
 
     plan = build_plan(_load(args))
@@ -92,7 +82,7 @@ def cmd_cache_ls(args: argparse.Namespace) -> None:
     print("| member | fingerprint | state | views complete | rows | seconds | MB |")
     print("|---|---|---|---|---|---|---|")
     for member, fp, man in entries:
-        views = man.get("views", {})
+        views = view_states(man)
         done = [v for v, st in views.items() if st.get("status") == "complete"]
         rows = max((st.get("rows_done", 0) for st in views.values()), default=0)
         secs = sum(st.get("seconds", 0.0) for st in views.values())
@@ -124,20 +114,25 @@ def cmd_demo_data(args: argparse.Namespace) -> None:
     print(f"{args.out}: {n} demo images and labels.csv")
 
 
-COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
-    "run": (cmd_run, "fill the cache as needed, blend, write the submission"),
-    "infer": (cmd_infer, "fill the cache only"),
-    "blend": (cmd_blend, "blend from the cache and write the submission (builds no model, reads no image)"),
-    "cache ls": (cmd_cache_ls, "list cache entries: current or stale, views, rows, seconds"),
-    "cache prune": (cmd_cache_prune, "delete cache entries the pipeline no longer uses"),
+# name -> (function, help, whether it shows a progress bar: only those take --quiet)
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str, bool]] = {
+    "run": (cmd_run, "fill the cache as needed, blend, write the submission", True),
+    "infer": (cmd_infer, "fill the cache only", True),
+    "blend": (cmd_blend, "blend from the cache and write the submission (builds no model, reads no image)", False),
+    "cache ls": (cmd_cache_ls, "list cache entries: current or stale, views, rows, seconds", False),
+    "cache prune": (cmd_cache_prune, "delete cache entries the pipeline no longer uses", False),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kaggle_tta import __version__
+    from kaggle_tta.demo import DEMO_SIZE
+
     ap = argparse.ArgumentParser(prog="kaggle-tta", description="Test-time-augmentation ensemble inference with a prediction cache.")
+    ap.add_argument("--version", action="version", version=f"kaggle-tta {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}
-    for name, (fn, help_text) in COMMANDS.items():
+    for name, (fn, help_text, bar) in COMMANDS.items():
         parent, _, child = name.partition(" ")
         if child:
             if parent not in groups:
@@ -148,13 +143,19 @@ def build_parser() -> argparse.ArgumentParser:
             p = sub.add_parser(name, help=help_text)
         p.add_argument("pipeline", help="path of pipeline.yaml")
         p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a YAML value (repeatable), e.g. runtime.precision=fp32")
-        p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+        if bar:
+            p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
         p.set_defaults(func=fn)
-    d = sub.add_parser("demo-data", help="write the embedded demo test set (images + labels.csv)")
-    d.add_argument("out")
-    d.add_argument("--n", type=int, default=240)
-    d.add_argument("--seed", type=int, default=1)
-    d.add_argument("--size", type=int, default=72)
+    d = sub.add_parser(
+        "demo-data",
+        help="write the embedded demo test set: images, labels.csv, boxes.csv, and masks in OUT_masks/",
+        description="Writes synthetic top-down scenes (circle, square, triangle, cross among distractors) as PNGs, with "
+        "their class labels (labels.csv), boxes (boxes.csv) and masks (a sibling folder OUT_masks/). Idempotent.",
+    )
+    d.add_argument("out", help="folder to write the images into (created if missing)")
+    d.add_argument("--n", type=int, default=240, help="number of images (default: 240)")
+    d.add_argument("--seed", type=int, default=1, help="random seed; the same seed writes the same set (default: 1)")
+    d.add_argument("--size", type=int, default=DEMO_SIZE, help=f"side of each square image in pixels (default: {DEMO_SIZE}, what the demo members were tuned on)")
     d.set_defaults(func=cmd_demo_data)
     from kaggle_tta import kernel  # light: argument definitions only
 

@@ -9,17 +9,55 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kaggle_tta.errors import ConfigError, did_you_mean
 
-Task = Literal["classification", "segmentation", "detection"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 ViewItem = Union[str, dict[str, Any]]
+
+# Keyword arguments of a factory member that name files: resolved against pipeline.yaml by
+# models.build_model and shipped by the Kaggle bundler (one rule, read by both).
+FACTORY_PATH_KWARGS = ("f", "path", "file")
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """Marks a schema field that names a file or folder, for ``kaggle-tta kernel``.
+
+    role: ``member`` (a member's own file: shipped flat at the dataset's top level),
+    ``data`` (test data or ground truth: read from the competition's folder on Kaggle, or
+    shipped under ``data/``), ``classes`` (a class list: either), ``output`` (rewritten to
+    ``kaggle`` under /kaggle/working). kind: ``file``, ``dir``, ``glob`` or ``csv-root``.
+    optional: ground truth a competition's test data need not have.
+    """
+
+    role: str
+    kind: str = "file"
+    optional: bool = False
+    kaggle: str | None = None
+
+
+def bundled_fields(model: BaseModel, loc: tuple[str | int, ...] = ()) -> Iterator[tuple[tuple[str | int, ...], Any, Bundle]]:
+    """Every set field marked with :class:`Bundle` under ``model``: (YAML path, value, mark),
+    in schema order, through nested sections and lists of them."""
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        mark = next((m for m in field.metadata if isinstance(m, Bundle)), None)
+        if mark is not None:
+            if value is not None:
+                yield (*loc, name), value, mark
+            continue
+        items = list(enumerate(value)) if isinstance(value, list) else [(None, value)]
+        for i, item in items:
+            if isinstance(item, BaseModel):
+                yield from bundled_fields(item, (*loc, name) if i is None else (*loc, name, i))
 
 
 class _Model(BaseModel):
@@ -29,7 +67,7 @@ class _Model(BaseModel):
 class CsvSource(_Model):
     """A CSV listing the test set."""
 
-    path: Path
+    path: Annotated[Path, Bundle("data")]
     """The CSV file (relative paths are relative to pipeline.yaml)."""
     id_column: str = "id"
     """Column holding the image id written to the submission."""
@@ -37,7 +75,7 @@ class CsvSource(_Model):
     """Column holding the image path (relative to `root`); or give `path_template`."""
     path_template: str | None = None
     """Builds the path from the id, e.g. ``images/{id}.jpg`` (relative to `root`)."""
-    root: Path | None = None
+    root: Annotated[Path | None, Bundle("data", "csv-root")] = None
     """Folder the paths are relative to; default: the CSV's folder."""
 
     @model_validator(mode="after")
@@ -50,7 +88,7 @@ class CsvSource(_Model):
 class LabelsSpec(_Model):
     """Ground-truth labels for the test set, used only to print the with/without-TTA table."""
 
-    path: Path
+    path: Annotated[Path, Bundle("data", optional=True)]
     id_column: str = "id"
     label_column: str = "label"
     """Class name (or, multi-label, space-separated class names)."""
@@ -60,7 +98,7 @@ class MasksSpec(_Model):
     """Ground-truth masks: one single-channel PNG per image, pixel value 0 for background and
     k + 1 for class k (or, with one class, any non-zero value for it)."""
 
-    folder: Path
+    folder: Annotated[Path, Bundle("data", "dir", optional=True)]
     template: str = "{id}.png"
     """The mask file of an image, relative to `folder`."""
 
@@ -68,7 +106,7 @@ class MasksSpec(_Model):
 class BoxesSpec(_Model):
     """Ground-truth boxes: a CSV with one row per box, pixel corners in the original image."""
 
-    path: Path
+    path: Annotated[Path, Bundle("data", optional=True)]
     id_column: str = "id"
     columns: list[str] = ["x1", "y1", "x2", "y2"]
     """The corner columns, in x1, y1, x2, y2 order."""
@@ -79,9 +117,9 @@ class BoxesSpec(_Model):
 class DataConfig(_Model):
     """Where the test images are and what the classes are."""
 
-    folder: Path | None = None
+    folder: Annotated[Path | None, Bundle("data", "dir")] = None
     """Every image file in this folder (recursively); id = path relative to it, no suffix."""
-    glob: str | None = None
+    glob: Annotated[str | None, Bundle("data", "glob")] = None
     """A glob pattern (relative to pipeline.yaml); id = file name without suffix."""
     csv: CsvSource | None = None
     """A CSV with an id column and a path column or template."""
@@ -89,7 +127,7 @@ class DataConfig(_Model):
     """File suffixes picked up by `folder` and `glob`."""
     classes: list[str] | None = None
     """Class names, in the order of the model's outputs; or give `classes_file`."""
-    classes_file: Path | None = None
+    classes_file: Annotated[Path | None, Bundle("classes")] = None
     """A text file with one class name a line."""
     labels: LabelsSpec | None = None
     """Optional ground truth: the run then prints accuracy with and without TTA."""
@@ -155,7 +193,7 @@ class RuntimeConfig(_Model):
 class CacheConfig(_Model):
     """The prediction cache."""
 
-    dir: Path = Path("cache")
+    dir: Annotated[Path, Bundle("output", "dir", kaggle="/kaggle/working/.kaggle_tta/cache")] = Path("cache")
     """Root folder; relative paths are relative to pipeline.yaml."""
     dtype: Literal["float32", "float16", "uint8"] = "float32"
     """Storage type of cached predictions. float16 halves the disk and the re-blend I/O;
@@ -184,7 +222,7 @@ class PreprocessConfig(_Model):
     interpolation: Literal["nearest", "bilinear", "bicubic", "area", "lanczos"] | None = None
     mean: list[float] | None = None
     std: list[float] | None = None
-    albumentations: dict[str, Any] | Path | None = None
+    albumentations: Annotated[dict[str, Any] | Path | None, Bundle("member")] = None
     """An albumentations pipeline in its own serialized form (``A.to_dict``), inline or as a
     JSON/YAML file. It replaces resize and crop; it must end with uint8 HWC images of one
     size (normalization stays on the device, with `mean` and `std`)."""
@@ -257,8 +295,9 @@ class MemberConfig(_Model):
     factory: str | None = None
     """Instead of `arch`: any importable ``package.module:callable`` returning an nn.Module."""
     kwargs: dict[str, Any] = {}
-    """Keyword arguments for timm.create_model or the factory."""
-    checkpoint: Path | None = None
+    """Keyword arguments for timm.create_model or the factory; for a factory, string values
+    of the keys ``f``, ``path`` and ``file`` are paths relative to pipeline.yaml."""
+    checkpoint: Annotated[Path | None, Bundle("member")] = None
     """Weights: .safetensors, or a torch file loaded with weights_only=True. Nestings
     (state_dict, model, ema, ...) and a 'module.' prefix are unwrapped."""
     preprocess: PreprocessConfig = PreprocessConfig()
@@ -278,6 +317,12 @@ class MemberConfig(_Model):
     with boxes, scores, labels, as torchvision's detection models return), 'boxes' (a tuple
     or dict of boxes [B, n, 4], scores [B, n], labels [B, n]), or 'module:callable' called as
     ``fn(output, (H, W))`` returning per image (boxes xyxy in input pixels, scores, labels)."""
+
+    def path_kwargs(self) -> dict[str, str]:
+        """The factory keyword arguments that name files (see FACTORY_PATH_KWARGS)."""
+        if self.factory is None:
+            return {}
+        return {k: v for k, v in self.kwargs.items() if k in FACTORY_PATH_KWARGS and isinstance(v, str)}
 
     @model_validator(mode="after")
     def _arch_or_factory(self) -> MemberConfig:
@@ -384,8 +429,8 @@ class SubmissionConfig(_Model):
     source: str | None = None
     """The blend or member whose prediction is written; default: the last blend, else the
     only member."""
-    path: Path = Path("submission.csv")
-    format: Literal["label", "probs", "topk", "multilabel", "rle", "boxes"] | None = None
+    path: Annotated[Path, Bundle("output", kaggle="/kaggle/working/submission.csv")] = Path("submission.csv")
+    format: str | None = None
     """label (classification default): the top class; probs: one column per class; topk:
     the k best, space-separated; multilabel: every class whose probability reaches
     `threshold`, space-separated; rle (segmentation): run-length encoded masks; boxes
@@ -408,7 +453,8 @@ class SubmissionConfig(_Model):
 class PipelineConfig(_Model):
     """The whole of pipeline.yaml."""
 
-    task: Task = "classification"
+    task: str = "classification"
+    """A registered task (kaggle_tta.tasks): classification, segmentation, detection."""
     multilabel: bool = False
     """Classification with independent labels (sigmoid); views must leave every label unchanged."""
     data: DataConfig
@@ -423,18 +469,28 @@ class PipelineConfig(_Model):
     # Set by load_pipeline: the folder relative paths resolve against; not a YAML key.
     base_dir: Path = Field(default=Path("."), exclude=True)
 
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        from kaggle_tta.tasks import find_task
+
+        find_task(v)  # ValueError naming the registered tasks, with a did-you-mean
+        return v
+
     @model_validator(mode="after")
     def _task_defaults(self) -> PipelineConfig:
-        """Fills the settings whose default depends on the task."""
-        det = self.task == "detection"
+        """Fills the settings whose default depends on the task (the task says which)."""
+        from kaggle_tta.tasks import find_task  # the registry: the schema names no task itself
+
+        task = find_task(self.task)
         for m in self.members:
             if m.merge is None:
-                m.merge = "wbf" if det else "mean"
+                m.merge = task.default_merge
         for b in self.blends:
             if b.method is None:
-                b.method = "wbf" if det else "mean"
+                b.method = task.default_blend
         if self.submission.format is None:
-            self.submission.format = {"classification": "label", "segmentation": "rle", "detection": "boxes"}[self.task]
+            self.submission.format = task.default_format
         return self
 
     @model_validator(mode="after")
@@ -610,33 +666,41 @@ def _list_index(items: list[Any], part: str) -> int | None:
     return None
 
 
-def load_pipeline(path: Path | str, overrides: list[str] | None = None) -> PipelineConfig:
-    """Reads, overrides and validates pipeline.yaml.
+def load_pipeline(source: Path | str | dict[str, Any], overrides: list[str] | None = None, base_dir: Path | str | None = None) -> PipelineConfig:
+    """Reads, overrides and validates a pipeline.
 
     Args:
-        path: The YAML file.
+        source: pipeline.yaml's path, or the same content as a mapping (a notebook's dict).
         overrides: ``key.path=value`` strings applied before validation.
+        base_dir: what relative paths resolve against; default: the YAML's folder, or the
+            working directory for a mapping.
 
     Raises:
         ConfigError: the file is missing or not YAML, or a field is invalid (the message names
             the YAML path of each problem).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such pipeline file; pass the path of your pipeline.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if isinstance(source, dict):
+        import copy
+
+        raw, where, folder = copy.deepcopy(source), "pipeline", Path.cwd()
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such pipeline file; pass the path of your pipeline.yaml")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        where, folder = str(path), path.resolve().parent
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level (task, data, members, ...)")
+        raise ConfigError(f"{where}: expected a mapping at the top level (task, data, members, ...)")
     for assignment in overrides or []:
         apply_override(raw, assignment)
     try:
         cfg = PipelineConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, raw, str(path))) from None
-    cfg.base_dir = path.resolve().parent
+        raise ConfigError(format_validation_error(exc, raw, where)) from None
+    cfg.base_dir = Path(base_dir).resolve() if base_dir is not None else folder
     return cfg
 
 

@@ -21,7 +21,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -245,7 +245,22 @@ class CanvasSpec:
         return A.Compose([A.Resize(sh, sw, interpolation=interp)])
 
 
-SIZE_KEY = "__image_size__"  # each batch also carries the decoded images' (H, W)
+@dataclass
+class Batch:
+    """Rows ``lo:hi`` of the test set as the loader yields them: each canvas group's uint8
+    ``[B, H, W, C]`` tensor and every image's decoded ``[B, 2]`` (H, W); or, instead, the one
+    line of the first image that failed (``error``)."""
+
+    lo: int
+    hi: int
+    canvases: dict[str, Any] = field(default_factory=dict)
+    sizes: Any = None
+    error: str | None = None
+
+    def pin_memory(self) -> Batch:
+        """What the DataLoader calls with ``pin_memory=True`` (CUDA): the canvases pinned."""
+        self.canvases = {k: v.pin_memory() for k, v in self.canvases.items()}
+        return self
 
 
 class CanvasDataset:
@@ -264,7 +279,7 @@ class CanvasDataset:
     def __len__(self) -> int:
         return len(self.paths) - self.start
 
-    def __getitem__(self, k: int) -> tuple[int, dict[str, np.ndarray] | str]:
+    def __getitem__(self, k: int) -> tuple[int, dict[str, np.ndarray] | str, np.ndarray | None]:
         i = self.start + k
         if self._transforms is None:
             self._transforms = {key: spec.build() for key, spec in self.specs.items()}
@@ -274,33 +289,31 @@ class CanvasDataset:
             for key, t in self._transforms.items():
                 canvas = t(image=img)["image"]
                 if not isinstance(canvas, np.ndarray) or canvas.dtype != np.uint8 or canvas.ndim != 3:
-                    return i, f"{self.paths[i]}: the albumentations preprocessing must return uint8 HWC images; drop Normalize/ToTensorV2 (normalization runs on the device)"
+                    return i, f"{self.paths[i]}: the albumentations preprocessing must return uint8 HWC images; drop Normalize/ToTensorV2 (normalization runs on the device)", None
                 out[key] = canvas
-            out[SIZE_KEY] = np.array(img.shape[:2], dtype=np.int32)  # maps and boxes go back to it
-            return i, out
+            return i, out, np.array(img.shape[:2], dtype=np.int32)  # maps and boxes go back to it
         except DataError as exc:
-            return i, str(exc)
+            return i, str(exc), None
 
 
-def _collate(items: list[tuple[int, dict[str, np.ndarray] | str]]) -> tuple[list[int], dict[str, Any] | str]:
+def _collate(items: list[tuple[int, dict[str, np.ndarray] | str, np.ndarray | None]]) -> Batch:
     import torch
 
-    idx = [i for i, _ in items]
-    for _, v in items:
+    lo, hi = items[0][0], items[-1][0] + 1
+    for _, v, _ in items:
         if isinstance(v, str):
-            return idx, v
-    keys = items[0][1].keys()  # type: ignore[union-attr]
+            return Batch(lo, hi, error=v)
     out = {}
-    for key in keys:
-        arrays = [v[key] for _, v in items]  # type: ignore[index]
+    for key in items[0][1]:  # type: ignore[union-attr]
+        arrays = [v[key] for _, v, _ in items]  # type: ignore[index]
         shapes = {a.shape for a in arrays}
         if len(shapes) > 1:
-            return idx, (
-                f"images of different sizes {sorted(s[:2] for s in shapes)} in one batch (around {idx[0]}); "
+            return Batch(lo, hi, error=(
+                f"images of different sizes {sorted(s[:2] for s in shapes)} in one batch (around {lo}); "
                 "segmentation: set segmentation.size: [H, W]; a user preprocessing: end it with a fixed-size resize or crop"
-            )
+            ))
         out[key] = torch.from_numpy(np.stack(arrays))  # [B, H, W, C] uint8
-    return idx, out
+    return Batch(lo, hi, out, torch.from_numpy(np.stack([s for _, _, s in items])))
 
 
 def _worker_init(_: int) -> None:
@@ -311,8 +324,7 @@ def _worker_init(_: int) -> None:
 
 
 def make_loader(paths: Sequence[Path], specs: dict[str, CanvasSpec], batch_size: int, workers: int, start: int = 0, pin_memory: bool = False) -> Any:
-    """A torch DataLoader streaming ``(row indices, {group key: uint8 [B, H, W, C]})`` from
-    row ``start`` on."""
+    """A torch DataLoader streaming a :class:`Batch` at a time from row ``start`` on."""
     from torch.utils.data import DataLoader
 
     ds = CanvasDataset(paths, specs, start)

@@ -7,7 +7,7 @@ A prediction carries its *kind*: ``logits``, ``probs``, or ``scores`` (ranks, in
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,6 +110,31 @@ def rank_columns(x: np.ndarray) -> np.ndarray:
     return ranks / max(n - 1, 1)
 
 
+def _blend_mean(inputs: Sequence[Prediction], activation: str, space: str, power: float) -> tuple[Iterator[np.ndarray], str]:
+    if space == "logits" and all(q.kind == "logits" for q in inputs):
+        return (p.values for p in inputs), "logits"
+    return (to_probs(p, activation) for p in inputs), "probs"
+
+
+def _blend_rank(inputs: Sequence[Prediction], activation: str, space: str, power: float) -> tuple[Iterator[np.ndarray], str]:
+    return (rank_columns(p.values) for p in inputs), "scores"
+
+
+def _blend_power(inputs: Sequence[Prediction], activation: str, space: str, power: float) -> tuple[Iterator[np.ndarray], str]:
+    return (np.power(np.clip(to_probs(p, activation), 0, None), power) for p in inputs), "probs"
+
+
+# Blend methods, one signature: (inputs, activation, space, power) -> (each input as it enters
+# the weighted sum, made lazily one at a time; the kind of the result), and whether the sum's
+# power is undone after it (power_mean).
+BlendMethod = Callable[[Sequence[Prediction], str, str, float], tuple[Iterable[np.ndarray], str]]
+BLEND_METHODS: dict[str, tuple[BlendMethod, bool]] = {
+    "mean": (_blend_mean, False),
+    "rank_mean": (_blend_rank, False),
+    "power_mean": (_blend_power, True),
+}
+
+
 def blend(method: str, inputs: Sequence[Prediction], weights: Sequence[float] | None, activation: str, space: str = "probs", power: float = 2.0) -> Prediction:
     """Combines predictions with normalized weights.
 
@@ -119,26 +144,15 @@ def blend(method: str, inputs: Sequence[Prediction], weights: Sequence[float] | 
     """
     if method not in BLEND_METHODS:
         raise ConfigError(f"unknown blend method '{method}'{did_you_mean(method, BLEND_METHODS)}; choose one of {', '.join(BLEND_METHODS)}")
+    transform, root = BLEND_METHODS[method]
     w = np.asarray(weights if weights is not None else [1.0] * len(inputs), dtype=np.float64)
     w = w / w.sum()
+    values, kind = transform(inputs, activation, space, power)
     acc: np.ndarray | None = None
-    kind = "probs"
-    for p, wi in zip(inputs, w):
-        if method == "mean":
-            if space == "logits" and all(q.kind == "logits" for q in inputs):
-                x, kind = p.values, "logits"
-            else:
-                x = to_probs(p, activation)
-        elif method == "rank_mean":
-            x, kind = rank_columns(p.values), "scores"
-        else:
-            x = np.power(np.clip(to_probs(p, activation), 0, None), power)
+    for x, wi in zip(values, w):
         term = np.multiply(x, np.float32(wi), dtype=np.float32)  # one temporary, not two
         acc = term if acc is None else acc.__iadd__(term)
     assert acc is not None
-    if method == "power_mean":
+    if root:
         acc = np.power(acc, 1.0 / power)
     return Prediction(acc, kind)
-
-
-BLEND_METHODS = ("mean", "rank_mean", "power_mean")

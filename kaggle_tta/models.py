@@ -151,7 +151,7 @@ def build_model(cfg: PipelineConfig, m: MemberConfig, num_classes: int) -> nn.Mo
         except TypeError as exc:
             raise ConfigError(f"{where}.kwargs: {exc}") from None
     else:
-        model = _call_factory(m.factory, m.kwargs, cfg, where)  # type: ignore[arg-type]
+        model = _call_factory(m, cfg, where)
     if m.checkpoint is not None:
         load_checkpoint(model, cfg.resolve(m.checkpoint), f"{where}.checkpoint")
     elif m.arch:
@@ -173,12 +173,14 @@ def import_callable(spec: str, where: str) -> Any:
     return fn
 
 
-def _call_factory(spec: str, kwargs: dict[str, Any], cfg: PipelineConfig, where: str) -> nn.Module:
+def _call_factory(m: MemberConfig, cfg: PipelineConfig, where: str) -> nn.Module:
     from torch import nn
 
+    spec = m.factory
+    assert spec is not None
     fn = import_callable(spec, f"{where}.factory")
-    # Path-like string kwargs ("f", "path", "checkpoint") resolve against pipeline.yaml.
-    kw = {k: (str(cfg.resolve(v)) if k in ("f", "path", "file") and isinstance(v, str) else v) for k, v in kwargs.items()}
+    # Path-like string kwargs (config.FACTORY_PATH_KWARGS) resolve against pipeline.yaml.
+    kw = {**m.kwargs, **{k: str(cfg.resolve(v)) for k, v in m.path_kwargs().items()}}
     try:
         model = fn(**kw)
     except Exception as exc:  # a user factory can raise anything

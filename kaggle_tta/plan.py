@@ -16,23 +16,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kaggle_tta import cache as cache_mod
-from kaggle_tta.boxes import FUSION_METHODS
 from kaggle_tta.config import MemberConfig, PipelineConfig, load_classes
 from kaggle_tta.data import CanvasSpec, TestSet, list_test_set
-from kaggle_tta.errors import CheckpointError, ConfigError, did_you_mean
-from kaggle_tta.merge import BLEND_METHODS, VIEW_REDUCERS
+from kaggle_tta.errors import CheckpointError, ConfigError
 from kaggle_tta.models import Preprocess, file_digest, resolve_preprocess
+from kaggle_tta.tasks import TASKS, Task, choose, find_task
 from kaggle_tta.views import View, parse_tta
 
 if TYPE_CHECKING:  # torch loads only where a device is resolved: re-blending never needs it
     import torch
-
-# What each task needs a view to invert.
-TASK_TARGET = {"classification": "label", "segmentation": "mask", "detection": "boxes"}
-# Per task: how a member's views may merge, how blends combine, what is written.
-TASK_MERGES = {"classification": tuple(VIEW_REDUCERS), "segmentation": tuple(VIEW_REDUCERS), "detection": FUSION_METHODS}
-TASK_BLENDS = {"classification": BLEND_METHODS, "segmentation": ("mean", "power_mean"), "detection": FUSION_METHODS}
-TASK_FORMATS = {"classification": ("label", "probs", "topk", "multilabel"), "segmentation": ("rle",), "detection": ("boxes",)}
 
 
 @dataclass
@@ -57,6 +49,7 @@ class MemberPlan:
 @dataclass
 class Plan:
     cfg: PipelineConfig
+    task: Task
     classes: list[str]
     testset: TestSet
     members: list[MemberPlan]
@@ -67,92 +60,56 @@ class Plan:
 
 
 def validate_static(cfg: PipelineConfig) -> dict[str, list[View]]:
-    """Checks what needs no file: views per task, merge rules, blend methods, output format."""
-    task = cfg.task
-    target = TASK_TARGET[task]
-    merges, blends, formats = TASK_MERGES[task], TASK_BLENDS[task], TASK_FORMATS[task]
+    """Checks what needs no file: views per task, merge rules, blend methods, output format,
+    and the settings the task does not take; then the task's own checks."""
+    task = find_task(cfg.task)
+    name, target = task.name, task.target
     views: dict[str, list[View]] = {}
     for m in cfg.members:
-        where = f"members.{m.name}.tta"
-        vs = parse_tta(m.tta, where)
+        where = f"members.{m.name}"
+        vs = parse_tta(m.tta, f"{where}.tta")
         for v in vs:
             if target not in v.targets:
-                hint = "crops are legal for maps only through tiling (members.<name>.tiling)" if v.crop.position != "center" else "drop it from the list"
-                raise ConfigError(f"{where}: view '{v.name}' cannot be inverted on {target}s (task: {task}); {hint}")
+                raise ConfigError(f"{where}.tta: view '{v.name}' cannot be inverted on {target}s (task: {name}); {v.hint(target)}")
         views[m.name] = vs
-        if m.merge not in merges:
-            raise ConfigError(f"members.{m.name}.merge: '{m.merge}' is not a {task} view merge{did_you_mean(str(m.merge), merges)}; choose one of {', '.join(merges)}")
-        if m.tiling is not None and task != "segmentation":
-            raise ConfigError(f"members.{m.name}.tiling: tiling is for segmentation; remove it (task: {task})")
-        if task != "classification" and m.preprocess.albumentations is not None:
+        choose(f"{name} view merge", str(m.merge), dict.fromkeys(task.merges), f"{where}.merge")
+        if m.tiling is not None and not task.tiling:
+            raise ConfigError(f"{where}.tiling: tiling is for segmentation; remove it (task: {name})")
+        if m.preprocess.albumentations is not None and not task.user_preprocessing:
             raise ConfigError(
-                f"members.{m.name}.preprocess.albumentations: for {task} the canvas is a plain resize, so that maps and boxes "
+                f"{where}.preprocess.albumentations: for {name} the canvas is a plain resize, so that maps and boxes "
                 "map back to the image exactly; remove it (classification only)"
             )
-        if task == "segmentation" and m.preprocess.input_size is not None:
-            raise ConfigError(
-                f"members.{m.name}.preprocess.input_size: a segmentation member sees the whole canvas (segmentation.size) "
-                "or its tiles (tiling.tile); remove input_size"
-            )
     for i, b in enumerate(cfg.blends):
-        if b.method not in blends:
-            raise ConfigError(f"blends[{i}].method: '{b.method}' is not a {task} blend{did_you_mean(str(b.method), blends)}; choose one of {', '.join(blends)}")
-    if cfg.submission.format not in formats:
-        raise ConfigError(f"submission.format: '{cfg.submission.format}' is not a {task} format; choose one of {', '.join(formats)}")
-    if cfg.submission.format == "multilabel" and not cfg.multilabel:
-        raise ConfigError("submission.format: 'multilabel' needs 'multilabel: true' at the top level")
-    if cfg.cache.dtype == "uint8" and task != "segmentation":
-        raise ConfigError(f"cache.dtype: uint8 stores segmentation probabilities; use float32 or float16 for {task}")
-    if cfg.cache.scale != 1.0 and task != "segmentation":
-        raise ConfigError(f"cache.scale: a reduced resolution is for segmentation maps; remove it for {task}")
-    if task == "detection":
-        from kaggle_tta.boxes import BoxesError, _resolve_template
-
-        try:
-            _resolve_template(cfg.submission.template)
-        except BoxesError as exc:
-            raise ConfigError(f"submission.template: {exc}") from None
-    if task != "classification" and cfg.data.labels is not None:
-        raise ConfigError(f"data.labels: class labels score classification; for {task} give data.{'masks' if task == 'segmentation' else 'boxes'}")
+        choose(f"{name} blend", str(b.method), dict.fromkeys(task.blends), f"blends[{i}].method")
+    choose(f"{name} format", str(cfg.submission.format), task.writers, "submission.format")
+    if not task.dense_maps:
+        if cfg.cache.dtype == "uint8":
+            raise ConfigError(f"cache.dtype: uint8 stores segmentation probabilities; use float32 or float16 for {name}")
+        if cfg.cache.scale != 1.0:
+            raise ConfigError(f"cache.scale: a reduced resolution is for segmentation maps; remove it for {name}")
+    for key in ("labels", "masks", "boxes"):  # each kind of ground truth scores the task that owns it
+        if getattr(cfg.data, key) is not None and key != task.truth:
+            owner = " or ".join(t.name for t in TASKS.values() if t.truth == key) or "no registered task"
+            fix = f"for {name} give data.{task.truth}" if task.truth else f"{name} takes no ground truth"
+            raise ConfigError(f"data.{key}: {key} score {owner}; {fix}")
+    task.validate(cfg)
     return views
-
-
-def activation_of(cfg: PipelineConfig, m: MemberConfig, n_classes: int) -> str:
-    if m.activation != "auto":
-        return m.activation
-    if cfg.task == "segmentation":
-        return "sigmoid" if cfg.multilabel or n_classes == 1 else "softmax"
-    return "sigmoid" if cfg.multilabel else "softmax"
-
-
-def out_channels(cfg: PipelineConfig, activation: str, n_classes: int) -> int:
-    """Segmentation with softmax predicts background as channel 0, then one per class."""
-    return n_classes + 1 if cfg.task == "segmentation" and activation == "softmax" else n_classes
-
-
-def _canvas(cfg: PipelineConfig, pre: Preprocess) -> CanvasSpec:
-    if cfg.task == "segmentation":
-        size = cfg.segmentation.size
-        return CanvasSpec(tuple(size) if size else (0, 0), 1.0, pre.interpolation, pre.albumentations, "resize" if size else "native")
-    if cfg.task == "detection":
-        return CanvasSpec(pre.size, 1.0, pre.interpolation, pre.albumentations, "resize")
-    return CanvasSpec(pre.size, pre.crop_pct if pre.albumentations is None else 1.0, pre.interpolation, pre.albumentations)
 
 
 def build_plan(cfg: PipelineConfig) -> Plan:
     """Resolves every member (preprocessing, views, fingerprint) and lists the test set."""
     views = validate_static(cfg)
+    task = find_task(cfg.task)
     classes = load_classes(cfg)
     testset = list_test_set(cfg)
     cache_root = cfg.resolve(cfg.cache.dir)
     memo = cache_root / ".digests"
     tfp = testset.fingerprint()
-    seg = cfg.task == "segmentation"
     members = []
     for m in cfg.members:
-        # A segmentation member's input is the canvas or a tile, not a size of its own.
-        pre = resolve_preprocess(cfg, m, default_size=(m.tiling.size if m.tiling else (0, 0)) if seg else None)
-        canvas = _canvas(cfg, pre)
+        pre = resolve_preprocess(cfg, m, default_size=task.input_size(cfg, m))
+        canvas = task.canvas(cfg, pre)
         ckpt = None
         if m.checkpoint is not None:
             path = cfg.resolve(m.checkpoint)
@@ -161,7 +118,7 @@ def build_plan(cfg: PipelineConfig) -> Plan:
             ckpt = file_digest(path, memo)
         elif m.arch:
             raise ConfigError(f"members.{m.name}.checkpoint: a timm member needs its trained weights (a .safetensors or torch state dict)")
-        act = activation_of(cfg, m, len(classes))
+        act = task.activation(cfg, m, len(classes))
         inputs = {
             "format_version": cache_mod.FORMAT_VERSION,
             "task": cfg.task,
@@ -174,18 +131,14 @@ def build_plan(cfg: PipelineConfig) -> Plan:
             "testset": tfp,
             "n_images": len(testset),
             "dtype": cfg.cache.dtype,
+            **_jsonable(task.fingerprint(cfg, m, canvas, act)),
         }
-        if seg:  # what else shapes the stored maps
-            inputs.update(canvas=_jsonable(canvas.__dict__), tiling=m.tiling.model_dump() if m.tiling else None, scale=cfg.cache.scale, activation=act)
-        elif cfg.task == "detection":
-            inputs.update(canvas=_jsonable(canvas.__dict__), adapter=m.adapter)
         key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
-        bound = [v.bind(None if seg else pre.size, pre.mean, pre.std) for v in views[m.name]]
-        members.append(MemberPlan(m, pre, canvas, bound, act, out_channels(cfg, act, len(classes)), inputs, key))
-    if seg and len({m.activation for m in members}) > 1:  # maps blend element-wise: one meaning per channel
-        acts = ", ".join(f"{m.name}: {m.activation}" for m in members)
-        raise ConfigError(f"members.*.activation: segmentation members must share one activation ({acts}); set activation on each member")
-    return Plan(cfg, classes, testset, members, cache_root)
+        bound = [v.bind(task.view_size(pre), pre.mean, pre.std) for v in views[m.name]]
+        members.append(MemberPlan(m, pre, canvas, bound, act, task.out_channels(act, len(classes)), inputs, key))
+    plan = Plan(cfg, task, classes, testset, members, cache_root)
+    task.check_plan(plan)
+    return plan
 
 
 def _jsonable(x: Any) -> Any:

@@ -21,7 +21,7 @@ def demo_images(tmp_path_factory) -> Path:
     from kaggle_tta.demo.generate import write_split
 
     out = tmp_path_factory.mktemp("demo") / "test"
-    write_split(out, N_IMAGES, seed=7)
+    write_split(out, N_IMAGES, seed=7, size=64)
     return out
 
 

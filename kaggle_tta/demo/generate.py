@@ -15,6 +15,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from kaggle_tta.demo import DEMO_SIZE
+
 CLASSES = ["circle", "square", "triangle", "cross"]
 
 
@@ -100,7 +102,7 @@ def _write_if_changed(path: Path, data: bytes) -> None:
         path.write_bytes(data)
 
 
-def write_split(out: Path, n: int, seed: int, size: int = 64) -> int:
+def write_split(out: Path, n: int, seed: int, size: int = DEMO_SIZE) -> int:
     """Writes a test set to ``out``, idempotently: ``img_00000.png ...``, ``labels.csv``
     (id, label), the masks under ``../<name>_masks/`` (so a folder listing of ``out`` sees
     images only) and ``boxes.csv`` (id, x1, y1, x2, y2, label; pixel corners)."""

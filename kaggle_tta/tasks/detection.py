@@ -16,16 +16,24 @@ fused again by the blends, per image, through kaggle_tta.boxes (ensemble-boxes, 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
 
-from kaggle_tta.blend import MemberSource, evaluate_dag
-from kaggle_tta.boxes import fuse_boxes, prediction_string, valid_boxes
-from kaggle_tta.config import BlendConfig, DetectionConfig, PipelineConfig
+from kaggle_tta.dag import MemberSource, evaluate_dag
+from kaggle_tta.boxes import FUSION_METHODS, BoxesError, fuse_boxes, prediction_string, resolve_template, valid_boxes
+from kaggle_tta.config import BlendConfig, DetectionConfig, MemberConfig, PipelineConfig
+from kaggle_tta.data import CanvasSpec
 from kaggle_tta.errors import CheckpointError, ConfigError, DataError
 from kaggle_tta.models import import_callable
+from kaggle_tta.tasks.base import Task, TaskOutput, register_task
+
+if TYPE_CHECKING:
+    from kaggle_tta.data import Batch
+    from kaggle_tta.forward import MemberWork
+    from kaggle_tta.models import Preprocess
+    from kaggle_tta.plan import Plan
 
 Boxes = tuple[np.ndarray, np.ndarray, np.ndarray]  # pixel xyxy [n, 4], scores [n], labels [n]
 
@@ -223,3 +231,86 @@ def mean_ap(pred: list[Boxes], truth: list[tuple[np.ndarray, np.ndarray]], n_cla
         steps = np.flatnonzero(mrec[1:] != mrec[:-1])
         aps.append(float(np.sum((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1])))
     return float(np.mean(aps)) if aps else 0.0
+
+
+# ---- the task ------------------------------------------------------------------------------
+
+
+def write_boxes(cfg: PipelineConfig, plan: Plan, sources: Sequence[MemberSource], sizes: np.ndarray, plain: bool) -> TaskOutput:
+    """Fuses every node's boxes per image, writes the source node's PredictionStrings and,
+    with ``data.boxes``, scores every node's mAP@0.5 (``plain``: also the identity view alone)."""
+    classes = plan.classes
+    nodes = evaluate_boxes(cfg, {s.name: member_boxes(s, sizes, cfg.detection) for s in sources}, sizes)
+    table = Detection.writers[cfg.submission.format](cfg, plan.testset.ids, nodes[cfg.submission_source], sizes, classes)  # type: ignore[index]
+    metric = "mAP@0.5"
+    if cfg.data.boxes is None:
+        return TaskOutput(table, [metric])
+    truth = load_truth(cfg, plan.testset.ids, classes)
+    tta = {name: {metric: mean_ap(b, truth, len(classes))} for name, b in nodes.items()}
+    no_tta = {}
+    if plain:
+        plain_nodes = evaluate_boxes(cfg, {s.name: member_boxes(s, sizes, cfg.detection, ["identity"]) for s in sources}, sizes)
+        no_tta = {name: {metric: mean_ap(b, truth, len(classes))} for name, b in plain_nodes.items()}
+    return TaskOutput(table, [metric], tta, no_tta)
+
+
+@register_task
+class Detection(Task):
+    name = "detection"
+    target = "boxes"
+    merges = FUSION_METHODS
+    blends = FUSION_METHODS
+    writers = {"boxes": submission_table}
+    truth = "boxes"
+    stores_image_sizes = True
+
+    def validate(self, cfg: PipelineConfig) -> None:
+        try:
+            resolve_template(cfg.submission.template)
+        except BoxesError as exc:
+            raise ConfigError(f"submission.template: {exc}") from None
+
+    def canvas(self, cfg: PipelineConfig, pre: Preprocess) -> CanvasSpec:
+        return CanvasSpec(pre.size, 1.0, pre.interpolation, pre.albumentations, "resize")
+
+    def fingerprint(self, cfg: PipelineConfig, m: MemberConfig, canvas: CanvasSpec, activation: str) -> dict[str, Any]:
+        return {"canvas": canvas.__dict__, "adapter": m.adapter}
+
+    # ---- engine side ---------------------------------------------------------------------
+
+    def post(self, plan: Plan, m: MemberConfig) -> Callable[[Any, Any], list[Boxes]]:
+        return detection_post(m.adapter, f"members.{m.name}.adapter", len(plan.classes))
+
+    def open_views(self, work: MemberWork, plan: Plan) -> None:
+        for v in work.views:
+            work.open_ragged(v.name, len(plan.testset))
+
+    def step(self, work: MemberWork, batch: Batch, plan: Plan) -> None:
+        """Views -> forward -> adapter boxes (view pixels) -> normalized -> inverted -> stored."""
+        from kaggle_tta.forward import Piece, ViewLog, normalize, run_chunks
+
+        pre, runner = work.member.preprocess, work.runner
+        assert runner is not None
+        x = normalize(batch.canvases[work.member.canvas.key], pre.mean, pre.std, runner.device)
+        size = tuple(x.shape[-2:])
+        log = ViewLog()
+        for v, first in work.todo(batch.lo, batch.hi):
+            xv = v.apply(x[first - batch.lo :])
+            vh, vw = xv.shape[-2:]
+            scale = np.array([vw, vh, vw, vh], dtype=np.float64)
+            rows: list[np.ndarray] = []
+
+            def invert(out: list[Boxes], slots: list, v: Any = v, rows: list = rows, scale: np.ndarray = scale) -> None:
+                for boxes, scores, labels in out:
+                    b = v.invert_boxes(np.clip(boxes / scale, 0.0, 1.0), size)
+                    rows.append(np.column_stack([b, scores, labels]).astype(np.float32))
+
+            run_chunks(runner, [Piece(v.name, xv.shape[0], lambda a, b, xv=xv: xv[a:b])], invert, log)
+            work.store[v.name].write(first, rows)
+        work.record(batch.lo, batch.hi, batch.sizes, log)
+
+    # ---- from the cache ------------------------------------------------------------------
+
+    def blend(self, plan: Plan, sources: Sequence[MemberSource], sizes: np.ndarray | None, plain: bool) -> TaskOutput:
+        assert sizes is not None
+        return write_boxes(plan.cfg, plan, sources, sizes, plain)

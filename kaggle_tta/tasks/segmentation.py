@@ -1,6 +1,12 @@
-"""Segmentation from the cache: merge aligned maps, blend, post-process, RLE, Dice/IoU.
+"""Segmentation: one map ``[K, h, w]`` per image, every view inverted onto the canvas.
 
-Maps are read in blocks of images (memory-mapped), so a blend holds a block of maps at a time
+Engine side: the canvas is cut into tiles (one tile when there is no tiling), each view is
+applied per tile, the predicted map is resized to the view's input size where the model
+predicts at a lower resolution, inverted, and stitched with the tile weights into a map of
+the canvas' size; stored ``[N, K, h, w]`` as float32/float16 logits or uint8 probabilities,
+optionally at a reduced resolution.
+
+From the cache: merge aligned maps, blend, post-process, RLE, Dice/IoU. Maps are read in blocks of images (memory-mapped), so a blend holds a block of maps at a time
 whatever the test-set size. Each cached view is already inverted onto the canvas, so merging
 views and blending members are element-wise. A uint8 cache holds probabilities; they are read
 back as log-probabilities (softmax) or logits (sigmoid), whose activation gives the stored
@@ -11,16 +17,27 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
 
-from kaggle_tta.blend import MemberSource, blocks, member_prediction, node_predictions
-from kaggle_tta.cache import IMAGE_SIZE
-from kaggle_tta.config import PipelineConfig, SubmissionConfig
-from kaggle_tta.errors import DataError
-from kaggle_tta.merge import Prediction, to_probs
+from kaggle_tta.dag import MemberSource, blocks, member_prediction, node_predictions
+from kaggle_tta.config import MemberConfig, PipelineConfig, SubmissionConfig
+from kaggle_tta.data import CanvasSpec, decode_image
+from kaggle_tta.errors import CheckpointError, ConfigError, DataError
+from kaggle_tta.merge import VIEW_REDUCERS, Prediction, to_probs
 from kaggle_tta.rle import mask_to_rle, remove_small_components
+from kaggle_tta.tasks.base import Task, TaskOutput, register_task
+from kaggle_tta.tasks.tiling import tile_origins, tile_weight
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from kaggle_tta.data import Batch
+    from kaggle_tta.forward import MemberWork
+    from kaggle_tta.models import Preprocess
+    from kaggle_tta.plan import Plan
 
 BLOCK = 16  # images per block: bounds the maps held in memory
 
@@ -45,10 +62,6 @@ def member_maps(s: MemberSource, lo: int, hi: int, views: Sequence[str] | None =
 def node_maps(cfg: PipelineConfig, sources: Sequence[MemberSource], lo: int, hi: int, activation: str, views: Sequence[str] | None = None) -> dict[str, Prediction]:
     """Every node's maps for images ``lo:hi``."""
     return node_predictions(cfg, sources, lo, hi, activation, views, _as_logits)
-
-
-def image_sizes(s: MemberSource) -> np.ndarray:
-    return np.asarray(s.entry.read(IMAGE_SIZE))  # type: ignore[union-attr]
 
 
 def masks_of(probs: np.ndarray, size: tuple[int, int], activation: str, threshold: float, min_area: int) -> np.ndarray:
@@ -126,16 +139,11 @@ def load_truth(cfg: PipelineConfig, image_id: str, n_classes: int, size: tuple[i
 
 
 def write_and_score(
-    cfg: PipelineConfig,
-    ids: Sequence[str],
-    classes: Sequence[str],
-    sources: Sequence[MemberSource],
-    activation: str,
-    plain: bool,
-) -> tuple[pl.DataFrame, dict[str, dict[str, float]], dict[str, dict[str, float]]]:
-    """Streams blocks of images: the submission table of the source node, and (with ground
-    truth) every node's Dice/IoU with TTA and, if ``plain``, with the identity view alone."""
-    sizes = image_sizes(sources[0])
+    cfg: PipelineConfig, ids: Sequence[str], classes: Sequence[str], sources: Sequence[MemberSource], sizes: np.ndarray, activation: str, plain: bool, encode: Any = rle_rows
+) -> TaskOutput:
+    """Streams blocks of images: the submission table of the source node (each image's rows
+    by ``encode``), and (with ground truth) every node's Dice/IoU with TTA and, if ``plain``,
+    with the identity view alone."""
     src = cfg.submission_source
     seg = cfg.segmentation
     rows: list[tuple[str, str]] = []
@@ -150,7 +158,7 @@ def write_and_score(
         for j, i in enumerate(range(lo, hi)):
             size = tuple(sizes[i])
             masks = masks_of(probs[src][j], size, activation, seg.threshold, seg.min_area)
-            rows.extend(rle_rows(ids[i], masks, classes, cfg.submission))
+            rows.extend(encode(ids[i], masks, classes, cfg.submission))
             if not truth_given:
                 continue
             truth = load_truth(cfg, ids[i], len(classes), size)
@@ -160,4 +168,155 @@ def write_and_score(
             for name in plain_probs:
                 no_tta.setdefault(name, Scores([], [])).add(masks_of(plain_probs[name][j], size, activation, seg.threshold, seg.min_area), truth)
     table = pl.DataFrame({cfg.submission.id_column: [r[0] for r in rows], cfg.submission.rle.column: [r[1] for r in rows]}, schema={cfg.submission.id_column: pl.String, cfg.submission.rle.column: pl.String})
-    return table, {k: v.result() for k, v in tta.items()}, {k: v.result() for k, v in no_tta.items()}
+    return TaskOutput(table, ["Dice", "IoU"], {k: v.result() for k, v in tta.items()}, {k: v.result() for k, v in no_tta.items()})
+
+
+# ---- the task ------------------------------------------------------------------------------
+
+
+@register_task
+class Segmentation(Task):
+    name = "segmentation"
+    target = "mask"
+    merges = tuple(VIEW_REDUCERS)
+    blends = ("mean", "power_mean")
+    writers = {"rle": rle_rows}
+    truth = "masks"
+    stores_image_sizes = True
+    tiling = True
+    dense_maps = True
+
+    def validate(self, cfg: PipelineConfig) -> None:
+        for m in cfg.members:
+            if m.preprocess.input_size is not None:
+                raise ConfigError(
+                    f"members.{m.name}.preprocess.input_size: a segmentation member sees the whole canvas (segmentation.size) "
+                    "or its tiles (tiling.tile); remove input_size"
+                )
+
+    def input_size(self, cfg: PipelineConfig, m: MemberConfig) -> tuple[int, int]:
+        return m.tiling.size if m.tiling else (0, 0)  # the canvas or a tile, not a size of its own
+
+    def canvas(self, cfg: PipelineConfig, pre: Preprocess) -> CanvasSpec:
+        size = cfg.segmentation.size
+        return CanvasSpec(tuple(size) if size else (0, 0), 1.0, pre.interpolation, pre.albumentations, "resize" if size else "native")
+
+    def view_size(self, pre: Preprocess) -> None:
+        return None  # views see the whole canvas or tile
+
+    def activation(self, cfg: PipelineConfig, m: MemberConfig, n_classes: int) -> str:
+        if m.activation != "auto":
+            return m.activation
+        return "sigmoid" if cfg.multilabel or n_classes == 1 else "softmax"
+
+    def out_channels(self, activation: str, n_classes: int) -> int:
+        """With softmax, background is channel 0, then one per class."""
+        return n_classes + 1 if activation == "softmax" else n_classes
+
+    def fingerprint(self, cfg: PipelineConfig, m: MemberConfig, canvas: CanvasSpec, activation: str) -> dict[str, Any]:
+        return {"canvas": canvas.__dict__, "tiling": m.tiling.model_dump() if m.tiling else None, "scale": cfg.cache.scale, "activation": activation}
+
+    def check_plan(self, plan: Plan) -> None:
+        if len({m.activation for m in plan.members}) > 1:  # maps blend element-wise: one meaning per channel
+            acts = ", ".join(f"{m.name}: {m.activation}" for m in plan.members)
+            raise ConfigError(f"members.*.activation: segmentation members must share one activation ({acts}); set activation on each member")
+
+    # ---- engine side ---------------------------------------------------------------------
+
+    def open_views(self, work: MemberWork, plan: Plan) -> None:
+        work.canvas_size = map_size(plan, plan.testset.paths[0])
+        shape = (len(plan.testset), work.member.out_channels, *stored_size(plan, work.canvas_size))
+        for v in work.views:
+            work.open_dense(v.name, shape, plan.cfg.cache.dtype)
+
+    def step(self, work: MemberWork, batch: Batch, plan: Plan) -> None:
+        """Tiles x views -> forward -> resize to the view input -> invert -> stitch -> store."""
+        import torch
+        import torch.nn.functional as F
+
+        from kaggle_tta.forward import Piece, ViewLog, normalize, run_chunks
+
+        m, runner, lo, hi = work.member, work.runner, batch.lo, batch.hi
+        assert runner is not None
+        device = runner.device
+        x = normalize(batch.canvases[m.canvas.key], m.preprocess.mean, m.preprocess.std, device)
+        size = tuple(x.shape[-2:])
+        if size != tuple(work.canvas_size):
+            raise DataError(
+                f"{plan.testset.paths[lo]}: canvas {size[0]}x{size[1]} differs from the first image's "
+                f"{work.canvas_size[0]}x{work.canvas_size[1]}; set segmentation.size: [H, W] to resize every image"
+            )
+        tiling = m.cfg.tiling
+        origins = tile_origins(size, tiling.size, tiling.overlap) if tiling else [(0, 0)]
+        th, tw = (min(tiling.size[0], size[0]), min(tiling.size[1], size[1])) if tiling else size
+        n_tiles = len(origins)
+        weight = torch.from_numpy(tile_weight((th, tw), tiling.weight, tiling.sigma)).to(device) if n_tiles > 1 else None
+        # [B * T, C, th, tw], image-major: tile row r is image r // T, tile r % T.
+        xt = torch.stack([x[:, :, t : t + th, l : l + tw] for t, l in origins], 1).flatten(0, 1) if n_tiles > 1 else x
+        k = m.out_channels
+        log = ViewLog()
+        for v, first in work.todo(lo, hi):
+            n_img = hi - first
+            acc = torch.zeros((n_img, k, *size), device=device)
+            wsum = torch.zeros((n_img, 1, *size), device=device) if weight is not None else None
+            xv = xt[(first - lo) * n_tiles :]
+            view_in = tuple(v.out_size((th, tw)))
+
+            def stitch(out: Tensor, slots: list, v: Any = v, acc: Tensor = acc, wsum: Tensor | None = wsum, view_in: tuple = view_in) -> None:
+                if out.dim() != 4 or out.shape[1] != k:
+                    raise CheckpointError(
+                        f"members.{m.name}: the model outputs shape {tuple(out.shape)}, expected [N, {k}, h, w] "
+                        f"({'background + ' if k > len(plan.classes) else ''}one channel per class in data.classes, activation {m.activation})"
+                    )
+                if tuple(out.shape[-2:]) != view_in:  # a model predicting at a stride: back to its input
+                    out = F.interpolate(out, size=view_in, mode="bilinear", align_corners=False)
+                inv = v.invert_mask(out, (th, tw))
+                _, off, take, _ = slots[0]
+                for j in range(take):
+                    img, (top, left) = (off + j) // n_tiles, origins[(off + j) % n_tiles]
+                    if wsum is None:
+                        acc[img] = inv[j]
+                    else:
+                        acc[img, :, top : top + th, left : left + tw] += inv[j] * weight
+                        wsum[img, :, top : top + th, left : left + tw] += weight
+
+            run_chunks(runner, [Piece(v.name, xv.shape[0], lambda a, b, v=v, xv=xv: v.apply(xv[a:b]))], stitch, log)
+            work.store[v.name][first:hi] = _to_store(acc / wsum if wsum is not None else acc, plan, m.activation, plan.cfg.cache.dtype)
+        work.record(lo, hi, batch.sizes, log)
+
+    # ---- from the cache ------------------------------------------------------------------
+
+    def blend(self, plan: Plan, sources: Sequence[MemberSource], sizes: np.ndarray | None, plain: bool) -> TaskOutput:
+        assert sizes is not None
+        cfg = plan.cfg
+        encode = self.writers[cfg.submission.format]  # type: ignore[index]
+        return write_and_score(cfg, plan.testset.ids, plan.classes, sources, sizes, plan.members[0].activation, plain, encode)
+
+
+def _to_store(maps: Tensor, plan: Plan, activation: str, dtype: str) -> np.ndarray:
+    """Stitched logits -> what the cache holds (reduced resolution, float16 or uint8 probs)."""
+    import torch
+    import torch.nn.functional as F
+
+    store = stored_size(plan, tuple(maps.shape[-2:]))
+    if store != tuple(maps.shape[-2:]):
+        maps = F.interpolate(maps, size=store, mode="area")
+    if dtype == "uint8":
+        probs = torch.softmax(maps, 1) if activation == "softmax" else torch.sigmoid(maps) if activation == "sigmoid" else maps.clamp(0, 1)
+        return (probs * 255.0).round_().to(torch.uint8).cpu().numpy()
+    if dtype == "float16":
+        maps = maps.clamp(-65504, 65504)
+    return maps.cpu().numpy()
+
+
+def map_size(plan: Plan, first_path: Any) -> tuple[int, int]:
+    """The canvas (H, W) of a segmentation run: segmentation.size, or the first image's."""
+    size = plan.cfg.segmentation.size
+    if size:
+        return int(size[0]), int(size[1])
+    return tuple(decode_image(first_path).shape[:2])  # type: ignore[return-value]
+
+
+def stored_size(plan: Plan, canvas: tuple[int, int]) -> tuple[int, int]:
+    s = plan.cfg.cache.scale
+    return (max(1, round(canvas[0] * s)), max(1, round(canvas[1] * s))) if s != 1.0 else canvas

@@ -33,15 +33,15 @@ class MemberSource:
     fill_hint: str = "kaggle-tta infer PIPELINE"
 
 
-def check_complete(sources: Sequence[MemberSource], ids: Sequence[str], extra: Sequence[str] = ()) -> None:
-    """Raises one CacheError naming every missing (member, view) and how to fill it;
-    ``extra`` names arrays stored beside the views (image sizes) that must be complete too."""
+def check_complete(sources: Sequence[MemberSource], ids: Sequence[str], sizes: bool = False) -> None:
+    """Raises one CacheError naming every missing (member, view) and how to fill it; with
+    ``sizes``, each entry's image sizes must be complete too."""
     missing = []
     for s in sources:
-        needed = [*s.views, *extra]
-        done = s.entry is not None and all(s.entry.is_complete(v) for v in needed)
-        if not done:
-            lacking = [v for v in needed if s.entry is None or not s.entry.is_complete(v)]
+        lacking = [v for v in s.views if s.entry is None or not s.entry.is_complete(v)]
+        if sizes and (s.entry is None or not s.entry.sizes_complete()):
+            lacking.append("image sizes")
+        if lacking:
             missing.append(f"{s.name}: {', '.join(lacking)}")
     if missing:
         raise CacheError(f"not in the cache: {'; '.join(missing)} — run '{sources[0].fill_hint}' to compute them (blend runs no model)")

@@ -1,0 +1,358 @@
+"""One member's forward machinery, shared by every task's step.
+
+- :class:`ChunkSizer` tunes the chunk size and the memory layout on the first chunks;
+- :class:`Runner` runs one chunk: autocast, channels_last, the fp32 recompute of a chunk that
+  comes out non-finite under reduced precision, and out-of-memory pieces;
+- :func:`run_chunks` is the one forward-chunk loop: it packs pieces of rows (a view's inputs)
+  into chunks of the current size, runs them, hands each output to the task, and counts
+  seconds and fp32 recomputes per view;
+- :class:`MemberWork` is one member's pending work in a run: its cache entry, the views still
+  to compute, their open files and where each resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from kaggle_tta.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from kaggle_tta.cache import CacheEntry
+    from kaggle_tta.plan import MemberPlan
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def sizes_text(sizes: list[int]) -> str:
+    """Chunk sizes of several members: '32' when they agree, else '32/64' in member order."""
+    return str(sizes[0]) if len(set(sizes)) == 1 else "/".join(map(str, sizes))
+
+
+class ChunkSizer:
+    """One member's forward tuning, decided on its first chunks (their outputs are kept;
+    nothing is computed twice):
+
+    - the chunk size, when ``forward_batch: auto``: sizes 8..128 are timed in turn (in the
+      first layout) and the fastest per input is kept;
+    - then the memory layout, when more than one is given (``channels_last: auto`` on a CPU
+      in fp32, where it depends on the model: measured 0.7x the time for resnet18 and
+      efficientnet_b0 but 1.1x for convnext_nano on this project's CPUs), at the chunk size
+      in use: each layout runs a warm-up chunk and then at least 32 timed inputs, and the
+      faster per input is kept.
+    """
+
+    CANDIDATES = (8, 16, 32, 64, 128)
+    LAYOUT_INPUTS = 32
+
+    def __init__(self, setting: int | str, ceiling: int, layouts: tuple[bool, ...] = (False,)):
+        self.auto = setting == "auto"
+        self.ceiling = max(1, ceiling)
+        self.layouts = list(layouts)  # channels_last values still to try
+        self.channels_last = self.layouts[0]
+        self.layout_timing: dict[bool, list[float]] = {}  # layout -> [inputs, seconds]
+        self.layout_warm = False
+        if self.auto:
+            self.trials = [c for c in self.CANDIDATES if c <= self.ceiling] or [self.ceiling]
+            self.timing: dict[int, list[float]] = defaultdict(list)  # size -> [inputs, seconds]
+            self.current = self.trials[0]
+            self.warm = False
+        else:
+            self.trials = []
+            self.current = int(setting)
+
+    @property
+    def measuring(self) -> bool:
+        """True while reports decide something (then CUDA work is synchronized before timing)."""
+        return not self.layout_settled or bool(self.trials)
+
+    def report(self, n: int, seconds: float) -> None:
+        if self.trials:
+            self._report_size(n, seconds)
+        elif not self.layout_settled:
+            self._report_layout(n, seconds)
+
+    def _report_layout(self, n: int, seconds: float) -> None:
+        if not self.layout_warm:  # a layout's first chunk pays its one-off costs (kernel choice)
+            self.layout_warm = True
+            return
+        rec = self.layout_timing.setdefault(self.channels_last, [0.0, 0.0])
+        rec[0] += n
+        rec[1] += seconds
+        if rec[0] < max(self.LAYOUT_INPUTS, 2 * self.current):
+            return
+        untried = [c for c in self.layouts if c not in self.layout_timing]
+        if untried:
+            self.channels_last, self.layout_warm = untried[0], False
+        else:
+            self.settle_layout(min(self.layout_timing, key=lambda c: self.layout_timing[c][1] / self.layout_timing[c][0]))
+
+    def _report_size(self, n: int, seconds: float) -> None:
+        if not self.warm:  # the first chunk pays one-off costs (allocations, kernel choice)
+            self.warm = True
+            return
+        rec = self.timing[self.current]
+        if not rec:
+            rec.extend([0.0, 0.0])
+        rec[0] += n
+        rec[1] += seconds
+        if rec[0] >= 2 * self.current and rec[0] >= 16:
+            best = min(self.timing, key=lambda s: self.timing[s][1] / self.timing[s][0])
+            i = self.trials.index(self.current)
+            # Per-input cost is U-shaped in the chunk size: once a size is clearly slower than
+            # the best so far, larger ones will not win, so the trials stop there.
+            worse = self.timing[self.current][1] / self.timing[self.current][0] > 1.05 * self.timing[best][1] / self.timing[best][0]
+            if i + 1 < len(self.trials) and not worse:
+                self.current = self.trials[i + 1]
+            else:
+                self.current = best
+                self.trials = []
+
+    @property
+    def layout_settled(self) -> bool:
+        return len(self.layouts) == 1
+
+    def settle_layout(self, channels_last: bool) -> None:
+        """Ends the layout trial on ``channels_last`` (the model cannot take the other)."""
+        self.channels_last, self.layouts = channels_last, [channels_last]
+
+    def shrink(self, failed: int | None = None) -> None:
+        """After out-of-memory on a chunk of ``failed`` inputs: half of it (or of the current size)."""
+        self.current = max(1, min(self.current, failed or self.current) // 2)
+        self.ceiling = self.current
+        self.trials = []
+        self.settle_layout(self.channels_last)  # out of memory mid-trial: keep the layout in use
+
+
+def first_tensor(out: object) -> Tensor:
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, dict):
+        for k in ("logits", "out", "output"):
+            if k in out:
+                return out[k]
+        return next(v for v in out.values() if isinstance(v, Tensor))
+    if isinstance(out, (list, tuple)):
+        return first_tensor(out[0])
+    raise TypeError(f"model returned {type(out).__name__}")
+
+
+class Runner:
+    """Forward passes for one member, with its own tuning (ChunkSizer: chunk size and memory
+    layout, timed on the forward alone), precision fallback and OOM back-off.
+
+    ``post`` turns the model's raw output into the result (default: its logits tensor, as
+    float32; detection: the adapter's per-image boxes); results of split chunks are joined.
+    ``nonfinite`` counts chunks recomputed in fp32; ``last_recomputed`` is how many of them the
+    last call had (more than one where an out-of-memory split it).
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device, precision: str, sizer: ChunkSizer, post: Callable[[Any, Tensor], Any] | None = None, name: str = "model"):
+        self.model, self.device, self.precision, self.sizer, self.name = model, device, precision, sizer, name
+        self.post = post or (lambda out, x: first_tensor(out).float())
+        self.nonfinite = 0
+        self.last_recomputed = 0
+        self._layout = False  # the model's current memory format: channels_last or not
+        self._set_layout(sizer.channels_last)
+
+    def _set_layout(self, channels_last: bool) -> None:
+        if channels_last == self._layout:
+            return
+        if channels_last and any(t.dim() == 5 for t in (*self.model.parameters(), *self.model.buffers())):
+            self.sizer.settle_layout(False)  # a 5-D weight (3-D convolution) has no channels_last
+            return
+        self.model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        self._layout = channels_last
+
+    def _forward(self, x: Tensor, reduced: bool) -> Any:
+        ctx = torch.autocast(self.device.type, dtype=_DTYPES[self.precision]) if reduced else contextlib.nullcontext()
+        with ctx:
+            out = self.model(x)
+        return self.post(out, x)
+
+    def __call__(self, x: Tensor) -> Any:
+        self._set_layout(self.sizer.channels_last)
+        before = self.nonfinite
+        measuring = self.sizer.measuring
+        t0 = time.perf_counter()
+        out = self._call(x)
+        if measuring:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.sizer.report(x.shape[0], time.perf_counter() - t0)
+        self.last_recomputed = self.nonfinite - before
+        return out
+
+    def _call(self, x: Tensor) -> Any:
+        if self._layout and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        try:
+            out = self._forward(x, self.precision != "fp32")
+        except torch.OutOfMemoryError as exc:
+            if x.shape[0] == 1:
+                raise CheckpointError(
+                    f"members.{self.name}: one input of {tuple(x.shape[1:])} does not fit in {self.device} memory "
+                    f"({self.precision}): lower its input size (preprocess.input_size, segmentation.size or tiling.size), "
+                    "use precision: auto or fp16, or run on a larger device"
+                ) from exc
+            torch.cuda.empty_cache() if self.device.type == "cuda" else None
+            self.sizer.shrink(x.shape[0])
+            # pieces of the new size (each may shrink it again): a size that fits is kept for
+            # the rest of the chunk, not halved again on the way back
+            parts, off = [], 0
+            while off < x.shape[0]:
+                take = self.sizer.current
+                parts.append(self._call(x[off : off + take]))
+                off += take
+            return torch.cat(parts) if isinstance(parts[0], Tensor) else [r for part in parts for r in part]
+        if self.precision != "fp32" and not _finite(out):
+            self.nonfinite += 1
+            out = self._forward(x, False)
+        return out
+
+
+def _finite(out: Any) -> bool:
+    if isinstance(out, Tensor):
+        return bool(torch.isfinite(out).all())
+    return all(np.isfinite(b).all() and np.isfinite(s).all() for b, s, _ in out)  # detection results
+
+
+
+
+def layout_candidates(setting: bool | str, device: torch.device, precision: str) -> tuple[bool, ...]:
+    """The channels_last values to use (one) or to time on the first chunks (two).
+
+    ``auto``: on with CUDA or reduced precision, where it is the fast path of cuDNN and oneDNN;
+    timed on a CPU in fp32, where the answer depends on the model.
+    """
+    if setting != "auto":
+        return (bool(setting),)
+    if device.type == "cuda" or precision != "fp32":
+        return (True,)
+    return (False, True)
+
+
+def normalize(canvas: Tensor, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> Tensor:
+    """uint8 [B, H, W, C] -> normalized float [B, C, H, W] on the device."""
+    x = canvas.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+    m = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255.0
+    s = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255.0
+    return ((x - m) / s).contiguous()
+
+
+# ---- the forward-chunk loop ----------------------------------------------------------------
+
+
+@dataclass
+class Piece:
+    """Rows of one view to forward: ``make(a, b)`` gives the model inputs of rows ``a:b``
+    (made chunk by chunk, so a view's inputs are never all in memory at once)."""
+
+    view: str
+    rows: int
+    make: Callable[[int, int], Tensor]
+
+
+@dataclass
+class ViewLog:
+    """Per view, this batch's forward seconds and chunks recomputed in fp32."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    recomputed: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+
+Slot = tuple[str, int, int, int]  # (view, first row of the piece's slice, rows, offset in the chunk)
+
+
+def run_chunks(runner: Runner, pieces: Iterable[Piece], consume: Callable[[Any, list[Slot]], None], log: ViewLog) -> None:
+    """Packs ``pieces`` (of equal input shape) into chunks of ``runner.sizer.current`` inputs,
+    forwards each and passes its output with the slots it holds to ``consume``.
+
+    A chunk's seconds (making its inputs, the forward and ``consume``) are shared among its
+    views by rows; each view in a chunk recomputed in fp32 counts that recompute.
+    """
+    buf: list[Tensor] = []
+    slots: list[Slot] = []
+    filled = 0
+    t0 = time.perf_counter()
+
+    def flush() -> None:
+        nonlocal buf, slots, filled, t0
+        x = torch.cat(buf) if len(buf) > 1 else buf[0]
+        out = runner(x)
+        consume(out, slots)
+        dt = time.perf_counter() - t0
+        for view, _, count, _ in slots:
+            log.seconds[view] += dt * count / x.shape[0]
+            log.recomputed[view] += runner.last_recomputed
+        buf, slots, filled, t0 = [], [], 0, time.perf_counter()
+
+    for piece in pieces:
+        off = 0
+        while off < piece.rows:
+            take = min(runner.sizer.current - filled, piece.rows - off)
+            buf.append(piece.make(off, off + take))
+            slots.append((piece.view, off, take, filled))
+            filled += take
+            off += take
+            if filled >= runner.sizer.current:
+                flush()
+    if buf:
+        flush()
+
+
+# ---- one member's pending work -------------------------------------------------------------
+
+
+@dataclass
+class MemberWork:
+    """One member's work in a run: what is left to compute and where its rows go."""
+
+    member: MemberPlan
+    entry: CacheEntry
+    views: list  # bound views still to compute
+    runner: Runner | None = None
+    store: dict[str, Any] = field(default_factory=dict)  # view -> memmap (dense) or RaggedWriter
+    start: dict[str, int] = field(default_factory=dict)  # view -> first row still missing
+    sizes_from: int | None = None  # first image whose (H, W) is still missing (None: complete)
+    canvas_size: tuple[int, int] = (0, 0)  # what every canvas must be, where the task fixes it
+
+    def open_dense(self, view: str, shape: tuple[int, ...], dtype: str) -> None:
+        self.store[view], self.start[view] = self.entry.open_for_write(view, shape, dtype)
+
+    def open_ragged(self, view: str, n: int) -> None:
+        self.store[view], self.start[view] = self.entry.open_ragged(view, n)
+
+    def open_sizes(self, n: int) -> None:
+        """Opens the image sizes for writing, unless the entry has them all already."""
+        if not self.entry.sizes_complete():
+            self.sizes_from = self.entry.open_sizes(n)
+
+    @property
+    def first_row(self) -> int:
+        """The first row any pending view (or the image sizes) still lacks."""
+        starts = list(self.start.values()) + ([self.sizes_from] if self.sizes_from is not None else [])
+        return min(starts)
+
+    def todo(self, lo: int, hi: int) -> list[tuple[Any, int]]:
+        """(view, first missing row) for each pending view lacking rows of ``lo:hi``."""
+        return [(v, max(lo, self.start[v.name])) for v in self.views if max(lo, self.start[v.name]) < hi]
+
+    def record(self, lo: int, hi: int, sizes: Tensor, log: ViewLog) -> None:
+        """Marks rows up to ``hi`` done for every view (and the image sizes) that needed them,
+        with the view's forward seconds and chunks recomputed in fp32 for this batch."""
+        if self.sizes_from is not None and self.sizes_from < hi:
+            self.entry.write_sizes(self.sizes_from, hi, sizes[self.sizes_from - lo :].numpy())
+            self.sizes_from = hi
+        for v in self.views:
+            if self.start[v.name] < hi:
+                self.start[v.name] = hi
+                self.entry.record(v.name, hi, log.seconds[v.name], log.recomputed[v.name])

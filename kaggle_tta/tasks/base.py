@@ -1,0 +1,167 @@
+"""What a task is, and the registry of tasks by name (as timm registers its models).
+
+A :class:`Task` owns everything that differs between classification, segmentation,
+detection or a task of your own: what a view must invert, the legal merges, blend methods
+and submission formats (the first of each is the default), the canvas rule, what else the
+cache fingerprint hashes, the per-batch step on the device and the from-cache side (merge,
+blend, score, write). ``plan``, ``engine``, ``api``, ``cli`` and ``config`` ask the task;
+none of them compares a task's name.
+
+The per-batch step is the only part that needs torch; a task imports it inside
+:meth:`Task.step`, so that re-blending from the cache still imports no torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from kaggle_tta.errors import ConfigError, did_you_mean
+
+if TYPE_CHECKING:
+    import numpy as np
+    import polars as pl
+
+    from kaggle_tta.dag import MemberSource
+    from kaggle_tta.config import MemberConfig, PipelineConfig
+    from kaggle_tta.data import Batch, CanvasSpec
+    from kaggle_tta.forward import MemberWork
+    from kaggle_tta.models import Preprocess
+    from kaggle_tta.plan import Plan
+
+Scores = dict[str, dict[str, float]]  # node -> metric -> value
+
+
+@dataclass
+class TaskOutput:
+    """What a task's blend returns: the submission table and, with ground truth, every node's
+    scores with TTA and with each member's identity view alone."""
+
+    table: pl.DataFrame
+    metrics: list[str]
+    tta: Scores = field(default_factory=dict)
+    plain: Scores = field(default_factory=dict)
+
+
+class Task:
+    """A task. Subclass it, set the class attributes, implement the methods that raise
+    NotImplementedError and register it with :func:`register_task`."""
+
+    name: ClassVar[str]
+    target: ClassVar[str]
+    """What every view must invert: label, mask or boxes (see View.targets)."""
+    merges: ClassVar[Sequence[str]]
+    """How a member's views may merge; the first is the default."""
+    blends: ClassVar[Sequence[str]]
+    """How blends may combine their inputs; the first is the default."""
+    writers: ClassVar[Mapping[str, Callable[..., Any]]]
+    """Submission formats by name, each its writer; the first is the default."""
+    truth: ClassVar[str | None] = None
+    """The data.* key of this task's ground truth (labels, masks, boxes), if it has one."""
+    stores_image_sizes: ClassVar[bool] = False
+    """Whether cache entries keep each image's decoded (H, W) (maps and boxes go back to it)."""
+    tiling: ClassVar[bool] = False
+    """Whether members may set ``tiling`` (sliding-window inference)."""
+    user_preprocessing: ClassVar[bool] = False
+    """Whether members may give an albumentations preprocessing (their canvas need not map back)."""
+    dense_maps: ClassVar[bool] = False
+    """Whether the cache holds maps, so that cache.dtype uint8 and cache.scale apply."""
+
+    @property
+    def default_merge(self) -> str:
+        return next(iter(self.merges))
+
+    @property
+    def default_blend(self) -> str:
+        return next(iter(self.blends))
+
+    @property
+    def default_format(self) -> str:
+        return next(iter(self.writers))
+
+    # ---- plan side (no file read, no model built) ------------------------------------------
+
+    def validate(self, cfg: PipelineConfig) -> None:
+        """Checks of this task's own beyond the shared ones in plan.validate_static."""
+
+    def input_size(self, cfg: PipelineConfig, m: MemberConfig) -> tuple[int, int] | None:
+        """The member's input size when the task decides it (None: preprocess / timm)."""
+        return None
+
+    def canvas(self, cfg: PipelineConfig, pre: Preprocess) -> CanvasSpec:
+        """How the member's canvas is made from the decoded image."""
+        raise NotImplementedError
+
+    def view_size(self, pre: Preprocess) -> tuple[int, int] | None:
+        """The size views crop the canvas to (None: the whole canvas)."""
+        return pre.size
+
+    def activation(self, cfg: PipelineConfig, m: MemberConfig, n_classes: int) -> str:
+        """The member's activation for ``activation: auto``."""
+        if m.activation != "auto":
+            return m.activation
+        return "sigmoid" if cfg.multilabel else "softmax"
+
+    def out_channels(self, activation: str, n_classes: int) -> int:
+        """What the model must output per image (or per pixel)."""
+        return n_classes
+
+    def fingerprint(self, cfg: PipelineConfig, m: MemberConfig, canvas: CanvasSpec, activation: str) -> dict[str, Any]:
+        """What else shapes the stored numbers, hashed into the member's cache fingerprint."""
+        return {}
+
+    def check_plan(self, plan: Plan) -> None:
+        """Checks across members, once all are resolved."""
+
+    # ---- engine side (torch) ---------------------------------------------------------------
+
+    def open_views(self, work: MemberWork, plan: Plan) -> None:
+        """Opens (or reopens) the cache files of every pending view of ``work``."""
+        raise NotImplementedError
+
+    def post(self, plan: Plan, m: MemberConfig) -> Callable[[Any, Any], Any] | None:
+        """The runner's post-processing of raw model outputs (None: the logits tensor)."""
+        return None
+
+    def step(self, work: MemberWork, batch: Batch, plan: Plan) -> None:
+        """Fills rows ``batch.lo:batch.hi`` of every pending view of ``work``."""
+        raise NotImplementedError
+
+    # ---- from the cache --------------------------------------------------------------------
+
+    def blend(self, plan: Plan, sources: Sequence[MemberSource], sizes: np.ndarray | None, plain: bool) -> TaskOutput:
+        """Merges views, evaluates the blend DAG, builds the submission table and, with ground
+        truth, scores every node (``plain``: also with the identity view alone)."""
+        raise NotImplementedError
+
+
+TASKS: dict[str, Task] = {}
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    """Class decorator: registers one instance of ``cls`` under ``cls.name``."""
+    for attr in ("name", "target", "merges", "blends", "writers"):
+        if not hasattr(cls, attr):
+            raise TypeError(f"task {cls.__name__} must set '{attr}'")
+    TASKS[cls.name] = cls()
+    return cls
+
+
+def find_task(name: str) -> Task:
+    """The registered task called ``name``.
+
+    Raises:
+        ValueError: no such task (the schema turns it into an error at ``task``).
+    """
+    if name not in TASKS:
+        raise ValueError(f"unknown task '{name}'{did_you_mean(name, TASKS)}; registered tasks: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def choose(kind: str, name: str, table: Mapping[str, Any], where: str) -> Any:
+    """``table[name]``, or a ConfigError at ``where`` naming the choices: a registry lookup
+    is never the last branch of an if/elif."""
+    if name not in table:
+        raise ConfigError(f"{where}: '{name}' is not a {kind}{did_you_mean(name, table)}; choose one of {', '.join(table)}")
+    return table[name]

@@ -1,0 +1,175 @@
+"""Classification: one prediction ``[C]`` per image; every view leaves the label unchanged.
+
+Engine side: view inputs of equal size are packed into chunks across views; logits ``[N, C]``
+are stored as they come. From the cache: views merge and members blend in blocks of rows
+(kaggle_tta.merge), the submission is a label, probabilities, the top k or every class over a
+threshold, and with ``data.labels`` every node gets accuracy (F1 for multi-label).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import polars as pl
+
+from kaggle_tta.dag import MemberSource, blocks, node_predictions
+from kaggle_tta.config import SubmissionConfig
+from kaggle_tta.data import CanvasSpec, load_labels
+from kaggle_tta.errors import CheckpointError, ConfigError
+from kaggle_tta.merge import BLEND_METHODS, VIEW_REDUCERS, Prediction, to_probs
+from kaggle_tta.tasks.base import Task, TaskOutput, register_task
+
+if TYPE_CHECKING:
+    from kaggle_tta.config import PipelineConfig
+    from kaggle_tta.data import Batch
+    from kaggle_tta.forward import MemberWork
+    from kaggle_tta.models import Preprocess
+    from kaggle_tta.plan import Plan
+
+BLOCK_ROWS = 2048  # rows merged and blended at a time: accumulators stay small and in cache
+
+
+# ---- writers: (ids, probabilities or scores [N, C], classes, spec) -> table ---------------
+
+
+def _id_series(ids: Sequence[str], spec: SubmissionConfig) -> pl.Series:
+    return pl.Series(spec.id_column, list(ids), dtype=pl.String)
+
+
+def write_label(ids: Sequence[str], probs: np.ndarray, classes: Sequence[str], spec: SubmissionConfig) -> pl.DataFrame:
+    """The top class per row."""
+    names = np.asarray(classes, dtype=object)
+    return pl.DataFrame([_id_series(ids, spec), pl.Series(spec.label_column, names[probs.argmax(axis=1)].tolist(), dtype=pl.String)])
+
+
+def write_probs(ids: Sequence[str], probs: np.ndarray, classes: Sequence[str], spec: SubmissionConfig) -> pl.DataFrame:
+    """One column per class (``class_columns`` names them)."""
+    cols = spec.class_columns or list(classes)
+    if len(cols) != len(classes):
+        raise ConfigError(f"submission.class_columns: {len(cols)} names for {len(classes)} classes")
+    return pl.DataFrame([_id_series(ids, spec), *(pl.Series(c, probs[:, k].astype(np.float64)) for k, c in enumerate(cols))])
+
+
+def write_topk(ids: Sequence[str], probs: np.ndarray, classes: Sequence[str], spec: SubmissionConfig) -> pl.DataFrame:
+    """The k best classes, best first, space-separated."""
+    names = np.asarray(classes, dtype=object)
+    top = np.argsort(-probs, axis=1, kind="stable")[:, : min(spec.k, len(classes))]
+    return pl.DataFrame([_id_series(ids, spec), pl.Series(spec.label_column, [" ".join(row) for row in names[top].tolist()], dtype=pl.String)])
+
+
+def write_multilabel(ids: Sequence[str], probs: np.ndarray, classes: Sequence[str], spec: SubmissionConfig) -> pl.DataFrame:
+    """Every class at or above the threshold, in class order."""
+    names = np.asarray(classes, dtype=object)
+    labels = [" ".join(names[row].tolist()) for row in probs >= spec.threshold]
+    return pl.DataFrame([_id_series(ids, spec), pl.Series(spec.label_column, labels, dtype=pl.String)])
+
+
+# label and topk only rank each row: logits rank as their probabilities do, so the softmax
+# over [N, C] is skipped for them.
+RANK_ONLY = frozenset({"label", "topk"})
+
+
+@register_task
+class Classification(Task):
+    name = "classification"
+    target = "label"
+    merges = tuple(VIEW_REDUCERS)
+    blends = tuple(BLEND_METHODS)
+    writers = {"label": write_label, "probs": write_probs, "topk": write_topk, "multilabel": write_multilabel}
+    truth = "labels"
+    user_preprocessing = True
+
+    def validate(self, cfg: PipelineConfig) -> None:
+        if cfg.submission.format == "multilabel" and not cfg.multilabel:
+            raise ConfigError("submission.format: 'multilabel' needs 'multilabel: true' at the top level")
+
+    def canvas(self, cfg: PipelineConfig, pre: Preprocess) -> CanvasSpec:
+        return CanvasSpec(pre.size, pre.crop_pct if pre.albumentations is None else 1.0, pre.interpolation, pre.albumentations)
+
+    # ---- engine side ---------------------------------------------------------------------
+
+    def open_views(self, work: MemberWork, plan: Plan) -> None:
+        for v in work.views:
+            work.open_dense(v.name, (len(plan.testset), work.member.out_channels), plan.cfg.cache.dtype)
+
+    def step(self, work: MemberWork, batch: Batch, plan: Plan) -> None:
+        from kaggle_tta.forward import Piece, ViewLog, normalize, run_chunks
+
+        runner, pre, k = work.runner, work.member.preprocess, work.member.out_channels
+        assert runner is not None
+        x = normalize(batch.canvases[work.member.canvas.key], pre.mean, pre.std, runner.device)
+        todo = work.todo(batch.lo, batch.hi)
+        first_of = {v.name: first for v, first in todo}
+        by_size: dict[tuple[int, ...], list[Piece]] = defaultdict(list)  # chunks pack views of one input size
+        for v, first in todo:
+            rows = x[first - batch.lo :]
+            by_size[tuple(v.out_size(tuple(x.shape[-2:])))].append(Piece(v.name, rows.shape[0], lambda a, b, v=v, rows=rows: v.apply(rows[a:b])))
+
+        def consume(out: Any, slots: list) -> None:
+            if out.dim() != 2 or out.shape[1] != k:
+                raise CheckpointError(
+                    f"members.{work.member.name}: the model outputs shape {tuple(out.shape)}, expected [N, {k}] "
+                    "(one logit per class in data.classes)"
+                )
+            res = out.cpu().numpy()
+            for view, a, count, at in slots:
+                arr = work.store[view]
+                chunk = res[at : at + count]
+                if arr.dtype == np.float16:
+                    chunk = np.clip(chunk, -65504, 65504)
+                arr[first_of[view] + a : first_of[view] + a + count] = chunk
+
+        log = ViewLog()
+        for pieces in by_size.values():
+            run_chunks(runner, pieces, consume, log)
+        work.record(batch.lo, batch.hi, batch.sizes, log)
+
+    # ---- from the cache ------------------------------------------------------------------
+
+    def blend(self, plan: Plan, sources: Sequence[MemberSource], sizes: np.ndarray | None, plain: bool) -> TaskOutput:
+        """Blocks of rows (every view, member and blend of a block at once), so memory is a
+        few blocks whatever the test-set size; rank_mean ranks whole columns, so a DAG that
+        uses it is evaluated in one block."""
+        cfg = plan.cfg
+        act = "sigmoid" if cfg.multilabel else "softmax"
+        n = len(plan.testset)
+        labels = load_labels(cfg, plan.testset.ids, plan.classes)
+        writer = self.writers[cfg.submission.format]  # type: ignore[index]
+        step = n if any(b.method == "rank_mean" for b in cfg.blends) else BLOCK_ROWS
+        metric = "F1" if cfg.multilabel else "accuracy"
+        tables, tta, no_tta = [], {}, {}
+        for lo, hi in blocks(n, step):
+            nodes = node_predictions(cfg, sources, lo, hi, act)
+            src = nodes[cfg.submission_source]
+            probs = src.values if cfg.submission.format in RANK_ONLY else to_probs(src, act)
+            tables.append(writer(plan.testset.ids[lo:hi], probs, plan.classes, cfg.submission))
+            if labels is None:
+                continue
+            for name, pred in nodes.items():
+                tta[name] = tta.get(name, 0) + _counts(pred, labels[lo:hi], cfg, act)
+            if plain:  # without TTA: each member's identity view alone, blended the same way
+                for name, pred in node_predictions(cfg, sources, lo, hi, act, ["identity"]).items():
+                    no_tta[name] = no_tta.get(name, 0) + _counts(pred, labels[lo:hi], cfg, act)
+        table = pl.concat(tables) if len(tables) > 1 else tables[0]
+        scores = lambda counts: {k: {metric: _score(c, cfg.multilabel)} for k, c in counts.items()}  # noqa: E731
+        return TaskOutput(table, [metric], scores(tta), scores(no_tta))
+
+
+def _counts(pred: Prediction, y: np.ndarray, cfg: PipelineConfig, activation: str) -> np.ndarray:
+    """What a score is made of, additive over blocks of rows: (correct, rows), or for
+    multi-label (true positives, false positives, false negatives)."""
+    p = to_probs(pred, activation)
+    if cfg.multilabel:
+        hit = p >= cfg.submission.threshold
+        return np.array([(hit & (y == 1)).sum(), (hit & (y == 0)).sum(), (~hit & (y == 1)).sum()], dtype=np.float64)
+    return np.array([(p.argmax(axis=1) == y).sum(), len(y)], dtype=np.float64)
+
+
+def _score(counts: np.ndarray, multilabel: bool) -> float:
+    if multilabel:
+        tp, fp, fn = counts
+        return float(2 * tp / max(2 * tp + fp + fn, 1.0))
+    return float(counts[0] / max(counts[1], 1.0))
