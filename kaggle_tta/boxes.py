@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import string
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -107,17 +107,8 @@ def fuse_boxes(
             boxes array not ``[N, 4]``, scores or labels of the wrong length, non-finite
             values, non-integer labels, or a box with ``x2 < x1`` or ``y2 < y1``.
     """
-    if method not in _FUSERS:
-        raise BoxesError(f"unknown box fusion method '{method}'{did_you_mean(method, _FUSERS)}; choose one of {', '.join(_FUSERS)}")
-    if conf_type not in CONF_TYPES:
-        raise BoxesError(f"unknown conf_type '{conf_type}'{did_you_mean(conf_type, CONF_TYPES)}; choose one of {', '.join(CONF_TYPES)}")
-    for name, value in (("iou_thr", iou_thr), ("skip_box_thr", skip_box_thr), ("sigma", sigma), ("thresh", thresh)):
-        if not np.isfinite(value):
-            raise BoxesError(f"{name} must be finite, got {value}")
-    if not 0.0 <= iou_thr <= 1.0:
-        raise BoxesError(f"iou_thr must be in [0, 1], got {iou_thr}")
-    if sigma <= 0:
-        raise BoxesError(f"sigma must be positive, got {sigma}")
+    options = {"iou_thr": iou_thr, "skip_box_thr": skip_box_thr, "conf_type": conf_type, "sigma": sigma, "thresh": thresh}
+    _check_options(method, options)
     h, w = _check_image_size(image_size)
     n_models = len(boxes_list)
     if n_models == 0:
@@ -142,7 +133,6 @@ def fuse_boxes(
         # ensemble-boxes' nms crashes on no boxes at all; WBF returns float labels
         return _empty()
 
-    options = {"iou_thr": iou_thr, "skip_box_thr": skip_box_thr, "conf_type": conf_type, "sigma": sigma, "thresh": thresh}
     fused_b, fused_s, fused_l = _FUSERS[method](boxes_n, scores_n, labels_n, weight_list, options)
     fused_b = np.asarray(fused_b, dtype=np.float64).reshape(-1, 4)
     fused_s = np.asarray(fused_s, dtype=np.float64).reshape(-1)
@@ -151,6 +141,20 @@ def fuse_boxes(
     # writers. WBF's output is already sorted, and a stable sort keeps it as it is.
     order = np.argsort(-fused_s, kind="stable")
     return fused_b[order] * scale, fused_s[order], fused_l[order]
+
+
+def _check_options(method: str, o: dict[str, Any]) -> None:
+    if method not in _FUSERS:
+        raise BoxesError(f"unknown box fusion method '{method}'{did_you_mean(method, _FUSERS)}; choose one of {', '.join(_FUSERS)}")
+    if o["conf_type"] not in CONF_TYPES:
+        raise BoxesError(f"unknown conf_type '{o['conf_type']}'{did_you_mean(o['conf_type'], CONF_TYPES)}; choose one of {', '.join(CONF_TYPES)}")
+    for name in ("iou_thr", "skip_box_thr", "sigma", "thresh"):
+        if not np.isfinite(o[name]):
+            raise BoxesError(f"{name} must be finite, got {o[name]}")
+    if not 0.0 <= o["iou_thr"] <= 1.0:
+        raise BoxesError(f"iou_thr must be in [0, 1], got {o['iou_thr']}")
+    if o["sigma"] <= 0:
+        raise BoxesError(f"sigma must be positive, got {o['sigma']}")
 
 
 def valid_boxes(boxes: np.ndarray, scores: np.ndarray, skip_box_thr: float) -> np.ndarray:

@@ -1,70 +1,27 @@
-"""The pipeline.yaml schema and its loader.
-
-Every model forbids unknown keys, so a typo is an error naming its YAML path rather than a
-silently ignored setting. Resolution order for any value: ``--set`` override > YAML >
-timm's ``pretrained_cfg`` for the member's architecture > the default written here.
-"""
+"""The sections of pipeline.yaml: data, runtime, cache, members (preprocess, tiling), the
+task settings, blends and the submission. Every model forbids unknown keys."""
 
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from kaggle_tta.errors import ConfigError, did_you_mean
+from kaggle_tta.config.marks import FACTORY_PATH_KWARGS, Bundle
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 ViewItem = Union[str, dict[str, Any]]
 
-# Keyword arguments of a factory member that name files: resolved against pipeline.yaml by
-# models.build_model and shipped by the Kaggle bundler (one rule, read by both).
-FACTORY_PATH_KWARGS = ("f", "path", "file")
 
+class Section(BaseModel):
+    """A part of pipeline.yaml: unknown keys are errors (a typo is never silently ignored)."""
 
-@dataclass(frozen=True)
-class Bundle:
-    """Marks a schema field that names a file or folder, for ``kaggle-tta kernel``.
-
-    role: ``member`` (a member's own file: shipped flat at the dataset's top level),
-    ``data`` (test data or ground truth: read from the competition's folder on Kaggle, or
-    shipped under ``data/``), ``classes`` (a class list: either), ``output`` (rewritten to
-    ``kaggle`` under /kaggle/working). kind: ``file``, ``dir``, ``glob`` or ``csv-root``.
-    optional: ground truth a competition's test data need not have.
-    """
-
-    role: str
-    kind: str = "file"
-    optional: bool = False
-    kaggle: str | None = None
-
-
-def bundled_fields(model: BaseModel, loc: tuple[str | int, ...] = ()) -> Iterator[tuple[tuple[str | int, ...], Any, Bundle]]:
-    """Every set field marked with :class:`Bundle` under ``model``: (YAML path, value, mark),
-    in schema order, through nested sections and lists of them."""
-    for name, field in type(model).model_fields.items():
-        value = getattr(model, name)
-        mark = next((m for m in field.metadata if isinstance(m, Bundle)), None)
-        if mark is not None:
-            if value is not None:
-                yield (*loc, name), value, mark
-            continue
-        items = list(enumerate(value)) if isinstance(value, list) else [(None, value)]
-        for i, item in items:
-            if isinstance(item, BaseModel):
-                yield from bundled_fields(item, (*loc, name) if i is None else (*loc, name, i))
-
-
-class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
 
 
-class CsvSource(_Model):
+class CsvSource(Section):
     """A CSV listing the test set."""
 
     path: Annotated[Path, Bundle("data")]
@@ -85,7 +42,7 @@ class CsvSource(_Model):
         return self
 
 
-class LabelsSpec(_Model):
+class LabelsSpec(Section):
     """Ground-truth labels for the test set, used only to print the with/without-TTA table."""
 
     path: Annotated[Path, Bundle("data", optional=True)]
@@ -94,7 +51,7 @@ class LabelsSpec(_Model):
     """Class name (or, multi-label, space-separated class names)."""
 
 
-class MasksSpec(_Model):
+class MasksSpec(Section):
     """Ground-truth masks: one single-channel PNG per image, pixel value 0 for background and
     k + 1 for class k (or, with one class, any non-zero value for it)."""
 
@@ -103,7 +60,7 @@ class MasksSpec(_Model):
     """The mask file of an image, relative to `folder`."""
 
 
-class BoxesSpec(_Model):
+class BoxesSpec(Section):
     """Ground-truth boxes: a CSV with one row per box, pixel corners in the original image."""
 
     path: Annotated[Path, Bundle("data", optional=True)]
@@ -114,7 +71,7 @@ class BoxesSpec(_Model):
     """Class name of each box."""
 
 
-class DataConfig(_Model):
+class DataConfig(Section):
     """Where the test images are and what the classes are."""
 
     folder: Annotated[Path | None, Bundle("data", "dir")] = None
@@ -146,7 +103,7 @@ class DataConfig(_Model):
         return self
 
 
-class RuntimeConfig(_Model):
+class RuntimeConfig(Section):
     """Where and how the forward passes run."""
 
     device: str = "auto"
@@ -190,7 +147,7 @@ class RuntimeConfig(_Model):
         raise ValueError(f"unknown device '{v}': use auto, cpu, cuda or cuda:N")
 
 
-class CacheConfig(_Model):
+class CacheConfig(Section):
     """The prediction cache."""
 
     dir: Annotated[Path, Bundle("output", "dir", kaggle="/kaggle/working/.kaggle_tta/cache")] = Path("cache")
@@ -210,7 +167,7 @@ class CacheConfig(_Model):
         return v
 
 
-class PreprocessConfig(_Model):
+class PreprocessConfig(Section):
     """How a member's input is made from a decoded image. Unset fields come from timm's
     pretrained_cfg for the architecture (input size, crop pct, interpolation, mean, std)."""
 
@@ -244,7 +201,7 @@ class PreprocessConfig(_Model):
         return v
 
 
-class TilingConfig(_Model):
+class TilingConfig(Section):
     """Sliding-window inference (segmentation): the canvas is cut into overlapping tiles, each
     tile goes through every view, and the inverted tile maps are stitched with weights."""
 
@@ -285,7 +242,7 @@ class TilingConfig(_Model):
         return (t, t) if isinstance(t, int) else (int(t[0]), int(t[-1]))
 
 
-class MemberConfig(_Model):
+class MemberConfig(Section):
     """One model of the ensemble."""
 
     name: str
@@ -335,7 +292,7 @@ class MemberConfig(_Model):
         return self
 
 
-class SegmentationConfig(_Model):
+class SegmentationConfig(Section):
     """Segmentation settings shared by every member."""
 
     size: list[int] | None = None
@@ -355,7 +312,7 @@ class SegmentationConfig(_Model):
         return v
 
 
-class DetectionConfig(_Model):
+class DetectionConfig(Section):
     """Box fusion settings (ensemble-boxes), used over a member's views and in blends."""
 
     iou_thr: float = 0.55
@@ -372,7 +329,7 @@ class DetectionConfig(_Model):
     """Keep at most this many boxes per image (highest scores), after fusion."""
 
 
-class RLEConfig(_Model):
+class RLEConfig(Section):
     """Run-length encoding of segmentation masks, with the options competitions differ on."""
 
     order: Literal["column", "row"] = "column"
@@ -389,7 +346,7 @@ class RLEConfig(_Model):
     column: str = "EncodedPixels"
 
 
-class BlendConfig(_Model):
+class BlendConfig(Section):
     """A node of the blend DAG: merges members and/or other blends."""
 
     name: str
@@ -423,7 +380,7 @@ class BlendConfig(_Model):
         return self
 
 
-class SubmissionConfig(_Model):
+class SubmissionConfig(Section):
     """What is written and how."""
 
     source: str | None = None
@@ -448,273 +405,3 @@ class SubmissionConfig(_Model):
     ('{conf} {x} {y} {w} {h}', pixels) or open_images ('{label} {conf} {nx1} {ny1} {nx2}
     {ny2}', normalized)."""
     prediction_column: str = "PredictionString"
-
-
-class PipelineConfig(_Model):
-    """The whole of pipeline.yaml."""
-
-    task: str = "classification"
-    """A registered task (kaggle_tta.tasks): classification, segmentation, detection."""
-    multilabel: bool = False
-    """Classification with independent labels (sigmoid); views must leave every label unchanged."""
-    data: DataConfig
-    runtime: RuntimeConfig = RuntimeConfig()
-    cache: CacheConfig = CacheConfig()
-    segmentation: SegmentationConfig = SegmentationConfig()
-    detection: DetectionConfig = DetectionConfig()
-    members: list[MemberConfig]
-    blends: list[BlendConfig] = []
-    submission: SubmissionConfig = SubmissionConfig()
-
-    # Set by load_pipeline: the folder relative paths resolve against; not a YAML key.
-    base_dir: Path = Field(default=Path("."), exclude=True)
-
-    @field_validator("task")
-    @classmethod
-    def _known_task(cls, v: str) -> str:
-        from kaggle_tta.tasks import find_task
-
-        find_task(v)  # ValueError naming the registered tasks, with a did-you-mean
-        return v
-
-    @model_validator(mode="after")
-    def _task_defaults(self) -> PipelineConfig:
-        """Fills the settings whose default depends on the task (the task says which)."""
-        from kaggle_tta.tasks import find_task  # the registry: the schema names no task itself
-
-        task = find_task(self.task)
-        for m in self.members:
-            if m.merge is None:
-                m.merge = task.default_merge
-        for b in self.blends:
-            if b.method is None:
-                b.method = task.default_blend
-        if self.submission.format is None:
-            self.submission.format = task.default_format
-        return self
-
-    @model_validator(mode="after")
-    def _graph(self) -> PipelineConfig:
-        if not self.members:
-            raise ValueError("'members' must list at least one model")
-        names: dict[str, str] = {}
-        for i, m in enumerate(self.members):
-            if m.name in names:
-                raise ValueError(f"members[{i}].name: '{m.name}' is used twice; names must be unique")
-            names[m.name] = "member"
-        for i, b in enumerate(self.blends):
-            if b.name in names:
-                raise ValueError(f"blends[{i}].name: '{b.name}' is already a {names[b.name]}")
-            names[b.name] = "blend"
-        blend_inputs = {b.name: b.inputs for b in self.blends}
-        for i, b in enumerate(self.blends):
-            for j, inp in enumerate(b.inputs):
-                if inp not in names:
-                    raise ValueError(
-                        f"blends[{i}].inputs[{j}]: unknown input '{inp}'{did_you_mean(inp, names)}; "
-                        "inputs must be member or blend names"
-                    )
-        # Depth-first search for a cycle; report it as a path.
-        state: dict[str, int] = {}
-
-        def visit(node: str, path: list[str]) -> None:
-            if state.get(node) == 1:
-                cycle = path[path.index(node):] + [node]
-                raise ValueError(f"blends form a cycle: {' -> '.join(cycle)}")
-            if state.get(node) == 2 or node not in blend_inputs:
-                return
-            state[node] = 1
-            for inp in blend_inputs[node]:
-                visit(inp, path + [node])
-            state[node] = 2
-
-        for b in self.blends:
-            visit(b.name, [])
-        src = self.submission.source
-        if src is not None and src not in names:
-            raise ValueError(f"submission.source: unknown '{src}'{did_you_mean(src, names)}")
-        if src is None and not self.blends and len(self.members) > 1:
-            raise ValueError("submission.source: several members and no blend; name the member or blend to write")
-        return self
-
-    # ---- derived values -------------------------------------------------------------------
-
-    def resolve(self, path: Path | str) -> Path:
-        """A path from the YAML, made absolute against pipeline.yaml's folder."""
-        p = Path(os.path.expanduser(str(path)))
-        return p if p.is_absolute() else (self.base_dir / p)
-
-    @property
-    def submission_source(self) -> str:
-        if self.submission.source:
-            return self.submission.source
-        return self.blends[-1].name if self.blends else self.members[0].name
-
-    def member(self, name: str) -> MemberConfig:
-        return next(m for m in self.members if m.name == name)
-
-
-# ---- loading --------------------------------------------------------------------------------
-
-
-def _format_loc(loc: tuple[Any, ...], raw: Any) -> str:
-    """('members', 1, 'tta') -> 'members[1].tta', using the member's name where known."""
-    out = ""
-    node = raw
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part in ("function-after", "function-before") or str(part).startswith(("str", "list", "dict", "int", "float", "bool", "literal", "union", "tagged")):
-            continue  # pydantic's union branch labels: not YAML keys
-        else:
-            out += f".{part}" if out else str(part)
-        try:
-            node = node[part]
-        except (KeyError, IndexError, TypeError):
-            node = None
-    return out or "pipeline"
-
-
-def format_validation_error(err: ValidationError, raw: Any, source: str) -> str:
-    """One line per problem: 'pipeline.yaml: members[0].tta: ... '."""
-    msgs = []
-    seen = set()
-    for e in err.errors():
-        loc = _format_loc(tuple(e["loc"]), raw)
-        if e["type"] == "extra_forbidden":
-            key = e["loc"][-1]
-            parent_loc = tuple(e["loc"][:-1])
-            model = _model_at(parent_loc)
-            hint = did_you_mean(str(key), model.model_fields) if model else ""
-            text = f"{_format_loc(parent_loc, raw)}: unknown key '{key}'{hint}"
-        else:
-            text = f"{loc}: {e['msg'].removeprefix('Value error, ')}"
-        if text not in seen:
-            seen.add(text)
-            msgs.append(text)
-    return f"{source}: " + "; ".join(msgs[:5]) + (f" (and {len(msgs) - 5} more)" if len(msgs) > 5 else "")
-
-
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The pydantic model class found at a location, to suggest a key that exists."""
-    model: Any = PipelineConfig
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
-        if field is None:
-            return None
-        ann = field.annotation
-        candidates = [ann, *getattr(ann, "__args__", ())]
-        nxt = None
-        for c in candidates:
-            for cc in (c, *getattr(c, "__args__", ())):
-                if isinstance(cc, type) and issubclass(cc, BaseModel):
-                    nxt = cc
-        if nxt is None:
-            return None
-        model = nxt
-    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
-
-
-def apply_override(raw: dict[str, Any], assignment: str) -> None:
-    """Applies ``key.path=value`` to the raw YAML mapping, in place.
-
-    Path parts address mappings by key and lists by index or, for members and blends, by
-    name (``members.effb0.tta=d4``). The value is parsed as YAML (``[1, 2]``, ``true``, ``0.5``).
-    """
-    if "=" not in assignment:
-        raise ConfigError(f"--set {assignment}: expected key.path=value")
-    key, _, value_text = assignment.partition("=")
-    parts = [p for p in key.strip().split(".") if p]
-    if not parts:
-        raise ConfigError(f"--set {assignment}: empty key")
-    try:
-        value = yaml.safe_load(value_text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {assignment}: value is not valid YAML ({exc})") from None
-    node: Any = raw
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        where = ".".join(parts[: i + 1])
-        if isinstance(node, list):
-            idx = _list_index(node, part)
-            if idx is None:
-                raise ConfigError(f"--set {assignment}: '{where}' matches no list item (use an index or a name)")
-            if last:
-                node[idx] = value
-            else:
-                node = node[idx]
-        elif isinstance(node, dict):
-            if last:
-                node[part] = value
-            else:
-                if part not in node or node[part] is None:
-                    node[part] = {}
-                node = node[part]
-        else:
-            raise ConfigError(f"--set {assignment}: '{'.'.join(parts[:i])}' is not a mapping or list")
-
-
-def _list_index(items: list[Any], part: str) -> int | None:
-    if part.lstrip("-").isdigit():
-        idx = int(part)
-        return idx if -len(items) <= idx < len(items) else None
-    for i, item in enumerate(items):
-        if isinstance(item, dict) and item.get("name") == part:
-            return i
-    return None
-
-
-def load_pipeline(source: Path | str | dict[str, Any], overrides: list[str] | None = None, base_dir: Path | str | None = None) -> PipelineConfig:
-    """Reads, overrides and validates a pipeline.
-
-    Args:
-        source: pipeline.yaml's path, or the same content as a mapping (a notebook's dict).
-        overrides: ``key.path=value`` strings applied before validation.
-        base_dir: what relative paths resolve against; default: the YAML's folder, or the
-            working directory for a mapping.
-
-    Raises:
-        ConfigError: the file is missing or not YAML, or a field is invalid (the message names
-            the YAML path of each problem).
-    """
-    if isinstance(source, dict):
-        import copy
-
-        raw, where, folder = copy.deepcopy(source), "pipeline", Path.cwd()
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such pipeline file; pass the path of your pipeline.yaml")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
-        where, folder = str(path), path.resolve().parent
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping at the top level (task, data, members, ...)")
-    for assignment in overrides or []:
-        apply_override(raw, assignment)
-    try:
-        cfg = PipelineConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, raw, where)) from None
-    cfg.base_dir = Path(base_dir).resolve() if base_dir is not None else folder
-    return cfg
-
-
-def load_classes(cfg: PipelineConfig) -> list[str]:
-    """The class names, from `data.classes` or `data.classes_file`."""
-    if cfg.data.classes is not None:
-        classes = list(cfg.data.classes)
-    else:
-        f = cfg.resolve(cfg.data.classes_file)  # type: ignore[arg-type]
-        if not f.is_file():
-            raise ConfigError(f"data.classes_file: {f} does not exist")
-        classes = [line.strip() for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not classes:
-        raise ConfigError("data.classes: no class names given")
-    if len(set(classes)) != len(classes):
-        raise ConfigError("data.classes: a class name is repeated")
-    return classes

@@ -1,0 +1,39 @@
+"""The pipeline.yaml schema and its loader.
+
+Every model forbids unknown keys, so a typo is an error naming its YAML path rather than a
+silently ignored setting. Resolution order for any value: ``--set`` override > YAML >
+timm's ``pretrained_cfg`` for the member's architecture > the default written here.
+
+- ``marks``: which fields name files (``Bundle``) and which factory kwargs are paths;
+- ``sections``: data, runtime, cache, members, task settings, blends, submission;
+- ``pipeline``: the whole pipeline, its task defaults and graph checks;
+- ``loading``: ``load_pipeline`` (a path or a dict, with overrides) and ``load_classes``.
+"""
+
+from kaggle_tta.config.loading import apply_override, format_validation_error, load_classes, load_pipeline
+from kaggle_tta.config.marks import FACTORY_PATH_KWARGS, Bundle, bundled_fields
+from kaggle_tta.config.pipeline import PipelineConfig
+from kaggle_tta.config.sections import (
+    BlendConfig,
+    BoxesSpec,
+    CacheConfig,
+    CsvSource,
+    DataConfig,
+    DetectionConfig,
+    LabelsSpec,
+    MasksSpec,
+    MemberConfig,
+    PreprocessConfig,
+    RLEConfig,
+    RuntimeConfig,
+    SegmentationConfig,
+    SubmissionConfig,
+    TilingConfig,
+)
+
+__all__ = [
+    "FACTORY_PATH_KWARGS", "BlendConfig", "BoxesSpec", "Bundle", "CacheConfig", "CsvSource", "DataConfig", "DetectionConfig",
+    "LabelsSpec", "MasksSpec", "MemberConfig", "PipelineConfig", "PreprocessConfig", "RLEConfig", "RuntimeConfig",
+    "SegmentationConfig", "SubmissionConfig", "TilingConfig", "apply_override", "bundled_fields", "format_validation_error",
+    "load_classes", "load_pipeline",
+]

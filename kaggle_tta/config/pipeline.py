@@ -1,0 +1,125 @@
+"""The whole of pipeline.yaml: its sections, the task's defaults and the blend graph's checks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
+
+from kaggle_tta.config.sections import (
+    BlendConfig,
+    CacheConfig,
+    DataConfig,
+    DetectionConfig,
+    MemberConfig,
+    RuntimeConfig,
+    SegmentationConfig,
+    SubmissionConfig,
+    Section,
+)
+from kaggle_tta.errors import did_you_mean
+
+
+class PipelineConfig(Section):
+    """The whole of pipeline.yaml."""
+
+    task: str = "classification"
+    """A registered task (kaggle_tta.tasks): classification, segmentation, detection."""
+    multilabel: bool = False
+    """Classification with independent labels (sigmoid); views must leave every label unchanged."""
+    data: DataConfig
+    runtime: RuntimeConfig = RuntimeConfig()
+    cache: CacheConfig = CacheConfig()
+    segmentation: SegmentationConfig = SegmentationConfig()
+    detection: DetectionConfig = DetectionConfig()
+    members: list[MemberConfig]
+    blends: list[BlendConfig] = []
+    submission: SubmissionConfig = SubmissionConfig()
+
+    # Set by load_pipeline: the folder relative paths resolve against; not a YAML key.
+    base_dir: Path = Field(default=Path("."), exclude=True)
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        from kaggle_tta.tasks import find_task
+
+        find_task(v)  # ValueError naming the registered tasks, with a did-you-mean
+        return v
+
+    @model_validator(mode="after")
+    def _task_defaults(self) -> PipelineConfig:
+        """Fills the settings whose default depends on the task (the task says which)."""
+        from kaggle_tta.tasks import find_task  # the registry: the schema names no task itself
+
+        task = find_task(self.task)
+        for m in self.members:
+            if m.merge is None:
+                m.merge = task.default_merge
+        for b in self.blends:
+            if b.method is None:
+                b.method = task.default_blend
+        if self.submission.format is None:
+            self.submission.format = task.default_format
+        return self
+
+    @model_validator(mode="after")
+    def _graph(self) -> PipelineConfig:
+        if not self.members:
+            raise ValueError("'members' must list at least one model")
+        names: dict[str, str] = {}
+        for i, m in enumerate(self.members):
+            if m.name in names:
+                raise ValueError(f"members[{i}].name: '{m.name}' is used twice; names must be unique")
+            names[m.name] = "member"
+        for i, b in enumerate(self.blends):
+            if b.name in names:
+                raise ValueError(f"blends[{i}].name: '{b.name}' is already a {names[b.name]}")
+            names[b.name] = "blend"
+        blend_inputs = {b.name: b.inputs for b in self.blends}
+        for i, b in enumerate(self.blends):
+            for j, inp in enumerate(b.inputs):
+                if inp not in names:
+                    raise ValueError(
+                        f"blends[{i}].inputs[{j}]: unknown input '{inp}'{did_you_mean(inp, names)}; "
+                        "inputs must be member or blend names"
+                    )
+        # Depth-first search for a cycle; report it as a path.
+        state: dict[str, int] = {}
+
+        def visit(node: str, path: list[str]) -> None:
+            if state.get(node) == 1:
+                cycle = path[path.index(node):] + [node]
+                raise ValueError(f"blends form a cycle: {' -> '.join(cycle)}")
+            if state.get(node) == 2 or node not in blend_inputs:
+                return
+            state[node] = 1
+            for inp in blend_inputs[node]:
+                visit(inp, path + [node])
+            state[node] = 2
+
+        for b in self.blends:
+            visit(b.name, [])
+        src = self.submission.source
+        if src is not None and src not in names:
+            raise ValueError(f"submission.source: unknown '{src}'{did_you_mean(src, names)}")
+        if src is None and not self.blends and len(self.members) > 1:
+            raise ValueError("submission.source: several members and no blend; name the member or blend to write")
+        return self
+
+    # ---- derived values -------------------------------------------------------------------
+
+    def resolve(self, path: Path | str) -> Path:
+        """A path from the YAML, made absolute against pipeline.yaml's folder."""
+        p = Path(os.path.expanduser(str(path)))
+        return p if p.is_absolute() else (self.base_dir / p)
+
+    @property
+    def submission_source(self) -> str:
+        if self.submission.source:
+            return self.submission.source
+        return self.blends[-1].name if self.blends else self.members[0].name
+
+    def member(self, name: str) -> MemberConfig:
+        return next(m for m in self.members if m.name == name)
