@@ -32,8 +32,15 @@ class CacheError(KaggleTTAError):
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
-    """Returns `` — did you mean 'x'?`` for the closest choice, or '' when none is close."""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    """Returns `` — did you mean 'x'?`` for the closest choice, or '' when none is close.
+
+    A short word one character off (``d5`` for ``d4``) counts as close too: difflib scores
+    such a pair 0.5, under its cutoff of 0.6.
+    """
+    choices = list(choices)
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    if not close and len(word) <= 3:
+        close = [c for c in choices if len(c) == len(word) and sum(a != b for a, b in zip(c, word)) == 1]
     return f" — did you mean '{close[0]}'?" if close else ""
 
 

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from dataclasses import dataclass
+
 import albumentations as A
 import numpy as np
 import pytest
 import torch
 
 from kaggle_tta.errors import ConfigError
-from kaggle_tta.views import D4_ELEMENTS, PRESETS, parse_tta, view_from_name
+from kaggle_tta.views import D4_ELEMENTS, PRESETS, View, parse_tta, register_op, view_from_name
 from kaggle_tta.views import functional as Fn
+from kaggle_tta.views.views import PARAMETRIC, CentreCrop, Colour, Crop, Op, Scale
 
 SHAPE = (1, 3, 5, 7)  # odd and non-square on purpose
 PERMUTATIONS = ["identity", "hflip", "vflip", "rot90", "rot180", "rot270", "transpose", "transverse"]
@@ -166,3 +171,181 @@ def test_bad_views_are_named(spec, message):
     with pytest.raises(ConfigError) as e:
         parse_tta(spec, "members.a.tta")
     assert message in str(e.value)
+
+
+# ---- ops own their names, validation and identity ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name,message",
+    [
+        ("scale_9", "'scale_9': scale factors must lie in [0.05, 8]"),
+        ("scale_0.01", "'scale_0.01': scale factors must lie in [0.05, 8]"),
+        ("gamma_0", "'gamma_0': gamma must be positive"),
+        ("gamma_-1", "'gamma_-1': gamma must be positive"),
+        ("gamma_nan", "'gamma_nan': gamma must be positive"),
+        ("gamma_inf", "'gamma_inf': 'inf' is not a finite number"),
+        ("brightness_1", "'brightness_1': brightness must lie in (-1, 1)"),
+        ("brightness_-1", "'brightness_-1': brightness must lie in (-1, 1)"),
+        ("contrast_1", "'contrast_1': contrast must lie in (-1, 1)"),
+        ("contrast_-1.5", "'contrast_-1.5': contrast must lie in (-1, 1)"),
+        ("brightness_x", "'brightness_x': 'x' is not a number"),
+    ],
+)
+def test_each_op_validates_its_value(name, message):
+    with pytest.raises(ConfigError) as e:
+        parse_tta([name], "members.a.tta")
+    assert str(e.value) == f"members.a.tta[0]: {message}"
+
+
+@pytest.mark.parametrize("name", ["scale_1", "brightness_0", "contrast_0", "gamma_1", "scale_1+gamma_1.0"])
+def test_the_identity_value_is_no_op(name):
+    v = view_from_name(name)
+    assert (v.name, v.ops) == ("identity", ())
+
+
+def test_ops_validate_directly_and_register_each_prefix_once():
+    with pytest.raises(ValueError, match=r"scale factors must lie in \[0.05, 8\]"):
+        Scale.validate(9.0)
+    Scale.validate(1.25)
+    assert {"scale", "brightness", "contrast", "gamma"} <= set(PARAMETRIC)
+
+    @dataclass(frozen=True)
+    class Zoom(Scale):
+        prefix = "zoom"
+        keys = ("scales",)  # taken by Scale
+
+    with pytest.raises(ValueError, match="'scales' already names Scale"):
+        register_op(Zoom)
+    assert "zoom" not in PARAMETRIC
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        (["gama_0.9"], "members.a.tta[0]: unknown view 'gama_0.9' — did you mean 'gamma_0.9'?"),
+        (["scal_2"], "members.a.tta[0]: unknown view 'scal_2' — did you mean 'scale_1.25'?"),
+        (["brightnes_0.2+hflip"], "members.a.tta[0]: unknown view 'brightnes_0.2' — did you mean 'brightness_0.1'?"),
+        ("d5", "members.a.tta: unknown view 'd5' — did you mean 'd4'?; presets are none, hflip"),
+        (["d5"], "members.a.tta[0]: unknown view 'd5' — did you mean 'd4'?"),
+        ("ten_crops", "members.a.tta: unknown view 'ten_crops' — did you mean 'ten_crop'?"),
+        ([{"scael": [1.25]}], "members.a.tta[0]: unknown view mapping 'scael' — did you mean 'scales'?"),
+        ([{"prodcut": ["hflip"]}], "members.a.tta[0]: unknown view mapping 'prodcut' — did you mean 'product'?"),
+    ],
+)
+def test_unknown_prefixes_presets_and_mappings_get_a_did_you_mean(spec, message):
+    with pytest.raises(ConfigError) as e:
+        parse_tta(spec, "members.a.tta")
+    assert str(e.value).startswith(message)
+
+
+@pytest.fixture
+def invert_op():
+    """A toy parametric op, registered for one test: nothing in presets.py names it."""
+
+    @register_op
+    @dataclass(frozen=True)
+    class Invert(Colour):
+        """Mixes [0, 1] pixels with their negative by ``value``."""
+
+        prefix = "invert"
+        keys = ("inverts",)
+        identity = 0.0
+        example = 0.5
+
+        @classmethod
+        def validate(cls, value: float) -> None:
+            if not 0 <= value <= 1:
+                raise ValueError("invert must lie in [0, 1]")
+
+        def adjust(self, px):
+            return px * (1 - self.value) + (1 - px) * self.value
+
+    yield Invert
+    del PARAMETRIC[Invert.prefix]
+
+
+def test_a_registered_op_parses_from_names_and_mappings(invert_op):
+    views = parse_tta(["invert_0.5", {"inverts": [0, 1]}, {"product": ["hflip", {"inverts": 0.25}]}], "m.tta")
+    assert [v.name for v in views] == ["invert_0.5", "identity", "invert_1", "hflip+invert_0.25"]
+    assert all(view_from_name(v.name).name == v.name for v in views)
+    assert views[2].targets == {"label", "mask", "boxes"} and not views[2].is_spatial
+    x = torch.rand(1, 3, 5, 7)
+    out = view_from_name("invert_1").bind(None, (0.0,) * 3, (1.0,) * 3).apply(x)
+    torch.testing.assert_close(out, 1 - x)
+    with pytest.raises(ConfigError, match=r"'invert_2': invert must lie in \[0, 1\]"):
+        parse_tta(["invert_2"], "m.tta")
+    with pytest.raises(ConfigError, match="did you mean 'invert_0.5'"):
+        parse_tta(["invrt_0.3"], "m.tta")
+    with pytest.raises(ConfigError, match="did you mean 'inverts'"):
+        parse_tta([{"invert": [0.3]}], "m.tta")
+
+
+# ---- crops are ordinary ops ---------------------------------------------------------------------
+
+
+def test_crop_is_the_first_op_of_a_bound_chain():
+    assert isinstance(_bound("crop_tl+hflip", (3, 4)).ops[0], Crop)
+    assert _bound("crop_tl+hflip", (3, 4)).ops[0].size == (3, 4)
+    assert isinstance(_bound("identity", (3, 4)).ops[0], CentreCrop)
+    assert isinstance(_bound("hflip", (3, 4)).ops[0], CentreCrop)
+    # Bound to None (segmentation): the whole canvas, so no crop to add.
+    assert view_from_name("hflip").bind(None, MEAN, STD).ops == view_from_name("hflip").ops
+    assert view_from_name("crop_tl+hflip").name == "crop_tl+hflip"
+
+
+def test_identity_is_a_centre_crop_to_the_input_size_or_nothing():
+    x = torch.randn(2, 3, 7, 9)
+    v = _bound("identity", (3, 5))
+    assert v.out_size((7, 9)) == (3, 5)
+    assert torch.equal(v.apply(x), x[..., 2:5, 2:7])
+    assert not v.is_spatial and v.targets == {"label", "mask", "boxes"}
+    assert view_from_name("identity").bind(None, MEAN, STD).apply(x) is x
+
+
+def test_crop_inverses_take_the_input_size():
+    m = torch.randn(1, 2, 3, 4)
+    b = np.array([[0.1, 0.2, 0.5, 0.6]])
+    for crop in (Crop("tl", (3, 4)), Crop("br", None), CentreCrop(size=(3, 4))):
+        assert crop.invert_mask(m, (3, 4)) is m  # the crop was the whole canvas
+        back = crop.invert_boxes(b, (3, 4))
+        assert back is not b and np.array_equal(back, b)
+    with pytest.raises(NotImplementedError, match="maps only through tiling"):
+        Crop("tl", (3, 4)).invert_mask(m, (5, 7))
+    with pytest.raises(NotImplementedError, match="boxes only through tiling"):
+        Crop("tl", (3, 4)).invert_boxes(b, (5, 7))
+    # Through the view: on a canvas equal to the input size the crop is exact.
+    np.testing.assert_allclose(_bound("crop_tr+hflip", (5, 7)).invert_boxes(Fn.boxes_hflip(b), (5, 7)), b, atol=1e-15)
+
+
+@pytest.mark.parametrize("name", ["crop_bl+rot90+scale_0.6", "transverse+gamma_0.8+scale_1.3", "contrast_0.2+brightness_0.1"])
+def test_every_op_inverts_boxes_and_masks_with_the_same_signature(name):
+    v = _bound(name, (5, 7))
+    sizes = v._sizes((5, 7))
+    for op, size in zip(v.ops, sizes):
+        assert op.invert_boxes(np.zeros((0, 4)), size).shape == (0, 4)
+        assert tuple(op.invert_mask(op.apply(torch.zeros(1, 1, *size)), size).shape[-2:]) == tuple(size)
+
+
+def test_hint_comes_from_the_op_that_blocks_the_target():
+    assert _bound("crop_tl+hflip").hint("mask") == "crops are legal for maps only through tiling (members.<name>.tiling)"
+    assert _bound("crop_tl").hint("boxes") == Crop.hint
+    assert _bound("crop_tl").hint("label") == ""
+    assert _bound("hflip+scale_1.25").hint("mask") == ""
+
+    @dataclass(frozen=True)
+    class LabelsOnly(Op):
+        name = "labels_only"
+        targets = frozenset({"label"})
+
+    v = View("hflip+labels_only", (*view_from_name("hflip").ops, LabelsOnly()))
+    assert v.targets == {"label"}
+    assert v.hint("mask") == "drop it from the list"
+
+
+def test_parsing_views_imports_no_torch():
+    code = (
+        "import sys, kaggle_tta.views as v; v.parse_tta('ten_crop', 't'); "
+        "v.parse_tta(['rot90', {'scales': [1.25]}, 'crop_tl+gamma_0.9'], 't'); assert 'torch' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -5,33 +5,38 @@
     composite ``crop_tl+hflip`` (ops applied left to right);
   - a preset name, which expands to its views (``d4`` gives eight);
   - a mapping: ``{scales: [0.8, 1.25]}``, ``{brightness: [-0.1, 0.1]}``, ``{contrast: ...}``,
-    ``{gamma: ...}``, or ``{product: [A, B, ...]}`` where each factor is any item or list of
-    items and every combination is composed (``{product: [hflip, {scales: [1, 1.25]}]}``).
+    ``{gamma: ...}`` (any parametric op's keys), or ``{product: [A, B, ...]}`` where each
+    factor is any item or list of items and every combination is composed
+    (``{product: [hflip, {scales: [1, 1.25]}]}``).
+
+The parametric names and mapping keys are not listed here: the parser asks the op registry
+(views.PARAMETRIC), so each op owns its prefix, keys, legal range and identity value.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from kaggle_tta.errors import ConfigError, did_you_mean
-from kaggle_tta.views.views import Colour, Crop, HFlip, Op, Rot90, Scale, Transpose, View, VFlip
+from kaggle_tta.views.views import PARAMETRIC, Crop, HFlip, Op, Parametric, Rot90, Transpose, View, VFlip
 
 # The atomic views. transverse (reflection over the anti-diagonal) is albumentations' 'hvt'.
-_ATOMIC: dict[str, tuple[tuple[Op, ...], str]] = {
-    "identity": ((), "center"),
-    "hflip": ((HFlip(),), "center"),
-    "vflip": ((VFlip(),), "center"),
-    "rot90": ((Rot90(1),), "center"),
-    "rot180": ((Rot90(2),), "center"),
-    "rot270": ((Rot90(3),), "center"),
-    "transpose": ((Transpose(),), "center"),
-    "transverse": ((Rot90(2), Transpose()), "center"),
-    "crop_tl": ((), "tl"),
-    "crop_tr": ((), "tr"),
-    "crop_bl": ((), "bl"),
-    "crop_br": ((), "br"),
+_ATOMIC: dict[str, tuple[Op, ...]] = {
+    "identity": (),
+    "hflip": (HFlip(),),
+    "vflip": (VFlip(),),
+    "rot90": (Rot90(1),),
+    "rot180": (Rot90(2),),
+    "rot270": (Rot90(3),),
+    "transpose": (Transpose(),),
+    "transverse": (Rot90(2), Transpose()),
+    "crop_tl": (Crop("tl"),),
+    "crop_tr": (Crop("tr"),),
+    "crop_bl": (Crop("bl"),),
+    "crop_br": (Crop("br"),),
 }
-_PARAMETRIC = {"scale": Scale, "brightness": "brightness", "contrast": "contrast", "gamma": "gamma"}
+_PRODUCT = "product"
 
 # albumentations' D4 group elements, in its own order: e, r90, r180, r270, v, hvt, h, t.
 D4_ELEMENTS = {
@@ -58,46 +63,45 @@ PRESETS: dict[str, list[str]] = {
 }
 
 
-def _atomic(name: str) -> tuple[tuple[Op, ...], str]:
-    if name in _ATOMIC:
-        return _ATOMIC[name]
-    kind, sep, value = name.partition("_")
-    if sep and kind in _PARAMETRIC:
-        try:
-            v = float(value)
-        except ValueError:
-            raise ValueError(f"'{name}': '{value}' is not a number") from None
-        if kind == "scale":
-            if not 0.05 <= v <= 8:
-                raise ValueError(f"'{name}': scale factors must lie in [0.05, 8]")
-            return ((Scale(v),) if v != 1 else ()), "center"
-        if kind == "gamma" and v <= 0:
-            raise ValueError(f"'{name}': gamma must be positive")
-        if kind in ("brightness", "contrast") and not -1 < v < 1:
-            raise ValueError(f"'{name}': {kind} must lie in (-1, 1)")
-        return ((Colour(kind, v),) if (kind != "gamma" and v != 0) or (kind == "gamma" and v != 1) else ()), "center"
-    known = list(_ATOMIC) + list(PRESETS) + ["scale_1.25", "brightness_0.1", "contrast_0.1", "gamma_0.9"]
-    raise ValueError(f"unknown view '{name}'{did_you_mean(name, known)}")
+def _known_names() -> list[str]:
+    """What an unknown view name is compared with: every name, preset and one example per
+    parametric op (``scale_1.25``)."""
+    return [*_ATOMIC, *PRESETS, *(f"{op.prefix}_{op.example:g}" for op in PARAMETRIC.values())]
+
+
+def _parametric(name: str) -> tuple[Op, ...]:
+    """The op a ``<prefix>_<number>`` name gives: none at the op's identity value."""
+    prefix, sep, text = name.partition("_")
+    op = PARAMETRIC.get(prefix) if sep else None
+    if op is None:
+        raise ValueError(f"unknown view '{name}'{did_you_mean(name, _known_names())}")
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"'{name}': '{text}' is not a number") from None
+    try:
+        op.validate(value)
+    except ValueError as exc:
+        raise ValueError(f"'{name}': {exc}") from None
+    if not math.isfinite(value):  # after validate: an op's own range message comes first
+        raise ValueError(f"'{name}': '{text}' is not a finite number")
+    return () if value == op.identity else (op(value),)
+
+
+def _atomic(name: str) -> tuple[Op, ...]:
+    return _ATOMIC[name] if name in _ATOMIC else _parametric(name)
 
 
 def compose(names: list[str]) -> View:
     """Builds the view ``a+b+...`` from atomic names, in order, with its canonical name."""
     ops: list[Op] = []
-    position = "center"
-    parts: list[str] = []
     for part in names:
-        part_ops, part_pos = _atomic(part)
-        if part_pos != "center":
-            if ops or position != "center":
-                raise ValueError(f"'{'+'.join(names)}': a crop must come first (write '{part}+...')")
-            position = part_pos
-        ops.extend(part_ops)
-    crop = Crop(position)
-    if crop.position != "center":
-        parts.append(crop.name)
-    parts.extend(op.name for op in ops)
-    name = _simplify("+".join(parts)) if parts else "identity"
-    return View(name, tuple(ops), crop)
+        for op in _atomic(part):
+            if op.leads and ops:
+                raise ValueError(f"'{'+'.join(names)}': {op.leads} must come first (write '{part}+...')")
+            ops.append(op)
+    name = _simplify("+".join(op.name for op in ops)) if ops else "identity"
+    return View(name, tuple(ops))
 
 
 def _simplify(name: str) -> str:
@@ -108,6 +112,16 @@ def _simplify(name: str) -> str:
 def view_from_name(name: str) -> View:
     """Parses a canonical or composite view name (``crop_tl+hflip``)."""
     return compose([p.strip() for p in name.split("+") if p.strip()])
+
+
+def _mapping_op(key: str) -> type[Parametric]:
+    """The parametric op whose mapping ``key`` lists values (``scales``)."""
+    by_key = {k: op for op in PARAMETRIC.values() for k in op.keys}
+    if key not in by_key:
+        # One key per op in the suggestions (its first), as the docs write them.
+        keys = [op.keys[0] for op in PARAMETRIC.values()] + [_PRODUCT]
+        raise ValueError(f"unknown view mapping '{key}'{did_you_mean(key, keys)}")
+    return by_key[key]
 
 
 def _expand_item(item: Any) -> list[View]:
@@ -122,19 +136,17 @@ def _expand_item(item: Any) -> list[View]:
             out.extend(_expand_item(sub))
         return out
     if isinstance(item, dict) and len(item) == 1:
-        (key, value), = item.items()
+        ((key, value),) = item.items()
         values = value if isinstance(value, list) else [value]
-        if key in ("scales", "scale"):
-            return [view_from_name(f"scale_{float(v):g}") for v in values]
-        if key in ("brightness", "contrast", "gamma"):
-            return [view_from_name(f"{key}_{float(v):g}") for v in values]
-        if key == "product":
+        if key == _PRODUCT:
             combos: list[View] = [view_from_name("identity")]
             for factor in values:
                 factor_views = _expand_item(factor)
                 combos = [_chain(a, b) for a in combos for b in factor_views]
             return combos
-        raise ValueError(f"unknown view mapping '{key}'{did_you_mean(key, ['scales', 'brightness', 'contrast', 'gamma', 'product'])}")
+        op = _mapping_op(str(key))
+        # Through the name, so that a mapping and a list of names give the same canonical views.
+        return [view_from_name(f"{op.prefix}_{float(v):g}") for v in values]
     raise ValueError(f"a view is a name, a list or a one-key mapping, got {item!r}")
 
 
