@@ -74,7 +74,7 @@ def kernel_demo_images(tmp_path_factory) -> Path:
 def _image_site(dest: Path) -> Path:
     """A folder of symlinks to the system's copies of IMAGE_DISTS and their dependencies only."""
     dest.mkdir()
-    pins, _ = kernel._pin_closure([(d, "image") for d in IMAGE_DISTS], [], kernel._Target.of(None))  # extras and markers as pip sees them
+    pins, _ = kernel.pin_closure([(d, "image") for d in IMAGE_DISTS], [], kernel.resolve_target(None))  # extras and markers as pip sees them
     for dist in map(md.distribution, pins):
         base = Path(dist.locate_file(""))
         tops = {Path(str(f)).parts[0] for f in dist.files or [] if not str(f).startswith("..")}
@@ -229,13 +229,12 @@ def test_notebook_runs_offline_from_the_bundle_and_matches_kaggle_tta_run(kernel
 def _bundle_without_wheels(pipeline: Path, out: Path, **opts) -> tuple[Path, Path]:
     """The dataset and kernel folders as `kaggle-tta kernel` writes them, minus the wheels."""
     o = kernel.KernelOptions(out=out, owner="tester", **opts)
-    col = kernel._Collector(load_pipeline(pipeline), yaml.safe_load(pipeline.read_text()), o, pipeline)
-    col.collect()
+    col = kernel.collect_files(load_pipeline(pipeline), yaml.safe_load(pipeline.read_text()), o, pipeline)
     own = out / "kaggle_tta-0.1.0-py3-none-any.whl"  # never installed: this test skips the pip cell
     own.parent.mkdir(parents=True)
     own.write_bytes(b"")
-    kernel._write_dataset(out / "dataset", col, own, {}, ["torch", "torchvision"], o, REPO, kernel._Target.of(None))
-    kernel._write_kernel(out / "kernel", col, o, REPO)
+    kernel.write_dataset(out / "dataset", col, own, {}, ["torch", "torchvision"], o, REPO, kernel.resolve_target(None))
+    kernel.write_kernel(out / "kernel", col, o, REPO)
     return out / "dataset", out / "kernel"
 
 
@@ -281,7 +280,7 @@ def test_notebook_runs_the_segmentation_and_detection_examples(tmp_path, monkeyp
     from kaggle_tta.demo.generate import write_split
 
     images = tmp_path / "demo" / "test"
-    write_split(images, 12, seed=7)
+    write_split(images, 12, seed=7, size=64)
     raw = yaml.safe_load((REPO / "examples" / f"{example}.yaml").read_text())
     raw["data"]["folder"] = str(images)
     if example == "segmentation":
@@ -359,11 +358,9 @@ def test_competition_data_must_come_from_the_competition(kernel_demo_images, tmp
     assert not (tmp_path / "out").exists()
 
 
-def _collect(pipeline: Path, **opts) -> kernel._Collector:
+def _collect(pipeline: Path, **opts) -> kernel.Collector:
     cfg = load_pipeline(pipeline)
-    col = kernel._Collector(cfg, yaml.safe_load(pipeline.read_text()), kernel.KernelOptions(out=pipeline.parent / "out", **opts), pipeline)
-    col.collect()
-    return col
+    return kernel.collect_files(cfg, yaml.safe_load(pipeline.read_text()), kernel.KernelOptions(out=pipeline.parent / "out", **opts), pipeline)
 
 
 def test_data_under_data_root_is_read_from_the_competition(kernel_demo_images, tmp_path):
@@ -418,6 +415,102 @@ def test_glob_csv_classes_file_and_factory_module_are_bundled(kernel_demo_images
     col = _collect(pipeline)
     assert col.raw["data"]["csv"] == {"path": "data/list.csv", "path_column": "file", "root": "data/root"}
     assert sorted(col.tree_files) == ["code/helpers.py", "data/list.csv", *(f"data/root/sub/img_{i:05d}.png" for i in range(3))]
+
+
+def _marked_schema_fields() -> set[tuple[str, str]]:
+    """(section, field) of every field the schema marks with config.Bundle, found from the models."""
+    import typing
+
+    from pydantic import BaseModel
+
+    from kaggle_tta.config import Bundle, PipelineConfig
+
+    out, todo, seen = set(), [PipelineConfig], set()
+    while todo:
+        model = todo.pop()
+        seen.add(model)
+        for name, f in model.model_fields.items():
+            if any(isinstance(m, Bundle) for m in f.metadata):
+                out.add((model.__name__, name))
+            stack = [f.annotation]
+            while stack:
+                t = stack.pop()
+                if isinstance(t, type) and issubclass(t, BaseModel) and t not in seen:
+                    todo.append(t)
+                stack += typing.get_args(t)
+    return out
+
+
+def _section_of(cfg, loc: tuple) -> str:
+    node = cfg
+    for part in loc[:-1]:
+        node = node[part] if isinstance(part, int) else getattr(node, part)
+    return type(node).__name__
+
+
+def _at(raw, loc: tuple):
+    for part in loc:
+        raw = raw[part]
+    return raw
+
+
+def test_the_bundle_walks_every_path_field_the_schema_marks(kernel_demo_images, tmp_path):
+    """Every field config.bundled_fields yields is bundled and rewritten, with no field named in
+    kaggle_tta.kernel: these pipelines set every marked field of the schema between them (a new
+    marked field fails here until a pipeline below sets it)."""
+    from kaggle_tta.config import bundled_fields
+
+    images = kernel_demo_images
+    (tmp_path / "classes.txt").write_text("circle\nsquare\ntriangle\ncross\n")
+    (tmp_path / "aug.json").write_text(json.dumps({"transform": {"__class_fullname__": "Compose", "transforms": []}}))
+    (tmp_path / "factory.bin").write_bytes(b"x")
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "boxes.csv").write_text("id,x1,y1,x2,y2,label\n")
+    listing = "id,file\n" + "".join(f"x{i},img_{i:05d}.png\n" for i in range(3))
+    (tmp_path / "list.csv").write_text(listing)
+    beside = tmp_path / "beside"  # a CSV beside its images: an unset root defaults to its folder
+    shutil.copytree(images, beside / "test")
+    (beside / "test" / "list.csv").write_text(listing)
+    truth = {"labels": {"path": str(images / "labels.csv")}, "masks": {"folder": str(tmp_path / "masks")}, "boxes": {"path": str(tmp_path / "boxes.csv")}}
+    sources = {
+        "csv": {"csv": {"path": str(tmp_path / "list.csv"), "path_column": "file", "root": str(images)}},
+        "csv, root unset": {"csv": {"path": str(beside / "test" / "list.csv"), "path_column": "file"}},
+        "folder": {"folder": str(images)},
+        "glob": {"glob": f"{images}/img_0000*.png"},
+    }
+    covered = set()
+    for label, source in sources.items():
+        raw = {
+            "data": {**source, "classes_file": str(tmp_path / "classes.txt"), **truth},
+            "cache": {"dir": str(tmp_path / "cache")},
+            "members": [
+                {"name": "resnet", "arch": "test_resnet", "checkpoint": str(REPO / "kaggle_tta/demo/weights/test_resnet.safetensors"),
+                 "preprocess": {"albumentations": str(tmp_path / "aug.json")}},
+                {"name": "inv", "factory": "helpers:invariant_model", "kwargs": {"num_classes": 4, "path": str(tmp_path / "factory.bin")},
+                 "checkpoint": str(REPO / "kaggle_tta/demo/weights/test_efficientnet.safetensors")},
+            ],
+            "blends": [{"name": "ens", "inputs": ["resnet", "inv"]}],
+            "submission": {"path": str(tmp_path / "submission.csv")},
+        }
+        pipeline = tmp_path / "pipeline.yaml"
+        pipeline.write_text(yaml.safe_dump(raw, sort_keys=False))
+        cfg = load_pipeline(pipeline)
+        fields = list(bundled_fields(cfg))
+        assert len(fields) == (11 if label == "csv" else 10), (label, [loc for loc, _, _ in fields])  # csv: its path and root
+        covered |= {(_section_of(cfg, loc), loc[-1]) for loc, _, _ in fields}
+        # The walk: every marked field, the factory's path kwarg and module, an unset root as its CSV's folder.
+        walked = kernel.list_marked(cfg)
+        extra = [("members", 1, "kwargs", "path"), ("members", 1, "factory")] + ([("data", "csv", "root")] if label == "csv, root unset" else [])
+        assert len(walked) == len(fields) + len(extra) and {e.loc for e in walked} == {loc for loc, _, _ in fields} | set(extra), label
+        col = kernel.collect_files(cfg, yaml.safe_load(pipeline.read_text()), kernel.KernelOptions(out=tmp_path / "out"), pipeline)
+        shipped = {*col.files, *(n.split("/")[0] for n in [*col.trees, *col.tree_files])}
+        for loc, value, _ in fields:  # each rewritten in place: a dataset path, or /kaggle/working for the outputs
+            new = _at(col.raw, loc)
+            assert new != str(value) and (new.startswith("/kaggle/working/") or new.split("/")[0] in shipped), (label, loc, new)
+        assert col.raw["members"][1]["kwargs"] == {"num_classes": 4, "path": "factory.bin"} and col.code_modules == ["helpers"]
+        if label == "csv, root unset":
+            assert col.raw["data"]["csv"] == {"path": "data/list.csv", "path_column": "file", "root": "data/test"}
+    assert covered == _marked_schema_fields(), "set the marked fields missing from the pipelines above"
 
 
 def test_notebook_template_is_a_papermill_notebook_without_magics():

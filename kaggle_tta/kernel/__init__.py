@@ -1,0 +1,103 @@
+"""The offline Kaggle bundle: ``kaggle-tta kernel PIPELINE --out DIR``.
+
+Kaggle runs code-competition notebooks with the internet off, so everything a run needs must
+come from attached inputs. This builds two folders, ready for the ``kaggle`` CLI:
+
+- ``DIR/dataset``: a Kaggle dataset holding, flat at its top level, the wheels of kaggle_tta
+  and of every dependency the Kaggle image lacks, the checkpoints and other files the pipeline
+  references, the pipeline rewritten with paths relative to the dataset,
+  ``kaggle_tta_bundle.json`` (what the notebook needs to know) and ``dataset-metadata.json``.
+  Test data is bundled (under ``data/``) only when there is no competition to read it from.
+- ``DIR/kernel``: the notebook ``kernels/kaggle_tta_inference.ipynb`` with its parameters cell
+  filled in, and ``kernel-metadata.json`` with ``enable_internet: false`` written out
+  (Kaggle's API turns the internet on when the key is absent).
+
+Everything is checked, and every wheel found or fetched, before DIR is touched: a missing
+checkpoint, a file that cannot be bundled or a dependency without a wheel raises a
+KaggleTTAError naming it and leaves no half-built bundle. Nothing is uploaded; the only network
+use is pip asking the package index for wheels missing from the wheel cache.
+
+The package: ``options`` (what is asked, what is reported, KernelError), ``bundle`` (the files
+the pipeline references, found by walking the schema's path marks, and the YAML rewritten to
+match), ``wheels`` (which versions, for which interpreter, fetched or built), ``write`` (the
+dataset and kernel folders, from the templates in ``kernels/``) and ``build`` (all of it, in
+order). Importing this module stays light: the CLI builds every subcommand's parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from kaggle_tta.kernel.build import build_bundle
+from kaggle_tta.kernel.bundle import Collector, collect_files, list_marked
+from kaggle_tta.kernel.options import (
+    DEFAULT_EXCLUDES,
+    MANIFEST,
+    NOTEBOOK,
+    PACKAGE,
+    BundleReport,
+    KernelError,
+    KernelOptions,
+    default_wheel_cache,
+)
+from kaggle_tta.kernel.wheels import Target, pin_closure, resolve_target
+from kaggle_tta.kernel.write import write_dataset, write_kernel
+
+__all__ = [
+    "DEFAULT_EXCLUDES", "MANIFEST", "NOTEBOOK", "PACKAGE", "BundleReport", "Collector", "KernelError", "KernelOptions", "Target",
+    "add_arguments", "build_bundle", "collect_files", "default_wheel_cache", "list_marked", "pin_closure", "resolve_target", "run",
+    "write_dataset", "write_kernel",
+]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``kernel`` subcommand's arguments (cheap: the CLI builds every parser)."""
+    p.add_argument("pipeline", help="path of pipeline.yaml")
+    p.add_argument("--out", default="build/kaggle", help="output folder; gets dataset/ and kernel/ (default: build/kaggle)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a YAML value before bundling (repeatable)")
+    p.add_argument("--owner", "--username", dest="owner", default=None, help="Kaggle user owning the dataset and kernel (default: $KAGGLE_USERNAME)")
+    p.add_argument("--dataset-slug", default="kaggle-tta-bundle", help="slug of the dataset (default: kaggle-tta-bundle)")
+    p.add_argument("--kernel-slug", default="kaggle-tta-inference", help="slug of the notebook kernel (default: kaggle-tta-inference)")
+    p.add_argument("--competition", default=None, help="competition slug: attached to the kernel; its data is read from /kaggle/input")
+    p.add_argument(
+        "--data-root", type=Path, default=None,
+        help="local copy of the competition data: data paths under it are read from the competition's folder on Kaggle",
+    )
+    p.add_argument("--bundle-data", action="store_true", help="ship the test data in the dataset even with --competition (default: only without one)")
+    p.add_argument("--enable-gpu", action=argparse.BooleanOptionalAction, default=False, help="request a GPU for the kernel (default: no)")
+    p.add_argument("--time-limit-hours", type=float, default=9.0, help="run-time limit the notebook checks its estimate against (default: 9)")
+    p.add_argument(
+        "--wheel-exclude", action="append", default=[], metavar="PATTERN",
+        help=f"also leave these distributions to the Kaggle image (fnmatch, repeatable; always: {', '.join(DEFAULT_EXCLUDES)})",
+    )
+    p.add_argument("--extra-wheel", action="append", default=[], metavar="DIST", help="also bundle this installed distribution and what it needs (repeatable)")
+    p.add_argument(
+        "--wheel-cache", type=Path, default=None,
+        help="folder keeping downloaded wheels between builds (default: $KAGGLE_TTA_WHEEL_CACHE or ~/.cache/kaggle-tta/wheels; '' for none)",
+    )
+    p.add_argument("--python-version", default=None, metavar="X.Y", help="build for another CPython on Kaggle's manylinux x86_64 (default: this interpreter)")
+
+
+
+def run(args: argparse.Namespace) -> None:
+    """The CLI entry: builds the bundle and prints what to upload."""
+    cache = args.wheel_cache
+    opts = KernelOptions(
+        out=Path(args.out), overrides=args.set, owner=args.owner, dataset_slug=args.dataset_slug, kernel_slug=args.kernel_slug,
+        competition=args.competition, data_root=args.data_root, bundle_data=args.bundle_data, enable_gpu=args.enable_gpu,
+        time_limit_hours=args.time_limit_hours, wheel_exclude=args.wheel_exclude, extra_wheels=args.extra_wheel,
+        wheel_cache=default_wheel_cache() if cache is None else (None if str(cache) in ("", ".") else cache),
+        python_version=args.python_version,
+    )
+    rep = build_bundle(Path(args.pipeline), opts)
+    print(f"kernel: {rep.dataset_dir}: {len(rep.wheels)} wheels and {len(rep.files)} bundled file(s) or folder(s) ({rep.size_bytes / 1e6:.0f} MB)")
+    print(f"kernel: left to the Kaggle image: {', '.join(rep.excluded) or 'nothing'}")
+    print(f"kernel: {rep.kernel_dir}: {NOTEBOOK} and kernel-metadata.json (internet off, GPU {'on' if opts.enable_gpu else 'off'})")
+    if rep.owner_is_placeholder:
+        print("kernel: owner is a placeholder: pass --owner (or set KAGGLE_USERNAME) before uploading")
+    mode = " --dir-mode zip" if rep.subfolders else ""
+    print("upload with the kaggle CLI (internet on this machine):")
+    print(f"  kaggle datasets create -p {rep.dataset_dir}{mode}   # later: kaggle datasets version -p {rep.dataset_dir}{mode} -m 'new weights'")
+    print(f"  kaggle kernels push -p {rep.kernel_dir}")
+
