@@ -11,12 +11,14 @@ objects (RunStats, BlendResult, RunResult), not only files::
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
 import polars as pl
 
+from kaggle_tta.cache import DamagedView
 from kaggle_tta.dag import MemberSource, check_complete
 from kaggle_tta.config import PipelineConfig, load_pipeline
 from kaggle_tta.plan import Plan, build_plan, find_entry, resolve_device, resolve_precision
@@ -92,10 +94,17 @@ def blend(pipeline: Pipeline, overrides: list[str] | None = None, computed: str 
 
 
 def run(pipeline: Pipeline, overrides: list[str] | None = None, progress: bool = True, fill_hint: str = "PIPELINE") -> RunResult:
-    """``infer`` then ``blend`` on what it computed."""
+    """``infer`` then ``blend`` on what it computed. A cached view found damaged while
+    blending (its checksum, non-finite values) is marked, recomputed and blended again."""
     plan = plan_of(pipeline, overrides)
     stats = infer(plan, progress=progress)
-    return RunResult(stats, blend(plan, computed=stats.precision, fill_hint=fill_hint))
+    try:
+        return RunResult(stats, blend(plan, computed=stats.precision, fill_hint=fill_hint))
+    except DamagedView as exc:
+        print(f"kaggle-tta: {exc.entry.path(exc.view)}: damaged ({exc.reason}); recomputing it", file=sys.stderr, flush=True)
+    again = infer(plan, progress=progress)
+    again.recomputed_damaged = True
+    return RunResult(again, blend(plan, computed=again.precision, fill_hint=fill_hint))
 
 
 def sources_for(plan: Plan, pipeline_arg: str = "PIPELINE", computed: str | None = None) -> list[MemberSource]:
@@ -118,8 +127,11 @@ def blend_plan(plan: Plan, sources: list[MemberSource]) -> BlendResult:
     cfg, task = plan.cfg, plan.task
     check_complete(sources, plan.testset.ids, sizes=task.stores_image_sizes)
     has_identity = all("identity" in s.views for s in sources)
-    sizes = sources[0].entry.read_sizes() if task.stores_image_sizes else None  # type: ignore[union-attr]
-    out = task.blend(plan, sources, sizes, has_identity)
+    try:
+        sizes = sources[0].entry.read_sizes() if task.stores_image_sizes else None  # type: ignore[union-attr]
+        out = task.blend(plan, sources, sizes, has_identity)
+    except DamagedView as exc:  # marked: the next infer recomputes it; say which command
+        raise DamagedView(exc.entry, exc.view, exc.reason, sources[0].fill_hint) from None
     out_path = cfg.resolve(cfg.submission.path)
     write_submission(out.table, out_path)
     result = BlendResult(str(out_path), cfg.submission_source, metrics=out.metrics if out.tta else [], n_rows=out.table.height, table=out.table)

@@ -94,17 +94,59 @@ def cmd_cache_ls(args: argparse.Namespace) -> None:
 
 
 def cmd_cache_prune(args: argparse.Namespace) -> None:
+    """Removes this pipeline's members' entries under other fingerprints. Entries of other
+    members are never touched, and one that another existing pipeline file recorded using
+    (a member of the same name) is kept unless --force."""
     from kaggle_tta.cache import list_entries, remove_entry
     from kaggle_tta.plan import build_plan
 
     plan = build_plan(_load(args))
-    current = _current(plan)
-    removed = 0
-    for member, fp, _ in list_entries(plan.cache_root):
-        if (member, fp) not in current:
+    current, mine = _current(plan), {m.name for m in plan.members}
+    me = str(plan.cfg.source) if getattr(plan.cfg, "source", None) else None
+    verb = "would remove" if args.dry_run else "removed"
+    removed = kept = others = 0
+    for member, fp, man in list_entries(plan.cache_root):
+        if member not in mine:
+            others += 1
+            continue
+        if (member, fp) in current:
+            continue
+        users = [p for p in man.get("used_by", {}) if p != me and Path(p).is_file()]
+        if users and not args.force:
+            print(f"kept {member}/{fp}: used by {', '.join(users)} (--force removes it)")
+            kept += 1
+            continue
+        if not args.dry_run:
             remove_entry(plan.cache_root, member, fp)
-            removed += 1
-    print(f"removed {removed} stale entr{'y' if removed == 1 else 'ies'} from {plan.cache_root}")
+        print(f"{verb} {member}/{fp}")
+        removed += 1
+    note = f"; {others} entr{'y' if others == 1 else 'ies'} of other members left alone" if others else ""
+    print(f"{verb} {removed} stale entr{'y' if removed == 1 else 'ies'} from {plan.cache_root}, kept {kept}{note}")
+
+
+def cmd_cache_verify(args: argparse.Namespace) -> None:
+    """Reads every cached view of the pipeline whole (checksum, shape, finite values)."""
+    from kaggle_tta.cache import CacheEntry
+    from kaggle_tta.errors import CacheError
+    from kaggle_tta.plan import build_plan
+
+    plan = build_plan(_load(args))
+    bad, checked = [], 0
+    print("| member | fingerprint | view | state |")
+    print("|---|---|---|---|")
+    for m in plan.members:
+        for p in ("fp32", "bf16", "fp16"):
+            if not (plan.cache_root / m.name / m.fingerprint(p)).is_dir():
+                continue
+            entry = CacheEntry(plan.cache_root, m.name, m.fingerprint(p), m.inputs)
+            for view, why in entry.verify_all([v.name for v in m.views], plan.task.stores_image_sizes).items():
+                checked += 1
+                print(f"| {m.name} | {entry.fingerprint} | {view} | {'ok' if why is None else 'damaged: ' + why} |")
+                if why is not None:
+                    bad.append(f"{m.name}/{entry.fingerprint}/{view} ({why})")
+    if bad:
+        raise CacheError(f"{len(bad)} damaged: {'; '.join(bad)}; marked for recomputing — run 'kaggle-tta infer {args.pipeline}'")
+    print(f"cache: {checked} view(s) verified, none damaged")
 
 
 def cmd_demo_data(args: argparse.Namespace) -> None:
@@ -120,7 +162,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str, bool]] = {
     "infer": (cmd_infer, "fill the cache only", True),
     "blend": (cmd_blend, "blend from the cache and write the submission (builds no model, reads no image)", False),
     "cache ls": (cmd_cache_ls, "list cache entries: current or stale, views, rows, seconds", False),
-    "cache prune": (cmd_cache_prune, "delete cache entries the pipeline no longer uses", False),
+    "cache prune": (cmd_cache_prune, "delete this pipeline's members' stale entries (--dry-run lists them)", False),
+    "cache verify": (cmd_cache_verify, "read every cached view whole: checksum, shape, finite values; mark damage", False),
 }
 
 
@@ -145,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a YAML value (repeatable), e.g. runtime.precision=fp32")
         if bar:
             p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+        if name == "cache prune":
+            p.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+            p.add_argument("--force", action="store_true", help="also remove entries another pipeline file recorded using")
         p.set_defaults(func=fn)
     d = sub.add_parser(
         "demo-data",

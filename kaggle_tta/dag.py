@@ -38,7 +38,8 @@ def check_complete(sources: Sequence[MemberSource], ids: Sequence[str], sizes: b
     ``sizes``, each entry's image sizes must be complete too."""
     missing = []
     for s in sources:
-        lacking = [v for v in s.views if s.entry is None or not s.entry.is_complete(v)]
+        why = {v: "not computed" if s.entry is None else s.entry.lacks(v) for v in s.views}
+        lacking = [v if w in ("not computed", None) else f"{v} ({w})" for v, w in why.items() if w is not None]
         if sizes and (s.entry is None or not s.entry.sizes_complete()):
             lacking.append("image sizes")
         if lacking:
@@ -54,11 +55,12 @@ def member_prediction(
     s: MemberSource, lo: int, hi: int, views: Sequence[str] | None = None, transform: Callable[[np.ndarray, str], np.ndarray] | None = None
 ) -> Prediction:
     """Merges a member's cached views (all of them, or the given subset) for rows ``lo:hi``
-    (sliced from the memory-mapped files: only those rows are read), each first passed
+    (sliced from the memory-mapped files: only those rows are read, and verified as they
+    stream: see CacheEntry.rows), each first passed
     through ``transform(values, activation)`` where given (segmentation: uint8 -> logits)."""
     assert s.entry is not None
     names = list(views) if views is not None else list(s.views)
-    arrays = (s.entry.read(v)[lo:hi] for v in names)
+    arrays = (s.entry.rows(v, lo, hi) for v in names)
     if transform is not None:
         arrays = (transform(a, s.activation) for a in arrays)
     return reduce_views(s.merge, arrays, s.activation)

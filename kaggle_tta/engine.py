@@ -10,13 +10,14 @@ manifest, so a run killed at any moment resumes from the last committed batch.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
-from kaggle_tta.cache import CacheEntry
+from kaggle_tta.cache import CacheEntry, locked
 from kaggle_tta.data import make_loader
 from kaggle_tta.errors import DataError
 from kaggle_tta.forward import ChunkSizer, MemberWork, Runner, layout_candidates, sizes_text
@@ -41,6 +42,7 @@ class RunStats:
     images: int
     rows_computed: int = 0
     seconds: float = 0.0
+    recomputed_damaged: bool = False  # a view found damaged while blending was recomputed
     members: dict[str, MemberStats] = field(default_factory=dict)
 
     @property
@@ -53,11 +55,16 @@ class RunStats:
         return all(not m.views_computed for m in self.members.values())
 
 
-def _pending(plan: Plan, precision: str, stats: RunStats) -> list[MemberWork]:
-    """Each member with views (or image sizes) still missing from its entry."""
+def _pending(plan: Plan, precision: str, stats: RunStats, locked_: bool = True) -> list[MemberWork]:
+    """Each member with views (or image sizes) still missing from its entry. Holding the
+    locks (``locked_``), it also sweeps what killed runs left and records the pipeline's use."""
     out = []
     for m in plan.members:
         entry = CacheEntry(plan.cache_root, m.name, m.fingerprint(precision), m.inputs)
+        if locked_:
+            entry.sweep()  # no one else writes here while the lock is held
+            if entry.mark_used(str(plan.cfg.source) if getattr(plan.cfg, "source", None) else None) and entry.manifest_path.is_file():
+                entry.save()
         ms = stats.members[m.name] = MemberStats(m.name)
         todo = [v for v in m.views if not entry.is_complete(v.name)]
         ms.views_cached = [v.name for v in m.views if entry.is_complete(v.name)]
@@ -67,7 +74,22 @@ def _pending(plan: Plan, precision: str, stats: RunStats) -> list[MemberWork]:
 
 
 def run_inference(plan: Plan, device: torch.device, precision: str, progress: bool = True) -> RunStats:
-    """Fills the cache for every (member, view) of the plan that is not complete."""
+    """Fills the cache for every (member, view) of the plan that is not complete, holding
+    each member's entry lock meanwhile: a second run on the same cache waits, then computes
+    only what the first left missing."""
+    if not _pending(plan, precision, RunStats(str(device), precision, len(plan.testset)), locked_=False):
+        # all complete: nothing to write, so no lock (a cache on a read-only mount re-runs)
+        return _run_locked(plan, device, precision, progress, holding=False)
+    dirs = [plan.cache_root / m.name / m.fingerprint(precision) for m in plan.members]
+
+    def waiting(folder) -> None:
+        print(f"kaggle-tta: waiting for another run writing {folder}", file=sys.stderr, flush=True)
+
+    with locked(dirs, waiting):
+        return _run_locked(plan, device, precision, progress)
+
+
+def _run_locked(plan: Plan, device: torch.device, precision: str, progress: bool, holding: bool = True) -> RunStats:
     cfg, task = plan.cfg, plan.task
     rt = cfg.runtime
     n = len(plan.testset)
@@ -75,7 +97,7 @@ def run_inference(plan: Plan, device: torch.device, precision: str, progress: bo
     workers, threads = resolve_workers(rt.workers, device, rt.threads)
     if threads:
         torch.set_num_threads(threads)
-    pending = _pending(plan, precision, stats)
+    pending = _pending(plan, precision, stats, holding)
     if not pending:
         return stats
 

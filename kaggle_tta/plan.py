@@ -19,7 +19,7 @@ from kaggle_tta import cache as cache_mod
 from kaggle_tta.config import MemberConfig, PipelineConfig, load_classes
 from kaggle_tta.data import CanvasSpec, TestSet, list_test_set
 from kaggle_tta.errors import CheckpointError, ConfigError
-from kaggle_tta.models import Preprocess, file_digest, resolve_preprocess
+from kaggle_tta.models import Preprocess, resolve_preprocess
 from kaggle_tta.tasks import TASKS, Task, choose, find_task
 from kaggle_tta.views import View, parse_tta
 
@@ -105,7 +105,7 @@ def build_plan(cfg: PipelineConfig) -> Plan:
     testset = list_test_set(cfg)
     cache_root = cfg.resolve(cfg.cache.dir)
     memo = cache_root / ".digests"
-    tfp = testset.fingerprint()
+    tfp = cache_mod.files_digest(testset.ids, testset.paths, memo)
     members = []
     for m in cfg.members:
         pre = resolve_preprocess(cfg, m, default_size=task.input_size(cfg, m))
@@ -115,7 +115,7 @@ def build_plan(cfg: PipelineConfig) -> Plan:
             path = cfg.resolve(m.checkpoint)
             if not path.is_file():
                 raise CheckpointError(f"members.{m.name}.checkpoint: {path} not found; run 'make demo-weights' or fix the path")
-            ckpt = file_digest(path, memo)
+            ckpt = cache_mod.content_digest(path, memo)
         elif m.arch:
             raise ConfigError(f"members.{m.name}.checkpoint: a timm member needs its trained weights (a .safetensors or torch state dict)")
         act = task.activation(cfg, m, len(classes))
@@ -126,6 +126,7 @@ def build_plan(cfg: PipelineConfig) -> Plan:
             "factory": m.factory,
             "kwargs": _jsonable(m.kwargs),
             "checkpoint_sha256": ckpt,
+            "factory_source_sha256": factory_digest(m, memo),
             "num_classes": len(classes),
             "preprocess": _jsonable(pre.__dict__),
             "testset": tfp,
@@ -139,6 +140,27 @@ def build_plan(cfg: PipelineConfig) -> Plan:
     plan = Plan(cfg, task, classes, testset, members, cache_root)
     task.check_plan(plan)
     return plan
+
+
+def factory_digest(m: MemberConfig, memo: Path) -> str | None:
+    """SHA-256 of the source file of a factory member's module (found, not imported): a
+    factory edited to compute something else is a new entry. Only that file is hashed, not
+    what it imports (README, the cache)."""
+    if m.factory is None:
+        return None
+    import importlib.util
+
+    module = m.factory.partition(":")[0]
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError) as exc:
+        raise ConfigError(f"members.{m.name}.factory: cannot find module '{module}' ({exc}); install it or fix the name") from None
+    if spec is None:
+        raise ConfigError(f"members.{m.name}.factory: no module '{module}'; install it or fix the name (is its folder on PYTHONPATH?)")
+    origin = spec.origin
+    if not origin or not Path(origin).is_file():
+        return None  # a built-in or namespace module: no source file to hash
+    return cache_mod.content_digest(origin, memo)
 
 
 def _jsonable(x: Any) -> Any:

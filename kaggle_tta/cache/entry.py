@@ -1,0 +1,431 @@
+"""One member's cached predictions under one fingerprint: views, image sizes, ids, manifest.
+
+A view's file is preallocated under ``.partial`` (blocks reserved), filled as batches finish,
+flushed, and only then counted in the manifest (``rows_done``); when all rows are in (and
+counted) its CRC-32 is recorded and it is renamed into place, and a kill between that rename
+and the next manifest save is recovered on load. The manifest is replaced atomically, so a
+run killed at any moment leaves either the old or the new manifest and resumes from
+``rows_done``.
+
+Readers take only views the manifest marks complete whose file is intact (its header,
+shape and dtype as recorded). Blocks read in order are checked as they stream: non-finite
+values, and at the last row the CRC-32, are damage (:class:`DamagedView`); a damaged view is
+marked in the manifest, so the next run recomputes it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kaggle_tta.cache.files import (
+    RAGGED_WIDTH,
+    RaggedWriter,
+    atomic_write_bytes,
+    data_crc,
+    open_dense,
+    writing,
+)
+from kaggle_tta.cache.lock import locked
+from kaggle_tta.errors import CacheError
+
+FORMAT_VERSION = 2  # 2: content fingerprints, ids.json, a CRC-32 per view
+# Each image's decoded (H, W): data of the entry, read and written through its own methods
+# (sizes_complete, open_sizes, write_sizes, read_sizes). It rides on the views' machinery
+# (a preallocated .partial, rows counted in the manifest, renamed when complete) under this
+# reserved name, which no view can have; nothing outside this module sees it as a view.
+SIZES = "_image_size"
+
+
+class DamagedView(CacheError):
+    """A complete view whose file no longer holds what was written."""
+
+    def __init__(self, entry: CacheEntry, view: str, reason: str, hint: str = "kaggle-tta run PIPELINE"):
+        self.entry, self.view, self.reason = entry, view, reason
+        super().__init__(f"{entry.path(view)}: damaged ({reason}); marked for recomputing — run '{hint}' to recompute it")
+
+
+class CacheEntry:
+    """The cached predictions of one member under one fingerprint."""
+
+    def __init__(self, root: Path, member: str, fingerprint: str, inputs: dict[str, Any] | None = None):
+        self.dir = Path(root) / member / fingerprint
+        self.member = member
+        self.fingerprint = fingerprint
+        self.inputs = inputs or {}
+        self.manifest_path = self.dir / "manifest.json"
+        self.manifest = self._load()
+        self._open: dict[str, Any] = {}  # view -> memmap or RaggedWriter, while writing
+        self._streams: dict[str, list[int]] = {}  # view -> [next row, CRC so far], while reading
+
+    # ---- manifest ------------------------------------------------------------------------
+
+    def _load(self) -> dict[str, Any]:
+        if not self.manifest_path.is_file():
+            return {"format_version": FORMAT_VERSION, "member": self.member, "fingerprint": self.fingerprint, "inputs": self.inputs, "views": {}}
+        try:
+            m = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+            if not isinstance(m, dict) or not isinstance(m.get("views"), dict):
+                raise ValueError("not a manifest")
+        except (OSError, ValueError) as exc:
+            raise CacheError(f"{self.manifest_path}: damaged manifest ({exc}); delete {self.dir} to recompute") from None
+        if m.get("format_version") != FORMAT_VERSION:
+            raise CacheError(f"{self.manifest_path}: cache format {m.get('format_version')} is not {FORMAT_VERSION}; delete {self.dir}")
+        for view, st in m["views"].items():
+            if st.get("status") == "partial" and int(st.get("rows_done", 0)) >= int(st.get("rows", -1)) >= 0 and self._renamed(view, st):
+                st["status"] = "complete"  # killed after the rename, before the manifest said so
+        return m
+
+    def _renamed(self, view: str, st: dict[str, Any]) -> bool:
+        """Whether a view whose rows were all counted was already moved into place: `commit`
+        saves the manifest (all rows and the CRC in) before it renames, so a kill between the
+        rename and the next save leaves exactly this."""
+        partial = self.dir / (f"{view}.boxes.partial" if st.get("kind") == "ragged" else f"{view}.npy.partial")
+        return "crc32" in st and not partial.exists() and self._intact(view, st) is None
+
+    def save(self) -> None:
+        self.manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        with writing(self.dir):
+            self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.manifest_path, json.dumps(self.manifest, indent=1, sort_keys=True).encode("utf-8"))
+
+    def view_state(self, view: str) -> dict[str, Any]:
+        return self.manifest["views"].get(view, {})
+
+    def view_states(self) -> dict[str, dict[str, Any]]:
+        """Every view's state (the image sizes are not a view)."""
+        return view_states(self.manifest)
+
+    def path(self, view: str) -> Path:
+        """The file whose presence (with the manifest) marks the view complete."""
+        ragged = self.view_state(view).get("kind") == "ragged"
+        return self.dir / (f"{view}.boxes.npy" if ragged else f"{view}.npy")
+
+    def _intact(self, view: str, st: dict[str, Any]) -> str | None:
+        """Why the view's file is not what the manifest recorded (None: it is): missing,
+        truncated, a bad header, another shape or dtype."""
+        try:
+            if st.get("kind") == "ragged":
+                offsets = np.load(self.dir / f"{view}.offsets.npy", mmap_mode="r")
+                rows = np.load(self.dir / f"{view}.boxes.npy", mmap_mode="r")
+                if offsets.shape != (int(st["rows"]) + 1,) or rows.ndim != 2 or rows.shape[1] != RAGGED_WIDTH or int(offsets[-1]) != rows.shape[0]:
+                    return "its rows and offsets disagree"
+                return None
+            arr = np.load(self.dir / f"{view}.npy", mmap_mode="r")
+        except FileNotFoundError:
+            return "missing"
+        except (OSError, ValueError, EOFError) as exc:
+            return f"unreadable: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        if list(arr.shape) != list(st.get("shape", [])) or arr.dtype != np.dtype(st.get("dtype", "float32")):
+            return f"shape {list(arr.shape)} {arr.dtype}, recorded {st.get('shape')} {st.get('dtype')}"
+        return None
+
+    def is_complete(self, view: str) -> bool:
+        return self.lacks(view) is None
+
+    def lacks(self, view: str) -> str | None:
+        """Why the view cannot be read (not computed, partial, damaged: why), or None."""
+        st = self.view_state(view)
+        status = st.get("status")
+        if status == "damaged":
+            return f"damaged: {st.get('damage', 'unknown')}"
+        if status == "partial":
+            return f"partial: {self.rows_done(view)} of {st['rows']} rows"
+        if status != "complete":
+            return "not computed"
+        why = self._intact(view, st)
+        return None if why is None else f"damaged: {why}"
+
+    def rows_done(self, view: str) -> int:
+        if self.is_complete(view):
+            return int(self.view_state(view)["rows"])
+        st = self.view_state(view)
+        partial = self.dir / (f"{view}.offsets.npy.partial" if st.get("kind") == "ragged" else f"{view}.npy.partial")
+        return int(st.get("rows_done", 0)) if st.get("status") == "partial" and partial.is_file() else 0
+
+    def first_missing(self, views: list[str], sizes: bool = False) -> int:
+        """The first row any of ``views`` (and, with ``sizes``, the image sizes) lacks."""
+        return min(self.rows_done(v) for v in [*views, *([SIZES] if sizes else [])])
+
+    def lock(self, on_wait: Any = None) -> Any:
+        """A context holding this entry's lock (see kaggle_tta.cache.lock)."""
+        return locked([self.dir], on_wait)
+
+    def reload(self) -> None:
+        """Reads the manifest again (after taking the lock: another run may have written)."""
+        self.manifest = self._load()
+
+    # ---- ids -----------------------------------------------------------------------------
+
+    def write_ids(self, ids: list[str]) -> None:
+        """Records the row order once, as JSON (any string round-trips, line breaks too); a
+        different order under the same fingerprint is a bug."""
+        f = self.dir / "ids.json"
+        text = json.dumps(list(ids), ensure_ascii=False)
+        if f.is_file():
+            if self.read_ids() != list(ids):
+                raise CacheError(f"{f}: ids differ from the test set under the same fingerprint; delete {self.dir}")
+            return
+        with writing(self.dir):
+            self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(f, text.encode("utf-8"))
+
+    def read_ids(self) -> list[str]:
+        f = self.dir / "ids.json"
+        try:
+            ids = json.loads(f.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CacheError(f"{f}: missing; the entry is incomplete, run 'kaggle-tta infer' to fill it") from None
+        except (OSError, ValueError) as exc:
+            raise CacheError(f"{f}: damaged ({exc}); delete {self.dir} to recompute") from None
+        return [str(i) for i in ids]
+
+    # ---- writing -------------------------------------------------------------------------
+
+    def open_for_write(self, view: str, shape: tuple[int, ...], dtype: str) -> tuple[np.memmap, int]:
+        """The view's partial file (created or reopened) and the rows already in it."""
+        with writing(self.dir):
+            self.dir.mkdir(parents=True, exist_ok=True)
+        partial = self.dir / f"{view}.npy.partial"
+        start = self.rows_done(view)
+        mm = None
+        if start > 0:
+            try:
+                mm = np.lib.format.open_memmap(partial, mode="r+")
+                if mm.shape != tuple(shape) or mm.dtype != np.dtype(dtype):
+                    mm, start = None, 0
+            except (OSError, ValueError):
+                mm, start = None, 0
+        if mm is None:
+            mm = open_dense(partial, shape, dtype)
+            start = 0
+            self.manifest["views"][view] = {"status": "partial", "rows_done": 0, "rows": int(shape[0]), "shape": list(shape), "dtype": dtype, "seconds": 0.0, "nonfinite_recomputed": 0}
+        self._open[view] = mm
+        return mm, start
+
+    def open_ragged(self, view: str, n: int) -> tuple[RaggedWriter, int]:
+        """A detection view's writer (created or reopened) and the images already in it.
+
+        Rows of ``[x1, y1, x2, y2, score, label]`` (normalized corners) are appended to a raw
+        ``.boxes.partial`` file; ``.offsets.npy.partial`` (preallocated, ``[N + 1]``) says where
+        each image's rows start. On resume the raw file is cut back to the last committed image.
+        """
+        with writing(self.dir):
+            self.dir.mkdir(parents=True, exist_ok=True)
+        start = self.rows_done(view)
+        st = self.view_state(view)
+        offsets_path = self.dir / f"{view}.offsets.npy.partial"
+        raw_path = self.dir / f"{view}.boxes.partial"
+        offsets = None
+        if start > 0 and st.get("kind") == "ragged" and raw_path.is_file():
+            try:
+                offsets = np.lib.format.open_memmap(offsets_path, mode="r+")
+                if offsets.shape != (n + 1,) or raw_path.stat().st_size < int(offsets[start]) * RAGGED_WIDTH * 4:
+                    offsets, start = None, 0
+            except (OSError, ValueError):
+                offsets, start = None, 0
+        if offsets is None:
+            start = 0
+            offsets = open_dense(offsets_path, (n + 1,), "int64")
+            with writing(self.dir):
+                raw_path.write_bytes(b"")
+            self.manifest["views"][view] = {"status": "partial", "kind": "ragged", "rows_done": 0, "rows": int(n), "seconds": 0.0, "nonfinite_recomputed": 0}
+        writer = RaggedWriter(raw_path, offsets, start)
+        self._open[view] = writer
+        return writer, start
+
+    def record(self, view: str, rows_done: int, seconds: float, nonfinite: int = 0) -> None:
+        """Notes progress in memory; `commit` makes it durable."""
+        st = self.manifest["views"][view]
+        st["rows_done"] = int(rows_done)
+        st["seconds"] = float(st.get("seconds", 0.0)) + float(seconds)
+        st["nonfinite_recomputed"] = int(st.get("nonfinite_recomputed", 0)) + int(nonfinite)
+
+    def commit(self) -> None:
+        """Flushes every open view's rows to disk, then the manifest that counts them, then
+        completes the views whose rows are all in (their CRC recorded before they move)."""
+        with writing(self.dir):
+            for mm in self._open.values():
+                mm.flush()
+        done = [v for v in self._open if self.manifest["views"][v]["rows_done"] >= self.manifest["views"][v]["rows"]]
+        for view in done:
+            mm = self._open[view]
+            self.manifest["views"][view]["crc32"] = mm.crc() if isinstance(mm, RaggedWriter) else data_crc(mm)
+        if done:  # all rows counted before any file moves: a kill after a move is recovered on load
+            self.save()
+        for view in done:
+            st = self.manifest["views"][view]
+            mm = self._open.pop(view)
+            with writing(self.dir):
+                if isinstance(mm, RaggedWriter):
+                    mm.finish(self.dir / f"{view}.boxes.npy", self.dir / f"{view}.offsets.npy")
+                else:
+                    del mm
+                    (self.dir / f"{view}.npy.partial").replace(self.dir / f"{view}.npy")
+            st["status"] = "complete"
+        self.save()
+
+    def close(self) -> None:
+        for mm in self._open.values():
+            try:
+                mm.flush()
+            except (OSError, CacheError):
+                pass  # closing after a failure: the manifest never counted what did not reach the disk
+            if isinstance(mm, RaggedWriter):
+                mm.close()
+        self._open.clear()
+
+    def sweep(self) -> None:
+        """Removes what killed runs left (temporaries, partial files of complete views).
+        Call it holding the entry's lock: then no other process writes here."""
+        if not self.dir.is_dir():
+            return
+        for f in self.dir.glob(".*.tmp"):
+            f.unlink(missing_ok=True)
+        for view in self.view_states():
+            if self.is_complete(view):
+                for name in (f"{view}.npy.partial", f"{view}.boxes.partial", f"{view}.offsets.npy.partial"):
+                    (self.dir / name).unlink(missing_ok=True)
+
+    # ---- image sizes ---------------------------------------------------------------------
+
+    def sizes_complete(self) -> bool:
+        return self.is_complete(SIZES)
+
+    def open_sizes(self, n: int) -> int:
+        """Opens the image sizes for writing; returns the first image still missing."""
+        return self.open_for_write(SIZES, (n, 2), "int32")[1]
+
+    def write_sizes(self, first: int, hi: int, values: np.ndarray) -> None:
+        """Stores the (H, W) of images ``first:hi`` and counts them (made durable by commit)."""
+        self._open[SIZES][first:hi] = values
+        self.record(SIZES, hi, 0.0)
+
+    def read_sizes(self) -> np.ndarray:
+        """Every image's decoded (H, W), ``[N, 2]``, verified."""
+        return np.asarray(self.rows(SIZES, 0, int(self.view_state(SIZES)["rows"])))
+
+    # ---- reading -------------------------------------------------------------------------
+
+    def read(self, view: str) -> np.ndarray:
+        """A complete view's predictions, memory-mapped read-only, unverified (see `rows`).
+        Mapped afresh on each call, on purpose: blends slice one block at a time, and a map
+        kept open would keep every page read so far in the process's resident memory
+        (measured: 163 -> 366 MB peak on the quick re-blend, growing with the cache)."""
+        st = self.view_state(view)
+        if st.get("status") != "complete":
+            raise CacheError(f"{self.dir}: view '{view}' is not complete")
+        why = self._intact(view, st)
+        if why is not None:
+            raise self.damaged(view, why)
+        return np.load(self.path(view), mmap_mode="r")
+
+    def rows(self, view: str, lo: int, hi: int) -> np.ndarray:
+        """Rows ``lo:hi`` of a complete view. Blocks read in order from row 0 are verified as
+        they stream: non-finite values, and the CRC-32 once the last row is read."""
+        block = self.read(view)[lo:hi]
+        if lo == 0:
+            self._streams[view] = [0, 0]
+        stream = self._streams.get(view)
+        if stream is None or stream[0] != lo:
+            return block  # a block read again (the identity view without TTA): verified once
+        if block.dtype.kind == "f" and not np.isfinite(block).all():
+            raise self.damaged(view, "non-finite values")
+        stream[0], stream[1] = hi, data_crc(block, stream[1])
+        st = self.view_state(view)
+        if hi >= int(st["rows"]):
+            del self._streams[view]
+            if "crc32" in st and stream[1] != int(st["crc32"]):
+                raise self.damaged(view, "checksum mismatch")
+        return block
+
+    def read_ragged(self, view: str) -> tuple[np.ndarray, np.ndarray]:
+        """A complete detection view, verified: ``(rows [M, 6], offsets [N + 1])``."""
+        rows = self.read(view)
+        offsets = np.load(self.dir / f"{view}.offsets.npy")
+        if not np.isfinite(rows).all():
+            raise self.damaged(view, "non-finite values")
+        st = self.view_state(view)
+        if "crc32" in st and data_crc(offsets, data_crc(rows)) != int(st["crc32"]):
+            raise self.damaged(view, "checksum mismatch")
+        return rows, offsets
+
+    def verify(self, view: str) -> str | None:
+        """Reads a complete view whole; why it is damaged, or None."""
+        try:
+            if self.view_state(view).get("kind") == "ragged":
+                self.read_ragged(view)
+            else:
+                n = int(self.view_state(view)["rows"])
+                for lo in range(0, n, 4096):
+                    self.rows(view, lo, min(n, lo + 4096))
+        except DamagedView as exc:
+            return exc.reason
+        return None
+
+    def verify_all(self, views: list[str], sizes: bool = False) -> dict[str, str | None]:
+        """Each complete view (and, with ``sizes``, the image sizes) read whole: name -> why
+        it is damaged, or None; damaged ones are marked. Views not complete are left out."""
+        names = {**{v: v for v in views}, **({"image sizes": SIZES} if sizes else {})}
+        out: dict[str, str | None] = {}
+        for label, view in names.items():
+            st = self.view_state(view)
+            if st.get("status") == "damaged":
+                out[label] = st.get("damage", "damaged")
+            elif st.get("status") == "complete":
+                why = self._intact(view, st)
+                out[label] = self.damaged(view, why).reason if why else self.verify(view)
+        return out
+
+    def mark_used(self, pipeline: str | None) -> bool:
+        """Records that the pipeline file ``pipeline`` uses this entry (`cache prune` of another
+        pipeline keeps it while that file exists), with the next manifest write; whether it
+        was new."""
+        users = self.manifest.setdefault("used_by", {})
+        if not pipeline or pipeline in users:
+            return False
+        users[pipeline] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        return True
+
+    def damaged(self, view: str, reason: str) -> DamagedView:
+        """Marks a complete view damaged in the manifest (so that the next run recomputes it)
+        and returns the error to raise."""
+        with self.lock():
+            self.reload()
+            st = self.view_state(view)
+            if st.get("status") == "complete":
+                st["status"] = "damaged"
+                st["damage"] = reason
+                self.save()
+        return DamagedView(self, view, reason)
+
+
+def view_states(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The views of a manifest, without the image sizes."""
+    return {v: st for v, st in manifest.get("views", {}).items() if v != SIZES}
+
+
+def list_entries(root: Path) -> list[tuple[str, str, dict[str, Any]]]:
+    """Every (member, fingerprint, manifest) under a cache root."""
+    out: list[tuple[str, str, dict[str, Any]]] = []
+    if not Path(root).is_dir():
+        return out
+    for mdir in sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for fdir in sorted(p for p in mdir.iterdir() if p.is_dir()):
+            f = fdir / "manifest.json"
+            if f.is_file():
+                try:
+                    out.append((mdir.name, fdir.name, json.loads(f.read_text(encoding="utf-8"))))
+                except (OSError, ValueError):
+                    out.append((mdir.name, fdir.name, {"views": {}, "damaged": True}))
+    return out
+
+
+def remove_entry(root: Path, member: str, fingerprint: str) -> None:
+    import shutil
+
+    shutil.rmtree(Path(root) / member / fingerprint, ignore_errors=True)
