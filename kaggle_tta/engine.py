@@ -21,6 +21,7 @@ from kaggle_tta.cache import CacheEntry, locked
 from kaggle_tta.data import make_loader
 from kaggle_tta.errors import DataError
 from kaggle_tta.forward import ChunkSizer, MemberWork, Runner, layout_candidates, sizes_text
+from kaggle_tta import tuning
 from kaggle_tta.models import build_model
 from kaggle_tta.plan import Plan, resolve_workers
 
@@ -100,8 +101,6 @@ def _run_locked(plan: Plan, device: torch.device, precision: str, progress: bool
     pending = _pending(plan, precision, stats, holding)
     if not pending:
         return stats
-
-    layouts = layout_candidates(rt.channels_last, device, precision)
     specs = {w.member.canvas.key: w.member.canvas for w in pending}
 
     def loader(start: int):
@@ -112,13 +111,9 @@ def _run_locked(plan: Plan, device: torch.device, precision: str, progress: bool
     start = min(w.entry.first_missing([v.name for v in w.views], task.stores_image_sizes) for w in pending)
     batches = loader(start)
     opened: list[MemberWork] = []
-    bar = None
+    t0 = time.perf_counter()
     try:
-        for w in pending:  # every model first: a bad checkpoint fails before the cache is touched
-            model = build_model(cfg, w.member.cfg, len(plan.classes)).to(device)
-            # per member: chunk size and layout are the model's own (a resnet and a convnext disagree)
-            sizer = ChunkSizer(rt.forward_batch, rt.batch_size * max(1, len(w.views)), layouts)
-            w.runner = Runner(model, device, precision, sizer, task.post(plan, w.member.cfg), w.member.name)
+        _build_runners(plan, pending, device, precision)
         for w in pending:
             w.entry.write_ids(plan.testset.ids)
             opened.append(w)  # first: files opened before a failure are still closed
@@ -131,24 +126,11 @@ def _run_locked(plan: Plan, device: torch.device, precision: str, progress: bool
         first = min(w.first_row for w in pending)
         if first < start:  # a partial file was unusable: start again from there
             start, batches = first, loader(first)
-        n_views = sum(len(w.views) for w in pending)
-        bar = tqdm(total=n - start, unit="img", desc=f"{len(pending)} member(s), {n_views} view(s)", disable=not progress, dynamic_ncols=True)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            for batch in batches:
-                if batch.error is not None:
-                    raise DataError(batch.error)
-                for w in pending:
-                    task.step(w, batch, plan)
-                for w in pending:
-                    w.entry.commit()
-                stats.rows_computed += batch.hi - batch.lo
-                bar.update(batch.hi - batch.lo)
-                bar.set_postfix_str(f"forward batch {sizes_text([w.runner.sizer.current for w in pending if w.runner])}")
+            _stream(plan, pending, batches, loader, start, stats, progress, device, precision)
     finally:
         del batches  # stops the workers
-        if bar is not None:
-            bar.close()
         for w in opened:
             w.entry.close()
             w.entry.save()
@@ -163,3 +145,58 @@ def _run_locked(plan: Plan, device: torch.device, precision: str, progress: bool
             ms.channels_last = sz.channels_last if sz.layout_settled else None
     stats.seconds = time.perf_counter() - t0
     return stats
+
+
+def _build_runners(plan: Plan, pending: list[MemberWork], device: torch.device, precision: str) -> None:
+    """Every model first: a bad checkpoint fails before the cache is touched. Chunk size and
+    layout are each member's own (a resnet and a convnext disagree); a decision recorded for
+    this member on this machine is reused instead of timing again."""
+    rt = plan.cfg.runtime
+    layouts = layout_candidates(rt.channels_last, device, precision)
+    for w in pending:
+        model = build_model(plan.cfg, w.member.cfg, len(plan.classes)).to(device)
+        sizer = ChunkSizer(rt.forward_batch, rt.batch_size * max(1, len(w.views)), layouts)
+        if sizer.measuring:
+            known = tuning.recall(plan.cache_root, tuning.key(w.member.key, precision, device, rt))
+            if known is not None:
+                sizer = ChunkSizer(known[0], known[0], (known[1],))
+        w.runner = Runner(model, device, precision, sizer, plan.task.post(plan, w.member.cfg), w.member.name)
+
+
+def _stream(plan: Plan, pending: list[MemberWork], batches, loader, start: int, stats: RunStats, progress: bool, device: torch.device, precision: str) -> None:
+    """Batches through every pending member's step, committed as each finishes.
+
+    Rows computed while a member's chunk size or layout is still on trial are not committed:
+    once every trial has decided (or the test set ends), those members rewind to the first
+    such row and compute it again in the decided configuration, so every row of the cache
+    comes from one configuration and two runs give the same numbers.
+    """
+    task, n = plan.task, len(plan.testset)
+    trying = [w for w in pending if w.runner.sizer.measuring]  # type: ignore[union-attr]
+    trial_from: int | None = None
+    n_views = sum(len(w.views) for w in pending)
+    bar = tqdm(total=n - start, unit="img", desc=f"{len(pending)} member(s), {n_views} view(s)", disable=not progress, dynamic_ncols=True)
+    try:
+        while (batch := next(batches, None)) is not None:
+            if batch.error is not None:
+                raise DataError(batch.error)
+            for w in pending:
+                task.step(w, batch, plan)
+            if trying:
+                trial_from = batch.lo if trial_from is None else trial_from
+                if batch.hi < n and any(w.runner.sizer.measuring for w in trying):  # type: ignore[union-attr]
+                    bar.set_postfix_str("timing chunk sizes and layouts")
+                    continue
+                for w in trying:
+                    size, channels_last = w.runner.sizer.decide()  # type: ignore[union-attr]
+                    tuning.remember(plan.cache_root, tuning.key(w.member.key, precision, device, plan.cfg.runtime), size, channels_last)
+                    w.rewind(trial_from)
+                trying, batches = [], loader(trial_from)
+                continue
+            for w in pending:
+                w.entry.commit()
+            stats.rows_computed += batch.hi - batch.lo
+            bar.update(batch.hi - batch.lo)
+            bar.set_postfix_str(f"forward batch {sizes_text([w.runner.sizer.current for w in pending if w.runner])}")
+    finally:
+        bar.close()

@@ -124,6 +124,19 @@ class ChunkSizer:
         """Ends the layout trial on ``channels_last`` (the model cannot take the other)."""
         self.channels_last, self.layouts = channels_last, [channels_last]
 
+    def decide(self) -> tuple[int, bool]:
+        """Ends every trial now (a test set smaller than the trials): the fastest size and
+        layout measured so far, else the ones in use; returns (chunk size, channels_last)."""
+        if self.trials:
+            timed = {s: t for s, t in getattr(self, "timing", {}).items() if t and t[0]}
+            if timed:
+                self.current = min(timed, key=lambda s: timed[s][1] / timed[s][0])
+            self.trials = []
+        if not self.layout_settled:
+            timed_l = {c: t for c, t in self.layout_timing.items() if t[0]}
+            self.settle_layout(min(timed_l, key=lambda c: timed_l[c][1] / timed_l[c][0]) if len(timed_l) == len(self.layouts) else self.layouts[0])
+        return self.current, self.channels_last
+
     def shrink(self, failed: int | None = None) -> None:
         """After out-of-memory on a chunk of ``failed`` inputs: half of it (or of the current size)."""
         self.current = max(1, min(self.current, failed or self.current) // 2)
@@ -341,6 +354,15 @@ class MemberWork:
         """The first row any pending view (or the image sizes) still lacks."""
         starts = list(self.start.values()) + ([self.sizes_from] if self.sizes_from is not None else [])
         return min(starts)
+
+    def rewind(self, row: int) -> None:
+        """Makes every view compute rows from ``row`` on again (rows computed while the chunk
+        size or layout was still on trial: recomputed in the decided one, so that every row
+        of a run comes from one configuration)."""
+        for v in self.views:
+            if self.start[v.name] > row:
+                self.start[v.name] = row
+                self.store[v.name] = self.entry.rewind(v.name, row)
 
     def todo(self, lo: int, hi: int) -> list[tuple[Any, int]]:
         """(view, first missing row) for each pending view lacking rows of ``lo:hi``."""

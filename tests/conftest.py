@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,9 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py holds test factories
+# Forward-tuning decisions (kaggle_tta.tuning) go to a store of this test session's, not to
+# the user's ~/.cache: every session times afresh, and tests never see a developer's records.
+os.environ["KAGGLE_TTA_TUNING_DIR"] = tempfile.mkdtemp(prefix="kaggle-tta-tuning-")
 
 CLASSES = ["circle", "square", "triangle", "cross"]
 N_IMAGES = 24

@@ -245,6 +245,16 @@ class CacheEntry:
         st["seconds"] = float(st.get("seconds", 0.0)) + float(seconds)
         st["nonfinite_recomputed"] = int(st.get("nonfinite_recomputed", 0)) + int(nonfinite)
 
+    def rewind(self, view: str, rows_done: int) -> Any:
+        """Counts only rows before ``rows_done`` (in memory; the rest are written again) and
+        returns the view's open file (a ragged writer is reopened there)."""
+        st = self.manifest["views"][view]
+        st["rows_done"] = min(int(st["rows_done"]), int(rows_done))
+        store = self._open[view]
+        if isinstance(store, RaggedWriter):
+            store = self._open[view] = store.reopen(st["rows_done"])
+        return store
+
     def commit(self) -> None:
         """Flushes every open view's rows to disk, then the manifest that counts them, then
         completes the views whose rows are all in (their CRC recorded before they move)."""

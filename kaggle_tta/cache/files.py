@@ -173,6 +173,12 @@ class RaggedWriter:
     def close(self) -> None:
         self._f.close()
 
+    def reopen(self, start: int) -> RaggedWriter:
+        """This view's writer from image ``start`` on (later rows dropped)."""
+        self.flush()
+        self._f.close()
+        return RaggedWriter(self.raw_path, self.offsets, start)
+
     def _rows(self) -> np.ndarray:
         return np.fromfile(self.raw_path, dtype=np.float32).reshape(-1, RAGGED_WIDTH)
 
