@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from kaggle_tta.cache import CacheEntry, locked
 from kaggle_tta.data import make_loader
-from kaggle_tta.errors import DataError
+from kaggle_tta.errors import CacheError, DataError
 from kaggle_tta.forward import ChunkSizer, MemberWork, Runner, layout_candidates, sizes_text
 from kaggle_tta import tuning
 from kaggle_tta.models import build_model
@@ -113,6 +113,7 @@ def _run_locked(plan: Plan, device: torch.device, precision: str, progress: bool
     opened: list[MemberWork] = []
     t0 = time.perf_counter()
     try:
+        _check_space(plan, pending)
         _build_runners(plan, pending, device, precision)
         for w in pending:
             w.entry.write_ids(plan.testset.ids)
@@ -145,6 +146,25 @@ def _run_locked(plan: Plan, device: torch.device, precision: str, progress: bool
             ms.channels_last = sz.channels_last if sz.layout_settled else None
     stats.seconds = time.perf_counter() - t0
     return stats
+
+
+def _check_space(plan: Plan, pending: list[MemberWork]) -> None:
+    """Stops before any forward when the new files this run preallocates do not fit."""
+    import shutil
+
+    needed = 0
+    for w in pending:
+        row = plan.task.row_bytes(w, plan)
+        needed += sum(row * len(plan.testset) for v in w.views if w.entry.rows_done(v.name) == 0)
+    try:
+        free = shutil.disk_usage(plan.cache_root if plan.cache_root.exists() else plan.cache_root.parent).free
+    except OSError:
+        return  # no such disk yet: the first write says what is wrong
+    if needed > free:
+        raise CacheError(
+            f"cache.dir ({plan.cache_root}): this run writes {needed / 1e6:.1f} MB and {free / 1e6:.1f} MB are free; "
+            "free space there, point cache.dir at a larger disk, or store less (cache.dtype: float16 or uint8, cache.scale)"
+        )
 
 
 def _build_runners(plan: Plan, pending: list[MemberWork], device: torch.device, precision: str) -> None:

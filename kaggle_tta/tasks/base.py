@@ -120,6 +120,11 @@ class Task:
         """Opens (or reopens) the cache files of every pending view of ``work``."""
         raise NotImplementedError
 
+    def row_bytes(self, work: MemberWork, plan: Plan) -> int:
+        """Bytes one image adds to one view's file (0 where rows are ragged: unknown ahead),
+        so that a run that cannot fit on the cache's disk stops before its first forward."""
+        return 0
+
     def post(self, plan: Plan, m: MemberConfig) -> Callable[[Any, Any], Any] | None:
         """The runner's post-processing of raw model outputs (None: the logits tensor)."""
         return None

@@ -95,6 +95,9 @@ class Classification(Task):
         for v in work.views:
             work.open_dense(v.name, (len(plan.testset), work.member.out_channels), plan.cfg.cache.dtype)
 
+    def row_bytes(self, work: MemberWork, plan: Plan) -> int:
+        return work.member.out_channels * np.dtype(plan.cfg.cache.dtype).itemsize
+
     def step(self, work: MemberWork, batch: Batch, plan: Plan) -> None:
         from kaggle_tta.forward import Piece, ViewLog, normalize, run_chunks
 

@@ -229,6 +229,10 @@ class Segmentation(Task):
         for v in work.views:
             work.open_dense(v.name, shape, plan.cfg.cache.dtype)
 
+    def row_bytes(self, work: MemberWork, plan: Plan) -> int:
+        h, w = stored_size(plan, map_size(plan, plan.testset.paths[0]))
+        return work.member.out_channels * h * w * np.dtype(plan.cfg.cache.dtype).itemsize
+
     def step(self, work: MemberWork, batch: Batch, plan: Plan) -> None:
         """Tiles x views -> forward -> resize to the view input -> invert -> stitch -> store."""
         import torch
