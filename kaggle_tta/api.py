@@ -22,7 +22,7 @@ from kaggle_tta.cache import DamagedView
 from kaggle_tta.dag import MemberSource, check_complete
 from kaggle_tta.config import PipelineConfig, load_pipeline
 from kaggle_tta.plan import Plan, build_plan, find_entry, resolve_device, resolve_precision
-from kaggle_tta.submission import write_submission
+from kaggle_tta.submission import check_writable, write_submission
 
 if TYPE_CHECKING:
     from kaggle_tta.engine import RunStats
@@ -97,6 +97,7 @@ def run(pipeline: Pipeline, overrides: list[str] | None = None, progress: bool =
     """``infer`` then ``blend`` on what it computed. A cached view found damaged while
     blending (its checksum, non-finite values) is marked, recomputed and blended again."""
     plan = plan_of(pipeline, overrides)
+    check_writable(plan.cfg.resolve(plan.cfg.submission.path))  # not only after the whole inference
     stats = infer(plan, progress=progress)
     try:
         return RunResult(stats, blend(plan, computed=stats.precision, fill_hint=fill_hint))

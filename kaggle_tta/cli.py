@@ -102,7 +102,7 @@ def cmd_cache_prune(args: argparse.Namespace) -> None:
 
     plan = build_plan(_load(args))
     current, mine = _current(plan), {m.name for m in plan.members}
-    me = str(plan.cfg.source) if getattr(plan.cfg, "source", None) else None
+    me = str(plan.cfg.source) if plan.cfg.source else None
     verb = "would remove" if args.dry_run else "removed"
     removed = kept = others = 0
     for member, fp, man in list_entries(plan.cache_root):

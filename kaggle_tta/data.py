@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,31 +48,35 @@ def _cv2():
 # ---- listing -------------------------------------------------------------------------------
 
 
+def shown(path: Path | str) -> str:
+    """A path as an error message shows it: as is, or quoted with escapes where it holds a
+    line break (a file name may), so that the message stays one line."""
+    s = str(path)
+    return s if s.splitlines() == [s] else repr(s)
+
+
 @dataclass(frozen=True)
 class TestSet:
     """The ids and files of the test set, in a deterministic order."""
 
     ids: list[str]
     paths: list[str]  # plain strings: a 100 000-image listing is not 100 000 Path objects
-    identities: list[tuple[int, int]]  # (size, mtime_ns) per file, from one stat at listing
+    identities: list[tuple[int, int]]  # (size, mtime_ns) per file, from one stat at listing (the
+    # cache fingerprints the files' content: kaggle_tta.cache.digest.files_digest)
 
     def __len__(self) -> int:
         return len(self.ids)
-
-    def fingerprint(self) -> str:
-        """Hash of ids and file identities (path, size, mtime): any change is a new test set."""
-        h = hashlib.sha256()
-        for i, p, (size, mtime) in zip(self.ids, self.paths, self.identities):
-            h.update(f"{i}\0{p}\0{size}\0{mtime}\n".encode())
-        return h.hexdigest()[:16]
 
 
 def list_test_set(cfg: PipelineConfig) -> TestSet:
     """Lists the test set as pipeline.yaml declares it.
 
+    A broken symbolic link with an image suffix is refused, not skipped: the test set would
+    silently lose an image. Ids are any text, line breaks included; messages quote them.
+
     Raises:
         DataError: the folder/CSV is missing, nothing matched, an id is duplicated, a file is
-            missing or zero bytes.
+            missing, not a regular file, a broken link or zero bytes.
     """
     d = cfg.data
     exts = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in d.extensions}
@@ -79,16 +84,16 @@ def list_test_set(cfg: PipelineConfig) -> TestSet:
         root = cfg.resolve(d.folder)
         if not root.is_dir():
             raise DataError(f"data.folder: {root} is not a folder; point it at the test images")
-        found = sorted((p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in exts), key=lambda p: p.relative_to(root).as_posix())
+        where = f"data.folder ({root})"
+        found = sorted(_image_files(root.rglob("*"), exts, where), key=lambda p: p.relative_to(root).as_posix())
         ids = [p.relative_to(root).with_suffix("").as_posix() for p in found]
         paths = [str(p) for p in found]
-        where = f"data.folder ({root})"
     elif d.glob is not None:
         pattern = str(cfg.resolve(d.glob))
-        found = sorted(Path(p) for p in globlib.glob(pattern, recursive=True) if Path(p).is_file() and Path(p).suffix.lower() in exts)
+        where = f"data.glob ({pattern})"
+        found = sorted(_image_files(map(Path, globlib.glob(pattern, recursive=True)), exts, where))
         ids = [p.stem for p in found]
         paths = [str(p) for p in found]
-        where = f"data.glob ({pattern})"
     else:
         ids, paths = _list_csv(cfg)
         where = f"data.csv ({cfg.resolve(d.csv.path)})"  # type: ignore[union-attr]
@@ -99,39 +104,93 @@ def list_test_set(cfg: PipelineConfig) -> TestSet:
     for p in paths:  # one stat per file: existence, zero bytes and the fingerprint
         try:
             st = os.stat(p)
-            identities.append((st.st_size, st.st_mtime_ns))
         except FileNotFoundError:
             missing.append(p)
+            continue
+        except OSError as exc:  # a link loop, a name too long, no permission on the folder
+            raise DataError(f"{where}: cannot read {shown(p)} ({exc.strerror or exc}); fix or remove it") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise DataError(f"{where}: {shown(p)} is not a regular file (a folder?); list image files only")
+        identities.append((st.st_size, st.st_mtime_ns))
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise DataError(f"{where}: image file not found: {', '.join(map(str, missing[:3]))}{more}")
+        raise DataError(f"{where}: image file not found: {', '.join(map(shown, missing[:3]))}{more}")
     empty = [p for p, (size, _) in zip(paths, identities) if size == 0]
     if empty:
-        raise DataError(f"{empty[0]}: zero-byte image file; replace or remove it" + (f" ({len(empty)} such files)" if len(empty) > 1 else ""))
+        raise DataError(f"{shown(empty[0])}: zero-byte image file; replace or remove it" + (f" ({len(empty)} such files)" if len(empty) > 1 else ""))
     return TestSet(ids, paths, identities)
+
+
+def _image_files(candidates: Any, exts: set[str], where: str) -> list[Path]:
+    """The image files among ``candidates`` (suffix in ``exts``); a broken link is an error."""
+    out = []
+    for p in candidates:
+        if p.suffix.lower() not in exts:
+            continue
+        if p.is_file():
+            out.append(p)
+        elif p.is_symlink() and not p.exists():
+            try:
+                target = f" to {os.readlink(p)!r}"
+            except OSError:
+                target = ""
+            raise DataError(f"{where}: {shown(p)} is a broken symbolic link{target}; fix its target or remove it")
+    return out
+
+
+def read_csv_table(path: Path, key: str, **read_options: Any) -> pl.DataFrame:
+    """A CSV file as a DataFrame; anything that makes it unreadable is one DataError line
+    naming the file (and, for text that is not UTF-8, the line of the first bad byte).
+
+    ``key`` is the YAML path that names the file (``data.labels.path``).
+    """
+    if not path.is_file():
+        raise DataError(f"{key}: {path} does not exist" if not path.exists() else f"{key}: {path} is not a file")
+    try:
+        return pl.read_csv(path, **read_options)
+    except Exception as exc:  # polars raises several types for a malformed file
+        reason = _csv_problem(path, exc)
+    raise DataError(f"{path}: {reason} ({key})")
+
+
+def _csv_problem(path: Path, exc: Exception) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        return f"cannot read ({err.strerror or err})"
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        return f"not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}); save it as UTF-8"
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return f"cannot read as CSV ({lines[0] if lines else type(exc).__name__})"
+
+
+def _strings(df: pl.DataFrame, col: str, path: Path, key: str) -> list[str]:
+    """A column as strings; an empty cell is an error (it would become the id 'None')."""
+    values = df[col].to_list()
+    if (k := next((k for k, v in enumerate(values) if v is None), None)) is not None:
+        raise DataError(f"{path}: data row {k + 1} has an empty '{col}' ({key}); fill it or remove the row")
+    return [str(v) for v in values]
 
 
 def _list_csv(cfg: PipelineConfig) -> tuple[list[str], list[str]]:
     c = cfg.data.csv
     assert c is not None
     path = cfg.resolve(c.path)
-    if not path.is_file():
-        raise DataError(f"data.csv.path: {path} does not exist")
-    try:
-        df = pl.read_csv(path, infer_schema=False)
-    except Exception as exc:  # polars raises several types for a malformed file
-        raise DataError(f"{path}: cannot read as CSV ({str(exc).splitlines()[0]})") from None
+    df = read_csv_table(path, "data.csv.path", infer_schema=False)
     for col in filter(None, [c.id_column, c.path_column]):
         if col not in df.columns:
             raise DataError(f"{path}: no column '{col}' (columns: {df.columns}); set data.csv.id_column / path_column")
     root = cfg.resolve(c.root) if c.root else path.parent
-    ids = [str(v) for v in df[c.id_column].to_list()]
+    ids = _strings(df, c.id_column, path, "data.csv.id_column")
     if c.path_column:
-        rel = [str(v) for v in df[c.path_column].to_list()]
+        rel = _strings(df, c.path_column, path, "data.csv.path_column")
     else:
-        try:
+        try:  # checked at load (CsvSource); kept for a config built without validation
             rel = [c.path_template.format(id=i) for i in ids]  # type: ignore[union-attr]
-        except (KeyError, IndexError) as exc:
+        except (KeyError, IndexError, ValueError, AttributeError, TypeError) as exc:
             raise ConfigError(f"data.csv.path_template: only {{id}} may be used ({exc})") from None
     base = str(root)
     return ids, [os.path.normpath(r if os.path.isabs(r) else os.path.join(base, r)) for r in rel]
@@ -141,7 +200,7 @@ def _check_unique(ids: Sequence[str], paths: Sequence[Path], where: str) -> None
     seen: dict[str, int] = {}
     for k, i in enumerate(ids):
         if i in seen:
-            raise DataError(f"{where}: duplicate id '{i}' ({paths[seen[i]]} and {paths[k]}); ids must be unique")
+            raise DataError(f"{where}: duplicate id {i!r} ({shown(paths[seen[i]])} and {shown(paths[k])}); ids must be unique")
         seen[i] = k
 
 
@@ -151,17 +210,19 @@ def load_labels(cfg: PipelineConfig, ids: Sequence[str], classes: Sequence[str])
     if spec is None:
         return None
     path = cfg.resolve(spec.path)
-    if not path.is_file():
-        raise DataError(f"data.labels.path: {path} does not exist")
-    df = pl.read_csv(path, infer_schema=False)
+    df = read_csv_table(path, "data.labels.path", infer_schema=False)
     for col in (spec.id_column, spec.label_column):
         if col not in df.columns:
             raise DataError(f"{path}: no column '{col}' (columns: {df.columns})")
-    table = dict(zip(df[spec.id_column].to_list(), df[spec.label_column].to_list()))
+    table: dict[str, Any] = {}
+    for k, (i, label) in enumerate(zip(_strings(df, spec.id_column, path, "data.labels.id_column"), df[spec.label_column].to_list())):
+        if i in table:  # the last row would win silently
+            raise DataError(f"{path}: id {i!r} has two rows (data rows {list(table).index(i) + 1} and {k + 1}); keep one label per id")
+        table[i] = label
     index = {c: k for k, c in enumerate(classes)}
     missing = [i for i in ids if i not in table]
     if missing:
-        raise DataError(f"{path}: no label for id '{missing[0]}' ({len(missing)} ids missing)")
+        raise DataError(f"{path}: no label for id {missing[0]!r} ({len(missing)} ids missing)")
     try:
         if cfg.multilabel:
             y = np.zeros((len(ids), len(classes)), dtype=np.uint8)
@@ -186,19 +247,19 @@ def decode_image(path: Path | str) -> np.ndarray:
     try:
         buf = np.fromfile(str(path), dtype=np.uint8)
     except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror})") from None
+        raise DataError(f"{shown(path)}: cannot read ({exc.strerror})") from None
     cv2 = _cv2()
     if buf.size == 0:
-        raise DataError(f"{path}: zero-byte image file; replace or remove it")
+        raise DataError(f"{shown(path)}: zero-byte image file; replace or remove it")
     img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
     if img is None or img.size == 0:
-        raise DataError(f"{path}: unreadable or truncated image; re-export or remove it")
+        raise DataError(f"{shown(path)}: unreadable or truncated image; re-export or remove it")
     if img.dtype == np.uint16:
         img = (img.astype(np.uint32) // 257).astype(np.uint8)
     elif img.dtype in (np.float32, np.float64):
         img = (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     elif img.dtype != np.uint8:
-        raise DataError(f"{path}: unsupported pixel type {img.dtype}; convert to 8 or 16 bits")
+        raise DataError(f"{shown(path)}: unsupported pixel type {img.dtype}; convert to 8 or 16 bits")
     if img.ndim == 2:
         return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
     if img.shape[2] == 1:
@@ -289,7 +350,7 @@ class CanvasDataset:
             for key, t in self._transforms.items():
                 canvas = t(image=img)["image"]
                 if not isinstance(canvas, np.ndarray) or canvas.dtype != np.uint8 or canvas.ndim != 3:
-                    return i, f"{self.paths[i]}: the albumentations preprocessing must return uint8 HWC images; drop Normalize/ToTensorV2 (normalization runs on the device)", None
+                    return i, f"{shown(self.paths[i])}: the albumentations preprocessing must return uint8 HWC images; drop Normalize/ToTensorV2 (normalization runs on the device)", None
                 out[key] = canvas
             return i, out, np.array(img.shape[:2], dtype=np.int32)  # maps and boxes go back to it
         except DataError as exc:

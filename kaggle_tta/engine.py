@@ -64,7 +64,7 @@ def _pending(plan: Plan, precision: str, stats: RunStats, locked_: bool = True) 
         entry = CacheEntry(plan.cache_root, m.name, m.fingerprint(precision), m.inputs)
         if locked_:
             entry.sweep()  # no one else writes here while the lock is held
-            if entry.mark_used(str(plan.cfg.source) if getattr(plan.cfg, "source", None) else None) and entry.manifest_path.is_file():
+            if entry.mark_used(str(plan.cfg.source) if plan.cfg.source else None) and entry.manifest_path.is_file():
                 entry.save()
         ms = stats.members[m.name] = MemberStats(m.name)
         todo = [v for v in m.views if not entry.is_complete(v.name)]

@@ -5,7 +5,7 @@ Checkpoints are read with safetensors or ``torch.load(weights_only=True)``; noth
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import importlib
 import json
 import os
@@ -68,10 +68,14 @@ def _timm_cfg(arch: str, where: str, memo_dir: Path | None = None) -> dict[str, 
     fields = {k: (list(v) if isinstance(v, tuple) else v) for k in _TIMM_FIELDS if (v := getattr(pc, k, None)) is not None} if pc else {}
     if memo is not None:
         table[arch] = fields
-        memo.parent.mkdir(parents=True, exist_ok=True)
         tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(table, sort_keys=True))
-        tmp.replace(memo)
+        try:  # a memo only: a cache that cannot take it is reported where predictions are written
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(table, sort_keys=True))
+            tmp.replace(memo)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
     return fields
 
 
@@ -102,40 +106,22 @@ def resolve_preprocess(cfg: PipelineConfig, m: MemberConfig, default_size: tuple
 
 def _load_albumentations(cfg: PipelineConfig, spec: dict[str, Any] | Path, where: str) -> str:
     import albumentations as A
-    import yaml
+
+    from kaggle_tta.config.loading import read_yaml_file
 
     if not isinstance(spec, dict):
         path = cfg.resolve(spec)
         if not path.is_file():
             raise ConfigError(f"{where}: {path} does not exist")
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML too
+        try:
+            spec = read_yaml_file(path)  # JSON is YAML too
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
     try:
         A.from_dict(spec)
     except Exception as exc:  # albumentations raises several types for a bad dict
         raise ConfigError(f"{where}: not an albumentations pipeline in A.to_dict form ({exc})") from None
     return json.dumps(spec, sort_keys=True)
-
-
-def file_digest(path: Path, memo_dir: Path | None = None) -> str:
-    """SHA-256 of a file's content (memoized by path, size and mtime under ``memo_dir``)."""
-    st = path.stat()
-    memo = None
-    if memo_dir is not None:
-        key = hashlib.sha256(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:24]
-        memo = memo_dir / f"{key}.sha256"
-        if memo.is_file():
-            return memo.read_text().strip()
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    digest = h.hexdigest()
-    if memo is not None:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_suffix(".tmp")
-        tmp.write_text(digest)
-        tmp.replace(memo)
-    return digest
 
 
 def build_model(cfg: PipelineConfig, m: MemberConfig, num_classes: int) -> nn.Module:
@@ -149,7 +135,7 @@ def build_model(cfg: PipelineConfig, m: MemberConfig, num_classes: int) -> nn.Mo
         try:
             model = timm.create_model(m.arch, pretrained=False, num_classes=num_classes, **m.kwargs)
         except TypeError as exc:
-            raise ConfigError(f"{where}.kwargs: {exc}") from None
+            raise ConfigError(f"{where}.kwargs: {_first_line(exc)}") from None
     else:
         model = _call_factory(m, cfg, where)
     if m.checkpoint is not None:
@@ -184,18 +170,76 @@ def _call_factory(m: MemberConfig, cfg: PipelineConfig, where: str) -> nn.Module
     try:
         model = fn(**kw)
     except Exception as exc:  # a user factory can raise anything
-        raise ConfigError(f"{where}.factory: {spec}(**kwargs) failed: {exc}") from None
+        raise ConfigError(f"{where}.factory: {spec}(**kwargs) failed: {_first_line(exc)}") from None
     if not isinstance(model, nn.Module):
         raise ConfigError(f"{where}.factory: {spec} returned {type(model).__name__}, not a torch nn.Module")
     return model
+
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since 1.6
+_PICKLE_MAGIC = b"\x80"  # the legacy format: a pickle (protocol 2 and up)
+_MAX_SAFETENSORS_HEADER = 100_000_000
+
+
+def check_checkpoint(path: Path, where: str) -> None:
+    """Refuses, from its first bytes alone, a checkpoint that cannot be loaded: missing,
+    empty, a safetensors file whose header is cut or garbage, or a torch file that is neither
+    a zip archive nor a pickle. Cheap (reads the header, not the weights), so a plan can
+    check every member before the first forward."""
+    if not path.is_file():
+        raise CheckpointError(f"{where}: checkpoint {path} not found; run 'make demo-weights' or fix the path")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if size == 0:
+                raise CheckpointError(f"{where}: {path} is empty (0 bytes); save or download the checkpoint again")
+            if path.suffix == ".safetensors":
+                _check_safetensors_header(f, head, size, path, where)
+            elif not head.startswith((_ZIP_MAGIC, _PICKLE_MAGIC)):
+                raise CheckpointError(
+                    f"{where}: {path} is not a torch checkpoint (neither a torch.save zip nor a pickle); "
+                    "save a plain state dict with torch.save, or a .safetensors file"
+                )
+    except OSError as exc:
+        raise CheckpointError(f"{where}: cannot read {path} ({exc.strerror or exc})") from None
+
+
+def _check_safetensors_header(f: Any, head: bytes, size: int, path: Path, where: str) -> None:
+    """The layout: an 8-byte little-endian header length, a JSON header, the tensors' bytes."""
+    bad = f"{where}: {path} is not a complete safetensors file ({{}}); save or download it again"
+    if len(head) < 8:
+        raise CheckpointError(bad.format(f"{size} bytes, shorter than its header"))
+    n = int.from_bytes(head, "little")
+    if n > size - 8 or n > _MAX_SAFETENSORS_HEADER:
+        if head.startswith((_ZIP_MAGIC, _PICKLE_MAGIC)):  # only a guess once the header is impossible
+            raise CheckpointError(f"{where}: {path} is a torch.save file, not safetensors; rename it to .pt")
+        if n > _MAX_SAFETENSORS_HEADER:  # more than safetensors itself accepts: this is no header
+            raise CheckpointError(f"{where}: {path} is not a safetensors file (it does not start with a safetensors header)")
+        raise CheckpointError(bad.format(f"its header claims {n} bytes, the file has {size}"))
+    try:
+        header = json.loads(f.read(n))
+    except (UnicodeDecodeError, ValueError):
+        raise CheckpointError(bad.format("its header is not JSON")) from None
+    if not isinstance(header, dict):
+        raise CheckpointError(bad.format("its header is not a table of tensors"))
+    offsets = [t.get("data_offsets") for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)]
+    need = 8 + n + max((o[-1] for o in offsets if isinstance(o, list) and o and isinstance(o[-1], int)), default=0)
+    if need > size:
+        raise CheckpointError(bad.format(f"truncated: {size} of {need} bytes"))
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's message as one short line; its type where it has none (EOFError())."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return (lines[0][:200] if lines else "") or type(exc).__name__
 
 
 def read_state_dict(path: Path, where: str) -> dict[str, torch.Tensor]:
     """Reads weights safely and unwraps the usual nestings and prefixes."""
     import torch
 
-    if not path.is_file():
-        raise CheckpointError(f"{where}: checkpoint {path} not found; run 'make demo-weights' or fix the path")
+    check_checkpoint(path, where)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -204,7 +248,7 @@ def read_state_dict(path: Path, where: str) -> dict[str, torch.Tensor]:
         else:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt file, pickle with code objects, ...
-        raise CheckpointError(f"{where}: cannot load {path} safely ({str(exc).splitlines()[0][:200]}); save a plain state dict or safetensors") from None
+        raise CheckpointError(f"{where}: cannot load {path} safely ({_first_line(exc)}); save a plain state dict or safetensors") from None
     for _ in range(3):
         if isinstance(sd, dict) and not any(isinstance(v, torch.Tensor) for v in sd.values()):
             key = next((k for k in _NESTINGS if k in sd and isinstance(sd[k], dict)), None)

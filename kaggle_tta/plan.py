@@ -19,7 +19,7 @@ from kaggle_tta import cache as cache_mod
 from kaggle_tta.config import MemberConfig, PipelineConfig, load_classes
 from kaggle_tta.data import CanvasSpec, TestSet, list_test_set
 from kaggle_tta.errors import CheckpointError, ConfigError
-from kaggle_tta.models import Preprocess, resolve_preprocess
+from kaggle_tta.models import Preprocess, check_checkpoint, resolve_preprocess
 from kaggle_tta.tasks import TASKS, Task, choose, find_task
 from kaggle_tta.views import View, parse_tta
 
@@ -115,6 +115,7 @@ def build_plan(cfg: PipelineConfig) -> Plan:
             path = cfg.resolve(m.checkpoint)
             if not path.is_file():
                 raise CheckpointError(f"members.{m.name}.checkpoint: {path} not found; run 'make demo-weights' or fix the path")
+            check_checkpoint(path, f"members.{m.name}.checkpoint")  # a damaged file fails before any forward
             ckpt = cache_mod.content_digest(path, memo)
         elif m.arch:
             raise ConfigError(f"members.{m.name}.checkpoint: a timm member needs its trained weights (a .safetensors or torch state dict)")

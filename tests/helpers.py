@@ -118,3 +118,34 @@ class BrightPixels(nn.Module):
 
 def bright_pixels() -> nn.Module:
     return BrightPixels()
+
+
+class MeanBrightness(nn.Module):
+    """A regressor of brightness: the mean of its input pixels over channels, rows and
+    columns, ``[N, 1]``. Exactly invariant to flips (up to float summation order)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(1, 2, 3))[:, None]
+
+
+def mean_brightness() -> nn.Module:
+    return MeanBrightness()
+
+
+class LayoutReporter(nn.Module):
+    """Logit 0 is 1.0 where the input came in channels_last, else 0.0 (the rest zero)."""
+
+    def __init__(self, num_classes: int = 4):
+        super().__init__()
+        self.num_classes = num_classes
+        self.conv = nn.Conv2d(3, 3, 1)  # a 4-D weight: the runner may convert it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flag = float(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        out = torch.zeros(x.shape[0], self.num_classes, device=x.device)
+        out[:, 0] = flag
+        return out + 0.0 * self.conv(x).mean()
+
+
+def layout_reporter(num_classes: int = 4) -> nn.Module:
+    return LayoutReporter(num_classes)

@@ -134,7 +134,7 @@ class CacheEntry:
         if status == "damaged":
             return f"damaged: {st.get('damage', 'unknown')}"
         if status == "partial":
-            return f"partial: {self.rows_done(view)} of {st['rows']} rows"
+            return f"partial: {self._partial_rows(view, st)} of {st['rows']} rows"
         if status != "complete":
             return "not computed"
         why = self._intact(view, st)
@@ -143,7 +143,10 @@ class CacheEntry:
     def rows_done(self, view: str) -> int:
         if self.is_complete(view):
             return int(self.view_state(view)["rows"])
-        st = self.view_state(view)
+        return self._partial_rows(view, self.view_state(view))
+
+    def _partial_rows(self, view: str, st: dict[str, Any]) -> int:
+        """Rows a partial view's file holds (0 where the file is gone)."""
         partial = self.dir / (f"{view}.offsets.npy.partial" if st.get("kind") == "ragged" else f"{view}.npy.partial")
         return int(st.get("rows_done", 0)) if st.get("status") == "partial" and partial.is_file() else 0
 

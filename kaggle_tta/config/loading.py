@@ -12,6 +12,143 @@ from pydantic import BaseModel, ValidationError
 from kaggle_tta.config.pipeline import PipelineConfig
 from kaggle_tta.errors import ConfigError, did_you_mean
 
+# Aliases may reuse anchored blocks (a shared ``preprocess: &p {...}``), but each level of
+# aliases to aliases multiplies what they stand for: 966 bytes of them once expanded to 10^8
+# nodes (75 s and 11 GB in validation). A real pipeline's aliases add hundreds of nodes.
+MAX_ALIAS_NODES = 100_000
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+# ---- reading YAML ----------------------------------------------------------------------------
+
+
+def read_yaml_file(path: Path, what: str = "file") -> Any:
+    """A YAML file's content, with every way it can be unreadable as one ConfigError line.
+
+    ``what`` names the file in the not-found message (``pipeline file``). Refused: a missing
+    path or a folder, an unreadable file, bytes that are not UTF-8, invalid YAML, duplicate
+    keys, recursive anchors and aliases that expand past :data:`MAX_ALIAS_NODES` nodes.
+    """
+    return parse_yaml(read_text_file(path, what), str(path))
+
+
+def read_text_file(path: Path, what: str = "file") -> str:
+    """A UTF-8 text file's content; a folder, a missing or unreadable file, or bytes that are
+    not UTF-8 are a ConfigError naming the path (and the line of the first bad byte)."""
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a {what}; pass the path of the file itself")
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such {what}; pass the path of your pipeline.yaml" if what == "pipeline file" else f"{path}: no such {what}")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc}); check its permissions") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); save it as UTF-8") from None
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load`` with the checks of :func:`read_yaml_file`; errors start with ``where``."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_nodes(node, loader, where)
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML: {_yaml_problem(exc)}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: not valid YAML: nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line: what PyYAML found wrong and where (its own message spans several lines)."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    if problem and mark is not None:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _check_nodes(root: yaml.Node, loader: yaml.SafeLoader, where: str) -> None:
+    """Refuses duplicate keys, recursive anchors and alias bombs in a composed document.
+
+    An alias is the same node object reached again, so each node's expanded size (itself
+    and everything below, aliases counted each time) is memoized: the walk visits every
+    distinct node once however much the aliases would expand, iteratively (no recursion).
+    """
+    size: dict[int, int] = {}
+    open_nodes: set[int] = set()  # started, not finished: the current path from the root
+    distinct = 0
+    stack: list[tuple[yaml.Node, str, bool]] = [(root, "", False)]
+    while stack:
+        node, loc, finished = stack.pop()
+        key = id(node)
+        if finished:
+            open_nodes.discard(key)
+            size[key] = 1 + sum(size[id(child)] for _, child in _children(node))
+            if size[key] > distinct + MAX_ALIAS_NODES:
+                raise ConfigError(
+                    f"{where}: YAML aliases expand to more than {MAX_ALIAS_NODES} nodes (line {node.start_mark.line + 1}, "
+                    f"{loc or 'the top level'}); write the values out or use fewer aliases"
+                )
+            continue
+        if key in size:
+            continue  # an alias of a node already checked
+        if key in open_nodes:
+            raise ConfigError(
+                f"{where}: line {node.start_mark.line + 1}: {loc or 'the top level'} is an alias of a block that contains it "
+                "(a recursive anchor); a value cannot contain itself"
+            )
+        distinct += 1
+        open_nodes.add(key)
+        stack.append((node, loc, True))
+        if isinstance(node, yaml.MappingNode):
+            _check_duplicate_keys(node, loader, loc, where)
+        stack.extend((child, child_loc, False) for child_loc, child in reversed(_children(node, loc)))
+
+
+def _children(node: yaml.Node, loc: str = "") -> list[tuple[str, yaml.Node]]:
+    """(YAML path, node) of a node's keys and values, or its items."""
+    if isinstance(node, yaml.SequenceNode):
+        return [(f"{loc}[{i}]", item) for i, item in enumerate(node.value)]
+    if isinstance(node, yaml.MappingNode):
+        out = []
+        for k, v in node.value:
+            name = k.value if isinstance(k, yaml.ScalarNode) else "?"
+            sub = f"{loc}.{name}" if loc else str(name)
+            out += [(sub, k), (sub, v)]
+        return out
+    return []
+
+
+def _check_duplicate_keys(node: yaml.MappingNode, loader: yaml.SafeLoader, loc: str, where: str) -> None:
+    """A key given twice in one mapping (YAML would keep the last one silently)."""
+    first: dict[Any, int] = {}
+    for k, _ in node.value:
+        if not isinstance(k, yaml.ScalarNode) or k.tag == _MERGE_TAG:
+            continue  # '<<: *base' merges: explicit keys override merged ones by design
+        try:  # 'true' and 'True', '1' and '0x1' are one key once constructed
+            name = k.value if k.tag == "tag:yaml.org,2002:str" else loader.construct_object(k)
+            hash(name)
+        except (yaml.YAMLError, TypeError):
+            name = (k.tag, k.value)
+        line = k.start_mark.line + 1
+        if name in first:
+            path = f"{loc}.{k.value}" if loc else k.value
+            raise ConfigError(f"{where}: line {line}: {path} is given twice (first on line {first[name]}); keep one")
+        first[name] = line
+
+
+# ---- validation ------------------------------------------------------------------------------
+
 
 
 def _format_loc(loc: tuple[Any, ...], raw: Any) -> str:
@@ -86,10 +223,7 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         raise ConfigError(f"--set {assignment}: empty key")
-    try:
-        value = yaml.safe_load(value_text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {assignment}: value is not valid YAML ({exc})") from None
+    value = parse_yaml(value_text, f"--set {assignment}: value")
     node: Any = raw
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
@@ -140,12 +274,7 @@ def load_pipeline(source: Path | str | dict[str, Any], overrides: list[str] | No
         raw, where, folder = copy.deepcopy(source), "pipeline", Path.cwd()
     else:
         path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such pipeline file; pass the path of your pipeline.yaml")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        raw = read_yaml_file(path, "pipeline file")
         where, folder = str(path), path.resolve().parent
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping at the top level (task, data, members, ...)")
@@ -156,7 +285,34 @@ def load_pipeline(source: Path | str | dict[str, Any], overrides: list[str] | No
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, raw, where)) from None
     cfg.base_dir = Path(base_dir).resolve() if base_dir is not None else folder
+    cfg.source = None if isinstance(source, dict) else Path(source).resolve()
+    check_output_paths(cfg, where)
     return cfg
+
+
+def check_output_paths(cfg: PipelineConfig, where: str = "pipeline") -> None:
+    """Refuses, before any work, outputs that cannot be written where they are set: a cache
+    folder that is a file, a submission path that is a folder, either below a file.
+
+    Whether a location is writable is left to the write itself: a pipeline is also loaded on
+    machines that only bundle it (``kaggle-tta kernel``), where its outputs do not exist yet.
+    """
+    cache_dir = cfg.resolve(cfg.cache.dir)
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise ConfigError(f"{where}: cache.dir: {cache_dir} is a file, not a folder; point cache.dir at a folder (or move the file)")
+    _check_parents(cache_dir, "cache.dir", where)
+    sub = cfg.resolve(cfg.submission.path)
+    if sub.is_dir():
+        raise ConfigError(f"{where}: submission.path: {sub} is a folder; give a file path, e.g. {sub / 'submission.csv'}")
+    _check_parents(sub, "submission.path", where)
+
+
+def _check_parents(path: Path, key: str, where: str) -> None:
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{where}: {key}: {parent} is a file, so {path} cannot be created below it; fix {key}")
+            return
 
 
 def load_classes(cfg: PipelineConfig) -> list[str]:
@@ -165,9 +321,13 @@ def load_classes(cfg: PipelineConfig) -> list[str]:
         classes = list(cfg.data.classes)
     else:
         f = cfg.resolve(cfg.data.classes_file)  # type: ignore[arg-type]
-        if not f.is_file():
+        if not f.exists():
             raise ConfigError(f"data.classes_file: {f} does not exist")
-        classes = [line.strip() for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = read_text_file(f, "class list")
+        except ConfigError as exc:
+            raise ConfigError(f"data.classes_file: {exc}") from None
+        classes = [line.strip() for line in text.splitlines() if line.strip()]
     if not classes:
         raise ConfigError("data.classes: no class names given")
     if len(set(classes)) != len(classes):

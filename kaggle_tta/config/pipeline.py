@@ -39,6 +39,9 @@ class PipelineConfig(Section):
 
     # Set by load_pipeline: the folder relative paths resolve against; not a YAML key.
     base_dir: Path = Field(default=Path("."), exclude=True)
+    # Set by load_pipeline: the YAML file read (None for a dict); the cache records which
+    # pipeline files use an entry, so that `cache prune` of another keeps it.
+    source: Path | None = Field(default=None, exclude=True)
 
     @field_validator("task")
     @classmethod

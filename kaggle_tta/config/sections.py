@@ -4,12 +4,14 @@ task settings, blends and the submission. Every model forbids unknown keys."""
 from __future__ import annotations
 
 import math
+import string
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from kaggle_tta.config.marks import FACTORY_PATH_KWARGS, Bundle
+from kaggle_tta.errors import did_you_mean
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 ViewItem = Union[str, dict[str, Any]]
@@ -19,6 +21,34 @@ class Section(BaseModel):
     """A part of pipeline.yaml: unknown keys are errors (a typo is never silently ignored)."""
 
     model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+def check_template(template: str, sample: dict[str, Any], example: str) -> str:
+    """A ``str.format`` template that only uses the fields of ``sample`` and formats them.
+
+    Checked at load so that a typo (``images/{id.jpg``) is an error naming its YAML path
+    rather than a traceback from the first image it is used on.
+    """
+    fields = ", ".join(f"{{{k}}}" for k in sample)
+    try:
+        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        raise ValueError(f"'{template}' is not a valid template ({exc}); write fields as {fields}, e.g. '{example}'") from None
+    for name in names:
+        if name not in sample:
+            raise ValueError(f"'{template}': unknown field '{{{name}}}'; only {fields} may be used, e.g. '{example}'")
+    try:
+        template.format(**sample)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        raise ValueError(f"'{template}' cannot be formatted ({exc}); write fields as {fields}, e.g. '{example}'") from None
+    return template
+
+
+def check_fraction(v: float) -> float:
+    """``v`` in [0, 1] (NaN is not)."""
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"must be in [0, 1], got {v}")
+    return v
 
 
 class CsvSource(Section):
@@ -34,6 +64,11 @@ class CsvSource(Section):
     """Builds the path from the id, e.g. ``images/{id}.jpg`` (relative to `root`)."""
     root: Annotated[Path | None, Bundle("data", "csv-root")] = None
     """Folder the paths are relative to; default: the CSV's folder."""
+
+    @field_validator("path_template")
+    @classmethod
+    def _template(cls, v: str | None) -> str | None:
+        return v if v is None else check_template(v, {"id": "x"}, "images/{id}.jpg")
 
     @model_validator(mode="after")
     def _one_path_rule(self) -> CsvSource:
@@ -58,6 +93,11 @@ class MasksSpec(Section):
     folder: Annotated[Path, Bundle("data", "dir", optional=True)]
     template: str = "{id}.png"
     """The mask file of an image, relative to `folder`."""
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        return check_template(v, {"id": "x"}, "{id}.png")
 
 
 class BoxesSpec(Section):
@@ -107,7 +147,7 @@ class RuntimeConfig(Section):
     """Where and how the forward passes run."""
 
     device: str = "auto"
-    """auto | cpu | cuda | cuda:N."""
+    """auto | cpu | cuda | cuda:N | mps (Apple GPUs: refused at load where torch has no MPS)."""
     precision: Precision = "auto"
     """auto: bf16 where the device computes it natively, fp16 on CUDA cards without bf16,
     else fp32. Chunks that come out non-finite are recomputed in fp32."""
@@ -123,7 +163,14 @@ class RuntimeConfig(Section):
     channels_last: bool | Literal["auto"] = "auto"
     """auto: on with CUDA or reduced precision, where it pays."""
     threads: int | None = None
-    """torch intra-op threads on the CPU; default: torch's own choice."""
+    """torch intra-op threads on the CPU (at least 1); null: torch's own choice."""
+
+    @field_validator("threads")
+    @classmethod
+    def _threads(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError(f"must be at least 1, or null for torch's own choice (got {v})")
+        return v
 
     @field_validator("forward_batch", "batch_size")
     @classmethod
@@ -142,9 +189,16 @@ class RuntimeConfig(Section):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if v in ("auto", "cpu", "cuda", "mps") or (v.startswith("cuda:") and v[5:].isdigit()):
+        if v == "mps":
+            import torch  # only for this setting: loading a pipeline otherwise needs no torch
+
+            mps = getattr(torch.backends, "mps", None)
+            if mps is None or not mps.is_available():
+                raise ValueError("'mps' but torch has no Apple MPS device on this machine; use auto, cpu or cuda")
             return v
-        raise ValueError(f"unknown device '{v}': use auto, cpu, cuda or cuda:N")
+        if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError(f"unknown device '{v}': use auto, cpu, cuda or cuda:N{did_you_mean(v, ('auto', 'cpu', 'cuda'))}")
 
 
 class CacheConfig(Section):
@@ -311,6 +365,18 @@ class SegmentationConfig(Section):
             raise ValueError("give [H, W] with positive sizes, or null for the native size")
         return v
 
+    @field_validator("threshold")
+    @classmethod
+    def _threshold(cls, v: float) -> float:
+        return check_fraction(v)
+
+    @field_validator("min_area")
+    @classmethod
+    def _min_area(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError(f"must be 0 (keep every component) or more, got {v}")
+        return v
+
 
 class DetectionConfig(Section):
     """Box fusion settings (ensemble-boxes), used over a member's views and in blends."""
@@ -326,7 +392,26 @@ class DetectionConfig(Section):
     thresh: float = 0.001
     """soft_nms: boxes whose decayed score falls to this are dropped."""
     max_boxes: int | None = None
-    """Keep at most this many boxes per image (highest scores), after fusion."""
+    """Keep at most this many boxes per image (highest scores), after fusion; null: all."""
+
+    @field_validator("iou_thr", "skip_box_thr", "thresh")
+    @classmethod
+    def _fraction(cls, v: float) -> float:
+        return check_fraction(v)
+
+    @field_validator("sigma")
+    @classmethod
+    def _sigma(cls, v: float) -> float:
+        if not 0.0 < v < math.inf:
+            raise ValueError(f"must be positive and finite, got {v}")
+        return v
+
+    @field_validator("max_boxes")
+    @classmethod
+    def _max_boxes(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError(f"must be at least 1, or null to keep every box (got {v})")
+        return v
 
 
 class RLEConfig(Section):
@@ -344,6 +429,11 @@ class RLEConfig(Section):
     id_template: str = "{id}_{class}"
     """The id of an image_class row; fields {id}, {class} (name) and {index} (0-based)."""
     column: str = "EncodedPixels"
+
+    @field_validator("id_template")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        return check_template(v, {"id": "x", "class": "c", "index": 0}, "{id}_{class}")
 
 
 class BlendConfig(Section):
@@ -395,7 +485,9 @@ class SubmissionConfig(Section):
     id_column: str = "id"
     label_column: str = "label"
     k: int = 5
+    """topk: how many classes per row (at least 1)."""
     threshold: float = 0.5
+    """multilabel: a class is written when its probability reaches this, in [0, 1]."""
     class_columns: list[str] | None = None
     """Column names for `probs` (default: the class names)."""
     rle: RLEConfig = RLEConfig()
@@ -405,3 +497,15 @@ class SubmissionConfig(Section):
     ('{conf} {x} {y} {w} {h}', pixels) or open_images ('{label} {conf} {nx1} {ny1} {nx2}
     {ny2}', normalized)."""
     prediction_column: str = "PredictionString"
+
+    @field_validator("k")
+    @classmethod
+    def _k(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be at least 1, got {v}")
+        return v
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold(cls, v: float) -> float:
+        return check_fraction(v)

@@ -20,16 +20,16 @@ def build_bundle(pipeline: Path, opts: KernelOptions) -> BundleReport:
             bundled, an option is malformed, or a dependency has no wheel; ``opts.out`` is then
             left as it was.
     """
-    import yaml
 
     from kaggle_tta.config import apply_override, load_pipeline
+    from kaggle_tta.config.loading import read_yaml_file
     from kaggle_tta.plan import validate_static
 
     check_options(opts)
     root = _project_root()
     cfg = load_pipeline(pipeline, opts.overrides)
     validate_static(cfg)
-    raw = yaml.safe_load(pipeline.read_text(encoding="utf-8"))
+    raw = read_yaml_file(pipeline, "pipeline file")
     for assignment in opts.overrides:
         apply_override(raw, assignment)
     col = collect_files(cfg, raw, opts, pipeline)

@@ -46,10 +46,8 @@ def write_label(ids: Sequence[str], probs: np.ndarray, classes: Sequence[str], s
 
 
 def write_probs(ids: Sequence[str], probs: np.ndarray, classes: Sequence[str], spec: SubmissionConfig) -> pl.DataFrame:
-    """One column per class (``class_columns`` names them)."""
+    """One column per class (``class_columns`` names them; their count is checked with the plan)."""
     cols = spec.class_columns or list(classes)
-    if len(cols) != len(classes):
-        raise ConfigError(f"submission.class_columns: {len(cols)} names for {len(classes)} classes")
     return pl.DataFrame([_id_series(ids, spec), *(pl.Series(c, probs[:, k].astype(np.float64)) for k, c in enumerate(cols))])
 
 
@@ -85,6 +83,13 @@ class Classification(Task):
     def validate(self, cfg: PipelineConfig) -> None:
         if cfg.submission.format == "multilabel" and not cfg.multilabel:
             raise ConfigError("submission.format: 'multilabel' needs 'multilabel: true' at the top level")
+
+    def check_plan(self, plan: Plan) -> None:
+        """What can only be checked with the classes and ids: before the first forward."""
+        spec = plan.cfg.submission
+        if spec.format == "probs" and spec.class_columns is not None and len(spec.class_columns) != len(plan.classes):
+            raise ConfigError(f"submission.class_columns: {len(spec.class_columns)} names for {len(plan.classes)} classes")
+        load_labels(plan.cfg, plan.testset.ids, plan.classes)  # a bad labels file fails now, not after inference
 
     def canvas(self, cfg: PipelineConfig, pre: Preprocess) -> CanvasSpec:
         return CanvasSpec(pre.size, pre.crop_pct if pre.albumentations is None else 1.0, pre.interpolation, pre.albumentations)

@@ -24,7 +24,7 @@ import polars as pl
 from kaggle_tta.dag import MemberSource, evaluate_dag
 from kaggle_tta.boxes import FUSION_METHODS, BoxesError, fuse_boxes, prediction_string, resolve_template, valid_boxes
 from kaggle_tta.config import BlendConfig, DetectionConfig, MemberConfig, PipelineConfig
-from kaggle_tta.data import CanvasSpec
+from kaggle_tta.data import CanvasSpec, read_csv_table
 from kaggle_tta.errors import CheckpointError, ConfigError, DataError
 from kaggle_tta.models import import_callable
 from kaggle_tta.tasks.base import Task, TaskOutput, register_task
@@ -165,9 +165,7 @@ def load_truth(cfg: PipelineConfig, ids: Sequence[str], classes: Sequence[str]) 
     spec = cfg.data.boxes
     assert spec is not None
     path = cfg.resolve(spec.path)
-    if not path.is_file():
-        raise DataError(f"data.boxes.path: {path} does not exist")
-    df = pl.read_csv(path, schema_overrides={spec.id_column: pl.String, spec.label_column: pl.String})
+    df = read_csv_table(path, "data.boxes.path", schema_overrides={spec.id_column: pl.String, spec.label_column: pl.String})
     need = [spec.id_column, *spec.columns, spec.label_column]
     if len(spec.columns) != 4 or any(c not in df.columns for c in need):
         raise DataError(f"{path}: needs columns {need} (data.boxes.columns gives x1, y1, x2, y2), has {df.columns}")
@@ -272,6 +270,10 @@ class Detection(Task):
 
     def canvas(self, cfg: PipelineConfig, pre: Preprocess) -> CanvasSpec:
         return CanvasSpec(pre.size, 1.0, pre.interpolation, pre.albumentations, "resize")
+
+    def check_plan(self, plan: Plan) -> None:
+        if plan.cfg.data.boxes is not None:  # a bad ground-truth file fails before the first forward
+            load_truth(plan.cfg, plan.testset.ids, plan.classes)
 
     def fingerprint(self, cfg: PipelineConfig, m: MemberConfig, canvas: CanvasSpec, activation: str) -> dict[str, Any]:
         return {"canvas": canvas.__dict__, "adapter": m.adapter}

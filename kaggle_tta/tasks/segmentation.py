@@ -133,6 +133,9 @@ def load_truth(cfg: PipelineConfig, image_id: str, n_classes: int, size: tuple[i
         raise DataError(f"{path}: a mask must be a single-channel image (0 background, k + 1 for class k)")
     if m.shape != tuple(size):
         raise DataError(f"{path}: mask is {m.shape[0]}x{m.shape[1]}, its image {size[0]}x{size[1]}")
+    top = int(m.max()) if m.size else 0
+    if n_classes > 1 and top > n_classes:
+        raise DataError(f"{path}: mask value {top} is not a class: 0 is background, 1..{n_classes} are data.classes; fix the mask or data.classes")
     if n_classes == 1:
         return (m > 0)[None]
     return np.stack([m == k + 1 for k in range(n_classes)])
@@ -217,6 +220,12 @@ class Segmentation(Task):
         return {"canvas": canvas.__dict__, "tiling": m.tiling.model_dump() if m.tiling else None, "scale": cfg.cache.scale, "activation": activation}
 
     def check_plan(self, plan: Plan) -> None:
+        spec = plan.cfg.data.masks
+        if spec is not None:  # every mask is there before the first forward (read when scored)
+            folder = plan.cfg.resolve(spec.folder)
+            missing = [i for i in plan.testset.ids if not (folder / spec.template.format(id=i)).is_file()]
+            if missing:
+                raise DataError(f"data.masks: {folder / spec.template.format(id=missing[0])} not found for image '{missing[0]}' ({len(missing)} missing); check data.masks.folder and template")
         if len({m.activation for m in plan.members}) > 1:  # maps blend element-wise: one meaning per channel
             acts = ", ".join(f"{m.name}: {m.activation}" for m in plan.members)
             raise ConfigError(f"members.*.activation: segmentation members must share one activation ({acts}); set activation on each member")
