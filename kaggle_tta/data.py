@@ -1,4 +1,4 @@
-"""The test set: listing, decoding once, preprocessing groups, and the streaming loader.
+"""The test set: listing, decoding once, canvas groups, and the streaming loader.
 
 Decoding uses OpenCV. Images are converted, not refused:
   - grayscale (1 channel) is repeated to 3 channels;
@@ -7,18 +7,15 @@ Decoding uses OpenCV. Images are converted, not refused:
   - float images are taken as [0, 1] and scaled to 8 bits.
 Zero-byte, unreadable and truncated files raise a DataError naming the path.
 
-Each member's *canvas* is made in the loader workers with albumentations: the image
-resized so its shortest side is ``floor(input / crop_pct)`` and centre-cropped square (for a
-non-square input size: resized to exactly ``floor(input / crop_pct)``, as timm does). Members
-whose canvases coincide share one; views then run on the device.
+Each member's *canvas* is made in the loader workers from the image decoded once
+(kaggle_tta.canvas: the crops a classification member's views start from, or a segmentation
+or detection canvas). Members whose canvases coincide share one; views then run on the
+device.
 """
 
 from __future__ import annotations
 
 import glob as globlib
-import hashlib
-import json
-import math
 import os
 import stat
 from collections.abc import Sequence
@@ -29,12 +26,12 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from kaggle_tta.canvas import CanvasSpec
 from kaggle_tta.config import PipelineConfig
 from kaggle_tta.errors import ConfigError, DataError
 
 # OpenCV and torch are imported where images are decoded and batched, not at import: listing
 # the test set (which re-blending does) needs neither.
-_CV2_INTERPOLATION = {"nearest": "INTER_NEAREST", "bilinear": "INTER_LINEAR", "bicubic": "INTER_CUBIC", "area": "INTER_AREA", "lanczos": "INTER_LANCZOS4"}
 
 
 def _cv2():
@@ -272,40 +269,6 @@ def decode_image(path: Path | str) -> np.ndarray:
 # ---- preprocessing groups ------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class CanvasSpec:
-    """How a member's canvas is made from the decoded image; equal specs share one canvas."""
-
-    size: tuple[int, int]  # the model input (H, W); (0, 0) with mode 'native'
-    crop_pct: float
-    interpolation: str
-    albumentations: str | None = None  # JSON of A.to_dict, when the user gives a pipeline
-    mode: str = "crop"  # crop: resize + centre crop (classification); resize: to `size`; native: as decoded
-
-    @property
-    def canvas_size(self) -> tuple[int, int]:
-        return tuple(int(math.floor(s / self.crop_pct)) for s in self.size)  # type: ignore[return-value]
-
-    @property
-    def key(self) -> str:
-        return hashlib.sha256(json.dumps(self.__dict__, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-    def build(self) -> Any:
-        import albumentations as A
-
-        if self.albumentations is not None:
-            return A.from_dict(json.loads(self.albumentations))
-        interp = getattr(_cv2(), _CV2_INTERPOLATION[self.interpolation])
-        if self.mode == "native":
-            return A.Compose([A.NoOp()])
-        if self.mode == "resize":  # maps and boxes need the whole image: no crop
-            return A.Compose([A.Resize(*self.size, interpolation=interp)])
-        sh, sw = self.canvas_size
-        if self.size[0] == self.size[1]:
-            return A.Compose([A.SmallestMaxSize(max_size=sh, interpolation=interp), A.CenterCrop(sh, sw)])
-        return A.Compose([A.Resize(sh, sw, interpolation=interp)])
-
-
 @dataclass
 class Batch:
     """Rows ``lo:hi`` of the test set as the loader yields them: each canvas group's uint8
@@ -348,8 +311,8 @@ class CanvasDataset:
             img = decode_image(self.paths[i])
             out = {}
             for key, t in self._transforms.items():
-                canvas = t(image=img)["image"]
-                if not isinstance(canvas, np.ndarray) or canvas.dtype != np.uint8 or canvas.ndim != 3:
+                canvas = t(img)
+                if not isinstance(canvas, np.ndarray) or canvas.dtype != np.uint8 or canvas.ndim != (4 if self.specs[key].stacked else 3):
                     return i, f"{shown(self.paths[i])}: the albumentations preprocessing must return uint8 HWC images; drop Normalize/ToTensorV2 (normalization runs on the device)", None
                 out[key] = canvas
             return i, out, np.array(img.shape[:2], dtype=np.int32)  # maps and boxes go back to it

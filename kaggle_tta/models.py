@@ -37,6 +37,7 @@ class Preprocess:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     albumentations: str | None  # JSON of the user's A.to_dict pipeline
+    backend: str = "albumentations"  # how crops are made: timm | albumentations (kaggle_tta.canvas)
 
 
 _TIMM_FIELDS = ("input_size", "crop_pct", "interpolation", "mean", "std")
@@ -100,8 +101,13 @@ def resolve_preprocess(cfg: PipelineConfig, m: MemberConfig, default_size: tuple
         raise ConfigError(f"{where}.preprocess: mean and std need 3 values each, std positive")
     alb = None
     if p.albumentations is not None:
+        if p.backend == "timm":
+            raise ConfigError(f"{where}.preprocess.backend: timm makes its own crops; remove it or preprocess.albumentations")
         alb = _load_albumentations(cfg, p.albumentations, f"{where}.preprocess.albumentations")
-    return Preprocess(hw, float(crop_pct), interp, mean, std, alb)
+    # auto: timm's eval transform where the preprocessing is timm's (an arch member), the
+    # reference document's OpenCV path for a factory member
+    backend = p.backend if p.backend != "auto" else ("timm" if m.arch and alb is None else "albumentations")
+    return Preprocess(hw, float(crop_pct), interp, mean, std, alb, backend)
 
 
 def _load_albumentations(cfg: PipelineConfig, spec: dict[str, Any] | Path, where: str) -> str:

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from kaggle_tta import cache as cache_mod
 from kaggle_tta.config import MemberConfig, PipelineConfig, load_classes
-from kaggle_tta.data import CanvasSpec, TestSet, list_test_set
+from kaggle_tta.canvas import CanvasSpec
+from kaggle_tta.data import TestSet, list_test_set
 from kaggle_tta.errors import CheckpointError, ConfigError
 from kaggle_tta.models import Preprocess, check_checkpoint, resolve_preprocess
 from kaggle_tta.tasks import TASKS, Task, choose, find_task
@@ -109,7 +110,7 @@ def build_plan(cfg: PipelineConfig) -> Plan:
     members = []
     for m in cfg.members:
         pre = resolve_preprocess(cfg, m, default_size=task.input_size(cfg, m))
-        canvas = task.canvas(cfg, pre)
+        canvas = task.crops(task.canvas(cfg, pre), views[m.name])
         ckpt = None
         if m.checkpoint is not None:
             path = cfg.resolve(m.checkpoint)

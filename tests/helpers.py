@@ -149,3 +149,61 @@ class LayoutReporter(nn.Module):
 
 def layout_reporter(num_classes: int = 4) -> nn.Module:
     return LayoutReporter(num_classes)
+
+
+class TopLeftPixels(nn.Module):
+    """Logits are the input's first pixels (channel 0, row 0): which pixels a view got."""
+
+    def __init__(self, num_classes: int = 4):
+        super().__init__()
+        self.num_classes = num_classes
+        self.conv = nn.Conv2d(3, 3, 1)  # a weight for the runner's layout handling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0, 0, : self.num_classes].float() + 0.0 * self.conv(x).mean()
+
+
+def top_left_pixels(num_classes: int = 4) -> nn.Module:
+    return TopLeftPixels(num_classes)
+
+
+class NearlyTiedLogits(nn.Module):
+    """Fragile in bf16: logits of about 1000 (as a real model's reach 936 on a scaled view)
+    that differ between classes by about 1 (the per-channel image mean, weighted), so bf16's
+    spacing of 4 there ties or flips the top class on most inputs, while the relative L2
+    error stays ~1e-3. In fp32 the top class is well defined."""
+
+    def __init__(self, num_classes: int = 4):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.head = nn.Linear(3, num_classes)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.randn(num_classes, 3, generator=g) * 2.0)
+            self.head.bias.fill_(1000.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x.mean(dim=(2, 3)))
+
+
+class WellSeparatedLogits(nn.Module):
+    """Robust in bf16: logits of order 1 whose top class leads by more than 1, so bf16's
+    relative rounding (2^-9) neither flips it nor moves the logits by more than ~1e-3."""
+
+    def __init__(self, num_classes: int = 4):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.head = nn.Linear(3, num_classes)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.randn(num_classes, 3, generator=g) * 0.3)
+            self.head.bias.copy_(torch.tensor([2.0] + [0.0] * (num_classes - 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def nearly_tied_model(num_classes: int = 4) -> nn.Module:
+    return NearlyTiedLogits(num_classes)
+
+
+def well_separated_model(num_classes: int = 4) -> nn.Module:
+    return WellSeparatedLogits(num_classes)

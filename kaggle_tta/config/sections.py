@@ -237,6 +237,10 @@ class PreprocessConfig(Section):
     """An albumentations pipeline in its own serialized form (``A.to_dict``), inline or as a
     JSON/YAML file. It replaces resize and crop; it must end with uint8 HWC images of one
     size (normalization stays on the device, with `mean` and `std`)."""
+    backend: Literal["auto", "timm", "albumentations"] = "auto"
+    """Classification: how the crops views start from are made. timm: timm's eval transform
+    (PIL resize with antialias, its crop rounding); albumentations: the reference
+    document's OpenCV path. auto: timm for an arch member, albumentations for a factory."""
 
     @field_validator("input_size")
     @classmethod

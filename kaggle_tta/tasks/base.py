@@ -25,10 +25,12 @@ if TYPE_CHECKING:
 
     from kaggle_tta.dag import MemberSource
     from kaggle_tta.config import MemberConfig, PipelineConfig
-    from kaggle_tta.data import Batch, CanvasSpec
+    from kaggle_tta.canvas import CanvasSpec
+    from kaggle_tta.data import Batch
     from kaggle_tta.forward import MemberWork
     from kaggle_tta.models import Preprocess
     from kaggle_tta.plan import Plan
+    from kaggle_tta.views import View
 
 Scores = dict[str, dict[str, float]]  # node -> metric -> value
 
@@ -92,6 +94,10 @@ class Task:
     def canvas(self, cfg: PipelineConfig, pre: Preprocess) -> CanvasSpec:
         """How the member's canvas is made from the decoded image."""
         raise NotImplementedError
+
+    def crops(self, canvas: CanvasSpec, views: Sequence[View]) -> CanvasSpec:
+        """The canvas with what the member's views need of it (classification: which crops)."""
+        return canvas
 
     def view_size(self, pre: Preprocess) -> tuple[int, int] | None:
         """The size views crop the canvas to (None: the whole canvas)."""

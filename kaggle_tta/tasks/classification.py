@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -17,7 +18,8 @@ import polars as pl
 
 from kaggle_tta.dag import MemberSource, blocks, node_predictions
 from kaggle_tta.config import SubmissionConfig
-from kaggle_tta.data import CanvasSpec, load_labels
+from kaggle_tta.canvas import POSITIONS, CanvasSpec
+from kaggle_tta.data import load_labels
 from kaggle_tta.errors import CheckpointError, ConfigError
 from kaggle_tta.merge import BLEND_METHODS, VIEW_REDUCERS, Prediction, to_probs
 from kaggle_tta.tasks.base import Task, TaskOutput, register_task
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
     from kaggle_tta.forward import MemberWork
     from kaggle_tta.models import Preprocess
     from kaggle_tta.plan import Plan
+    from kaggle_tta.views import View
 
 BLOCK_ROWS = 2048  # rows merged and blended at a time: accumulators stay small and in cache
 
@@ -92,7 +95,20 @@ class Classification(Task):
         load_labels(plan.cfg, plan.testset.ids, plan.classes)  # a bad labels file fails now, not after inference
 
     def canvas(self, cfg: PipelineConfig, pre: Preprocess) -> CanvasSpec:
-        return CanvasSpec(pre.size, pre.crop_pct if pre.albumentations is None else 1.0, pre.interpolation, pre.albumentations)
+        return CanvasSpec(pre.size, pre.crop_pct if pre.albumentations is None else 1.0, pre.interpolation, pre.albumentations, backend=pre.backend)
+
+    def crops(self, canvas: CanvasSpec, views: Sequence[View]) -> CanvasSpec:
+        """The loader cuts each crop the views start from (kaggle_tta.canvas), so views see
+        the model's input size; a user's albumentations pipeline is one canvas, cropped on
+        the device."""
+        if not canvas.stacked:
+            return canvas
+        needed = {v.position for v in views}
+        return replace(canvas, positions=tuple(p for p in POSITIONS if p in needed))
+
+    def view_size(self, pre: Preprocess) -> tuple[int, int] | None:
+        # the loader's crops are the input already; a user pipeline's canvas is cropped here
+        return pre.size if pre.albumentations is not None else None
 
     # ---- engine side ---------------------------------------------------------------------
 
@@ -108,13 +124,20 @@ class Classification(Task):
 
         runner, pre, k = work.runner, work.member.preprocess, work.member.out_channels
         assert runner is not None
-        x = normalize(batch.canvases[work.member.canvas.key], pre.mean, pre.std, runner.device)
+        canvas = work.member.canvas
+        raw = batch.canvases[canvas.key]  # [B, P, h, w, 3] crops, or [B, H, W, 3] one canvas
+        if canvas.stacked:
+            b, n_pos = raw.shape[:2]
+            crops = normalize(raw.flatten(0, 1), pre.mean, pre.std, runner.device).unflatten(0, (b, n_pos))
+            at = {p: crops[:, k] for k, p in enumerate(canvas.positions)}
+        else:
+            at = dict.fromkeys(POSITIONS, normalize(raw, pre.mean, pre.std, runner.device))
         todo = work.todo(batch.lo, batch.hi)
         first_of = {v.name: first for v, first in todo}
         by_size: dict[tuple[int, ...], list[Piece]] = defaultdict(list)  # chunks pack views of one input size
         for v, first in todo:
-            rows = x[first - batch.lo :]
-            by_size[tuple(v.out_size(tuple(x.shape[-2:])))].append(Piece(v.name, rows.shape[0], lambda a, b, v=v, rows=rows: v.apply(rows[a:b])))
+            rows = at[v.position][first - batch.lo :]
+            by_size[tuple(v.out_size(tuple(rows.shape[-2:])))].append(Piece(v.name, rows.shape[0], lambda a, b, v=v, rows=rows: v.apply(rows[a:b])))
 
         def consume(out: Any, slots: list) -> None:
             if out.dim() != 2 or out.shape[1] != k:

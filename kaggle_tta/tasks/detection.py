@@ -24,7 +24,8 @@ import polars as pl
 from kaggle_tta.dag import MemberSource, evaluate_dag
 from kaggle_tta.boxes import FUSION_METHODS, BoxesError, fuse_boxes, prediction_string, resolve_template, valid_boxes
 from kaggle_tta.config import BlendConfig, DetectionConfig, MemberConfig, PipelineConfig
-from kaggle_tta.data import CanvasSpec, read_csv_table
+from kaggle_tta.canvas import CanvasSpec
+from kaggle_tta.data import read_csv_table
 from kaggle_tta.errors import CheckpointError, ConfigError, DataError
 from kaggle_tta.models import import_callable
 from kaggle_tta.tasks.base import Task, TaskOutput, register_task

@@ -24,7 +24,8 @@ import polars as pl
 
 from kaggle_tta.dag import MemberSource, blocks, member_prediction, node_predictions
 from kaggle_tta.config import MemberConfig, PipelineConfig, SubmissionConfig
-from kaggle_tta.data import CanvasSpec, decode_image
+from kaggle_tta.canvas import CanvasSpec
+from kaggle_tta.data import decode_image
 from kaggle_tta.errors import CheckpointError, ConfigError, DataError
 from kaggle_tta.merge import VIEW_REDUCERS, Prediction, to_probs
 from kaggle_tta.rle import mask_to_rle, remove_small_components

@@ -394,6 +394,11 @@ class View:
     def is_spatial(self) -> bool:
         return any(op.spatial for op in self.ops)
 
+    @property
+    def position(self) -> str:
+        """Where its crop of the resized image sits: center, or the corner it names."""
+        return self.ops[0].position if self.ops and isinstance(self.ops[0], Crop) else "center"
+
     def hint(self, target: str) -> str:
         """The fix to print when this view cannot be inverted on ``target``: that of the first
         op that cannot; '' when the view can."""
