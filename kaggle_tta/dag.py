@@ -73,11 +73,12 @@ def blocks(n: int, block: int) -> Iterator[tuple[int, int]]:
 
 
 def node_predictions(
-    cfg: PipelineConfig, sources: Sequence[MemberSource], lo: int, hi: int, activation: str,
+    cfg: PipelineConfig, sources: Sequence[MemberSource], lo: int, hi: int,
     views: Sequence[str] | None = None, transform: Callable[[np.ndarray, str], np.ndarray] | None = None,
 ) -> dict[str, Prediction]:
-    """Every node's prediction for rows ``lo:hi``: members from their views, then blends."""
-    return evaluate(cfg, {s.name: member_prediction(s, lo, hi, views, transform) for s in sources}, activation)
+    """Every node's prediction for rows ``lo:hi``: members from their views (each with its
+    own activation), then blends."""
+    return evaluate(cfg, {s.name: member_prediction(s, lo, hi, views, transform) for s in sources})
 
 
 def evaluate_dag(cfg: PipelineConfig, members: Mapping[str, T], combine: Callable[[BlendConfig, list[T]], T]) -> dict[str, T]:
@@ -93,6 +94,6 @@ def evaluate_dag(cfg: PipelineConfig, members: Mapping[str, T], combine: Callabl
     return out
 
 
-def evaluate(cfg: PipelineConfig, members: Mapping[str, Prediction], activation: str) -> dict[str, Prediction]:
+def evaluate(cfg: PipelineConfig, members: Mapping[str, Prediction]) -> dict[str, Prediction]:
     """Every node's prediction (classification, segmentation maps)."""
-    return evaluate_dag(cfg, members, lambda b, ins: blend(b.method, ins, b.weights, activation, b.space, b.power))
+    return evaluate_dag(cfg, members, lambda b, ins: blend(b.method, ins, b.weights, b.space, b.power))

@@ -2,7 +2,13 @@
 
 Reducers stream: they take one ``[N, C]`` array at a time and keep one float32 accumulator,
 so merging eight views of a large test set costs eight reads and one buffer, never a stack.
-A prediction carries its *kind*: ``logits``, ``probs``, or ``scores`` (ranks, in [0, 1]).
+A prediction carries its *kind*: ``logits``, ``probs``, or ``scores`` (ranks, in [0, 1]),
+and, for logits, the *activation* that turns them into probabilities: the member's own
+(``activation: sigmoid`` on a member is honoured through every blend, writer and report).
+
+Each blend combines in one stated space (``space``): ``probs`` (the default: every input as
+its own probabilities), or ``logits`` (every input must be logits of one activation; the
+schema checks it at load, naming the blend).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from kaggle_tta.errors import ConfigError, did_you_mean
 class Prediction:
     values: np.ndarray  # float32 [N, C]
     kind: str  # logits | probs | scores
+    activation: str = "softmax"  # what turns these logits into probabilities (kind logits)
 
 
 def activate(logits: np.ndarray, activation: str) -> np.ndarray:
@@ -33,8 +40,9 @@ def activate(logits: np.ndarray, activation: str) -> np.ndarray:
     return x.copy()
 
 
-def to_probs(p: Prediction, activation: str) -> np.ndarray:
-    return activate(p.values, activation) if p.kind == "logits" else p.values
+def to_probs(p: Prediction) -> np.ndarray:
+    """Probabilities (or scores) of a prediction, through its own activation."""
+    return activate(p.values, p.activation) if p.kind == "logits" else p.values
 
 
 def _normalize_rows(x: np.ndarray, activation: str) -> np.ndarray:
@@ -67,7 +75,7 @@ def reduce_views(name: str, arrays: Iterable[np.ndarray], activation: str) -> Pr
         n += 1
     if acc is None:
         raise ValueError("no views to merge")
-    return Prediction(finish(acc, n, activation), kind)
+    return Prediction(finish(acc, n, activation), kind, activation)
 
 
 def _add(acc: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -110,44 +118,55 @@ def rank_columns(x: np.ndarray) -> np.ndarray:
     return ranks / max(n - 1, 1)
 
 
-def _blend_mean(inputs: Sequence[Prediction], activation: str, space: str, power: float) -> tuple[Iterator[np.ndarray], str]:
-    if space == "logits" and all(q.kind == "logits" for q in inputs):
-        return (p.values for p in inputs), "logits"
-    return (to_probs(p, activation) for p in inputs), "probs"
+def _space(inputs: Sequence[Prediction], space: str) -> Iterator[np.ndarray]:
+    """Each input in the blend's space: its logits, or its own probabilities."""
+    if space == "logits":
+        bad = [q.kind for q in inputs if q.kind != "logits"] + sorted({q.activation for q in inputs})[1:]
+        if bad:  # the schema rules this out at load; a direct caller gets the same rule
+            raise ConfigError(f"space: logits needs every input to be logits of one activation, got {[(q.kind, q.activation) for q in inputs]}")
+        return (q.values for q in inputs)
+    return (to_probs(q) for q in inputs)
 
 
-def _blend_rank(inputs: Sequence[Prediction], activation: str, space: str, power: float) -> tuple[Iterator[np.ndarray], str]:
-    return (rank_columns(p.values) for p in inputs), "scores"
+def _blend_mean(inputs: Sequence[Prediction], space: str, power: float) -> tuple[Iterator[np.ndarray], str]:
+    return _space(inputs, space), "logits" if space == "logits" else "probs"
 
 
-def _blend_power(inputs: Sequence[Prediction], activation: str, space: str, power: float) -> tuple[Iterator[np.ndarray], str]:
-    return (np.power(np.clip(to_probs(p, activation), 0, None), power) for p in inputs), "probs"
+def _blend_rank(inputs: Sequence[Prediction], space: str, power: float) -> tuple[Iterator[np.ndarray], str]:
+    return (rank_columns(x) for x in _space(inputs, space)), "scores"
 
 
-# Blend methods, one signature: (inputs, activation, space, power) -> (each input as it enters
-# the weighted sum, made lazily one at a time; the kind of the result), and whether the sum's
+def _blend_power(inputs: Sequence[Prediction], space: str, power: float) -> tuple[Iterator[np.ndarray], str]:
+    if space != "probs":
+        raise ConfigError("power_mean combines probabilities: use space: probs")
+    return (np.power(np.clip(x, 0, None), power) for x in _space(inputs, space)), "probs"
+
+
+# Blend methods, one signature: (inputs, space, power) -> (each input as it enters the
+# weighted sum, made lazily one at a time; the kind of the result), and whether the sum's
 # power is undone after it (power_mean).
-BlendMethod = Callable[[Sequence[Prediction], str, str, float], tuple[Iterable[np.ndarray], str]]
+BlendMethod = Callable[[Sequence[Prediction], str, float], tuple[Iterable[np.ndarray], str]]
 BLEND_METHODS: dict[str, tuple[BlendMethod, bool]] = {
     "mean": (_blend_mean, False),
     "rank_mean": (_blend_rank, False),
     "power_mean": (_blend_power, True),
 }
+# What a member's view merge gives: logits (mean of logits) or probabilities (the others).
+MERGE_KINDS = {name: kind for name, (_, _, _, kind) in VIEW_REDUCERS.items()}
 
 
-def blend(method: str, inputs: Sequence[Prediction], weights: Sequence[float] | None, activation: str, space: str = "probs", power: float = 2.0) -> Prediction:
-    """Combines predictions with normalized weights.
+def blend(method: str, inputs: Sequence[Prediction], weights: Sequence[float] | None, space: str = "probs", power: float = 2.0) -> Prediction:
+    """Combines predictions with normalized weights, in ``space`` (probs or logits).
 
-    mean: weighted mean, of probabilities (``space: probs``) or logits (when every input is
-    logits); rank_mean: weighted mean of per-class ranks; power_mean: (sum w p^power)^(1/power)
-    of probabilities.
+    mean: weighted mean; rank_mean: weighted mean of per-class ranks (of probabilities, or of
+    logits); power_mean: (sum w p^power)^(1/power) of probabilities.
     """
     if method not in BLEND_METHODS:
         raise ConfigError(f"unknown blend method '{method}'{did_you_mean(method, BLEND_METHODS)}; choose one of {', '.join(BLEND_METHODS)}")
     transform, root = BLEND_METHODS[method]
     w = np.asarray(weights if weights is not None else [1.0] * len(inputs), dtype=np.float64)
     w = w / w.sum()
-    values, kind = transform(inputs, activation, space, power)
+    values, kind = transform(inputs, space, power)
     acc: np.ndarray | None = None
     for x, wi in zip(values, w):
         term = np.multiply(x, np.float32(wi), dtype=np.float32)  # one temporary, not two
@@ -155,4 +174,4 @@ def blend(method: str, inputs: Sequence[Prediction], weights: Sequence[float] | 
     assert acc is not None
     if root:
         acc = np.power(acc, 1.0 / power)
-    return Prediction(acc, kind)
+    return Prediction(acc, kind, inputs[0].activation)

@@ -20,6 +20,7 @@ from kaggle_tta.config import MemberConfig, PipelineConfig, load_classes
 from kaggle_tta.canvas import CanvasSpec
 from kaggle_tta.data import TestSet, list_test_set
 from kaggle_tta.errors import CheckpointError, ConfigError
+from kaggle_tta.merge import MERGE_KINDS
 from kaggle_tta.models import Preprocess, check_checkpoint, resolve_preprocess
 from kaggle_tta.tasks import TASKS, Task, choose, find_task
 from kaggle_tta.views import View, parse_tta
@@ -140,8 +141,31 @@ def build_plan(cfg: PipelineConfig) -> Plan:
         bound = [v.bind(task.view_size(pre), pre.mean, pre.std) for v in views[m.name]]
         members.append(MemberPlan(m, pre, canvas, bound, act, task.out_channels(act, len(classes)), inputs, key))
     plan = Plan(cfg, task, classes, testset, members, cache_root)
+    check_spaces(plan)
     task.check_plan(plan)
     return plan
+
+
+def check_spaces(plan: Plan) -> None:
+    """Each blend's stated space must hold: ``space: logits`` only over inputs that give
+    logits (members merged with ``mean``, blends in logits) of one activation."""
+    out: dict[str, tuple[str, str]] = {m.name: (MERGE_KINDS.get(str(m.cfg.merge), "boxes"), m.activation) for m in plan.members}
+    for i, b in enumerate(plan.cfg.blends):
+        ins = [out[n] for n in b.inputs]
+        if b.space == "logits":
+            if b.method == "power_mean":
+                raise ConfigError(f"blends[{i}].space: power_mean combines probabilities; use space: probs")
+            wrong = [(n, k) for n, (k, _) in zip(b.inputs, ins) if k != "logits"]
+            if wrong:
+                raise ConfigError(
+                    f"blends[{i}].space: logits needs every input to give logits, but '{wrong[0][0]}' gives {wrong[0][1]}; "
+                    "use space: probs, or merge: mean on that member"
+                )
+            acts = {a for _, a in ins}
+            if len(acts) > 1:
+                raise ConfigError(f"blends[{i}].space: logits of different activations ({', '.join(sorted(acts))}) do not average; use space: probs")
+        kind = "scores" if b.method == "rank_mean" else "logits" if b.space == "logits" else "probs"
+        out[b.name] = (kind, ins[0][1])
 
 
 def factory_digest(m: MemberConfig, memo: Path) -> str | None:

@@ -140,3 +140,88 @@ def test_every_view_of_a_run_starts_from_the_oracle_crop(tmp_path, pipeline):
             crop = CanvasSpec((56, 56), 0.9, "bicubic", backend="timm", positions=(position,)).build()(img)[0]
             want = (crop[0, :2, 0].astype(np.float32) / 255.0 - 0.5) / 0.25  # channel 0, pixels (0, 0) and (0, 1)
             np.testing.assert_allclose(got[k, :2], want, atol=1e-5)
+
+
+# ---- every member's activation is honoured ----------------------------------------------------
+
+
+def _views_mean(entry, views) -> np.ndarray:
+    return np.mean([np.load(entry / f"{v}.npy") for v in views], axis=0)
+
+
+def _softmax(x):
+    e = np.exp(x - x.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+@pytest.mark.parametrize("activation,fn", [("sigmoid", _sigmoid), ("none", lambda x: x), ("softmax", _softmax)])
+def test_a_members_activation_is_honoured_after_a_mean_of_logits(pipeline, tmp_path, activation, fn):
+    import polars as pl
+
+    from kaggle_tta import run
+
+    write, cfg = pipeline
+    cfg["members"] = [dict(cfg["members"][0], activation=activation, merge="mean")]
+    cfg["blends"] = []
+    cfg["submission"].update(format="probs")
+    result = run(write(cfg), progress=False)
+    entry = next((tmp_path / "cache" / "a").iterdir())
+    want = fn(_views_mean(entry, ["identity", "hflip"]))
+    got = pl.read_csv(result.blend.path).drop("id").to_numpy()
+    np.testing.assert_allclose(got, want, atol=2e-6)  # the CSV keeps 6 decimals
+
+
+def test_a_blend_of_members_with_their_own_activations(pipeline, tmp_path):
+    import polars as pl
+
+    from kaggle_tta import run
+
+    write, cfg = pipeline
+    cfg["members"][0].update(activation="sigmoid", merge="mean")
+    cfg["members"][1].update(activation="softmax", merge="mean")
+    cfg["blends"] = [{"name": "ens", "inputs": ["a", "b"], "method": "mean", "weights": [1, 3]}]
+    cfg["submission"].update(format="probs")
+    result = run(write(cfg), progress=False)
+    ea, eb = (next((tmp_path / "cache" / n).iterdir()) for n in ("a", "b"))
+    want = 0.25 * _sigmoid(_views_mean(ea, ["identity", "hflip"])) + 0.75 * _softmax(_views_mean(eb, ["identity", "rot90", "rot180", "rot270", "vflip", "transverse", "hflip", "transpose"]))
+    np.testing.assert_allclose(pl.read_csv(result.blend.path).drop("id").to_numpy(), want, atol=2e-6)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda c: c["members"][1].update(merge="mean_prob"), r"blends\[0\]\.space: logits needs every input to give logits, but 'b' gives probs"),
+        (lambda c: c["members"][0].update(activation="sigmoid"), r"blends\[0\]\.space: logits of different activations"),
+        (lambda c: c["blends"][0].update(method="power_mean"), r"blends\[0\]\.space: power_mean combines probabilities"),
+    ],
+)
+def test_a_blend_space_that_cannot_hold_is_an_error_at_load(pipeline, change, message):
+    from kaggle_tta import build_plan, load_pipeline
+    from kaggle_tta.errors import ConfigError
+
+    write, cfg = pipeline
+    cfg["blends"][0]["space"] = "logits"
+    change(cfg)
+    with pytest.raises(ConfigError, match=message):
+        build_plan(load_pipeline(write(cfg)))
+
+
+def test_rank_mean_ranks_each_members_probabilities(pipeline, tmp_path):
+    from kaggle_tta import run
+    from kaggle_tta.merge import rank_columns
+
+    write, cfg = pipeline
+    cfg["members"][0]["merge"] = "mean"  # logits: ranked through softmax, not raw
+    cfg["members"][1]["merge"] = "mean_prob"
+    cfg["blends"] = [{"name": "ens", "inputs": ["a", "b"], "method": "rank_mean"}]
+    cfg["submission"].update(format="probs")
+    result = run(write(cfg), progress=False)
+    ea, eb = (next((tmp_path / "cache" / n).iterdir()) for n in ("a", "b"))
+    pa = _softmax(_views_mean(ea, ["identity", "hflip"]))
+    pb = np.mean([_softmax(np.load(f)) for f in sorted(eb.glob("*.npy"))], axis=0)
+    want = 0.5 * rank_columns(pa.astype(np.float32)) + 0.5 * rank_columns(pb.astype(np.float32))
+    np.testing.assert_allclose(result.blend.table.drop("id").to_numpy(), want, atol=1e-6)

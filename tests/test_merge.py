@@ -45,19 +45,24 @@ def test_blend_methods():
     a = Prediction(VIEWS[0], "logits")
     b = Prediction(softmax(VIEWS[1]), "probs")
     pa, pb = softmax(VIEWS[0]), softmax(VIEWS[1])
-    np.testing.assert_allclose(blend("mean", [a, b], [3, 1], "softmax").values, 0.75 * pa + 0.25 * pb, atol=1e-6)
-    np.testing.assert_allclose(blend("power_mean", [a, b], None, "softmax", power=2).values, np.sqrt((pa**2 + pb**2) / 2), atol=1e-6)
+    np.testing.assert_allclose(blend("mean", [a, b], [3, 1]).values, 0.75 * pa + 0.25 * pb, atol=1e-6)
+    np.testing.assert_allclose(blend("power_mean", [a, b], None, power=2).values, np.sqrt((pa**2 + pb**2) / 2), atol=1e-6)
     c = Prediction(VIEWS[2], "logits")
-    out = blend("mean", [a, c], [1, 1], "softmax", space="logits")
+    out = blend("mean", [a, c], [1, 1], space="logits")
     assert out.kind == "logits"
     np.testing.assert_allclose(out.values, (VIEWS[0] + VIEWS[2]) / 2, atol=1e-6)
-    r = blend("rank_mean", [a, b], [1, 1], "softmax")
+    # rank_mean ranks each input's probabilities (its own activation), in one stated space
+    r = blend("rank_mean", [a, b], [1, 1])
     assert r.kind == "scores"
-    np.testing.assert_allclose(r.values, (rank_columns(VIEWS[0]) + rank_columns(pb)) / 2, atol=1e-6)
+    np.testing.assert_allclose(r.values, (rank_columns(pa) + rank_columns(pb)) / 2, atol=1e-6)
     ranks = rank_columns(np.array([[3.0], [1.0], [2.0]]))
     np.testing.assert_allclose(ranks[:, 0], [1.0, 0.0, 0.5])
     with pytest.raises(ConfigError, match="unknown blend method 'avg'"):
-        blend("avg", [a], None, "softmax")
+        blend("avg", [a], None)
+    with pytest.raises(ConfigError, match="space: logits needs every input to be logits"):
+        blend("mean", [a, b], None, space="logits")
+    s = Prediction(VIEWS[0], "logits", "sigmoid")  # a sigmoid member's logits blend as its probabilities
+    np.testing.assert_allclose(blend("mean", [s, b], [1, 1]).values, 0.5 / (1 + np.exp(-VIEWS[0])) + 0.5 * pb, atol=1e-6)
 
 
 def test_activate_is_stable_for_huge_logits():

@@ -454,7 +454,9 @@ class BlendConfig(Section):
     power: float = 2.0
     """Exponent of power_mean."""
     space: Literal["probs", "logits"] = "probs"
-    """Whether mean/power_mean combine probabilities (default) or logits."""
+    """What the blend combines: each input's probabilities through its own member's
+    activation (default), or logits (mean and rank_mean; every input must give logits of one
+    activation, checked at load)."""
 
     @model_validator(mode="after")
     def _weights(self) -> BlendConfig:

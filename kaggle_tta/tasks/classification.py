@@ -165,7 +165,6 @@ class Classification(Task):
         few blocks whatever the test-set size; rank_mean ranks whole columns, so a DAG that
         uses it is evaluated in one block."""
         cfg = plan.cfg
-        act = "sigmoid" if cfg.multilabel else "softmax"
         n = len(plan.testset)
         labels = load_labels(cfg, plan.testset.ids, plan.classes)
         writer = self.writers[cfg.submission.format]  # type: ignore[index]
@@ -173,26 +172,26 @@ class Classification(Task):
         metric = "F1" if cfg.multilabel else "accuracy"
         tables, tta, no_tta = [], {}, {}
         for lo, hi in blocks(n, step):
-            nodes = node_predictions(cfg, sources, lo, hi, act)
+            nodes = node_predictions(cfg, sources, lo, hi)
             src = nodes[cfg.submission_source]
-            probs = src.values if cfg.submission.format in RANK_ONLY else to_probs(src, act)
+            probs = src.values if cfg.submission.format in RANK_ONLY else to_probs(src)
             tables.append(writer(plan.testset.ids[lo:hi], probs, plan.classes, cfg.submission))
             if labels is None:
                 continue
             for name, pred in nodes.items():
-                tta[name] = tta.get(name, 0) + _counts(pred, labels[lo:hi], cfg, act)
+                tta[name] = tta.get(name, 0) + _counts(pred, labels[lo:hi], cfg)
             if plain:  # without TTA: each member's identity view alone, blended the same way
-                for name, pred in node_predictions(cfg, sources, lo, hi, act, ["identity"]).items():
-                    no_tta[name] = no_tta.get(name, 0) + _counts(pred, labels[lo:hi], cfg, act)
+                for name, pred in node_predictions(cfg, sources, lo, hi, ["identity"]).items():
+                    no_tta[name] = no_tta.get(name, 0) + _counts(pred, labels[lo:hi], cfg)
         table = pl.concat(tables) if len(tables) > 1 else tables[0]
         scores = lambda counts: {k: {metric: _score(c, cfg.multilabel)} for k, c in counts.items()}  # noqa: E731
         return TaskOutput(table, [metric], scores(tta), scores(no_tta))
 
 
-def _counts(pred: Prediction, y: np.ndarray, cfg: PipelineConfig, activation: str) -> np.ndarray:
+def _counts(pred: Prediction, y: np.ndarray, cfg: PipelineConfig) -> np.ndarray:
     """What a score is made of, additive over blocks of rows: (correct, rows), or for
     multi-label (true positives, false positives, false negatives)."""
-    p = to_probs(pred, activation)
+    p = to_probs(pred)
     if cfg.multilabel:
         hit = p >= cfg.submission.threshold
         return np.array([(hit & (y == 1)).sum(), (hit & (y == 0)).sum(), (~hit & (y == 1)).sum()], dtype=np.float64)

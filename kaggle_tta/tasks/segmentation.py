@@ -60,9 +60,9 @@ def member_maps(s: MemberSource, lo: int, hi: int, views: Sequence[str] | None =
     return member_prediction(s, lo, hi, views, _as_logits)
 
 
-def node_maps(cfg: PipelineConfig, sources: Sequence[MemberSource], lo: int, hi: int, activation: str, views: Sequence[str] | None = None) -> dict[str, Prediction]:
+def node_maps(cfg: PipelineConfig, sources: Sequence[MemberSource], lo: int, hi: int, views: Sequence[str] | None = None) -> dict[str, Prediction]:
     """Every node's maps for images ``lo:hi``."""
-    return node_predictions(cfg, sources, lo, hi, activation, views, _as_logits)
+    return node_predictions(cfg, sources, lo, hi, views, _as_logits)
 
 
 def masks_of(probs: np.ndarray, size: tuple[int, int], activation: str, threshold: float, min_area: int) -> np.ndarray:
@@ -155,10 +155,10 @@ def write_and_score(
     tta: dict[str, Scores] = {}
     no_tta: dict[str, Scores] = {}
     for lo, hi in blocks(len(ids), BLOCK):
-        nodes = node_maps(cfg, sources, lo, hi, activation)
-        plain_nodes = node_maps(cfg, sources, lo, hi, activation, ["identity"]) if plain and truth_given else {}
-        probs = {name: to_probs(p, activation) for name, p in nodes.items()}
-        plain_probs = {name: to_probs(p, activation) for name, p in plain_nodes.items()}
+        nodes = node_maps(cfg, sources, lo, hi)
+        plain_nodes = node_maps(cfg, sources, lo, hi, ["identity"]) if plain and truth_given else {}
+        probs = {name: to_probs(p) for name, p in nodes.items()}
+        plain_probs = {name: to_probs(p) for name, p in plain_nodes.items()}
         for j, i in enumerate(range(lo, hi)):
             size = tuple(sizes[i])
             masks = masks_of(probs[src][j], size, activation, seg.threshold, seg.min_area)
