@@ -22,7 +22,7 @@ from kaggle_tta.cache import DamagedView
 from kaggle_tta.dag import MemberSource, check_complete
 from kaggle_tta.config import PipelineConfig, load_pipeline
 from kaggle_tta.plan import Plan, build_plan, find_entry, resolve_device, resolve_precision
-from kaggle_tta.submission import check_writable, write_submission
+from kaggle_tta.submission import align, check_writable, write_submission
 
 if TYPE_CHECKING:
     from kaggle_tta.engine import RunStats
@@ -133,6 +133,8 @@ def blend_plan(plan: Plan, sources: list[MemberSource]) -> BlendResult:
         out = task.blend(plan, sources, sizes, has_identity)
     except DamagedView as exc:  # marked: the next infer recomputes it; say which command
         raise DamagedView(exc.entry, exc.view, exc.reason, sources[0].fill_hint) from None
+    if plan.sample is not None:
+        out.table = align(out.table, plan.sample)
     out_path = cfg.resolve(cfg.submission.path)
     write_submission(out.table, out_path)
     result = BlendResult(str(out_path), cfg.submission_source, metrics=out.metrics if out.tta else [], n_rows=out.table.height, table=out.table)

@@ -21,6 +21,7 @@ from kaggle_tta.canvas import CanvasSpec
 from kaggle_tta.data import TestSet, list_test_set
 from kaggle_tta.errors import CheckpointError, ConfigError
 from kaggle_tta.merge import MERGE_KINDS
+from kaggle_tta.submission import SampleOrder, match_sample
 from kaggle_tta.models import Preprocess, check_checkpoint, resolve_preprocess
 from kaggle_tta.tasks import TASKS, Task, choose, find_task
 from kaggle_tta.views import View, parse_tta
@@ -56,6 +57,7 @@ class Plan:
     testset: TestSet
     members: list[MemberPlan]
     cache_root: Path
+    sample: SampleOrder | None = None  # submission.sample, matched with the rows to write
 
     def member(self, name: str) -> MemberPlan:
         return next(m for m in self.members if m.name == name)
@@ -143,6 +145,8 @@ def build_plan(cfg: PipelineConfig) -> Plan:
     plan = Plan(cfg, task, classes, testset, members, cache_root)
     check_spaces(plan)
     task.check_plan(plan)
+    if cfg.submission.sample is not None:  # ids that do not match fail before the first forward
+        plan.sample = match_sample(cfg.resolve(cfg.submission.sample), cfg.submission.id_column, task.row_ids(plan), testset.paths, task.columns(plan))
     return plan
 
 
@@ -245,7 +249,8 @@ def resolve_workers(setting: int | str, device: torch.device, threads: int | Non
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
-    """auto: bf16 where native, fp16 on CUDA without bf16 (T4, P100), else fp32."""
+    """auto: bf16 where native (CUDA capability >= 8.0, CPUs with AVX512-BF16 or AMX), fp16 on
+    older CUDA devices (T4, V100, P100), else fp32."""
     import torch
 
     if name != "auto":
@@ -253,7 +258,11 @@ def resolve_precision(name: str, device: torch.device) -> str:
             raise ConfigError("runtime.precision: fp16 autocast is for CUDA; on the CPU use bf16, fp32 or auto")
         return name
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # Native bf16 from compute capability 8.0 (Ampere) on. torch's is_bf16_supported()
+        # answers True on a T4 (7.5) through emulation, slower than fp32 there, and cuDNN has
+        # no bf16 convolutions below 8.0: fp16 is the T4's, V100's and P100's fast path.
+        major, _ = torch.cuda.get_device_capability(device)
+        return "bf16" if major >= 8 else "fp16"
     if device.type == "cpu" and cpu_has_native_bf16():
         return "bf16"
     return "fp32"

@@ -503,6 +503,10 @@ class SubmissionConfig(Section):
     ('{conf} {x} {y} {w} {h}', pixels) or open_images ('{label} {conf} {nx1} {ny1} {nx2}
     {ny2}', normalized)."""
     prediction_column: str = "PredictionString"
+    sample: Annotated[Path | None, Bundle("data")] = None
+    """The competition's sample_submission.csv: the CSV written then has its header, exactly
+    its ids (a sample id matches a row id, or a test image's file name with its suffix) and
+    its order; missing or extra ids are an error before the first forward."""
 
     @field_validator("k")
     @classmethod

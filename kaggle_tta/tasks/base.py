@@ -120,6 +120,15 @@ class Task:
     def check_plan(self, plan: Plan) -> None:
         """Checks across members, once all are resolved."""
 
+    def columns(self, plan: Plan) -> list[str] | None:
+        """The submission's header, when known before writing (None: not checked early)."""
+        return None
+
+    def row_ids(self, plan: Plan) -> list[tuple[str, int]]:
+        """The submission's row ids in the order the writer writes them, each with the test
+        image it belongs to (one row per image unless the format says otherwise)."""
+        return [(i, k) for k, i in enumerate(plan.testset.ids)]
+
     # ---- engine side (torch) ---------------------------------------------------------------
 
     def open_views(self, work: MemberWork, plan: Plan) -> None:

@@ -94,6 +94,10 @@ class Classification(Task):
             raise ConfigError(f"submission.class_columns: {len(spec.class_columns)} names for {len(plan.classes)} classes")
         load_labels(plan.cfg, plan.testset.ids, plan.classes)  # a bad labels file fails now, not after inference
 
+    def columns(self, plan: Plan) -> list[str]:
+        writer = self.writers[plan.cfg.submission.format]  # type: ignore[index]
+        return writer([], np.zeros((0, len(plan.classes)), np.float32), plan.classes, plan.cfg.submission).columns
+
     def canvas(self, cfg: PipelineConfig, pre: Preprocess) -> CanvasSpec:
         return CanvasSpec(pre.size, pre.crop_pct if pre.albumentations is None else 1.0, pre.interpolation, pre.albumentations, backend=pre.backend)
 

@@ -279,6 +279,9 @@ class Detection(Task):
     def fingerprint(self, cfg: PipelineConfig, m: MemberConfig, canvas: CanvasSpec, activation: str) -> dict[str, Any]:
         return {"canvas": canvas.__dict__, "adapter": m.adapter}
 
+    def columns(self, plan: Plan) -> list[str]:
+        return [plan.cfg.submission.id_column, plan.cfg.submission.prediction_column]
+
     # ---- engine side ---------------------------------------------------------------------
 
     def post(self, plan: Plan, m: MemberConfig) -> Callable[[Any, Any], list[Boxes]]:

@@ -96,10 +96,12 @@ def rle_rows(image_id: str, masks: np.ndarray, classes: Sequence[str], spec: Sub
     order = "F" if r.order == "column" else "C"
     if r.rows == "image":
         return [(image_id, mask_to_rle(masks.any(axis=0), order, r.one_indexed, r.empty))]
-    return [
-        (r.id_template.format(id=image_id, **{"class": name, "index": k}), mask_to_rle(masks[k], order, r.one_indexed, r.empty))
-        for k, name in enumerate(classes)
-    ]
+    return [(class_row_id(spec, image_id, k, name), mask_to_rle(masks[k], order, r.one_indexed, r.empty)) for k, name in enumerate(classes)]
+
+
+def class_row_id(spec: SubmissionConfig, image_id: str, index: int, name: str) -> str:
+    """The id of an (image, class) row."""
+    return spec.rle.id_template.format(id=image_id, **{"class": name, "index": index})
 
 
 @dataclass
@@ -230,6 +232,15 @@ class Segmentation(Task):
         if len({m.activation for m in plan.members}) > 1:  # maps blend element-wise: one meaning per channel
             acts = ", ".join(f"{m.name}: {m.activation}" for m in plan.members)
             raise ConfigError(f"members.*.activation: segmentation members must share one activation ({acts}); set activation on each member")
+
+    def row_ids(self, plan: Plan) -> list[tuple[str, int]]:
+        r = plan.cfg.submission.rle
+        if r.rows == "image":
+            return super().row_ids(plan)
+        return [(class_row_id(plan.cfg.submission, i, c, name), k) for k, i in enumerate(plan.testset.ids) for c, name in enumerate(plan.classes)]
+
+    def columns(self, plan: Plan) -> list[str]:
+        return [plan.cfg.submission.id_column, plan.cfg.submission.rle.column]
 
     # ---- engine side ---------------------------------------------------------------------
 
