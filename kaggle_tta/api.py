@@ -12,6 +12,7 @@ objects (RunStats, BlendResult, RunResult), not only files::
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
@@ -83,10 +84,12 @@ def infer(pipeline: Pipeline, overrides: list[str] | None = None, progress: bool
     return run_inference(plan, device, resolve_precision(plan.cfg.runtime.precision, device), progress=progress)
 
 
-def blend(pipeline: Pipeline, overrides: list[str] | None = None, computed: str | None = None, fill_hint: str = "PIPELINE") -> BlendResult:
+def blend(pipeline: Pipeline, overrides: list[str] | None = None, computed: str | Mapping[str, str] | None = None, fill_hint: str = "PIPELINE") -> BlendResult:
     """Blends from the cache and writes the submission; builds no model, reads no image.
 
-    ``computed`` is the precision a run just filled the cache in (see plan.find_entry);
+    ``computed`` is the precision a run just filled the cache in, or one per member
+    (``RunStats.computed``: a member whose reduced precision failed its check ran in fp32;
+    see plan.find_entry);
     ``fill_hint`` names the pipeline in the error that lists missing entries.
     """
     plan = plan_of(pipeline, overrides)
@@ -100,21 +103,22 @@ def run(pipeline: Pipeline, overrides: list[str] | None = None, progress: bool =
     check_writable(plan.cfg.resolve(plan.cfg.submission.path))  # not only after the whole inference
     stats = infer(plan, progress=progress)
     try:
-        return RunResult(stats, blend(plan, computed=stats.precision, fill_hint=fill_hint))
+        return RunResult(stats, blend(plan, computed=stats.computed, fill_hint=fill_hint))
     except DamagedView as exc:
         print(f"kaggle-tta: {exc.entry.path(exc.view)}: damaged ({exc.reason}); recomputing it", file=sys.stderr, flush=True)
     again = infer(plan, progress=progress)
     again.recomputed_damaged = True
-    return RunResult(again, blend(plan, computed=again.precision, fill_hint=fill_hint))
+    return RunResult(again, blend(plan, computed=again.computed, fill_hint=fill_hint))
 
 
-def sources_for(plan: Plan, pipeline_arg: str = "PIPELINE", computed: str | None = None) -> list[MemberSource]:
+def sources_for(plan: Plan, pipeline_arg: str = "PIPELINE", computed: str | Mapping[str, str] | None = None) -> list[MemberSource]:
     """Where each member's cached views are (see plan.find_entry); ``computed`` is the
     precision a run just filled the cache in."""
     cfg = plan.cfg
     out = []
     for m in plan.members:
-        entry = find_entry(plan, m, cfg.runtime.precision, computed)
+        mine = computed.get(m.name) if isinstance(computed, Mapping) else computed
+        entry = find_entry(plan, m, cfg.runtime.precision, mine)
         out.append(MemberSource(m.name, entry, [v.name for v in m.views], m.activation, m.cfg.merge, f"kaggle-tta infer {pipeline_arg}"))  # type: ignore[arg-type]
     return out
 

@@ -24,6 +24,9 @@ def _print_stats(stats) -> None:
     if stats.all_cached:
         n = sum(len(m.views_cached) for m in stats.members.values())
         print(f"cache: all {n} (member, view) predictions reused — no model was run")
+        for m in stats.members.values():  # precision auto: the members whose entries are fp32 instead, and why
+            if m.precision_note and m.precision == "fp32":
+                print(f"cache: {m.name}: precision {m.precision_note}")
         return
     for m in stats.members.values():
         parts = []
@@ -34,8 +37,12 @@ def _print_stats(stats) -> None:
             parts.append(f"{len(m.views_cached)} reused from the cache")
         if m.nonfinite_recomputed:
             parts.append(f"{m.nonfinite_recomputed} non-finite chunk(s) recomputed in fp32")
+        if m.precision_note and (m.views_computed or m.precision == "fp32"):
+            parts.append(f"precision {m.precision_note}")
         print(f"cache: {m.name}: {', '.join(parts)}")
-    print(f"inference: {stats.rows_computed} images on {stats.device} ({stats.precision}, forward batch {stats.forward_batch}) in {stats.seconds:.1f}s")
+    computed = [m.precision for m in stats.members.values() if m.views_computed and m.precision]
+    precision = stats.precision or "/".join(computed)  # members that ran in different precisions: each, in member order
+    print(f"inference: {stats.rows_computed} images on {stats.device} ({precision}, forward batch {stats.forward_batch}) in {stats.seconds:.1f}s")
 
 
 def _print_blend(result) -> None:

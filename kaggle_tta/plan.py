@@ -281,7 +281,12 @@ def find_entry(plan: Plan, m: MemberPlan, precision_setting: str, computed: str 
     if computed is not None:
         return cache_mod.CacheEntry(plan.cache_root, m.name, m.fingerprint(computed), m.inputs)
     complete = []
+    # a reduced precision that failed its check against fp32 (engine.choose_precisions) ran in fp32
+    fp32 = cache_mod.CacheEntry(plan.cache_root, m.name, m.fingerprint("fp32"), m.inputs)
+    rejected = {p for p, r in fp32.manifest.get("precision_checks", {}).items() if isinstance(r, dict) and r.get("ran_in") == "fp32"}
     for p in ("fp32", "bf16", "fp16"):
+        if p in rejected:
+            continue
         e = cache_mod.CacheEntry(plan.cache_root, m.name, m.fingerprint(p), m.inputs)
         if all(e.is_complete(v.name) for v in m.views):
             complete.append((p, e))

@@ -207,3 +207,43 @@ def nearly_tied_model(num_classes: int = 4) -> nn.Module:
 
 def well_separated_model(num_classes: int = 4) -> nn.Module:
     return WellSeparatedLogits(num_classes)
+
+
+class NearlyTiedPixels(nn.Module):
+    """Segmentation fragile in bf16: per-pixel logits of about 1000 that differ between
+    classes by about 1, so bf16 ties or flips the argmax of most pixels."""
+
+    def __init__(self, out_channels: int = 5):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.conv = nn.Conv2d(3, out_channels, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(out_channels, 3, 1, 1, generator=g) * 2.0)
+            self.conv.bias.fill_(1000.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def nearly_tied_pixels(out_channels: int = 5) -> nn.Module:
+    return NearlyTiedPixels(out_channels)
+
+
+class WellSeparatedPixels(nn.Module):
+    """Segmentation robust in bf16: per-pixel logits of order 1 whose top class leads by more
+    than 1 on inputs in [-3, 3]."""
+
+    def __init__(self, out_channels: int = 5):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.conv = nn.Conv2d(3, out_channels, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(out_channels, 3, 1, 1, generator=g) * 0.1)
+            self.conv.bias.copy_(torch.tensor([3.0] + [0.0] * (out_channels - 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def well_separated_pixels(out_channels: int = 5) -> nn.Module:
+    return WellSeparatedPixels(out_channels)
