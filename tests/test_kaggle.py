@@ -86,3 +86,48 @@ def test_a_segmentation_sample_of_image_class_rows(demo_images, tmp_path):
     cfg["submission"]["sample"] = str(_sample(tmp_path, rows, ("ImageId_ClassId", "EncodedPixels")))
     out = pl.read_csv(run(cfg, progress=False).blend.path, infer_schema=False)
     assert out.columns == ["ImageId_ClassId", "EncodedPixels"] and out["ImageId_ClassId"].to_list() == rows
+
+
+def test_the_coco_map_rule_equals_pycocotools_and_voc_is_named():
+    """Random detections on random ground truth: detection.map_rule coco gives pycocotools'
+    AP@0.5 (its 101-point rule, at most 100 boxes per image and class)."""
+    pytest.importorskip("pycocotools")
+    import contextlib
+    import io
+
+    import numpy as np
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from kaggle_tta.tasks.detection import MAP_RULES, mean_ap
+
+    rng = np.random.default_rng(0)
+    n_img, n_cls = 12, 3
+    truth, pred, images, anns, dets = [], [], [], [], []
+    for i in range(n_img):
+        g = rng.uniform(0, 80, (5, 2))
+        gt = np.concatenate([g, g + rng.uniform(8, 30, (5, 2))], 1)
+        gl = rng.integers(0, n_cls, 5)
+        jitter = rng.normal(0, 4, (5, 4))
+        extra = rng.uniform(0, 100, (3, 2))
+        pb = np.concatenate([gt + jitter, np.concatenate([extra, extra + 15], 1)])
+        pl_ = np.concatenate([gl, rng.integers(0, n_cls, 3)])
+        ps = rng.uniform(0.05, 1.0, 8)
+        truth.append((gt, gl))
+        pred.append((pb, ps, pl_))
+        images.append({"id": i, "width": 128, "height": 128})
+        for b, lab in zip(gt, gl):
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": int(lab), "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "area": float((b[2] - b[0]) * (b[3] - b[1])), "iscrowd": 0})
+        for b, s, lab in zip(pb, ps, pl_):
+            dets.append({"image_id": i, "category_id": int(lab), "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": float(s)})
+    gt_api = COCO()
+    gt_api.dataset = {"images": images, "annotations": anns, "categories": [{"id": c} for c in range(n_cls)]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt_api.createIndex()
+        ev = COCOeval(gt_api, gt_api.loadRes(dets), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    assert mean_ap(pred, truth, n_cls, rule="coco") == pytest.approx(ev.stats[1], abs=1e-6)
+    assert abs(mean_ap(pred, truth, n_cls, rule="voc") - ev.stats[1]) > 1e-3  # the two rules differ on this data
+    assert "VOC" in MAP_RULES["voc"][2] and "COCO" in MAP_RULES["coco"][2]

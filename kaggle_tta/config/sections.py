@@ -395,6 +395,10 @@ class DetectionConfig(Section):
     """soft_nms: the gaussian's width."""
     thresh: float = 0.001
     """soft_nms: boxes whose decayed score falls to this are dropped."""
+    map_rule: Literal["voc", "coco"] = "voc"
+    """How the report's mAP@0.5 reads AP off the precision/recall curve: voc (all-point, VOC
+    2010+) or coco (101 recall points and at most 100 boxes per image and class, as
+    pycocotools); the table's header names the one printed."""
     max_boxes: int | None = None
     """Keep at most this many boxes per image (highest scores), after fusion; null: all."""
 

@@ -195,9 +195,32 @@ def _iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area, 1e-12)
 
 
-def mean_ap(pred: list[Boxes], truth: list[tuple[np.ndarray, np.ndarray]], n_classes: int, iou_thr: float = 0.5) -> float:
-    """mAP at one IoU threshold: per class, all-point interpolated AP (VOC 2010+, COCO-style
-    greedy matching by descending score), averaged over the classes that have ground truth."""
+def _ap_voc(recall: np.ndarray, precision: np.ndarray) -> float:
+    """VOC 2010+ all-point AP: the area under the precision envelope."""
+    mrec = np.concatenate([[0.0], recall, [1.0]])
+    mpre = np.concatenate([[0.0], precision, [0.0]])
+    mpre = np.maximum.accumulate(mpre[::-1])[::-1]
+    steps = np.flatnonzero(mrec[1:] != mrec[:-1])
+    return float(np.sum((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]))
+
+
+def _ap_coco(recall: np.ndarray, precision: np.ndarray) -> float:
+    """COCO's 101-point AP (pycocotools): the envelope sampled at recall 0, 0.01, ..., 1."""
+    env = np.maximum.accumulate(precision[::-1])[::-1] if len(precision) else precision
+    at = np.searchsorted(recall, np.linspace(0.0, 1.0, 101), side="left")
+    return float(np.mean([env[i] if i < len(env) else 0.0 for i in at]))
+
+
+# How AP is read off the precision/recall curve, by detection.map_rule; COCO also keeps at
+# most 100 detections per image and class, as pycocotools' maxDets does.
+MAP_RULES = {"voc": (_ap_voc, None, "mAP@0.5 (VOC all-point)"), "coco": (_ap_coco, 100, "mAP@0.5 (COCO 101-point)")}
+
+
+def mean_ap(pred: list[Boxes], truth: list[tuple[np.ndarray, np.ndarray]], n_classes: int, iou_thr: float = 0.5, rule: str = "voc") -> float:
+    """mAP at one IoU threshold: per class, detections matched greedily by descending score
+    (each ground-truth box once, the best IoU first, as pycocotools does), AP by ``rule``
+    (MAP_RULES), averaged over the classes that have ground truth."""
+    ap_of, max_dets, _ = MAP_RULES[rule]
     aps = []
     for c in range(n_classes):
         n_truth = sum(int((lab == c).sum()) for _, lab in truth)
@@ -205,7 +228,10 @@ def mean_ap(pred: list[Boxes], truth: list[tuple[np.ndarray, np.ndarray]], n_cla
             continue
         dets = []  # (score, image, box)
         for i, (b, s, lab) in enumerate(pred):
-            for k in np.flatnonzero(lab == c):
+            ks = np.flatnonzero(lab == c)
+            if max_dets is not None:
+                ks = ks[np.argsort(-s[ks], kind="stable")][:max_dets]
+            for k in ks:
                 dets.append((float(s[k]), i, b[k]))
         dets.sort(key=lambda t: -t[0])
         used = {i: np.zeros(int((lab == c).sum()), bool) for i, (_, lab) in enumerate(truth)}
@@ -221,14 +247,8 @@ def mean_ap(pred: list[Boxes], truth: list[tuple[np.ndarray, np.ndarray]], n_cla
                 used[i][j] = True
                 tp[k] = 1.0
         ctp = np.cumsum(tp)
-        recall = ctp / n_truth
         precision = ctp / np.arange(1, len(dets) + 1) if len(dets) else np.zeros(0)
-        # precision envelope, then the area under the stepwise curve
-        mrec = np.concatenate([[0.0], recall, [1.0]])
-        mpre = np.concatenate([[0.0], precision, [0.0]])
-        mpre = np.maximum.accumulate(mpre[::-1])[::-1]
-        steps = np.flatnonzero(mrec[1:] != mrec[:-1])
-        aps.append(float(np.sum((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1])))
+        aps.append(ap_of(ctp / n_truth, precision))
     return float(np.mean(aps)) if aps else 0.0
 
 
@@ -241,15 +261,16 @@ def write_boxes(cfg: PipelineConfig, plan: Plan, sources: Sequence[MemberSource]
     classes = plan.classes
     nodes = evaluate_boxes(cfg, {s.name: member_boxes(s, sizes, cfg.detection) for s in sources}, sizes)
     table = Detection.writers[cfg.submission.format](cfg, plan.testset.ids, nodes[cfg.submission_source], sizes, classes)  # type: ignore[index]
-    metric = "mAP@0.5"
+    rule = cfg.detection.map_rule
+    metric = MAP_RULES[rule][2]
     if cfg.data.boxes is None:
         return TaskOutput(table, [metric])
     truth = load_truth(cfg, plan.testset.ids, classes)
-    tta = {name: {metric: mean_ap(b, truth, len(classes))} for name, b in nodes.items()}
+    tta = {name: {metric: mean_ap(b, truth, len(classes), rule=rule)} for name, b in nodes.items()}
     no_tta = {}
     if plain:
         plain_nodes = evaluate_boxes(cfg, {s.name: member_boxes(s, sizes, cfg.detection, ["identity"]) for s in sources}, sizes)
-        no_tta = {name: {metric: mean_ap(b, truth, len(classes))} for name, b in plain_nodes.items()}
+        no_tta = {name: {metric: mean_ap(b, truth, len(classes), rule=rule)} for name, b in plain_nodes.items()}
     return TaskOutput(table, [metric], tta, no_tta)
 
 
