@@ -99,6 +99,19 @@ except Exception as exc:
     print('ensemble_boxes import failed (detection only; not needed here):', repr(exc))
 " || echo "IMPORT CHECK FAILED: the steps below will likely fail too"
 
+    # What a Kaggle T4 x 2 must show: auto resolves per compute capability (fp16 below 8.0,
+    # bf16 from 8.0, whatever torch's emulating is_bf16_supported() says), and how many GPUs a
+    # run sees (one is used until sharding over ranks lands).
+    step - 30 python3 -c "
+import torch
+from kaggle_tta.plan import resolve_precision
+for i in range(torch.cuda.device_count()):
+    d = torch.device('cuda', i)
+    print('gpu', i, torch.cuda.get_device_name(i), 'sm_%d%d' % torch.cuda.get_device_capability(i),
+          '| is_bf16_supported():', torch.cuda.is_bf16_supported(), '| auto ->', resolve_precision('auto', d))
+print('devices visible:', torch.cuda.device_count(), '(a run uses cuda:0)')
+" || echo "precision check failed"
+
     step smoke "$SMOKE_TIMEOUT" python3 benchmarks/gpu_smoke.py --device "$DEVICE"
 
     # Segmentation and detection (issue #3) on the device: each example in auto (bf16 on CUDA)
