@@ -107,17 +107,17 @@ def test_d4_preset_is_albumentations_order():
     assert len(PRESETS["d4"]) == 8
 
 
-def test_five_and_ten_crop_match_the_reference_code():
-    """The reference document: SmallestMaxSize(256) then 224 crops at the corners and centre,
-    ten-crop adds each crop's horizontal flip. Our canvas (crop_pct 0.875) is that resize."""
-    from kaggle_tta.data import CanvasSpec
+@pytest.mark.parametrize("shape", [(300, 300), (300, 451), (451, 300)])
+def test_five_and_ten_crop_match_the_reference_code(shape):
+    """The reference document: SmallestMaxSize(256) then 224 crops at the corners and centre
+    of the whole resized image, ten-crop adds each crop's horizontal flip. The loader cuts
+    those crops (albumentations backend, crop_pct 0.875); each view starts from its own."""
+    from kaggle_tta.canvas import POSITIONS, CanvasSpec
 
     rng = np.random.default_rng(2)
-    img = rng.integers(0, 255, (300, 300, 3), dtype=np.uint8)
-    spec = CanvasSpec((224, 224), 0.875, "bilinear")
-    canvas = spec.build()(image=img)["image"]
+    img = rng.integers(0, 255, (*shape, 3), dtype=np.uint8)
+    crops = CanvasSpec((224, 224), 0.875, "bilinear", backend="albumentations", positions=POSITIONS).build()(img)
     image_resized = A.SmallestMaxSize(max_size=256)(image=img)["image"]
-    np.testing.assert_array_equal(canvas, image_resized)
     h, w = image_resized.shape[:2]
     c = 224
     boxes = [[0, 0, c, c], [w - c, 0, w, c], [0, h - c, c, h], [w - c, h - c, w, h], [(w - c) // 2, (h - c) // 2, (w + c) // 2, (h + c) // 2]]
@@ -126,8 +126,8 @@ def test_five_and_ten_crop_match_the_reference_code():
         crop = A.Crop(x_min=x_min, y_min=y_min, x_max=x_max, y_max=y_max)(image=image_resized)["image"]
         ref.append(crop)
         ref.append(A.HorizontalFlip(p=1.0)(image=crop)["image"])
-    t = torch.from_numpy(canvas).permute(2, 0, 1)[None]
-    ours = [v.bind((224, 224), MEAN, STD).apply(t)[0].permute(1, 2, 0).numpy() for v in parse_tta("ten_crop", "t")]
+    at = {p: torch.from_numpy(crops[k]).permute(2, 0, 1)[None] for k, p in enumerate(POSITIONS)}
+    ours = [v.bind(None, MEAN, STD).apply(at[v.position])[0].permute(1, 2, 0).numpy() for v in parse_tta("ten_crop", "t")]
     assert len(ours) == 10
     for a, b in zip(ours, ref):
         np.testing.assert_array_equal(a, b)
