@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -74,7 +73,7 @@ def _precision(setting: str, device: str = "cpu") -> tuple[str, tuple[bool, ...]
     """Resolved precision and the channels_last values to use, by kaggle_tta's engine rules
     (runtime.channels_last auto: on with CUDA or reduced precision; timed on a CPU in fp32)."""
     import torch
-    from kaggle_tta.engine import layout_candidates
+    from kaggle_tta.forward import layout_candidates
     from kaggle_tta.plan import resolve_precision
 
     p = resolve_precision(setting, torch.device(device))
@@ -172,10 +171,19 @@ def kaggle(spec: dict) -> None:
     import torch  # noqa: F401
     import tqdm  # noqa: F401
 
-    import kaggle_tta.api  # noqa: F401
     import kaggle_tta.engine  # noqa: F401
-    from kaggle_tta import cli
+    from kaggle_tta import api, cli
 
+    # The CLI as a user runs it; what it computed is read from the RunStats that kaggle_tta.run
+    # returns to it (kept on the way through), not parsed from what it prints.
+    kept: dict = {}
+    real_run = api.run
+
+    def run_and_keep(*a, **k):
+        kept["result"] = real_run(*a, **k)
+        return kept["result"]
+
+    api.run = run_and_keep
     _device(spec)  # the pipeline's runtime.device says the same; CUDA context before the clock
     buf = io.StringIO()
     t0 = time.perf_counter()
@@ -183,16 +191,17 @@ def kaggle(spec: dict) -> None:
         rc = cli.main(["run", spec["pipeline"], "-q"])
     secs = time.perf_counter() - t0
     out = buf.getvalue()
-    layout = re.search(r"forward batch \d+, (channels_last|contiguous)\)", out)  # the member's line
-    m = re.search(r"inference: (\d+) images on \S+ \((\w+), forward batch (\d+)[\d/]*\) in ([\d.]+)s", out)  # per member: 32/64
+    stats = kept["result"].stats if "result" in kept else None
+    computed = [m for m in stats.members.values() if m.views_computed] if stats else []
+    first = computed[0] if computed else None  # the first member that ran (per member: 32/64)
     _result({
         "rc": rc,
         "seconds": secs,
-        "images": int(m.group(1)) if m else None,
-        "precision": m.group(2) if m else None,
-        "forward_batch": int(m.group(3)) if m else None,
-        "inference_s": float(m.group(4)) if m else None,
-        "channels_last": layout.group(1) == "channels_last" if layout else None,
+        "images": stats.rows_computed if stats else None,
+        "precision": (getattr(first, "precision", None) or stats.precision) if stats else None,  # the member's: auto may differ per member
+        "forward_batch": first.forward_batch if first else None,
+        "inference_s": stats.seconds if stats else None,
+        "channels_last": first.channels_last if first else None,
         "submission": spec["submission"],
         "stdout_tail": out[-600:] if rc else "",
     })
@@ -400,7 +409,7 @@ def reblend_setup(spec: dict) -> None:
             written += 1
         entry.close()
     files = [str(CacheEntry(plan.cache_root, m.name, m.fingerprint(precision)).path(v.name)) for m in plan.members for v in m.views]
-    ids_file = str(CacheEntry(plan.cache_root, plan.members[0].name, plan.members[0].fingerprint(precision)).dir / "ids.txt")
+    ids_file = str(CacheEntry(plan.cache_root, plan.members[0].name, plan.members[0].fingerprint(precision)).dir / "ids.json")  # the row order, as JSON (cache format 2)
     _result({"written": written, "reused": reused, "seconds": time.perf_counter() - t0, "files": files, "ids": ids_file,
              "bytes": sum(Path(f).stat().st_size for f in files), "rows": n, "classes": c, "precision": precision})
 
@@ -433,7 +442,7 @@ def blend_guard(spec: dict) -> None:
     buf = io.StringIO()
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(buf):
-        rc = cli.main(["blend", spec["pipeline"], "-q"])
+        rc = cli.main(["blend", spec["pipeline"]])  # blend shows no bar: it takes no --quiet
     secs = time.perf_counter() - t0
     _result({"rc": rc, "seconds": secs, "model_calls": len(calls), "nn_modules_created": n_modules[0],
              "engine_imported": (not engine_before) and "kaggle_tta.engine" in sys.modules, "stdout_tail": buf.getvalue()[-400:]})
@@ -446,7 +455,7 @@ def numpy_blend(spec: dict) -> None:
 
     t0 = time.perf_counter()
     classes = Path(spec["classes"]).read_text().split()
-    ids = Path(spec["ids"]).read_text().splitlines()
+    ids = json.loads(Path(spec["ids"]).read_text(encoding="utf-8"))
     acc = None
     for f in spec["files"]:
         a = np.load(f)

@@ -264,7 +264,7 @@ class Bench:
                 while fh.read(1 << 24):
                     pass
         np_spec = {"files": setup["files"], "ids": setup["ids"], "classes": str(self.classes), "out": str(d / "numpy_submission.csv")}
-        kt_cmd = [sys.executable, "-m", "kaggle_tta", "blend", str(pipe), "-q"]
+        kt_cmd = [sys.executable, "-m", "kaggle_tta", "blend", str(pipe)]  # blend shows no bar: no --quiet
         raw: dict[str, list] = {"kaggle": [], "numpy": [], "guard": []}
         reps = max(a.repeats, 3)
         who_all = ["kaggle", "numpy", "guard"]

@@ -43,7 +43,7 @@ class CanvasSpec:
     crop_pct: float
     interpolation: str
     albumentations: str | None = None  # JSON of A.to_dict, when the user gives a pipeline
-    mode: str = "crop"  # crop: the crops at `positions` (classification); resize: to `size`; native: as decoded
+    mode: str = "resize"  # resize: to `size`; native: as decoded; crop: the crops at `positions` (classification)
     backend: str = "albumentations"  # crop mode: timm | albumentations (module docstring)
     positions: tuple[str, ...] = ("center",)  # crop mode: which crops, in POSITIONS order
 

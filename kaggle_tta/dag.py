@@ -73,7 +73,7 @@ def blocks(n: int, block: int) -> Iterator[tuple[int, int]]:
 
 
 def node_predictions(
-    cfg: PipelineConfig, sources: Sequence[MemberSource], lo: int, hi: int,
+    cfg: PipelineConfig, sources: Sequence[MemberSource], lo: int, hi: int, *,
     views: Sequence[str] | None = None, transform: Callable[[np.ndarray, str], np.ndarray] | None = None,
 ) -> dict[str, Prediction]:
     """Every node's prediction for rows ``lo:hi``: members from their views (each with its

@@ -78,11 +78,11 @@ def validate_static(cfg: PipelineConfig) -> dict[str, list[View]]:
         views[m.name] = vs
         choose(f"{name} view merge", str(m.merge), dict.fromkeys(task.merges), f"{where}.merge")
         if m.tiling is not None and not task.tiling:
-            raise ConfigError(f"{where}.tiling: tiling is for segmentation; remove it (task: {name})")
+            raise ConfigError(f"{where}.tiling: tiling is for {_tasks_with('tiling')}; remove it (task: {name})")
         if m.preprocess.albumentations is not None and not task.user_preprocessing:
             raise ConfigError(
                 f"{where}.preprocess.albumentations: for {name} the canvas is a plain resize, so that maps and boxes "
-                "map back to the image exactly; remove it (classification only)"
+                f"map back to the image exactly; remove it ({_tasks_with('user_preprocessing')} only)"
             )
     for i, b in enumerate(cfg.blends):
         choose(f"{name} blend", str(b.method), dict.fromkeys(task.blends), f"blends[{i}].method")
@@ -99,6 +99,11 @@ def validate_static(cfg: PipelineConfig) -> dict[str, list[View]]:
             raise ConfigError(f"data.{key}: {key} score {owner}; {fix}")
     task.validate(cfg)
     return views
+
+
+def _tasks_with(capability: str) -> str:
+    """The registered tasks that have a capability, for an error's text."""
+    return " or ".join(t.name for t in TASKS.values() if getattr(t, capability)) or "no registered task"
 
 
 def build_plan(cfg: PipelineConfig) -> Plan:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from kaggle_tta.engine import ChunkSizer
+from kaggle_tta.forward import ChunkSizer
 
 
 def _drive(cost_per_input: dict[int, float], ceiling: int = 1024, chunks: int = 200) -> int:
@@ -73,7 +73,7 @@ def test_runner_times_both_layouts_and_keeps_the_faster(monkeypatch):
     import torch
     from torch import nn
 
-    from kaggle_tta.engine import _Runner
+    from kaggle_tta.forward import Runner
 
     seen: list[bool] = []
 
@@ -89,7 +89,7 @@ def test_runner_times_both_layouts_and_keeps_the_faster(monkeypatch):
             return self.conv(x).mean((2, 3))
 
     model = SlowUnlessChannelsLast().eval()
-    runner = _Runner(model, torch.device("cpu"), "fp32", ChunkSizer(8, 64, (False, True)))
+    runner = Runner(model, torch.device("cpu"), "fp32", ChunkSizer(8, 64, (False, True)))
     x = torch.randn(8, 3, 5, 7)
     with torch.inference_mode():
         ref = model.conv(x).mean((2, 3))
@@ -108,7 +108,7 @@ def test_a_model_without_channels_last_stays_contiguous(layouts):
     import torch
     from torch import nn
 
-    from kaggle_tta.engine import _Runner
+    from kaggle_tta.forward import Runner
 
     class WithConv3d(nn.Module):
         def __init__(self):
@@ -120,7 +120,7 @@ def test_a_model_without_channels_last_stays_contiguous(layouts):
             return self.conv(x).mean((2, 3)) + self.conv3d(x[:, None, :1]).mean((1, 2, 3, 4))[:, None]
 
     model = WithConv3d().eval()
-    runner = _Runner(model, torch.device("cpu"), "fp32", ChunkSizer(8, 64, layouts))
+    runner = Runner(model, torch.device("cpu"), "fp32", ChunkSizer(8, 64, layouts))
     x = torch.randn(8, 3, 5, 7)
     with torch.inference_mode():
         ref = model(x)
@@ -143,7 +143,7 @@ def test_a_model_without_channels_last_stays_contiguous(layouts):
 def test_layout_candidates(setting, device, precision, expected):
     import torch
 
-    from kaggle_tta.engine import layout_candidates
+    from kaggle_tta.forward import layout_candidates
 
     assert layout_candidates(setting, torch.device(device), precision) == expected
 
@@ -177,7 +177,7 @@ def test_out_of_memory_splits_into_pieces_of_the_size_that_fits(as_list):
     import torch
     from torch import nn
 
-    from kaggle_tta.engine import _Runner
+    from kaggle_tta.forward import Runner
 
     class Fits40(nn.Module):
         def forward(self, x):
@@ -186,7 +186,7 @@ def test_out_of_memory_splits_into_pieces_of_the_size_that_fits(as_list):
             return x.flatten(1)[:, :3] * 2
 
     post = (lambda out, x: [(r,) for r in out]) if as_list else None
-    runner = _Runner(Fits40(), torch.device("cpu"), "fp32", ChunkSizer(128, 1024), post)
+    runner = Runner(Fits40(), torch.device("cpu"), "fp32", ChunkSizer(128, 1024), post)
     x = torch.arange(128 * 3 * 2 * 2, dtype=torch.float32).reshape(128, 3, 2, 2)
     out = runner(x)
     expected = x.flatten(1)[:, :3] * 2
@@ -205,7 +205,7 @@ def test_out_of_memory_splits_into_pieces_of_the_size_that_fits(as_list):
 
     # one input that does not fit is the user's to fix: the error names the member and the knobs
     with pytest.raises(CheckpointError, match=r"members\.big: one input of \(3, 2, 2\) does not fit in cpu memory .*input_size"):
-        _Runner(Never(), torch.device("cpu"), "fp32", ChunkSizer(8, 1024), name="big")(torch.zeros(3, 3, 2, 2))
+        Runner(Never(), torch.device("cpu"), "fp32", ChunkSizer(8, 1024), name="big")(torch.zeros(3, 3, 2, 2))
 
 
 def test_run_summary_names_each_members_chunk_size_when_they_differ():

@@ -52,7 +52,7 @@ SHAPES = [(683, 1024), (768, 1023), (501, 333), (640, 480)]  # odd and even diff
 def test_timm_backend_is_timms_eval_transform(tmp_path, shape, size, crop_pct, interpolation):
     path = tmp_path / "photo.jpg"
     _jpeg(_camera_like(*shape, seed=shape[0]), path)
-    spec = CanvasSpec(size, crop_pct, interpolation, backend="timm", positions=("center",))
+    spec = CanvasSpec(size, crop_pct, interpolation, mode="crop", backend="timm", positions=("center",))
     ours = spec.build()(decode_image(path))[0]
     oracle = _timm_oracle(path, size, crop_pct, interpolation)
     assert ours.shape == oracle.shape
@@ -65,7 +65,7 @@ def test_timm_backend_is_timms_eval_transform(tmp_path, shape, size, crop_pct, i
 def test_timm_backend_is_exact_on_a_lossless_image(tmp_path, shape):
     path = tmp_path / "photo.png"
     cv2.imwrite(str(path), cv2.cvtColor(_camera_like(*shape, seed=1), cv2.COLOR_RGB2BGR))
-    ours = CanvasSpec((224, 224), 0.95, "bicubic", backend="timm").build()(decode_image(path))[0]
+    ours = CanvasSpec((224, 224), 0.95, "bicubic", mode="crop", backend="timm").build()(decode_image(path))[0]
     np.testing.assert_array_equal(ours, _timm_oracle(path, (224, 224), 0.95, "bicubic"))
 
 
@@ -75,7 +75,7 @@ def test_the_centre_is_not_one_pixel_off_where_both_halvings_are_odd(tmp_path):
     img = _camera_like(683, 1024, seed=5)
     resized = np.asarray(Image.fromarray(img).resize((352, 235), Image.BICUBIC))
     assert resized.shape[:2] == (235, 352)
-    ours = CanvasSpec((224, 224), 0.95, "bicubic", backend="timm").build()(img)[0]
+    ours = CanvasSpec((224, 224), 0.95, "bicubic", mode="crop", backend="timm").build()(img)[0]
     np.testing.assert_array_equal(ours, resized[6 : 6 + 224, 64 : 64 + 224])
 
 
@@ -100,7 +100,7 @@ def _reference_five_crop(image: np.ndarray, max_size: int, crop: int) -> list[np
 def test_albumentations_backend_five_crop_is_the_reference_code(shape, crop_pct):
     img = _camera_like(*shape, seed=2)
     max_size = int(np.floor(224 / crop_pct))
-    ours = CanvasSpec((224, 224), crop_pct, "bilinear", backend="albumentations", positions=POSITIONS).build()(img)
+    ours = CanvasSpec((224, 224), crop_pct, "bilinear", mode="crop", backend="albumentations", positions=POSITIONS).build()(img)
     for k, ref in enumerate(_reference_five_crop(img, max_size, 224)):
         np.testing.assert_array_equal(ours[k], ref, err_msg=POSITIONS[k])
 
@@ -108,7 +108,7 @@ def test_albumentations_backend_five_crop_is_the_reference_code(shape, crop_pct)
 def test_corners_come_from_the_whole_resized_image():
     """683x1024 at 224 / 0.875 resizes to 256 x 384: the corners sit at x = 0 and 160."""
     img = _camera_like(683, 1024, seed=3)
-    ours = CanvasSpec((224, 224), 0.875, "bilinear", backend="albumentations", positions=("tl", "tr")).build()(img)
+    ours = CanvasSpec((224, 224), 0.875, "bilinear", mode="crop", backend="albumentations", positions=("tl", "tr")).build()(img)
     import albumentations as A
 
     r = A.SmallestMaxSize(max_size=256)(image=img)["image"]
@@ -137,7 +137,7 @@ def test_every_view_of_a_run_starts_from_the_oracle_crop(tmp_path, pipeline):
         got = np.load(entry / f"{view}.npy")
         for k in range(2):
             img = decode_image(images / f"p{k}.png")
-            crop = CanvasSpec((56, 56), 0.9, "bicubic", backend="timm", positions=(position,)).build()(img)[0]
+            crop = CanvasSpec((56, 56), 0.9, "bicubic", mode="crop", backend="timm", positions=(position,)).build()(img)[0]
             want = (crop[0, :2, 0].astype(np.float32) / 255.0 - 0.5) / 0.25  # channel 0, pixels (0, 0) and (0, 1)
             np.testing.assert_allclose(got[k, :2], want, atol=1e-5)
 

@@ -116,7 +116,7 @@ def test_five_and_ten_crop_match_the_reference_code(shape):
 
     rng = np.random.default_rng(2)
     img = rng.integers(0, 255, (*shape, 3), dtype=np.uint8)
-    crops = CanvasSpec((224, 224), 0.875, "bilinear", backend="albumentations", positions=POSITIONS).build()(img)
+    crops = CanvasSpec((224, 224), 0.875, "bilinear", mode="crop", backend="albumentations", positions=POSITIONS).build()(img)
     image_resized = A.SmallestMaxSize(max_size=256)(image=img)["image"]
     h, w = image_resized.shape[:2]
     c = 224

@@ -99,7 +99,7 @@ class Classification(Task):
         return writer([], np.zeros((0, len(plan.classes)), np.float32), plan.classes, plan.cfg.submission).columns
 
     def canvas(self, cfg: PipelineConfig, pre: Preprocess) -> CanvasSpec:
-        return CanvasSpec(pre.size, pre.crop_pct if pre.albumentations is None else 1.0, pre.interpolation, pre.albumentations, backend=pre.backend)
+        return CanvasSpec(pre.size, pre.crop_pct if pre.albumentations is None else 1.0, pre.interpolation, pre.albumentations, "crop", pre.backend)
 
     def crops(self, canvas: CanvasSpec, views: Sequence[View]) -> CanvasSpec:
         """The loader cuts each crop the views start from (kaggle_tta.canvas), so views see
@@ -185,7 +185,7 @@ class Classification(Task):
             for name, pred in nodes.items():
                 tta[name] = tta.get(name, 0) + _counts(pred, labels[lo:hi], cfg)
             if plain:  # without TTA: each member's identity view alone, blended the same way
-                for name, pred in node_predictions(cfg, sources, lo, hi, ["identity"]).items():
+                for name, pred in node_predictions(cfg, sources, lo, hi, views=["identity"]).items():
                     no_tta[name] = no_tta.get(name, 0) + _counts(pred, labels[lo:hi], cfg)
         table = pl.concat(tables) if len(tables) > 1 else tables[0]
         scores = lambda counts: {k: {metric: _score(c, cfg.multilabel)} for k, c in counts.items()}  # noqa: E731

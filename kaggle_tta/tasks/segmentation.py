@@ -62,7 +62,7 @@ def member_maps(s: MemberSource, lo: int, hi: int, views: Sequence[str] | None =
 
 def node_maps(cfg: PipelineConfig, sources: Sequence[MemberSource], lo: int, hi: int, views: Sequence[str] | None = None) -> dict[str, Prediction]:
     """Every node's maps for images ``lo:hi``."""
-    return node_predictions(cfg, sources, lo, hi, views, _as_logits)
+    return node_predictions(cfg, sources, lo, hi, views=views, transform=_as_logits)
 
 
 def masks_of(probs: np.ndarray, size: tuple[int, int], activation: str, threshold: float, min_area: int) -> np.ndarray:
