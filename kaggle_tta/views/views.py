@@ -227,6 +227,7 @@ class Parametric(Op):
     keys: ClassVar[tuple[str, ...]]
     identity: ClassVar[float]
     example: ClassVar[float]
+    open_range: ClassVar[tuple[float, float] | None] = None  # legal values lie strictly inside
 
     @property
     def name(self) -> str:
@@ -234,7 +235,10 @@ class Parametric(Op):
 
     @classmethod
     def validate(cls, value: float) -> None:
-        """Raises ValueError saying why ``value`` is not legal (the parser prefixes the name)."""
+        """Raises ValueError saying why ``value`` is not legal (the parser prefixes the name);
+        by default, that it lies outside ``open_range``."""
+        if cls.open_range is not None and not cls.open_range[0] < value < cls.open_range[1]:
+            raise ValueError(f"{cls.prefix} must lie in ({cls.open_range[0]:g}, {cls.open_range[1]:g})")
 
 
 PARAMETRIC: dict[str, type[Parametric]] = {}
@@ -324,11 +328,7 @@ class Brightness(Colour):
     keys = ("brightness",)
     identity = 0.0
     example = 0.1
-
-    @classmethod
-    def validate(cls, value: float) -> None:
-        if not -1 < value < 1:
-            raise ValueError("brightness must lie in (-1, 1)")
+    open_range = (-1.0, 1.0)
 
     def adjust(self, px: Tensor) -> Tensor:
         return Fn.image_brightness_contrast(px, self.value, 0.0)
@@ -343,11 +343,7 @@ class Contrast(Colour):
     keys = ("contrast",)
     identity = 0.0
     example = 0.1
-
-    @classmethod
-    def validate(cls, value: float) -> None:
-        if not -1 < value < 1:
-            raise ValueError("contrast must lie in (-1, 1)")
+    open_range = (-1.0, 1.0)
 
     def adjust(self, px: Tensor) -> Tensor:
         return Fn.image_brightness_contrast(px, 0.0, self.value)
