@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo_data)
     from kaggle_tta import kernel  # light: argument definitions only
 
-    k = sub.add_parser("kernel", help="build the offline Kaggle bundle: a dataset (wheels, checkpoints, pipeline) and a notebook kernel")
+    k = sub.add_parser("kernel", help="build the offline Kaggle bundle: two datasets (the wheels; the weights and pipeline) and a notebook kernel")
     kernel.add_arguments(k)
     k.set_defaults(func=kernel.run)
     return ap

@@ -1,9 +1,11 @@
 """The offline Kaggle bundle (`kaggle-tta kernel`) and its notebook.
 
-The proof test builds the bundle for the demo pipeline, makes a fresh virtual environment that
-reaches no package index and sees torch/torchvision (and the Jupyter kernel) the way a Kaggle
-image has them preinstalled, lays out a fake /kaggle/input and /kaggle/working, executes the
-notebook there, and checks its submission against `kaggle-tta run` on the same images.
+The proof test builds the bundle for the demo pipeline (for this interpreter: the default,
+Kaggle's Python 3.12, is proved by tests/test_kaggle_py312.py), makes a fresh virtual
+environment that reaches no package index and sees torch/torchvision (and the Jupyter kernel)
+the way a Kaggle image has them preinstalled, lays out a fake /kaggle/input (both datasets,
+wheels and bundle) and /kaggle/working, executes the notebook there, and checks its submission
+against `kaggle-tta run` on the same images.
 
 Wheels are cached in the wheel cache (default ~/.cache/kaggle-tta/wheels, or
 $KAGGLE_TTA_WHEEL_CACHE): the first run on a clean machine downloads them from the package index.
@@ -29,6 +31,7 @@ from kaggle_tta.cli import main
 from kaggle_tta.config import load_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
+HERE = f"{sys.version_info.major}.{sys.version_info.minor}"  # --python-version for a venv of this interpreter
 TEMPLATE = REPO / "kernels" / kernel.NOTEBOOK
 N_DEMO = 24
 # With nbclient the notebook runs in a Jupyter kernel; without, its code cells run in order in one
@@ -172,31 +175,48 @@ def test_notebook_runs_offline_from_the_bundle_and_matches_kaggle_tta_run(kernel
     # batch_size 8: the timing pass (one batch of 8 images) is smaller than the test set (24).
     pipeline = _demo_pipeline(tmp_path, kernel_demo_images, batch_size=8, workers=0)
     out = tmp_path / "kaggle"
-    argv = ["kernel", str(pipeline), "--out", str(out), "--owner", "tester", "--dataset-slug", "tta-bundle-test", "--time-limit-hours", "2"]
+    argv = ["kernel", str(pipeline), "--out", str(out), "--owner", "tester", "--dataset-slug", "tta-bundle-test", "--time-limit-hours", "2",
+            "--python-version", HERE]
     code, stdout, err = _run(capsys, *argv)
     assert code == 0, err
     assert "left to the Kaggle image: torch, torchvision" in stdout
 
-    dataset, kdir = out / "dataset", out / "kernel"
+    dataset, kdir, wdir = out / "dataset", out / "kernel", out / "wheels"
     man = json.loads((dataset / kernel.MANIFEST).read_text())
+    wman = json.loads((wdir / kernel.WHEELS_MANIFEST).read_text())
     wheels = {w.split("-")[0].lower() for w in man["wheels"]}
     assert {"timm", "albumentations", "polars", "ensemble_boxes", "opencv_python_headless", "pydantic"} <= wheels
     assert not wheels & {"torch", "torchvision", "triton"} and not any(w.startswith(("nvidia", "cuda")) for w in wheels)
-    assert (dataset / man["package"]["wheel"]).is_file() and all((dataset / w).is_file() for w in man["wheels"])
+    # Split: the dependencies' wheels in a dataset named after their set; kaggle_tta's own wheel,
+    # the weights and the pipeline in the small one.
+    ref = f"tester/kaggle-tta-wheels-{kernel.wheel_set_id(man['wheels'])}"
+    assert man["wheels_dataset"] == wman["dataset"] == ref and man["wheel_set"] == wman["wheel_set"] and wman["wheels"] == man["wheels"]
+    assert man["python"] == wman["python"] == HERE
+    assert all((wdir / w).is_file() for w in man["wheels"])
+    assert [p.name for p in dataset.glob("*.whl")] == [man["package"]["wheel"]] and not list(wdir.glob("kaggle_tta-*"))
     assert sorted(p.name for p in dataset.glob("*.safetensors")) == ["test_efficientnet.safetensors", "test_resnet.safetensors"]
     assert len(list((dataset / "data" / "test").glob("*.png"))) == N_DEMO  # no competition: the test images are bundled
     rewritten = yaml.safe_load((dataset / "pipeline.yaml").read_text())
     assert rewritten["data"]["folder"] == "data/test" and rewritten["members"][0]["checkpoint"] == "test_resnet.safetensors"
     meta = json.loads((kdir / "kernel-metadata.json").read_text())
-    assert meta["enable_internet"] is False and meta["enable_gpu"] is False
-    assert meta["dataset_sources"] == ["tester/tta-bundle-test"] and meta["competition_sources"] == []
+    assert meta["enable_internet"] is False and meta["enable_gpu"] is False and "machine_shape" not in meta
+    assert meta["docker_image_pinning_type"] == "original"
+    assert meta["dataset_sources"] == [ref, "tester/tta-bundle-test"] and meta["competition_sources"] == []
     assert meta["kernel_type"] == "notebook" and (kdir / meta["code_file"]).is_file()
-    assert json.loads((dataset / "dataset-metadata.json").read_text())["id"] == "tester/tta-bundle-test"
+    dmeta, wmeta = (json.loads((d / "dataset-metadata.json").read_text()) for d in (dataset, wdir))
+    assert dmeta["id"] == "tester/tta-bundle-test" and wmeta["id"] == ref
+    assert dmeta["licenses"] == [{"name": "copyright-authors"}] and wmeta["licenses"] == [{"name": "other"}]
+    assert 20 <= len(wmeta["subtitle"]) <= 80 and 20 <= len(dmeta["subtitle"]) <= 80  # Kaggle's limits
+    sizes = {d.name: sum(p.stat().st_size for p in d.rglob("*") if p.is_file()) for d in (dataset, wdir)}
+    assert sizes["dataset"] < 10e6 < sizes["wheels"], sizes  # the part that changes per submission is the small one
+    (tmp_path / "dataset-sizes.json").write_text(json.dumps(sizes))
+    assert f"kaggle datasets create -p {wdir}" in stdout and f"skip it when {ref} is already on Kaggle" in stdout
 
-    # Kaggle's side: the dataset mounted as /kaggle/input/datasets/<owner>/<slug>, an empty working folder.
+    # Kaggle's side: the datasets mounted as /kaggle/input/datasets/<owner>/<slug>, an empty working folder.
     kaggle = tmp_path / "fake-kaggle"
     mount = kaggle / "input" / "datasets" / "tester" / "tta-bundle-test"
     shutil.copytree(dataset, mount, copy_function=os.link)
+    shutil.copytree(wdir, kaggle / "input" / "datasets" / "tester" / ref.split("/")[1], copy_function=os.link)
     (kaggle / "input" / "some-other-dataset").mkdir()
     working = kaggle / "working"
     working.mkdir()
@@ -211,6 +231,8 @@ def test_notebook_runs_offline_from_the_bundle_and_matches_kaggle_tta_run(kernel
 
     assert re.search(r"estimate: inference on 24 images ~ \d+:\d\d:\d\d; the notebook ~ .* of the 2 h limit", text), text[-3000:]
     assert "pip:" in text and "Successfully installed" in text and "timm-" in text
+    assert f"wheels: {kaggle / 'input' / 'datasets' / 'tester' / ref.split('/')[1]}" in text
+    assert re.search(r"wrote \S+submission\.csv: 24 rows for 24 images from 'final'", text), text[-3000:]
     after_run = _where(python, ["kaggle_tta", *FROM_BUNDLE, "torch"], working)
     assert after_run.pop("torch").startswith(str(tmp_path / "image-site"))  # torch: the image's
     assert all(str(f).startswith(str(tmp_path / "venv")) for f in after_run.values()), after_run  # the rest: the bundle's wheels
@@ -225,23 +247,38 @@ def test_notebook_runs_offline_from_the_bundle_and_matches_kaggle_tta_run(kernel
     assert ours == (tmp_path / "reference" / "submission.csv").read_text()
     assert len(ours.splitlines()) == N_DEMO + 1
 
+    # A new submission (other weights, same dependencies) keeps the wheels dataset: same slug,
+    # nothing new to upload; only the small dataset changes.
+    before_wheels = _tree(wdir)
+    code, stdout, err = _run(capsys, *argv, "--set", "members.resnet.tta=flips")
+    assert code == 0, err
+    assert "the same wheel set as the last build here" in stdout and _tree(wdir) == before_wheels
+    assert json.loads((kdir / "kernel-metadata.json").read_text())["dataset_sources"] == [ref, "tester/tta-bundle-test"]
+    assert "flips" in (dataset / "pipeline.yaml").read_text()
+
 
 def _bundle_without_wheels(pipeline: Path, out: Path, **opts) -> tuple[Path, Path]:
-    """The dataset and kernel folders as `kaggle-tta kernel` writes them, minus the wheels."""
+    """The dataset and kernel folders as `kaggle-tta kernel` writes them, minus the wheels (the
+    wheels dataset, empty, is ``out / "wheels"``)."""
     o = kernel.KernelOptions(out=out, owner="tester", **opts)
     col = kernel.collect_files(load_pipeline(pipeline), yaml.safe_load(pipeline.read_text()), o, pipeline)
     own = out / "kaggle_tta-0.1.0-py3-none-any.whl"  # never installed: this test skips the pip cell
     own.parent.mkdir(parents=True)
     own.write_bytes(b"")
-    kernel.write_dataset(out / "dataset", col, own, {}, ["torch", "torchvision"], o, REPO, kernel.resolve_target(None))
-    kernel.write_kernel(out / "kernel", col, o, REPO)
+    target = kernel.resolve_target(None)
+    kernel.write_wheels(out / "wheels", col.owner, {}, ["torch", "torchvision"], o, REPO, target)
+    kernel.write_dataset(out / "dataset", col, own, {}, ["torch", "torchvision"], o, REPO, target)
+    kernel.write_kernel(out / "kernel", col, o, REPO, kernel.wheels_ref(col.owner, o, {})[0])
     return out / "dataset", out / "kernel"
 
 
 def test_notebook_finds_the_competition_data_wherever_it_is_mounted(kernel_demo_images, tmp_path, monkeypatch, capsys):
     """Competition mode, in this process (kaggle_tta is installed here; the pip cell is skipped):
     the data under --data-root is read from /kaggle/input/competitions/<slug>, hidden labels are
-    dropped, and the submission equals `kaggle-tta run`'s."""
+    dropped, the competition's sample_submission.csv orders the CSV, and the submission equals
+    `kaggle-tta run`'s with that sample."""
+    from kaggle_tta.config import SubmissionConfig
+
     local = tmp_path / "comp-data"
     shutil.copytree(kernel_demo_images, local / "test")
     pipeline = _demo_pipeline(tmp_path, local / "test", batch_size=8, workers=0)
@@ -249,9 +286,14 @@ def test_notebook_finds_the_competition_data_wherever_it_is_mounted(kernel_demo_
     assert not (dataset / "data").exists()
     kaggle = tmp_path / "fake-kaggle"
     shutil.copytree(dataset, kaggle / "input" / "tta-bundle-x")  # found by its manifest, not by its name
+    shutil.copytree(tmp_path / "kaggle" / "wheels", kaggle / "input" / "wheels-under-another-name")  # and so are the wheels
     comp = kaggle / "input" / "competitions" / "shapes-comp"
     shutil.copytree(local, comp)
     (comp / "test" / "labels.csv").unlink()  # hidden on Kaggle
+    has_sample = "sample" in SubmissionConfig.model_fields
+    # The competition's sample: its ids in reverse order (the file names, as Kaggle lists them).
+    ids = sorted((p.stem for p in (comp / "test").glob("*.png")), reverse=True)
+    (comp / "sample_submission.csv").write_text("id,label\n" + "".join(f"{i},circle\n" for i in ids))
     (kaggle / "working").mkdir()
     for key, value in {"KAGGLE_INPUT_ROOT": kaggle / "input", "KAGGLE_WORKING_DIR": kaggle / "working", "NO_ALBUMENTATIONS_UPDATE": 1, "HF_HUB_OFFLINE": 1}.items():
         monkeypatch.setenv(key, str(value))
@@ -265,12 +307,18 @@ def test_notebook_finds_the_competition_data_wherever_it_is_mounted(kernel_demo_
     assert f"competition data: {comp}" in out
     assert "data.labels.path" in out and "not used" in out
     assert "warning: no dataset named 'kaggle-tta-bundle'" in out
-    assert "estimate: inference on 24 images" in out
+    assert f"wheels: {kaggle / 'input' / 'wheels-under-another-name'}" in out
+    assert "estimate: inference on 24 images" in out  # the timing pass runs without the sample (its ids are others)
+    assert (f"submission.sample: {comp / 'sample_submission.csv'}" in out) == has_sample
 
     monkeypatch.undo()
-    code, _, err = _run(capsys, "run", str(pipeline), "-q")
+    sample = ["--set", f"submission.sample={comp / 'sample_submission.csv'}"] if has_sample else []
+    code, _, err = _run(capsys, "run", str(pipeline), "-q", *sample)
     assert code == 0, err
-    assert (kaggle / "working" / "submission.csv").read_text() == (tmp_path / "reference" / "submission.csv").read_text()
+    ours = (kaggle / "working" / "submission.csv").read_text()
+    assert ours == (tmp_path / "reference" / "submission.csv").read_text()
+    if has_sample:
+        assert [line.split(",")[0] for line in ours.splitlines()[1:]] == ids  # the sample's order
 
 
 @pytest.mark.parametrize("example", ["segmentation", "detection"])
@@ -297,6 +345,8 @@ def test_notebook_runs_the_segmentation_and_detection_examples(tmp_path, monkeyp
     dataset, kdir = _bundle_without_wheels(pipeline, tmp_path / "kaggle")
     kaggle = tmp_path / "fake-kaggle"
     shutil.copytree(dataset, kaggle / "input" / "kaggle-tta-bundle")
+    ref = json.loads((dataset / kernel.MANIFEST).read_text())["wheels_dataset"]
+    shutil.copytree(tmp_path / "kaggle" / "wheels", kaggle / "input" / ref.split("/")[1])
     (kaggle / "working").mkdir()
     for key, value in {"KAGGLE_INPUT_ROOT": kaggle / "input", "KAGGLE_WORKING_DIR": kaggle / "working", "NO_ALBUMENTATIONS_UPDATE": 1}.items():
         monkeypatch.setenv(key, str(value))
@@ -306,7 +356,13 @@ def test_notebook_runs_the_segmentation_and_detection_examples(tmp_path, monkeyp
         if cell["cell_type"] == "code" and '"pip", "install"' not in src:
             exec(compile(src, "<cell>", "exec"), ns)
     out = capsys.readouterr().out
-    assert ("Dice (TTA)" if example == "segmentation" else "mAP@0.5 (TTA)") in out  # ground truth bundled too
+    assert re.search(r"Dice \(TTA\)" if example == "segmentation" else r"mAP@0\.5 [^|]*\(TTA\)", out), out[-2000:]  # ground truth bundled too
+    # Rows are not images: a segmentation CSV has one row per (image, class).
+    written = (kaggle / "working" / "submission.csv").read_text().splitlines()
+    m = re.search(r"wrote \S+: (\d+) rows for 12 images", out)
+    assert m and int(m.group(1)) == len(written) - 1, out[-2000:]
+    if example == "segmentation":
+        assert int(m.group(1)) > 12
     monkeypatch.undo()
     code, _, err = _run(capsys, "run", str(pipeline), "-q")
     assert code == 0, err
@@ -466,6 +522,7 @@ def test_the_bundle_walks_every_path_field_the_schema_marks(kernel_demo_images, 
     (tmp_path / "factory.bin").write_bytes(b"x")
     (tmp_path / "masks").mkdir()
     (tmp_path / "boxes.csv").write_text("id,x1,y1,x2,y2,label\n")
+    (tmp_path / "sample_submission.csv").write_text("id,label\n")
     listing = "id,file\n" + "".join(f"x{i},img_{i:05d}.png\n" for i in range(3))
     (tmp_path / "list.csv").write_text(listing)
     beside = tmp_path / "beside"  # a CSV beside its images: an unset root defaults to its folder
@@ -490,13 +547,13 @@ def test_the_bundle_walks_every_path_field_the_schema_marks(kernel_demo_images, 
                  "checkpoint": str(REPO / "kaggle_tta/demo/weights/test_efficientnet.safetensors")},
             ],
             "blends": [{"name": "ens", "inputs": ["resnet", "inv"]}],
-            "submission": {"path": str(tmp_path / "submission.csv")},
+            "submission": {"path": str(tmp_path / "submission.csv"), "sample": str(tmp_path / "sample_submission.csv")},
         }
         pipeline = tmp_path / "pipeline.yaml"
         pipeline.write_text(yaml.safe_dump(raw, sort_keys=False))
         cfg = load_pipeline(pipeline)
         fields = list(bundled_fields(cfg))
-        assert len(fields) == (11 if label == "csv" else 10), (label, [loc for loc, _, _ in fields])  # csv: its path and root
+        assert len(fields) == (12 if label == "csv" else 11), (label, [loc for loc, _, _ in fields])  # csv: its path and root
         covered |= {(_section_of(cfg, loc), loc[-1]) for loc, _, _ in fields}
         # The walk: every marked field, the factory's path kwarg and module, an unset root as its CSV's folder.
         walked = kernel.list_marked(cfg)
@@ -532,3 +589,67 @@ def test_notebook_template_is_a_papermill_notebook_without_magics():
         assert not any(line.lstrip().startswith(("!", "%")) for line in cell["source"].splitlines())
     src = "\n".join(c["source"] for c in code_cells)
     assert "--no-index" in src and "KAGGLE_INPUT_ROOT" in src and "KAGGLE_WORKING_DIR" in src
+
+
+# ---- kernel-metadata.json and dataset-metadata.json: what Kaggle is told -----------------------
+
+
+def _metadata(tmp_path: Path, kernel_demo_images: Path, **opts) -> tuple[dict, dict, dict]:
+    """(kernel-metadata, dataset-metadata, wheels dataset-metadata) as written for ``opts``."""
+    tmp_path.mkdir(exist_ok=True)
+    pipeline = _demo_pipeline(tmp_path, kernel_demo_images)
+    out = tmp_path / "m"
+    _bundle_without_wheels(pipeline, out, **opts)
+    return tuple(json.loads((out / d / f).read_text()) for d, f in (("kernel", "kernel-metadata.json"), ("dataset", "dataset-metadata.json"), ("wheels", "dataset-metadata.json")))
+
+
+def test_a_gpu_kernel_names_its_machine_and_pins_its_image(kernel_demo_images, tmp_path):
+    """Without machine_shape a pushed GPU kernel lands on a P100, which the image's torch cannot
+    run (kaggle-cli #490, #821, #1151): --enable-gpu writes GPU T4 x2, as Kaggle names it."""
+    meta, dmeta, wmeta = _metadata(tmp_path, kernel_demo_images, enable_gpu=True)
+    assert meta["enable_gpu"] is True and meta["machine_shape"] == kernel.DEFAULT_MACHINE_SHAPE == "NvidiaTeslaT4"
+    assert meta["docker_image_pinning_type"] == "original" and meta["docker_image_pinning_type"] in kernel.PINNING_TYPES
+    meta, _, _ = _metadata(tmp_path / "l4", kernel_demo_images, machine_shape="NvidiaL4", docker_image_pinning="latest")
+    assert meta["enable_gpu"] is True and meta["machine_shape"] == "NvidiaL4" and meta["docker_image_pinning_type"] == "latest"
+    meta, _, _ = _metadata(tmp_path / "cpu", kernel_demo_images)
+    assert meta["enable_gpu"] is False and "machine_shape" not in meta
+    # Licences: not CC0 by default; both selectable.
+    assert dmeta["licenses"] == [{"name": kernel.DEFAULT_LICENSE}] and wmeta["licenses"] == [{"name": kernel.DEFAULT_WHEELS_LICENSE}]
+    assert "CC0-1.0" not in (kernel.DEFAULT_LICENSE, kernel.DEFAULT_WHEELS_LICENSE)
+    _, dmeta, wmeta = _metadata(tmp_path / "lic", kernel_demo_images, license="CC-BY-4.0", wheels_license="unknown")
+    assert dmeta["licenses"] == [{"name": "CC-BY-4.0"}] and wmeta["licenses"] == [{"name": "unknown"}]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--machine-shape", "NvidiaTeslaT5"], "did you mean 'NvidiaTeslaT4'?"),
+    (["--machine-shape", "nvidial4"], "did you mean 'NvidiaL4'?"),
+    (["--machine-shape", "NvidiaTeslaP100"], "sm_60"),
+    (["--machine-shape", "TpuV5E8"], "a TPU"),
+    (["--machine-shape", "NvidiaL4", "--no-enable-gpu"], "--no-enable-gpu"),
+    (["--docker-image-pinning", "orignal"], "did you mean 'original'?"),
+    (["--license", "cc0"], "did you mean 'CC0-1.0'?"),
+    (["--wheels-license", "apache"], "did you mean 'apache-2.0'?"),
+    (["--python-version", "3"], "like 3.12"),
+    (["--wheels-slug-prefix", "X"], "--wheels-slug-prefix"),
+])
+def test_kaggle_metadata_options_are_checked_before_anything_is_built(kernel_demo_images, tmp_path, capsys, argv, message):
+    pipeline = _demo_pipeline(tmp_path, kernel_demo_images)
+    code, _, err = _run(capsys, "kernel", str(pipeline), "--out", str(tmp_path / "out"), *argv)
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_wheels_dataset_is_named_by_its_wheel_set_alone(kernel_demo_images, tmp_path):
+    """The wheels dataset's slug is a hash of the wheel files' names: the same set, the same slug
+    (nothing to upload), whatever the weights and the pipeline; another set, another slug."""
+    some = {"a": Path("numpy-2.4.6-cp312-cp312-manylinux_2_28_x86_64.whl"), "b": Path("timm-1.0.31-py3-none-any.whl")}
+    o = kernel.KernelOptions(out=tmp_path)
+    ref, set_id = kernel.wheels_ref("me", o, some)
+    assert ref == f"me/kaggle-tta-wheels-{set_id}" and re.fullmatch(r"[0-9a-f]{10}", set_id)
+    assert kernel.wheels_ref("me", o, dict(reversed(list(some.items())))) == (ref, set_id)  # order does not matter
+    other = {**some, "b": Path("timm-1.0.32-py3-none-any.whl")}
+    assert kernel.wheels_ref("me", o, other)[1] != set_id
+    assert kernel.wheel_set_id([p.name for p in some.values()]) == set_id
+    # The default target is Kaggle's Python, named in one place.
+    assert kernel.KernelOptions(out=tmp_path).python_version == kernel.KAGGLE_PYTHON == "3.12"
+    assert kernel.resolve_target(kernel.KAGGLE_PYTHON).python == "3.12"

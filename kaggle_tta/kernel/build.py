@@ -1,4 +1,4 @@
-"""``build_bundle``: checks everything and fetches every wheel, then writes both folders at once."""
+"""``build_bundle``: checks everything and fetches every wheel, then writes the three folders at once."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import tempfile
 from pathlib import Path
 
 from kaggle_tta.kernel.bundle import collect_files
-from kaggle_tta.kernel.options import DEFAULT_EXCLUDES, NOTEBOOK, PACKAGE, BundleReport, KernelError, KernelOptions, check_options
+from kaggle_tta.kernel.options import DEFAULT_EXCLUDES, NOTEBOOK, PACKAGE, WHEELS_MANIFEST, BundleReport, KernelError, KernelOptions, check_options
 from kaggle_tta.kernel.wheels import build_own_wheel, fetch_wheels, pin_closure, read_wheel_requires, resolve_target
-from kaggle_tta.kernel.write import write_dataset, write_kernel
+from kaggle_tta.kernel.write import wheels_ref, write_dataset, write_kernel, write_wheels
 
 
 def build_bundle(pipeline: Path, opts: KernelOptions) -> BundleReport:
-    """Checks everything, fetches the wheels, then writes ``opts.out/{dataset,kernel}``.
+    """Checks everything, fetches the wheels, then writes ``opts.out/{wheels,dataset,kernel}``.
 
     Raises:
         KaggleTTAError: the pipeline is invalid, references a file that is missing or cannot be
@@ -42,28 +42,45 @@ def build_bundle(pipeline: Path, opts: KernelOptions) -> BundleReport:
         excludes = list(DEFAULT_EXCLUDES) + list(opts.wheel_exclude)
         pins, excluded = pin_closure(roots, excludes, target)
         cache = opts.wheel_cache or tmp_dir / "downloads"
-        wheels = fetch_wheels(pins, [out / "dataset", cache], cache, target)
+        wheels = fetch_wheels(pins, [out / "wheels", out / "dataset", cache], cache, target)
+        ref, set_id = wheels_ref(col.owner, opts, wheels)
+        unchanged = _wheel_set_of(out / "wheels") == set_id
         # Written beside the final folders, then swapped in: an interrupted build leaves the
         # previous bundle (or none), never a half-written one.
-        stage, kernel_stage = out / ".dataset.partial", out / ".kernel.partial"
+        stages = {"wheels": out / ".wheels.partial", "dataset": out / ".dataset.partial", "kernel": out / ".kernel.partial"}
         try:
-            for d in (stage, kernel_stage):
+            for d in stages.values():
                 _rmtree(d)
-            write_dataset(stage, col, own, wheels, excluded, opts, root, target)
-            load_pipeline(stage / col.pipeline_name)  # the rewritten pipeline still validates
-            write_kernel(kernel_stage, col, opts, root)
-            for name, staged in (("dataset", stage), ("kernel", kernel_stage)):
+            write_wheels(stages["wheels"], col.owner, wheels, excluded, opts, root, target)
+            write_dataset(stages["dataset"], col, own, wheels, excluded, opts, root, target)
+            load_pipeline(stages["dataset"] / col.pipeline_name)  # the rewritten pipeline still validates
+            write_kernel(stages["kernel"], col, opts, root, ref)
+            for name, staged in stages.items():
                 _rmtree(out / name)
                 staged.rename(out / name)
         finally:
-            for d in (stage, kernel_stage):
+            for d in stages.values():
                 _rmtree(d)
-    ds = out / "dataset"
-    size = sum(p.stat().st_size for p in ds.rglob("*") if p.is_file())
+    ds, wd = out / "dataset", out / "wheels"
     return BundleReport(
         ds, out / "kernel", sorted([own.name, *(w.name for w in wheels.values())]), excluded,
-        sorted([*col.files, *col.trees, *col.tree_files]), sorted({n.split("/")[0] for n in [*col.trees, *col.tree_files]}), col.owner_placeholder, size,
+        sorted([*col.files, *col.trees, *col.tree_files]), sorted({n.split("/")[0] for n in [*col.trees, *col.tree_files]}), col.owner_placeholder,
+        _size(ds), wd, ref, _size(wd), unchanged,
     )
+
+
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _wheel_set_of(folder: Path) -> str | None:
+    """The wheel-set id of a wheels folder an earlier build left, if any."""
+    import json
+
+    try:
+        return json.loads((folder / WHEELS_MANIFEST).read_text(encoding="utf-8")).get("wheel_set")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _project_root() -> Path:

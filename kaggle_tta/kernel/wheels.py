@@ -34,21 +34,31 @@ class Target:
     env: dict[str, str]
     pip_args: list[str]
 
+    @property
+    def python(self) -> str:
+        """X.Y of the interpreter the wheels are for (the notebook checks its own against it)."""
+        return self.python_version or f"{sys.version_info.major}.{sys.version_info.minor}"
+
     def describe(self) -> str:
         if self.python_version is None:
-            return f"this interpreter (CPython {sys.version_info.major}.{sys.version_info.minor}, {sys.platform})"
+            return f"this interpreter (CPython {self.python}, {sys.platform})"
         return f"CPython {self.python_version} on manylinux x86_64"
 
 
 def resolve_target(python_version: str | None) -> Target:
-    """The target for ``--python-version``: None (or this interpreter's X.Y) is this interpreter,
-    with the tags and markers pip sees here; another X.Y is CPython on Kaggle's manylinux x86_64."""
+    """The target for ``--python-version``: None is this interpreter, with the tags and markers
+    pip sees here, and so is this interpreter's own X.Y on Linux x86_64 (where its wheels are
+    Kaggle's too, and a dependency with only an sdist can be built here); another X.Y, or any
+    X.Y elsewhere (a Mac), is CPython on Kaggle's manylinux x86_64."""
+    import platform
+
     from packaging import tags
     from packaging.markers import default_environment
 
     env = dict(default_environment())
     local = f"{sys.version_info.major}.{sys.version_info.minor}"
-    if python_version is None or python_version == local:
+    like_kaggle = sys.platform == "linux" and platform.machine() == "x86_64" and sys.implementation.name == "cpython"
+    if python_version is None or (python_version == local and like_kaggle):
         return Target(None, list(tags.sys_tags()), env, [])
     ver = tuple(int(x) for x in python_version.split("."))
     tag_list = list(tags.cpython_tags(ver, platforms=_KAGGLE_PLATFORMS)) + list(tags.compatible_tags(ver, f"cp{ver[0]}{ver[1]}", _KAGGLE_PLATFORMS))
@@ -56,6 +66,15 @@ def resolve_target(python_version: str | None) -> Target:
                platform_python_implementation="CPython", sys_platform="linux", platform_system="Linux", platform_machine="x86_64")
     args = ["--python-version", python_version, "--implementation", "cp"] + [a for p in _KAGGLE_PLATFORMS for a in ("--platform", p)]
     return Target(python_version, tag_list, env, args)
+
+
+def wheel_set_id(wheels: list[str]) -> str:
+    """Names a set of wheels: the first 10 hex digits of the sha256 of their sorted file names
+    (a file name pins the distribution, its version and the interpreter and platform it is
+    for). The same set gets the same id, so the wheels dataset named by it keeps its slug."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(sorted(wheels)).encode()).hexdigest()[:10]
 
 
 def build_own_wheel(root: Path, dest: Path) -> Path:

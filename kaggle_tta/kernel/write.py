@@ -1,6 +1,8 @@
-"""Writing the two folders: the dataset (files, the rewritten pipeline, the manifest the
-notebook reads, ``dataset-metadata.json``) and the kernel (the notebook with its parameters
-cell filled in, ``kernel-metadata.json``), both from the templates in ``kernels/``."""
+"""Writing the three folders, from the templates in ``kernels/``: the wheels dataset (the
+dependencies' wheels, its manifest, ``dataset-metadata.json``), the dataset (kaggle_tta's
+wheel, the files, the rewritten pipeline, the manifest the notebook reads,
+``dataset-metadata.json``) and the kernel (the notebook with its parameters cell filled in,
+``kernel-metadata.json``)."""
 
 from __future__ import annotations
 
@@ -11,23 +13,55 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kaggle_tta.kernel.options import MANIFEST, NOTEBOOK, PACKAGE, KernelError, KernelOptions
-from kaggle_tta.kernel.wheels import Target, read_wheel_version
+from kaggle_tta.kernel.options import MANIFEST, NOTEBOOK, PACKAGE, WHEELS_MANIFEST, KernelError, KernelOptions
+from kaggle_tta.kernel.wheels import Target, read_wheel_version, wheel_set_id
 
 if TYPE_CHECKING:
     from kaggle_tta.kernel.bundle import Collector
 
 
+def wheels_ref(owner: str, opts: KernelOptions, wheels: dict[str, Path]) -> tuple[str, str]:
+    """(owner/slug of the wheels dataset, the wheel set's id): the slug is the prefix and the id."""
+    set_id = wheel_set_id([w.name for w in wheels.values()])
+    return f"{owner}/{opts.wheels_slug_prefix}-{set_id}", set_id
+
+
+def write_wheels(stage: Path, owner: str, wheels: dict[str, Path], excluded: list[str], opts: KernelOptions, root: Path, target: Target) -> None:
+    """The wheels dataset: the dependencies' wheels (hard-linked from the cache), its manifest
+    and ``dataset-metadata.json``. Nothing in it depends on the pipeline or the weights, so a
+    new submission with the same dependencies leaves it as it was, slug and all."""
+    stage.mkdir(parents=True)
+    for w in wheels.values():
+        _link_or_copy(w, stage / w.name)
+    ref, set_id = wheels_ref(owner, opts, wheels)
+    manifest = {
+        "format": 1,
+        "dataset": ref,
+        "wheel_set": set_id,
+        "python": target.python,
+        "built_for": target.describe(),
+        "wheels": sorted(w.name for w in wheels.values()),
+        "provided_by_image": excluded,
+    }
+    (stage / WHEELS_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    slug = ref.split("/", 1)[1]
+    meta = _template(
+        root / "kernels" / "wheels-metadata.json", OWNER=owner, DATASET_SLUG=slug, DATASET_TITLE=_title(slug),
+        BUILT_FOR=_short_target(target), WHEEL_SET=set_id, LICENSE=opts.wheels_license,
+    )
+    (stage / "dataset-metadata.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
 def write_dataset(
     stage: Path, col: Collector, own: Path, wheels: dict[str, Path], excluded: list[str], opts: KernelOptions, root: Path, target: Target
 ) -> None:
-    """The dataset folder: wheels (hard-linked), the collected files (copied), the rewritten
-    pipeline, the manifest and ``dataset-metadata.json``."""
+    """The dataset that changes per submission: kaggle_tta's wheel, the collected files
+    (copied), the rewritten pipeline, the manifest and ``dataset-metadata.json``. ``wheels``
+    (the dependencies') go to the wheels dataset (write_wheels); the manifest names it."""
     import yaml
 
     stage.mkdir(parents=True)
-    for w in [own, *wheels.values()]:
-        _link_or_copy(w, stage / w.name)
+    _link_or_copy(own, stage / own.name)
     # The user's files are copied, not linked: the dataset is a snapshot, and checkpoints are
     # often rewritten in place. Wheels in the cache never are, so those are hard-linked.
     for name, src in col.files.items():
@@ -42,13 +76,17 @@ def write_dataset(
         "# dataset; the notebook points competition data, cache.dir and submission.path at what it finds.\n"
     )
     (stage / col.pipeline_name).write_text(header + yaml.safe_dump(col.raw, sort_keys=False, allow_unicode=True, default_flow_style=None), encoding="utf-8")
+    ref, set_id = wheels_ref(col.owner, opts, wheels)
     manifest = {
-        "format": 1,
+        "format": 2,
         "pipeline": col.pipeline_name,
         "dataset": f"{col.owner}/{opts.dataset_slug}",
         "package": {"name": PACKAGE, "version": read_wheel_version(own), "wheel": own.name},
+        "wheels_dataset": ref,
+        "wheel_set": set_id,
         "wheels": sorted(w.name for w in wheels.values()),
         "provided_by_image": excluded,
+        "python": target.python,
         "built_for": target.describe(),
         "competition": opts.competition,
         "competition_paths": col.competition_paths,
@@ -56,13 +94,17 @@ def write_dataset(
         "code_dirs": ["code"] if col.code_modules else [],
     }
     (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    meta = _template(root / "kernels" / "dataset-metadata.json", OWNER=col.owner, DATASET_SLUG=opts.dataset_slug, DATASET_TITLE=_title(opts.dataset_slug))
+    meta = _template(
+        root / "kernels" / "dataset-metadata.json", OWNER=col.owner, DATASET_SLUG=opts.dataset_slug, DATASET_TITLE=_title(opts.dataset_slug),
+        WHEELS_REF=ref, LICENSE=opts.license,
+    )
     (stage / "dataset-metadata.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
-def write_kernel(stage: Path, col: Collector, opts: KernelOptions, root: Path) -> None:
+def write_kernel(stage: Path, col: Collector, opts: KernelOptions, root: Path, wheels_dataset: str) -> None:
     """The kernel folder: the notebook with its parameters cell filled in, ``kernel-metadata.json``
-    with the internet off written out (Kaggle's API turns it on when the key is absent)."""
+    with the internet off written out (Kaggle's API turns it on when the key is absent), both
+    datasets attached, and with the GPU on, the machine and the image pinned (see options)."""
     stage.mkdir(parents=True)
     nb = json.loads((root / "kernels" / NOTEBOOK).read_text(encoding="utf-8"))
     values = {
@@ -83,10 +125,22 @@ def write_kernel(stage: Path, col: Collector, opts: KernelOptions, root: Path) -
     (stage / NOTEBOOK).write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     meta = _template(root / "kernels" / "kernel-metadata.json", OWNER=col.owner, KERNEL_SLUG=opts.kernel_slug, KERNEL_TITLE=_title(opts.kernel_slug))
     meta.update(
-        code_file=NOTEBOOK, language="python", kernel_type="notebook", enable_gpu=bool(opts.enable_gpu), enable_internet=False,
-        dataset_sources=[f"{col.owner}/{opts.dataset_slug}"], competition_sources=[opts.competition] if opts.competition else [],
+        code_file=NOTEBOOK, language="python", kernel_type="notebook", enable_gpu=opts.gpu, enable_internet=False,
+        dataset_sources=[wheels_dataset, f"{col.owner}/{opts.dataset_slug}"], competition_sources=[opts.competition] if opts.competition else [],
+        docker_image_pinning_type=opts.docker_image_pinning,
     )
+    if opts.shape is not None:
+        meta["machine_shape"] = opts.shape
+    else:
+        meta.pop("machine_shape", None)
     (stage / "kernel-metadata.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def _short_target(target: Target) -> str:
+    """The target in a dataset subtitle (20-80 characters)."""
+    import sys
+
+    return f"CPython {target.python} (manylinux x86_64)" if target.python_version else f"CPython {target.python} ({sys.platform})"
 
 
 def _py_literal(value: str | float) -> str:
