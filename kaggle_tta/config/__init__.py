@@ -5,7 +5,8 @@ silently ignored setting. Resolution order for any value: ``--set`` override > Y
 timm's ``pretrained_cfg`` for the member's architecture > the default written here.
 
 - ``marks``: which fields name files (``Bundle``) and which factory kwargs are paths;
-- ``sections``: data, runtime, cache, members, task settings, blends, submission;
+- ``data``: the test set, the classes and the ground truth;
+- ``sections``: runtime, cache, members, task settings, blends, submission;
 - ``pipeline``: the whole pipeline, its task defaults and graph checks;
 - ``loading``: ``load_pipeline`` (a path or a dict, with overrides) and ``load_classes``.
 """
@@ -13,15 +14,11 @@ timm's ``pretrained_cfg`` for the member's architecture > the default written he
 from kaggle_tta.config.loading import apply_override, format_validation_error, load_classes, load_pipeline
 from kaggle_tta.config.marks import FACTORY_PATH_KWARGS, Bundle, bundled_fields
 from kaggle_tta.config.pipeline import PipelineConfig
+from kaggle_tta.config.data import BoxesSpec, CsvSource, DataConfig, LabelsSpec, MasksSpec
 from kaggle_tta.config.sections import (
     BlendConfig,
-    BoxesSpec,
     CacheConfig,
-    CsvSource,
-    DataConfig,
     DetectionConfig,
-    LabelsSpec,
-    MasksSpec,
     MemberConfig,
     PreprocessConfig,
     RLEConfig,

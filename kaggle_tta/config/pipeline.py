@@ -7,10 +7,10 @@ from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
+from kaggle_tta.config.data import DataConfig
 from kaggle_tta.config.sections import (
     BlendConfig,
     CacheConfig,
-    DataConfig,
     DetectionConfig,
     MemberConfig,
     RuntimeConfig,
