@@ -14,9 +14,12 @@ Kinds:
   kaggle       kaggle_tta.cli.main(['run', PIPELINE, '-q']) (== ``kaggle-tta run PIPELINE -q``)
   ttach        ttach.ClassificationTTAWrapper over a DataLoader, same model/batch/precision
   reference    the reference document's per-image albumentations path, fp32
-  blend-guard  ``kaggle-tta blend`` with timm.create_model and build_model made to raise
+  blend-guard  ``kaggle-tta blend`` with timm.create_model and build_model made to raise;
+               with ``"verify": false`` CacheEntry.rows bypassed (no finiteness check, no CRC)
   numpy-blend  np.load the cached views, average, argmax, write a CSV
   reblend-setup  write 3 members x N views of [rows, 1000] float16 logits into the cache
+  preprocess   decode (kaggle_tta.data.decode_image) alone, or decode + a CanvasSpec crop
+               backend (timm | albumentations), per image, one thread
 """
 
 from __future__ import annotations
@@ -371,56 +374,116 @@ def reference(spec: dict) -> None:
 
 
 def reblend_setup(spec: dict) -> None:
-    """Writes each member's views straight into its cache entry, in the layout and under the
+    """Writes each member's views into its cache entry through CacheEntry's own API
+    (``write_ids``, ``open_for_write``, ``record``, ``commit``), in the layout and under the
     fingerprint kaggle-tta itself uses (plan.build_plan + cache.CacheEntry), so that
-    ``kaggle-tta blend`` finds them complete. Reuses entries that are already complete."""
+    ``kaggle-tta blend`` finds them complete and intact: cache format 2, ``ids.json`` as
+    ``write_ids`` writes it, a ``crc32`` per view recorded by ``commit``. Reuses entries that
+    are already complete in that format; an entry of an older format (or a view without its
+    CRC) is written again. Checks, before it returns, that every manifest is format 2 with a
+    crc32 per view and that ``ids.json`` holds the test set's ids in order."""
+    import shutil
+
     import numpy as np
     import torch
 
     from kaggle_tta.cache import CacheEntry
+    from kaggle_tta.cache.entry import FORMAT_VERSION
     from kaggle_tta.config import load_pipeline
+    from kaggle_tta.errors import CacheError
     from kaggle_tta.plan import build_plan, resolve_precision
 
     cfg = load_pipeline(spec["pipeline"])
     plan = build_plan(cfg)
     precision = resolve_precision(cfg.runtime.precision, torch.device("cpu"))
     n, c = len(plan.testset), len(plan.classes)
+    ids = list(plan.testset.ids)
     rng = np.random.default_rng(0)
-    written = reused = 0
+    written = reused = rewritten_entries = 0
     t0 = time.perf_counter()
+
+    def open_entry(m):
+        nonlocal rewritten_entries
+        try:
+            return CacheEntry(plan.cache_root, m.name, m.fingerprint(precision), m.inputs)
+        except CacheError:  # an older cache format (a benchmark folder from before format 2)
+            shutil.rmtree(plan.cache_root / m.name / m.fingerprint(precision), ignore_errors=True)
+            rewritten_entries += 1
+            return CacheEntry(plan.cache_root, m.name, m.fingerprint(precision), m.inputs)
+
+    def good(entry, view: str) -> bool:
+        return entry.is_complete(view) and "crc32" in entry.view_state(view)
+
     for m in plan.members:
-        entry = CacheEntry(plan.cache_root, m.name, m.fingerprint(precision), m.inputs)
-        if all(entry.is_complete(v.name) for v in m.views):
+        entry = open_entry(m)
+        if all(good(entry, v.name) for v in m.views) and (entry.dir / "ids.json").is_file():
             reused += len(m.views)
             continue
-        entry.write_ids(plan.testset.ids)
+        entry.write_ids(ids)
         for v in m.views:
-            if entry.is_complete(v.name):
+            if good(entry, v.name):
                 reused += 1
                 continue
+            entry.manifest["views"].pop(v.name, None)  # complete without a CRC: write it again
             arr, _ = entry.open_for_write(v.name, (n, c), cfg.cache.dtype)
             step = 5000
             for lo in range(0, n, step):
                 hi = min(n, lo + step)
                 arr[lo:hi] = (rng.standard_normal((hi - lo, c), dtype=np.float32) * 3.0).astype(arr.dtype)
             entry.record(v.name, n, 0.0)
-            entry.commit()
+            entry.commit()  # all rows in: records the view's CRC-32 and moves it into place
             del arr
             written += 1
         entry.close()
-    files = [str(CacheEntry(plan.cache_root, m.name, m.fingerprint(precision)).path(v.name)) for m in plan.members for v in m.views]
-    ids_file = str(CacheEntry(plan.cache_root, plan.members[0].name, plan.members[0].fingerprint(precision)).dir / "ids.json")  # the row order, as JSON (cache format 2)
-    _result({"written": written, "reused": reused, "seconds": time.perf_counter() - t0, "files": files, "ids": ids_file,
-             "bytes": sum(Path(f).stat().st_size for f in files), "rows": n, "classes": c, "precision": precision})
+    # what blend will check: format 2 manifests, a crc32 per view, ids.json as write_ids writes it
+    entries = [CacheEntry(plan.cache_root, m.name, m.fingerprint(precision), m.inputs) for m in plan.members]
+    for m, e in zip(plan.members, entries):
+        man = json.loads(e.manifest_path.read_text(encoding="utf-8"))
+        if man.get("format_version") != FORMAT_VERSION:
+            raise SystemExit(f"{e.manifest_path}: format {man.get('format_version')}, not {FORMAT_VERSION}")
+        lacking = [v.name for v in m.views if man["views"].get(v.name, {}).get("status") != "complete" or "crc32" not in man["views"][v.name]]
+        if lacking:
+            raise SystemExit(f"{e.manifest_path}: views without a recorded crc32 or not complete: {lacking}")
+        on_disk = (e.dir / "ids.json").read_text(encoding="utf-8")
+        if on_disk != json.dumps(ids, ensure_ascii=False) or e.read_ids() != ids:
+            raise SystemExit(f"{e.dir / 'ids.json'}: not what CacheEntry.write_ids writes for the test set")
+    files = [str(e.path(v.name)) for m, e in zip(plan.members, entries) for v in m.views]
+    ids_file = str(entries[0].dir / "ids.json")  # the row order, as JSON (cache format 2)
+    _result({"written": written, "reused": reused, "rewritten_old_entries": rewritten_entries, "seconds": time.perf_counter() - t0, "files": files,
+             "ids": ids_file, "format_version": FORMAT_VERSION, "crc32_views": sum(len(m.views) for m in plan.members),
+             "bytes": sum(Path(f).stat().st_size for f in files), "bytes_data": n * c * np.dtype(cfg.cache.dtype).itemsize * len(files),
+             "rows": n, "classes": c, "precision": precision})
 
 
 def blend_guard(spec: dict) -> None:
-    """`kaggle-tta blend` with every way of building a model made to raise."""
+    """`kaggle-tta blend` with every way of building a model made to raise.
+
+    ``spec["verify"]`` False bypasses the streaming verification: ``CacheEntry.rows`` becomes
+    ``self.read(view)[lo:hi]`` (no finiteness check, no CRC-32), the rest of the blend as is.
+    Either way the bytes that went through the CRC (``kaggle_tta.cache.entry.data_crc``) and
+    the verified blocks are counted, so the report can show that the verified run checked every
+    byte of every view and the bypassed one none."""
     import timm
     import torch
 
+    import kaggle_tta.cache.entry as entry_mod
     import kaggle_tta.models as models
     from kaggle_tta import cli
+
+    crc_bytes = [0]
+    real_crc = entry_mod.data_crc
+
+    def counting_crc(arr, crc=0):
+        crc_bytes[0] += arr.nbytes
+        return real_crc(arr, crc)
+
+    entry_mod.data_crc = counting_crc
+    verify = spec.get("verify", True)
+    if not verify:
+        def unverified_rows(self, view, lo, hi):
+            return self.read(view)[lo:hi]
+
+        entry_mod.CacheEntry.rows = unverified_rows
 
     calls = []
 
@@ -444,7 +507,7 @@ def blend_guard(spec: dict) -> None:
     with contextlib.redirect_stdout(buf):
         rc = cli.main(["blend", spec["pipeline"]])  # blend shows no bar: it takes no --quiet
     secs = time.perf_counter() - t0
-    _result({"rc": rc, "seconds": secs, "model_calls": len(calls), "nn_modules_created": n_modules[0],
+    _result({"rc": rc, "seconds": secs, "model_calls": len(calls), "nn_modules_created": n_modules[0], "verify": verify, "crc_bytes": crc_bytes[0],
              "engine_imported": (not engine_before) and "kaggle_tta.engine" in sys.modules, "stdout_tail": buf.getvalue()[-400:]})
 
 
@@ -472,14 +535,73 @@ def numpy_blend(spec: dict) -> None:
     _result({"seconds": time.perf_counter() - t0, "rows": len(ids)})
 
 
+# ---- 8. preprocessing backends -------------------------------------------------------------
+
+
+def preprocess(spec: dict) -> None:
+    """Per image: ``decode_image`` alone (``spec["backend"]`` None) or decode + the crops of
+    ``CanvasSpec(size, crop_pct, interpolation, mode="crop", backend, positions).build()``,
+    exactly as the loader calls them. One thread (cv2 and torch), everything imported and the
+    transform built before the clock; ``warmup`` images are run untimed first. Returns the
+    per-image seconds of the whole (decode + preprocessing) and of the preprocessing alone."""
+    import cv2
+    import numpy as np
+    import torch
+
+    from kaggle_tta.canvas import CanvasSpec
+    from kaggle_tta.data import decode_image
+
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+    paths = sorted(str(p) for p in Path(spec["folder"]).glob("*.jpg"))
+    backend = spec.get("backend")
+    fn = None
+    build_s = 0.0
+    if backend:
+        import albumentations  # noqa: F401
+        import PIL.Image  # noqa: F401
+        import timm.data  # noqa: F401
+
+        t0 = time.perf_counter()
+        cs = CanvasSpec(tuple(spec["size"]), spec["crop_pct"], spec["interpolation"], mode="crop", backend=backend, positions=tuple(spec["positions"]))
+        fn = cs.build()
+        build_s = time.perf_counter() - t0
+    for p in paths[: spec.get("warmup", 2)]:
+        img = decode_image(p)
+        if fn is not None:
+            fn(img)
+    total = pre = 0.0
+    shapes = set()
+    check = 0
+    for p in paths:
+        t0 = time.perf_counter()
+        img = decode_image(p)
+        t1 = time.perf_counter()
+        if fn is not None:
+            out = fn(img)
+            t2 = time.perf_counter()
+            pre += t2 - t1
+            total += t2 - t0
+            shapes.add(tuple(out.shape))
+            check += int(out[:, ::37, ::37].astype(np.int64).sum())
+        else:
+            total += t1 - t0
+            shapes.add(tuple(img.shape))
+    n = len(paths)
+    _result({"images": n, "per_image_s": total / n, "preprocess_per_image_s": pre / n if fn is not None else 0.0, "build_s": build_s,
+             "shapes": sorted(map(list, shapes)), "checksum": check, "cv2_threads": cv2.getNumThreads(), "torch_threads": torch.get_num_threads()})
+
+
 def setup(spec: dict) -> None:
     """Writes the data and the checkpoint here, so the orchestrator never imports numpy, cv2
     or torch: a child's peak RSS (wait4) starts from the size of the process that forked it."""
-    from _common import write_checkpoint, write_classes, write_jpegs
+    from _common import write_checkpoint, write_classes, write_jpegs, write_photo_jpegs
 
     t0 = time.perf_counter()
     for folder, n, size, seed in spec.get("jpegs", []):
         write_jpegs(Path(folder), n, size, seed)
+    for folder, n, seed in spec.get("photos", []):
+        write_photo_jpegs(Path(folder), n, seed)
     if spec.get("classes"):
         write_classes(Path(spec["classes"]))
     if spec.get("checkpoint"):
@@ -496,6 +618,7 @@ KINDS = {
     "reblend-setup": reblend_setup,
     "blend-guard": blend_guard,
     "numpy-blend": numpy_blend,
+    "preprocess": preprocess,
 }
 
 if __name__ == "__main__":

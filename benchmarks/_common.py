@@ -68,6 +68,49 @@ def write_jpegs(folder: Path, n: int, size: int, seed: int = 0) -> Path:
     return folder
 
 
+# (width, height) of the preprocessing row's JPEGs: a 4:3 landscape and a 2:3 portrait photo
+PHOTO_SIZES = ((1024, 768), (683, 1024))
+
+
+def write_photo_jpegs(folder: Path, n: int, seed: int = 0) -> Path:
+    """n deterministic camera-sized RGB JPEGs, alternating PHOTO_SIZES (width x height):
+    smooth colour fields, a fine texture at several scales (stripes, a checker of random
+    cells, sensor-like noise) and a few shapes with sharp edges, quality 90 — so that the
+    JPEG holds detail at every frequency and decodes at about the cost of a photo of that
+    size (a flat image decodes much faster). Reused if present."""
+    import cv2
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / ".complete"
+    tag = f"photos {n} {seed} {PHOTO_SIZES}"
+    if marker.is_file() and marker.read_text() == tag:
+        return folder
+    for old in folder.glob("*.jpg"):
+        old.unlink()
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        w, h = PHOTO_SIZES[i % len(PHOTO_SIZES)]
+        low = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        img = cv2.resize(low, (w, h), interpolation=cv2.INTER_CUBIC).astype(np.float32)
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        for _ in range(3):  # stripes of random period and direction
+            period, ang, amp = rng.uniform(3, 40), rng.uniform(0, np.pi), rng.uniform(8, 25)
+            img += (amp * np.sin(2 * np.pi * (xx * np.cos(ang) + yy * np.sin(ang)) / period))[..., None]
+        cells = rng.normal(0, 18, (h // 8 + 1, w // 8 + 1, 3)).astype(np.float32)  # blocky texture
+        img += cv2.resize(cells, (w, h), interpolation=cv2.INTER_NEAREST)
+        img += rng.normal(0, 6, img.shape).astype(np.float32)  # sensor noise
+        img = np.clip(img, 0, 255).astype(np.uint8)
+        for _ in range(6):
+            c = tuple(int(v) for v in (rng.integers(0, w), rng.integers(0, h)))
+            r = int(rng.integers(min(w, h) // 20, min(w, h) // 5))
+            col = tuple(int(v) for v in rng.integers(0, 256, 3))
+            cv2.circle(img, c, r, col, int(rng.choice([-1, 3, 8])))
+        cv2.imwrite(str(folder / f"{i:05d}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    marker.write_text(tag)
+    return folder
+
+
 def write_classes(path: Path) -> Path:
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 from _common import CHILD, PRESET, REPO, child_env, loadavg, machine_info, member, write_pipeline  # noqa: E402
 
-ROWS = ["limit", "kaggle", "ttach", "reference", "reblend", "memory", "autobatch"]
+ROWS = ["limit", "kaggle", "ttach", "reference", "reblend", "memory", "autobatch", "preprocess"]
 ROW_NUMBERS = {str(i + 1): r for i, r in enumerate(ROWS)}
 T_START = time.perf_counter()
 
@@ -265,12 +265,17 @@ class Bench:
                     pass
         np_spec = {"files": setup["files"], "ids": setup["ids"], "classes": str(self.classes), "out": str(d / "numpy_submission.csv")}
         kt_cmd = [sys.executable, "-m", "kaggle_tta", "blend", str(pipe)]  # blend shows no bar: no --quiet
-        raw: dict[str, list] = {"kaggle": [], "numpy": [], "guard": []}
+        raw: dict[str, list] = {"kaggle": [], "numpy": [], "guard": [], "unverified": []}
         reps = max(a.repeats, 3)
-        who_all = ["kaggle", "numpy", "guard"]
+        who_all = ["kaggle", "numpy", "guard", "unverified"]
         for rep in range(reps):
-            for who in who_all[rep % 3:] + who_all[: rep % 3]:
-                if who == "kaggle":  # the CLI exactly as a user runs it
+            for who in who_all[rep % len(who_all):] + who_all[: rep % len(who_all)]:
+                if who == "unverified":  # the guard run with CacheEntry.rows bypassed: no finiteness check, no CRC
+                    r = run_child("blend-guard", {"pipeline": str(pipe), "verify": False})
+                    if r["model_calls"] or r["nn_modules_created"]:
+                        raise ChildFailed(f"kaggle-tta blend built a model: {r}")
+                    msg = f"in-process {r['seconds']:.2f}s, verification bypassed ({r['crc_bytes'] / 1e9:.2f} GB through the CRC)"
+                elif who == "kaggle":  # the CLI exactly as a user runs it
                     r = run_cmd(kt_cmd)
                     if r["rc"] != 0:
                         raise ChildFailed(f"kaggle-tta blend failed: {r['stderr'][-2000:]}")
@@ -280,7 +285,7 @@ class Bench:
                     r = run_child("blend-guard", {"pipeline": str(pipe)})
                     if r["model_calls"] or r["nn_modules_created"]:
                         raise ChildFailed(f"kaggle-tta blend built a model: {r}")
-                    msg = f"in-process {r['seconds']:.2f}s"
+                    msg = f"in-process {r['seconds']:.2f}s, verified ({r['crc_bytes'] / 1e9:.2f} GB through the CRC)"
                 else:
                     r = run_child("numpy-blend", np_spec)
                     msg = f"wall {r['wall_s']:.2f}s, in-process {r['seconds']:.2f}s"
@@ -332,6 +337,39 @@ class Bench:
                 raw[str(c)].append(r)
                 log(f"forward_batch rep {rep + 1}/{reps} {str(c):>4s}: {r['seconds']:.1f}s ({n / r['seconds']:.1f} img/s), ran at forward batch {r['forward_batch']}")
         self.res["autobatch"] = {"raw": raw, "images": n, "views": a.autobatch_views}
+
+    # -- row 8 --
+
+    PREPROCESS_CONFIGS = (  # (key, backend, positions); backend None: decode alone
+        ("decode", None, ()),
+        ("timm/center", "timm", ("center",)),
+        ("albumentations/center", "albumentations", ("center",)),
+        ("timm/five_crop", "timm", ("center", "tl", "tr", "bl", "br")),
+        ("albumentations/five_crop", "albumentations", ("center", "tl", "tr", "bl", "br")),
+    )
+
+    def preprocess_row(self) -> None:
+        a = self.a
+        n = a.preprocess_images
+        folder = self.work / f"photos_{n}"
+        log(f"preprocess: {n} camera-sized JPEGs ({' and '.join(f'{w}x{h}' for w, h in _common.PHOTO_SIZES)}, reused if present)")
+        run_child("setup", {"photos": [[str(folder), n, 3]]})
+        files = sorted(folder.glob("*.jpg"))
+        for f in files:  # every run reads them from the page cache
+            f.read_bytes()
+        base = {"folder": str(folder), "size": [224, 224], "crop_pct": 0.875, "interpolation": "bilinear", "warmup": 2}
+        raw: dict[str, list] = {k: [] for k, _, _ in self.PREPROCESS_CONFIGS}
+        reps = a.preprocess_repeats
+        cfgs = self.PREPROCESS_CONFIGS
+        for rep in range(reps):
+            for key, backend, positions in cfgs[rep % len(cfgs):] + cfgs[: rep % len(cfgs)]:
+                r = run_child("preprocess", {**base, "backend": backend, "positions": list(positions)})
+                r["rep"] = rep
+                raw[key].append(r)
+                extra = f" (preprocessing {ms(r['preprocess_per_image_s'])} ms), crops {r['shapes'][0]}" if backend else ""
+                log(f"preprocess rep {rep + 1}/{reps} {key:25s}: {ms(r['per_image_s'])} ms/image{extra}  [load {loadavg()}]")
+        self.res["preprocess"] = {"raw": raw, "images": n, "sizes": [list(x) for x in _common.PHOTO_SIZES],
+                                  "mean_kb": sum(f.stat().st_size for f in files) / len(files) / 1e3, **{k: v for k, v in base.items() if k != "folder"}}
 
 
 # ---- the report --------------------------------------------------------------------------------
@@ -518,8 +556,17 @@ def report(b: Bench) -> str:
         nb_in = med([r["seconds"] for r in raw["numpy"]])
         ratio = med([k["wall_s"] / n_["wall_s"] for k, n_ in zip(raw["kaggle"], raw["numpy"])])
         ratio_in = med([k["seconds"] / n_["seconds"] for k, n_ in zip(raw["guard"], raw["numpy"])])
+        unv = raw.get("unverified", [])
+        unv_in = med([r["seconds"] for r in unv])
+        # verification's share of the blend, per repeat: (verified - bypassed) / verified, in-process
+        share = med([(gv["seconds"] - u["seconds"]) / gv["seconds"] for gv, u in zip(raw["guard"], unv)])
+        ver_s = med([gv["seconds"] - u["seconds"] for gv, u in zip(raw["guard"], unv)])
+        ratio_in_unv = med([u["seconds"] / n_["seconds"] for u, n_ in zip(unv, raw["numpy"])])
+        # the wall ratio less what verification cost in that repeat (an estimate: the wall runs are not bypassed)
+        ratio_wall_unv = med([(k["wall_s"] - (gv["seconds"] - u["seconds"])) / n_["wall_s"] for k, gv, u, n_ in zip(raw["kaggle"], raw["guard"], unv, raw["numpy"])])
+        crc_ok = all(r.get("crc_bytes") == rb["setup"]["bytes_data"] for r in raw["guard"]) if "bytes_data" in rb["setup"] else None
         g = rb["guard"]
-        no_model = g["rc"] == 0 and all(r["model_calls"] == 0 and r["nn_modules_created"] == 0 for r in [g, *raw["guard"]])
+        no_model = g["rc"] == 0 and all(r["model_calls"] == 0 and r["nn_modules_created"] == 0 for r in [g, *raw["guard"], *unv])
         st = ok(ratio <= 1.5)
         s = rb["setup"]
         L.append("## Row 5: re-blend from the cache")
@@ -534,13 +581,25 @@ def report(b: Bench) -> str:
         L.append(f"| numpy read + average + argmax + CSV | {nb:.2f} | {nb_in:.2f} | {s['rows'] / nb:,.0f} | {med([r['maxrss_mb'] for r in raw['numpy']]):.0f} | 1.00 | 1.00 | | |")
         L.append(f"| `kaggle-tta blend` | {kt:.2f} | {kt_in:.2f} | {s['rows'] / kt:,.0f} | {med([r['maxrss_mb'] for r in raw['kaggle']]):.0f} | "
                  f"{ratio:.2f}× | {ratio_in:.2f}× | ≤ 1.5 | {st} |")
+        if unv:
+            L.append(f"| `kaggle-tta blend`, verification bypassed (in-process only) | — | {unv_in:.2f} | — | — | "
+                     f"≈ {fmt(ratio_wall_unv)}× (est.) | {fmt(ratio_in_unv)}× | | |")
         L.append("")
+        if unv:
+            gb = med([r["crc_bytes"] for r in raw["guard"]]) / 1e9
+            L.append(f"**Verification** (every block: non-finite check; each view's CRC-32 at its last row, `CacheEntry.rows`): {fmt(ver_s)} s of the "
+                     f"{kt_in:.2f} s in-process blend, **{fmt(share and 100 * share, '.0f', '%')}** (median of per-repeat (verified − bypassed) / verified; "
+                     f"{gb:.2f} GB through the CRC per verified run{'' if crc_ok is None else (', every byte of the 24 views' if crc_ok else ', NOT every byte of the views')}, "
+                     f"{med([r['crc_bytes'] for r in unv]) / 1e9:.2f} GB when bypassed). Bypassed = the same in-process blend with `kaggle_tta.cache.entry.CacheEntry.rows` "
+                     f"monkeypatched to `self.read(view)[lo:hi]`; the wall ratio without it (≈ {fmt(ratio_wall_unv)}×) is the measured wall less that repeat's difference.")
+            L.append("")
         L.append(f"No model built: `kaggle-tta blend` run {1 + len(raw['guard'])} times with `timm.create_model` and `kaggle_tta.models.build_model` patched to raise "
                  f"and `torch.nn.Module.__init__` counted: exit {g['rc']}, {g['nn_modules_created']} modules created, the engine module "
                  f"{'imported' if g['engine_imported'] else 'not imported'} → {ok(no_model)}. Labels agree with the numpy baseline on "
                  f"{fmt(rb['agreement'] and 100 * rb['agreement'], '.2f', '%')} of rows.")
         L.append("")
-        goals.append(("re-blend ≤ 1.5 × numpy read-and-average (wall)", f"{ratio:.2f}× ({kt:.2f}s vs {nb:.2f}s); in-process {ratio_in:.2f}×", st))
+        goals.append(("re-blend ≤ 1.5 × numpy read-and-average (wall)", f"{ratio:.2f}× ({kt:.2f}s vs {nb:.2f}s); in-process {ratio_in:.2f}×"
+                      + (f"; verification {fmt(share and 100 * share, '.0f', '%')} of the blend" if unv else ""), st))
         goals.append(("re-blend builds no model", "0 modules" if no_model else "a model was built", ok(no_model)))
 
     mem = res.get("memory")
@@ -589,6 +648,43 @@ def report(b: Bench) -> str:
         else:
             goals.append(("`forward_batch: auto` picks a size within 5% of the best fixed", f"picked {pick} (not among the fixed sizes)", "—"))
 
+    pp = res.get("preprocess")
+    if pp:
+        raw = pp["raw"]
+        dec = {r["rep"]: r for r in raw["decode"]}
+        L.append("## Row 8: preprocessing backends (decode + crops, per image)")
+        L.append("")
+        L.append(f"{pp['images']} JPEGs written by the benchmark, alternating {' and '.join(f'{w}×{h}' for w, h in pp['sizes'])} (width × height; "
+                 f"textured, quality 90, {pp['mean_kb']:.0f} kB on average), read from the page cache. Each configuration in its own process, one thread "
+                 "(`cv2.setNumThreads(1)`, `torch.set_num_threads(1)`), imports and `CanvasSpec(...).build()` before the clock, 2 images of warm-up; "
+                 f"`decode_image` then `CanvasSpec((224, 224), {pp['crop_pct']}, '{pp['interpolation']}', mode='crop', backend=..., positions=...).build()` "
+                 f"(resize to {int(224 / pp['crop_pct'])} on the short side, then the crops), as the loader calls them. Medians of "
+                 f"{len(raw['decode'])} interleaved repeats; ratios are medians of per-repeat ratios to the decode-alone run of the same repeat "
+                 "(the decode and preprocessing columns split each run's own clock: decode ± a few % between processes is noise).")
+        L.append("")
+        L.append("| configuration | crops per image | ms/image | of which decode ms | of which preprocessing ms | ratio to decode alone | images/s |")
+        L.append("|---|---|---|---|---|---|---|")
+        dms = med([r["per_image_s"] for r in raw["decode"]])
+        L.append(f"| decode alone (`kaggle_tta.data.decode_image`) | — | {ms(dms)} | {ms(dms)} | — | 1.00 | {1 / dms:.0f} |")
+        pre_ms: dict[str, float] = {}
+        for key, backend, positions in Bench.PREPROCESS_CONFIGS[1:]:
+            rs = raw.get(key, [])
+            if not rs:
+                continue
+            t = med([r["per_image_s"] for r in rs])
+            pre_ms[key] = med([r["preprocess_per_image_s"] for r in rs])
+            ratio = med([r["per_image_s"] / dec[r["rep"]]["per_image_s"] for r in rs if r["rep"] in dec])
+            name = f"decode + `{backend}`, {'center' if len(positions) == 1 else 'five_crop'}"
+            shape = "×".join(map(str, rs[0]["shapes"][0])) if rs[0].get("shapes") else "?"
+            own_dec = med([r["per_image_s"] - r["preprocess_per_image_s"] for r in rs])
+            L.append(f"| {name} | {len(positions)} ({shape}) | {ms(t)} | {ms(own_dec)} | {ms(pre_ms[key])} | {fmt(ratio)}× | {1 / t:.0f} |")
+        L.append("")
+        for pos in ("center", "five_crop"):
+            t_, a_ = pre_ms.get(f"timm/{pos}"), pre_ms.get(f"albumentations/{pos}")
+            if t_ and a_:
+                L.append(f"- {pos}: timm's preprocessing (PIL, antialiased) costs {t_ / a_:.2f}× albumentations' (OpenCV) per image.")
+        L.append("")
+
     if goals:
         L.append("## Goals")
         L.append("")
@@ -608,7 +704,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench-results", help="output folder (bench.md, bench.json, work/ scratch)")
     ap.add_argument("--quick", action="store_true", help="smoke check: 64 images, 1 repeat, small re-blend/memory sets")
-    ap.add_argument("--only", default=None, help=f"comma-separated rows to run: {', '.join(ROWS)} (or 1-7)")
+    ap.add_argument("--only", default=None, help=f"comma-separated rows to run: {', '.join(ROWS)} (or 1-{len(ROWS)})")
     ap.add_argument("--images", type=int, default=None, help="test images for rows 1-4 (default 512; --quick 64)")
     ap.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 3; --quick 1)")
     ap.add_argument("--views", default="1,2,8,10", help="view counts for rows 1-4, from 1,2,8,10")
@@ -632,6 +728,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--autobatch-images", type=int, default=None, help="images for the forward_batch row (default 256; --quick 64)")
     ap.add_argument("--autobatch-views", type=int, default=8, choices=sorted(PRESET))
     ap.add_argument("--autobatch-repeats", type=int, default=None, help="(default 2; --quick 1)")
+    ap.add_argument("--preprocess-images", type=int, default=64, help="camera-sized JPEGs of the preprocessing row (default 64)")
+    ap.add_argument("--preprocess-repeats", type=int, default=None, help="interleaved repeats of the preprocessing row (default 3, --quick too)")
     ap.add_argument("--keep", action="store_true", help="keep each run's cache and pipeline under OUT/work/runs")
     a = ap.parse_args(argv)
     q = a.quick
@@ -646,6 +744,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.memory_images = [int(x) for x in (a.memory_images or ("100,1000" if q else "500,5000")).split(",")]
     a.autobatch_images = a.autobatch_images or (64 if q else 256)
     a.autobatch_repeats = a.autobatch_repeats or (1 if q else 2)
+    a.preprocess_repeats = a.preprocess_repeats or max(a.repeats, 3)
     a.views = [int(v) for v in a.views.split(",")]
     bad = [v for v in a.views if v not in PRESET]
     if bad:
@@ -688,6 +787,7 @@ def main(argv: list[str] | None = None) -> int:
         ("autobatch" in rows, b.autobatch_row),
         ("memory" in rows, b.memory_row),
         ("reblend" in rows, b.reblend_row),
+        ("preprocess" in rows, b.preprocess_row),
     ]
     for wanted, fn in steps:
         if not wanted:
