@@ -63,7 +63,10 @@ def member_prediction(
     arrays = (s.entry.rows(v, lo, hi) for v in names)
     if transform is not None:
         arrays = (transform(a, s.activation) for a in arrays)
-    return reduce_views(s.merge, arrays, s.activation)
+    pred = reduce_views(s.merge, arrays, s.activation)
+    if not np.isfinite(pred.values).all():  # a non-finite cached value reaches every reducer's result
+        s.entry.nonfinite(names, lo, hi)
+    return pred
 
 
 def blocks(n: int, block: int) -> Iterator[tuple[int, int]]:

@@ -338,23 +338,33 @@ class CacheEntry:
         return np.load(self.path(view), mmap_mode="r")
 
     def rows(self, view: str, lo: int, hi: int) -> np.ndarray:
-        """Rows ``lo:hi`` of a complete view. Blocks read in order from row 0 are verified as
-        they stream: non-finite values, and the CRC-32 once the last row is read."""
+        """Rows ``lo:hi`` of a complete view. Blocks read in order from row 0 feed the view's
+        CRC-32, checked once the last row is read; the CRC runs in a background thread
+        (zlib releases the GIL), beside the blend's arithmetic. Non-finite values are found
+        where the views are merged (:meth:`nonfinite`)."""
         block = self.read(view)[lo:hi]
         if lo == 0:
-            self._streams[view] = [0, 0]
+            self._streams[view] = [0, None]
         stream = self._streams.get(view)
         if stream is None or stream[0] != lo:
             return block  # a block read again (the identity view without TTA): verified once
-        if block.dtype.kind == "f" and not np.isfinite(block).all():
-            raise self.damaged(view, "non-finite values")
-        stream[0], stream[1] = hi, data_crc(block, stream[1])
+        prev = stream[1]
+        stream[0], stream[1] = hi, _crc_worker().submit(lambda: data_crc(block, prev.result() if prev is not None else 0))
         st = self.view_state(view)
         if hi >= int(st["rows"]):
             del self._streams[view]
-            if "crc32" in st and stream[1] != int(st["crc32"]):
+            if "crc32" in st and stream[1].result() != int(st["crc32"]):
                 raise self.damaged(view, "checksum mismatch")
         return block
+
+    def nonfinite(self, views: list[str], lo: int, hi: int) -> None:
+        """Raises DamagedView for the first of ``views`` holding a non-finite value in rows
+        ``lo:hi`` (called when their merge came out non-finite: cheaper than checking every
+        view of every block)."""
+        for view in views:
+            block = self.read(view)[lo:hi]
+            if block.dtype.kind == "f" and not np.isfinite(block).all():
+                raise self.damaged(view, "non-finite values")
 
     def read_ragged(self, view: str) -> tuple[np.ndarray, np.ndarray]:
         """A complete detection view, verified: ``(rows [M, 6], offsets [N + 1])``."""
@@ -376,6 +386,7 @@ class CacheEntry:
                 n = int(self.view_state(view)["rows"])
                 for lo in range(0, n, 4096):
                     self.rows(view, lo, min(n, lo + 4096))
+                    self.nonfinite([view], lo, min(n, lo + 4096))
         except DamagedView as exc:
             return exc.reason
         return None
@@ -415,6 +426,18 @@ class CacheEntry:
                 st["damage"] = reason
                 self.save()
         return DamagedView(self, view, reason)
+
+
+_CRC_POOL: list[Any] = []
+
+
+def _crc_worker() -> Any:
+    """One background thread for every view's CRC: blocks of a view are summed in order."""
+    if not _CRC_POOL:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _CRC_POOL.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="kaggle-tta-crc"))
+    return _CRC_POOL[0]
 
 
 def view_states(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
