@@ -345,10 +345,16 @@ def _build_runners(plan: Plan, pending: list[MemberWork], device: torch.device, 
             model = build_model(plan.cfg, w.member.cfg, len(plan.classes)).to(device)
         sizer = ChunkSizer(rt.forward_batch, rt.batch_size * max(1, len(w.views)), layouts)
         if sizer.measuring:
-            known = tuning.recall(plan.cache_root, tuning.key(w.member.key, precision, device, rt))
+            known = tuning.recall(plan.cache_root, _tuning_key(w, precision, device, plan))
             if known is not None:
                 sizer = ChunkSizer(known[0], known[0], (known[1],))
         w.runner = Runner(model, device, precision, sizer, plan.task.post(plan, w.member.cfg), w.member.name)
+
+
+def _tuning_key(w: MemberWork, precision: str, device: torch.device, plan: Plan) -> str:
+    """Where a member's forward tuning is recorded: its fingerprint, precision, machine and
+    the trial's bounds (the chunk-size ceiling grows with the views still to compute)."""
+    return tuning.key(w.member.key, precision, device, plan.cfg.runtime, len(w.views))
 
 
 def _stream(plan: Plan, pending: list[MemberWork], batches, loader, start: int, stats: RunStats, progress: bool, device: torch.device) -> None:
@@ -360,8 +366,7 @@ def _stream(plan: Plan, pending: list[MemberWork], batches, loader, start: int, 
     comes from one configuration and two runs give the same numbers.
     """
     task, n = plan.task, len(plan.testset)
-    trying = [w for w in pending if w.runner.sizer.measuring]  # type: ignore[union-attr]
-    trial_from: int | None = None
+    trial_from: dict[int, int] = {}  # id(member work) -> its first row computed on trial
     n_views = sum(len(w.views) for w in pending)
     bar = tqdm(total=n - start, unit="img", desc=f"{len(pending)} member(s), {n_views} view(s)", disable=not progress, dynamic_ncols=True)
     try:
@@ -369,17 +374,21 @@ def _stream(plan: Plan, pending: list[MemberWork], batches, loader, start: int, 
             if batch.error is not None:
                 raise DataError(batch.error)
             for w in pending:
+                todo = w.todo(batch.lo, batch.hi)
+                if todo and w.runner.sizer.measuring and id(w) not in trial_from:  # type: ignore[union-attr]
+                    trial_from[id(w)] = min(first for _, first in todo)  # a member with no rows yet does not hold others
                 task.step(w, batch, plan)
-            if trying:
-                trial_from = batch.lo if trial_from is None else trial_from
-                if batch.hi < n and any(w.runner.sizer.measuring for w in trying):  # type: ignore[union-attr]
+            deciding = [w for w in pending if id(w) in trial_from]
+            if deciding:
+                if batch.hi < n and any(w.runner.sizer.measuring for w in deciding):  # type: ignore[union-attr]
                     bar.set_postfix_str("timing chunk sizes and layouts")
                     continue
-                for w in trying:
+                for w in deciding:
                     size, channels_last = w.runner.sizer.decide()  # type: ignore[union-attr]
-                    tuning.remember(plan.cache_root, tuning.key(w.member.key, w.runner.precision, device, plan.cfg.runtime), size, channels_last)  # type: ignore[union-attr]
-                    w.rewind(trial_from)
-                trying, batches = [], loader(trial_from)
+                    tuning.remember(plan.cache_root, _tuning_key(w, w.runner.precision, device, plan), size, channels_last)  # type: ignore[union-attr]
+                    w.rewind(trial_from[id(w)])
+                batches = loader(min(trial_from.values()))
+                trial_from.clear()
                 continue
             for w in pending:
                 w.entry.commit()

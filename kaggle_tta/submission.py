@@ -72,6 +72,8 @@ def match_sample(path: Path, id_column: str, row_ids: Sequence[tuple[str, int]],
             rows.append(index[sid])
         else:
             missing.append(sid)
+    if len(rows) != len(set(rows)):
+        raise ConfigError(f"{where}: two sample ids name the same test image; each image must appear once")
     extra = sorted(set(range(len(row_ids))) - set(rows))
     if missing or extra:
         parts = []
@@ -80,8 +82,6 @@ def match_sample(path: Path, id_column: str, row_ids: Sequence[tuple[str, int]],
         if extra:
             parts.append(f"{len(extra)} of {len(row_ids)} rows to write are not in the sample ({_examples([row_ids[n][0] for n in extra])})")
         raise ConfigError(f"{where}: {'; '.join(parts)}; the sample's ids must be the test ids or their file names (check data.* and the sample)")
-    if len(rows) != len(set(rows)):
-        raise ConfigError(f"{where}: two sample ids name the same test image; each image must appear once")
     if header is not None and len(header) != df.width:
         raise ConfigError(f"{where}: the sample has {df.width} columns {df.columns}, the submission {len(header)} {list(header)}; set submission.format or its column names to match")
     return SampleOrder(path, list(df.columns), sample_ids, rows)

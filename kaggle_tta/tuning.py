@@ -38,12 +38,13 @@ def stores(cache_root: Path) -> list[Path]:
     return [Path(home), Path(cache_root) / ".tuning"]
 
 
-def machine() -> str:
-    """This machine as the forward's speed sees it."""
+def machine(device: torch.device | None = None) -> str:
+    """This machine (and the device used) as the forward's speed sees it."""
     import torch
 
-    if torch.cuda.is_available():
-        return f"cuda:{torch.cuda.get_device_name(0)}:{torch.cuda.get_device_capability(0)}:{torch.cuda.device_count()}"
+    if device is not None and device.type == "cuda":
+        i = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{torch.cuda.get_device_name(i)}:{torch.cuda.get_device_capability(i)}"
     model = platform.processor()
     try:
         for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
@@ -55,8 +56,10 @@ def machine() -> str:
     return f"cpu:{platform.machine()}:{model}:{torch.get_num_threads()} threads"
 
 
-def key(member_key: str, precision: str, device: torch.device, rt: RuntimeConfig) -> str:
-    text = json.dumps([member_key, precision, str(device.type), machine(), rt.forward_batch, rt.batch_size, rt.channels_last])
+def key(member_key: str, precision: str, device: torch.device, rt: RuntimeConfig, views: int) -> str:
+    """The record's key: the member, its precision, the machine and device, and what bounds
+    the trial (the settings; the number of views still to compute sets the size ceiling)."""
+    text = json.dumps([member_key, precision, str(device.type), machine(device), rt.forward_batch, rt.batch_size, rt.channels_last, views])
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
@@ -84,7 +87,7 @@ def remember(cache_root: Path, k: str, forward_batch: int, channels_last: bool) 
         try:
             with locked([folder]):
                 data = _read(folder)
-                data[k] = {"forward_batch": int(forward_batch), "channels_last": bool(channels_last), "machine": machine()}
+                data[k] = {"forward_batch": int(forward_batch), "channels_last": bool(channels_last)}
                 atomic_write_bytes(folder / _FILE, json.dumps(data, indent=1, sort_keys=True).encode("utf-8"))
         except (OSError, KaggleTTAError):
             pass

@@ -359,3 +359,34 @@ def test_two_clean_runs_give_byte_identical_caches(pipeline, tmp_path, monkeypat
         infer(write(cfg), progress=False)
         caches.append(_files(tmp_path / f"cache{k}"))
     assert caches[0] == caches[1] and len(caches[0]) == 10
+
+
+def test_a_run_stopped_during_the_trial_counts_none_of_its_trial_rows(pipeline, tmp_path, monkeypatch):
+    """Rows computed while the layout is on trial are never counted: stopped mid-trial, the
+    manifest holds no row of the view, and the resumed run's rows all come from one layout."""
+    import kaggle_tta.tasks.classification as cls
+
+    write, cfg = pipeline
+    monkeypatch.setenv("KAGGLE_TTA_TUNING_DIR", str(tmp_path / "tuning"))
+    cfg["members"] = [{"name": "l", "factory": "helpers:layout_reporter", "preprocess": {"input_size": [3, 56, 56], "crop_pct": 0.875, "mean": [0.5] * 3, "std": [0.5] * 3}, "tta": "none"}]
+    cfg["blends"] = []
+    cfg["runtime"].update(channels_last="auto", forward_batch=8, batch_size=4)  # the trial spans batches
+    p = write(cfg)
+    real, calls = cls.Classification.step, {"n": 0}
+
+    def stop_on_the_third(self, work, batch, plan):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, work, batch, plan)
+
+    monkeypatch.setattr(cls.Classification, "step", stop_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        infer(p, progress=False)
+    entry = next((tmp_path / "cache" / "l").iterdir())
+    manifest = json.loads((entry / "manifest.json").read_text())
+    assert manifest["views"]["identity"]["rows_done"] == 0
+    monkeypatch.setattr(cls.Classification, "step", real)
+    stats = infer(p, progress=False)
+    flags = np.load(entry / "identity.npy")[:, 0]
+    assert set(flags.tolist()) == {float(stats.members["l"].channels_last)}

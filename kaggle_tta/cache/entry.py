@@ -60,6 +60,7 @@ class CacheEntry:
         self.manifest_path = self.dir / "manifest.json"
         self.manifest = self._load()
         self._open: dict[str, Any] = {}  # view -> memmap or RaggedWriter, while writing
+        self._committed: dict[str, int] = {}  # view -> rows_done at the last commit
         self._streams: dict[str, list[int]] = {}  # view -> [next row, CRC so far], while reading
 
     # ---- manifest ------------------------------------------------------------------------
@@ -208,6 +209,7 @@ class CacheEntry:
             start = 0
             self.manifest["views"][view] = {"status": "partial", "rows_done": 0, "rows": int(shape[0]), "shape": list(shape), "dtype": dtype, "seconds": 0.0, "nonfinite_recomputed": 0}
         self._open[view] = mm
+        self._committed[view] = start  # on disk and counted already
         return mm, start
 
     def open_ragged(self, view: str, n: int) -> tuple[RaggedWriter, int]:
@@ -239,6 +241,7 @@ class CacheEntry:
             self.manifest["views"][view] = {"status": "partial", "kind": "ragged", "rows_done": 0, "rows": int(n), "seconds": 0.0, "nonfinite_recomputed": 0}
         writer = RaggedWriter(raw_path, offsets, start)
         self._open[view] = writer
+        self._committed[view] = start
         return writer, start
 
     def record(self, view: str, rows_done: int, seconds: float, nonfinite: int = 0) -> None:
@@ -264,6 +267,7 @@ class CacheEntry:
         with writing(self.dir):
             for mm in self._open.values():
                 mm.flush()
+        self._committed = {v: int(self.manifest["views"][v]["rows_done"]) for v in self._open}
         done = [v for v in self._open if self.manifest["views"][v]["rows_done"] >= self.manifest["views"][v]["rows"]]
         for view in done:
             mm = self._open[view]
@@ -283,13 +287,19 @@ class CacheEntry:
         self.save()
 
     def close(self) -> None:
-        for mm in self._open.values():
+        """Closes the open views after a run or a failure. Rows recorded since the last commit
+        (not flushed, or computed on a trial and never committed) are not counted, so the
+        `save` that follows keeps the manifest at what is on disk."""
+        committed = self._committed
+        for view, mm in self._open.items():
+            st = self.manifest["views"][view]
+            st["rows_done"] = min(int(st["rows_done"]), committed.get(view, 0))
             try:
                 mm.flush()
+                if isinstance(mm, RaggedWriter):
+                    mm.close()
             except (OSError, CacheError):
-                pass  # closing after a failure: the manifest never counted what did not reach the disk
-            if isinstance(mm, RaggedWriter):
-                mm.close()
+                pass  # a full disk: what did not reach it is not counted (above)
         self._open.clear()
 
     def sweep(self) -> None:
@@ -299,7 +309,7 @@ class CacheEntry:
             return
         for f in self.dir.glob(".*.tmp"):
             f.unlink(missing_ok=True)
-        for view in self.view_states():
+        for view in self.manifest["views"]:  # the image sizes too
             if self.is_complete(view):
                 for name in (f"{view}.npy.partial", f"{view}.boxes.partial", f"{view}.offsets.npy.partial"):
                     (self.dir / name).unlink(missing_ok=True)
@@ -417,14 +427,27 @@ class CacheEntry:
 
     def damaged(self, view: str, reason: str) -> DamagedView:
         """Marks a complete view damaged in the manifest (so that the next run recomputes it)
-        and returns the error to raise."""
-        with self.lock():
+        and returns the error to raise. Best effort: on a read-only cache, or while another
+        run holds the entry, the mark is skipped (that run, or the next, checks again)."""
+        import fcntl
+        import os
+
+        try:
+            fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            return DamagedView(self, view, reason)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             self.reload()
             st = self.view_state(view)
             if st.get("status") == "complete":
                 st["status"] = "damaged"
                 st["damage"] = reason
                 self.save()
+        except (OSError, CacheError):
+            pass
+        finally:
+            os.close(fd)  # releases the lock
         return DamagedView(self, view, reason)
 
 
