@@ -12,13 +12,12 @@ wholly outside) are dropped, as ensemble-boxes would drop them, but without its 
 
 from __future__ import annotations
 
-import string
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import numpy as np
 
-from kaggle_tta.errors import KaggleTTAError, check_hw, did_you_mean
+from kaggle_tta.errors import KaggleTTAError, check_hw, did_you_mean, template_fields
 
 Method = Literal["wbf", "nms", "soft_nms", "nmw"]
 ConfType = Literal["avg", "max", "box_and_model_avg", "absent_model_aware_avg"]
@@ -306,7 +305,7 @@ def resolve_template(template: str) -> str:
     if "{" not in template:
         raise BoxesError(f"unknown PredictionString preset '{template}'{did_you_mean(template, PRESETS)}; choose one of {', '.join(PRESETS)} or give a template")
     try:
-        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        names = template_fields(template)
     except ValueError as e:
         raise BoxesError(f"PredictionString template '{template}' is malformed: {e}") from None
     for f in names:

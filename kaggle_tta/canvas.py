@@ -82,6 +82,11 @@ def _cv2_flag(interpolation: str) -> int:
     return getattr(cv2, _CV2_INTERPOLATION[interpolation])
 
 
+def floor(d: float) -> int:
+    """albumentations' (and the reference code's) centre rounding: down."""
+    return int(math.floor(d))
+
+
 def crop_box(size: tuple[int, int], crop: tuple[int, int], position: str, rounding: Callable[[float], int]) -> tuple[int, int]:
     """Top-left (y, x) of a ``crop`` at ``position`` in an image of ``size``; the centre's
     half-difference goes through ``rounding`` (floor for albumentations, round half to even
@@ -114,7 +119,7 @@ def _albumentations_crops(spec: CanvasSpec) -> Callable[[np.ndarray], np.ndarray
     sh, sw = spec.canvas_size
     flag = _cv2_flag(spec.interpolation)
     resize = A.SmallestMaxSize(max_size=sh, interpolation=flag) if spec.size[0] == spec.size[1] else A.Resize(sh, sw, interpolation=flag)
-    return lambda img: _stack(resize(image=img)["image"], spec, lambda d: int(math.floor(d)))
+    return lambda img: _stack(resize(image=img)["image"], spec, floor)
 
 
 def _timm_crops(spec: CanvasSpec) -> Callable[[np.ndarray], np.ndarray]:

@@ -53,3 +53,10 @@ def check_hw(value: object, what: str, error: type[KaggleTTAError]) -> tuple[int
     if h <= 0 or w <= 0:
         raise error(f"{what} must be positive, got {value!r}")
     return h, w
+
+
+def template_fields(template: str) -> list[str]:
+    """The field names of a ``str.format`` template; ValueError when it is malformed."""
+    import string
+
+    return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]

@@ -5,14 +5,13 @@ unknown keys."""
 from __future__ import annotations
 
 import math
-import string
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from kaggle_tta.config.marks import FACTORY_PATH_KWARGS, Bundle
-from kaggle_tta.errors import did_you_mean
+from kaggle_tta.errors import did_you_mean, template_fields
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 ViewItem = Union[str, dict[str, Any]]
@@ -32,7 +31,7 @@ def check_template(template: str, sample: dict[str, Any], example: str) -> str:
     """
     fields = ", ".join(f"{{{k}}}" for k in sample)
     try:
-        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        names = template_fields(template)
     except ValueError as exc:
         raise ValueError(f"'{template}' is not a valid template ({exc}); write fields as {fields}, e.g. '{example}'") from None
     for name in names:

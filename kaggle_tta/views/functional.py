@@ -71,18 +71,14 @@ def crop_origin(size: tuple[int, int], crop: tuple[int, int], position: str) -> 
     """Top-left corner (y, x) of a ``crop``-sized window at ``position`` in an image of ``size``.
 
     Positions: tl, tr, bl, br and center (rounded down, as the reference five-crop code and
-    albumentations' CenterCrop do).
+    albumentations' CenterCrop do): kaggle_tta.canvas.crop_box, the loader's own rule.
     """
+    from kaggle_tta.canvas import crop_box, floor
+
     (h, w), (ch, cw) = size, crop
     if ch > h or cw > w:
         raise ValueError(f"crop {ch}x{cw} is larger than the image {h}x{w}")
-    return {
-        "tl": (0, 0),
-        "tr": (0, w - cw),
-        "bl": (h - ch, 0),
-        "br": (h - ch, w - cw),
-        "center": ((h - ch) // 2, (w - cw) // 2),
-    }[position]
+    return crop_box(size, crop, position, floor)
 
 
 def image_crop(x: Tensor, top: int, left: int, height: int, width: int) -> Tensor:
