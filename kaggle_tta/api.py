@@ -63,7 +63,7 @@ class BlendResult:
 @dataclass
 class RunResult:
     stats: RunStats
-    blend: BlendResult
+    blend: BlendResult | None  # None on ranks other than 0 (rank 0 blends)
 
 
 def plan_of(pipeline: Pipeline, overrides: list[str] | None = None) -> Plan:
@@ -75,13 +75,27 @@ def plan_of(pipeline: Pipeline, overrides: list[str] | None = None) -> Plan:
     return build_plan(load_pipeline(pipeline, overrides))
 
 
-def infer(pipeline: Pipeline, overrides: list[str] | None = None, progress: bool = True) -> RunStats:
-    """Fills the cache for every (member, view) not in it yet; returns what was computed."""
-    from kaggle_tta.engine import run_inference  # torch models: only where a run needs them
+def infer(pipeline: Pipeline, overrides: list[str] | None = None, progress: bool = True, alone: bool = False) -> RunStats:
+    """Fills the cache for every (member, view) not in it yet; returns what was computed.
+
+    Under torchrun (several ranks: kaggle_tta.dist) this process computes its share and
+    rank 0 assembles the entries. Otherwise, with ``runtime.devices`` above 1, the ranks are
+    started here through torch's elastic launcher, and rank 0's summary is returned.
+    ``alone``: this process computes everything itself, whatever the settings.
+    """
+    from kaggle_tta import dist
+    from kaggle_tta.engine import run_inference, run_ranked  # torch models: only where a run needs them
 
     plan = plan_of(pipeline, overrides)
-    device = resolve_device(plan.cfg.runtime.device)
-    return run_inference(plan, device, resolve_precision(plan.cfg.runtime.precision, device), progress=progress)
+    rt = plan.cfg.runtime
+    ranks = None if alone else dist.current()
+    if ranks is not None:
+        return run_ranked(plan, progress, ranks)
+    world = 1 if alone else dist.world_for(rt.devices, rt.device)
+    if world > 1:
+        return dist.launch(world, plan.cfg, progress)
+    device = resolve_device(rt.device)
+    return run_inference(plan, device, resolve_precision(rt.precision, device), progress=progress)
 
 
 def blend(pipeline: Pipeline, overrides: list[str] | None = None, computed: str | Mapping[str, str] | None = None, fill_hint: str = "PIPELINE") -> BlendResult:
@@ -98,15 +112,21 @@ def blend(pipeline: Pipeline, overrides: list[str] | None = None, computed: str 
 
 def run(pipeline: Pipeline, overrides: list[str] | None = None, progress: bool = True, fill_hint: str = "PIPELINE") -> RunResult:
     """``infer`` then ``blend`` on what it computed. A cached view found damaged while
-    blending (its checksum, non-finite values) is marked, recomputed and blended again."""
+    blending (its checksum, non-finite values) is marked, recomputed and blended again.
+    Under torchrun only rank 0 blends; the other ranks' result has ``blend`` None."""
+    from kaggle_tta import dist
+
     plan = plan_of(pipeline, overrides)
     check_writable(plan.cfg.resolve(plan.cfg.submission.path))  # not only after the whole inference
     stats = infer(plan, progress=progress)
+    ranks = dist.current()
+    if ranks is not None and not ranks.main:
+        return RunResult(stats, None)
     try:
         return RunResult(stats, blend(plan, computed=stats.computed, fill_hint=fill_hint))
     except DamagedView as exc:
         print(f"kaggle-tta: {exc.entry.path(exc.view)}: damaged ({exc.reason}); recomputing it", file=sys.stderr, flush=True)
-    again = infer(plan, progress=progress)
+    again = infer(plan, progress=progress, alone=True)  # the other ranks have finished: this process recomputes it
     again.recomputed_damaged = True
     return RunResult(again, blend(plan, computed=again.computed, fill_hint=fill_hint))
 

@@ -61,8 +61,19 @@ class TestSet:
     identities: list[tuple[int, int]]  # (size, mtime_ns) per file, from one stat at listing (the
     # cache fingerprints the files' content: kaggle_tta.cache.digest.files_digest)
 
+    first_path: str | None = None  # a slice's: the whole set's first file (rules that take it as the reference)
+
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def reference(self) -> str:
+        """The first file of the whole test set (a rank's slice keeps its set's)."""
+        return self.first_path if self.first_path is not None else self.paths[0]
+
+    def rows(self, lo: int, hi: int) -> TestSet:
+        """Rows ``lo:hi``: a rank's contiguous share (kaggle_tta.dist)."""
+        return TestSet(self.ids[lo:hi], self.paths[lo:hi], self.identities[lo:hi], self.reference if self.paths else None)
 
 
 def list_test_set(cfg: PipelineConfig) -> TestSet:

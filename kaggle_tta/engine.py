@@ -16,11 +16,14 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from kaggle_tta.cache import CacheEntry, locked
+from kaggle_tta.cache.entry import SIZES
+from kaggle_tta.cache.shards import assemble, covered, list_shards
 from kaggle_tta.data import make_loader
 from kaggle_tta.errors import CacheError, DataError, KaggleTTAError
 from kaggle_tta.forward import ChunkSizer, MemberWork, PrecisionCheck, ProbeWork, Runner, compare_precision, layout_candidates, sizes_text
@@ -45,6 +48,19 @@ class MemberStats:
 
 
 @dataclass
+class RankLine:
+    """What one rank did (RunStats.ranks, on rank 0)."""
+
+    rank: int
+    host: str
+    device: str
+    lo: int
+    hi: int
+    rows_computed: int
+    seconds: float
+
+
+@dataclass
 class RunStats:
     device: str
     precision: str | None  # what every member ran in; None where they differ (see MemberStats.precision)
@@ -53,6 +69,10 @@ class RunStats:
     seconds: float = 0.0
     recomputed_damaged: bool = False  # a view found damaged while blending was recomputed
     members: dict[str, MemberStats] = field(default_factory=dict)
+    rank: str | None = None  # under several ranks: "rank 1/2", this process's place
+    share: tuple[int, int] | None = None  # ... and its rows (lo, hi)
+    ranks: list[RankLine] = field(default_factory=list)  # on rank 0: one line per rank
+    assembled: int = 0  # on rank 0: views (and image sizes) assembled from the ranks' shards
 
     @property
     def forward_batch(self) -> str:
@@ -72,23 +92,37 @@ class RunStats:
 def _pending(plan: Plan, precisions: dict[str, PrecisionCheck], stats: RunStats, locked_: bool = True) -> list[MemberWork]:
     """Each member with views (or image sizes) still missing from its entry (the one of the
     precision it runs in). Holding the locks (``locked_``), it also sweeps what killed runs
-    left and records the pipeline's use."""
+    left and records the pipeline's use.
+
+    A rank's share (``plan.rows``) writes to its shard entry; there a view is missing only
+    where neither the entry nor complete shards (of any earlier split) hold its rows."""
     out = []
     for m in plan.members:
         chosen = precisions[m.name]
-        entry = CacheEntry(plan.cache_root, m.name, m.fingerprint(chosen.ran_in), m.inputs)
+        main = CacheEntry(plan.cache_root, m.name, m.fingerprint(chosen.ran_in), m.inputs)
+        entry = main if plan.rows is None else main.shard(*plan.rows)
         if locked_:
             entry.sweep()  # no one else writes here while the lock is held
-            if entry.mark_used(str(plan.cfg.source) if plan.cfg.source else None) and entry.manifest_path.is_file():
+            if main is entry and entry.mark_used(str(plan.cfg.source) if plan.cfg.source else None) and entry.manifest_path.is_file():
                 entry.save()
         ms = stats.members[m.name] = MemberStats(m.name, precision=chosen.ran_in, precision_note=chosen.note or None)
-        todo = [v for v in m.views if not entry.is_complete(v.name)]
-        ms.views_cached = [v.name for v in m.views if entry.is_complete(v.name)]
-        if todo or (plan.task.stores_image_sizes and not entry.sizes_complete()):
+        done = _have(plan, main, entry)
+        todo = [v for v in m.views if not done(v.name)]
+        ms.views_cached = [v.name for v in m.views if done(v.name)]
+        if todo or (plan.task.stores_image_sizes and not done(SIZES)):
             out.append(MemberWork(m, entry, todo))
     ran = {c.ran_in for c in precisions.values()}
     stats.precision = ran.pop() if len(ran) == 1 else None
     return out
+
+
+def _have(plan: Plan, main: CacheEntry, entry: CacheEntry):
+    """Whether a view (or SIZES) of ``entry`` needs no computing."""
+    if entry is main:
+        return main.is_complete
+    shards = list_shards(main)
+    lo, hi = plan.rows  # type: ignore[misc]
+    return lambda view: entry.is_complete(view) or main.is_complete(view) or covered(main, view, lo, hi, shards)
 
 
 def run_inference(plan: Plan, device: torch.device, precision: str, progress: bool = True) -> RunStats:
@@ -115,6 +149,81 @@ def run_inference(plan: Plan, device: torch.device, precision: str, progress: bo
 
     with locked(dirs, waiting):
         return _run_locked(plan, device, precisions, progress, models=models)
+
+
+def _assemble(plan: Plan, precisions: dict[str, PrecisionCheck]) -> int:
+    """Assembles each member's entry from its ranks' shards (see kaggle_tta.cache.shards);
+    call it holding the entries' locks. Returns the views (and image sizes) completed."""
+    made = 0
+    for m in plan.members:
+        entry = CacheEntry(plan.cache_root, m.name, m.fingerprint(precisions[m.name].ran_in), m.inputs)
+        if (entry.dir / "shards").is_dir():
+            made += len(assemble(entry, [v.name for v in m.views], len(plan.testset), plan.testset.ids, plan.task.stores_image_sizes))
+    return made
+
+
+def run_ranked(plan: Plan, progress: bool, r: Any) -> RunStats:
+    """This rank's share of the run (kaggle_tta.dist): rows ``r.share(n)`` of every pending
+    member into its shard entries, holding their locks; then, after a barrier, rank 0
+    assembles the entries from the shards under the entries' locks. Rank 0 decides the
+    precision (and checks ``auto`` against fp32) for all ranks, so that every rank writes the
+    same entries; each rank tunes its own chunk size. Returns, on rank 0, the whole run's
+    summary with a line per rank; elsewhere the rank's own."""
+    import dataclasses
+    import socket
+
+    from kaggle_tta import dist
+    from kaggle_tta.plan import resolve_precision
+
+    rt, n = plan.cfg.runtime, len(plan.testset)
+    dist.join(r)
+    t0 = time.perf_counter()
+    device = dist.device_for(rt.device, r)
+    threads = dist.threads_for(rt.threads, r) if device.type == "cpu" else rt.threads
+    if threads:
+        torch.set_num_threads(threads)
+    dist.check_shared(plan.cache_root, r)
+    workers, _ = resolve_workers(rt.workers, device, threads, r.local_world)
+    models: dict[str, torch.nn.Module] = {}
+    precisions = dist.broadcast(choose_precisions(plan, device, resolve_precision(rt.precision, device), workers, models) if r.main else None)
+    lo, hi = r.share(n)
+    part = dataclasses.replace(plan, testset=plan.testset.rows(lo, hi), rows=(lo, hi))
+    pending = _pending(part, precisions, RunStats(str(device), None, hi - lo), locked_=False)
+
+    def waiting(folder) -> None:
+        print(f"kaggle-tta: {r}: waiting for another run writing {folder}", file=sys.stderr, flush=True)
+
+    with locked([w.entry.dir for w in pending], waiting):
+        stats = _run_locked(part, device, precisions, progress and r.main, holding=bool(pending), models=models, share=r.local_world, label=str(r))
+    stats.rank, stats.share, stats.images = str(r), (lo, hi), n
+    line = RankLine(r.rank, socket.gethostname(), str(device), lo, hi, stats.rows_computed, stats.seconds)
+    dist.barrier()  # every share is in its shards
+    if r.main:
+        dirs = [plan.cache_root / m.name / m.fingerprint(precisions[m.name].ran_in) for m in plan.members]
+        with locked(dirs, waiting):
+            stats.assembled = _assemble(plan, precisions)
+    lines = dist.gather((line, stats.members))
+    dist.leave()
+    if lines is not None:
+        _join_ranks(stats, lines, plan)
+        stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def _join_ranks(stats: RunStats, lines: list, plan: Plan) -> None:
+    """Rank 0's summary of every rank: rows and views computed, chunks recomputed."""
+    stats.ranks = [line for line, _ in lines]
+    stats.rows_computed = sum(line.rows_computed for line in stats.ranks)
+    devices = sorted({line.device for line in stats.ranks})
+    stats.device = f"{len(stats.ranks)} ranks ({', '.join(devices)})"
+    for m in plan.members:
+        ms = stats.members[m.name]
+        computed = {v for _, members in lines for v in members[m.name].views_computed}
+        ms.views_computed = [v.name for v in m.views if v.name in computed]
+        ms.views_cached = [v.name for v in m.views if v.name not in computed]
+        ms.nonfinite_recomputed = sum(members[m.name].nonfinite_recomputed for _, members in lines)
+        if ms.forward_batch is None:
+            ms.forward_batch = next((members[m.name].forward_batch for _, members in lines if members[m.name].forward_batch), None)
 
 
 # ---- the check of precision: auto ----------------------------------------------------------
@@ -254,14 +363,16 @@ def _probe(plan: Plan, members: list[MemberPlan], device: torch.device, precisio
     return out
 
 
-def _run_locked(plan: Plan, device: torch.device, precisions: dict[str, PrecisionCheck], progress: bool, holding: bool = True, models: dict | None = None) -> RunStats:
+def _run_locked(plan: Plan, device: torch.device, precisions: dict[str, PrecisionCheck], progress: bool, holding: bool = True, models: dict | None = None, share: int = 1, label: str = "") -> RunStats:
     cfg, task = plan.cfg, plan.task
     rt = cfg.runtime
     n = len(plan.testset)
     stats = RunStats(device=str(device), precision=None, images=n)
-    workers, threads = resolve_workers(rt.workers, device, rt.threads)
+    workers, threads = resolve_workers(rt.workers, device, rt.threads, share)
     if threads:
         torch.set_num_threads(threads)
+    if holding and plan.rows is None:
+        stats.assembled = _assemble(plan, precisions)  # shards a torchrun left: rows computed already
     pending = _pending(plan, precisions, stats, holding)
     if not pending:
         return stats
@@ -293,7 +404,7 @@ def _run_locked(plan: Plan, device: torch.device, precisions: dict[str, Precisio
             start, batches = first, loader(first)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            _stream(plan, pending, batches, loader, start, stats, progress, device)
+            _stream(plan, pending, batches, loader, start, stats, progress, device, label)
     finally:
         del batches  # stops the workers
         for w in opened:
@@ -357,7 +468,7 @@ def _tuning_key(w: MemberWork, precision: str, device: torch.device, plan: Plan)
     return tuning.key(w.member.key, precision, device, plan.cfg.runtime, len(w.views))
 
 
-def _stream(plan: Plan, pending: list[MemberWork], batches, loader, start: int, stats: RunStats, progress: bool, device: torch.device) -> None:
+def _stream(plan: Plan, pending: list[MemberWork], batches, loader, start: int, stats: RunStats, progress: bool, device: torch.device, label: str = "") -> None:
     """Batches through every pending member's step, committed as each finishes.
 
     Rows computed while a member's chunk size or layout is still on trial are not committed:
@@ -368,7 +479,7 @@ def _stream(plan: Plan, pending: list[MemberWork], batches, loader, start: int, 
     task, n = plan.task, len(plan.testset)
     trial_from: dict[int, int] = {}  # id(member work) -> its first row computed on trial
     n_views = sum(len(w.views) for w in pending)
-    bar = tqdm(total=n - start, unit="img", desc=f"{len(pending)} member(s), {n_views} view(s)", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=n - start, unit="img", desc=f"{label + ': ' if label else ''}{len(pending)} member(s), {n_views} view(s)", disable=not progress, dynamic_ncols=True)
     try:
         while (batch := next(batches, None)) is not None:
             if batch.error is not None:

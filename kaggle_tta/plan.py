@@ -58,6 +58,7 @@ class Plan:
     members: list[MemberPlan]
     cache_root: Path
     sample: SampleOrder | None = None  # submission.sample, matched with the rows to write
+    rows: tuple[int, int] | None = None  # a rank's share (lo, hi): testset is those rows, written to shard entries
 
     def member(self, name: str) -> MemberPlan:
         return next(m for m in self.members if m.name == name)
@@ -235,14 +236,15 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
-def resolve_workers(setting: int | str, device: torch.device, threads: int | None) -> tuple[int, int | None]:
+def resolve_workers(setting: int | str, device: torch.device, threads: int | None, share: int = 1) -> tuple[int, int | None]:
     """(decode workers, torch CPU threads to set or None) for ``runtime.workers``.
 
     On the CPU the forward and the decoding share the cores: a worker that takes a core from
     a 2-thread forward stalls its synchronized kernels, so small machines decode in-process,
-    and larger ones leave the workers' cores out of torch's threads.
+    and larger ones leave the workers' cores out of torch's threads. ``share``: ranks on this
+    machine, which divide its cores among them.
     """
-    cores = cpu_cores()
+    cores = max(1, cpu_cores() // max(1, share))
     if setting != "auto":
         return int(setting), threads
     if device.type == "cuda":

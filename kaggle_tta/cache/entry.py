@@ -52,8 +52,8 @@ class DamagedView(CacheError):
 class CacheEntry:
     """The cached predictions of one member under one fingerprint."""
 
-    def __init__(self, root: Path, member: str, fingerprint: str, inputs: dict[str, Any] | None = None):
-        self.dir = Path(root) / member / fingerprint
+    def __init__(self, root: Path, member: str, fingerprint: str, inputs: dict[str, Any] | None = None, folder: Path | None = None):
+        self.dir = Path(folder) if folder is not None else Path(root) / member / fingerprint
         self.member = member
         self.fingerprint = fingerprint
         self.inputs = inputs or {}
@@ -162,6 +162,13 @@ class CacheEntry:
     def reload(self) -> None:
         """Reads the manifest again (after taking the lock: another run may have written)."""
         self.manifest = self._load()
+
+    def shard(self, lo: int, hi: int) -> CacheEntry:
+        """The entry of rows ``lo:hi`` (a rank's share; kaggle_tta.cache.shards), in
+        ``shards/<lo>-<hi>/`` under this one, with this one's fingerprint and inputs."""
+        e = CacheEntry(self.dir, self.member, self.fingerprint, self.inputs, folder=self.dir / "shards" / f"{lo:09d}-{hi:09d}")
+        e.manifest.setdefault("shard", [int(lo), int(hi)])
+        return e
 
     # ---- ids -----------------------------------------------------------------------------
 

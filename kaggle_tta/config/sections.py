@@ -72,12 +72,25 @@ class RuntimeConfig(Section):
     """auto: on with CUDA or reduced precision, where it pays."""
     threads: int | None = None
     """torch intra-op threads on the CPU (at least 1); null: torch's own choice."""
+    devices: int | Literal["all"] = 1
+    """Ranks a plain ``kaggle-tta run`` / ``infer`` starts itself, through torch.distributed's
+    elastic launcher (as ``torchrun --nproc_per_node`` would), each on its own device with a
+    contiguous share of the test set. all: every CUDA device (1 on a machine without CUDA,
+    where ranks would share the same cores); N: N ranks (on the CPU too, with gloo). Ignored
+    under torchrun, which has started the ranks already."""
 
     @field_validator("threads")
     @classmethod
     def _threads(cls, v: int | None) -> int | None:
         if v is not None and v < 1:
             raise ValueError(f"must be at least 1, or null for torch's own choice (got {v})")
+        return v
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"must be at least 1, or 'all' (got {v})")
         return v
 
     @field_validator("forward_batch", "batch_size")

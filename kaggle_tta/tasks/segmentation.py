@@ -245,13 +245,13 @@ class Segmentation(Task):
     # ---- engine side ---------------------------------------------------------------------
 
     def open_views(self, work: MemberWork, plan: Plan) -> None:
-        work.canvas_size = map_size(plan, plan.testset.paths[0])
+        work.canvas_size = map_size(plan, plan.testset.reference)
         shape = (len(plan.testset), work.member.out_channels, *stored_size(plan, work.canvas_size))
         for v in work.views:
             work.open_dense(v.name, shape, plan.cfg.cache.dtype)
 
     def row_bytes(self, work: MemberWork, plan: Plan) -> int:
-        h, w = stored_size(plan, map_size(plan, plan.testset.paths[0]))
+        h, w = stored_size(plan, map_size(plan, plan.testset.reference))
         return work.member.out_channels * h * w * np.dtype(plan.cfg.cache.dtype).itemsize
 
     def step(self, work: MemberWork, batch: Batch, plan: Plan) -> None:

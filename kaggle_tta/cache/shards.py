@@ -1,0 +1,182 @@
+"""Rows of one entry computed by several ranks: shard entries and their assembly.
+
+Under torchrun each rank computes a contiguous share of the test set, rows ``lo:hi``, into
+a shard entry of its own (:meth:`CacheEntry.shard`)::
+
+    <cache>/<member>/<fingerprint>/shards/<lo>-<hi>/    an entry of hi - lo rows: manifest,
+                                                         views, image sizes, ids, its own lock
+
+A shard is an ordinary entry (preallocated partials, rows committed with its manifest, a
+CRC-32 per view, resumed after a kill), so nothing here is new about writing. When every
+rank is done, :func:`assemble` copies the complete shard views, in row order, into the
+entry's own files through the same writers a single process uses (so the files are
+bit-identical to one process's) and removes the shards it used up.
+
+A row is a row whoever computed it: shards of an earlier split (another world size, an
+elastic group that changed) are used wherever they cover rows, and :func:`covered` tells a
+rank which of its views need no computing.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from kaggle_tta.cache.entry import SIZES, CacheEntry
+from kaggle_tta.cache.files import RaggedWriter
+from kaggle_tta.cache.lock import locked
+
+_NAME = re.compile(r"^(\d+)-(\d+)$")
+BLOCK = 4096  # rows copied at a time: memory bounded whatever the shard
+
+
+def list_shards(entry: CacheEntry) -> list[tuple[int, int, CacheEntry]]:
+    """Every readable shard of ``entry``: (lo, hi, shard entry), by lo."""
+    folder = entry.dir / "shards"
+    out = []
+    if not folder.is_dir():
+        return out
+    for d in sorted(folder.iterdir()):
+        m = _NAME.match(d.name)
+        if not m or not (d / "manifest.json").is_file():
+            continue
+        lo, hi = int(m.group(1)), int(m.group(2))
+        try:
+            out.append((lo, hi, entry.shard(lo, hi)))
+        except Exception:  # noqa: BLE001 - a damaged shard manifest: that shard is not used
+            continue
+    return out
+
+
+def _cover(shards: list[tuple[int, int, CacheEntry]], view: str, lo: int, hi: int) -> list[tuple[int, int, CacheEntry]] | None:
+    """Pieces (a, b, shard) of complete shard views that cover rows ``lo:hi`` in order, each
+    piece the farthest-reaching shard from where the last ended; None where a row is missing."""
+    done = [(a, b, s) for a, b, s in shards if s.is_complete(view)]
+    pieces, pos = [], lo
+    while pos < hi:
+        best = max((x for x in done if x[0] <= pos < x[1]), key=lambda x: x[1], default=None)
+        if best is None:
+            return None
+        end = min(hi, best[1])
+        pieces.append((pos, end, best[2]))
+        pos = end
+    return pieces
+
+
+def covered(entry: CacheEntry, view: str, lo: int, hi: int, shards: list | None = None) -> bool:
+    """Whether complete shard views already hold every row of ``lo:hi`` of ``view``."""
+    return _cover(list_shards(entry) if shards is None else shards, view, lo, hi) is not None
+
+
+def assemble(entry: CacheEntry, views: list[str], n: int, ids: list[str], sizes: bool = False) -> list[str]:
+    """Completes each of ``views`` (and, with ``sizes``, the image sizes) that the entry
+    lacks and its shards cover, in the entry's own files; returns those it completed. Call
+    it holding the entry's lock. Shards whose every complete view the entry now holds are
+    removed (under their own lock, so a rank still writing one is waited for)."""
+    shards = list_shards(entry)
+    if not shards:
+        return []
+    made = []
+    for view in [*views, *([SIZES] if sizes else [])]:
+        if entry.is_complete(view):
+            continue
+        pieces = _cover(shards, view, 0, n)
+        if pieces is None:
+            continue
+        entry.write_ids(ids)
+        try:
+            if pieces[0][2].view_state(view).get("kind") == "ragged":
+                _ragged(entry, view, n, pieces)
+            else:
+                _dense(entry, view, n, pieces)
+            entry.commit()
+        finally:
+            entry.close()
+        entry.save()
+        made.append(view)
+    _remove_used(entry, shards)
+    return made
+
+
+def _dense(entry: CacheEntry, view: str, n: int, pieces: list[tuple[int, int, CacheEntry]]) -> None:
+    st = pieces[0][2].view_state(view)
+    shape, dtype = (n, *st["shape"][1:]), st["dtype"]
+    for _, _, s in pieces:
+        other = s.view_state(view)
+        if list(other["shape"][1:]) != list(shape[1:]) or other["dtype"] != dtype:
+            from kaggle_tta.errors import CacheError
+
+            raise CacheError(f"{s.dir}: view '{view}' is {other['shape'][1:]} {other['dtype']} where {pieces[0][2].dir} is {list(shape[1:])} {dtype}; delete {entry.dir / 'shards'} and run again")
+    mm, _ = entry.open_for_write(view, shape, dtype)
+    seconds = nonfinite = 0.0
+    for a, b, s in pieces:
+        lo = s.manifest["shard"][0]
+        rows = int(s.view_state(view)["rows"])
+        # read whole from its first row, in blocks, so that its CRC-32 is checked
+        for k in range(0, rows, BLOCK):
+            block = s.rows(view, k, min(rows, k + BLOCK))
+            x, y = max(a, lo + k), min(b, lo + k + len(block))
+            if x < y:
+                mm[x:y] = block[x - lo - k : y - lo - k]
+        seconds += float(s.view_state(view).get("seconds", 0.0)) * (b - a) / max(1, rows)
+        nonfinite += int(s.view_state(view).get("nonfinite_recomputed", 0))
+    entry.record(view, n, seconds, int(nonfinite))
+
+
+def _ragged(entry: CacheEntry, view: str, n: int, pieces: list[tuple[int, int, CacheEntry]]) -> None:
+    writer, start = entry.open_ragged(view, n)
+    if start:  # an earlier single-process partial: every image is written again, from the first
+        writer = entry.rewind(view, 0)
+    assert isinstance(writer, RaggedWriter)
+    seconds = nonfinite = 0.0
+    for a, b, s in pieces:
+        lo = s.manifest["shard"][0]
+        rows, offsets = s.read_ragged(view)  # verified: CRC-32, finite
+        writer.write(a, [rows[offsets[i - lo] : offsets[i - lo + 1]] for i in range(a, b)])
+        seconds += float(s.view_state(view).get("seconds", 0.0)) * (b - a) / max(1, len(offsets) - 1)
+        nonfinite += int(s.view_state(view).get("nonfinite_recomputed", 0))
+    entry.record(view, n, seconds, int(nonfinite))
+
+
+def _remove_used(entry: CacheEntry, shards: list[tuple[int, int, CacheEntry]]) -> None:
+    for _, _, s in shards:
+        with locked([s.dir]):
+            s.reload()
+            held = [v for v, st in s.manifest["views"].items() if st.get("status") == "complete"]
+            if all(entry.is_complete(v) for v in held):
+                shutil.rmtree(s.dir, ignore_errors=True)
+    folder = entry.dir / "shards"
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+
+
+def merge_from(entry: CacheEntry, other_root: Path, member: str) -> int:
+    """Copies the shards of this entry found under another cache root (another node's
+    cache.dir, copied here) that this entry does not have; returns how many."""
+    src = Path(other_root) / member / entry.fingerprint / "shards"
+    if not src.is_dir():
+        return 0
+    n = 0
+    for d in sorted(src.iterdir()):
+        dest = entry.dir / "shards" / d.name
+        if _NAME.match(d.name) and (d / "manifest.json").is_file() and not dest.exists():
+            tmp = dest.parent / f".{d.name}.copy"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(d, tmp, ignore=shutil.ignore_patterns(".lock", ".*.tmp"))
+            tmp.replace(dest)
+            n += 1
+    return n
+
+
+def missing_rows(entry: CacheEntry, view: str, n: int) -> int:
+    """Rows of ``view`` that neither the entry nor its complete shards hold (for messages)."""
+    if entry.is_complete(view):
+        return 0
+    have = np.zeros(n, bool)
+    for a, b, s in list_shards(entry):
+        if s.is_complete(view):
+            have[a:b] = True
+    return int((~have).sum())

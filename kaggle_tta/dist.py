@@ -1,0 +1,221 @@
+"""Several ranks on one cache: torchrun's processes, or ours through its launcher.
+
+``torchrun --nproc_per_node=N -m kaggle_tta run pipeline.yaml`` (and the same across machines
+with ``--nnodes`` and a c10d rendezvous) starts N processes per machine; each finds its
+place here (:func:`current`: RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, which torchrun's
+elastic agent sets) and computes a contiguous share of the test set (:meth:`Ranks.share`;
+not DistributedSampler, which pads a short last share by repeating images) into shard
+entries of the shared cache (kaggle_tta.cache.shards). After a barrier rank 0 assembles the
+shards into the entries and blends; the other ranks exit 0.
+
+``runtime.devices: all | N`` makes a plain ``kaggle-tta run`` start the ranks itself through
+the same launcher (:func:`launch`: torch.distributed.launcher's ``elastic_launch``, which is
+what torchrun calls), so a notebook cell uses both of Kaggle's T4s.
+
+The process group is gloo on every device: the ranks exchange only small Python objects
+(the precision verdicts, a summary per rank) and never tensors, so NCCL buys nothing here
+and gloo also runs on CPU-only machines.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from kaggle_tta.errors import CacheError, ConfigError, KaggleTTAError
+
+# A barrier waits for the slowest rank's whole share: much longer than torch's 30 minutes on
+# a big test set. A rank that dies does not leave the others waiting this long: torchrun's
+# agent stops the group when one process exits with an error.
+TIMEOUT = timedelta(hours=48)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the ranks."""
+
+    rank: int
+    world: int
+    local_rank: int
+    local_world: int
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, n: int) -> tuple[int, int]:
+        """Rows ``lo:hi`` of an ``n``-row test set this rank computes: contiguous, sizes
+        differing by at most one, every row in exactly one share (none repeated)."""
+        return self.rank * n // self.world, (self.rank + 1) * n // self.world
+
+    def __str__(self) -> str:
+        return f"rank {self.rank}/{self.world}"
+
+
+def current() -> Ranks | None:
+    """This process's ranks when a launcher started more than one (else None)."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return None
+        rank = int(os.environ["RANK"])
+        local = int(os.environ.get("LOCAL_RANK", str(rank)))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    except (KeyError, ValueError):
+        return None
+    return Ranks(rank, world, local, local_world)
+
+
+def join(r: Ranks) -> None:
+    """Joins the process group (once): gloo, from torchrun's environment."""
+    import torch.distributed as td
+
+    if not td.is_initialized():
+        td.init_process_group("gloo", timeout=TIMEOUT)
+
+
+def leave() -> None:
+    import torch.distributed as td
+
+    if td.is_available() and td.is_initialized():
+        td.destroy_process_group()
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's ``obj``, on every rank."""
+    import torch.distributed as td
+
+    box = [obj]
+    td.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(obj: Any) -> list[Any] | None:
+    """Every rank's ``obj``, in rank order, on rank 0 (None elsewhere)."""
+    import torch.distributed as td
+
+    out: list[Any] | None = [None] * td.get_world_size() if td.get_rank() == 0 else None
+    td.gather_object(obj, out, dst=0)
+    return out
+
+
+def all_agree(ok: bool) -> bool:
+    """Whether every rank's ``ok`` is True (every rank gets the answer)."""
+    import torch.distributed as td
+
+    out: list[Any] = [None] * td.get_world_size()
+    td.all_gather_object(out, bool(ok))
+    return all(out)
+
+
+def barrier() -> None:
+    import torch.distributed as td
+
+    td.barrier()
+
+
+def device_for(setting: str, r: Ranks) -> Any:
+    """This rank's device: ``cuda:LOCAL_RANK`` where CUDA is (``auto`` or ``cuda``), else the CPU."""
+    import torch
+
+    from kaggle_tta.plan import resolve_device
+
+    if setting.startswith("cuda:"):
+        raise ConfigError(f"runtime.device: '{setting}' names one GPU but {r.world} ranks run; use auto or cuda (each rank takes cuda:LOCAL_RANK)")
+    device = resolve_device(setting)
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if r.local_rank >= count:
+            raise ConfigError(f"{r.local_world} ranks per machine but {count} CUDA device(s); start at most {count} (torchrun --nproc_per_node, runtime.devices)")
+        return torch.device("cuda", r.local_rank)
+    return device
+
+
+def threads_for(threads: int | None, r: Ranks) -> int:
+    """Torch threads of a rank on the CPU: runtime.threads, else this machine's cores shared
+    among its ranks (torchrun's own default, OMP_NUM_THREADS=1, leaves cores idle where the
+    ranks are fewer than the cores)."""
+    from kaggle_tta.plan import cpu_cores
+
+    return threads if threads else max(1, cpu_cores() // max(1, r.local_world))
+
+
+def check_shared(root: Path, r: Ranks) -> None:
+    """Refuses, on every rank and before any forward, a cache.dir that is not one folder
+    for all ranks (machines that share no filesystem): rank 0 could not assemble the others'
+    shards. Each rank leaves a token; each looks for all of them."""
+    token = broadcast(uuid.uuid4().hex if r.main else None)
+    folder = Path(root) / ".ranks" / token
+    seen = False
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / str(r.rank)).write_text(socket.gethostname(), encoding="utf-8")
+    except OSError:
+        pass  # a cache.dir this rank cannot write: the check below fails on every rank
+    barrier()
+    try:
+        seen = all((folder / str(k)).is_file() for k in range(r.world))
+    except OSError:
+        seen = False
+    ok = all_agree(seen)
+    barrier()
+    if r.main:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+    if not ok:
+        raise CacheError(
+            f"cache.dir ({root}): the {r.world} ranks do not see one folder (machines without a shared filesystem); "
+            "point cache.dir at a shared disk, or run each machine alone on its share and join the caches with "
+            "'kaggle-tta cache merge PIPELINE OTHER_CACHE_DIR'"
+        )
+
+
+def world_for(devices: int | str, device_setting: str) -> int:
+    """Ranks for ``runtime.devices``: all = every CUDA device (1 without CUDA)."""
+    if devices != "all":
+        return int(devices)
+    import torch
+
+    if device_setting == "cpu" or not torch.cuda.is_available():
+        return 1
+    return max(1, torch.cuda.device_count())
+
+
+def launch(world: int, pipeline: Any, progress: bool) -> Any:
+    """Runs ``infer`` on ``world`` ranks of this machine through torch's elastic launcher (as
+    ``torchrun --standalone --nproc_per_node=world`` would) and returns rank 0's summary."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)  # its own INFO lines are not ours to print
+    conf = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=world, run_id=uuid.uuid4().hex, rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0", max_restarts=0, start_method="spawn", monitor_interval=0.1,
+    )
+    try:
+        out = elastic_launch(conf, _rank_infer)(pipeline, progress)
+    except ChildFailedError as exc:
+        ranks = ", ".join(str(k) for k in sorted(exc.failures))
+        raise KaggleTTAError(f"runtime.devices: {world} ranks started and rank(s) {ranks} failed (their message is above); fix that and run again — the cache keeps every row already computed") from None
+    return out[0]
+
+
+def _rank_infer(pipeline: Any, progress: bool) -> Any:
+    """One rank started by :func:`launch`: its share, then (rank 0) the assembly."""
+    import sys
+
+    from kaggle_tta.api import infer
+
+    try:
+        return infer(pipeline, progress=progress)
+    except KaggleTTAError as exc:
+        print(f"kaggle-tta: {current()}: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
