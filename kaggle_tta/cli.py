@@ -21,6 +21,11 @@ def _load(args: argparse.Namespace):
 
 
 def _print_stats(stats) -> None:
+    if stats.rank is not None and not stats.ranks:  # a rank other than 0: one line, written at once (no interleaving)
+        lo, hi = stats.share
+        print(f"kaggle-tta: {stats.rank} on {stats.device}: rows {lo}-{hi} of {stats.images}, {stats.rows_computed} computed in {stats.seconds:.1f}s; rank 0 blends", flush=True)
+        return
+    _print_ranks(stats)
     if stats.all_cached:
         n = sum(len(m.views_cached) for m in stats.members.values())
         print(f"cache: all {n} (member, view) predictions reused — no model was run")
@@ -45,6 +50,12 @@ def _print_stats(stats) -> None:
     print(f"inference: {stats.rows_computed} images on {stats.device} ({precision}, forward batch {stats.forward_batch}) in {stats.seconds:.1f}s")
 
 
+def _print_ranks(stats) -> None:
+    if stats.ranks:
+        parts = [f"{r.rank} rows {r.lo}-{r.hi} ({r.rows_computed} computed, {r.seconds:.1f}s, {r.device} on {r.host})" for r in stats.ranks]
+        print(f"ranks: {'; '.join(parts)}; {stats.assembled} view(s) assembled from their shards")
+
+
 def _print_blend(result) -> None:
     print(result.report())
     print(f"wrote {result.path} ({result.n_rows} rows) from '{result.source}'")
@@ -55,7 +66,8 @@ def cmd_run(args: argparse.Namespace) -> None:
 
     result = run(_load(args), progress=not args.quiet, fill_hint=args.pipeline)
     _print_stats(result.stats)
-    _print_blend(result.blend)
+    if result.blend is not None:
+        _print_blend(result.blend)
 
 
 def cmd_infer(args: argparse.Namespace) -> None:
@@ -218,12 +230,20 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+RANKED = ("run", "infer")  # under torchrun every rank takes part in these; rank 0 alone runs the others
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from kaggle_tta import dist
+
     args = build_parser().parse_args(argv)
+    ranks = dist.current()
+    if ranks is not None and not ranks.main and args.command not in RANKED:
+        return 0  # blend, cache, kernel: rank 0's
     try:
         args.func(args)
     except KaggleTTAError as exc:
-        print(f"kaggle-tta: error: {exc}", file=sys.stderr)
+        print(f"kaggle-tta: {f'{ranks}: ' if ranks else ''}error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("kaggle-tta: interrupted; completed batches are in the cache — rerun to resume", file=sys.stderr)
