@@ -75,27 +75,54 @@ def plan_of(pipeline: Pipeline, overrides: list[str] | None = None) -> Plan:
     return build_plan(load_pipeline(pipeline, overrides))
 
 
-def infer(pipeline: Pipeline, overrides: list[str] | None = None, progress: bool = True, alone: bool = False) -> RunStats:
+def infer(pipeline: Pipeline, overrides: list[str] | None = None, progress: bool = True, alone: bool = False, share: tuple[int, int] | None = None) -> RunStats:
     """Fills the cache for every (member, view) not in it yet; returns what was computed.
 
     Under torchrun (several ranks: kaggle_tta.dist) this process computes its share and
     rank 0 assembles the entries. Otherwise, with ``runtime.devices`` above 1, the ranks are
     started here through torch's elastic launcher, and rank 0's summary is returned.
     ``alone``: this process computes everything itself, whatever the settings.
+    ``share`` (k, n): only the k-th of n shares (0-based), into shard entries, with no process
+    group: for machines that share no filesystem (then ``kaggle-tta cache merge``).
     """
     from kaggle_tta import dist
     from kaggle_tta.engine import run_inference, run_ranked  # torch models: only where a run needs them
 
     plan = plan_of(pipeline, overrides)
     rt = plan.cfg.runtime
+    if share is not None:
+        return _infer_share(plan, share, progress)
     ranks = None if alone else dist.current()
     if ranks is not None:
         return run_ranked(plan, progress, ranks)
     world = 1 if alone else dist.world_for(rt.devices, rt.device)
-    if world > 1:
+    if world > 1 and not _all_cached(plan):  # nothing to compute: no ranks to start
         return dist.launch(world, plan.cfg, progress)
     device = resolve_device(rt.device)
     return run_inference(plan, device, resolve_precision(rt.precision, device), progress=progress)
+
+
+def _infer_share(plan: Plan, share: tuple[int, int], progress: bool) -> RunStats:
+    from kaggle_tta import dist
+    from kaggle_tta.engine import choose_precisions, run_share
+
+    k, n = share
+    rt = plan.cfg.runtime
+    device = resolve_device(rt.device)
+    lo, hi = dist.Ranks(k, n, 0, 1).share(len(plan.testset), rt.batch_size)
+    precisions = choose_precisions(plan, device, resolve_precision(rt.precision, device))
+    stats = run_share(plan, device, precisions, lo, hi, progress, label=f"share {k}/{n}")
+    stats.rank = f"share {k}/{n}"
+    return stats
+
+
+def _all_cached(plan: Plan) -> bool:
+    """Whether every member has an entry holding all its views (and image sizes)."""
+    for m in plan.members:
+        entry = find_entry(plan, m, plan.cfg.runtime.precision)
+        if entry is None or not all(entry.is_complete(v.name) for v in m.views) or (plan.task.stores_image_sizes and not entry.sizes_complete()):
+            return False
+    return True
 
 
 def blend(pipeline: Pipeline, overrides: list[str] | None = None, computed: str | Mapping[str, str] | None = None, fill_hint: str = "PIPELINE") -> BlendResult:

@@ -23,7 +23,7 @@ def _load(args: argparse.Namespace):
 def _print_stats(stats) -> None:
     if stats.rank is not None and not stats.ranks:  # a rank other than 0: one line, written at once (no interleaving)
         lo, hi = stats.share
-        print(f"kaggle-tta: {stats.rank} on {stats.device}: rows {lo}-{hi} of {stats.images}, {stats.rows_computed} computed in {stats.seconds:.1f}s; rank 0 blends", flush=True)
+        print(f"kaggle-tta: {stats.rank} on {stats.device}: rows {lo}-{hi} of {stats.images}, {stats.rows_computed} computed in {stats.seconds:.1f}s; {'rank 0 blends' if stats.rank.startswith('rank') else 'join the shares with kaggle-tta cache merge'}", flush=True)
         return
     _print_ranks(stats)
     if stats.all_cached:
@@ -73,7 +73,15 @@ def cmd_run(args: argparse.Namespace) -> None:
 def cmd_infer(args: argparse.Namespace) -> None:
     from kaggle_tta.api import infer
 
-    _print_stats(infer(_load(args), progress=not args.quiet))
+    share = None
+    if args.share:
+        k, _, n = args.share.partition("/")
+        if not (k.isdigit() and n.isdigit() and 0 <= int(k) < int(n)):
+            from kaggle_tta.errors import ConfigError
+
+            raise ConfigError(f"--share {args.share}: give K/N with 0 <= K < N, e.g. --share 1/2 for the second of two machines")
+        share = (int(k), int(n))
+    _print_stats(infer(_load(args), progress=not args.quiet, share=share))
 
 
 def cmd_blend(args: argparse.Namespace) -> None:
@@ -168,6 +176,37 @@ def cmd_cache_verify(args: argparse.Namespace) -> None:
     print(f"cache: {checked} view(s) verified, none damaged")
 
 
+def cmd_cache_merge(args: argparse.Namespace) -> None:
+    """Joins shards computed elsewhere (machines without a shared filesystem, each running
+    its share into its own cache.dir) into this cache, and assembles what they complete."""
+    from kaggle_tta.cache import CacheEntry, locked
+    from kaggle_tta.cache.shards import assemble, merge_from, missing_rows
+    from kaggle_tta.errors import CacheError
+    from kaggle_tta.plan import build_plan
+
+    plan = build_plan(_load(args))
+    for src in args.sources:
+        if not Path(src).is_dir():
+            raise CacheError(f"{src}: not a folder; give the cache.dir of the machine whose shards to merge")
+    copied = made = 0
+    lacking = []
+    for m in plan.members:
+        for p in ("fp32", "bf16", "fp16"):
+            entry = CacheEntry(plan.cache_root, m.name, m.fingerprint(p), m.inputs)
+            if not any((d / m.name / entry.fingerprint / "shards").is_dir() for d in [plan.cache_root, *map(Path, args.sources)]):
+                continue
+            with locked([entry.dir]):
+                entry.reload()
+                copied += sum(merge_from(entry, Path(src), m.name) for src in args.sources)
+                if not (entry.dir / "shards").is_dir():
+                    continue
+                made += len(assemble(entry, [v.name for v in m.views], len(plan.testset), plan.testset.ids, plan.task.stores_image_sizes))
+                lacking += [f"{m.name}/{v.name} ({missing_rows(entry, v.name, len(plan.testset))} rows)" for v in m.views if not entry.is_complete(v.name)]
+    print(f"cache: {copied} shard(s) copied, {made} view(s) assembled in {plan.cache_root}")
+    if lacking:
+        raise CacheError(f"still missing after the merge: {'; '.join(lacking[:5])}{' ...' if len(lacking) > 5 else ''}; merge the other machines' caches too, or run 'kaggle-tta infer {args.pipeline}' to compute them here")
+
+
 def cmd_demo_data(args: argparse.Namespace) -> None:
     from kaggle_tta.demo.generate import write_split
 
@@ -182,6 +221,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str, bool]] = {
     "blend": (cmd_blend, "blend from the cache and write the submission (builds no model, reads no image)", False),
     "cache ls": (cmd_cache_ls, "list cache entries: current or stale, views, rows, seconds", False),
     "cache prune": (cmd_cache_prune, "delete this pipeline's members' stale entries (--dry-run lists them)", False),
+    "cache merge": (cmd_cache_merge, "join shards computed on machines without a shared filesystem (their cache.dir) into this cache", False),
     "cache verify": (cmd_cache_verify, "read every cached view whole: checksum, shape, finite values; mark damage", False),
 }
 
@@ -207,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a YAML value (repeatable), e.g. runtime.precision=fp32")
         if bar:
             p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+        if name == "infer":
+            p.add_argument("--share", metavar="K/N", help="compute only the K-th of N shares (0-based) into shard entries: for machines without a shared filesystem; join them with 'cache merge'")
+        if name == "cache merge":
+            p.add_argument("sources", nargs="+", metavar="OTHER_CACHE_DIR", help="another machine's cache.dir, copied here")
         if name == "cache prune":
             p.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
             p.add_argument("--force", action="store_true", help="also remove entries another pipeline file recorded using")

@@ -48,10 +48,16 @@ class Ranks:
     def main(self) -> bool:
         return self.rank == 0
 
-    def share(self, n: int) -> tuple[int, int]:
-        """Rows ``lo:hi`` of an ``n``-row test set this rank computes: contiguous, sizes
-        differing by at most one, every row in exactly one share (none repeated)."""
-        return self.rank * n // self.world, (self.rank + 1) * n // self.world
+    def share(self, n: int, unit: int = 1) -> tuple[int, int]:
+        """Rows ``lo:hi`` of an ``n``-row test set this rank computes: contiguous, every row
+        in exactly one share (none repeated), made of whole ``unit``-row blocks (the loader's
+        batches) whose counts differ by at most one. Whole batches: each rank then decodes and
+        forwards the very batches (and chunks of them) one process would, so the cache is
+        bit-identical to one process's; a share cut mid-batch packs other chunks, and
+        convolutions of other batch shapes differ in the last bits."""
+        blocks = -(-n // max(1, unit))
+        lo, hi = self.rank * blocks // self.world, (self.rank + 1) * blocks // self.world
+        return min(n, lo * unit), min(n, hi * unit)
 
     def __str__(self) -> str:
         return f"rank {self.rank}/{self.world}"
@@ -171,8 +177,8 @@ def check_shared(root: Path, r: Ranks) -> None:
     if not ok:
         raise CacheError(
             f"cache.dir ({root}): the {r.world} ranks do not see one folder (machines without a shared filesystem); "
-            "point cache.dir at a shared disk, or run each machine alone on its share and join the caches with "
-            "'kaggle-tta cache merge PIPELINE OTHER_CACHE_DIR'"
+            "point cache.dir at a shared disk, or run each machine alone on its share ('kaggle-tta infer PIPELINE --share K/N', "
+            "with an explicit runtime.precision) and join the caches on one with 'kaggle-tta cache merge PIPELINE OTHER_CACHE_DIR'"
         )
 
 

@@ -169,7 +169,6 @@ def run_ranked(plan: Plan, progress: bool, r: Any) -> RunStats:
     precision (and checks ``auto`` against fp32) for all ranks, so that every rank writes the
     same entries; each rank tunes its own chunk size. Returns, on rank 0, the whole run's
     summary with a line per rank; elsewhere the rank's own."""
-    import dataclasses
     import socket
 
     from kaggle_tta import dist
@@ -186,28 +185,47 @@ def run_ranked(plan: Plan, progress: bool, r: Any) -> RunStats:
     workers, _ = resolve_workers(rt.workers, device, threads, r.local_world)
     models: dict[str, torch.nn.Module] = {}
     precisions = dist.broadcast(choose_precisions(plan, device, resolve_precision(rt.precision, device), workers, models) if r.main else None)
-    lo, hi = r.share(n)
-    part = dataclasses.replace(plan, testset=plan.testset.rows(lo, hi), rows=(lo, hi))
-    pending = _pending(part, precisions, RunStats(str(device), None, hi - lo), locked_=False)
-
-    def waiting(folder) -> None:
-        print(f"kaggle-tta: {r}: waiting for another run writing {folder}", file=sys.stderr, flush=True)
-
-    with locked([w.entry.dir for w in pending], waiting):
-        stats = _run_locked(part, device, precisions, progress and r.main, holding=bool(pending), models=models, share=r.local_world, label=str(r))
-    stats.rank, stats.share, stats.images = str(r), (lo, hi), n
+    lo, hi = r.share(n, rt.batch_size)
+    stats = run_share(plan, device, precisions, lo, hi, progress and r.main, models, r.local_world, str(r))
+    stats.rank = str(r)
     line = RankLine(r.rank, socket.gethostname(), str(device), lo, hi, stats.rows_computed, stats.seconds)
     dist.barrier()  # every share is in its shards
     if r.main:
-        dirs = [plan.cache_root / m.name / m.fingerprint(precisions[m.name].ran_in) for m in plan.members]
-        with locked(dirs, waiting):
-            stats.assembled = _assemble(plan, precisions)
+        stats.assembled = assemble_entries(plan, precisions, str(r))
     lines = dist.gather((line, stats.members))
     dist.leave()
     if lines is not None:
         _join_ranks(stats, lines, plan)
         stats.seconds = time.perf_counter() - t0
     return stats
+
+
+def run_share(plan: Plan, device: torch.device, precisions: dict[str, PrecisionCheck], lo: int, hi: int, progress: bool = False, models: dict | None = None, share: int = 1, label: str = "") -> RunStats:
+    """Rows ``lo:hi`` of every member still missing (from the entries and from complete
+    shards of any split) into shard entries, holding the shards' locks."""
+    import dataclasses
+
+    part = dataclasses.replace(plan, testset=plan.testset.rows(lo, hi), rows=(lo, hi))
+    pending = _pending(part, precisions, RunStats(str(device), None, hi - lo), locked_=False)
+
+    def waiting(folder) -> None:
+        print(f"kaggle-tta: {label or 'share'}: waiting for another run writing {folder}", file=sys.stderr, flush=True)
+
+    with locked([w.entry.dir for w in pending], waiting):
+        stats = _run_locked(part, device, precisions, progress, holding=bool(pending), models=models, share=share, label=label)
+    stats.share, stats.images = (lo, hi), len(plan.testset)
+    return stats
+
+
+def assemble_entries(plan: Plan, precisions: dict[str, PrecisionCheck], label: str = "") -> int:
+    """Every member's entry assembled from its shards, holding the entries' locks."""
+    dirs = [plan.cache_root / m.name / m.fingerprint(precisions[m.name].ran_in) for m in plan.members]
+
+    def waiting(folder) -> None:
+        print(f"kaggle-tta: {label or 'assembly'}: waiting for another run writing {folder}", file=sys.stderr, flush=True)
+
+    with locked(dirs, waiting):
+        return _assemble(plan, precisions)
 
 
 def _join_ranks(stats: RunStats, lines: list, plan: Plan) -> None:
