@@ -12,9 +12,10 @@ shards into the entries and blends; the other ranks exit 0.
 the same launcher (:func:`launch`: torch.distributed.launcher's ``elastic_launch``, which is
 what torchrun calls), so a notebook cell uses both of Kaggle's T4s.
 
-The process group is gloo on every device: the ranks exchange only small Python objects
-(the precision verdicts, a summary per rank) and never tensors, so NCCL buys nothing here
-and gloo also runs on CPU-only machines.
+The ranks exchange only small Python objects (the precision verdicts, a token per rank, a
+summary per rank) and never tensors, through the launcher's key-value store (see
+:class:`_Group`): no NCCL or gloo process group is made, so the same code runs on CPU-only
+machines and on GPUs.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from kaggle_tta.errors import CacheError, ConfigError, KaggleTTAError
 # a big test set. A rank that dies does not leave the others waiting this long: torchrun's
 # agent stops the group when one process exits with an error.
 TIMEOUT = timedelta(hours=48)
+JOIN_TIMEOUT = timedelta(minutes=10)  # ranks meet before any model is built
 
 
 @dataclass(frozen=True)
@@ -77,52 +79,95 @@ def current() -> Ranks | None:
     return Ranks(rank, world, local, local_world)
 
 
-def join(r: Ranks) -> None:
-    """Joins the process group (once): gloo, from torchrun's environment."""
-    import torch.distributed as td
+class _Group:
+    """The ranks' exchanges, through the launcher's key-value store alone.
 
-    if not td.is_initialized():
-        td.init_process_group("gloo", timeout=TIMEOUT)
+    Why not a gloo process group: its full mesh of TCP connections is made anew at each
+    restart of an elastic group, and there it failed about one restart in two on this
+    machine ("Gloo connectFullMesh failed ... Connection refused"; pytorch/pytorch#167288
+    is the same with NCCL). The store is torchrun's agent's own (a fresh one per
+    rendezvous round) or, without one, hosted by rank 0, exactly as
+    ``init_process_group("env://")`` would find it; every exchange here is a few small
+    pickled objects under keys numbered in call order, which every rank makes alike."""
+
+    def __init__(self) -> None:
+        from torch.distributed import PrefixStore, rendezvous
+
+        store, self.rank, self.world = next(rendezvous("env://", timeout=JOIN_TIMEOUT))
+        # The agent's store outlives a restart of the group (keys of the killed round are
+        # still there: that is what breaks gloo's mesh), and TORCHELASTIC_RESTART_COUNT may
+        # differ between machines. Rounds follow one another (an agent rejoins only once its
+        # workers are stopped) and every rank arrives here once per round, so the arrivals
+        # counted per world size name the round.
+        arrived = store.add(f"kaggle-tta/arrivals/{self.world}", 1)
+        self.store = PrefixStore(f"kaggle-tta/{self.world}/{(arrived - 1) // self.world}", store)
+        self.calls = 0
+        self.barrier()  # every rank of this round is here (a rank that died before arriving: JOIN_TIMEOUT)
+        store.set_timeout(TIMEOUT)
+
+    def key(self) -> str:
+        self.calls += 1
+        return str(self.calls)
+
+    def broadcast(self, obj: Any) -> Any:
+        import pickle
+
+        k = self.key()
+        if self.rank == 0:
+            self.store.set(k, pickle.dumps(obj))
+        return pickle.loads(self.store.get(k))
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        import pickle
+
+        k = self.key()
+        self.store.set(f"{k}/{self.rank}", pickle.dumps(obj))
+        return [pickle.loads(self.store.get(f"{k}/{r}")) for r in range(self.world)]
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        import pickle
+
+        k = self.key()
+        self.store.set(f"{k}/{self.rank}", pickle.dumps(obj))
+        return [pickle.loads(self.store.get(f"{k}/{r}")) for r in range(self.world)] if self.rank == 0 else None
+
+    def barrier(self) -> None:
+        k = self.key()
+        if self.store.add(k, 1) == self.world:  # the last to arrive lets everyone go
+            self.store.set(f"{k}/all", b"1")
+        self.store.wait([f"{k}/all"])
+
+
+_GROUP: list[_Group] = []
+
+
+def join(r: Ranks) -> None:
+    """Joins the ranks' store (once per process)."""
+    if not _GROUP:
+        _GROUP.append(_Group())
 
 
 def leave() -> None:
-    import torch.distributed as td
-
-    if td.is_available() and td.is_initialized():
-        td.destroy_process_group()
+    _GROUP.clear()
 
 
 def broadcast(obj: Any) -> Any:
     """Rank 0's ``obj``, on every rank."""
-    import torch.distributed as td
-
-    box = [obj]
-    td.broadcast_object_list(box, src=0)
-    return box[0]
+    return _GROUP[0].broadcast(obj)
 
 
 def gather(obj: Any) -> list[Any] | None:
     """Every rank's ``obj``, in rank order, on rank 0 (None elsewhere)."""
-    import torch.distributed as td
-
-    out: list[Any] | None = [None] * td.get_world_size() if td.get_rank() == 0 else None
-    td.gather_object(obj, out, dst=0)
-    return out
+    return _GROUP[0].gather(obj)
 
 
 def all_agree(ok: bool) -> bool:
     """Whether every rank's ``ok`` is True (every rank gets the answer)."""
-    import torch.distributed as td
-
-    out: list[Any] = [None] * td.get_world_size()
-    td.all_gather_object(out, bool(ok))
-    return all(out)
+    return all(_GROUP[0].all_gather(bool(ok)))
 
 
 def barrier() -> None:
-    import torch.distributed as td
-
-    td.barrier()
+    _GROUP[0].barrier()
 
 
 def device_for(setting: str, r: Ranks) -> Any:

@@ -1,0 +1,286 @@
+"""Every rank, every node, one cache: torchrun (torch.distributed.run, gloo on the CPU) on
+127.0.0.1. Caches are compared file by file (every .npy and ids.json) with one process's,
+at fp32, one torch thread per process (convolutions on the CPU split their sums by thread
+count, so bit-identity holds between equal thread counts) and a fixed memory layout."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from kaggle_tta import build_plan, load_pipeline, run
+from kaggle_tta.cli import main
+from kaggle_tta.dist import Ranks
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+FIXED = {"precision": "fp32", "threads": 1, "channels_last": False, "forward_batch": 8, "batch_size": 4, "workers": 0, "device": "cpu"}
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    """In-process reference runs set torch's threads to 1: put them back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _files(cache: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(cache)): p.read_bytes() for p in sorted(cache.glob("*/*/*")) if p.suffix == ".npy" or p.name == "ids.json"}
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _torchrun(args: list[str], pipeline: Path, *extra: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", *args, "-m", "kaggle_tta", "run", str(pipeline), "-q", *extra]
+    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _ok(done: subprocess.CompletedProcess) -> None:
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _classification(cfg: dict, tmp: Path, name: str) -> Path:
+    c = copy.deepcopy(cfg)
+    c["runtime"] = dict(FIXED)
+    (tmp / name).mkdir(exist_ok=True)
+    c["cache"] = {"dir": str(tmp / name / "cache")}
+    c["submission"]["path"] = str(tmp / name / "sub.csv")
+    p = tmp / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(c, sort_keys=False))
+    return p
+
+
+def _example(task: str, demo_images: Path, tmp: Path, name: str) -> Path:
+    cfg = yaml.safe_load((REPO / "examples" / f"{task}.yaml").read_text())
+    cfg["data"]["folder"] = str(demo_images)
+    if task == "segmentation":
+        cfg["data"]["masks"]["folder"] = str(demo_images.parent / "test_masks")
+    else:
+        cfg["data"]["boxes"]["path"] = str(demo_images / "boxes.csv")
+    for m in cfg["members"]:
+        m["checkpoint"] = str((REPO / "examples" / m["checkpoint"]).resolve())
+    return _classification(cfg, tmp, name)
+
+
+def _pipeline_for(task: str, pipeline, demo_images: Path, tmp: Path, name: str) -> Path:
+    if task == "classification":
+        return _classification(pipeline[1], tmp, name)
+    return _example(task, demo_images, tmp, name)
+
+
+def _same(reference: Path, other: Path) -> None:
+    """Caches and submissions of two pipelines written by _classification/_example."""
+    a, b = _files(reference.parent / reference.stem / "cache"), _files(other.parent / other.stem / "cache")
+    assert a and a.keys() == b.keys()
+    assert [k for k in a if a[k] != b[k]] == []
+    assert not list((other.parent / other.stem / "cache").glob("*/*/shards")), "shards are removed once assembled"
+    assert (reference.parent / reference.stem / "sub.csv").read_bytes() == (other.parent / other.stem / "sub.csv").read_bytes()
+
+
+# ---- the split ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 23, 24, 100, 1001])
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+@pytest.mark.parametrize("unit", [1, 4, 64])
+def test_shares_are_contiguous_whole_batches_covering_every_row_once(n, world, unit):
+    shares = [Ranks(r, world, r, world).share(n, unit) for r in range(world)]
+    assert shares[0][0] == 0 and shares[-1][1] == n
+    assert all(shares[k][1] == shares[k + 1][0] for k in range(world - 1))  # contiguous, no row twice
+    assert all(lo % unit == 0 for lo, _ in shares)  # whole loader batches
+    blocks = [-(-(hi - lo) // unit) for lo, hi in shares]
+    assert max(blocks) - min(blocks) <= 1
+
+
+# ---- 2 and 3 ranks, all three tasks ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", ["classification", "segmentation", "detection"])
+def test_two_and_three_ranks_equal_one_process(task, pipeline, demo_images, tmp_path):
+    single = _pipeline_for(task, pipeline, demo_images, tmp_path, "single")
+    run(single, progress=False)
+    for n in (2, 3):
+        p = _pipeline_for(task, pipeline, demo_images, tmp_path, f"ranks{n}")
+        done = _torchrun(["--standalone", "--nproc_per_node", str(n)], p)
+        _ok(done)
+        _same(single, p)
+        # rank 0 names every rank; the others wrote one line each and did not blend
+        assert done.stdout.count("wrote ") == 1
+        assert "ranks: 0 rows 0-" in done.stdout and f"; {n - 1} rows " in done.stdout
+        assert sum(f"rank {k}/{n} on cpu: rows" in done.stdout for k in range(1, n)) == n - 1
+
+
+# ---- a killed rank, two nodes, devices: 2 ----------------------------------------------------
+
+
+def _slow(pipeline, tmp: Path, name: str, delay: float) -> Path:
+    cfg = copy.deepcopy(pipeline[1])
+    cfg["members"] = [{"name": "slow", "factory": "rank_models:slow_marked", "kwargs": {"marks": str(tmp / "marks"), "delay": delay}, "preprocess": {"input_size": [3, 32, 32]}, "tta": "hflip"}]
+    cfg["blends"] = []
+    return _classification(cfg, tmp, name)
+
+
+def test_a_rank_killed_mid_run_restarts_and_completes_identically(pipeline, tmp_path):
+    single = _slow(pipeline, tmp_path, "single", 0.4)  # the delay is a kwarg: in the fingerprint
+    run(single, progress=False)
+    p = _slow(pipeline, tmp_path, "killed", 0.4)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts", "1", "-m", "kaggle_tta", "run", str(p), "-q"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    shard = tmp_path / "killed" / "cache"
+    deadline, killed = time.time() + 120, None
+    try:
+        while time.time() < deadline and killed is None and proc.poll() is None:
+            for man in shard.glob("slow/*/shards/000000012-*/manifest.json"):
+                try:
+                    views = json.loads(man.read_text())["views"]
+                except (OSError, ValueError):
+                    continue
+                if any(st.get("rows_done", 0) >= 4 for st in views.values()):  # a batch committed, more to come
+                    mark = next((tmp_path / "marks").glob("1.0.*"))
+                    killed = int(mark.name.split(".")[2])
+                    os.kill(killed, signal.SIGKILL)
+            time.sleep(0.05)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    assert killed is not None, "rank 1 never committed a batch"
+    assert proc.returncode == 0, err[-3000:]
+    assert list((tmp_path / "marks").glob("1.1.*")), "the group was restarted"
+    # after the restart rank 1 computed only the rows its shard lacked
+    line = next(ln for ln in out.splitlines() if "rank 1/2 on cpu" in ln)
+    assert int(line.split(", ")[1].split(" ")[0]) < 12, line
+    _same(single, p)
+
+
+def test_two_agents_as_two_nodes_complete_identically(pipeline, demo_images, tmp_path):
+    single = _pipeline_for("segmentation", pipeline, demo_images, tmp_path, "single")
+    run(single, progress=False)
+    p = _pipeline_for("segmentation", pipeline, demo_images, tmp_path, "nodes")
+    args = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{_free_port()}", "--rdzv_id", "two-nodes"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *args, "-m", "kaggle_tta", "run", str(p), "-q"]
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [q.communicate(timeout=240) for q in procs]
+    for q, (_, err) in zip(procs, outs):
+        assert q.returncode == 0, err[-3000:]
+    assert sum("ranks: 0 rows 0-12" in out for out, _ in outs) == 1
+    _same(single, p)
+
+
+def test_nodes_without_a_shared_cache_are_refused_before_any_forward(pipeline, tmp_path):
+    p = _slow(pipeline, tmp_path, "apart", 0.0)
+    args = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{_free_port()}", "--rdzv_id", "apart"]
+    procs = []
+    for k in range(2):  # each "machine" its own cache.dir
+        cmd = [sys.executable, "-m", "torch.distributed.run", *args, "-m", "kaggle_tta", "run", str(p), "-q", "--set", f"cache.dir={tmp_path / f'node{k}'}"]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [q.communicate(timeout=240) for q in procs]
+    assert all(q.returncode != 0 for q in procs)
+    assert all("do not see one folder" in err and "cache merge" in err for _, err in outs), outs[0][1][-2000:]
+    assert not (tmp_path / "marks").exists(), "no model ran"
+
+
+def test_runtime_devices_2_starts_two_ranks_and_completes_identically(pipeline, tmp_path):
+    single = _classification(pipeline[1], tmp_path, "single")
+    run(single, progress=False)
+    p = _classification(pipeline[1], tmp_path, "devices")
+    done = subprocess.run([sys.executable, "-m", "kaggle_tta", "run", str(p), "-q", "--set", "runtime.devices=2"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+    _ok(done)
+    assert "ranks: 0 rows 0-12" in done.stdout and "; 1 rows 12-24" in done.stdout
+    _same(single, p)
+    again = subprocess.run([sys.executable, "-m", "kaggle_tta", "run", str(p), "-q", "--set", "runtime.devices=2"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+    _ok(again)
+    assert "no model was run" in again.stdout and "ranks:" not in again.stdout  # all cached: no ranks started
+
+
+# ---- in one process: other splits, other machines, other commands ---------------------------
+
+
+def _share(plan, lo: int, hi: int):
+    from kaggle_tta.engine import choose_precisions, run_share
+
+    precisions = choose_precisions(plan, torch.device("cpu"), "fp32")
+    return run_share(plan, torch.device("cpu"), precisions, lo, hi), precisions
+
+
+def test_a_changed_split_uses_the_shards_of_the_old_one(pipeline, tmp_path):
+    """An elastic group that shrank or grew: 2 ranks, of which one finished (rows 0-12),
+    then 3 ranks. The new rank 0's rows are all in the old shard: it computes none."""
+    from kaggle_tta.engine import assemble_entries
+
+    single = _classification(pipeline[1], tmp_path, "single")
+    run(single, progress=False)
+    p = _classification(pipeline[1], tmp_path, "elastic")
+    plan = build_plan(load_pipeline(p))
+    first, _ = _share(plan, *Ranks(0, 2, 0, 2).share(24, 4))
+    assert first.rows_computed == 12
+    computed = []
+    for r in range(3):
+        stats, precisions = _share(plan, *Ranks(r, 3, r, 3).share(24, 4))
+        computed.append(stats.rows_computed)
+    assert computed == [0, 8, 8]
+    assert assemble_entries(plan, precisions) == 10  # 2 + 8 views
+    main(["blend", str(p)])
+    _same(single, p)
+
+
+def test_machines_without_a_shared_disk_join_with_cache_merge(pipeline, demo_images, tmp_path, capsys):
+    single = _pipeline_for("detection", pipeline, demo_images, tmp_path, "single")
+    run(single, progress=False)
+    p = _pipeline_for("detection", pipeline, demo_images, tmp_path, "merged")
+    other = tmp_path / "machine1"
+    assert main(["infer", str(p), "-q", "--share", "0/2"]) == 0
+    assert main(["infer", str(p), "-q", "--share", "1/2", "--set", f"cache.dir={other}"]) == 0
+    assert main(["blend", str(p)]) == 2  # half the rows: refused, not half a submission
+    assert main(["cache", "merge", str(p), str(other)]) == 0
+    assert "assembled" in capsys.readouterr().out
+    assert main(["blend", str(p)]) == 0
+    _same(single, p)
+    assert main(["infer", str(p), "--share", "2/2"]) == 2
+    assert "--share 2/2" in capsys.readouterr().err
+
+
+def test_under_torchrun_only_rank_0_blends_and_runs_cache_commands(pipeline, tmp_path, monkeypatch):
+    p = _classification(pipeline[1], tmp_path, "ranked")
+    run(p, progress=False)
+    sub = tmp_path / "ranked" / "sub.csv"
+    sub.unlink()
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["blend", str(p)]) == 0
+    assert main(["cache", "prune", str(p), "--force"]) == 0
+    assert not sub.exists()
+    assert _files(tmp_path / "ranked" / "cache")  # prune did nothing on rank 1
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert main(["blend", str(p)]) == 0 and sub.exists()
+
+
+def test_a_device_named_for_one_gpu_is_refused_with_ranks():
+    from kaggle_tta.dist import device_for
+    from kaggle_tta.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="names one GPU"):
+        device_for("cuda:1", Ranks(0, 2, 0, 2))
