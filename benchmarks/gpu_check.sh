@@ -7,7 +7,7 @@
 # bench.log, bench.md, bench.json. Each step runs under `timeout`, its log tee'd as it goes, so a
 # hung step costs at most its own budget and partial logs come back. The whole script ends
 # within GPU_CHECK_TOTAL seconds (default 420, 7 min): install + import check ~0.5 min, smoke
-# ~0.7 min, the segmentation and detection examples ~1 min, and the benchmark gets the rest — its --deadline is set so that it starts no new run
+# ~0.7 min, the segmentation and detection examples ~1 min, 1 vs 2 GPUs ~1 min, and the benchmark gets the rest — its --deadline is set so that it starts no new run
 # 60 s before the end (a run in flight may take up to --child-timeout 45 s, then the report).
 #
 # Environment (for trying the script elsewhere):
@@ -130,6 +130,11 @@ print('devices visible:', torch.cuda.device_count(), '(a run uses cuda:0)')
     export -f tasks
     export DEVICE
     step tasks 100 bash -c tasks
+
+    # 1 against 2 GPUs (issue #14): the same inference as one process and as torchrun
+    # --nproc_per_node 2, one rank per GPU; skipped (and said) where there is one GPU.
+    step ranks 150 python3 benchmarks/run.py --device "$DEVICE" --out /tmp/kaggle-tta-ranks --only ranks --images 512 --repeats 1 --ranks-views 8
+    cp /tmp/kaggle-tta-ranks/bench.md "$OUT/ranks.md" 2>/dev/null || echo "no ranks.md written"
 
     rm -rf /tmp/kaggle-tta-bench  # no stale bench.md from an earlier run
     local remain=$((TOTAL - SECONDS))

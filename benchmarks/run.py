@@ -27,9 +27,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
+import ranks  # noqa: E402
 from _common import CHILD, PRESET, REPO, child_env, loadavg, machine_info, member, write_pipeline  # noqa: E402
 
-ROWS = ["limit", "kaggle", "ttach", "reference", "reblend", "memory", "autobatch", "preprocess"]
+ROWS = ["limit", "kaggle", "ttach", "reference", "reblend", "memory", "autobatch", "preprocess", "tune", "ranks"]
 ROW_NUMBERS = {str(i + 1): r for i, r in enumerate(ROWS)}
 T_START = time.perf_counter()
 
@@ -234,7 +235,9 @@ class Bench:
 
     # -- row 5 --
 
-    def reblend_row(self) -> None:
+    def reblend_cache(self) -> tuple[Path, Path, dict[str, Any]]:
+        """(folder, pipeline, setup result) of the re-blend cache: 3 members x 8 views of
+        [reblend_rows, 1000] float16 logits, written once and reused (rows 5 and 9)."""
         a = self.a
         d = self.work / f"reblend_{a.reblend_rows}"
         d.mkdir(parents=True, exist_ok=True)
@@ -255,6 +258,11 @@ class Bench:
         log(f"re-blend: writing 3 members x 8 views of [{a.reblend_rows}, 1000] float16 logits into the cache (reused if complete)")
         setup = run_child("reblend-setup", {"pipeline": str(pipe)})
         log(f"re-blend: {setup['written']} view file(s) written, {setup['reused']} reused, {setup['bytes'] / 1e9:.2f} GB in {setup['seconds']:.0f}s")
+        return d, pipe, setup
+
+    def reblend_row(self) -> None:
+        a = self.a
+        d, pipe, setup = self.reblend_cache()
         guard = run_child("blend-guard", {"pipeline": str(pipe)})
         log(f"re-blend: guard run (timm.create_model/build_model raise): exit {guard['rc']}, model calls {guard['model_calls']}, "
             f"nn.Modules created {guard['nn_modules_created']}, engine imported {guard['engine_imported']}, {guard['seconds']:.1f}s")
@@ -293,6 +301,41 @@ class Bench:
                 log(f"re-blend rep {rep + 1}/{reps} {who:7s}: {msg}, peak RSS {r['maxrss_mb']:.0f} MB")
         agree = agreement(str(d / "submission.csv"), str(d / "numpy_submission.csv"))
         self.res["reblend"] = {"setup": {k: v for k, v in setup.items() if k != "files"}, "guard": guard, "raw": raw, "agreement": agree}
+
+    # -- row 9 --
+
+    def tune_row(self) -> None:
+        """``kaggle-tta tune`` on the re-blend cache (labels made from the cached logits: the
+        top class of one member's mean for 70% of rows, a random class for the rest), in
+        sample (--folds 0) and with the default 5-fold estimate, against one re-blend of the
+        same labelled pipeline; each a fresh CLI process, interleaved."""
+        a = self.a
+        d, pipe, setup = self.reblend_cache()
+        labels = d / "labels.csv"
+        if not labels.is_file():
+            run_child("tune-labels", {"pipeline": str(pipe), "out": str(labels), "classes": str(self.classes)})
+        over = d / "labels.yaml"
+        over.write_text(f"data:\n  labels: {{path: {labels}}}\n")
+        base = [sys.executable, "-m", "kaggle_tta"]
+        cmds = {
+            "blend": base + ["blend", str(pipe), "--overrides", str(over)],
+            "tune-in-sample": base + ["tune", str(pipe), "--overrides", str(over), "--out", str(d / "tuned0.yaml"), "--folds", "0"],
+            "tune": base + ["tune", str(pipe), "--overrides", str(over), "--out", str(d / "tuned.yaml")],
+        }
+        guard = run_child("tune-guard", {"pipeline": str(pipe), "overrides": str(over), "out": str(d / "tuned_guard.yaml")})
+        log(f"tune: guard run (build_model and decode_image raise): exit {guard['rc']}, torch imported {guard['torch_imported']}, {guard['seconds']:.1f}s")
+        raw: dict[str, list] = {k: [] for k in cmds}
+        reps = a.repeats
+        order = list(cmds)
+        for rep in range(reps):
+            for who in order[rep % len(order):] + order[: rep % len(order)]:
+                r = run_cmd(cmds[who])
+                if r["rc"] != 0:
+                    raise ChildFailed(f"{' '.join(cmds[who])} failed: {r['stderr'][-2000:]}")
+                raw[who].append({"wall_s": r["wall_s"], "maxrss_mb": r["maxrss_mb"], "stdout_tail": r["stdout"][-3000:]})
+                log(f"tune rep {rep + 1}/{reps} {who:15s}: wall {r['wall_s']:.1f}s, peak RSS {r['maxrss_mb']:.0f} MB")
+        self.res["tune"] = {"setup": {k: v for k, v in setup.items() if k != "files"}, "guard": guard, "raw": raw,
+                            "commands": {k: " ".join(v[2:]) for k, v in cmds.items()}}
 
     # -- row 6 --
 
@@ -685,6 +728,35 @@ def report(b: Bench) -> str:
                 L.append(f"- {pos}: timm's preprocessing (PIL, antialiased) costs {t_ / a_:.2f}× albumentations' (OpenCV) per image.")
         L.append("")
 
+    tu = res.get("tune")
+    if tu:
+        raw, s_ = tu["raw"], tu["setup"]
+        bl = med([r["wall_s"] for r in raw["blend"]])
+        g = tu["guard"]
+        L.append("## Row 9: tune from the cache")
+        L.append("")
+        L.append(f"`kaggle-tta tune` on the re-blend cache (3 members × 8 views of [{s_['rows']}, {s_['classes']}] float16 logits), labels from the "
+                 "cached logits (one member's top class for 70% of rows, a random class for the rest), given by an override file; default tuners "
+                 "(GPS views, view weights, temperatures, hill-climbed member weights). Each a fresh CLI process (wall: start and imports included), "
+                 f"interleaved, medians of {len(raw['blend'])}; the ratio is to one `kaggle-tta blend` of the same labelled pipeline.")
+        L.append("")
+        L.append("| command | wall s | ratio to one re-blend | peak RSS MB |")
+        L.append("|---|---|---|---|")
+        for key, label in (("blend", "re-blend (`blend`)"), ("tune-in-sample", "`tune --folds 0` (in sample only)"), ("tune", "`tune` (5-fold estimate, the default)")):
+            w = med([r["wall_s"] for r in raw[key]])
+            ratio = med([t["wall_s"] / b_["wall_s"] for t, b_ in zip(raw[key], raw["blend"])])
+            L.append(f"| {label} | {w:.1f} | {ratio:.2f}× | {med([r['maxrss_mb'] for r in raw[key]]):.0f} |")
+        L.append("")
+        no_model = g["rc"] == 0 and not g["torch_imported"]
+        L.append(f"No model built: the guard run (in-process, `build_model` and `decode_image` patched to raise) exit {g['rc']}, torch "
+                 f"{'imported' if g['torch_imported'] else 'never imported'} → {ok(no_model)}. Commands: "
+                 + "; ".join(f"`kaggle-tta {c}`" for c in tu["commands"].values()))
+        L.append("")
+        goals.append(("tune builds no model (imports no torch)", "torch never imported" if no_model else "torch imported", ok(no_model)))
+        goals.append(("tune: seconds and ratio to one re-blend", f"{med([r['wall_s'] for r in raw['tune']]):.1f}s, "
+                      f"{med([t['wall_s'] / b_['wall_s'] for t, b_ in zip(raw['tune'], raw['blend'])]):.1f}× ({bl:.1f}s re-blend)", "stated"))
+
+    L += ranks.ranks_report(res, goals, med)
     if goals:
         L.append("## Goals")
         L.append("")
@@ -730,6 +802,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--autobatch-repeats", type=int, default=None, help="(default 2; --quick 1)")
     ap.add_argument("--preprocess-images", type=int, default=64, help="camera-sized JPEGs of the preprocessing row (default 64)")
     ap.add_argument("--preprocess-repeats", type=int, default=None, help="interleaved repeats of the preprocessing row (default 3, --quick too)")
+    ap.add_argument("--ranks-views", type=int, default=2, choices=sorted(PRESET), help="views of the ranks row (default 2)")
     ap.add_argument("--keep", action="store_true", help="keep each run's cache and pipeline under OUT/work/runs")
     a = ap.parse_args(argv)
     q = a.quick
@@ -788,6 +861,8 @@ def main(argv: list[str] | None = None) -> int:
         ("memory" in rows, b.memory_row),
         ("reblend" in rows, b.reblend_row),
         ("preprocess" in rows, b.preprocess_row),
+        ("tune" in rows, b.tune_row),
+        ("ranks" in rows, lambda: ranks.ranks_row(b, log, med)),
     ]
     for wanted, fn in steps:
         if not wanted:
