@@ -34,7 +34,7 @@ from kaggle_tta.errors import CacheError, ConfigError, KaggleTTAError
 # a big test set. A rank that dies does not leave the others waiting this long: torchrun's
 # agent stops the group when one process exits with an error.
 TIMEOUT = timedelta(hours=48)
-JOIN_TIMEOUT = timedelta(minutes=10)  # ranks meet before any model is built
+JOIN_TIMEOUT = timedelta(minutes=30)  # ranks meet before any model is built (each has listed and hashed the test set)
 
 
 @dataclass(frozen=True)
