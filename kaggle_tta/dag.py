@@ -13,7 +13,7 @@ from typing import TypeVar
 import numpy as np
 
 from kaggle_tta.cache import CacheEntry
-from kaggle_tta.config import BlendConfig, PipelineConfig
+from kaggle_tta.config import BlendConfig, MemberConfig, PipelineConfig
 from kaggle_tta.errors import CacheError
 from kaggle_tta.merge import Prediction, blend, reduce_views
 
@@ -51,19 +51,32 @@ def check_complete(sources: Sequence[MemberSource], ids: Sequence[str], sizes: b
             raise CacheError(f"{s.entry.dir}: row ids differ from the test set; delete that folder and rerun infer")  # type: ignore[union-attr]
 
 
+def view_weights(m: MemberConfig, all_views: Sequence[str], views: Sequence[str]) -> np.ndarray | None:
+    """The member's ``view_weights`` (``[V]``) or ``view_class_weights`` (``[V, C]``) for the
+    views merged (a subset of ``all_views``, the member's views in ``tta`` order); None: equal."""
+    w = m.view_class_weights if m.view_class_weights is not None else m.view_weights
+    if w is None or len(views) == 1:  # one view (the identity alone, without TTA): nothing to weigh
+        return None
+    at = {v: k for k, v in enumerate(all_views)}
+    out = np.asarray([w[at[v]] for v in views], dtype=np.float64)
+    return out if out.sum() > 0 else None  # a subset of views weighted zero (the identity alone): equal
+
+
 def member_prediction(
-    s: MemberSource, lo: int, hi: int, views: Sequence[str] | None = None, transform: Callable[[np.ndarray, str], np.ndarray] | None = None
+    s: MemberSource, lo: int, hi: int, views: Sequence[str] | None = None, transform: Callable[[np.ndarray, str], np.ndarray] | None = None,
+    weights: np.ndarray | None = None, temperature: float = 1.0,
 ) -> Prediction:
     """Merges a member's cached views (all of them, or the given subset) for rows ``lo:hi``
     (sliced from the memory-mapped files: only those rows are read, and verified as they
     stream: see CacheEntry.rows), each first passed
-    through ``transform(values, activation)`` where given (segmentation: uint8 -> logits)."""
+    through ``transform(values, activation)`` where given (segmentation: uint8 -> logits),
+    with the views' ``weights`` and ``temperature`` (see merge.reduce_views)."""
     assert s.entry is not None
     names = list(views) if views is not None else list(s.views)
     arrays = (s.entry.rows(v, lo, hi) for v in names)
     if transform is not None:
         arrays = (transform(a, s.activation) for a in arrays)
-    pred = reduce_views(s.merge, arrays, s.activation)
+    pred = reduce_views(s.merge, arrays, s.activation, weights, temperature)
     if not np.isfinite(pred.values).all():  # a non-finite cached value reaches every reducer's result
         s.entry.nonfinite(names, lo, hi)
     return pred
@@ -80,8 +93,24 @@ def node_predictions(
     views: Sequence[str] | None = None, transform: Callable[[np.ndarray, str], np.ndarray] | None = None,
 ) -> dict[str, Prediction]:
     """Every node's prediction for rows ``lo:hi``: members from their views (each with its
-    own activation), then blends."""
-    return evaluate(cfg, {s.name: member_prediction(s, lo, hi, views, transform) for s in sources})
+    own activation, view weights and temperature), then blends."""
+    members = {}
+    for s in sources:
+        m = cfg.member(s.name)
+        w = view_weights(m, s.views, views if views is not None else s.views)
+        members[s.name] = member_prediction(s, lo, hi, views, transform, w, m.temperature)
+    return evaluate(cfg, members)
+
+
+def members_under(cfg: PipelineConfig, node: str) -> list[str]:
+    """The members a node blends (itself, for a member), each once, in first-use order."""
+    blends = {b.name: b.inputs for b in cfg.blends}
+    if node not in blends:
+        return [node]
+    out: list[str] = []
+    for i in blends[node]:
+        out += [m for m in members_under(cfg, i) if m not in out]
+    return out
 
 
 def evaluate_dag(cfg: PipelineConfig, members: Mapping[str, T], combine: Callable[[BlendConfig, list[T]], T]) -> dict[str, T]:

@@ -54,15 +54,24 @@ def _normalize_rows(x: np.ndarray, activation: str) -> np.ndarray:
 # ---- view reducers (a member's views; inputs are logits) ------------------------------------
 
 
-def reduce_views(name: str, arrays: Iterable[np.ndarray], activation: str) -> Prediction:
+def reduce_views(
+    name: str, arrays: Iterable[np.ndarray], activation: str, weights: np.ndarray | Sequence[float] | None = None, temperature: float = 1.0
+) -> Prediction:
     """Merges a member's per-view logits with the reducer called ``name``.
 
     mean: mean of logits; mean_prob: mean of probabilities; geomean: geometric mean of
     probabilities (renormalized for softmax); max: element-wise max of probabilities;
     tsharpen: mean of sqrt(probabilities) (renormalized for softmax).
+
+    ``weights``: one per view ``[V]`` (AugTTA), or one per (view, channel) ``[V, C]``
+    (ClassTTA; the channel is axis 1 of each array), normalized over the views (per
+    channel); the means become weighted means. ``temperature``: each view's logits are
+    divided by it first. Neither applies to max (the schema refuses weights there).
     """
     if name not in VIEW_REDUCERS:
         raise ConfigError(f"unknown merge '{name}'{did_you_mean(name, VIEW_REDUCERS)}; choose one of {', '.join(VIEW_REDUCERS)}")
+    if weights is not None or temperature != 1.0:
+        return _reduce_weighted(name, arrays, activation, weights, temperature)
     transform, combine, finish, kind = VIEW_REDUCERS[name]
     acc: np.ndarray | None = None
     n = 0
@@ -76,6 +85,40 @@ def reduce_views(name: str, arrays: Iterable[np.ndarray], activation: str) -> Pr
     if acc is None:
         raise ValueError("no views to merge")
     return Prediction(finish(acc, n, activation), kind, activation)
+
+
+def normalized_view_weights(weights: np.ndarray | Sequence[float], n_views: int) -> np.ndarray:
+    """Weights ``[V]`` or ``[V, C]`` as float32 summing to 1 over the views (per channel)."""
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape[0] != n_views:
+        raise ValueError(f"{w.shape[0]} view weights for {n_views} views")
+    total = w.sum(axis=0, keepdims=True)
+    return (w / np.where(total > 0, total, 1.0)).astype(np.float32)
+
+
+def _reduce_weighted(name: str, arrays: Iterable[np.ndarray], activation: str, weights: np.ndarray | Sequence[float] | None, temperature: float) -> Prediction:
+    """The weighted (and temperature-scaled) form of each reducer: the sum of the views'
+    transforms, each times its normalized weight, finished as a mean of one."""
+    transform, combine, finish, kind = VIEW_REDUCERS[name]
+    arrays = list(arrays)
+    if not arrays:
+        raise ValueError("no views to merge")
+    if name == "max" and weights is not None:
+        raise ConfigError("merge max takes no view weights; use mean, mean_prob, geomean or tsharpen")
+    w = normalized_view_weights(weights if weights is not None else [1.0] * len(arrays), len(arrays))
+    acc: np.ndarray | None = None
+    for a, wv in zip(arrays, w):
+        x = np.asarray(a, dtype=np.float32)
+        if temperature != 1.0:
+            x = x / np.float32(temperature)
+        x = transform(x, activation) if name != "mean" else x
+        if name == "max":
+            acc = x.copy() if acc is None else combine(acc, x)
+            continue
+        term = x * (wv.reshape((1, -1) + (1,) * (x.ndim - 2)) if wv.ndim else wv)  # a channel weight on axis 1
+        acc = term.astype(np.float32, copy=False) if acc is None else acc.__iadd__(term)
+    assert acc is not None
+    return Prediction(finish(acc, 1 if name != "max" else len(arrays), activation), kind, activation)
 
 
 def _add(acc: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -161,17 +204,31 @@ def blend(method: str, inputs: Sequence[Prediction], weights: Sequence[float] | 
     mean: weighted mean; rank_mean: weighted mean of per-class ranks (of probabilities, or of
     logits); power_mean: (sum w p^power)^(1/power) of probabilities.
     """
+    values, kind, root = blend_terms(method, inputs, space, power)
+    return weighted_sum(values, weights, kind, inputs[0].activation, power if root else None)
+
+
+def blend_terms(method: str, inputs: Sequence[Prediction], space: str = "probs", power: float = 2.0) -> tuple[Iterable[np.ndarray], str, bool]:
+    """Each input as it enters the blend's weighted sum (made lazily), the result's kind,
+    and whether the sum's power is undone after it (power_mean)."""
     if method not in BLEND_METHODS:
         raise ConfigError(f"unknown blend method '{method}'{did_you_mean(method, BLEND_METHODS)}; choose one of {', '.join(BLEND_METHODS)}")
     transform, root = BLEND_METHODS[method]
-    w = np.asarray(weights if weights is not None else [1.0] * len(inputs), dtype=np.float64)
-    w = w / w.sum()
     values, kind = transform(inputs, space, power)
+    return values, kind, root
+
+
+def weighted_sum(values: Iterable[np.ndarray], weights: Sequence[float] | np.ndarray | None, kind: str, activation: str, root: float | None = None) -> Prediction:
+    """The blend of terms (see blend_terms) with weights normalized to sum 1; ``root``: the
+    power to undo after the sum (power_mean)."""
+    values = list(values) if weights is None else values
+    w = np.asarray(weights if weights is not None else [1.0] * len(values), dtype=np.float64)  # type: ignore[arg-type]
+    w = w / w.sum()
     acc: np.ndarray | None = None
     for x, wi in zip(values, w):
         term = np.multiply(x, np.float32(wi), dtype=np.float32)  # one temporary, not two
         acc = term if acc is None else acc.__iadd__(term)
     assert acc is not None
-    if root:
-        acc = np.power(acc, 1.0 / power)
-    return Prediction(acc, kind, inputs[0].activation)
+    if root is not None:
+        acc = np.power(acc, 1.0 / root)
+    return Prediction(acc, kind, activation)

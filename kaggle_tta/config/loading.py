@@ -1,8 +1,10 @@
-"""Loading pipeline.yaml (or a dict): ``--set`` overrides, validation, one-line errors."""
+"""Loading pipeline.yaml (or a dict): override files, ``--set`` overrides, validation,
+one-line errors."""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -169,24 +171,41 @@ def _format_loc(loc: tuple[Any, ...], raw: Any) -> str:
     return out or "pipeline"
 
 
-def format_validation_error(err: ValidationError, raw: Any, source: str) -> str:
-    """One line per problem: 'pipeline.yaml: members[0].tta: ... '."""
+def format_validation_error(err: ValidationError, raw: Any, source: str, origins: dict[tuple[Any, ...], str] | None = None) -> str:
+    """One line per problem: 'pipeline.yaml: members[0].tta: ... '; a problem at a value an
+    override file set (``origins``: YAML location -> file, see :func:`merge_override_file`)
+    says so: '... (set by tuned.yaml)'."""
     msgs = []
     seen = set()
     for e in err.errors():
-        loc = _format_loc(tuple(e["loc"]), raw)
+        loc = _format_loc(tuple(e["loc"]), raw) + _origin(tuple(e["loc"]), origins)
         if e["type"] == "extra_forbidden":
             key = e["loc"][-1]
             parent_loc = tuple(e["loc"][:-1])
             model = _model_at(parent_loc)
             hint = did_you_mean(str(key), model.model_fields) if model else ""
-            text = f"{_format_loc(parent_loc, raw)}: unknown key '{key}'{hint}"
+            text = f"{_format_loc(parent_loc, raw)}{_origin(tuple(e['loc']), origins)}: unknown key '{key}'{hint}"
         else:
             text = f"{loc}: {e['msg'].removeprefix('Value error, ')}"
         if text not in seen:
             seen.add(text)
             msgs.append(text)
     return f"{source}: " + "; ".join(msgs[:5]) + (f" (and {len(msgs) - 5} more)" if len(msgs) > 5 else "")
+
+
+def _origin(loc: tuple[Any, ...], origins: dict[tuple[Any, ...], str] | None) -> str:
+    """' (set by FILE)' when an override file set the value at ``loc`` or a block above it."""
+    if not origins:
+        return ""
+    keys = tuple(p for p in loc if isinstance(p, int) or p in _yaml_keys(origins))
+    for n in range(len(keys), 0, -1):
+        if keys[:n] in origins:
+            return f" (set by {origins[keys[:n]]})"
+    return ""
+
+
+def _yaml_keys(origins: dict[tuple[Any, ...], str]) -> set[Any]:
+    return {p for loc in origins for p in loc}
 
 
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
@@ -257,18 +276,91 @@ def _list_index(items: list[Any], part: str) -> int | None:
     return None
 
 
-def load_pipeline(source: Path | str | dict[str, Any], overrides: list[str] | None = None, base_dir: Path | str | None = None) -> PipelineConfig:
+# ---- override files (--overrides FILE) ----------------------------------------------------
+
+# Top-level lists whose items are merged by their name, not by their index.
+NAMED_LISTS = {"members": "member", "blends": "blend"}
+
+
+def merge_override_file(raw: dict[str, Any], path: Path | str, origins: dict[tuple[Any, ...], str] | None = None) -> dict[tuple[Any, ...], str]:
+    """Deep-merges a partial pipeline YAML (``kaggle-tta tune``'s tuned.yaml, or one written
+    by hand) over the raw pipeline mapping, in place.
+
+    Mappings merge key by key; ``members`` and ``blends`` items merge into the pipeline's
+    item of the same ``name`` (an override adjusts them, it cannot add one: an unknown name
+    is an error, with a did-you-mean); any other value, lists included (``tta``, ``weights``,
+    ``view_weights``), replaces the pipeline's. ``null`` sets null. The file is read with the
+    same safe loader as the pipeline.
+
+    Returns:
+        ``origins``, updated: the YAML location (``('members', 0, 'tta')``) of every value the
+        file set, mapped to the file's name, so that validation errors can name it.
+
+    Raises:
+        ConfigError: the file is unreadable or not YAML, not a mapping, or names an item that
+            does not exist; the message names the file and the YAML path.
+    """
+    where = str(path)
+    over = read_yaml_file(Path(path), "override file")
+    if over is None:
+        over = {}
+    if not isinstance(over, dict):
+        raise ConfigError(f"{where}: expected a mapping at the top level (a partial pipeline: members, blends, submission, ...), got {type(over).__name__}")
+    origins = {} if origins is None else origins
+    _merge(raw, over, (), where, origins)
+    return origins
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any], loc: tuple[Any, ...], where: str, origins: dict[tuple[Any, ...], str]) -> None:
+    for key, value in over.items():
+        here = (*loc, key)
+        if not loc and key in NAMED_LISTS:
+            _merge_named(base, key, value, where, origins)
+        elif isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value, here, where, origins)
+        else:
+            base[key] = copy.deepcopy(value)
+            origins[here] = where
+
+
+def _merge_named(base: dict[str, Any], key: str, items: Any, where: str, origins: dict[tuple[Any, ...], str]) -> None:
+    """``members`` / ``blends`` of an override file merged by name into the pipeline's."""
+    kind = NAMED_LISTS[key]
+    if not isinstance(items, list):
+        raise ConfigError(f"{where}: {key}: give a list of {kind}s by name (- name: ...), got {type(items).__name__}")
+    have = base.get(key) if isinstance(base.get(key), list) else []
+    names = [m.get("name") if isinstance(m, dict) else None for m in have]
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise ConfigError(f"{where}: {key}[{i}]: each item needs a 'name', the {kind} of the pipeline it adjusts")
+        name = item["name"]
+        if name not in names:
+            known = [n for n in names if isinstance(n, str)]
+            raise ConfigError(
+                f"{where}: {key}[{i}].name: no {kind} named '{name}' in the pipeline{did_you_mean(name, known)}; "
+                f"an override file adjusts the pipeline's {key} by name (add new ones to the pipeline itself)"
+            )
+        idx = names.index(name)
+        _merge(have[idx], {k: v for k, v in item.items() if k != "name"}, (key, idx), where, origins)
+
+
+def load_pipeline(
+    source: Path | str | dict[str, Any], overrides: list[str] | None = None, base_dir: Path | str | None = None,
+    override_files: Sequence[Path | str] | None = None,
+) -> PipelineConfig:
     """Reads, overrides and validates a pipeline.
 
     Args:
         source: pipeline.yaml's path, or the same content as a mapping (a notebook's dict).
-        overrides: ``key.path=value`` strings applied before validation.
+        overrides: ``key.path=value`` strings applied before validation, after the files.
         base_dir: what relative paths resolve against; default: the YAML's folder, or the
-            working directory for a mapping.
+            working directory for a mapping (also for paths an override file sets).
+        override_files: partial pipeline YAMLs deep-merged over it in order
+            (:func:`merge_override_file`), before ``overrides``.
 
     Raises:
-        ConfigError: the file is missing or not YAML, or a field is invalid (the message names
-            the YAML path of each problem).
+        ConfigError: a file is missing or not YAML, or a field is invalid (the message names
+            the YAML path of each problem, and the override file that set it).
     """
     if isinstance(source, dict):
         raw, where, folder = copy.deepcopy(source), "pipeline", Path.cwd()
@@ -278,12 +370,15 @@ def load_pipeline(source: Path | str | dict[str, Any], overrides: list[str] | No
         where, folder = str(path), path.resolve().parent
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping at the top level (task, data, members, ...)")
+    origins: dict[tuple[Any, ...], str] = {}
+    for f in override_files or []:
+        merge_override_file(raw, f, origins)
     for assignment in overrides or []:
         apply_override(raw, assignment)
     try:
         cfg = PipelineConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, raw, where)) from None
+        raise ConfigError(format_validation_error(exc, raw, where, origins)) from None
     cfg.base_dir = Path(base_dir).resolve() if base_dir is not None else folder
     cfg.source = None if isinstance(source, dict) else Path(source).resolve()
     check_output_paths(cfg, where)

@@ -51,6 +51,27 @@ def check_fraction(v: float) -> float:
     return v
 
 
+def check_fractions(v: float | list[float]) -> float | list[float]:
+    """One fraction, or one per class (a non-empty list), each in [0, 1]."""
+    if isinstance(v, list):
+        if not v:
+            raise ValueError("give one value, or a non-empty list with one per class")
+        bad = [x for x in v if not 0.0 <= x <= 1.0]
+        if bad:
+            raise ValueError(f"each must be in [0, 1], got {bad[0]}")
+        return v
+    return check_fraction(v)
+
+
+def check_weights(v: list[float], what: str = "weights") -> list[float]:
+    """Finite, non-negative weights that are not all zero."""
+    if any(w < 0 or not math.isfinite(w) for w in v):
+        raise ValueError(f"{what} must be finite and non-negative, got {v}")
+    if not v or sum(v) <= 0:
+        raise ValueError(f"{what} must not all be zero")
+    return v
+
+
 class RuntimeConfig(Section):
     """Where and how the forward passes run."""
 
@@ -248,11 +269,51 @@ class MemberConfig(Section):
     otherwise."""
     tiling: TilingConfig | None = None
     """Segmentation only: sliding-window inference over tiles of this member's input size."""
+    view_weights: list[float] | None = None
+    """One non-negative weight per view, in the order of ``tta`` (normalized to sum 1): how
+    much each view counts when this member's views merge (AugTTA); null: equal. Applied from
+    the cache (not part of the cache fingerprint: changing it recomputes nothing); merge max
+    takes none. Detection: each view's weight in the fusion (positive). ``kaggle-tta tune``
+    writes it."""
+    view_class_weights: list[list[float]] | None = None
+    """Instead of `view_weights`: per view, one non-negative weight per output channel (per
+    class; segmentation with softmax: background first), normalized over the views for each
+    class (ClassTTA). Not for merge max or mean_prob with softmax (the merge would no longer
+    sum to one), nor detection."""
+    temperature: float = 1.0
+    """Each view's logits are divided by this before the views merge (calibration; > 0).
+    Not for activation none nor detection. Applied from the cache, outside the fingerprint."""
     adapter: str = "torchvision"
     """Detection only: how the model's output becomes boxes. 'torchvision' (a list of dicts
     with boxes, scores, labels, as torchvision's detection models return), 'boxes' (a tuple
     or dict of boxes [B, n, 4], scores [B, n], labels [B, n]), or 'module:callable' called as
     ``fn(output, (H, W))`` returning per image (boxes xyxy in input pixels, scores, labels)."""
+
+    @field_validator("view_weights")
+    @classmethod
+    def _view_weights(cls, v: list[float] | None) -> list[float] | None:
+        return v if v is None else check_weights(v, "view_weights")
+
+    @field_validator("view_class_weights")
+    @classmethod
+    def _view_class_weights(cls, v: list[list[float]] | None) -> list[list[float]] | None:
+        if v is None:
+            return v
+        if not v or len({len(row) for row in v}) != 1:
+            raise ValueError("give one list per view, each with one weight per class (all of one length)")
+        if any(w < 0 or not math.isfinite(w) for row in v for w in row):
+            raise ValueError(f"weights must be finite and non-negative, got {v}")
+        for c in range(len(v[0])):
+            if sum(row[c] for row in v) <= 0:
+                raise ValueError(f"class {c}: every view weighs zero; give at least one positive weight per class")
+        return v
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float) -> float:
+        if not 0.0 < v < math.inf:
+            raise ValueError(f"must be positive and finite, got {v}")
+        return v
 
     def path_kwargs(self) -> dict[str, str]:
         """The factory keyword arguments that name files (see FACTORY_PATH_KWARGS)."""
@@ -268,6 +329,8 @@ class MemberConfig(Section):
             raise ValueError(f"factory '{self.factory}' must look like 'package.module:callable'")
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ValueError(f"member name '{self.name}' must be non-empty and contain no '/'")
+        if self.view_weights is not None and self.view_class_weights is not None:
+            raise ValueError("give view_weights or view_class_weights, not both (set the other to null)")
         return self
 
 
@@ -278,10 +341,12 @@ class SegmentationConfig(Section):
     """Working canvas [H, W]: every image is resized to it, maps are predicted there and
     resized back to each image's own size for the submission. null: images are used at their
     native size (they must then all have one size)."""
-    threshold: float = 0.5
-    """Sigmoid members: a pixel belongs to a class when its probability reaches this."""
-    min_area: int = 0
-    """Connected components smaller than this many pixels are removed before encoding."""
+    threshold: float | list[float] = 0.5
+    """Sigmoid members: a pixel belongs to a class when its probability reaches this; one
+    value, or a list with one per class (``kaggle-tta tune`` writes one)."""
+    min_area: int | list[int] = 0
+    """Connected components smaller than this many pixels (of the image) are removed before
+    encoding; one value, or a list with one per class."""
 
     @field_validator("size")
     @classmethod
@@ -292,14 +357,17 @@ class SegmentationConfig(Section):
 
     @field_validator("threshold")
     @classmethod
-    def _threshold(cls, v: float) -> float:
-        return check_fraction(v)
+    def _threshold(cls, v: float | list[float]) -> float | list[float]:
+        return check_fractions(v)
 
     @field_validator("min_area")
     @classmethod
-    def _min_area(cls, v: int) -> int:
-        if v < 0:
-            raise ValueError(f"must be 0 (keep every component) or more, got {v}")
+    def _min_area(cls, v: int | list[int]) -> int | list[int]:
+        if isinstance(v, list) and not v:
+            raise ValueError("give one value, or a non-empty list with one per class")
+        bad = [a for a in (v if isinstance(v, list) else [v]) if a < 0]
+        if bad:
+            raise ValueError(f"must be 0 (keep every component) or more, got {bad[0]}")
         return v
 
 
@@ -394,10 +462,7 @@ class BlendConfig(Section):
                 raise ValueError(
                     f"{len(self.weights)} weights for {len(self.inputs)} inputs {self.inputs}: give one weight per input"
                 )
-            if any(w < 0 or not math.isfinite(w) for w in self.weights):
-                raise ValueError(f"weights must be finite and non-negative, got {self.weights}")
-            if sum(self.weights) <= 0:
-                raise ValueError("weights must not all be zero")
+            check_weights(self.weights)
         return self
 
 
@@ -417,8 +482,14 @@ class SubmissionConfig(Section):
     label_column: str = "label"
     k: int = 5
     """topk: how many classes per row (at least 1)."""
-    threshold: float = 0.5
-    """multilabel: a class is written when its probability reaches this, in [0, 1]."""
+    threshold: float | list[float] = 0.5
+    """multilabel: a class is written when its probability reaches this, in [0, 1]; one
+    value, or a list with one per class (``kaggle-tta tune`` writes one)."""
+    uncertainty: bool = False
+    """probs: also write two per-image columns, ``tta_std`` (the standard deviation, over
+    every (member, view) prediction the source node blends, of the probability of the
+    source's top class) and ``tta_entropy`` (the entropy in nats of the written
+    probabilities; multi-label: the mean over classes of each class's binary entropy)."""
     class_columns: list[str] | None = None
     """Column names for `probs` (default: the class names)."""
     rle: RLEConfig = RLEConfig()
@@ -442,5 +513,5 @@ class SubmissionConfig(Section):
 
     @field_validator("threshold")
     @classmethod
-    def _threshold(cls, v: float) -> float:
-        return check_fraction(v)
+    def _threshold(cls, v: float | list[float]) -> float | list[float]:
+        return check_fractions(v)

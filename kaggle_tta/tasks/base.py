@@ -69,6 +69,14 @@ class Task:
     """Whether members may give an albumentations preprocessing (their canvas need not map back)."""
     dense_maps: ClassVar[bool] = False
     """Whether the cache holds maps, so that cache.dtype uint8 and cache.scale apply."""
+    logit_views: ClassVar[bool] = True
+    """Whether a member's cached views are values that kaggle_tta.merge reduces (logits per
+    channel), so that a member's ``temperature`` and ``view_class_weights`` apply."""
+    uncertainty: ClassVar[bool] = False
+    """Whether ``submission.uncertainty`` (per-image columns over the views) is written."""
+    tuner: ClassVar[str | None] = None
+    """What ``kaggle-tta tune`` learns for this task: a key of kaggle_tta.tune's registry of
+    problems (None: nothing; tune says so)."""
 
     @property
     def default_merge(self) -> str:
@@ -118,7 +126,8 @@ class Task:
         return {}
 
     def check_plan(self, plan: Plan) -> None:
-        """Checks across members, once all are resolved."""
+        """Checks across members, once all are resolved (a subclass calls this first)."""
+        check_view_settings(self, plan)
 
     def columns(self, plan: Plan) -> list[str] | None:
         """The submission's header, when known before writing (None: not checked early)."""
@@ -154,6 +163,35 @@ class Task:
         """Merges views, evaluates the blend DAG, builds the submission table and, with ground
         truth, scores every node (``plain``: also with the identity view alone)."""
         raise NotImplementedError
+
+
+def check_view_settings(task: Task, plan: Plan) -> None:
+    """Each member's ``view_weights``, ``view_class_weights`` and ``temperature`` against its
+    views, channels, merge rule and activation, naming the member."""
+    if plan.cfg.submission.uncertainty and not task.uncertainty:
+        raise ConfigError(f"submission.uncertainty: per-image uncertainty columns are for {_with('uncertainty')}; remove it (task: {task.name})")
+    for m in plan.members:
+        where, cfg, views = f"members.{m.name}", m.cfg, [v.name for v in m.views]
+        given = cfg.view_class_weights if cfg.view_class_weights is not None else cfg.view_weights
+        key = "view_class_weights" if cfg.view_class_weights is not None else "view_weights"
+        if given is not None and len(given) != len(views):
+            raise ConfigError(f"{where}.{key}: {len(given)} weights for {len(views)} views {views}: give one per view, in the order of tta")
+        if given is not None and cfg.merge == "max":
+            raise ConfigError(f"{where}.{key}: merge max takes no view weights; use mean, mean_prob, geomean or tsharpen, or remove {key}")
+        if cfg.view_class_weights is not None:
+            if not task.logit_views:
+                raise ConfigError(f"{where}.view_class_weights: per-class view weights are for {_with('logit_views')}; use view_weights (task: {task.name})")
+            if len(cfg.view_class_weights[0]) != m.out_channels:
+                raise ConfigError(f"{where}.view_class_weights: {len(cfg.view_class_weights[0])} weights per view, the member outputs {m.out_channels} channels: give one per channel")
+            if cfg.merge == "mean_prob" and m.activation == "softmax":
+                raise ConfigError(f"{where}.view_class_weights: a per-class mean of softmax probabilities no longer sums to one; use merge mean, geomean or tsharpen, or view_weights")
+        if cfg.temperature != 1.0 and (not task.logit_views or m.activation == "none"):
+            why = "activation none gives no logits to scale" if task.logit_views else f"{task.name} views are not logits"
+            raise ConfigError(f"{where}.temperature: {why}; remove it (leave 1.0)")
+
+
+def _with(capability: str) -> str:
+    return " or ".join(t.name for t in TASKS.values() if getattr(t, capability)) or "no registered task"
 
 
 TASKS: dict[str, Task] = {}

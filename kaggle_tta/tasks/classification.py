@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 
-from kaggle_tta.dag import MemberSource, blocks, node_predictions
+from kaggle_tta.dag import MemberSource, blocks, members_under, node_predictions
 from kaggle_tta.config import SubmissionConfig
 from kaggle_tta.canvas import POSITIONS, CanvasSpec
 from kaggle_tta.data import load_labels
 from kaggle_tta.errors import CheckpointError, ConfigError
-from kaggle_tta.merge import BLEND_METHODS, VIEW_REDUCERS, Prediction, to_probs
+from kaggle_tta.merge import BLEND_METHODS, VIEW_REDUCERS, Prediction, activate, to_probs
 from kaggle_tta.tasks.base import Task, TaskOutput, register_task
 
 if TYPE_CHECKING:
@@ -61,10 +61,15 @@ def write_topk(ids: Sequence[str], probs: np.ndarray, classes: Sequence[str], sp
     return pl.DataFrame([_id_series(ids, spec), pl.Series(spec.label_column, [" ".join(row) for row in names[top].tolist()], dtype=pl.String)])
 
 
+def class_thresholds(spec: SubmissionConfig) -> float | np.ndarray:
+    """``submission.threshold``: one value, or ``[C]`` (one per class, broadcast over rows)."""
+    return np.asarray(spec.threshold, dtype=np.float32) if isinstance(spec.threshold, list) else spec.threshold
+
+
 def write_multilabel(ids: Sequence[str], probs: np.ndarray, classes: Sequence[str], spec: SubmissionConfig) -> pl.DataFrame:
-    """Every class at or above the threshold, in class order."""
+    """Every class at or above its threshold, in class order."""
     names = np.asarray(classes, dtype=object)
-    labels = [" ".join(names[row].tolist()) for row in probs >= spec.threshold]
+    labels = [" ".join(names[row].tolist()) for row in probs >= class_thresholds(spec)]
     return pl.DataFrame([_id_series(ids, spec), pl.Series(spec.label_column, labels, dtype=pl.String)])
 
 
@@ -82,21 +87,29 @@ class Classification(Task):
     writers = {"label": write_label, "probs": write_probs, "topk": write_topk, "multilabel": write_multilabel}
     truth = "labels"
     user_preprocessing = True
+    uncertainty = True
+    tuner = "classes"
 
     def validate(self, cfg: PipelineConfig) -> None:
         if cfg.submission.format == "multilabel" and not cfg.multilabel:
             raise ConfigError("submission.format: 'multilabel' needs 'multilabel: true' at the top level")
+        if cfg.submission.uncertainty and cfg.submission.format != "probs":
+            raise ConfigError(f"submission.uncertainty: the uncertainty columns go with format probs, not {cfg.submission.format}; set format: probs or remove it")
 
     def check_plan(self, plan: Plan) -> None:
         """What can only be checked with the classes and ids: before the first forward."""
+        super().check_plan(plan)
         spec = plan.cfg.submission
         if spec.format == "probs" and spec.class_columns is not None and len(spec.class_columns) != len(plan.classes):
             raise ConfigError(f"submission.class_columns: {len(spec.class_columns)} names for {len(plan.classes)} classes")
+        if isinstance(spec.threshold, list) and len(spec.threshold) != len(plan.classes):
+            raise ConfigError(f"submission.threshold: {len(spec.threshold)} thresholds for {len(plan.classes)} classes: give one value or one per class")
         load_labels(plan.cfg, plan.testset.ids, plan.classes)  # a bad labels file fails now, not after inference
 
     def columns(self, plan: Plan) -> list[str]:
         writer = self.writers[plan.cfg.submission.format]  # type: ignore[index]
-        return writer([], np.zeros((0, len(plan.classes)), np.float32), plan.classes, plan.cfg.submission).columns
+        cols = writer([], np.zeros((0, len(plan.classes)), np.float32), plan.classes, plan.cfg.submission).columns
+        return cols + (list(UNCERTAINTY_COLUMNS) if plan.cfg.submission.uncertainty else [])
 
     def canvas(self, cfg: PipelineConfig, pre: Preprocess) -> CanvasSpec:
         return CanvasSpec(pre.size, pre.crop_pct if pre.albumentations is None else 1.0, pre.interpolation, pre.albumentations, "crop", pre.backend)
@@ -179,7 +192,10 @@ class Classification(Task):
             nodes = node_predictions(cfg, sources, lo, hi)
             src = nodes[cfg.submission_source]
             probs = src.values if cfg.submission.format in RANK_ONLY else to_probs(src)
-            tables.append(writer(plan.testset.ids[lo:hi], probs, plan.classes, cfg.submission))
+            table = writer(plan.testset.ids[lo:hi], probs, plan.classes, cfg.submission)
+            if cfg.submission.uncertainty:
+                table = table.hstack(uncertainty_columns(cfg, sources, lo, hi, probs))
+            tables.append(table)
             if labels is None:
                 continue
             for name, pred in nodes.items():
@@ -192,12 +208,46 @@ class Classification(Task):
         return TaskOutput(table, [metric], scores(tta), scores(no_tta))
 
 
+# ---- per-image uncertainty over the views (submission.uncertainty) --------------------------
+
+UNCERTAINTY_COLUMNS = ("tta_std", "tta_entropy")
+
+
+def view_probabilities(cfg: PipelineConfig, sources: Sequence[MemberSource], node: str, lo: int, hi: int) -> list[np.ndarray]:
+    """Each (member, view) prediction the node blends, as probabilities ``[n, C]`` (through
+    the member's temperature and activation), for rows ``lo:hi``."""
+    out = []
+    for s in sources:
+        if s.name not in members_under(cfg, node):
+            continue
+        t = np.float32(cfg.member(s.name).temperature)
+        for v in s.views:
+            out.append(activate(np.asarray(s.entry.rows(v, lo, hi), dtype=np.float32) / t, s.activation))  # type: ignore[union-attr]
+    return out
+
+
+def uncertainty_columns(cfg: PipelineConfig, sources: Sequence[MemberSource], lo: int, hi: int, probs: np.ndarray) -> pl.DataFrame:
+    """``tta_std``: the spread over the views of the written top class's probability;
+    ``tta_entropy``: the written probabilities' entropy (nats; multi-label: the mean binary
+    entropy over classes)."""
+    views = np.stack(view_probabilities(cfg, sources, cfg.submission_source, lo, hi))  # [V, n, C]
+    top = probs.argmax(axis=1)
+    std = views[:, np.arange(len(top)), top].std(axis=0)
+    p = np.clip(probs.astype(np.float64), 1e-12, 1.0)
+    if cfg.multilabel:
+        q = np.clip(1.0 - probs.astype(np.float64), 1e-12, 1.0)
+        entropy = -(p * np.log(p) + q * np.log(q)).mean(axis=1)
+    else:
+        entropy = -(p * np.log(p)).sum(axis=1)
+    return pl.DataFrame({UNCERTAINTY_COLUMNS[0]: std.astype(np.float64), UNCERTAINTY_COLUMNS[1]: entropy})
+
+
 def _counts(pred: Prediction, y: np.ndarray, cfg: PipelineConfig) -> np.ndarray:
     """What a score is made of, additive over blocks of rows: (correct, rows), or for
     multi-label (true positives, false positives, false negatives)."""
     p = to_probs(pred)
     if cfg.multilabel:
-        hit = p >= cfg.submission.threshold
+        hit = p >= class_thresholds(cfg.submission)
         return np.array([(hit & (y == 1)).sum(), (hit & (y == 0)).sum(), (~hit & (y == 1)).sum()], dtype=np.float64)
     return np.array([(p.argmax(axis=1) == y).sum(), len(y)], dtype=np.float64)
 

@@ -117,9 +117,10 @@ def _cap(b: Boxes, max_boxes: int | None) -> Boxes:
     return b if max_boxes is None else (b[0][:max_boxes], b[1][:max_boxes], b[2][:max_boxes])
 
 
-def member_boxes(s: MemberSource, sizes: np.ndarray, d: DetectionConfig, views: Sequence[str] | None = None) -> list[Boxes]:
+def member_boxes(s: MemberSource, sizes: np.ndarray, d: DetectionConfig, views: Sequence[str] | None = None, weights: Sequence[float] | None = None) -> list[Boxes]:
     """Per image, the member's views fused with its merge rule (one view passes through,
-    sorted by score), in pixels of the original image."""
+    sorted by score) and ``weights`` (one per view: the member's view_weights), in pixels
+    of the original image."""
     names = list(views) if views is not None else list(s.views)
     data = [s.entry.read_ragged(v) for v in names]  # type: ignore[union-attr]
     out = []
@@ -133,7 +134,7 @@ def member_boxes(s: MemberSource, sizes: np.ndarray, d: DetectionConfig, views: 
             out.append((r[order, :4] * scale, r[order, 4], r[order, 5].astype(np.int64)))
             continue
         out.append(
-            fuse_boxes([r[:, :4] * scale for r in per_view], [r[:, 4] for r in per_view], [r[:, 5] for r in per_view], (h, w), s.merge, **_options(d))  # type: ignore[arg-type]
+            fuse_boxes([r[:, :4] * scale for r in per_view], [r[:, 4] for r in per_view], [r[:, 5] for r in per_view], (h, w), s.merge, weights, **_options(d))  # type: ignore[arg-type]
         )
     return out
 
@@ -259,7 +260,7 @@ def write_boxes(cfg: PipelineConfig, plan: Plan, sources: Sequence[MemberSource]
     """Fuses every node's boxes per image, writes the source node's PredictionStrings and,
     with ``data.boxes``, scores every node's mAP@0.5 (``plain``: also the identity view alone)."""
     classes = plan.classes
-    nodes = evaluate_boxes(cfg, {s.name: member_boxes(s, sizes, cfg.detection) for s in sources}, sizes)
+    nodes = evaluate_boxes(cfg, {s.name: member_boxes(s, sizes, cfg.detection, weights=cfg.member(s.name).view_weights) for s in sources}, sizes)
     table = Detection.writers[cfg.submission.format](cfg, plan.testset.ids, nodes[cfg.submission_source], sizes, classes)  # type: ignore[index]
     rule = cfg.detection.map_rule
     metric = MAP_RULES[rule][2]
@@ -283,6 +284,8 @@ class Detection(Task):
     writers = {"boxes": submission_table}
     truth = "boxes"
     stores_image_sizes = True
+    logit_views = False
+    tuner = "boxes"
 
     def validate(self, cfg: PipelineConfig) -> None:
         try:
@@ -294,6 +297,10 @@ class Detection(Task):
         return CanvasSpec(pre.size, 1.0, pre.interpolation, pre.albumentations, "resize")
 
     def check_plan(self, plan: Plan) -> None:
+        super().check_plan(plan)
+        for m in plan.members:
+            if m.cfg.view_weights is not None and min(m.cfg.view_weights) <= 0:
+                raise ConfigError(f"members.{m.name}.view_weights: box fusion takes positive weights, got {m.cfg.view_weights}; drop a view from tta instead of weighing it zero")
         if plan.cfg.data.boxes is not None:  # a bad ground-truth file fails before the first forward
             load_truth(plan.cfg, plan.testset.ids, plan.classes)
 

@@ -65,13 +65,20 @@ def node_maps(cfg: PipelineConfig, sources: Sequence[MemberSource], lo: int, hi:
     return node_predictions(cfg, sources, lo, hi, views=views, transform=_as_logits)
 
 
-def masks_of(probs: np.ndarray, size: tuple[int, int], activation: str, threshold: float, min_area: int) -> np.ndarray:
+def masks_of(probs: np.ndarray, size: tuple[int, int], activation: str, threshold: float | Sequence[float], min_area: int | Sequence[int]) -> np.ndarray:
     """One image's ``[K', h, w]`` probabilities -> ``[K, H, W]`` bool masks at its own size.
 
     Probabilities are resized (bilinear) to the image before deciding, so masks are as sharp
     as the image, not as the cache. softmax: each pixel goes to its most probable channel,
-    channel 0 being background; sigmoid: every class reaching ``threshold``.
+    channel 0 being background; sigmoid: every class reaching ``threshold``. ``threshold``
+    and ``min_area`` are one value or one per class.
     """
+    p = image_probs(probs, size)
+    return decide(p, activation, threshold, min_area)
+
+
+def image_probs(probs: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """One image's ``[K', h, w]`` probabilities resized (bilinear) to ``[H, W, K']``."""
     import cv2
 
     h, w = int(size[0]), int(size[1])
@@ -80,13 +87,19 @@ def masks_of(probs: np.ndarray, size: tuple[int, int], activation: str, threshol
         parts = [cv2.resize(np.ascontiguousarray(p[:, :, c : c + 128]), (w, h), interpolation=cv2.INTER_LINEAR) for c in range(0, p.shape[-1], 128)]
         parts = [q[:, :, None] if q.ndim == 2 else q for q in parts]
         p = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
+    return p
+
+
+def decide(p: np.ndarray, activation: str, threshold: float | Sequence[float], min_area: int | Sequence[int]) -> np.ndarray:
+    """``[H, W, K']`` probabilities -> ``[K, H, W]`` bool masks (see masks_of)."""
     if activation == "softmax":
         best = p.argmax(axis=-1)
         masks = np.stack([best == c for c in range(1, p.shape[-1])])
     else:
-        masks = np.moveaxis(p >= threshold, -1, 0)
-    if min_area > 0:
-        masks = np.stack([remove_small_components(mk.astype(np.uint8), min_area).astype(bool) for mk in masks])
+        masks = np.moveaxis(p >= np.asarray(threshold, dtype=np.float32), -1, 0)
+    areas = list(min_area) if isinstance(min_area, (list, tuple, np.ndarray)) else [min_area] * len(masks)
+    if any(a > 0 for a in areas):
+        masks = np.stack([remove_small_components(mk.astype(np.uint8), a).astype(bool) if a > 0 else mk for mk, a in zip(masks, areas)])
     return masks
 
 
@@ -191,6 +204,7 @@ class Segmentation(Task):
     stores_image_sizes = True
     tiling = True
     dense_maps = True
+    tuner = "masks"
 
     def validate(self, cfg: PipelineConfig) -> None:
         for m in cfg.members:
@@ -223,6 +237,12 @@ class Segmentation(Task):
         return {"canvas": canvas.__dict__, "tiling": m.tiling.model_dump() if m.tiling else None, "scale": cfg.cache.scale, "activation": activation}
 
     def check_plan(self, plan: Plan) -> None:
+        super().check_plan(plan)
+        seg, k = plan.cfg.segmentation, len(plan.classes)
+        for key in ("threshold", "min_area"):
+            value = getattr(seg, key)
+            if isinstance(value, list) and len(value) != k:
+                raise ConfigError(f"segmentation.{key}: {len(value)} values for {k} classes: give one value or one per class")
         spec = plan.cfg.data.masks
         if spec is not None:  # every mask is there before the first forward (read when scored)
             folder = plan.cfg.resolve(spec.folder)
