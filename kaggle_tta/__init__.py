@@ -2,9 +2,9 @@
 
 The Python API (the same operations as the CLI)::
 
-    from kaggle_tta import load_pipeline, build_plan, infer, blend, run
+    from kaggle_tta import load_pipeline, build_plan, infer, blend, run, tune
 
-Each of ``infer``, ``blend`` and ``run`` takes a pipeline as a path, a dict, a config from
+Each of ``infer``, ``blend``, ``run`` and ``tune`` takes a pipeline as a path, a dict, a config from
 ``load_pipeline`` or a plan from ``build_plan``, plus ``--set``-style overrides. They import
 lazily: ``import kaggle_tta`` loads neither torch nor polars.
 """
@@ -14,14 +14,16 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["load_pipeline", "build_plan", "infer", "blend", "run", "__version__"]
+__all__ = ["load_pipeline", "build_plan", "infer", "blend", "run", "tune", "__version__"]
 
 _WHERE = {"load_pipeline": "kaggle_tta.config", "build_plan": "kaggle_tta.plan", "infer": "kaggle_tta.api", "blend": "kaggle_tta.api", "run": "kaggle_tta.api"}
 
 
 def __getattr__(name: str) -> Any:  # PEP 562: the API on first use, so the CLI starts fast
-    if name in _WHERE:
-        import importlib
+    import importlib
 
+    if name == "tune":  # the package kaggle_tta.tune, which is callable: tune(pipeline, ...)
+        return importlib.import_module("kaggle_tta.tune")
+    if name in _WHERE:
         return getattr(importlib.import_module(_WHERE[name]), name)
     raise AttributeError(f"module 'kaggle_tta' has no attribute '{name}'")

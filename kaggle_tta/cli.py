@@ -17,7 +17,7 @@ from kaggle_tta.errors import KaggleTTAError
 def _load(args: argparse.Namespace):
     from kaggle_tta.config import load_pipeline
 
-    return load_pipeline(args.pipeline, args.set)
+    return load_pipeline(args.pipeline, args.set, override_files=args.overrides)
 
 
 def _print_stats(stats) -> None:
@@ -88,6 +88,21 @@ def cmd_blend(args: argparse.Namespace) -> None:
     from kaggle_tta.api import blend
 
     _print_blend(blend(_load(args), fill_hint=args.pipeline))
+
+
+def cmd_tune(args: argparse.Namespace) -> None:
+    from kaggle_tta.tune.options import options_from
+    from kaggle_tta.tune.cache import fill_command
+    from kaggle_tta.tune.run import tune
+
+    hint = fill_command(args.pipeline, args.overrides, args.set)
+    result = tune(_load(args), options=options_from(args), out=args.out, picture=args.picture, fill_hint=hint)
+    text = result.report()
+    if args.report:
+        from kaggle_tta.tune.report import write_text
+
+        write_text(Path(args.report), text, "--report")
+    print(text, end="")
 
 
 def _current(plan) -> set[tuple[str, str]]:
@@ -219,6 +234,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str, bool]] = {
     "run": (cmd_run, "fill the cache as needed, blend, write the submission", True),
     "infer": (cmd_infer, "fill the cache only", True),
     "blend": (cmd_blend, "blend from the cache and write the submission (builds no model, reads no image)", False),
+    "tune": (cmd_tune, "learn views, weights, temperatures and thresholds from a labelled pipeline's cache; write tuned.yaml (no model, no image)", False),
     "cache ls": (cmd_cache_ls, "list cache entries: current or stale, views, rows, seconds", False),
     "cache prune": (cmd_cache_prune, "delete this pipeline's members' stale entries (--dry-run lists them)", False),
     "cache merge": (cmd_cache_merge, "join shards computed on machines without a shared filesystem (their cache.dir) into this cache", False),
@@ -244,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p = sub.add_parser(name, help=help_text)
         p.add_argument("pipeline", help="path of pipeline.yaml")
+        p.add_argument(
+            "--overrides", action="append", default=[], metavar="FILE",
+            help="a partial pipeline YAML merged over it before --set (repeatable; members and blends by name), e.g. tune's tuned.yaml",
+        )
         p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a YAML value (repeatable), e.g. runtime.precision=fp32")
         if bar:
             p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -251,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--share", metavar="K/N", help="compute only the K-th of N shares (0-based) into shard entries: for machines without a shared filesystem; join them with 'cache merge'")
         if name == "cache merge":
             p.add_argument("sources", nargs="+", metavar="OTHER_CACHE_DIR", help="another machine's cache.dir, copied here")
+        if name == "tune":
+            from kaggle_tta.tune import options as tune_options  # light: argument definitions only
+
+            tune_options.add_arguments(p)
         if name == "cache prune":
             p.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
             p.add_argument("--force", action="store_true", help="also remove entries another pipeline file recorded using")

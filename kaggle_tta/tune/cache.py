@@ -1,0 +1,59 @@
+"""What tune reads: the pipeline's cache entries (every view complete, or one line naming
+what is missing and the command that fills it), each view whole and verified, and the
+seconds each view took (from the manifest). No model is built and no image is read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from kaggle_tta.cache import DamagedView
+from kaggle_tta.dag import MemberSource, check_complete
+from kaggle_tta.errors import ConfigError
+
+if TYPE_CHECKING:
+    from kaggle_tta.plan import Plan
+
+
+def fill_command(pipeline: str, override_files: Sequence[str] = (), sets: Sequence[str] = ()) -> str:
+    """``PIPELINE --overrides F ... --set K=V ...``: the pipeline as the user gave it."""
+    parts = [pipeline, *(f"--overrides {f}" for f in override_files), *(f"--set {s}" for s in sets)]
+    return " ".join(parts)
+
+
+def open_sources(plan: Plan, pipeline_arg: str) -> list[MemberSource]:
+    """Every member's cache entry, checked complete for its views (CacheError otherwise:
+    ``not in the cache: ... — run 'kaggle-tta infer PIPELINE'``)."""
+    from kaggle_tta.api import sources_for
+
+    task = plan.task
+    truth = task.truth
+    if truth is None or getattr(plan.cfg.data, truth) is None:
+        need = f"data.{truth}" if truth else "ground truth"
+        raise ConfigError(f"data.{truth or 'labels'}: kaggle-tta tune learns from a labelled fold; give {need} in the pipeline (task: {task.name})")
+    sources = sources_for(plan, pipeline_arg)
+    check_complete(sources, plan.testset.ids, sizes=task.stores_image_sizes)
+    return sources
+
+
+def read_view(s: MemberSource, view: str) -> np.ndarray:
+    """A dense view whole as float32, its CRC-32 checked as it is read and its values
+    finite (DamagedView otherwise, marked for recomputing, naming the fill command)."""
+    assert s.entry is not None
+    n = int(s.entry.view_state(view)["rows"])
+    try:
+        arr = np.asarray(s.entry.rows(view, 0, n), dtype=np.float32)
+        if not np.isfinite(arr).all():
+            s.entry.nonfinite([view], 0, n)
+    except DamagedView as exc:
+        raise DamagedView(exc.entry, exc.view, exc.reason, s.fill_hint) from None
+    return arr
+
+
+def view_seconds(s: MemberSource) -> list[float]:
+    """Seconds each view of the member took to compute, as the manifest recorded them."""
+    assert s.entry is not None
+    return [float(s.entry.view_state(v).get("seconds", 0.0)) for v in s.views]

@@ -1,0 +1,85 @@
+"""What ``kaggle-tta tune`` is asked to learn, and its command-line arguments (light: the
+CLI defines them without importing numpy)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+MEMBER_WEIGHTS = ("hill", "optimise", "off")
+OBJECTIVES = ("nll", "metric")
+
+
+@dataclass
+class TuneOptions:
+    """The switches of each tuner (the CLI's flags; defaults as the CLI's)."""
+
+    views: bool = True
+    """Greedy Policy Search over each member's views (with replacement)."""
+    view_weights: bool = True
+    """AugTTA: per-view weights refined on the simplex."""
+    class_weights: bool = False
+    """ClassTTA: per-(view, class) weights (many parameters: needs many labelled rows)."""
+    temperature: bool = True
+    """A temperature per member."""
+    member_weights: str = "hill"
+    """hill (Caruana's hill climbing with replacement), optimise (then Nelder-Mead on the
+    simplex) or off."""
+    thresholds: bool = True
+    """Multi-label per-class thresholds; segmentation threshold and min_area per class;
+    detection skip_box_thr and iou_thr."""
+    objective: str = "nll"
+    """What the member weights minimize: nll, or metric (the negated metric)."""
+    metric: str | None = None
+    """The metric: the task's (None), a name (accuracy, f1, nll) or ``module:callable``
+    called as ``fn(y_true, probs) -> float``, higher is better."""
+    folds: int = 5
+    """k of the out-of-sample estimate (0: in-sample only)."""
+    seed: int = 0
+    max_steps: int = 20
+    """Hill climbing: at most this many copies of the blend's inputs."""
+
+    def check(self) -> None:
+        from kaggle_tta.errors import ConfigError
+
+        if self.member_weights not in MEMBER_WEIGHTS:
+            raise ConfigError(f"--member-weights: '{self.member_weights}'; choose one of {', '.join(MEMBER_WEIGHTS)}")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"--objective: '{self.objective}'; choose one of {', '.join(OBJECTIVES)}")
+        if self.folds < 0 or self.folds == 1:
+            raise ConfigError(f"--folds: {self.folds}; give 0 (in-sample only) or k >= 2 (tune on k - 1 folds, score the held-out one)")
+        if self.max_steps < 1:
+            raise ConfigError(f"--max-steps: {self.max_steps}; give at least 1")
+
+
+SWITCHES = {
+    "views": "Greedy Policy Search: which views each member keeps (with replacement)",
+    "view-weights": "AugTTA: per-view weights on the simplex, regularized",
+    "class-weights": "ClassTTA: per-(view, class) weights (off by default: V x C parameters)",
+    "temperature": "a temperature per member (NLL and ECE before and after)",
+    "thresholds": "multilabel per-class thresholds; segmentation threshold + min_area per class; detection skip_box_thr / iou_thr",
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The tune subcommand's own arguments (the pipeline, --set and --overrides are shared)."""
+    p.add_argument("--out", default="tuned.yaml", help="the partial pipeline to write (default: tuned.yaml); apply it with --overrides")
+    p.add_argument("--folds", type=int, default=5, help="k of the out-of-sample estimate: tune on k - 1 folds, score the held-out one (0: in-sample only; default 5)")
+    p.add_argument("--metric", default=None, help="the task's metric (default), accuracy, f1, nll, or module:callable as fn(y_true, probs) -> float, higher is better")
+    defaults = TuneOptions()
+    for name, text in SWITCHES.items():
+        p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=getattr(defaults, name.replace("-", "_")), help=text)
+    p.add_argument("--member-weights", choices=MEMBER_WEIGHTS, default="hill", help="blend weights: hill climbing with replacement (default), optimise (then Nelder-Mead), off")
+    p.add_argument("--objective", choices=OBJECTIVES, default="nll", help="what member weights minimize: nll (default) or the negated metric")
+    p.add_argument("--max-steps", type=int, default=20, help="hill climbing: at most this many copies of a blend's inputs (default 20)")
+    p.add_argument("--seed", type=int, default=0, help="folds and minibatches (default 0)")
+    p.add_argument("--report", default=None, help="also write the report (markdown) here")
+    p.add_argument("--picture", default=None, help="the gain-against-cost PNG (default: beside --out, .png)")
+
+
+def options_from(args: argparse.Namespace) -> TuneOptions:
+    return TuneOptions(
+        views=args.views, view_weights=args.view_weights, class_weights=args.class_weights, temperature=args.temperature,
+        member_weights=args.member_weights, thresholds=args.thresholds, objective=args.objective, metric=args.metric,
+        folds=args.folds, seed=args.seed, max_steps=args.max_steps,
+    )
