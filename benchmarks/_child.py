@@ -18,6 +18,8 @@ Kinds:
                with ``"verify": false`` CacheEntry.rows bypassed (no finiteness check, no CRC)
   numpy-blend  np.load the cached views, average, argmax, write a CSV
   reblend-setup  write 3 members x N views of [rows, 1000] float16 logits into the cache
+  tune-labels  labels for the re-blend cache: m1's top class for 70% of rows, random otherwise
+  tune-guard   ``kaggle-tta tune`` with build_model and decode_image made to raise; torch imported?
   preprocess   decode (kaggle_tta.data.decode_image) alone, or decode + a CanvasSpec crop
                backend (timm | albumentations), per image, one thread
 """
@@ -609,6 +611,51 @@ def setup(spec: dict) -> None:
     _result({"seconds": time.perf_counter() - t0})
 
 
+def tune_labels(spec: dict) -> None:
+    """labels.csv for the re-blend cache: the top class of member m1's mean logits for 70% of
+    the rows (seed 0), a random class for the rest, so that tuning has something to learn."""
+    import numpy as np
+
+    from kaggle_tta.cache import CacheEntry
+    from kaggle_tta.config import load_pipeline
+    from kaggle_tta.plan import build_plan
+
+    t0 = time.perf_counter()
+    plan = build_plan(load_pipeline(spec["pipeline"]))
+    m = plan.members[0]
+    entry = next(e for e in (CacheEntry(plan.cache_root, m.name, m.fingerprint(p), m.inputs) for p in ("fp32", "bf16", "fp16"))
+                 if all(e.is_complete(v.name) for v in m.views))
+    acc = None
+    for v in m.views:
+        x = np.asarray(entry.read(v.name), dtype=np.float32)
+        acc = x if acc is None else acc.__iadd__(x)
+    top = acc.argmax(axis=1)
+    rng = np.random.default_rng(0)
+    y = np.where(rng.random(len(top)) < 0.7, top, rng.integers(0, acc.shape[1], len(top)))
+    names = Path(spec["classes"]).read_text().split()
+    with open(spec["out"], "w") as fh:
+        fh.write("id,label\n" + "".join(f"{i},{names[k]}\n" for i, k in zip(plan.testset.ids, y)))
+    _result({"seconds": time.perf_counter() - t0, "rows": len(y)})
+
+
+def tune_guard(spec: dict) -> None:
+    """``kaggle-tta tune`` in-process with build_model and decode_image raising; whether
+    torch was imported at all (tune must not: re-blending imports no torch)."""
+    import kaggle_tta.data as data
+    import kaggle_tta.models as models
+    from kaggle_tta import cli
+
+    def refuse(*a, **k):
+        raise RuntimeError("tune built a model or read an image")
+
+    data.decode_image = models.build_model = refuse
+    buf = io.StringIO()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(buf):
+        rc = cli.main(["tune", spec["pipeline"], "--overrides", spec["overrides"], "--out", spec["out"], "--folds", "0"])
+    _result({"rc": rc, "seconds": time.perf_counter() - t0, "torch_imported": "torch" in sys.modules, "stdout_tail": buf.getvalue()[-400:]})
+
+
 KINDS = {
     "setup": setup,
     "limit": limit,
@@ -619,6 +666,8 @@ KINDS = {
     "blend-guard": blend_guard,
     "numpy-blend": numpy_blend,
     "preprocess": preprocess,
+    "tune-labels": tune_labels,
+    "tune-guard": tune_guard,
 }
 
 if __name__ == "__main__":
