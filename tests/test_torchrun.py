@@ -74,14 +74,11 @@ def _classification(cfg: dict, tmp: Path, name: str) -> Path:
 
 
 def _example(task: str, demo_images: Path, tmp: Path, name: str) -> Path:
-    cfg = yaml.safe_load((REPO / "examples" / f"{task}.yaml").read_text())
-    cfg["data"]["folder"] = str(demo_images)
-    if task == "segmentation":
-        cfg["data"]["masks"]["folder"] = str(demo_images.parent / "test_masks")
-    else:
-        cfg["data"]["boxes"]["path"] = str(demo_images / "boxes.csv")
-    for m in cfg["members"]:
-        m["checkpoint"] = str((REPO / "examples" / m["checkpoint"]).resolve())
+    """examples/<task>.yaml on the demo set (test_cache_trust's), with this file's runtime."""
+    from test_cache_trust import _example as trust_example
+
+    (tmp / f"{name}-src").mkdir()
+    cfg = yaml.safe_load(trust_example(task, demo_images, tmp / f"{name}-src", tmp / name / "cache").read_text())
     return _classification(cfg, tmp, name)
 
 
