@@ -335,7 +335,7 @@ class Bench:
                 raw[who].append({"wall_s": r["wall_s"], "maxrss_mb": r["maxrss_mb"], "stdout_tail": r["stdout"][-3000:]})
                 log(f"tune rep {rep + 1}/{reps} {who:15s}: wall {r['wall_s']:.1f}s, peak RSS {r['maxrss_mb']:.0f} MB")
         self.res["tune"] = {"setup": {k: v for k, v in setup.items() if k != "files"}, "guard": guard, "raw": raw,
-                            "commands": {k: " ".join(v[2:]) for k, v in cmds.items()}}
+                            "commands": {k: " ".join(v[3:]) for k, v in cmds.items()}}
 
     # -- row 6 --
 
