@@ -269,7 +269,6 @@ def test_under_torchrun_only_rank_0_blends_and_runs_cache_commands(pipeline, tmp
     assert main(["blend", str(p)]) == 0
     assert main(["cache", "prune", str(p), "--force"]) == 0
     assert not sub.exists()
-    assert _files(tmp_path / "ranked" / "cache")  # prune did nothing on rank 1
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert main(["blend", str(p)]) == 0 and sub.exists()
