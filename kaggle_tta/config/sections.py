@@ -51,6 +51,13 @@ def check_fraction(v: float) -> float:
     return v
 
 
+def check_positive(v: float) -> float:
+    """``v`` positive and finite (NaN is not)."""
+    if not 0.0 < v < math.inf:
+        raise ValueError(f"must be positive and finite, got {v}")
+    return v
+
+
 def check_fractions(v: float | list[float]) -> float | list[float]:
     """One fraction, or one per class (a non-empty list), each in [0, 1]."""
     if isinstance(v, list):
@@ -311,9 +318,7 @@ class MemberConfig(Section):
     @field_validator("temperature")
     @classmethod
     def _temperature(cls, v: float) -> float:
-        if not 0.0 < v < math.inf:
-            raise ValueError(f"must be positive and finite, got {v}")
-        return v
+        return check_positive(v)
 
     def path_kwargs(self) -> dict[str, str]:
         """The factory keyword arguments that name files (see FACTORY_PATH_KWARGS)."""
@@ -399,9 +404,7 @@ class DetectionConfig(Section):
     @field_validator("sigma")
     @classmethod
     def _sigma(cls, v: float) -> float:
-        if not 0.0 < v < math.inf:
-            raise ValueError(f"must be positive and finite, got {v}")
-        return v
+        return check_positive(v)
 
     @field_validator("max_boxes")
     @classmethod
