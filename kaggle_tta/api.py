@@ -86,7 +86,8 @@ def infer(pipeline: Pipeline, overrides: list[str] | None = None, progress: bool
     group: for machines that share no filesystem (then ``kaggle-tta cache merge``).
     """
     from kaggle_tta import dist
-    from kaggle_tta.engine import run_inference, run_ranked  # torch models: only where a run needs them
+    from kaggle_tta.engine import run_inference
+    from kaggle_tta.ranked import run_ranked  # torch models: only where a run needs them
 
     plan = plan_of(pipeline, overrides)
     rt = plan.cfg.runtime
@@ -104,7 +105,8 @@ def infer(pipeline: Pipeline, overrides: list[str] | None = None, progress: bool
 
 def _infer_share(plan: Plan, share: tuple[int, int], progress: bool) -> RunStats:
     from kaggle_tta import dist
-    from kaggle_tta.engine import choose_precisions, run_share
+    from kaggle_tta.engine import choose_precisions
+    from kaggle_tta.ranked import run_share
 
     k, n = share
     rt = plan.cfg.runtime

@@ -216,7 +216,8 @@ def test_runtime_devices_2_starts_two_ranks_and_completes_identically(pipeline, 
 
 
 def _share(plan, lo: int, hi: int):
-    from kaggle_tta.engine import choose_precisions, run_share
+    from kaggle_tta.engine import choose_precisions
+    from kaggle_tta.ranked import run_share
 
     precisions = choose_precisions(plan, torch.device("cpu"), "fp32")
     return run_share(plan, torch.device("cpu"), precisions, lo, hi), precisions
@@ -225,7 +226,7 @@ def _share(plan, lo: int, hi: int):
 def test_a_changed_split_uses_the_shards_of_the_old_one(pipeline, tmp_path):
     """An elastic group that shrank or grew: 2 ranks, of which one finished (rows 0-12),
     then 3 ranks. The new rank 0's rows are all in the old shard: it computes none."""
-    from kaggle_tta.engine import assemble_entries
+    from kaggle_tta.ranked import assemble_entries
 
     single = _classification(pipeline[1], tmp_path, "single")
     run(single, progress=False)

@@ -1,0 +1,125 @@
+"""Several ranks on one cache (torchrun, ``runtime.devices``, ``infer --share``): each rank's
+share of the rows into shard entries (kaggle_tta.cache.shards), then rank 0 assembles the
+entries and blends. The single-process loop itself is kaggle_tta.engine's."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kaggle_tta.cache import CacheEntry, locked
+from kaggle_tta.cache.shards import assemble
+from kaggle_tta.engine import RunStats, _pending, _run_locked, choose_precisions
+from kaggle_tta.forward import PrecisionCheck
+from kaggle_tta.plan import Plan, resolve_workers
+
+
+@dataclass
+class RankLine:
+    """What one rank did (RunStats.ranks, on rank 0)."""
+
+    rank: int
+    host: str
+    device: str
+    lo: int
+    hi: int
+    rows_computed: int
+    seconds: float
+
+
+
+def assemble_members(plan: Plan, precisions: dict[str, PrecisionCheck]) -> int:
+    """Assembles each member's entry from its ranks' shards (see kaggle_tta.cache.shards);
+    call it holding the entries' locks. Returns the views (and image sizes) completed."""
+    made = 0
+    for m in plan.members:
+        entry = CacheEntry(plan.cache_root, m.name, m.fingerprint(precisions[m.name].ran_in), m.inputs)
+        if (entry.dir / "shards").is_dir():
+            made += len(assemble(entry, [v.name for v in m.views], len(plan.testset), plan.testset.ids, plan.task.stores_image_sizes))
+    return made
+
+
+def run_ranked(plan: Plan, progress: bool, r: Any) -> RunStats:
+    """This rank's share of the run (kaggle_tta.dist): rows ``r.share(n)`` of every pending
+    member into its shard entries, holding their locks; then, after a barrier, rank 0
+    assembles the entries from the shards under the entries' locks. Rank 0 decides the
+    precision (and checks ``auto`` against fp32) for all ranks, so that every rank writes the
+    same entries; each rank tunes its own chunk size. Returns, on rank 0, the whole run's
+    summary with a line per rank; elsewhere the rank's own."""
+    import socket
+
+    from kaggle_tta import dist
+    from kaggle_tta.plan import resolve_precision
+
+    rt, n = plan.cfg.runtime, len(plan.testset)
+    dist.join(r)
+    t0 = time.perf_counter()
+    device = dist.device_for(rt.device, r)
+    threads = dist.threads_for(rt.threads, r) if device.type == "cpu" else rt.threads
+    if threads:
+        torch.set_num_threads(threads)
+    dist.check_shared(plan.cache_root, r)
+    workers, _ = resolve_workers(rt.workers, device, threads, r.local_world)
+    models: dict[str, torch.nn.Module] = {}
+    precisions = dist.broadcast(choose_precisions(plan, device, resolve_precision(rt.precision, device), workers, models) if r.main else None)
+    lo, hi = r.share(n, rt.batch_size)
+    stats = run_share(plan, device, precisions, lo, hi, progress and r.main, models, r.local_world, str(r))
+    stats.rank = str(r)
+    line = RankLine(r.rank, socket.gethostname(), str(device), lo, hi, stats.rows_computed, stats.seconds)
+    dist.barrier()  # every share is in its shards
+    if r.main:
+        stats.assembled = assemble_entries(plan, precisions, str(r))
+    lines = dist.gather((line, stats.members))
+    dist.leave()
+    if lines is not None:
+        _join_ranks(stats, lines, plan)
+        stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def run_share(plan: Plan, device: torch.device, precisions: dict[str, PrecisionCheck], lo: int, hi: int, progress: bool = False, models: dict | None = None, share: int = 1, label: str = "") -> RunStats:
+    """Rows ``lo:hi`` of every member still missing (from the entries and from complete
+    shards of any split) into shard entries, holding the shards' locks."""
+    import dataclasses
+
+    part = dataclasses.replace(plan, testset=plan.testset.rows(lo, hi), rows=(lo, hi))
+    pending = _pending(part, precisions, RunStats(str(device), None, hi - lo), locked_=False)
+
+    def waiting(folder) -> None:
+        print(f"kaggle-tta: {label or 'share'}: waiting for another run writing {folder}", file=sys.stderr, flush=True)
+
+    with locked([w.entry.dir for w in pending], waiting):
+        stats = _run_locked(part, device, precisions, progress, holding=bool(pending), models=models, share=share, label=label)
+    stats.share, stats.images = (lo, hi), len(plan.testset)
+    return stats
+
+
+def assemble_entries(plan: Plan, precisions: dict[str, PrecisionCheck], label: str = "") -> int:
+    """Every member's entry assembled from its shards, holding the entries' locks."""
+    dirs = [plan.cache_root / m.name / m.fingerprint(precisions[m.name].ran_in) for m in plan.members]
+
+    def waiting(folder) -> None:
+        print(f"kaggle-tta: {label or 'assembly'}: waiting for another run writing {folder}", file=sys.stderr, flush=True)
+
+    with locked(dirs, waiting):
+        return assemble_members(plan, precisions)
+
+
+def _join_ranks(stats: RunStats, lines: list, plan: Plan) -> None:
+    """Rank 0's summary of every rank: rows and views computed, chunks recomputed."""
+    stats.ranks = [line for line, _ in lines]
+    stats.rows_computed = sum(line.rows_computed for line in stats.ranks)
+    devices = sorted({line.device for line in stats.ranks})
+    stats.device = f"{len(stats.ranks)} ranks ({', '.join(devices)})"
+    for m in plan.members:
+        ms = stats.members[m.name]
+        computed = {v for _, members in lines for v in members[m.name].views_computed}
+        ms.views_computed = [v.name for v in m.views if v.name in computed]
+        ms.views_cached = [v.name for v in m.views if v.name not in computed]
+        ms.nonfinite_recomputed = sum(members[m.name].nonfinite_recomputed for _, members in lines)
+        if ms.forward_batch is None:
+            ms.forward_batch = next((members[m.name].forward_batch for _, members in lines if members[m.name].forward_batch), None)
