@@ -168,7 +168,8 @@ def sources_for(plan: Plan, pipeline_arg: str = "PIPELINE", computed: str | Mapp
     for m in plan.members:
         mine = computed.get(m.name) if isinstance(computed, Mapping) else computed
         entry = find_entry(plan, m, cfg.runtime.precision, mine)
-        out.append(MemberSource(m.name, entry, [v.name for v in m.views], m.activation, m.cfg.merge, f"kaggle-tta infer {pipeline_arg}"))  # type: ignore[arg-type]
+        gate = m.gate if m.gate is not None and not m.gate.skips_nothing else None
+        out.append(MemberSource(m.name, entry, [v.name for v in m.views], m.activation, m.cfg.merge, f"kaggle-tta infer {pipeline_arg}", gate))  # type: ignore[arg-type]
     return out
 
 

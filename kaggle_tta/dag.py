@@ -12,6 +12,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from kaggle_tta.adaptive import Gate, held_gate, needs
 from kaggle_tta.cache import CacheEntry
 from kaggle_tta.config import BlendConfig, MemberConfig, PipelineConfig
 from kaggle_tta.errors import CacheError
@@ -31,6 +32,33 @@ class MemberSource:
     activation: str
     merge: str
     fill_hint: str = "kaggle-tta infer PIPELINE"
+    gate: Gate | None = None  # adaptive views: rows the first view is sure of merge it alone
+
+    def lacks(self, view: str) -> str | None:
+        """Why a view cannot be read for this blend (see CacheEntry.lacks), including a view
+        computed under a gate that does not hold every row this one needs."""
+        if self.entry is None:
+            return "not computed"
+        why = self.entry.lacks(view)
+        if why is not None:
+            return why
+        held = held_gate(self.entry.view_state(view))
+        wanted = self.gate if self.gate is not None and view != self.gate.first else None
+        if wanted is None and held is not None:
+            return f"computed for the rows of the gate {held.get('rule')} > {held.get('threshold')} only"
+        if wanted is not None and not wanted.covered_by(held):
+            return f"computed for the rows of the gate {held.get('rule')} > {held.get('threshold')} on {held.get('first')}, not {wanted.text()}"  # type: ignore[union-attr]
+        return None
+
+    def masks(self, views: Sequence[str], lo: int, hi: int) -> list[np.ndarray | None] | None:
+        """Per view, which rows ``lo:hi`` it holds (None: every row); None when every view
+        holds every row."""
+        gated = [v for v in views if self.gate is not None and v != self.gate.first]
+        if not gated:
+            return None
+        assert self.entry is not None and self.gate is not None
+        send = needs(self.entry.rows(self.gate.first, lo, hi), self.activation, self.gate)
+        return [send if v in gated else None for v in views]
 
 
 def check_complete(sources: Sequence[MemberSource], ids: Sequence[str], sizes: bool = False) -> None:
@@ -38,7 +66,7 @@ def check_complete(sources: Sequence[MemberSource], ids: Sequence[str], sizes: b
     ``sizes``, each entry's image sizes must be complete too."""
     missing = []
     for s in sources:
-        why = {v: "not computed" if s.entry is None else s.entry.lacks(v) for v in s.views}
+        why = {v: s.lacks(v) for v in s.views}
         lacking = [v if w in ("not computed", None) else f"{v} ({w})" for v, w in why.items() if w is not None]
         if sizes and (s.entry is None or not s.entry.sizes_complete()):
             lacking.append("image sizes")
@@ -76,7 +104,7 @@ def member_prediction(
     arrays = (s.entry.rows(v, lo, hi) for v in names)
     if transform is not None:
         arrays = (transform(a, s.activation) for a in arrays)
-    pred = reduce_views(s.merge, arrays, s.activation, weights, temperature)
+    pred = reduce_views(s.merge, arrays, s.activation, weights, temperature, s.masks(names, lo, hi))
     if not np.isfinite(pred.values).all():  # a non-finite cached value reaches every reducer's result
         s.entry.nonfinite(names, lo, hi)
     return pred

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from kaggle_tta.adaptive import Forwards, Gate, held_gate
 from kaggle_tta.cache import CacheEntry, locked
 from kaggle_tta.cache.entry import SIZES
 from kaggle_tta.cache.shards import covered, list_shards
@@ -44,6 +45,7 @@ class MemberStats:
     channels_last: bool | None = None  # the memory layout it ended with (auto: measured on a CPU in fp32)
     precision: str | None = None  # what its rows are computed in (precision auto: after the check against fp32)
     precision_note: str | None = None  # precision auto, reduced: what the check found ("fp32: bf16 top-1 agreed on ...")
+    forwards: Forwards = field(default_factory=Forwards)  # rows x views forwarded this run, against plain TTA's (adaptive views)
 
 
 @dataclass
@@ -71,6 +73,14 @@ class RunStats:
         return {name: m.precision for name, m in self.members.items() if m.precision is not None}
 
     @property
+    def forwards(self) -> Forwards:
+        """Forwards this run ran, against what plain TTA would have run (adaptive views)."""
+        total = Forwards()
+        for m in self.members.values():
+            total.add(m.forwards)
+        return total
+
+    @property
     def all_cached(self) -> bool:
         return all(not m.views_computed for m in self.members.values())
 
@@ -92,14 +102,49 @@ def _pending(plan: Plan, precisions: dict[str, PrecisionCheck], stats: RunStats,
             if main is entry and entry.mark_used(str(plan.cfg.source) if plan.cfg.source else None) and entry.manifest_path.is_file():
                 entry.save()
         ms = stats.members[m.name] = MemberStats(m.name, precision=chosen.ran_in, precision_note=chosen.note or None)
-        done = _have(plan, main, entry)
+        have = _have(plan, main, entry)
+        gate = m.gate if m.gate is not None and not m.gate.skips_nothing else None
+        done = lambda view, have=have, gate=gate: have(view) and _holds(main, entry, gate, m, view)  # noqa: E731
         todo = [v for v in m.views if not done(v.name)]
         ms.views_cached = [v.name for v in m.views if done(v.name)]
         if todo or (plan.task.stores_image_sizes and not done(SIZES)):
-            out.append(MemberWork(m, entry, todo))
+            work = MemberWork(m, entry, todo, gate=gate)
+            if gate is not None:
+                work.first_values = _first_values(work, main, entry, plan.rows)
+            out.append(work)
     ran = {c.ran_in for c in precisions.values()}
     stats.precision = ran.pop() if len(ran) == 1 else None
     return out
+
+
+def _holds(main: CacheEntry, entry: CacheEntry, gate: Gate | None, m: MemberPlan, view: str) -> bool:
+    """Whether the complete ``view`` holds every row this run's gate needs (kaggle_tta.adaptive):
+    a plain view holds every row; a gated one those of its own gate and of tighter ones."""
+    if view == SIZES:
+        return True
+    wanted = gate if gate is not None and view != gate.first else None
+    for e in (entry, main):
+        if e.is_complete(view):
+            held = held_gate(e.view_state(view))
+            return held is None if wanted is None else wanted.covered_by(held)
+    return True  # complete through shards: those are checked when assembled
+
+
+def _first_values(work: MemberWork, main: CacheEntry, entry: CacheEntry, rows: tuple[int, int] | None):
+    """Rows ``lo:hi`` (of this run's test set) of the gate's first view as cached: from the
+    file this run writes, else from the complete entry (a share reads the main entry at its
+    offset)."""
+    first = work.gate.first  # type: ignore[union-attr]
+    offset = rows[0] if rows is not None else 0
+
+    def values(lo: int, hi: int):
+        if first in work.store:
+            return work.store[first][lo:hi]
+        if entry.is_complete(first):
+            return entry.read(first)[lo:hi]
+        return main.read(first)[offset + lo : offset + hi]
+
+    return values
 
 
 def _have(plan: Plan, main: CacheEntry, entry: CacheEntry):
@@ -326,6 +371,7 @@ def _run_locked(plan: Plan, device: torch.device, precisions: dict[str, Precisio
     for w in pending:
         ms = stats.members[w.member.name]
         ms.views_computed = [v.name for v in w.views]
+        ms.forwards = w.forwards
         if w.runner:
             ms.nonfinite_recomputed = w.runner.nonfinite
             sz = w.runner.sizer

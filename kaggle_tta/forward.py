@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from kaggle_tta.adaptive import Forwards, Gate, needs
 from kaggle_tta.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -340,9 +341,37 @@ class MemberWork:
     start: dict[str, int] = field(default_factory=dict)  # view -> first row still missing
     sizes_from: int | None = None  # first image whose (H, W) is still missing (None: complete)
     canvas_size: tuple[int, int] = (0, 0)  # what every canvas must be, where the task fixes it
+    gate: Gate | None = None  # adaptive views: the member's gate, where it skips rows
+    first_values: Callable[[int, int], np.ndarray] | None = None  # the gate's first view, rows lo:hi as cached
+    forwards: Forwards = field(default_factory=Forwards)  # rows forwarded, against plain TTA's
+
+    def gated(self, view: str) -> bool:
+        """Whether ``view`` is computed only on the rows the gate sends on (kaggle_tta.adaptive)."""
+        return self.gate is not None and view != self.gate.first
 
     def open_dense(self, view: str, shape: tuple[int, ...], dtype: str) -> None:
+        self._held_state(view)
         self.store[view], self.start[view] = self.entry.open_for_write(view, shape, dtype)
+        self._held_state(view, record=True)
+
+    def _held_state(self, view: str, record: bool = False) -> None:
+        """Before opening: drops a view state computed under another gate (its rows are not
+        this run's: it is computed again from row 0); after: records the gate it holds."""
+        held = self.gate.record() if self.gated(view) else None
+        states = self.entry.manifest["views"]
+        if record:
+            if held is None:
+                states[view].pop("held", None)
+            else:
+                states[view]["held"] = held
+        elif view in states and states[view].get("held") != held:
+            del states[view]
+
+    def gate_rows(self, first: int, hi: int) -> np.ndarray:
+        """Which rows ``first:hi`` the gated views compute (bool), from the first view's
+        cached values."""
+        assert self.gate is not None and self.first_values is not None
+        return needs(self.first_values(first, hi), self.member.activation, self.gate)
 
     def open_ragged(self, view: str, n: int) -> None:
         self.store[view], self.start[view] = self.entry.open_ragged(view, n)

@@ -55,7 +55,8 @@ def _normalize_rows(x: np.ndarray, activation: str) -> np.ndarray:
 
 
 def reduce_views(
-    name: str, arrays: Iterable[np.ndarray], activation: str, weights: np.ndarray | Sequence[float] | None = None, temperature: float = 1.0
+    name: str, arrays: Iterable[np.ndarray], activation: str, weights: np.ndarray | Sequence[float] | None = None, temperature: float = 1.0,
+    masks: Sequence[np.ndarray | None] | None = None,
 ) -> Prediction:
     """Merges a member's per-view logits with the reducer called ``name``.
 
@@ -67,9 +68,15 @@ def reduce_views(
     (ClassTTA; the channel is axis 1 of each array), normalized over the views (per
     channel); the means become weighted means. ``temperature``: each view's logits are
     divided by it first. Neither applies to max (the schema refuses weights there).
+
+    ``masks`` (adaptive views, kaggle_tta.adaptive): per view, which rows it holds (bool
+    ``[N]``; None: every row); each row merges the views it holds, its weights normalized
+    over those (at least one view must hold every row: the gate's first view).
     """
     if name not in VIEW_REDUCERS:
         raise ConfigError(f"unknown merge '{name}'{did_you_mean(name, VIEW_REDUCERS)}; choose one of {', '.join(VIEW_REDUCERS)}")
+    if masks is not None and any(m is not None for m in masks):
+        return _reduce_masked(name, list(arrays), activation, weights, temperature, masks)
     if weights is not None or temperature != 1.0:
         return _reduce_weighted(name, arrays, activation, weights, temperature)
     transform, combine, finish, kind = VIEW_REDUCERS[name]
@@ -119,6 +126,43 @@ def _reduce_weighted(name: str, arrays: Iterable[np.ndarray], activation: str, w
         acc = term.astype(np.float32, copy=False) if acc is None else acc.__iadd__(term)
     assert acc is not None
     return Prediction(finish(acc, 1 if name != "max" else len(arrays), activation), kind, activation)
+
+
+def _reduce_masked(
+    name: str, arrays: list[np.ndarray], activation: str, weights: np.ndarray | Sequence[float] | None, temperature: float, masks: Sequence[np.ndarray | None]
+) -> Prediction:
+    """The merge of views that hold only some rows: per row, the weighted form of the
+    reducer over the views holding it (weights renormalized per row; where the views a
+    row holds all weigh zero, those views equally)."""
+    transform, combine, finish, kind = VIEW_REDUCERS[name]
+    if not arrays:
+        raise ValueError("no views to merge")
+    if len(masks) != len(arrays):
+        raise ValueError(f"{len(masks)} row masks for {len(arrays)} views")
+    n, extra = arrays[0].shape[0], arrays[0].ndim - 2
+    held = np.stack([np.ones(n, bool) if m is None else np.asarray(m, bool) for m in masks]).astype(np.float64)  # [V, N]
+    if not held.any(axis=0).all():
+        raise ValueError("a row held by no view")
+    w = np.asarray(weights if weights is not None else [1.0] * len(arrays), dtype=np.float64)
+    w = w.reshape(len(arrays), 1, -1) if w.ndim == 2 else w.reshape(len(arrays), 1, 1)  # [V, 1, C or 1]
+    eff = held[:, :, None] * w  # [V, N, C or 1]
+    total = eff.sum(axis=0, keepdims=True)
+    equal = held[:, :, None] / held.sum(axis=0)[None, :, None]
+    eff = np.where(total > 0, eff / np.where(total > 0, total, 1.0), equal).astype(np.float32)
+    acc: np.ndarray | None = None
+    for a, m, e in zip(arrays, held, eff):
+        x = np.asarray(a, dtype=np.float32)
+        if temperature != 1.0:
+            x = x / np.float32(temperature)
+        x = transform(x, activation) if name != "mean" else x
+        if name == "max":
+            x = np.where(m.reshape((n, 1) + (1,) * extra) > 0, x, -np.inf).astype(np.float32)
+            acc = x if acc is None else combine(acc, x)
+            continue
+        term = x * e.reshape(e.shape + (1,) * extra)
+        acc = term.astype(np.float32, copy=False) if acc is None else acc.__iadd__(term)
+    assert acc is not None
+    return Prediction(finish(acc, 1, activation), kind, activation)
 
 
 def _add(acc: np.ndarray, x: np.ndarray) -> np.ndarray:

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kaggle_tta import cache as cache_mod
+from kaggle_tta.adaptive import Gate, gate_of
 from kaggle_tta.config import MemberConfig, PipelineConfig, load_classes
 from kaggle_tta.canvas import CanvasSpec
 from kaggle_tta.data import TestSet, list_test_set
-from kaggle_tta.errors import CheckpointError, ConfigError
+from kaggle_tta.errors import CheckpointError, ConfigError, did_you_mean
 from kaggle_tta.merge import MERGE_KINDS
 from kaggle_tta.submission import SampleOrder, match_sample
 from kaggle_tta.models import Preprocess, check_checkpoint, resolve_preprocess
@@ -40,6 +41,7 @@ class MemberPlan:
     out_channels: int  # what the model must output per pixel (segmentation) or per image
     inputs: dict[str, Any]  # what the fingerprint hashes, recorded in the manifest
     key: str  # hash of `inputs`: the fingerprint without the precision
+    gate: Gate | None = None  # adaptive views (kaggle_tta.adaptive): the first view, rule and threshold
 
     @property
     def name(self) -> str:
@@ -147,13 +149,31 @@ def build_plan(cfg: PipelineConfig) -> Plan:
         }
         key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
         bound = [v.bind(task.view_size(pre), pre.mean, pre.std) for v in views[m.name]]
-        members.append(MemberPlan(m, pre, canvas, bound, act, task.out_channels(act, len(classes)), inputs, key))
+        members.append(MemberPlan(m, pre, canvas, bound, act, task.out_channels(act, len(classes)), inputs, key, resolve_gate(m, bound)))
     plan = Plan(cfg, task, classes, testset, members, cache_root)
     check_spaces(plan)
     task.check_plan(plan)
     if cfg.submission.sample is not None:  # ids that do not match fail before the first forward
         plan.sample = match_sample(cfg.resolve(cfg.submission.sample), cfg.submission.id_column, task.row_ids(plan), testset.paths, task.columns(plan))
     return plan
+
+
+def resolve_gate(m: MemberConfig, views: list[View]) -> Gate | None:
+    """The member's adaptive gate with its first view resolved (identity where the member
+    has it, else its first view); checked against the views (task and activation: see
+    tasks.base.check_view_settings)."""
+    gate = gate_of(m)
+    if gate is None:
+        return None
+    names = [v.name for v in views]
+    where = f"members.{m.name}.adaptive"
+    if len(names) < 2:
+        raise ConfigError(f"{where}: the member has one view ({names[0]}), so there are no other views to skip; give it a tta with more views or remove adaptive")
+    if m.adaptive.first is None:  # type: ignore[union-attr]
+        return Gate("identity" if "identity" in names else names[0], gate.rule, gate.threshold)
+    if gate.first not in names:
+        raise ConfigError(f"{where}.first: '{gate.first}' is not one of the member's views {names}{did_you_mean(gate.first, names)}")
+    return gate
 
 
 def check_spaces(plan: Plan) -> None:

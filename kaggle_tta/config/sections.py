@@ -249,6 +249,36 @@ class TilingConfig(Section):
         return (t, t) if isinstance(t, int) else (int(t[0]), int(t[-1]))
 
 
+class AdaptiveConfig(Section):
+    """Adaptive views (classification): the ``first`` view runs for every image, the member's
+    other views only for images whose first prediction is not confident. Give one rule:
+    an image is confident, and skips the other views, when its first view's score is above
+    the threshold (see kaggle_tta.adaptive)."""
+
+    first: str | None = None
+    """The view every image gets (a view name of this member's ``tta``); default: identity,
+    else the first view."""
+    confidence: float | None = None
+    """Skip the other views where the top class probability is above this (multi-label: the
+    least certain class's max(p, 1 - p)). 1.0: every image gets every view (plain TTA)."""
+    margin: float | None = None
+    """Instead of confidence: skip where the top-1 minus the top-2 probability is above this
+    (multi-label: the least certain class's |2p - 1|)."""
+
+    @field_validator("confidence", "margin")
+    @classmethod
+    def _unit(cls, v: float | None) -> float | None:
+        if v is not None and not 0.0 <= v <= 1.0:
+            raise ValueError(f"must be between 0 and 1 (a probability), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> "AdaptiveConfig":
+        if (self.confidence is None) == (self.margin is None):
+            raise ValueError("give exactly one of confidence or margin, e.g. {first: identity, confidence: 0.9}")
+        return self
+
+
 class MemberConfig(Section):
     """One model of the ensemble."""
 
@@ -290,6 +320,11 @@ class MemberConfig(Section):
     temperature: float = 1.0
     """Each view's logits are divided by this before the views merge (calibration; > 0).
     Not for activation none nor detection. Applied from the cache, outside the fingerprint."""
+    adaptive: AdaptiveConfig | None = None
+    """Adaptive views: ``{first: identity, confidence: 0.9}`` (or ``margin``): the first view
+    for every image, the other views only where it is not confident. Not part of the cache
+    fingerprint: each view records the rows it holds; a lower threshold re-blends from the
+    cache, a higher one computes the missing rows again. ``kaggle-tta tune`` learns it."""
     adapter: str = "torchvision"
     """Detection only: how the model's output becomes boxes. 'torchvision' (a list of dicts
     with boxes, scores, labels, as torchvision's detection models return), 'boxes' (a tuple

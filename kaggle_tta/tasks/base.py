@@ -74,6 +74,9 @@ class Task:
     channel), so that a member's ``temperature`` and ``view_class_weights`` apply."""
     uncertainty: ClassVar[bool] = False
     """Whether ``submission.uncertainty`` (per-image columns over the views) is written."""
+    adaptive: ClassVar[bool] = False
+    """Whether members may set ``adaptive`` (kaggle_tta.adaptive): the task's step computes
+    gated views on the rows their gate needs, and its blend merges what each row holds."""
     tuner: ClassVar[str | None] = None
     """What ``kaggle-tta tune`` learns for this task: a key of kaggle_tta.tune's registry of
     problems (None: nothing; tune says so)."""
@@ -172,6 +175,10 @@ def check_view_settings(task: Task, plan: Plan) -> None:
         raise ConfigError(f"submission.uncertainty: per-image uncertainty columns are for {_with('uncertainty')}; remove it (task: {task.name})")
     for m in plan.members:
         where, cfg, views = f"members.{m.name}", m.cfg, [v.name for v in m.views]
+        if m.gate is not None and not task.adaptive:
+            raise ConfigError(f"{where}.adaptive: adaptive views are for {_with('adaptive')}; remove it (task: {task.name})")
+        if m.gate is not None and m.activation == "none":
+            raise ConfigError(f"{where}.adaptive: the gate reads probabilities, and activation none gives none; use softmax or sigmoid, or remove adaptive")
         given = cfg.view_class_weights if cfg.view_class_weights is not None else cfg.view_weights
         key = "view_class_weights" if cfg.view_class_weights is not None else "view_weights"
         if given is not None and len(given) != len(views):

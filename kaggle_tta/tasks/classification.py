@@ -88,6 +88,7 @@ class Classification(Task):
     truth = "labels"
     user_preprocessing = True
     uncertainty = True
+    adaptive = True
     tuner = "classes"
 
     def validate(self, cfg: PipelineConfig) -> None:
@@ -137,6 +138,8 @@ class Classification(Task):
         return work.member.out_channels * np.dtype(plan.cfg.cache.dtype).itemsize
 
     def step(self, work: MemberWork, batch: Batch, plan: Plan) -> None:
+        import torch
+
         from kaggle_tta.forward import Piece, ViewLog, normalize, run_chunks
 
         runner, pre, k = work.runner, work.member.preprocess, work.member.out_channels
@@ -150,11 +153,23 @@ class Classification(Task):
         else:
             at = dict.fromkeys(POSITIONS, normalize(raw, pre.mean, pre.std, runner.device))
         todo = work.todo(batch.lo, batch.hi)
-        first_of = {v.name: first for v, first in todo}
-        by_size: dict[tuple[int, ...], list[Piece]] = defaultdict(list)  # chunks pack views of one input size
-        for v, first in todo:
-            rows = at[v.position][first - batch.lo :]
-            by_size[tuple(v.out_size(tuple(rows.shape[-2:])))].append(Piece(v.name, rows.shape[0], lambda a, b, v=v, rows=rows: v.apply(rows[a:b])))
+        first_of: dict[str, Any] = {v.name: first for v, first in todo}  # where a view's rows go: the first, or their indices
+
+        def pieces(views: list) -> dict[tuple[int, ...], list[Piece]]:
+            by_size: dict[tuple[int, ...], list[Piece]] = defaultdict(list)  # chunks pack views of one input size
+            for v, first in views:
+                rows = at[v.position][first - batch.lo :]
+                if work.gated(v.name):  # adaptive: only the rows the first view is not sure of
+                    send = work.gate_rows(first, batch.hi)
+                    work.store[v.name][first : batch.hi][~send] = 0  # rows not held read as zeros, whatever a trial left
+                    first_of[v.name] = first + np.flatnonzero(send)
+                    rows = rows[torch.from_numpy(send).to(rows.device)]
+                    if rows.shape[0] == 0:
+                        continue
+                work.forwards.run += rows.shape[0]
+                work.forwards.full += batch.hi - first
+                by_size[tuple(v.out_size(tuple(rows.shape[-2:])))].append(Piece(v.name, rows.shape[0], lambda a, b, v=v, rows=rows: v.apply(rows[a:b])))
+            return by_size
 
         def consume(out: Any, slots: list) -> None:
             if out.dim() != 2 or out.shape[1] != k:
@@ -168,11 +183,17 @@ class Classification(Task):
                 chunk = res[at : at + count]
                 if arr.dtype == np.float16:
                     chunk = np.clip(chunk, -65504, 65504)
-                arr[first_of[view] + a : first_of[view] + a + count] = chunk
+                where = first_of[view]
+                if isinstance(where, np.ndarray):
+                    arr[where[a : a + count]] = chunk
+                else:
+                    arr[where + a : where + a + count] = chunk
 
         log = ViewLog()
-        for pieces in by_size.values():
-            run_chunks(runner, pieces, consume, log)
+        # the gate reads its first view's rows of this batch, so gated views go after the rest
+        for part in ([t for t in todo if not work.gated(t[0].name)], [t for t in todo if work.gated(t[0].name)]):
+            for group in pieces(part).values():
+                run_chunks(runner, group, consume, log)
         work.record(batch.lo, batch.hi, batch.sizes, log)
 
     # ---- from the cache ------------------------------------------------------------------

@@ -1,0 +1,123 @@
+"""Adaptive views: a member's first view for every image, its other views only for the images
+whose first prediction is not confident (``members[].adaptive``).
+
+The gate. A row is *confident*, and skips the member's other views, when its first view's
+score is strictly above the threshold:
+
+- ``confidence``: the top class probability (multi-label, sigmoid: the least certain class,
+  ``min_k max(p_k, 1 - p_k)``);
+- ``margin``: the top-1 minus the top-2 probability (multi-label: ``min_k |2 p_k - 1|``).
+
+Both scores lie in [0, 1], so a threshold of 1.0 skips nothing (every image gets every view)
+and 0.0 skips every image whose score is above zero. The score is computed from the first
+view's values *as cached* (after the cache dtype), through the member's activation at
+temperature 1, so the engine that decides which rows to compute and every blend that reads
+them later compute the same rows, bit for bit, from the same numbers.
+
+Which rows a view holds is therefore a function of the cached first view and the gate the
+view was computed under, which its manifest state records (``held``: first view, rule and
+threshold); see :func:`held_gate`. A view computed under a gate holds every row that gate
+or any tighter one (same first view and rule, a lower threshold) needs, so a re-blend at a
+lower threshold reads the cache alone, and a higher one recomputes the view. A gate that
+skips nothing (threshold >= 1) stores full views, recorded as a plain view: plain TTA.
+
+No torch here: blends, tune and the report use it from the cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kaggle_tta.merge import activate
+
+RULES = ("confidence", "margin")
+
+
+@dataclass(frozen=True)
+class Gate:
+    """A member's gate: its first view, the rule and the threshold."""
+
+    first: str
+    rule: str
+    threshold: float
+
+    @property
+    def skips_nothing(self) -> bool:
+        """Every row gets every view (scores are at most 1): the views are plain views."""
+        return self.threshold >= 1.0
+
+    def record(self) -> dict[str, Any]:
+        """What a gated view's manifest state records (``held``)."""
+        return {"first": self.first, "rule": self.rule, "threshold": float(self.threshold)}
+
+    def covered_by(self, held: dict[str, Any] | None) -> bool:
+        """Whether a view holding the rows of ``held`` (None: every row) has every row this
+        gate needs."""
+        if held is None:
+            return True
+        if self.skips_nothing:
+            return False
+        return held.get("first") == self.first and held.get("rule") == self.rule and float(held.get("threshold", -1.0)) >= self.threshold
+
+    def text(self) -> str:
+        return f"{self.rule} > {self.threshold:g} on {self.first}"
+
+
+def gate_of(member_cfg: Any) -> Gate | None:
+    """The member's gate (None: not adaptive). ``first`` defaults to ``identity`` where the
+    member has it, else its first view (resolved by the plan: see plan.resolve_gate)."""
+    a = getattr(member_cfg, "adaptive", None)
+    if a is None:
+        return None
+    rule = "confidence" if a.confidence is not None else "margin"
+    return Gate(a.first or "identity", rule, float(a.confidence if a.confidence is not None else a.margin))
+
+
+def scores(values: np.ndarray, activation: str, rule: str) -> np.ndarray:
+    """Each row's score ``[n]`` (float32) from its first view's cached values ``[n, C]``."""
+    p = activate(np.asarray(values, dtype=np.float32), activation)
+    if activation == "sigmoid":
+        certainty = np.maximum(p, 1.0 - p) if rule == "confidence" else np.abs(2.0 * p - 1.0)
+        return certainty.min(axis=1).astype(np.float32)
+    if p.shape[1] == 1:
+        return np.ones(p.shape[0], np.float32)
+    if rule == "confidence":
+        return p.max(axis=1)
+    top2 = np.partition(p, p.shape[1] - 2, axis=1)[:, -2:]
+    return (top2[:, 1] - top2[:, 0]).astype(np.float32)
+
+
+def needs(values: np.ndarray, activation: str, gate: Gate) -> np.ndarray:
+    """Which rows (bool ``[n]``) get the member's other views: those not confident."""
+    if gate.skips_nothing:
+        return np.ones(np.asarray(values).shape[0], dtype=bool)
+    return ~(scores(values, activation, gate.rule) > np.float32(gate.threshold))
+
+
+def held_gate(state: dict[str, Any]) -> dict[str, Any] | None:
+    """The gate a view's manifest state says it was computed under (None: every row)."""
+    held = state.get("held")
+    return held if isinstance(held, dict) else None
+
+
+@dataclass
+class Forwards:
+    """Forwards of a member: run (or held in the cache) against plain TTA's."""
+
+    run: int = 0
+    full: int = 0
+
+    def add(self, other: Forwards) -> None:
+        self.run += other.run
+        self.full += other.full
+
+    @property
+    def saved(self) -> int:
+        return self.full - self.run
+
+    def text(self) -> str:
+        pct = 100.0 * self.saved / self.full if self.full else 0.0
+        return f"{self.run} of {self.full} forwards ({self.saved} saved, {pct:.0f}%)"
