@@ -38,6 +38,8 @@ def _print_stats(stats) -> None:
         if m.views_computed:
             layout = "" if m.channels_last is None else f", {'channels_last' if m.channels_last else 'contiguous'}"
             parts.append(f"{len(m.views_computed)} view(s) computed (forward batch {m.forward_batch}{layout})")
+        if m.forwards.saved:  # adaptive views: the rows its gate sent on
+            parts.append(f"adaptive: {m.forwards.text()}")
         if m.views_cached:
             parts.append(f"{len(m.views_cached)} reused from the cache")
         if m.nonfinite_recomputed:
@@ -47,7 +49,8 @@ def _print_stats(stats) -> None:
         print(f"cache: {m.name}: {', '.join(parts)}")
     computed = [m.precision for m in stats.members.values() if m.views_computed and m.precision]
     precision = stats.precision or "/".join(computed)  # members that ran in different precisions: each, in member order
-    print(f"inference: {stats.rows_computed} images on {stats.device} ({precision}, forward batch {stats.forward_batch}) in {stats.seconds:.1f}s")
+    saved = f", {stats.forwards.text()}" if stats.forwards.saved else ""
+    print(f"inference: {stats.rows_computed} images on {stats.device} ({precision}, forward batch {stats.forward_batch}) in {stats.seconds:.1f}s{saved}")
 
 
 def _print_ranks(stats) -> None:
