@@ -25,7 +25,7 @@ from kaggle_tta.cache import CacheEntry, locked
 from kaggle_tta.cache.entry import SIZES
 from kaggle_tta.cache.shards import covered, list_shards
 from kaggle_tta.data import make_loader
-from kaggle_tta.errors import CacheError, DataError, KaggleTTAError
+from kaggle_tta.errors import CacheError, ConfigError, DataError, KaggleTTAError
 from kaggle_tta.forward import ChunkSizer, MemberWork, PrecisionCheck, ProbeWork, Runner, compare_precision, layout_candidates, sizes_text
 from kaggle_tta import tuning
 from kaggle_tta.models import build_model
@@ -104,6 +104,9 @@ def _pending(plan: Plan, precisions: dict[str, PrecisionCheck], stats: RunStats,
         ms = stats.members[m.name] = MemberStats(m.name, precision=chosen.ran_in, precision_note=chosen.note or None)
         have = _have(plan, main, entry)
         gate = m.gate if m.gate is not None and not m.gate.skips_nothing else None
+        if gate is not None and plan.rows is not None:
+            # shard assembly does not carry which rows a gated view holds yet (see the README)
+            raise ConfigError(f"members.{m.name}.adaptive: adaptive views run in one process for now, not in shares or ranks; run without torchrun, --share or runtime.devices, or remove adaptive")
         done = lambda view, have=have, gate=gate: have(view) and _holds(main, entry, gate, m, view)  # noqa: E731
         todo = [v for v in m.views if not done(v.name)]
         ms.views_cached = [v.name for v in m.views if done(v.name)]

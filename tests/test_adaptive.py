@@ -1,0 +1,237 @@
+"""Adaptive views (#16): the first view for every image, the others where it is not sure.
+
+What is checked: a gate that skips nothing is plain TTA, file for file; a gate that skips
+rows holds exactly the rows it needs (each equal to plain TTA's row, the others zero) and
+blends equal to an oracle computed from a plain cache with the same row masks; a tighter
+gate re-blends from the cache, a looser one computes again; a killed run resumes; bad
+settings fail in one line before any forward; the per-row masked merge equals merging each
+row's views alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+import kaggle_tta
+from kaggle_tta.adaptive import Gate, needs, scores
+from kaggle_tta.config import load_pipeline
+from kaggle_tta.errors import KaggleTTAError
+from kaggle_tta.merge import VIEW_REDUCERS, activate, reduce_views
+
+ROOT = Path(__file__).resolve().parents[1]
+D4 = ["identity", "hflip", "vflip", "rot90", "rot180", "rot270", "transpose", "transverse"]
+TOL = 1e-5  # fp32, one thread: a row forwarded in a smaller chunk may differ in the last bits
+
+
+def _one_member(cfg: dict, tmp: Path, name: str, **adaptive) -> dict:
+    cfg = copy.deepcopy(cfg)
+    cfg["members"] = [cfg["members"][1]]  # b: test_efficientnet with d4
+    cfg["blends"] = []
+    cfg["runtime"]["threads"] = 1
+    cfg["submission"] = {"path": str(tmp / f"{name}.csv"), "format": "probs", "source": "b"}
+    cfg["cache"]["dir"] = str(tmp / f"cache-{name}")
+    if adaptive:
+        cfg["members"][0]["adaptive"] = adaptive
+    return cfg
+
+
+def _entry_dir(cache: Path) -> Path:
+    (d,) = [p for p in (cache / "b").iterdir() if p.is_dir()]
+    return d
+
+
+def _views(cache: Path) -> dict[str, np.ndarray]:
+    d = _entry_dir(cache)
+    return {v: np.load(d / f"{v}.npy") for v in D4}
+
+
+def _oracle(plain: dict[str, np.ndarray], send: np.ndarray) -> np.ndarray:
+    """Member b's probabilities (merge mean of logits) with rows not sent on merging identity alone."""
+    full = np.mean([plain[v] for v in D4], axis=0)
+    return activate(np.where(send[:, None], full, plain["identity"]), "softmax")
+
+
+def _probs(path: Path) -> np.ndarray:
+    return pl.read_csv(path).drop("id").to_numpy()
+
+
+@pytest.fixture
+def plain_run(pipeline, tmp_path):
+    write, cfg = pipeline
+    base = _one_member(cfg, tmp_path, "plain")
+    kaggle_tta.run(write(base, "plain.yaml"), progress=False)
+    return write, cfg, _views(tmp_path / "cache-plain")
+
+
+@pytest.mark.parametrize("rule", ["confidence", "margin"])
+def test_a_gate_that_skips_nothing_is_plain_tta(plain_run, tmp_path, rule):
+    """Threshold 1.0: every image gets every view; the cache and the submission equal plain
+    TTA's byte for byte, and no view records a gate."""
+    write, cfg, _ = plain_run
+    kaggle_tta.run(write(_one_member(cfg, tmp_path, "one", **{rule: 1.0}), "one.yaml"), progress=False)
+    a, b = _entry_dir(tmp_path / "cache-plain"), _entry_dir(tmp_path / "cache-one")
+    assert a.name == b.name  # the gate is not part of the fingerprint
+    for v in D4:
+        assert (a / f"{v}.npy").read_bytes() == (b / f"{v}.npy").read_bytes(), v
+    states = json.loads((b / "manifest.json").read_text())["views"]
+    assert not any("held" in st for st in states.values())
+    assert (tmp_path / "plain.csv").read_bytes() == (tmp_path / "one.csv").read_bytes()
+
+
+def test_gated_views_hold_exactly_the_rows_the_gate_needs(plain_run, tmp_path):
+    """The median first-view confidence as threshold: about half the rows get the other
+    seven views. Those rows equal plain TTA's (within TOL), the others are zeros; the forwards
+    are counted; the submission equals the oracle merge of the plain cache with those masks."""
+    write, cfg, plain = plain_run
+    conf = scores(plain["identity"], "softmax", "confidence")
+    t = float(np.median(conf))
+    gate = Gate("identity", "confidence", t)
+    res = kaggle_tta.run(write(_one_member(cfg, tmp_path, "gated", confidence=t), "gated.yaml"), progress=False)
+    got = _views(tmp_path / "cache-gated")
+    np.testing.assert_allclose(got["identity"], plain["identity"], atol=TOL)  # forwarded alone, not packed with other views
+    send = needs(got["identity"], "softmax", gate)  # the gate reads the first view as cached
+    assert 0 < send.sum() < len(send)
+    for v in D4[1:]:
+        np.testing.assert_allclose(got[v][send], plain[v][send], atol=TOL, err_msg=v)
+        assert (got[v][~send] == 0).all(), v
+    states = json.loads((_entry_dir(tmp_path / "cache-gated") / "manifest.json").read_text())["views"]
+    assert "held" not in states["identity"] and all(states[v]["held"] == gate.record() for v in D4[1:])
+    f = res.stats.members["b"].forwards
+    n = len(send)
+    assert (f.run, f.full) == (n + 7 * int(send.sum()), 8 * n)
+    np.testing.assert_allclose(_probs(tmp_path / "gated.csv"), _oracle(plain, send), atol=1e-5)
+
+
+def test_a_tighter_gate_reblends_from_the_cache_and_a_looser_one_computes(plain_run, tmp_path):
+    write, cfg, plain = plain_run
+    conf = scores(plain["identity"], "softmax", "confidence")
+    hi_t, lo_t = (float(q) for q in np.quantile(conf, [0.75, 0.25]))
+    path = write(_one_member(cfg, tmp_path, "gated", confidence=hi_t), "gated.yaml")
+    kaggle_tta.run(path, progress=False)
+    # a tighter gate (fewer rows sent on): the cache holds them all; no model runs
+    tighter = kaggle_tta.run(path, overrides=[f"members.0.adaptive.confidence={lo_t}"], progress=False)
+    assert tighter.stats.all_cached
+    send_lo = needs(_views(tmp_path / "cache-gated")["identity"], "softmax", Gate("identity", "confidence", lo_t))
+    np.testing.assert_allclose(_probs(tmp_path / "gated.csv"), _oracle(plain, send_lo), atol=1e-5)
+    # a looser one: blend alone refuses in one line; run computes the seven views again
+    with pytest.raises(KaggleTTAError, match=r"hflip \(computed for the rows of the gate confidence"):
+        kaggle_tta.blend(load_pipeline(path, ["members.0.adaptive.confidence=1.0"]))
+    with pytest.raises(KaggleTTAError, match="computed for the rows of the gate"):
+        kaggle_tta.blend(load_pipeline(path, ["members.0.adaptive=null"]))  # plain TTA needs every row too
+    looser = kaggle_tta.run(path, overrides=["members.0.adaptive=null"], progress=False)
+    assert sorted(looser.stats.members["b"].views_computed) == sorted(D4[1:])
+    np.testing.assert_allclose(_probs(tmp_path / "gated.csv"), _probs(tmp_path / "plain.csv"), atol=1e-5)
+    # and now (every row held) any gate re-blends from the cache
+    assert kaggle_tta.run(path, progress=False).stats.all_cached
+
+
+def test_an_interrupted_adaptive_run_resumes_to_the_same_cache(plain_run, tmp_path, monkeypatch):
+    """Interrupted inside the third batch (after seven forwards), then run again: it computes
+    only the rows not committed, and every file equals a run in one go (within TOL), with
+    the same rows held."""
+    from kaggle_tta.forward import Runner
+
+    write, cfg, plain = plain_run
+    t = float(np.median(scores(plain["identity"], "softmax", "confidence")))
+    kaggle_tta.run(write(_one_member(cfg, tmp_path, "whole", confidence=t), "whole.yaml"), progress=False)
+    path = write(_one_member(cfg, tmp_path, "resumed", confidence=t), "resumed.yaml")
+    original, calls = Runner.__call__, {"n": 0}
+
+    def flaky(self, x):
+        calls["n"] += 1
+        if calls["n"] > 7:
+            raise KeyboardInterrupt
+        return original(self, x)
+
+    with monkeypatch.context() as m:
+        m.setattr(Runner, "__call__", flaky)
+        with pytest.raises(KeyboardInterrupt):
+            kaggle_tta.run(path, progress=False)
+    states = json.loads((_entry_dir(tmp_path / "cache-resumed") / "manifest.json").read_text())["views"]
+    done = {st["rows_done"] for st in states.values() if st.get("status") == "partial"}
+    n = len(plain["identity"])
+    assert done and all(0 < d < n for d in done), states
+    res = kaggle_tta.run(path, progress=False)
+    assert 0 < res.stats.rows_computed < n
+    a, b = _views(tmp_path / "cache-whole"), _views(tmp_path / "cache-resumed")
+    for v in D4:
+        np.testing.assert_allclose(a[v], b[v], atol=TOL, err_msg=v)
+        assert ((a[v] == 0).all(axis=1) == (b[v] == 0).all(axis=1)).all(), v
+
+
+@pytest.mark.parametrize(
+    "adaptive, match",
+    [
+        ({"first": "hlfip", "confidence": 0.9}, r"members\.b\.adaptive\.first: 'hlfip' is not one of the member's views .*did you mean 'hflip'"),
+        ({"confidence": 0.9, "margin": 0.2}, r"members\[0\]\.adaptive.*exactly one of confidence or margin"),
+        ({}, r"members\[0\]\.adaptive.*exactly one of confidence or margin"),
+        ({"confidence": 1.5}, r"members\[0\]\.adaptive\.confidence.*between 0 and 1"),
+        ({"confidence": 0.9, "gate": 1}, r"members\[0\]\.adaptive: unknown key 'gate'"),
+    ],
+)
+def test_bad_adaptive_settings_fail_in_one_line_before_any_forward(pipeline, tmp_path, adaptive, match):
+    write, cfg = pipeline
+    c = _one_member(cfg, tmp_path, "bad")
+    c["members"][0]["adaptive"] = adaptive
+    with pytest.raises(KaggleTTAError, match=match) as exc:
+        kaggle_tta.run(write(c, "bad.yaml"), progress=False)
+    assert "\n" not in str(exc.value)
+    assert not (tmp_path / "cache-bad" / "b").exists()
+
+
+def test_adaptive_needs_views_to_skip_and_probabilities(pipeline, tmp_path):
+    write, cfg = pipeline
+    c = _one_member(cfg, tmp_path, "bad")
+    c["members"][0].update(tta="none", adaptive={"confidence": 0.5})
+    with pytest.raises(KaggleTTAError, match=r"members\.b\.adaptive: the member has one view"):
+        kaggle_tta.run(write(c, "bad.yaml"), progress=False)
+    c["members"][0].update(tta="d4", activation="none")
+    with pytest.raises(KaggleTTAError, match=r"members\.b\.adaptive: the gate reads probabilities"):
+        kaggle_tta.run(write(c, "bad.yaml"), progress=False)
+
+
+def test_adaptive_is_refused_where_the_task_has_no_gate(tmp_path):
+    cfg = load_pipeline(ROOT / "examples" / "segmentation.yaml")
+    name = cfg.members[0].name
+    with pytest.raises(KaggleTTAError, match=rf"members\.{name}\.adaptive: adaptive views are for classification"):
+        kaggle_tta.api.plan_of(load_pipeline(ROOT / "examples" / "segmentation.yaml", ["members.0.adaptive={confidence: 0.9}"]))
+
+
+# ---- the gate's scores and the masked merge, against per-row oracles ----------------------------
+
+
+def test_scores_and_gate_rules():
+    logits = np.array([[4.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]], np.float32)
+    p = activate(logits, "softmax")
+    np.testing.assert_allclose(scores(logits, "softmax", "confidence"), p.max(axis=1), rtol=1e-6)
+    srt = np.sort(p, axis=1)
+    np.testing.assert_allclose(scores(logits, "softmax", "margin"), srt[:, -1] - srt[:, -2], rtol=1e-6, atol=1e-7)
+    assert needs(logits, "softmax", Gate("identity", "margin", 0.5)).tolist() == [False, True, True]
+    assert needs(logits, "softmax", Gate("identity", "confidence", 1.0)).all()  # skips nothing, even a saturated softmax
+    assert not needs(np.array([[80.0, -80.0]], np.float32), "softmax", Gate("identity", "confidence", 0.999999)).any()
+    # multi-label: the least certain class decides
+    ml = np.array([[5.0, -5.0], [5.0, 0.1]], np.float32)
+    q = activate(ml, "sigmoid")
+    np.testing.assert_allclose(scores(ml, "sigmoid", "confidence"), np.maximum(q, 1 - q).min(axis=1), rtol=1e-6)
+    np.testing.assert_allclose(scores(ml, "sigmoid", "margin"), np.abs(2 * q - 1).min(axis=1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name, weighting", [(n, w) for n in VIEW_REDUCERS for w in ("equal", "views", "classes") if n != "max" or w == "equal"])
+def test_masked_merge_equals_each_rows_views_merged_alone(name, weighting):
+    """Tolerance 1e-5: float32 accumulation in another order. (merge max takes no weights.)"""
+    rng = np.random.default_rng(3)
+    arrays = [rng.normal(size=(9, 5)).astype(np.float32) for _ in range(4)]
+    masks = [None] + [rng.random(9) < 0.5 for _ in range(3)]
+    weights = None if weighting == "equal" else rng.random(4) + 0.1 if weighting == "views" else rng.random((4, 5)) + 0.1
+    got = reduce_views(name, arrays, "softmax", weights, 1.7, masks)
+    for i in range(9):
+        keep = [k for k, m in enumerate(masks) if m is None or m[i]]
+        w = None if weights is None else weights[keep]
+        want = reduce_views(name, [arrays[k][i : i + 1] for k in keep], "softmax", w, 1.7)
+        np.testing.assert_allclose(got.values[i], want.values[0], rtol=1e-5, atol=1e-6, err_msg=f"row {i}")
