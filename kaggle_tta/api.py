@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 import polars as pl
 
+from kaggle_tta.adaptive import Forwards, needs
 from kaggle_tta.cache import DamagedView
 from kaggle_tta.dag import MemberSource, check_complete
 from kaggle_tta.config import PipelineConfig, load_pipeline
@@ -40,6 +41,7 @@ class ReportRow:
     scores_tta: dict[str, float]  # metric -> value with every view
     seconds_plain: float | None
     seconds: float
+    forwards: Forwards | None = None  # rows x views the cache holds, against plain TTA's (adaptive views)
 
 
 @dataclass
@@ -194,14 +196,28 @@ def blend_plan(plan: Plan, sources: list[MemberSource]) -> BlendResult:
     result = BlendResult(str(out_path), cfg.submission_source, metrics=out.metrics if out.tta else [], n_rows=out.table.height, table=out.table)
     secs = {s.name: {v: float(s.entry.view_state(v).get("seconds", 0.0)) for v in s.views} for s in sources}  # type: ignore[union-attr]
     members_of = _members_of(cfg)
+    held = {s.name: _held_forwards(s, len(plan.testset)) for s in sources}
     for name in [s.name for s in sources] + [b.name for b in cfg.blends]:
         ms = members_of[name]
+        fw = Forwards()
+        for m in ms:
+            fw.add(held[m])
         total = sum(sum(secs[m].values()) for m in ms)
         plain_s = sum(secs[m].get("identity", 0.0) for m in ms) if has_identity else None
         views = sum(len(secs[m]) for m in ms)
         kind = "member" if name in secs else "blend"
-        result.rows.append(ReportRow(name, kind, views, out.plain.get(name, {}), out.tta.get(name, {}), plain_s, total))
+        result.rows.append(ReportRow(name, kind, views, out.plain.get(name, {}), out.tta.get(name, {}), plain_s, total, fw))
     return result
+
+
+def _held_forwards(s: MemberSource, n: int) -> Forwards:
+    """The forwards a member's blend stands on: every view of every row, or, with adaptive
+    views, the first view of every row and the others of the rows its gate sends on."""
+    full = n * len(s.views)
+    if s.gate is None or s.gate.first not in s.views:
+        return Forwards(full, full)
+    sent = int(needs(s.entry.read(s.gate.first), s.activation, s.gate).sum())  # type: ignore[union-attr]
+    return Forwards(n + (len(s.views) - 1) * sent, full)
 
 
 def _members_of(cfg: PipelineConfig) -> dict[str, list[str]]:
@@ -228,7 +244,8 @@ def format_report(result: BlendResult) -> str:
     """A markdown table like the reference document's: with and without TTA per node."""
     metrics = result.metrics or ["score"]
     head = " | ".join(f"{m} (no TTA) | {m} (TTA) | gain" for m in metrics)
-    lines = [f"| node | kind | views | {head} | seconds | relative cost |", "|---|---|---|" + "---|---|---|" * len(metrics) + "---|---|"]
+    adaptive = any(r.forwards is not None and r.forwards.saved for r in result.rows)
+    lines = [f"| node | kind | views | {head} | seconds | relative cost |{' forwards |' if adaptive else ''}", "|---|---|---|" + "---|---|---|" * len(metrics) + "---|---|" + ("---|" if adaptive else "")]
     for r in result.rows:
         cells = []
         for m in metrics:
@@ -236,5 +253,6 @@ def format_report(result: BlendResult) -> str:
             cells += [f"{100 * plain:.2f}%" if plain is not None else "—", f"{100 * tta:.2f}%" if tta is not None else "—"]
             cells.append(f"{100 * (tta - plain):+.2f}" if tta is not None and plain is not None else "—")
         rel = f"{r.seconds / r.seconds_plain:.1f}×" if r.seconds_plain else "—"
-        lines.append(f"| {r.node}{' ◀' if r.node == result.source else ''} | {r.kind} | {r.views} | {' | '.join(cells)} | {r.seconds:.2f} | {rel} |")
+        fw = f" {r.forwards.run} of {r.forwards.full} ({100 * r.forwards.saved / r.forwards.full:.0f}% saved) |" if adaptive and r.forwards and r.forwards.full else (" — |" if adaptive else "")
+        lines.append(f"| {r.node}{' ◀' if r.node == result.source else ''} | {r.kind} | {r.views} | {' | '.join(cells)} | {r.seconds:.2f} | {rel} |{fw}")
     return "\n".join(lines)

@@ -236,14 +236,19 @@ UNCERTAINTY_COLUMNS = ("tta_std", "tta_entropy")
 
 def view_probabilities(cfg: PipelineConfig, sources: Sequence[MemberSource], node: str, lo: int, hi: int) -> list[np.ndarray]:
     """Each (member, view) prediction the node blends, as probabilities ``[n, C]`` (through
-    the member's temperature and activation), for rows ``lo:hi``."""
+    the member's temperature and activation), for rows ``lo:hi``; NaN on the rows a gated
+    view (adaptive views) does not hold."""
     out = []
     for s in sources:
         if s.name not in members_under(cfg, node):
             continue
         t = np.float32(cfg.member(s.name).temperature)
-        for v in s.views:
-            out.append(activate(np.asarray(s.entry.rows(v, lo, hi), dtype=np.float32) / t, s.activation))  # type: ignore[union-attr]
+        masks = s.masks(s.views, lo, hi) or [None] * len(s.views)
+        for v, held in zip(s.views, masks):
+            p = activate(np.asarray(s.entry.rows(v, lo, hi), dtype=np.float32) / t, s.activation)  # type: ignore[union-attr]
+            if held is not None:  # adaptive views: a row's spread is over the views it holds
+                p[~held] = np.nan
+            out.append(p)
     return out
 
 
@@ -253,7 +258,7 @@ def uncertainty_columns(cfg: PipelineConfig, sources: Sequence[MemberSource], lo
     entropy over classes)."""
     views = np.stack(view_probabilities(cfg, sources, cfg.submission_source, lo, hi))  # [V, n, C]
     top = probs.argmax(axis=1)
-    std = views[:, np.arange(len(top)), top].std(axis=0)
+    std = np.nanstd(views[:, np.arange(len(top)), top], axis=0)
     p = np.clip(probs.astype(np.float64), 1e-12, 1.0)
     if cfg.multilabel:
         q = np.clip(1.0 - probs.astype(np.float64), 1e-12, 1.0)
