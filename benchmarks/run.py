@@ -27,10 +27,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
+import adaptive  # noqa: E402
 import ranks  # noqa: E402
 from _common import CHILD, PRESET, REPO, child_env, loadavg, machine_info, member, write_pipeline  # noqa: E402
 
-ROWS = ["limit", "kaggle", "ttach", "reference", "reblend", "memory", "autobatch", "preprocess", "tune", "ranks"]
+ROWS = ["limit", "kaggle", "ttach", "reference", "reblend", "memory", "autobatch", "preprocess", "tune", "ranks", "adaptive"]
 ROW_NUMBERS = {str(i + 1): r for i, r in enumerate(ROWS)}
 T_START = time.perf_counter()
 
@@ -757,6 +758,7 @@ def report(b: Bench) -> str:
                       f"{med([t['wall_s'] / b_['wall_s'] for t, b_ in zip(raw['tune'], raw['blend'])]):.1f}× ({bl:.1f}s re-blend)", "stated"))
 
     L += ranks.ranks_report(res, goals, med)
+    L += adaptive.adaptive_report(res, goals, med)
     if goals:
         L.append("## Goals")
         L.append("")
@@ -802,6 +804,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--autobatch-repeats", type=int, default=None, help="(default 2; --quick 1)")
     ap.add_argument("--preprocess-images", type=int, default=64, help="camera-sized JPEGs of the preprocessing row (default 64)")
     ap.add_argument("--preprocess-repeats", type=int, default=None, help="interleaved repeats of the preprocessing row (default 3, --quick too)")
+    ap.add_argument("--adaptive-images", type=int, default=None, help="test images of the adaptive row (default 2000; --quick 480)")
     ap.add_argument("--ranks-views", type=int, default=2, choices=sorted(PRESET), help="views of the ranks row (default 2)")
     ap.add_argument("--keep", action="store_true", help="keep each run's cache and pipeline under OUT/work/runs")
     a = ap.parse_args(argv)
@@ -816,6 +819,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.reblend_rows = a.reblend_rows or (5000 if q else 50000)
     a.memory_images = [int(x) for x in (a.memory_images or ("100,1000" if q else "500,5000")).split(",")]
     a.autobatch_images = a.autobatch_images or (64 if q else 256)
+    a.adaptive_images = a.adaptive_images or (480 if q else 2000)
     a.autobatch_repeats = a.autobatch_repeats or (1 if q else 2)
     a.preprocess_repeats = a.preprocess_repeats or max(a.repeats, 3)
     a.views = [int(v) for v in a.views.split(",")]
@@ -863,6 +867,7 @@ def main(argv: list[str] | None = None) -> int:
         ("preprocess" in rows, b.preprocess_row),
         ("tune" in rows, b.tune_row),
         ("ranks" in rows, lambda: ranks.ranks_row(b, log, med)),
+        ("adaptive" in rows, lambda: adaptive.adaptive_row(b, log, med)),
     ]
     for wanted, fn in steps:
         if not wanted:
