@@ -6,7 +6,8 @@ score is strictly above the threshold:
 
 - ``confidence``: the top class probability (multi-label, sigmoid: the least certain class,
   ``min_k max(p_k, 1 - p_k)``);
-- ``margin``: the top-1 minus the top-2 probability (multi-label: ``min_k |2 p_k - 1|``).
+- ``margin``: the top-1 minus the top-2 probability (multi-label: ``min_k |2 p_k - 1|``);
+- segmentation: the same per pixel, averaged over the image (the mean pixel confidence).
 
 Both scores lie in [0, 1], so a threshold of 1.0 skips nothing (every image gets every view)
 and 0.0 skips every image whose score is above zero. The score is computed from the first
@@ -77,21 +78,28 @@ def gate_of(member_cfg: Any) -> Gate | None:
 
 
 def scores(values: np.ndarray, activation: str, rule: str) -> np.ndarray:
-    """Each row's score ``[n]`` (float32) from its first view's cached values ``[n, C]``."""
-    p = activate(np.asarray(values, dtype=np.float32), activation)
+    """Each row's score ``[n]`` (float32) from its first view's logits: ``[n, C]`` (one
+    prediction per image), or ``[n, C, h, w]`` maps (segmentation), scored per pixel and
+    averaged over the image's pixels (the mean pixel confidence)."""
+    p = activate(np.asarray(values, dtype=np.float32), activation)  # channels on axis 1
     if activation == "sigmoid":
         certainty = np.maximum(p, 1.0 - p) if rule == "confidence" else np.abs(2.0 * p - 1.0)
-        return certainty.min(axis=1).astype(np.float32)
-    if p.shape[1] == 1:
-        return np.ones(p.shape[0], np.float32)
-    if rule == "confidence":
-        return p.max(axis=1)
-    top2 = np.partition(p, p.shape[1] - 2, axis=1)[:, -2:]
-    return (top2[:, 1] - top2[:, 0]).astype(np.float32)
+        per = certainty.min(axis=1)
+    elif p.shape[1] == 1:
+        per = np.ones((p.shape[0], *p.shape[2:]), np.float32)
+    elif rule == "confidence":
+        per = p.max(axis=1)
+    else:
+        top2 = np.partition(p, p.shape[1] - 2, axis=1)
+        per = top2[:, -1] - top2[:, -2]
+    per = per.astype(np.float32, copy=False)
+    return per.reshape(per.shape[0], -1).mean(axis=1, dtype=np.float64).astype(np.float32) if per.ndim > 1 else per
 
 
 def needs(values: np.ndarray, activation: str, gate: Gate) -> np.ndarray:
-    """Which rows (bool ``[n]``) get the member's other views: those not confident."""
+    """Which rows (bool ``[n]``) get the member's other views: those not confident.
+    ``values``: the first view's logits (a uint8 segmentation cache: through the task's
+    Task.as_logits first)."""
     if gate.skips_nothing:
         return np.ones(np.asarray(values).shape[0], dtype=bool)
     return ~(scores(values, activation, gate.rule) > np.float32(gate.threshold))

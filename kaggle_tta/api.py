@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
+import numpy as np
 import polars as pl
 
 from kaggle_tta.adaptive import Forwards, needs
 from kaggle_tta.cache import DamagedView
-from kaggle_tta.dag import MemberSource, check_complete
+from kaggle_tta.dag import MemberSource, blocks, check_complete
 from kaggle_tta.config import PipelineConfig, load_pipeline
 from kaggle_tta.plan import Plan, build_plan, find_entry, resolve_device, resolve_precision
 from kaggle_tta.submission import align, check_writable, write_submission
@@ -196,7 +197,7 @@ def blend_plan(plan: Plan, sources: list[MemberSource]) -> BlendResult:
     result = BlendResult(str(out_path), cfg.submission_source, metrics=out.metrics if out.tta else [], n_rows=out.table.height, table=out.table)
     secs = {s.name: {v: float(s.entry.view_state(v).get("seconds", 0.0)) for v in s.views} for s in sources}  # type: ignore[union-attr]
     members_of = _members_of(cfg)
-    held = {s.name: _held_forwards(s, len(plan.testset)) for s in sources}
+    held = {s.name: _held_forwards(s, len(plan.testset), task.as_logits) for s in sources}
     for name in [s.name for s in sources] + [b.name for b in cfg.blends]:
         ms = members_of[name]
         fw = Forwards()
@@ -210,13 +211,17 @@ def blend_plan(plan: Plan, sources: list[MemberSource]) -> BlendResult:
     return result
 
 
-def _held_forwards(s: MemberSource, n: int) -> Forwards:
+def _held_forwards(s: MemberSource, n: int, as_logits: Any) -> Forwards:
     """The forwards a member's blend stands on: every view of every row, or, with adaptive
-    views, the first view of every row and the others of the rows its gate sends on."""
+    views, the first view of every row and the others of the rows its gate sends on (the
+    first view read in blocks: maps stay bounded)."""
     full = n * len(s.views)
     if s.gate is None or s.gate.first not in s.views:
         return Forwards(full, full)
-    sent = int(needs(s.entry.read(s.gate.first), s.activation, s.gate).sum())  # type: ignore[union-attr]
+    sent = 0
+    for lo, hi in blocks(n, 256):
+        first = np.asarray(s.entry.read(s.gate.first)[lo:hi])  # type: ignore[union-attr]
+        sent += int(needs(as_logits(first, s.activation), s.activation, s.gate).sum())
     return Forwards(n + (len(s.views) - 1) * sent, full)
 
 

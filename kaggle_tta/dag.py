@@ -50,14 +50,15 @@ class MemberSource:
             return f"computed for the rows of the gate {held.get('rule')} > {held.get('threshold')} on {held.get('first')}, not {wanted.text()}"  # type: ignore[union-attr]
         return None
 
-    def masks(self, views: Sequence[str], lo: int, hi: int) -> list[np.ndarray | None] | None:
+    def masks(self, views: Sequence[str], lo: int, hi: int, transform: Callable[[np.ndarray, str], np.ndarray] | None = None) -> list[np.ndarray | None] | None:
         """Per view, which rows ``lo:hi`` it holds (None: every row); None when every view
-        holds every row."""
+        holds every row. ``transform``: cached values to logits (see member_prediction)."""
         gated = [v for v in views if self.gate is not None and v != self.gate.first]
         if not gated:
             return None
         assert self.entry is not None and self.gate is not None
-        send = needs(self.entry.rows(self.gate.first, lo, hi), self.activation, self.gate)
+        first = self.entry.rows(self.gate.first, lo, hi)
+        send = needs(transform(first, self.activation) if transform is not None else first, self.activation, self.gate)
         return [send if v in gated else None for v in views]
 
 
@@ -104,7 +105,7 @@ def member_prediction(
     arrays = (s.entry.rows(v, lo, hi) for v in names)
     if transform is not None:
         arrays = (transform(a, s.activation) for a in arrays)
-    pred = reduce_views(s.merge, arrays, s.activation, weights, temperature, s.masks(names, lo, hi))
+    pred = reduce_views(s.merge, arrays, s.activation, weights, temperature, s.masks(names, lo, hi, transform))
     if not np.isfinite(pred.values).all():  # a non-finite cached value reaches every reducer's result
         s.entry.nonfinite(names, lo, hi)
     return pred

@@ -113,7 +113,8 @@ def _pending(plan: Plan, precisions: dict[str, PrecisionCheck], stats: RunStats,
         if todo or (plan.task.stores_image_sizes and not done(SIZES)):
             work = MemberWork(m, entry, todo, gate=gate)
             if gate is not None:
-                work.first_values = _first_values(work, main, entry, plan.rows)
+                cached = _first_values(work, main, entry, plan.rows)
+                work.first_values = lambda lo, hi, cached=cached, act=m.activation: plan.task.as_logits(cached(lo, hi), act)
             out.append(work)
     ran = {c.ran_in for c in precisions.values()}
     stats.precision = ran.pop() if len(ran) == 1 else None

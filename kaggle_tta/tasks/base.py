@@ -152,6 +152,11 @@ class Task:
         so that a run that cannot fit on the cache's disk stops before its first forward."""
         return 0
 
+    def as_logits(self, values: np.ndarray, activation: str) -> np.ndarray:
+        """Cached values as the logits the merges (and an adaptive gate) read; default: as
+        stored (segmentation turns uint8 probabilities back into logits)."""
+        return values
+
     def post(self, plan: Plan, m: MemberConfig) -> Callable[[Any, Any], Any] | None:
         """The runner's post-processing of raw model outputs (None: the logits tensor)."""
         return None
