@@ -197,10 +197,10 @@ def test_adaptive_needs_views_to_skip_and_probabilities(pipeline, tmp_path):
 
 
 def test_adaptive_is_refused_where_the_task_has_no_gate(tmp_path):
-    cfg = load_pipeline(ROOT / "examples" / "segmentation.yaml")
+    cfg = load_pipeline(ROOT / "examples" / "detection.yaml")
     name = cfg.members[0].name
-    with pytest.raises(KaggleTTAError, match=rf"members\.{name}\.adaptive: adaptive views are for classification"):
-        kaggle_tta.api.plan_of(load_pipeline(ROOT / "examples" / "segmentation.yaml", ["members.0.adaptive={confidence: 0.9}"]))
+    with pytest.raises(KaggleTTAError, match=rf"members\.{name}\.adaptive: adaptive views are for classification or segmentation"):
+        kaggle_tta.api.plan_of(load_pipeline(ROOT / "examples" / "detection.yaml", ["members.0.adaptive={confidence: 0.9}"]))
 
 
 # ---- the gate's scores and the masked merge, against per-row oracles ----------------------------
@@ -235,3 +235,78 @@ def test_masked_merge_equals_each_rows_views_merged_alone(name, weighting):
         w = None if weights is None else weights[keep]
         want = reduce_views(name, [arrays[k][i : i + 1] for k in keep], "softmax", w, 1.7)
         np.testing.assert_allclose(got.values[i], want.values[0], rtol=1e-5, atol=1e-6, err_msg=f"row {i}")
+
+
+# ---- segmentation: a per-image gate on the mean pixel confidence ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def seg_images(tmp_path_factory) -> Path:
+    """Eight 37x53 (odd, non-square) noise images with a bright rectangle each: uneven confidence."""
+    import cv2
+
+    root = tmp_path_factory.mktemp("seg") / "images"
+    root.mkdir()
+    rng = np.random.default_rng(5)
+    for k in range(8):
+        img = rng.integers(0, 60 + 25 * k, (37, 53, 3), dtype=np.uint8)
+        img[5 : 5 + 3 * k + 4, 7 : 7 + 4 * k + 5, k % 3] = 250
+        cv2.imwrite(str(root / f"im{k}.png"), img)
+    return root
+
+
+def _seg(images: Path, tmp: Path, name: str, dtype: str = "float32", tiling: dict | None = None, **adaptive) -> Path:
+    import yaml
+
+    m: dict = {"name": "px", "factory": "helpers:strided_per_pixel", "tta": "d4"}
+    if tiling:
+        m["tiling"] = tiling
+    if adaptive:
+        m["adaptive"] = adaptive
+    cfg = {
+        "task": "segmentation",
+        "data": {"folder": str(images), "classes": ["a", "b", "c", "d"]},
+        "runtime": {"device": "cpu", "precision": "fp32", "forward_batch": 5, "batch_size": 3, "workers": 0, "threads": 1},
+        "cache": {"dir": str(tmp / f"cache-{name}"), "dtype": dtype},
+        "members": [m],
+        "submission": {"path": str(tmp / f"{name}.csv")},
+    }
+    p = tmp / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return p
+
+
+@pytest.mark.parametrize("dtype, tiling", [("float32", None), ("uint8", {"tile": [24, 20], "overlap": 0.3, "weight": "gaussian"})])
+def test_segmentation_gates_images_on_their_mean_pixel_confidence(seg_images, tmp_path, dtype, tiling):
+    """The median image score as threshold: the gated views hold exactly the images sent on
+    (equal to plain TTA's maps within TOL; uint8: within one step), zeros elsewhere; the
+    member's merged maps equal the masked oracle over the plain cache. Threshold 1.0 is plain
+    TTA byte for byte."""
+    from kaggle_tta.api import plan_of, sources_for
+    from kaggle_tta.tasks import segmentation as seg
+
+    plain_path = _seg(seg_images, tmp_path, "plain", dtype, tiling)
+    kaggle_tta.run(plain_path, progress=False)
+    d = next(p for p in (tmp_path / "cache-plain" / "px").iterdir() if p.is_dir())
+    plain = {v: np.load(d / f"{v}.npy") for v in D4}
+    first = seg._as_logits(plain["identity"], "softmax")
+    t = float(np.median(scores(first, "softmax", "confidence")))
+    kaggle_tta.run(_seg(seg_images, tmp_path, "gated", dtype, tiling, confidence=t), progress=False)
+    g = next(p for p in (tmp_path / "cache-gated" / "px").iterdir() if p.is_dir())
+    got = {v: np.load(g / f"{v}.npy") for v in D4}
+    tol = 1 if dtype == "uint8" else TOL
+    np.testing.assert_allclose(got["identity"].astype(np.float32), plain["identity"].astype(np.float32), atol=tol)
+    send = needs(seg._as_logits(got["identity"], "softmax"), "softmax", Gate("identity", "confidence", t))
+    assert 0 < send.sum() < len(send)
+    for v in D4[1:]:
+        np.testing.assert_allclose(got[v][send].astype(np.float32), plain[v][send].astype(np.float32), atol=tol, err_msg=v)
+        assert (got[v][~send] == 0).all(), v
+    plan = plan_of(_seg(seg_images, tmp_path, "gated", dtype, tiling, confidence=t))
+    (src,) = sources_for(plan)
+    merged = seg.member_maps(src, 0, len(send)).values
+    want = reduce_views("mean", [seg._as_logits(got[v], "softmax") for v in D4], "softmax", masks=[None] + [send] * 7).values
+    np.testing.assert_allclose(merged, want, atol=1e-5)
+    kaggle_tta.run(_seg(seg_images, tmp_path, "one", dtype, tiling, confidence=1.0), progress=False)
+    o = next(p for p in (tmp_path / "cache-one" / "px").iterdir() if p.is_dir())
+    assert all((o / f"{v}.npy").read_bytes() == (d / f"{v}.npy").read_bytes() for v in D4)
+    assert (tmp_path / "one.csv").read_bytes() == (tmp_path / "plain.csv").read_bytes()

@@ -250,7 +250,7 @@ class TilingConfig(Section):
 
 
 class AdaptiveConfig(Section):
-    """Adaptive views (classification): the ``first`` view runs for every image, the member's
+    """Adaptive views (classification, segmentation): the ``first`` view runs for every image, the member's
     other views only for images whose first prediction is not confident. Give one rule:
     an image is confident, and skips the other views, when its first view's score is above
     the threshold (see kaggle_tta.adaptive)."""

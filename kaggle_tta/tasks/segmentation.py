@@ -204,6 +204,7 @@ class Segmentation(Task):
     stores_image_sizes = True
     tiling = True
     dense_maps = True
+    adaptive = True
     tuner = "masks"
 
     def validate(self, cfg: PipelineConfig) -> None:
@@ -270,6 +271,9 @@ class Segmentation(Task):
         for v in work.views:
             work.open_dense(v.name, shape, plan.cfg.cache.dtype)
 
+    def as_logits(self, values: np.ndarray, activation: str) -> np.ndarray:
+        return _as_logits(values, activation)
+
     def row_bytes(self, work: MemberWork, plan: Plan) -> int:
         h, w = stored_size(plan, map_size(plan, plan.testset.reference))
         return work.member.out_channels * h * w * np.dtype(plan.cfg.cache.dtype).itemsize
@@ -300,11 +304,23 @@ class Segmentation(Task):
         xt = torch.stack([x[:, :, t : t + th, l : l + tw] for t, l in origins], 1).flatten(0, 1) if n_tiles > 1 else x
         k = m.out_channels
         log = ViewLog()
-        for v, first in work.todo(lo, hi):
-            n_img = hi - first
+        todo = work.todo(lo, hi)  # the gate reads its first view's maps: gated views go last
+        for v, first in [t for t in todo if not work.gated(t[0].name)] + [t for t in todo if work.gated(t[0].name)]:
+            sent = None  # adaptive views: the images (from `first`) this gated view computes
+            if work.gated(v.name):
+                send = work.gate_rows(first, hi)
+                work.store[v.name][first:hi][~send] = 0  # images not held read as zeros, whatever a trial left
+                sent = np.flatnonzero(send)
+            n_img = hi - first if sent is None else len(sent)
+            work.forwards.run += n_img
+            work.forwards.full += hi - first
+            if n_img == 0:
+                continue
             acc = torch.zeros((n_img, k, *size), device=device)
             wsum = torch.zeros((n_img, 1, *size), device=device) if weight is not None else None
             xv = xt[(first - lo) * n_tiles :]
+            if sent is not None:  # the tiles of the images sent on (image-major rows)
+                xv = xv.unflatten(0, (hi - first, n_tiles))[torch.from_numpy(sent).to(device)].flatten(0, 1)
             view_in = tuple(v.out_size((th, tw)))
 
             def stitch(out: Tensor, slots: list, v: Any = v, acc: Tensor = acc, wsum: Tensor | None = wsum, view_in: tuple = view_in) -> None:
@@ -326,7 +342,11 @@ class Segmentation(Task):
                         wsum[img, :, top : top + th, left : left + tw] += weight
 
             run_chunks(runner, [Piece(v.name, xv.shape[0], lambda a, b, v=v, xv=xv: v.apply(xv[a:b]))], stitch, log)
-            work.store[v.name][first:hi] = _to_store(acc / wsum if wsum is not None else acc, plan, m.activation, plan.cfg.cache.dtype)
+            maps = _to_store(acc / wsum if wsum is not None else acc, plan, m.activation, plan.cfg.cache.dtype)
+            if sent is None:
+                work.store[v.name][first:hi] = maps
+            else:
+                work.store[v.name][first + sent] = maps
         work.record(lo, hi, batch.sizes, log)
 
     # ---- from the cache ------------------------------------------------------------------
