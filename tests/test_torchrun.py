@@ -5,6 +5,7 @@ count, so bit-identity holds between equal thread counts) and a fixed memory lay
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -46,9 +47,32 @@ def _env() -> dict[str, str]:
     return env
 
 
+@contextlib.contextmanager
+def _started(*cmds: list[str], env: dict[str, str] | None = None):
+    """The commands, each started in a session of its own; every process of each session
+    (the launcher and its ranks) is SIGKILLed on the way out, so that a failing test never
+    leaves ranks running."""
+    procs = [subprocess.Popen(c, cwd=REPO, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True) for c in cmds]
+    try:
+        yield procs
+    finally:
+        for q in procs:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(q.pid, signal.SIGKILL)
+            with contextlib.suppress(Exception):
+                q.communicate(timeout=10)
+
+
+def _finish(*cmds: list[str], timeout: float = 240, env: dict[str, str] | None = None) -> list[subprocess.CompletedProcess]:
+    """The commands run side by side (two agents as two nodes) to their end."""
+    with _started(*cmds, env=env) as procs:
+        outs = [q.communicate(timeout=timeout) for q in procs]
+    return [subprocess.CompletedProcess(c, q.returncode, out, err) for c, q, (out, err) in zip(cmds, procs, outs)]
+
+
 def _torchrun(args: list[str], pipeline: Path, *extra: str, timeout: float = 240) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", *args, "-m", "kaggle_tta", "run", str(pipeline), "-q", *extra]
-    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return _finish(cmd, timeout=timeout)[0]
 
 
 def _ok(done: subprocess.CompletedProcess) -> None:
@@ -145,10 +169,9 @@ def test_a_rank_killed_mid_run_restarts_and_completes_identically(pipeline, tmp_
     run(single, progress=False)
     p = _slow(pipeline, tmp_path, "killed", 0.4)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts", "1", "-m", "kaggle_tta", "run", str(p), "-q"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     shard = tmp_path / "killed" / "cache"
     deadline, killed = time.time() + 120, None
-    try:
+    with _started(cmd) as (proc,):
         while time.time() < deadline and killed is None and proc.poll() is None:
             for man in shard.glob("slow/*/shards/000000012-*/manifest.json"):
                 try:
@@ -161,8 +184,6 @@ def test_a_rank_killed_mid_run_restarts_and_completes_identically(pipeline, tmp_
                     os.kill(killed, signal.SIGKILL)
             time.sleep(0.05)
         out, err = proc.communicate(timeout=180)
-    finally:
-        proc.kill()
     assert killed is not None, "rank 1 never committed a batch"
     assert proc.returncode == 0, err[-3000:]
     assert list((tmp_path / "marks").glob("1.1.*")), "the group was restarted"
@@ -178,24 +199,20 @@ def test_two_agents_as_two_nodes_complete_identically(pipeline, demo_images, tmp
     p = _pipeline_for("segmentation", pipeline, demo_images, tmp_path, "nodes")
     args = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{_free_port()}", "--rdzv_id", "two-nodes"]
     cmd = [sys.executable, "-m", "torch.distributed.run", *args, "-m", "kaggle_tta", "run", str(p), "-q"]
-    procs = [subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    outs = [q.communicate(timeout=240) for q in procs]
-    for q, (_, err) in zip(procs, outs):
-        assert q.returncode == 0, err[-3000:]
-    assert sum("ranks: 0 rows 0-12" in out for out, _ in outs) == 1
+    done = _finish(cmd, cmd)
+    for d in done:
+        _ok(d)
+    assert sum("ranks: 0 rows 0-12" in d.stdout for d in done) == 1
     _same(single, p)
 
 
 def test_nodes_without_a_shared_cache_are_refused_before_any_forward(pipeline, tmp_path):
     p = _slow(pipeline, tmp_path, "apart", 0.0)
     args = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{_free_port()}", "--rdzv_id", "apart"]
-    procs = []
-    for k in range(2):  # each "machine" its own cache.dir
-        cmd = [sys.executable, "-m", "torch.distributed.run", *args, "-m", "kaggle_tta", "run", str(p), "-q", "--set", f"cache.dir={tmp_path / f'node{k}'}"]
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = [q.communicate(timeout=240) for q in procs]
-    assert all(q.returncode != 0 for q in procs)
-    assert all("do not see one folder" in err and "cache merge" in err for _, err in outs), outs[0][1][-2000:]
+    cmds = [[sys.executable, "-m", "torch.distributed.run", *args, "-m", "kaggle_tta", "run", str(p), "-q", "--set", f"cache.dir={tmp_path / f'node{k}'}"] for k in range(2)]  # each "machine" its own cache.dir
+    done = _finish(*cmds)
+    assert all(d.returncode != 0 for d in done)
+    assert all("do not see one folder" in d.stderr and "cache merge" in d.stderr for d in done), done[0].stderr[-2000:]
     assert not (tmp_path / "marks").exists(), "no model ran"
 
 
@@ -203,11 +220,12 @@ def test_runtime_devices_2_starts_two_ranks_and_completes_identically(pipeline, 
     single = _classification(pipeline[1], tmp_path, "single")
     run(single, progress=False)
     p = _classification(pipeline[1], tmp_path, "devices")
-    done = subprocess.run([sys.executable, "-m", "kaggle_tta", "run", str(p), "-q", "--set", "runtime.devices=2"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+    cmd = [sys.executable, "-m", "kaggle_tta", "run", str(p), "-q", "--set", "runtime.devices=2"]
+    (done,) = _finish(cmd)
     _ok(done)
     assert "ranks: 0 rows 0-12" in done.stdout and "; 1 rows 12-24" in done.stdout
     _same(single, p)
-    again = subprocess.run([sys.executable, "-m", "kaggle_tta", "run", str(p), "-q", "--set", "runtime.devices=2"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+    (again,) = _finish(cmd)
     _ok(again)
     assert "no model was run" in again.stdout and "ranks:" not in again.stdout  # all cached: no ranks started
 
