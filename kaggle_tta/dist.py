@@ -79,31 +79,90 @@ def current() -> Ranks | None:
     return Ranks(rank, world, local, local_world)
 
 
+ROOT = "kaggle-tta"  # our keys in the launcher's store, beside its own
+POLL = 0.2  # seconds between looks while the ranks meet
+
+
 class _Group:
     """The ranks' exchanges, through the launcher's key-value store alone.
 
     Why not a gloo process group: its full mesh of TCP connections is made anew at each
     restart of an elastic group, and there it failed about one restart in two on this
     machine ("Gloo connectFullMesh failed ... Connection refused"; pytorch/pytorch#167288
-    is the same with NCCL). The store is torchrun's agent's own (a fresh one per
-    rendezvous round) or, without one, hosted by rank 0, exactly as
-    ``init_process_group("env://")`` would find it; every exchange here is a few small
-    pickled objects under keys numbered in call order, which every rank makes alike."""
+    is the same with NCCL). The store is torchrun's agent's own or, without one, hosted by
+    rank 0, exactly as ``init_process_group("env://")`` would find it; every exchange here
+    is a few small pickled objects under keys numbered in call order, which every rank
+    makes alike.
+
+    The agent's store outlives a restart of the group: keys of a killed round are still
+    there, a rank may have died before it wrote any, and TORCHELASTIC_RESTART_COUNT may
+    differ between machines. So each round names itself, by a handshake (:meth:`_meet`):
+    every rank writes ``hello/<rank>`` = a nonce of its own; rank 0 makes a generation id
+    and writes ``welcome/<nonce>`` = that id for each nonce it reads, until every rank has
+    answered ``ack/<gen>/<rank>``. A nonce read from a dead round is never answered, so
+    rank 0 reads ``hello/<rank>`` again (a restarted rank wrote a new one) and welcomes
+    that. Every later key lives under ``<gen>/``, which no other round can share."""
 
     def __init__(self) -> None:
         from torch.distributed import PrefixStore, rendezvous
 
         store, self.rank, self.world = next(rendezvous("env://", timeout=JOIN_TIMEOUT))
-        # The agent's store outlives a restart of the group (keys of the killed round are
-        # still there: that is what breaks gloo's mesh), and TORCHELASTIC_RESTART_COUNT may
-        # differ between machines. Rounds follow one another (an agent rejoins only once its
-        # workers are stopped) and every rank arrives here once per round, so the arrivals
-        # counted per world size name the round.
-        arrived = store.add(f"kaggle-tta/arrivals/{self.world}", 1)
-        self.store = PrefixStore(f"kaggle-tta/{self.world}/{(arrived - 1) // self.world}", store)
+        self.root = store
+        gen, self.nonces = self._meet()
+        self.store = PrefixStore(f"{ROOT}/{gen}", store)
         self.calls = 0
-        self.barrier()  # every rank of this round is here (a rank that died before arriving: JOIN_TIMEOUT)
         store.set_timeout(TIMEOUT)
+
+    def _meet(self) -> tuple[str, list[str]]:
+        """This round's generation id and every rank's nonce (in rank order)."""
+        import pickle
+        import time
+
+        nonce, root = uuid.uuid4().hex, self.root
+        root.set(f"{ROOT}/hello/{self.rank}", nonce)
+        deadline = time.monotonic() + JOIN_TIMEOUT.total_seconds()
+        if self.rank != 0:
+            welcome = f"{ROOT}/welcome/{nonce}"
+            while not root.check([welcome]):
+                self._before(deadline, "rank 0's welcome")
+                time.sleep(POLL)
+            gen = root.get(welcome).decode()
+            root.set(f"{ROOT}/ack/{gen}/{self.rank}", nonce)
+            members = f"{ROOT}/{gen}/members"
+            while not root.check([members]):
+                self._before(deadline, "the other ranks")
+                time.sleep(POLL)
+            return gen, pickle.loads(root.get(members))
+        gen = uuid.uuid4().hex
+        welcomed: dict[int, str] = {}  # rank -> the nonce welcomed last
+        acked = {0: nonce}
+        while len(acked) < self.world:
+            for r in range(1, self.world):
+                if r in acked or not root.check([f"{ROOT}/hello/{r}"]):
+                    continue
+                theirs = root.get(f"{ROOT}/hello/{r}").decode()
+                if welcomed.get(r) != theirs:  # new, or a restarted rank's new nonce
+                    root.set(f"{ROOT}/welcome/{theirs}", gen)
+                    welcomed[r] = theirs
+                ack = f"{ROOT}/ack/{gen}/{r}"
+                if root.check([ack]) and root.get(ack).decode() == theirs:
+                    acked[r] = theirs
+            if len(acked) < self.world:
+                missing = ", ".join(str(r) for r in range(self.world) if r not in acked)
+                self._before(deadline, f"rank(s) {missing}")
+                time.sleep(POLL)
+        nonces = [acked[r] for r in range(self.world)]
+        root.set(f"{ROOT}/{gen}/members", pickle.dumps(nonces))
+        return gen, nonces
+
+    def _before(self, deadline: float, what: str) -> None:
+        import time
+
+        if time.monotonic() > deadline:
+            raise KaggleTTAError(
+                f"rank {self.rank}/{self.world}: waited {JOIN_TIMEOUT} for {what} to join the launcher's store; "
+                "check that every node runs the same torchrun command (--nnodes, --nproc_per_node, --rdzv_endpoint) and that none has stopped"
+            )
 
     def key(self) -> str:
         self.calls += 1

@@ -33,3 +33,28 @@ class SlowMarked(nn.Module):
 
 def slow_marked(marks: str, delay: float = 0.0, num_classes: int = 4) -> nn.Module:
     return SlowMarked(marks, delay, num_classes)
+
+
+def _die_before_join() -> None:
+    """Rank 1 of the first round exits, without a word, once rank 0 is in the launcher's store
+    and before rank 1 itself has joined it (KAGGLE_TTA_TEST_DIE_BEFORE_JOIN set)."""
+    import datetime
+
+    from torch.distributed import TCPStore
+
+    store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=datetime.timedelta(seconds=60))
+    deadline = time.time() + 60
+    while time.time() < deadline and not store.check(["kaggle-tta/hello/0"]):
+        time.sleep(0.05)
+    os._exit(3)
+
+
+if __name__ == "__main__":
+    # torchrun ... tests/rank_models.py ARGS: kaggle-tta's CLI (ARGS as after 'kaggle-tta'), with the fault above
+    import sys
+
+    if os.environ.get("KAGGLE_TTA_TEST_DIE_BEFORE_JOIN") and os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
+        _die_before_join()
+    from kaggle_tta.cli import main
+
+    sys.exit(main(sys.argv[1:]))

@@ -193,6 +193,21 @@ def test_a_rank_killed_mid_run_restarts_and_completes_identically(pipeline, tmp_
     _same(single, p)
 
 
+def test_a_rank_dying_before_it_joins_restarts_and_completes_identically(pipeline, tmp_path):
+    """Rank 1 of the first round exits once rank 0 is in the store, before it joins itself
+    (tests/rank_models.py run as the script): the next round names itself afresh (no count of
+    arrivals left off by one) and completes."""
+    single = _slow(pipeline, tmp_path, "single", 0.0)
+    run(single, progress=False)
+    p = _slow(pipeline, tmp_path, "died", 0.0)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts", "1", str(TESTS / "rank_models.py"), "run", str(p), "-q"]
+    (done,) = _finish(cmd, env={**_env(), "KAGGLE_TTA_TEST_DIE_BEFORE_JOIN": "1"}, timeout=120)
+    _ok(done)
+    ranked = sorted(m.name.split(".")[:2] for m in (tmp_path / "marks").iterdir() if not m.name.startswith("x."))  # x: the single run's
+    assert ranked == [["0", "1"], ["1", "1"]], "the second round ran the model, the first none"
+    _same(single, p)
+
+
 def test_two_agents_as_two_nodes_complete_identically(pipeline, demo_images, tmp_path):
     single = _pipeline_for("segmentation", pipeline, demo_images, tmp_path, "single")
     run(single, progress=False)
