@@ -9,17 +9,18 @@ the tuned score reported is the score ``kaggle-tta blend --overrides tuned.yaml`
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from kaggle_tta.adaptive import RULES
 from kaggle_tta.config import BlendConfig
 from kaggle_tta.dag import MemberSource, evaluate_dag
 from kaggle_tta.data import load_labels
 from kaggle_tta.errors import ConfigError
 from kaggle_tta.merge import Prediction, blend, blend_terms, to_probs, weighted_sum
-from kaggle_tta.tune import ensemble, losses
+from kaggle_tta.tune import ensemble, gates, losses
 from kaggle_tta.tune.cache import read_view, view_seconds
 from kaggle_tta.tune.member import MemberData
 from kaggle_tta.tune.options import TuneOptions
@@ -38,6 +39,7 @@ class Tuned:
     blends: dict[str, np.ndarray]
     threshold: float | np.ndarray
     notes: list[str] = field(default_factory=list)
+    gate_search: gates.GateSearch | None = None  # --adaptive: the gates learned (each member's ViewPolicy.gate holds its own)
     _nodes: dict[str, Prediction] | None = field(default=None, repr=False)
 
 
@@ -90,6 +92,9 @@ class ClassProblem:
                 m.temperature, None if w is None else np.asarray(w, dtype=np.float64),
             )
         self.settings = ViewSettings(views=opts.views, view_weights=opts.view_weights, class_weights=opts.class_weights, temperature=opts.temperature, seed=opts.seed)
+        self.pipeline_gates = {mp.name: mp.gate for mp in plan.members}  # adaptive as the pipeline sets it (as is)
+        self.rules = gate_rules(opts.adaptive, {n: g.rule if g is not None else None for n, g in self.pipeline_gates.items()})
+        self.held_out: list[gates.HeldOut] = []  # the folds' gates scored on their held-out rows (fit appends)
 
     @property
     def n_units(self) -> int:
@@ -104,16 +109,20 @@ class ClassProblem:
     # ---- the pipeline as it is, and fitting ------------------------------------------------
 
     def untuned(self) -> Tuned:
-        members = {n: ViewPolicy(m.weights if m.weights is not None else np.ones(len(m.views)), m.temperature) for n, m in self.members.items()}
+        members = {
+            n: ViewPolicy(m.weights if m.weights is not None else np.ones(len(m.views)), m.temperature, gate=self.pipeline_gates.get(n))
+            for n, m in self.members.items()
+        }
         blends = {b.name: np.asarray(b.weights if b.weights is not None else [1.0] * len(b.inputs), dtype=np.float64) for b in self.cfg.blends}
         th = self.cfg.submission.threshold
         return Tuned(members, blends, np.asarray(th, dtype=np.float32) if isinstance(th, list) else th)
 
     def fit(self, train: np.ndarray) -> Tuned:
-        """Tunes on the rows where ``train`` is True."""
+        """Tunes on the rows where ``train`` is True: views, weights and thresholds on full
+        TTA (no gate), then, with --adaptive, each member's gate."""
         base = self.untuned()
         tuning_views = any((self.opts.views, self.opts.view_weights, self.opts.class_weights, self.opts.temperature))
-        members = {n: tune_views(m, train, self.settings) if tuning_views else base.members[n] for n, m in self.members.items()}
+        members = {n: replace(tune_views(m, train, self.settings) if tuning_views else base.members[n], gate=None) for n, m in self.members.items()}
         tuned = Tuned(members, dict(base.blends), base.threshold)
         preds = {n: self._member_pred(n, p) for n, p in members.items()}
 
@@ -127,14 +136,35 @@ class ClassProblem:
             probs = to_probs(nodes[self.cfg.submission_source]).astype(np.float32)
             tuned.threshold = tune_thresholds(probs[train], self.y[train])
         tuned._nodes = nodes
+        if any(self.rules.values()):
+            self._fit_gates(tuned, train)
         return tuned
 
+    def _fit_gates(self, tuned: Tuned, train: np.ndarray) -> None:
+        """Learns the gates on ``train``; a fold's (``train`` not every row) are scored on
+        its held-out rows, for the gate table's held-out column."""
+        search = gates.learn(self, tuned, train, {n: r for n, r in self.rules.items() if r})
+        tuned.gate_search = search
+        for name, gate in search.gates.items():
+            tuned.members[name].gate = gate
+        if search.gates:
+            tuned._nodes = None  # the nodes again, through reduce_views with the gates' masks
+        if train.all():
+            self.held_out = []
+            return
+        held = gates.held_out(search, self.nodes(tuned), self, np.flatnonzero(~train), tuned.threshold)
+        if held is not None:
+            self.held_out.append(held)
+
     def _member_pred(self, name: str, p: ViewPolicy, drop: int | None = None) -> Prediction:
+        """The member's merge as the blend computes it: its kept views, weights and
+        temperature, and its gate's masks where it has one (full TTA at 1.0: as
+        api.sources_for, no masks)."""
         m = self.members[name]
         kept = [k for k in p.kept() if k != drop]
         w = p.weights[kept]
         uniform = len(kept) == 1 or (w.ndim == 1 and np.all(w == w[0]))  # as dag.view_weights: one view weighs nothing
-        return m.predict([m.views[k] for k in kept], None if uniform else w, p.temperature)
+        return m.predict([m.views[k] for k in kept], None if uniform else w, p.temperature, gate=p.gate)
 
     def _tune_blend(self, b: BlendConfig, inputs: list[Prediction], train: np.ndarray, tuned: Tuned) -> np.ndarray:
         values, kind, root = blend_terms(str(b.method), inputs, b.space, b.power)
@@ -192,6 +222,7 @@ class ClassProblem:
             "class weights": sum(len(m.views) * c for m in self.members.values()) if o.class_weights else 0,
             "member weights": sum(len(b.inputs) for b in self.cfg.blends) if o.member_weights != "off" else 0,
             "thresholds": c if (self.multilabel and o.thresholds) else 0,
+            "gates": sum(1 for r in self.rules.values() if r),
         }
         return {k: v for k, v in out.items() if v}
 
@@ -207,6 +238,19 @@ class ClassProblem:
             out["thresholds"] = _threshold_table(self.plan.classes, before.threshold, after.threshold)
         if any(m.activation != "none" for m in self.members.values()):
             out["uncertainty"] = rep.uncertainty_table(self, before, after)
+        if after.gate_search is not None and after.gate_search.members:
+            out["gates"] = gates.table(after.gate_search, self.held_out, self.n_units)
+        return out
+
+    def report_notes(self, tuned: Tuned) -> list[str]:
+        """What the report adds below its tables: the gates' summary and notes."""
+        search = tuned.gate_search
+        if search is None:
+            return [f"adaptive: no gate learned (--adaptive off); members.{n}.adaptive is null in tuned.yaml: plain TTA, as tune scored it"
+                    for n, g in self.pipeline_gates.items() if g is not None]
+        out = list(search.notes)
+        if search.learned:
+            out.append(gates.summary(search, self.held_out, self.n_units))
         return out
 
     def points(self, tuned: Tuned, tables: dict[str, Any]) -> list[tuple[str, str, float, float]]:
@@ -225,6 +269,10 @@ class ClassProblem:
             uniform = w.ndim == 1 and np.all(w == w[0])
             entry["view_weights"] = None if (uniform or w.ndim == 2) else _numbers(w)
             entry["view_class_weights"] = [_numbers(row) for row in w] if w.ndim == 2 else None
+            if p.gate is not None:  # every rule's key, so that an adaptive of the pipeline's merged under it keeps no other
+                entry["adaptive"] = {"first": p.gate.first, **{r: (float(p.gate.threshold) if r == p.gate.rule else None) for r in RULES}}
+            elif self.pipeline_gates.get(name) is not None:
+                entry["adaptive"] = None  # no gate learned (--adaptive off, one view, no gain): plain TTA, as tune scored it
             members.append(entry)
         out: dict[str, Any] = {"members": members}
         if self.cfg.blends:
@@ -232,6 +280,14 @@ class ClassProblem:
         if self.multilabel and self.opts.thresholds:
             out["submission"] = {"threshold": _numbers(np.asarray(tuned.threshold))}
         return out
+
+
+def gate_rules(option: str | None, pipeline: dict[str, str | None]) -> dict[str, str | None]:
+    """Member -> the rule its gate is learned with (None: no gate): ``--adaptive`` for every
+    member; by default (None) the rule of the members whose pipeline sets adaptive."""
+    if option is None:
+        return dict(pipeline)
+    return {n: option if option in RULES else None for n in pipeline}
 
 
 def _threshold_table(classes: list[str], before: Any, after: Any) -> Any:

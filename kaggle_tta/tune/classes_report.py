@@ -123,13 +123,17 @@ def uncertainty(pb: ClassProblem, tuned: Tuned) -> dict[str, np.ndarray]:
     rows = np.arange(len(top))
     for name in members_under(pb.cfg, src):
         m, p = pb.members[name], tuned.members[name]
+        gate = p.gate if p.gate is not None and not p.gate.skips_nothing else None
+        send = m.sends(gate) if gate is not None else None
         for k in p.kept():
             z_top = m.z[k][rows, top].astype(np.float64) / p.temperature
             if m.activation == "softmax":  # the top class's probability without the whole softmax
                 views.append(np.exp(z_top - losses.log_sum_exp(m.z[k], 1.0 / p.temperature)))
             else:
                 views.append(activate(z_top[:, None].astype(np.float32), m.activation)[:, 0].astype(np.float64))
-    std = np.stack(views).std(axis=0)
+            if send is not None and m.views[k] != gate.first:  # adaptive: a row's spread is over the views it holds, as the blend's
+                views[-1][~send] = np.nan
+    std = np.nanstd(np.stack(views), axis=0)
     q = np.clip(probs.astype(np.float64), 1e-12, 1.0)
     if pb.multilabel:
         r = np.clip(1.0 - probs.astype(np.float64), 1e-12, 1.0)

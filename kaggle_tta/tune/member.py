@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kaggle_tta.adaptive import Gate, needs
 from kaggle_tta.merge import VIEW_REDUCERS, Prediction, reduce_views
 from kaggle_tta.tune import losses
 
@@ -109,10 +110,25 @@ class MemberData:
             return np.stack([(g * x).mean(axis=0) for x in tb])
         return np.array([float(np.einsum("ij,ij->", g, x) / len(rows)) for x in tb])
 
-    def predict(self, views: list[str], w: np.ndarray | None, temperature: float, rows: np.ndarray | slice = slice(None)) -> Prediction:
-        """The merge exactly as the blend computes it (kaggle_tta.merge.reduce_views)."""
+    def predict(
+        self, views: list[str], w: np.ndarray | None, temperature: float, rows: np.ndarray | slice = slice(None), gate: Gate | None = None,
+        send: np.ndarray | None = None,
+    ) -> Prediction:
+        """The merge exactly as the blend computes it (kaggle_tta.merge.reduce_views; and
+        with an adaptive ``gate``, as dag.MemberSource.masks gives it: the views other than
+        the gate's first hold the rows ``needs`` sends on, from the first view's cached
+        values). ``send``: those rows given instead (bool ``[N]``, before ``rows``)."""
         at = {v: k for k, v in enumerate(self.views)}
-        return reduce_views(self.merge, [self.z[at[v]][rows] for v in views], self.activation, w, temperature)
+        masks = None
+        if gate is not None and not gate.skips_nothing and any(v != gate.first for v in views):
+            if send is None:
+                send = self.sends(gate)
+            masks = [None if v == gate.first else send[rows] for v in views]
+        return reduce_views(self.merge, [self.z[at[v]][rows] for v in views], self.activation, w, temperature, masks)
+
+    def sends(self, gate: Gate) -> np.ndarray:
+        """The rows (bool ``[N]``) the gate sends on to the member's other views."""
+        return needs(self.z[self.views.index(gate.first)], self.activation, gate)
 
     def probs(self, w: np.ndarray, temperature: float, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
         terms, scale = self.terms(w, temperature)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 MEMBER_WEIGHTS = ("hill", "optimise", "off")
 OBJECTIVES = ("nll", "metric")
+ADAPTIVE = ("off", "confidence", "margin")  # as kaggle_tta.adaptive.RULES, plus off (kept light: no numpy)
 
 
 @dataclass
@@ -38,6 +39,12 @@ class TuneOptions:
     seed: int = 0
     max_steps: int = 20
     """Hill climbing: at most this many copies of the blend's inputs."""
+    adaptive: str | None = None
+    """Adaptive views: learn a gate per member with this rule (confidence or margin), or off
+    (no gate: members whose pipeline sets one get ``adaptive: null``). None: off, except for
+    members whose pipeline sets ``adaptive``, which learn their own rule."""
+    keep_gain: float = 0.9
+    """The gates keep at least this share of the full TTA's metric gain over no TTA."""
 
     def check(self) -> None:
         from kaggle_tta.errors import ConfigError
@@ -50,6 +57,10 @@ class TuneOptions:
             raise ConfigError(f"--folds: {self.folds}; give 0 (in-sample only) or k >= 2 (tune on k - 1 folds, score the held-out one)")
         if self.max_steps < 1:
             raise ConfigError(f"--max-steps: {self.max_steps}; give at least 1")
+        if self.adaptive is not None and self.adaptive not in ADAPTIVE:
+            raise ConfigError(f"--adaptive: '{self.adaptive}'; choose one of {', '.join(ADAPTIVE)}")
+        if not 0.0 <= self.keep_gain <= 1.0:
+            raise ConfigError(f"--keep-gain: {self.keep_gain}; give a share of the full TTA's gain between 0 and 1 (e.g. 0.9)")
 
 
 SWITCHES = {
@@ -73,6 +84,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--objective", choices=OBJECTIVES, default="nll", help="what member weights minimize: nll (default) or the negated metric")
     p.add_argument("--max-steps", type=int, default=20, help="hill climbing: at most this many copies of a blend's inputs (default 20)")
     p.add_argument("--seed", type=int, default=0, help="folds and minibatches (default 0)")
+    p.add_argument(
+        "--adaptive", choices=ADAPTIVE, default=None,
+        help="learn each member's adaptive gate with this rule (off: none; default: off, except members whose pipeline sets adaptive learn its rule)",
+    )
+    p.add_argument("--keep-gain", type=float, default=0.9, help="the gates keep at least this share of the full TTA's metric gain over no TTA (default 0.9)")
     p.add_argument("--report", default=None, help="also write the report (markdown) here")
     p.add_argument("--picture", default=None, help="the gain-against-cost PNG (default: beside --out, .png)")
 
@@ -81,5 +97,5 @@ def options_from(args: argparse.Namespace) -> TuneOptions:
     return TuneOptions(
         views=args.views, view_weights=args.view_weights, class_weights=args.class_weights, temperature=args.temperature,
         member_weights=args.member_weights, thresholds=args.thresholds, objective=args.objective, metric=args.metric,
-        folds=args.folds, seed=args.seed, max_steps=args.max_steps,
+        folds=args.folds, seed=args.seed, max_steps=args.max_steps, adaptive=args.adaptive, keep_gain=args.keep_gain,
     )

@@ -22,6 +22,7 @@ TITLES = {
     "blends": "Per blend",
     "thresholds": "Thresholds",
     "uncertainty": "Uncertainty columns (format: probs, submission.uncertainty) ranking errors",
+    "gates": "Adaptive gates (--adaptive): extra forwards (views after the first) and the full TTA's gain kept",
 }
 
 

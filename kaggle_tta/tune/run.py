@@ -83,6 +83,8 @@ def tune(
     if task.tuner is None:
         raise ConfigError(f"task: kaggle-tta tune has nothing to learn for {task.name} (its Task sets no tuner)")
     make = choose("tuning problem", task.tuner, PROBLEMS, f"task {task.name}: Task.tuner")
+    if opts.adaptive not in (None, "off") and not getattr(task, "adaptive", False):
+        raise ConfigError(f"--adaptive {opts.adaptive}: gates are learned for tasks with adaptive views; {task.name} has none (Task.adaptive), use --adaptive off")
     name = fill_hint or _name(plan)
     sources = open_sources(plan, fill_command(name, [str(f) for f in override_files or []], overrides or []))
     problem = make(plan, sources, opts)
@@ -91,6 +93,8 @@ def tune(
     result = TuneResult(name, source, est, problem.overrides(est.tuned), warnings=est.warnings)
     result.tables = {"summary": summary_table(est, source), **problem.tables(est.untuned, est.tuned)}
     result.notes = list(getattr(est.tuned, "notes", []))
+    if hasattr(problem, "report_notes"):
+        result.notes += problem.report_notes(est.tuned)
     if out is not None:
         result.write(out)
         picture = picture if picture is not None else Path(out).with_suffix(".png")

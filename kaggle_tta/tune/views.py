@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kaggle_tta.adaptive import Gate
 from kaggle_tta.tune import losses
 from kaggle_tta.tune.member import MemberData
 from kaggle_tta.tune.temperature import fit_temperature
@@ -55,6 +56,7 @@ class ViewPolicy:
     counts: np.ndarray | None = None  # GPS's multiset (None: GPS off)
     added_gain: dict[int, float] = field(default_factory=dict)  # view -> NLL drop when GPS first added it (NaN: the first pick)
     notes: list[str] = field(default_factory=list)
+    gate: Gate | None = None  # adaptive views (kaggle_tta.tune.gates): rows its first view is sure of merge it alone
 
     def kept(self) -> np.ndarray:
         return np.flatnonzero(self.weights.reshape(len(self.weights), -1).sum(axis=1) > 0)

@@ -1,0 +1,228 @@
+"""kaggle-tta tune learns the adaptive gates (#16): one threshold per member, the fewest extra
+forwards that keep --keep-gain of the full TTA's gain; the blend then gives what tune said.
+
+The demo (pipeline.yaml: 240 images, two members with d4, fp32) is computed once for the
+module; what tune reports is checked against quantities computed here from the cache and
+from `kaggle-tta blend --overrides tuned.yaml`, never against numbers written down.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import yaml
+
+import kaggle_tta
+from kaggle_tta.adaptive import Gate, needs
+from kaggle_tta.api import sources_for
+from kaggle_tta.cli import main
+from kaggle_tta.config import load_pipeline
+from kaggle_tta.dag import node_predictions
+from kaggle_tta.errors import CacheError
+from kaggle_tta.plan import build_plan
+from kaggle_tta.tune.cache import GatedViewError, read_view
+
+ROOT = Path(__file__).resolve().parents[1]
+KEEP = 0.9
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> list[str]:
+    """The demo's full cache (every view of every row); returns its --set strings."""
+    tmp = tmp_path_factory.mktemp("demo")
+    assert main(["demo-data", str(tmp / "test")]) == 0
+    sets = [f"data.folder={tmp / 'test'}", f"data.labels.path={tmp / 'test' / 'labels.csv'}", f"cache.dir={tmp / 'cache'}",
+            f"submission.path={tmp / 'submission.csv'}", "runtime.precision=fp32"]
+    kaggle_tta.run(ROOT / "pipeline.yaml", overrides=sets, progress=False)
+    return sets
+
+
+def _labels(sets: list[str]) -> np.ndarray:
+    cfg = load_pipeline(ROOT / "pipeline.yaml", sets)
+    from kaggle_tta.data import load_labels
+
+    plan = build_plan(cfg)
+    return load_labels(cfg, plan.testset.ids, plan.classes)
+
+
+def _accuracy(sets: list[str], files: list[Path], *more: str, source: Path | dict = ROOT / "pipeline.yaml") -> float:
+    cfg = load_pipeline(source, [*sets, *more], base_dir=ROOT, override_files=files)
+    return kaggle_tta.blend(cfg).row("final").scores_tta["accuracy"]
+
+
+def _with_gate(adaptive: dict) -> dict:
+    """pipeline.yaml with resnet's ``adaptive`` set (in the pipeline itself, under any override file)."""
+    raw = yaml.safe_load((ROOT / "pipeline.yaml").read_text())
+    raw["members"][0]["adaptive"] = adaptive
+    return raw
+
+
+def test_demo_gates_keep_the_gain_with_few_forwards(demo, tmp_path):
+    """In sample, against what the cache gives: the gated pipeline (blend --overrides) gains
+    at least KEEP of the full TTA's accuracy gain over each member's first view alone, with
+    at most 40% of the full TTA's extra forwards (counted from the cached first views with
+    adaptive.needs); and at most 40% of d4's, keeping KEEP of d4's gain over no TTA."""
+    out = tmp_path / "tuned.yaml"
+    r = kaggle_tta.tune(load_pipeline(ROOT / "pipeline.yaml", demo), out=out, folds=5, adaptive="confidence", keep_gain=KEEP)
+    members = {m["name"]: m for m in yaml.safe_load(out.read_text())["members"]}
+    assert all(set(m["adaptive"]) == {"first", "confidence", "margin"} and m["adaptive"]["margin"] is None for m in members.values())
+
+    full = _accuracy(demo, [out], *(f"members.{n}.adaptive=null" for n in members))
+    gated = _accuracy(demo, [out])
+    alone = [f"members.{n}.{k}={v}" for n, m in members.items() for k, v in (("tta", f"[{m['adaptive']['first']}]"), ("view_weights", "null"), ("adaptive", "null"))]
+    none = _accuracy(demo, [out], *alone)
+    assert full > none, r.report()  # a gain to keep
+    assert gated - none >= KEEP * (full - none) - 1e-12, r.report()
+
+    plan = build_plan(load_pipeline(ROOT / "pipeline.yaml", demo, override_files=[out]))
+    n = len(plan.testset.ids)
+    run = full_extra = 0
+    for s, mp in zip(sources_for(plan), plan.members):
+        a = members[s.name]["adaptive"]
+        send = needs(read_view(s, a["first"]), mp.activation, Gate(a["first"], "confidence", a["confidence"]))
+        run += (len(s.views) - 1) * int(send.sum())
+        full_extra += (len(s.views) - 1) * n
+    assert run <= 0.4 * full_extra, r.report()
+
+    t = r.tables["gates"]
+    total = t.filter(pl.col("member") == "(all)").row(0, named=True)
+    assert total["extra forwards run"] == run and total["extra forwards run"] + total["extra forwards saved"] == full_extra
+    assert total["gain kept (in sample)"] == pytest.approx((gated - none) / (full - none))
+    held = total["gain kept (held out)"]  # 5 folds, each tuned and gated on the other four (None: no held-out gain to keep)
+    assert held is None or np.isfinite(held)
+    assert 0.0 <= t.filter(pl.col("member") != "(all)")["share sent on (held out)"].min() <= 1.0
+    assert any(note.startswith("adaptive: the gates keep") for note in r.notes)
+
+    d4 = kaggle_tta.blend(load_pipeline(ROOT / "pipeline.yaml", demo)).row("final")  # the pipeline as it is: d4, untuned
+    plain, d4_acc = d4.scores_plain["accuracy"], d4.scores_tta["accuracy"]
+    assert d4_acc > plain and gated - plain >= KEEP * (d4_acc - plain)
+    assert run <= 0.4 * 7 * n * len(members)  # d4: 7 extra views per member
+
+
+@pytest.mark.parametrize("rule", ["confidence", "margin"])
+def test_blend_with_the_overrides_gives_what_tune_reported(demo, tmp_path, rule, capsys):
+    """kaggle-tta tune --adaptive RULE, then kaggle-tta blend --overrides: the submission's
+    accuracy is tune's tuned score exactly, and every node's values bit for bit."""
+    out = tmp_path / "tuned.yaml"
+    sets = [x for s in demo for x in ("--set", s)]
+    assert main(["tune", str(ROOT / "pipeline.yaml"), *sets, "--out", str(out), "--folds", "0", "--adaptive", rule]) == 0
+    printed = capsys.readouterr().out
+    assert "Adaptive gates" in printed and "tune needs" not in printed
+    written = yaml.safe_load(out.read_text())
+    assert all(m["adaptive"][rule] is not None for m in written["members"])
+    tuned_acc = float(out.read_text().split(" tuned (in sample")[0].rsplit(" ", 1)[-1])  # the header tune wrote
+    r = kaggle_tta.tune(load_pipeline(ROOT / "pipeline.yaml", demo), folds=0, adaptive=rule)
+    assert r.overrides == written
+    assert f"{r.estimate.in_sample['accuracy'][1]:.4f}" == f"{tuned_acc:.4f}"
+
+    assert main(["blend", str(ROOT / "pipeline.yaml"), *sets, "--overrides", str(out)]) == 0
+    capsys.readouterr()
+    cfg = load_pipeline(ROOT / "pipeline.yaml", demo, override_files=[out])
+    plan = build_plan(cfg)
+    assert all(m.gate is not None and m.gate.rule == rule for m in plan.members)
+    y = _labels(demo)
+    sub = pl.read_csv(Path(cfg.submission.path))
+    assert (sub["label"].to_numpy() == np.asarray(plan.classes)[y]).mean() == r.estimate.in_sample["accuracy"][1]
+    nodes = node_predictions(cfg, sources_for(plan), 0, len(y))
+    mine = r.estimate.tuned._nodes or {}
+    for name, pred in nodes.items():
+        assert np.array_equal(pred.values, mine[name].values), name
+
+
+def test_the_search_scores_what_the_masked_merge_gives(demo):
+    """The search selects rows of two merges (every row sent on, none) instead of merging
+    again: at every candidate of every member, that equals reduce_views with the gate's masks."""
+    from kaggle_tta.tune.cache import open_sources
+    from kaggle_tta.tune.classes import ClassProblem
+    from kaggle_tta.tune.options import TuneOptions
+
+    plan = build_plan(load_pipeline(ROOT / "pipeline.yaml", demo))
+    opts = TuneOptions(folds=0, adaptive="margin")
+    pb = ClassProblem(plan, open_sources(plan, "demo"), opts)
+    tuned = pb.fit(np.ones(pb.n_units, bool))
+    search = tuned.gate_search
+    assert search is not None and search.learned and search.evaluations > 0
+    for name, g in search.members.items():
+        p = tuned.members[name]
+        for j in range(len(g.candidates)):
+            exact = pb._member_pred(name, type(p)(p.weights, p.temperature, gate=g.gate(j)))
+            assert np.array_equal(g.prediction(j).values, exact.values), (name, g.candidates[j])
+
+
+def test_adaptive_off_writes_no_adaptive_and_the_default_follows_the_pipeline(demo, tmp_path):
+    """By default a pipeline without adaptive learns no gate; --adaptive off on one that sets
+    a gate writes adaptive: null (scored as plain TTA); by default such a member learns its
+    own rule and the others none."""
+    r = kaggle_tta.tune(load_pipeline(ROOT / "pipeline.yaml", demo), folds=0)
+    assert all("adaptive" not in m for m in r.overrides["members"]) and "gates" not in r.tables
+
+    gated = _with_gate({"margin": 0.5})
+    as_is = _accuracy(demo, [], source=gated)
+    assert as_is != _accuracy(demo, [])  # the gate changes the demo's blend: "as is" below sees it
+    off = kaggle_tta.tune(load_pipeline(gated, demo, base_dir=ROOT), folds=0, adaptive="off", out=tmp_path / "off.yaml")
+    assert off.estimate.in_sample["accuracy"][0] == as_is  # as is: the pipeline's gate, as the blend applies it
+    members = {m["name"]: m for m in off.overrides["members"]}
+    assert members["resnet"]["adaptive"] is None and "adaptive" not in members["effnet"], off.overrides
+    assert _accuracy(demo, [tmp_path / "off.yaml"], source=gated) == off.estimate.in_sample["accuracy"][1]
+    assert "gates" not in off.tables and any("adaptive is null" in n for n in off.notes)
+
+    auto = kaggle_tta.tune(load_pipeline(gated, demo, base_dir=ROOT), folds=0, out=tmp_path / "auto.yaml")
+    members = {m["name"]: m for m in auto.overrides["members"]}
+    assert members["resnet"]["adaptive"]["margin"] is not None and members["resnet"]["adaptive"]["confidence"] is None
+    assert "adaptive" not in members["effnet"]
+    assert _accuracy(demo, [tmp_path / "auto.yaml"], source=gated) == auto.estimate.in_sample["accuracy"][1]
+
+
+def test_keep_gain_one_keeps_all_of_it_and_zero_keeps_none(demo):
+    """The constraint binds: keep-gain 1 keeps the whole in-sample gain; keep-gain 0 lets
+    every gate go to the bottom (no extra forward), and costs never rise as it loosens."""
+    runs = {k: kaggle_tta.tune(load_pipeline(ROOT / "pipeline.yaml", demo), folds=0, adaptive="confidence", keep_gain=k) for k in (1.0, 0.5, 0.0)}
+    cost = {k: r.tables["gates"].filter(pl.col("member") == "(all)")["extra forwards run"][0] for k, r in runs.items()}
+    search = runs[1.0].estimate.tuned.gate_search
+    assert search.signed(search.adaptive) >= search.signed(search.full)
+    assert cost[0.0] <= cost[0.5] <= cost[1.0] and cost[0.0] == 0
+
+
+def test_gated_views_are_refused_with_the_fix_and_the_fix_works(pipeline, tmp_path, capsys):
+    """A cache whose views hold only a gate's rows: tune refuses in one line naming the
+    member and the fix; the fix (infer with adaptive null) fills every row, then tune runs."""
+    write, cfg = pipeline
+    cfg = copy.deepcopy(cfg)
+    cfg["members"] = [{**cfg["members"][1], "tta": "hflip"}]  # b: test_efficientnet, identity and hflip
+    cfg["blends"] = []
+    cfg["submission"]["source"] = "b"
+    cfg["members"][0]["adaptive"] = {"confidence": 0.5}
+    path = write(cfg)
+    kaggle_tta.run(path, progress=False)
+    with pytest.raises(GatedViewError) as err:
+        kaggle_tta.tune(path, folds=0)
+    assert isinstance(err.value, CacheError) and "members.b" in str(err.value)
+    assert main(["tune", str(path), "--out", str(tmp_path / "t.yaml")]) == 2
+    line = capsys.readouterr().err
+    assert line.count("\n") == 1 and "tune needs every view of every row" in line and "Traceback" not in line
+    assert "--set members.b.adaptive=null" in line and not (tmp_path / "t.yaml").exists()
+
+    assert main(["infer", str(path), "--set", "members.b.adaptive=null"]) == 0
+    capsys.readouterr()
+    r = kaggle_tta.tune(path, folds=0, views=False, out=tmp_path / "t.yaml")
+    assert r.tables["gates"].row(0, named=True)["rule"] == "confidence"  # the pipeline's rule, learned from full views
+
+
+def test_no_gain_writes_no_gate(tmp_path):
+    """Every view the identity's copy: the full TTA gains nothing over the first view alone,
+    so no gate is learned (none written; the report says why)."""
+    from test_tune import CLASSES6, classification, letters
+
+    y, views = letters(200)
+    same = {v: views["identity"].copy() for v in ("identity", "hflip", "vflip")}
+    path = classification(tmp_path, {"net": same}, [CLASSES6[k] for k in y], CLASSES6)
+    r = kaggle_tta.tune(path, folds=0, views=False, adaptive="confidence")
+    assert "adaptive" not in r.overrides["members"][0], r.overrides
+    search = r.estimate.tuned.gate_search
+    assert not search.learned and search.full == search.none
+    assert any("gains nothing" in n for n in r.notes), r.notes
+    assert r.tables["gates"]["threshold"].null_count() == r.tables["gates"].height
