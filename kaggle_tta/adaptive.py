@@ -16,8 +16,9 @@ temperature 1, so the engine that decides which rows to compute and every blend 
 them later compute the same rows, bit for bit, from the same numbers.
 
 Which rows a view holds is therefore a function of the cached first view and the gate the
-view was computed under, which its manifest state records (``held``: first view, rule and
-threshold); see :func:`held_gate`. A view computed under a gate holds every row that gate
+view was computed under, which its manifest state records (``held``: first view, rule,
+threshold and the first view's CRC-32, so that a first view computed again never pairs with
+rows chosen from the old one); see :func:`held_gate`. A view computed under a gate holds every row that gate
 or any tighter one (same first view and rule, a lower threshold) needs, so a re-blend at a
 lower threshold reads the cache alone, and a higher one recomputes the view. A gate that
 skips nothing (threshold >= 1) stores full views, recorded as a plain view: plain TTA.
@@ -54,14 +55,16 @@ class Gate:
         """What a gated view's manifest state records (``held``)."""
         return {"first": self.first, "rule": self.rule, "threshold": float(self.threshold)}
 
-    def covered_by(self, held: dict[str, Any] | None) -> bool:
+    def covered_by(self, held: dict[str, Any] | None, first_crc32: int | None = None) -> bool:
         """Whether a view holding the rows of ``held`` (None: every row) has every row this
-        gate needs."""
+        gate needs; ``first_crc32``: the CRC-32 of the first view now, which must be the one
+        the held rows were chosen from (a first view computed again may send other rows)."""
         if held is None:
             return True
         if self.skips_nothing:
             return False
-        return held.get("first") == self.first and held.get("rule") == self.rule and float(held.get("threshold", -1.0)) >= self.threshold
+        same = held.get("first") == self.first and held.get("rule") == self.rule and float(held.get("threshold", -1.0)) >= self.threshold
+        return same and held.get("first_crc32") == first_crc32
 
     def text(self) -> str:
         return f"{self.rule} > {self.threshold:g} on {self.first}"

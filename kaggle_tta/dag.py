@@ -46,7 +46,9 @@ class MemberSource:
         wanted = self.gate if self.gate is not None and view != self.gate.first else None
         if wanted is None and held is not None:
             return f"computed for the rows of the gate {held.get('rule')} > {held.get('threshold')} only"
-        if wanted is not None and not wanted.covered_by(held):
+        if wanted is not None and held is not None and held.get("first_crc32") != self.entry.view_state(wanted.first).get("crc32"):
+            return f"its rows were chosen from another computation of the first view '{wanted.first}'"
+        if wanted is not None and not wanted.covered_by(held, self.entry.view_state(wanted.first).get("crc32")):
             return f"computed for the rows of the gate {held.get('rule')} > {held.get('threshold')} on {held.get('first')}, not {wanted.text()}"  # type: ignore[union-attr]
         return None
 

@@ -130,7 +130,7 @@ def _holds(main: CacheEntry, entry: CacheEntry, gate: Gate | None, m: MemberPlan
     for e in (entry, main):
         if e.is_complete(view):
             held = held_gate(e.view_state(view))
-            return held is None if wanted is None else wanted.covered_by(held)
+            return held is None if wanted is None else wanted.covered_by(held, e.view_state(wanted.first).get("crc32") if e.is_complete(wanted.first) else None)
     return True  # complete through shards: those are checked when assembled
 
 

@@ -358,6 +358,8 @@ class MemberWork:
         """Before opening: drops a view state computed under another gate (its rows are not
         this run's: it is computed again from row 0); after: records the gate it holds."""
         held = self.gate.record() if self.gated(view) else None
+        if held is not None and self.entry.is_complete(self.gate.first):  # type: ignore[union-attr]
+            held["first_crc32"] = self.entry.view_state(self.gate.first).get("crc32")  # type: ignore[union-attr]
         states = self.entry.manifest["views"]
         if record:
             if held is None:

@@ -101,7 +101,8 @@ def test_gated_views_hold_exactly_the_rows_the_gate_needs(plain_run, tmp_path):
         np.testing.assert_allclose(got[v][send], plain[v][send], atol=TOL, err_msg=v)
         assert (got[v][~send] == 0).all(), v
     states = json.loads((_entry_dir(tmp_path / "cache-gated") / "manifest.json").read_text())["views"]
-    assert "held" not in states["identity"] and all(states[v]["held"] == gate.record() for v in D4[1:])
+    first_crc = states["identity"]["crc32"]
+    assert "held" not in states["identity"] and all(states[v]["held"] == {**gate.record(), "first_crc32": first_crc} for v in D4[1:])
     f = res.stats.members["b"].forwards
     n = len(send)
     assert (f.run, f.full) == (n + 7 * int(send.sum()), 8 * n)
@@ -129,6 +130,27 @@ def test_a_tighter_gate_reblends_from_the_cache_and_a_looser_one_computes(plain_
     np.testing.assert_allclose(_probs(tmp_path / "gated.csv"), _probs(tmp_path / "plain.csv"), atol=1e-5)
     # and now (every row held) any gate re-blends from the cache
     assert kaggle_tta.run(path, progress=False).stats.all_cached
+
+
+def test_rows_chosen_from_another_first_view_are_never_used(plain_run, tmp_path):
+    """A gated view names the CRC-32 of the first view its rows were chosen from; where the
+    first view is no longer that one (computed again elsewhere), blend refuses in one line
+    and run computes the gated view again."""
+    write, cfg, plain = plain_run
+    t = float(np.median(scores(plain["identity"], "softmax", "confidence")))
+    path = write(_one_member(cfg, tmp_path, "gated", confidence=t), "gated.yaml")
+    kaggle_tta.run(path, progress=False)
+    before = _views(tmp_path / "cache-gated")["hflip"]
+    manifest = _entry_dir(tmp_path / "cache-gated") / "manifest.json"
+    man = json.loads(manifest.read_text())
+    man["views"]["hflip"]["held"]["first_crc32"] ^= 1
+    manifest.write_text(json.dumps(man))
+    with pytest.raises(KaggleTTAError, match=r"hflip \(its rows were chosen from another computation of the first view 'identity'\)"):
+        kaggle_tta.blend(load_pipeline(path))
+    again = kaggle_tta.run(path, progress=False)
+    assert again.stats.members["b"].views_computed == ["hflip"]
+    np.testing.assert_allclose(_views(tmp_path / "cache-gated")["hflip"], before, atol=TOL)  # the same rows, computed again
+    assert json.loads(manifest.read_text())["views"]["hflip"]["held"]["first_crc32"] == man["views"]["identity"]["crc32"]
 
 
 def test_an_interrupted_adaptive_run_resumes_to_the_same_cache(plain_run, tmp_path, monkeypatch):

@@ -279,6 +279,11 @@ class CacheEntry:
         for view in done:
             mm = self._open[view]
             self.manifest["views"][view]["crc32"] = mm.crc() if isinstance(mm, RaggedWriter) else data_crc(mm)
+        for view in done:  # a gated view (adaptive views) names the first view its rows were chosen from
+            held = self.manifest["views"][view].get("held")
+            first = self.manifest["views"].get(held["first"], {}) if isinstance(held, dict) else {}
+            if "crc32" in first:
+                held["first_crc32"] = first["crc32"]
         if done:  # all rows counted before any file moves: a kill after a move is recovered on load
             self.save()
         for view in done:
