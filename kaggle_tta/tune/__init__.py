@@ -13,6 +13,8 @@ that the public name and the package name cannot shadow each other.
 - ``thresholds``, ``masks``, ``boxes``: multi-label thresholds; segmentation threshold and
   min_area; detection fusion thresholds;
 - ``classes`` (+ ``classes_report``): the classification problem and its tables;
+- ``gates``: adaptive views' gates (``--adaptive``), one threshold per member, the fewest
+  extra forwards that keep ``--keep-gain`` of the full TTA's gain;
 - ``honest``: k-fold in- and out-of-sample scores, warnings; ``report``, ``picture``.
 """
 
