@@ -332,3 +332,37 @@ def test_segmentation_gates_images_on_their_mean_pixel_confidence(seg_images, tm
     o = next(p for p in (tmp_path / "cache-one" / "px").iterdir() if p.is_dir())
     assert all((o / f"{v}.npy").read_bytes() == (d / f"{v}.npy").read_bytes() for v in D4)
     assert (tmp_path / "one.csv").read_bytes() == (tmp_path / "plain.csv").read_bytes()
+
+
+# ---- the must-show: the demo with d4 ---------------------------------------------------------------
+
+
+def test_demo_d4_adaptive_run_keeps_the_gain_at_a_fraction_of_the_forwards(tmp_path):
+    """The demo pipeline (two trained members, d4, fp32): `tune --adaptive confidence` learns
+    the gates (alone: views, weights, temperatures and blend weights left as they are) on a
+    full run's cache; then a run from an empty cache with those gates keeps >= 90% of d4's
+    accuracy gain over no TTA, with <= 40% of d4's extra forwards, as the run counted them."""
+    from kaggle_tta.cli import main
+
+    assert main(["demo-data", str(tmp_path / "test")]) == 0
+    sets = [f"data.folder={tmp_path / 'test'}", f"data.labels.path={tmp_path / 'test' / 'labels.csv'}",
+            f"submission.path={tmp_path / 'submission.csv'}", "runtime.precision=fp32"]
+    full = kaggle_tta.run(ROOT / "pipeline.yaml", overrides=[*sets, f"cache.dir={tmp_path / 'full'}"], progress=False)
+    d4 = full.blend.row("final")
+    plain, d4_acc = d4.scores_plain["accuracy"], d4.scores_tta["accuracy"]
+    assert d4_acc > plain  # a gain to keep
+    gates = tmp_path / "gates.yaml"
+    kaggle_tta.tune(load_pipeline(ROOT / "pipeline.yaml", [*sets, f"cache.dir={tmp_path / 'full'}"]), out=gates, folds=0, adaptive="confidence",
+                    views=False, view_weights=False, temperature=False, member_weights="off")
+    cfg = load_pipeline(ROOT / "pipeline.yaml", [*sets, f"cache.dir={tmp_path / 'adaptive'}"], override_files=[gates])
+    assert all(m.adaptive is not None for m in cfg.members)
+    ran = kaggle_tta.run(cfg, progress=False)
+    n, members = len(ran.blend.table), 2
+    f = ran.stats.forwards
+    assert f.full == 8 * n * members
+    extra, d4_extra = f.run - n * members, 7 * n * members
+    row = ran.blend.row("final")
+    assert row.scores_plain["accuracy"] == plain  # the first views are d4's identity views
+    assert row.scores_tta["accuracy"] - plain >= 0.9 * (d4_acc - plain), (row, d4)
+    assert extra <= 0.4 * d4_extra, (extra, d4_extra)
+    assert row.forwards is not None and row.forwards.run == f.run  # the report counts what the run ran

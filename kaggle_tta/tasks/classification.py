@@ -164,10 +164,10 @@ class Classification(Task):
                     work.store[v.name][first : batch.hi][~send] = 0  # rows not held read as zeros, whatever a trial left
                     first_of[v.name] = first + np.flatnonzero(send)
                     rows = rows[torch.from_numpy(send).to(rows.device)]
-                    if rows.shape[0] == 0:
-                        continue
                 work.forwards.run += rows.shape[0]
                 work.forwards.full += batch.hi - first
+                if rows.shape[0] == 0:
+                    continue
                 by_size[tuple(v.out_size(tuple(rows.shape[-2:])))].append(Piece(v.name, rows.shape[0], lambda a, b, v=v, rows=rows: v.apply(rows[a:b])))
             return by_size
 
