@@ -226,3 +226,28 @@ def test_no_gain_writes_no_gate(tmp_path):
     assert not search.learned and search.full == search.none
     assert any("gains nothing" in n for n in r.notes), r.notes
     assert r.tables["gates"]["threshold"].null_count() == r.tables["gates"].height
+
+
+def test_adaptive_is_refused_where_tune_learns_no_gate(tmp_path):
+    """A problem that learns no gate (segmentation tunes its thresholds and min_area) refuses
+    --adaptive RULE in one line, before reading the cache, rather than ignoring it."""
+    import cv2
+    from test_tune import write_images
+
+    from kaggle_tta.errors import ConfigError
+
+    ids = write_images(tmp_path / "images", 4)
+    (tmp_path / "masks").mkdir()
+    for i in ids:
+        cv2.imwrite(str(tmp_path / "masks" / f"{i}.png"), np.zeros((4, 4), np.uint8))
+    cfg = {
+        "task": "segmentation", "multilabel": True,
+        "data": {"folder": str(tmp_path / "images"), "classes": ["a"], "masks": {"folder": str(tmp_path / "masks")}},
+        "runtime": {"device": "cpu", "precision": "fp32"}, "cache": {"dir": str(tmp_path / "cache")},
+        "members": [{"name": "px", "factory": "helpers:per_pixel", "kwargs": {"out_channels": 1}, "tta": "hflip"}],
+        "submission": {"path": str(tmp_path / "sub.csv")},
+    }
+    path = tmp_path / "seg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match=r"^--adaptive margin: tune learns gates for the tuners classes; .*use --adaptive off$"):
+        kaggle_tta.tune(path, adaptive="margin")

@@ -38,6 +38,7 @@ def _boxes(plan: Any, sources: Any, opts: TuneOptions) -> Any:
 
 # Task.tuner -> the problem that tunes it (each imported only when used).
 PROBLEMS: dict[str, Callable[[Any, Any, TuneOptions], Any]] = {"classes": _classes, "masks": _masks, "boxes": _boxes}
+LEARNS_GATES = {"classes"}  # the problems that learn adaptive gates (--adaptive; kaggle_tta.tune.gates)
 
 
 def tune(
@@ -83,8 +84,11 @@ def tune(
     if task.tuner is None:
         raise ConfigError(f"task: kaggle-tta tune has nothing to learn for {task.name} (its Task sets no tuner)")
     make = choose("tuning problem", task.tuner, PROBLEMS, f"task {task.name}: Task.tuner")
-    if opts.adaptive not in (None, "off") and not getattr(task, "adaptive", False):
-        raise ConfigError(f"--adaptive {opts.adaptive}: gates are learned for tasks with adaptive views; {task.name} has none (Task.adaptive), use --adaptive off")
+    if opts.adaptive not in (None, "off") and task.tuner not in LEARNS_GATES:
+        raise ConfigError(
+            f"--adaptive {opts.adaptive}: tune learns gates for the tuners {', '.join(sorted(LEARNS_GATES))}; {task.name} tunes '{task.tuner}' "
+            "(a gate there is set by hand, members[].adaptive, and tune scores it as the blend does); use --adaptive off"
+        )
     name = fill_hint or _name(plan)
     sources = open_sources(plan, fill_command(name, [str(f) for f in override_files or []], overrides or []))
     problem = make(plan, sources, opts)
