@@ -20,6 +20,7 @@ machines and on GPUs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import uuid
@@ -31,10 +32,17 @@ from typing import Any
 from kaggle_tta.errors import CacheError, ConfigError, KaggleTTAError
 
 # A barrier waits for the slowest rank's whole share: much longer than torch's 30 minutes on
-# a big test set. A rank that dies does not leave the others waiting this long: torchrun's
-# agent stops the group when one process exits with an error.
+# a big test set. A rank that fails does not leave the others waiting this long: it writes
+# ``failed`` in the round's keys, and every wait (and a watcher thread, see _Group) looks for
+# it every SLICE seconds; a rank killed outright makes its agent stop or restart the group.
 TIMEOUT = timedelta(hours=48)
 JOIN_TIMEOUT = timedelta(minutes=30)  # ranks meet before any model is built (each has listed and hashed the test set)
+SLICE = 2.0  # seconds: how often a waiting rank looks for a failed or restarted peer
+GRACE = 2 * SLICE + 1  # seconds a failing rank waits for its peers to read why (its agent may host the store)
+
+
+class PeerFailed(KaggleTTAError):
+    """Another rank failed or restarted: this one stops too (the cache keeps its rows)."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,23 @@ def current() -> Ranks | None:
     return Ranks(rank, world, local, local_world)
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: our own errors as they read, others with their type."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    return text if isinstance(exc, KaggleTTAError) else f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _lost(exc: BaseException) -> KaggleTTAError:
+    """The launcher's store gone or unreachable, as one line."""
+    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    return PeerFailed(
+        f"lost the launcher's store at {where} ({one_line(exc)}): the agent hosting it stopped, most likely because "
+        "a rank on its node failed (its message is in that node's log); fix that and run again — the cache keeps every row already computed"
+    )
+
+
 ROOT = "kaggle-tta"  # our keys in the launcher's store, beside its own
 POLL = 0.2  # seconds between looks while the ranks meet
 
@@ -104,6 +129,8 @@ class _Group:
     that. Every later key lives under ``<gen>/``, which no other round can share."""
 
     def __init__(self) -> None:
+        import threading
+
         from torch.distributed import PrefixStore, rendezvous
 
         store, self.rank, self.world = next(rendezvous("env://", timeout=JOIN_TIMEOUT))
@@ -111,7 +138,17 @@ class _Group:
         gen, self.nonces = self._meet()
         self.store = PrefixStore(f"{ROOT}/{gen}", store)
         self.calls = 0
+        self.stopped: str | None = None  # why the watcher stopped this rank
+        self.failing = self.closed = False
+        self._done = threading.Event()
         store.set_timeout(TIMEOUT)
+        self._watcher = None
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            import signal
+
+            self._old = signal.signal(signal.SIGUSR1, self._on_signal)
+            self._watcher = threading.Thread(target=self._watch, args=(threading.main_thread().ident,), name="kaggle-tta-ranks", daemon=True)
+            self._watcher.start()
 
     def _meet(self) -> tuple[str, list[str]]:
         """This round's generation id and every rank's nonce (in rank order)."""
@@ -160,7 +197,7 @@ class _Group:
 
         if time.monotonic() > deadline:
             raise KaggleTTAError(
-                f"rank {self.rank}/{self.world}: waited {JOIN_TIMEOUT} for {what} to join the launcher's store; "
+                f"waited {JOIN_TIMEOUT} for {what} to join the launcher's store; "
                 "check that every node runs the same torchrun command (--nnodes, --nproc_per_node, --rdzv_endpoint) and that none has stopped"
             )
 
@@ -168,12 +205,102 @@ class _Group:
         self.calls += 1
         return str(self.calls)
 
+    # ---- a failed or restarted peer ------------------------------------------------------
+
+    def _why_stop(self) -> str | None:
+        """Why this round is over for this rank (a peer failed, or restarted), else None."""
+        if self.failing:
+            return None
+        if self.store.check(["failed"]):
+            return self.store.get("failed").decode()
+        hellos = self.root.multi_get([f"{ROOT}/hello/{r}" for r in range(self.world)])
+        moved = [r for r, h in enumerate(hellos) if h.decode() != self.nonces[r]]
+        if moved:
+            return f"rank(s) {', '.join(map(str, moved))} restarted (the launcher began a new round without this rank's)"
+        return None
+
+    def _stop(self, why: str) -> PeerFailed:
+        self.closed = True  # one stop: the watcher's signal no longer raises
+        with contextlib.suppress(Exception):  # the store gone: nothing to tell
+            self.store.add("failed/seen", 1)
+        return PeerFailed(f"{why}; this rank stopped too — fix that and run again (the cache keeps every row already computed)")
+
+    def check(self) -> None:
+        """Raises PeerFailed where another rank failed or restarted."""
+        why = self._why_stop()
+        if why is not None:
+            raise self._stop(why)
+
+    def _watch(self, main: int) -> None:
+        """Stops the main thread (SIGUSR1: :meth:`_on_signal` raises PeerFailed there, as
+        Ctrl-C would raise KeyboardInterrupt; the cache keeps the rows committed) when a peer
+        fails or restarts, so that a rank does not compute on to the end of its share
+        before it learns of it at the barrier."""
+        import signal
+
+        while not self._done.wait(SLICE):
+            try:
+                why = self._why_stop()
+            except Exception:  # noqa: BLE001 - the store gone: the main thread's next exchange says so
+                return
+            if why is not None:
+                self.stopped = why
+                signal.pthread_kill(main, signal.SIGUSR1)  # a real signal: a blocking call (a lock's wait) returns too
+                return
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if not self.closed and self.stopped is not None:
+            raise self._stop(self.stopped)
+
+    def close(self) -> None:
+        """No more stops: the watcher ends (and its signal handler is put back)."""
+        self.closed = True
+        self._done.set()
+        if self._watcher is not None:
+            import signal
+
+            self._watcher.join()
+            signal.signal(signal.SIGUSR1, self._old)
+            self._watcher = None
+
+    def fail(self, why: str) -> None:
+        """Tells the other ranks that this one failed (the first failure is the one named),
+        then waits a little for them to read it: the agent hosting the store may stop as
+        soon as this rank exits."""
+        import time
+
+        self.failing = True
+        with contextlib.suppress(Exception):  # the store gone: nothing to tell
+            self.store.compare_set("failed", "", why)
+            end = time.monotonic() + GRACE
+            while time.monotonic() < end and self.store.add("failed/seen", 0) < self.world - 1:
+                time.sleep(0.1)
+
+    def _wait(self, keys: list[str]) -> None:
+        """Waits for ``keys`` in slices of SLICE seconds, looking for a failed or restarted
+        peer between them; after TIMEOUT in all, one line."""
+        import time
+
+        from torch.distributed import DistStoreError
+
+        end = time.monotonic() + TIMEOUT.total_seconds()
+        while True:
+            try:
+                self.store.wait(keys, timedelta(seconds=SLICE))
+                return
+            except DistStoreError:  # this slice's timeout
+                pass
+            self.check()
+            if time.monotonic() > end:
+                raise KaggleTTAError(f"waited {TIMEOUT} for the other ranks; one of them is stuck (its node's log says where)")
+
     def broadcast(self, obj: Any) -> Any:
         import pickle
 
         k = self.key()
         if self.rank == 0:
             self.store.set(k, pickle.dumps(obj))
+        self._wait([k])
         return pickle.loads(self.store.get(k))
 
     def all_gather(self, obj: Any) -> list[Any]:
@@ -181,20 +308,26 @@ class _Group:
 
         k = self.key()
         self.store.set(f"{k}/{self.rank}", pickle.dumps(obj))
-        return [pickle.loads(self.store.get(f"{k}/{r}")) for r in range(self.world)]
+        keys = [f"{k}/{r}" for r in range(self.world)]
+        self._wait(keys)
+        return [pickle.loads(v) for v in self.store.multi_get(keys)]
 
     def gather(self, obj: Any) -> list[Any] | None:
         import pickle
 
         k = self.key()
         self.store.set(f"{k}/{self.rank}", pickle.dumps(obj))
-        return [pickle.loads(self.store.get(f"{k}/{r}")) for r in range(self.world)] if self.rank == 0 else None
+        if self.rank != 0:
+            return None
+        keys = [f"{k}/{r}" for r in range(self.world)]
+        self._wait(keys)
+        return [pickle.loads(v) for v in self.store.multi_get(keys)]
 
     def barrier(self) -> None:
         k = self.key()
         if self.store.add(k, 1) == self.world:  # the last to arrive lets everyone go
             self.store.set(f"{k}/all", b"1")
-        self.store.wait([f"{k}/all"])
+        self._wait([f"{k}/all"])
 
 
 _GROUP: list[_Group] = []
@@ -203,11 +336,40 @@ _GROUP: list[_Group] = []
 def join(r: Ranks) -> None:
     """Joins the ranks' store (once per process)."""
     if not _GROUP:
-        _GROUP.append(_Group())
+        try:
+            _GROUP.append(_Group())
+        except KaggleTTAError:
+            raise
+        except Exception as exc:
+            from torch.distributed import DistError
+
+            if isinstance(exc, DistError):
+                raise _lost(exc) from None
+            raise
 
 
 def leave() -> None:
+    if _GROUP:
+        _GROUP[0].close()
     _GROUP.clear()
+
+
+def failed(exc: BaseException, r: Ranks) -> BaseException | None:
+    """Called with what stopped this rank's part of a run: tells the other ranks (a
+    ``failed`` key naming this rank; their waits and watchers stop them) and returns the
+    error to raise instead where there is one (a lost store: one line)."""
+    if not _GROUP:
+        return None
+    g = _GROUP[0]
+    g.close()
+    if isinstance(exc, PeerFailed):  # another rank's failure: named already
+        return None
+    from torch.distributed import DistError
+
+    if isinstance(exc, DistError):
+        return _lost(exc)
+    g.fail(f"rank {r.rank}/{r.world} on {socket.gethostname()} failed: {one_line(exc)}")
+    return None
 
 
 def broadcast(obj: Any) -> Any:

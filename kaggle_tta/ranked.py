@@ -49,14 +49,31 @@ def run_ranked(plan: Plan, progress: bool, r: Any) -> RunStats:
     assembles the entries from the shards under the entries' locks. Rank 0 decides the
     precision (and checks ``auto`` against fp32) for all ranks, so that every rank writes the
     same entries; each rank tunes its own chunk size. Returns, on rank 0, the whole run's
-    summary with a line per rank; elsewhere the rank's own."""
+    summary with a line per rank; elsewhere the rank's own.
+
+    Whatever stops a rank (an error, Ctrl-C) is told to the others, which stop within
+    seconds with a line naming it, wherever they are (dist.failed)."""
+    from kaggle_tta import dist
+
+    dist.join(r)
+    try:
+        return _run_ranked(plan, progress, r)
+    except BaseException as exc:
+        instead = dist.failed(exc, r)
+        if instead is not None:
+            raise instead from None
+        raise
+    finally:
+        dist.leave()
+
+
+def _run_ranked(plan: Plan, progress: bool, r: Any) -> RunStats:
     import socket
 
     from kaggle_tta import dist
     from kaggle_tta.plan import resolve_precision
 
     rt, n = plan.cfg.runtime, len(plan.testset)
-    dist.join(r)
     t0 = time.perf_counter()
     device = dist.device_for(rt.device, r)
     threads = dist.threads_for(rt.threads, r) if device.type == "cpu" else rt.threads
@@ -74,7 +91,6 @@ def run_ranked(plan: Plan, progress: bool, r: Any) -> RunStats:
     if r.main:
         stats.assembled = assemble_entries(plan, precisions, str(r))
     lines = dist.gather((line, stats.members))
-    dist.leave()
     if lines is not None:
         _join_ranks(stats, lines, plan)
         stats.seconds = time.perf_counter() - t0

@@ -314,3 +314,33 @@ def test_a_device_named_for_one_gpu_is_refused_with_ranks():
 
     with pytest.raises(ConfigError, match="names one GPU"):
         device_for("cuda:1", Ranks(0, 2, 0, 2))
+
+
+def _corrupt_last(pipeline, tmp: Path, name: str) -> Path:
+    """The classification pipeline on a copy of the demo set whose last image is not an image
+    (found by the loader, in the last rank's share; the listing does not read the images)."""
+    import shutil
+
+    images = tmp / f"{name}-images"
+    shutil.copytree(Path(pipeline[1]["data"]["folder"]), images)
+    sorted(images.glob("*.png"))[-1].write_bytes(b"not a png")
+    cfg = copy.deepcopy(pipeline[1])
+    cfg["data"]["folder"] = str(images)
+    cfg["data"]["labels"] = {"path": str(images / "labels.csv")}
+    return _classification(cfg, tmp, name)
+
+
+def test_a_rank_failing_on_another_node_stops_every_rank_with_one_line(pipeline, tmp_path):
+    """Two agents (two nodes): rank 1's share holds an image that cannot be decoded. Rank 1
+    fails; rank 0, on the other agent, stops within seconds (not at a barrier after 48 h)
+    naming rank 1's error, and neither prints a traceback of ours."""
+    p = _corrupt_last(pipeline, tmp_path, "bad")
+    args = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{_free_port()}", "--rdzv_id", "bad"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *args, "-m", "kaggle_tta", "run", str(p), "-q"]
+    done = _finish(cmd, cmd, timeout=120)
+    assert all(d.returncode != 0 for d in done), [d.stderr[-2000:] for d in done]
+    errs = "\n".join(d.stderr for d in done)
+    assert "kaggle-tta: rank 1/2: error: " in errs and "img_00023" in errs, errs[-3000:]
+    stopped = [ln for ln in errs.splitlines() if ln.startswith("kaggle-tta: rank 0/2: error: ")]
+    assert len(stopped) == 1 and "rank 1/2 on " in stopped[0] and "failed: " in stopped[0] and "img_00023" in stopped[0], errs[-3000:]
+    assert "kaggle_tta/" not in errs, errs[-3000:]  # no traceback through our code
