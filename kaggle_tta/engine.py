@@ -13,6 +13,7 @@ With ``precision: auto`` resolved to bf16 or fp16, each member is first checked 
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
@@ -441,6 +442,7 @@ def _stream(plan: Plan, pending: list[MemberWork], batches, loader, start: int, 
     """
     task, n = plan.task, len(plan.testset)
     trial_from: dict[int, int] = {}  # id(member work) -> its first row computed on trial
+    counted: dict[int, Forwards] = {}  # ... and its forwards before that row
     n_views = sum(len(w.views) for w in pending)
     bar = tqdm(total=n - start, unit="img", desc=f"{label + ': ' if label else ''}{len(pending)} member(s), {n_views} view(s)", disable=not progress, dynamic_ncols=True)
     try:
@@ -451,6 +453,7 @@ def _stream(plan: Plan, pending: list[MemberWork], batches, loader, start: int, 
                 todo = w.todo(batch.lo, batch.hi)
                 if todo and w.runner.sizer.measuring and id(w) not in trial_from:  # type: ignore[union-attr]
                     trial_from[id(w)] = min(first for _, first in todo)  # a member with no rows yet does not hold others
+                    counted[id(w)] = dataclasses.replace(w.forwards)  # the rows on trial are computed again: counted once
                 task.step(w, batch, plan)
             deciding = [w for w in pending if id(w) in trial_from]
             if deciding:
@@ -461,6 +464,7 @@ def _stream(plan: Plan, pending: list[MemberWork], batches, loader, start: int, 
                     size, channels_last = w.runner.sizer.decide()  # type: ignore[union-attr]
                     tuning.remember(plan.cache_root, _tuning_key(w, w.runner.precision, device, plan), size, channels_last)  # type: ignore[union-attr]
                     w.rewind(trial_from[id(w)])
+                    w.forwards = counted[id(w)]
                 batches = loader(min(trial_from.values()))
                 trial_from.clear()
                 continue

@@ -84,15 +84,19 @@ def test_a_gate_that_skips_nothing_is_plain_tta(plain_run, tmp_path, rule):
     assert (tmp_path / "plain.csv").read_bytes() == (tmp_path / "one.csv").read_bytes()
 
 
-def test_gated_views_hold_exactly_the_rows_the_gate_needs(plain_run, tmp_path):
+@pytest.mark.parametrize("forward_batch", [16, "auto"])
+def test_gated_views_hold_exactly_the_rows_the_gate_needs(plain_run, tmp_path, forward_batch):
     """The median first-view confidence as threshold: about half the rows get the other
     seven views. Those rows equal plain TTA's (within TOL), the others are zeros; the forwards
-    are counted; the submission equals the oracle merge of the plain cache with those masks."""
+    are counted (rows computed again after a chunk-size trial once); the submission equals
+    the oracle merge of the plain cache with those masks."""
     write, cfg, plain = plain_run
     conf = scores(plain["identity"], "softmax", "confidence")
     t = float(np.median(conf))
     gate = Gate("identity", "confidence", t)
-    res = kaggle_tta.run(write(_one_member(cfg, tmp_path, "gated", confidence=t), "gated.yaml"), progress=False)
+    gated = _one_member(cfg, tmp_path, "gated", confidence=t)
+    gated["runtime"]["forward_batch"] = forward_batch
+    res = kaggle_tta.run(write(gated, "gated.yaml"), progress=False)
     got = _views(tmp_path / "cache-gated")
     np.testing.assert_allclose(got["identity"], plain["identity"], atol=TOL)  # forwarded alone, not packed with other views
     send = needs(got["identity"], "softmax", gate)  # the gate reads the first view as cached
