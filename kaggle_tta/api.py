@@ -122,10 +122,31 @@ def _infer_share(plan: Plan, share: tuple[int, int], progress: bool) -> RunStats
 
 
 def _all_cached(plan: Plan) -> bool:
-    """Whether every member has an entry holding all its views (and image sizes)."""
+    """Whether every member's entry, in the precision this run would compute it in, holds
+    all its views (and image sizes): then ``runtime.devices`` starts no ranks. Under
+    ``precision: auto`` resolved to a reduced precision that is the verdict an earlier check
+    recorded (engine._recorded_check); a member with none would be checked first, so it is
+    not cached (an entry complete in another precision is not this run's). Detection members
+    are never checked: their reduced entry is theirs."""
+    from kaggle_tta.cache import CacheEntry
+    from kaggle_tta.engine import REDUCED, _recorded_check
+    from kaggle_tta.forward import ProbeWork
+
+    rt = plan.cfg.runtime
+    precision = resolve_precision(rt.precision, resolve_device(rt.device))
     for m in plan.members:
-        entry = find_entry(plan, m, plan.cfg.runtime.precision)
-        if entry is None or not all(entry.is_complete(v.name) for v in m.views) or (plan.task.stores_image_sizes and not entry.sizes_complete()):
+        ran_in = precision
+        if rt.precision == "auto" and precision in REDUCED:
+            known = _recorded_check(plan, m, precision)
+            if known is not None:
+                ran_in = known.ran_in
+            else:
+                trial = ProbeWork(m, None, list(m.views))  # type: ignore[arg-type]
+                plan.task.open_views(trial, plan)  # as engine._probe tells the members it does not check
+                if not trial.ragged:
+                    return False
+        entry = CacheEntry(plan.cache_root, m.name, m.fingerprint(ran_in), m.inputs)
+        if not all(entry.is_complete(v.name) for v in m.views) or (plan.task.stores_image_sizes and not entry.sizes_complete()):
             return False
     return True
 

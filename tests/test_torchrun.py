@@ -231,14 +231,29 @@ def test_nodes_without_a_shared_cache_are_refused_before_any_forward(pipeline, t
     assert not (tmp_path / "marks").exists(), "no model ran"
 
 
-def test_runtime_devices_2_starts_two_ranks_and_completes_identically(pipeline, tmp_path):
+def test_runtime_devices_2_under_precision_auto_starts_two_ranks_and_completes_identically(pipeline, tmp_path):
+    """precision auto: bf16 where the CPU has it natively (rank 0 checks it against fp32 for
+    every rank), fp32 elsewhere. Both caches hold complete fp32 entries first: under a reduced
+    auto they are not this run's, so the ranks start (and compute what one process does)."""
+    from kaggle_tta.api import _all_cached
+    from kaggle_tta.plan import resolve_precision
+
+    auto = ["runtime.precision=auto"]
+    reduced = resolve_precision("auto", torch.device("cpu")) != "fp32"
     single = _classification(pipeline[1], tmp_path, "single")
-    run(single, progress=False)
     p = _classification(pipeline[1], tmp_path, "devices")
-    cmd = [sys.executable, "-m", "kaggle_tta", "run", str(p), "-q", "--set", "runtime.devices=2"]
+    for q in (single, p):
+        run(q, progress=False)  # fp32
+    assert _all_cached(build_plan(load_pipeline(single, auto))) is not reduced
+    run(single, auto, progress=False)
+    assert _all_cached(build_plan(load_pipeline(single, auto)))
+    cmd = [sys.executable, "-m", "kaggle_tta", "run", str(p), "-q", "--set", "runtime.devices=2", "--set", auto[0]]
     (done,) = _finish(cmd)
     _ok(done)
-    assert "ranks: 0 rows 0-12" in done.stdout and "; 1 rows 12-24" in done.stdout
+    if reduced:
+        assert "ranks: 0 rows 0-12" in done.stdout and "; 1 rows 12-24" in done.stdout, done.stdout
+    else:
+        assert "no model was run" in done.stdout and "ranks:" not in done.stdout, done.stdout
     _same(single, p)
     (again,) = _finish(cmd)
     _ok(again)
