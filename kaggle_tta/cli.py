@@ -197,30 +197,19 @@ def cmd_cache_verify(args: argparse.Namespace) -> None:
 def cmd_cache_merge(args: argparse.Namespace) -> None:
     """Joins shards computed elsewhere (machines without a shared filesystem, each running
     its share into its own cache.dir) into this cache, and assembles what they complete."""
-    from kaggle_tta.cache import CacheEntry, locked
-    from kaggle_tta.cache.shards import assemble, merge_from, missing_rows
+    from kaggle_tta.cache.shards import missing_rows
     from kaggle_tta.errors import CacheError
     from kaggle_tta.plan import build_plan
+    from kaggle_tta.ranked import assemble_from
 
     plan = build_plan(_load(args))
     for src in args.sources:
         if not Path(src).is_dir():
             raise CacheError(f"{src}: not a folder; give the cache.dir of the machine whose shards to merge")
-    copied = made = 0
-    lacking = []
-    for m in plan.members:
-        for p in ("fp32", "bf16", "fp16"):
-            entry = CacheEntry(plan.cache_root, m.name, m.fingerprint(p), m.inputs)
-            if not any((d / m.name / entry.fingerprint / "shards").is_dir() for d in [plan.cache_root, *map(Path, args.sources)]):
-                continue
-            with locked([entry.dir]):
-                entry.reload()
-                copied += sum(merge_from(entry, Path(src), m.name) for src in args.sources)
-                if not (entry.dir / "shards").is_dir():
-                    continue
-                made += len(assemble(entry, [v.name for v in m.views], len(plan.testset), plan.testset.ids, plan.task.stores_image_sizes))
-                lacking += [f"{m.name}/{v.name} ({missing_rows(entry, v.name, len(plan.testset))} rows)" for v in m.views if not entry.is_complete(v.name)]
-    print(f"cache: {copied} shard(s) copied, {made} view(s) assembled in {plan.cache_root}")
+    done = assemble_from(plan, None, [Path(src) for src in args.sources], lock=True)
+    n = len(plan.testset)
+    lacking = [f"{m.name}/{v.name} ({missing_rows(entry, v.name, n)} rows)" for m, entry in done.entries for v in m.views if not entry.is_complete(v.name)]
+    print(f"cache: {done.copied} shard(s) copied, {done.made} view(s) assembled in {plan.cache_root}")
     if lacking:
         raise CacheError(f"still missing after the merge: {'; '.join(lacking[:5])}{' ...' if len(lacking) > 5 else ''}; merge the other machines' caches too, or run 'kaggle-tta infer {args.pipeline}' to compute them here")
 

@@ -1,21 +1,30 @@
 """Several ranks on one cache (torchrun, ``runtime.devices``, ``infer --share``): each rank's
 share of the rows into shard entries (kaggle_tta.cache.shards), then rank 0 assembles the
-entries and blends. The single-process loop itself is kaggle_tta.engine's."""
+entries and blends. The single-process loop itself is kaggle_tta.engine's.
+
+The assembly (:func:`assemble_from`) is one function for rank 0, for a single process that
+finds shards a torchrun left, and for ``cache merge``; it imports no torch."""
 
 from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
-from typing import Any
-
-import torch
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from kaggle_tta.cache import CacheEntry, locked
-from kaggle_tta.cache.shards import assemble
-from kaggle_tta.engine import RunStats, _pending, _run_locked, choose_precisions
-from kaggle_tta.forward import PrecisionCheck
-from kaggle_tta.plan import Plan, resolve_workers
+from kaggle_tta.cache.shards import assemble, merge_from
+from kaggle_tta.plan import Plan
+
+if TYPE_CHECKING:
+    import torch
+
+    from kaggle_tta.engine import RunStats
+    from kaggle_tta.forward import PrecisionCheck
+
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -31,16 +40,52 @@ class RankLine:
     seconds: float
 
 
+@dataclass
+class Assembly:
+    """What :func:`assemble_from` did."""
+
+    copied: int = 0  # shards copied from other caches (cache merge)
+    made: int = 0  # views (and image sizes) completed in the entries
+    entries: list[tuple[Any, CacheEntry]] = field(default_factory=list)  # (member plan, entry) of every entry looked at
+
+
+def assemble_from(plan: Plan, precisions: dict[str, PrecisionCheck] | None = None, sources: Sequence[Path] = (), lock: bool = False) -> Assembly:
+    """Assembles each member's entry from its shards (kaggle_tta.cache.shards), those of this
+    cache and, first, those copied here from ``sources`` (other machines' cache.dir).
+
+    ``precisions``: the entry of each member's chosen precision; None (cache merge): every
+    precision whose entry has shards here or in a source. ``lock``: take each entry's lock
+    here (else the caller holds them).
+    """
+    out = Assembly()
+    for m in plan.members:
+        for p in (precisions[m.name].ran_in,) if precisions is not None else PRECISIONS:
+            entry = CacheEntry(plan.cache_root, m.name, m.fingerprint(p), m.inputs)
+            if precisions is None and not any((Path(d) / m.name / entry.fingerprint / "shards").is_dir() for d in [plan.cache_root, *sources]):
+                continue
+            with locked([entry.dir]) if lock else _nothing():
+                if lock:
+                    entry.reload()
+                out.copied += sum(merge_from(entry, Path(src), m.name) for src in sources)
+                out.entries.append((m, entry))
+                if not (entry.dir / "shards").is_dir():
+                    continue
+                done = assemble(entry, [v.name for v in m.views], len(plan.testset), plan.testset.ids, plan.task.stores_image_sizes)
+                out.made += len(done.views)
+    return out
+
+
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()
+
 
 def assemble_members(plan: Plan, precisions: dict[str, PrecisionCheck]) -> int:
-    """Assembles each member's entry from its ranks' shards (see kaggle_tta.cache.shards);
-    call it holding the entries' locks. Returns the views (and image sizes) completed."""
-    made = 0
-    for m in plan.members:
-        entry = CacheEntry(plan.cache_root, m.name, m.fingerprint(precisions[m.name].ran_in), m.inputs)
-        if (entry.dir / "shards").is_dir():
-            made += len(assemble(entry, [v.name for v in m.views], len(plan.testset), plan.testset.ids, plan.task.stores_image_sizes))
-    return made
+    """Assembles each member's entry from its ranks' shards; call it holding the entries'
+    locks (engine: a single process that finds shards a torchrun left). Returns the views
+    (and image sizes) completed."""
+    return assemble_from(plan, precisions).made
 
 
 def run_ranked(plan: Plan, progress: bool, r: Any) -> RunStats:
@@ -70,8 +115,11 @@ def run_ranked(plan: Plan, progress: bool, r: Any) -> RunStats:
 def _run_ranked(plan: Plan, progress: bool, r: Any) -> RunStats:
     import socket
 
+    import torch
+
     from kaggle_tta import dist
-    from kaggle_tta.plan import resolve_precision
+    from kaggle_tta.engine import choose_precisions
+    from kaggle_tta.plan import resolve_precision, resolve_workers
 
     rt, n = plan.cfg.runtime, len(plan.testset)
     t0 = time.perf_counter()
@@ -89,7 +137,7 @@ def _run_ranked(plan: Plan, progress: bool, r: Any) -> RunStats:
     line = RankLine(r.rank, socket.gethostname(), str(device), lo, hi, stats.rows_computed, stats.seconds)
     dist.barrier()  # every share is in its shards
     if r.main:
-        stats.assembled = assemble_entries(plan, precisions, str(r))
+        stats.assembled = assemble_entries(plan, precisions, str(r)).made
     lines = dist.gather((line, stats.members))
     if lines is not None:
         _join_ranks(stats, lines, plan)
@@ -101,6 +149,8 @@ def run_share(plan: Plan, device: torch.device, precisions: dict[str, PrecisionC
     """Rows ``lo:hi`` of every member still missing (from the entries and from complete
     shards of any split) into shard entries, holding the shards' locks."""
     import dataclasses
+
+    from kaggle_tta.engine import RunStats, _pending, _run_locked
 
     part = dataclasses.replace(plan, testset=plan.testset.rows(lo, hi), rows=(lo, hi))
     pending = _pending(part, precisions, RunStats(str(device), None, hi - lo), locked_=False)
@@ -114,7 +164,7 @@ def run_share(plan: Plan, device: torch.device, precisions: dict[str, PrecisionC
     return stats
 
 
-def assemble_entries(plan: Plan, precisions: dict[str, PrecisionCheck], label: str = "") -> int:
+def assemble_entries(plan: Plan, precisions: dict[str, PrecisionCheck], label: str = "") -> Assembly:
     """Every member's entry assembled from its shards, holding the entries' locks."""
     dirs = [plan.cache_root / m.name / m.fingerprint(precisions[m.name].ran_in) for m in plan.members]
 
@@ -122,7 +172,7 @@ def assemble_entries(plan: Plan, precisions: dict[str, PrecisionCheck], label: s
         print(f"kaggle-tta: {label or 'assembly'}: waiting for another run writing {folder}", file=sys.stderr, flush=True)
 
     with locked(dirs, waiting):
-        return assemble_members(plan, precisions)
+        return assemble_from(plan, precisions)
 
 
 def _join_ranks(stats: RunStats, lines: list, plan: Plan) -> None:

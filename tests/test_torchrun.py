@@ -287,7 +287,7 @@ def test_a_changed_split_uses_the_shards_of_the_old_one(pipeline, tmp_path):
         stats, precisions = _share(plan, *Ranks(r, 3, r, 3).share(24, 4))
         computed.append(stats.rows_computed)
     assert computed == [0, 8, 8]
-    assert assemble_entries(plan, precisions) == 10  # 2 + 8 views
+    assert assemble_entries(plan, precisions).made == 10  # 2 + 8 views
     main(["blend", str(p)])
     _same(single, p)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -71,16 +72,21 @@ def covered(entry: CacheEntry, view: str, lo: int, hi: int, shards: list | None 
     return _cover(list_shards(entry) if shards is None else shards, view, lo, hi) is not None
 
 
-def assemble(entry: CacheEntry, views: list[str], n: int, ids: list[str], sizes: bool = False) -> list[str]:
+@dataclass
+class Assembled:
+    """What :func:`assemble` did to one entry."""
+
+    views: list[str] = field(default_factory=list)  # views (and SIZES) completed in the entry
+
+
+def assemble(entry: CacheEntry, views: list[str], n: int, ids: list[str], sizes: bool = False) -> Assembled:
     """Completes each of ``views`` (and, with ``sizes``, the image sizes) that the entry
-    lacks and its shards cover, in the entry's own files; returns those it completed. Call
-    it holding the entry's lock. Shards whose every complete view the entry now holds are
-    removed (under their own lock, so a rank still writing one is waited for)."""
+    lacks and its shards cover, in the entry's own files. Call it holding the entry's lock.
+    Shards whose every complete view the entry now holds are removed (under their own lock,
+    so a rank still writing one is waited for)."""
+    out = Assembled()
     shards = list_shards(entry)
-    if not shards:
-        return []
-    made = []
-    for view in [*views, *([SIZES] if sizes else [])]:
+    for view in [*views, *([SIZES] if sizes else [])] if shards else []:
         if entry.is_complete(view):
             continue
         pieces = _cover(shards, view, 0, n)
@@ -95,10 +101,11 @@ def assemble(entry: CacheEntry, views: list[str], n: int, ids: list[str], sizes:
             entry.commit()
         finally:
             entry.close()
-        entry.save()
-        made.append(view)
-    _remove_used(entry, shards)
-    return made
+            entry.save()
+        out.views.append(view)
+    if shards:
+        _remove_used(entry, shards)
+    return out
 
 
 def _dense(entry: CacheEntry, view: str, n: int, pieces: list[tuple[int, int, CacheEntry]]) -> None:
