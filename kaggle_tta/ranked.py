@@ -55,9 +55,10 @@ def assemble_from(plan: Plan, precisions: dict[str, PrecisionCheck] | None = Non
 
     ``precisions``: the entry of each member's chosen precision; None (cache merge): every
     precision whose entry has shards here or in a source. ``lock``: take each entry's lock
-    here (else the caller holds them).
+    here (else the caller holds them). The pipeline file is recorded as a user of each entry.
     """
     out = Assembly()
+    source = str(plan.cfg.source) if plan.cfg.source else None
     for m in plan.members:
         for p in (precisions[m.name].ran_in,) if precisions is not None else PRECISIONS:
             entry = CacheEntry(plan.cache_root, m.name, m.fingerprint(p), m.inputs)
@@ -69,8 +70,10 @@ def assemble_from(plan: Plan, precisions: dict[str, PrecisionCheck] | None = Non
                 out.copied += sum(merge_from(entry, Path(src), m.name) for src in sources)
                 out.entries.append((m, entry))
                 if not (entry.dir / "shards").is_dir():
+                    if entry.mark_used(source) and entry.manifest_path.is_file():
+                        entry.save()
                     continue
-                done = assemble(entry, [v.name for v in m.views], len(plan.testset), plan.testset.ids, plan.task.stores_image_sizes)
+                done = assemble(entry, [v.name for v in m.views], len(plan.testset), plan.testset.ids, plan.task.stores_image_sizes, source)
                 out.made += len(done.views)
     return out
 

@@ -288,6 +288,8 @@ def test_a_changed_split_uses_the_shards_of_the_old_one(pipeline, tmp_path):
         computed.append(stats.rows_computed)
     assert computed == [0, 8, 8]
     assert assemble_entries(plan, precisions).made == 10  # 2 + 8 views
+    for m in plan.members:  # the assembly records its pipeline as the entries' user (cache prune keeps them)
+        assert str(p) in json.loads((plan.cache_root / m.name / m.fingerprint("fp32") / "manifest.json").read_text())["used_by"]
     main(["blend", str(p)])
     _same(single, p)
 

@@ -79,11 +79,12 @@ class Assembled:
     views: list[str] = field(default_factory=list)  # views (and SIZES) completed in the entry
 
 
-def assemble(entry: CacheEntry, views: list[str], n: int, ids: list[str], sizes: bool = False) -> Assembled:
+def assemble(entry: CacheEntry, views: list[str], n: int, ids: list[str], sizes: bool = False, source: str | None = None) -> Assembled:
     """Completes each of ``views`` (and, with ``sizes``, the image sizes) that the entry
     lacks and its shards cover, in the entry's own files. Call it holding the entry's lock.
     Shards whose every complete view the entry now holds are removed (under their own lock,
-    so a rank still writing one is waited for)."""
+    so a rank still writing one is waited for).
+    ``source``: the pipeline file, recorded as a user of the entry (cache prune)."""
     out = Assembled()
     shards = list_shards(entry)
     for view in [*views, *([SIZES] if sizes else [])] if shards else []:
@@ -105,6 +106,8 @@ def assemble(entry: CacheEntry, views: list[str], n: int, ids: list[str], sizes:
         out.views.append(view)
     if shards:
         _remove_used(entry, shards)
+    if entry.mark_used(source) and entry.manifest_path.is_file():
+        entry.save()
     return out
 
 
