@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kaggle_tta.cache import CacheEntry, locked
-from kaggle_tta.cache.shards import assemble, merge_from
+from kaggle_tta.cache.shards import assemble, merge_from, shard_lock
 from kaggle_tta.plan import Plan
 
 if TYPE_CHECKING:
@@ -161,7 +161,7 @@ def run_share(plan: Plan, device: torch.device, precisions: dict[str, PrecisionC
     def waiting(folder) -> None:
         print(f"kaggle-tta: {label or 'share'}: waiting for another run writing {folder}", file=sys.stderr, flush=True)
 
-    with locked([w.entry.dir for w in pending], waiting):
+    with shard_lock([w.entry.dir for w in pending], waiting):
         stats = _run_locked(part, device, precisions, progress, holding=bool(pending), models=models, share=share, label=label)
     stats.share, stats.images = (lo, hi), len(plan.testset)
     return stats

@@ -10,7 +10,11 @@ A shard is an ordinary entry (preallocated partials, rows committed with its man
 CRC-32 per view, resumed after a kill), so nothing here is new about writing. When every
 rank is done, :func:`assemble` copies the complete shard views, in row order, into the
 entry's own files through the same writers a single process uses (so the files are
-bit-identical to one process's) and removes the shards it used up.
+bit-identical to one process's). A shard is removed once it holds nothing the entry lacks.
+
+A shard's lock is removed with it. So a shard is locked through :func:`shard_lock`, which
+checks, once it holds a lock, that the lock file is still the one at that path (a process
+that waited on the lock of a shard removed meanwhile takes the new one).
 
 A row is a row whoever computed it: shards of an earlier split (another world size, an
 elastic group that changed) are used wherever they cover rows, and :func:`covered` tells a
@@ -19,16 +23,20 @@ rank which of its views need no computing.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import re
 import shutil
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from kaggle_tta.cache.entry import SIZES, CacheEntry
-from kaggle_tta.cache.files import RaggedWriter
-from kaggle_tta.cache.lock import locked
+from kaggle_tta.cache.files import RaggedWriter, writing
+from kaggle_tta.errors import CacheError
 
 _NAME = re.compile(r"^(\d+)-(\d+)$")
 BLOCK = 4096  # rows copied at a time: memory bounded whatever the shard
@@ -38,18 +46,75 @@ def list_shards(entry: CacheEntry) -> list[tuple[int, int, CacheEntry]]:
     """Every readable shard of ``entry``: (lo, hi, shard entry), by lo."""
     folder = entry.dir / "shards"
     out = []
-    if not folder.is_dir():
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:  # none, or removed meanwhile
         return out
-    for d in sorted(folder.iterdir()):
-        m = _NAME.match(d.name)
-        if not m or not (d / "manifest.json").is_file():
+    for name in names:
+        m = _NAME.match(name)
+        if not m or not (folder / name / "manifest.json").is_file():
             continue
         lo, hi = int(m.group(1)), int(m.group(2))
         try:
             out.append((lo, hi, entry.shard(lo, hi)))
-        except Exception:  # noqa: BLE001 - a damaged shard manifest: that shard is not used
+        except Exception:  # noqa: BLE001 - a damaged shard manifest (or one removed meanwhile): that shard is not used
             continue
     return out
+
+
+# ---- locks on shards, which are removed -----------------------------------------------------
+
+
+def _take(folder: Path, wait: bool, create: bool, on_wait: Callable[[Path], None] | None = None) -> int | None:
+    """An fd holding ``folder``'s lock, the lock file still at its path; None where the
+    folder is gone (``create`` False: it is not made again) or the lock is held (``wait``
+    False)."""
+    while True:
+        if create:
+            with writing(folder):
+                folder.mkdir(parents=True, exist_ok=True)
+        try:
+            with writing(folder):
+                fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)  # a shard copied here (cache merge) has none
+        except CacheError:
+            if create:
+                raise
+            return None  # removed: nothing to lock
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                os.close(fd)
+                return None
+            if on_wait is not None:
+                on_wait(folder)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            held, now = os.fstat(fd), os.stat(folder / ".lock")
+            if (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the shard was removed while this process waited: take the new lock
+        if not create:
+            return None
+
+
+@contextlib.contextmanager
+def shard_lock(folders: Iterable[Path], on_wait: Callable[[Path], None] | None = None) -> Iterator[None]:
+    """Holds the lock of each shard folder (created if missing), as cache.lock.locked does
+    for entries, in one sorted order; a lock file removed with its shard meanwhile is not
+    held (see the module's docstring)."""
+    fds: list[int] = []
+    try:
+        for folder in sorted({Path(f) for f in folders}):
+            fd = _take(folder, wait=True, create=True, on_wait=on_wait)
+            assert fd is not None
+            fds.append(fd)
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)  # releases the lock
 
 
 def _cover(shards: list[tuple[int, int, CacheEntry]], view: str, lo: int, hi: int) -> list[tuple[int, int, CacheEntry]] | None:
@@ -82,8 +147,7 @@ class Assembled:
 def assemble(entry: CacheEntry, views: list[str], n: int, ids: list[str], sizes: bool = False, source: str | None = None) -> Assembled:
     """Completes each of ``views`` (and, with ``sizes``, the image sizes) that the entry
     lacks and its shards cover, in the entry's own files. Call it holding the entry's lock.
-    Shards whose every complete view the entry now holds are removed (under their own lock,
-    so a rank still writing one is waited for).
+    Then the shards' copies of what the entry holds are deleted (see :func:`_release`).
     ``source``: the pipeline file, recorded as a user of the entry (cache prune)."""
     out = Assembled()
     shards = list_shards(entry)
@@ -105,7 +169,7 @@ def assemble(entry: CacheEntry, views: list[str], n: int, ids: list[str], sizes:
             entry.save()
         out.views.append(view)
     if shards:
-        _remove_used(entry, shards)
+        _release(entry, list_shards(entry), None)
     if entry.mark_used(source) and entry.manifest_path.is_file():
         entry.save()
     return out
@@ -151,15 +215,51 @@ def _ragged(entry: CacheEntry, view: str, n: int, pieces: list[tuple[int, int, C
     entry.record(view, n, seconds, int(nonfinite))
 
 
-def _remove_used(entry: CacheEntry, shards: list[tuple[int, int, CacheEntry]]) -> None:
+_FILES = ("{v}.npy", "{v}.npy.partial", "{v}.boxes.npy", "{v}.offsets.npy", "{v}.boxes.partial", "{v}.offsets.npy.partial")
+
+
+def _release(entry: CacheEntry, shards: list[tuple[int, int, CacheEntry]], views: set[str] | None) -> None:
+    """Deletes the shards' copies of ``views`` (None: of every view) that the entry holds
+    complete, and removes each shard left holding nothing. Only under the shard's own lock,
+    taken without waiting: a shard a run is writing is left for a later assembly. A view the
+    entry lacks is never deleted, partial or not (a killed rank resumes from it)."""
     for _, _, s in shards:
-        with locked([s.dir]):
-            s.reload()
-            held = [v for v, st in s.manifest["views"].items() if st.get("status") == "complete"]
-            if all(entry.is_complete(v) for v in held):
-                shutil.rmtree(s.dir, ignore_errors=True)
-    folder = entry.dir / "shards"
-    if folder.is_dir() and not any(folder.iterdir()):
+        fd = _take(s.dir, wait=False, create=False)
+        if fd is None:
+            continue
+        try:
+            try:
+                s.reload()
+            except CacheError:
+                continue  # a damaged shard manifest: left for the user (list_shards skips it)
+            done = [v for v in s.manifest["views"] if (views is None or v in views) and entry.is_complete(v)]
+            if done:
+                for v in done:  # the manifest first: it never names a file that is gone
+                    del s.manifest["views"][v]
+                s.save()
+                for v in done:
+                    for name in _FILES:
+                        with contextlib.suppress(FileNotFoundError):
+                            (s.dir / name.format(v=v)).unlink()
+            if not s.manifest["views"]:
+                _remove(s.dir)
+        finally:
+            os.close(fd)
+    with contextlib.suppress(OSError):  # not empty (a shard in use, or new), or gone already
+        (entry.dir / "shards").rmdir()
+
+
+def _remove(folder: Path) -> None:
+    """Removes a shard folder whose lock this process holds: its files, the lock last (see
+    the module's docstring), then the folder, which another process may have made anew."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            if name != ".lock":
+                p = folder / name
+                with contextlib.suppress(FileNotFoundError):
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            (folder / ".lock").unlink()
         folder.rmdir()
 
 

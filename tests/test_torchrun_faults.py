@@ -1,0 +1,90 @@
+"""Shards under faults, in one process (no torchrun: fast): the assembly removes only shards it
+used up, takes a shard's lock safely while another process
+removes it. Helpers and the reference runs are tests/test_torchrun.py's."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from kaggle_tta import build_plan, load_pipeline, run
+from kaggle_tta.cache import CacheEntry
+from kaggle_tta.dist import Ranks
+from test_torchrun import _classification, _keep_threads, _same, _share  # noqa: F401 - _keep_threads: the autouse fixture
+
+
+def _halves(pipeline, tmp_path, name: str):
+    """A reference run, then the same pipeline's two halves computed as two ranks' shares."""
+    single = _classification(pipeline[1], tmp_path, "single")
+    run(single, progress=False)
+    p = _classification(pipeline[1], tmp_path, name)
+    plan = build_plan(load_pipeline(p))
+    for r in range(2):
+        _, precisions = _share(plan, *Ranks(r, 2, r, 2).share(24, 4))
+    return single, p, plan, precisions
+
+
+def _entry(plan, name: str) -> CacheEntry:
+    m = next(m for m in plan.members if m.name == name)
+    return CacheEntry(plan.cache_root, m.name, m.fingerprint("fp32"), m.inputs)
+
+
+def test_the_assembly_keeps_shards_holding_rows_the_entry_lacks(pipeline, tmp_path):
+    from kaggle_tta.ranked import assemble_entries
+
+    single, p, plan, precisions = _halves(pipeline, tmp_path, "freed")
+    entry = _entry(plan, "a")
+    # a shard holding only a partial view the entry will still lack (a killed run's): kept
+    partial = entry.shard(4, 8)
+    partial.open_for_write("rot90", (4, 4), "float32")
+    partial.commit()
+    partial.close()
+    partial.save()
+    assert assemble_entries(plan, precisions).made == 10
+    left = sorted(d.name for d in (entry.dir / "shards").iterdir())
+    assert left == ["000000004-000000008"] and (entry.dir / "shards" / left[0] / "manifest.json").is_file()
+    assert not (_entry(plan, "b").dir / "shards").exists()
+    import shutil
+
+    shutil.rmtree(entry.dir / "shards")
+    from kaggle_tta.cli import main
+
+    assert main(["blend", str(p)]) == 0
+    _same(single, p)
+
+
+def test_a_shard_lock_waited_on_while_the_shard_is_removed_is_taken_afresh(tmp_path):
+    """A process waiting on a shard's lock while the assembly removes that shard (its lock
+    file too) must not end up holding the removed file's lock beside a newcomer holding the
+    new one: it takes the lock of the file now at that path."""
+    import os
+
+    from kaggle_tta.cache.shards import _remove, _take, shard_lock
+
+    folder = tmp_path / "shards" / "000000000-000000004"
+    got, leave = threading.Event(), threading.Event()
+
+    def waiter() -> None:
+        with shard_lock([folder]):
+            got.set()
+            leave.wait(10)
+
+    holder = _take(folder, wait=True, create=True)
+    t = threading.Thread(target=waiter)
+    t.start()
+    time.sleep(0.3)  # the waiter blocks on the lock held here
+    assert not got.is_set()
+    (folder / "manifest.json").write_text("{}")
+    _remove(folder)  # holding the lock: the files, then the lock, then the folder
+    os.close(holder)
+    assert got.wait(10)
+    try:
+        assert (folder / ".lock").is_file()
+        assert _take(folder, wait=False, create=False) is None  # the lock at that path is the waiter's
+    finally:
+        leave.set()
+        t.join(10)
+    fd = _take(folder, wait=False, create=False)
+    assert fd is not None
+    os.close(fd)
+
