@@ -1,5 +1,5 @@
-"""Shards under faults, in one process (no torchrun: fast): the assembly removes only shards it
-used up, takes a shard's lock safely while another process
+"""Shards under faults, in one process (no torchrun: fast): the assembly frees the disk view by
+view, removes only shards it used up, takes a shard's lock safely while another process
 removes it. Helpers and the reference runs are tests/test_torchrun.py's."""
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ def _entry(plan, name: str) -> CacheEntry:
     return CacheEntry(plan.cache_root, m.name, m.fingerprint("fp32"), m.inputs)
 
 
-def test_the_assembly_keeps_shards_holding_rows_the_entry_lacks(pipeline, tmp_path):
+def test_the_assembly_frees_each_view_once_committed_and_keeps_partial_shards(pipeline, tmp_path, monkeypatch):
+    from kaggle_tta.cache import shards
     from kaggle_tta.ranked import assemble_entries
 
     single, p, plan, precisions = _halves(pipeline, tmp_path, "freed")
@@ -40,7 +41,20 @@ def test_the_assembly_keeps_shards_holding_rows_the_entry_lacks(pipeline, tmp_pa
     partial.commit()
     partial.close()
     partial.save()
+    seen: list[tuple[str, str, set[str]]] = []
+    dense = shards._dense
+
+    def spy(e, view, n, pieces):
+        seen.append((e.member, view, {f.name.split(".")[0] for f in e.dir.glob("shards/*/*.npy")}))
+        return dense(e, view, n, pieces)
+
+    monkeypatch.setattr(shards, "_dense", spy)
     assert assemble_entries(plan, precisions).made == 10
+    assert len(seen) == 10
+    done: dict[str, set[str]] = {"a": set(), "b": set()}
+    for member, view, files in seen:  # every view of the entry assembled before this one: no copy left in its shards
+        assert not (files & done[member]), (member, view, files & done[member])
+        done[member].add(view)
     left = sorted(d.name for d in (entry.dir / "shards").iterdir())
     assert left == ["000000004-000000008"] and (entry.dir / "shards" / left[0] / "manifest.json").is_file()
     assert not (_entry(plan, "b").dir / "shards").exists()

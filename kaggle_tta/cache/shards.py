@@ -10,7 +10,9 @@ A shard is an ordinary entry (preallocated partials, rows committed with its man
 CRC-32 per view, resumed after a kill), so nothing here is new about writing. When every
 rank is done, :func:`assemble` copies the complete shard views, in row order, into the
 entry's own files through the same writers a single process uses (so the files are
-bit-identical to one process's). A shard is removed once it holds nothing the entry lacks.
+bit-identical to one process's), view by view: once a view is committed in the entry, the
+shards' copies of it are deleted, so the disk holds the shards plus one view, never the
+shards plus the whole entry. A shard is removed once it holds nothing the entry lacks.
 
 A shard's lock is removed with it. So a shard is locked through :func:`shard_lock`, which
 checks, once it holds a lock, that the lock file is still the one at that path (a process
@@ -147,7 +149,10 @@ class Assembled:
 def assemble(entry: CacheEntry, views: list[str], n: int, ids: list[str], sizes: bool = False, source: str | None = None) -> Assembled:
     """Completes each of ``views`` (and, with ``sizes``, the image sizes) that the entry
     lacks and its shards cover, in the entry's own files. Call it holding the entry's lock.
-    Then the shards' copies of what the entry holds are deleted (see :func:`_release`).
+
+    View by view: once a view is committed in the entry, every shard's copy of it is deleted
+    (under that shard's lock; one a run is still writing is left for later), so the disk
+    needs room for one view beyond the shards.
     ``source``: the pipeline file, recorded as a user of the entry (cache prune)."""
     out = Assembled()
     shards = list_shards(entry)
@@ -168,6 +173,7 @@ def assemble(entry: CacheEntry, views: list[str], n: int, ids: list[str], sizes:
             entry.close()
             entry.save()
         out.views.append(view)
+        _release(entry, shards, {view})
     if shards:
         _release(entry, list_shards(entry), None)
     if entry.mark_used(source) and entry.manifest_path.is_file():
