@@ -46,6 +46,7 @@ class Assembly:
 
     copied: int = 0  # shards copied from other caches (cache merge)
     made: int = 0  # views (and image sizes) completed in the entries
+    damaged: list[tuple[str, int, int, str, str]] = field(default_factory=list)  # (member, lo, hi, view, why): shard views not used
     entries: list[tuple[Any, CacheEntry]] = field(default_factory=list)  # (member plan, entry) of every entry looked at
 
 
@@ -75,6 +76,7 @@ def assemble_from(plan: Plan, precisions: dict[str, PrecisionCheck] | None = Non
                     continue
                 done = assemble(entry, [v.name for v in m.views], len(plan.testset), plan.testset.ids, plan.task.stores_image_sizes, source)
                 out.made += len(done.views)
+                out.damaged += [(m.name, *d) for d in done.damaged]
     return out
 
 
@@ -87,7 +89,8 @@ def _nothing():
 def assemble_members(plan: Plan, precisions: dict[str, PrecisionCheck]) -> int:
     """Assembles each member's entry from its ranks' shards; call it holding the entries'
     locks (engine: a single process that finds shards a torchrun left). Returns the views
-    (and image sizes) completed."""
+    (and image sizes) completed; a damaged shard view is left out, so that the run computes
+    the view again."""
     return assemble_from(plan, precisions).made
 
 
@@ -140,12 +143,32 @@ def _run_ranked(plan: Plan, progress: bool, r: Any) -> RunStats:
     line = RankLine(r.rank, socket.gethostname(), str(device), lo, hi, stats.rows_computed, stats.seconds)
     dist.barrier()  # every share is in its shards
     if r.main:
-        stats.assembled = assemble_entries(plan, precisions, str(r)).made
+        stats.assembled = _assemble_or_recompute(plan, device, precisions, r.local_world, str(r))
     lines = dist.gather((line, stats.members))
     if lines is not None:
         _join_ranks(stats, lines, plan)
         stats.seconds = time.perf_counter() - t0
     return stats
+
+
+def _assemble_or_recompute(plan: Plan, device: torch.device, precisions: dict[str, PrecisionCheck], share: int, label: str) -> int:
+    """Rank 0's assembly. A shard view found damaged is not used: its rows are computed again
+    here, into its shard, and assembled (a second damage is one line)."""
+    from kaggle_tta.errors import CacheError
+
+    made = 0
+    for attempt in range(2):
+        done = assemble_entries(plan, precisions, label)
+        made += done.made
+        if not done.damaged:
+            return made
+        if attempt:
+            break
+        for lo, hi in sorted({(lo, hi) for _, lo, hi, _, _ in done.damaged}):
+            print(f"kaggle-tta: {label}: computing rows {lo}-{hi} again (their shard was damaged)", file=sys.stderr, flush=True)
+            run_share(plan, device, precisions, lo, hi, False, None, share, label)
+    member, lo, hi, view, why = done.damaged[0]
+    raise CacheError(f"{plan.cache_root / member}: shard {lo}-{hi} of view '{view}' was damaged again after it was computed anew ({why}); check the disk under cache.dir")
 
 
 def run_share(plan: Plan, device: torch.device, precisions: dict[str, PrecisionCheck], lo: int, hi: int, progress: bool = False, models: dict | None = None, share: int = 1, label: str = "") -> RunStats:

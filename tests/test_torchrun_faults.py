@@ -1,11 +1,13 @@
 """Shards under faults, in one process (no torchrun: fast): the assembly frees the disk view by
 view, removes only shards it used up, takes a shard's lock safely while another process
-removes it. Helpers and the reference runs are tests/test_torchrun.py's."""
+removes it, never assembles a damaged shard. Helpers and the reference runs are tests/test_torchrun.py's."""
 
 from __future__ import annotations
 
 import threading
 import time
+
+import torch
 
 from kaggle_tta import build_plan, load_pipeline, run
 from kaggle_tta.cache import CacheEntry
@@ -101,4 +103,26 @@ def test_a_shard_lock_waited_on_while_the_shard_is_removed_is_taken_afresh(tmp_p
     fd = _take(folder, wait=False, create=False)
     assert fd is not None
     os.close(fd)
+
+
+def test_a_damaged_shard_is_never_assembled_and_its_rows_are_computed_again(pipeline, tmp_path, capsys):
+    """A shard view whose CRC-32 fails as rank 0 copies it is marked damaged, not assembled;
+    rank 0 computes that shard's rows again and assembles them: the cache ends as one
+    process's."""
+    from kaggle_tta.ranked import _assemble_or_recompute
+
+    single, p, plan, precisions = _halves(pipeline, tmp_path, "damaged")
+    shard = _entry(plan, "b").shard(12, 24)
+    f = shard.path("rot90")
+    data = bytearray(f.read_bytes())
+    data[-3] ^= 0xFF  # a flipped bit in the last row: the header and shape still read
+    f.write_bytes(bytes(data))
+    made = _assemble_or_recompute(plan, torch.device("cpu"), precisions, 1, "rank 0/2")
+    assert made == 10
+    err = capsys.readouterr().err
+    assert "rot90.npy: damaged (checksum mismatch); not assembled" in err and "computing rows 12-24 again" in err, err
+    from kaggle_tta.cli import main
+
+    assert main(["blend", str(p)]) == 0
+    _same(single, p)
 

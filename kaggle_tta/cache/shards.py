@@ -30,13 +30,14 @@ import fcntl
 import os
 import re
 import shutil
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from kaggle_tta.cache.entry import SIZES, CacheEntry
+from kaggle_tta.cache.entry import SIZES, CacheEntry, DamagedView
 from kaggle_tta.cache.files import RaggedWriter, writing
 from kaggle_tta.errors import CacheError
 
@@ -144,6 +145,7 @@ class Assembled:
     """What :func:`assemble` did to one entry."""
 
     views: list[str] = field(default_factory=list)  # views (and SIZES) completed in the entry
+    damaged: list[tuple[int, int, str, str]] = field(default_factory=list)  # (lo, hi, view, why): shard views found damaged, not used
 
 
 def assemble(entry: CacheEntry, views: list[str], n: int, ids: list[str], sizes: bool = False, source: str | None = None) -> Assembled:
@@ -152,7 +154,9 @@ def assemble(entry: CacheEntry, views: list[str], n: int, ids: list[str], sizes:
 
     View by view: once a view is committed in the entry, every shard's copy of it is deleted
     (under that shard's lock; one a run is still writing is left for later), so the disk
-    needs room for one view beyond the shards.
+    needs room for one view beyond the shards. A shard view that reads back damaged (its
+    CRC-32, non-finite values) is marked so in its shard and not used: the entry's view stays
+    missing, so that its rows are computed again (``Assembled.damaged`` says which).
     ``source``: the pipeline file, recorded as a user of the entry (cache prune)."""
     out = Assembled()
     shards = list_shards(entry)
@@ -169,6 +173,11 @@ def assemble(entry: CacheEntry, views: list[str], n: int, ids: list[str], sizes:
             else:
                 _dense(entry, view, n, pieces)
             entry.commit()
+        except DamagedView as exc:  # marked in its shard by the read: never assembled
+            lo, hi = exc.entry.manifest.get("shard", [0, 0])
+            out.damaged.append((int(lo), int(hi), view, exc.reason))
+            print(f"kaggle-tta: {exc.entry.path(view)}: damaged ({exc.reason}); not assembled, its rows are computed again", file=sys.stderr, flush=True)
+            continue
         finally:
             entry.close()
             entry.save()
