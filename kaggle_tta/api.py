@@ -103,7 +103,12 @@ def infer(pipeline: Pipeline, overrides: list[str] | None = None, progress: bool
     if world > 1 and not _all_cached(plan):  # nothing to compute: no ranks to start
         return dist.launch(world, plan.cfg, progress)
     device = resolve_device(rt.device)
-    return run_inference(plan, device, resolve_precision(rt.precision, device), progress=progress)
+    stats = run_inference(plan, device, resolve_precision(rt.precision, device), progress=progress)
+    if not stats.all_cached:  # shards that only partly covered a view: their rows are in the entry now
+        from kaggle_tta.ranked import release_shards
+
+        release_shards(plan, stats.computed)
+    return stats
 
 
 def _infer_share(plan: Plan, share: tuple[int, int], progress: bool) -> RunStats:

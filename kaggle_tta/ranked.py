@@ -94,6 +94,31 @@ def assemble_members(plan: Plan, precisions: dict[str, PrecisionCheck]) -> int:
     return assemble_from(plan, precisions).made
 
 
+def release_shards(plan: Plan, computed: dict[str, str]) -> None:
+    """After a single-process run: removes what shards of its entries hold that the entries
+    now have complete (shards that only partly covered a view are not used by one process,
+    which computes the view whole), under each entry's lock, taken without waiting (an entry
+    another run holds is left to that run's assembly)."""
+    from kaggle_tta.cache.shards import _release, _take, list_shards
+
+    for m in plan.members:
+        if m.name not in computed:
+            continue
+        entry = CacheEntry(plan.cache_root, m.name, m.fingerprint(computed[m.name]), m.inputs)
+        if not (entry.dir / "shards").is_dir():
+            continue
+        fd = _take(entry.dir, wait=False, create=False)
+        if fd is None:
+            continue
+        try:
+            import os
+
+            entry.reload()
+            _release(entry, list_shards(entry), None)
+        finally:
+            os.close(fd)
+
+
 def run_ranked(plan: Plan, progress: bool, r: Any) -> RunStats:
     """This rank's share of the run (kaggle_tta.dist): rows ``r.share(n)`` of every pending
     member into its shard entries, holding their locks; then, after a barrier, rank 0

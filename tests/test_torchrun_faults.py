@@ -1,6 +1,7 @@
 """Shards under faults, in one process (no torchrun: fast): the assembly frees the disk view by
 view, removes only shards it used up, takes a shard's lock safely while another process
-removes it, never assembles a damaged shard. Helpers and the reference runs are tests/test_torchrun.py's."""
+removes it, never assembles a damaged shard; a single process cleans up shards it did not
+need. Helpers and the reference runs are tests/test_torchrun.py's."""
 
 from __future__ import annotations
 
@@ -126,3 +127,14 @@ def test_a_damaged_shard_is_never_assembled_and_its_rows_are_computed_again(pipe
     assert main(["blend", str(p)]) == 0
     _same(single, p)
 
+
+def test_a_single_process_run_removes_the_shards_it_did_not_use(pipeline, tmp_path, capsys):
+    """Rows 0-12 in a shard (a torchrun stopped half-way): one process computes every view
+    whole (it assembles only shards that cover all rows) and removes the shard at the end."""
+    single = _classification(pipeline[1], tmp_path, "single")
+    run(single, progress=False)
+    p = _classification(pipeline[1], tmp_path, "alone")
+    _share(build_plan(load_pipeline(p)), 0, 12)
+    assert list((tmp_path / "alone" / "cache").glob("*/*/shards"))
+    run(p, progress=False)
+    _same(single, p)  # no shards left
