@@ -15,13 +15,16 @@ view's values *as cached* (after the cache dtype), through the member's activati
 temperature 1, so the engine that decides which rows to compute and every blend that reads
 them later compute the same rows, bit for bit, from the same numbers.
 
-Which rows a view holds is therefore a function of the cached first view and the gate the
-view was computed under, which its manifest state records (``held``: first view, rule,
-threshold and the first view's CRC-32, so that a first view computed again never pairs with
-rows chosen from the old one); see :func:`held_gate`. A view computed under a gate holds every row that gate
-or any tighter one (same first view and rule, a lower threshold) needs, so a re-blend at a
-lower threshold reads the cache alone, and a higher one recomputes the view. A gate that
-skips nothing (threshold >= 1) stores full views, recorded as a plain view: plain TTA.
+What a gated view holds is recorded twice. Its manifest state names the gate it was computed
+under (``held``: first view, rule, threshold, activation; see :func:`held_gate`), which says
+which later gates it can serve: the same first view, rule and activation at a threshold as
+low or lower (a tighter gate re-blends from the cache; a looser one computes the view again).
+And a companion array (``cache.entry.held_name``: uint8 ``[N]``, committed with the rows,
+checksummed) says exactly which rows it holds. A blend sends a row on where the gate needs it
+*and* the view holds it, so a zero row is never read as a prediction, even where the first
+view's scores came out otherwise (a first view computed again, another machine's float
+rounding at the threshold): such a row merges the views it has. A gate that skips nothing
+(threshold >= 1) stores full views, recorded as plain views: plain TTA.
 
 No torch here: blends, tune and the report use it from the cache.
 """
@@ -36,6 +39,7 @@ import numpy as np
 from kaggle_tta.merge import activate
 
 RULES = ("confidence", "margin")
+SCORES_VERSION = 1  # how scores() computes; a gated view computed by another version is computed again
 
 
 @dataclass(frozen=True)
@@ -48,23 +52,25 @@ class Gate:
 
     @property
     def skips_nothing(self) -> bool:
-        """Every row gets every view (scores are at most 1): the views are plain views."""
-        return self.threshold >= 1.0
+        """Every row gets every view (scores are at most 1, compared in float32): the views
+        are plain views."""
+        return bool(np.float32(self.threshold) >= np.float32(1.0))
 
-    def record(self) -> dict[str, Any]:
-        """What a gated view's manifest state records (``held``)."""
-        return {"first": self.first, "rule": self.rule, "threshold": float(self.threshold)}
+    def record(self, activation: str) -> dict[str, Any]:
+        """What a gated view's manifest state records (``held``): the gate and the activation
+        its scores went through."""
+        return {"first": self.first, "rule": self.rule, "threshold": float(self.threshold), "activation": activation, "version": SCORES_VERSION}
 
-    def covered_by(self, held: dict[str, Any] | None, first_crc32: int | None = None) -> bool:
-        """Whether a view holding the rows of ``held`` (None: every row) has every row this
-        gate needs; ``first_crc32``: the CRC-32 of the first view now, which must be the one
-        the held rows were chosen from (a first view computed again may send other rows)."""
+    def covered_by(self, held: dict[str, Any] | None, activation: str) -> bool:
+        """Whether a view computed under ``held`` (None: a plain view, every row) holds every
+        row this gate needs: the same first view, rule, activation and scores, and a
+        threshold at least as high."""
         if held is None:
             return True
         if self.skips_nothing:
             return False
-        same = held.get("first") == self.first and held.get("rule") == self.rule and float(held.get("threshold", -1.0)) >= self.threshold
-        return same and held.get("first_crc32") == first_crc32
+        same = (held.get("first"), held.get("rule"), held.get("activation"), held.get("version")) == (self.first, self.rule, activation, SCORES_VERSION)
+        return same and float(held.get("threshold", -1.0)) >= self.threshold
 
     def text(self) -> str:
         return f"{self.rule} > {self.threshold:g} on {self.first}"

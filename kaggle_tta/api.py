@@ -17,12 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
-import numpy as np
 import polars as pl
 
-from kaggle_tta.adaptive import Forwards, needs
+from kaggle_tta.adaptive import Forwards
 from kaggle_tta.cache import DamagedView
-from kaggle_tta.dag import MemberSource, blocks, check_complete
+from kaggle_tta.dag import MemberSource, check_complete
 from kaggle_tta.config import PipelineConfig, load_pipeline
 from kaggle_tta.plan import Plan, build_plan, find_entry, resolve_device, resolve_precision
 from kaggle_tta.submission import align, check_writable, write_submission
@@ -210,7 +209,7 @@ def blend_plan(plan: Plan, sources: list[MemberSource]) -> BlendResult:
     """
     cfg, task = plan.cfg, plan.task
     check_complete(sources, plan.testset.ids, sizes=task.stores_image_sizes)
-    has_identity = all("identity" in s.views for s in sources)
+    has_identity = all(s.plain_view in s.views for s in sources)  # identity, or a gate's first view
     try:
         sizes = sources[0].entry.read_sizes() if task.stores_image_sizes else None  # type: ignore[union-attr]
         out = task.blend(plan, sources, sizes, has_identity)
@@ -223,32 +222,29 @@ def blend_plan(plan: Plan, sources: list[MemberSource]) -> BlendResult:
     result = BlendResult(str(out_path), cfg.submission_source, metrics=out.metrics if out.tta else [], n_rows=out.table.height, table=out.table)
     secs = {s.name: {v: float(s.entry.view_state(v).get("seconds", 0.0)) for v in s.views} for s in sources}  # type: ignore[union-attr]
     members_of = _members_of(cfg)
-    held = {s.name: _held_forwards(s, len(plan.testset), task.as_logits) for s in sources}
+    held = {s.name: _held_forwards(s, len(plan.testset)) for s in sources}
+    plain_view = {s.name: s.plain_view for s in sources}
     for name in [s.name for s in sources] + [b.name for b in cfg.blends]:
         ms = members_of[name]
         fw = Forwards()
         for m in ms:
             fw.add(held[m])
         total = sum(sum(secs[m].values()) for m in ms)
-        plain_s = sum(secs[m].get("identity", 0.0) for m in ms) if has_identity else None
+        plain_s = sum(secs[m].get(plain_view[m], 0.0) for m in ms) if has_identity else None
         views = sum(len(secs[m]) for m in ms)
         kind = "member" if name in secs else "blend"
         result.rows.append(ReportRow(name, kind, views, out.plain.get(name, {}), out.tta.get(name, {}), plain_s, total, fw))
     return result
 
 
-def _held_forwards(s: MemberSource, n: int, as_logits: Any) -> Forwards:
+def _held_forwards(s: MemberSource, n: int) -> Forwards:
     """The forwards a member's blend stands on: every view of every row, or, with adaptive
-    views, the first view of every row and the others of the rows its gate sends on (the
-    first view read in blocks: maps stay bounded)."""
+    views, the first view of every row and the rows of its other views that the blend merged
+    (counted as it merged them)."""
     full = n * len(s.views)
-    if s.gate is None or s.gate.first not in s.views:
+    if s.gate is None or not s.merged:
         return Forwards(full, full)
-    sent = 0
-    for lo, hi in blocks(n, 256):
-        first = np.asarray(s.entry.read(s.gate.first)[lo:hi])  # type: ignore[union-attr]
-        sent += int(needs(as_logits(first, s.activation), s.activation, s.gate).sum())
-    return Forwards(n + (len(s.views) - 1) * sent, full)
+    return Forwards(n + sum(s.merged.values()), full)
 
 
 def _members_of(cfg: PipelineConfig) -> dict[str, list[str]]:

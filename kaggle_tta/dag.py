@@ -7,13 +7,14 @@ This module reads cached views and merges them; it never builds a model or reads
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numpy as np
 
 from kaggle_tta.adaptive import Gate, held_gate, needs
 from kaggle_tta.cache import CacheEntry
+from kaggle_tta.cache.entry import held_name
 from kaggle_tta.config import BlendConfig, MemberConfig, PipelineConfig
 from kaggle_tta.errors import CacheError
 from kaggle_tta.merge import Prediction, blend, reduce_views
@@ -33,6 +34,12 @@ class MemberSource:
     merge: str
     fill_hint: str = "kaggle-tta infer PIPELINE"
     gate: Gate | None = None  # adaptive views: rows the first view is sure of merge it alone
+    merged: dict = field(default_factory=dict)  # adaptive views: (lo, hi) -> rows of gated views merged there (the report's forwards)
+
+    @property
+    def plain_view(self) -> str:
+        """The view "without TTA" stands for: the gate's first view, else identity."""
+        return self.gate.first if self.gate is not None else "identity"
 
     def lacks(self, view: str) -> str | None:
         """Why a view cannot be read for this blend (see CacheEntry.lacks), including a view
@@ -46,22 +53,31 @@ class MemberSource:
         wanted = self.gate if self.gate is not None and view != self.gate.first else None
         if wanted is None and held is not None:
             return f"computed for the rows of the gate {held.get('rule')} > {held.get('threshold')} only"
-        if wanted is not None and held is not None and held.get("first_crc32") != self.entry.view_state(wanted.first).get("crc32"):
-            return f"its rows were chosen from another computation of the first view '{wanted.first}'"
-        if wanted is not None and not wanted.covered_by(held, self.entry.view_state(wanted.first).get("crc32")):
-            return f"computed for the rows of the gate {held.get('rule')} > {held.get('threshold')} on {held.get('first')}, not {wanted.text()}"  # type: ignore[union-attr]
+        if wanted is not None and not wanted.covered_by(held, self.activation):
+            return f"computed for the rows of the gate {held.get('rule')} > {held.get('threshold')} on {held.get('first')} ({held.get('activation')}), not {wanted.text()} ({self.activation})"  # type: ignore[union-attr]
+        if held is not None:
+            why = self.entry.lacks(held_name(view))
+            return None if why is None else f"its record of the rows it holds: {why}"
         return None
 
     def masks(self, views: Sequence[str], lo: int, hi: int, transform: Callable[[np.ndarray, str], np.ndarray] | None = None) -> list[np.ndarray | None] | None:
-        """Per view, which rows ``lo:hi`` it holds (None: every row); None when every view
-        holds every row. ``transform``: cached values to logits (see member_prediction)."""
+        """Per view, which rows ``lo:hi`` it merges (None: every row); None when every view
+        merges every row. A gated view merges the rows the gate sends on *and* it holds (its
+        companion, cache.entry.held_name), so a row it did not compute is never read.
+        ``transform``: cached values to logits (see member_prediction)."""
         gated = [v for v in views if self.gate is not None and v != self.gate.first]
         if not gated:
             return None
         assert self.entry is not None and self.gate is not None
         first = self.entry.rows(self.gate.first, lo, hi)
         send = needs(transform(first, self.activation) if transform is not None else first, self.activation, self.gate)
-        return [send if v in gated else None for v in views]
+        out: list[np.ndarray | None] = []
+        for v in views:
+            held = held_gate(self.entry.view_state(v)) if v in gated else None
+            out.append(None if v not in gated else send & (np.asarray(self.entry.rows(held_name(v), lo, hi)) != 0) if held is not None else send)
+        if len(gated) == len(self.views) - 1:  # the member's whole merge (not a subset of its views)
+            self.merged[(lo, hi)] = int(sum(int(m.sum()) for m in out if m is not None))
+        return out
 
 
 def check_complete(sources: Sequence[MemberSource], ids: Sequence[str], sizes: bool = False) -> None:
@@ -121,15 +137,17 @@ def blocks(n: int, block: int) -> Iterator[tuple[int, int]]:
 
 def node_predictions(
     cfg: PipelineConfig, sources: Sequence[MemberSource], lo: int, hi: int, *,
-    views: Sequence[str] | None = None, transform: Callable[[np.ndarray, str], np.ndarray] | None = None,
+    views: Sequence[str] | None = None, transform: Callable[[np.ndarray, str], np.ndarray] | None = None, plain: bool = False,
 ) -> dict[str, Prediction]:
     """Every node's prediction for rows ``lo:hi``: members from their views (each with its
-    own activation, view weights and temperature), then blends."""
+    own activation, view weights and temperature), then blends. ``plain``: each member's
+    view "without TTA" alone (MemberSource.plain_view: identity, or its gate's first view)."""
     members = {}
     for s in sources:
         m = cfg.member(s.name)
-        w = view_weights(m, s.views, views if views is not None else s.views)
-        members[s.name] = member_prediction(s, lo, hi, views, transform, w, m.temperature)
+        mine = [s.plain_view] if plain else views
+        w = view_weights(m, s.views, mine if mine is not None else s.views)
+        members[s.name] = member_prediction(s, lo, hi, mine, transform, w, m.temperature)
     return evaluate(cfg, members)
 
 

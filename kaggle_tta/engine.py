@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from kaggle_tta.adaptive import Forwards, Gate, held_gate
 from kaggle_tta.cache import CacheEntry, locked
-from kaggle_tta.cache.entry import SIZES
+from kaggle_tta.cache.entry import SIZES, held_name
 from kaggle_tta.cache.shards import covered, list_shards
 from kaggle_tta.data import make_loader
 from kaggle_tta.errors import CacheError, ConfigError, DataError, KaggleTTAError
@@ -131,7 +131,9 @@ def _holds(main: CacheEntry, entry: CacheEntry, gate: Gate | None, m: MemberPlan
     for e in (entry, main):
         if e.is_complete(view):
             held = held_gate(e.view_state(view))
-            return held is None if wanted is None else wanted.covered_by(held, e.view_state(wanted.first).get("crc32") if e.is_complete(wanted.first) else None)
+            if held is None:
+                return True  # a plain view holds every row
+            return wanted is not None and wanted.covered_by(held, m.activation) and e.is_complete(held_name(view))
     return True  # complete through shards: those are checked when assembled
 
 
@@ -359,6 +361,7 @@ def _run_locked(plan: Plan, device: torch.device, precisions: dict[str, Precisio
             if task.stores_image_sizes:
                 w.open_sizes(n)
             task.open_views(w, plan)
+            w.align_to_first()
             # commit, not save: a view whose rows were all recorded before an interrupt hit
             # the last commit is completed here, instead of waiting for rows that never come
             w.entry.commit()

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from kaggle_tta.adaptive import Forwards, Gate, needs
+from kaggle_tta.cache.entry import held_name
 from kaggle_tta.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -344,6 +345,7 @@ class MemberWork:
     gate: Gate | None = None  # adaptive views: the member's gate, where it skips rows
     first_values: Callable[[int, int], np.ndarray] | None = None  # the gate's first view, rows lo:hi as cached
     forwards: Forwards = field(default_factory=Forwards)  # rows forwarded, against plain TTA's
+    _sent: tuple | None = None  # ((lo, hi), the gate's rows of that batch): scored once per batch
 
     def gated(self, view: str) -> bool:
         """Whether ``view`` is computed only on the rows the gate sends on (kaggle_tta.adaptive)."""
@@ -352,14 +354,19 @@ class MemberWork:
     def open_dense(self, view: str, shape: tuple[int, ...], dtype: str) -> None:
         self._held_state(view)
         self.store[view], self.start[view] = self.entry.open_for_write(view, shape, dtype)
+        if self.gated(view):  # which rows it holds, written and committed with them
+            mask = held_name(view)
+            self.store[mask], at = self.entry.open_for_write(mask, (shape[0],), "uint8")
+            if at != self.start[view]:  # the two files resume together, from the earlier
+                self.start[view] = row = min(at, self.start[view])
+                self.store[view], self.store[mask] = self.entry.rewind(view, row), self.entry.rewind(mask, row)
         self._held_state(view, record=True)
 
     def _held_state(self, view: str, record: bool = False) -> None:
-        """Before opening: drops a view state computed under another gate (its rows are not
-        this run's: it is computed again from row 0); after: records the gate it holds."""
-        held = self.gate.record() if self.gated(view) else None
-        if held is not None and self.entry.is_complete(self.gate.first):  # type: ignore[union-attr]
-            held["first_crc32"] = self.entry.view_state(self.gate.first).get("crc32")  # type: ignore[union-attr]
+        """Before opening: drops a view state computed under another gate, or gated where
+        this run computes every row (its rows are not this run's: it is computed again from
+        row 0); after: records the gate it holds."""
+        held = self.gate.record(self.member.activation) if self.gated(view) else None  # type: ignore[union-attr]
         states = self.entry.manifest["views"]
         if record:
             if held is None:
@@ -368,12 +375,35 @@ class MemberWork:
                 states[view]["held"] = held
         elif view in states and states[view].get("held") != held:
             del states[view]
+            states.pop(held_name(view), None)
 
-    def gate_rows(self, first: int, hi: int) -> np.ndarray:
+    def align_to_first(self) -> None:
+        """After opening: a gated view resumes no later than the first view it is gated on,
+        so that a first view computed again from an earlier row chooses those rows again."""
+        if self.gate is None or self.gate.first not in self.start:
+            return
+        row = self.start[self.gate.first]
+        for v in self.views:
+            if self.gated(v.name) and self.start[v.name] > row:
+                self.start[v.name] = row
+                self.store[v.name] = self.entry.rewind(v.name, row)
+                self.store[held_name(v.name)] = self.entry.rewind(held_name(v.name), row)
+
+    def gate_rows(self, first: int, hi: int, lo: int | None = None) -> np.ndarray:
         """Which rows ``first:hi`` the gated views compute (bool), from the first view's
-        cached values."""
+        cached values; scored once per batch ``lo:hi`` for all of them."""
         assert self.gate is not None and self.first_values is not None
-        return needs(self.first_values(first, hi), self.member.activation, self.gate)
+        lo = first if lo is None else min(lo, first)
+        key = (lo, hi)
+        if self._sent is None or self._sent[0] != key:
+            self._sent = (key, needs(self.first_values(lo, hi), self.member.activation, self.gate))
+        return self._sent[1][first - lo :]
+
+    def hold(self, view: str, first: int, hi: int, send: np.ndarray) -> None:
+        """Records which rows ``first:hi`` the gated ``view`` holds; the others read as zeros,
+        whatever a trial left in them."""
+        self.store[view][first:hi][~send] = 0
+        self.store[held_name(view)][first:hi] = send
 
     def open_ragged(self, view: str, n: int) -> None:
         self.store[view], self.start[view] = self.entry.open_ragged(view, n)
@@ -397,6 +427,9 @@ class MemberWork:
             if self.start[v.name] > row:
                 self.start[v.name] = row
                 self.store[v.name] = self.entry.rewind(v.name, row)
+                if self.gated(v.name):
+                    self.store[held_name(v.name)] = self.entry.rewind(held_name(v.name), row)
+        self._sent = None
 
     def todo(self, lo: int, hi: int) -> list[tuple[Any, int]]:
         """(view, first missing row) for each pending view lacking rows of ``lo:hi``."""
@@ -412,6 +445,8 @@ class MemberWork:
             if self.start[v.name] < hi:
                 self.start[v.name] = hi
                 self.entry.record(v.name, hi, log.seconds[v.name], log.recomputed[v.name])
+                if self.gated(v.name):
+                    self.entry.record(held_name(v.name), hi, 0.0)
 
 
 # ---- the check of precision: auto ----------------------------------------------------------

@@ -76,7 +76,7 @@ def reduce_views(
     if name not in VIEW_REDUCERS:
         raise ConfigError(f"unknown merge '{name}'{did_you_mean(name, VIEW_REDUCERS)}; choose one of {', '.join(VIEW_REDUCERS)}")
     if masks is not None and any(m is not None for m in masks):
-        return _reduce_masked(name, list(arrays), activation, weights, temperature, masks)
+        return _reduce_masked(name, arrays, activation, weights, temperature, masks)
     if weights is not None or temperature != 1.0:
         return _reduce_weighted(name, arrays, activation, weights, temperature)
     transform, combine, finish, kind = VIEW_REDUCERS[name]
@@ -129,40 +129,63 @@ def _reduce_weighted(name: str, arrays: Iterable[np.ndarray], activation: str, w
 
 
 def _reduce_masked(
-    name: str, arrays: list[np.ndarray], activation: str, weights: np.ndarray | Sequence[float] | None, temperature: float, masks: Sequence[np.ndarray | None]
+    name: str, arrays: Iterable[np.ndarray], activation: str, weights: np.ndarray | Sequence[float] | None, temperature: float, masks: Sequence[np.ndarray | None]
 ) -> Prediction:
-    """The merge of views that hold only some rows: per row, the weighted form of the
-    reducer over the views holding it (weights renormalized per row; where the views a
-    row holds all weigh zero, those views equally)."""
+    """The merge of views that hold only some rows: per row, the reducer over the views
+    holding it. Unweighted at temperature 1 it sums the rows held and divides by their count,
+    so a row every view holds is bit for bit the plain merge; weighted, each row's weights are
+    renormalized over the views it holds (where those all weigh zero: equally). One view is
+    read at a time; memory is the accumulator and the weights' denominator."""
     transform, combine, finish, kind = VIEW_REDUCERS[name]
-    if not arrays:
+    held = [None if m is None else np.asarray(m, bool) for m in masks]
+    if not held:
         raise ValueError("no views to merge")
-    if len(masks) != len(arrays):
-        raise ValueError(f"{len(masks)} row masks for {len(arrays)} views")
-    n, extra = arrays[0].shape[0], arrays[0].ndim - 2
-    held = np.stack([np.ones(n, bool) if m is None else np.asarray(m, bool) for m in masks]).astype(np.float64)  # [V, N]
-    if not held.any(axis=0).all():
-        raise ValueError("a row held by no view")
-    w = np.asarray(weights if weights is not None else [1.0] * len(arrays), dtype=np.float64)
-    w = w.reshape(len(arrays), 1, -1) if w.ndim == 2 else w.reshape(len(arrays), 1, 1)  # [V, 1, C or 1]
-    eff = held[:, :, None] * w  # [V, N, C or 1]
-    total = eff.sum(axis=0, keepdims=True)
-    equal = held[:, :, None] / held.sum(axis=0)[None, :, None]
-    eff = np.where(total > 0, eff / np.where(total > 0, total, 1.0), equal).astype(np.float32)
+    sizes = {len(m) for m in held if m is not None}
+    if len(sizes) != 1:
+        raise ValueError("row masks of different lengths")
+    (n,) = sizes
+    count = sum(np.ones(n, np.float32) if m is None else m.astype(np.float32) for m in held)
+    if not (count > 0).all():
+        raise ConfigError("adaptive views: a row is held by none of the views merged; merge the gate's first view with them")
+    plain = weights is None and temperature == 1.0
+    w = None if weights is None else np.asarray(weights, dtype=np.float64)
+    if w is not None and w.shape[0] != len(held):
+        raise ValueError(f"{w.shape[0]} view weights for {len(held)} views")
+    total = None
+    if not plain:  # per row (and channel): the sum of the weights of the views held there
+        ws = w if w is not None else np.ones(len(held))
+        total = sum((np.ones(n) if m is None else m.astype(np.float64))[:, None] * np.atleast_1d(wv)[None, :] for m, wv in zip(held, ws))
+        zero = total <= 0
     acc: np.ndarray | None = None
-    for a, m, e in zip(arrays, held, eff):
+    k = 0
+    for a, m in zip(arrays, held):
         x = np.asarray(a, dtype=np.float32)
+        extra = (1,) * (x.ndim - 2)
         if temperature != 1.0:
             x = x / np.float32(temperature)
-        x = transform(x, activation) if name != "mean" else x
+        x = transform(x, activation) if name != "mean" else np.array(x, dtype=np.float32)
         if name == "max":
-            x = np.where(m.reshape((n, 1) + (1,) * extra) > 0, x, -np.inf).astype(np.float32)
+            if m is not None:
+                x = np.where(m.reshape((n, 1) + extra), x, np.float32(-np.inf))
             acc = x if acc is None else combine(acc, x)
+            k += 1
             continue
-        term = x * e.reshape(e.shape + (1,) * extra)
-        acc = term.astype(np.float32, copy=False) if acc is None else acc.__iadd__(term)
-    assert acc is not None
-    return Prediction(finish(acc, 1, activation), kind, activation)
+        if plain:
+            if m is not None:
+                x = np.where(m.reshape((n, 1) + extra), x, np.float32(0.0))
+        else:
+            wv = np.atleast_1d((w if w is not None else np.ones(len(held)))[k])[None, :]
+            mm = (np.ones(n) if m is None else m.astype(np.float64))[:, None]
+            eff = np.where(zero, mm / count[:, None], mm * wv / np.where(zero, 1.0, total)).astype(np.float32)  # type: ignore[operator]
+            x = x * eff.reshape(eff.shape + extra)
+        acc = x if acc is None else acc.__iadd__(x)
+        k += 1
+    if acc is None or k != len(held):
+        raise ValueError(f"{len(held)} row masks for {k} views")
+    if name == "max":
+        return Prediction(finish(acc, k, activation), kind, activation)
+    per_row = count.reshape((n, 1) + (1,) * (acc.ndim - 2)) if plain else 1
+    return Prediction(finish(acc, per_row, activation), kind, activation)
 
 
 def _add(acc: np.ndarray, x: np.ndarray) -> np.ndarray:

@@ -105,8 +105,9 @@ def test_gated_views_hold_exactly_the_rows_the_gate_needs(plain_run, tmp_path, f
         np.testing.assert_allclose(got[v][send], plain[v][send], atol=TOL, err_msg=v)
         assert (got[v][~send] == 0).all(), v
     states = json.loads((_entry_dir(tmp_path / "cache-gated") / "manifest.json").read_text())["views"]
-    first_crc = states["identity"]["crc32"]
-    assert "held" not in states["identity"] and all(states[v]["held"] == {**gate.record(), "first_crc32": first_crc} for v in D4[1:])
+    assert "held" not in states["identity"] and all(states[v]["held"] == gate.record("softmax") for v in D4[1:])
+    d = _entry_dir(tmp_path / "cache-gated")
+    assert all(np.array_equal(np.load(d / f"_held_{v}.npy"), send.astype(np.uint8)) for v in D4[1:])  # which rows each holds
     f = res.stats.members["b"].forwards
     n = len(send)
     assert (f.run, f.full) == (n + 7 * int(send.sum()), 8 * n)
@@ -136,25 +137,56 @@ def test_a_tighter_gate_reblends_from_the_cache_and_a_looser_one_computes(plain_
     assert kaggle_tta.run(path, progress=False).stats.all_cached
 
 
-def test_rows_chosen_from_another_first_view_are_never_used(plain_run, tmp_path):
-    """A gated view names the CRC-32 of the first view its rows were chosen from; where the
-    first view is no longer that one (computed again elsewhere), blend refuses in one line
-    and run computes the gated view again."""
+def test_a_row_a_gated_view_does_not_hold_is_never_read(plain_run, tmp_path):
+    """Each gated view records which rows it holds. Where the first view's scores now send on
+    a row the view did not compute (a first view computed again, another machine's rounding
+    at the threshold), that row merges the views it has; its zeros are never read."""
+    from kaggle_tta.cache.files import data_crc
+
     write, cfg, plain = plain_run
     t = float(np.median(scores(plain["identity"], "softmax", "confidence")))
     path = write(_one_member(cfg, tmp_path, "gated", confidence=t), "gated.yaml")
     kaggle_tta.run(path, progress=False)
-    before = _views(tmp_path / "cache-gated")["hflip"]
-    manifest = _entry_dir(tmp_path / "cache-gated") / "manifest.json"
-    man = json.loads(manifest.read_text())
-    man["views"]["hflip"]["held"]["first_crc32"] ^= 1
-    manifest.write_text(json.dumps(man))
-    with pytest.raises(KaggleTTAError, match=r"hflip \(its rows were chosen from another computation of the first view 'identity'\)"):
-        kaggle_tta.blend(load_pipeline(path))
-    again = kaggle_tta.run(path, progress=False)
-    assert again.stats.members["b"].views_computed == ["hflip"]
-    np.testing.assert_allclose(_views(tmp_path / "cache-gated")["hflip"], before, atol=TOL)  # the same rows, computed again
-    assert json.loads(manifest.read_text())["views"]["hflip"]["held"]["first_crc32"] == man["views"]["identity"]["crc32"]
+    d = _entry_dir(tmp_path / "cache-gated")
+    got = _views(tmp_path / "cache-gated")
+    sent = needs(got["identity"], "softmax", Gate("identity", "confidence", t))
+    row = int(np.flatnonzero(~sent)[0])  # confident: the gated views hold zeros there
+    first = np.load(d / "identity.npy")
+    first[row] = 0.0  # uniform: now below the gate
+    np.save(d / "identity.npy", first)
+    man = json.loads((d / "manifest.json").read_text())
+    man["views"]["identity"]["crc32"] = data_crc(first)
+    (d / "manifest.json").write_text(json.dumps(man))
+    res = kaggle_tta.blend(load_pipeline(path))
+    probs = _probs(tmp_path / "gated.csv")
+    np.testing.assert_allclose(probs[row], 0.25, atol=1e-6)  # the first view alone, not a mean with seven zero rows
+    got["identity"] = first
+    np.testing.assert_allclose(probs, _oracle(got, sent), atol=1e-5)
+    assert res.row("b").forwards.run == len(sent) + 7 * int(sent.sum())  # what the views hold
+
+
+def test_a_changed_activation_computes_the_gated_views_again(plain_run, tmp_path):
+    write, cfg, plain = plain_run
+    t = float(np.median(scores(plain["identity"], "softmax", "confidence")))
+    path = write(_one_member(cfg, tmp_path, "gated", confidence=t), "gated.yaml")
+    kaggle_tta.run(path, progress=False)
+    with pytest.raises(KaggleTTAError, match=r"hflip \(computed for the rows of the gate confidence > .* \(softmax\), not confidence > .* \(sigmoid\)\)"):
+        kaggle_tta.blend(load_pipeline(path, ["members.0.activation=sigmoid"]))
+    again = kaggle_tta.run(path, overrides=["members.0.activation=sigmoid"], progress=False)
+    assert sorted(again.stats.members["b"].views_computed) == sorted(D4[1:])
+
+
+def test_without_tta_is_the_gates_first_view(plain_run, tmp_path):
+    """first: hflip (identity is gated): the no-TTA column is hflip alone, for every row."""
+    write, cfg, plain = plain_run
+    hf = plain["hflip"]
+    t = float(np.median(scores(hf, "softmax", "confidence")))
+    res = kaggle_tta.run(write(_one_member(cfg, tmp_path, "hf", first="hflip", confidence=t), "hf.yaml"), progress=False)
+    labels = pl.read_csv(Path(cfg["data"]["labels"]["path"]))
+    classes = cfg["data"]["classes"]
+    y = np.array([classes.index(c) for c in labels["label"]])
+    got = _views(tmp_path / "cache-hf")["hflip"]
+    assert res.blend.row("b").scores_plain["accuracy"] == pytest.approx(float((got.argmax(axis=1) == y).mean()))
 
 
 def test_an_interrupted_adaptive_run_resumes_to_the_same_cache(plain_run, tmp_path, monkeypatch):
@@ -370,3 +402,18 @@ def test_demo_d4_adaptive_run_keeps_the_gain_at_a_fraction_of_the_forwards(tmp_p
     assert row.scores_tta["accuracy"] - plain >= 0.9 * (d4_acc - plain), (row, d4)
     assert extra <= 0.4 * d4_extra, (extra, d4_extra)
     assert row.forwards is not None and row.forwards.run == f.run  # the report counts what the run ran
+
+
+@pytest.mark.parametrize("name", list(VIEW_REDUCERS))
+@pytest.mark.parametrize("n_views", [3, 5, 8])
+def test_masked_merge_of_a_row_every_view_holds_is_the_plain_merge_bit_for_bit(name, n_views):
+    """Unweighted at temperature 1: the held rows are summed and divided by their count, as
+    the plain merge does, so a row sent on to every view is exactly plain TTA's row."""
+    rng = np.random.default_rng(n_views)
+    arrays = [rng.normal(size=(64, 7)).astype(np.float32) for _ in range(n_views)]
+    send = rng.random(64) < 0.5
+    got = reduce_views(name, arrays, "softmax", masks=[None] + [send] * (n_views - 1)).values
+    plain = reduce_views(name, arrays, "softmax").values
+    first = reduce_views(name, arrays[:1], "softmax").values
+    assert np.array_equal(got[send], plain[send])
+    np.testing.assert_allclose(got[~send], first[~send], rtol=1e-6, atol=1e-7)

@@ -39,6 +39,7 @@ FORMAT_VERSION = 2  # 2: content fingerprints, ids.json, a CRC-32 per view
 # (a preallocated .partial, rows counted in the manifest, renamed when complete) under this
 # reserved name, which no view can have; nothing outside this module sees it as a view.
 SIZES = "_image_size"
+HELD = "_held_"  # + a gated view's name: the rows it holds (adaptive views; see held_name)
 
 
 class DamagedView(CacheError):
@@ -279,11 +280,6 @@ class CacheEntry:
         for view in done:
             mm = self._open[view]
             self.manifest["views"][view]["crc32"] = mm.crc() if isinstance(mm, RaggedWriter) else data_crc(mm)
-        for view in done:  # a gated view (adaptive views) names the first view its rows were chosen from
-            held = self.manifest["views"][view].get("held")
-            first = self.manifest["views"].get(held["first"], {}) if isinstance(held, dict) else {}
-            if "crc32" in first:
-                held["first_crc32"] = first["crc32"]
         if done:  # all rows counted before any file moves: a kill after a move is recovered on load
             self.save()
         for view in done:
@@ -475,9 +471,15 @@ def _crc_worker() -> Any:
     return _CRC_POOL[0]
 
 
+def held_name(view: str) -> str:
+    """The companion of a gated view (adaptive views): which of its rows it holds, uint8 ``[N]``,
+    written and committed with its rows, checksummed like any view."""
+    return HELD + view
+
+
 def view_states(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The views of a manifest, without the image sizes."""
-    return {v: st for v, st in manifest.get("views", {}).items() if v != SIZES}
+    """The views of a manifest, without the image sizes and the held-row companions."""
+    return {v: st for v, st in manifest.get("views", {}).items() if v != SIZES and not v.startswith(HELD)}
 
 
 def list_entries(root: Path) -> list[tuple[str, str, dict[str, Any]]]:

@@ -160,10 +160,11 @@ class Classification(Task):
             for v, first in views:
                 rows = at[v.position][first - batch.lo :]
                 if work.gated(v.name):  # adaptive: only the rows the first view is not sure of
-                    send = work.gate_rows(first, batch.hi)
-                    work.store[v.name][first : batch.hi][~send] = 0  # rows not held read as zeros, whatever a trial left
-                    first_of[v.name] = first + np.flatnonzero(send)
-                    rows = rows[torch.from_numpy(send).to(rows.device)]
+                    send = work.gate_rows(first, batch.hi, batch.lo)
+                    work.hold(v.name, first, batch.hi, send)
+                    sent = np.flatnonzero(send)
+                    first_of[v.name] = first + sent
+                    rows = rows.index_select(0, torch.from_numpy(sent).to(rows.device, non_blocking=True))
                 work.forwards.run += rows.shape[0]
                 work.forwards.full += batch.hi - first
                 if rows.shape[0] == 0:
@@ -221,8 +222,8 @@ class Classification(Task):
                 continue
             for name, pred in nodes.items():
                 tta[name] = tta.get(name, 0) + _counts(pred, labels[lo:hi], cfg)
-            if plain:  # without TTA: each member's identity view alone, blended the same way
-                for name, pred in node_predictions(cfg, sources, lo, hi, views=["identity"]).items():
+            if plain:  # without TTA: each member's identity view (or its gate's first view) alone, blended the same way
+                for name, pred in node_predictions(cfg, sources, lo, hi, plain=True).items():
                     no_tta[name] = no_tta.get(name, 0) + _counts(pred, labels[lo:hi], cfg)
         table = pl.concat(tables) if len(tables) > 1 else tables[0]
         scores = lambda counts: {k: {metric: _score(c, cfg.multilabel)} for k, c in counts.items()}  # noqa: E731

@@ -60,9 +60,9 @@ def member_maps(s: MemberSource, lo: int, hi: int, views: Sequence[str] | None =
     return member_prediction(s, lo, hi, views, _as_logits)
 
 
-def node_maps(cfg: PipelineConfig, sources: Sequence[MemberSource], lo: int, hi: int, views: Sequence[str] | None = None) -> dict[str, Prediction]:
-    """Every node's maps for images ``lo:hi``."""
-    return node_predictions(cfg, sources, lo, hi, views=views, transform=_as_logits)
+def node_maps(cfg: PipelineConfig, sources: Sequence[MemberSource], lo: int, hi: int, views: Sequence[str] | None = None, plain: bool = False) -> dict[str, Prediction]:
+    """Every node's maps for images ``lo:hi`` (``plain``: each member's view without TTA)."""
+    return node_predictions(cfg, sources, lo, hi, views=views, transform=_as_logits, plain=plain)
 
 
 def masks_of(probs: np.ndarray, size: tuple[int, int], activation: str, threshold: float | Sequence[float], min_area: int | Sequence[int]) -> np.ndarray:
@@ -171,7 +171,7 @@ def write_and_score(
     no_tta: dict[str, Scores] = {}
     for lo, hi in blocks(len(ids), BLOCK):
         nodes = node_maps(cfg, sources, lo, hi)
-        plain_nodes = node_maps(cfg, sources, lo, hi, ["identity"]) if plain and truth_given else {}
+        plain_nodes = node_maps(cfg, sources, lo, hi, plain=True) if plain and truth_given else {}
         probs = {name: to_probs(p) for name, p in nodes.items()}
         plain_probs = {name: to_probs(p) for name, p in plain_nodes.items()}
         for j, i in enumerate(range(lo, hi)):
@@ -308,8 +308,8 @@ class Segmentation(Task):
         for v, first in [t for t in todo if not work.gated(t[0].name)] + [t for t in todo if work.gated(t[0].name)]:
             sent = None  # adaptive views: the images (from `first`) this gated view computes
             if work.gated(v.name):
-                send = work.gate_rows(first, hi)
-                work.store[v.name][first:hi][~send] = 0  # images not held read as zeros, whatever a trial left
+                send = work.gate_rows(first, hi, lo)  # scored once per batch, for every gated view
+                work.hold(v.name, first, hi, send)
                 sent = np.flatnonzero(send)
             n_img = hi - first if sent is None else len(sent)
             work.forwards.run += n_img
@@ -320,7 +320,7 @@ class Segmentation(Task):
             wsum = torch.zeros((n_img, 1, *size), device=device) if weight is not None else None
             xv = xt[(first - lo) * n_tiles :]
             if sent is not None:  # the tiles of the images sent on (image-major rows)
-                xv = xv.unflatten(0, (hi - first, n_tiles))[torch.from_numpy(sent).to(device)].flatten(0, 1)
+                xv = xv.unflatten(0, (hi - first, n_tiles)).index_select(0, torch.from_numpy(sent).to(device, non_blocking=True)).flatten(0, 1)
             view_in = tuple(v.out_size((th, tw)))
 
             def stitch(out: Tensor, slots: list, v: Any = v, acc: Tensor = acc, wsum: Tensor | None = wsum, view_in: tuple = view_in) -> None:
