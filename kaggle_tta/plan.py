@@ -82,6 +82,10 @@ def validate_static(cfg: PipelineConfig) -> dict[str, list[View]]:
         choose(f"{name} view merge", str(m.merge), dict.fromkeys(task.merges), f"{where}.merge")
         if m.tiling is not None and not task.tiling:
             raise ConfigError(f"{where}.tiling: tiling is for {_tasks_with('tiling')}; remove it (task: {name})")
+        if m.adaptive is not None and not task.adaptive:
+            raise ConfigError(f"{where}.adaptive: adaptive views are for {_tasks_with('adaptive')}; remove it (task: {name})")
+        if m.adaptive is not None and m.activation == "none":
+            raise ConfigError(f"{where}.adaptive: the gate reads probabilities, and activation none gives none; use softmax or sigmoid, or remove adaptive")
         if m.preprocess.albumentations is not None and not task.user_preprocessing:
             raise ConfigError(
                 f"{where}.preprocess.albumentations: for {name} the canvas is a plain resize, so that maps and boxes "

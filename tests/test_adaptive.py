@@ -254,11 +254,13 @@ def test_adaptive_needs_views_to_skip_and_probabilities(pipeline, tmp_path):
         kaggle_tta.run(write(c, "bad.yaml"), progress=False)
 
 
-def test_adaptive_is_refused_where_the_task_has_no_gate(tmp_path):
-    cfg = load_pipeline(ROOT / "examples" / "detection.yaml")
-    name = cfg.members[0].name
-    with pytest.raises(KaggleTTAError, match=rf"members\.{name}\.adaptive: adaptive views are for classification or segmentation"):
-        kaggle_tta.api.plan_of(load_pipeline(ROOT / "examples" / "detection.yaml", ["members.0.adaptive={confidence: 0.9}"]))
+def test_adaptive_is_refused_where_the_task_has_no_gate():
+    """Before any file is read (validate_static: the example's data need not exist)."""
+    from kaggle_tta.plan import validate_static
+
+    cfg = load_pipeline(ROOT / "examples" / "detection.yaml", ["members.0.adaptive={confidence: 0.9}"])
+    with pytest.raises(KaggleTTAError, match=rf"members\.{cfg.members[0].name}\.adaptive: adaptive views are for classification or segmentation"):
+        validate_static(cfg)
 
 
 # ---- the gate's scores and the masked merge, against per-row oracles ----------------------------

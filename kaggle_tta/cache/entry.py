@@ -436,7 +436,8 @@ class CacheEntry:
     def damaged(self, view: str, reason: str) -> DamagedView:
         """Marks a complete view damaged in the manifest (so that the next run recomputes it)
         and returns the error to raise. Best effort: on a read-only cache, or while another
-        run holds the entry, the mark is skipped (that run, or the next, checks again)."""
+        run holds the entry, the mark is skipped (that run, or the next, checks again); so is a
+        view that a run replaced while this process read it (its checksum is another now)."""
         import fcntl
         import os
 
@@ -444,11 +445,12 @@ class CacheEntry:
             fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         except OSError:
             return DamagedView(self, view, reason)
+        read = self.view_state(view).get("crc32")  # the view this process read
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             self.reload()
             st = self.view_state(view)
-            if st.get("status") == "complete":
+            if st.get("status") == "complete" and st.get("crc32") == read:  # not one a run completed meanwhile
                 st["status"] = "damaged"
                 st["damage"] = reason
                 self.save()

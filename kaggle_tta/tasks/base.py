@@ -180,10 +180,6 @@ def check_view_settings(task: Task, plan: Plan) -> None:
         raise ConfigError(f"submission.uncertainty: per-image uncertainty columns are for {_with('uncertainty')}; remove it (task: {task.name})")
     for m in plan.members:
         where, cfg, views = f"members.{m.name}", m.cfg, [v.name for v in m.views]
-        if m.gate is not None and not task.adaptive:
-            raise ConfigError(f"{where}.adaptive: adaptive views are for {_with('adaptive')}; remove it (task: {task.name})")
-        if m.gate is not None and m.activation == "none":
-            raise ConfigError(f"{where}.adaptive: the gate reads probabilities, and activation none gives none; use softmax or sigmoid, or remove adaptive")
         given = cfg.view_class_weights if cfg.view_class_weights is not None else cfg.view_weights
         key = "view_class_weights" if cfg.view_class_weights is not None else "view_weights"
         if given is not None and len(given) != len(views):
