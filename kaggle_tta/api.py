@@ -88,7 +88,7 @@ def infer(pipeline: Pipeline, overrides: list[str] | None = None, progress: bool
     group: for machines that share no filesystem (then ``kaggle-tta cache merge``).
     """
     from kaggle_tta import dist
-    from kaggle_tta.engine import run_inference
+    from kaggle_tta.engine import adaptive_member, run_inference
     from kaggle_tta.ranked import run_ranked  # torch models: only where a run needs them
 
     plan = plan_of(pipeline, overrides)
@@ -99,6 +99,9 @@ def infer(pipeline: Pipeline, overrides: list[str] | None = None, progress: bool
     if ranks is not None:
         return run_ranked(plan, progress, ranks)
     world = 1 if alone else dist.world_for(rt.devices, rt.device)
+    if world > 1 and (name := adaptive_member(plan)) is not None:
+        print(f"kaggle-tta: members.{name}.adaptive: adaptive views run in one process for now; runtime.devices {rt.devices} runs as 1", file=sys.stderr, flush=True)
+        world = 1
     if world > 1 and not _all_cached(plan):  # nothing to compute: no ranks to start
         return dist.launch(world, plan.cfg, progress)
     device = resolve_device(rt.device)
@@ -112,10 +115,11 @@ def infer(pipeline: Pipeline, overrides: list[str] | None = None, progress: bool
 
 def _infer_share(plan: Plan, share: tuple[int, int], progress: bool) -> RunStats:
     from kaggle_tta import dist
-    from kaggle_tta.engine import choose_precisions
+    from kaggle_tta.engine import check_one_process, choose_precisions
     from kaggle_tta.ranked import run_share
 
     k, n = share
+    check_one_process(plan, "--share")
     rt = plan.cfg.runtime
     device = resolve_device(rt.device)
     lo, hi = dist.Ranks(k, n, 0, 1).share(len(plan.testset), rt.batch_size)

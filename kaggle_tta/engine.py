@@ -106,8 +106,7 @@ def _pending(plan: Plan, precisions: dict[str, PrecisionCheck], stats: RunStats,
         have = _have(plan, main, entry)
         gate = m.gate if m.gate is not None and not m.gate.skips_nothing else None
         if gate is not None and plan.rows is not None:
-            # shard assembly does not carry which rows a gated view holds yet (see the README)
-            raise ConfigError(f"members.{m.name}.adaptive: adaptive views run in one process for now, not in shares or ranks; run without torchrun, --share or runtime.devices, or remove adaptive")
+            check_one_process(plan, "shares")
         done = lambda view, have=have, gate=gate: have(view) and _holds(main, entry, gate, m, view)  # noqa: E731
         todo = [v for v in m.views if not done(v.name)]
         ms.views_cached = [v.name for v in m.views if done(v.name)]
@@ -120,6 +119,19 @@ def _pending(plan: Plan, precisions: dict[str, PrecisionCheck], stats: RunStats,
     ran = {c.ran_in for c in precisions.values()}
     stats.precision = ran.pop() if len(ran) == 1 else None
     return out
+
+
+def adaptive_member(plan: Plan) -> str | None:
+    """The first member whose gate skips rows (adaptive views), if any."""
+    return next((m.name for m in plan.members if m.gate is not None and not m.gate.skips_nothing), None)
+
+
+def check_one_process(plan: Plan, how: str) -> None:
+    """Adaptive views run in one process: shard assembly does not carry which rows a gated
+    view holds yet. Raised before any model is built (``how``: what asked for several)."""
+    name = adaptive_member(plan)
+    if name is not None:
+        raise ConfigError(f"members.{name}.adaptive: adaptive views run in one process for now, not in {how}; run without torchrun or --share, or remove adaptive")
 
 
 def _holds(main: CacheEntry, entry: CacheEntry, gate: Gate | None, m: MemberPlan, view: str) -> bool:

@@ -130,7 +130,9 @@ def run_ranked(plan: Plan, progress: bool, r: Any) -> RunStats:
     Whatever stops a rank (an error, Ctrl-C) is told to the others, which stop within
     seconds with a line naming it, wherever they are (dist.failed)."""
     from kaggle_tta import dist
+    from kaggle_tta.engine import check_one_process
 
+    check_one_process(plan, "ranks")  # every rank, before it joins: one line each, no model built
     dist.join(r)
     try:
         return _run_ranked(plan, progress, r)

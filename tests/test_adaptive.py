@@ -434,3 +434,18 @@ def test_masked_merge_of_a_row_every_view_holds_is_the_plain_merge_bit_for_bit(n
     first = reduce_views(name, arrays[:1], "softmax").values
     assert np.array_equal(got[send], plain[send])
     np.testing.assert_allclose(got[~send], first[~send], rtol=1e-6, atol=1e-7)
+
+
+def test_several_ranks_fall_back_to_one_process_and_shares_are_refused(plain_run, tmp_path, capsys):
+    """runtime.devices 2 runs adaptive views in one process, saying so in one line; --share
+    is refused in one line before any model is built."""
+    write, cfg, plain = plain_run
+    t = float(np.median(scores(plain["identity"], "softmax", "confidence")))
+    c = _one_member(cfg, tmp_path, "dev", confidence=t)
+    c["runtime"]["devices"] = 2
+    res = kaggle_tta.run(write(c, "dev.yaml"), progress=False)
+    assert res.stats.rank is None and not res.stats.ranks
+    assert "adaptive views run in one process for now; runtime.devices 2 runs as 1" in capsys.readouterr().err
+    with pytest.raises(KaggleTTAError, match=r"members\.b\.adaptive: adaptive views run in one process for now, not in --share") as exc:
+        kaggle_tta.infer(write(_one_member(cfg, tmp_path, "share", confidence=t), "share.yaml"), share=(0, 2), progress=False)
+    assert "\n" not in str(exc.value) and not (tmp_path / "cache-share" / "b").exists()
