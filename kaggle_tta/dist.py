@@ -128,13 +128,12 @@ class _Group:
     rank 0 reads ``hello/<rank>`` again (a restarted rank wrote a new one) and welcomes
     that. Every later key lives under ``<gen>/``, which no other round can share."""
 
-    def __init__(self) -> None:
+    def __init__(self, store: Any, rank: int, world: int) -> None:
         import threading
 
-        from torch.distributed import PrefixStore, rendezvous
+        from torch.distributed import PrefixStore
 
-        store, self.rank, self.world = next(rendezvous("env://", timeout=JOIN_TIMEOUT))
-        self.root = store
+        self.root, self.rank, self.world = store, rank, world
         gen, self.nonces = self._meet()
         self.store = PrefixStore(f"{ROOT}/{gen}", store)
         self.calls = 0
@@ -263,16 +262,16 @@ class _Group:
             signal.signal(signal.SIGUSR1, self._old)
             self._watcher = None
 
-    def fail(self, why: str) -> None:
+    def fail(self, why: str, wait: bool = True) -> None:
         """Tells the other ranks that this one failed (the first failure is the one named),
-        then waits a little for them to read it: the agent hosting the store may stop as
-        soon as this rank exits."""
+        then (``wait``) waits a little for them to read it: the agent hosting the store may
+        stop as soon as this rank exits."""
         import time
 
         self.failing = True
         with contextlib.suppress(Exception):  # the store gone: nothing to tell
             self.store.compare_set("failed", "", why)
-            end = time.monotonic() + GRACE
+            end = time.monotonic() + (GRACE if wait else 0)
             while time.monotonic() < end and self.store.add("failed/seen", 0) < self.world - 1:
                 time.sleep(0.1)
 
@@ -335,17 +334,28 @@ _GROUP: list[_Group] = []
 
 def join(r: Ranks) -> None:
     """Joins the ranks' store (once per process)."""
-    if not _GROUP:
-        try:
-            _GROUP.append(_Group())
-        except KaggleTTAError:
-            raise
-        except Exception as exc:
-            from torch.distributed import DistError
+    if _GROUP:
+        return
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+    if missing:
+        raise ConfigError(
+            f"RANK={os.environ.get('RANK')} and WORLD_SIZE={os.environ.get('WORLD_SIZE')} are set but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: "
+            "start the ranks with torchrun (it sets all of them), or unset RANK and WORLD_SIZE to run in one process"
+        )
+    from torch.distributed import DistError, rendezvous
 
-            if isinstance(exc, DistError):
-                raise _lost(exc) from None
-            raise
+    where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    try:
+        store, rank, world = next(rendezvous("env://", timeout=JOIN_TIMEOUT))
+    except (ValueError, DistError) as exc:
+        raise KaggleTTAError(
+            f"cannot reach the launcher's store at {where} (MASTER_ADDR:MASTER_PORT; {one_line(exc)}): start the ranks with torchrun, "
+            "and check that every machine reaches rank 0's (the --rdzv_endpoint host) on that port"
+        ) from None
+    try:
+        _GROUP.append(_Group(store, rank, world))
+    except DistError as exc:
+        raise _lost(exc) from None
 
 
 def leave() -> None:
@@ -368,8 +378,21 @@ def failed(exc: BaseException, r: Ranks) -> BaseException | None:
 
     if isinstance(exc, DistError):
         return _lost(exc)
-    g.fail(f"rank {r.rank}/{r.world} on {socket.gethostname()} failed: {one_line(exc)}")
+    interrupted = isinstance(exc, KeyboardInterrupt)
+    if interrupted:
+        _ignore_interrupts()
+    g.fail(f"rank {r.rank}/{r.world} on {socket.gethostname()} {'was interrupted' if interrupted else 'failed: ' + one_line(exc)}", wait=not interrupted)
     return None
+
+
+def _ignore_interrupts() -> None:
+    """After a first Ctrl-C a rank only stops: the agent forwards the terminal's SIGINT to its
+    workers, and a second KeyboardInterrupt in the middle of stopping prints tracebacks."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def broadcast(obj: Any) -> Any:
@@ -461,27 +484,37 @@ def world_for(devices: int | str, device_setting: str) -> int:
 
 def launch(world: int, pipeline: Any, progress: bool) -> Any:
     """Runs ``infer`` on ``world`` ranks of this machine through torch's elastic launcher (as
-    ``torchrun --standalone --nproc_per_node=world`` would) and returns rank 0's summary."""
+    ``torchrun --standalone --nproc_per_node=world`` would) and returns rank 0's summary.
+    Ctrl-C stops every rank and raises KeyboardInterrupt here (the CLI: one line, exit 130)."""
     import logging
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)  # its own INFO lines are not ours to print
     conf = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=world, run_id=uuid.uuid4().hex, rdzv_backend="c10d",
         rdzv_endpoint="localhost:0", max_restarts=0, start_method="spawn", monitor_interval=0.1,
     )
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed.elastic")] + ["torch.distributed.elastic"]:
+        logging.getLogger(name).setLevel(logging.ERROR)  # its INFO and WARNING lines ("Received 2 death signal") are not ours to print
     try:
         out = elastic_launch(conf, _rank_infer)(pipeline, progress)
     except ChildFailedError as exc:
         ranks = ", ".join(str(k) for k in sorted(exc.failures))
         raise KaggleTTAError(f"runtime.devices: {world} ranks started and rank(s) {ranks} failed (their message is above); fix that and run again — the cache keeps every row already computed") from None
+    except SignalException as exc:
+        import signal
+
+        if exc.sigval == signal.SIGINT:
+            raise KeyboardInterrupt from None
+        raise KaggleTTAError(f"runtime.devices: stopped by signal {exc.sigval.name}; the ranks were stopped — the cache keeps every row already computed") from None
     return out[0]
 
 
 def _rank_infer(pipeline: Any, progress: bool) -> Any:
-    """One rank started by :func:`launch`: its share, then (rank 0) the assembly."""
+    """One rank started by :func:`launch`: its share, then (rank 0) the assembly. Errors are
+    one line here; a Ctrl-C says nothing (the launching process does)."""
     import sys
 
     from kaggle_tta.api import infer
@@ -489,5 +522,8 @@ def _rank_infer(pipeline: Any, progress: bool) -> Any:
     try:
         return infer(pipeline, progress=progress)
     except KaggleTTAError as exc:
-        print(f"kaggle-tta: {current()}: {exc}", file=sys.stderr, flush=True)
+        print(f"kaggle-tta: {current()}: error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        _ignore_interrupts()
+        raise SystemExit(130) from None

@@ -260,6 +260,23 @@ def test_runtime_devices_2_under_precision_auto_starts_two_ranks_and_completes_i
     assert "no model was run" in again.stdout and "ranks:" not in again.stdout  # all cached: no ranks started
 
 
+def test_ctrl_c_under_runtime_devices_stops_every_rank_with_one_line(pipeline, tmp_path):
+    """Ctrl-C in a terminal: SIGINT to the whole process group (the launching process and its
+    ranks; the agent forwards it to the ranks once more). Exit 130, one line, no traceback."""
+    p = _slow(pipeline, tmp_path, "interrupted", 0.3)
+    cmd = [sys.executable, "-m", "kaggle_tta", "run", str(p), "-q", "--set", "runtime.devices=2"]
+    with _started(cmd) as (proc,):
+        deadline = time.time() + 120
+        while time.time() < deadline and len(list((tmp_path / "marks").glob("*"))) < 2 and proc.poll() is None:
+            time.sleep(0.1)  # both ranks are forwarding
+        assert proc.poll() is None
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "SignalException" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == "kaggle-tta: interrupted; completed batches are in the cache — rerun to resume", err[-3000:]
+
+
 # ---- in one process: other splits, other machines, other commands ---------------------------
 
 
@@ -323,6 +340,18 @@ def test_under_torchrun_only_rank_0_blends_and_runs_cache_commands(pipeline, tmp
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert main(["blend", str(p)]) == 0 and sub.exists()
+
+
+def test_ranks_without_a_launcher_are_one_line(pipeline, tmp_path, monkeypatch, capsys):
+    """RANK and WORLD_SIZE set by hand, no MASTER_ADDR: one line naming the fix, no traceback."""
+    p = _classification(pipeline[1], tmp_path, "unlaunched")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    assert main(["run", str(p), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "MASTER_ADDR and MASTER_PORT are not" in err[0] and "torchrun" in err[0], err
 
 
 def test_a_device_named_for_one_gpu_is_refused_with_ranks():
