@@ -449,3 +449,27 @@ def test_several_ranks_fall_back_to_one_process_and_shares_are_refused(plain_run
     with pytest.raises(KaggleTTAError, match=r"members\.b\.adaptive: adaptive views run in one process for now, not in --share") as exc:
         kaggle_tta.infer(write(_one_member(cfg, tmp_path, "share", confidence=t), "share.yaml"), share=(0, 2), progress=False)
     assert "\n" not in str(exc.value) and not (tmp_path / "cache-share" / "b").exists()
+
+
+def test_plain_shares_over_a_gated_cache_assemble_plain_views(plain_run, tmp_path):
+    """A gated cache, then the plain pipeline in two --share runs on the same cache: the
+    assembly puts the shares' plain views in place of the gated ones (a gated view does not
+    stand for a plain one), drops the held-row masks and the shards, and a plain run then
+    computes nothing: every gated view ends equal to one plain process's."""
+    write, cfg, plain = plain_run
+    t = float(np.median(scores(plain["identity"], "softmax", "confidence")))
+    kaggle_tta.run(write(_one_member(cfg, tmp_path, "mix", confidence=t), "gated.yaml"), progress=False)
+    d = _entry_dir(tmp_path / "cache-mix")
+    assert sorted(p.name for p in d.glob("_held_*.npy")) == sorted(f"_held_{v}.npy" for v in D4 if v != "identity")
+    p = write(_one_member(cfg, tmp_path, "mix"), "plain-mix.yaml")
+    for k in (0, 1):
+        kaggle_tta.infer(p, share=(k, 2), progress=False)
+    res = kaggle_tta.run(p, progress=False)
+    assert res.stats.rows_computed == 0, res.stats
+    assert not list(d.glob("_held_*")) and not (d / "shards").exists()
+    manifest = json.loads((d / "manifest.json").read_text())
+    assert not any("held" in st for st in manifest["views"].values())
+    got = _views(tmp_path / "cache-mix")
+    for v in D4:  # every row (those the gate held back too); other chunks than plain's: the last bits may differ
+        np.testing.assert_allclose(got[v], plain[v], rtol=0, atol=TOL, err_msg=v)
+    np.testing.assert_allclose(_probs(tmp_path / "mix.csv"), _probs(tmp_path / "plain.csv"), rtol=0, atol=TOL)

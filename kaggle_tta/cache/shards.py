@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kaggle_tta.cache.entry import SIZES, CacheEntry, DamagedView
+from kaggle_tta.cache.entry import SIZES, CacheEntry, DamagedView, held_name
 from kaggle_tta.cache.files import RaggedWriter, writing
 from kaggle_tta.errors import CacheError
 
@@ -161,11 +161,12 @@ def assemble(entry: CacheEntry, views: list[str], n: int, ids: list[str], sizes:
     out = Assembled()
     shards = list_shards(entry)
     for view in [*views, *([SIZES] if sizes else [])] if shards else []:
-        if entry.is_complete(view):
+        if entry.is_complete(view) and _holds_as(entry, view, shards):
             continue
         pieces = _cover(shards, view, 0, n)
         if pieces is None:
             continue
+        replaced = _forget_gated(entry, view)
         entry.write_ids(ids)
         try:
             if pieces[0][2].view_state(view).get("kind") == "ragged":
@@ -182,12 +183,35 @@ def assemble(entry: CacheEntry, views: list[str], n: int, ids: list[str], sizes:
             entry.close()
             entry.save()
         out.views.append(view)
+        for name in replaced:  # the gated view's row mask: no longer named by the manifest
+            with contextlib.suppress(FileNotFoundError):
+                (entry.dir / name).unlink()
         _release(entry, shards, {view})
     if shards:
         _release(entry, list_shards(entry), None)
     if entry.mark_used(source) and entry.manifest_path.is_file():
         entry.save()
     return out
+
+
+def _holds_as(entry: CacheEntry, view: str, shards: list[tuple[int, int, CacheEntry]]) -> bool:
+    """Whether the entry's complete ``view`` holds the rows its shards' copies hold: both
+    every row, or both those of one gate (kaggle_tta.adaptive). A gated view (its rows only
+    where a gate sent them on) does not stand for the plain view a share computed."""
+    held = entry.view_state(view).get("held")
+    return all(s.view_state(view).get("held") == held for _, _, s in shards if view in s.manifest["views"])
+
+
+def _forget_gated(entry: CacheEntry, view: str) -> list[str]:
+    """Drops a gated ``view`` (and its held-row companion) from the entry's manifest, so
+    that the shards' plain rows are assembled in its place; returns the companion's files,
+    deleted once the plain view is committed."""
+    if "held" not in entry.view_state(view):
+        return []
+    states = entry.manifest["views"]
+    del states[view]
+    companion = states.pop(held_name(view), None)
+    return [f"{held_name(view)}.npy", f"{held_name(view)}.npy.partial"] if companion is not None else []
 
 
 def _dense(entry: CacheEntry, view: str, n: int, pieces: list[tuple[int, int, CacheEntry]]) -> None:
@@ -247,7 +271,7 @@ def _release(entry: CacheEntry, shards: list[tuple[int, int, CacheEntry]], views
                 s.reload()
             except CacheError:
                 continue  # a damaged shard manifest: left for the user (list_shards skips it)
-            done = [v for v in s.manifest["views"] if (views is None or v in views) and entry.is_complete(v)]
+            done = [v for v in s.manifest["views"] if (views is None or v in views) and entry.is_complete(v) and _holds_as(entry, v, [(0, 0, s)])]
             if done:
                 for v in done:  # the manifest first: it never names a file that is gone
                     del s.manifest["views"][v]
