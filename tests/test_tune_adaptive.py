@@ -180,11 +180,40 @@ def test_adaptive_off_writes_no_adaptive_and_the_default_follows_the_pipeline(de
 def test_keep_gain_one_keeps_all_of_it_and_zero_keeps_none(demo):
     """The constraint binds: keep-gain 1 keeps the whole in-sample gain; keep-gain 0 lets
     every gate go to the bottom (no extra forward), and costs never rise as it loosens."""
-    runs = {k: kaggle_tta.tune(load_pipeline(ROOT / "pipeline.yaml", demo), folds=0, adaptive="confidence", keep_gain=k) for k in (1.0, 0.5, 0.0)}
+    runs = {k: kaggle_tta.tune(load_pipeline(ROOT / "pipeline.yaml", demo), folds=0, adaptive="confidence", keep_gain=k, keep_changes=0.0) for k in (1.0, 0.5, 0.0)}
     cost = {k: r.tables["gates"].filter(pl.col("member") == "(all)")["extra forwards run"][0] for k, r in runs.items()}
     search = runs[1.0].estimate.tuned.gate_search
     assert search.signed(search.adaptive) >= search.signed(search.full)
     assert cost[0.0] <= cost[0.5] <= cost[1.0] and cost[0.0] == 0
+
+
+def _decisions(sets: list[str], files: list[Path], *more: str) -> np.ndarray:
+    """The submission's class per row, from kaggle-tta blend."""
+    cfg = load_pipeline(ROOT / "pipeline.yaml", [*sets, *more], base_dir=ROOT, override_files=files)
+    kaggle_tta.blend(cfg)
+    return pl.read_csv(Path(cfg.submission.path))["label"].to_numpy()
+
+
+def test_keep_changes_makes_the_full_ttas_changed_decisions(demo, tmp_path):
+    """The label-free constraint (--keep-changes): of the rows whose submitted class the full
+    TTA changes (against each member's first view alone), the gated submission gives the full
+    TTA's class on at least that share, counted here from blend's submissions. With keep-gain
+    0 it alone binds: 0 lets every gate go to the bottom, and the cost never falls as it tightens."""
+    cost, made = {}, {}
+    for kc in (0.0, 0.5, 1.0):
+        out = tmp_path / f"kc{kc}.yaml"
+        r = kaggle_tta.tune(load_pipeline(ROOT / "pipeline.yaml", demo), out=out, folds=0, adaptive="margin", keep_gain=0.0, keep_changes=kc)
+        members = {m["name"]: m for m in r.overrides["members"]}
+        gated = _decisions(demo, [out])
+        full = _decisions(demo, [out], *(f"members.{n}.adaptive=null" for n in members))
+        alone = [f"members.{n}.{k}={v}" for n, m in members.items() for k, v in (("tta", f"[{m['adaptive']['first']}]"), ("view_weights", "null"), ("adaptive", "null"))]
+        changed = full != _decisions(demo, [out], *alone)
+        assert changed.sum() >= 3  # decisions to keep
+        made[kc] = float((gated[changed] == full[changed]).mean())
+        assert made[kc] >= kc - 1e-12, (kc, made[kc], r.report())
+        assert r.estimate.tuned.gate_search.changes_made == pytest.approx(made[kc]) and r.estimate.tuned.gate_search.changed == changed.sum()
+        cost[kc] = r.tables["gates"].filter(pl.col("member") == "(all)")["extra forwards run"][0]
+    assert cost[0.0] == 0 and cost[0.0] <= cost[0.5] <= cost[1.0] and cost[1.0] > 0 and made[1.0] == 1.0
 
 
 def test_gated_views_are_refused_with_the_fix_and_the_fix_works(pipeline, tmp_path, capsys):

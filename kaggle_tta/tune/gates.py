@@ -6,14 +6,20 @@ member gets a first view (the pipeline's ``adaptive.first`` where it is among th
 views, else identity where it is, else the tuned first view) and the rule asked for. The
 cost is the extra forwards, ``sum_m (V_m - 1) x rows sent on`` (V_m: the member's tuned
 views; a row is sent on to the other views when its first view's score is not above the
-threshold). The constraint: the submission node's metric gain over no TTA (each member's
-first view alone) is at least ``keep_gain`` x the full TTA's gain, on the training rows.
+threshold). The constraints, on the training rows: the submission node's metric gain over
+no TTA (each member's first view alone) is at least ``keep_gain`` x the full TTA's gain; and
+of the decisions the full TTA changes (the submission's class of a row; under multi-label,
+each class's yes or no), the gates make at least ``keep_changes`` as the full TTA does. The
+second reads no label: the gain is helped rows minus hurt rows, a small difference that a
+gate can keep in sample by dropping rows whose help and harm happen to cancel there; the
+changed decisions count both, so a gate that keeps them keeps the gain out of sample too.
 
 The search is deterministic, over each member's candidates (0, 1 and the quantiles of its
 first view's scores on the training rows): from every threshold at 1.0 (full TTA), each
 step moves one member's threshold to any lower candidate that keeps the constraint and
 saves forwards; a move that loses nothing goes first (the one saving the most), then the
-one saving the most forwards per unit of metric lost. It stops when no lower candidate of
+one saving the most forwards per unit lost (its share of the full TTA's gain plus, where
+counted, its share of the changed decisions). It stops when no lower candidate of
 any member keeps the constraint and saves a forward: no single threshold can then go lower.
 
 Every prediction scored is the blend's: a gated member's rows are those of
@@ -98,6 +104,9 @@ class GateSearch:
     full: float = float("nan")
     adaptive: float = float("nan")
     evaluations: int = 0
+    keep_changes: float = 0.0
+    changed: int = 0  # training rows (multi-label: row x class) whose decision the full TTA changes
+    changes_made: float = float("nan")  # the share of those decisions the gates make as the full TTA does
     notes: list[str] = field(default_factory=list)
     learned: bool = False  # False: no gate written (the full TTA gains nothing, or no member can be gated)
     value: Any = field(default=None, repr=False)  # (member predictions, rows) -> the source's metric
@@ -135,7 +144,7 @@ def candidates(s: np.ndarray) -> list[float]:
 def learn(pb: ClassProblem, tuned: Tuned, train: np.ndarray, rules: dict[str, str]) -> GateSearch:
     """The gates of the members in ``rules`` (member -> rule) for the tuned pipeline, on
     the training rows ``train`` (bool ``[N]``); ``tuned``'s members hold no gate yet."""
-    search = GateSearch(pb.metric.name, pb.metric.higher_is_better, pb.opts.keep_gain, int(train.sum()), {}, {})
+    search = GateSearch(pb.metric.name, pb.metric.higher_is_better, pb.opts.keep_gain, int(train.sum()), {}, {}, keep_changes=pb.opts.keep_changes)
     fixed, alone = search.fixed, search.alone
     for name, p in tuned.members.items():
         m = pb.members[name]
@@ -173,16 +182,27 @@ def learn(pb: ClassProblem, tuned: Tuned, train: np.ndarray, rules: dict[str, st
     if not search.members:
         return search
 
-    def value(preds: dict[str, Prediction], rows: np.ndarray) -> float:
+    def probs_of(preds: dict[str, Prediction]) -> np.ndarray:
         search.evaluations += 1
         nodes = evaluate_dag(pb.cfg, preds, lambda b, ins: blend(str(b.method), ins, tuned.blends[b.name], b.space, b.power))
-        probs = to_probs(nodes[pb.cfg.submission_source])
+        return to_probs(nodes[pb.cfg.submission_source])
+
+    def value(preds: dict[str, Prediction], rows: np.ndarray, probs: np.ndarray | None = None) -> float:
+        probs = probs_of(preds) if probs is None else probs
         return float(pb.metric.fn(pb.y[rows], probs[rows], tuned.threshold))
+
+    def decisions(probs: np.ndarray) -> np.ndarray:
+        """What the submission decides per row: the class, or (multi-label) each class's yes/no."""
+        return probs >= np.asarray(tuned.threshold) if pb.multilabel else probs.argmax(-1)
 
     gated = list(search.members.values())
     search.value = value
-    search.none = value(alone, train)
-    search.full = value(fixed, train)
+    p_none, p_full = probs_of(alone), probs_of(fixed)
+    search.none = value(alone, train, p_none)
+    search.full = value(fixed, train, p_full)
+    d_full = decisions(p_full)[train]
+    changed = d_full != decisions(p_none)[train]  # the decisions the full TTA changes: what a gate must keep
+    search.changed = int(changed.sum())
     if search.signed(search.full) - search.signed(search.none) <= EPS:
         search.notes.append(
             f"adaptive: the full TTA gains nothing over each member's first view alone on these rows ({search.metric} {search.full:.4f} against "
@@ -191,22 +211,34 @@ def learn(pb: ClassProblem, tuned: Tuned, train: np.ndarray, rules: dict[str, st
         search.adaptive = search.full
         return search
     counts = [[int(s[train].sum()) for s in g.sends] for g in gated]
-    required = search.signed(search.none) + search.keep * (search.signed(search.full) - search.signed(search.none))
-    memo: dict[tuple[int, ...], float] = {}
+    gain = search.signed(search.full) - search.signed(search.none)
+    required = search.signed(search.none) + search.keep * gain
+    memo: dict[tuple[int, ...], tuple[float, float]] = {}
+    keep_changes = pb.opts.keep_changes
 
-    def at(idx: tuple[int, ...]) -> float:
+    def scored(idx: tuple[int, ...]) -> tuple[float, float]:
+        """(the signed metric, the share of the full TTA's changed decisions made) of the gates ``idx``."""
         if idx not in memo:
             preds = dict(fixed)
             preds.update({g.name: g.prediction(j) for g, j in zip(gated, idx)})
-            memo[idx] = search.signed(value(preds, train))
+            probs = probs_of(preds)
+            made = float((decisions(probs)[train] == d_full)[changed].mean()) if changed.any() else 1.0
+            memo[idx] = (search.signed(value(preds, train, probs)), made)
         return memo[idx]
+
+    def at(idx: tuple[int, ...]) -> float:
+        return scored(idx)[0]
+
+    def keeps(idx: tuple[int, ...]) -> bool:
+        v, made = scored(idx)
+        return v >= required - EPS and made >= keep_changes - EPS
 
     def cost(idx: tuple[int, ...]) -> int:
         return sum((g.views - 1) * c[j] for g, c, j in zip(gated, counts, idx))
 
     idx = tuple(0 for _ in gated)
     while True:
-        cur, cur_cost = at(idx), cost(idx)
+        (cur, cur_made), cur_cost = scored(idx), cost(idx)
         best, best_rank = None, None
         for k, g in enumerate(gated):
             for j in range(idx[k] + 1, len(g.candidates)):
@@ -214,10 +246,12 @@ def learn(pb: ClassProblem, tuned: Tuned, train: np.ndarray, rules: dict[str, st
                 saved = cur_cost - cost(new)
                 if saved <= 0:
                     continue
-                v = at(new)
-                if v < required - EPS:
+                if not keeps(new):
                     continue
-                loss = cur - v
+                v, made = scored(new)
+                # what the move gives up: its share of the full TTA's gain, plus (where counted)
+                # its share of the full TTA's changed decisions
+                loss = (cur - v) / gain + ((cur_made - made) if keep_changes > 0 else 0.0)
                 rank = (1, float(saved), v) if loss <= EPS else (0, saved / loss, v)
                 if best_rank is None or rank > best_rank:
                     best, best_rank = new, rank
@@ -228,6 +262,7 @@ def learn(pb: ClassProblem, tuned: Tuned, train: np.ndarray, rules: dict[str, st
         g.at = j
     search.learned = True
     search.adaptive = search.signed(at(idx))
+    search.changes_made = scored(idx)[1]
     return search
 
 
@@ -296,6 +331,8 @@ def summary(search: GateSearch, folds: list[HeldOut], n: int) -> str:
     text = (f"adaptive: the gates keep {_pct(kept)} of the full TTA's {search.metric} gain in sample ({search.none:.4f} with each member's first view "
             f"alone, {search.full:.4f} full TTA, {search.adaptive:.4f} gated) at {run} of {run + saved} extra forwards ({pct}), "
             f"keep-gain {search.keep:g}")
+    if search.learned and search.changed:
+        text += f"; they make {_pct(search.changes_made)} of the {search.changed} decisions the full TTA changes as it does (keep-changes {search.keep_changes:g})"
     if folds:
         text += f"; held out ({len(folds)} folds, each tuned and gated on the others) {_pct(held)}"
     return text

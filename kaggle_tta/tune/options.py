@@ -45,6 +45,11 @@ class TuneOptions:
     members whose pipeline sets ``adaptive``, which learn their own rule."""
     keep_gain: float = 0.9
     """The gates keep at least this share of the full TTA's metric gain over no TTA."""
+    keep_changes: float = 0.9
+    """... and make, of the decisions the full TTA changes (the submission's class of a row,
+    or a class's yes/no under multi-label), at least this share as the full TTA does. Labels
+    are not read: it counts helped and hurt rows alike, so a gate is not learned from the
+    few rows whose gain happens to cancel on the training rows (0: off)."""
 
     def check(self) -> None:
         from kaggle_tta.errors import ConfigError
@@ -61,6 +66,8 @@ class TuneOptions:
             raise ConfigError(f"--adaptive: '{self.adaptive}'; choose one of {', '.join(ADAPTIVE)}")
         if not 0.0 <= self.keep_gain <= 1.0:
             raise ConfigError(f"--keep-gain: {self.keep_gain}; give a share of the full TTA's gain between 0 and 1 (e.g. 0.9)")
+        if not 0.0 <= self.keep_changes <= 1.0:
+            raise ConfigError(f"--keep-changes: {self.keep_changes}; give a share of the full TTA's changed decisions between 0 and 1 (e.g. 0.9; 0: off)")
 
 
 SWITCHES = {
@@ -89,6 +96,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="learn each member's adaptive gate with this rule (off: none; default: off, except members whose pipeline sets adaptive learn its rule)",
     )
     p.add_argument("--keep-gain", type=float, default=0.9, help="the gates keep at least this share of the full TTA's metric gain over no TTA (default 0.9)")
+    p.add_argument(
+        "--keep-changes", type=float, default=0.9,
+        help="and make at least this share of the decisions the full TTA changes as it does (labels not read; 0: off; default 0.9)",
+    )
     p.add_argument("--report", default=None, help="also write the report (markdown) here")
     p.add_argument("--picture", default=None, help="the gain-against-cost PNG (default: beside --out, .png)")
 
@@ -98,4 +109,5 @@ def options_from(args: argparse.Namespace) -> TuneOptions:
         views=args.views, view_weights=args.view_weights, class_weights=args.class_weights, temperature=args.temperature,
         member_weights=args.member_weights, thresholds=args.thresholds, objective=args.objective, metric=args.metric,
         folds=args.folds, seed=args.seed, max_steps=args.max_steps, adaptive=args.adaptive, keep_gain=args.keep_gain,
+        keep_changes=args.keep_changes,
     )
