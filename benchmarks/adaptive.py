@@ -1,13 +1,15 @@
 """Row 11: adaptive views. The demo pipeline (two trained members, d4) on a demo test set of
 ``--adaptive-images`` images, run with full d4 and with adaptive views whose gates
-``kaggle-tta tune --adaptive confidence`` learned on a separate labelled split; against the
-limit of full d4 (each member's forward alone on ready tensors, 8 views x images, fp32, the
-faster memory layout, at the pipeline's forward batch).
+``kaggle-tta tune --adaptive margin --keep-gain 0.95`` learned on a separate labelled split of
+``--adaptive-val`` images; against the limit of full d4 (each member's forward alone on ready
+tensors, 8 views x images, fp32, the faster memory layout, at the pipeline's forward batch).
 
 Goal (#16): adaptive inference below 0.5x of the limit's seconds, at >= 90% of full d4's
-accuracy gain over no TTA on the test split (the gate was learned on the other split).
+accuracy gain over no TTA on the test split (the gates were learned on the other split; the
+demo's d4 gain is about 1.2% of the images, so a few thousand of them are needed on each
+side for the share kept to mean anything: 4000 test images gain about 46).
 
-    python3 benchmarks/run.py --out X --only adaptive --adaptive-images 2000 --repeats 2
+    python3 benchmarks/run.py --out X --only adaptive --repeats 2
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 FORWARD_BATCH = 64
+RULE, KEEP_GAIN = "margin", 0.95  # a margin over the goal's 0.9: the gates are learned on other images
 
 
 def _sets(d: Path, split: Path, threads: int) -> list[str]:
@@ -96,10 +99,10 @@ def _limit_child(n_inputs: int, threads: int) -> None:
 
 def adaptive_row(b: Any, log: Any, med: Any) -> None:
     """Runs the row; ``log`` and ``med`` are the orchestrator's (benchmarks/run.py)."""
-    n, threads = b.a.adaptive_images, 2
+    n, n_val, threads = b.a.adaptive_images, b.a.adaptive_val, 2
     root = b.runs / "adaptive-data"
     val, test = root / "val", root / "test"
-    _kaggle_tta(["demo-data", str(val), "--n", "480", "--seed", "21"])
+    _kaggle_tta(["demo-data", str(val), "--n", str(n_val), "--seed", "21"])
     _kaggle_tta(["demo-data", str(test), "--n", str(n), "--seed", "11"])
     # the gates: learned on the labelled val split's full-d4 cache, the gate alone
     d = b.runs / "adaptive-tune"
@@ -107,10 +110,10 @@ def adaptive_row(b: Any, log: Any, med: Any) -> None:
     sets = _set_args(_sets(d, val, threads))
     _kaggle_tta(["infer", str(REPO / "pipeline.yaml"), *sets, "-q"])
     gates = d / "gates.yaml"
-    tune_args = ["tune", str(REPO / "pipeline.yaml"), *sets, "--adaptive", "confidence", "--no-views", "--no-view-weights", "--no-temperature",
+    tune_args = ["tune", str(REPO / "pipeline.yaml"), *sets, "--adaptive", RULE, "--keep-gain", str(KEEP_GAIN), "--no-views", "--no-view-weights", "--no-temperature",
                  "--member-weights", "off", "--folds", "0", "--out", str(gates)]
     _kaggle_tta(tune_args)
-    log(f"adaptive: gates learned on 480 val images: {gates.read_text().strip()}")
+    log(f"adaptive: gates learned on {n_val} val images: {gates.read_text().strip()}")
     raw: dict[str, list[dict[str, Any]]] = {"full": [], "adaptive": []}
     for rep in range(b.a.repeats):
         for kind in ("full", "adaptive"):  # interleaved: load drifts hit both
@@ -119,7 +122,7 @@ def adaptive_row(b: Any, log: Any, med: Any) -> None:
             log(f"adaptive rep {rep + 1}/{b.a.repeats}: {kind}: inference {r['inference_s']}s, accuracy {r['plain']:.4f} -> {r['tta']:.4f}, forwards {r['forwards']}")
     done = subprocess.run([sys.executable, __file__, "--limit", str(8 * n), str(threads)], cwd=REPO, capture_output=True, text=True, check=True)
     limit = json.loads(done.stdout.strip().splitlines()[-1])
-    b.res["adaptive"] = {"raw": raw, "images": n, "limit": limit, "gates": gates.read_text(), "tune": "kaggle-tta " + " ".join(tune_args)}
+    b.res["adaptive"] = {"raw": raw, "images": n, "val": n_val, "limit": limit, "gates": gates.read_text(), "tune": "kaggle-tta " + " ".join(tune_args)}
 
 
 def adaptive_report(res: dict[str, Any], goals: list, med: Any) -> list[str]:
@@ -135,7 +138,7 @@ def adaptive_report(res: dict[str, Any], goals: list, med: Any) -> list[str]:
     kept = gain_ad / gain_full if gain_full > 0 else float("nan")
     extra = (a["forwards"] - 2 * n) / (a["forwards_full"] - 2 * n) if a["forwards"] else float("nan")
     L = ["## Row 11: adaptive views (the demo pipeline, d4, gates learned by `tune` on another split)", ""]
-    L.append(f"{n} demo images (the test split, seed 11); the gates were learned on 480 others (seed 21) with `{rr['tune']}`. fp32, 2 threads, "
+    L.append(f"{n} demo images (the test split, seed 11); the gates were learned on {rr.get('val', 480)} others (seed 21) with `{rr['tune']}`. fp32, 2 threads, "
              f"forward batch {FORWARD_BATCH}, a fresh cache per run, interleaved, medians of {len(raw['full'])}. The limit is each member's forward "
              f"alone on ready tensors, 8 views x {n} inputs, in the faster layout ({', '.join(f'{k} {v:.1f} s' for k, v in rr['limit'].items())}).")
     L.append("")
