@@ -23,6 +23,8 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -93,6 +95,23 @@ def one_line(exc: BaseException) -> str:
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted"
     return text if isinstance(exc, KaggleTTAError) else f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def store_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is the launcher's store failing (torch's DistError: DistStoreError,
+    DistNetworkError; a socket's timeout or reset), not a fault of ours or the user's."""
+    if isinstance(exc, (TimeoutError, ConnectionError)):
+        return True
+    torch_dist = sys.modules.get("torch.distributed")
+    error = getattr(torch_dist, "DistError", None)
+    return error is not None and isinstance(exc, error)
+
+
+def every_rank(exc: KaggleTTAError) -> KaggleTTAError:
+    """Marks an error that every rank finds alike and raises itself (the job's settings, a
+    cache.dir not shared): no rank needs to be told of it (see :func:`failed`)."""
+    exc.every_rank = True  # type: ignore[attr-defined]
+    return exc
 
 
 def _lost(exc: BaseException) -> KaggleTTAError:
@@ -275,6 +294,19 @@ class _Group:
             while time.monotonic() < end and self.store.add("failed/seen", 0) < self.world - 1:
                 time.sleep(0.1)
 
+    def settle(self) -> None:
+        """Before ranks that all failed alike exit: waits (GRACE at most) until every rank
+        has read the last exchange, since the process or agent hosting the store may stop
+        as soon as its rank exits, under a peer still reading."""
+        # quiet: where the store's host left first, torch's C++ client logs the closed
+        # connection with a stack of frames; this rank has read all it needed by then
+        with _quiet_stderr(replay=False), contextlib.suppress(Exception):
+            end = time.monotonic() + GRACE
+            n = self.store.add("settled", 1)
+            while n < self.world and time.monotonic() < end:
+                time.sleep(0.05)
+                n = self.store.add("settled", 0)
+
     def _wait(self, keys: list[str]) -> None:
         """Waits for ``keys`` in slices of SLICE seconds, looking for a failed or restarted
         peer between them; after TIMEOUT in all, one line."""
@@ -333,7 +365,8 @@ _GROUP: list[_Group] = []
 
 
 def join(r: Ranks) -> None:
-    """Joins the ranks' store (once per process)."""
+    """Joins the ranks' store (once per process). Whatever fails here is one line: the
+    store unreachable, rank 0 (hosting it) waiting in vain for the others, a store lost."""
     if _GROUP:
         return
     missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
@@ -342,20 +375,58 @@ def join(r: Ranks) -> None:
             f"RANK={os.environ.get('RANK')} and WORLD_SIZE={os.environ.get('WORLD_SIZE')} are set but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: "
             "start the ranks with torchrun (it sets all of them), or unset RANK and WORLD_SIZE to run in one process"
         )
-    from torch.distributed import DistError, rendezvous
+    from torch.distributed import rendezvous
 
     where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
     try:
-        store, rank, world = next(rendezvous("env://", timeout=JOIN_TIMEOUT))
-    except (ValueError, DistError) as exc:
+        with _quiet_stderr():  # the store's C++ client logs each failed try with a stack of frames
+            store, rank, world = next(rendezvous("env://", timeout=JOIN_TIMEOUT))
+    except (ValueError, RuntimeError, OSError) as exc:  # RuntimeError: torch's DistError, DistStoreError, DistNetworkError
+        if "waiting for clients" in str(exc):  # rank 0 hosts the store (no torchrun agent) and the others never came
+            raise KaggleTTAError(
+                f"rank {r.rank}/{r.world} hosts the ranks' store at {where} and waited {JOIN_TIMEOUT} for the others ({one_line(exc)}): "
+                "start every rank with the same WORLD_SIZE, MASTER_ADDR and MASTER_PORT (torchrun does), and check that they reach this machine on that port"
+            ) from None
         raise KaggleTTAError(
             f"cannot reach the launcher's store at {where} (MASTER_ADDR:MASTER_PORT; {one_line(exc)}): start the ranks with torchrun, "
             "and check that every machine reaches rank 0's (the --rdzv_endpoint host) on that port"
         ) from None
     try:
         _GROUP.append(_Group(store, rank, world))
-    except DistError as exc:
-        raise _lost(exc) from None
+    except Exception as exc:
+        if store_error(exc):
+            raise _lost(exc) from None
+        raise
+
+
+@contextlib.contextmanager
+def _quiet_stderr(replay: bool = True):
+    """File descriptor 2 into a temporary file for the block: torch's C++ logging writes
+    there directly, past sys.stderr. What it wrote is dropped where the block fails (the
+    caller's one line says why) and, with ``replay``, written out where it succeeds."""
+    import tempfile
+
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no fd 2 at all: nothing to quieten
+        saved = None
+    if saved is None:
+        yield
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            if ok and replay:
+                tmp.seek(0)
+                with contextlib.suppress(OSError):
+                    os.write(2, tmp.read())
 
 
 def leave() -> None:
@@ -374,10 +445,11 @@ def failed(exc: BaseException, r: Ranks) -> BaseException | None:
     g.close()
     if isinstance(exc, PeerFailed):  # another rank's failure: named already
         return None
-    from torch.distributed import DistError
-
-    if isinstance(exc, DistError):
+    if store_error(exc):
         return _lost(exc)
+    if getattr(exc, "every_rank", False):  # each rank raises it itself: no one to tell
+        g.settle()
+        return None
     interrupted = isinstance(exc, KeyboardInterrupt)
     if interrupted:
         _ignore_interrupts()
@@ -403,6 +475,11 @@ def broadcast(obj: Any) -> Any:
 def gather(obj: Any) -> list[Any] | None:
     """Every rank's ``obj``, in rank order, on rank 0 (None elsewhere)."""
     return _GROUP[0].gather(obj)
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    return _GROUP[0].all_gather(obj)
 
 
 def all_agree(ok: bool) -> bool:
@@ -440,35 +517,108 @@ def threads_for(threads: int | None, r: Ranks) -> int:
     return threads if threads else max(1, cpu_cores() // max(1, r.local_world))
 
 
+SHARED_WAIT = 10.0  # seconds a rank looks again for tokens it does not see yet (NFS caches a folder's listing a few seconds)
+STALE = 3600.0  # seconds: .ranks/<token> folders older than this were left by a killed run
+
+
 def check_shared(root: Path, r: Ranks) -> None:
-    """Refuses, on every rank and before any forward, a cache.dir that is not one folder
-    for all ranks (machines that share no filesystem): rank 0 could not assemble the others'
-    shards. Each rank leaves a token; each looks for all of them."""
+    """Refuses, on every rank and before any forward, a cache.dir that some rank cannot
+    write (naming the ranks, their hosts and the OS's reason), then one that is not one
+    folder for all ranks (machines that share no filesystem): rank 0 could not assemble
+    the others' shards. Each rank leaves a token in ``.ranks/<id>``; each looks for all of
+    them, re-listing the folder for up to SHARED_WAIT seconds (another node's fresh file
+    can stay hidden that long behind NFS's attribute cache). Rank 0 first removes what
+    killed runs left in ``.ranks``."""
     token = broadcast(uuid.uuid4().hex if r.main else None)
-    folder = Path(root) / ".ranks" / token
-    seen = False
+    host, shared = socket.gethostname(), Path(root) / ".ranks"
+    folder = shared / token
+    if r.main:
+        _sweep(shared)
+    why = None
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / str(r.rank)).write_text(socket.gethostname(), encoding="utf-8")
-    except OSError:
-        pass  # a cache.dir this rank cannot write: the check below fails on every rank
-    barrier()
+        (folder / str(r.rank)).write_text(host, encoding="utf-8")
+    except OSError as exc:
+        why = one_line(exc)
     try:
-        seen = all((folder / str(k)).is_file() for k in range(r.world))
-    except OSError:
-        seen = False
-    ok = all_agree(seen)
-    barrier()
-    if r.main:
-        import shutil
+        cannot = [(k, h, p, w) for k, h, p, w in all_gather((r.rank, host, str(root), why)) if w is not None]
+        if cannot:
+            said = "; ".join(f"rank {k} on {h} cannot write {p} ({w})" for k, h, p, w in cannot)
+            raise every_rank(CacheError(f"cache.dir: {said}; give every rank a cache.dir it can write (on several machines, one folder they all share)"))
+        missing = _look(folder, r.world, SHARED_WAIT)
+        unseen = [(k, h, m) for k, h, m in all_gather((r.rank, host, missing)) if m]  # every rank has looked
+    finally:
+        if r.main:
+            import shutil
 
-        shutil.rmtree(folder, ignore_errors=True)
-    if not ok:
-        raise CacheError(
-            f"cache.dir ({root}): the {r.world} ranks do not see one folder (machines without a shared filesystem); "
+            shutil.rmtree(folder, ignore_errors=True)
+    if unseen:
+        k, h, m = unseen[0]
+        raise every_rank(CacheError(
+            f"cache.dir ({root}): the {r.world} ranks do not see one folder (machines without a shared filesystem: rank {k} on {h} "
+            f"does not see the token{'s' if len(m) > 1 else ''} of rank(s) {', '.join(map(str, m))} after {SHARED_WAIT:g}s); "
             "point cache.dir at a shared disk, or run each machine alone on its share ('kaggle-tta infer PIPELINE --share K/N', "
             "with an explicit runtime.precision) and join the caches on one with 'kaggle-tta cache merge PIPELINE OTHER_CACHE_DIR'"
-        )
+        ))
+
+
+def _look(folder: Path, world: int, wait: float) -> list[int]:
+    """The ranks whose token this rank does not see in ``folder``, looking again (listing
+    the folder and its parent afresh, which refreshes an NFS client's cached view of them)
+    every half second for up to ``wait`` seconds while some are missing."""
+    end = time.monotonic() + wait
+    while True:
+        try:
+            os.listdir(folder.parent)
+            names = set(os.listdir(folder))
+        except OSError:
+            names = set()
+        missing = [k for k in range(world) if str(k) not in names]
+        if not missing or time.monotonic() >= end:
+            return missing
+        time.sleep(min(0.5, max(0.0, end - time.monotonic())))
+
+
+def _sweep(shared: Path, age: float = STALE) -> None:
+    """Removes the entries of ``.ranks`` older than ``age`` seconds (tokens of runs killed
+    before they removed their own); entries gone meanwhile, or not removable, are left."""
+    import shutil
+
+    now = time.time()
+    try:
+        entries = list(os.scandir(shared))
+    except OSError:
+        return
+    for e in entries:
+        with contextlib.suppress(OSError):
+            if now - e.stat(follow_symlinks=False).st_mtime < age:
+                continue
+            if e.is_dir(follow_symlinks=False):
+                shutil.rmtree(e.path, ignore_errors=True)
+            else:
+                os.unlink(e.path)
+
+
+def check_same_job(job: dict[str, Any], r: Ranks) -> None:
+    """Refuses, on every rank, ranks that do not run the same job as rank 0: ``job`` is each
+    rank's short description of it (field -> value: the test set, batch size, members),
+    compared in order; the first differing rank and field is named, with both values."""
+    host = socket.gethostname()
+    every = all_gather((r.rank, host, job))
+    _, host0, ref = every[0]
+    for k, h, theirs in every[1:]:
+        for field in [*ref, *(f for f in theirs if f not in ref)]:
+            a, b = ref.get(field, "(none)"), theirs.get(field, "(none)")
+            if a != b:
+                raise every_rank(ConfigError(
+                    f"rank {k}/{r.world} on {h} runs another job than rank 0 on {host0}: {field} is {_short(b)} there and {_short(a)} on rank 0; "
+                    "run the same pipeline.yaml, the same --set/--overrides and the same test set on every node"
+                ))
+
+
+def _short(value: Any, width: int = 80) -> str:
+    text = str(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def world_for(devices: int | str, device_setting: str) -> int:
@@ -509,6 +659,12 @@ def launch(world: int, pipeline: Any, progress: bool) -> Any:
         if exc.sigval == signal.SIGINT:
             raise KeyboardInterrupt from None
         raise KaggleTTAError(f"runtime.devices: stopped by signal {exc.sigval.name}; the ranks were stopped — the cache keeps every row already computed") from None
+    except Exception as exc:
+        from torch.distributed.elastic.rendezvous import RendezvousError
+
+        if isinstance(exc, RendezvousError) or store_error(exc):  # the launcher's own store on this machine
+            raise KaggleTTAError(f"runtime.devices: torch's launcher could not start the {world} ranks ({one_line(exc)}); run again, or set runtime.devices: 1") from None
+        raise
     return out[0]
 
 

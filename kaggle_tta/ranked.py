@@ -135,6 +135,7 @@ def run_ranked(plan: Plan, progress: bool, r: Any) -> RunStats:
     check_one_process(plan, "ranks")  # every rank, before it joins: one line each, no model built
     dist.join(r)
     try:
+        dist.check_same_job(job_of(plan), r)  # before any model is built or any file written
         return _run_ranked(plan, progress, r)
     except BaseException as exc:
         instead = dist.failed(exc, r)
@@ -143,6 +144,26 @@ def run_ranked(plan: Plan, progress: bool, r: Any) -> RunStats:
         raise
     finally:
         dist.leave()
+
+
+def job_of(plan: Plan) -> dict[str, Any]:
+    """What every rank must agree on with rank 0 (dist.check_same_job), field by field:
+    the test set (its size, its ids in order), the loader's batch (the shares are cut in
+    whole batches) and each member (its fingerprint, which covers the weights, the factory,
+    the preprocessing and the test set's files, and its views). cache.dir is not one of
+    them: dist.check_shared finds whether the ranks see one folder."""
+    import hashlib
+
+    job: dict[str, Any] = {
+        "the test set's image count": len(plan.testset),
+        "the test set's ids (sha256)": hashlib.sha256("\n".join(plan.testset.ids).encode()).hexdigest()[:16],
+        "runtime.batch_size": plan.cfg.runtime.batch_size,
+        "members": ", ".join(m.name for m in plan.members),
+    }
+    for m in plan.members:
+        job[f"members.{m.name}.tta (its views)"] = " ".join(v.name for v in m.views)
+        job[f"members.{m.name}'s fingerprint"] = m.fingerprint("fp32")
+    return job
 
 
 def _run_ranked(plan: Plan, progress: bool, r: Any) -> RunStats:

@@ -390,3 +390,219 @@ def test_a_rank_failing_on_another_node_stops_every_rank_with_one_line(pipeline,
     stopped = [ln for ln in errs.splitlines() if ln.startswith("kaggle-tta: rank 0/2: error: ")]
     assert len(stopped) == 1 and "rank 1/2 on " in stopped[0] and "failed: " in stopped[0] and "img_00023" in stopped[0], errs[-3000:]
     assert "kaggle_tta/" not in errs, errs[-3000:]  # no traceback through our code
+
+
+# ---- ranks started by hand (RANK, WORLD_SIZE, MASTER_ADDR/PORT; rank 0 hosts the store) ----
+
+
+_CHECK_SHARED = """
+import os, sys, time
+from pathlib import Path
+from kaggle_tta import dist
+r = dist.current()
+dist.join(r)
+try:
+    t = time.monotonic()
+    dist.check_shared(Path(os.environ["KAGGLE_TTA_TEST_ROOT"]), r)
+    print(f"shared in {time.monotonic() - t:.2f}s")
+    dist._GROUP[0].settle()  # rank 0 hosts the store: it leaves once rank 1 has read the last exchange
+except Exception as exc:
+    dist.failed(exc, r)
+    print(f"kaggle-tta: {r}: error: {exc}", file=sys.stderr)
+    sys.exit(2)
+finally:
+    dist.leave()
+"""
+
+
+def _ranks_by_hand(cmds: list[list[str]], envs: list[dict[str, str]], timeout: float = 120) -> list[subprocess.CompletedProcess]:
+    """One process per rank, as a launcher other than torchrun would start them: no agent,
+    rank 0 hosts the store (torch's env:// rendezvous); ``envs``: each rank's own variables."""
+    port, world = str(_free_port()), str(len(cmds))
+    procs = []
+    try:
+        for k, (c, extra) in enumerate(zip(cmds, envs)):
+            env = {**_env(), "RANK": str(k), "WORLD_SIZE": world, "LOCAL_RANK": str(k), "LOCAL_WORLD_SIZE": world, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, **extra}
+            procs.append(subprocess.Popen(c, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True))
+        outs = [q.communicate(timeout=timeout) for q in procs]
+    finally:
+        for q in procs:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(q.pid, signal.SIGKILL)
+            with contextlib.suppress(Exception):
+                q.communicate(timeout=10)
+    return [subprocess.CompletedProcess(c, q.returncode, out, err) for c, q, (out, err) in zip(cmds, procs, outs)]
+
+
+def _one_line(done: subprocess.CompletedProcess) -> str:
+    """The one line a rank wrote on stderr (no traceback, no log of torch's)."""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    return lines[0]
+
+
+def _check_shared(roots: list[Path]) -> list[subprocess.CompletedProcess]:
+    cmd = [sys.executable, "-c", _CHECK_SHARED]
+    return _ranks_by_hand([cmd] * len(roots), [{"KAGGLE_TTA_TEST_ROOT": str(root)} for root in roots], timeout=60)
+
+
+@pytest.mark.parametrize("how", ["under_a_file", "read_only"])
+def test_a_cache_dir_a_rank_cannot_write_is_named_on_every_rank(tmp_path, how):
+    """Rank 1's cache.dir cannot be written (a path under a regular file, which root cannot
+    make a folder either; or a read-only folder, for a user other than root): every rank says
+    which rank, on which host, and the OS's reason — not "not shared"."""
+    good = tmp_path / "cache"
+    if how == "under_a_file":
+        (tmp_path / "a-file").write_text("")
+        bad = tmp_path / "a-file" / "cache"
+        reason = "NotADirectoryError"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into a read-only folder; the under_a_file case covers root")
+        bad = tmp_path / "read-only"
+        bad.mkdir(mode=0o500)
+        reason = "PermissionError"
+    done = _check_shared([good, bad])
+    for d in done:
+        assert d.returncode == 2, d.stderr[-3000:]
+        line = _one_line(d)
+        assert f"rank 1 on {socket.gethostname()} cannot write {bad} ({reason}" in line, line
+        assert "give every rank a cache.dir it can write" in line and "rank 0 on" not in line and "do not see one folder" not in line, line
+    assert list((good / ".ranks").iterdir()) == [], "rank 0 removed its token"
+
+
+def test_a_shared_cache_dir_is_seen_at_once_and_stale_tokens_are_removed(tmp_path):
+    """Two ranks on one folder pass without waiting out SHARED_WAIT; rank 0 removes what runs
+    killed over an hour ago left in .ranks (a folder, a file) and keeps a fresh one (a run of
+    another pipeline on this cache, now)."""
+    shared = tmp_path / "cache" / ".ranks"
+    (shared / "old").mkdir(parents=True)
+    (shared / "old" / "1").write_text("host")
+    (shared / "old-file").write_text("")
+    (shared / "fresh").mkdir()
+    hour_ago = time.time() - 3700
+    for q in (shared / "old" / "1", shared / "old", shared / "old-file"):
+        os.utime(q, (hour_ago, hour_ago))
+    done = _check_shared([tmp_path / "cache"] * 2)
+    for d in done:
+        assert d.returncode == 0, d.stderr[-3000:]
+        assert float(d.stdout.split("shared in ")[1].split("s")[0]) < 8, d.stdout  # SHARED_WAIT is 10 s
+    assert sorted(q.name for q in shared.iterdir()) == ["fresh"]
+
+
+def test_a_token_hidden_for_a_while_is_looked_for_again(tmp_path):
+    """NFS's attribute cache can hide another node's fresh token for seconds: the look lists
+    the folder again until it appears (or the wait ends, naming the ranks still unseen)."""
+    import threading
+
+    from kaggle_tta.dist import _look
+
+    folder = tmp_path / ".ranks" / "token"
+    folder.mkdir(parents=True)
+    (folder / "0").write_text("")
+    late = threading.Timer(1.0, lambda: (folder / "1").write_text(""))
+    late.start()
+    t = time.monotonic()
+    try:
+        assert _look(folder, 2, 5.0) == []
+    finally:
+        late.join()
+    assert 0.9 < time.monotonic() - t < 4
+    t = time.monotonic()
+    assert _look(folder, 4, 0.6) == [2, 3]
+    assert 0.5 < time.monotonic() - t < 2
+    t = time.monotonic()
+    assert _look(folder, 2, 5.0) == [] and time.monotonic() - t < 0.5  # all seen at once: no wait
+
+
+def _no_labels(pipeline, tmp: Path, name: str, drop_last: bool = False) -> Path:
+    """The slow pipeline (no model runs where the marks folder stays absent) on a copy of the
+    demo images without labels; ``drop_last``: one image fewer."""
+    import shutil
+
+    images = tmp / f"{name}-images"
+    shutil.copytree(Path(pipeline[1]["data"]["folder"]), images)
+    if drop_last:
+        sorted(images.glob("*.png"))[-1].unlink()
+    p = _slow(pipeline, tmp, name, 0.0)
+    cfg = yaml.safe_load(p.read_text())
+    cfg["data"]["folder"] = str(images)
+    cfg["data"].pop("labels", None)
+    cfg["cache"]["dir"] = str(tmp / "cache")  # one cache for both ranks
+    p.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return p
+
+
+@pytest.mark.parametrize("differs", ["batch_size", "test_set"])
+def test_ranks_running_another_job_are_refused_before_any_forward(pipeline, tmp_path, differs):
+    """Rank 1 runs the pipeline with another runtime.batch_size (--set), or on a folder with
+    one image fewer: both ranks exit 2 with one line naming rank 1, its host, the field and
+    both values, before any model is built or any entry written."""
+    p0 = _no_labels(pipeline, tmp_path, "node0")
+    p1 = p0 if differs == "batch_size" else _no_labels(pipeline, tmp_path, "node1", drop_last=True)
+    extra = ["--set", "runtime.batch_size=8"] if differs == "batch_size" else []
+    cmds = [[sys.executable, "-m", "kaggle_tta", "run", str(p0), "-q"], [sys.executable, "-m", "kaggle_tta", "run", str(p1), "-q", *extra]]
+    done = _ranks_by_hand(cmds, [{}, {}])
+    want = "runtime.batch_size is 8 there and 4 on rank 0" if differs == "batch_size" else "the test set's image count is 23 there and 24 on rank 0"
+    for k, d in enumerate(done):
+        assert d.returncode == 2, d.stderr[-3000:]
+        line = _one_line(d)
+        assert line.startswith(f"kaggle-tta: rank {k}/2: error: rank 1/2 on {socket.gethostname()} runs another job than rank 0 on "), line
+        assert want in line and "the same pipeline.yaml, the same --set/--overrides and the same test set on every node" in line, line
+    assert not (tmp_path / "marks").exists(), "no model ran"
+    assert [q.name for q in (tmp_path / "cache").iterdir() if not q.name.startswith(".")] == [], "no entry written"
+    assert not (tmp_path / "cache" / ".ranks").exists(), "refused before cache.dir was looked at"
+
+
+_JOIN = """
+import sys
+from datetime import timedelta
+from kaggle_tta import dist
+from kaggle_tta.cli import main
+dist.JOIN_TIMEOUT = timedelta(seconds=2)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_store_nobody_serves_is_one_line(pipeline, tmp_path, rank):
+    """Rank 1 alone, MASTER_PORT where nobody listens: the client's retries (torch logs each
+    with a stack of C++ frames) end in one line naming the endpoint. Rank 0 alone hosts the
+    store and waits for a rank 1 that never comes: one line naming the wait. Exit 2 both."""
+    p = _classification(pipeline[1], tmp_path, "alone")
+    port = _free_port()
+    env = {**_env(), "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    t = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", _JOIN, "run", str(p), "-q"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr[-3000:]
+    line = _one_line(done)
+    if rank:
+        assert line.startswith(f"kaggle-tta: rank 1/2: error: cannot reach the launcher's store at 127.0.0.1:{port} (MASTER_ADDR:MASTER_PORT; "), line
+    else:
+        assert line.startswith(f"kaggle-tta: rank 0/2: error: rank 0/2 hosts the ranks' store at 127.0.0.1:{port} and waited 0:00:02 for the others"), line
+    assert time.monotonic() - t < 30
+
+
+def test_a_store_failing_past_every_catch_is_one_line_under_ranks(pipeline, tmp_path, monkeypatch, capsys):
+    """The CLI's last net under torchrun: a store error no closer code turned into a line
+    (here raised by the command itself) is one line naming the store, exit 2; a rank-less
+    run's own bug still raises."""
+    import torch.distributed as tdist
+
+    from kaggle_tta import cli
+
+    def lost(args) -> None:
+        raise tdist.DistNetworkError("Connection reset by peer")
+
+    p = _classification(pipeline[1], tmp_path, "net")
+    monkeypatch.setitem(cli.COMMANDS, "blend", (lost, "blend", False))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29999")
+    assert main(["blend", str(p)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kaggle-tta: rank 0/2: error: lost the launcher's store at 127.0.0.1:29999 (DistNetworkError: Connection reset by peer)"), err
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(tdist.DistNetworkError):
+        main(["blend", str(p)])
