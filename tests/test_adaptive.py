@@ -473,3 +473,32 @@ def test_plain_shares_over_a_gated_cache_assemble_plain_views(plain_run, tmp_pat
     for v in D4:  # every row (those the gate held back too); other chunks than plain's: the last bits may differ
         np.testing.assert_allclose(got[v], plain[v], rtol=0, atol=TOL, err_msg=v)
     np.testing.assert_allclose(_probs(tmp_path / "mix.csv"), _probs(tmp_path / "plain.csv"), rtol=0, atol=TOL)
+
+
+def test_cache_verify_reads_the_held_row_masks_and_a_damaged_one_is_computed_again(plain_run, tmp_path, capsys):
+    """A flipped byte in a gated view's held-row mask: cache verify names it and marks it; the
+    next run computes that view again (and only it), to the same values."""
+    from kaggle_tta.cli import main
+
+    write, cfg, plain = plain_run
+    t = float(np.median(scores(plain["identity"], "softmax", "confidence")))
+    p = write(_one_member(cfg, tmp_path, "v", confidence=t), "v.yaml")
+    kaggle_tta.run(p, progress=False)
+    d = _entry_dir(tmp_path / "cache-v")
+    before = _views(tmp_path / "cache-v")
+    assert main(["cache", "verify", str(p)]) == 0
+    assert "hflip (its held rows) | ok" in capsys.readouterr().out
+    mask = d / "_held_hflip.npy"
+    raw = bytearray(mask.read_bytes())
+    raw[-1] ^= 1  # the last row's byte: 0 <-> 1
+    mask.write_bytes(bytes(raw))
+    assert main(["cache", "verify", str(p)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "hflip (its held rows)" in err[0] and "checksum" in err[0], err
+    res = kaggle_tta.run(p, progress=False)
+    ms = res.stats.members["b"]
+    assert ms.views_computed == ["hflip"], ms
+    after = _views(tmp_path / "cache-v")
+    for v in D4:  # hflip forwarded alone now (other chunks): its last bits may differ
+        np.testing.assert_allclose(after[v], before[v], rtol=0, atol=TOL if v == "hflip" else 0, err_msg=v)
+    assert mask.read_bytes() != bytes(raw) and main(["cache", "verify", str(p)]) == 0

@@ -411,8 +411,10 @@ class CacheEntry:
 
     def verify_all(self, views: list[str], sizes: bool = False) -> dict[str, str | None]:
         """Each complete view (and, with ``sizes``, the image sizes) read whole: name -> why
-        it is damaged, or None; damaged ones are marked. Views not complete are left out."""
-        names = {**{v: v for v in views}, **({"image sizes": SIZES} if sizes else {})}
+        it is damaged, or None; damaged ones are marked. Views not complete are left out. A
+        gated view's held-row companion is read too (a damaged mask would choose wrong rows)."""
+        held = {f"{v} (its held rows)": held_name(v) for v in views if "held" in self.view_state(v)}  # adaptive: the gated view's row mask
+        names = {**{v: v for v in views}, **held, **({"image sizes": SIZES} if sizes else {})}
         out: dict[str, str | None] = {}
         for label, view in names.items():
             st = self.view_state(view)
