@@ -7,6 +7,7 @@ finds shards a torchrun left, and for ``cache merge``; it imports no torch."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Sequence
@@ -185,6 +186,11 @@ def _run_ranked(plan: Plan, progress: bool, r: Any) -> RunStats:
     workers, _ = resolve_workers(rt.workers, device, threads, r.local_world)
     models: dict[str, torch.nn.Module] = {}
     precisions = dist.broadcast(choose_precisions(plan, device, resolve_precision(rt.precision, device), workers, models) if r.main else None)
+    short = dist.broadcast(space_short(plan, precisions, r.world) if r.main else None)  # before any share is written
+    if short:
+        from kaggle_tta.errors import CacheError
+
+        raise dist.every_rank(CacheError(short))
     lo, hi = r.share(n, rt.batch_size)
     stats = run_share(plan, device, precisions, lo, hi, progress and r.main, models, r.local_world, str(r))
     stats.rank = str(r)
@@ -197,6 +203,48 @@ def _run_ranked(plan: Plan, progress: bool, r: Any) -> RunStats:
         _join_ranks(stats, lines, plan)
         stats.seconds = time.perf_counter() - t0
     return stats
+
+
+def space_short(plan: Plan, precisions: dict[str, PrecisionCheck], world: int) -> str | None:
+    """Why the disk under cache.dir cannot hold this ranked run (None: it can). The ranks
+    share one disk (dist.check_shared), and each checks only its own share as it starts
+    (engine._check_space); so rank 0 checks the whole: every row of every view the entries
+    lack, less what the shards hold of them already (a resumed run), plus one view more, the
+    largest, for the assembly (which frees each view's shard copies once it is committed)."""
+    import shutil
+
+    from kaggle_tta.engine import RunStats, _pending
+
+    n = len(plan.testset)
+    needed = largest = 0
+    for w in _pending(plan, precisions, RunStats("", None, n), locked_=False):
+        row = plan.task.row_bytes(w, plan)
+        shards = w.entry.dir / "shards"
+        for v in w.views:
+            if w.entry.rows_done(v.name):
+                continue
+            size = row * n
+            held = 0
+            if shards.is_dir():
+                for f in shards.glob(f"*/{v.name}.*"):
+                    with contextlib.suppress(OSError):
+                        held += f.stat().st_size
+            needed += max(0, size - held)
+            largest = max(largest, size)
+    if not needed:
+        return None
+    needed += largest
+    try:
+        free = shutil.disk_usage(plan.cache_root if plan.cache_root.exists() else plan.cache_root.parent).free
+    except OSError:
+        return None  # no such disk yet: the first write says what is wrong
+    if needed <= free:
+        return None
+    return (
+        f"cache.dir ({plan.cache_root}): the {world} ranks' shards and their assembly need {needed / 1e6:.1f} MB "
+        f"(the rows the entries lack, and {largest / 1e6:.1f} MB more while the largest view is assembled) and {free / 1e6:.1f} MB are free; "
+        "free space there, point cache.dir at a larger disk, or store less (cache.dtype: float16 or uint8, cache.scale)"
+    )
 
 
 def _assemble_or_recompute(plan: Plan, device: torch.device, precisions: dict[str, PrecisionCheck], share: int, label: str) -> int:

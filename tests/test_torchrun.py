@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -309,6 +310,43 @@ def test_a_changed_split_uses_the_shards_of_the_old_one(pipeline, tmp_path):
         assert str(p) in json.loads((plan.cache_root / m.name / m.fingerprint("fp32") / "manifest.json").read_text())["used_by"]
     main(["blend", str(p)])
     _same(single, p)
+
+
+def test_rank_0_checks_the_disk_for_every_share_and_the_assembly(pipeline, tmp_path, monkeypatch):
+    """Each rank checks only its own share; rank 0 checks the whole run before any share is
+    written: every missing row of every view plus the largest view once more (the assembly),
+    less what shards hold already. Sizes from a finished run's files (their rows, no header)."""
+    import shutil
+    from types import SimpleNamespace
+
+    from kaggle_tta import ranked
+
+    single = _classification(pipeline[1], tmp_path, "single")
+    run(single, progress=False)
+    sizes = [int(np.prod(a.shape)) * a.itemsize for f in sorted((tmp_path / "single" / "cache").glob("*/*/*.npy"))
+             if not f.name.startswith(("_", "sizes")) for a in [np.load(f, mmap_mode="r")]]
+    whole = sum(sizes) + max(sizes)
+    p = _classification(pipeline[1], tmp_path, "disk")
+    plan = build_plan(load_pipeline(p))
+    precisions = {m.name: SimpleNamespace(ran_in="fp32", note="") for m in plan.members}
+    real = shutil.disk_usage
+
+    def free(nbytes):
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=nbytes))
+
+    free(whole)
+    assert ranked.space_short(plan, precisions, 2) is None
+    free(whole - 1)
+    why = ranked.space_short(plan, precisions, 2)
+    assert why is not None and "\n" not in why and f"need {whole / 1e6:.1f} MB" in why and "cache.dtype" in why, why
+    monkeypatch.setattr(shutil, "disk_usage", real)
+    _share(plan, *Ranks(0, 2, 0, 2).share(24, 4))  # half the rows in shards: half of each view to come
+    held = sum(f.stat().st_size for f in (tmp_path / "disk" / "cache").glob("*/*/shards/*/*.npy*") if not f.name.startswith(("_", "sizes")))
+    free(whole - 1)
+    why = ranked.space_short(plan, precisions, 2)
+    assert why is None or f"need {(whole - held) / 1e6:.1f} MB" in why, (why, whole, held)
+    free(0)
+    assert f"need {(whole - held) / 1e6:.1f} MB" in ranked.space_short(plan, precisions, 2)
 
 
 def test_machines_without_a_shared_disk_join_with_cache_merge(pipeline, demo_images, tmp_path, capsys):
