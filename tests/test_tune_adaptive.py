@@ -280,3 +280,43 @@ def test_adaptive_is_refused_where_tune_learns_no_gate(tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(ConfigError, match=r"^--adaptive margin: tune learns gates for the tuners classes; .*use --adaptive off$"):
         kaggle_tta.tune(path, adaptive="margin")
+
+
+def _gates_of(r) -> dict:
+    return {m["name"]: m["adaptive"] for m in r.overrides["members"]}
+
+
+def test_calibrate_keep_learns_the_gates_at_the_lowest_keep_that_holds_out(demo, monkeypatch):
+    """--calibrate-keep (with folds): the gates are learned at the lowest in-sample keep of the
+    ladder whose held-out gain kept, pooled over the folds, reaches --keep-gain (1.0 where none
+    does): the very gates tune --folds 0 --keep-gain THAT learns. Its held-out figure at the
+    keep chosen is the estimate's (the same folds, the same gates). The held-out figures are
+    then replaced by a table to make the ladder climb."""
+    from kaggle_tta.tune import gates
+    from kaggle_tta.tune.classes import KEEP_LADDER
+
+    cfg = load_pipeline(ROOT / "pipeline.yaml", demo)
+    r = kaggle_tta.tune(cfg, folds=3, adaptive="margin", keep_gain=0.9)
+    search = r.estimate.tuned.gate_search
+    ladder = [k for k, _ in search.calibration]
+    assert ladder == [0.9, *KEEP_LADDER]
+    chosen = next((k for k, v in search.calibration if v is not None and v >= 0.9), 1.0)
+    assert search.keep == chosen
+    held = r.tables["gates"].filter(pl.col("member") == "(all)")["gain kept (held out)"][0]
+    assert dict(search.calibration)[chosen] == pytest.approx(held)
+    assert any("--calibrate-keep" in n for n in r.notes)
+    off = kaggle_tta.tune(cfg, folds=3, adaptive="margin", keep_gain=0.9, calibrate_keep=False)
+    assert off.estimate.tuned.gate_search.keep == 0.9 and off.estimate.tuned.gate_search.calibration == []
+
+    real = gates.held_out
+    for table, expect in (({0.9: 0.8, 0.925: 0.85, 0.95: 0.91, 0.975: 0.95, 1.0: 1.0}, 0.95), ({k: 0.5 for k in ladder}, 1.0)):
+        def fake(search, nodes, pb, rows, threshold, table=table):
+            h = real(search, nodes, pb, rows, threshold)
+            return None if h is None else gates.HeldOut(h.rows, 0.0, 1.0, table[search.keep], h.sent)
+
+        with monkeypatch.context() as m:
+            m.setattr(gates, "held_out", fake)
+            climbed = kaggle_tta.tune(cfg, folds=3, adaptive="margin", keep_gain=0.9)
+        assert climbed.estimate.tuned.gate_search.keep == expect
+        at = kaggle_tta.tune(cfg, folds=0, adaptive="margin", keep_gain=expect)
+        assert _gates_of(climbed) == _gates_of(at)

@@ -70,6 +70,9 @@ def resolve_metric(spec: str | None, multilabel: bool) -> Metric:
     return Metric(name, lambda y, p, t: float(fn(y, p)))
 
 
+KEEP_LADDER = (0.925, 0.95, 0.975, 1.0)  # in-sample keeps calibrate_keep tries above --keep-gain
+
+
 class ClassProblem:
     """The classification tuning problem (registered as ``classes``)."""
 
@@ -95,6 +98,8 @@ class ClassProblem:
         self.pipeline_gates = {mp.name: mp.gate for mp in plan.members}  # adaptive as the pipeline sets it (as is)
         self.rules = gate_rules(opts.adaptive, {n: g.rule if g is not None else None for n, g in self.pipeline_gates.items()})
         self.held_out: list[gates.HeldOut] = []  # the folds' gates scored on their held-out rows (fit appends)
+        self.keep_gain = opts.keep_gain  # what the gates keep in sample: --keep-gain, or what calibrate_keep chose
+        self.calibration: list[tuple[float, float | None]] = []  # (in-sample keep tried, the folds' pooled held-out keep)
 
     @property
     def n_units(self) -> int:
@@ -143,7 +148,8 @@ class ClassProblem:
     def _fit_gates(self, tuned: Tuned, train: np.ndarray) -> None:
         """Learns the gates on ``train``; a fold's (``train`` not every row) are scored on
         its held-out rows, for the gate table's held-out column."""
-        search = gates.learn(self, tuned, train, {n: r for n, r in self.rules.items() if r})
+        search = gates.learn(self, tuned, train, {n: r for n, r in self.rules.items() if r}, keep=self.keep_gain)
+        search.calibration = list(self.calibration)
         tuned.gate_search = search
         for name, gate in search.gates.items():
             tuned.members[name].gate = gate
@@ -155,6 +161,44 @@ class ClassProblem:
         held = gates.held_out(search, self.nodes(tuned), self, np.flatnonzero(~train), tuned.threshold)
         if held is not None:
             self.held_out.append(held)
+
+    def calibrate_keep(self, folds: int, seed: int) -> None:
+        """--keep-gain is what the gates should keep on images tune has not seen. Gates
+        learned to keep exactly that in sample keep less out of sample (the loosest thresholds
+        that pass are, in part, those the training rows happen to favour). So, with folds and
+        --calibrate-keep: on each of the estimate's folds (the same split), everything but
+        the gates is tuned on the other folds, then gates are learned at each in-sample keep
+        of KEEP_LADDER from --keep-gain up and scored on the held-out fold; the lowest keep
+        whose held-out gain kept, pooled over the folds, reaches --keep-gain is the one the
+        final gates (and the estimate's folds) are learned at; 1.0 where none does."""
+        rules = {n: r for n, r in self.rules.items() if r}
+        if not rules or folds < 2 or not self.opts.calibrate_keep:
+            return
+        n, keep = self.n_units, self.opts.keep_gain
+        ladder = [keep, *(k for k in KEEP_LADDER if k > keep + 1e-9)]
+        parts = np.array_split(np.random.default_rng(seed).permutation(n), min(folds, n))
+        got: dict[float, list[gates.HeldOut]] = {k: [] for k in ladder}
+        probe = None
+        for held in parts:
+            train = np.ones(n, dtype=bool)
+            train[held] = False
+            saved, self.rules = self.rules, {}
+            try:
+                base = self.fit(train)  # views, weights and blends on the other folds; no gate
+            finally:
+                self.rules = saved
+            for k in ladder:
+                t = Tuned({m: replace(p, gate=None) for m, p in base.members.items()}, dict(base.blends), base.threshold)
+                search = probe = gates.learn(self, t, train, rules, keep=k)
+                for name, gate in search.gates.items():
+                    t.members[name].gate = gate
+                h = gates.held_out(search, self.nodes(t), self, np.flatnonzero(~train), t.threshold)
+                if h is not None:
+                    got[k].append(h)
+        self.calibration = [(k, gates.pooled_kept(probe, got[k]) if probe is not None else None) for k in ladder]
+        if all(v is None for _, v in self.calibration):
+            return  # no held-out gain to keep: nothing to calibrate against
+        self.keep_gain = next((k for k, v in self.calibration if v is not None and v >= keep - 1e-12), 1.0)
 
     def _member_pred(self, name: str, p: ViewPolicy, drop: int | None = None) -> Prediction:
         """The member's merge as the blend computes it: its kept views, weights and
@@ -249,6 +293,12 @@ class ClassProblem:
             return [f"adaptive: no gate learned (--adaptive off); members.{n}.adaptive is null in tuned.yaml: plain TTA, as tune scored it"
                     for n, g in self.pipeline_gates.items() if g is not None]
         out = list(search.notes)
+        if self.calibration:
+            tried = ", ".join(f"{k:g} -> {'—' if v is None else f'{100 * v:.1f}%'}" for k, v in self.calibration)
+            out.append(
+                f"adaptive: keep-gain {self.opts.keep_gain:g} on new images: the gates are learned to keep {self.keep_gain:g} in sample "
+                f"(--calibrate-keep; held-out gain kept, pooled over {self.opts.folds} folds, at each in-sample keep: {tried})"
+            )
         if search.learned:
             out.append(gates.summary(search, self.held_out, self.n_units))
         return out

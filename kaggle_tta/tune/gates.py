@@ -105,6 +105,7 @@ class GateSearch:
     adaptive: float = float("nan")
     evaluations: int = 0
     keep_changes: float = 0.0
+    calibration: list[tuple[float, float | None]] = field(default_factory=list)  # --calibrate-keep: (in-sample keep, held-out kept pooled)
     changed: int = 0  # training rows (multi-label: row x class) whose decision the full TTA changes
     changes_made: float = float("nan")  # the share of those decisions the gates make as the full TTA does
     notes: list[str] = field(default_factory=list)
@@ -141,10 +142,11 @@ def candidates(s: np.ndarray) -> list[float]:
     return sorted(out, reverse=True)
 
 
-def learn(pb: ClassProblem, tuned: Tuned, train: np.ndarray, rules: dict[str, str]) -> GateSearch:
+def learn(pb: ClassProblem, tuned: Tuned, train: np.ndarray, rules: dict[str, str], keep: float | None = None) -> GateSearch:
     """The gates of the members in ``rules`` (member -> rule) for the tuned pipeline, on
-    the training rows ``train`` (bool ``[N]``); ``tuned``'s members hold no gate yet."""
-    search = GateSearch(pb.metric.name, pb.metric.higher_is_better, pb.opts.keep_gain, int(train.sum()), {}, {}, keep_changes=pb.opts.keep_changes)
+    the training rows ``train`` (bool ``[N]``); ``tuned``'s members hold no gate yet.
+    ``keep``: the share of the gain to keep in sample (default --keep-gain)."""
+    search = GateSearch(pb.metric.name, pb.metric.higher_is_better, pb.opts.keep_gain if keep is None else keep, int(train.sum()), {}, {}, keep_changes=pb.opts.keep_changes)
     fixed, alone = search.fixed, search.alone
     for name, p in tuned.members.items():
         m = pb.members[name]

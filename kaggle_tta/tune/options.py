@@ -45,6 +45,9 @@ class TuneOptions:
     members whose pipeline sets ``adaptive``, which learn their own rule."""
     keep_gain: float = 0.9
     """The gates keep at least this share of the full TTA's metric gain over no TTA."""
+    calibrate_keep: bool = True
+    """With folds: learn the gates at the lowest in-sample keep whose held-out gain kept, over
+    the folds, reaches keep_gain (ClassProblem.calibrate_keep); else at keep_gain itself."""
     keep_changes: float = 0.9
     """... and make, of the decisions the full TTA changes (the submission's class of a row,
     or a class's yes/no under multi-label), at least this share as the full TTA does. Labels
@@ -97,6 +100,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--keep-gain", type=float, default=0.9, help="the gates keep at least this share of the full TTA's metric gain over no TTA (default 0.9)")
     p.add_argument(
+        "--calibrate-keep", action=argparse.BooleanOptionalAction, default=True,
+        help="with --folds: learn the gates at the lowest in-sample keep whose held-out gain kept reaches --keep-gain (default on)",
+    )
+    p.add_argument(
         "--keep-changes", type=float, default=0.9,
         help="and make at least this share of the decisions the full TTA changes as it does (labels not read; 0: off; default 0.9)",
     )
@@ -109,5 +116,5 @@ def options_from(args: argparse.Namespace) -> TuneOptions:
         views=args.views, view_weights=args.view_weights, class_weights=args.class_weights, temperature=args.temperature,
         member_weights=args.member_weights, thresholds=args.thresholds, objective=args.objective, metric=args.metric,
         folds=args.folds, seed=args.seed, max_steps=args.max_steps, adaptive=args.adaptive, keep_gain=args.keep_gain,
-        keep_changes=args.keep_changes,
+        keep_changes=args.keep_changes, calibrate_keep=args.calibrate_keep,
     )

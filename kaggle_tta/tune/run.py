@@ -92,6 +92,8 @@ def tune(
     name = fill_hint or _name(plan)
     sources = open_sources(plan, fill_command(name, [str(f) for f in override_files or []], overrides or []))
     problem = make(plan, sources, opts)
+    if hasattr(problem, "calibrate_keep"):
+        problem.calibrate_keep(opts.folds, opts.seed)  # before the estimate: its folds learn their gates at the keep chosen
     est = estimate(problem, opts.folds, opts.seed)
     source = plan.cfg.submission_source
     result = TuneResult(name, source, est, problem.overrides(est.tuned), warnings=est.warnings)
