@@ -309,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("kaggle-tta: interrupted; completed batches are in the cache — rerun to resume", file=sys.stderr)
         return 130
     except Exception as exc:  # the launcher's store failing somewhere not caught closer: one line too
-        if ranks is None or not dist.store_error(exc):
+        if ranks is None or not dist.store_error(exc, sockets=False):
             raise
         print(f"kaggle-tta: {ranks}: error: {dist._lost(exc)}", file=sys.stderr)
         return 2

@@ -97,10 +97,13 @@ def one_line(exc: BaseException) -> str:
     return text if isinstance(exc, KaggleTTAError) else f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def store_error(exc: BaseException) -> bool:
+def store_error(exc: BaseException, sockets: bool = True) -> bool:
     """Whether ``exc`` is the launcher's store failing (torch's DistError: DistStoreError,
-    DistNetworkError; a socket's timeout or reset), not a fault of ours or the user's."""
-    if isinstance(exc, (TimeoutError, ConnectionError)):
+    DistNetworkError; with ``sockets``, a socket's timeout or reset too), not a fault of ours
+    or the user's. ``sockets`` only where every call in the block is the store's (joining):
+    elsewhere a socket error may be a model factory's download, and a rank that fails so
+    must tell the others like any failure."""
+    if sockets and isinstance(exc, (TimeoutError, ConnectionError)):
         return True
     torch_dist = sys.modules.get("torch.distributed")
     error = getattr(torch_dist, "DistError", None)
@@ -414,7 +417,13 @@ def _quiet_stderr(replay: bool = True):
     if saved is None:
         yield
         return
-    with tempfile.TemporaryFile() as tmp:
+    try:
+        tmp = tempfile.TemporaryFile()
+    except OSError:  # nowhere to hold it: torch's lines are left as they come
+        os.close(saved)
+        yield
+        return
+    with tmp:
         os.dup2(tmp.fileno(), 2)
         ok = False
         try:
@@ -445,7 +454,7 @@ def failed(exc: BaseException, r: Ranks) -> BaseException | None:
     g.close()
     if isinstance(exc, PeerFailed):  # another rank's failure: named already
         return None
-    if store_error(exc):
+    if store_error(exc, sockets=False):
         return _lost(exc)
     if getattr(exc, "every_rank", False):  # each rank raises it itself: no one to tell
         g.settle()

@@ -215,23 +215,25 @@ def space_short(plan: Plan, precisions: dict[str, PrecisionCheck], world: int) -
 
     from kaggle_tta.engine import RunStats, _pending
 
+    from kaggle_tta.cache.shards import _FILES, list_shards
+
     n = len(plan.testset)
     needed = largest = 0
+    pending = False
     for w in _pending(plan, precisions, RunStats("", None, n), locked_=False):
         row = plan.task.row_bytes(w, plan)
-        shards = w.entry.dir / "shards"
-        for v in w.views:
-            if w.entry.rows_done(v.name):
-                continue
+        shards = list_shards(w.entry) if (w.entry.dir / "shards").is_dir() else []
+        for v in w.views:  # each computed into shards whatever the entry holds of it (a partial, a gated view)
+            pending = True
             size = row * n
             held = 0
-            if shards.is_dir():
-                for f in shards.glob(f"*/{v.name}.*"):
+            for _, _, sh in shards:
+                for name in _FILES:
                     with contextlib.suppress(OSError):
-                        held += f.stat().st_size
+                        held += (sh.dir / name.format(v=v.name)).stat().st_size
             needed += max(0, size - held)
             largest = max(largest, size)
-    if not needed:
+    if not pending:
         return None
     needed += largest
     try:

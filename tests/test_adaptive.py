@@ -502,3 +502,48 @@ def test_cache_verify_reads_the_held_row_masks_and_a_damaged_one_is_computed_aga
     for v in D4:  # hflip forwarded alone now (other chunks): its last bits may differ
         np.testing.assert_allclose(after[v], before[v], rtol=0, atol=TOL if v == "hflip" else 0, err_msg=v)
     assert mask.read_bytes() != bytes(raw) and main(["cache", "verify", str(p)]) == 0
+
+
+def test_a_damaged_share_keeps_the_gated_view_it_was_to_replace(plain_run, tmp_path):
+    """Plain shares over a gated cache, one shard's hflip damaged (a flipped bit): the
+    assembly leaves that view as it was, gated and whole (state, held-row mask, values), and
+    rank 0's disk check counts every view a plain ranked run would write (a gated view too)."""
+    from types import SimpleNamespace
+
+    from kaggle_tta.cache import CacheEntry
+    from kaggle_tta.cache.shards import assemble
+    from kaggle_tta.plan import build_plan
+    from kaggle_tta.ranked import space_short
+
+    write, cfg, plain = plain_run
+    t = float(np.median(scores(plain["identity"], "softmax", "confidence")))
+    kaggle_tta.run(write(_one_member(cfg, tmp_path, "dmg", confidence=t), "gated.yaml"), progress=False)
+    d = _entry_dir(tmp_path / "cache-dmg")
+    gated = _views(tmp_path / "cache-dmg")
+    p = write(_one_member(cfg, tmp_path, "dmg"), "plain-dmg.yaml")
+    plan = build_plan(load_pipeline(p))
+    precisions = {"b": SimpleNamespace(ran_in="fp32", note="")}
+    import shutil
+
+    real = shutil.disk_usage
+    try:
+        shutil.disk_usage = lambda path: real(path)._replace(free=0)
+        why = space_short(plan, precisions, 2)
+    finally:
+        shutil.disk_usage = real
+    assert why is not None and "need" in why  # 7 gated views to write again, though the entry has them complete
+    for k in (0, 1):
+        kaggle_tta.infer(p, share=(k, 2), progress=False)
+    (shard,) = [s for s in (d / "shards").iterdir() if s.name.startswith("000000000-")]
+    f = shard / "hflip.npy"
+    raw = bytearray(f.read_bytes())
+    raw[-1] ^= 1
+    f.write_bytes(bytes(raw))
+    m = plan.members[0]
+    entry = CacheEntry(plan.cache_root, m.name, m.fingerprint("fp32"), m.inputs)
+    done = assemble(entry, [v.name for v in m.views], len(plan.testset), plan.testset.ids)
+    assert "hflip" not in done.views and [v for _, _, v, _ in done.damaged] == ["hflip"]
+    manifest = json.loads((d / "manifest.json").read_text())
+    assert "held" in manifest["views"]["hflip"] and manifest["views"]["_held_hflip"]["status"] == "complete"
+    assert np.array_equal(np.load(d / "hflip.npy"), gated["hflip"]) and (d / "_held_hflip.npy").is_file()
+    assert "held" not in manifest["views"]["vflip"]  # the others were assembled plain

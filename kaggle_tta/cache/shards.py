@@ -166,7 +166,7 @@ def assemble(entry: CacheEntry, views: list[str], n: int, ids: list[str], sizes:
         pieces = _cover(shards, view, 0, n)
         if pieces is None:
             continue
-        replaced = _forget_gated(entry, view)
+        replaced, forgotten = _forget_gated(entry, view)
         entry.write_ids(ids)
         try:
             if pieces[0][2].view_state(view).get("kind") == "ragged":
@@ -178,6 +178,8 @@ def assemble(entry: CacheEntry, views: list[str], n: int, ids: list[str], sizes:
             lo, hi = exc.entry.manifest.get("shard", [0, 0])
             out.damaged.append((int(lo), int(hi), view, exc.reason))
             print(f"kaggle-tta: {exc.entry.path(view)}: damaged ({exc.reason}); not assembled, its rows are computed again", file=sys.stderr, flush=True)
+            entry.close()
+            entry.manifest["views"].update(forgotten)  # the gated view as it was: its files are still there
             continue
         finally:
             entry.close()
@@ -199,19 +201,23 @@ def _holds_as(entry: CacheEntry, view: str, shards: list[tuple[int, int, CacheEn
     every row, or both those of one gate (kaggle_tta.adaptive). A gated view (its rows only
     where a gate sent them on) does not stand for the plain view a share computed."""
     held = entry.view_state(view).get("held")
-    return all(s.view_state(view).get("held") == held for _, _, s in shards if view in s.manifest["views"])
+    return held is None or all(s.view_state(view).get("held") == held for _, _, s in shards if view in s.manifest["views"])
 
 
-def _forget_gated(entry: CacheEntry, view: str) -> list[str]:
+def _forget_gated(entry: CacheEntry, view: str) -> tuple[list[str], dict[str, dict]]:
     """Drops a gated ``view`` (and its held-row companion) from the entry's manifest, so
-    that the shards' plain rows are assembled in its place; returns the companion's files,
-    deleted once the plain view is committed."""
+    that the shards' plain rows are assembled in its place. Returns the companion's files,
+    deleted once the plain view is committed, and the states dropped (put back where the
+    assembly finds a shard damaged: the gated view is then kept as it was)."""
     if "held" not in entry.view_state(view):
-        return []
+        return [], {}
     states = entry.manifest["views"]
-    del states[view]
+    forgotten = {view: states.pop(view)}
     companion = states.pop(held_name(view), None)
-    return [f"{held_name(view)}.npy", f"{held_name(view)}.npy.partial"] if companion is not None else []
+    if companion is None:
+        return [], forgotten
+    forgotten[held_name(view)] = companion
+    return [f"{held_name(view)}.npy", f"{held_name(view)}.npy.partial"], forgotten
 
 
 def _dense(entry: CacheEntry, view: str, n: int, pieces: list[tuple[int, int, CacheEntry]]) -> None:

@@ -337,6 +337,8 @@ def summary(search: GateSearch, folds: list[HeldOut], n: int) -> str:
         text += f"; they make {_pct(search.changes_made)} of the {search.changed} decisions the full TTA changes as it does (keep-changes {search.keep_changes:g})"
     if folds:
         text += f"; held out ({len(folds)} folds, each tuned and gated on the others) {_pct(held)}"
+        if search.calibration:
+            text += " (the in-sample keep was chosen on these folds: this overstates a little; new images tell)"
     return text
 
 
