@@ -264,7 +264,7 @@ def test_runtime_devices_2_under_precision_auto_starts_two_ranks_and_completes_i
 def test_ctrl_c_under_runtime_devices_stops_every_rank_with_one_line(pipeline, tmp_path):
     """Ctrl-C in a terminal: SIGINT to the whole process group (the launching process and its
     ranks; the agent forwards it to the ranks once more). Exit 130, one line, no traceback."""
-    p = _slow(pipeline, tmp_path, "interrupted", 0.3)
+    p = _slow(pipeline, tmp_path, "interrupted", 0.8)
     cmd = [sys.executable, "-m", "kaggle_tta", "run", str(p), "-q", "--set", "runtime.devices=2"]
     with _started(cmd) as (proc,):
         deadline = time.time() + 120
