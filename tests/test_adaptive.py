@@ -61,6 +61,15 @@ def _probs(path: Path) -> np.ndarray:
     return pl.read_csv(path).drop("id").to_numpy()
 
 
+def _gated(plain_run, tmp: Path, name: str) -> tuple[Path, float]:
+    """Member b gated at its median identity confidence, run once into cache-<name>: (pipeline, threshold)."""
+    write, cfg, plain = plain_run
+    t = float(np.median(scores(plain["identity"], "softmax", "confidence")))
+    path = write(_one_member(cfg, tmp, name, confidence=t), f"{name}.yaml")
+    kaggle_tta.run(path, progress=False)
+    return path, t
+
+
 @pytest.fixture
 def plain_run(pipeline, tmp_path):
     write, cfg = pipeline
@@ -144,9 +153,7 @@ def test_a_row_a_gated_view_does_not_hold_is_never_read(plain_run, tmp_path):
     from kaggle_tta.cache.files import data_crc
 
     write, cfg, plain = plain_run
-    t = float(np.median(scores(plain["identity"], "softmax", "confidence")))
-    path = write(_one_member(cfg, tmp_path, "gated", confidence=t), "gated.yaml")
-    kaggle_tta.run(path, progress=False)
+    path, t = _gated(plain_run, tmp_path, "gated")
     d = _entry_dir(tmp_path / "cache-gated")
     got = _views(tmp_path / "cache-gated")
     sent = needs(got["identity"], "softmax", Gate("identity", "confidence", t))
@@ -457,8 +464,7 @@ def test_plain_shares_over_a_gated_cache_assemble_plain_views(plain_run, tmp_pat
     stand for a plain one), drops the held-row masks and the shards, and a plain run then
     computes nothing: every gated view ends equal to one plain process's."""
     write, cfg, plain = plain_run
-    t = float(np.median(scores(plain["identity"], "softmax", "confidence")))
-    kaggle_tta.run(write(_one_member(cfg, tmp_path, "mix", confidence=t), "gated.yaml"), progress=False)
+    _gated(plain_run, tmp_path, "mix")
     d = _entry_dir(tmp_path / "cache-mix")
     assert sorted(p.name for p in d.glob("_held_*.npy")) == sorted(f"_held_{v}.npy" for v in D4 if v != "identity")
     p = write(_one_member(cfg, tmp_path, "mix"), "plain-mix.yaml")
@@ -480,10 +486,7 @@ def test_cache_verify_reads_the_held_row_masks_and_a_damaged_one_is_computed_aga
     next run computes that view again (and only it), to the same values."""
     from kaggle_tta.cli import main
 
-    write, cfg, plain = plain_run
-    t = float(np.median(scores(plain["identity"], "softmax", "confidence")))
-    p = write(_one_member(cfg, tmp_path, "v", confidence=t), "v.yaml")
-    kaggle_tta.run(p, progress=False)
+    p, _ = _gated(plain_run, tmp_path, "v")
     d = _entry_dir(tmp_path / "cache-v")
     before = _views(tmp_path / "cache-v")
     assert main(["cache", "verify", str(p)]) == 0
@@ -516,8 +519,7 @@ def test_a_damaged_share_keeps_the_gated_view_it_was_to_replace(plain_run, tmp_p
     from kaggle_tta.ranked import space_short
 
     write, cfg, plain = plain_run
-    t = float(np.median(scores(plain["identity"], "softmax", "confidence")))
-    kaggle_tta.run(write(_one_member(cfg, tmp_path, "dmg", confidence=t), "gated.yaml"), progress=False)
+    _gated(plain_run, tmp_path, "dmg")
     d = _entry_dir(tmp_path / "cache-dmg")
     gated = _views(tmp_path / "cache-dmg")
     p = write(_one_member(cfg, tmp_path, "dmg"), "plain-dmg.yaml")

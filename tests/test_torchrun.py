@@ -57,11 +57,16 @@ def _started(*cmds: list[str], env: dict[str, str] | None = None):
     try:
         yield procs
     finally:
-        for q in procs:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(q.pid, signal.SIGKILL)
-            with contextlib.suppress(Exception):
-                q.communicate(timeout=10)
+        _kill_groups(procs)
+
+
+def _kill_groups(procs) -> None:
+    """Every process group started (each in its own session): none left running."""
+    for q in procs:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(q.pid, signal.SIGKILL)
+        with contextlib.suppress(Exception):
+            q.communicate(timeout=10)
 
 
 def _finish(*cmds: list[str], timeout: float = 240, env: dict[str, str] | None = None) -> list[subprocess.CompletedProcess]:
@@ -464,11 +469,7 @@ def _ranks_by_hand(cmds: list[list[str]], envs: list[dict[str, str]], timeout: f
             procs.append(subprocess.Popen(c, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True))
         outs = [q.communicate(timeout=timeout) for q in procs]
     finally:
-        for q in procs:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(q.pid, signal.SIGKILL)
-            with contextlib.suppress(Exception):
-                q.communicate(timeout=10)
+        _kill_groups(procs)
     return [subprocess.CompletedProcess(c, q.returncode, out, err) for c, q, (out, err) in zip(cmds, procs, outs)]
 
 
