@@ -14,7 +14,9 @@ that the public name and the package name cannot shadow each other.
   min_area; detection fusion thresholds;
 - ``classes`` (+ ``classes_report``): the classification problem and its tables;
 - ``gates``: adaptive views' gates (``--adaptive``), one threshold per member, the fewest
-  extra forwards that keep ``--keep-gain`` of the full TTA's gain;
+  extra forwards that keep ``--keep-gain`` of the full TTA's gain and ``--keep-changes`` of
+  the decisions it changes (``classes.ClassProblem.calibrate_keep``: the in-sample keep that
+  holds ``--keep-gain`` on the held-out folds);
 - ``honest``: k-fold in- and out-of-sample scores, warnings; ``report``, ``picture``.
 """
 
