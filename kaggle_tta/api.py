@@ -88,7 +88,7 @@ def infer(pipeline: Pipeline, overrides: list[str] | None = None, progress: bool
     group: for machines that share no filesystem (then ``kaggle-tta cache merge``).
     """
     from kaggle_tta import dist
-    from kaggle_tta.engine import adaptive_member, run_inference
+    from kaggle_tta.engine import run_inference
     from kaggle_tta.ranked import run_ranked  # torch models: only where a run needs them
 
     plan = plan_of(pipeline, overrides)
@@ -99,9 +99,6 @@ def infer(pipeline: Pipeline, overrides: list[str] | None = None, progress: bool
     if ranks is not None:
         return run_ranked(plan, progress, ranks)
     world = 1 if alone else dist.world_for(rt.devices, rt.device)
-    if world > 1 and (name := adaptive_member(plan)) is not None:
-        print(f"kaggle-tta: members.{name}.adaptive: adaptive views run in one process for now; runtime.devices {rt.devices} runs as 1", file=sys.stderr, flush=True)
-        world = 1
     if world > 1 and not _all_cached(plan):  # nothing to compute: no ranks to start
         return dist.launch(world, plan.cfg, progress)
     device = resolve_device(rt.device)
@@ -115,11 +112,10 @@ def infer(pipeline: Pipeline, overrides: list[str] | None = None, progress: bool
 
 def _infer_share(plan: Plan, share: tuple[int, int], progress: bool) -> RunStats:
     from kaggle_tta import dist
-    from kaggle_tta.engine import check_one_process, choose_precisions
+    from kaggle_tta.engine import choose_precisions
     from kaggle_tta.ranked import run_share
 
     k, n = share
-    check_one_process(plan, "--share")
     rt = plan.cfg.runtime
     device = resolve_device(rt.device)
     lo, hi = dist.Ranks(k, n, 0, 1).share(len(plan.testset), rt.batch_size)
@@ -137,7 +133,7 @@ def _all_cached(plan: Plan) -> bool:
     not cached (an entry complete in another precision is not this run's). Detection members
     are never checked: their reduced entry is theirs."""
     from kaggle_tta.cache import CacheEntry
-    from kaggle_tta.engine import REDUCED, _recorded_check
+    from kaggle_tta.engine import REDUCED, _fits, _recorded_check
     from kaggle_tta.forward import ProbeWork
 
     rt = plan.cfg.runtime
@@ -154,7 +150,8 @@ def _all_cached(plan: Plan) -> bool:
                 if not trial.ragged:
                     return False
         entry = CacheEntry(plan.cache_root, m.name, m.fingerprint(ran_in), m.inputs)
-        if not all(entry.is_complete(v.name) for v in m.views) or (plan.task.stores_image_sizes and not entry.sizes_complete()):
+        fits = _fits(m.gate if m.gate is not None and not m.gate.skips_nothing else None, m)  # adaptive: the rows this run's gate needs
+        if not all(entry.is_complete(v.name) and fits(entry, v.name) for v in m.views) or (plan.task.stores_image_sizes and not entry.sizes_complete()):
             return False
     return True
 

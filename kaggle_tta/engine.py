@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from kaggle_tta.adaptive import Forwards, Gate, held_gate
 from kaggle_tta.cache import CacheEntry, locked
 from kaggle_tta.cache.entry import SIZES, held_name
-from kaggle_tta.cache.shards import covered, list_shards
+from kaggle_tta.cache.shards import covered, list_shards, read_rows
 from kaggle_tta.data import make_loader
 from kaggle_tta.errors import CacheError, ConfigError, DataError, KaggleTTAError
 from kaggle_tta.forward import ChunkSizer, MemberWork, PrecisionCheck, ProbeWork, Runner, compare_precision, layout_candidates, sizes_text
@@ -103,10 +103,8 @@ def _pending(plan: Plan, precisions: dict[str, PrecisionCheck], stats: RunStats,
             if main is entry and entry.mark_used(str(plan.cfg.source) if plan.cfg.source else None) and entry.manifest_path.is_file():
                 entry.save()
         ms = stats.members[m.name] = MemberStats(m.name, precision=chosen.ran_in, precision_note=chosen.note or None)
-        have = _have(plan, main, entry)
         gate = m.gate if m.gate is not None and not m.gate.skips_nothing else None
-        if gate is not None and plan.rows is not None:
-            check_one_process(plan, "shares")
+        have = _have(plan, main, entry, _fits(gate, m))
         done = lambda view, have=have, gate=gate: have(view) and _holds(main, entry, gate, m, view)  # noqa: E731
         todo = [v for v in m.views if not done(v.name)]
         ms.views_cached = [v.name for v in m.views if done(v.name)]
@@ -121,17 +119,19 @@ def _pending(plan: Plan, precisions: dict[str, PrecisionCheck], stats: RunStats,
     return out
 
 
-def adaptive_member(plan: Plan) -> str | None:
-    """The first member whose gate skips rows (adaptive views), if any."""
-    return next((m.name for m in plan.members if m.gate is not None and not m.gate.skips_nothing), None)
+def _fits(gate: Gate | None, m: MemberPlan):
+    """Whether an entry's (or a shard's) complete ``view`` holds every row this run's gate
+    needs (kaggle_tta.adaptive): a plain view holds every row; a gated one those of its own
+    gate and of tighter ones, with its row mask complete."""
 
+    def fits(e: CacheEntry, view: str) -> bool:
+        held = held_gate(e.view_state(view))
+        if held is None:
+            return True
+        wanted = gate if gate is not None and view != gate.first else None
+        return wanted is not None and wanted.covered_by(held, m.activation) and e.is_complete(held_name(view))
 
-def check_one_process(plan: Plan, how: str) -> None:
-    """Adaptive views run in one process: shard assembly does not carry which rows a gated
-    view holds yet. Raised before any model is built (``how``: what asked for several)."""
-    name = adaptive_member(plan)
-    if name is not None:
-        raise ConfigError(f"members.{name}.adaptive: adaptive views run in one process for now, not in {how}; run without torchrun or --share, or remove adaptive")
+    return fits
 
 
 def _holds(main: CacheEntry, entry: CacheEntry, gate: Gate | None, m: MemberPlan, view: str) -> bool:
@@ -139,14 +139,10 @@ def _holds(main: CacheEntry, entry: CacheEntry, gate: Gate | None, m: MemberPlan
     a plain view holds every row; a gated one those of its own gate and of tighter ones."""
     if view == SIZES:
         return True
-    wanted = gate if gate is not None and view != gate.first else None
     for e in (entry, main):
         if e.is_complete(view):
-            held = held_gate(e.view_state(view))
-            if held is None:
-                return True  # a plain view holds every row
-            return wanted is not None and wanted.covered_by(held, m.activation) and e.is_complete(held_name(view))
-    return True  # complete through shards: those are checked when assembled
+            return _fits(gate, m)(e, view)
+    return True  # complete through shards that fit (engine._have)
 
 
 def _first_values(work: MemberWork, main: CacheEntry, entry: CacheEntry, rows: tuple[int, int] | None):
@@ -161,18 +157,19 @@ def _first_values(work: MemberWork, main: CacheEntry, entry: CacheEntry, rows: t
             return work.store[first][lo:hi]
         if entry.is_complete(first):
             return entry.read(first)[lo:hi]
-        return main.read(first)[offset + lo : offset + hi]
+        return read_rows(main, first, offset + lo, offset + hi)  # the main entry, or shards of another split
 
     return values
 
 
-def _have(plan: Plan, main: CacheEntry, entry: CacheEntry):
-    """Whether a view (or SIZES) of ``entry`` needs no computing."""
+def _have(plan: Plan, main: CacheEntry, entry: CacheEntry, fits=None):
+    """Whether a view (or SIZES) of ``entry`` needs no computing: complete there (or, for a
+    share, in the main entry, or in shards of any split whose copies ``fits``)."""
     if entry is main:
         return main.is_complete
     shards = list_shards(main)
     lo, hi = plan.rows  # type: ignore[misc]
-    return lambda view: entry.is_complete(view) or main.is_complete(view) or covered(main, view, lo, hi, shards)
+    return lambda view: entry.is_complete(view) or main.is_complete(view) or covered(main, view, lo, hi, shards, fits)
 
 
 def run_inference(plan: Plan, device: torch.device, precision: str, progress: bool = True) -> RunStats:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kaggle_tta.adaptive import Forwards
 from kaggle_tta.cache import CacheEntry, locked
 from kaggle_tta.cache.shards import assemble, merge_from, shard_lock
 from kaggle_tta.plan import Plan
@@ -131,9 +132,7 @@ def run_ranked(plan: Plan, progress: bool, r: Any) -> RunStats:
     Whatever stops a rank (an error, Ctrl-C) is told to the others, which stop within
     seconds with a line naming it, wherever they are (dist.failed)."""
     from kaggle_tta import dist
-    from kaggle_tta.engine import check_one_process
 
-    check_one_process(plan, "ranks")  # every rank, before it joins: one line each, no model built
     dist.join(r)
     try:
         dist.check_same_job(job_of(plan), r)  # before any model is built or any file written
@@ -164,6 +163,7 @@ def job_of(plan: Plan) -> dict[str, Any]:
     for m in plan.members:
         job[f"members.{m.name}.tta (its views)"] = " ".join(v.name for v in m.views)
         job[f"members.{m.name}'s fingerprint"] = m.fingerprint("fp32")
+        job[f"members.{m.name}.adaptive"] = m.gate.text() if m.gate is not None else "none"  # not in the fingerprint: the rows a gated view holds
     return job
 
 
@@ -311,5 +311,8 @@ def _join_ranks(stats: RunStats, lines: list, plan: Plan) -> None:
         ms.views_computed = [v.name for v in m.views if v.name in computed]
         ms.views_cached = [v.name for v in m.views if v.name not in computed]
         ms.nonfinite_recomputed = sum(members[m.name].nonfinite_recomputed for _, members in lines)
+        ms.forwards = Forwards()
+        for _, members in lines:  # adaptive views: every rank's forwards, against plain TTA's
+            ms.forwards.add(members[m.name].forwards)
         if ms.forward_batch is None:
             ms.forward_batch = next((members[m.name].forward_batch for _, members in lines if members[m.name].forward_batch), None)

@@ -443,19 +443,72 @@ def test_masked_merge_of_a_row_every_view_holds_is_the_plain_merge_bit_for_bit(n
     np.testing.assert_allclose(got[~send], first[~send], rtol=1e-6, atol=1e-7)
 
 
-def test_several_ranks_fall_back_to_one_process_and_shares_are_refused(plain_run, tmp_path, capsys):
-    """runtime.devices 2 runs adaptive views in one process, saying so in one line; --share
-    is refused in one line before any model is built."""
+def _entry_files(cache: Path) -> dict[str, bytes]:
+    """Every .npy of member b's entry (views and row masks), and the views' states (no timings)."""
+    d = _entry_dir(cache)
+    out = {f.name: f.read_bytes() for f in sorted(d.glob("*.npy"))}
+    states = json.loads((d / "manifest.json").read_text())["views"]
+    out["states"] = json.dumps({v: {k: x for k, x in st.items() if k not in ("seconds", "crc32")} for v, st in states.items()}, sort_keys=True).encode()
+    return out
+
+
+def _fixed(c: dict) -> dict:
+    c["runtime"].update(channels_last=False, forward_batch=8, batch_size=4)  # one layout and chunking in every process
+    return c
+
+
+@pytest.mark.parametrize("how", ["devices", "shares"])
+def test_adaptive_views_on_ranks_and_shares_equal_one_process(plain_run, tmp_path, how):
+    """runtime.devices 2 (two ranks, started by the run) or two --share runs then a run that
+    assembles them: the gated views, their row masks and the submission are byte-identical
+    to one process's (fp32, one thread, fixed layout and chunking: every rank forwards the
+    very batches one process does, and the gate chooses the same rows from the same first
+    view); the forwards counted are one process's."""
     write, cfg, plain = plain_run
     t = float(np.median(scores(plain["identity"], "softmax", "confidence")))
-    c = _one_member(cfg, tmp_path, "dev", confidence=t)
-    c["runtime"]["devices"] = 2
-    res = kaggle_tta.run(write(c, "dev.yaml"), progress=False)
-    assert res.stats.rank is None and not res.stats.ranks
-    assert "adaptive views run in one process for now; runtime.devices 2 runs as 1" in capsys.readouterr().err
-    with pytest.raises(KaggleTTAError, match=r"members\.b\.adaptive: adaptive views run in one process for now, not in --share") as exc:
-        kaggle_tta.infer(write(_one_member(cfg, tmp_path, "share", confidence=t), "share.yaml"), share=(0, 2), progress=False)
-    assert "\n" not in str(exc.value) and not (tmp_path / "cache-share" / "b").exists()
+    one = kaggle_tta.run(write(_fixed(_one_member(cfg, tmp_path, "one", confidence=t)), "one.yaml"), progress=False)
+    c = _fixed(_one_member(cfg, tmp_path, "many", confidence=t))
+    if how == "devices":
+        c["runtime"]["devices"] = 2
+        res = kaggle_tta.run(write(c, "many.yaml"), progress=False)
+        assert len(res.stats.ranks) == 2, res.stats
+    else:
+        p = write(c, "many.yaml")
+        shares = [kaggle_tta.infer(p, share=(k, 2), progress=False) for k in (0, 1)]
+        res = kaggle_tta.run(p, progress=False)
+        assert res.stats.rows_computed == 0
+        counted = (sum(x.forwards.run for x in shares), sum(x.forwards.full for x in shares))
+    if how == "devices":
+        counted = (res.stats.forwards.run, res.stats.forwards.full)  # every rank's, in rank 0's summary
+    assert counted == (one.stats.forwards.run, one.stats.forwards.full) and counted[0] < counted[1]
+    a, b = _entry_files(tmp_path / "cache-one"), _entry_files(tmp_path / "cache-many")
+    assert a.keys() == b.keys() and any(k.startswith("_held_") for k in a)
+    for k in a:
+        assert a[k] == b[k], k
+    assert not (_entry_dir(tmp_path / "cache-many") / "shards").exists()
+    assert (tmp_path / "many.csv").read_bytes() == (tmp_path / "one.csv").read_bytes()
+
+
+def test_shards_of_a_tighter_gate_are_not_taken_for_a_looser_one(plain_run, tmp_path):
+    """Shares computed under one gate, then the pipeline with a looser one: the shards hold
+    too few rows, so they are not assembled for it; it computes the gated views again (and
+    ends as one process with the looser gate would), and the shards are left to no one."""
+    write, cfg, plain = plain_run
+    s = scores(plain["identity"], "softmax", "confidence")
+    tight, loose = float(np.quantile(s, 0.25)), float(np.quantile(s, 0.75))
+    p = write(_fixed(_one_member(cfg, tmp_path, "sh", confidence=tight)), "tight.yaml")
+    for k in (0, 1):
+        kaggle_tta.infer(p, share=(k, 2), progress=False)
+    loose_p = write(_fixed(_one_member(cfg, tmp_path, "sh", confidence=loose)), "loose.yaml")
+    res = kaggle_tta.run(loose_p, progress=False)
+    assert set(res.stats.members["b"].views_computed) == set(D4[1:]), res.stats  # identity assembled from the shards; the gated views computed
+    assert not (_entry_dir(tmp_path / "cache-sh") / "shards").exists()  # the tighter copies: nothing the entry lacks
+    ref = kaggle_tta.run(write(_fixed(_one_member(cfg, tmp_path, "ref", confidence=loose)), "ref.yaml"), progress=False)
+    assert ref.stats.forwards.run - res.stats.forwards.run == 24  # the first view's rows: assembled, not forwarded
+    a, b = _entry_files(tmp_path / "cache-ref"), _entry_files(tmp_path / "cache-sh")
+    for k in a:
+        if k != "states":
+            np.testing.assert_allclose(np.load(__import__("io").BytesIO(b[k])), np.load(__import__("io").BytesIO(a[k])), rtol=0, atol=TOL, err_msg=k)
 
 
 def test_plain_shares_over_a_gated_cache_assemble_plain_views(plain_run, tmp_path):

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kaggle_tta.cache.entry import SIZES, CacheEntry, DamagedView, held_name
+from kaggle_tta.cache.entry import HELD, SIZES, CacheEntry, DamagedView, held_name
 from kaggle_tta.cache.files import RaggedWriter, writing
 from kaggle_tta.errors import CacheError
 
@@ -120,10 +120,11 @@ def shard_lock(folders: Iterable[Path], on_wait: Callable[[Path], None] | None =
             os.close(fd)  # releases the lock
 
 
-def _cover(shards: list[tuple[int, int, CacheEntry]], view: str, lo: int, hi: int) -> list[tuple[int, int, CacheEntry]] | None:
+def _cover(shards: list[tuple[int, int, CacheEntry]], view: str, lo: int, hi: int, fits: Callable[[CacheEntry, str], bool] | None = None) -> list[tuple[int, int, CacheEntry]] | None:
     """Pieces (a, b, shard) of complete shard views that cover rows ``lo:hi`` in order, each
-    piece the farthest-reaching shard from where the last ended; None where a row is missing."""
-    done = [(a, b, s) for a, b, s in shards if s.is_complete(view)]
+    piece the farthest-reaching shard from where the last ended; None where a row is missing.
+    ``fits``: which shards' copies may serve (adaptive views: the rows of which gate)."""
+    done = [(a, b, s) for a, b, s in shards if s.is_complete(view) and (fits is None or fits(s, view))]
     pieces, pos = [], lo
     while pos < hi:
         best = max((x for x in done if x[0] <= pos < x[1]), key=lambda x: x[1], default=None)
@@ -135,9 +136,22 @@ def _cover(shards: list[tuple[int, int, CacheEntry]], view: str, lo: int, hi: in
     return pieces
 
 
-def covered(entry: CacheEntry, view: str, lo: int, hi: int, shards: list | None = None) -> bool:
-    """Whether complete shard views already hold every row of ``lo:hi`` of ``view``."""
-    return _cover(list_shards(entry) if shards is None else shards, view, lo, hi) is not None
+def covered(entry: CacheEntry, view: str, lo: int, hi: int, shards: list | None = None, fits: Callable[[CacheEntry, str], bool] | None = None) -> bool:
+    """Whether complete shard views (those ``fits`` accepts) already hold every row of
+    ``lo:hi`` of ``view``."""
+    return _cover(list_shards(entry) if shards is None else shards, view, lo, hi, fits) is not None
+
+
+def read_rows(entry: CacheEntry, view: str, lo: int, hi: int) -> np.ndarray:
+    """Rows ``lo:hi`` of ``view``: from the entry where it is complete, else from the
+    complete shard copies that cover them (an adaptive share reading a first view that
+    shards of another split hold)."""
+    if entry.is_complete(view):
+        return entry.read(view)[lo:hi]
+    pieces = _cover(list_shards(entry), view, lo, hi)
+    if pieces is None:
+        raise CacheError(f"{entry.dir}: view '{view}' rows {lo}-{hi} are neither in the entry nor in its shards; run again")
+    return np.concatenate([s.read(view)[a - s.manifest["shard"][0] : b - s.manifest["shard"][0]] for a, b, s in pieces])
 
 
 @dataclass
@@ -161,24 +175,28 @@ def assemble(entry: CacheEntry, views: list[str], n: int, ids: list[str], sizes:
     out = Assembled()
     shards = list_shards(entry)
     for view in [*views, *([SIZES] if sizes else [])] if shards else []:
-        if entry.is_complete(view) and _holds_as(entry, view, shards):
-            continue
-        pieces = _cover(shards, view, 0, n)
-        if pieces is None:
+        pieces, held = _pieces(shards, view, n)
+        if pieces is None or (entry.is_complete(view) and not _better(entry.view_state(view).get("held"), held)):
             continue
         replaced, forgotten = _forget_gated(entry, view)
+        if held is not None:
+            replaced = []  # the row mask is assembled anew in its place
         entry.write_ids(ids)
         try:
             if pieces[0][2].view_state(view).get("kind") == "ragged":
                 _ragged(entry, view, n, pieces)
             else:
                 _dense(entry, view, n, pieces)
+                if held is not None:  # a gated view: its rows' mask too, and the gate they were chosen by
+                    _dense(entry, held_name(view), n, pieces)
+                    entry.manifest["views"][view]["held"] = held
             entry.commit()
         except DamagedView as exc:  # marked in its shard by the read: never assembled
             lo, hi = exc.entry.manifest.get("shard", [0, 0])
             out.damaged.append((int(lo), int(hi), view, exc.reason))
             print(f"kaggle-tta: {exc.entry.path(view)}: damaged ({exc.reason}); not assembled, its rows are computed again", file=sys.stderr, flush=True)
             entry.close()
+            entry.manifest["views"].pop(held_name(view), None)
             entry.manifest["views"].update(forgotten)  # the gated view as it was: its files are still there
             continue
         finally:
@@ -196,12 +214,52 @@ def assemble(entry: CacheEntry, views: list[str], n: int, ids: list[str], sizes:
     return out
 
 
+def _pieces(shards: list[tuple[int, int, CacheEntry]], view: str, n: int) -> tuple[list | None, dict | None]:
+    """Shard pieces covering every row of ``view``, and the gate their rows were chosen by
+    (None: plain rows). Plain pieces first; else pieces that all hold the rows of one gate
+    (adaptive views: with their row masks), never a mix."""
+    plain = _cover(shards, view, 0, n, lambda s, v: "held" not in s.view_state(v))
+    if plain is not None:
+        return plain, None
+    gates = []
+    for _, _, s in shards:
+        h = s.view_state(view).get("held")
+        if h is not None and h not in gates:
+            gates.append(h)
+    for h in gates:
+        pieces = _cover(shards, view, 0, n, lambda s, v, h=h: s.view_state(v).get("held") == h and s.is_complete(held_name(v)))
+        if pieces is not None:
+            return pieces, h
+    return None, None
+
+
+def _better(have: dict | None, pieces: dict | None) -> bool:
+    """Whether pieces whose rows were chosen by gate ``pieces`` (None: every row) hold rows a
+    complete view chosen by ``have`` lacks: a plain view holds them all; of two gates, the
+    one with the higher threshold holds every row of the other (kaggle_tta.adaptive)."""
+    if have is None:
+        return False
+    if pieces is None:
+        return True
+    from kaggle_tta.adaptive import Gate
+
+    ours = Gate(have["first"], have["rule"], float(have["threshold"]))
+    return pieces != have and ours.covered_by(pieces, have["activation"])
+
+
 def _holds_as(entry: CacheEntry, view: str, shards: list[tuple[int, int, CacheEntry]]) -> bool:
-    """Whether the entry's complete ``view`` holds the rows its shards' copies hold: both
-    every row, or both those of one gate (kaggle_tta.adaptive). A gated view (its rows only
-    where a gate sent them on) does not stand for the plain view a share computed."""
+    """Whether the entry's complete ``view`` holds every row its shards' copies hold: it is
+    plain, or gated at least as loosely as they are (kaggle_tta.adaptive). A gated view (its
+    rows only where a gate sent them on) does not stand for the plain view a share computed."""
     held = entry.view_state(view).get("held")
-    return held is None or all(s.view_state(view).get("held") == held for _, _, s in shards if view in s.manifest["views"])
+    if held is None:
+        return True  # a plain view holds every row
+    for _, _, s in shards:
+        if view in s.manifest["views"]:
+            theirs = s.view_state(view).get("held")
+            if theirs is None or (theirs != held and not _better(theirs, held)):
+                return False
+    return True
 
 
 def _forget_gated(entry: CacheEntry, view: str) -> tuple[list[str], dict[str, dict]]:
@@ -277,7 +335,7 @@ def _release(entry: CacheEntry, shards: list[tuple[int, int, CacheEntry]], views
                 s.reload()
             except CacheError:
                 continue  # a damaged shard manifest: left for the user (list_shards skips it)
-            done = [v for v in s.manifest["views"] if (views is None or v in views) and entry.is_complete(v) and _holds_as(entry, v, [(0, 0, s)])]
+            done = [v for v in s.manifest["views"] if _released(entry, s, v, views)]
             if done:
                 for v in done:  # the manifest first: it never names a file that is gone
                     del s.manifest["views"][v]
@@ -292,6 +350,15 @@ def _release(entry: CacheEntry, shards: list[tuple[int, int, CacheEntry]], views
             os.close(fd)
     with contextlib.suppress(OSError):  # not empty (a shard in use, or new), or gone already
         (entry.dir / "shards").rmdir()
+
+
+def _released(entry: CacheEntry, s: CacheEntry, v: str, views: set[str] | None) -> bool:
+    """Whether shard ``s``'s copy of ``v`` may go: the entry holds the view complete with
+    the rows the copy holds (a gated view's row mask goes with its view)."""
+    base = v[len(HELD) :] if v.startswith(HELD) else v
+    if views is not None and base not in views:
+        return False
+    return entry.is_complete(base) and _holds_as(entry, base, [(0, 0, s)])
 
 
 def _remove(folder: Path) -> None:
