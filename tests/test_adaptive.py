@@ -602,3 +602,32 @@ def test_a_damaged_share_keeps_the_gated_view_it_was_to_replace(plain_run, tmp_p
     assert "held" in manifest["views"]["hflip"] and manifest["views"]["_held_hflip"]["status"] == "complete"
     assert np.array_equal(np.load(d / "hflip.npy"), gated["hflip"]) and (d / "_held_hflip.npy").is_file()
     assert "held" not in manifest["views"]["vflip"]  # the others were assembled plain
+
+
+def test_a_share_reads_its_first_view_from_shards_of_another_split(plain_run, tmp_path):
+    """Two shares of the first view alone (tta: [identity]), then three adaptive shares: each
+    gates its rows on the first view those other shards hold (it computes none of it), and the
+    assembled cache equals one adaptive process's (the identity rows forwarded in other
+    chunks: within TOL; the rows each gated view holds: the same)."""
+    write, cfg, plain = plain_run
+    t = float(np.median(scores(plain["identity"], "softmax", "confidence")))
+    first = _fixed(_one_member(cfg, tmp_path, "el"))
+    first["members"][0]["tta"] = ["identity"]
+    p1 = write(first, "first.yaml")
+    for k in (0, 1):
+        kaggle_tta.infer(p1, share=(k, 2), progress=False)
+    p = write(_fixed(_one_member(cfg, tmp_path, "el", confidence=t)), "el.yaml")
+    for k in range(3):
+        st = kaggle_tta.infer(p, share=(k, 3), progress=False)
+        assert "identity" not in st.members["b"].views_computed, st
+    kaggle_tta.run(p, progress=False)
+    kaggle_tta.run(write(_fixed(_one_member(cfg, tmp_path, "ref", confidence=t)), "ref.yaml"), progress=False)
+    a, b = _entry_files(tmp_path / "cache-ref"), _entry_files(tmp_path / "cache-el")
+    assert a.keys() == b.keys()
+    import io
+
+    for k in a:
+        if k.startswith("_held_"):
+            assert a[k] == b[k], k
+        elif k != "states":
+            np.testing.assert_allclose(np.load(io.BytesIO(b[k])), np.load(io.BytesIO(a[k])), rtol=0, atol=TOL, err_msg=k)
