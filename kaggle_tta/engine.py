@@ -104,7 +104,7 @@ def _pending(plan: Plan, precisions: dict[str, PrecisionCheck], stats: RunStats,
                 entry.save()
         ms = stats.members[m.name] = MemberStats(m.name, precision=chosen.ran_in, precision_note=chosen.note or None)
         gate = m.gate if m.gate is not None and not m.gate.skips_nothing else None
-        have = _have(plan, main, entry, _fits(gate, m))
+        have = _have(plan, main, entry, _fits(gate, m, exact=True))
         done = lambda view, have=have, gate=gate: have(view) and _holds(main, entry, gate, m, view)  # noqa: E731
         todo = [v for v in m.views if not done(v.name)]
         ms.views_cached = [v.name for v in m.views if done(v.name)]
@@ -119,16 +119,21 @@ def _pending(plan: Plan, precisions: dict[str, PrecisionCheck], stats: RunStats,
     return out
 
 
-def _fits(gate: Gate | None, m: MemberPlan):
-    """Whether an entry's (or a shard's) complete ``view`` holds every row this run's gate
-    needs (kaggle_tta.adaptive): a plain view holds every row; a gated one those of its own
-    gate and of tighter ones, with its row mask complete."""
+def _fits(gate: Gate | None, m: MemberPlan, exact: bool = False):
+    """Whether an entry's complete ``view`` holds every row this run's gate needs
+    (kaggle_tta.adaptive): a plain view holds every row; a gated one those of its own gate
+    and of tighter ones, with its row mask complete. ``exact`` (shards): only copies whose
+    rows are this run's own, plain for a plain view, this gate's for a gated one, since the
+    assembly joins the shards of one gate and never a mix."""
 
     def fits(e: CacheEntry, view: str) -> bool:
         held = held_gate(e.view_state(view))
+        wanted = gate if gate is not None and view != gate.first else None
+        if exact:
+            mine = wanted.record(m.activation) if wanted is not None else None
+            return held == mine and (held is None or e.is_complete(held_name(view)))
         if held is None:
             return True
-        wanted = gate if gate is not None and view != gate.first else None
         return wanted is not None and wanted.covered_by(held, m.activation) and e.is_complete(held_name(view))
 
     return fits
@@ -141,7 +146,7 @@ def _holds(main: CacheEntry, entry: CacheEntry, gate: Gate | None, m: MemberPlan
         return True
     for e in (entry, main):
         if e.is_complete(view):
-            return _fits(gate, m)(e, view)
+            return _fits(gate, m, exact=e is not main)(e, view)  # a share's own shard: its rows exactly (see _fits)
     return True  # complete through shards that fit (engine._have)
 
 

@@ -631,3 +631,51 @@ def test_a_share_reads_its_first_view_from_shards_of_another_split(plain_run, tm
             assert a[k] == b[k], k
         elif k != "states":
             np.testing.assert_allclose(np.load(io.BytesIO(b[k])), np.load(io.BytesIO(a[k])), rtol=0, atol=TOL, err_msg=k)
+
+
+def test_shares_of_two_gates_are_never_joined(plain_run, tmp_path):
+    """Share 0 of 2 under one gate (its rank finished; the other was killed), then both shares
+    under a tighter gate: share 0 computes its gated views again (the old shard holds another
+    gate's rows), and the run assembles one gate's rows, computing nothing: equal to one
+    process under the tighter gate."""
+    write, cfg, plain = plain_run
+    s = scores(plain["identity"], "softmax", "confidence")
+    loose, tight = float(np.quantile(s, 0.75)), float(np.quantile(s, 0.25))
+    kaggle_tta.infer(write(_fixed(_one_member(cfg, tmp_path, "two", confidence=loose)), "loose.yaml"), share=(0, 2), progress=False)
+    p = write(_fixed(_one_member(cfg, tmp_path, "two", confidence=tight)), "tight.yaml")
+    again = kaggle_tta.infer(p, share=(0, 2), progress=False)
+    assert set(again.members["b"].views_computed) == set(D4[1:]), again
+    kaggle_tta.infer(p, share=(1, 2), progress=False)
+    assert kaggle_tta.run(p, progress=False).stats.rows_computed == 0
+    kaggle_tta.run(write(_fixed(_one_member(cfg, tmp_path, "ref2", confidence=tight)), "ref2.yaml"), progress=False)
+    a, b = _entry_files(tmp_path / "cache-ref2"), _entry_files(tmp_path / "cache-two")
+    for k in a:
+        assert a[k] == b[k], k
+
+
+def test_a_gated_view_whose_mask_is_damaged_is_replaced_by_its_shares(plain_run, tmp_path, capsys):
+    """A gated view's row mask damaged (cache verify marks it): shares under the same gate
+    compute the view, and the assembly puts their rows and mask in its place (it is not
+    'complete' without its mask), computing nothing more."""
+    from kaggle_tta.cli import main
+
+    write, cfg, plain = plain_run
+    t = float(np.median(scores(plain["identity"], "softmax", "confidence")))
+    p = write(_fixed(_one_member(cfg, tmp_path, "mk", confidence=t)), "mk.yaml")
+    kaggle_tta.run(p, progress=False)
+    before = _entry_files(tmp_path / "cache-mk")
+    mask = _entry_dir(tmp_path / "cache-mk") / "_held_vflip.npy"
+    raw = bytearray(mask.read_bytes())
+    raw[-1] ^= 1
+    mask.write_bytes(bytes(raw))
+    assert main(["cache", "verify", str(p)]) == 2
+    capsys.readouterr()
+    shares = [kaggle_tta.infer(p, share=(k, 2), progress=False) for k in (0, 1)]
+    assert all(x.members["b"].views_computed == ["vflip"] for x in shares), shares
+    assert kaggle_tta.run(p, progress=False).stats.rows_computed == 0
+    after = _entry_files(tmp_path / "cache-mk")
+    import io
+
+    assert after["_held_vflip.npy"] == before["_held_vflip.npy"]
+    np.testing.assert_allclose(np.load(io.BytesIO(after["vflip.npy"])), np.load(io.BytesIO(before["vflip.npy"])), rtol=0, atol=TOL)  # forwarded alone: other chunks
+    assert not (_entry_dir(tmp_path / "cache-mk") / "shards").exists()

@@ -146,9 +146,9 @@ def read_rows(entry: CacheEntry, view: str, lo: int, hi: int) -> np.ndarray:
     """Rows ``lo:hi`` of ``view``: from the entry where it is complete, else from the
     complete shard copies that cover them (an adaptive share reading a first view that
     shards of another split hold)."""
-    if entry.is_complete(view):
+    if entry.is_complete(view) and "held" not in entry.view_state(view):
         return entry.read(view)[lo:hi]
-    pieces = _cover(list_shards(entry), view, lo, hi)
+    pieces = _cover(list_shards(entry), view, lo, hi, lambda s, v: "held" not in s.view_state(v))  # every row: never a gated copy
     if pieces is None:
         raise CacheError(f"{entry.dir}: view '{view}' rows {lo}-{hi} are neither in the entry nor in its shards; run again")
     return np.concatenate([s.read(view)[a - s.manifest["shard"][0] : b - s.manifest["shard"][0]] for a, b, s in pieces])
@@ -176,8 +176,15 @@ def assemble(entry: CacheEntry, views: list[str], n: int, ids: list[str], sizes:
     shards = list_shards(entry)
     for view in [*views, *([SIZES] if sizes else [])] if shards else []:
         pieces, held = _pieces(shards, view, n)
-        if pieces is None or (entry.is_complete(view) and not _better(entry.view_state(view).get("held"), held)):
+        if pieces is None or (_whole(entry, view) and not _better(entry.view_state(view).get("held"), held)):
             continue
+        st = entry.view_state(view)
+        if st and (st.get("status") != "complete" or not _whole(entry, view)):
+            # a partial (or a gated view whose mask is not whole): assembled into a fresh file,
+            # and the manifest on disk says so first, so that a kill meanwhile resumes nothing
+            entry.manifest["views"].pop(view, None)
+            entry.manifest["views"].pop(held_name(view), None)
+            entry.save()
         replaced, forgotten = _forget_gated(entry, view)
         if held is not None:
             replaced = []  # the row mask is assembled anew in its place
@@ -212,6 +219,11 @@ def assemble(entry: CacheEntry, views: list[str], n: int, ids: list[str], sizes:
     if entry.mark_used(source) and entry.manifest_path.is_file():
         entry.save()
     return out
+
+
+def _whole(entry: CacheEntry, view: str) -> bool:
+    """Whether the entry's ``view`` is complete, with its row mask where it is gated."""
+    return entry.is_complete(view) and ("held" not in entry.view_state(view) or entry.is_complete(held_name(view)))
 
 
 def _pieces(shards: list[tuple[int, int, CacheEntry]], view: str, n: int) -> tuple[list | None, dict | None]:
@@ -254,6 +266,8 @@ def _holds_as(entry: CacheEntry, view: str, shards: list[tuple[int, int, CacheEn
     held = entry.view_state(view).get("held")
     if held is None:
         return True  # a plain view holds every row
+    if not entry.is_complete(held_name(view)):
+        return False  # its mask damaged or missing: it holds no row that can be read
     for _, _, s in shards:
         if view in s.manifest["views"]:
             theirs = s.view_state(view).get("held")
@@ -358,7 +372,7 @@ def _released(entry: CacheEntry, s: CacheEntry, v: str, views: set[str] | None) 
     base = v[len(HELD) :] if v.startswith(HELD) else v
     if views is not None and base not in views:
         return False
-    return entry.is_complete(base) and _holds_as(entry, base, [(0, 0, s)])
+    return _whole(entry, base) and _holds_as(entry, base, [(0, 0, s)])
 
 
 def _remove(folder: Path) -> None:
