@@ -76,6 +76,11 @@ class Gate:
         return f"{self.rule} > {self.threshold:g} on {self.first}"
 
 
+def skipping(gate: Gate | None) -> Gate | None:
+    """The gate where it skips rows; None for no gate or one that skips nothing (plain views)."""
+    return gate if gate is not None and not gate.skips_nothing else None
+
+
 def gate_of(member_cfg: Any) -> Gate | None:
     """The member's gate (None: not adaptive). ``first`` defaults to ``identity`` where the
     member has it, else its first view (resolved by the plan: see plan.resolve_gate)."""

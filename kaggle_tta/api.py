@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 import polars as pl
 
-from kaggle_tta.adaptive import Forwards
+from kaggle_tta.adaptive import Forwards, skipping
 from kaggle_tta.cache import DamagedView
 from kaggle_tta.dag import MemberSource, check_complete
 from kaggle_tta.config import PipelineConfig, load_pipeline
@@ -150,7 +150,7 @@ def _all_cached(plan: Plan) -> bool:
                 if not trial.ragged:
                     return False
         entry = CacheEntry(plan.cache_root, m.name, m.fingerprint(ran_in), m.inputs)
-        fits = _fits(m.gate if m.gate is not None and not m.gate.skips_nothing else None, m)  # adaptive: the rows this run's gate needs
+        fits = _fits(skipping(m.gate), m)  # adaptive: the rows this run's gate needs
         if not all(entry.is_complete(v.name) and fits(entry, v.name) for v in m.views) or (plan.task.stores_image_sizes and not entry.sizes_complete()):
             return False
     return True
@@ -197,8 +197,7 @@ def sources_for(plan: Plan, pipeline_arg: str = "PIPELINE", computed: str | Mapp
     for m in plan.members:
         mine = computed.get(m.name) if isinstance(computed, Mapping) else computed
         entry = find_entry(plan, m, cfg.runtime.precision, mine)
-        gate = m.gate if m.gate is not None and not m.gate.skips_nothing else None
-        out.append(MemberSource(m.name, entry, [v.name for v in m.views], m.activation, m.cfg.merge, f"kaggle-tta infer {pipeline_arg}", gate))  # type: ignore[arg-type]
+        out.append(MemberSource(m.name, entry, [v.name for v in m.views], m.activation, m.cfg.merge, f"kaggle-tta infer {pipeline_arg}", skipping(m.gate)))  # type: ignore[arg-type]
     return out
 
 

@@ -174,8 +174,6 @@ class _Group:
     def _meet(self) -> tuple[str, list[str]]:
         """This round's generation id and every rank's nonce (in rank order)."""
         import pickle
-        import time
-
         nonce, root = uuid.uuid4().hex, self.root
         root.set(f"{ROOT}/hello/{self.rank}", nonce)
         deadline = time.monotonic() + JOIN_TIMEOUT.total_seconds()
@@ -214,8 +212,6 @@ class _Group:
         return gen, nonces
 
     def _before(self, deadline: float, what: str) -> None:
-        import time
-
         if time.monotonic() > deadline:
             raise KaggleTTAError(
                 f"waited {JOIN_TIMEOUT} for {what} to join the launcher's store; "
@@ -288,8 +284,6 @@ class _Group:
         """Tells the other ranks that this one failed (the first failure is the one named),
         then (``wait``) waits a little for them to read it: the agent hosting the store may
         stop as soon as this rank exits."""
-        import time
-
         self.failing = True
         with contextlib.suppress(Exception):  # the store gone: nothing to tell
             self.store.compare_set("failed", "", why)
@@ -313,8 +307,6 @@ class _Group:
     def _wait(self, keys: list[str]) -> None:
         """Waits for ``keys`` in slices of SLICE seconds, looking for a failed or restarted
         peer between them; after TIMEOUT in all, one line."""
-        import time
-
         from torch.distributed import DistStoreError
 
         end = time.monotonic() + TIMEOUT.total_seconds()
@@ -489,11 +481,6 @@ def gather(obj: Any) -> list[Any] | None:
 def all_gather(obj: Any) -> list[Any]:
     """Every rank's ``obj``, in rank order, on every rank."""
     return _GROUP[0].all_gather(obj)
-
-
-def all_agree(ok: bool) -> bool:
-    """Whether every rank's ``ok`` is True (every rank gets the answer)."""
-    return all(_GROUP[0].all_gather(bool(ok)))
 
 
 def barrier() -> None:

@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from kaggle_tta.adaptive import Forwards, Gate, held_gate
+from kaggle_tta.adaptive import Forwards, Gate, held_gate, skipping
 from kaggle_tta.cache import CacheEntry, locked
 from kaggle_tta.cache.entry import SIZES, held_name
 from kaggle_tta.cache.shards import covered, list_shards, read_rows
 from kaggle_tta.data import make_loader
-from kaggle_tta.errors import CacheError, ConfigError, DataError, KaggleTTAError
+from kaggle_tta.errors import CacheError, DataError, KaggleTTAError
 from kaggle_tta.forward import ChunkSizer, MemberWork, PrecisionCheck, ProbeWork, Runner, compare_precision, layout_candidates, sizes_text
 from kaggle_tta import tuning
 from kaggle_tta.models import build_model
@@ -103,7 +103,7 @@ def _pending(plan: Plan, precisions: dict[str, PrecisionCheck], stats: RunStats,
             if main is entry and entry.mark_used(str(plan.cfg.source) if plan.cfg.source else None) and entry.manifest_path.is_file():
                 entry.save()
         ms = stats.members[m.name] = MemberStats(m.name, precision=chosen.ran_in, precision_note=chosen.note or None)
-        gate = m.gate if m.gate is not None and not m.gate.skips_nothing else None
+        gate = skipping(m.gate)
         have = _have(plan, main, entry, _fits(gate, m, exact=True))
         done = lambda view, have=have, gate=gate: have(view) and _holds(main, entry, gate, m, view)  # noqa: E731
         todo = [v for v in m.views if not done(v.name)]
@@ -406,21 +406,27 @@ def _run_locked(plan: Plan, device: torch.device, precisions: dict[str, Precisio
 
 def _check_space(plan: Plan, pending: list[MemberWork]) -> None:
     """Stops before any forward when the new files this run preallocates do not fit."""
-    import shutil
-
     needed = 0
     for w in pending:
         row = plan.task.row_bytes(w, plan)
         needed += sum(row * len(plan.testset) for v in w.views if w.entry.rows_done(v.name) == 0)
+    free = free_bytes(plan)
+    if free is not None and needed > free:
+        raise CacheError(f"cache.dir ({plan.cache_root}): this run writes {needed / 1e6:.1f} MB and {free / 1e6:.1f} MB are free; {SPACE_FIX}")
+
+
+SPACE_FIX = "free space there, point cache.dir at a larger disk, or store less (cache.dtype: float16 or uint8, cache.scale)"
+
+
+def free_bytes(plan: Plan) -> int | None:
+    """Bytes free on the disk under cache.dir (None: no such disk yet; the first write says
+    what is wrong)."""
+    import shutil
+
     try:
-        free = shutil.disk_usage(plan.cache_root if plan.cache_root.exists() else plan.cache_root.parent).free
+        return shutil.disk_usage(plan.cache_root if plan.cache_root.exists() else plan.cache_root.parent).free
     except OSError:
-        return  # no such disk yet: the first write says what is wrong
-    if needed > free:
-        raise CacheError(
-            f"cache.dir ({plan.cache_root}): this run writes {needed / 1e6:.1f} MB and {free / 1e6:.1f} MB are free; "
-            "free space there, point cache.dir at a larger disk, or store less (cache.dtype: float16 or uint8, cache.scale)"
-        )
+        return None
 
 
 def _build_runners(plan: Plan, pending: list[MemberWork], device: torch.device, precisions: dict[str, PrecisionCheck], models: dict) -> None:

@@ -211,18 +211,15 @@ def space_short(plan: Plan, precisions: dict[str, PrecisionCheck], world: int) -
     (engine._check_space); so rank 0 checks the whole: every row of every view the entries
     lack, less what the shards hold of them already (a resumed run), plus one view more, the
     largest, for the assembly (which frees each view's shard copies once it is committed)."""
-    import shutil
-
-    from kaggle_tta.engine import RunStats, _pending
-
     from kaggle_tta.cache.shards import _FILES, list_shards
+    from kaggle_tta.engine import SPACE_FIX, RunStats, _pending, free_bytes
 
     n = len(plan.testset)
     needed = largest = 0
     pending = False
     for w in _pending(plan, precisions, RunStats("", None, n), locked_=False):
         row = plan.task.row_bytes(w, plan)
-        shards = list_shards(w.entry) if (w.entry.dir / "shards").is_dir() else []
+        shards = list_shards(w.entry)
         for v in w.views:  # each computed into shards whatever the entry holds of it (a partial, a gated view)
             pending = True
             size = row * n
@@ -236,16 +233,12 @@ def space_short(plan: Plan, precisions: dict[str, PrecisionCheck], world: int) -
     if not pending:
         return None
     needed += largest
-    try:
-        free = shutil.disk_usage(plan.cache_root if plan.cache_root.exists() else plan.cache_root.parent).free
-    except OSError:
-        return None  # no such disk yet: the first write says what is wrong
-    if needed <= free:
+    free = free_bytes(plan)
+    if free is None or needed <= free:
         return None
     return (
         f"cache.dir ({plan.cache_root}): the {world} ranks' shards and their assembly need {needed / 1e6:.1f} MB "
-        f"(the rows the entries lack, and {largest / 1e6:.1f} MB more while the largest view is assembled) and {free / 1e6:.1f} MB are free; "
-        "free space there, point cache.dir at a larger disk, or store less (cache.dtype: float16 or uint8, cache.scale)"
+        f"(the rows the entries lack, and {largest / 1e6:.1f} MB more while the largest view is assembled) and {free / 1e6:.1f} MB are free; {SPACE_FIX}"
     )
 
 

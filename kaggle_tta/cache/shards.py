@@ -178,8 +178,7 @@ def assemble(entry: CacheEntry, views: list[str], n: int, ids: list[str], sizes:
         pieces, held = _pieces(shards, view, n)
         if pieces is None or (_whole(entry, view) and not _better(entry.view_state(view).get("held"), held)):
             continue
-        st = entry.view_state(view)
-        if st and (st.get("status") != "complete" or not _whole(entry, view)):
+        if entry.view_state(view) and not _whole(entry, view):
             # a partial (or a gated view whose mask is not whole): assembled into a fresh file,
             # and the manifest on disk says so first, so that a kill meanwhile resumes nothing
             entry.manifest["views"].pop(view, None)

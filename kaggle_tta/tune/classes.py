@@ -122,9 +122,9 @@ class ClassProblem:
         th = self.cfg.submission.threshold
         return Tuned(members, blends, np.asarray(th, dtype=np.float32) if isinstance(th, list) else th)
 
-    def fit(self, train: np.ndarray) -> Tuned:
+    def fit(self, train: np.ndarray, gates_too: bool = True) -> Tuned:
         """Tunes on the rows where ``train`` is True: views, weights and thresholds on full
-        TTA (no gate), then, with --adaptive, each member's gate."""
+        TTA (no gate), then, with --adaptive (and ``gates_too``), each member's gate."""
         base = self.untuned()
         tuning_views = any((self.opts.views, self.opts.view_weights, self.opts.class_weights, self.opts.temperature))
         members = {n: replace(tune_views(m, train, self.settings) if tuning_views else base.members[n], gate=None) for n, m in self.members.items()}
@@ -141,7 +141,7 @@ class ClassProblem:
             probs = to_probs(nodes[self.cfg.submission_source]).astype(np.float32)
             tuned.threshold = tune_thresholds(probs[train], self.y[train])
         tuned._nodes = nodes
-        if any(self.rules.values()):
+        if gates_too and any(self.rules.values()):
             self._fit_gates(tuned, train)
         return tuned
 
@@ -182,11 +182,7 @@ class ClassProblem:
         for held in parts:
             train = np.ones(n, dtype=bool)
             train[held] = False
-            saved, self.rules = self.rules, {}
-            try:
-                base = self.fit(train)  # views, weights and blends on the other folds; no gate
-            finally:
-                self.rules = saved
+            base = self.fit(train, gates_too=False)  # views, weights and blends on the other folds
             for k in ladder:
                 t = Tuned({m: replace(p, gate=None) for m, p in base.members.items()}, dict(base.blends), base.threshold)
                 search = probe = gates.learn(self, t, train, rules, keep=k)

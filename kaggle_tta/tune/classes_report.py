@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
+from kaggle_tta.adaptive import skipping
 from kaggle_tta.dag import evaluate_dag, members_under
 from kaggle_tta.merge import activate, blend, to_probs
 from kaggle_tta.tune import losses
@@ -123,7 +124,7 @@ def uncertainty(pb: ClassProblem, tuned: Tuned) -> dict[str, np.ndarray]:
     rows = np.arange(len(top))
     for name in members_under(pb.cfg, src):
         m, p = pb.members[name], tuned.members[name]
-        gate = p.gate if p.gate is not None and not p.gate.skips_nothing else None
+        gate = skipping(p.gate)
         send = m.sends(gate) if gate is not None else None
         for k in p.kept():
             z_top = m.z[k][rows, top].astype(np.float64) / p.temperature

@@ -216,7 +216,6 @@ def learn(pb: ClassProblem, tuned: Tuned, train: np.ndarray, rules: dict[str, st
     gain = search.signed(search.full) - search.signed(search.none)
     required = search.signed(search.none) + search.keep * gain
     memo: dict[tuple[int, ...], tuple[float, float]] = {}
-    keep_changes = pb.opts.keep_changes
 
     def scored(idx: tuple[int, ...]) -> tuple[float, float]:
         """(the signed metric, the share of the full TTA's changed decisions made) of the gates ``idx``."""
@@ -228,12 +227,9 @@ def learn(pb: ClassProblem, tuned: Tuned, train: np.ndarray, rules: dict[str, st
             memo[idx] = (search.signed(value(preds, train, probs)), made)
         return memo[idx]
 
-    def at(idx: tuple[int, ...]) -> float:
-        return scored(idx)[0]
-
     def keeps(idx: tuple[int, ...]) -> bool:
         v, made = scored(idx)
-        return v >= required - EPS and made >= keep_changes - EPS
+        return v >= required - EPS and made >= search.keep_changes - EPS
 
     def cost(idx: tuple[int, ...]) -> int:
         return sum((g.views - 1) * c[j] for g, c, j in zip(gated, counts, idx))
@@ -253,7 +249,7 @@ def learn(pb: ClassProblem, tuned: Tuned, train: np.ndarray, rules: dict[str, st
                 v, made = scored(new)
                 # what the move gives up: its share of the full TTA's gain, plus (where counted)
                 # its share of the full TTA's changed decisions
-                loss = (cur - v) / gain + ((cur_made - made) if keep_changes > 0 else 0.0)
+                loss = (cur - v) / gain + ((cur_made - made) if search.keep_changes > 0 else 0.0)
                 rank = (1, float(saved), v) if loss <= EPS else (0, saved / loss, v)
                 if best_rank is None or rank > best_rank:
                     best, best_rank = new, rank
@@ -263,8 +259,8 @@ def learn(pb: ClassProblem, tuned: Tuned, train: np.ndarray, rules: dict[str, st
     for g, j in zip(gated, idx):
         g.at = j
     search.learned = True
-    search.adaptive = search.signed(at(idx))
-    search.changes_made = scored(idx)[1]
+    v, search.changes_made = scored(idx)
+    search.adaptive = search.signed(v)
     return search
 
 
