@@ -11,7 +11,13 @@ lazily: ``import kaggle_tta`` loads neither torch nor polars.
 
 from __future__ import annotations
 
+import os
 from typing import Any
+
+# albumentations asks PyPI for a newer version on import (a 2 s timeout, per process, rank and
+# loader worker) unless this is set: no run of ours reaches the network, and a Kaggle kernel
+# is offline. A user's own setting wins.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 __version__ = "0.1.0"
 __all__ = ["load_pipeline", "build_plan", "infer", "blend", "run", "tune", "__version__"]
