@@ -6,9 +6,11 @@ the folds to keep 0.9 held out) learned on a separate labelled split of
 tensors, 8 views x images, fp32, the faster memory layout, at the pipeline's forward batch).
 
 Goal (#16): adaptive inference below 0.5x of the limit's seconds, at >= 90% of full d4's
-accuracy gain over no TTA on the test split (the gates were learned on the other split; the
-demo's d4 gain is about 1.2% of the images, so a few thousand of them are needed on each
-side for the share kept to mean anything: 4000 test images gain about 46).
+accuracy gain over no TTA on the test split (the gates were learned on the other split). The
+demo's d4 gain is about 1.2% of the images, so the share kept is a difference of a few rows:
+4000 test images gain about 46, and the share's standard error was then about 6%; 10 000
+give about 3.5%. The test split is seed 12 (4000 images of seed 11 until session 7, when the
+gain kept there, 86% +- 6%, could not tell 90% from 80%).
 
     python3 benchmarks/run.py --out X --only adaptive --repeats 2
 """
@@ -26,6 +28,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 FORWARD_BATCH = 64
+TEST_SEED = 12
 RULE, KEEP_GAIN, FOLDS = "margin", 0.9, 5  # the goal's share, calibrated on 5 folds to hold on new images (tune --calibrate-keep)
 
 
@@ -110,7 +113,7 @@ def adaptive_row(b: Any, log: Any, med: Any) -> None:
     root = b.runs / "adaptive-data"
     val, test = root / "val", root / "test"
     _kaggle_tta(["demo-data", str(val), "--n", str(n_val), "--seed", "21"])
-    _kaggle_tta(["demo-data", str(test), "--n", str(n), "--seed", "11"])
+    _kaggle_tta(["demo-data", str(test), "--n", str(n), "--seed", str(TEST_SEED)])
     # the gates: learned on the labelled val split's full-d4 cache, the gate alone
     d = b.runs / "adaptive-tune"
     d.mkdir(parents=True, exist_ok=True)
@@ -119,7 +122,7 @@ def adaptive_row(b: Any, log: Any, med: Any) -> None:
     gates = d / "gates.yaml"
     tune_args = ["tune", str(REPO / "pipeline.yaml"), *sets, "--adaptive", RULE, "--keep-gain", str(KEEP_GAIN), "--no-views", "--no-view-weights", "--no-temperature",
                  "--member-weights", "off", "--folds", str(FOLDS), "--out", str(gates)]
-    _kaggle_tta(tune_args)
+    said = [line.strip() for line in _kaggle_tta(tune_args).splitlines() if "adaptive: the gates keep" in line or "--calibrate-keep" in line]
     log(f"adaptive: gates learned on {n_val} val images: {gates.read_text().strip()}")
     raw: dict[str, list[dict[str, Any]]] = {"full": [], "adaptive": []}
     for rep in range(b.a.repeats):
@@ -136,7 +139,7 @@ def adaptive_row(b: Any, log: Any, med: Any) -> None:
         for r in runs:
             r.pop("correct")
     b.res["adaptive"] = {"raw": raw, "images": n, "val": n_val, "limit": limit, "gates": gates.read_text(), "tune": "kaggle-tta " + " ".join(tune_args),
-                         "differ": len(diff), "net": sum(diff)}
+                         "differ": len(diff), "net": sum(diff), "tune_said": said}
 
 
 def adaptive_report(res: dict[str, Any], goals: list, med: Any) -> list[str]:
@@ -155,7 +158,7 @@ def adaptive_report(res: dict[str, Any], goals: list, med: Any) -> list[str]:
     se = (rr.get("differ", 0) ** 0.5) / (gain_full * n) if gain_full > 0 else float("nan")
     extra = (a["forwards"] - 2 * n) / (a["forwards_full"] - 2 * n) if a["forwards"] else float("nan")
     L = ["## Row 11: adaptive views (the demo pipeline, d4, gates learned by `tune` on another split)", ""]
-    L.append(f"{n} demo images (the test split, seed 11); the gates were learned on {rr.get('val', 480)} others (seed 21) with `{rr['tune']}`. fp32, 2 threads, "
+    L.append(f"{n} demo images (the test split, seed {TEST_SEED}); the gates were learned on {rr.get('val', 480)} others (seed 21) with `{rr['tune']}`. fp32, 2 threads, "
              f"forward batch {FORWARD_BATCH}, a fresh cache per run, interleaved, medians of {len(raw['full'])}. The limit is each member's forward "
              f"alone on ready tensors, 8 views x {n} inputs, in the faster layout ({', '.join(f'{k} {v:.1f} s' for k, v in rr['limit'].items())}).")
     L.append("")
@@ -172,6 +175,9 @@ def adaptive_report(res: dict[str, Any], goals: list, med: Any) -> list[str]:
     L.append("")
     L.append("Gates: `" + " ".join(rr["gates"].split()) + "`")
     L.append("")
+    for line in rr.get("tune_said", []):
+        L.append(f"tune said: {line.lstrip('- ')}")
+        L.append("")
     ratio = ad_inf / limit
     goals.append(("adaptive d4 vs the limit of full d4", f"{ratio:.2f}x at {100 * kept:.0f}% of the gain", "met" if ratio < 0.5 and kept >= 0.9 else "missed"))
     return L

@@ -804,7 +804,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--autobatch-repeats", type=int, default=None, help="(default 2; --quick 1)")
     ap.add_argument("--preprocess-images", type=int, default=64, help="camera-sized JPEGs of the preprocessing row (default 64)")
     ap.add_argument("--preprocess-repeats", type=int, default=None, help="interleaved repeats of the preprocessing row (default 3, --quick too)")
-    ap.add_argument("--adaptive-images", type=int, default=None, help="test images of the adaptive row (default 4000; --quick 480)")
+    ap.add_argument("--adaptive-images", type=int, default=None, help="test images of the adaptive row (default 10000; --quick 480)")
     ap.add_argument("--adaptive-val", type=int, default=None, help="labelled images the adaptive row learns its gates on (default 6000; --quick 960)")
     ap.add_argument("--ranks-views", type=int, default=2, choices=sorted(PRESET), help="views of the ranks row (default 2)")
     ap.add_argument("--keep", action="store_true", help="keep each run's cache and pipeline under OUT/work/runs")
@@ -820,7 +820,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.reblend_rows = a.reblend_rows or (5000 if q else 50000)
     a.memory_images = [int(x) for x in (a.memory_images or ("100,1000" if q else "500,5000")).split(",")]
     a.autobatch_images = a.autobatch_images or (64 if q else 256)
-    a.adaptive_images = a.adaptive_images or (480 if q else 4000)
+    a.adaptive_images = a.adaptive_images or (480 if q else 10000)
     a.adaptive_val = a.adaptive_val or (960 if q else 6000)
     a.autobatch_repeats = a.autobatch_repeats or (1 if q else 2)
     a.preprocess_repeats = a.preprocess_repeats or max(a.repeats, 3)

@@ -298,25 +298,79 @@ def test_calibrate_keep_learns_the_gates_at_the_lowest_keep_that_holds_out(demo,
     cfg = load_pipeline(ROOT / "pipeline.yaml", demo)
     r = kaggle_tta.tune(cfg, folds=3, adaptive="margin", keep_gain=0.9)
     search = r.estimate.tuned.gate_search
-    ladder = [k for k, _ in search.calibration]
+    ladder = [k for k, *_ in search.calibration]
     assert ladder == [0.9, *KEEP_LADDER]
-    chosen = next((k for k, v in search.calibration if v is not None and v >= 0.9), 1.0)
+    assert all(se is None or se >= 0 for *_, se in search.calibration)
+    chosen = next((k for k, v, se in search.calibration if v is not None and v >= 0.9), 1.0)  # --keep-margin 0 (default): the figure alone
     assert search.keep == chosen
     held = r.tables["gates"].filter(pl.col("member") == "(all)")["gain kept (held out)"][0]
-    assert dict(search.calibration)[chosen] == pytest.approx(held)
+    assert {k: v for k, v, _ in search.calibration}[chosen] == pytest.approx(held)
     assert any("--calibrate-keep" in n for n in r.notes)
     off = kaggle_tta.tune(cfg, folds=3, adaptive="margin", keep_gain=0.9, calibrate_keep=False)
     assert off.estimate.tuned.gate_search.keep == 0.9 and off.estimate.tuned.gate_search.calibration == []
 
     real = gates.held_out
-    for table, expect in (({0.9: 0.8, 0.925: 0.85, 0.95: 0.91, 0.975: 0.95, 1.0: 1.0}, 0.95), ({k: 0.5 for k in ladder}, 1.0)):
+    rising = {0.9: 0.8, 0.925: 0.85, 0.95: 0.91, 0.975: 0.95, 1.0: 1.0}
+    # (held-out figures, --keep-margin, their SE, the keep chosen): with a margin the figure must
+    # clear --keep-gain by that many SEs (0.95 - 1 x 0.05 reaches 0.9; 0.91 - 0.5 x 0.05 does not)
+    for table, margin, se, expect in ((rising, 0.0, 0.05, 0.95), ({k: 0.5 for k in ladder}, 0.0, None, 1.0), (rising, 1.0, 0.05, 0.975), (rising, 0.5, 0.05, 0.975)):
         def fake(search, nodes, pb, rows, threshold, table=table):
             h = real(search, nodes, pb, rows, threshold)
             return None if h is None else gates.HeldOut(h.rows, 0.0, 1.0, table[search.keep], h.sent)
 
         with monkeypatch.context() as m:
             m.setattr(gates, "held_out", fake)
-            climbed = kaggle_tta.tune(cfg, folds=3, adaptive="margin", keep_gain=0.9)
+            m.setattr(gates, "pooled_spread", lambda search, folds, seed=0, se=se: se)
+            climbed = kaggle_tta.tune(cfg, folds=3, adaptive="margin", keep_gain=0.9, keep_margin=margin)
         assert climbed.estimate.tuned.gate_search.keep == expect
+        assert [c[2] for c in climbed.estimate.tuned.gate_search.calibration] == [se] * len(ladder)
         at = kaggle_tta.tune(cfg, folds=0, adaptive="margin", keep_gain=expect)
         assert _gates_of(climbed) == _gates_of(at)
+
+
+def test_the_spread_of_the_gain_kept_is_the_bootstrap_of_the_rows_where_the_gates_decide_otherwise():
+    """gates.pooled_spread on accuracy: the gates and the full TTA decide alike on all rows but
+    ``d`` (half of them wrongly, half rightly for the gates); the share kept is then 1 + (right
+    - wrong) / G for a full gain of G rows, whose spread is about sqrt(d) / G (paired: the rows
+    decided alike add nothing). Within 25% over 200 resamples; 0 where no row differs; None
+    without the rows to resample."""
+    from kaggle_tta.tune import gates
+
+    search = gates.GateSearch("accuracy", True, 0.9, 0, {}, {})
+    rng = np.random.default_rng(3)
+
+    def fold(n: int, helped: int, d: int) -> gates.HeldOut:
+        none = np.zeros(n, bool)
+        full = np.zeros(n, bool)
+        full[:helped] = True  # the full TTA gets these right, no TTA does not
+        ad = full.copy()
+        ad[rng.choice(helped, d // 2, replace=False)] = False  # the gates lose d/2 rows the full TTA gets right
+        ad[helped + rng.choice(n - helped, d - d // 2, replace=False)] = True  # and get d/2 right that it does not
+        assert int((ad != full).sum()) == d
+        cols = [none, full, ad]
+
+        def again(idx: np.ndarray) -> tuple[float, float, float]:
+            a, b, c = (float(x[idx].mean()) for x in cols)
+            return a, b, c
+
+        return gates.HeldOut(n, *again(np.arange(n)), {}, again)
+
+    folds = [fold(2000, 60, 16) for _ in range(3)]
+    differ = sum(16 for _ in folds)
+    se = gates.pooled_spread(search, folds, seed=1)
+    assert se == pytest.approx(differ ** 0.5 / 180, rel=0.25)
+    same = [fold(2000, 60, 0) for _ in range(3)]
+    assert gates.pooled_spread(search, same) == 0.0
+    assert gates.pooled_spread(search, [gates.HeldOut(10, 0.1, 0.2, 0.2, {})]) is None
+    assert gates.pooled_kept(search, same) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--keep-margin", "-1"], "--keep-margin: -1.0; give standard errors between 0 and 10"),
+    (["--keep-changes", "1.5"], "--keep-changes: 1.5; give a share"),
+])
+def test_bad_gate_options_are_one_line_before_the_cache_is_read(tmp_path, capsys, argv, message):
+    assert main(["tune", str(ROOT / "pipeline.yaml"), "--set", f"cache.dir={tmp_path / 'none'}", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"kaggle-tta: error: {message}") and "\n" not in err, err
+    assert not (tmp_path / "none").exists()

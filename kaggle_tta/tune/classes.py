@@ -99,7 +99,7 @@ class ClassProblem:
         self.rules = gate_rules(opts.adaptive, {n: g.rule if g is not None else None for n, g in self.pipeline_gates.items()})
         self.held_out: list[gates.HeldOut] = []  # the folds' gates scored on their held-out rows (fit appends)
         self.keep_gain = opts.keep_gain  # what the gates keep in sample: --keep-gain, or what calibrate_keep chose
-        self.calibration: list[tuple[float, float | None]] = []  # (in-sample keep tried, the folds' pooled held-out keep)
+        self.calibration: list[tuple[float, float | None, float | None]] = []  # (in-sample keep tried, the folds' pooled held-out keep, its SE)
 
     @property
     def n_units(self) -> int:
@@ -169,8 +169,9 @@ class ClassProblem:
         --calibrate-keep: on each of the estimate's folds (the same split), everything but
         the gates is tuned on the other folds, then gates are learned at each in-sample keep
         of KEEP_LADDER from --keep-gain up and scored on the held-out fold; the lowest keep
-        whose held-out gain kept, pooled over the folds, reaches --keep-gain is the one the
-        final gates (and the estimate's folds) are learned at; 1.0 where none does."""
+        whose held-out gain kept, pooled over the folds, reaches --keep-gain by --keep-margin
+        standard errors (gates.pooled_spread) is the one the final gates (and the estimate's
+        folds) are learned at; 1.0 where none does."""
         rules = {n: r for n, r in self.rules.items() if r}
         if not rules or folds < 2 or not self.opts.calibrate_keep:
             return
@@ -191,10 +192,13 @@ class ClassProblem:
                 h = gates.held_out(search, self.nodes(t), self, np.flatnonzero(~train), t.threshold)
                 if h is not None:
                     got[k].append(h)
-        self.calibration = [(k, gates.pooled_kept(probe, got[k]) if probe is not None else None) for k in ladder]
-        if all(v is None for _, v in self.calibration):
+        if probe is None:
+            return
+        self.calibration = [(k, gates.pooled_kept(probe, got[k]), gates.pooled_spread(probe, got[k], seed)) for k in ladder]
+        if all(v is None for _, v, _ in self.calibration):
             return  # no held-out gain to keep: nothing to calibrate against
-        self.keep_gain = next((k for k, v in self.calibration if v is not None and v >= keep - 1e-12), 1.0)
+        z = self.opts.keep_margin
+        self.keep_gain = next((k for k, v, se in self.calibration if v is not None and v - z * (se or 0.0) >= keep - 1e-12), 1.0)
 
     def _member_pred(self, name: str, p: ViewPolicy, drop: int | None = None) -> Prediction:
         """The member's merge as the blend computes it: its kept views, weights and
@@ -290,10 +294,11 @@ class ClassProblem:
                     for n, g in self.pipeline_gates.items() if g is not None]
         out = list(search.notes)
         if self.calibration:
-            tried = ", ".join(f"{k:g} -> {'—' if v is None else f'{100 * v:.1f}%'}" for k, v in self.calibration)
+            tried = ", ".join(f"{k:g} -> {'—' if v is None else f'{100 * v:.1f}%'}{'' if se is None else f' ± {100 * se:.1f}%'}" for k, v, se in self.calibration)
             out.append(
                 f"adaptive: keep-gain {self.opts.keep_gain:g} on new images: the gates are learned to keep {self.keep_gain:g} in sample "
-                f"(--calibrate-keep; held-out gain kept, pooled over {self.opts.folds} folds, at each in-sample keep: {tried})"
+                f"(--calibrate-keep, --keep-margin {self.opts.keep_margin:g} SE; held-out gain kept, pooled over {self.opts.folds} folds, ± its bootstrap SE, "
+                f"at each in-sample keep: {tried})"
             )
         if search.learned:
             out.append(gates.summary(search, self.held_out, self.n_units))

@@ -34,7 +34,7 @@ problem scores the chosen gates through reduce_views itself; tests compare the t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -88,6 +88,9 @@ class HeldOut:
     full: float
     adaptive: float
     sent: dict[str, int]  # member -> held-out rows sent on
+    again: Callable[[np.ndarray], tuple[float, float, float]] | None = field(default=None, repr=False)
+    """(none, full, adaptive) on a resample of the held-out rows (indices into them): the
+    bootstrap of :func:`pooled_spread`; None: no spread known."""
 
 
 @dataclass
@@ -105,7 +108,7 @@ class GateSearch:
     adaptive: float = float("nan")
     evaluations: int = 0
     keep_changes: float = 0.0
-    calibration: list[tuple[float, float | None]] = field(default_factory=list)  # --calibrate-keep: (in-sample keep, held-out kept pooled)
+    calibration: list[tuple[float, float | None, float | None]] = field(default_factory=list)  # --calibrate-keep: (in-sample keep, held-out kept pooled, its SE)
     changed: int = 0  # training rows (multi-label: row x class) whose decision the full TTA changes
     changes_made: float = float("nan")  # the share of those decisions the gates make as the full TTA does
     notes: list[str] = field(default_factory=list)
@@ -113,6 +116,8 @@ class GateSearch:
     value: Any = field(default=None, repr=False)  # (member predictions, rows) -> the source's metric
     fixed: dict[str, Prediction] = field(default_factory=dict, repr=False)  # every member's full TTA
     alone: dict[str, Prediction] = field(default_factory=dict, repr=False)  # every member's first view alone
+    probs_none: np.ndarray | None = field(default=None, repr=False)  # the submission node's probabilities, every row: first views alone
+    probs_full: np.ndarray | None = field(default=None, repr=False)  # ... and full TTA
 
     @property
     def gates(self) -> dict[str, Gate]:
@@ -199,7 +204,7 @@ def learn(pb: ClassProblem, tuned: Tuned, train: np.ndarray, rules: dict[str, st
 
     gated = list(search.members.values())
     search.value = value
-    p_none, p_full = probs_of(alone), probs_of(fixed)
+    p_none, p_full = search.probs_none, search.probs_full = probs_of(alone), probs_of(fixed)
     search.none = value(alone, train, p_none)
     search.full = value(fixed, train, p_full)
     d_full = decisions(p_full)[train]
@@ -267,12 +272,17 @@ def learn(pb: ClassProblem, tuned: Tuned, train: np.ndarray, rules: dict[str, st
 def held_out(search: GateSearch, tuned_nodes: dict[str, Prediction], pb: ClassProblem, rows: np.ndarray, threshold: Any) -> HeldOut | None:
     """The fold's gates scored on its held-out rows: no TTA, full TTA and the gates (the
     tuned nodes, computed through reduce_views with the gates), and the rows sent on."""
-    if not search.members or not len(rows):
+    if not search.members or not len(rows) or search.probs_none is None or search.probs_full is None:
         return None
-    probs = to_probs(tuned_nodes[pb.cfg.submission_source])
-    adaptive = float(pb.metric.fn(pb.y[rows], probs[rows], threshold))
+    y = pb.y[rows]
+    probs = [p[rows] for p in (search.probs_none, search.probs_full, to_probs(tuned_nodes[pb.cfg.submission_source]))]
+
+    def again(idx: np.ndarray) -> tuple[float, float, float]:
+        a, b, c = (float(pb.metric.fn(y[idx], p[idx], threshold)) for p in probs)
+        return a, b, c
+
     sent = {n: int(g.sends[g.at][rows].sum()) if search.learned else len(rows) for n, g in search.members.items()}
-    return HeldOut(len(rows), search.value(search.alone, rows), search.value(search.fixed, rows), adaptive, sent)
+    return HeldOut(len(rows), *again(np.arange(len(rows))), sent, again)
 
 
 def table(search: GateSearch, folds: list[HeldOut], n: int) -> Any:
@@ -303,12 +313,39 @@ def table(search: GateSearch, folds: list[HeldOut], n: int) -> Any:
 
 
 def pooled_kept(search: GateSearch, folds: list[HeldOut]) -> float | None:
+    """The share of the full TTA's gain the folds' gates keep on their held-out rows, each
+    fold's gains weighed by its rows (None: no fold, or the full TTA gains nothing there)."""
+    return _pooled(search, [(f.rows, f.none, f.full, f.adaptive) for f in folds])
+
+
+def _pooled(search: GateSearch, folds: list[tuple[int, float, float, float]]) -> float | None:
     if not folds:
         return None
     s = search.signed
-    gained = sum(f.rows * (s(f.adaptive) - s(f.none)) for f in folds)
-    full = sum(f.rows * (s(f.full) - s(f.none)) for f in folds)
+    gained = sum(n * (s(a) - s(none)) for n, none, _, a in folds)
+    full = sum(n * (s(f) - s(none)) for n, none, f, _ in folds)
     return gained / full if full > EPS else None
+
+
+BOOTSTRAP = 200  # resamples of the held-out rows behind pooled_spread
+
+
+def pooled_spread(search: GateSearch, folds: list[HeldOut], seed: int = 0) -> float | None:
+    """The standard error of :func:`pooled_kept`: the spread of the share over BOOTSTRAP
+    resamples of each fold's held-out rows (with replacement, paired: no TTA, full TTA and the
+    gates scored on the same rows, so the rows where the gates and the full TTA decide alike
+    add nothing). The gain kept is a difference of a few rows where TTA helps a few percent
+    of the images; this says how far the figure could be from what new images give.
+    None: no fold, a fold without its rows, or no resample with a gain to keep."""
+    if not folds or any(f.again is None for f in folds):
+        return None
+    rng = np.random.default_rng(seed)
+    shares = []
+    for _ in range(BOOTSTRAP):
+        got = _pooled(search, [(f.rows, *f.again(rng.integers(0, f.rows, f.rows))) for f in folds])  # type: ignore[misc]
+        if got is not None:
+            shares.append(got)
+    return float(np.std(shares, ddof=1)) if len(shares) > 1 else None
 
 
 def _row(member: str, rule: str | None, first: str | None, views: int | None, threshold: float | None, share: float | None,
@@ -332,7 +369,8 @@ def summary(search: GateSearch, folds: list[HeldOut], n: int) -> str:
     if search.learned and search.changed:
         text += f"; they make {_pct(search.changes_made)} of the {search.changed} decisions the full TTA changes as it does (keep-changes {search.keep_changes:g})"
     if folds:
-        text += f"; held out ({len(folds)} folds, each tuned and gated on the others) {_pct(held)}"
+        se = pooled_spread(search, folds)
+        text += f"; held out ({len(folds)} folds, each tuned and gated on the others) {_pct(held)}" + ("" if se is None or held is None else f" ± {100 * se:.1f}% (bootstrap SE)")
         if search.calibration:
             text += " (the in-sample keep was chosen on these folds: this overstates a little; new images tell)"
     return text

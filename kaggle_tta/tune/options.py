@@ -48,6 +48,12 @@ class TuneOptions:
     calibrate_keep: bool = True
     """With folds: learn the gates at the lowest in-sample keep whose held-out gain kept, over
     the folds, reaches keep_gain (ClassProblem.calibrate_keep); else at keep_gain itself."""
+    keep_margin: float = 0.0
+    """--calibrate-keep asks the held-out gain kept to reach keep_gain by this many standard
+    errors (the bootstrap of gates.pooled_spread; the report shows each figure with its SE):
+    a few rows decide that share, so a figure that only just reaches keep_gain says little.
+    0: the figure alone. Higher asks for more certainty, paid in forwards (on the demo's
+    splits, 0.5 sent up to 1.6x the rows for no gain kept that new images showed)."""
     keep_changes: float = 0.9
     """... and make, of the decisions the full TTA changes (the submission's class of a row,
     or a class's yes/no under multi-label), at least this share as the full TTA does. Labels
@@ -69,6 +75,8 @@ class TuneOptions:
             raise ConfigError(f"--adaptive: '{self.adaptive}'; choose one of {', '.join(ADAPTIVE)}")
         if not 0.0 <= self.keep_gain <= 1.0:
             raise ConfigError(f"--keep-gain: {self.keep_gain}; give a share of the full TTA's gain between 0 and 1 (e.g. 0.9)")
+        if not 0.0 <= self.keep_margin <= 10.0:
+            raise ConfigError(f"--keep-margin: {self.keep_margin}; give standard errors between 0 and 10 (e.g. 1; 0: the held-out figure alone)")
         if not 0.0 <= self.keep_changes <= 1.0:
             raise ConfigError(f"--keep-changes: {self.keep_changes}; give a share of the full TTA's changed decisions between 0 and 1 (e.g. 0.9; 0: off)")
 
@@ -104,6 +112,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="with --folds: learn the gates at the lowest in-sample keep whose held-out gain kept reaches --keep-gain (default on)",
     )
     p.add_argument(
+        "--keep-margin", type=float, default=0.0,
+        help="--calibrate-keep: the held-out gain kept must reach --keep-gain by this many (bootstrap) standard errors (default 0: the figure alone)",
+    )
+    p.add_argument(
         "--keep-changes", type=float, default=0.9,
         help="and make at least this share of the decisions the full TTA changes as it does (labels not read; 0: off; default 0.9)",
     )
@@ -116,5 +128,5 @@ def options_from(args: argparse.Namespace) -> TuneOptions:
         views=args.views, view_weights=args.view_weights, class_weights=args.class_weights, temperature=args.temperature,
         member_weights=args.member_weights, thresholds=args.thresholds, objective=args.objective, metric=args.metric,
         folds=args.folds, seed=args.seed, max_steps=args.max_steps, adaptive=args.adaptive, keep_gain=args.keep_gain,
-        keep_changes=args.keep_changes, calibrate_keep=args.calibrate_keep,
+        keep_changes=args.keep_changes, calibrate_keep=args.calibrate_keep, keep_margin=args.keep_margin,
     )
