@@ -314,13 +314,13 @@ def test_calibrate_keep_learns_the_gates_at_the_lowest_keep_that_holds_out(demo,
     # (held-out figures, --keep-margin, their SE, the keep chosen): with a margin the figure must
     # clear --keep-gain by that many SEs (0.95 - 1 x 0.05 reaches 0.9; 0.91 - 0.5 x 0.05 does not)
     for table, margin, se, expect in ((rising, 0.0, 0.05, 0.95), ({k: 0.5 for k in ladder}, 0.0, None, 1.0), (rising, 1.0, 0.05, 0.975), (rising, 0.5, 0.05, 0.975)):
-        def fake(search, nodes, pb, rows, threshold, table=table):
-            h = real(search, nodes, pb, rows, threshold)
+        def fake(search, nodes, pb, rows, threshold, seed=0, table=table):
+            h = real(search, nodes, pb, rows, threshold, seed)
             return None if h is None else gates.HeldOut(h.rows, 0.0, 1.0, table[search.keep], h.sent)
 
         with monkeypatch.context() as m:
             m.setattr(gates, "held_out", fake)
-            m.setattr(gates, "pooled_spread", lambda search, folds, seed=0, se=se: se)
+            m.setattr(gates, "pooled_spread", lambda search, folds, se=se: se)
             climbed = kaggle_tta.tune(cfg, folds=3, adaptive="margin", keep_gain=0.9, keep_margin=margin)
         assert climbed.estimate.tuned.gate_search.keep == expect
         assert [c[2] for c in climbed.estimate.tuned.gate_search.calibration] == [se] * len(ladder)
@@ -353,11 +353,11 @@ def test_the_spread_of_the_gain_kept_is_the_bootstrap_of_the_rows_where_the_gate
             a, b, c = (float(x[idx].mean()) for x in cols)
             return a, b, c
 
-        return gates.HeldOut(n, *again(np.arange(n)), {}, again)
+        return gates.HeldOut(n, *again(np.arange(n)), {}, gates.resampled(again, n, rng))
 
     folds = [fold(2000, 60, 16) for _ in range(3)]
     differ = sum(16 for _ in folds)
-    se = gates.pooled_spread(search, folds, seed=1)
+    se = gates.pooled_spread(search, folds)
     assert se == pytest.approx(differ ** 0.5 / 180, rel=0.25)
     same = [fold(2000, 60, 0) for _ in range(3)]
     assert gates.pooled_spread(search, same) == 0.0

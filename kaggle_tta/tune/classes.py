@@ -158,7 +158,7 @@ class ClassProblem:
         if train.all():
             self.held_out = []
             return
-        held = gates.held_out(search, self.nodes(tuned), self, np.flatnonzero(~train), tuned.threshold)
+        held = gates.held_out(search, self.nodes(tuned), self, np.flatnonzero(~train), tuned.threshold, self.opts.seed)
         if held is not None:
             self.held_out.append(held)
 
@@ -189,12 +189,12 @@ class ClassProblem:
                 search = probe = gates.learn(self, t, train, rules, keep=k)
                 for name, gate in search.gates.items():
                     t.members[name].gate = gate
-                h = gates.held_out(search, self.nodes(t), self, np.flatnonzero(~train), t.threshold)
+                h = gates.held_out(search, self.nodes(t), self, np.flatnonzero(~train), t.threshold, seed)
                 if h is not None:
                     got[k].append(h)
         if probe is None:
             return
-        self.calibration = [(k, gates.pooled_kept(probe, got[k]), gates.pooled_spread(probe, got[k], seed)) for k in ladder]
+        self.calibration = [(k, gates.pooled_kept(probe, got[k]), gates.pooled_spread(probe, got[k])) for k in ladder]
         if all(v is None for _, v, _ in self.calibration):
             return  # no held-out gain to keep: nothing to calibrate against
         z = self.opts.keep_margin

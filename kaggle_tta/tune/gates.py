@@ -88,9 +88,10 @@ class HeldOut:
     full: float
     adaptive: float
     sent: dict[str, int]  # member -> held-out rows sent on
-    again: Callable[[np.ndarray], tuple[float, float, float]] | None = field(default=None, repr=False)
-    """(none, full, adaptive) on a resample of the held-out rows (indices into them): the
-    bootstrap of :func:`pooled_spread`; None: no spread known."""
+    boot: np.ndarray | None = field(default=None, repr=False)
+    """[BOOTSTRAP, 3]: (none, full, adaptive) on resamples of the held-out rows (see
+    :func:`resampled`), for :func:`pooled_spread`; None: no spread known. Kept instead of the
+    rows' probabilities, which the calibration would hold for every fold and keep."""
 
 
 @dataclass
@@ -269,9 +270,10 @@ def learn(pb: ClassProblem, tuned: Tuned, train: np.ndarray, rules: dict[str, st
     return search
 
 
-def held_out(search: GateSearch, tuned_nodes: dict[str, Prediction], pb: ClassProblem, rows: np.ndarray, threshold: Any) -> HeldOut | None:
+def held_out(search: GateSearch, tuned_nodes: dict[str, Prediction], pb: ClassProblem, rows: np.ndarray, threshold: Any, seed: int = 0) -> HeldOut | None:
     """The fold's gates scored on its held-out rows: no TTA, full TTA and the gates (the
-    tuned nodes, computed through reduce_views with the gates), and the rows sent on."""
+    tuned nodes, computed through reduce_views with the gates), the rows sent on, and the
+    three on BOOTSTRAP resamples of those rows (seeded by ``seed`` and the fold's first row)."""
     if not search.members or not len(rows) or search.probs_none is None or search.probs_full is None:
         return None
     y = pb.y[rows]
@@ -282,7 +284,13 @@ def held_out(search: GateSearch, tuned_nodes: dict[str, Prediction], pb: ClassPr
         return a, b, c
 
     sent = {n: int(g.sends[g.at][rows].sum()) if search.learned else len(rows) for n, g in search.members.items()}
-    return HeldOut(len(rows), *again(np.arange(len(rows))), sent, again)
+    return HeldOut(len(rows), *again(np.arange(len(rows))), sent, resampled(again, len(rows), np.random.default_rng([seed, int(rows[0])])))
+
+
+def resampled(again: Callable[[np.ndarray], tuple[float, float, float]], n: int, rng: np.random.Generator) -> np.ndarray:
+    """[BOOTSTRAP, 3]: ``again(idx)`` (no TTA, full TTA, the gates) on BOOTSTRAP resamples of
+    ``n`` rows with replacement, paired: the three are scored on the same rows."""
+    return np.array([again(rng.integers(0, n, n)) for _ in range(BOOTSTRAP)], dtype=np.float64)
 
 
 def table(search: GateSearch, folds: list[HeldOut], n: int) -> Any:
@@ -330,21 +338,17 @@ def _pooled(search: GateSearch, folds: list[tuple[int, float, float, float]]) ->
 BOOTSTRAP = 200  # resamples of the held-out rows behind pooled_spread
 
 
-def pooled_spread(search: GateSearch, folds: list[HeldOut], seed: int = 0) -> float | None:
+def pooled_spread(search: GateSearch, folds: list[HeldOut]) -> float | None:
     """The standard error of :func:`pooled_kept`: the spread of the share over BOOTSTRAP
     resamples of each fold's held-out rows (with replacement, paired: no TTA, full TTA and the
     gates scored on the same rows, so the rows where the gates and the full TTA decide alike
-    add nothing). The gain kept is a difference of a few rows where TTA helps a few percent
-    of the images; this says how far the figure could be from what new images give.
-    None: no fold, a fold without its rows, or no resample with a gain to keep."""
-    if not folds or any(f.again is None for f in folds):
+    add nothing; the folds' b-th resamples pooled, the folds being disjoint). The gain kept is
+    a difference of a few rows where TTA helps a few percent of the images; this says how far
+    the figure could be from what new images give. None: no fold, a fold without resamples,
+    or fewer than two resamples with a gain to keep."""
+    if not folds or any(f.boot is None for f in folds):
         return None
-    rng = np.random.default_rng(seed)
-    shares = []
-    for _ in range(BOOTSTRAP):
-        got = _pooled(search, [(f.rows, *f.again(rng.integers(0, f.rows, f.rows))) for f in folds])  # type: ignore[misc]
-        if got is not None:
-            shares.append(got)
+    shares = [got for b in range(BOOTSTRAP) if (got := _pooled(search, [(f.rows, *f.boot[b]) for f in folds])) is not None]  # type: ignore[index]
     return float(np.std(shares, ddof=1)) if len(shares) > 1 else None
 
 
