@@ -137,7 +137,7 @@ def adaptive_row(b: Any, log: Any, med: Any) -> None:
             raw[kind].append(r)
             log(f"adaptive rep {rep + 1}/{b.a.repeats}: {kind}: inference {r['inference_s']}s, accuracy {r['plain']:.4f} -> {r['tta']:.4f}, forwards {r['forwards']}")
     limits.append(_limit(8 * n, threads))
-    limit = {arch: min(lim[arch] for lim in limits) for arch in limits[0]}  # the faster of the two: this machine's load drifts
+    limit = min(limits, key=lambda lim: sum(lim.values()))  # the faster of the two timings: this machine's speed drifts
     # the rows where the two submissions differ: the spread of the gain kept (the full gain taken as it is)
     fc, ac = raw["full"][0]["correct"], raw["adaptive"][0]["correct"]
     diff = [int(a) - int(f) for a, f in zip(ac, fc) if a != f]

@@ -19,6 +19,7 @@
 #   GPU_CHECK_SMOKE_TIMEOUT=N  the smoke step's budget in seconds (default 120)
 set -u
 set -o pipefail
+export NO_ALBUMENTATIONS_UPDATE=1  # albumentations would ask PyPI for updates on every import; the device machine is offline
 
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"

@@ -16,6 +16,8 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py holds test fa
 # Forward-tuning decisions (kaggle_tta.tuning) go to a store of this test session's, not to
 # the user's ~/.cache: every session times afresh, and tests never see a developer's records.
 os.environ["KAGGLE_TTA_TUNING_DIR"] = tempfile.mkdtemp(prefix="kaggle-tta-tuning-")
+# Test modules that import albumentations before kaggle_tta (the oracles) would ask PyPI for updates.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 CLASSES = ["circle", "square", "triangle", "cross"]
 N_IMAGES = 24

@@ -300,12 +300,14 @@ def test_calibrate_keep_learns_the_gates_at_the_lowest_keep_that_holds_out(demo,
     search = r.estimate.tuned.gate_search
     ladder = [k for k, *_ in search.calibration]
     assert ladder == [0.9, *KEEP_LADDER]
-    assert all(se is None or se >= 0 for *_, se in search.calibration)
+    assert all((se is not None and se > 0) == (v is not None) for _, v, se in search.calibration)  # each figure with its spread
     chosen = next((k for k, v, se in search.calibration if v is not None and v >= 0.9), 1.0)  # --keep-margin 0 (default): the figure alone
     assert search.keep == chosen
     held = r.tables["gates"].filter(pl.col("member") == "(all)")["gain kept (held out)"][0]
     assert {k: v for k, v, _ in search.calibration}[chosen] == pytest.approx(held)
-    assert any("--calibrate-keep" in n for n in r.notes)
+    assert any("--calibrate-keep" in n and " ± " in n for n in r.notes)
+    again = kaggle_tta.tune(cfg, folds=3, adaptive="margin", keep_gain=0.9)
+    assert again.estimate.tuned.gate_search.calibration == search.calibration  # the resamples are seeded: the same figures
     off = kaggle_tta.tune(cfg, folds=3, adaptive="margin", keep_gain=0.9, calibrate_keep=False)
     assert off.estimate.tuned.gate_search.keep == 0.9 and off.estimate.tuned.gate_search.calibration == []
 
@@ -316,6 +318,7 @@ def test_calibrate_keep_learns_the_gates_at_the_lowest_keep_that_holds_out(demo,
     for table, margin, se, expect in ((rising, 0.0, 0.05, 0.95), ({k: 0.5 for k in ladder}, 0.0, None, 1.0), (rising, 1.0, 0.05, 0.975), (rising, 0.5, 0.05, 0.975)):
         def fake(search, nodes, pb, rows, threshold, seed=0, table=table):
             h = real(search, nodes, pb, rows, threshold, seed)
+            assert h is None or (h.boot is not None and h.boot.shape == (gates.BOOTSTRAP, 3) and np.isfinite(h.boot).all())
             return None if h is None else gates.HeldOut(h.rows, 0.0, 1.0, table[search.keep], h.sent)
 
         with monkeypatch.context() as m:
@@ -363,6 +366,10 @@ def test_the_spread_of_the_gain_kept_is_the_bootstrap_of_the_rows_where_the_gate
     assert gates.pooled_spread(search, same) == 0.0
     assert gates.pooled_spread(search, [gates.HeldOut(10, 0.1, 0.2, 0.2, {})]) is None
     assert gates.pooled_kept(search, same) == pytest.approx(1.0)
+    # a resample a user's metric refused (NaN: see held_out) is left out, not spread to the SE
+    hurt = [gates.HeldOut(f.rows, f.none, f.full, f.adaptive, {}, f.boot.copy()) for f in folds]
+    hurt[0].boot[:20] = np.nan
+    assert np.isfinite(gates.pooled_spread(search, hurt)) and gates.pooled_spread(search, hurt) == pytest.approx(se, rel=0.2)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -48,15 +48,16 @@ class Metric:
     name: str
     fn: Callable[[np.ndarray, np.ndarray, Any], float]  # (y, probs, thresholds) -> value
     higher_is_better: bool = True
+    per_row: Callable[[np.ndarray, np.ndarray, Any], np.ndarray] | None = None  # where the metric is a mean over rows: each row's value (the bootstrap's fast path)
 
 
 def resolve_metric(spec: str | None, multilabel: bool) -> Metric:
     """The task's metric (accuracy; micro F1 for multi-label), a name, or module:callable."""
     name = spec or ("f1" if multilabel else "accuracy")
     builtin = {
-        "accuracy": Metric("accuracy", lambda y, p, t: losses.accuracy(y, p)),
+        "accuracy": Metric("accuracy", lambda y, p, t: losses.accuracy(y, p), per_row=lambda y, p, t: (p.argmax(axis=1) == y).astype(np.float64)),
         "f1": Metric("F1", lambda y, p, t: losses.micro_f1(y, p, t)),
-        "nll": Metric("NLL", lambda y, p, t: float(losses.nll_of_probs(p, y).mean()), False),
+        "nll": Metric("NLL", lambda y, p, t: float(losses.nll_of_probs(p, y).mean()), False, per_row=lambda y, p, t: np.asarray(losses.nll_of_probs(p, y), np.float64)),
     }
     if name in builtin:
         if (name == "f1") != multilabel and name != "nll":
@@ -157,8 +158,10 @@ class ClassProblem:
             tuned._nodes = None  # the nodes again, through reduce_views with the gates' masks
         if train.all():
             self.held_out = []
+            search.probs_none = search.probs_full = None
             return
         held = gates.held_out(search, self.nodes(tuned), self, np.flatnonzero(~train), tuned.threshold, self.opts.seed)
+        search.probs_none = search.probs_full = None  # [N, C] each: scored, not kept
         if held is not None:
             self.held_out.append(held)
 
@@ -170,7 +173,8 @@ class ClassProblem:
         the gates is tuned on the other folds, then gates are learned at each in-sample keep
         of KEEP_LADDER from --keep-gain up and scored on the held-out fold; the lowest keep
         whose held-out gain kept, pooled over the folds, reaches --keep-gain by --keep-margin
-        standard errors (gates.pooled_spread) is the one the final gates (and the estimate's
+        standard errors (gates.pooled_spread; a figure with no spread known: the figure
+        alone) is the one the final gates (and the estimate's
         folds) are learned at; 1.0 where none does."""
         rules = {n: r for n, r in self.rules.items() if r}
         if not rules or folds < 2 or not self.opts.calibrate_keep:
@@ -190,6 +194,7 @@ class ClassProblem:
                 for name, gate in search.gates.items():
                     t.members[name].gate = gate
                 h = gates.held_out(search, self.nodes(t), self, np.flatnonzero(~train), t.threshold, seed)
+                search.probs_none = search.probs_full = None
                 if h is not None:
                     got[k].append(h)
         if probe is None:
@@ -198,7 +203,8 @@ class ClassProblem:
         if all(v is None for _, v, _ in self.calibration):
             return  # no held-out gain to keep: nothing to calibrate against
         z = self.opts.keep_margin
-        self.keep_gain = next((k for k, v, se in self.calibration if v is not None and v - z * (se or 0.0) >= keep - 1e-12), 1.0)
+        # a figure without a spread (too few resamples with a gain) is taken as it is
+        self.keep_gain = next((k for k, v, se in self.calibration if v is not None and v - (z * se if z and se is not None else 0.0) >= keep - 1e-12), 1.0)
 
     def _member_pred(self, name: str, p: ViewPolicy, drop: int | None = None) -> Prediction:
         """The member's merge as the blend computes it: its kept views, weights and

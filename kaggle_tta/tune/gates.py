@@ -278,13 +278,24 @@ def held_out(search: GateSearch, tuned_nodes: dict[str, Prediction], pb: ClassPr
         return None
     y = pb.y[rows]
     probs = [p[rows] for p in (search.probs_none, search.probs_full, to_probs(tuned_nodes[pb.cfg.submission_source]))]
+    whole = tuple(float(pb.metric.fn(y, p, threshold)) for p in probs)
+    per_row = pb.metric.per_row
+    if per_row is not None:  # a mean over rows (accuracy, NLL): each resample is a mean of those
+        values = [per_row(y, p, threshold) for p in probs]
 
-    def again(idx: np.ndarray) -> tuple[float, float, float]:
-        a, b, c = (float(pb.metric.fn(y[idx], p[idx], threshold)) for p in probs)
-        return a, b, c
+        def again(idx: np.ndarray) -> tuple[float, float, float]:
+            a, b, c = (float(v[idx].mean()) for v in values)
+            return a, b, c
+    else:
+        def again(idx: np.ndarray) -> tuple[float, float, float]:
+            try:  # a user's metric may refuse a resample (a class missing from it): that resample is left out
+                a, b, c = (float(pb.metric.fn(y[idx], p[idx], threshold)) for p in probs)
+            except Exception:  # noqa: BLE001 - any failure of a user's callable on a resample
+                return (float("nan"),) * 3
+            return a, b, c
 
     sent = {n: int(g.sends[g.at][rows].sum()) if search.learned else len(rows) for n, g in search.members.items()}
-    return HeldOut(len(rows), *again(np.arange(len(rows))), sent, resampled(again, len(rows), np.random.default_rng([seed, int(rows[0])])))
+    return HeldOut(len(rows), *whole, sent, resampled(again, len(rows), np.random.default_rng([seed, int(rows[0])])))
 
 
 def resampled(again: Callable[[np.ndarray], tuple[float, float, float]], n: int, rng: np.random.Generator) -> np.ndarray:
@@ -343,12 +354,13 @@ def pooled_spread(search: GateSearch, folds: list[HeldOut]) -> float | None:
     resamples of each fold's held-out rows (with replacement, paired: no TTA, full TTA and the
     gates scored on the same rows, so the rows where the gates and the full TTA decide alike
     add nothing; the folds' b-th resamples pooled, the folds being disjoint). The gain kept is
-    a difference of a few rows where TTA helps a few percent of the images; this says how far
-    the figure could be from what new images give. None: no fold, a fold without resamples,
-    or fewer than two resamples with a gain to keep."""
-    if not folds or any(f.boot is None for f in folds):
+    a difference of a few rows where TTA helps a few percent of the images; this is the part of
+    its uncertainty that comes from which rows were held out, each fold's gates as learned
+    (not the spread of learning them on other rows). None: no fold, a fold without resamples,
+    no gain to keep, or fewer than two resamples with a finite share."""
+    if not folds or any(f.boot is None for f in folds) or pooled_kept(search, folds) is None:
         return None
-    shares = [got for b in range(BOOTSTRAP) if (got := _pooled(search, [(f.rows, *f.boot[b]) for f in folds])) is not None]  # type: ignore[index]
+    shares = [got for b in range(BOOTSTRAP) if (got := _pooled(search, [(f.rows, *f.boot[b]) for f in folds])) is not None and np.isfinite(got)]  # type: ignore[index]
     return float(np.std(shares, ddof=1)) if len(shares) > 1 else None
 
 

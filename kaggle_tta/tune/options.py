@@ -47,13 +47,15 @@ class TuneOptions:
     """The gates keep at least this share of the full TTA's metric gain over no TTA."""
     calibrate_keep: bool = True
     """With folds: learn the gates at the lowest in-sample keep whose held-out gain kept, over
-    the folds, reaches keep_gain (ClassProblem.calibrate_keep); else at keep_gain itself."""
+    the folds, reaches keep_gain (by keep_margin standard errors; ClassProblem.calibrate_keep);
+    else at keep_gain itself."""
     keep_margin: float = 0.0
     """--calibrate-keep asks the held-out gain kept to reach keep_gain by this many standard
     errors (the bootstrap of gates.pooled_spread; the report shows each figure with its SE):
     a few rows decide that share, so a figure that only just reaches keep_gain says little.
     0: the figure alone. Higher asks for more certainty, paid in forwards (on the demo's
-    splits, 0.5 sent up to 1.6x the rows for no gain kept that new images showed)."""
+    splits, 0.5 ran up to 1.6x the forwards, 2.8x the extra ones, for no gain kept that new
+    images showed)."""
     keep_changes: float = 0.9
     """... and make, of the decisions the full TTA changes (the submission's class of a row,
     or a class's yes/no under multi-label), at least this share as the full TTA does. Labels
@@ -109,7 +111,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-gain", type=float, default=0.9, help="the gates keep at least this share of the full TTA's metric gain over no TTA (default 0.9)")
     p.add_argument(
         "--calibrate-keep", action=argparse.BooleanOptionalAction, default=True,
-        help="with --folds: learn the gates at the lowest in-sample keep whose held-out gain kept reaches --keep-gain (default on)",
+        help="with --folds: learn the gates at the lowest in-sample keep whose held-out gain kept reaches --keep-gain (by --keep-margin SEs; default on)",
     )
     p.add_argument(
         "--keep-margin", type=float, default=0.0,
