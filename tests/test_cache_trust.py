@@ -37,7 +37,7 @@ def _example(name: str, demo_images: Path, tmp: Path, cache: Path) -> Path:
         cfg["data"]["boxes"]["path"] = str(demo_images / "boxes.csv")
     for m in cfg["members"]:
         m["checkpoint"] = str((REPO / "examples" / m["checkpoint"]).resolve())
-    cfg["runtime"] = {**cfg.get("runtime", {}), "precision": "fp32", "workers": 0, "device": "cpu"}
+    cfg["runtime"] = {**cfg.get("runtime", {}), "precision": "fp32", "workers": 0, "device": "cpu", "channels_last": False}  # one layout: see below
     cfg["cache"] = {**cfg.get("cache", {}), "dir": str(cache)}
     cfg["submission"]["path"] = str(tmp / "sub.csv")
     return _write(tmp, cfg, f"{name}.yaml")
@@ -56,6 +56,9 @@ def test_concurrent_runs_on_one_cache_equal_a_single_run(task, pipeline, demo_im
     """2 and then 3 `kaggle-tta run` processes started together on one empty cache: all exit
     0 with no traceback, and the entries are byte-identical to a single run's."""
     write, cfg = pipeline
+    # one memory layout for every run: `auto` times both on a CPU in fp32, and processes timing
+    # against each other may pick the other one (equal predictions, not equal bits)
+    cfg["runtime"]["channels_last"] = False
 
     def pipeline_for(cache: Path, name: str) -> Path:
         if task == "classification":
