@@ -158,10 +158,9 @@ class ClassProblem:
             tuned._nodes = None  # the nodes again, through reduce_views with the gates' masks
         if train.all():
             self.held_out = []
-            search.probs_none = search.probs_full = None
+            search.probs_none = search.probs_full = None  # [N, C] each, for held_out only: no held-out rows here
             return
         held = gates.held_out(search, self.nodes(tuned), self, np.flatnonzero(~train), tuned.threshold, self.opts.seed)
-        search.probs_none = search.probs_full = None  # [N, C] each: scored, not kept
         if held is not None:
             self.held_out.append(held)
 
@@ -194,7 +193,6 @@ class ClassProblem:
                 for name, gate in search.gates.items():
                     t.members[name].gate = gate
                 h = gates.held_out(search, self.nodes(t), self, np.flatnonzero(~train), t.threshold, seed)
-                search.probs_none = search.probs_full = None
                 if h is not None:
                     got[k].append(h)
         if probe is None:

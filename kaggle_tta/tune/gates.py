@@ -273,11 +273,13 @@ def learn(pb: ClassProblem, tuned: Tuned, train: np.ndarray, rules: dict[str, st
 def held_out(search: GateSearch, tuned_nodes: dict[str, Prediction], pb: ClassProblem, rows: np.ndarray, threshold: Any, seed: int = 0) -> HeldOut | None:
     """The fold's gates scored on its held-out rows: no TTA, full TTA and the gates (the
     tuned nodes, computed through reduce_views with the gates), the rows sent on, and the
-    three on BOOTSTRAP resamples of those rows (seeded by ``seed`` and the fold's first row)."""
+    three on BOOTSTRAP resamples of those rows (seeded by ``seed`` and the fold's first row).
+    Scores a search once: it frees the search's probabilities."""
     if not search.members or not len(rows) or search.probs_none is None or search.probs_full is None:
         return None
     y = pb.y[rows]
     probs = [p[rows] for p in (search.probs_none, search.probs_full, to_probs(tuned_nodes[pb.cfg.submission_source]))]
+    search.probs_none = search.probs_full = None  # [N, C] each: the held-out rows are taken, the rest is not kept
     whole = tuple(float(pb.metric.fn(y, p, threshold)) for p in probs)
     per_row = pb.metric.per_row
     if per_row is not None:  # a mean over rows (accuracy, NLL): each resample is a mean of those
