@@ -20,7 +20,7 @@ Kinds:
   reblend-setup  write 3 members x N views of [rows, 1000] float16 logits into the cache
   tune-labels  labels for the re-blend cache: m1's top class for 70% of rows, random otherwise
   tune-guard   ``kaggle-tta tune`` with build_model and decode_image made to raise; torch imported?
-  preprocess   decode (kaggle_tta.data.decode_image) alone, or decode + a CanvasSpec crop
+  preprocess   decode (kaggle_tta.io.data.decode_image) alone, or decode + a CanvasSpec crop
                backend (timm | albumentations), per image, one thread
 """
 
@@ -78,8 +78,8 @@ def _precision(setting: str, device: str = "cpu") -> tuple[str, tuple[bool, ...]
     """Resolved precision and the channels_last values to use, by kaggle_tta's engine rules
     (runtime.channels_last auto: on with CUDA or reduced precision; timed on a CPU in fp32)."""
     import torch
-    from kaggle_tta.forward import layout_candidates
-    from kaggle_tta.plan import resolve_precision
+    from kaggle_tta.exec.forward import layout_candidates
+    from kaggle_tta.engine.plan import resolve_precision
 
     p = resolve_precision(setting, torch.device(device))
     return p, layout_candidates("auto", torch.device(device), p)
@@ -176,7 +176,7 @@ def kaggle(spec: dict) -> None:
     import torch  # noqa: F401
     import tqdm  # noqa: F401
 
-    import kaggle_tta.engine  # noqa: F401
+    import kaggle_tta.engine.stream  # noqa: F401
     from kaggle_tta import api, cli
 
     # The CLI as a user runs it; what it computed is read from the RunStats that kaggle_tta.run
@@ -392,8 +392,8 @@ def reblend_setup(spec: dict) -> None:
     from kaggle_tta.cache import CacheEntry
     from kaggle_tta.cache.entry import FORMAT_VERSION
     from kaggle_tta.config import load_pipeline
-    from kaggle_tta.errors import CacheError
-    from kaggle_tta.plan import build_plan, resolve_precision
+    from kaggle_tta.config.errors import CacheError
+    from kaggle_tta.engine.plan import build_plan, resolve_precision
 
     cfg = load_pipeline(spec["pipeline"])
     plan = build_plan(cfg)
@@ -469,7 +469,7 @@ def blend_guard(spec: dict) -> None:
     import torch
 
     import kaggle_tta.cache.entry as entry_mod
-    import kaggle_tta.models as models
+    import kaggle_tta.io.models as models
     from kaggle_tta import cli
 
     crc_bytes = [0]
@@ -503,14 +503,14 @@ def blend_guard(spec: dict) -> None:
         orig_init(self, *a, **k)
 
     torch.nn.Module.__init__ = counting_init
-    engine_before = "kaggle_tta.engine" in sys.modules
+    engine_before = "kaggle_tta.engine.stream" in sys.modules
     buf = io.StringIO()
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(buf):
         rc = cli.main(["blend", spec["pipeline"]])  # blend shows no bar: it takes no --quiet
     secs = time.perf_counter() - t0
     _result({"rc": rc, "seconds": secs, "model_calls": len(calls), "nn_modules_created": n_modules[0], "verify": verify, "crc_bytes": crc_bytes[0],
-             "engine_imported": (not engine_before) and "kaggle_tta.engine" in sys.modules, "stdout_tail": buf.getvalue()[-400:]})
+             "engine_imported": (not engine_before) and "kaggle_tta.engine.stream" in sys.modules, "stdout_tail": buf.getvalue()[-400:]})
 
 
 def numpy_blend(spec: dict) -> None:
@@ -550,8 +550,8 @@ def preprocess(spec: dict) -> None:
     import numpy as np
     import torch
 
-    from kaggle_tta.canvas import CanvasSpec
-    from kaggle_tta.data import decode_image
+    from kaggle_tta.io.canvas import CanvasSpec
+    from kaggle_tta.io.data import decode_image
 
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
@@ -618,7 +618,7 @@ def tune_labels(spec: dict) -> None:
 
     from kaggle_tta.cache import CacheEntry
     from kaggle_tta.config import load_pipeline
-    from kaggle_tta.plan import build_plan
+    from kaggle_tta.engine.plan import build_plan
 
     t0 = time.perf_counter()
     plan = build_plan(load_pipeline(spec["pipeline"]))
@@ -641,8 +641,8 @@ def tune_labels(spec: dict) -> None:
 def tune_guard(spec: dict) -> None:
     """``kaggle-tta tune`` in-process with build_model and decode_image raising; whether
     torch was imported at all (tune must not: re-blending imports no torch)."""
-    import kaggle_tta.data as data
-    import kaggle_tta.models as models
+    import kaggle_tta.io.data as data
+    import kaggle_tta.io.models as models
     from kaggle_tta import cli
 
     def refuse(*a, **k):

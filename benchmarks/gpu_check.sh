@@ -90,7 +90,7 @@ print('python', sys.version.split()[0], '| torch', torch.__version__, '(CUDA', t
 print('cuda available:', torch.cuda.is_available(), '| devices:', torch.cuda.device_count(),
       '|', torch.cuda.get_device_name(0) if torch.cuda.is_available() else '-', '| bf16:', torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 import albumentations, albumentations.pytorch, pydantic, polars, ttach, scipy.special
-import kaggle_tta.api, kaggle_tta.engine, kaggle_tta.cli
+import kaggle_tta.api, kaggle_tta.engine.stream, kaggle_tta.cli
 print('albumentations', albumentations.__version__, '| pydantic', pydantic.__version__, '| polars', polars.__version__, '| scipy', scipy.__version__)
 print('imports: %.1fs' % (time.perf_counter() - t))
 try:
@@ -105,7 +105,7 @@ except Exception as exc:
     # run sees (one is used until sharding over ranks lands).
     step - 30 python3 -c "
 import torch
-from kaggle_tta.plan import resolve_precision
+from kaggle_tta.engine.plan import resolve_precision
 for i in range(torch.cuda.device_count()):
     d = torch.device('cuda', i)
     print('gpu', i, torch.cuda.get_device_name(i), 'sm_%d%d' % torch.cuda.get_device_capability(i),

@@ -637,7 +637,7 @@ def report(b: Bench) -> str:
                      f"{med([r['crc_bytes'] for r in unv]) / 1e9:.2f} GB when bypassed). Bypassed = the same in-process blend with `kaggle_tta.cache.entry.CacheEntry.rows` "
                      f"monkeypatched to `self.read(view)[lo:hi]`; the wall ratio without it (≈ {fmt(ratio_wall_unv)}×) is the measured wall less that repeat's difference.")
             L.append("")
-        L.append(f"No model built: `kaggle-tta blend` run {1 + len(raw['guard'])} times with `timm.create_model` and `kaggle_tta.models.build_model` patched to raise "
+        L.append(f"No model built: `kaggle-tta blend` run {1 + len(raw['guard'])} times with `timm.create_model` and `kaggle_tta.io.models.build_model` patched to raise "
                  f"and `torch.nn.Module.__init__` counted: exit {g['rc']}, {g['nn_modules_created']} modules created, the engine module "
                  f"{'imported' if g['engine_imported'] else 'not imported'} → {ok(no_model)}. Labels agree with the numpy baseline on "
                  f"{fmt(rb['agreement'] and 100 * rb['agreement'], '.2f', '%')} of rows.")
@@ -709,7 +709,7 @@ def report(b: Bench) -> str:
         L.append("| configuration | crops per image | ms/image | of which decode ms | of which preprocessing ms | ratio to decode alone | images/s |")
         L.append("|---|---|---|---|---|---|---|")
         dms = med([r["per_image_s"] for r in raw["decode"]])
-        L.append(f"| decode alone (`kaggle_tta.data.decode_image`) | — | {ms(dms)} | {ms(dms)} | — | 1.00 | {1 / dms:.0f} |")
+        L.append(f"| decode alone (`kaggle_tta.io.data.decode_image`) | — | {ms(dms)} | {ms(dms)} | — | 1.00 | {1 / dms:.0f} |")
         pre_ms: dict[str, float] = {}
         for key, backend, positions in Bench.PREPROCESS_CONFIGS[1:]:
             rs = raw.get(key, [])

@@ -22,14 +22,19 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 __version__ = "0.1.0"
 __all__ = ["load_pipeline", "build_plan", "infer", "blend", "run", "tune", "__version__"]
 
-_WHERE = {"load_pipeline": "kaggle_tta.config", "build_plan": "kaggle_tta.plan", "infer": "kaggle_tta.api", "blend": "kaggle_tta.api", "run": "kaggle_tta.api"}
+_WHERE = {
+    "load_pipeline": "kaggle_tta.config.loading",
+    "build_plan": "kaggle_tta.engine.plan",
+    "infer": "kaggle_tta.api",
+    "blend": "kaggle_tta.api",
+    "run": "kaggle_tta.api",
+    "tune": "kaggle_tta.tuning.run",
+}
 
 
 def __getattr__(name: str) -> Any:  # PEP 562: the API on first use, so the CLI starts fast
     import importlib
 
-    if name == "tune":  # the package kaggle_tta.tune, which is callable: tune(pipeline, ...)
-        return importlib.import_module("kaggle_tta.tune")
     if name in _WHERE:
         return getattr(importlib.import_module(_WHERE[name]), name)
     raise AttributeError(f"module 'kaggle_tta' has no attribute '{name}'")

@@ -19,15 +19,15 @@ from typing import TYPE_CHECKING, Any, Union
 
 import polars as pl
 
-from kaggle_tta.adaptive import Forwards, skipping
+from kaggle_tta.ops.gate import Forwards, skipping
 from kaggle_tta.cache import DamagedView
-from kaggle_tta.dag import MemberSource, check_complete
+from kaggle_tta.exec.dag import MemberSource, check_complete
 from kaggle_tta.config import PipelineConfig, load_pipeline
-from kaggle_tta.plan import Plan, build_plan, find_entry, resolve_device, resolve_precision
-from kaggle_tta.submission import align, check_writable, write_submission
+from kaggle_tta.engine.plan import Plan, build_plan, find_entry, resolve_device, resolve_precision
+from kaggle_tta.io.submission import align, check_writable, write_submission
 
 if TYPE_CHECKING:
-    from kaggle_tta.engine import RunStats
+    from kaggle_tta.engine.stream import RunStats
 
 Pipeline = Union[str, Path, dict[str, Any], PipelineConfig, Plan]
 
@@ -80,16 +80,16 @@ def plan_of(pipeline: Pipeline, overrides: list[str] | None = None) -> Plan:
 def infer(pipeline: Pipeline, overrides: list[str] | None = None, progress: bool = True, alone: bool = False, share: tuple[int, int] | None = None) -> RunStats:
     """Fills the cache for every (member, view) not in it yet; returns what was computed.
 
-    Under torchrun (several ranks: kaggle_tta.dist) this process computes its share and
+    Under torchrun (several ranks: kaggle_tta.dist.launch) this process computes its share and
     rank 0 assembles the entries. Otherwise, with ``runtime.devices`` above 1, the ranks are
     started here through torch's elastic launcher, and rank 0's summary is returned.
     ``alone``: this process computes everything itself, whatever the settings.
     ``share`` (k, n): only the k-th of n shares (0-based), into shard entries, with no process
     group: for machines that share no filesystem (then ``kaggle-tta cache merge``).
     """
-    from kaggle_tta import dist
-    from kaggle_tta.engine import run_inference
-    from kaggle_tta.ranked import run_ranked  # torch models: only where a run needs them
+    from kaggle_tta.dist import launch as dist
+    from kaggle_tta.engine.stream import run_inference
+    from kaggle_tta.dist.ranked import run_ranked  # torch models: only where a run needs them
 
     plan = plan_of(pipeline, overrides)
     rt = plan.cfg.runtime
@@ -104,16 +104,16 @@ def infer(pipeline: Pipeline, overrides: list[str] | None = None, progress: bool
     device = resolve_device(rt.device)
     stats = run_inference(plan, device, resolve_precision(rt.precision, device), progress=progress)
     if not stats.all_cached:  # shards that only partly covered a view: their rows are in the entry now
-        from kaggle_tta.ranked import release_shards
+        from kaggle_tta.dist.ranked import release_shards
 
         release_shards(plan, stats.computed)
     return stats
 
 
 def _infer_share(plan: Plan, share: tuple[int, int], progress: bool) -> RunStats:
-    from kaggle_tta import dist
-    from kaggle_tta.engine import choose_precisions
-    from kaggle_tta.ranked import run_share
+    from kaggle_tta.dist import launch as dist
+    from kaggle_tta.engine.stream import choose_precisions
+    from kaggle_tta.dist.ranked import run_share
 
     k, n = share
     rt = plan.cfg.runtime
@@ -133,8 +133,8 @@ def _all_cached(plan: Plan) -> bool:
     not cached (an entry complete in another precision is not this run's). Detection members
     are never checked: their reduced entry is theirs."""
     from kaggle_tta.cache import CacheEntry
-    from kaggle_tta.engine import REDUCED, _fits, _recorded_check
-    from kaggle_tta.forward import ProbeWork
+    from kaggle_tta.engine.stream import REDUCED, _fits, _recorded_check
+    from kaggle_tta.exec.forward import ProbeWork
 
     rt = plan.cfg.runtime
     precision = resolve_precision(rt.precision, resolve_device(rt.device))
@@ -172,7 +172,7 @@ def run(pipeline: Pipeline, overrides: list[str] | None = None, progress: bool =
     """``infer`` then ``blend`` on what it computed. A cached view found damaged while
     blending (its checksum, non-finite values) is marked, recomputed and blended again.
     Under torchrun only rank 0 blends; the other ranks' result has ``blend`` None."""
-    from kaggle_tta import dist
+    from kaggle_tta.dist import launch as dist
 
     plan = plan_of(pipeline, overrides)
     check_writable(plan.cfg.resolve(plan.cfg.submission.path))  # not only after the whole inference

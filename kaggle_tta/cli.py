@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from kaggle_tta.errors import KaggleTTAError
+from kaggle_tta.config.errors import KaggleTTAError
 
 
 def _load(args: argparse.Namespace):
@@ -80,7 +80,7 @@ def cmd_infer(args: argparse.Namespace) -> None:
     if args.share:
         k, _, n = args.share.partition("/")
         if not (k.isdigit() and n.isdigit() and 0 <= int(k) < int(n)):
-            from kaggle_tta.errors import ConfigError
+            from kaggle_tta.config.errors import ConfigError
 
             raise ConfigError(f"--share {args.share}: give K/N with 0 <= K < N, e.g. --share 1/2 for the second of two machines")
         share = (int(k), int(n))
@@ -94,15 +94,15 @@ def cmd_blend(args: argparse.Namespace) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
-    from kaggle_tta.tune.options import options_from
-    from kaggle_tta.tune.cache import fill_command
-    from kaggle_tta.tune.run import tune
+    from kaggle_tta.tuning.options import options_from
+    from kaggle_tta.tuning.cache import fill_command
+    from kaggle_tta.tuning.run import tune
 
     hint = fill_command(args.pipeline, args.overrides, args.set)
     result = tune(_load(args), options=options_from(args), out=args.out, picture=args.picture, fill_hint=hint)
     text = result.report()
     if args.report:
-        from kaggle_tta.tune.report import write_text
+        from kaggle_tta.tuning.report import write_text
 
         write_text(Path(args.report), text, "--report")
     print(text, end="")
@@ -115,7 +115,7 @@ def _current(plan) -> set[tuple[str, str]]:
 
 def cmd_cache_ls(args: argparse.Namespace) -> None:
     from kaggle_tta.cache import list_entries, view_states
-    from kaggle_tta.plan import build_plan
+    from kaggle_tta.engine.plan import build_plan
 
     plan = build_plan(_load(args))
     current = _current(plan)
@@ -143,7 +143,7 @@ def cmd_cache_prune(args: argparse.Namespace) -> None:
     members are never touched, and one that another existing pipeline file recorded using
     (a member of the same name) is kept unless --force."""
     from kaggle_tta.cache import list_entries, remove_entry
-    from kaggle_tta.plan import build_plan
+    from kaggle_tta.engine.plan import build_plan
 
     plan = build_plan(_load(args))
     current, mine = _current(plan), {m.name for m in plan.members}
@@ -172,8 +172,8 @@ def cmd_cache_prune(args: argparse.Namespace) -> None:
 def cmd_cache_verify(args: argparse.Namespace) -> None:
     """Reads every cached view of the pipeline whole (checksum, shape, finite values)."""
     from kaggle_tta.cache import CacheEntry
-    from kaggle_tta.errors import CacheError
-    from kaggle_tta.plan import build_plan
+    from kaggle_tta.config.errors import CacheError
+    from kaggle_tta.engine.plan import build_plan
 
     plan = build_plan(_load(args))
     bad, checked = [], 0
@@ -198,9 +198,9 @@ def cmd_cache_merge(args: argparse.Namespace) -> None:
     """Joins shards computed elsewhere (machines without a shared filesystem, each running
     its share into its own cache.dir) into this cache, and assembles what they complete."""
     from kaggle_tta.cache.shards import missing_rows
-    from kaggle_tta.errors import CacheError
-    from kaggle_tta.plan import build_plan
-    from kaggle_tta.ranked import assemble_from
+    from kaggle_tta.config.errors import CacheError
+    from kaggle_tta.engine.plan import build_plan
+    from kaggle_tta.dist.ranked import assemble_from
 
     plan = build_plan(_load(args))
     for src in args.sources:
@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "cache merge":
             p.add_argument("sources", nargs="+", metavar="OTHER_CACHE_DIR", help="another machine's cache.dir, copied here")
         if name == "tune":
-            from kaggle_tta.tune import options as tune_options  # light: argument definitions only
+            from kaggle_tta.tuning import options as tune_options  # light: argument definitions only
 
             tune_options.add_arguments(p)
         if name == "cache prune":
@@ -294,7 +294,7 @@ RANKED = ("run", "infer")  # under torchrun every rank takes part in these; rank
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from kaggle_tta import dist
+    from kaggle_tta.dist import launch as dist
 
     args = build_parser().parse_args(argv)
     ranks = dist.current()

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py holds test factories
-# Forward-tuning decisions (kaggle_tta.tuning) go to a store of this test session's, not to
+# Forward-tuning decisions (kaggle_tta.exec.decisions) go to a store of this test session's, not to
 # the user's ~/.cache: every session times afresh, and tests never see a developer's records.
 os.environ["KAGGLE_TTA_TUNING_DIR"] = tempfile.mkdtemp(prefix="kaggle-tta-tuning-")
 # Test modules that import albumentations before kaggle_tta (the oracles) would ask PyPI for updates.

@@ -19,10 +19,10 @@ import polars as pl
 import pytest
 
 import kaggle_tta
-from kaggle_tta.adaptive import Gate, needs, scores
+from kaggle_tta.ops.gate import Gate, needs, scores
 from kaggle_tta.config import load_pipeline
-from kaggle_tta.errors import KaggleTTAError
-from kaggle_tta.merge import VIEW_REDUCERS, activate, reduce_views
+from kaggle_tta.config.errors import KaggleTTAError
+from kaggle_tta.ops.merge import VIEW_REDUCERS, activate, reduce_views
 
 ROOT = Path(__file__).resolve().parents[1]
 D4 = ["identity", "hflip", "vflip", "rot90", "rot180", "rot270", "transpose", "transverse"]
@@ -201,7 +201,7 @@ def test_an_interrupted_adaptive_run_resumes_to_the_same_cache(plain_run, tmp_pa
     """Interrupted inside the third batch (after seven forwards), then run again: it computes
     only the rows not committed, and every file equals a run in one go (within TOL), with
     the same rows held."""
-    from kaggle_tta.forward import Runner
+    from kaggle_tta.exec.forward import Runner
 
     write, cfg, plain = plain_run
     t = float(np.median(scores(plain["identity"], "softmax", "confidence")))
@@ -278,7 +278,7 @@ def test_adaptive_needs_views_to_skip_and_probabilities(pipeline, tmp_path):
 
 def test_adaptive_is_refused_where_the_task_has_no_gate():
     """Before any file is read (validate_static: the example's data need not exist)."""
-    from kaggle_tta.plan import validate_static
+    from kaggle_tta.engine.plan import validate_static
 
     cfg = load_pipeline(ROOT / "examples" / "detection.yaml", ["members.0.adaptive={confidence: 0.9}"])
     with pytest.raises(KaggleTTAError, match=rf"members\.{cfg.members[0].name}\.adaptive: adaptive views are for classification or segmentation"):
@@ -412,7 +412,7 @@ def test_demo_d4_adaptive_run_keeps_the_gain_at_a_fraction_of_the_forwards(tmp_p
     plain, d4_acc = d4.scores_plain["accuracy"], d4.scores_tta["accuracy"]
     assert d4_acc > plain  # a gain to keep
     gates = tmp_path / "gates.yaml"
-    kaggle_tta.tune(load_pipeline(ROOT / "pipeline.yaml", [*sets, f"cache.dir={tmp_path / 'full'}"]), out=gates, folds=0, adaptive="confidence",
+    kaggle_tta.tuning(load_pipeline(ROOT / "pipeline.yaml", [*sets, f"cache.dir={tmp_path / 'full'}"]), out=gates, folds=0, adaptive="confidence",
                     views=False, view_weights=False, temperature=False, member_weights="off")
     cfg = load_pipeline(ROOT / "pipeline.yaml", [*sets, f"cache.dir={tmp_path / 'adaptive'}"], override_files=[gates])
     assert all(m.adaptive is not None for m in cfg.members)
@@ -568,8 +568,8 @@ def test_a_damaged_share_keeps_the_gated_view_it_was_to_replace(plain_run, tmp_p
 
     from kaggle_tta.cache import CacheEntry
     from kaggle_tta.cache.shards import assemble
-    from kaggle_tta.plan import build_plan
-    from kaggle_tta.ranked import space_short
+    from kaggle_tta.engine.plan import build_plan
+    from kaggle_tta.dist.ranked import space_short
 
     write, cfg, plain = plain_run
     _gated(plain_run, tmp_path, "dmg")

@@ -247,7 +247,7 @@ def test_broken_symlink_in_the_test_folder(pipeline, capsys, tmp_path, demo_imag
 
 
 def test_ids_with_line_breaks_list_and_are_quoted(pipeline, capsys, tmp_path, demo_images):
-    from kaggle_tta.data import list_test_set
+    from kaggle_tta.io.data import list_test_set
 
     d = tmp_path / "odd_ids"
     d.mkdir()
@@ -387,7 +387,7 @@ def test_submission_that_cannot_be_written(pipeline, capsys, tmp_path, monkeypat
     def refuse(src, dst):
         raise PermissionError(13, "Permission denied", str(dst))
 
-    monkeypatch.setattr("kaggle_tta.submission.os.replace", refuse)
+    monkeypatch.setattr("kaggle_tta.io.submission.os.replace", refuse)
     err = _fails(capsys, "blend", path)
     assert f"submission.path: cannot write {tmp_path / 'submission.csv'} (Permission denied)" in err
     _no_tmp_left(tmp_path)
@@ -398,8 +398,8 @@ def test_submission_that_cannot_be_written(pipeline, capsys, tmp_path, monkeypat
 
 
 def test_check_writable_probes_without_leaving_a_file(tmp_path):
-    from kaggle_tta.errors import ConfigError
-    from kaggle_tta.submission import check_writable
+    from kaggle_tta.config.errors import ConfigError
+    from kaggle_tta.io.submission import check_writable
 
     check_writable(tmp_path / "sub" / "submission.csv")
     assert (tmp_path / "sub").is_dir() and not list((tmp_path / "sub").iterdir())

@@ -6,8 +6,8 @@ import ensemble_boxes
 import numpy as np
 import pytest
 
-from kaggle_tta.boxes import CONF_TYPES, PRESETS, BoxesError, fuse_boxes, prediction_string
-from kaggle_tta.errors import KaggleTTAError
+from kaggle_tta.ops.boxes import CONF_TYPES, PRESETS, BoxesError, fuse_boxes, prediction_string
+from kaggle_tta.config.errors import KaggleTTAError
 
 H, W = 480, 640  # non-square, so a swapped H/W cannot hide
 SCALE = np.array([W, H, W, H], dtype=np.float64)

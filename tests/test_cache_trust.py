@@ -223,7 +223,7 @@ def test_a_run_that_cannot_fit_stops_before_the_first_forward(pipeline, small_di
     cfg["data"]["classes"] = [f"c{k}" for k in range(big)]
     cfg["members"] = [{"name": "f", "factory": "helpers:invariant_model", "kwargs": {"num_classes": big}, "preprocess": {"input_size": [3, 56, 56], "crop_pct": 0.875, "mean": [0.5] * 3, "std": [0.5] * 3}, "tta": "d4"}]
     cfg["blends"] = []
-    import kaggle_tta.engine as engine
+    import kaggle_tta.engine.stream as engine
 
     monkeypatch.setattr(engine, "build_model", lambda *a, **k: pytest.fail("a model was built"))
     assert main(["run", str(write(cfg)), "-q"]) == 2

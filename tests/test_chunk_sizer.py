@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from kaggle_tta.forward import ChunkSizer
+from kaggle_tta.exec.forward import ChunkSizer
 
 
 def _drive(cost_per_input: dict[int, float], ceiling: int = 1024, chunks: int = 200) -> int:
@@ -73,7 +73,7 @@ def test_runner_times_both_layouts_and_keeps_the_faster(monkeypatch):
     import torch
     from torch import nn
 
-    from kaggle_tta.forward import Runner
+    from kaggle_tta.exec.forward import Runner
 
     seen: list[bool] = []
 
@@ -108,7 +108,7 @@ def test_a_model_without_channels_last_stays_contiguous(layouts):
     import torch
     from torch import nn
 
-    from kaggle_tta.forward import Runner
+    from kaggle_tta.exec.forward import Runner
 
     class WithConv3d(nn.Module):
         def __init__(self):
@@ -143,7 +143,7 @@ def test_a_model_without_channels_last_stays_contiguous(layouts):
 def test_layout_candidates(setting, device, precision, expected):
     import torch
 
-    from kaggle_tta.forward import layout_candidates
+    from kaggle_tta.exec.forward import layout_candidates
 
     assert layout_candidates(setting, torch.device(device), precision) == expected
 
@@ -163,7 +163,7 @@ def test_layout_candidates(setting, device, precision, expected):
 def test_workers_auto(monkeypatch, cores, device, setting, threads, expected):
     import torch
 
-    from kaggle_tta import plan
+    from kaggle_tta.engine import plan
 
     monkeypatch.setattr(plan, "cpu_cores", lambda: cores)
     assert plan.resolve_workers(setting, torch.device(device), threads) == expected
@@ -177,7 +177,7 @@ def test_out_of_memory_splits_into_pieces_of_the_size_that_fits(as_list):
     import torch
     from torch import nn
 
-    from kaggle_tta.forward import Runner
+    from kaggle_tta.exec.forward import Runner
 
     class Fits40(nn.Module):
         def forward(self, x):
@@ -201,7 +201,7 @@ def test_out_of_memory_splits_into_pieces_of_the_size_that_fits(as_list):
         def forward(self, x):
             raise torch.OutOfMemoryError("simulated")
 
-    from kaggle_tta.errors import CheckpointError
+    from kaggle_tta.config.errors import CheckpointError
 
     # one input that does not fit is the user's to fix: the error names the member and the knobs
     with pytest.raises(CheckpointError, match=r"members\.big: one input of \(3, 2, 2\) does not fit in cpu memory .*input_size"):
@@ -209,7 +209,7 @@ def test_out_of_memory_splits_into_pieces_of_the_size_that_fits(as_list):
 
 
 def test_run_summary_names_each_members_chunk_size_when_they_differ():
-    from kaggle_tta.engine import MemberStats, RunStats
+    from kaggle_tta.engine.stream import MemberStats, RunStats
 
     st = RunStats(device="cpu", precision="fp32", images=4)
     st.members = {"a": MemberStats("a", forward_batch=32), "b": MemberStats("b", forward_batch=32), "c": MemberStats("c")}

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kaggle_tta.canvas import POSITIONS, CanvasSpec
-from kaggle_tta.data import decode_image
+from kaggle_tta.io.canvas import POSITIONS, CanvasSpec
+from kaggle_tta.io.data import decode_image
 
 
 def _camera_like(h: int, w: int, seed: int) -> np.ndarray:
@@ -201,7 +201,7 @@ def test_a_blend_of_members_with_their_own_activations(pipeline, tmp_path):
 )
 def test_a_blend_space_that_cannot_hold_is_an_error_at_load(pipeline, change, message):
     from kaggle_tta import build_plan, load_pipeline
-    from kaggle_tta.errors import ConfigError
+    from kaggle_tta.config.errors import ConfigError
 
     write, cfg = pipeline
     cfg["blends"][0]["space"] = "logits"
@@ -212,7 +212,7 @@ def test_a_blend_space_that_cannot_hold_is_an_error_at_load(pipeline, change, me
 
 def test_rank_mean_ranks_each_members_probabilities(pipeline, tmp_path):
     from kaggle_tta import run
-    from kaggle_tta.merge import rank_columns
+    from kaggle_tta.ops.merge import rank_columns
 
     write, cfg = pipeline
     cfg["members"][0]["merge"] = "mean"  # logits: ranked through softmax, not raw

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from kaggle_tta.cache import CacheEntry
-from kaggle_tta.errors import CacheError, ConfigError
-from kaggle_tta.merge import Prediction, activate, blend, rank_columns, reduce_views
+from kaggle_tta.config.errors import CacheError, ConfigError
+from kaggle_tta.ops.merge import Prediction, activate, blend, rank_columns, reduce_views
 
 RNG = np.random.default_rng(0)
 VIEWS = [RNG.normal(0, 2, (50, 6)).astype(np.float32) for _ in range(5)]

@@ -22,7 +22,7 @@ import torch
 from conftest import CLASSES, N_IMAGES, save_random_checkpoint
 from kaggle_tta import blend, build_plan, infer, load_pipeline, run
 from kaggle_tta.cli import main
-from kaggle_tta.errors import CacheError, DataError, KaggleTTAError
+from kaggle_tta.config.errors import CacheError, DataError, KaggleTTAError
 
 D4 = ["identity", "hflip", "vflip", "rot90", "rot180", "rot270", "transpose", "transverse"]
 
@@ -151,16 +151,16 @@ def test_blend_builds_no_model_and_reads_no_image(pipeline, tmp_path, monkeypatc
     import cv2
     import timm
 
-    import kaggle_tta.data
-    import kaggle_tta.engine
-    import kaggle_tta.forward
-    import kaggle_tta.models
+    import kaggle_tta.io.data
+    import kaggle_tta.engine.stream
+    import kaggle_tta.exec.forward
+    import kaggle_tta.io.models
 
     monkeypatch.setattr(timm, "create_model", forbidden)
-    monkeypatch.setattr(kaggle_tta.models, "build_model", forbidden)
-    monkeypatch.setattr(kaggle_tta.engine, "run_inference", forbidden)
-    monkeypatch.setattr(kaggle_tta.forward.Runner, "__call__", forbidden)
-    monkeypatch.setattr(kaggle_tta.data, "decode_image", forbidden)
+    monkeypatch.setattr(kaggle_tta.io.models, "build_model", forbidden)
+    monkeypatch.setattr(kaggle_tta.engine.stream, "run_inference", forbidden)
+    monkeypatch.setattr(kaggle_tta.exec.forward.Runner, "__call__", forbidden)
+    monkeypatch.setattr(kaggle_tta.io.data, "decode_image", forbidden)
     monkeypatch.setattr(cv2, "imdecode", forbidden)
     monkeypatch.setattr(cv2, "imread", forbidden)
     res = blend(path)
@@ -238,7 +238,7 @@ def test_other_inputs_change_the_fingerprint(pipeline, tmp_path, change, demo_im
 
 
 def _interrupt_after(monkeypatch, calls: int):
-    from kaggle_tta.forward import Runner
+    from kaggle_tta.exec.forward import Runner
 
     original = Runner.__call__
     count = {"n": 0}
@@ -351,8 +351,8 @@ def test_ttach_wrapper_gives_the_same_mean_logits(pipeline, tmp_path):
     """hflip and d4 mean-of-logits equal ttach's ClassificationTTAWrapper (fp32, 1e-5)."""
     import ttach
 
-    from kaggle_tta.data import decode_image
-    from kaggle_tta.models import build_model
+    from kaggle_tta.io.data import decode_image
+    from kaggle_tta.io.models import build_model
 
     write, cfg = pipeline
     cfg["members"][0]["tta"] = "hflip"
@@ -426,7 +426,7 @@ def test_csv_and_glob_sources_and_image_conversions(pipeline, tmp_path):
     cv2.imwrite(str(imgs / "rgba.png"), np.dstack([rgb[:, :, ::-1], np.full((60, 70), 128, np.uint8)]))
     cv2.imwrite(str(imgs / "deep.png"), rgb[:, :, ::-1].astype(np.uint16) * 257)
     cv2.imwrite(str(imgs / "plain.jpg"), rgb[:, :, ::-1])
-    from kaggle_tta.data import decode_image
+    from kaggle_tta.io.data import decode_image
 
     np.testing.assert_array_equal(decode_image(imgs / "gray.png"), np.repeat(rgb[:, :, :1], 3, axis=2))
     np.testing.assert_array_equal(decode_image(imgs / "rgba.png"), rgb)
@@ -446,7 +446,7 @@ def test_csv_and_glob_sources_and_image_conversions(pipeline, tmp_path):
 
 
 def test_loader_workers_and_auto_forward_batch(pipeline, tmp_path):
-    from kaggle_tta.forward import ChunkSizer
+    from kaggle_tta.exec.forward import ChunkSizer
 
     write, cfg = pipeline
     fixed = run(write(cfg, "fixed.yaml"), progress=False).stats

@@ -16,11 +16,12 @@ import pytest
 import yaml
 
 import kaggle_tta
-from kaggle_tta import api, cli, engine
-from kaggle_tta import plan as plan_mod
+from kaggle_tta import api, cli
+from kaggle_tta.engine import stream as engine
+from kaggle_tta.engine import plan as plan_mod
 from kaggle_tta.config import load_pipeline
-from kaggle_tta.forward import AGREEMENT_BOUND, REL_L2_BOUND, compare_precision
-from kaggle_tta.plan import build_plan
+from kaggle_tta.exec.forward import AGREEMENT_BOUND, REL_L2_BOUND, compare_precision
+from kaggle_tta.engine.plan import build_plan
 
 PRE = {"input_size": [3, 56, 56], "crop_pct": 0.875, "mean": [0.5] * 3, "std": [0.5] * 3}
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kaggle_tta.errors import DataError, KaggleTTAError
-from kaggle_tta.rle import RLEError, mask_to_rle, remove_small_components, rle_to_mask, threshold_mask
+from kaggle_tta.config.errors import DataError, KaggleTTAError
+from kaggle_tta.ops.rle import RLEError, mask_to_rle, remove_small_components, rle_to_mask, threshold_mask
 
 RNG = np.random.default_rng(0)
 SHAPES = [(1, 1), (3, 5), (7, 2), (101, 37), (1, 9), (9, 1)]

@@ -17,10 +17,10 @@ from kaggle_tta import blend, build_plan, infer
 from kaggle_tta.api import sources_for
 from kaggle_tta.cache import CacheEntry
 from kaggle_tta.config import PipelineConfig, load_pipeline
-from kaggle_tta.engine import RunStats
-from kaggle_tta.errors import ConfigError, KaggleTTAError
-from kaggle_tta.plan import Plan
-from kaggle_tta.rle import rle_to_mask
+from kaggle_tta.engine.stream import RunStats
+from kaggle_tta.config.errors import ConfigError, KaggleTTAError
+from kaggle_tta.engine.plan import Plan
+from kaggle_tta.ops.rle import rle_to_mask
 from kaggle_tta.tasks import detection as det
 from kaggle_tta.tasks import segmentation as seg
 
@@ -317,7 +317,7 @@ def test_torchvision_detector_through_the_adapter(odd_images, tmp_path):
     ],
 )
 def test_task_config_errors_name_the_field(odd_images, tmp_path, task, change, message):
-    from kaggle_tta.plan import build_plan
+    from kaggle_tta.engine.plan import build_plan
 
     cfg = _seg_cfg(odd_images, tmp_path) if task == "segmentation" else _det_cfg(odd_images, tmp_path, "none")
     change(cfg)
@@ -351,7 +351,7 @@ def test_examples_run_with_their_trained_members(demo_images, tmp_path, example,
 def test_an_interrupted_run_resumes_to_the_same_submission(odd_images, tmp_path, monkeypatch, task):
     """Killed mid-run (after the first loader batch), the rerun computes only what is missing
     and writes the submission a clean run writes."""
-    from kaggle_tta.forward import Runner
+    from kaggle_tta.exec.forward import Runner
 
     def cfg_for(cache: str) -> dict:
         c = _seg_cfg(odd_images, tmp_path, factory="helpers:bright_pixels", tta="flips") if task == "segmentation" else _det_cfg(odd_images, tmp_path, "flips")
@@ -386,7 +386,7 @@ def test_an_interrupted_run_resumes_to_the_same_submission(odd_images, tmp_path,
 def test_adding_a_view_keeps_the_image_sizes_of_a_complete_entry(odd_images, tmp_path, monkeypatch):
     """A run that adds a view and is interrupted must not spoil what was complete: the old
     pipeline still blends without computing anything."""
-    from kaggle_tta.forward import Runner
+    from kaggle_tta.exec.forward import Runner
 
     old = _write(tmp_path, _seg_cfg(odd_images, tmp_path, factory="helpers:bright_pixels"), "old.yaml")
     plan, _ = _infer(load_pipeline(old))
@@ -429,7 +429,7 @@ def test_an_interrupt_inside_the_last_commit_is_completed_on_the_next_run(odd_im
 
 
 def test_segmentation_members_must_share_an_activation(odd_images, tmp_path):
-    from kaggle_tta.plan import build_plan
+    from kaggle_tta.engine.plan import build_plan
 
     cfg = _seg_cfg(odd_images, tmp_path)
     cfg["members"].append({"name": "sig", "factory": "helpers:per_pixel", "kwargs": {"out_channels": 4}, "activation": "sigmoid"})

@@ -12,7 +12,7 @@ import torch
 
 from kaggle_tta import build_plan, load_pipeline, run
 from kaggle_tta.cache import CacheEntry
-from kaggle_tta.dist import Ranks
+from kaggle_tta.dist.launch import Ranks
 from test_torchrun import _classification, _keep_threads, _same, _share  # noqa: F401 - _keep_threads: the autouse fixture
 
 
@@ -34,7 +34,7 @@ def _entry(plan, name: str) -> CacheEntry:
 
 def test_the_assembly_frees_each_view_once_committed_and_keeps_partial_shards(pipeline, tmp_path, monkeypatch):
     from kaggle_tta.cache import shards
-    from kaggle_tta.ranked import assemble_entries
+    from kaggle_tta.dist.ranked import assemble_entries
 
     single, p, plan, precisions = _halves(pipeline, tmp_path, "freed")
     entry = _entry(plan, "a")
@@ -110,7 +110,7 @@ def test_a_damaged_shard_is_never_assembled_and_its_rows_are_computed_again(pipe
     """A shard view whose CRC-32 fails as rank 0 copies it is marked damaged, not assembled;
     rank 0 computes that shard's rows again and assembles them: the cache ends as one
     process's."""
-    from kaggle_tta.ranked import _assemble_or_recompute
+    from kaggle_tta.dist.ranked import _assemble_or_recompute
 
     single, p, plan, precisions = _halves(pipeline, tmp_path, "damaged")
     shard = _entry(plan, "b").shard(12, 24)

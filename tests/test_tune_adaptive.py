@@ -17,14 +17,14 @@ import pytest
 import yaml
 
 import kaggle_tta
-from kaggle_tta.adaptive import Gate, needs
+from kaggle_tta.ops.gate import Gate, needs
 from kaggle_tta.api import sources_for
 from kaggle_tta.cli import main
 from kaggle_tta.config import load_pipeline
-from kaggle_tta.dag import node_predictions
-from kaggle_tta.errors import CacheError
-from kaggle_tta.plan import build_plan
-from kaggle_tta.tune.cache import GatedViewError, read_view
+from kaggle_tta.exec.dag import node_predictions
+from kaggle_tta.config.errors import CacheError
+from kaggle_tta.engine.plan import build_plan
+from kaggle_tta.tuning.cache import GatedViewError, read_view
 
 ROOT = Path(__file__).resolve().parents[1]
 KEEP = 0.9
@@ -43,7 +43,7 @@ def demo(tmp_path_factory) -> list[str]:
 
 def _labels(sets: list[str]) -> np.ndarray:
     cfg = load_pipeline(ROOT / "pipeline.yaml", sets)
-    from kaggle_tta.data import load_labels
+    from kaggle_tta.io.data import load_labels
 
     plan = build_plan(cfg)
     return load_labels(cfg, plan.testset.ids, plan.classes)
@@ -67,7 +67,7 @@ def test_demo_gates_keep_the_gain_with_few_forwards(demo, tmp_path):
     at most 40% of the full TTA's extra forwards (counted from the cached first views with
     adaptive.needs); and at most 40% of d4's, keeping KEEP of d4's gain over no TTA."""
     out = tmp_path / "tuned.yaml"
-    r = kaggle_tta.tune(load_pipeline(ROOT / "pipeline.yaml", demo), out=out, folds=5, adaptive="confidence", keep_gain=KEEP)
+    r = kaggle_tta.tuning(load_pipeline(ROOT / "pipeline.yaml", demo), out=out, folds=5, adaptive="confidence", keep_gain=KEEP)
     members = {m["name"]: m for m in yaml.safe_load(out.read_text())["members"]}
     assert all(set(m["adaptive"]) == {"first", "confidence", "margin"} and m["adaptive"]["margin"] is None for m in members.values())
 
@@ -115,7 +115,7 @@ def test_blend_with_the_overrides_gives_what_tune_reported(demo, tmp_path, rule,
     written = yaml.safe_load(out.read_text())
     assert all(m["adaptive"][rule] is not None for m in written["members"])
     tuned_acc = float(out.read_text().split(" tuned (in sample")[0].rsplit(" ", 1)[-1])  # the header tune wrote
-    r = kaggle_tta.tune(load_pipeline(ROOT / "pipeline.yaml", demo), folds=0, adaptive=rule)
+    r = kaggle_tta.tuning(load_pipeline(ROOT / "pipeline.yaml", demo), folds=0, adaptive=rule)
     assert r.overrides == written
     assert f"{r.estimate.in_sample['accuracy'][1]:.4f}" == f"{tuned_acc:.4f}"
 
@@ -136,9 +136,9 @@ def test_blend_with_the_overrides_gives_what_tune_reported(demo, tmp_path, rule,
 def test_the_search_scores_what_the_masked_merge_gives(demo):
     """The search selects rows of two merges (every row sent on, none) instead of merging
     again: at every candidate of every member, that equals reduce_views with the gate's masks."""
-    from kaggle_tta.tune.cache import open_sources
-    from kaggle_tta.tune.classes import ClassProblem
-    from kaggle_tta.tune.options import TuneOptions
+    from kaggle_tta.tuning.cache import open_sources
+    from kaggle_tta.tuning.classes import ClassProblem
+    from kaggle_tta.tuning.options import TuneOptions
 
     plan = build_plan(load_pipeline(ROOT / "pipeline.yaml", demo))
     opts = TuneOptions(folds=0, adaptive="margin")
@@ -157,20 +157,20 @@ def test_adaptive_off_writes_no_adaptive_and_the_default_follows_the_pipeline(de
     """By default a pipeline without adaptive learns no gate; --adaptive off on one that sets
     a gate writes adaptive: null (scored as plain TTA); by default such a member learns its
     own rule and the others none."""
-    r = kaggle_tta.tune(load_pipeline(ROOT / "pipeline.yaml", demo), folds=0)
+    r = kaggle_tta.tuning(load_pipeline(ROOT / "pipeline.yaml", demo), folds=0)
     assert all("adaptive" not in m for m in r.overrides["members"]) and "gates" not in r.tables
 
     gated = _with_gate({"margin": 0.5})
     as_is = _accuracy(demo, [], source=gated)
     assert as_is != _accuracy(demo, [])  # the gate changes the demo's blend: "as is" below sees it
-    off = kaggle_tta.tune(load_pipeline(gated, demo, base_dir=ROOT), folds=0, adaptive="off", out=tmp_path / "off.yaml")
+    off = kaggle_tta.tuning(load_pipeline(gated, demo, base_dir=ROOT), folds=0, adaptive="off", out=tmp_path / "off.yaml")
     assert off.estimate.in_sample["accuracy"][0] == as_is  # as is: the pipeline's gate, as the blend applies it
     members = {m["name"]: m for m in off.overrides["members"]}
     assert members["resnet"]["adaptive"] is None and "adaptive" not in members["effnet"], off.overrides
     assert _accuracy(demo, [tmp_path / "off.yaml"], source=gated) == off.estimate.in_sample["accuracy"][1]
     assert "gates" not in off.tables and any("adaptive is null" in n for n in off.notes)
 
-    auto = kaggle_tta.tune(load_pipeline(gated, demo, base_dir=ROOT), folds=0, out=tmp_path / "auto.yaml")
+    auto = kaggle_tta.tuning(load_pipeline(gated, demo, base_dir=ROOT), folds=0, out=tmp_path / "auto.yaml")
     members = {m["name"]: m for m in auto.overrides["members"]}
     assert members["resnet"]["adaptive"]["margin"] is not None and members["resnet"]["adaptive"]["confidence"] is None
     assert "adaptive" not in members["effnet"]
@@ -180,7 +180,7 @@ def test_adaptive_off_writes_no_adaptive_and_the_default_follows_the_pipeline(de
 def test_keep_gain_one_keeps_all_of_it_and_zero_keeps_none(demo):
     """The constraint binds: keep-gain 1 keeps the whole in-sample gain; keep-gain 0 lets
     every gate go to the bottom (no extra forward), and costs never rise as it loosens."""
-    runs = {k: kaggle_tta.tune(load_pipeline(ROOT / "pipeline.yaml", demo), folds=0, adaptive="confidence", keep_gain=k, keep_changes=0.0) for k in (1.0, 0.5, 0.0)}
+    runs = {k: kaggle_tta.tuning(load_pipeline(ROOT / "pipeline.yaml", demo), folds=0, adaptive="confidence", keep_gain=k, keep_changes=0.0) for k in (1.0, 0.5, 0.0)}
     cost = {k: r.tables["gates"].filter(pl.col("member") == "(all)")["extra forwards run"][0] for k, r in runs.items()}
     search = runs[1.0].estimate.tuned.gate_search
     assert search.signed(search.adaptive) >= search.signed(search.full)
@@ -202,7 +202,7 @@ def test_keep_changes_makes_the_full_ttas_changed_decisions(demo, tmp_path):
     cost, made = {}, {}
     for kc in (0.0, 0.5, 1.0):
         out = tmp_path / f"kc{kc}.yaml"
-        r = kaggle_tta.tune(load_pipeline(ROOT / "pipeline.yaml", demo), out=out, folds=0, adaptive="margin", keep_gain=0.0, keep_changes=kc)
+        r = kaggle_tta.tuning(load_pipeline(ROOT / "pipeline.yaml", demo), out=out, folds=0, adaptive="margin", keep_gain=0.0, keep_changes=kc)
         members = {m["name"]: m for m in r.overrides["members"]}
         gated = _decisions(demo, [out])
         full = _decisions(demo, [out], *(f"members.{n}.adaptive=null" for n in members))
@@ -228,7 +228,7 @@ def test_gated_views_are_refused_with_the_fix_and_the_fix_works(pipeline, tmp_pa
     path = write(cfg)
     kaggle_tta.run(path, progress=False)
     with pytest.raises(GatedViewError) as err:
-        kaggle_tta.tune(path, folds=0)
+        kaggle_tta.tuning(path, folds=0)
     assert isinstance(err.value, CacheError) and "members.b" in str(err.value)
     assert main(["tune", str(path), "--out", str(tmp_path / "t.yaml")]) == 2
     line = capsys.readouterr().err
@@ -237,7 +237,7 @@ def test_gated_views_are_refused_with_the_fix_and_the_fix_works(pipeline, tmp_pa
 
     assert main(["infer", str(path), "--set", "members.b.adaptive=null"]) == 0
     capsys.readouterr()
-    r = kaggle_tta.tune(path, folds=0, views=False, out=tmp_path / "t.yaml")
+    r = kaggle_tta.tuning(path, folds=0, views=False, out=tmp_path / "t.yaml")
     assert r.tables["gates"].row(0, named=True)["rule"] == "confidence"  # the pipeline's rule, learned from full views
 
 
@@ -249,7 +249,7 @@ def test_no_gain_writes_no_gate(tmp_path):
     y, views = letters(200)
     same = {v: views["identity"].copy() for v in ("identity", "hflip", "vflip")}
     path = classification(tmp_path, {"net": same}, [CLASSES6[k] for k in y], CLASSES6)
-    r = kaggle_tta.tune(path, folds=0, views=False, adaptive="confidence")
+    r = kaggle_tta.tuning(path, folds=0, views=False, adaptive="confidence")
     assert "adaptive" not in r.overrides["members"][0], r.overrides
     search = r.estimate.tuned.gate_search
     assert not search.learned and search.full == search.none
@@ -263,7 +263,7 @@ def test_adaptive_is_refused_where_tune_learns_no_gate(tmp_path):
     import cv2
     from test_tune import write_images
 
-    from kaggle_tta.errors import ConfigError
+    from kaggle_tta.config.errors import ConfigError
 
     ids = write_images(tmp_path / "images", 4)
     (tmp_path / "masks").mkdir()
@@ -279,7 +279,7 @@ def test_adaptive_is_refused_where_tune_learns_no_gate(tmp_path):
     path = tmp_path / "seg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(ConfigError, match=r"^--adaptive margin: tune learns gates for the tuners classes; .*use --adaptive off$"):
-        kaggle_tta.tune(path, adaptive="margin")
+        kaggle_tta.tuning(path, adaptive="margin")
 
 
 def _gates_of(r) -> dict:
@@ -292,11 +292,11 @@ def test_calibrate_keep_learns_the_gates_at_the_lowest_keep_that_holds_out(demo,
     does): the very gates tune --folds 0 --keep-gain THAT learns. Its held-out figure at the
     keep chosen is the estimate's (the same folds, the same gates). The held-out figures are
     then replaced by a table to make the ladder climb."""
-    from kaggle_tta.tune import gates
-    from kaggle_tta.tune.classes import KEEP_LADDER
+    from kaggle_tta.tuning import gates
+    from kaggle_tta.tuning.classes import KEEP_LADDER
 
     cfg = load_pipeline(ROOT / "pipeline.yaml", demo)
-    r = kaggle_tta.tune(cfg, folds=3, adaptive="margin", keep_gain=0.9)
+    r = kaggle_tta.tuning(cfg, folds=3, adaptive="margin", keep_gain=0.9)
     search = r.estimate.tuned.gate_search
     ladder = [k for k, *_ in search.calibration]
     assert ladder == [0.9, *KEEP_LADDER]
@@ -306,9 +306,9 @@ def test_calibrate_keep_learns_the_gates_at_the_lowest_keep_that_holds_out(demo,
     held = r.tables["gates"].filter(pl.col("member") == "(all)")["gain kept (held out)"][0]
     assert {k: v for k, v, _ in search.calibration}[chosen] == pytest.approx(held)
     assert any("--calibrate-keep" in n and " ± " in n for n in r.notes)
-    again = kaggle_tta.tune(cfg, folds=3, adaptive="margin", keep_gain=0.9)
+    again = kaggle_tta.tuning(cfg, folds=3, adaptive="margin", keep_gain=0.9)
     assert again.estimate.tuned.gate_search.calibration == search.calibration  # the resamples are seeded: the same figures
-    off = kaggle_tta.tune(cfg, folds=3, adaptive="margin", keep_gain=0.9, calibrate_keep=False)
+    off = kaggle_tta.tuning(cfg, folds=3, adaptive="margin", keep_gain=0.9, calibrate_keep=False)
     assert off.estimate.tuned.gate_search.keep == 0.9 and off.estimate.tuned.gate_search.calibration == []
 
     real = gates.held_out
@@ -324,10 +324,10 @@ def test_calibrate_keep_learns_the_gates_at_the_lowest_keep_that_holds_out(demo,
         with monkeypatch.context() as m:
             m.setattr(gates, "held_out", fake)
             m.setattr(gates, "pooled_spread", lambda search, folds, se=se: se)
-            climbed = kaggle_tta.tune(cfg, folds=3, adaptive="margin", keep_gain=0.9, keep_margin=margin)
+            climbed = kaggle_tta.tuning(cfg, folds=3, adaptive="margin", keep_gain=0.9, keep_margin=margin)
         assert climbed.estimate.tuned.gate_search.keep == expect
         assert [c[2] for c in climbed.estimate.tuned.gate_search.calibration] == [se] * len(ladder)
-        at = kaggle_tta.tune(cfg, folds=0, adaptive="margin", keep_gain=expect)
+        at = kaggle_tta.tuning(cfg, folds=0, adaptive="margin", keep_gain=expect)
         assert _gates_of(climbed) == _gates_of(at)
 
 
@@ -337,7 +337,7 @@ def test_the_spread_of_the_gain_kept_is_the_bootstrap_of_the_rows_where_the_gate
     - wrong) / G for a full gain of G rows, whose spread is about sqrt(d) / G (paired: the rows
     decided alike add nothing). Within 25% over 200 resamples; 0 where no row differs; None
     without the rows to resample."""
-    from kaggle_tta.tune import gates
+    from kaggle_tta.tuning import gates
 
     search = gates.GateSearch("accuracy", True, 0.9, 0, {}, {})
     rng = np.random.default_rng(3)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from kaggle_tta.errors import ConfigError
-from kaggle_tta.views import D4_ELEMENTS, PRESETS, View, parse_tta, register_op, view_from_name
-from kaggle_tta.views import functional as Fn
-from kaggle_tta.views.views import PARAMETRIC, CentreCrop, Colour, Crop, Op, Scale
+from kaggle_tta.config.errors import ConfigError
+from kaggle_tta.ops.views import D4_ELEMENTS, PRESETS, View, parse_tta, register_op, view_from_name
+from kaggle_tta.ops.views import functional as Fn
+from kaggle_tta.ops.views.views import PARAMETRIC, CentreCrop, Colour, Crop, Op, Scale
 
 SHAPE = (1, 3, 5, 7)  # odd and non-square on purpose
 PERMUTATIONS = ["identity", "hflip", "vflip", "rot90", "rot180", "rot270", "transpose", "transverse"]
@@ -112,7 +112,7 @@ def test_five_and_ten_crop_match_the_reference_code(shape):
     """The reference document: SmallestMaxSize(256) then 224 crops at the corners and centre
     of the whole resized image, ten-crop adds each crop's horizontal flip. The loader cuts
     those crops (albumentations backend, crop_pct 0.875); each view starts from its own."""
-    from kaggle_tta.canvas import POSITIONS, CanvasSpec
+    from kaggle_tta.io.canvas import POSITIONS, CanvasSpec
 
     rng = np.random.default_rng(2)
     img = rng.integers(0, 255, (*shape, 3), dtype=np.uint8)
@@ -345,7 +345,7 @@ def test_hint_comes_from_the_op_that_blocks_the_target():
 
 def test_parsing_views_imports_no_torch():
     code = (
-        "import sys, kaggle_tta.views as v; v.parse_tta('ten_crop', 't'); "
+        "import sys, kaggle_tta.ops.views as v; v.parse_tta('ten_crop', 't'); "
         "v.parse_tta(['rot90', {'scales': [1.25]}, 'crop_tl+gamma_0.9'], 't'); assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from kaggle_tta.cache.files import atomic_write_bytes, sweep_tmp
-from kaggle_tta.errors import KaggleTTAError
+from kaggle_tta.config.errors import KaggleTTAError
 
 _CHUNK = 1 << 22
 

@@ -31,7 +31,7 @@ from kaggle_tta.cache.files import (
     writing,
 )
 from kaggle_tta.cache.lock import locked
-from kaggle_tta.errors import CacheError
+from kaggle_tta.config.errors import CacheError
 
 FORMAT_VERSION = 2  # 2: content fingerprints, ids.json, a CRC-32 per view
 # Each image's decoded (H, W): data of the entry, read and written through its own methods

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kaggle_tta.errors import CacheError
+from kaggle_tta.config.errors import CacheError
 
 RAGGED_WIDTH = 6  # x1, y1, x2, y2 (normalized), score, label
 

@@ -39,7 +39,7 @@ import numpy as np
 
 from kaggle_tta.cache.entry import HELD, SIZES, CacheEntry, DamagedView, held_name
 from kaggle_tta.cache.files import RaggedWriter, writing
-from kaggle_tta.errors import CacheError
+from kaggle_tta.config.errors import CacheError
 
 _NAME = re.compile(r"^(\d+)-(\d+)$")
 BLOCK = 4096  # rows copied at a time: memory bounded whatever the shard
@@ -247,12 +247,12 @@ def _pieces(shards: list[tuple[int, int, CacheEntry]], view: str, n: int) -> tup
 def _better(have: dict | None, pieces: dict | None) -> bool:
     """Whether pieces whose rows were chosen by gate ``pieces`` (None: every row) hold rows a
     complete view chosen by ``have`` lacks: a plain view holds them all; of two gates, the
-    one with the higher threshold holds every row of the other (kaggle_tta.adaptive)."""
+    one with the higher threshold holds every row of the other (kaggle_tta.ops.gate)."""
     if have is None:
         return False
     if pieces is None:
         return True
-    from kaggle_tta.adaptive import Gate
+    from kaggle_tta.ops.gate import Gate
 
     ours = Gate(have["first"], have["rule"], float(have["threshold"]))
     return pieces != have and ours.covered_by(pieces, have["activation"])
@@ -260,7 +260,7 @@ def _better(have: dict | None, pieces: dict | None) -> bool:
 
 def _holds_as(entry: CacheEntry, view: str, shards: list[tuple[int, int, CacheEntry]]) -> bool:
     """Whether the entry's complete ``view`` holds every row its shards' copies hold: it is
-    plain, or gated at least as loosely as they are (kaggle_tta.adaptive). A gated view (its
+    plain, or gated at least as loosely as they are (kaggle_tta.ops.gate). A gated view (its
     rows only where a gate sent them on) does not stand for the plain view a share computed."""
     held = entry.view_state(view).get("held")
     if held is None:
@@ -297,7 +297,7 @@ def _dense(entry: CacheEntry, view: str, n: int, pieces: list[tuple[int, int, Ca
     for _, _, s in pieces:
         other = s.view_state(view)
         if list(other["shape"][1:]) != list(shape[1:]) or other["dtype"] != dtype:
-            from kaggle_tta.errors import CacheError
+            from kaggle_tta.config.errors import CacheError
 
             raise CacheError(f"{s.dir}: view '{view}' is {other['shape'][1:]} {other['dtype']} where {pieces[0][2].dir} is {list(shape[1:])} {dtype}; delete {entry.dir / 'shards'} and run again")
     mm, _ = entry.open_for_write(view, shape, dtype)

@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from kaggle_tta.config.pipeline import PipelineConfig
-from kaggle_tta.errors import ConfigError, did_you_mean
+from kaggle_tta.config.errors import ConfigError, did_you_mean
 
 # Aliases may reuse anchored blocks (a shared ``preprocess: &p {...}``), but each level of
 # aliases to aliases multiplies what they stand for: 966 bytes of them once expanded to 10^8

@@ -18,7 +18,7 @@ from kaggle_tta.config.sections import (
     SubmissionConfig,
     Section,
 )
-from kaggle_tta.errors import did_you_mean
+from kaggle_tta.config.errors import did_you_mean
 
 
 class PipelineConfig(Section):

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from kaggle_tta.config.marks import FACTORY_PATH_KWARGS, Bundle
-from kaggle_tta.errors import did_you_mean, template_fields
+from kaggle_tta.config.errors import did_you_mean, template_fields
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 ViewItem = Union[str, dict[str, Any]]
@@ -253,7 +253,7 @@ class AdaptiveConfig(Section):
     """Adaptive views (classification, segmentation): the ``first`` view runs for every image, the member's
     other views only for images whose first prediction is not confident. Give one rule:
     an image is confident, and skips the other views, when its first view's score is above
-    the threshold (see kaggle_tta.adaptive)."""
+    the threshold (see kaggle_tta.ops.gate)."""
 
     first: str | None = None
     """The view every image gets (a view name of this member's ``tta``); default: identity,

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from kaggle_tta.config import load_classes, load_pipeline
 from kaggle_tta.demo.generate import make_split
-from kaggle_tta.models import resolve_preprocess
+from kaggle_tta.io.models import resolve_preprocess
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 

@@ -23,7 +23,7 @@ def build_bundle(pipeline: Path, opts: KernelOptions) -> BundleReport:
 
     from kaggle_tta.config import apply_override, load_pipeline
     from kaggle_tta.config.loading import read_yaml_file
-    from kaggle_tta.plan import validate_static
+    from kaggle_tta.engine.plan import validate_static
 
     check_options(opts)
     root = _project_root()

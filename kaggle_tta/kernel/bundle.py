@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from kaggle_tta.errors import CheckpointError
+from kaggle_tta.config.errors import CheckpointError
 from kaggle_tta.kernel.options import MANIFEST, KernelError, KernelOptions
 
 if TYPE_CHECKING:
@@ -281,7 +281,7 @@ class Collector:
         return self._bundled(key, dest)
 
     def _bundle_csv_root(self, key: str, root: Path) -> str:
-        from kaggle_tta.data import list_test_set
+        from kaggle_tta.io.data import list_test_set
 
         dest = self._data_dir(root.name)
         for p in map(Path, list_test_set(self.cfg).paths):

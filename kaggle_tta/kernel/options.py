@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kaggle_tta.errors import KaggleTTAError
+from kaggle_tta.config.errors import KaggleTTAError
 
 NOTEBOOK = "kaggle_tta_inference.ipynb"
 MANIFEST = "kaggle_tta_bundle.json"

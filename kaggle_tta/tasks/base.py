@@ -17,20 +17,20 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from kaggle_tta.errors import ConfigError, did_you_mean
+from kaggle_tta.config.errors import ConfigError, did_you_mean
 
 if TYPE_CHECKING:
     import numpy as np
     import polars as pl
 
-    from kaggle_tta.dag import MemberSource
+    from kaggle_tta.exec.dag import MemberSource
     from kaggle_tta.config import MemberConfig, PipelineConfig
-    from kaggle_tta.canvas import CanvasSpec
-    from kaggle_tta.data import Batch
-    from kaggle_tta.forward import MemberWork
-    from kaggle_tta.models import Preprocess
-    from kaggle_tta.plan import Plan
-    from kaggle_tta.views import View
+    from kaggle_tta.io.canvas import CanvasSpec
+    from kaggle_tta.io.data import Batch
+    from kaggle_tta.exec.forward import MemberWork
+    from kaggle_tta.io.models import Preprocess
+    from kaggle_tta.engine.plan import Plan
+    from kaggle_tta.ops.views import View
 
 Scores = dict[str, dict[str, float]]  # node -> metric -> value
 
@@ -70,15 +70,15 @@ class Task:
     dense_maps: ClassVar[bool] = False
     """Whether the cache holds maps, so that cache.dtype uint8 and cache.scale apply."""
     logit_views: ClassVar[bool] = True
-    """Whether a member's cached views are values that kaggle_tta.merge reduces (logits per
+    """Whether a member's cached views are values that kaggle_tta.ops.merge reduces (logits per
     channel), so that a member's ``temperature`` and ``view_class_weights`` apply."""
     uncertainty: ClassVar[bool] = False
     """Whether ``submission.uncertainty`` (per-image columns over the views) is written."""
     adaptive: ClassVar[bool] = False
-    """Whether members may set ``adaptive`` (kaggle_tta.adaptive): the task's step computes
+    """Whether members may set ``adaptive`` (kaggle_tta.ops.gate): the task's step computes
     gated views on the rows their gate needs, and its blend merges what each row holds."""
     tuner: ClassVar[str | None] = None
-    """What ``kaggle-tta tune`` learns for this task: a key of kaggle_tta.tune's registry of
+    """What ``kaggle-tta tune`` learns for this task: a key of kaggle_tta.tuning's registry of
     problems (None: nothing; tune says so)."""
 
     @property

@@ -2,7 +2,7 @@
 
 Engine side: view inputs of equal size are packed into chunks across views; logits ``[N, C]``
 are stored as they come. From the cache: views merge and members blend in blocks of rows
-(kaggle_tta.merge), the submission is a label, probabilities, the top k or every class over a
+(kaggle_tta.ops.merge), the submission is a label, probabilities, the top k or every class over a
 threshold, and with ``data.labels`` every node gets accuracy (F1 for multi-label).
 """
 
@@ -16,21 +16,21 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 
-from kaggle_tta.dag import MemberSource, blocks, members_under, node_predictions
+from kaggle_tta.exec.dag import MemberSource, blocks, members_under, node_predictions
 from kaggle_tta.config import SubmissionConfig
-from kaggle_tta.canvas import POSITIONS, CanvasSpec
-from kaggle_tta.data import load_labels
-from kaggle_tta.errors import CheckpointError, ConfigError
-from kaggle_tta.merge import BLEND_METHODS, VIEW_REDUCERS, Prediction, activate, to_probs
+from kaggle_tta.io.canvas import POSITIONS, CanvasSpec
+from kaggle_tta.io.data import load_labels
+from kaggle_tta.config.errors import CheckpointError, ConfigError
+from kaggle_tta.ops.merge import BLEND_METHODS, VIEW_REDUCERS, Prediction, activate, to_probs
 from kaggle_tta.tasks.base import Task, TaskOutput, register_task
 
 if TYPE_CHECKING:
     from kaggle_tta.config import PipelineConfig
-    from kaggle_tta.data import Batch
-    from kaggle_tta.forward import MemberWork
-    from kaggle_tta.models import Preprocess
-    from kaggle_tta.plan import Plan
-    from kaggle_tta.views import View
+    from kaggle_tta.io.data import Batch
+    from kaggle_tta.exec.forward import MemberWork
+    from kaggle_tta.io.models import Preprocess
+    from kaggle_tta.engine.plan import Plan
+    from kaggle_tta.ops.views import View
 
 BLOCK_ROWS = 2048  # rows merged and blended at a time: accumulators stay small and in cache
 
@@ -116,7 +116,7 @@ class Classification(Task):
         return CanvasSpec(pre.size, pre.crop_pct if pre.albumentations is None else 1.0, pre.interpolation, pre.albumentations, "crop", pre.backend)
 
     def crops(self, canvas: CanvasSpec, views: Sequence[View]) -> CanvasSpec:
-        """The loader cuts each crop the views start from (kaggle_tta.canvas), so views see
+        """The loader cuts each crop the views start from (kaggle_tta.io.canvas), so views see
         the model's input size; a user's albumentations pipeline is one canvas, cropped on
         the device."""
         if not canvas.stacked:
@@ -140,7 +140,7 @@ class Classification(Task):
     def step(self, work: MemberWork, batch: Batch, plan: Plan) -> None:
         import torch
 
-        from kaggle_tta.forward import Piece, ViewLog, normalize, run_chunks
+        from kaggle_tta.exec.forward import Piece, ViewLog, normalize, run_chunks
 
         runner, pre, k = work.runner, work.member.preprocess, work.member.out_channels
         assert runner is not None

@@ -10,7 +10,7 @@ a list of dicts; their label 0 is the background, so labels are shifted down by 
 YOLO-style decoder of raw grids; see kaggle_tta.demo.models.decode_centernet).
 
 From the cache, each member's views of an image are fused (wbf by default) and members are
-fused again by the blends, per image, through kaggle_tta.boxes (ensemble-boxes, checked).
+fused again by the blends, per image, through kaggle_tta.ops.boxes (ensemble-boxes, checked).
 """
 
 from __future__ import annotations
@@ -21,20 +21,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 
-from kaggle_tta.dag import MemberSource, evaluate_dag
-from kaggle_tta.boxes import FUSION_METHODS, BoxesError, fuse_boxes, prediction_string, resolve_template, valid_boxes
+from kaggle_tta.exec.dag import MemberSource, evaluate_dag
+from kaggle_tta.ops.boxes import FUSION_METHODS, BoxesError, fuse_boxes, prediction_string, resolve_template, valid_boxes
 from kaggle_tta.config import BlendConfig, DetectionConfig, MemberConfig, PipelineConfig
-from kaggle_tta.canvas import CanvasSpec
-from kaggle_tta.data import read_csv_table
-from kaggle_tta.errors import CheckpointError, ConfigError, DataError
-from kaggle_tta.models import import_callable
+from kaggle_tta.io.canvas import CanvasSpec
+from kaggle_tta.io.data import read_csv_table
+from kaggle_tta.config.errors import CheckpointError, ConfigError, DataError
+from kaggle_tta.io.models import import_callable
 from kaggle_tta.tasks.base import Task, TaskOutput, register_task
 
 if TYPE_CHECKING:
-    from kaggle_tta.data import Batch
-    from kaggle_tta.forward import MemberWork
-    from kaggle_tta.models import Preprocess
-    from kaggle_tta.plan import Plan
+    from kaggle_tta.io.data import Batch
+    from kaggle_tta.exec.forward import MemberWork
+    from kaggle_tta.io.models import Preprocess
+    from kaggle_tta.engine.plan import Plan
 
 Boxes = tuple[np.ndarray, np.ndarray, np.ndarray]  # pixel xyxy [n, 4], scores [n], labels [n]
 
@@ -321,7 +321,7 @@ class Detection(Task):
 
     def step(self, work: MemberWork, batch: Batch, plan: Plan) -> None:
         """Views -> forward -> adapter boxes (view pixels) -> normalized -> inverted -> stored."""
-        from kaggle_tta.forward import Piece, ViewLog, normalize, run_chunks
+        from kaggle_tta.exec.forward import Piece, ViewLog, normalize, run_chunks
 
         pre, runner = work.member.preprocess, work.runner
         assert runner is not None

@@ -22,23 +22,23 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 
-from kaggle_tta.dag import MemberSource, blocks, member_prediction, node_predictions
+from kaggle_tta.exec.dag import MemberSource, blocks, member_prediction, node_predictions
 from kaggle_tta.config import MemberConfig, PipelineConfig, SubmissionConfig
-from kaggle_tta.canvas import CanvasSpec
-from kaggle_tta.data import decode_image
-from kaggle_tta.errors import CheckpointError, ConfigError, DataError
-from kaggle_tta.merge import VIEW_REDUCERS, Prediction, to_probs
-from kaggle_tta.rle import mask_to_rle, remove_small_components
+from kaggle_tta.io.canvas import CanvasSpec
+from kaggle_tta.io.data import decode_image
+from kaggle_tta.config.errors import CheckpointError, ConfigError, DataError
+from kaggle_tta.ops.merge import VIEW_REDUCERS, Prediction, to_probs
+from kaggle_tta.ops.rle import mask_to_rle, remove_small_components
 from kaggle_tta.tasks.base import Task, TaskOutput, register_task
 from kaggle_tta.tasks.tiling import tile_origins, tile_weight
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from kaggle_tta.data import Batch
-    from kaggle_tta.forward import MemberWork
-    from kaggle_tta.models import Preprocess
-    from kaggle_tta.plan import Plan
+    from kaggle_tta.io.data import Batch
+    from kaggle_tta.exec.forward import MemberWork
+    from kaggle_tta.io.models import Preprocess
+    from kaggle_tta.engine.plan import Plan
 
 BLOCK = 16  # images per block: bounds the maps held in memory
 
@@ -283,7 +283,7 @@ class Segmentation(Task):
         import torch
         import torch.nn.functional as F
 
-        from kaggle_tta.forward import Piece, ViewLog, normalize, run_chunks
+        from kaggle_tta.exec.forward import Piece, ViewLog, normalize, run_chunks
 
         m, runner, lo, hi = work.member, work.runner, batch.lo, batch.hi
         assert runner is not None

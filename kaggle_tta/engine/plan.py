@@ -1,0 +1,327 @@
+"""From a validated config to a plan: each member's views, canvas and cache fingerprint.
+
+Everything a run or a blend needs to know before it touches a model or an image is resolved
+here, so that a bad view, merge rule or checkpoint path fails at load time, naming the member.
+Building the plan lists the test set and stats its files but never decodes them, and it never
+builds a model: re-blending uses it too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kaggle_tta import cache as cache_mod
+from kaggle_tta.ops.gate import Gate, gate_of
+from kaggle_tta.config import MemberConfig, PipelineConfig, load_classes
+from kaggle_tta.io.canvas import CanvasSpec
+from kaggle_tta.io.data import TestSet, list_test_set
+from kaggle_tta.config.errors import CheckpointError, ConfigError, did_you_mean
+from kaggle_tta.ops.merge import MERGE_KINDS
+from kaggle_tta.io.submission import SampleOrder, match_sample
+from kaggle_tta.io.models import Preprocess, check_checkpoint, resolve_preprocess
+from kaggle_tta.tasks import TASKS, Task, choose, find_task
+from kaggle_tta.ops.views import View, parse_tta
+
+if TYPE_CHECKING:  # torch loads only where a device is resolved: re-blending never needs it
+    import torch
+
+
+@dataclass
+class MemberPlan:
+    cfg: MemberConfig
+    preprocess: Preprocess
+    canvas: CanvasSpec
+    views: list[View]
+    activation: str
+    out_channels: int  # what the model must output per pixel (segmentation) or per image
+    inputs: dict[str, Any]  # what the fingerprint hashes, recorded in the manifest
+    key: str  # hash of `inputs`: the fingerprint without the precision
+    gate: Gate | None = None  # adaptive views (kaggle_tta.ops.gate): the first view, rule and threshold
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    def fingerprint(self, precision: str) -> str:
+        return f"{self.key}-{precision}"
+
+
+@dataclass
+class Plan:
+    cfg: PipelineConfig
+    task: Task
+    classes: list[str]
+    testset: TestSet
+    members: list[MemberPlan]
+    cache_root: Path
+    sample: SampleOrder | None = None  # submission.sample, matched with the rows to write
+    rows: tuple[int, int] | None = None  # a rank's share (lo, hi): testset is those rows, written to shard entries
+
+    def member(self, name: str) -> MemberPlan:
+        return next(m for m in self.members if m.name == name)
+
+
+def validate_static(cfg: PipelineConfig) -> dict[str, list[View]]:
+    """Checks what needs no file: views per task, merge rules, blend methods, output format,
+    and the settings the task does not take; then the task's own checks."""
+    task = find_task(cfg.task)
+    name, target = task.name, task.target
+    views: dict[str, list[View]] = {}
+    for m in cfg.members:
+        where = f"members.{m.name}"
+        vs = parse_tta(m.tta, f"{where}.tta")
+        for v in vs:
+            if target not in v.targets:
+                raise ConfigError(f"{where}.tta: view '{v.name}' cannot be inverted on {target}s (task: {name}); {v.hint(target)}")
+        views[m.name] = vs
+        choose(f"{name} view merge", str(m.merge), dict.fromkeys(task.merges), f"{where}.merge")
+        if m.tiling is not None and not task.tiling:
+            raise ConfigError(f"{where}.tiling: tiling is for {_tasks_with('tiling')}; remove it (task: {name})")
+        if m.adaptive is not None and not task.adaptive:
+            raise ConfigError(f"{where}.adaptive: adaptive views are for {_tasks_with('adaptive')}; remove it (task: {name})")
+        if m.adaptive is not None and m.activation == "none":
+            raise ConfigError(f"{where}.adaptive: the gate reads probabilities, and activation none gives none; use softmax or sigmoid, or remove adaptive")
+        if m.preprocess.albumentations is not None and not task.user_preprocessing:
+            raise ConfigError(
+                f"{where}.preprocess.albumentations: for {name} the canvas is a plain resize, so that maps and boxes "
+                f"map back to the image exactly; remove it ({_tasks_with('user_preprocessing')} only)"
+            )
+    for i, b in enumerate(cfg.blends):
+        choose(f"{name} blend", str(b.method), dict.fromkeys(task.blends), f"blends[{i}].method")
+    choose(f"{name} format", str(cfg.submission.format), task.writers, "submission.format")
+    if not task.dense_maps:
+        if cfg.cache.dtype == "uint8":
+            raise ConfigError(f"cache.dtype: uint8 stores segmentation probabilities; use float32 or float16 for {name}")
+        if cfg.cache.scale != 1.0:
+            raise ConfigError(f"cache.scale: a reduced resolution is for segmentation maps; remove it for {name}")
+    for key in ("labels", "masks", "boxes"):  # each kind of ground truth scores the task that owns it
+        if getattr(cfg.data, key) is not None and key != task.truth:
+            owner = " or ".join(t.name for t in TASKS.values() if t.truth == key) or "no registered task"
+            fix = f"for {name} give data.{task.truth}" if task.truth else f"{name} takes no ground truth"
+            raise ConfigError(f"data.{key}: {key} score {owner}; {fix}")
+    task.validate(cfg)
+    return views
+
+
+def _tasks_with(capability: str) -> str:
+    """The registered tasks that have a capability, for an error's text."""
+    return " or ".join(t.name for t in TASKS.values() if getattr(t, capability)) or "no registered task"
+
+
+def build_plan(cfg: PipelineConfig) -> Plan:
+    """Resolves every member (preprocessing, views, fingerprint) and lists the test set."""
+    views = validate_static(cfg)
+    task = find_task(cfg.task)
+    classes = load_classes(cfg)
+    testset = list_test_set(cfg)
+    cache_root = cfg.resolve(cfg.cache.dir)
+    memo = cache_root / ".digests"
+    tfp = cache_mod.files_digest(testset.ids, testset.paths, memo)
+    members = []
+    for m in cfg.members:
+        pre = resolve_preprocess(cfg, m, default_size=task.input_size(cfg, m))
+        canvas = task.crops(task.canvas(cfg, pre), views[m.name])
+        ckpt = None
+        if m.checkpoint is not None:
+            path = cfg.resolve(m.checkpoint)
+            if not path.is_file():
+                raise CheckpointError(f"members.{m.name}.checkpoint: {path} not found; run 'make demo-weights' or fix the path")
+            check_checkpoint(path, f"members.{m.name}.checkpoint")  # a damaged file fails before any forward
+            ckpt = cache_mod.content_digest(path, memo)
+        elif m.arch:
+            raise ConfigError(f"members.{m.name}.checkpoint: a timm member needs its trained weights (a .safetensors or torch state dict)")
+        act = task.activation(cfg, m, len(classes))
+        inputs = {
+            "format_version": cache_mod.FORMAT_VERSION,
+            "task": cfg.task,
+            "arch": m.arch,
+            "factory": m.factory,
+            "kwargs": _jsonable(m.kwargs),
+            "checkpoint_sha256": ckpt,
+            "factory_source_sha256": factory_digest(m, memo),
+            "num_classes": len(classes),
+            "preprocess": _jsonable(pre.__dict__),
+            "testset": tfp,
+            "n_images": len(testset),
+            "dtype": cfg.cache.dtype,
+            **_jsonable(task.fingerprint(cfg, m, canvas, act)),
+        }
+        key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+        bound = [v.bind(task.view_size(pre), pre.mean, pre.std) for v in views[m.name]]
+        members.append(MemberPlan(m, pre, canvas, bound, act, task.out_channels(act, len(classes)), inputs, key, resolve_gate(m, bound)))
+    plan = Plan(cfg, task, classes, testset, members, cache_root)
+    check_spaces(plan)
+    task.check_plan(plan)
+    if cfg.submission.sample is not None:  # ids that do not match fail before the first forward
+        plan.sample = match_sample(cfg.resolve(cfg.submission.sample), cfg.submission.id_column, task.row_ids(plan), testset.paths, task.columns(plan))
+    return plan
+
+
+def resolve_gate(m: MemberConfig, views: list[View]) -> Gate | None:
+    """The member's adaptive gate with its first view resolved (identity where the member
+    has it, else its first view); checked against the views (task and activation: see
+    tasks.base.check_view_settings)."""
+    gate = gate_of(m)
+    if gate is None:
+        return None
+    names = [v.name for v in views]
+    where = f"members.{m.name}.adaptive"
+    if len(names) < 2:
+        raise ConfigError(f"{where}: the member has one view ({names[0]}), so there are no other views to skip; give it a tta with more views or remove adaptive")
+    if m.adaptive.first is None:  # type: ignore[union-attr]
+        return Gate("identity" if "identity" in names else names[0], gate.rule, gate.threshold)
+    if gate.first not in names:
+        raise ConfigError(f"{where}.first: '{gate.first}' is not one of the member's views {names}{did_you_mean(gate.first, names)}")
+    return gate
+
+
+def check_spaces(plan: Plan) -> None:
+    """Each blend's stated space must hold: ``space: logits`` only over inputs that give
+    logits (members merged with ``mean``, blends in logits) of one activation."""
+    out: dict[str, tuple[str, str]] = {m.name: (MERGE_KINDS.get(str(m.cfg.merge), "boxes"), m.activation) for m in plan.members}
+    for i, b in enumerate(plan.cfg.blends):
+        ins = [out[n] for n in b.inputs]
+        if b.space == "logits":
+            if b.method == "power_mean":
+                raise ConfigError(f"blends[{i}].space: power_mean combines probabilities; use space: probs")
+            wrong = [(n, k) for n, (k, _) in zip(b.inputs, ins) if k != "logits"]
+            if wrong:
+                raise ConfigError(
+                    f"blends[{i}].space: logits needs every input to give logits, but '{wrong[0][0]}' gives {wrong[0][1]}; "
+                    "use space: probs, or merge: mean on that member"
+                )
+            acts = {a for _, a in ins}
+            if len(acts) > 1:
+                raise ConfigError(f"blends[{i}].space: logits of different activations ({', '.join(sorted(acts))}) do not average; use space: probs")
+        kind = "scores" if b.method == "rank_mean" else "logits" if b.space == "logits" else "probs"
+        out[b.name] = (kind, ins[0][1])
+
+
+def factory_digest(m: MemberConfig, memo: Path) -> str | None:
+    """SHA-256 of the source file of a factory member's module (found, not imported): a
+    factory edited to compute something else is a new entry. Only that file is hashed, not
+    what it imports (README, the cache)."""
+    if m.factory is None:
+        return None
+    import importlib.util
+
+    module = m.factory.partition(":")[0]
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError) as exc:
+        raise ConfigError(f"members.{m.name}.factory: cannot find module '{module}' ({exc}); install it or fix the name") from None
+    if spec is None:
+        raise ConfigError(f"members.{m.name}.factory: no module '{module}'; install it or fix the name (is its folder on PYTHONPATH?)")
+    origin = spec.origin
+    if not origin or not Path(origin).is_file():
+        return None  # a built-in or namespace module: no source file to hash
+    return cache_mod.content_digest(origin, memo)
+
+
+def _jsonable(x: Any) -> Any:
+    return json.loads(json.dumps(x, sort_keys=True, default=str))
+
+
+# ---- device and precision ------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"runtime.device: '{name}' but no CUDA device is visible; use auto or cpu")
+    return torch.device(name)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where oneDNN computes bf16 natively (AVX512-BF16 or AMX); emulated bf16 is slower
+    than fp32, so 'auto' keeps fp32 there."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # what this process may use (containers, taskset)
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def resolve_workers(setting: int | str, device: torch.device, threads: int | None, share: int = 1) -> tuple[int, int | None]:
+    """(decode workers, torch CPU threads to set or None) for ``runtime.workers``.
+
+    On the CPU the forward and the decoding share the cores: a worker that takes a core from
+    a 2-thread forward stalls its synchronized kernels, so small machines decode in-process,
+    and larger ones leave the workers' cores out of torch's threads. ``share``: ranks on this
+    machine, which divide its cores among them.
+    """
+    cores = max(1, cpu_cores() // max(1, share))
+    if setting != "auto":
+        return int(setting), threads
+    if device.type == "cuda":
+        return min(8, max(0, cores - 1)), threads
+    if cores <= 4:
+        return 0, threads
+    workers = max(1, cores // 8)
+    return workers, threads if threads else cores - workers
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """auto: bf16 where native (CUDA capability >= 8.0, CPUs with AVX512-BF16 or AMX), fp16 on
+    older CUDA devices (T4, V100, P100), else fp32."""
+    import torch
+
+    if name != "auto":
+        if name == "fp16" and device.type == "cpu":
+            raise ConfigError("runtime.precision: fp16 autocast is for CUDA; on the CPU use bf16, fp32 or auto")
+        return name
+    if device.type == "cuda":
+        # Native bf16 from compute capability 8.0 (Ampere) on. torch's is_bf16_supported()
+        # answers True on a T4 (7.5) through emulation, slower than fp32 there, and cuDNN has
+        # no bf16 convolutions below 8.0: fp16 is the T4's, V100's and P100's fast path.
+        major, _ = torch.cuda.get_device_capability(device)
+        return "bf16" if major >= 8 else "fp16"
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return "bf16"
+    return "fp32"
+
+
+def find_entry(plan: Plan, m: MemberPlan, precision_setting: str, computed: str | None = None) -> cache_mod.CacheEntry | None:
+    """The cache entry a blend should read for member ``m``.
+
+    With an explicit precision, exactly that fingerprint. With 'auto': the precision this run
+    computed (``computed``) if given; else the one complete entry (a cache filled in bf16 on a
+    GPU re-blends on a CPU-only machine); where several precisions are complete, the one this
+    machine would compute, then fp32.
+    """
+    if precision_setting != "auto":
+        return cache_mod.CacheEntry(plan.cache_root, m.name, m.fingerprint(precision_setting), m.inputs)
+    if computed is not None:
+        return cache_mod.CacheEntry(plan.cache_root, m.name, m.fingerprint(computed), m.inputs)
+    complete = []
+    # a reduced precision that failed its check against fp32 (engine.choose_precisions) ran in fp32
+    fp32 = cache_mod.CacheEntry(plan.cache_root, m.name, m.fingerprint("fp32"), m.inputs)
+    rejected = {p for p, r in fp32.manifest.get("precision_checks", {}).items() if isinstance(r, dict) and r.get("ran_in") == "fp32"}
+    for p in ("fp32", "bf16", "fp16"):
+        if p in rejected:
+            continue
+        e = cache_mod.CacheEntry(plan.cache_root, m.name, m.fingerprint(p), m.inputs)
+        if all(e.is_complete(v.name) for v in m.views):
+            complete.append((p, e))
+    if len(complete) > 1:  # only here is torch needed, to ask what this machine computes
+        preferred = resolve_precision("auto", resolve_device(plan.cfg.runtime.device))
+        complete.sort(key=lambda pe: (pe[0] != preferred, pe[0] != "fp32"))
+    return complete[0][1] if complete else None

@@ -1,0 +1,93 @@
+"""Forward tuning decided once per member and machine, recorded beside the cache.
+
+``forward_batch: auto`` and ``channels_last: auto`` (on a CPU in fp32) are decided by timing
+a member's first chunks (forward.ChunkSizer). Timing is noisy, so two runs could decide
+differently and then differ in the last bits of their logits; the decision is therefore
+recorded under a key of the member's fingerprint, the precision, this machine (CPU model and
+threads, or GPU name and capability) and the settings that bound the trial, and every later
+run with that key reuses it without timing — in this machine's store
+(``$KAGGLE_TTA_TUNING_DIR``, else ``$XDG_CACHE_HOME/kaggle-tta``, else
+``~/.cache/kaggle-tta``), so that two runs into fresh caches decide alike, and beside the
+cache (``<cache>/.tuning``), so that a cache moved with its decisions keeps them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kaggle_tta.cache import locked
+from kaggle_tta.cache.files import atomic_write_bytes
+from kaggle_tta.config.errors import KaggleTTAError
+
+if TYPE_CHECKING:
+    import torch
+
+    from kaggle_tta.config import RuntimeConfig
+
+_FILE = "decisions.json"
+
+
+def stores(cache_root: Path) -> list[Path]:
+    """Where decisions are kept, first found first."""
+    home = os.environ.get("KAGGLE_TTA_TUNING_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kaggle-tta")
+    return [Path(home), Path(cache_root) / ".tuning"]
+
+
+def machine(device: torch.device | None = None) -> str:
+    """This machine (and the device used) as the forward's speed sees it."""
+    import torch
+
+    if device is not None and device.type == "cuda":
+        i = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{torch.cuda.get_device_name(i)}:{torch.cuda.get_device_capability(i)}"
+    model = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu:{platform.machine()}:{model}:{torch.get_num_threads()} threads"
+
+
+def key(member_key: str, precision: str, device: torch.device, rt: RuntimeConfig, views: int) -> str:
+    """The record's key: the member, its precision, the machine and device, and what bounds
+    the trial (the settings; the number of views still to compute sets the size ceiling)."""
+    text = json.dumps([member_key, precision, str(device.type), machine(device), rt.forward_batch, rt.batch_size, rt.channels_last, views])
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def _read(folder: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((folder / _FILE).read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}  # none yet, or unreadable: decided again
+
+
+def recall(cache_root: Path, k: str) -> tuple[int, bool] | None:
+    """The recorded (chunk size, channels_last) for ``k``, if any."""
+    for folder in stores(cache_root):
+        rec = _read(folder).get(k)
+        if isinstance(rec, dict) and isinstance(rec.get("forward_batch"), int) and isinstance(rec.get("channels_last"), bool):
+            return rec["forward_batch"], rec["channels_last"]
+    return None
+
+
+def remember(cache_root: Path, k: str, forward_batch: int, channels_last: bool) -> None:
+    """Records a decision in every store (best effort: one that cannot be written, a
+    read-only home or cache, only means deciding again there)."""
+    for folder in stores(cache_root):
+        try:
+            with locked([folder]):
+                data = _read(folder)
+                data[k] = {"forward_batch": int(forward_batch), "channels_last": bool(channels_last)}
+                atomic_write_bytes(folder / _FILE, json.dumps(data, indent=1, sort_keys=True).encode("utf-8"))
+        except (OSError, KaggleTTAError):
+            pass

@@ -1,0 +1,391 @@
+"""The test set: listing, decoding once, canvas groups, and the streaming loader.
+
+Decoding uses OpenCV. Images are converted, not refused:
+  - grayscale (1 channel) is repeated to 3 channels;
+  - RGBA / BGRA drops the alpha channel (no compositing);
+  - 16-bit integers are scaled to 8 bits (value / 257, so 65535 -> 255);
+  - float images are taken as [0, 1] and scaled to 8 bits.
+Zero-byte, unreadable and truncated files raise a DataError naming the path.
+
+Each member's *canvas* is made in the loader workers from the image decoded once
+(kaggle_tta.io.canvas: the crops a classification member's views start from, or a segmentation
+or detection canvas). Members whose canvases coincide share one; views then run on the
+device.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import os
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from kaggle_tta.io.canvas import CanvasSpec
+from kaggle_tta.config import PipelineConfig
+from kaggle_tta.config.errors import ConfigError, DataError
+
+# OpenCV and torch are imported where images are decoded and batched, not at import: listing
+# the test set (which re-blending does) needs neither.
+
+
+def _cv2():
+    import cv2
+
+    if hasattr(cv2, "setLogLevel"):
+        cv2.setLogLevel(2)  # errors only; we report our own
+    return cv2
+
+
+# ---- listing -------------------------------------------------------------------------------
+
+
+def shown(path: Path | str) -> str:
+    """A path as an error message shows it: as is, or quoted with escapes where it holds a
+    line break (a file name may), so that the message stays one line."""
+    s = str(path)
+    return s if s.splitlines() == [s] else repr(s)
+
+
+@dataclass(frozen=True)
+class TestSet:
+    """The ids and files of the test set, in a deterministic order."""
+
+    ids: list[str]
+    paths: list[str]  # plain strings: a 100 000-image listing is not 100 000 Path objects
+    identities: list[tuple[int, int]]  # (size, mtime_ns) per file, from one stat at listing (the
+    # cache fingerprints the files' content: kaggle_tta.cache.digest.files_digest)
+
+    first_path: str | None = None  # a slice's: the whole set's first file (rules that take it as the reference)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def reference(self) -> str:
+        """The first file of the whole test set (a rank's slice keeps its set's)."""
+        return self.first_path if self.first_path is not None else self.paths[0]
+
+    def rows(self, lo: int, hi: int) -> TestSet:
+        """Rows ``lo:hi``: a rank's contiguous share (kaggle_tta.dist.launch)."""
+        return TestSet(self.ids[lo:hi], self.paths[lo:hi], self.identities[lo:hi], self.reference if self.paths else None)
+
+
+def list_test_set(cfg: PipelineConfig) -> TestSet:
+    """Lists the test set as pipeline.yaml declares it.
+
+    A broken symbolic link with an image suffix is refused, not skipped: the test set would
+    silently lose an image. Ids are any text, line breaks included; messages quote them.
+
+    Raises:
+        DataError: the folder/CSV is missing, nothing matched, an id is duplicated, a file is
+            missing, not a regular file, a broken link or zero bytes.
+    """
+    d = cfg.data
+    exts = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in d.extensions}
+    if d.folder is not None:
+        root = cfg.resolve(d.folder)
+        if not root.is_dir():
+            raise DataError(f"data.folder: {root} is not a folder; point it at the test images")
+        where = f"data.folder ({root})"
+        found = sorted(_image_files(root.rglob("*"), exts, where), key=lambda p: p.relative_to(root).as_posix())
+        ids = [p.relative_to(root).with_suffix("").as_posix() for p in found]
+        paths = [str(p) for p in found]
+    elif d.glob is not None:
+        pattern = str(cfg.resolve(d.glob))
+        where = f"data.glob ({pattern})"
+        found = sorted(_image_files(map(Path, globlib.glob(pattern, recursive=True)), exts, where))
+        ids = [p.stem for p in found]
+        paths = [str(p) for p in found]
+    else:
+        ids, paths = _list_csv(cfg)
+        where = f"data.csv ({cfg.resolve(d.csv.path)})"  # type: ignore[union-attr]
+    if not ids:
+        raise DataError(f"{where}: the test set is empty; check the path and data.extensions {sorted(exts)}")
+    _check_unique(ids, paths, where)
+    identities, missing = [], []
+    for p in paths:  # one stat per file: existence, zero bytes and the fingerprint
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            missing.append(p)
+            continue
+        except OSError as exc:  # a link loop, a name too long, no permission on the folder
+            raise DataError(f"{where}: cannot read {shown(p)} ({exc.strerror or exc}); fix or remove it") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise DataError(f"{where}: {shown(p)} is not a regular file (a folder?); list image files only")
+        identities.append((st.st_size, st.st_mtime_ns))
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise DataError(f"{where}: image file not found: {', '.join(map(shown, missing[:3]))}{more}")
+    empty = [p for p, (size, _) in zip(paths, identities) if size == 0]
+    if empty:
+        raise DataError(f"{shown(empty[0])}: zero-byte image file; replace or remove it" + (f" ({len(empty)} such files)" if len(empty) > 1 else ""))
+    return TestSet(ids, paths, identities)
+
+
+def _image_files(candidates: Any, exts: set[str], where: str) -> list[Path]:
+    """The image files among ``candidates`` (suffix in ``exts``); a broken link is an error."""
+    out = []
+    for p in candidates:
+        if p.suffix.lower() not in exts:
+            continue
+        if p.is_file():
+            out.append(p)
+        elif p.is_symlink() and not p.exists():
+            try:
+                target = f" to {os.readlink(p)!r}"
+            except OSError:
+                target = ""
+            raise DataError(f"{where}: {shown(p)} is a broken symbolic link{target}; fix its target or remove it")
+    return out
+
+
+def read_csv_table(path: Path, key: str, **read_options: Any) -> pl.DataFrame:
+    """A CSV file as a DataFrame; anything that makes it unreadable is one DataError line
+    naming the file (and, for text that is not UTF-8, the line of the first bad byte).
+
+    ``key`` is the YAML path that names the file (``data.labels.path``).
+    """
+    if not path.is_file():
+        raise DataError(f"{key}: {path} does not exist" if not path.exists() else f"{key}: {path} is not a file")
+    try:
+        return pl.read_csv(path, **read_options)
+    except Exception as exc:  # polars raises several types for a malformed file
+        reason = _csv_problem(path, exc)
+    raise DataError(f"{path}: {reason} ({key})")
+
+
+def _csv_problem(path: Path, exc: Exception) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        return f"cannot read ({err.strerror or err})"
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        return f"not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}); save it as UTF-8"
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return f"cannot read as CSV ({lines[0] if lines else type(exc).__name__})"
+
+
+def _strings(df: pl.DataFrame, col: str, path: Path, key: str) -> list[str]:
+    """A column as strings; an empty cell is an error (it would become the id 'None')."""
+    values = df[col].to_list()
+    if (k := next((k for k, v in enumerate(values) if v is None), None)) is not None:
+        raise DataError(f"{path}: data row {k + 1} has an empty '{col}' ({key}); fill it or remove the row")
+    return [str(v) for v in values]
+
+
+def _list_csv(cfg: PipelineConfig) -> tuple[list[str], list[str]]:
+    c = cfg.data.csv
+    assert c is not None
+    path = cfg.resolve(c.path)
+    df = read_csv_table(path, "data.csv.path", infer_schema=False)
+    for col in filter(None, [c.id_column, c.path_column]):
+        if col not in df.columns:
+            raise DataError(f"{path}: no column '{col}' (columns: {df.columns}); set data.csv.id_column / path_column")
+    root = cfg.resolve(c.root) if c.root else path.parent
+    ids = _strings(df, c.id_column, path, "data.csv.id_column")
+    if c.path_column:
+        rel = _strings(df, c.path_column, path, "data.csv.path_column")
+    else:
+        try:  # checked at load (CsvSource); kept for a config built without validation
+            rel = [c.path_template.format(id=i) for i in ids]  # type: ignore[union-attr]
+        except (KeyError, IndexError, ValueError, AttributeError, TypeError) as exc:
+            raise ConfigError(f"data.csv.path_template: only {{id}} may be used ({exc})") from None
+    base = str(root)
+    return ids, [os.path.normpath(r if os.path.isabs(r) else os.path.join(base, r)) for r in rel]
+
+
+def _check_unique(ids: Sequence[str], paths: Sequence[Path], where: str) -> None:
+    seen: dict[str, int] = {}
+    for k, i in enumerate(ids):
+        if i in seen:
+            raise DataError(f"{where}: duplicate id {i!r} ({shown(paths[seen[i]])} and {shown(paths[k])}); ids must be unique")
+        seen[i] = k
+
+
+def load_labels(cfg: PipelineConfig, ids: Sequence[str], classes: Sequence[str]) -> np.ndarray | None:
+    """Ground truth as class indices ``[N]`` (or ``[N, C]`` 0/1 for multi-label), if given."""
+    spec = cfg.data.labels
+    if spec is None:
+        return None
+    path = cfg.resolve(spec.path)
+    df = read_csv_table(path, "data.labels.path", infer_schema=False)
+    for col in (spec.id_column, spec.label_column):
+        if col not in df.columns:
+            raise DataError(f"{path}: no column '{col}' (columns: {df.columns})")
+    table: dict[str, Any] = {}
+    for k, (i, label) in enumerate(zip(_strings(df, spec.id_column, path, "data.labels.id_column"), df[spec.label_column].to_list())):
+        if i in table:  # the last row would win silently
+            raise DataError(f"{path}: id {i!r} has two rows (data rows {list(table).index(i) + 1} and {k + 1}); keep one label per id")
+        table[i] = label
+    index = {c: k for k, c in enumerate(classes)}
+    missing = [i for i in ids if i not in table]
+    if missing:
+        raise DataError(f"{path}: no label for id {missing[0]!r} ({len(missing)} ids missing)")
+    try:
+        if cfg.multilabel:
+            y = np.zeros((len(ids), len(classes)), dtype=np.uint8)
+            for r, i in enumerate(ids):
+                for name in str(table[i] or "").split():
+                    y[r, index[name]] = 1
+            return y
+        return np.array([index[str(table[i])] for i in ids], dtype=np.int64)
+    except KeyError as exc:
+        raise DataError(f"{path}: label {exc} is not in data.classes") from None
+
+
+# ---- decoding ------------------------------------------------------------------------------
+
+
+def decode_image(path: Path | str) -> np.ndarray:
+    """Reads an image as uint8 RGB ``[H, W, 3]``, converting the formats listed above.
+
+    Raises:
+        DataError: zero bytes, unreadable or truncated, naming the path.
+    """
+    try:
+        buf = np.fromfile(str(path), dtype=np.uint8)
+    except OSError as exc:
+        raise DataError(f"{shown(path)}: cannot read ({exc.strerror})") from None
+    cv2 = _cv2()
+    if buf.size == 0:
+        raise DataError(f"{shown(path)}: zero-byte image file; replace or remove it")
+    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    if img is None or img.size == 0:
+        raise DataError(f"{shown(path)}: unreadable or truncated image; re-export or remove it")
+    if img.dtype == np.uint16:
+        img = (img.astype(np.uint32) // 257).astype(np.uint8)
+    elif img.dtype in (np.float32, np.float64):
+        img = (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        raise DataError(f"{shown(path)}: unsupported pixel type {img.dtype}; convert to 8 or 16 bits")
+    if img.ndim == 2:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    if img.shape[2] == 1:
+        return cv2.cvtColor(img[:, :, 0], cv2.COLOR_GRAY2RGB)
+    if img.shape[2] == 4:
+        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+# ---- preprocessing groups ------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    """Rows ``lo:hi`` of the test set as the loader yields them: each canvas group's uint8
+    ``[B, H, W, C]`` tensor and every image's decoded ``[B, 2]`` (H, W); or, instead, the one
+    line of the first image that failed (``error``)."""
+
+    lo: int
+    hi: int
+    canvases: dict[str, Any] = field(default_factory=dict)
+    sizes: Any = None
+    error: str | None = None
+
+    def pin_memory(self) -> Batch:
+        """What the DataLoader calls with ``pin_memory=True`` (CUDA): the canvases pinned."""
+        self.canvases = {k: v.pin_memory() for k, v in self.canvases.items()}
+        return self
+
+
+class CanvasDataset:
+    """Decodes image i once and makes every group's canvas from it.
+
+    Errors are returned, not raised, so the main process reports them as one clean line
+    (an exception raised in a worker would arrive wrapped in a traceback).
+    """
+
+    def __init__(self, paths: Sequence[Path], specs: dict[str, CanvasSpec], start: int = 0):
+        self.paths = list(paths)
+        self.specs = specs
+        self.start = start
+        self._transforms: dict[str, Any] | None = None
+
+    def __len__(self) -> int:
+        return len(self.paths) - self.start
+
+    def __getitem__(self, k: int) -> tuple[int, dict[str, np.ndarray] | str, np.ndarray | None]:
+        i = self.start + k
+        if self._transforms is None:
+            self._transforms = {key: spec.build() for key, spec in self.specs.items()}
+        try:
+            img = decode_image(self.paths[i])
+            out = {}
+            for key, t in self._transforms.items():
+                canvas = t(img)
+                if not isinstance(canvas, np.ndarray) or canvas.dtype != np.uint8 or canvas.ndim != (4 if self.specs[key].stacked else 3):
+                    return i, f"{shown(self.paths[i])}: the albumentations preprocessing must return uint8 HWC images; drop Normalize/ToTensorV2 (normalization runs on the device)", None
+                out[key] = canvas
+            return i, out, np.array(img.shape[:2], dtype=np.int32)  # maps and boxes go back to it
+        except DataError as exc:
+            return i, str(exc), None
+
+
+def _collate(items: list[tuple[int, dict[str, np.ndarray] | str, np.ndarray | None]]) -> Batch:
+    import torch
+
+    lo, hi = items[0][0], items[-1][0] + 1
+    for _, v, _ in items:
+        if isinstance(v, str):
+            return Batch(lo, hi, error=v)
+    out = {}
+    for key in items[0][1]:  # type: ignore[union-attr]
+        arrays = [v[key] for _, v, _ in items]  # type: ignore[index]
+        shapes = {a.shape for a in arrays}
+        if len(shapes) > 1:
+            return Batch(lo, hi, error=(
+                f"images of different sizes {sorted(s[:2] for s in shapes)} in one batch (around {lo}); "
+                "segmentation: set segmentation.size: [H, W]; a user preprocessing: end it with a fixed-size resize or crop"
+            ))
+        out[key] = torch.from_numpy(np.stack(arrays))  # [B, H, W, C] uint8
+    return Batch(lo, hi, out, torch.from_numpy(np.stack([s for _, _, s in items])))
+
+
+def _worker_init(_: int) -> None:
+    import torch
+
+    _cv2().setNumThreads(1)  # workers already run in parallel; avoid oversubscribing cores
+    torch.set_num_threads(1)
+
+
+def make_loader(paths: Sequence[Path], specs: dict[str, CanvasSpec], batch_size: int, workers: int, start: int = 0, pin_memory: bool = False) -> Any:
+    """A torch DataLoader streaming a :class:`Batch` at a time from row ``start`` on."""
+    from torch.utils.data import DataLoader
+
+    ds = CanvasDataset(paths, specs, start)
+    # Workers are not forked from this process: a parent that has already used OpenCV's or
+    # OpenMP's thread pools (a notebook, a test) can deadlock a forked child inside cv2.
+    # forkserver starts them from a clean process once per loader.
+    ctx = None
+    if workers:
+        import multiprocessing as mp
+
+        if "forkserver" in mp.get_all_start_methods():
+            ctx = mp.get_context("forkserver")
+            # Workers fork from a server that has imported these once, so each starts without
+            # re-importing torch and OpenCV (no effect once the server runs).
+            ctx.set_forkserver_preload(["torch", "cv2", __name__])
+        else:
+            ctx = mp.get_context("spawn")
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_collate,
+        worker_init_fn=_worker_init if workers else None,
+        pin_memory=pin_memory,
+        prefetch_factor=2 if workers else None,
+        persistent_workers=False,
+        multiprocessing_context=ctx,
+    )

@@ -1,0 +1,134 @@
+"""Writing submission.csv with polars, atomically (a killed run leaves no partial file), and
+aligning it with a competition's sample_submission.csv.
+
+What goes in the table is the task's: each task registers its formats' writers
+(``Task.writers``); this module puts a finished table on disk, in the sample's header, ids
+and order when ``submission.sample`` is given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from kaggle_tta.config.errors import ConfigError
+
+
+@dataclass
+class SampleOrder:
+    """How the written table maps onto the sample: its header, its ids in its order, and
+    for each sample row the index of the written row it takes."""
+
+    path: Path
+    header: list[str]
+    ids: list[str]
+    rows: list[int]
+
+
+def _examples(items: Sequence[str], n: int = 3) -> str:
+    return ", ".join(repr(x) for x in items[:n]) + (", ..." if len(items) > n else "")
+
+
+def match_sample(path: Path, id_column: str, row_ids: Sequence[tuple[str, int]], files: Sequence[str], header: Sequence[str] | None) -> SampleOrder:
+    """Matches the sample's ids with the rows the writer will write.
+
+    A sample id matches a row id, or, for a row whose id is its image's id, that image's
+    file name (``img_00000.png`` for the id ``img_00000``) or the id with the file's suffix.
+    ``files`` are the test images' paths by index. The sample's id column is ``id_column``
+    where the sample has it, else its first column.
+
+    Raises:
+        ConfigError: ids missing or extra (with counts and examples), repeated sample ids, or
+            a header of another width than the writer's, naming ``submission.sample``.
+    """
+    from kaggle_tta.io.data import read_csv_table
+
+    df = read_csv_table(path, "submission.sample", infer_schema=False)
+    where = f"submission.sample ({path})"
+    if df.width < 1 or df.height < 1:
+        raise ConfigError(f"{where}: the sample has no rows; give the competition's sample_submission.csv")
+    id_col = id_column if id_column in df.columns else df.columns[0]
+    sample_ids = [str(v) for v in df[id_col].to_list()]
+    index: dict[str, int] = {}
+    for n, (rid, k) in enumerate(row_ids):
+        index.setdefault(rid, n)
+    for n, (rid, k) in enumerate(row_ids):  # a file name stands for its image's row
+        name = Path(files[k]).name
+        if Path(name).stem == rid or rid.endswith("/" + Path(name).stem):
+            index.setdefault(name, n)
+            index.setdefault(rid + Path(name).suffix, n)
+    seen: dict[str, int] = {}
+    rows, missing = [], []
+    for sid in sample_ids:
+        if sid in seen:
+            raise ConfigError(f"{where}: id {sid!r} appears twice in the sample")
+        seen[sid] = 1
+        if sid in index:
+            rows.append(index[sid])
+        else:
+            missing.append(sid)
+    if len(rows) != len(set(rows)):
+        raise ConfigError(f"{where}: two sample ids name the same test image; each image must appear once")
+    extra = sorted(set(range(len(row_ids))) - set(rows))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} of {len(sample_ids)} sample ids match no test image ({_examples(missing)})")
+        if extra:
+            parts.append(f"{len(extra)} of {len(row_ids)} rows to write are not in the sample ({_examples([row_ids[n][0] for n in extra])})")
+        raise ConfigError(f"{where}: {'; '.join(parts)}; the sample's ids must be the test ids or their file names (check data.* and the sample)")
+    if header is not None and len(header) != df.width:
+        raise ConfigError(f"{where}: the sample has {df.width} columns {df.columns}, the submission {len(header)} {list(header)}; set submission.format or its column names to match")
+    return SampleOrder(path, list(df.columns), sample_ids, rows)
+
+
+def align(table: pl.DataFrame, order: SampleOrder) -> pl.DataFrame:
+    """The table in the sample's order, with its ids and header: columns of the same names
+    are taken by name, others by position."""
+    if table.width != len(order.header):
+        raise ConfigError(f"submission.sample ({order.path}): the sample has {len(order.header)} columns, the submission {table.width} {table.columns}")
+    out = table[order.rows]
+    cols = out.columns
+    by_name = set(cols[1:]) == set(order.header[1:])
+    body = [out[c] for c in order.header[1:]] if by_name else [out[c].alias(h) for c, h in zip(cols[1:], order.header[1:])]
+    return pl.DataFrame([pl.Series(order.header[0], order.ids, dtype=pl.String), *body])
+
+
+def write_submission(df: pl.DataFrame, path: Path, key: str = "submission.path") -> None:
+    """Writes ``df`` to ``path`` through a temporary file beside it, then renames it.
+
+    Raises:
+        ConfigError: ``path`` is a folder or cannot be written there; the message names
+            ``key`` (the YAML path that set it). No temporary file is left behind.
+    """
+    with _writing(path, key) as tmp:
+        df.write_csv(tmp, float_precision=6)
+        os.replace(tmp, path)
+
+
+def check_writable(path: Path, key: str = "submission.path") -> None:
+    """Creates and removes the temporary file :func:`write_submission` would write, so that
+    a run can refuse an unwritable submission path before its first forward."""
+    with _writing(path, key) as tmp:
+        tmp.touch()
+
+
+@contextlib.contextmanager
+def _writing(path: Path, key: str):  # noqa: ANN202
+    if path.is_dir():
+        raise ConfigError(f"{key}: {path} is a folder; give a file path, e.g. {path / 'submission.csv'}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield tmp
+    except OSError as exc:
+        reason = exc.strerror or (str(exc).splitlines() or [type(exc).__name__])[0].replace(str(tmp), str(path))
+        raise ConfigError(f"{key}: cannot write {path} ({reason}); choose a writable location") from None
+    finally:  # after os.replace it is gone; on any failure (or an interrupt) it must not stay
+        with contextlib.suppress(OSError):
+            tmp.unlink()
