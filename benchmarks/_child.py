@@ -78,8 +78,9 @@ def _precision(setting: str, device: str = "cpu") -> tuple[str, tuple[bool, ...]
     """Resolved precision and the channels_last values to use, by kaggle_tta's engine rules
     (runtime.channels_last auto: on with CUDA or reduced precision; timed on a CPU in fp32)."""
     import torch
-    from kaggle_tta.exec.forward import layout_candidates
+
     from kaggle_tta.engine.plan import resolve_precision
+    from kaggle_tta.exec.forward import layout_candidates
 
     p = resolve_precision(setting, torch.device(device))
     return p, layout_candidates("auto", torch.device(device), p)
@@ -107,7 +108,9 @@ def _with_layout(model, x, channels_last: bool):
     return model.to(memory_format=fmt), x.contiguous(memory_format=fmt)
 
 
-def _fastest_layout(model, x, layouts: tuple[bool, ...], precision: str, device: str, chunks: int, warmup: int) -> tuple[bool, dict[bool, float]]:
+def _fastest_layout(
+    model, x, layouts: tuple[bool, ...], precision: str, device: str, chunks: int, warmup: int
+) -> tuple[bool, dict[bool, float]]:
     """Seconds per input in each layout (the model is left in the last one) and the fastest."""
     per = {cl: _per_input(*_with_layout(model, x, cl), precision, device, chunks, warmup) for cl in layouts}
     return min(per, key=per.get), per  # type: ignore[arg-type]
@@ -159,8 +162,17 @@ def limit(spec: dict) -> None:
     # Where the engine times both layouts, the limit is the faster of the two: the pipeline is
     # held to the best the model can do, not to the layout it happened to pick.
     best, per = _fastest_layout(model, x, layouts, precision, device, chunks, spec.get("warmup", 2))
-    _result({"seconds": per[best] * chunks * fb, "inputs": chunks * fb, "per_input": per[best], "precision": precision, "build_s": build_s,
-             "channels_last": best, "per_input_by_layout": {str(k): v for k, v in per.items()}})
+    _result(
+        {
+            "seconds": per[best] * chunks * fb,
+            "inputs": chunks * fb,
+            "per_input": per[best],
+            "precision": precision,
+            "build_s": build_s,
+            "channels_last": best,
+            "per_input_by_layout": {str(k): v for k, v in per.items()},
+        }
+    )
 
 
 # ---- 2. kaggle-tta end to end ----------------------------------------------------------------
@@ -199,17 +211,21 @@ def kaggle(spec: dict) -> None:
     stats = kept["result"].stats if "result" in kept else None
     computed = [m for m in stats.members.values() if m.views_computed] if stats else []
     first = computed[0] if computed else None  # the first member that ran (per member: 32/64)
-    _result({
-        "rc": rc,
-        "seconds": secs,
-        "images": stats.rows_computed if stats else None,
-        "precision": (getattr(first, "precision", None) or stats.precision) if stats else None,  # the member's: auto may differ per member
-        "forward_batch": first.forward_batch if first else None,
-        "inference_s": stats.seconds if stats else None,
-        "channels_last": first.channels_last if first else None,
-        "submission": spec["submission"],
-        "stdout_tail": out[-600:] if rc else "",
-    })
+    _result(
+        {
+            "rc": rc,
+            "seconds": secs,
+            "images": stats.rows_computed if stats else None,
+            "precision": (getattr(first, "precision", None) or stats.precision)
+            if stats
+            else None,  # the member's: auto may differ per member
+            "forward_batch": first.forward_batch if first else None,
+            "inference_s": stats.seconds if stats else None,
+            "channels_last": first.channels_last if first else None,
+            "submission": spec["submission"],
+            "stdout_tail": out[-600:] if rc else "",
+        }
+    )
 
 
 # ---- 3. ttach --------------------------------------------------------------------------------
@@ -229,12 +245,14 @@ class _AlbuFolder:
         from albumentations.pytorch import ToTensorV2
 
         if self.t is None:
-            self.t = A.Compose([
-                A.SmallestMaxSize(max_size=self.canvas, interpolation=cv2.INTER_LINEAR),
-                A.CenterCrop(self.crop, self.crop),
-                A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
-                ToTensorV2(),
-            ])
+            self.t = A.Compose(
+                [
+                    A.SmallestMaxSize(max_size=self.canvas, interpolation=cv2.INTER_LINEAR),
+                    A.CenterCrop(self.crop, self.crop),
+                    A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+                    ToTensorV2(),
+                ]
+            )
         img = cv2.cvtColor(cv2.imread(self.paths[i], cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
         return self.t(image=img)["image"]
 
@@ -247,7 +265,7 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def _write_labels(path: str, ids: list[str], top: "object") -> None:
+def _write_labels(path: str, ids: list[str], top: object) -> None:
     with open(path, "w") as f:
         f.write("id,label\n")
         for i, k in zip(ids, top.tolist()):  # type: ignore[attr-defined]
@@ -278,9 +296,15 @@ def run_ttach(spec: dict) -> None:
     ds = _AlbuFolder(paths, 256, crop)
     w = spec["workers"]
     cuda = device == "cuda"
-    loader = DataLoader(ds, batch_size=spec["forward_batch"], shuffle=False, num_workers=w,
-                        worker_init_fn=_worker_init if w else None, prefetch_factor=2 if w else None,
-                        **({"pin_memory": True} if cuda else {}))
+    loader = DataLoader(
+        ds,
+        batch_size=spec["forward_batch"],
+        shuffle=False,
+        num_workers=w,
+        worker_init_fn=_worker_init if w else None,
+        prefetch_factor=2 if w else None,
+        **({"pin_memory": True} if cuda else {}),
+    )
     outs = []
     with torch.inference_mode(), _autocast(precision, device):
         for x in loader:
@@ -316,12 +340,14 @@ def reference(spec: dict) -> None:
     t0 = time.perf_counter()
     model = _load_model(spec["checkpoint"], spec["threads"], device)
 
-    base = A.Compose([
-        A.SmallestMaxSize(max_size=256),
-        A.CenterCrop(height=224, width=224),
-        A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
-        ToTensorV2(),
-    ])
+    base = A.Compose(
+        [
+            A.SmallestMaxSize(max_size=256),
+            A.CenterCrop(height=224, width=224),
+            A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+            ToTensorV2(),
+        ]
+    )
     normalize = A.Compose([A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD), ToTensorV2()])
     flip = A.HorizontalFlip(p=1.0)
     d4 = [  # the document's D4 list
@@ -443,7 +469,11 @@ def reblend_setup(spec: dict) -> None:
         man = json.loads(e.manifest_path.read_text(encoding="utf-8"))
         if man.get("format_version") != FORMAT_VERSION:
             raise SystemExit(f"{e.manifest_path}: format {man.get('format_version')}, not {FORMAT_VERSION}")
-        lacking = [v.name for v in m.views if man["views"].get(v.name, {}).get("status") != "complete" or "crc32" not in man["views"][v.name]]
+        lacking = [
+            v.name
+            for v in m.views
+            if man["views"].get(v.name, {}).get("status") != "complete" or "crc32" not in man["views"][v.name]
+        ]
         if lacking:
             raise SystemExit(f"{e.manifest_path}: views without a recorded crc32 or not complete: {lacking}")
         on_disk = (e.dir / "ids.json").read_text(encoding="utf-8")
@@ -451,10 +481,23 @@ def reblend_setup(spec: dict) -> None:
             raise SystemExit(f"{e.dir / 'ids.json'}: not what CacheEntry.write_ids writes for the test set")
     files = [str(e.path(v.name)) for m, e in zip(plan.members, entries) for v in m.views]
     ids_file = str(entries[0].dir / "ids.json")  # the row order, as JSON (cache format 2)
-    _result({"written": written, "reused": reused, "rewritten_old_entries": rewritten_entries, "seconds": time.perf_counter() - t0, "files": files,
-             "ids": ids_file, "format_version": FORMAT_VERSION, "crc32_views": sum(len(m.views) for m in plan.members),
-             "bytes": sum(Path(f).stat().st_size for f in files), "bytes_data": n * c * np.dtype(cfg.cache.dtype).itemsize * len(files),
-             "rows": n, "classes": c, "precision": precision})
+    _result(
+        {
+            "written": written,
+            "reused": reused,
+            "rewritten_old_entries": rewritten_entries,
+            "seconds": time.perf_counter() - t0,
+            "files": files,
+            "ids": ids_file,
+            "format_version": FORMAT_VERSION,
+            "crc32_views": sum(len(m.views) for m in plan.members),
+            "bytes": sum(Path(f).stat().st_size for f in files),
+            "bytes_data": n * c * np.dtype(cfg.cache.dtype).itemsize * len(files),
+            "rows": n,
+            "classes": c,
+            "precision": precision,
+        }
+    )
 
 
 def blend_guard(spec: dict) -> None:
@@ -482,6 +525,7 @@ def blend_guard(spec: dict) -> None:
     entry_mod.data_crc = counting_crc
     verify = spec.get("verify", True)
     if not verify:
+
         def unverified_rows(self, view, lo, hi):
             return self.read(view)[lo:hi]
 
@@ -509,8 +553,18 @@ def blend_guard(spec: dict) -> None:
     with contextlib.redirect_stdout(buf):
         rc = cli.main(["blend", spec["pipeline"]])  # blend shows no bar: it takes no --quiet
     secs = time.perf_counter() - t0
-    _result({"rc": rc, "seconds": secs, "model_calls": len(calls), "nn_modules_created": n_modules[0], "verify": verify, "crc_bytes": crc_bytes[0],
-             "engine_imported": (not engine_before) and "kaggle_tta.engine.stream" in sys.modules, "stdout_tail": buf.getvalue()[-400:]})
+    _result(
+        {
+            "rc": rc,
+            "seconds": secs,
+            "model_calls": len(calls),
+            "nn_modules_created": n_modules[0],
+            "verify": verify,
+            "crc_bytes": crc_bytes[0],
+            "engine_imported": (not engine_before) and "kaggle_tta.engine.stream" in sys.modules,
+            "stdout_tail": buf.getvalue()[-400:],
+        }
+    )
 
 
 def numpy_blend(spec: dict) -> None:
@@ -565,7 +619,14 @@ def preprocess(spec: dict) -> None:
         import timm.data  # noqa: F401
 
         t0 = time.perf_counter()
-        cs = CanvasSpec(tuple(spec["size"]), spec["crop_pct"], spec["interpolation"], mode="crop", backend=backend, positions=tuple(spec["positions"]))
+        cs = CanvasSpec(
+            tuple(spec["size"]),
+            spec["crop_pct"],
+            spec["interpolation"],
+            mode="crop",
+            backend=backend,
+            positions=tuple(spec["positions"]),
+        )
         fn = cs.build()
         build_s = time.perf_counter() - t0
     for p in paths[: spec.get("warmup", 2)]:
@@ -590,8 +651,18 @@ def preprocess(spec: dict) -> None:
             total += t1 - t0
             shapes.add(tuple(img.shape))
     n = len(paths)
-    _result({"images": n, "per_image_s": total / n, "preprocess_per_image_s": pre / n if fn is not None else 0.0, "build_s": build_s,
-             "shapes": sorted(map(list, shapes)), "checksum": check, "cv2_threads": cv2.getNumThreads(), "torch_threads": torch.get_num_threads()})
+    _result(
+        {
+            "images": n,
+            "per_image_s": total / n,
+            "preprocess_per_image_s": pre / n if fn is not None else 0.0,
+            "build_s": build_s,
+            "shapes": sorted(map(list, shapes)),
+            "checksum": check,
+            "cv2_threads": cv2.getNumThreads(),
+            "torch_threads": torch.get_num_threads(),
+        }
+    )
 
 
 def setup(spec: dict) -> None:
@@ -623,8 +694,11 @@ def tune_labels(spec: dict) -> None:
     t0 = time.perf_counter()
     plan = build_plan(load_pipeline(spec["pipeline"]))
     m = plan.members[0]
-    entry = next(e for e in (CacheEntry(plan.cache_root, m.name, m.fingerprint(p), m.inputs) for p in ("fp32", "bf16", "fp16"))
-                 if all(e.is_complete(v.name) for v in m.views))
+    entry = next(
+        e
+        for e in (CacheEntry(plan.cache_root, m.name, m.fingerprint(p), m.inputs) for p in ("fp32", "bf16", "fp16"))
+        if all(e.is_complete(v.name) for v in m.views)
+    )
     acc = None
     for v in m.views:
         x = np.asarray(entry.read(v.name), dtype=np.float32)
@@ -652,8 +726,17 @@ def tune_guard(spec: dict) -> None:
     buf = io.StringIO()
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(buf):
-        rc = cli.main(["tune", spec["pipeline"], "--overrides", spec["overrides"], "--out", spec["out"], "--folds", "0"])
-    _result({"rc": rc, "seconds": time.perf_counter() - t0, "torch_imported": "torch" in sys.modules, "stdout_tail": buf.getvalue()[-400:]})
+        rc = cli.main(
+            ["tune", spec["pipeline"], "--overrides", spec["overrides"], "--out", spec["out"], "--folds", "0"]
+        )
+    _result(
+        {
+            "rc": rc,
+            "seconds": time.perf_counter() - t0,
+            "torch_imported": "torch" in sys.modules,
+            "stdout_tail": buf.getvalue()[-400:],
+        }
+    )
 
 
 KINDS = {

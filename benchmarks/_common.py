@@ -30,7 +30,9 @@ CHILD_OMP_THREADS: str | None = "2"
 def child_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # children that import albumentations before kaggle_tta (ttach, the reference path)
+    env.setdefault(
+        "NO_ALBUMENTATIONS_UPDATE", "1"
+    )  # children that import albumentations before kaggle_tta (ttach, the reference path)
     # Each measured process sets its own thread count; keep OpenMP from spinning up more.
     if CHILD_OMP_THREADS is not None:
         env.setdefault("OMP_NUM_THREADS", CHILD_OMP_THREADS)

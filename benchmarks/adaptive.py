@@ -29,13 +29,24 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 FORWARD_BATCH = 64
 TEST_SEED = 12
-RULE, KEEP_GAIN, FOLDS = "margin", 0.9, 5  # the goal's share, calibrated on 5 folds to hold on new images (tune --calibrate-keep)
+RULE, KEEP_GAIN, FOLDS = (
+    "margin",
+    0.9,
+    5,
+)  # the goal's share, calibrated on 5 folds to hold on new images (tune --calibrate-keep)
 
 
 def _sets(d: Path, split: Path, threads: int) -> list[str]:
     return [
-        f"data.folder={split}", f"data.labels.path={split / 'labels.csv'}", f"cache.dir={d / 'cache'}", f"submission.path={d / 'submission.csv'}",
-        "runtime.precision=fp32", f"runtime.threads={threads}", "runtime.workers=0", f"runtime.forward_batch={FORWARD_BATCH}", "runtime.device=cpu",
+        f"data.folder={split}",
+        f"data.labels.path={split / 'labels.csv'}",
+        f"cache.dir={d / 'cache'}",
+        f"submission.path={d / 'submission.csv'}",
+        "runtime.precision=fp32",
+        f"runtime.threads={threads}",
+        "runtime.workers=0",
+        f"runtime.forward_batch={FORWARD_BATCH}",
+        "runtime.device=cpu",
     ]
 
 
@@ -60,7 +71,9 @@ def _final(stdout: str) -> tuple[float, float]:
 def _run(b: Any, split: Path, overrides: Path | None, threads: int) -> dict[str, Any]:
     d = b.runs / f"adaptive-{uuid.uuid4().hex[:8]}"
     d.mkdir(parents=True)
-    args = ["run", str(REPO / "pipeline.yaml"), *_set_args(_sets(d, split, threads)), "-q"] + (["--overrides", str(overrides)] if overrides else [])
+    args = ["run", str(REPO / "pipeline.yaml"), *_set_args(_sets(d, split, threads)), "-q"] + (
+        ["--overrides", str(overrides)] if overrides else []
+    )
     t0 = time.perf_counter()
     out = _kaggle_tta(args)
     wall = time.perf_counter() - t0
@@ -71,9 +84,16 @@ def _run(b: Any, split: Path, overrides: Path | None, threads: int) -> dict[str,
     truth = pl.read_csv(split / "labels.csv")
     sub = pl.read_csv(d / "submission.csv").join(truth, on="id", suffix="_true")
     correct = "".join("1" if a == b else "0" for a, b in zip(sub["label"], sub["label_true"]))
-    return {"wall_s": wall, "inference_s": float(m.group(2)) if m else None, "forwards": int(m.group(3)) if m and m.group(3) else None,
-            "forwards_full": int(m.group(4)) if m and m.group(4) else None, "plain": plain, "tta": tta, "command": "kaggle-tta " + " ".join(args),
-            "correct": correct}
+    return {
+        "wall_s": wall,
+        "inference_s": float(m.group(2)) if m else None,
+        "forwards": int(m.group(3)) if m and m.group(3) else None,
+        "forwards_full": int(m.group(4)) if m and m.group(4) else None,
+        "plain": plain,
+        "tta": tta,
+        "command": "kaggle-tta " + " ".join(args),
+        "correct": correct,
+    }
 
 
 def _limit_child(n_inputs: int, threads: int) -> None:
@@ -108,7 +128,13 @@ def _limit_child(n_inputs: int, threads: int) -> None:
 
 
 def _limit(n_inputs: int, threads: int) -> dict[str, float]:
-    done = subprocess.run([sys.executable, __file__, "--limit", str(n_inputs), str(threads)], cwd=REPO, capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, __file__, "--limit", str(n_inputs), str(threads)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -125,9 +151,29 @@ def adaptive_row(b: Any, log: Any, med: Any) -> None:
     sets = _set_args(_sets(d, val, threads))
     _kaggle_tta(["infer", str(REPO / "pipeline.yaml"), *sets, "-q"])
     gates = d / "gates.yaml"
-    tune_args = ["tune", str(REPO / "pipeline.yaml"), *sets, "--adaptive", RULE, "--keep-gain", str(KEEP_GAIN), "--no-views", "--no-view-weights", "--no-temperature",
-                 "--member-weights", "off", "--folds", str(FOLDS), "--out", str(gates)]
-    said = [line.strip() for line in _kaggle_tta(tune_args).splitlines() if "adaptive: the gates keep" in line or "--calibrate-keep" in line]
+    tune_args = [
+        "tune",
+        str(REPO / "pipeline.yaml"),
+        *sets,
+        "--adaptive",
+        RULE,
+        "--keep-gain",
+        str(KEEP_GAIN),
+        "--no-views",
+        "--no-view-weights",
+        "--no-temperature",
+        "--member-weights",
+        "off",
+        "--folds",
+        str(FOLDS),
+        "--out",
+        str(gates),
+    ]
+    said = [
+        line.strip()
+        for line in _kaggle_tta(tune_args).splitlines()
+        if "adaptive: the gates keep" in line or "--calibrate-keep" in line
+    ]
     log(f"adaptive: gates learned on {n_val} val images: {gates.read_text().strip()}")
     limits = [_limit(8 * n, threads)]  # timed before the runs and after them
     raw: dict[str, list[dict[str, Any]]] = {"full": [], "adaptive": []}
@@ -135,7 +181,9 @@ def adaptive_row(b: Any, log: Any, med: Any) -> None:
         for kind in ("full", "adaptive"):  # interleaved: load drifts hit both
             r = _run(b, test, gates if kind == "adaptive" else None, threads)
             raw[kind].append(r)
-            log(f"adaptive rep {rep + 1}/{b.a.repeats}: {kind}: inference {r['inference_s']}s, accuracy {r['plain']:.4f} -> {r['tta']:.4f}, forwards {r['forwards']}")
+            log(
+                f"adaptive rep {rep + 1}/{b.a.repeats}: {kind}: inference {r['inference_s']}s, accuracy {r['plain']:.4f} -> {r['tta']:.4f}, forwards {r['forwards']}"
+            )
     limits.append(_limit(8 * n, threads))
     limit = min(limits, key=lambda lim: sum(lim.values()))  # the faster of the two timings: this machine's speed drifts
     # the rows where the two submissions differ: the spread of the gain kept (the full gain taken as it is)
@@ -144,8 +192,18 @@ def adaptive_row(b: Any, log: Any, med: Any) -> None:
     for runs in raw.values():
         for r in runs:
             r.pop("correct")
-    b.res["adaptive"] = {"raw": raw, "images": n, "val": n_val, "limit": limit, "gates": gates.read_text(), "tune": "kaggle-tta " + " ".join(tune_args),
-                         "differ": len(diff), "net": sum(diff), "tune_said": said, "limits": limits}
+    b.res["adaptive"] = {
+        "raw": raw,
+        "images": n,
+        "val": n_val,
+        "limit": limit,
+        "gates": gates.read_text(),
+        "tune": "kaggle-tta " + " ".join(tune_args),
+        "differ": len(diff),
+        "net": sum(diff),
+        "tune_said": said,
+        "limits": limits,
+    }
 
 
 def _both(rr: dict[str, Any]) -> str:
@@ -169,29 +227,47 @@ def adaptive_report(res: dict[str, Any], goals: list, med: Any) -> list[str]:
     se = (rr.get("differ", 0) ** 0.5) / (gain_full * n) if gain_full > 0 else float("nan")
     extra = (a["forwards"] - 2 * n) / (a["forwards_full"] - 2 * n) if a["forwards"] else float("nan")
     L = ["## Row 11: adaptive views (the demo pipeline, d4, gates learned by `tune` on another split)", ""]
-    L.append(f"{n} demo images (the test split, seed {TEST_SEED}); the gates were learned on {rr.get('val', 480)} others (seed 21) with `{rr['tune']}`. fp32, 2 threads, "
-             f"forward batch {FORWARD_BATCH}, a fresh cache per run, interleaved, medians of {len(raw['full'])}. The limit is each member's forward "
-             f"alone on ready tensors, 8 views x {n} inputs, in the faster layout ({', '.join(f'{k} {v:.1f} s' for k, v in rr['limit'].items())}; "
-             f"timed before the runs and after them, the faster kept{_both(rr)}).")
+    L.append(
+        f"{n} demo images (the test split, seed {TEST_SEED}); the gates were learned on {rr.get('val', 480)} others (seed 21) with `{rr['tune']}`. fp32, 2 threads, "
+        f"forward batch {FORWARD_BATCH}, a fresh cache per run, interleaved, medians of {len(raw['full'])}. The limit is each member's forward "
+        f"alone on ready tensors, 8 views x {n} inputs, in the faster layout ({', '.join(f'{k} {v:.1f} s' for k, v in rr['limit'].items())}; "
+        f"timed before the runs and after them, the faster kept{_both(rr)})."
+    )
     L.append("")
     L.append("| run | inference s | vs the limit of full d4 | forwards | accuracy no TTA -> TTA | gain |")
     L.append("|---|---|---|---|---|---|")
     L.append(f"| limit of full d4 (forward only) | {limit:.1f} | 1.00x | {16 * n} | — | — |")
-    L.append(f"| full d4 (`kaggle-tta run`) | {full_inf:.1f} | {full_inf / limit:.2f}x | {16 * n} | {100 * f['plain']:.2f}% -> {100 * f['tta']:.2f}% | {100 * gain_full:+.2f} |")
-    L.append(f"| adaptive d4 (`--overrides gates.yaml`) | {ad_inf:.1f} | {ad_inf / limit:.2f}x | {a['forwards']} ({100 * extra:.0f}% of the extra) | "
-             f"{100 * a['plain']:.2f}% -> {100 * a['tta']:.2f}% | {100 * gain_ad:+.2f} ({100 * kept:.0f}% ± {100 * se:.0f}% kept) |")
+    L.append(
+        f"| full d4 (`kaggle-tta run`) | {full_inf:.1f} | {full_inf / limit:.2f}x | {16 * n} | {100 * f['plain']:.2f}% -> {100 * f['tta']:.2f}% | {100 * gain_full:+.2f} |"
+    )
+    L.append(
+        f"| adaptive d4 (`--overrides gates.yaml`) | {ad_inf:.1f} | {ad_inf / limit:.2f}x | {a['forwards']} ({100 * extra:.0f}% of the extra) | "
+        f"{100 * a['plain']:.2f}% -> {100 * a['tta']:.2f}% | {100 * gain_ad:+.2f} ({100 * kept:.0f}% ± {100 * se:.0f}% kept) |"
+    )
     if "differ" in rr:
         L.append("")
-        L.append(f"The two submissions give another class to {rr['differ']} of the {n} images ({rr['net']:+d} correct for the adaptive one): "
-                 f"the gain kept is {100 * kept:.0f}% ± {100 * se:.0f}% (1 SE).")
+        L.append(
+            f"The two submissions give another class to {rr['differ']} of the {n} images ({rr['net']:+d} correct for the adaptive one): "
+            f"the gain kept is {100 * kept:.0f}% ± {100 * se:.0f}% (1 SE)."
+        )
     L.append("")
-    L.append("Gates: `" + " ".join(" ".join(line for line in rr["gates"].splitlines() if not line.lstrip().startswith("#")).split()) + "`")
+    L.append(
+        "Gates: `"
+        + " ".join(" ".join(line for line in rr["gates"].splitlines() if not line.lstrip().startswith("#")).split())
+        + "`"
+    )
     L.append("")
     for line in rr.get("tune_said", []):
         L.append(f"tune said: {line.lstrip('- ')}")
         L.append("")
     ratio = ad_inf / limit
-    goals.append(("adaptive d4 vs the limit of full d4", f"{ratio:.2f}x at {100 * kept:.0f}% of the gain", "met" if ratio < 0.5 and kept >= 0.9 else "missed"))
+    goals.append(
+        (
+            "adaptive d4 vs the limit of full d4",
+            f"{ratio:.2f}x at {100 * kept:.0f}% of the gain",
+            "met" if ratio < 0.5 and kept >= 0.9 else "missed",
+        )
+    )
     return L
 
 

@@ -30,8 +30,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 def kt(*args: str, timeout: float = 300) -> tuple[int, str, float]:
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "kaggle_tta", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    return p.returncode, p.stdout + (f"\n[stderr]\n{p.stderr[-4000:]}" if p.stderr.strip() else ""), time.perf_counter() - t0
+    p = subprocess.run(
+        [sys.executable, "-m", "kaggle_tta", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+    return (
+        p.returncode,
+        p.stdout + (f"\n[stderr]\n{p.stderr[-4000:]}" if p.stderr.strip() else ""),
+        time.perf_counter() - t0,
+    )
 
 
 def labels(path: Path) -> dict[str, str]:
@@ -60,7 +66,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--pipeline", default="pipeline.yaml")
-    ap.add_argument("--work", default="/tmp/kaggle-tta-gpu-smoke", help="scratch: caches and submissions (emptied first)")
+    ap.add_argument(
+        "--work", default="/tmp/kaggle-tta-gpu-smoke", help="scratch: caches and submissions (emptied first)"
+    )
     a = ap.parse_args()
     work = Path(a.work)
     shutil.rmtree(work, ignore_errors=True)
@@ -77,10 +85,24 @@ def main() -> int:
     for tag, prec in (("fp32", "fp32"), ("auto", "auto"), ("auto-rerun", "auto")):
         cache = work / f"cache-{prec}"
         sub = work / f"submission-{tag}.csv"
-        args = ["run", a.pipeline, "-q", "--set", f"runtime.device={a.device}", "--set", f"runtime.precision={prec}",
-                "--set", f"cache.dir={cache}", "--set", f"submission.path={sub}"]
+        args = [
+            "run",
+            a.pipeline,
+            "-q",
+            "--set",
+            f"runtime.device={a.device}",
+            "--set",
+            f"runtime.precision={prec}",
+            "--set",
+            f"cache.dir={cache}",
+            "--set",
+            f"submission.path={sub}",
+        ]
         rc, out, s = kt(*args)
-        print(f"\n$ kaggle-tta {' '.join(args)}\n  -> exit {rc} in {s:.1f}s (process wall, imports included)\n{out.strip()}", flush=True)
+        print(
+            f"\n$ kaggle-tta {' '.join(args)}\n  -> exit {rc} in {s:.1f}s (process wall, imports included)\n{out.strip()}",
+            flush=True,
+        )
         if rc:
             ok = False
             continue

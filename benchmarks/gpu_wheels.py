@@ -34,18 +34,50 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 DEST = REPO / ".whl"
 PACKAGES = [
-    "albumentations", "albucore", "stringzilla", "simsimd", "scipy",
-    "pydantic", "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions",
-    "ensemble-boxes", "polars", "polars-runtime-32", "ttach",
+    "albumentations",
+    "albucore",
+    "stringzilla",
+    "simsimd",
+    "scipy",
+    "pydantic",
+    "pydantic-core",
+    "annotated-types",
+    "typing-inspection",
+    "typing-extensions",
+    "ensemble-boxes",
+    "polars",
+    "polars-runtime-32",
+    "ttach",
 ]
-PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64"]
+PLATFORMS = [
+    "manylinux_2_28_x86_64",
+    "manylinux_2_27_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux2014_x86_64",
+    "manylinux1_x86_64",
+]
 SCIPY_KEEP = ("scipy/_lib/", "scipy/special/", "scipy.libs/")
 SLIM_MARK = "kaggle-tta-slim"  # zip comment of a wheel already made smaller
 
 
 def download(spec: str) -> None:
-    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
-           "--implementation", "cp", *[a for p in PLATFORMS for a in ("--platform", p)], "-d", str(DEST), spec]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "-q",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        "3.12",
+        "--implementation",
+        "cp",
+        *[a for p in PLATFORMS for a in ("--platform", p)],
+        "-d",
+        str(DEST),
+        spec,
+    ]
     subprocess.run(cmd, check=True)
 
 
@@ -55,7 +87,9 @@ class _LZMA9(zipfile.LZMACompressor):
 
     def _init(self):
         props = lzma._encode_filter_properties({"id": lzma.FILTER_LZMA1, "preset": 9})
-        self._comp = lzma.LZMACompressor(lzma.FORMAT_RAW, filters=[lzma._decode_filter_properties(lzma.FILTER_LZMA1, props)])
+        self._comp = lzma.LZMACompressor(
+            lzma.FORMAT_RAW, filters=[lzma._decode_filter_properties(lzma.FILTER_LZMA1, props)]
+        )
         return struct.pack("<BBH", 9, 4, len(props)) + props
 
 
@@ -67,11 +101,17 @@ def rezip(path: Path, keep=lambda name: True, lzma_: bool = False) -> None:
         names = [i.filename for i in zi.infolist()]
         record = next(n for n in names if n.endswith(".dist-info/RECORD"))
         for info in zi.infolist():
-            if not keep(info.filename) and not info.filename.endswith(".dist-info/") and ".dist-info/" not in info.filename:
+            if (
+                not keep(info.filename)
+                and not info.filename.endswith(".dist-info/")
+                and ".dist-info/" not in info.filename
+            ):
                 continue
             data = zi.read(info)
             if info.filename == record:  # list only what is kept
-                rows = [r for r in csv.reader(io.StringIO(data.decode())) if r and (keep(r[0]) or ".dist-info/" in r[0])]
+                rows = [
+                    r for r in csv.reader(io.StringIO(data.decode())) if r and (keep(r[0]) or ".dist-info/" in r[0])
+                ]
                 buf = io.StringIO()
                 csv.writer(buf, lineterminator="\n").writerows(rows)
                 data = buf.getvalue().encode()
@@ -91,7 +131,9 @@ def slim(path: Path) -> None:
     if path.name.startswith("polars_runtime"):
         rezip(path, lzma_=True)
     elif path.name.startswith("scipy-"):
-        rezip(path, keep=lambda n: n.startswith(SCIPY_KEEP) or (n.startswith("scipy/") and n.count("/") == 1), lzma_=True)
+        rezip(
+            path, keep=lambda n: n.startswith(SCIPY_KEEP) or (n.startswith("scipy/") and n.count("/") == 1), lzma_=True
+        )
     else:
         return
     print(f"{path.name}: {before / 2**20:.1f} -> {path.stat().st_size / 2**20:.1f} MiB", flush=True)

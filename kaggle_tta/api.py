@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any, Union
 
 import polars as pl
 
-from kaggle_tta.ops.gate import Forwards, skipping
 from kaggle_tta.cache import DamagedView
-from kaggle_tta.exec.dag import MemberSource, check_complete
 from kaggle_tta.config import PipelineConfig, load_pipeline
 from kaggle_tta.engine.plan import Plan, build_plan, find_entry, resolve_device, resolve_precision
+from kaggle_tta.exec.dag import MemberSource, check_complete
 from kaggle_tta.io.submission import align, check_writable, write_submission
+from kaggle_tta.ops.gate import Forwards, skipping
 
 if TYPE_CHECKING:
     from kaggle_tta.engine.stream import RunStats
@@ -77,7 +77,13 @@ def plan_of(pipeline: Pipeline, overrides: list[str] | None = None) -> Plan:
     return build_plan(load_pipeline(pipeline, overrides))
 
 
-def infer(pipeline: Pipeline, overrides: list[str] | None = None, progress: bool = True, alone: bool = False, share: tuple[int, int] | None = None) -> RunStats:
+def infer(
+    pipeline: Pipeline,
+    overrides: list[str] | None = None,
+    progress: bool = True,
+    alone: bool = False,
+    share: tuple[int, int] | None = None,
+) -> RunStats:
     """Fills the cache for every (member, view) not in it yet; returns what was computed.
 
     Under torchrun (several ranks: kaggle_tta.dist.launch) this process computes its share and
@@ -88,8 +94,8 @@ def infer(pipeline: Pipeline, overrides: list[str] | None = None, progress: bool
     group: for machines that share no filesystem (then ``kaggle-tta cache merge``).
     """
     from kaggle_tta.dist import launch as dist
-    from kaggle_tta.engine.stream import run_inference
     from kaggle_tta.dist.ranked import run_ranked  # torch models: only where a run needs them
+    from kaggle_tta.engine.stream import run_inference
 
     plan = plan_of(pipeline, overrides)
     rt = plan.cfg.runtime
@@ -112,8 +118,8 @@ def infer(pipeline: Pipeline, overrides: list[str] | None = None, progress: bool
 
 def _infer_share(plan: Plan, share: tuple[int, int], progress: bool) -> RunStats:
     from kaggle_tta.dist import launch as dist
-    from kaggle_tta.engine.stream import choose_precisions
     from kaggle_tta.dist.ranked import run_share
+    from kaggle_tta.engine.stream import choose_precisions
 
     k, n = share
     rt = plan.cfg.runtime
@@ -151,12 +157,19 @@ def _all_cached(plan: Plan) -> bool:
                     return False
         entry = CacheEntry(plan.cache_root, m.name, m.fingerprint(ran_in), m.inputs)
         fits = _fits(skipping(m.gate), m)  # adaptive: the rows this run's gate needs
-        if not all(entry.is_complete(v.name) and fits(entry, v.name) for v in m.views) or (plan.task.stores_image_sizes and not entry.sizes_complete()):
+        if not all(entry.is_complete(v.name) and fits(entry, v.name) for v in m.views) or (
+            plan.task.stores_image_sizes and not entry.sizes_complete()
+        ):
             return False
     return True
 
 
-def blend(pipeline: Pipeline, overrides: list[str] | None = None, computed: str | Mapping[str, str] | None = None, fill_hint: str = "PIPELINE") -> BlendResult:
+def blend(
+    pipeline: Pipeline,
+    overrides: list[str] | None = None,
+    computed: str | Mapping[str, str] | None = None,
+    fill_hint: str = "PIPELINE",
+) -> BlendResult:
     """Blends from the cache and writes the submission; builds no model, reads no image.
 
     ``computed`` is the precision a run just filled the cache in, or one per member
@@ -168,7 +181,9 @@ def blend(pipeline: Pipeline, overrides: list[str] | None = None, computed: str 
     return blend_plan(plan, sources_for(plan, fill_hint, computed))
 
 
-def run(pipeline: Pipeline, overrides: list[str] | None = None, progress: bool = True, fill_hint: str = "PIPELINE") -> RunResult:
+def run(
+    pipeline: Pipeline, overrides: list[str] | None = None, progress: bool = True, fill_hint: str = "PIPELINE"
+) -> RunResult:
     """``infer`` then ``blend`` on what it computed. A cached view found damaged while
     blending (its checksum, non-finite values) is marked, recomputed and blended again.
     Under torchrun only rank 0 blends; the other ranks' result has ``blend`` None."""
@@ -183,13 +198,19 @@ def run(pipeline: Pipeline, overrides: list[str] | None = None, progress: bool =
     try:
         return RunResult(stats, blend(plan, computed=stats.computed, fill_hint=fill_hint))
     except DamagedView as exc:
-        print(f"kaggle-tta: {exc.entry.path(exc.view)}: damaged ({exc.reason}); recomputing it", file=sys.stderr, flush=True)
+        print(
+            f"kaggle-tta: {exc.entry.path(exc.view)}: damaged ({exc.reason}); recomputing it",
+            file=sys.stderr,
+            flush=True,
+        )
     again = infer(plan, progress=progress, alone=True)  # the other ranks have finished: this process recomputes it
     again.recomputed_damaged = True
     return RunResult(again, blend(plan, computed=again.computed, fill_hint=fill_hint))
 
 
-def sources_for(plan: Plan, pipeline_arg: str = "PIPELINE", computed: str | Mapping[str, str] | None = None) -> list[MemberSource]:
+def sources_for(
+    plan: Plan, pipeline_arg: str = "PIPELINE", computed: str | Mapping[str, str] | None = None
+) -> list[MemberSource]:
     """Where each member's cached views are (see plan.find_entry); ``computed`` is the
     precision a run just filled the cache in."""
     cfg = plan.cfg
@@ -197,7 +218,17 @@ def sources_for(plan: Plan, pipeline_arg: str = "PIPELINE", computed: str | Mapp
     for m in plan.members:
         mine = computed.get(m.name) if isinstance(computed, Mapping) else computed
         entry = find_entry(plan, m, cfg.runtime.precision, mine)
-        out.append(MemberSource(m.name, entry, [v.name for v in m.views], m.activation, m.cfg.merge, f"kaggle-tta infer {pipeline_arg}", skipping(m.gate)))  # type: ignore[arg-type]
+        out.append(
+            MemberSource(
+                m.name,
+                entry,
+                [v.name for v in m.views],
+                m.activation,
+                m.cfg.merge,
+                f"kaggle-tta infer {pipeline_arg}",
+                skipping(m.gate),
+            )
+        )  # type: ignore[arg-type]
     return out
 
 
@@ -219,7 +250,13 @@ def blend_plan(plan: Plan, sources: list[MemberSource]) -> BlendResult:
         out.table = align(out.table, plan.sample)
     out_path = cfg.resolve(cfg.submission.path)
     write_submission(out.table, out_path)
-    result = BlendResult(str(out_path), cfg.submission_source, metrics=out.metrics if out.tta else [], n_rows=out.table.height, table=out.table)
+    result = BlendResult(
+        str(out_path),
+        cfg.submission_source,
+        metrics=out.metrics if out.tta else [],
+        n_rows=out.table.height,
+        table=out.table,
+    )
     secs = {s.name: {v: float(s.entry.view_state(v).get("seconds", 0.0)) for v in s.views} for s in sources}  # type: ignore[union-attr]
     members_of = _members_of(cfg)
     held = {s.name: _held_forwards(s, len(plan.testset)) for s in sources}
@@ -233,7 +270,9 @@ def blend_plan(plan: Plan, sources: list[MemberSource]) -> BlendResult:
         plain_s = sum(secs[m].get(plain_view[m], 0.0) for m in ms) if has_identity else None
         views = sum(len(secs[m]) for m in ms)
         kind = "member" if name in secs else "blend"
-        result.rows.append(ReportRow(name, kind, views, out.plain.get(name, {}), out.tta.get(name, {}), plain_s, total, fw))
+        result.rows.append(
+            ReportRow(name, kind, views, out.plain.get(name, {}), out.tta.get(name, {}), plain_s, total, fw)
+        )
     return result
 
 
@@ -272,14 +311,26 @@ def format_report(result: BlendResult) -> str:
     metrics = result.metrics or ["score"]
     head = " | ".join(f"{m} (no TTA) | {m} (TTA) | gain" for m in metrics)
     adaptive = any(r.forwards is not None and r.forwards.saved for r in result.rows)
-    lines = [f"| node | kind | views | {head} | seconds | relative cost |{' forwards |' if adaptive else ''}", "|---|---|---|" + "---|---|---|" * len(metrics) + "---|---|" + ("---|" if adaptive else "")]
+    lines = [
+        f"| node | kind | views | {head} | seconds | relative cost |{' forwards |' if adaptive else ''}",
+        "|---|---|---|" + "---|---|---|" * len(metrics) + "---|---|" + ("---|" if adaptive else ""),
+    ]
     for r in result.rows:
         cells = []
         for m in metrics:
             plain, tta = r.scores_plain.get(m), r.scores_tta.get(m)
-            cells += [f"{100 * plain:.2f}%" if plain is not None else "—", f"{100 * tta:.2f}%" if tta is not None else "—"]
+            cells += [
+                f"{100 * plain:.2f}%" if plain is not None else "—",
+                f"{100 * tta:.2f}%" if tta is not None else "—",
+            ]
             cells.append(f"{100 * (tta - plain):+.2f}" if tta is not None and plain is not None else "—")
         rel = f"{r.seconds / r.seconds_plain:.1f}×" if r.seconds_plain else "—"
-        fw = f" {r.forwards.run} of {r.forwards.full} ({100 * r.forwards.saved / r.forwards.full:.0f}% saved) |" if adaptive and r.forwards and r.forwards.full else (" — |" if adaptive else "")
-        lines.append(f"| {r.node}{' ◀' if r.node == result.source else ''} | {r.kind} | {r.views} | {' | '.join(cells)} | {r.seconds:.2f} | {rel} |{fw}")
+        fw = (
+            f" {r.forwards.run} of {r.forwards.full} ({100 * r.forwards.saved / r.forwards.full:.0f}% saved) |"
+            if adaptive and r.forwards and r.forwards.full
+            else (" — |" if adaptive else "")
+        )
+        lines.append(
+            f"| {r.node}{' ◀' if r.node == result.source else ''} | {r.kind} | {r.views} | {' | '.join(cells)} | {r.seconds:.2f} | {rel} |{fw}"
+        )
     return "\n".join(lines)

@@ -23,7 +23,10 @@ def _load(args: argparse.Namespace):
 def _print_stats(stats) -> None:
     if stats.rank is not None and not stats.ranks:  # a rank other than 0: one line, written at once (no interleaving)
         lo, hi = stats.share
-        print(f"kaggle-tta: {stats.rank} on {stats.device}: rows {lo}-{hi} of {stats.images}, {stats.rows_computed} computed in {stats.seconds:.1f}s; {'rank 0 blends' if stats.rank.startswith('rank') else 'join the shares with kaggle-tta cache merge'}", flush=True)
+        print(
+            f"kaggle-tta: {stats.rank} on {stats.device}: rows {lo}-{hi} of {stats.images}, {stats.rows_computed} computed in {stats.seconds:.1f}s; {'rank 0 blends' if stats.rank.startswith('rank') else 'join the shares with kaggle-tta cache merge'}",
+            flush=True,
+        )
         return
     _print_ranks(stats)
     if stats.all_cached:
@@ -50,12 +53,17 @@ def _print_stats(stats) -> None:
     computed = [m.precision for m in stats.members.values() if m.views_computed and m.precision]
     precision = stats.precision or "/".join(computed)  # members that ran in different precisions: each, in member order
     saved = f", {stats.forwards.text()}" if stats.forwards.saved else ""
-    print(f"inference: {stats.rows_computed} images on {stats.device} ({precision}, forward batch {stats.forward_batch}) in {stats.seconds:.1f}s{saved}")
+    print(
+        f"inference: {stats.rows_computed} images on {stats.device} ({precision}, forward batch {stats.forward_batch}) in {stats.seconds:.1f}s{saved}"
+    )
 
 
 def _print_ranks(stats) -> None:
     if stats.ranks:
-        parts = [f"{r.rank} rows {r.lo}-{r.hi} ({r.rows_computed} computed, {r.seconds:.1f}s, {r.device} on {r.host})" for r in stats.ranks]
+        parts = [
+            f"{r.rank} rows {r.lo}-{r.hi} ({r.rows_computed} computed, {r.seconds:.1f}s, {r.device} on {r.host})"
+            for r in stats.ranks
+        ]
         print(f"ranks: {'; '.join(parts)}; {stats.assembled} view(s) assembled from their shards")
 
 
@@ -82,7 +90,9 @@ def cmd_infer(args: argparse.Namespace) -> None:
         if not (k.isdigit() and n.isdigit() and 0 <= int(k) < int(n)):
             from kaggle_tta.config.errors import ConfigError
 
-            raise ConfigError(f"--share {args.share}: give K/N with 0 <= K < N, e.g. --share 1/2 for the second of two machines")
+            raise ConfigError(
+                f"--share {args.share}: give K/N with 0 <= K < N, e.g. --share 1/2 for the second of two machines"
+            )
         share = (int(k), int(n))
     _print_stats(infer(_load(args), progress=not args.quiet, share=share))
 
@@ -94,8 +104,8 @@ def cmd_blend(args: argparse.Namespace) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
-    from kaggle_tta.tuning.options import options_from
     from kaggle_tta.tuning.cache import fill_command
+    from kaggle_tta.tuning.options import options_from
     from kaggle_tta.tuning.run import tune
 
     hint = fill_command(args.pipeline, args.overrides, args.set)
@@ -190,7 +200,9 @@ def cmd_cache_verify(args: argparse.Namespace) -> None:
                 if why is not None:
                     bad.append(f"{m.name}/{entry.fingerprint}/{view} ({why})")
     if bad:
-        raise CacheError(f"{len(bad)} damaged: {'; '.join(bad)}; marked for recomputing — run 'kaggle-tta infer {args.pipeline}'")
+        raise CacheError(
+            f"{len(bad)} damaged: {'; '.join(bad)}; marked for recomputing — run 'kaggle-tta infer {args.pipeline}'"
+        )
     print(f"cache: {checked} view(s) verified, none damaged")
 
 
@@ -199,8 +211,8 @@ def cmd_cache_merge(args: argparse.Namespace) -> None:
     its share into its own cache.dir) into this cache, and assembles what they complete."""
     from kaggle_tta.cache.shards import missing_rows
     from kaggle_tta.config.errors import CacheError
-    from kaggle_tta.engine.plan import build_plan
     from kaggle_tta.dist.ranked import assemble_from
+    from kaggle_tta.engine.plan import build_plan
 
     plan = build_plan(_load(args))
     for src in args.sources:
@@ -208,10 +220,17 @@ def cmd_cache_merge(args: argparse.Namespace) -> None:
             raise CacheError(f"{src}: not a folder; give the cache.dir of the machine whose shards to merge")
     done = assemble_from(plan, None, [Path(src) for src in args.sources], lock=True)
     n = len(plan.testset)
-    lacking = [f"{m.name}/{v.name} ({missing_rows(entry, v.name, n)} rows)" for m, entry in done.entries for v in m.views if not entry.is_complete(v.name)]
+    lacking = [
+        f"{m.name}/{v.name} ({missing_rows(entry, v.name, n)} rows)"
+        for m, entry in done.entries
+        for v in m.views
+        if not entry.is_complete(v.name)
+    ]
     print(f"cache: {done.copied} shard(s) copied, {done.made} view(s) assembled in {plan.cache_root}")
     if lacking:
-        raise CacheError(f"still missing after the merge: {'; '.join(lacking[:5])}{' ...' if len(lacking) > 5 else ''}; merge the other machines' caches too, or run 'kaggle-tta infer {args.pipeline}' to compute them here")
+        raise CacheError(
+            f"still missing after the merge: {'; '.join(lacking[:5])}{' ...' if len(lacking) > 5 else ''}; merge the other machines' caches too, or run 'kaggle-tta infer {args.pipeline}' to compute them here"
+        )
 
 
 def cmd_demo_data(args: argparse.Namespace) -> None:
@@ -226,11 +245,23 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str, bool]] = {
     "run": (cmd_run, "fill the cache as needed, blend, write the submission", True),
     "infer": (cmd_infer, "fill the cache only", True),
     "blend": (cmd_blend, "blend from the cache and write the submission (builds no model, reads no image)", False),
-    "tune": (cmd_tune, "learn views, weights, temperatures and thresholds from a labelled pipeline's cache; write tuned.yaml (no model, no image)", False),
+    "tune": (
+        cmd_tune,
+        "learn views, weights, temperatures and thresholds from a labelled pipeline's cache; write tuned.yaml (no model, no image)",
+        False,
+    ),
     "cache ls": (cmd_cache_ls, "list cache entries: current or stale, views, rows, seconds", False),
     "cache prune": (cmd_cache_prune, "delete this pipeline's members' stale entries (--dry-run lists them)", False),
-    "cache merge": (cmd_cache_merge, "join shards computed on machines without a shared filesystem (their cache.dir) into this cache", False),
-    "cache verify": (cmd_cache_verify, "read every cached view whole: checksum, shape, finite values; mark damage", False),
+    "cache merge": (
+        cmd_cache_merge,
+        "join shards computed on machines without a shared filesystem (their cache.dir) into this cache",
+        False,
+    ),
+    "cache verify": (
+        cmd_cache_verify,
+        "read every cached view whole: checksum, shape, finite values; mark damage",
+        False,
+    ),
 }
 
 
@@ -238,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     from kaggle_tta import __version__
     from kaggle_tta.demo import DEMO_SIZE
 
-    ap = argparse.ArgumentParser(prog="kaggle-tta", description="Test-time-augmentation ensemble inference with a prediction cache.")
+    ap = argparse.ArgumentParser(
+        prog="kaggle-tta", description="Test-time-augmentation ensemble inference with a prediction cache."
+    )
     ap.add_argument("--version", action="version", version=f"kaggle-tta {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}
@@ -253,23 +286,40 @@ def build_parser() -> argparse.ArgumentParser:
             p = sub.add_parser(name, help=help_text)
         p.add_argument("pipeline", help="path of pipeline.yaml")
         p.add_argument(
-            "--overrides", action="append", default=[], metavar="FILE",
+            "--overrides",
+            action="append",
+            default=[],
+            metavar="FILE",
             help="a partial pipeline YAML merged over it before --set (repeatable; members and blends by name), e.g. tune's tuned.yaml",
         )
-        p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a YAML value (repeatable), e.g. runtime.precision=fp32")
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY.PATH=VALUE",
+            help="override a YAML value (repeatable), e.g. runtime.precision=fp32",
+        )
         if bar:
             p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
         if name == "infer":
-            p.add_argument("--share", metavar="K/N", help="compute only the K-th of N shares (0-based) into shard entries: for machines without a shared filesystem; join them with 'cache merge'")
+            p.add_argument(
+                "--share",
+                metavar="K/N",
+                help="compute only the K-th of N shares (0-based) into shard entries: for machines without a shared filesystem; join them with 'cache merge'",
+            )
         if name == "cache merge":
-            p.add_argument("sources", nargs="+", metavar="OTHER_CACHE_DIR", help="another machine's cache.dir, copied here")
+            p.add_argument(
+                "sources", nargs="+", metavar="OTHER_CACHE_DIR", help="another machine's cache.dir, copied here"
+            )
         if name == "tune":
             from kaggle_tta.tuning import options as tune_options  # light: argument definitions only
 
             tune_options.add_arguments(p)
         if name == "cache prune":
             p.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
-            p.add_argument("--force", action="store_true", help="also remove entries another pipeline file recorded using")
+            p.add_argument(
+                "--force", action="store_true", help="also remove entries another pipeline file recorded using"
+            )
         p.set_defaults(func=fn)
     d = sub.add_parser(
         "demo-data",
@@ -280,11 +330,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("out", help="folder to write the images into (created if missing)")
     d.add_argument("--n", type=int, default=240, help="number of images (default: 240)")
     d.add_argument("--seed", type=int, default=1, help="random seed; the same seed writes the same set (default: 1)")
-    d.add_argument("--size", type=int, default=DEMO_SIZE, help=f"side of each square image in pixels (default: {DEMO_SIZE}, what the demo members were tuned on)")
+    d.add_argument(
+        "--size",
+        type=int,
+        default=DEMO_SIZE,
+        help=f"side of each square image in pixels (default: {DEMO_SIZE}, what the demo members were tuned on)",
+    )
     d.set_defaults(func=cmd_demo_data)
     from kaggle_tta import kernel  # light: argument definitions only
 
-    k = sub.add_parser("kernel", help="build the offline Kaggle bundle: two datasets (the wheels; the weights and pipeline) and a notebook kernel")
+    k = sub.add_parser(
+        "kernel",
+        help="build the offline Kaggle bundle: two datasets (the wheels; the weights and pipeline) and a notebook kernel",
+    )
     kernel.add_arguments(k)
     k.set_defaults(func=kernel.run)
     return ap

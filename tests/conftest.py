@@ -59,8 +59,20 @@ def base_pipeline(images: Path, checkpoints: dict[str, Path], tmp: Path) -> dict
         "runtime": {"device": "cpu", "precision": "fp32", "forward_batch": 16, "batch_size": 8, "workers": 0},
         "cache": {"dir": str(tmp / "cache")},
         "members": [
-            {"name": "a", "arch": "test_resnet", "checkpoint": str(checkpoints["test_resnet"]), "preprocess": dict(pre), "tta": "hflip"},
-            {"name": "b", "arch": "test_efficientnet", "checkpoint": str(checkpoints["test_efficientnet"]), "preprocess": dict(pre), "tta": "d4"},
+            {
+                "name": "a",
+                "arch": "test_resnet",
+                "checkpoint": str(checkpoints["test_resnet"]),
+                "preprocess": dict(pre),
+                "tta": "hflip",
+            },
+            {
+                "name": "b",
+                "arch": "test_efficientnet",
+                "checkpoint": str(checkpoints["test_efficientnet"]),
+                "preprocess": dict(pre),
+                "tta": "d4",
+            },
         ],
         "blends": [{"name": "ens", "inputs": ["a", "b"], "method": "mean", "weights": [1, 1]}],
         "submission": {"path": str(tmp / "submission.csv")},

@@ -42,7 +42,12 @@ def _die_before_join() -> None:
 
     from torch.distributed import TCPStore
 
-    store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=datetime.timedelta(seconds=60))
+    store = TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        is_master=False,
+        timeout=datetime.timedelta(seconds=60),
+    )
     deadline = time.time() + 60
     while time.time() < deadline and not store.check(["kaggle-tta/hello/0"]):
         time.sleep(0.05)
@@ -53,7 +58,11 @@ if __name__ == "__main__":
     # torchrun ... tests/rank_models.py ARGS: kaggle-tta's CLI (ARGS as after 'kaggle-tta'), with the fault above
     import sys
 
-    if os.environ.get("KAGGLE_TTA_TEST_DIE_BEFORE_JOIN") and os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
+    if (
+        os.environ.get("KAGGLE_TTA_TEST_DIE_BEFORE_JOIN")
+        and os.environ.get("RANK") == "1"
+        and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0"
+    ):
         _die_before_join()
     from kaggle_tta.cli import main
 

@@ -19,9 +19,9 @@ import polars as pl
 import pytest
 
 import kaggle_tta
-from kaggle_tta.ops.gate import Gate, needs, scores
 from kaggle_tta.config import load_pipeline
 from kaggle_tta.config.errors import KaggleTTAError
+from kaggle_tta.ops.gate import Gate, needs, scores
 from kaggle_tta.ops.merge import VIEW_REDUCERS, activate, reduce_views
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,7 +107,9 @@ def test_gated_views_hold_exactly_the_rows_the_gate_needs(plain_run, tmp_path, f
     gated["runtime"]["forward_batch"] = forward_batch
     res = kaggle_tta.run(write(gated, "gated.yaml"), progress=False)
     got = _views(tmp_path / "cache-gated")
-    np.testing.assert_allclose(got["identity"], plain["identity"], atol=TOL)  # forwarded alone, not packed with other views
+    np.testing.assert_allclose(
+        got["identity"], plain["identity"], atol=TOL
+    )  # forwarded alone, not packed with other views
     send = needs(got["identity"], "softmax", gate)  # the gate reads the first view as cached
     assert 0 < send.sum() < len(send)
     for v in D4[1:]:
@@ -116,7 +118,9 @@ def test_gated_views_hold_exactly_the_rows_the_gate_needs(plain_run, tmp_path, f
     states = json.loads((_entry_dir(tmp_path / "cache-gated") / "manifest.json").read_text())["views"]
     assert "held" not in states["identity"] and all(states[v]["held"] == gate.record("softmax") for v in D4[1:])
     d = _entry_dir(tmp_path / "cache-gated")
-    assert all(np.array_equal(np.load(d / f"_held_{v}.npy"), send.astype(np.uint8)) for v in D4[1:])  # which rows each holds
+    assert all(
+        np.array_equal(np.load(d / f"_held_{v}.npy"), send.astype(np.uint8)) for v in D4[1:]
+    )  # which rows each holds
     f = res.stats.members["b"].forwards
     n = len(send)
     assert (f.run, f.full) == (n + 7 * int(send.sum()), 8 * n)
@@ -177,7 +181,10 @@ def test_a_changed_activation_computes_the_gated_views_again(plain_run, tmp_path
     t = float(np.median(scores(plain["identity"], "softmax", "confidence")))
     path = write(_one_member(cfg, tmp_path, "gated", confidence=t), "gated.yaml")
     kaggle_tta.run(path, progress=False)
-    with pytest.raises(KaggleTTAError, match=r"hflip \(computed for the rows of the gate confidence > .* \(softmax\), not confidence > .* \(sigmoid\)\)"):
+    with pytest.raises(
+        KaggleTTAError,
+        match=r"hflip \(computed for the rows of the gate confidence > .* \(softmax\), not confidence > .* \(sigmoid\)\)",
+    ):
         kaggle_tta.blend(load_pipeline(path, ["members.0.activation=sigmoid"]))
     again = kaggle_tta.run(path, overrides=["members.0.activation=sigmoid"], progress=False)
     assert sorted(again.stats.members["b"].views_computed) == sorted(D4[1:])
@@ -188,7 +195,9 @@ def test_without_tta_is_the_gates_first_view(plain_run, tmp_path):
     write, cfg, plain = plain_run
     hf = plain["hflip"]
     t = float(np.median(scores(hf, "softmax", "confidence")))
-    res = kaggle_tta.run(write(_one_member(cfg, tmp_path, "hf", first="hflip", confidence=t), "hf.yaml"), progress=False)
+    res = kaggle_tta.run(
+        write(_one_member(cfg, tmp_path, "hf", first="hflip", confidence=t), "hf.yaml"), progress=False
+    )
     labels = pl.read_csv(Path(cfg["data"]["labels"]["path"]))
     classes = cfg["data"]["classes"]
     y = np.array([classes.index(c) for c in labels["label"]])
@@ -248,7 +257,10 @@ def test_an_interrupted_adaptive_run_resumes_to_the_same_cache(plain_run, tmp_pa
 @pytest.mark.parametrize(
     "adaptive, match",
     [
-        ({"first": "hlfip", "confidence": 0.9}, r"members\.b\.adaptive\.first: 'hlfip' is not one of the member's views .*did you mean 'hflip'"),
+        (
+            {"first": "hlfip", "confidence": 0.9},
+            r"members\.b\.adaptive\.first: 'hlfip' is not one of the member's views .*did you mean 'hflip'",
+        ),
         ({"confidence": 0.9, "margin": 0.2}, r"members\[0\]\.adaptive.*exactly one of confidence or margin"),
         ({}, r"members\[0\]\.adaptive.*exactly one of confidence or margin"),
         ({"confidence": 1.5}, r"members\[0\]\.adaptive\.confidence.*between 0 and 1"),
@@ -281,7 +293,10 @@ def test_adaptive_is_refused_where_the_task_has_no_gate():
     from kaggle_tta.engine.plan import validate_static
 
     cfg = load_pipeline(ROOT / "examples" / "detection.yaml", ["members.0.adaptive={confidence: 0.9}"])
-    with pytest.raises(KaggleTTAError, match=rf"members\.{cfg.members[0].name}\.adaptive: adaptive views are for classification or segmentation"):
+    with pytest.raises(
+        KaggleTTAError,
+        match=rf"members\.{cfg.members[0].name}\.adaptive: adaptive views are for classification or segmentation",
+    ):
         validate_static(cfg)
 
 
@@ -295,7 +310,9 @@ def test_scores_and_gate_rules():
     srt = np.sort(p, axis=1)
     np.testing.assert_allclose(scores(logits, "softmax", "margin"), srt[:, -1] - srt[:, -2], rtol=1e-6, atol=1e-7)
     assert needs(logits, "softmax", Gate("identity", "margin", 0.5)).tolist() == [False, True, True]
-    assert needs(logits, "softmax", Gate("identity", "confidence", 1.0)).all()  # skips nothing, even a saturated softmax
+    assert needs(
+        logits, "softmax", Gate("identity", "confidence", 1.0)
+    ).all()  # skips nothing, even a saturated softmax
     assert not needs(np.array([[80.0, -80.0]], np.float32), "softmax", Gate("identity", "confidence", 0.999999)).any()
     # multi-label: the least certain class decides
     ml = np.array([[5.0, -5.0], [5.0, 0.1]], np.float32)
@@ -304,13 +321,18 @@ def test_scores_and_gate_rules():
     np.testing.assert_allclose(scores(ml, "sigmoid", "margin"), np.abs(2 * q - 1).min(axis=1), rtol=1e-6)
 
 
-@pytest.mark.parametrize("name, weighting", [(n, w) for n in VIEW_REDUCERS for w in ("equal", "views", "classes") if n != "max" or w == "equal"])
+@pytest.mark.parametrize(
+    "name, weighting",
+    [(n, w) for n in VIEW_REDUCERS for w in ("equal", "views", "classes") if n != "max" or w == "equal"],
+)
 def test_masked_merge_equals_each_rows_views_merged_alone(name, weighting):
     """Tolerance 1e-5: float32 accumulation in another order. (merge max takes no weights.)"""
     rng = np.random.default_rng(3)
     arrays = [rng.normal(size=(9, 5)).astype(np.float32) for _ in range(4)]
     masks = [None] + [rng.random(9) < 0.5 for _ in range(3)]
-    weights = None if weighting == "equal" else rng.random(4) + 0.1 if weighting == "views" else rng.random((4, 5)) + 0.1
+    weights = (
+        None if weighting == "equal" else rng.random(4) + 0.1 if weighting == "views" else rng.random((4, 5)) + 0.1
+    )
     got = reduce_views(name, arrays, "softmax", weights, 1.7, masks)
     for i in range(9):
         keep = [k for k, m in enumerate(masks) if m is None or m[i]]
@@ -348,7 +370,14 @@ def _seg(images: Path, tmp: Path, name: str, dtype: str = "float32", tiling: dic
     cfg = {
         "task": "segmentation",
         "data": {"folder": str(images), "classes": ["a", "b", "c", "d"]},
-        "runtime": {"device": "cpu", "precision": "fp32", "forward_batch": 5, "batch_size": 3, "workers": 0, "threads": 1},
+        "runtime": {
+            "device": "cpu",
+            "precision": "fp32",
+            "forward_batch": 5,
+            "batch_size": 3,
+            "workers": 0,
+            "threads": 1,
+        },
         "cache": {"dir": str(tmp / f"cache-{name}"), "dtype": dtype},
         "members": [m],
         "submission": {"path": str(tmp / f"{name}.csv")},
@@ -358,7 +387,9 @@ def _seg(images: Path, tmp: Path, name: str, dtype: str = "float32", tiling: dic
     return p
 
 
-@pytest.mark.parametrize("dtype, tiling", [("float32", None), ("uint8", {"tile": [24, 20], "overlap": 0.3, "weight": "gaussian"})])
+@pytest.mark.parametrize(
+    "dtype, tiling", [("float32", None), ("uint8", {"tile": [24, 20], "overlap": 0.3, "weight": "gaussian"})]
+)
 def test_segmentation_gates_images_on_their_mean_pixel_confidence(seg_images, tmp_path, dtype, tiling):
     """The median image score as threshold: the gated views hold exactly the images sent on
     (equal to plain TTA's maps within TOL; uint8: within one step), zeros elsewhere; the
@@ -381,12 +412,16 @@ def test_segmentation_gates_images_on_their_mean_pixel_confidence(seg_images, tm
     send = needs(seg._as_logits(got["identity"], "softmax"), "softmax", Gate("identity", "confidence", t))
     assert 0 < send.sum() < len(send)
     for v in D4[1:]:
-        np.testing.assert_allclose(got[v][send].astype(np.float32), plain[v][send].astype(np.float32), atol=tol, err_msg=v)
+        np.testing.assert_allclose(
+            got[v][send].astype(np.float32), plain[v][send].astype(np.float32), atol=tol, err_msg=v
+        )
         assert (got[v][~send] == 0).all(), v
     plan = plan_of(_seg(seg_images, tmp_path, "gated", dtype, tiling, confidence=t))
     (src,) = sources_for(plan)
     merged = seg.member_maps(src, 0, len(send)).values
-    want = reduce_views("mean", [seg._as_logits(got[v], "softmax") for v in D4], "softmax", masks=[None] + [send] * 7).values
+    want = reduce_views(
+        "mean", [seg._as_logits(got[v], "softmax") for v in D4], "softmax", masks=[None] + [send] * 7
+    ).values
     np.testing.assert_allclose(merged, want, atol=1e-5)
     kaggle_tta.run(_seg(seg_images, tmp_path, "one", dtype, tiling, confidence=1.0), progress=False)
     o = next(p for p in (tmp_path / "cache-one" / "px").iterdir() if p.is_dir())
@@ -405,15 +440,27 @@ def test_demo_d4_adaptive_run_keeps_the_gain_at_a_fraction_of_the_forwards(tmp_p
     from kaggle_tta.cli import main
 
     assert main(["demo-data", str(tmp_path / "test")]) == 0
-    sets = [f"data.folder={tmp_path / 'test'}", f"data.labels.path={tmp_path / 'test' / 'labels.csv'}",
-            f"submission.path={tmp_path / 'submission.csv'}", "runtime.precision=fp32"]
+    sets = [
+        f"data.folder={tmp_path / 'test'}",
+        f"data.labels.path={tmp_path / 'test' / 'labels.csv'}",
+        f"submission.path={tmp_path / 'submission.csv'}",
+        "runtime.precision=fp32",
+    ]
     full = kaggle_tta.run(ROOT / "pipeline.yaml", overrides=[*sets, f"cache.dir={tmp_path / 'full'}"], progress=False)
     d4 = full.blend.row("final")
     plain, d4_acc = d4.scores_plain["accuracy"], d4.scores_tta["accuracy"]
     assert d4_acc > plain  # a gain to keep
     gates = tmp_path / "gates.yaml"
-    kaggle_tta.tuning(load_pipeline(ROOT / "pipeline.yaml", [*sets, f"cache.dir={tmp_path / 'full'}"]), out=gates, folds=0, adaptive="confidence",
-                    views=False, view_weights=False, temperature=False, member_weights="off")
+    kaggle_tta.tuning(
+        load_pipeline(ROOT / "pipeline.yaml", [*sets, f"cache.dir={tmp_path / 'full'}"]),
+        out=gates,
+        folds=0,
+        adaptive="confidence",
+        views=False,
+        view_weights=False,
+        temperature=False,
+        member_weights="off",
+    )
     cfg = load_pipeline(ROOT / "pipeline.yaml", [*sets, f"cache.dir={tmp_path / 'adaptive'}"], override_files=[gates])
     assert all(m.adaptive is not None for m in cfg.members)
     ran = kaggle_tta.run(cfg, progress=False)
@@ -448,7 +495,9 @@ def _entry_files(cache: Path) -> dict[str, bytes]:
     d = _entry_dir(cache)
     out = {f.name: f.read_bytes() for f in sorted(d.glob("*.npy"))}
     states = json.loads((d / "manifest.json").read_text())["views"]
-    out["states"] = json.dumps({v: {k: x for k, x in st.items() if k not in ("seconds", "crc32")} for v, st in states.items()}, sort_keys=True).encode()
+    out["states"] = json.dumps(
+        {v: {k: x for k, x in st.items() if k not in ("seconds", "crc32")} for v, st in states.items()}, sort_keys=True
+    ).encode()
     return out
 
 
@@ -501,14 +550,22 @@ def test_shards_of_a_tighter_gate_are_not_taken_for_a_looser_one(plain_run, tmp_
         kaggle_tta.infer(p, share=(k, 2), progress=False)
     loose_p = write(_fixed(_one_member(cfg, tmp_path, "sh", confidence=loose)), "loose.yaml")
     res = kaggle_tta.run(loose_p, progress=False)
-    assert set(res.stats.members["b"].views_computed) == set(D4[1:]), res.stats  # identity assembled from the shards; the gated views computed
+    assert set(res.stats.members["b"].views_computed) == set(D4[1:]), (
+        res.stats
+    )  # identity assembled from the shards; the gated views computed
     assert not (_entry_dir(tmp_path / "cache-sh") / "shards").exists()  # the tighter copies: nothing the entry lacks
     ref = kaggle_tta.run(write(_fixed(_one_member(cfg, tmp_path, "ref", confidence=loose)), "ref.yaml"), progress=False)
     assert ref.stats.forwards.run - res.stats.forwards.run == 24  # the first view's rows: assembled, not forwarded
     a, b = _entry_files(tmp_path / "cache-ref"), _entry_files(tmp_path / "cache-sh")
     for k in a:
         if k != "states":
-            np.testing.assert_allclose(np.load(__import__("io").BytesIO(b[k])), np.load(__import__("io").BytesIO(a[k])), rtol=0, atol=TOL, err_msg=k)
+            np.testing.assert_allclose(
+                np.load(__import__("io").BytesIO(b[k])),
+                np.load(__import__("io").BytesIO(a[k])),
+                rtol=0,
+                atol=TOL,
+                err_msg=k,
+            )
 
 
 def test_plain_shares_over_a_gated_cache_assemble_plain_views(plain_run, tmp_path):
@@ -568,8 +625,8 @@ def test_a_damaged_share_keeps_the_gated_view_it_was_to_replace(plain_run, tmp_p
 
     from kaggle_tta.cache import CacheEntry
     from kaggle_tta.cache.shards import assemble
-    from kaggle_tta.engine.plan import build_plan
     from kaggle_tta.dist.ranked import space_short
+    from kaggle_tta.engine.plan import build_plan
 
     write, cfg, plain = plain_run
     _gated(plain_run, tmp_path, "dmg")
@@ -630,7 +687,9 @@ def test_a_share_reads_its_first_view_from_shards_of_another_split(plain_run, tm
         if k.startswith("_held_"):
             assert a[k] == b[k], k
         elif k != "states":
-            np.testing.assert_allclose(np.load(io.BytesIO(b[k])), np.load(io.BytesIO(a[k])), rtol=0, atol=TOL, err_msg=k)
+            np.testing.assert_allclose(
+                np.load(io.BytesIO(b[k])), np.load(io.BytesIO(a[k])), rtol=0, atol=TOL, err_msg=k
+            )
 
 
 def test_shares_of_two_gates_are_never_joined(plain_run, tmp_path):
@@ -641,7 +700,9 @@ def test_shares_of_two_gates_are_never_joined(plain_run, tmp_path):
     write, cfg, plain = plain_run
     s = scores(plain["identity"], "softmax", "confidence")
     loose, tight = float(np.quantile(s, 0.75)), float(np.quantile(s, 0.25))
-    kaggle_tta.infer(write(_fixed(_one_member(cfg, tmp_path, "two", confidence=loose)), "loose.yaml"), share=(0, 2), progress=False)
+    kaggle_tta.infer(
+        write(_fixed(_one_member(cfg, tmp_path, "two", confidence=loose)), "loose.yaml"), share=(0, 2), progress=False
+    )
     p = write(_fixed(_one_member(cfg, tmp_path, "two", confidence=tight)), "tight.yaml")
     again = kaggle_tta.infer(p, share=(0, 2), progress=False)
     assert set(again.members["b"].views_computed) == set(D4[1:]), again
@@ -677,5 +738,7 @@ def test_a_gated_view_whose_mask_is_damaged_is_replaced_by_its_shares(plain_run,
     import io
 
     assert after["_held_vflip.npy"] == before["_held_vflip.npy"]
-    np.testing.assert_allclose(np.load(io.BytesIO(after["vflip.npy"])), np.load(io.BytesIO(before["vflip.npy"])), rtol=0, atol=TOL)  # forwarded alone: other chunks
+    np.testing.assert_allclose(
+        np.load(io.BytesIO(after["vflip.npy"])), np.load(io.BytesIO(before["vflip.npy"])), rtol=0, atol=TOL
+    )  # forwarded alone: other chunks
     assert not (_entry_dir(tmp_path / "cache-mk") / "shards").exists()

@@ -14,8 +14,8 @@ import cv2
 import numpy as np
 import pytest
 import yaml
-
 from conftest import CLASSES
+
 from kaggle_tta.cli import main
 from kaggle_tta.config import load_pipeline
 
@@ -43,7 +43,9 @@ def _text(cfg: dict, marker: str, replacement: str) -> str:
 
 def _fast(cfg: dict, tmp_path: Path) -> dict:
     """One tiny factory member without TTA: a whole run takes a fraction of a second."""
-    cfg["members"] = [{"name": "a", "factory": "helpers:invariant_model", "preprocess": {"input_size": [3, 32, 32]}, "tta": "none"}]
+    cfg["members"] = [
+        {"name": "a", "factory": "helpers:invariant_model", "preprocess": {"input_size": [3, 32, 32]}, "tta": "none"}
+    ]
     cfg["blends"] = []
     return cfg
 
@@ -116,7 +118,9 @@ def test_ordinary_anchors_still_work(pipeline, tmp_path):
     for m in cfg["members"]:
         m["preprocess"] = "PRE"
     text = yaml.safe_dump(cfg, sort_keys=False)
-    text = text.replace("preprocess: PRE", "preprocess: &p {input_size: [3, 56, 56], crop_pct: 0.875}", 1).replace("preprocess: PRE", "preprocess: *p")
+    text = text.replace("preprocess: PRE", "preprocess: &p {input_size: [3, 56, 56], crop_pct: 0.875}", 1).replace(
+        "preprocess: PRE", "preprocess: *p"
+    )
     path = tmp_path / "anchors.yaml"
     path.write_text(text)
     loaded = load_pipeline(path)
@@ -166,8 +170,14 @@ def _field_cases():
         (section("detection", skip_box_thr=-0.1), "detection.skip_box_thr: must be in [0, 1]"),
         (section("detection", thresh=2), "detection.thresh: must be in [0, 1]"),
         (section("detection", sigma=0), "detection.sigma: must be positive"),
-        (lambda c: c["data"].update(masks={"folder": "m", "template": "{id.png"}), "data.masks.template: '{id.png' is not a valid template"),
-        (sub(rle={"id_template": "{id}_{klass}"}), "submission.rle.id_template: '{id}_{klass}': unknown field '{klass}'"),
+        (
+            lambda c: c["data"].update(masks={"folder": "m", "template": "{id.png"}),
+            "data.masks.template: '{id.png' is not a valid template",
+        ),
+        (
+            sub(rle={"id_template": "{id}_{klass}"}),
+            "submission.rle.id_template: '{id}_{klass}': unknown field '{klass}'",
+        ),
     ]
 
 
@@ -215,8 +225,16 @@ def test_malformed_path_template(pipeline, capsys, tmp_path, demo_images):
         ("empty.safetensors", lambda data: b"", "is empty (0 bytes)"),
         ("cut.safetensors", lambda data: data[: len(data) // 2], "is not a complete safetensors file (truncated"),
         ("header.safetensors", lambda data: data[:20], "is not a complete safetensors file (its header claims"),
-        ("garbage.safetensors", lambda data: b"not safetensors at all" * 8, "is not a safetensors file (it does not start"),
-        ("torch.safetensors", lambda data: b"PK\x03\x04" + data[4:], "is a torch.save file, not safetensors; rename it to .pt"),
+        (
+            "garbage.safetensors",
+            lambda data: b"not safetensors at all" * 8,
+            "is not a safetensors file (it does not start",
+        ),
+        (
+            "torch.safetensors",
+            lambda data: b"PK\x03\x04" + data[4:],
+            "is a torch.save file, not safetensors; rename it to .pt",
+        ),
     ],
 )
 def test_damaged_checkpoint(pipeline, capsys, tmp_path, checkpoints, name, damage, message):
@@ -267,7 +285,11 @@ def test_ids_with_line_breaks_list_and_are_quoted(pipeline, capsys, tmp_path, de
 def test_labels_csv_not_utf8(pipeline, capsys, tmp_path, demo_images):
     write, cfg = pipeline
     labels = tmp_path / "labels.csv"
-    labels.write_bytes(b"id,label\n" + b"".join(f"{p.stem},circle\n".encode() for p in sorted(demo_images.glob("*.png"))) + b"caf\xe9,circle\n")
+    labels.write_bytes(
+        b"id,label\n"
+        + b"".join(f"{p.stem},circle\n".encode() for p in sorted(demo_images.glob("*.png")))
+        + b"caf\xe9,circle\n"
+    )
     cfg["data"]["labels"]["path"] = str(labels)
     err = _run_fails(capsys, write(_fast(cfg, tmp_path)))
     assert str(labels) in err and "not UTF-8 text (byte 0xe9 on line 26)" in err
@@ -311,7 +333,14 @@ def _det_pipeline(tmp_path: Path, boxes_csv: Path) -> Path:
         "data": {"folder": str(images), "classes": CLASSES[:3], "boxes": {"path": str(boxes_csv)}},
         "runtime": {"device": "cpu", "precision": "fp32", "workers": 0},
         "cache": {"dir": str(tmp_path / "cache")},
-        "members": [{"name": "bright", "factory": "helpers:bright_boxes", "adapter": "boxes", "preprocess": {"input_size": [24, 24]}}],
+        "members": [
+            {
+                "name": "bright",
+                "factory": "helpers:bright_boxes",
+                "adapter": "boxes",
+                "preprocess": {"input_size": [24, 24]},
+            }
+        ],
         "submission": {"path": str(tmp_path / "sub.csv")},
     }
     path = tmp_path / "det.yaml"

@@ -6,8 +6,8 @@ import ensemble_boxes
 import numpy as np
 import pytest
 
-from kaggle_tta.ops.boxes import CONF_TYPES, PRESETS, BoxesError, fuse_boxes, prediction_string
 from kaggle_tta.config.errors import KaggleTTAError
+from kaggle_tta.ops.boxes import CONF_TYPES, PRESETS, BoxesError, fuse_boxes, prediction_string
 
 H, W = 480, 640  # non-square, so a swapped H/W cannot hide
 SCALE = np.array([W, H, W, H], dtype=np.float64)
@@ -67,7 +67,10 @@ def test_wbf_matches_ensemble_boxes(seed, conf_type, weights):
 @pytest.mark.parametrize("weights", [None, [2.0, 1.0, 0.5]])
 def test_nms_and_soft_nms_match_ensemble_boxes(seed, weights):
     models = make_models(seed)
-    assert_same(fuse_boxes(*models, (H, W), "nms", weights=weights, iou_thr=0.4), oracle(ensemble_boxes.nms, *models, weights=weights, iou_thr=0.4))
+    assert_same(
+        fuse_boxes(*models, (H, W), "nms", weights=weights, iou_thr=0.4),
+        oracle(ensemble_boxes.nms, *models, weights=weights, iou_thr=0.4),
+    )
     kw = dict(weights=weights, iou_thr=0.4, sigma=0.3, thresh=0.05)
     assert_same(fuse_boxes(*models, (H, W), "soft_nms", **kw), oracle(ensemble_boxes.soft_nms, *models, **kw))
 
@@ -191,8 +194,14 @@ def _bad_box(b):
         (_model0("boxes_list", lambda b: b.reshape(-1)), r"model 0: boxes must be \[N, 4\]"),
         (_model0("scores_list", lambda s: s[:-1]), r"model 0: \d+ scores for \d+ boxes"),
         (_model0("labels_list", lambda lab: lab[1:]), r"model 0: \d+ labels for \d+ boxes"),
-        (_model0("boxes_list", lambda b: np.where(np.arange(b.size).reshape(b.shape) == 5, np.nan, b)), r"model 0: boxes contain NaN"),
-        (_model0("scores_list", lambda s: np.where(np.arange(len(s)) == 0, np.inf, s)), r"model 0: scores contain NaN or infinity"),
+        (
+            _model0("boxes_list", lambda b: np.where(np.arange(b.size).reshape(b.shape) == 5, np.nan, b)),
+            r"model 0: boxes contain NaN",
+        ),
+        (
+            _model0("scores_list", lambda s: np.where(np.arange(len(s)) == 0, np.inf, s)),
+            r"model 0: scores contain NaN or infinity",
+        ),
         (_model0("labels_list", lambda lab: lab + 0.5), r"model 0: labels must be integer class ids"),
         (_model0("labels_list", lambda lab: lab.astype(str)), r"model 0: labels must be integer class ids"),
         (_model0("boxes_list", _bad_box), r"model 0, box 3: .* x2 < x1 or y2 < y1"),
@@ -219,7 +228,9 @@ def test_ensemble_boxes_itself_exits_on_mismatched_lists():
     kw = _valid()
     normalized = [b / SCALE for b in kw["boxes_list"]]
     with pytest.raises(SystemExit):
-        ensemble_boxes.weighted_boxes_fusion(normalized, [kw["scores_list"][0][:-1], kw["scores_list"][1]], kw["labels_list"])
+        ensemble_boxes.weighted_boxes_fusion(
+            normalized, [kw["scores_list"][0][:-1], kw["scores_list"][1]], kw["labels_list"]
+        )
 
 
 def test_float_labels_with_integer_values_pass():
@@ -268,7 +279,10 @@ def test_prediction_string_empty(template):
 @pytest.mark.parametrize(
     "kw,match",
     [
-        (dict(template="global_whet"), r"unknown PredictionString preset 'global_whet' — did you mean 'global_wheat'\?"),
+        (
+            dict(template="global_whet"),
+            r"unknown PredictionString preset 'global_whet' — did you mean 'global_wheat'\?",
+        ),
         (dict(template="{conf} {xmin}"), r"unknown field '\{xmin\}'"),
         (dict(template="{label:.2f}", classes=["a", "b"]), r"cannot format a box"),
         (dict(template="open_images", classes=["only_one"]), r"label 1 has no name: classes lists 1 names"),

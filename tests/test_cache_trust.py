@@ -37,7 +37,13 @@ def _example(name: str, demo_images: Path, tmp: Path, cache: Path) -> Path:
         cfg["data"]["boxes"]["path"] = str(demo_images / "boxes.csv")
     for m in cfg["members"]:
         m["checkpoint"] = str((REPO / "examples" / m["checkpoint"]).resolve())
-    cfg["runtime"] = {**cfg.get("runtime", {}), "precision": "fp32", "workers": 0, "device": "cpu", "channels_last": False}  # one layout: see below
+    cfg["runtime"] = {
+        **cfg.get("runtime", {}),
+        "precision": "fp32",
+        "workers": 0,
+        "device": "cpu",
+        "channels_last": False,
+    }  # one layout: see below
     cfg["cache"] = {**cfg.get("cache", {}), "dir": str(cache)}
     cfg["submission"]["path"] = str(tmp / "sub.csv")
     return _write(tmp, cfg, f"{name}.yaml")
@@ -76,7 +82,16 @@ def test_concurrent_runs_on_one_cache_equal_a_single_run(task, pipeline, demo_im
     for n in (2, 3):
         cache = tmp_path / f"shared{n}"
         paths = [pipeline_for(cache, f"c{n}_{k}") for k in range(n)]
-        procs = [subprocess.Popen([sys.executable, "-m", "kaggle_tta", "run", str(p), "-q"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for p in paths]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "kaggle_tta", "run", str(p), "-q"],
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for p in paths
+        ]
         outs = [p.communicate(timeout=300) for p in procs]
         for proc, (out, err) in zip(procs, outs):
             assert proc.returncode == 0, err
@@ -139,7 +154,14 @@ def test_an_edited_factory_is_a_new_entry(pipeline, tmp_path, monkeypatch):
     src = "import torch\n\ndef make(num_classes=4):\n    torch.manual_seed(0)\n    return torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, num_classes))\n"
     mod.write_text(src)
     monkeypatch.syspath_prepend(str(tmp_path))
-    cfg["members"] = [{"name": "f", "factory": "mymodels:make", "preprocess": {"input_size": [3, 56, 56], "crop_pct": 0.875, "mean": [0.5] * 3, "std": [0.5] * 3}, "tta": "none"}]
+    cfg["members"] = [
+        {
+            "name": "f",
+            "factory": "mymodels:make",
+            "preprocess": {"input_size": [3, 56, 56], "crop_pct": 0.875, "mean": [0.5] * 3, "std": [0.5] * 3},
+            "tta": "none",
+        }
+    ]
     cfg["blends"] = []
     p = write(cfg)
     infer(p, progress=False)
@@ -158,7 +180,7 @@ def _damage(path: Path, kind: str) -> None:
         a.flush()
     elif kind == "bits":  # a flipped exponent bit: finite, plausible, wrong
         a = np.load(path, mmap_mode="r+")
-        a[2, 1] = a[2, 1] * 2.0 ** 9
+        a[2, 1] = a[2, 1] * 2.0**9
         a.flush()
     elif kind == "truncated":
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
@@ -209,7 +231,10 @@ def small_disk(tmp_path):
     """A 2 MB tmpfs (root only); skipped where it cannot be mounted."""
     where = tmp_path / "disk"
     where.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)], capture_output=True).returncode != 0:
+    if (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)], capture_output=True).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a tmpfs here")
     yield where
     subprocess.run(["umount", "-l", str(where)], capture_output=True)
@@ -221,7 +246,15 @@ def test_a_run_that_cannot_fit_stops_before_the_first_forward(pipeline, small_di
     cfg["data"].pop("labels")
     big = 3_000_000 // (24 * 4 * 8)  # classes enough for 8 float32 views of 24 images to need 3 MB
     cfg["data"]["classes"] = [f"c{k}" for k in range(big)]
-    cfg["members"] = [{"name": "f", "factory": "helpers:invariant_model", "kwargs": {"num_classes": big}, "preprocess": {"input_size": [3, 56, 56], "crop_pct": 0.875, "mean": [0.5] * 3, "std": [0.5] * 3}, "tta": "d4"}]
+    cfg["members"] = [
+        {
+            "name": "f",
+            "factory": "helpers:invariant_model",
+            "kwargs": {"num_classes": big},
+            "preprocess": {"input_size": [3, 56, 56], "crop_pct": 0.875, "mean": [0.5] * 3, "std": [0.5] * 3},
+            "tta": "d4",
+        }
+    ]
     cfg["blends"] = []
     import kaggle_tta.engine.stream as engine
 
@@ -342,7 +375,14 @@ def test_rows_computed_on_trial_are_computed_again_in_the_decided_layout(pipelin
     on the first chunks (CPU, fp32), every cached row still comes from the one decided."""
     write, cfg = pipeline
     monkeypatch.setenv("KAGGLE_TTA_TUNING_DIR", str(tmp_path / "tuning"))
-    cfg["members"] = [{"name": "l", "factory": "helpers:layout_reporter", "preprocess": {"input_size": [3, 56, 56], "crop_pct": 0.875, "mean": [0.5] * 3, "std": [0.5] * 3}, "tta": "d4"}]
+    cfg["members"] = [
+        {
+            "name": "l",
+            "factory": "helpers:layout_reporter",
+            "preprocess": {"input_size": [3, 56, 56], "crop_pct": 0.875, "mean": [0.5] * 3, "std": [0.5] * 3},
+            "tta": "d4",
+        }
+    ]
     cfg["blends"] = []
     cfg["runtime"].update(channels_last="auto", forward_batch=8, batch_size=8)
     stats = infer(write(cfg), progress=False)
@@ -371,7 +411,14 @@ def test_a_run_stopped_during_the_trial_counts_none_of_its_trial_rows(pipeline, 
 
     write, cfg = pipeline
     monkeypatch.setenv("KAGGLE_TTA_TUNING_DIR", str(tmp_path / "tuning"))
-    cfg["members"] = [{"name": "l", "factory": "helpers:layout_reporter", "preprocess": {"input_size": [3, 56, 56], "crop_pct": 0.875, "mean": [0.5] * 3, "std": [0.5] * 3}, "tta": "none"}]
+    cfg["members"] = [
+        {
+            "name": "l",
+            "factory": "helpers:layout_reporter",
+            "preprocess": {"input_size": [3, 56, 56], "crop_pct": 0.875, "mean": [0.5] * 3, "std": [0.5] * 3},
+            "tta": "none",
+        }
+    ]
     cfg["blends"] = []
     cfg["runtime"].update(channels_last="auto", forward_batch=8, batch_size=4)  # the trial spans batches
     p = write(cfg)

@@ -37,7 +37,9 @@ def test_fixed_size_and_shrink():
     assert ChunkSizer("auto", 10).current == 8  # candidates never exceed images x views
 
 
-def _drive_layout(cost: dict[bool, float], size_costs: dict[int, float] | None = None, setting: int | str = 16, chunks: int = 200) -> ChunkSizer:
+def _drive_layout(
+    cost: dict[bool, float], size_costs: dict[int, float] | None = None, setting: int | str = 16, chunks: int = 200
+) -> ChunkSizer:
     s = ChunkSizer(setting, 1024, (False, True))
     for _ in range(chunks):
         n = s.current
@@ -204,7 +206,9 @@ def test_out_of_memory_splits_into_pieces_of_the_size_that_fits(as_list):
     from kaggle_tta.config.errors import CheckpointError
 
     # one input that does not fit is the user's to fix: the error names the member and the knobs
-    with pytest.raises(CheckpointError, match=r"members\.big: one input of \(3, 2, 2\) does not fit in cpu memory .*input_size"):
+    with pytest.raises(
+        CheckpointError, match=r"members\.big: one input of \(3, 2, 2\) does not fit in cpu memory .*input_size"
+    ):
         Runner(Never(), torch.device("cpu"), "fp32", ChunkSizer(8, 1024), name="big")(torch.zeros(3, 3, 2, 2))
 
 
@@ -212,7 +216,11 @@ def test_run_summary_names_each_members_chunk_size_when_they_differ():
     from kaggle_tta.engine.stream import MemberStats, RunStats
 
     st = RunStats(device="cpu", precision="fp32", images=4)
-    st.members = {"a": MemberStats("a", forward_batch=32), "b": MemberStats("b", forward_batch=32), "c": MemberStats("c")}
+    st.members = {
+        "a": MemberStats("a", forward_batch=32),
+        "b": MemberStats("b", forward_batch=32),
+        "c": MemberStats("c"),
+    }
     assert st.forward_batch == "32"  # c computed nothing
     st.members["b"].forward_batch = 64
     assert st.forward_batch == "32/64"

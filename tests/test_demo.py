@@ -34,7 +34,9 @@ def test_repo_pipeline_runs_and_tta_helps(tmp_path, capsys):
     assert res.row("final").scores_tta["accuracy"] == pytest.approx(acc)  # the reported score is the submission's
     for node in ("resnet", "effnet", "final"):
         r = res.row(node)
-        assert r.scores_tta["accuracy"] >= r.scores_plain["accuracy"], res.report()  # D4 is the data's symmetry: TTA must not hurt here
+        assert r.scores_tta["accuracy"] >= r.scores_plain["accuracy"], (
+            res.report()
+        )  # D4 is the data's symmetry: TTA must not hurt here
     again = kaggle_tta.run(ROOT / "pipeline.yaml", overrides=sets, progress=False)
     assert again.stats.all_cached and again.stats.rows_computed == 0
     assert again.blend.table.equals(res.table)
@@ -64,7 +66,14 @@ def test_a_run_with_an_albumentations_member_reaches_no_network(pipeline, tmp_pa
     write, cfg = pipeline
     cfg["members"][0]["preprocess"]["backend"] = "albumentations"  # the reference document's OpenCV path
     env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
-    done = subprocess.run([sys.executable, "-c", NO_NETWORK, "run", str(write(cfg)), "-q"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", NO_NETWORK, "run", str(write(cfg)), "-q"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "NETWORK" not in done.stdout, done.stdout
     assert pl.read_csv(tmp_path / "submission.csv").height == 24

@@ -7,8 +7,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from conftest import CLASSES, save_random_checkpoint
+
 from kaggle_tta.cli import main
 
 
@@ -101,7 +101,9 @@ def test_missing_checkpoint(pipeline, capsys, tmp_path):
 
 def test_checkpoint_with_other_class_count(pipeline, capsys, tmp_path):
     write, cfg = pipeline
-    cfg["members"][0]["checkpoint"] = str(save_random_checkpoint(tmp_path / "ten.safetensors", "test_resnet", 0, n_classes=10))
+    cfg["members"][0]["checkpoint"] = str(
+        save_random_checkpoint(tmp_path / "ten.safetensors", "test_resnet", 0, n_classes=10)
+    )
     err = _fails(capsys, write(cfg))
     assert "members.a.checkpoint: ten.safetensors:" in err
     assert "the checkpoint has 10 classes, the pipeline declares 4 (data.classes)" in err
@@ -160,7 +162,9 @@ def test_bad_image_is_named(pipeline, capsys, tmp_path, demo_images, damage):
     shutil.copytree(demo_images, d)
     victim = d / "img_00013.png"
     data = victim.read_bytes()
-    victim.write_bytes({"zero": b"", "truncated": data[: len(data) // 2], "garbage": b"not an image at all" * 10}[damage])
+    victim.write_bytes(
+        {"zero": b"", "truncated": data[: len(data) // 2], "garbage": b"not an image at all" * 10}[damage]
+    )
     write, cfg = pipeline
     cfg["data"]["folder"] = str(d)
     cfg["data"]["labels"]["path"] = str(d / "labels.csv")
@@ -180,7 +184,9 @@ def test_factory_that_does_not_import(pipeline, capsys, tmp_path):
 
 def test_labels_with_unknown_class(pipeline, capsys, tmp_path, demo_images):
     write, cfg = pipeline
-    (tmp_path / "labels.csv").write_text("id,label\n" + "".join(f"{p.stem},hexagon\n" for p in sorted(demo_images.glob("*.png"))))
+    (tmp_path / "labels.csv").write_text(
+        "id,label\n" + "".join(f"{p.stem},hexagon\n" for p in sorted(demo_images.glob("*.png")))
+    )
     cfg["data"]["labels"]["path"] = str(tmp_path / "labels.csv")
     err = _fails(capsys, write(cfg))
     assert "label 'hexagon' is not in data.classes" in err
@@ -193,19 +199,29 @@ def test_version():
     import os
     import subprocess
     import sys
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     import kaggle_tta
 
     root = Path(__file__).parents[1]
-    r = subprocess.run([sys.executable, "-m", "kaggle_tta", "--version"], capture_output=True, text=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    r = subprocess.run(
+        [sys.executable, "-m", "kaggle_tta", "--version"],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == f"kaggle-tta {kaggle_tta.__version__}"
     assert kaggle_tta.__version__ == tomllib.loads((root / "pyproject.toml").read_text())["project"]["version"]
 
 
-@pytest.mark.parametrize("argv", [["blend", "P", "--quiet"], ["blend", "P", "-q"], ["cache", "ls", "P", "-q"], ["cache", "prune", "P", "--quiet"]])
+@pytest.mark.parametrize(
+    "argv",
+    [["blend", "P", "--quiet"], ["blend", "P", "-q"], ["cache", "ls", "P", "-q"], ["cache", "prune", "P", "--quiet"]],
+)
 def test_quiet_is_only_for_commands_with_a_progress_bar(capsys, argv):
     """blend and cache show no bar, so --quiet there is a usage error (argparse: exit 2)."""
     with pytest.raises(SystemExit) as exc:

@@ -7,8 +7,6 @@ with odd and even differences, and textured like camera photos (not smooth scene
 
 from __future__ import annotations
 
-import io
-
 import cv2
 import numpy as np
 import pytest
@@ -39,7 +37,14 @@ def _timm_oracle(path, size: tuple[int, int], crop_pct: float, interpolation: st
     """timm's eval transform on the image as timm loads it, in uint8 (mean 0, std 1)."""
     from timm.data import create_transform
 
-    t = create_transform(input_size=(3, *size), crop_pct=crop_pct, interpolation=interpolation, mean=(0, 0, 0), std=(1, 1, 1), is_training=False)
+    t = create_transform(
+        input_size=(3, *size),
+        crop_pct=crop_pct,
+        interpolation=interpolation,
+        mean=(0, 0, 0),
+        std=(1, 1, 1),
+        is_training=False,
+    )
     x = t(Image.open(path).convert("RGB"))
     return np.clip(np.round(x.permute(1, 2, 0).numpy() * 255.0), 0, 255).astype(np.uint8)
 
@@ -48,7 +53,15 @@ SHAPES = [(683, 1024), (768, 1023), (501, 333), (640, 480)]  # odd and even diff
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("size,crop_pct,interpolation", [((224, 224), 0.95, "bicubic"), ((224, 224), 0.875, "bilinear"), ((224, 224), 1.0, "bicubic"), ((192, 160), 0.9, "bilinear")])
+@pytest.mark.parametrize(
+    "size,crop_pct,interpolation",
+    [
+        ((224, 224), 0.95, "bicubic"),
+        ((224, 224), 0.875, "bilinear"),
+        ((224, 224), 1.0, "bicubic"),
+        ((192, 160), 0.9, "bilinear"),
+    ],
+)
 def test_timm_backend_is_timms_eval_transform(tmp_path, shape, size, crop_pct, interpolation):
     path = tmp_path / "photo.jpg"
     _jpeg(_camera_like(*shape, seed=shape[0]), path)
@@ -92,7 +105,9 @@ def _reference_five_crop(image: np.ndarray, max_size: int, crop: int) -> list[np
         "br": [w - crop, h - crop, w, h],
         "center": [(w - crop) // 2, (h - crop) // 2, (w + crop) // 2, (h + crop) // 2],
     }
-    return [A.Crop(x_min=b[0], y_min=b[1], x_max=b[2], y_max=b[3])(image=r)["image"] for b in (boxes[p] for p in POSITIONS)]
+    return [
+        A.Crop(x_min=b[0], y_min=b[1], x_max=b[2], y_max=b[3])(image=r)["image"] for b in (boxes[p] for p in POSITIONS)
+    ]
 
 
 @pytest.mark.parametrize("shape", SHAPES + [(256, 256)])
@@ -100,7 +115,9 @@ def _reference_five_crop(image: np.ndarray, max_size: int, crop: int) -> list[np
 def test_albumentations_backend_five_crop_is_the_reference_code(shape, crop_pct):
     img = _camera_like(*shape, seed=2)
     max_size = int(np.floor(224 / crop_pct))
-    ours = CanvasSpec((224, 224), crop_pct, "bilinear", mode="crop", backend="albumentations", positions=POSITIONS).build()(img)
+    ours = CanvasSpec(
+        (224, 224), crop_pct, "bilinear", mode="crop", backend="albumentations", positions=POSITIONS
+    ).build()(img)
     for k, ref in enumerate(_reference_five_crop(img, max_size, 224)):
         np.testing.assert_array_equal(ours[k], ref, err_msg=POSITIONS[k])
 
@@ -108,7 +125,9 @@ def test_albumentations_backend_five_crop_is_the_reference_code(shape, crop_pct)
 def test_corners_come_from_the_whole_resized_image():
     """683x1024 at 224 / 0.875 resizes to 256 x 384: the corners sit at x = 0 and 160."""
     img = _camera_like(683, 1024, seed=3)
-    ours = CanvasSpec((224, 224), 0.875, "bilinear", mode="crop", backend="albumentations", positions=("tl", "tr")).build()(img)
+    ours = CanvasSpec(
+        (224, 224), 0.875, "bilinear", mode="crop", backend="albumentations", positions=("tl", "tr")
+    ).build()(img)
     import albumentations as A
 
     r = A.SmallestMaxSize(max_size=256)(image=img)["image"]
@@ -129,7 +148,21 @@ def test_every_view_of_a_run_starts_from_the_oracle_crop(tmp_path, pipeline):
         cv2.imwrite(str(images / f"p{k}.png"), cv2.cvtColor(_camera_like(*shape, seed=k), cv2.COLOR_RGB2BGR))
     cfg["data"] = {"folder": str(images), "classes": ["r", "g", "b", "x"]}
     mean, std = [0.5] * 3, [0.25] * 3
-    cfg["members"] = [{"name": "px", "factory": "helpers:top_left_pixels", "preprocess": {"input_size": [3, 56, 56], "crop_pct": 0.9, "interpolation": "bicubic", "mean": mean, "std": std, "backend": "timm"}, "tta": ["identity", "crop_br"]}]
+    cfg["members"] = [
+        {
+            "name": "px",
+            "factory": "helpers:top_left_pixels",
+            "preprocess": {
+                "input_size": [3, 56, 56],
+                "crop_pct": 0.9,
+                "interpolation": "bicubic",
+                "mean": mean,
+                "std": std,
+                "backend": "timm",
+            },
+            "tta": ["identity", "crop_br"],
+        }
+    ]
     cfg["blends"] = []
     infer(write(cfg), progress=False)
     entry = next((tmp_path / "cache" / "px").iterdir())
@@ -137,7 +170,9 @@ def test_every_view_of_a_run_starts_from_the_oracle_crop(tmp_path, pipeline):
         got = np.load(entry / f"{view}.npy")
         for k in range(2):
             img = decode_image(images / f"p{k}.png")
-            crop = CanvasSpec((56, 56), 0.9, "bicubic", mode="crop", backend="timm", positions=(position,)).build()(img)[0]
+            crop = CanvasSpec((56, 56), 0.9, "bicubic", mode="crop", backend="timm", positions=(position,)).build()(
+                img
+            )[0]
             want = (crop[0, :2, 0].astype(np.float32) / 255.0 - 0.5) / 0.25  # channel 0, pixels (0, 0) and (0, 1)
             np.testing.assert_allclose(got[k, :2], want, atol=1e-5)
 
@@ -187,16 +222,27 @@ def test_a_blend_of_members_with_their_own_activations(pipeline, tmp_path):
     cfg["submission"].update(format="probs")
     result = run(write(cfg), progress=False)
     ea, eb = (next((tmp_path / "cache" / n).iterdir()) for n in ("a", "b"))
-    want = 0.25 * _sigmoid(_views_mean(ea, ["identity", "hflip"])) + 0.75 * _softmax(_views_mean(eb, ["identity", "rot90", "rot180", "rot270", "vflip", "transverse", "hflip", "transpose"]))
+    want = 0.25 * _sigmoid(_views_mean(ea, ["identity", "hflip"])) + 0.75 * _softmax(
+        _views_mean(eb, ["identity", "rot90", "rot180", "rot270", "vflip", "transverse", "hflip", "transpose"])
+    )
     np.testing.assert_allclose(pl.read_csv(result.blend.path).drop("id").to_numpy(), want, atol=2e-6)
 
 
 @pytest.mark.parametrize(
     "change,message",
     [
-        (lambda c: c["members"][1].update(merge="mean_prob"), r"blends\[0\]\.space: logits needs every input to give logits, but 'b' gives probs"),
-        (lambda c: c["members"][0].update(activation="sigmoid"), r"blends\[0\]\.space: logits of different activations"),
-        (lambda c: c["blends"][0].update(method="power_mean"), r"blends\[0\]\.space: power_mean combines probabilities"),
+        (
+            lambda c: c["members"][1].update(merge="mean_prob"),
+            r"blends\[0\]\.space: logits needs every input to give logits, but 'b' gives probs",
+        ),
+        (
+            lambda c: c["members"][0].update(activation="sigmoid"),
+            r"blends\[0\]\.space: logits of different activations",
+        ),
+        (
+            lambda c: c["blends"][0].update(method="power_mean"),
+            r"blends\[0\]\.space: power_mean combines probabilities",
+        ),
     ],
 )
 def test_a_blend_space_that_cannot_hold_is_an_error_at_load(pipeline, change, message):

@@ -13,7 +13,10 @@ from kaggle_tta.config.errors import ConfigError
 from kaggle_tta.engine.plan import resolve_precision
 
 
-@pytest.mark.parametrize("capability,expected", [((7, 5), "fp16"), ((6, 0), "fp16"), ((7, 0), "fp16"), ((8, 0), "bf16"), ((8, 9), "bf16"), ((9, 0), "bf16")])
+@pytest.mark.parametrize(
+    "capability,expected",
+    [((7, 5), "fp16"), ((6, 0), "fp16"), ((7, 0), "fp16"), ((8, 0), "bf16"), ((8, 9), "bf16"), ((9, 0), "bf16")],
+)
 def test_auto_precision_on_cuda_follows_the_compute_capability(monkeypatch, capability, expected):
     """torch says bf16 is supported on a T4 (through emulation, slower than fp32): auto must
     still pick fp16 below compute capability 8.0."""
@@ -34,7 +37,10 @@ def test_the_submission_takes_the_samples_header_ids_and_order(pipeline, demo_im
     ids = sorted(p.name for p in demo_images.glob("*.png"))  # with their suffix, as competitions write them
     random.Random(0).shuffle(ids)
     cfg["submission"]["sample"] = str(_sample(tmp_path, ids, ("image_id", "target")))
-    plain = run(write(dict(cfg, submission={k: v for k, v in cfg["submission"].items() if k != "sample"}), "plain.yaml"), progress=False).blend.table
+    plain = run(
+        write(dict(cfg, submission={k: v for k, v in cfg["submission"].items() if k != "sample"}), "plain.yaml"),
+        progress=False,
+    ).blend.table
     result = run(write(cfg), progress=False)
     out = pl.read_csv(result.blend.path)
     assert out.columns == ["image_id", "target"]
@@ -43,14 +49,19 @@ def test_the_submission_takes_the_samples_header_ids_and_order(pipeline, demo_im
     assert out["target"].to_list() == [by_id[i.removesuffix(".png")] for i in ids]
 
 
-def test_a_sample_id_missing_from_the_test_set_fails_before_the_first_forward(pipeline, demo_images, tmp_path, monkeypatch):
+def test_a_sample_id_missing_from_the_test_set_fails_before_the_first_forward(
+    pipeline, demo_images, tmp_path, monkeypatch
+):
     import kaggle_tta.engine.stream as engine
 
     write, cfg = pipeline
     ids = sorted(p.stem for p in demo_images.glob("*.png"))
     cfg["submission"]["sample"] = str(_sample(tmp_path, ids[:-1] + ["img_99999"]))
     monkeypatch.setattr(engine, "build_model", lambda *a, **k: pytest.fail("a model was built"))
-    with pytest.raises(ConfigError, match=r"submission\.sample .*1 of 24 sample ids match no test image \('img_99999'\); 1 of 24 rows to write are not in the sample"):
+    with pytest.raises(
+        ConfigError,
+        match=r"submission\.sample .*1 of 24 sample ids match no test image \('img_99999'\); 1 of 24 rows to write are not in the sample",
+    ):
         build_plan(load_pipeline(write(cfg)))
 
 
@@ -117,9 +128,25 @@ def test_the_coco_map_rule_equals_pycocotools_and_voc_is_named():
         pred.append((pb, ps, pl_))
         images.append({"id": i, "width": 128, "height": 128})
         for b, lab in zip(gt, gl):
-            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": int(lab), "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "area": float((b[2] - b[0]) * (b[3] - b[1])), "iscrowd": 0})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i,
+                    "category_id": int(lab),
+                    "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+                    "area": float((b[2] - b[0]) * (b[3] - b[1])),
+                    "iscrowd": 0,
+                }
+            )
         for b, s, lab in zip(pb, ps, pl_):
-            dets.append({"image_id": i, "category_id": int(lab), "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": float(s)})
+            dets.append(
+                {
+                    "image_id": i,
+                    "category_id": int(lab),
+                    "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+                    "score": float(s),
+                }
+            )
     gt_api = COCO()
     gt_api.dataset = {"images": images, "annotations": anns, "categories": [{"id": c} for c in range(n_cls)]}
     with contextlib.redirect_stdout(io.StringIO()):

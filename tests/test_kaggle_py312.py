@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -45,7 +44,12 @@ def _find_python312() -> str | None:
     candidates += [p for p in [shutil.which("python3.12")] if p]
     for c in candidates:
         try:
-            done = subprocess.run([c, "-c", "import sys, venv, ensurepip; print(sys.version_info[:2])"], capture_output=True, text=True, timeout=30)
+            done = subprocess.run(
+                [c, "-c", "import sys, venv, ensurepip; print(sys.version_info[:2])"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
         except (OSError, subprocess.TimeoutExpired):
             continue
         if done.returncode == 0 and done.stdout.strip() == "(3, 12)":
@@ -55,7 +59,8 @@ def _find_python312() -> str | None:
 
 PY312 = _find_python312()
 pytestmark = pytest.mark.skipif(
-    PY312 is None, reason="no CPython 3.12 with venv and ensurepip here (looked for ~/.pyenv/versions/3.12*/bin/python3.12 and python3.12 on PATH)"
+    PY312 is None,
+    reason="no CPython 3.12 with venv and ensurepip here (looked for ~/.pyenv/versions/3.12*/bin/python3.12 and python3.12 on PATH)",
 )
 
 
@@ -65,8 +70,12 @@ def _stand_in_wheel(dest: Path, name: str, version: str, requires: list[str]) ->
     dist = f"{name}-{version}.dist-info"
     files = {
         f"{name}/__init__.py": f'"""A stand-in for the Kaggle image\'s {name}: a name and a version for pip, no code."""\n__version__ = "{version}"\n',
-        f"{dist}/METADATA": "".join([f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\nSummary: stand-in for the Kaggle image's {name}\n",
-                                     *(f"Requires-Dist: {r}\n" for r in requires)]),
+        f"{dist}/METADATA": "".join(
+            [
+                f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\nSummary: stand-in for the Kaggle image's {name}\n",
+                *(f"Requires-Dist: {r}\n" for r in requires),
+            ]
+        ),
         f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: kaggle-tta tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
     }
     record = []
@@ -85,9 +94,18 @@ def _stand_in_wheel(dest: Path, name: str, version: str, requires: list[str]) ->
 def _clean_env(**extra: str) -> dict[str, str]:
     """This machine's environment without its pip configuration (find-links, indexes,
     constraints) or Python paths, and with every network address unreachable."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PIP_", "PYTHON", "VIRTUAL_ENV", "KAGGLE_")) and not k.lower().endswith("_proxy")}
-    env.update(PIP_CONFIG_FILE=os.devnull, PIP_NO_INDEX="1", PYTHONNOUSERSITE="1", http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PIP_", "PYTHON", "VIRTUAL_ENV", "KAGGLE_")) and not k.lower().endswith("_proxy")
+    }
+    env.update(
+        PIP_CONFIG_FILE=os.devnull,
+        PIP_NO_INDEX="1",
+        PYTHONNOUSERSITE="1",
+        http_proxy="http://127.0.0.1:9",
+        https_proxy="http://127.0.0.1:9",
+    )
     env.update(extra)
     return env
 
@@ -103,7 +121,7 @@ def _notebook_runner(path: Path) -> Path:
         "        continue\n"
         "    src = ''.join(c['source'])\n"
         "    exec(compile(src, '<cell>', 'exec'), ns)\n"
-        "    if '\"pip\", \"install\"' in src:\n"
+        '    if \'"pip", "install"\' in src:\n'
         "        break\n"
     )
     return path
@@ -141,8 +159,24 @@ def py312_kaggle(tmp_path_factory) -> dict:
     subprocess.run([PY312, "-m", "venv", str(venv)], check=True, env=_clean_env(), timeout=300)
     python = venv / "bin" / "python"
     pins = [f"{k}=={v}" for k, v in STAND_INS.items()]
-    done = subprocess.run([str(python), "-m", "pip", "install", "--no-index", "--find-links", str(stand), "--no-compile", "--disable-pip-version-check", *pins],
-                          capture_output=True, text=True, env=_clean_env(), timeout=300)
+    done = subprocess.run(
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "--no-index",
+            "--find-links",
+            str(stand),
+            "--no-compile",
+            "--disable-pip-version-check",
+            *pins,
+        ],
+        capture_output=True,
+        text=True,
+        env=_clean_env(),
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return {"rep": rep, "opts": opts, "fake": fake, "python": python, "tmp": tmp, "t0": t0, "t_built": t_built}
 
@@ -164,7 +198,10 @@ def test_the_bundle_accepts_the_stand_ins(py312_kaggle):
                 continue
             req = Requirement(line.split(":", 1)[1].strip())
             if req.name.lower() in STAND_INS and (req.marker is None or req.marker.evaluate({**env, "extra": ""})):
-                assert req.specifier.contains(Version(STAND_INS[req.name.lower()]), prereleases=True), (wheel.name, str(req))
+                assert req.specifier.contains(Version(STAND_INS[req.name.lower()]), prereleases=True), (
+                    wheel.name,
+                    str(req),
+                )
                 checked += 1
     assert checked >= 2  # kaggle-tta's own (torch, torchvision) at least
 
@@ -179,22 +216,46 @@ def test_the_default_bundle_installs_and_imports_on_kaggles_python(py312_kaggle)
     t0 = time.perf_counter()
     runner = _notebook_runner(py312_kaggle["tmp"] / "run_to_pip.py")
     env = _clean_env(KAGGLE_INPUT_ROOT=str(fake / "input"), KAGGLE_WORKING_DIR=str(fake / "working"))
-    done = subprocess.run([str(python), str(runner), str(rep.kernel_dir / kernel.NOTEBOOK)], cwd=fake / "working",
-                          capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run(
+        [str(python), str(runner), str(rep.kernel_dir / kernel.NOTEBOOK)],
+        cwd=fake / "working",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     text = done.stdout + done.stderr
     assert done.returncode == 0, text[-5000:]
-    assert "Successfully installed" in text and f"kaggle-tta-{man['package']['version']}" in text.replace("kaggle_tta-", "kaggle-tta-")
+    assert "Successfully installed" in text and f"kaggle-tta-{man['package']['version']}" in text.replace(
+        "kaggle_tta-", "kaggle-tta-"
+    )
     assert "pip: " in text and "already in the image" in text  # the stand-in torch pair kept, as the image's would be
-    imported = subprocess.run([str(python), "-c", "import kaggle_tta, kaggle_tta.config, sys; print(kaggle_tta.__version__, sys.version_info[:2])"],
-                              capture_output=True, text=True, env=env, timeout=120, cwd=fake / "working")
+    imported = subprocess.run(
+        [
+            str(python),
+            "-c",
+            "import kaggle_tta, kaggle_tta.config, sys; print(kaggle_tta.__version__, sys.version_info[:2])",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        cwd=fake / "working",
+    )
     assert imported.returncode == 0, imported.stderr[-3000:]
     assert imported.stdout.split()[0] == man["package"]["version"] and "(3, 12)" in imported.stdout
-    listed = subprocess.run([str(python), "-m", "pip", "list", "--format", "json"], capture_output=True, text=True, env=env, timeout=120)
+    listed = subprocess.run(
+        [str(python), "-m", "pip", "list", "--format", "json"], capture_output=True, text=True, env=env, timeout=120
+    )
     versions = {d["name"].lower(): d["version"] for d in json.loads(listed.stdout)}
-    assert versions["torch"] == STAND_INS["torch"] and versions["torchvision"] == STAND_INS["torchvision"]  # pip kept the image's pair
+    assert (
+        versions["torch"] == STAND_INS["torch"] and versions["torchvision"] == STAND_INS["torchvision"]
+    )  # pip kept the image's pair
     t1 = time.perf_counter()
-    print(f"\nKaggle-Python proof: bundle {py312_kaggle['t_built'] - py312_kaggle['t0']:.0f}s, venv + stand-ins "
-          f"{t0 - py312_kaggle['t_built']:.0f}s, notebook pip cell + import {t1 - t0:.0f}s")
+    print(
+        f"\nKaggle-Python proof: bundle {py312_kaggle['t_built'] - py312_kaggle['t0']:.0f}s, venv + stand-ins "
+        f"{t0 - py312_kaggle['t_built']:.0f}s, notebook pip cell + import {t1 - t0:.0f}s"
+    )
 
 
 def test_a_bundle_for_another_python_says_so_before_pip(py312_kaggle, tmp_path):
@@ -211,6 +272,14 @@ def test_a_bundle_for_another_python_says_so_before_pip(py312_kaggle, tmp_path):
     (fake / "working").mkdir()
     runner = _notebook_runner(tmp_path / "run_to_pip.py")
     env = _clean_env(KAGGLE_INPUT_ROOT=str(fake / "input"), KAGGLE_WORKING_DIR=str(fake / "working"))
-    done = subprocess.run([str(python), str(runner), str(rep.kernel_dir / kernel.NOTEBOOK)], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(
+        [str(python), str(runner), str(rep.kernel_dir / kernel.NOTEBOOK)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode != 0
-    assert "runs Python 3.12, but the wheels" in done.stderr and "--python-version 3.12" in done.stderr, done.stderr[-3000:]
+    assert "runs Python 3.12, but the wheels" in done.stderr and "--python-version 3.12" in done.stderr, done.stderr[
+        -3000:
+    ]

@@ -77,7 +77,9 @@ def kernel_demo_images(tmp_path_factory) -> Path:
 def _image_site(dest: Path) -> Path:
     """A folder of symlinks to the system's copies of IMAGE_DISTS and their dependencies only."""
     dest.mkdir()
-    pins, _ = kernel.pin_closure([(d, "image") for d in IMAGE_DISTS], [], kernel.resolve_target(None))  # extras and markers as pip sees them
+    pins, _ = kernel.pin_closure(
+        [(d, "image") for d in IMAGE_DISTS], [], kernel.resolve_target(None)
+    )  # extras and markers as pip sees them
     for dist in map(md.distribution, pins):
         base = Path(dist.locate_file(""))
         tops = {Path(str(f)).parts[0] for f in dist.files or [] if not str(f).startswith("..")}
@@ -95,7 +97,12 @@ def _venv(path: Path, image_site: Path) -> Path:
     venv's own setuptools would shadow the one torch needs)."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
     python = path / "bin" / "python"
-    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], check=True, capture_output=True, text=True).stdout.strip()
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     (Path(purelib) / "kaggle_image.pth").write_text(f"{image_site}\n")
     return python
 
@@ -131,11 +138,15 @@ def _execute(notebook: Path, python: Path, working: Path, env: dict[str, str], t
         spec = tmp / "jupyter" / "kernels" / "kaggle-image"
         spec.mkdir(parents=True)
         argv = [str(python), "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-        (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "kaggle image", "language": "python", "env": env}))
+        (spec / "kernel.json").write_text(
+            json.dumps({"argv": argv, "display_name": "kaggle image", "language": "python", "env": env})
+        )
         monkeypatch.setenv("JUPYTER_PATH", str(tmp / "jupyter"))
         monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp / "jupyter" / "runtime"))
         nb = nbformat.read(notebook, as_version=4)
-        nbclient.NotebookClient(nb, kernel_name="kaggle-image", timeout=900, resources={"metadata": {"path": str(working)}}).execute()
+        nbclient.NotebookClient(
+            nb, kernel_name="kaggle-image", timeout=900, resources={"metadata": {"path": str(working)}}
+        ).execute()
         texts = []
         for cell in nb.cells:
             for o in cell.get("outputs", []):
@@ -149,7 +160,14 @@ def _execute(notebook: Path, python: Path, working: Path, env: dict[str, str], t
         "    if c['cell_type'] == 'code':\n"
         "        exec(compile(''.join(c['source']), '<cell>', 'exec'), ns)\n"
     )
-    done = subprocess.run([str(python), str(runner), str(notebook)], cwd=working, env={**os.environ, **env}, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [str(python), str(runner), str(notebook)],
+        cwd=working,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done.stdout + done.stderr
 
@@ -171,12 +189,26 @@ def _tree(root: Path) -> dict[str, int]:
 # ---- the proof: the notebook runs offline from the bundle ----------------------------------------
 
 
-def test_notebook_runs_offline_from_the_bundle_and_matches_kaggle_tta_run(kernel_demo_images, tmp_path, monkeypatch, capsys):
+def test_notebook_runs_offline_from_the_bundle_and_matches_kaggle_tta_run(
+    kernel_demo_images, tmp_path, monkeypatch, capsys
+):
     # batch_size 8: the timing pass (one batch of 8 images) is smaller than the test set (24).
     pipeline = _demo_pipeline(tmp_path, kernel_demo_images, batch_size=8, workers=0)
     out = tmp_path / "kaggle"
-    argv = ["kernel", str(pipeline), "--out", str(out), "--owner", "tester", "--dataset-slug", "tta-bundle-test", "--time-limit-hours", "2",
-            "--python-version", HERE]
+    argv = [
+        "kernel",
+        str(pipeline),
+        "--out",
+        str(out),
+        "--owner",
+        "tester",
+        "--dataset-slug",
+        "tta-bundle-test",
+        "--time-limit-hours",
+        "2",
+        "--python-version",
+        HERE,
+    ]
     code, stdout, err = _run(capsys, *argv)
     assert code == 0, err
     assert "left to the Kaggle image: torch, torchvision" in stdout
@@ -190,14 +222,24 @@ def test_notebook_runs_offline_from_the_bundle_and_matches_kaggle_tta_run(kernel
     # Split: the dependencies' wheels in a dataset named after their set; kaggle_tta's own wheel,
     # the weights and the pipeline in the small one.
     ref = f"tester/kaggle-tta-wheels-{kernel.wheel_set_id(man['wheels'])}"
-    assert man["wheels_dataset"] == wman["dataset"] == ref and man["wheel_set"] == wman["wheel_set"] and wman["wheels"] == man["wheels"]
+    assert (
+        man["wheels_dataset"] == wman["dataset"] == ref
+        and man["wheel_set"] == wman["wheel_set"]
+        and wman["wheels"] == man["wheels"]
+    )
     assert man["python"] == wman["python"] == HERE
     assert all((wdir / w).is_file() for w in man["wheels"])
     assert [p.name for p in dataset.glob("*.whl")] == [man["package"]["wheel"]] and not list(wdir.glob("kaggle_tta-*"))
-    assert sorted(p.name for p in dataset.glob("*.safetensors")) == ["test_efficientnet.safetensors", "test_resnet.safetensors"]
+    assert sorted(p.name for p in dataset.glob("*.safetensors")) == [
+        "test_efficientnet.safetensors",
+        "test_resnet.safetensors",
+    ]
     assert len(list((dataset / "data" / "test").glob("*.png"))) == N_DEMO  # no competition: the test images are bundled
     rewritten = yaml.safe_load((dataset / "pipeline.yaml").read_text())
-    assert rewritten["data"]["folder"] == "data/test" and rewritten["members"][0]["checkpoint"] == "test_resnet.safetensors"
+    assert (
+        rewritten["data"]["folder"] == "data/test"
+        and rewritten["members"][0]["checkpoint"] == "test_resnet.safetensors"
+    )
     meta = json.loads((kdir / "kernel-metadata.json").read_text())
     assert meta["enable_internet"] is False and meta["enable_gpu"] is False and "machine_shape" not in meta
     assert meta["docker_image_pinning_type"] == "original"
@@ -229,13 +271,17 @@ def test_notebook_runs_offline_from_the_bundle_and_matches_kaggle_tta_run(kernel
     text = _execute(kdir / kernel.NOTEBOOK, python, working, env, tmp_path, monkeypatch)
     (tmp_path / "notebook-output.txt").write_text(text)  # kept by pytest for a look after a failure
 
-    assert re.search(r"estimate: inference on 24 images ~ \d+:\d\d:\d\d; the notebook ~ .* of the 2 h limit", text), text[-3000:]
+    assert re.search(r"estimate: inference on 24 images ~ \d+:\d\d:\d\d; the notebook ~ .* of the 2 h limit", text), (
+        text[-3000:]
+    )
     assert "pip:" in text and "Successfully installed" in text and "timm-" in text
     assert f"wheels: {kaggle / 'input' / 'datasets' / 'tester' / ref.split('/')[1]}" in text
     assert re.search(r"wrote \S+submission\.csv: 24 rows for 24 images from 'final'", text), text[-3000:]
     after_run = _where(python, ["kaggle_tta", *FROM_BUNDLE, "torch"], working)
     assert after_run.pop("torch").startswith(str(tmp_path / "image-site"))  # torch: the image's
-    assert all(str(f).startswith(str(tmp_path / "venv")) for f in after_run.values()), after_run  # the rest: the bundle's wheels
+    assert all(str(f).startswith(str(tmp_path / "venv")) for f in after_run.values()), (
+        after_run
+    )  # the rest: the bundle's wheels
     assert _tree(kaggle / "input") == before  # the input stays read-only
     assert not (working / ".kaggle_tta").exists()  # cache removed (KEEP_CACHE False)
 
@@ -286,7 +332,9 @@ def test_notebook_finds_the_competition_data_wherever_it_is_mounted(kernel_demo_
     assert not (dataset / "data").exists()
     kaggle = tmp_path / "fake-kaggle"
     shutil.copytree(dataset, kaggle / "input" / "tta-bundle-x")  # found by its manifest, not by its name
-    shutil.copytree(tmp_path / "kaggle" / "wheels", kaggle / "input" / "wheels-under-another-name")  # and so are the wheels
+    shutil.copytree(
+        tmp_path / "kaggle" / "wheels", kaggle / "input" / "wheels-under-another-name"
+    )  # and so are the wheels
     comp = kaggle / "input" / "competitions" / "shapes-comp"
     shutil.copytree(local, comp)
     (comp / "test" / "labels.csv").unlink()  # hidden on Kaggle
@@ -295,7 +343,12 @@ def test_notebook_finds_the_competition_data_wherever_it_is_mounted(kernel_demo_
     ids = sorted((p.stem for p in (comp / "test").glob("*.png")), reverse=True)
     (comp / "sample_submission.csv").write_text("id,label\n" + "".join(f"{i},circle\n" for i in ids))
     (kaggle / "working").mkdir()
-    for key, value in {"KAGGLE_INPUT_ROOT": kaggle / "input", "KAGGLE_WORKING_DIR": kaggle / "working", "NO_ALBUMENTATIONS_UPDATE": 1, "HF_HUB_OFFLINE": 1}.items():
+    for key, value in {
+        "KAGGLE_INPUT_ROOT": kaggle / "input",
+        "KAGGLE_WORKING_DIR": kaggle / "working",
+        "NO_ALBUMENTATIONS_UPDATE": 1,
+        "HF_HUB_OFFLINE": 1,
+    }.items():
         monkeypatch.setenv(key, str(value))
     nb = json.loads((kdir / kernel.NOTEBOOK).read_text())
     ns: dict = {"__name__": "__main__"}
@@ -348,7 +401,11 @@ def test_notebook_runs_the_segmentation_and_detection_examples(tmp_path, monkeyp
     ref = json.loads((dataset / kernel.MANIFEST).read_text())["wheels_dataset"]
     shutil.copytree(tmp_path / "kaggle" / "wheels", kaggle / "input" / ref.split("/")[1])
     (kaggle / "working").mkdir()
-    for key, value in {"KAGGLE_INPUT_ROOT": kaggle / "input", "KAGGLE_WORKING_DIR": kaggle / "working", "NO_ALBUMENTATIONS_UPDATE": 1}.items():
+    for key, value in {
+        "KAGGLE_INPUT_ROOT": kaggle / "input",
+        "KAGGLE_WORKING_DIR": kaggle / "working",
+        "NO_ALBUMENTATIONS_UPDATE": 1,
+    }.items():
         monkeypatch.setenv(key, str(value))
     ns: dict = {"__name__": "__main__"}
     for cell in json.loads((kdir / kernel.NOTEBOOK).read_text())["cells"]:
@@ -356,7 +413,9 @@ def test_notebook_runs_the_segmentation_and_detection_examples(tmp_path, monkeyp
         if cell["cell_type"] == "code" and '"pip", "install"' not in src:
             exec(compile(src, "<cell>", "exec"), ns)
     out = capsys.readouterr().out
-    assert re.search(r"Dice \(TTA\)" if example == "segmentation" else r"mAP@0\.5 [^|]*\(TTA\)", out), out[-2000:]  # ground truth bundled too
+    assert re.search(r"Dice \(TTA\)" if example == "segmentation" else r"mAP@0\.5 [^|]*\(TTA\)", out), out[
+        -2000:
+    ]  # ground truth bundled too
     # Rows are not images: a segmentation CSV has one row per (image, class).
     written = (kaggle / "working" / "submission.csv").read_text().splitlines()
     m = re.search(r"wrote \S+: (\d+) rows for 12 images", out)
@@ -398,7 +457,9 @@ def test_dependency_without_a_wheel_fails_naming_it(kernel_demo_images, tmp_path
 
 def test_dependency_not_installed_here_fails_naming_it(kernel_demo_images, tmp_path, capsys):
     pipeline = _demo_pipeline(tmp_path, kernel_demo_images)
-    code, _, err = _run(capsys, "kernel", str(pipeline), "--out", str(tmp_path / "out"), "--extra-wheel", "surely-not-installed-dist")
+    code, _, err = _run(
+        capsys, "kernel", str(pipeline), "--out", str(tmp_path / "out"), "--extra-wheel", "surely-not-installed-dist"
+    )
     assert code == 2 and "surely-not-installed-dist" in err and "not installed here" in err
     assert not (tmp_path / "out").exists()
 
@@ -416,11 +477,15 @@ def test_competition_data_must_come_from_the_competition(kernel_demo_images, tmp
 
 def _collect(pipeline: Path, **opts) -> kernel.Collector:
     cfg = load_pipeline(pipeline)
-    return kernel.collect_files(cfg, yaml.safe_load(pipeline.read_text()), kernel.KernelOptions(out=pipeline.parent / "out", **opts), pipeline)
+    return kernel.collect_files(
+        cfg, yaml.safe_load(pipeline.read_text()), kernel.KernelOptions(out=pipeline.parent / "out", **opts), pipeline
+    )
 
 
 def test_data_under_data_root_is_read_from_the_competition(kernel_demo_images, tmp_path):
-    col = _collect(_demo_pipeline(tmp_path, kernel_demo_images), competition="shapes-comp", data_root=kernel_demo_images.parent)
+    col = _collect(
+        _demo_pipeline(tmp_path, kernel_demo_images), competition="shapes-comp", data_root=kernel_demo_images.parent
+    )
     assert col.raw["data"]["folder"] == "/kaggle/input/shapes-comp/test"
     assert col.competition_paths == [
         {"key": "data.folder", "path": "test", "kind": "dir", "optional": False},
@@ -428,7 +493,10 @@ def test_data_under_data_root_is_read_from_the_competition(kernel_demo_images, t
     ]
     assert not col.trees and not col.tree_files  # the test data is not bundled
     assert sorted(col.files) == ["test_efficientnet.safetensors", "test_resnet.safetensors"]
-    assert col.raw["cache"]["dir"].startswith("/kaggle/working/") and col.raw["submission"]["path"] == "/kaggle/working/submission.csv"
+    assert (
+        col.raw["cache"]["dir"].startswith("/kaggle/working/")
+        and col.raw["submission"]["path"] == "/kaggle/working/submission.csv"
+    )
 
 
 def test_kaggle_paths_and_clashing_names(kernel_demo_images, tmp_path):
@@ -458,7 +526,9 @@ def test_glob_csv_classes_file_and_factory_module_are_bundled(kernel_demo_images
     pipeline.write_text(yaml.safe_dump(raw))
     col = _collect(pipeline)
     assert col.raw["data"]["glob"] == "data/test/img_0000*.png" and col.raw["data"]["classes_file"] == "classes.txt"
-    assert sorted(n for n in col.tree_files if n.startswith("data/")) == [f"data/test/img_0000{i}.png" for i in range(10)]
+    assert sorted(n for n in col.tree_files if n.startswith("data/")) == [
+        f"data/test/img_0000{i}.png" for i in range(10)
+    ]
     assert col.tree_files["code/helpers.py"] == Path(__file__).parent / "helpers.py" and col.code_modules == ["helpers"]
 
     lines = ["id,file"] + [f"x{i},sub/img_{i:05d}.png" for i in range(3)]
@@ -470,7 +540,11 @@ def test_glob_csv_classes_file_and_factory_module_are_bundled(kernel_demo_images
     pipeline.write_text(yaml.safe_dump(raw))
     col = _collect(pipeline)
     assert col.raw["data"]["csv"] == {"path": "data/list.csv", "path_column": "file", "root": "data/root"}
-    assert sorted(col.tree_files) == ["code/helpers.py", "data/list.csv", *(f"data/root/sub/img_{i:05d}.png" for i in range(3))]
+    assert sorted(col.tree_files) == [
+        "code/helpers.py",
+        "data/list.csv",
+        *(f"data/root/sub/img_{i:05d}.png" for i in range(3)),
+    ]
 
 
 def _marked_schema_fields() -> set[tuple[str, str]]:
@@ -528,7 +602,11 @@ def test_the_bundle_walks_every_path_field_the_schema_marks(kernel_demo_images, 
     beside = tmp_path / "beside"  # a CSV beside its images: an unset root defaults to its folder
     shutil.copytree(images, beside / "test")
     (beside / "test" / "list.csv").write_text(listing)
-    truth = {"labels": {"path": str(images / "labels.csv")}, "masks": {"folder": str(tmp_path / "masks")}, "boxes": {"path": str(tmp_path / "boxes.csv")}}
+    truth = {
+        "labels": {"path": str(images / "labels.csv")},
+        "masks": {"folder": str(tmp_path / "masks")},
+        "boxes": {"path": str(tmp_path / "boxes.csv")},
+    }
     sources = {
         "csv": {"csv": {"path": str(tmp_path / "list.csv"), "path_column": "file", "root": str(images)}},
         "csv, root unset": {"csv": {"path": str(beside / "test" / "list.csv"), "path_column": "file"}},
@@ -541,10 +619,18 @@ def test_the_bundle_walks_every_path_field_the_schema_marks(kernel_demo_images, 
             "data": {**source, "classes_file": str(tmp_path / "classes.txt"), **truth},
             "cache": {"dir": str(tmp_path / "cache")},
             "members": [
-                {"name": "resnet", "arch": "test_resnet", "checkpoint": str(REPO / "kaggle_tta/demo/weights/test_resnet.safetensors"),
-                 "preprocess": {"albumentations": str(tmp_path / "aug.json")}},
-                {"name": "inv", "factory": "helpers:invariant_model", "kwargs": {"num_classes": 4, "path": str(tmp_path / "factory.bin")},
-                 "checkpoint": str(REPO / "kaggle_tta/demo/weights/test_efficientnet.safetensors")},
+                {
+                    "name": "resnet",
+                    "arch": "test_resnet",
+                    "checkpoint": str(REPO / "kaggle_tta/demo/weights/test_resnet.safetensors"),
+                    "preprocess": {"albumentations": str(tmp_path / "aug.json")},
+                },
+                {
+                    "name": "inv",
+                    "factory": "helpers:invariant_model",
+                    "kwargs": {"num_classes": 4, "path": str(tmp_path / "factory.bin")},
+                    "checkpoint": str(REPO / "kaggle_tta/demo/weights/test_efficientnet.safetensors"),
+                },
             ],
             "blends": [{"name": "ens", "inputs": ["resnet", "inv"]}],
             "submission": {"path": str(tmp_path / "submission.csv"), "sample": str(tmp_path / "sample_submission.csv")},
@@ -553,18 +639,33 @@ def test_the_bundle_walks_every_path_field_the_schema_marks(kernel_demo_images, 
         pipeline.write_text(yaml.safe_dump(raw, sort_keys=False))
         cfg = load_pipeline(pipeline)
         fields = list(bundled_fields(cfg))
-        assert len(fields) == (12 if label == "csv" else 11), (label, [loc for loc, _, _ in fields])  # csv: its path and root
+        assert len(fields) == (12 if label == "csv" else 11), (
+            label,
+            [loc for loc, _, _ in fields],
+        )  # csv: its path and root
         covered |= {(_section_of(cfg, loc), loc[-1]) for loc, _, _ in fields}
         # The walk: every marked field, the factory's path kwarg and module, an unset root as its CSV's folder.
         walked = kernel.list_marked(cfg)
-        extra = [("members", 1, "kwargs", "path"), ("members", 1, "factory")] + ([("data", "csv", "root")] if label == "csv, root unset" else [])
-        assert len(walked) == len(fields) + len(extra) and {e.loc for e in walked} == {loc for loc, _, _ in fields} | set(extra), label
-        col = kernel.collect_files(cfg, yaml.safe_load(pipeline.read_text()), kernel.KernelOptions(out=tmp_path / "out"), pipeline)
+        extra = [("members", 1, "kwargs", "path"), ("members", 1, "factory")] + (
+            [("data", "csv", "root")] if label == "csv, root unset" else []
+        )
+        assert len(walked) == len(fields) + len(extra) and {e.loc for e in walked} == {
+            loc for loc, _, _ in fields
+        } | set(extra), label
+        col = kernel.collect_files(
+            cfg, yaml.safe_load(pipeline.read_text()), kernel.KernelOptions(out=tmp_path / "out"), pipeline
+        )
         shipped = {*col.files, *(n.split("/")[0] for n in [*col.trees, *col.tree_files])}
         for loc, value, _ in fields:  # each rewritten in place: a dataset path, or /kaggle/working for the outputs
             new = _at(col.raw, loc)
-            assert new != str(value) and (new.startswith("/kaggle/working/") or new.split("/")[0] in shipped), (label, loc, new)
-        assert col.raw["members"][1]["kwargs"] == {"num_classes": 4, "path": "factory.bin"} and col.code_modules == ["helpers"]
+            assert new != str(value) and (new.startswith("/kaggle/working/") or new.split("/")[0] in shipped), (
+                label,
+                loc,
+                new,
+            )
+        assert col.raw["members"][1]["kwargs"] == {"num_classes": 4, "path": "factory.bin"} and col.code_modules == [
+            "helpers"
+        ]
         if label == "csv, root unset":
             assert col.raw["data"]["csv"] == {"path": "data/list.csv", "path_column": "file", "root": "data/test"}
     assert covered == _marked_schema_fields(), "set the marked fields missing from the pipelines above"
@@ -600,7 +701,14 @@ def _metadata(tmp_path: Path, kernel_demo_images: Path, **opts) -> tuple[dict, d
     pipeline = _demo_pipeline(tmp_path, kernel_demo_images)
     out = tmp_path / "m"
     _bundle_without_wheels(pipeline, out, **opts)
-    return tuple(json.loads((out / d / f).read_text()) for d, f in (("kernel", "kernel-metadata.json"), ("dataset", "dataset-metadata.json"), ("wheels", "dataset-metadata.json")))
+    return tuple(
+        json.loads((out / d / f).read_text())
+        for d, f in (
+            ("kernel", "kernel-metadata.json"),
+            ("dataset", "dataset-metadata.json"),
+            ("wheels", "dataset-metadata.json"),
+        )
+    )
 
 
 def test_a_gpu_kernel_names_its_machine_and_pins_its_image(kernel_demo_images, tmp_path):
@@ -610,29 +718,40 @@ def test_a_gpu_kernel_names_its_machine_and_pins_its_image(kernel_demo_images, t
     assert meta["enable_gpu"] is True and meta["machine_shape"] == kernel.DEFAULT_MACHINE_SHAPE == "NvidiaTeslaT4"
     assert meta["docker_image_pinning_type"] == "original" and meta["docker_image_pinning_type"] in kernel.PINNING_TYPES
     meta, _, _ = _metadata(tmp_path / "l4", kernel_demo_images, machine_shape="NvidiaL4", docker_image_pinning="latest")
-    assert meta["enable_gpu"] is True and meta["machine_shape"] == "NvidiaL4" and meta["docker_image_pinning_type"] == "latest"
+    assert (
+        meta["enable_gpu"] is True
+        and meta["machine_shape"] == "NvidiaL4"
+        and meta["docker_image_pinning_type"] == "latest"
+    )
     meta, _, _ = _metadata(tmp_path / "cpu", kernel_demo_images)
     assert meta["enable_gpu"] is False and "machine_shape" not in meta
     # Licences: not CC0 by default; both selectable.
-    assert dmeta["licenses"] == [{"name": kernel.DEFAULT_LICENSE}] and wmeta["licenses"] == [{"name": kernel.DEFAULT_WHEELS_LICENSE}]
+    assert dmeta["licenses"] == [{"name": kernel.DEFAULT_LICENSE}] and wmeta["licenses"] == [
+        {"name": kernel.DEFAULT_WHEELS_LICENSE}
+    ]
     assert "CC0-1.0" not in (kernel.DEFAULT_LICENSE, kernel.DEFAULT_WHEELS_LICENSE)
     _, dmeta, wmeta = _metadata(tmp_path / "lic", kernel_demo_images, license="CC-BY-4.0", wheels_license="unknown")
     assert dmeta["licenses"] == [{"name": "CC-BY-4.0"}] and wmeta["licenses"] == [{"name": "unknown"}]
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["--machine-shape", "NvidiaTeslaT5"], "did you mean 'NvidiaTeslaT4'?"),
-    (["--machine-shape", "nvidial4"], "did you mean 'NvidiaL4'?"),
-    (["--machine-shape", "NvidiaTeslaP100"], "sm_60"),
-    (["--machine-shape", "TpuV5E8"], "a TPU"),
-    (["--machine-shape", "NvidiaL4", "--no-enable-gpu"], "--no-enable-gpu"),
-    (["--docker-image-pinning", "orignal"], "did you mean 'original'?"),
-    (["--license", "cc0"], "did you mean 'CC0-1.0'?"),
-    (["--wheels-license", "apache"], "did you mean 'apache-2.0'?"),
-    (["--python-version", "3"], "like 3.12"),
-    (["--wheels-slug-prefix", "X"], "--wheels-slug-prefix"),
-])
-def test_kaggle_metadata_options_are_checked_before_anything_is_built(kernel_demo_images, tmp_path, capsys, argv, message):
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--machine-shape", "NvidiaTeslaT5"], "did you mean 'NvidiaTeslaT4'?"),
+        (["--machine-shape", "nvidial4"], "did you mean 'NvidiaL4'?"),
+        (["--machine-shape", "NvidiaTeslaP100"], "sm_60"),
+        (["--machine-shape", "TpuV5E8"], "a TPU"),
+        (["--machine-shape", "NvidiaL4", "--no-enable-gpu"], "--no-enable-gpu"),
+        (["--docker-image-pinning", "orignal"], "did you mean 'original'?"),
+        (["--license", "cc0"], "did you mean 'CC0-1.0'?"),
+        (["--wheels-license", "apache"], "did you mean 'apache-2.0'?"),
+        (["--python-version", "3"], "like 3.12"),
+        (["--wheels-slug-prefix", "X"], "--wheels-slug-prefix"),
+    ],
+)
+def test_kaggle_metadata_options_are_checked_before_anything_is_built(
+    kernel_demo_images, tmp_path, capsys, argv, message
+):
     pipeline = _demo_pipeline(tmp_path, kernel_demo_images)
     code, _, err = _run(capsys, "kernel", str(pipeline), "--out", str(tmp_path / "out"), *argv)
     assert code == 2 and message in err, err

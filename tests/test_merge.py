@@ -46,7 +46,9 @@ def test_blend_methods():
     b = Prediction(softmax(VIEWS[1]), "probs")
     pa, pb = softmax(VIEWS[0]), softmax(VIEWS[1])
     np.testing.assert_allclose(blend("mean", [a, b], [3, 1]).values, 0.75 * pa + 0.25 * pb, atol=1e-6)
-    np.testing.assert_allclose(blend("power_mean", [a, b], None, power=2).values, np.sqrt((pa**2 + pb**2) / 2), atol=1e-6)
+    np.testing.assert_allclose(
+        blend("power_mean", [a, b], None, power=2).values, np.sqrt((pa**2 + pb**2) / 2), atol=1e-6
+    )
     c = Prediction(VIEWS[2], "logits")
     out = blend("mean", [a, c], [1, 1], space="logits")
     assert out.kind == "logits"
@@ -62,7 +64,9 @@ def test_blend_methods():
     with pytest.raises(ConfigError, match="space: logits needs every input to be logits"):
         blend("mean", [a, b], None, space="logits")
     s = Prediction(VIEWS[0], "logits", "sigmoid")  # a sigmoid member's logits blend as its probabilities
-    np.testing.assert_allclose(blend("mean", [s, b], [1, 1]).values, 0.5 / (1 + np.exp(-VIEWS[0])) + 0.5 * pb, atol=1e-6)
+    np.testing.assert_allclose(
+        blend("mean", [s, b], [1, 1]).values, 0.5 / (1 + np.exp(-VIEWS[0])) + 0.5 * pb, atol=1e-6
+    )
 
 
 def test_activate_is_stable_for_huge_logits():

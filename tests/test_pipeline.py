@@ -18,8 +18,8 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-
 from conftest import CLASSES, N_IMAGES, save_random_checkpoint
+
 from kaggle_tta import blend, build_plan, infer, load_pipeline, run
 from kaggle_tta.cli import main
 from kaggle_tta.config.errors import CacheError, DataError, KaggleTTAError
@@ -34,7 +34,9 @@ def _run(capsys, *argv) -> tuple[int, str, str]:
 
 
 def _manifests(cache: Path) -> dict[str, dict]:
-    return {f"{p.parent.parent.name}/{p.parent.name}": json.loads(p.read_text()) for p in cache.glob("*/*/manifest.json")}
+    return {
+        f"{p.parent.parent.name}/{p.parent.name}": json.loads(p.read_text()) for p in cache.glob("*/*/manifest.json")
+    }
 
 
 def _softmax(z):
@@ -69,7 +71,11 @@ def test_run_writes_submission_then_reuses_the_cache(pipeline, tmp_path):
     assert sub["id"].to_list() == sorted(sub["id"].to_list())
     # The report has a row per member and blend, scored with and without TTA.
     assert res.source == "ens" and res.metrics == ["accuracy"]
-    assert [(r.node, r.kind, r.views) for r in res.rows] == [("a", "member", 2), ("b", "member", 8), ("ens", "blend", 10)]
+    assert [(r.node, r.kind, r.views) for r in res.rows] == [
+        ("a", "member", 2),
+        ("b", "member", 8),
+        ("ens", "blend", 10),
+    ]
     for r in res.rows:
         assert set(r.scores_tta) == set(r.scores_plain) == {"accuracy"}
         assert 0.0 <= r.scores_tta["accuracy"] <= 1.0 and r.seconds > 0 and 0 < r.seconds_plain < r.seconds
@@ -78,7 +84,9 @@ def test_run_writes_submission_then_reuses_the_cache(pipeline, tmp_path):
     assert len(npys) == 10 and not list((tmp_path / "cache").glob("*/*/*.partial"))
     mtimes = [p.stat().st_mtime_ns for p in npys]
     for m in _manifests(tmp_path / "cache").values():
-        assert all(v["status"] == "complete" and v["rows_done"] == N_IMAGES and v["seconds"] > 0 for v in m["views"].values())
+        assert all(
+            v["status"] == "complete" and v["rows_done"] == N_IMAGES and v["seconds"] > 0 for v in m["views"].values()
+        )
     again = run(path, progress=False)
     assert again.stats.all_cached and again.stats.rows_computed == 0
     assert sum(len(m.views_cached) for m in again.stats.members.values()) == 10
@@ -151,9 +159,9 @@ def test_blend_builds_no_model_and_reads_no_image(pipeline, tmp_path, monkeypatc
     import cv2
     import timm
 
-    import kaggle_tta.io.data
     import kaggle_tta.engine.stream
     import kaggle_tta.exec.forward
+    import kaggle_tta.io.data
     import kaggle_tta.io.models
 
     monkeypatch.setattr(timm, "create_model", forbidden)
@@ -167,7 +175,9 @@ def test_blend_builds_no_model_and_reads_no_image(pipeline, tmp_path, monkeypatc
     assert (tmp_path / "submission.csv").read_text() == before
     assert res.n_rows == N_IMAGES and res.source == "ens"
     # Re-blending: new weights, a subset of views, another merge rule, a subset of members.
-    res = blend(path, ["blends.ens.weights=[3, 1]", "members.b.tta=[identity, hflip, rot90]", "members.b.merge=geomean"])
+    res = blend(
+        path, ["blends.ens.weights=[3, 1]", "members.b.tta=[identity, hflip, rot90]", "members.b.merge=geomean"]
+    )
     assert res.row("b").views == 3 and res.row("ens").views == 5
     res = blend(path, ["blends.ens.inputs=[b]", "blends.ens.weights=null"])
     assert res.row("ens").views == 8
@@ -288,7 +298,9 @@ def test_killed_process_resumes(pipeline, tmp_path):
     cfg["members"][0]["tta"] = [{"product": ["d4", {"scales": [1.0, 1.5, 2.0]}]}]
     path = write(cfg)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.Popen([sys.executable, "-m", "kaggle_tta", "infer", str(path), "-q"], env=env, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kaggle_tta", "infer", str(path), "-q"], env=env, stderr=subprocess.PIPE
+    )
     deadline = time.time() + 120
     rows = 0
     while time.time() < deadline and proc.poll() is None:
@@ -305,13 +317,20 @@ def test_killed_process_resumes(pipeline, tmp_path):
     assert all(v["status"] == "partial" for v in man["views"].values())
     done = min(v["rows_done"] for v in man["views"].values())
     assert 0 < done < N_IMAGES
-    r = subprocess.run([sys.executable, "-m", "kaggle_tta", "infer", str(path), "-q"], env=env, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "kaggle_tta", "infer", str(path), "-q"], env=env, capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr
     (man,) = _manifests(tmp_path / "cache").values()
     assert all(v["status"] == "complete" for v in man["views"].values())
     # Same numbers as a run that was never killed.
     cfg["cache"]["dir"] = str(tmp_path / "clean")
-    r = subprocess.run([sys.executable, "-m", "kaggle_tta", "infer", str(write(cfg, "clean.yaml")), "-q"], env=env, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "kaggle_tta", "infer", str(write(cfg, "clean.yaml")), "-q"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     d1, d2 = next((tmp_path / "cache" / "b").iterdir()), next((tmp_path / "clean" / "b").iterdir())
     for f in d2.glob("*.npy"):
@@ -321,7 +340,14 @@ def test_killed_process_resumes(pipeline, tmp_path):
 def test_reduced_precision_falls_back_to_fp32_on_non_finite_chunks(pipeline, tmp_path):
     write, cfg = pipeline
     cfg["runtime"]["precision"] = "bf16"
-    cfg["members"] = [{"name": "n", "factory": "helpers:nan_model", "preprocess": {"input_size": [3, 56, 56], "crop_pct": 0.875}, "tta": "hflip"}]
+    cfg["members"] = [
+        {
+            "name": "n",
+            "factory": "helpers:nan_model",
+            "preprocess": {"input_size": [3, 56, 56], "crop_pct": 0.875},
+            "tta": "hflip",
+        }
+    ]
     cfg["blends"] = []
     stats = run(write(cfg), progress=False).stats
     # 24 images, 8 per loader batch: one chunk of 16 (both views) per batch, each recomputed
@@ -337,7 +363,14 @@ def test_reduced_precision_falls_back_to_fp32_on_non_finite_chunks(pipeline, tmp
 
 def test_invariant_model_gives_the_same_scores_with_and_without_tta(pipeline, tmp_path):
     write, cfg = pipeline
-    cfg["members"] = [{"name": "inv", "factory": "helpers:invariant_model", "preprocess": {"input_size": [3, 56, 56], "crop_pct": 1.0}, "tta": "d4"}]
+    cfg["members"] = [
+        {
+            "name": "inv",
+            "factory": "helpers:invariant_model",
+            "preprocess": {"input_size": [3, 56, 56], "crop_pct": 1.0},
+            "tta": "d4",
+        }
+    ]
     cfg["blends"] = []
     res = run(write(cfg), progress=False).blend
     d = next((tmp_path / "cache" / "inv").iterdir())
@@ -385,7 +418,12 @@ def test_submission_formats(pipeline, tmp_path, fmt):
         cfg["data"].pop("labels")
         # a member whose sigmoid probabilities spread around the threshold (the random timm
         # members give ~0.5 for every class: every row would hold all four, or none)
-        cfg["members"][1] = {"name": "b", "factory": "helpers:invariant_model", "preprocess": {"input_size": [3, 56, 56], "crop_pct": 1.0}, "tta": "d4"}
+        cfg["members"][1] = {
+            "name": "b",
+            "factory": "helpers:invariant_model",
+            "preprocess": {"input_size": [3, 56, 56], "crop_pct": 1.0},
+            "tta": "d4",
+        }
         cfg["submission"]["threshold"] = 0.5
     res = run(write(cfg), progress=False).blend
     sub = pl.read_csv(tmp_path / "submission.csv")
@@ -432,17 +470,29 @@ def test_csv_and_glob_sources_and_image_conversions(pipeline, tmp_path):
     np.testing.assert_array_equal(decode_image(imgs / "rgba.png"), rgb)
     np.testing.assert_array_equal(decode_image(imgs / "deep.png"), rgb)
     pl.DataFrame({"image_id": ["gray", "rgba", "deep", "plain"]}).write_csv(tmp_path / "test.csv")
-    cfg["data"] = {"csv": {"path": str(tmp_path / "test.csv"), "id_column": "image_id", "path_template": "mixed/{id}.png"}, "classes": CLASSES}
+    cfg["data"] = {
+        "csv": {"path": str(tmp_path / "test.csv"), "id_column": "image_id", "path_template": "mixed/{id}.png"},
+        "classes": CLASSES,
+    }
     with pytest.raises(DataError, match="plain.png"):  # the template names a file that does not exist
         run(write(cfg), progress=False)
-    pl.DataFrame({"image_id": ["gray", "rgba", "deep", "plain"], "file": ["mixed/gray.png", "mixed/rgba.png", "mixed/deep.png", "mixed/plain.jpg"]}).write_csv(tmp_path / "test.csv")
+    pl.DataFrame(
+        {
+            "image_id": ["gray", "rgba", "deep", "plain"],
+            "file": ["mixed/gray.png", "mixed/rgba.png", "mixed/deep.png", "mixed/plain.jpg"],
+        }
+    ).write_csv(tmp_path / "test.csv")
     cfg["data"]["csv"] = {"path": str(tmp_path / "test.csv"), "id_column": "image_id", "path_column": "file"}
     res = run(write(cfg), progress=False).blend
     assert res.table["id"].to_list() == ["gray", "rgba", "deep", "plain"]
     assert pl.read_csv(tmp_path / "submission.csv")["id"].to_list() == ["gray", "rgba", "deep", "plain"]
     cfg["data"] = {"glob": str(imgs / "*.png"), "classes": CLASSES}
     res = run(write(cfg), progress=False).blend
-    assert pl.read_csv(tmp_path / "submission.csv")["id"].to_list() == ["deep", "gray", "rgba"] == res.table["id"].to_list()
+    assert (
+        pl.read_csv(tmp_path / "submission.csv")["id"].to_list()
+        == ["deep", "gray", "rgba"]
+        == res.table["id"].to_list()
+    )
 
 
 def test_loader_workers_and_auto_forward_batch(pipeline, tmp_path):

@@ -17,11 +17,11 @@ import yaml
 
 import kaggle_tta
 from kaggle_tta import api, cli
-from kaggle_tta.engine import stream as engine
-from kaggle_tta.engine import plan as plan_mod
 from kaggle_tta.config import load_pipeline
-from kaggle_tta.exec.forward import AGREEMENT_BOUND, REL_L2_BOUND, compare_precision
+from kaggle_tta.engine import plan as plan_mod
+from kaggle_tta.engine import stream as engine
 from kaggle_tta.engine.plan import build_plan
+from kaggle_tta.exec.forward import AGREEMENT_BOUND, REL_L2_BOUND, compare_precision
 
 PRE = {"input_size": [3, 56, 56], "crop_pct": 0.875, "mean": [0.5] * 3, "std": [0.5] * 3}
 
@@ -44,7 +44,11 @@ def _member(name: str, factory: str) -> dict:
 
 def _entries(cache: Path, member: str) -> list[str]:
     """The fingerprints holding a manifest (the folder of a lock alone is no entry)."""
-    return sorted(p.name for p in (cache / member).iterdir() if (p / "manifest.json").is_file()) if (cache / member).is_dir() else []
+    return (
+        sorted(p.name for p in (cache / member).iterdir() if (p / "manifest.json").is_file())
+        if (cache / member).is_dir()
+        else []
+    )
 
 
 def _forbid(monkeypatch, *names: str) -> None:
@@ -66,8 +70,13 @@ def test_auto_bf16_falls_back_to_fp32_for_a_fragile_member_only(pipeline, tmp_pa
 
     # the fragile member: fp32, and the note says why (24 images x 2 views were probed)
     assert frag.precision == "fp32"
-    assert frag.precision_note.startswith("fp32: bf16 top-1 agreed on ") and f"of 24 inputs in view 'identity' (< {100 * AGREEMENT_BOUND:.1f}%)" in frag.precision_note
-    assert rob.precision == "bf16" and rob.precision_note.startswith("bf16: checked against fp32 on 48 inputs (top-1 agreed on 100.0%")
+    assert (
+        frag.precision_note.startswith("fp32: bf16 top-1 agreed on ")
+        and f"of 24 inputs in view 'identity' (< {100 * AGREEMENT_BOUND:.1f}%)" in frag.precision_note
+    )
+    assert rob.precision == "bf16" and rob.precision_note.startswith(
+        "bf16: checked against fp32 on 48 inputs (top-1 agreed on 100.0%"
+    )
     assert res.stats.precision is None  # the members differ: each MemberStats says
     assert frag.views_computed == rob.views_computed == ["identity", "hflip"]
 
@@ -77,7 +86,10 @@ def test_auto_bf16_falls_back_to_fp32_for_a_fragile_member_only(pipeline, tmp_pa
     assert _entries(cache, "frag") == [plan.member("frag").fingerprint("fp32")]
     assert _entries(cache, "rob") == [plan.member("rob").fingerprint("bf16")]
     man = json.loads((cache / "frag" / plan.member("frag").fingerprint("fp32") / "manifest.json").read_text())
-    assert man["precision_checks"]["bf16"]["ran_in"] == "fp32" and man["precision_checks"]["bf16"]["note"] == frag.precision_note
+    assert (
+        man["precision_checks"]["bf16"]["ran_in"] == "fp32"
+        and man["precision_checks"]["bf16"]["note"] == frag.precision_note
+    )
     assert all(v["status"] == "complete" for v in man["views"].values())
 
     # the blend read each from where it is, and wrote the submission
@@ -87,7 +99,7 @@ def test_auto_bf16_falls_back_to_fp32_for_a_fragile_member_only(pipeline, tmp_pa
     # ... and the run summary names the member and why
     cli._print_stats(res.stats)
     out = capsys.readouterr().out
-    assert f"cache: frag: 2 view(s) computed" in out and f"precision {frag.precision_note}" in out
+    assert "cache: frag: 2 view(s) computed" in out and f"precision {frag.precision_note}" in out
     assert "precision bf16: checked against fp32" in out and "(fp32/bf16, forward batch 16)" in out
 
     # the fragile member's rows are exactly those of a plain fp32 run
@@ -98,13 +110,18 @@ def test_auto_bf16_falls_back_to_fp32_for_a_fragile_member_only(pipeline, tmp_pa
     kaggle_tta.run(write(plain, "plain.yaml"), progress=False)
     fp = plan.member("frag").fingerprint("fp32")
     for view in ("identity", "hflip"):
-        np.testing.assert_array_equal(np.load(cache / "frag" / fp / f"{view}.npy"), np.load(tmp_path / "plain" / "frag" / fp / f"{view}.npy"))
+        np.testing.assert_array_equal(
+            np.load(cache / "frag" / fp / f"{view}.npy"), np.load(tmp_path / "plain" / "frag" / fp / f"{view}.npy")
+        )
 
     # again: the verdicts are recorded, so nothing is checked, built or computed
     _forbid(monkeypatch, "_probe", "build_model")
     again = kaggle_tta.run(path, progress=False)
     assert again.stats.all_cached
-    assert (again.stats.members["frag"].precision, again.stats.members["frag"].precision_note) == ("fp32", frag.precision_note)
+    assert (again.stats.members["frag"].precision, again.stats.members["frag"].precision_note) == (
+        "fp32",
+        frag.precision_note,
+    )
     assert again.stats.members["rob"].precision == "bf16"
     assert again.blend.table.equals(res.blend.table)
     cli._print_stats(again.stats)
@@ -176,16 +193,23 @@ def _task_cfg(images: Path, tmp: Path, task: str, members: list[dict]) -> Path:
 
 
 def test_segmentation_is_checked_per_pixel(small_images, tmp_path, auto_is_bf16):
-    path = _task_cfg(small_images, tmp_path, "segmentation", [
-        {"name": "tied", "factory": "helpers:nearly_tied_pixels", "tta": "flips"},
-        {"name": "px", "factory": "helpers:well_separated_pixels", "tta": "flips"},
-    ])
+    path = _task_cfg(
+        small_images,
+        tmp_path,
+        "segmentation",
+        [
+            {"name": "tied", "factory": "helpers:nearly_tied_pixels", "tta": "flips"},
+            {"name": "px", "factory": "helpers:well_separated_pixels", "tta": "flips"},
+        ],
+    )
     res = kaggle_tta.run(path, progress=False)
     tied, px = res.stats.members["tied"], res.stats.members["px"]
     # 5 images of 21 x 30 in 3 views: every image is probed (fewer than 64 / 3 of them)
     assert tied.precision == "fp32" and tied.precision_note.startswith("fp32: bf16 per-pixel argmax agreed on ")
     assert "of 3150 pixels" in tied.precision_note
-    assert px.precision == "bf16" and px.precision_note.startswith("bf16: checked against fp32 on 15 inputs (per-pixel argmax agreed on 100.0%")
+    assert px.precision == "bf16" and px.precision_note.startswith(
+        "bf16: checked against fp32 on 15 inputs (per-pixel argmax agreed on 100.0%"
+    )
     plan = build_plan(load_pipeline(path))
     assert _entries(tmp_path / "cache", "tied") == [plan.member("tied").fingerprint("fp32")]
     assert _entries(tmp_path / "cache", "px") == [plan.member("px").fingerprint("bf16")]
@@ -193,13 +217,29 @@ def test_segmentation_is_checked_per_pixel(small_images, tmp_path, auto_is_bf16)
 
 
 def test_detection_is_not_checked_and_says_so(small_images, tmp_path, auto_is_bf16, monkeypatch):
-    path = _task_cfg(small_images, tmp_path, "detection", [
-        {"name": "bright", "factory": "helpers:bright_boxes", "adapter": "boxes", "preprocess": {"input_size": [21, 30]}, "tta": "hflip"},
-    ])
+    path = _task_cfg(
+        small_images,
+        tmp_path,
+        "detection",
+        [
+            {
+                "name": "bright",
+                "factory": "helpers:bright_boxes",
+                "adapter": "boxes",
+                "preprocess": {"input_size": [21, 30]},
+                "tta": "hflip",
+            },
+        ],
+    )
     res = kaggle_tta.run(path, progress=False)
     m = res.stats.members["bright"]
-    assert (m.precision, m.precision_note) == ("bf16", "bf16: not checked against fp32 (its outputs are lists of boxes, with no element-wise error)")
-    assert _entries(tmp_path / "cache", "bright") == [build_plan(load_pipeline(path)).member("bright").fingerprint("bf16")]
+    assert (m.precision, m.precision_note) == (
+        "bf16",
+        "bf16: not checked against fp32 (its outputs are lists of boxes, with no element-wise error)",
+    )
+    assert _entries(tmp_path / "cache", "bright") == [
+        build_plan(load_pipeline(path)).member("bright").fingerprint("bf16")
+    ]
     assert Path(res.blend.path).is_file()
     _forbid(monkeypatch, "build_model")  # cached: the "not checked" answer needs no model either
     assert kaggle_tta.run(path, progress=False).stats.all_cached
@@ -213,7 +253,10 @@ def test_compare_precision_bounds():
     ref = {"identity": rng.normal(size=(200, 10)).astype(np.float32) * 5}
     close = {"identity": ref["identity"] * (1 + 1e-3)}
     ok = compare_precision(close, ref, "bf16")
-    assert ok.ran_in == "bf16" and ok.note == "bf16: checked against fp32 on 200 inputs (top-1 agreed on 100.0%, relative L2 error 1.0e-03)"
+    assert (
+        ok.ran_in == "bf16"
+        and ok.note == "bf16: checked against fp32 on 200 inputs (top-1 agreed on 100.0%, relative L2 error 1.0e-03)"
+    )
     # one flip in 200 rows is 99.5%: still in; two are out (flips between nearly tied logits)
     for flips, ran_in in ((1, "bf16"), (2, "fp32")):
         f = ref["identity"].copy()
@@ -229,14 +272,24 @@ def test_compare_precision_bounds():
     # non-finite reduced outputs fail, whether the runner saw them or they are in the rows
     nan = ref["identity"].copy()
     nan[3, 2] = np.nan
-    assert compare_precision({"identity": nan}, ref, "fp16").note == "fp32: fp16 output was non-finite on the first 200 inputs"
+    assert (
+        compare_precision({"identity": nan}, ref, "fp16").note
+        == "fp32: fp16 output was non-finite on the first 200 inputs"
+    )
     assert compare_precision(close, ref, "bf16", nonfinite_chunks=1).ran_in == "fp32"
     # maps: per-pixel argmax, and the worst view is named
     maps = rng.normal(size=(2, 3, 8, 8)).astype(np.float32)
     flipped = maps.copy()
     flipped[:, [0, 1]] = flipped[:, [1, 0]]
     got = compare_precision({"identity": maps, "hflip": flipped}, {"identity": maps, "hflip": maps}, "bf16")
-    assert got.ran_in == "fp32" and got.note.startswith("fp32: bf16 per-pixel argmax agreed on") and "of 128 pixels in view 'hflip'" in got.note
+    assert (
+        got.ran_in == "fp32"
+        and got.note.startswith("fp32: bf16 per-pixel argmax agreed on")
+        and "of 128 pixels in view 'hflip'" in got.note
+    )
     # one channel (a regressor): no top-1 to compare, only the L2 bound
     one = {"identity": rng.normal(size=(50, 1)).astype(np.float32)}
-    assert compare_precision({"identity": one["identity"] * (1 + 1e-3)}, one, "bf16").note == "bf16: checked against fp32 on 50 inputs (relative L2 error 1.0e-03)"
+    assert (
+        compare_precision({"identity": one["identity"] * (1 + 1e-3)}, one, "bf16").note
+        == "bf16: checked against fp32 on 50 inputs (relative L2 error 1.0e-03)"
+    )

@@ -4,7 +4,6 @@ PredictionString submissions, ragged box caches that resume."""
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 
 import cv2
@@ -17,9 +16,9 @@ from kaggle_tta import blend, build_plan, infer
 from kaggle_tta.api import sources_for
 from kaggle_tta.cache import CacheEntry
 from kaggle_tta.config import PipelineConfig, load_pipeline
-from kaggle_tta.engine.stream import RunStats
 from kaggle_tta.config.errors import ConfigError, KaggleTTAError
 from kaggle_tta.engine.plan import Plan
+from kaggle_tta.engine.stream import RunStats
 from kaggle_tta.ops.rle import rle_to_mask
 from kaggle_tta.tasks import detection as det
 from kaggle_tta.tasks import segmentation as seg
@@ -83,7 +82,10 @@ def _maps(path: Path, views: list[str] | None = None) -> np.ndarray:
     return seg.member_maps(src, 0, len(plan.testset), views).values
 
 
-@pytest.mark.parametrize("tiling", [None, {"tile": [24, 20], "overlap": 0.3, "weight": "gaussian"}, {"tile": 16, "overlap": 0.5, "weight": "uniform"}])
+@pytest.mark.parametrize(
+    "tiling",
+    [None, {"tile": [24, 20], "overlap": 0.3, "weight": "gaussian"}, {"tile": 16, "overlap": 0.5, "weight": "uniform"}],
+)
 def test_equivariant_model_gives_the_same_map_with_and_without_d4(odd_images, tmp_path, tiling):
     plain = _maps(_write(tmp_path, _seg_cfg(odd_images, tmp_path), "plain.yaml"))
     assert plain.shape == (6, 5, H, W)
@@ -116,7 +118,9 @@ def test_rle_submission_decodes_to_the_blended_masks(odd_images, tmp_path):
     maps = seg.member_maps(src, 0, 6).values
     assert maps.shape == (6, 5, 32, 48)
     for i, image_id in enumerate(plan.testset.ids):
-        masks = seg.masks_of(seg.to_probs(seg.Prediction(maps[i : i + 1], "logits", "softmax"))[0], (H, W), "softmax", 0.5, 3)
+        masks = seg.masks_of(
+            seg.to_probs(seg.Prediction(maps[i : i + 1], "logits", "softmax"))[0], (H, W), "softmax", 0.5, 3
+        )
         for k in range(4):
             rle = table.filter(pl.col("id") == f"{image_id}:{k}")["EncodedPixels"][0] or ""
             decoded = rle_to_mask(rle, (H, W), order="C", one_indexed=False, empty="-")
@@ -124,7 +128,9 @@ def test_rle_submission_decodes_to_the_blended_masks(odd_images, tmp_path):
     assert result.metrics == ["Dice", "IoU"] and 0.0 <= result.rows[0].scores_tta["Dice"] <= 1.0
 
 
-@pytest.mark.parametrize("dtype,scale,tolerance", [("uint8", 1.0, 0.005), ("float16", 1.0, 0.001), ("uint8", 0.5, 0.12)])
+@pytest.mark.parametrize(
+    "dtype,scale,tolerance", [("uint8", 1.0, 0.005), ("float16", 1.0, 0.001), ("uint8", 0.5, 0.12)]
+)
 def test_compact_caches_score_like_float32(odd_images, tmp_path, dtype, scale, tolerance):
     """uint8 probabilities, float16 logits, and a quarter of the pixels: Dice as with float32
     logits, within the stated tolerance. Half resolution is a real loss on these 4-12 px
@@ -165,7 +171,15 @@ def _det_cfg(root: Path, tmp: Path, tta: str, **extra) -> dict:
         "data": {"folder": str(root / "images"), "classes": CLASSES[:3], "boxes": {"path": str(root / "boxes.csv")}},
         "runtime": {"device": "cpu", "precision": "fp32", "forward_batch": 7, "batch_size": 4, "workers": 0},
         "cache": {"dir": str(tmp / "cache")},
-        "members": [{"name": "bright", "factory": "helpers:bright_boxes", "adapter": "boxes", "preprocess": {"input_size": [H, W]}, "tta": tta}],
+        "members": [
+            {
+                "name": "bright",
+                "factory": "helpers:bright_boxes",
+                "adapter": "boxes",
+                "preprocess": {"input_size": [H, W]},
+                "tta": tta,
+            }
+        ],
         "submission": {"path": str(tmp / "sub.csv"), "template": "open_images"},
     }
     cfg.update(extra)
@@ -208,7 +222,13 @@ def test_member_view_fusion_equals_ensemble_boxes_called_directly(odd_images, tm
         for v in src.views:
             rows, off = src.entry.read_ragged(v)
             parts.append(np.asarray(rows[off[i] : off[i + 1]], dtype=np.float64))
-        b, s, lab = ensemble_boxes.weighted_boxes_fusion([p[:, :4] for p in parts], [p[:, 4] for p in parts], [p[:, 5] for p in parts], iou_thr=0.4, conf_type="box_and_model_avg")
+        b, s, lab = ensemble_boxes.weighted_boxes_fusion(
+            [p[:, :4] for p in parts],
+            [p[:, 4] for p in parts],
+            [p[:, 5] for p in parts],
+            iou_thr=0.4,
+            conf_type="box_and_model_avg",
+        )
         ours = fused[i]
         np.testing.assert_allclose(ours[0], b * [w, h, w, h], atol=1e-6)
         np.testing.assert_allclose(ours[1], s, atol=1e-9)
@@ -283,7 +303,9 @@ def test_torchvision_detector_through_the_adapter(odd_images, tmp_path):
     labels come back 0-based (torchvision's 0 is the background)."""
     torchvision = pytest.importorskip("torchvision")
     torch = pytest.importorskip("torch")
-    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None, num_classes=4, box_score_thresh=0.0)
+    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, num_classes=4, box_score_thresh=0.0
+    )
     torch.save(model.state_dict(), tmp_path / "frcnn.pt")
     cfg = _det_cfg(odd_images, tmp_path, "hflip")
     cfg["members"][0] = {
@@ -311,7 +333,11 @@ def test_torchvision_detector_through_the_adapter(odd_images, tmp_path):
         ("segmentation", lambda c: c["submission"].update(format="label"), "is not a segmentation format"),
         ("detection", lambda c: c["members"][0].update(tiling={"tile": 16}), "tiling is for segmentation"),
         ("detection", lambda c: c["members"][0]["preprocess"].update(albumentations={"transform": {}}), "plain resize"),
-        ("detection", lambda c: c.update(blends=[{"name": "b", "inputs": ["bright"], "method": "rank_mean"}]), "is not a detection blend"),
+        (
+            "detection",
+            lambda c: c.update(blends=[{"name": "b", "inputs": ["bright"], "method": "rank_mean"}]),
+            "is not a detection blend",
+        ),
         ("detection", lambda c: c["cache"].update(dtype="uint8"), "uint8 stores segmentation"),
         ("detection", lambda c: c["submission"].update(template="kaggle"), "submission.template"),
     ],
@@ -328,13 +354,25 @@ def test_task_config_errors_name_the_field(odd_images, tmp_path, task, change, m
 # ---- the shipped examples, on the 24-image demo set ----------------------------------------
 
 
-@pytest.mark.parametrize("example,metric,floor", [("segmentation", "Dice", 0.6), ("detection", "mAP@0.5 (VOC all-point)", 0.6)])
+@pytest.mark.parametrize(
+    "example,metric,floor", [("segmentation", "Dice", 0.6), ("detection", "mAP@0.5 (VOC all-point)", 0.6)]
+)
 def test_examples_run_with_their_trained_members(demo_images, tmp_path, example, metric, floor):
     """examples/*.yaml with the committed weights: TTA does not hurt and the members are
     trained (a broken inverse would drop the TTA score far below the plain one)."""
     repo = Path(__file__).resolve().parents[1]
-    sets = [f"data.folder={demo_images}", f"cache.dir={tmp_path / 'cache'}", f"submission.path={tmp_path / 'sub.csv'}", "runtime.workers=0", "runtime.precision=fp32"]
-    sets.append(f"data.masks.folder={demo_images.parent / 'test_masks'}" if example == "segmentation" else f"data.boxes.path={demo_images / 'boxes.csv'}")
+    sets = [
+        f"data.folder={demo_images}",
+        f"cache.dir={tmp_path / 'cache'}",
+        f"submission.path={tmp_path / 'sub.csv'}",
+        "runtime.workers=0",
+        "runtime.precision=fp32",
+    ]
+    sets.append(
+        f"data.masks.folder={demo_images.parent / 'test_masks'}"
+        if example == "segmentation"
+        else f"data.boxes.path={demo_images / 'boxes.csv'}"
+    )
     cfg = load_pipeline(repo / "examples" / f"{example}.yaml", sets)
     plan, _ = _infer(cfg)
     result = blend(plan)
@@ -354,7 +392,11 @@ def test_an_interrupted_run_resumes_to_the_same_submission(odd_images, tmp_path,
     from kaggle_tta.exec.forward import Runner
 
     def cfg_for(cache: str) -> dict:
-        c = _seg_cfg(odd_images, tmp_path, factory="helpers:bright_pixels", tta="flips") if task == "segmentation" else _det_cfg(odd_images, tmp_path, "flips")
+        c = (
+            _seg_cfg(odd_images, tmp_path, factory="helpers:bright_pixels", tta="flips")
+            if task == "segmentation"
+            else _det_cfg(odd_images, tmp_path, "flips")
+        )
         c["cache"]["dir"] = str(tmp_path / cache)
         c["runtime"]["forward_batch"] = 4  # one loader batch of 4 images = one chunk per view
         return c
@@ -377,7 +419,9 @@ def test_an_interrupted_run_resumes_to_the_same_submission(odd_images, tmp_path,
         with pytest.raises(KeyboardInterrupt):
             _infer(load_pipeline(path))
     (entry_dir,) = (tmp_path / "resumed").glob("[!.]*/*")  # the member/fingerprint folder (.digests is a memo)
-    assert not list(entry_dir.glob("hflip.npy")) and not list(entry_dir.glob("hflip.boxes.npy"))  # nothing complete to misread
+    assert not list(entry_dir.glob("hflip.npy")) and not list(
+        entry_dir.glob("hflip.boxes.npy")
+    )  # nothing complete to misread
     plan, stats = _infer(load_pipeline(path))
     assert stats.rows_computed == 2  # images 4 and 5 only
     assert pl.read_csv(blend(plan).path).to_dicts() == expected
@@ -394,7 +438,15 @@ def test_adding_a_view_keeps_the_image_sizes_of_a_complete_entry(odd_images, tmp
     with monkeypatch.context() as m:
         m.setattr(Runner, "__call__", lambda self, x: (_ for _ in ()).throw(KeyboardInterrupt))
         with pytest.raises(KeyboardInterrupt):
-            _infer(load_pipeline(_write(tmp_path, _seg_cfg(odd_images, tmp_path, factory="helpers:bright_pixels", tta="flips"), "new.yaml")))
+            _infer(
+                load_pipeline(
+                    _write(
+                        tmp_path,
+                        _seg_cfg(odd_images, tmp_path, factory="helpers:bright_pixels", tta="flips"),
+                        "new.yaml",
+                    )
+                )
+            )
     plan, stats = _infer(load_pipeline(old))
     assert stats.all_cached
     assert pl.read_csv(blend(plan).path).to_dicts() == expected
@@ -432,7 +484,9 @@ def test_segmentation_members_must_share_an_activation(odd_images, tmp_path):
     from kaggle_tta.engine.plan import build_plan
 
     cfg = _seg_cfg(odd_images, tmp_path)
-    cfg["members"].append({"name": "sig", "factory": "helpers:per_pixel", "kwargs": {"out_channels": 4}, "activation": "sigmoid"})
+    cfg["members"].append(
+        {"name": "sig", "factory": "helpers:per_pixel", "kwargs": {"out_channels": 4}, "activation": "sigmoid"}
+    )
     cfg["blends"] = [{"name": "b", "inputs": ["px", "sig"]}]
     with pytest.raises(ConfigError, match="share one activation"):
         build_plan(load_pipeline(_write(tmp_path, cfg)))
@@ -441,7 +495,13 @@ def test_segmentation_members_must_share_an_activation(odd_images, tmp_path):
 def test_adapters_drop_background_and_reject_labels_outside_the_classes():
     import torch
 
-    out = [{"boxes": torch.tensor([[0.0, 0, 4, 4], [1, 1, 5, 5]]), "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([0, 2])}]
+    out = [
+        {
+            "boxes": torch.tensor([[0.0, 0, 4, 4], [1, 1, 5, 5]]),
+            "scores": torch.tensor([0.9, 0.8]),
+            "labels": torch.tensor([0, 2]),
+        }
+    ]
     ((b, s, lab),) = det.torchvision_adapter(out, (8, 8))
     assert lab.tolist() == [1] and s.tolist() == pytest.approx([0.8]) and b.shape == (1, 4)
     post = det.detection_post("boxes", "members.m.adapter", n_classes=2)

@@ -27,7 +27,15 @@ from kaggle_tta.dist.launch import Ranks
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
-FIXED = {"precision": "fp32", "threads": 1, "channels_last": False, "forward_batch": 8, "batch_size": 4, "workers": 0, "device": "cpu"}
+FIXED = {
+    "precision": "fp32",
+    "threads": 1,
+    "channels_last": False,
+    "forward_batch": 8,
+    "batch_size": 4,
+    "workers": 0,
+    "device": "cpu",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +47,11 @@ def _keep_threads():
 
 
 def _files(cache: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(cache)): p.read_bytes() for p in sorted(cache.glob("*/*/*")) if p.suffix == ".npy" or p.name == "ids.json"}
+    return {
+        str(p.relative_to(cache)): p.read_bytes()
+        for p in sorted(cache.glob("*/*/*"))
+        if p.suffix == ".npy" or p.name == "ids.json"
+    }
 
 
 def _env() -> dict[str, str]:
@@ -53,7 +65,18 @@ def _started(*cmds: list[str], env: dict[str, str] | None = None):
     """The commands, each started in a session of its own; every process of each session
     (the launcher and its ranks) is SIGKILLed on the way out, so that a failing test never
     leaves ranks running."""
-    procs = [subprocess.Popen(c, cwd=REPO, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True) for c in cmds]
+    procs = [
+        subprocess.Popen(
+            c,
+            cwd=REPO,
+            env=env or _env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        for c in cmds
+    ]
     try:
         yield procs
     finally:
@@ -69,7 +92,9 @@ def _kill_groups(procs) -> None:
             q.communicate(timeout=10)
 
 
-def _finish(*cmds: list[str], timeout: float = 240, env: dict[str, str] | None = None) -> list[subprocess.CompletedProcess]:
+def _finish(
+    *cmds: list[str], timeout: float = 240, env: dict[str, str] | None = None
+) -> list[subprocess.CompletedProcess]:
     """The commands run side by side (two agents as two nodes) to their end."""
     with _started(*cmds, env=env) as procs:
         outs = [q.communicate(timeout=timeout) for q in procs]
@@ -124,7 +149,9 @@ def _same(reference: Path, other: Path) -> None:
     assert a and a.keys() == b.keys()
     assert [k for k in a if a[k] != b[k]] == []
     assert not list((other.parent / other.stem / "cache").glob("*/*/shards")), "shards are removed once assembled"
-    assert (reference.parent / reference.stem / "sub.csv").read_bytes() == (other.parent / other.stem / "sub.csv").read_bytes()
+    assert (reference.parent / reference.stem / "sub.csv").read_bytes() == (
+        other.parent / other.stem / "sub.csv"
+    ).read_bytes()
 
 
 # ---- the split ------------------------------------------------------------------------------
@@ -165,7 +192,15 @@ def test_two_and_three_ranks_equal_one_process(task, pipeline, demo_images, tmp_
 
 def _slow(pipeline, tmp: Path, name: str, delay: float) -> Path:
     cfg = copy.deepcopy(pipeline[1])
-    cfg["members"] = [{"name": "slow", "factory": "rank_models:slow_marked", "kwargs": {"marks": str(tmp / "marks"), "delay": delay}, "preprocess": {"input_size": [3, 32, 32]}, "tta": "hflip"}]
+    cfg["members"] = [
+        {
+            "name": "slow",
+            "factory": "rank_models:slow_marked",
+            "kwargs": {"marks": str(tmp / "marks"), "delay": delay},
+            "preprocess": {"input_size": [3, 32, 32]},
+            "tta": "hflip",
+        }
+    ]
     cfg["blends"] = []
     return _classification(cfg, tmp, name)
 
@@ -174,7 +209,21 @@ def test_a_rank_killed_mid_run_restarts_and_completes_identically(pipeline, tmp_
     single = _slow(pipeline, tmp_path, "single", 0.4)  # the delay is a kwarg: in the fingerprint
     run(single, progress=False)
     p = _slow(pipeline, tmp_path, "killed", 0.4)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts", "1", "-m", "kaggle_tta", "run", str(p), "-q"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "--max-restarts",
+        "1",
+        "-m",
+        "kaggle_tta",
+        "run",
+        str(p),
+        "-q",
+    ]
     shard = tmp_path / "killed" / "cache"
     deadline, killed = time.time() + 120, None
     with _started(cmd) as (proc,):
@@ -206,10 +255,25 @@ def test_a_rank_dying_before_it_joins_restarts_and_completes_identically(pipelin
     single = _slow(pipeline, tmp_path, "single", 0.0)
     run(single, progress=False)
     p = _slow(pipeline, tmp_path, "died", 0.0)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts", "1", str(TESTS / "rank_models.py"), "run", str(p), "-q"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "--max-restarts",
+        "1",
+        str(TESTS / "rank_models.py"),
+        "run",
+        str(p),
+        "-q",
+    ]
     (done,) = _finish(cmd, env={**_env(), "KAGGLE_TTA_TEST_DIE_BEFORE_JOIN": "1"}, timeout=120)
     _ok(done)
-    ranked = sorted(m.name.split(".")[:2] for m in (tmp_path / "marks").iterdir() if not m.name.startswith("x."))  # x: the single run's
+    ranked = sorted(
+        m.name.split(".")[:2] for m in (tmp_path / "marks").iterdir() if not m.name.startswith("x.")
+    )  # x: the single run's
     assert ranked == [["0", "1"], ["1", "1"]], "the second round ran the model, the first none"
     _same(single, p)
 
@@ -218,7 +282,18 @@ def test_two_agents_as_two_nodes_complete_identically(pipeline, demo_images, tmp
     single = _pipeline_for("segmentation", pipeline, demo_images, tmp_path, "single")
     run(single, progress=False)
     p = _pipeline_for("segmentation", pipeline, demo_images, tmp_path, "nodes")
-    args = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{_free_port()}", "--rdzv_id", "two-nodes"]
+    args = [
+        "--nnodes",
+        "2",
+        "--nproc_per_node",
+        "1",
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        f"127.0.0.1:{_free_port()}",
+        "--rdzv_id",
+        "two-nodes",
+    ]
     cmd = [sys.executable, "-m", "torch.distributed.run", *args, "-m", "kaggle_tta", "run", str(p), "-q"]
     done = _finish(cmd, cmd)
     for d in done:
@@ -229,8 +304,34 @@ def test_two_agents_as_two_nodes_complete_identically(pipeline, demo_images, tmp
 
 def test_nodes_without_a_shared_cache_are_refused_before_any_forward(pipeline, tmp_path):
     p = _slow(pipeline, tmp_path, "apart", 0.0)
-    args = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{_free_port()}", "--rdzv_id", "apart"]
-    cmds = [[sys.executable, "-m", "torch.distributed.run", *args, "-m", "kaggle_tta", "run", str(p), "-q", "--set", f"cache.dir={tmp_path / f'node{k}'}"] for k in range(2)]  # each "machine" its own cache.dir
+    args = [
+        "--nnodes",
+        "2",
+        "--nproc_per_node",
+        "1",
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        f"127.0.0.1:{_free_port()}",
+        "--rdzv_id",
+        "apart",
+    ]
+    cmds = [
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            *args,
+            "-m",
+            "kaggle_tta",
+            "run",
+            str(p),
+            "-q",
+            "--set",
+            f"cache.dir={tmp_path / f'node{k}'}",
+        ]
+        for k in range(2)
+    ]  # each "machine" its own cache.dir
     done = _finish(*cmds)
     assert all(d.returncode != 0 for d in done)
     assert all("do not see one folder" in d.stderr and "cache merge" in d.stderr for d in done), done[0].stderr[-2000:]
@@ -280,15 +381,17 @@ def test_ctrl_c_under_runtime_devices_stops_every_rank_with_one_line(pipeline, t
         out, err = proc.communicate(timeout=90)
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and "SignalException" not in err, err[-3000:]
-    assert err.strip().splitlines()[-1] == "kaggle-tta: interrupted; completed batches are in the cache — rerun to resume", err[-3000:]
+    assert (
+        err.strip().splitlines()[-1] == "kaggle-tta: interrupted; completed batches are in the cache — rerun to resume"
+    ), err[-3000:]
 
 
 # ---- in one process: other splits, other machines, other commands ---------------------------
 
 
 def _share(plan, lo: int, hi: int):
-    from kaggle_tta.engine.stream import choose_precisions
     from kaggle_tta.dist.ranked import run_share
+    from kaggle_tta.engine.stream import choose_precisions
 
     precisions = choose_precisions(plan, torch.device("cpu"), "fp32")
     return run_share(plan, torch.device("cpu"), precisions, lo, hi), precisions
@@ -312,7 +415,10 @@ def test_a_changed_split_uses_the_shards_of_the_old_one(pipeline, tmp_path):
     assert computed == [0, 8, 8]
     assert assemble_entries(plan, precisions).made == 10  # 2 + 8 views
     for m in plan.members:  # the assembly records its pipeline as the entries' user (cache prune keeps them)
-        assert str(p) in json.loads((plan.cache_root / m.name / m.fingerprint("fp32") / "manifest.json").read_text())["used_by"]
+        assert (
+            str(p)
+            in json.loads((plan.cache_root / m.name / m.fingerprint("fp32") / "manifest.json").read_text())["used_by"]
+        )
     main(["blend", str(p)])
     _same(single, p)
 
@@ -328,8 +434,12 @@ def test_rank_0_checks_the_disk_for_every_share_and_the_assembly(pipeline, tmp_p
 
     single = _classification(pipeline[1], tmp_path, "single")
     run(single, progress=False)
-    sizes = [int(np.prod(a.shape)) * a.itemsize for f in sorted((tmp_path / "single" / "cache").glob("*/*/*.npy"))
-             if not f.name.startswith(("_", "sizes")) for a in [np.load(f, mmap_mode="r")]]
+    sizes = [
+        int(np.prod(a.shape)) * a.itemsize
+        for f in sorted((tmp_path / "single" / "cache").glob("*/*/*.npy"))
+        if not f.name.startswith(("_", "sizes"))
+        for a in [np.load(f, mmap_mode="r")]
+    ]
     whole = sum(sizes) + max(sizes)
     p = _classification(pipeline[1], tmp_path, "disk")
     plan = build_plan(load_pipeline(p))
@@ -346,7 +456,11 @@ def test_rank_0_checks_the_disk_for_every_share_and_the_assembly(pipeline, tmp_p
     assert why is not None and "\n" not in why and f"need {whole / 1e6:.1f} MB" in why and "cache.dtype" in why, why
     monkeypatch.setattr(shutil, "disk_usage", real)
     _share(plan, *Ranks(0, 2, 0, 2).share(24, 4))  # half the rows in shards: half of each view to come
-    held = sum(f.stat().st_size for f in (tmp_path / "disk" / "cache").glob("*/*/shards/*/*.npy*") if not f.name.startswith(("_", "sizes")))
+    held = sum(
+        f.stat().st_size
+        for f in (tmp_path / "disk" / "cache").glob("*/*/shards/*/*.npy*")
+        if not f.name.startswith(("_", "sizes"))
+    )
     free(whole - 1)
     why = ranked.space_short(plan, precisions, 2)
     assert why is None or f"need {(whole - held) / 1e6:.1f} MB" in why, (why, whole, held)
@@ -398,8 +512,8 @@ def test_ranks_without_a_launcher_are_one_line(pipeline, tmp_path, monkeypatch, 
 
 
 def test_a_device_named_for_one_gpu_is_refused_with_ranks():
-    from kaggle_tta.dist.launch import device_for
     from kaggle_tta.config.errors import ConfigError
+    from kaggle_tta.dist.launch import device_for
 
     with pytest.raises(ConfigError, match="names one GPU"):
         device_for("cuda:1", Ranks(0, 2, 0, 2))
@@ -424,14 +538,27 @@ def test_a_rank_failing_on_another_node_stops_every_rank_with_one_line(pipeline,
     fails; rank 0, on the other agent, stops within seconds (not at a barrier after 48 h)
     naming rank 1's error, and neither prints a traceback of ours."""
     p = _corrupt_last(pipeline, tmp_path, "bad")
-    args = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{_free_port()}", "--rdzv_id", "bad"]
+    args = [
+        "--nnodes",
+        "2",
+        "--nproc_per_node",
+        "1",
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        f"127.0.0.1:{_free_port()}",
+        "--rdzv_id",
+        "bad",
+    ]
     cmd = [sys.executable, "-m", "torch.distributed.run", *args, "-m", "kaggle_tta", "run", str(p), "-q"]
     done = _finish(cmd, cmd, timeout=120)
     assert all(d.returncode != 0 for d in done), [d.stderr[-2000:] for d in done]
     errs = "\n".join(d.stderr for d in done)
     assert "kaggle-tta: rank 1/2: error: " in errs and "img_00023" in errs, errs[-3000:]
     stopped = [ln for ln in errs.splitlines() if ln.startswith("kaggle-tta: rank 0/2: error: ")]
-    assert len(stopped) == 1 and "rank 1/2 on " in stopped[0] and "failed: " in stopped[0] and "img_00023" in stopped[0], errs[-3000:]
+    assert (
+        len(stopped) == 1 and "rank 1/2 on " in stopped[0] and "failed: " in stopped[0] and "img_00023" in stopped[0]
+    ), errs[-3000:]
     assert "kaggle_tta/" not in errs, errs[-3000:]  # no traceback through our code
 
 
@@ -458,15 +585,36 @@ finally:
 """
 
 
-def _ranks_by_hand(cmds: list[list[str]], envs: list[dict[str, str]], timeout: float = 120) -> list[subprocess.CompletedProcess]:
+def _ranks_by_hand(
+    cmds: list[list[str]], envs: list[dict[str, str]], timeout: float = 120
+) -> list[subprocess.CompletedProcess]:
     """One process per rank, as a launcher other than torchrun would start them: no agent,
     rank 0 hosts the store (torch's env:// rendezvous); ``envs``: each rank's own variables."""
     port, world = str(_free_port()), str(len(cmds))
     procs = []
     try:
         for k, (c, extra) in enumerate(zip(cmds, envs)):
-            env = {**_env(), "RANK": str(k), "WORLD_SIZE": world, "LOCAL_RANK": str(k), "LOCAL_WORLD_SIZE": world, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, **extra}
-            procs.append(subprocess.Popen(c, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True))
+            env = {
+                **_env(),
+                "RANK": str(k),
+                "WORLD_SIZE": world,
+                "LOCAL_RANK": str(k),
+                "LOCAL_WORLD_SIZE": world,
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+                **extra,
+            }
+            procs.append(
+                subprocess.Popen(
+                    c,
+                    cwd=REPO,
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    start_new_session=True,
+                )
+            )
         outs = [q.communicate(timeout=timeout) for q in procs]
     finally:
         _kill_groups(procs)
@@ -506,7 +654,11 @@ def test_a_cache_dir_a_rank_cannot_write_is_named_on_every_rank(tmp_path, how):
         assert d.returncode == 2, d.stderr[-3000:]
         line = _one_line(d)
         assert f"rank 1 on {socket.gethostname()} cannot write {bad} ({reason}" in line, line
-        assert "give every rank a cache.dir it can write" in line and "rank 0 on" not in line and "do not see one folder" not in line, line
+        assert (
+            "give every rank a cache.dir it can write" in line
+            and "rank 0 on" not in line
+            and "do not see one folder" not in line
+        ), line
     assert list((good / ".ranks").iterdir()) == [], "rank 0 removed its token"
 
 
@@ -580,14 +732,26 @@ def test_ranks_running_another_job_are_refused_before_any_forward(pipeline, tmp_
     p0 = _no_labels(pipeline, tmp_path, "node0")
     p1 = p0 if differs == "batch_size" else _no_labels(pipeline, tmp_path, "node1", drop_last=True)
     extra = ["--set", "runtime.batch_size=8"] if differs == "batch_size" else []
-    cmds = [[sys.executable, "-m", "kaggle_tta", "run", str(p0), "-q"], [sys.executable, "-m", "kaggle_tta", "run", str(p1), "-q", *extra]]
+    cmds = [
+        [sys.executable, "-m", "kaggle_tta", "run", str(p0), "-q"],
+        [sys.executable, "-m", "kaggle_tta", "run", str(p1), "-q", *extra],
+    ]
     done = _ranks_by_hand(cmds, [{}, {}])
-    want = "runtime.batch_size is 8 there and 4 on rank 0" if differs == "batch_size" else "the test set's image count is 23 there and 24 on rank 0"
+    want = (
+        "runtime.batch_size is 8 there and 4 on rank 0"
+        if differs == "batch_size"
+        else "the test set's image count is 23 there and 24 on rank 0"
+    )
     for k, d in enumerate(done):
         assert d.returncode == 2, d.stderr[-3000:]
         line = _one_line(d)
-        assert line.startswith(f"kaggle-tta: rank {k}/2: error: rank 1/2 on {socket.gethostname()} runs another job than rank 0 on "), line
-        assert want in line and "the same pipeline.yaml, the same --set/--overrides and the same test set on every node" in line, line
+        assert line.startswith(
+            f"kaggle-tta: rank {k}/2: error: rank 1/2 on {socket.gethostname()} runs another job than rank 0 on "
+        ), line
+        assert (
+            want in line
+            and "the same pipeline.yaml, the same --set/--overrides and the same test set on every node" in line
+        ), line
     assert not (tmp_path / "marks").exists(), "no model ran"
     assert [q.name for q in (tmp_path / "cache").iterdir() if not q.name.startswith(".")] == [], "no entry written"
     assert not (tmp_path / "cache" / ".ranks").exists(), "refused before cache.dir was looked at"
@@ -612,13 +776,24 @@ def test_a_store_nobody_serves_is_one_line(pipeline, tmp_path, rank):
     port = _free_port()
     env = {**_env(), "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     t = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", _JOIN, "run", str(p), "-q"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", _JOIN, "run", str(p), "-q"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2, done.stderr[-3000:]
     line = _one_line(done)
     if rank:
-        assert line.startswith(f"kaggle-tta: rank 1/2: error: cannot reach the launcher's store at 127.0.0.1:{port} (MASTER_ADDR:MASTER_PORT; "), line
+        assert line.startswith(
+            f"kaggle-tta: rank 1/2: error: cannot reach the launcher's store at 127.0.0.1:{port} (MASTER_ADDR:MASTER_PORT; "
+        ), line
     else:
-        assert line.startswith(f"kaggle-tta: rank 0/2: error: rank 0/2 hosts the ranks' store at 127.0.0.1:{port} and waited 0:00:02 for the others"), line
+        assert line.startswith(
+            f"kaggle-tta: rank 0/2: error: rank 0/2 hosts the ranks' store at 127.0.0.1:{port} and waited 0:00:02 for the others"
+        ), line
     assert time.monotonic() - t < 30
 
 
@@ -641,7 +816,9 @@ def test_a_store_failing_past_every_catch_is_one_line_under_ranks(pipeline, tmp_
     monkeypatch.setenv("MASTER_PORT", "29999")
     assert main(["blend", str(p)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("kaggle-tta: rank 0/2: error: lost the launcher's store at 127.0.0.1:29999 (DistNetworkError: Connection reset by peer)"), err
+    assert len(err) == 1 and err[0].startswith(
+        "kaggle-tta: rank 0/2: error: lost the launcher's store at 127.0.0.1:29999 (DistNetworkError: Connection reset by peer)"
+    ), err
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(tdist.DistNetworkError):
         main(["blend", str(p)])

@@ -9,11 +9,11 @@ import threading
 import time
 
 import torch
+from test_torchrun import _classification, _keep_threads, _same, _share  # noqa: F401 - _keep_threads: the autouse fixture
 
 from kaggle_tta import build_plan, load_pipeline, run
 from kaggle_tta.cache import CacheEntry
 from kaggle_tta.dist.launch import Ranks
-from test_torchrun import _classification, _keep_threads, _same, _share  # noqa: F401 - _keep_threads: the autouse fixture
 
 
 def _halves(pipeline, tmp_path, name: str):

@@ -13,9 +13,9 @@ import yaml
 
 import kaggle_tta
 from kaggle_tta.cli import main
+from kaggle_tta.config.errors import ConfigError
 from kaggle_tta.exec.dag import blocks, node_predictions
 from kaggle_tta.io.canvas import CanvasSpec
-from kaggle_tta.config.errors import ConfigError
 from kaggle_tta.tasks import Task, TaskOutput, register_task
 
 # ---- the task: everything below up to the tests is all a new task needs --------------------
@@ -30,7 +30,9 @@ def load_truth(cfg, ids) -> np.ndarray | None:
     if cfg.data.labels is None:
         return None
     spec = cfg.data.labels
-    df = pl.read_csv(cfg.resolve(spec.path), schema_overrides={spec.id_column: pl.String, spec.label_column: pl.Float64})
+    df = pl.read_csv(
+        cfg.resolve(spec.path), schema_overrides={spec.id_column: pl.String, spec.label_column: pl.Float64}
+    )
     table = dict(zip(df[spec.id_column], df[spec.label_column]))
     return np.array([table[i] for i in ids], dtype=np.float64)
 
@@ -61,7 +63,10 @@ class Brightness(Task):
         x = normalize(batch.canvases[work.member.canvas.key], pre.mean, pre.std, work.runner.device)
         todo = work.todo(batch.lo, batch.hi)
         first_of = {v.name: first for v, first in todo}
-        pieces = [Piece(v.name, batch.hi - first, lambda a, b, v=v, rows=x[first - batch.lo :]: v.apply(rows[a:b])) for v, first in todo]
+        pieces = [
+            Piece(v.name, batch.hi - first, lambda a, b, v=v, rows=x[first - batch.lo :]: v.apply(rows[a:b]))
+            for v, first in todo
+        ]
 
         def consume(out, slots):
             res = out.reshape(-1, 1).cpu().numpy()
@@ -79,7 +84,9 @@ class Brightness(Task):
         for lo, hi in blocks(len(ids), 1024):
             nodes = node_predictions(cfg, sources, lo, hi)  # each member with its activation
             values.append(nodes[cfg.submission_source].values[:, 0])
-            runs = [(sse, nodes)] + ([(sse_plain, node_predictions(cfg, sources, lo, hi, views=["identity"]))] if plain else [])
+            runs = [(sse, nodes)] + (
+                [(sse_plain, node_predictions(cfg, sources, lo, hi, views=["identity"]))] if plain else []
+            )
             for acc, preds in runs if truth is not None else []:
                 for name, p in preds.items():
                     acc[name] = acc.get(name, 0.0) + float(((p.values[:, 0] - truth[lo:hi]) ** 2).sum())
@@ -113,7 +120,12 @@ def toy(tmp_path) -> tuple[dict, dict[str, float], dict[str, float]]:
         "runtime": {"device": "cpu", "precision": "fp32", "forward_batch": 4, "batch_size": 3, "workers": 0},
         "cache": {"dir": str(tmp_path / "cache")},
         "members": [
-            {"name": "mean_px", "factory": "helpers:mean_brightness", "preprocess": {"input_size": [3, H, W], "mean": [0, 0, 0], "std": [1, 1, 1]}, "tta": ["identity", "hflip"]}
+            {
+                "name": "mean_px",
+                "factory": "helpers:mean_brightness",
+                "preprocess": {"input_size": [3, H, W], "mean": [0, 0, 0], "std": [1, 1, 1]},
+                "tta": ["identity", "hflip"],
+            }
         ],
         "submission": {"path": str(tmp_path / "values.csv")},
     }
@@ -176,7 +188,11 @@ def test_an_unknown_task_name_suggests_the_registered_one(toy, tmp_path, capsys)
     path.write_text(yaml.safe_dump({**cfg, "task": "brightnes"}))
     assert main(["run", str(path), "-q"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "did you mean 'brightness'?" in err and "brightness" in err.split("registered tasks:")[-1]
+    assert (
+        err.count("\n") == 1
+        and "did you mean 'brightness'?" in err
+        and "brightness" in err.split("registered tasks:")[-1]
+    )
 
 
 # ---- the package's shape: what keeps a new task to one file -------------------------------
@@ -208,7 +224,9 @@ def _top_level(tree) -> list:
         node = todo.pop(0)
         if isinstance(node, ast.If):
             test = node.test
-            if (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"):
+            if (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+                isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+            ):
                 todo += node.orelse
                 continue
             todo += node.body + node.orelse
@@ -238,7 +256,9 @@ def test_no_orchestrating_module_compares_a_task_name():
         for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Compare) and any(names_a_task(x) for x in [node.left, *node.comparators]):
                 hits.append(f"{f.relative_to(PACKAGE.parent)}:{node.lineno}: {ast.unparse(node)}")
-            elif isinstance(node, ast.match_case) and any(names_a_task(p.value) for p in ast.walk(node.pattern) if isinstance(p, ast.MatchValue)):
+            elif isinstance(node, ast.match_case) and any(
+                names_a_task(p.value) for p in ast.walk(node.pattern) if isinstance(p, ast.MatchValue)
+            ):
                 hits.append(f"{f.relative_to(PACKAGE.parent)}:{node.pattern.lineno}: case {ast.unparse(node.pattern)}")
     assert not hits, "compare a task's name; ask plan.task instead:\n" + "\n".join(hits)
 

@@ -26,8 +26,8 @@ from kaggle_tta.config import load_pipeline
 from kaggle_tta.config.errors import ConfigError
 from kaggle_tta.engine.plan import build_plan
 from kaggle_tta.tuning import ensemble, losses
-from kaggle_tta.tuning.temperature import fit_temperature
 from kaggle_tta.tuning.member import MemberData
+from kaggle_tta.tuning.temperature import fit_temperature
 
 ROOT = Path(__file__).parents[1]
 TESTS = Path(__file__).parent
@@ -45,20 +45,37 @@ def write_images(folder: Path, n: int, size: tuple[int, int] = (4, 4), seed: int
     return ids
 
 
-def classification(tmp: Path, views: dict[str, dict[str, np.ndarray]], labels: list[str], classes: list[str], *,
-                   blends: list[dict] | None = None, multilabel: bool = False, extra: dict | None = None) -> Path:
+def classification(
+    tmp: Path,
+    views: dict[str, dict[str, np.ndarray]],
+    labels: list[str],
+    classes: list[str],
+    *,
+    blends: list[dict] | None = None,
+    multilabel: bool = False,
+    extra: dict | None = None,
+) -> Path:
     """A pipeline whose cache holds exactly ``views`` (member -> view -> logits [N, C]) and
     whose labels are ``labels``; factory members (never built: the cache is complete)."""
     n = len(labels)
     ids = write_images(tmp / "images", n)
     pl.DataFrame({"id": ids, "label": labels}).write_csv(tmp / "labels.csv")
     cfg = {
-        "task": "classification", "multilabel": multilabel,
+        "task": "classification",
+        "multilabel": multilabel,
         "data": {"folder": str(tmp / "images"), "classes": classes, "labels": {"path": str(tmp / "labels.csv")}},
         "runtime": {"device": "cpu", "precision": "fp32"},
         "cache": {"dir": str(tmp / "cache")},
-        "members": [{"name": m, "factory": "helpers:invariant_model", "kwargs": {"num_classes": len(classes)}, "tta": list(vs),
-                     "preprocess": {"input_size": [3, 4, 4], "mean": [0, 0, 0], "std": [1, 1, 1]}} for m, vs in views.items()],
+        "members": [
+            {
+                "name": m,
+                "factory": "helpers:invariant_model",
+                "kwargs": {"num_classes": len(classes)},
+                "tta": list(vs),
+                "preprocess": {"input_size": [3, 4, 4], "mean": [0, 0, 0], "std": [1, 1, 1]},
+            }
+            for m, vs in views.items()
+        ],
         "blends": blends or [],
         "submission": {"path": str(tmp / "submission.csv"), **({"format": "multilabel"} if multilabel else {})},
     }
@@ -111,17 +128,28 @@ def test_override_file_merges_members_and_blends_by_name(tmp_path):
     y, views = letters(20)
     path = classification(tmp_path, {"a": views, "b": views}, [CLASSES6[k] for k in y], CLASSES6)
     over = tmp_path / "tuned.yaml"
-    over.write_text(yaml.safe_dump({
-        "members": [{"name": "b", "tta": ["identity", "vflip"], "view_weights": [3, 1], "temperature": 2.0}, {"name": "a", "temperature": 0.5}],
-        "blends": [{"name": "ens", "weights": [1, 2]}],
-        "submission": {"format": "probs"},
-    }))
+    over.write_text(
+        yaml.safe_dump(
+            {
+                "members": [
+                    {"name": "b", "tta": ["identity", "vflip"], "view_weights": [3, 1], "temperature": 2.0},
+                    {"name": "a", "temperature": 0.5},
+                ],
+                "blends": [{"name": "ens", "weights": [1, 2]}],
+                "submission": {"format": "probs"},
+            }
+        )
+    )
     cfg = load_pipeline(path, ["members.a.temperature=0.25"], override_files=[over])
     a, b = cfg.member("a"), cfg.member("b")
-    assert b.tta == ["identity", "vflip"] and b.view_weights == [3, 1] and b.temperature == 2.0  # lists replace, by name not index
+    assert (
+        b.tta == ["identity", "vflip"] and b.view_weights == [3, 1] and b.temperature == 2.0
+    )  # lists replace, by name not index
     assert a.tta == list(views) and a.temperature == 0.25  # untouched keys stay; --set comes after the file
     assert cfg.blends[0].weights == [1, 2] and cfg.blends[0].inputs == ["a", "b"]
-    assert cfg.submission.format == "probs" and cfg.submission.path == Path(tmp_path / "submission.csv")  # mappings merge key by key
+    assert cfg.submission.format == "probs" and cfg.submission.path == Path(
+        tmp_path / "submission.csv"
+    )  # mappings merge key by key
 
 
 def test_override_file_errors_are_one_line_naming_file_and_path(tmp_path, capsys):
@@ -163,11 +191,24 @@ def test_view_weights_and_temperature_are_honoured_and_keep_fingerprints(tmp_pat
     got = _probs(path, "members.net.view_class_weights=" + json.dumps([[1] * 6, [0] * 6, [0] * 3 + [1] * 3, [0] * 6]))
     want = np.where(np.arange(6) < 3, z["identity"], (z["identity"] + z["rot180"]) / 2)
     np.testing.assert_allclose(got, soft(want), atol=2e-6)
-    got = _probs(path, "members.net.tta=[rot180, identity]", "members.net.merge=mean_prob", "members.net.temperature=0.5")
-    np.testing.assert_allclose(got, (soft(z["rot180"] / 0.5) + soft(z["identity"] / 0.5)) / 2, atol=2e-6)  # a subset of the cached views
+    got = _probs(
+        path, "members.net.tta=[rot180, identity]", "members.net.merge=mean_prob", "members.net.temperature=0.5"
+    )
+    np.testing.assert_allclose(
+        got, (soft(z["rot180"] / 0.5) + soft(z["identity"] / 0.5)) / 2, atol=2e-6
+    )  # a subset of the cached views
     base = build_plan(load_pipeline(path)).members[0]
-    tuned = build_plan(load_pipeline(path, ["members.net.view_weights=[1,2]", "members.net.temperature=3",
-                                            "members.net.tta=[hflip, identity]", "submission.threshold=[0.1,0.2,0.3,0.4,0.5,0.6]"])).members[0]
+    tuned = build_plan(
+        load_pipeline(
+            path,
+            [
+                "members.net.view_weights=[1,2]",
+                "members.net.temperature=3",
+                "members.net.tta=[hflip, identity]",
+                "submission.threshold=[0.1,0.2,0.3,0.4,0.5,0.6]",
+            ],
+        )
+    ).members[0]
     assert tuned.key == base.key and tuned.inputs == base.inputs  # blend-side settings never force a recomputation
 
 
@@ -203,7 +244,9 @@ def test_per_class_thresholds_and_uncertainty_columns_reach_the_submission(tmp_p
     y = np.array([[c in s.split() for c in classes] for s in lab])
     f1 = 2 * (hit & y).sum() / (2 * (hit & y).sum() + (hit & ~y).sum() + (~hit & y).sum())
     assert res.row("m").scores_tta["F1"] == pytest.approx(f1)  # the report scores with the same thresholds
-    res = kaggle_tta.blend(load_pipeline(path, ["submission.format=probs", "submission.uncertainty=true", "members.m.temperature=2"]))
+    res = kaggle_tta.blend(
+        load_pipeline(path, ["submission.format=probs", "submission.uncertainty=true", "members.m.temperature=2"])
+    )
     assert res.table.columns[-2:] == ["tta_std", "tta_entropy"]
     q = losses.sigmoid((z["identity"] + z["hflip"]).astype(np.float64) / 4)
     top = q.argmax(axis=1)
@@ -300,7 +343,9 @@ def test_tune_drops_the_view_that_changes_the_class_and_wins_out_of_sample(two_m
     blend_w = r.overrides["blends"][0]["weights"]
     assert blend_w[1] <= 0.2 * blend_w[0]  # the noise member weighs (almost) nothing
     gain, spread, before, after = r.estimate.out_of_sample("accuracy")
-    assert after > before and gain - spread > 0.03, r.report()  # beats the untuned blend on held-out rows, beyond the spread
+    assert after > before and gain - spread > 0.03, (
+        r.report()
+    )  # beats the untuned blend on held-out rows, beyond the spread
     assert r.estimate.out_of_sample("NLL")[0] > 0
     assert (tmp_path / "tuned.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -317,7 +362,9 @@ def test_overrides_reproduce_the_tuned_score_in_blend_and_run(two_members, tmp_p
     assert main(["blend", str(path), "--overrides", str(tmp_path / "tuned.yaml")]) == 0
     sub = pl.read_csv(tmp_path / "submission.csv")
     assert (sub["label"].to_numpy() == np.asarray(CLASSES6)[y]).mean() == tuned_acc  # exactly the tuned score
-    result = kaggle_tta.run(load_pipeline(path, ["submission.format=probs"], override_files=[tmp_path / "tuned.yaml"]), progress=False)
+    result = kaggle_tta.run(
+        load_pipeline(path, ["submission.format=probs"], override_files=[tmp_path / "tuned.yaml"]), progress=False
+    )
     assert result.stats.all_cached and result.blend.row("ens").scores_tta["accuracy"] == tuned_acc
     probs = result.blend.table.drop("id").to_numpy()
     assert float(losses.nll_of_probs(probs, y).mean()) == pytest.approx(tuned_nll, abs=1e-5)  # CSV floats: 6 digits
@@ -348,11 +395,17 @@ def refuse(*a, **k):
     raise AssertionError("tune read an image or built a model")
 data.decode_image = models.build_model = PIL.Image.open = refuse
 from kaggle_tta.cli import main
-assert main(["tune", {str(path)!r}, "--out", {str(tmp_path / 't.yaml')!r}, "--folds", "2"]) == 0
+assert main(["tune", {str(path)!r}, "--out", {str(tmp_path / "t.yaml")!r}, "--folds", "2"]) == 0
 assert "torch" not in sys.modules, sorted(m for m in sys.modules if m.startswith("torch"))
 print("NO TORCH")
 """
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={"PYTHONPATH": str(TESTS), "PATH": "/usr/bin:/bin"}, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(TESTS), "PATH": "/usr/bin:/bin"},
+        cwd=ROOT,
+    )
     assert out.returncode == 0 and "NO TORCH" in out.stdout, out.stderr[-2000:]
 
 
@@ -403,9 +456,15 @@ def test_segmentation_threshold_and_min_area_per_class(tmp_path):
         p1 = np.where(m == 2, 0.8, 0.6)
         maps[i] = np.log(np.stack([p0, p1]) / (1 - np.stack([p0, p1])))
     cfg = {
-        "task": "segmentation", "multilabel": True,
-        "data": {"folder": str(tmp_path / "images"), "classes": ["a", "b"], "masks": {"folder": str(tmp_path / "masks")}},
-        "runtime": {"device": "cpu", "precision": "fp32"}, "cache": {"dir": str(tmp_path / "cache")},
+        "task": "segmentation",
+        "multilabel": True,
+        "data": {
+            "folder": str(tmp_path / "images"),
+            "classes": ["a", "b"],
+            "masks": {"folder": str(tmp_path / "masks")},
+        },
+        "runtime": {"device": "cpu", "precision": "fp32"},
+        "cache": {"dir": str(tmp_path / "cache")},
         "members": [{"name": "px", "factory": "helpers:per_pixel", "kwargs": {"out_channels": 2}, "tta": "none"}],
         "submission": {"path": str(tmp_path / "sub.csv")},
     }
@@ -448,9 +507,22 @@ def test_detection_iou_threshold_is_tuned_on_its_grid(tmp_path):
     pl.DataFrame(truth).write_csv(tmp_path / "boxes.csv")
     cfg = {
         "task": "detection",
-        "data": {"folder": str(tmp_path / "images"), "classes": ["obj"], "boxes": {"path": str(tmp_path / "boxes.csv")}},
-        "runtime": {"device": "cpu", "precision": "fp32"}, "cache": {"dir": str(tmp_path / "cache")},
-        "members": [{"name": "det", "factory": "helpers:bright_boxes", "adapter": "boxes", "tta": "hflip", "preprocess": {"input_size": [3, size, size]}}],
+        "data": {
+            "folder": str(tmp_path / "images"),
+            "classes": ["obj"],
+            "boxes": {"path": str(tmp_path / "boxes.csv")},
+        },
+        "runtime": {"device": "cpu", "precision": "fp32"},
+        "cache": {"dir": str(tmp_path / "cache")},
+        "members": [
+            {
+                "name": "det",
+                "factory": "helpers:bright_boxes",
+                "adapter": "boxes",
+                "tta": "hflip",
+                "preprocess": {"input_size": [3, size, size]},
+            }
+        ],
         "submission": {"path": str(tmp_path / "sub.csv")},
     }
     path = tmp_path / "det.yaml"
@@ -484,8 +556,13 @@ def test_demo_tuning_keeps_d4s_gain(tmp_path):
     sample the tuned held-out accuracy is within one image per fold (1/48) of the pipeline's,
     and still above the no-TTA accuracy."""
     assert main(["demo-data", str(tmp_path / "test")]) == 0
-    sets = [f"data.folder={tmp_path / 'test'}", f"data.labels.path={tmp_path / 'test' / 'labels.csv'}", f"cache.dir={tmp_path / 'cache'}",
-            f"submission.path={tmp_path / 'submission.csv'}", "runtime.precision=fp32"]
+    sets = [
+        f"data.folder={tmp_path / 'test'}",
+        f"data.labels.path={tmp_path / 'test' / 'labels.csv'}",
+        f"cache.dir={tmp_path / 'cache'}",
+        f"submission.path={tmp_path / 'submission.csv'}",
+        "runtime.precision=fp32",
+    ]
     ran = kaggle_tta.run(ROOT / "pipeline.yaml", overrides=sets, progress=False).blend
     plain, d4 = ran.row("final").scores_plain["accuracy"], ran.row("final").scores_tta["accuracy"]
     assert d4 > plain  # the gain to keep
@@ -522,6 +599,8 @@ def test_no_tune_module_compares_a_task_name():
     hits = []
     for f in sorted((ROOT / "kaggle_tta" / "tune").glob("*.py")):
         for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Compare) and any(isinstance(x, ast.Constant) and x.value in names for x in [node.left, *node.comparators]):
+            if isinstance(node, ast.Compare) and any(
+                isinstance(x, ast.Constant) and x.value in names for x in [node.left, *node.comparators]
+            ):
                 hits.append(f"{f.name}:{node.lineno}")
     assert not hits

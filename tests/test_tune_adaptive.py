@@ -17,13 +17,13 @@ import pytest
 import yaml
 
 import kaggle_tta
-from kaggle_tta.ops.gate import Gate, needs
 from kaggle_tta.api import sources_for
 from kaggle_tta.cli import main
 from kaggle_tta.config import load_pipeline
-from kaggle_tta.exec.dag import node_predictions
 from kaggle_tta.config.errors import CacheError
 from kaggle_tta.engine.plan import build_plan
+from kaggle_tta.exec.dag import node_predictions
+from kaggle_tta.ops.gate import Gate, needs
 from kaggle_tta.tuning.cache import GatedViewError, read_view
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,8 +35,13 @@ def demo(tmp_path_factory) -> list[str]:
     """The demo's full cache (every view of every row); returns its --set strings."""
     tmp = tmp_path_factory.mktemp("demo")
     assert main(["demo-data", str(tmp / "test")]) == 0
-    sets = [f"data.folder={tmp / 'test'}", f"data.labels.path={tmp / 'test' / 'labels.csv'}", f"cache.dir={tmp / 'cache'}",
-            f"submission.path={tmp / 'submission.csv'}", "runtime.precision=fp32"]
+    sets = [
+        f"data.folder={tmp / 'test'}",
+        f"data.labels.path={tmp / 'test' / 'labels.csv'}",
+        f"cache.dir={tmp / 'cache'}",
+        f"submission.path={tmp / 'submission.csv'}",
+        "runtime.precision=fp32",
+    ]
     kaggle_tta.run(ROOT / "pipeline.yaml", overrides=sets, progress=False)
     return sets
 
@@ -67,13 +72,22 @@ def test_demo_gates_keep_the_gain_with_few_forwards(demo, tmp_path):
     at most 40% of the full TTA's extra forwards (counted from the cached first views with
     adaptive.needs); and at most 40% of d4's, keeping KEEP of d4's gain over no TTA."""
     out = tmp_path / "tuned.yaml"
-    r = kaggle_tta.tuning(load_pipeline(ROOT / "pipeline.yaml", demo), out=out, folds=5, adaptive="confidence", keep_gain=KEEP)
+    r = kaggle_tta.tuning(
+        load_pipeline(ROOT / "pipeline.yaml", demo), out=out, folds=5, adaptive="confidence", keep_gain=KEEP
+    )
     members = {m["name"]: m for m in yaml.safe_load(out.read_text())["members"]}
-    assert all(set(m["adaptive"]) == {"first", "confidence", "margin"} and m["adaptive"]["margin"] is None for m in members.values())
+    assert all(
+        set(m["adaptive"]) == {"first", "confidence", "margin"} and m["adaptive"]["margin"] is None
+        for m in members.values()
+    )
 
     full = _accuracy(demo, [out], *(f"members.{n}.adaptive=null" for n in members))
     gated = _accuracy(demo, [out])
-    alone = [f"members.{n}.{k}={v}" for n, m in members.items() for k, v in (("tta", f"[{m['adaptive']['first']}]"), ("view_weights", "null"), ("adaptive", "null"))]
+    alone = [
+        f"members.{n}.{k}={v}"
+        for n, m in members.items()
+        for k, v in (("tta", f"[{m['adaptive']['first']}]"), ("view_weights", "null"), ("adaptive", "null"))
+    ]
     none = _accuracy(demo, [out], *alone)
     assert full > none, r.report()  # a gain to keep
     assert gated - none >= KEEP * (full - none) - 1e-12, r.report()
@@ -90,14 +104,20 @@ def test_demo_gates_keep_the_gain_with_few_forwards(demo, tmp_path):
 
     t = r.tables["gates"]
     total = t.filter(pl.col("member") == "(all)").row(0, named=True)
-    assert total["extra forwards run"] == run and total["extra forwards run"] + total["extra forwards saved"] == full_extra
+    assert (
+        total["extra forwards run"] == run and total["extra forwards run"] + total["extra forwards saved"] == full_extra
+    )
     assert total["gain kept (in sample)"] == pytest.approx((gated - none) / (full - none))
-    held = total["gain kept (held out)"]  # 5 folds, each tuned and gated on the other four (None: no held-out gain to keep)
+    held = total[
+        "gain kept (held out)"
+    ]  # 5 folds, each tuned and gated on the other four (None: no held-out gain to keep)
     assert held is None or np.isfinite(held)
     assert 0.0 <= t.filter(pl.col("member") != "(all)")["share sent on (held out)"].min() <= 1.0
     assert any(note.startswith("adaptive: the gates keep") for note in r.notes)
 
-    d4 = kaggle_tta.blend(load_pipeline(ROOT / "pipeline.yaml", demo)).row("final")  # the pipeline as it is: d4, untuned
+    d4 = kaggle_tta.blend(load_pipeline(ROOT / "pipeline.yaml", demo)).row(
+        "final"
+    )  # the pipeline as it is: d4, untuned
     plain, d4_acc = d4.scores_plain["accuracy"], d4.scores_tta["accuracy"]
     assert d4_acc > plain and gated - plain >= KEEP * (d4_acc - plain)
     assert run <= 0.4 * 7 * n * len(members)  # d4: 7 extra views per member
@@ -109,7 +129,9 @@ def test_blend_with_the_overrides_gives_what_tune_reported(demo, tmp_path, rule,
     accuracy is tune's tuned score exactly, and every node's values bit for bit."""
     out = tmp_path / "tuned.yaml"
     sets = [x for s in demo for x in ("--set", s)]
-    assert main(["tune", str(ROOT / "pipeline.yaml"), *sets, "--out", str(out), "--folds", "0", "--adaptive", rule]) == 0
+    assert (
+        main(["tune", str(ROOT / "pipeline.yaml"), *sets, "--out", str(out), "--folds", "0", "--adaptive", rule]) == 0
+    )
     printed = capsys.readouterr().out
     assert "Adaptive gates" in printed and "tune needs" not in printed
     written = yaml.safe_load(out.read_text())
@@ -163,7 +185,9 @@ def test_adaptive_off_writes_no_adaptive_and_the_default_follows_the_pipeline(de
     gated = _with_gate({"margin": 0.5})
     as_is = _accuracy(demo, [], source=gated)
     assert as_is != _accuracy(demo, [])  # the gate changes the demo's blend: "as is" below sees it
-    off = kaggle_tta.tuning(load_pipeline(gated, demo, base_dir=ROOT), folds=0, adaptive="off", out=tmp_path / "off.yaml")
+    off = kaggle_tta.tuning(
+        load_pipeline(gated, demo, base_dir=ROOT), folds=0, adaptive="off", out=tmp_path / "off.yaml"
+    )
     assert off.estimate.in_sample["accuracy"][0] == as_is  # as is: the pipeline's gate, as the blend applies it
     members = {m["name"]: m for m in off.overrides["members"]}
     assert members["resnet"]["adaptive"] is None and "adaptive" not in members["effnet"], off.overrides
@@ -180,7 +204,12 @@ def test_adaptive_off_writes_no_adaptive_and_the_default_follows_the_pipeline(de
 def test_keep_gain_one_keeps_all_of_it_and_zero_keeps_none(demo):
     """The constraint binds: keep-gain 1 keeps the whole in-sample gain; keep-gain 0 lets
     every gate go to the bottom (no extra forward), and costs never rise as it loosens."""
-    runs = {k: kaggle_tta.tuning(load_pipeline(ROOT / "pipeline.yaml", demo), folds=0, adaptive="confidence", keep_gain=k, keep_changes=0.0) for k in (1.0, 0.5, 0.0)}
+    runs = {
+        k: kaggle_tta.tuning(
+            load_pipeline(ROOT / "pipeline.yaml", demo), folds=0, adaptive="confidence", keep_gain=k, keep_changes=0.0
+        )
+        for k in (1.0, 0.5, 0.0)
+    }
     cost = {k: r.tables["gates"].filter(pl.col("member") == "(all)")["extra forwards run"][0] for k, r in runs.items()}
     search = runs[1.0].estimate.tuned.gate_search
     assert search.signed(search.adaptive) >= search.signed(search.full)
@@ -202,16 +231,30 @@ def test_keep_changes_makes_the_full_ttas_changed_decisions(demo, tmp_path):
     cost, made = {}, {}
     for kc in (0.0, 0.5, 1.0):
         out = tmp_path / f"kc{kc}.yaml"
-        r = kaggle_tta.tuning(load_pipeline(ROOT / "pipeline.yaml", demo), out=out, folds=0, adaptive="margin", keep_gain=0.0, keep_changes=kc)
+        r = kaggle_tta.tuning(
+            load_pipeline(ROOT / "pipeline.yaml", demo),
+            out=out,
+            folds=0,
+            adaptive="margin",
+            keep_gain=0.0,
+            keep_changes=kc,
+        )
         members = {m["name"]: m for m in r.overrides["members"]}
         gated = _decisions(demo, [out])
         full = _decisions(demo, [out], *(f"members.{n}.adaptive=null" for n in members))
-        alone = [f"members.{n}.{k}={v}" for n, m in members.items() for k, v in (("tta", f"[{m['adaptive']['first']}]"), ("view_weights", "null"), ("adaptive", "null"))]
+        alone = [
+            f"members.{n}.{k}={v}"
+            for n, m in members.items()
+            for k, v in (("tta", f"[{m['adaptive']['first']}]"), ("view_weights", "null"), ("adaptive", "null"))
+        ]
         changed = full != _decisions(demo, [out], *alone)
         assert changed.sum() >= 3  # decisions to keep
         made[kc] = float((gated[changed] == full[changed]).mean())
         assert made[kc] >= kc - 1e-12, (kc, made[kc], r.report())
-        assert r.estimate.tuned.gate_search.changes_made == pytest.approx(made[kc]) and r.estimate.tuned.gate_search.changed == changed.sum()
+        assert (
+            r.estimate.tuned.gate_search.changes_made == pytest.approx(made[kc])
+            and r.estimate.tuned.gate_search.changed == changed.sum()
+        )
         cost[kc] = r.tables["gates"].filter(pl.col("member") == "(all)")["extra forwards run"][0]
     assert cost[0.0] == 0 and cost[0.0] <= cost[0.5] <= cost[1.0] and cost[1.0] > 0 and made[1.0] == 1.0
 
@@ -270,15 +313,19 @@ def test_adaptive_is_refused_where_tune_learns_no_gate(tmp_path):
     for i in ids:
         cv2.imwrite(str(tmp_path / "masks" / f"{i}.png"), np.zeros((4, 4), np.uint8))
     cfg = {
-        "task": "segmentation", "multilabel": True,
+        "task": "segmentation",
+        "multilabel": True,
         "data": {"folder": str(tmp_path / "images"), "classes": ["a"], "masks": {"folder": str(tmp_path / "masks")}},
-        "runtime": {"device": "cpu", "precision": "fp32"}, "cache": {"dir": str(tmp_path / "cache")},
+        "runtime": {"device": "cpu", "precision": "fp32"},
+        "cache": {"dir": str(tmp_path / "cache")},
         "members": [{"name": "px", "factory": "helpers:per_pixel", "kwargs": {"out_channels": 1}, "tta": "hflip"}],
         "submission": {"path": str(tmp_path / "sub.csv")},
     }
     path = tmp_path / "seg.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    with pytest.raises(ConfigError, match=r"^--adaptive margin: tune learns gates for the tuners classes; .*use --adaptive off$"):
+    with pytest.raises(
+        ConfigError, match=r"^--adaptive margin: tune learns gates for the tuners classes; .*use --adaptive off$"
+    ):
         kaggle_tta.tuning(path, adaptive="margin")
 
 
@@ -300,14 +347,20 @@ def test_calibrate_keep_learns_the_gates_at_the_lowest_keep_that_holds_out(demo,
     search = r.estimate.tuned.gate_search
     ladder = [k for k, *_ in search.calibration]
     assert ladder == [0.9, *KEEP_LADDER]
-    assert all((se is not None and se > 0) == (v is not None) for _, v, se in search.calibration)  # each figure with its spread
-    chosen = next((k for k, v, se in search.calibration if v is not None and v >= 0.9), 1.0)  # --keep-margin 0 (default): the figure alone
+    assert all(
+        (se is not None and se > 0) == (v is not None) for _, v, se in search.calibration
+    )  # each figure with its spread
+    chosen = next(
+        (k for k, v, se in search.calibration if v is not None and v >= 0.9), 1.0
+    )  # --keep-margin 0 (default): the figure alone
     assert search.keep == chosen
     held = r.tables["gates"].filter(pl.col("member") == "(all)")["gain kept (held out)"][0]
     assert {k: v for k, v, _ in search.calibration}[chosen] == pytest.approx(held)
     assert any("--calibrate-keep" in n and " ± " in n for n in r.notes)
     again = kaggle_tta.tuning(cfg, folds=3, adaptive="margin", keep_gain=0.9)
-    assert again.estimate.tuned.gate_search.calibration == search.calibration  # the resamples are seeded: the same figures
+    assert (
+        again.estimate.tuned.gate_search.calibration == search.calibration
+    )  # the resamples are seeded: the same figures
     off = kaggle_tta.tuning(cfg, folds=3, adaptive="margin", keep_gain=0.9, calibrate_keep=False)
     assert off.estimate.tuned.gate_search.keep == 0.9 and off.estimate.tuned.gate_search.calibration == []
 
@@ -315,10 +368,18 @@ def test_calibrate_keep_learns_the_gates_at_the_lowest_keep_that_holds_out(demo,
     rising = {0.9: 0.8, 0.925: 0.85, 0.95: 0.91, 0.975: 0.95, 1.0: 1.0}
     # (held-out figures, --keep-margin, their SE, the keep chosen): with a margin the figure must
     # clear --keep-gain by that many SEs (0.95 - 1 x 0.05 reaches 0.9; 0.91 - 0.5 x 0.05 does not)
-    for table, margin, se, expect in ((rising, 0.0, 0.05, 0.95), ({k: 0.5 for k in ladder}, 0.0, None, 1.0), (rising, 1.0, 0.05, 0.975), (rising, 0.5, 0.05, 0.975)):
+    for table, margin, se, expect in (
+        (rising, 0.0, 0.05, 0.95),
+        ({k: 0.5 for k in ladder}, 0.0, None, 1.0),
+        (rising, 1.0, 0.05, 0.975),
+        (rising, 0.5, 0.05, 0.975),
+    ):
+
         def fake(search, nodes, pb, rows, threshold, seed=0, table=table):
             h = real(search, nodes, pb, rows, threshold, seed)
-            assert h is None or (h.boot is not None and h.boot.shape == (gates.BOOTSTRAP, 3) and np.isfinite(h.boot).all())
+            assert h is None or (
+                h.boot is not None and h.boot.shape == (gates.BOOTSTRAP, 3) and np.isfinite(h.boot).all()
+            )
             return None if h is None else gates.HeldOut(h.rows, 0.0, 1.0, table[search.keep], h.sent)
 
         with monkeypatch.context() as m:
@@ -361,7 +422,7 @@ def test_the_spread_of_the_gain_kept_is_the_bootstrap_of_the_rows_where_the_gate
     folds = [fold(2000, 60, 16) for _ in range(3)]
     differ = sum(16 for _ in folds)
     se = gates.pooled_spread(search, folds)
-    assert se == pytest.approx(differ ** 0.5 / 180, rel=0.25)
+    assert se == pytest.approx(differ**0.5 / 180, rel=0.25)
     same = [fold(2000, 60, 0) for _ in range(3)]
     assert gates.pooled_spread(search, same) == 0.0
     assert gates.pooled_spread(search, [gates.HeldOut(10, 0.1, 0.2, 0.2, {})]) is None
@@ -369,13 +430,18 @@ def test_the_spread_of_the_gain_kept_is_the_bootstrap_of_the_rows_where_the_gate
     # a resample a user's metric refused (NaN: see held_out) is left out, not spread to the SE
     hurt = [gates.HeldOut(f.rows, f.none, f.full, f.adaptive, {}, f.boot.copy()) for f in folds]
     hurt[0].boot[:20] = np.nan
-    assert np.isfinite(gates.pooled_spread(search, hurt)) and gates.pooled_spread(search, hurt) == pytest.approx(se, rel=0.2)
+    assert np.isfinite(gates.pooled_spread(search, hurt)) and gates.pooled_spread(search, hurt) == pytest.approx(
+        se, rel=0.2
+    )
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--keep-margin", "-1"], "--keep-margin: -1.0; give standard errors between 0 and 10"),
-    (["--keep-changes", "1.5"], "--keep-changes: 1.5; give a share"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--keep-margin", "-1"], "--keep-margin: -1.0; give standard errors between 0 and 10"),
+        (["--keep-changes", "1.5"], "--keep-changes: 1.5; give a share"),
+    ],
+)
 def test_bad_gate_options_are_one_line_before_the_cache_is_read(tmp_path, capsys, argv, message):
     assert main(["tune", str(ROOT / "pipeline.yaml"), "--set", f"cache.dir={tmp_path / 'none'}", *argv]) == 2
     err = capsys.readouterr().err.strip()

@@ -116,24 +116,44 @@ def test_five_and_ten_crop_match_the_reference_code(shape):
 
     rng = np.random.default_rng(2)
     img = rng.integers(0, 255, (*shape, 3), dtype=np.uint8)
-    crops = CanvasSpec((224, 224), 0.875, "bilinear", mode="crop", backend="albumentations", positions=POSITIONS).build()(img)
+    crops = CanvasSpec(
+        (224, 224), 0.875, "bilinear", mode="crop", backend="albumentations", positions=POSITIONS
+    ).build()(img)
     image_resized = A.SmallestMaxSize(max_size=256)(image=img)["image"]
     h, w = image_resized.shape[:2]
     c = 224
-    boxes = [[0, 0, c, c], [w - c, 0, w, c], [0, h - c, c, h], [w - c, h - c, w, h], [(w - c) // 2, (h - c) // 2, (w + c) // 2, (h + c) // 2]]
+    boxes = [
+        [0, 0, c, c],
+        [w - c, 0, w, c],
+        [0, h - c, c, h],
+        [w - c, h - c, w, h],
+        [(w - c) // 2, (h - c) // 2, (w + c) // 2, (h + c) // 2],
+    ]
     ref = []
     for x_min, y_min, x_max, y_max in boxes:
         crop = A.Crop(x_min=x_min, y_min=y_min, x_max=x_max, y_max=y_max)(image=image_resized)["image"]
         ref.append(crop)
         ref.append(A.HorizontalFlip(p=1.0)(image=crop)["image"])
     at = {p: torch.from_numpy(crops[k]).permute(2, 0, 1)[None] for k, p in enumerate(POSITIONS)}
-    ours = [v.bind(None, MEAN, STD).apply(at[v.position])[0].permute(1, 2, 0).numpy() for v in parse_tta("ten_crop", "t")]
+    ours = [
+        v.bind(None, MEAN, STD).apply(at[v.position])[0].permute(1, 2, 0).numpy() for v in parse_tta("ten_crop", "t")
+    ]
     assert len(ours) == 10
     for a, b in zip(ours, ref):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("kind,value", [("brightness", 0.15), ("brightness", -0.2), ("contrast", 0.2), ("contrast", -0.3), ("gamma", 0.8), ("gamma", 1.25)])
+@pytest.mark.parametrize(
+    "kind,value",
+    [
+        ("brightness", 0.15),
+        ("brightness", -0.2),
+        ("contrast", 0.2),
+        ("contrast", -0.3),
+        ("gamma", 0.8),
+        ("gamma", 1.25),
+    ],
+)
 def test_colour_views_match_albumentations(kind, value):
     rng = np.random.default_rng(3)
     img = rng.uniform(0, 1, (5, 7, 3)).astype(np.float32)
@@ -143,7 +163,9 @@ def test_colour_views_match_albumentations(kind, value):
         b, c = (value, 0.0) if kind == "brightness" else (0.0, value)
         t = A.RandomBrightnessContrast(brightness_limit=(b, b), contrast_limit=(c, c), p=1.0)
     ref = t(image=img)["image"]
-    x = (torch.from_numpy(img).permute(2, 0, 1)[None] - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    x = (torch.from_numpy(img).permute(2, 0, 1)[None] - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(
+        1, 3, 1, 1
+    )
     out = _bound(f"{kind}_{value}").apply(x)
     px = (out * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1))[0].permute(1, 2, 0).numpy()
     np.testing.assert_allclose(px, ref, atol=1e-5)
@@ -318,7 +340,9 @@ def test_crop_inverses_take_the_input_size():
     np.testing.assert_allclose(_bound("crop_tr+hflip", (5, 7)).invert_boxes(Fn.boxes_hflip(b), (5, 7)), b, atol=1e-15)
 
 
-@pytest.mark.parametrize("name", ["crop_bl+rot90+scale_0.6", "transverse+gamma_0.8+scale_1.3", "contrast_0.2+brightness_0.1"])
+@pytest.mark.parametrize(
+    "name", ["crop_bl+rot90+scale_0.6", "transverse+gamma_0.8+scale_1.3", "contrast_0.2+brightness_0.1"]
+)
 def test_every_op_inverts_boxes_and_masks_with_the_same_signature(name):
     v = _bound(name, (5, 7))
     sizes = v._sizes((5, 7))
@@ -328,7 +352,9 @@ def test_every_op_inverts_boxes_and_masks_with_the_same_signature(name):
 
 
 def test_hint_comes_from_the_op_that_blocks_the_target():
-    assert _bound("crop_tl+hflip").hint("mask") == "crops are legal for maps only through tiling (members.<name>.tiling)"
+    assert (
+        _bound("crop_tl+hflip").hint("mask") == "crops are legal for maps only through tiling (members.<name>.tiling)"
+    )
     assert _bound("crop_tl").hint("boxes") == Crop.hint
     assert _bound("crop_tl").hint("label") == ""
     assert _bound("hflip+scale_1.25").hint("mask") == ""

@@ -25,6 +25,17 @@ from kaggle_tta.cache.files import RAGGED_WIDTH, RaggedWriter, disk_error, writi
 from kaggle_tta.cache.lock import locked
 
 __all__ = [
-    "FORMAT_VERSION", "RAGGED_WIDTH", "CacheEntry", "DamagedView", "RaggedWriter", "content_digest", "disk_error",
-    "files_digest", "list_entries", "locked", "remove_entry", "view_states", "writing",
+    "FORMAT_VERSION",
+    "RAGGED_WIDTH",
+    "CacheEntry",
+    "DamagedView",
+    "RaggedWriter",
+    "content_digest",
+    "disk_error",
+    "files_digest",
+    "list_entries",
+    "locked",
+    "remove_entry",
+    "view_states",
+    "writing",
 ]

@@ -47,13 +47,22 @@ class DamagedView(CacheError):
 
     def __init__(self, entry: CacheEntry, view: str, reason: str, hint: str = "kaggle-tta run PIPELINE"):
         self.entry, self.view, self.reason = entry, view, reason
-        super().__init__(f"{entry.path(view)}: damaged ({reason}); marked for recomputing — run '{hint}' to recompute it")
+        super().__init__(
+            f"{entry.path(view)}: damaged ({reason}); marked for recomputing — run '{hint}' to recompute it"
+        )
 
 
 class CacheEntry:
     """The cached predictions of one member under one fingerprint."""
 
-    def __init__(self, root: Path, member: str, fingerprint: str, inputs: dict[str, Any] | None = None, folder: Path | None = None):
+    def __init__(
+        self,
+        root: Path,
+        member: str,
+        fingerprint: str,
+        inputs: dict[str, Any] | None = None,
+        folder: Path | None = None,
+    ):
         self.dir = Path(folder) if folder is not None else Path(root) / member / fingerprint
         self.member = member
         self.fingerprint = fingerprint
@@ -68,17 +77,31 @@ class CacheEntry:
 
     def _load(self) -> dict[str, Any]:
         if not self.manifest_path.is_file():
-            return {"format_version": FORMAT_VERSION, "member": self.member, "fingerprint": self.fingerprint, "inputs": self.inputs, "views": {}}
+            return {
+                "format_version": FORMAT_VERSION,
+                "member": self.member,
+                "fingerprint": self.fingerprint,
+                "inputs": self.inputs,
+                "views": {},
+            }
         try:
             m = json.loads(self.manifest_path.read_text(encoding="utf-8"))
             if not isinstance(m, dict) or not isinstance(m.get("views"), dict):
                 raise ValueError("not a manifest")
         except (OSError, ValueError) as exc:
-            raise CacheError(f"{self.manifest_path}: damaged manifest ({exc}); delete {self.dir} to recompute") from None
+            raise CacheError(
+                f"{self.manifest_path}: damaged manifest ({exc}); delete {self.dir} to recompute"
+            ) from None
         if m.get("format_version") != FORMAT_VERSION:
-            raise CacheError(f"{self.manifest_path}: cache format {m.get('format_version')} is not {FORMAT_VERSION}; delete {self.dir}")
+            raise CacheError(
+                f"{self.manifest_path}: cache format {m.get('format_version')} is not {FORMAT_VERSION}; delete {self.dir}"
+            )
         for view, st in m["views"].items():
-            if st.get("status") == "partial" and int(st.get("rows_done", 0)) >= int(st.get("rows", -1)) >= 0 and self._renamed(view, st):
+            if (
+                st.get("status") == "partial"
+                and int(st.get("rows_done", 0)) >= int(st.get("rows", -1)) >= 0
+                and self._renamed(view, st)
+            ):
                 st["status"] = "complete"  # killed after the rename, before the manifest said so
         return m
 
@@ -114,7 +137,12 @@ class CacheEntry:
             if st.get("kind") == "ragged":
                 offsets = np.load(self.dir / f"{view}.offsets.npy", mmap_mode="r")
                 rows = np.load(self.dir / f"{view}.boxes.npy", mmap_mode="r")
-                if offsets.shape != (int(st["rows"]) + 1,) or rows.ndim != 2 or rows.shape[1] != RAGGED_WIDTH or int(offsets[-1]) != rows.shape[0]:
+                if (
+                    offsets.shape != (int(st["rows"]) + 1,)
+                    or rows.ndim != 2
+                    or rows.shape[1] != RAGGED_WIDTH
+                    or int(offsets[-1]) != rows.shape[0]
+                ):
                     return "its rows and offsets disagree"
                 return None
             arr = np.load(self.dir / f"{view}.npy", mmap_mode="r")
@@ -167,7 +195,9 @@ class CacheEntry:
     def shard(self, lo: int, hi: int) -> CacheEntry:
         """The entry of rows ``lo:hi`` (a rank's share; kaggle_tta.cache.shards), in
         ``shards/<lo>-<hi>/`` under this one, with this one's fingerprint and inputs."""
-        e = CacheEntry(self.dir, self.member, self.fingerprint, self.inputs, folder=self.dir / "shards" / f"{lo:09d}-{hi:09d}")
+        e = CacheEntry(
+            self.dir, self.member, self.fingerprint, self.inputs, folder=self.dir / "shards" / f"{lo:09d}-{hi:09d}"
+        )
         e.manifest.setdefault("shard", [int(lo), int(hi)])
         return e
 
@@ -215,7 +245,15 @@ class CacheEntry:
         if mm is None:
             mm = open_dense(partial, shape, dtype)
             start = 0
-            self.manifest["views"][view] = {"status": "partial", "rows_done": 0, "rows": int(shape[0]), "shape": list(shape), "dtype": dtype, "seconds": 0.0, "nonfinite_recomputed": 0}
+            self.manifest["views"][view] = {
+                "status": "partial",
+                "rows_done": 0,
+                "rows": int(shape[0]),
+                "shape": list(shape),
+                "dtype": dtype,
+                "seconds": 0.0,
+                "nonfinite_recomputed": 0,
+            }
         self._open[view] = mm
         self._committed[view] = start  # on disk and counted already
         return mm, start
@@ -246,7 +284,14 @@ class CacheEntry:
             offsets = open_dense(offsets_path, (n + 1,), "int64")
             with writing(self.dir):
                 raw_path.write_bytes(b"")
-            self.manifest["views"][view] = {"status": "partial", "kind": "ragged", "rows_done": 0, "rows": int(n), "seconds": 0.0, "nonfinite_recomputed": 0}
+            self.manifest["views"][view] = {
+                "status": "partial",
+                "kind": "ragged",
+                "rows_done": 0,
+                "rows": int(n),
+                "seconds": 0.0,
+                "nonfinite_recomputed": 0,
+            }
         writer = RaggedWriter(raw_path, offsets, start)
         self._open[view] = writer
         self._committed[view] = start
@@ -367,7 +412,10 @@ class CacheEntry:
         if stream is None or stream[0] != lo:
             return block  # a block read again (the identity view without TTA): verified once
         prev = stream[1]
-        stream[0], stream[1] = hi, _crc_worker().submit(lambda: data_crc(block, prev.result() if prev is not None else 0))
+        stream[0], stream[1] = (
+            hi,
+            _crc_worker().submit(lambda: data_crc(block, prev.result() if prev is not None else 0)),
+        )
         st = self.view_state(view)
         if hi >= int(st["rows"]):
             del self._streams[view]
@@ -413,7 +461,9 @@ class CacheEntry:
         """Each complete view (and, with ``sizes``, the image sizes) read whole: name -> why
         it is damaged, or None; damaged ones are marked. Views not complete are left out. A
         gated view's held-row companion is read too (a damaged mask would choose wrong rows)."""
-        held = {f"{v} (its held rows)": held_name(v) for v in views if "held" in self.view_state(v)}  # adaptive: the gated view's row mask
+        held = {
+            f"{v} (its held rows)": held_name(v) for v in views if "held" in self.view_state(v)
+        }  # adaptive: the gated view's row mask
         names = {**{v: v for v in views}, **held, **({"image sizes": SIZES} if sizes else {})}
         out: dict[str, str | None] = {}
         for label, view in names.items():

@@ -27,9 +27,13 @@ def disk_error(exc: OSError, where: Path | str, needed: int | None = None) -> Ca
     """One line for an OSError met while writing under ``where``."""
     need = f" ({needed / 1e6:.1f} MB needed)" if needed else ""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return CacheError(f"{where}: no space left on the device{need}; free space there or point cache.dir at a larger disk")
+        return CacheError(
+            f"{where}: no space left on the device{need}; free space there or point cache.dir at a larger disk"
+        )
     if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return CacheError(f"{where}: cannot write here ({os.strerror(exc.errno)}); point cache.dir at a writable folder")
+        return CacheError(
+            f"{where}: cannot write here ({os.strerror(exc.errno)}); point cache.dir at a writable folder"
+        )
     return CacheError(f"{where}: {os.strerror(exc.errno) if exc.errno else exc}; check the folder and cache.dir")
 
 

@@ -78,7 +78,9 @@ def _take(folder: Path, wait: bool, create: bool, on_wait: Callable[[Path], None
                 folder.mkdir(parents=True, exist_ok=True)
         try:
             with writing(folder):
-                fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)  # a shard copied here (cache merge) has none
+                fd = os.open(
+                    folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644
+                )  # a shard copied here (cache merge) has none
         except CacheError:
             if create:
                 raise
@@ -120,7 +122,13 @@ def shard_lock(folders: Iterable[Path], on_wait: Callable[[Path], None] | None =
             os.close(fd)  # releases the lock
 
 
-def _cover(shards: list[tuple[int, int, CacheEntry]], view: str, lo: int, hi: int, fits: Callable[[CacheEntry, str], bool] | None = None) -> list[tuple[int, int, CacheEntry]] | None:
+def _cover(
+    shards: list[tuple[int, int, CacheEntry]],
+    view: str,
+    lo: int,
+    hi: int,
+    fits: Callable[[CacheEntry, str], bool] | None = None,
+) -> list[tuple[int, int, CacheEntry]] | None:
     """Pieces (a, b, shard) of complete shard views that cover rows ``lo:hi`` in order, each
     piece the farthest-reaching shard from where the last ended; None where a row is missing.
     ``fits``: which shards' copies may serve (adaptive views: the rows of which gate)."""
@@ -136,7 +144,14 @@ def _cover(shards: list[tuple[int, int, CacheEntry]], view: str, lo: int, hi: in
     return pieces
 
 
-def covered(entry: CacheEntry, view: str, lo: int, hi: int, shards: list | None = None, fits: Callable[[CacheEntry, str], bool] | None = None) -> bool:
+def covered(
+    entry: CacheEntry,
+    view: str,
+    lo: int,
+    hi: int,
+    shards: list | None = None,
+    fits: Callable[[CacheEntry, str], bool] | None = None,
+) -> bool:
     """Whether complete shard views (those ``fits`` accepts) already hold every row of
     ``lo:hi`` of ``view``."""
     return _cover(list_shards(entry) if shards is None else shards, view, lo, hi, fits) is not None
@@ -148,9 +163,13 @@ def read_rows(entry: CacheEntry, view: str, lo: int, hi: int) -> np.ndarray:
     shards of another split hold)."""
     if entry.is_complete(view) and "held" not in entry.view_state(view):
         return entry.read(view)[lo:hi]
-    pieces = _cover(list_shards(entry), view, lo, hi, lambda s, v: "held" not in s.view_state(v))  # every row: never a gated copy
+    pieces = _cover(
+        list_shards(entry), view, lo, hi, lambda s, v: "held" not in s.view_state(v)
+    )  # every row: never a gated copy
     if pieces is None:
-        raise CacheError(f"{entry.dir}: view '{view}' rows {lo}-{hi} are neither in the entry nor in its shards; run again")
+        raise CacheError(
+            f"{entry.dir}: view '{view}' rows {lo}-{hi} are neither in the entry nor in its shards; run again"
+        )
     return np.concatenate([s.read(view)[a - s.manifest["shard"][0] : b - s.manifest["shard"][0]] for a, b, s in pieces])
 
 
@@ -159,10 +178,14 @@ class Assembled:
     """What :func:`assemble` did to one entry."""
 
     views: list[str] = field(default_factory=list)  # views (and SIZES) completed in the entry
-    damaged: list[tuple[int, int, str, str]] = field(default_factory=list)  # (lo, hi, view, why): shard views found damaged, not used
+    damaged: list[tuple[int, int, str, str]] = field(
+        default_factory=list
+    )  # (lo, hi, view, why): shard views found damaged, not used
 
 
-def assemble(entry: CacheEntry, views: list[str], n: int, ids: list[str], sizes: bool = False, source: str | None = None) -> Assembled:
+def assemble(
+    entry: CacheEntry, views: list[str], n: int, ids: list[str], sizes: bool = False, source: str | None = None
+) -> Assembled:
     """Completes each of ``views`` (and, with ``sizes``, the image sizes) that the entry
     lacks and its shards cover, in the entry's own files. Call it holding the entry's lock.
 
@@ -200,7 +223,11 @@ def assemble(entry: CacheEntry, views: list[str], n: int, ids: list[str], sizes:
         except DamagedView as exc:  # marked in its shard by the read: never assembled
             lo, hi = exc.entry.manifest.get("shard", [0, 0])
             out.damaged.append((int(lo), int(hi), view, exc.reason))
-            print(f"kaggle-tta: {exc.entry.path(view)}: damaged ({exc.reason}); not assembled, its rows are computed again", file=sys.stderr, flush=True)
+            print(
+                f"kaggle-tta: {exc.entry.path(view)}: damaged ({exc.reason}); not assembled, its rows are computed again",
+                file=sys.stderr,
+                flush=True,
+            )
             entry.close()
             entry.manifest["views"].pop(held_name(view), None)
             entry.manifest["views"].update(forgotten)  # the gated view as it was: its files are still there
@@ -238,7 +265,9 @@ def _pieces(shards: list[tuple[int, int, CacheEntry]], view: str, n: int) -> tup
         if h is not None and h not in gates:
             gates.append(h)
     for h in gates:
-        pieces = _cover(shards, view, 0, n, lambda s, v, h=h: s.view_state(v).get("held") == h and s.is_complete(held_name(v)))
+        pieces = _cover(
+            shards, view, 0, n, lambda s, v, h=h: s.view_state(v).get("held") == h and s.is_complete(held_name(v))
+        )
         if pieces is not None:
             return pieces, h
     return None, None
@@ -299,7 +328,9 @@ def _dense(entry: CacheEntry, view: str, n: int, pieces: list[tuple[int, int, Ca
         if list(other["shape"][1:]) != list(shape[1:]) or other["dtype"] != dtype:
             from kaggle_tta.config.errors import CacheError
 
-            raise CacheError(f"{s.dir}: view '{view}' is {other['shape'][1:]} {other['dtype']} where {pieces[0][2].dir} is {list(shape[1:])} {dtype}; delete {entry.dir / 'shards'} and run again")
+            raise CacheError(
+                f"{s.dir}: view '{view}' is {other['shape'][1:]} {other['dtype']} where {pieces[0][2].dir} is {list(shape[1:])} {dtype}; delete {entry.dir / 'shards'} and run again"
+            )
     mm, _ = entry.open_for_write(view, shape, dtype)
     seconds = nonfinite = 0.0
     for a, b, s in pieces:
@@ -331,7 +362,14 @@ def _ragged(entry: CacheEntry, view: str, n: int, pieces: list[tuple[int, int, C
     entry.record(view, n, seconds, int(nonfinite))
 
 
-_FILES = ("{v}.npy", "{v}.npy.partial", "{v}.boxes.npy", "{v}.offsets.npy", "{v}.boxes.partial", "{v}.offsets.npy.partial")
+_FILES = (
+    "{v}.npy",
+    "{v}.npy.partial",
+    "{v}.boxes.npy",
+    "{v}.offsets.npy",
+    "{v}.boxes.partial",
+    "{v}.offsets.npy.partial",
+)
 
 
 def _release(entry: CacheEntry, shards: list[tuple[int, int, CacheEntry]], views: set[str] | None) -> None:

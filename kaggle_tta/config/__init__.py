@@ -11,10 +11,10 @@ timm's ``pretrained_cfg`` for the member's architecture > the default written he
 - ``loading``: ``load_pipeline`` (a path or a dict, with overrides) and ``load_classes``.
 """
 
+from kaggle_tta.config.data import BoxesSpec, CsvSource, DataConfig, LabelsSpec, MasksSpec
 from kaggle_tta.config.loading import apply_override, format_validation_error, load_classes, load_pipeline
 from kaggle_tta.config.marks import FACTORY_PATH_KWARGS, Bundle, bundled_fields
 from kaggle_tta.config.pipeline import PipelineConfig
-from kaggle_tta.config.data import BoxesSpec, CsvSource, DataConfig, LabelsSpec, MasksSpec
 from kaggle_tta.config.sections import (
     BlendConfig,
     CacheConfig,
@@ -29,8 +29,27 @@ from kaggle_tta.config.sections import (
 )
 
 __all__ = [
-    "FACTORY_PATH_KWARGS", "BlendConfig", "BoxesSpec", "Bundle", "CacheConfig", "CsvSource", "DataConfig", "DetectionConfig",
-    "LabelsSpec", "MasksSpec", "MemberConfig", "PipelineConfig", "PreprocessConfig", "RLEConfig", "RuntimeConfig",
-    "SegmentationConfig", "SubmissionConfig", "TilingConfig", "apply_override", "bundled_fields", "format_validation_error",
-    "load_classes", "load_pipeline",
+    "FACTORY_PATH_KWARGS",
+    "BlendConfig",
+    "BoxesSpec",
+    "Bundle",
+    "CacheConfig",
+    "CsvSource",
+    "DataConfig",
+    "DetectionConfig",
+    "LabelsSpec",
+    "MasksSpec",
+    "MemberConfig",
+    "PipelineConfig",
+    "PreprocessConfig",
+    "RLEConfig",
+    "RuntimeConfig",
+    "SegmentationConfig",
+    "SubmissionConfig",
+    "TilingConfig",
+    "apply_override",
+    "bundled_fields",
+    "format_validation_error",
+    "load_classes",
+    "load_pipeline",
 ]

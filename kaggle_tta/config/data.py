@@ -11,6 +11,7 @@ from pydantic import field_validator, model_validator
 from kaggle_tta.config.marks import Bundle
 from kaggle_tta.config.sections import Section, check_template
 
+
 class CsvSource(Section):
     """A CSV listing the test set."""
 

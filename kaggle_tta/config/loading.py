@@ -11,8 +11,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from kaggle_tta.config.pipeline import PipelineConfig
 from kaggle_tta.config.errors import ConfigError, did_you_mean
+from kaggle_tta.config.pipeline import PipelineConfig
 
 # Aliases may reuse anchored blocks (a shared ``preprocess: &p {...}``), but each level of
 # aliases to aliases multiplies what they stand for: 966 bytes of them once expanded to 10^8
@@ -40,7 +40,11 @@ def read_text_file(path: Path, what: str = "file") -> str:
     if path.is_dir():
         raise ConfigError(f"{path}: is a folder, not a {what}; pass the path of the file itself")
     if not path.is_file():
-        raise ConfigError(f"{path}: no such {what}; pass the path of your pipeline.yaml" if what == "pipeline file" else f"{path}: no such {what}")
+        raise ConfigError(
+            f"{path}: no such {what}; pass the path of your pipeline.yaml"
+            if what == "pipeline file"
+            else f"{path}: no such {what}"
+        )
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -49,7 +53,9 @@ def read_text_file(path: Path, what: str = "file") -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
-        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); save it as UTF-8") from None
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); save it as UTF-8"
+        ) from None
 
 
 def parse_yaml(text: str, where: str) -> Any:
@@ -152,7 +158,6 @@ def _check_duplicate_keys(node: yaml.MappingNode, loader: yaml.SafeLoader, loc: 
 # ---- validation ------------------------------------------------------------------------------
 
 
-
 def _format_loc(loc: tuple[Any, ...], raw: Any) -> str:
     """('members', 1, 'tta') -> 'members[1].tta', using the member's name where known."""
     out = ""
@@ -160,7 +165,9 @@ def _format_loc(loc: tuple[Any, ...], raw: Any) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("function-after", "function-before") or str(part).startswith(("str", "list", "dict", "int", "float", "bool", "literal", "union", "tagged")):
+        elif part in ("function-after", "function-before") or str(part).startswith(
+            ("str", "list", "dict", "int", "float", "bool", "literal", "union", "tagged")
+        ):
             continue  # pydantic's union branch labels: not YAML keys
         else:
             out += f".{part}" if out else str(part)
@@ -171,7 +178,9 @@ def _format_loc(loc: tuple[Any, ...], raw: Any) -> str:
     return out or "pipeline"
 
 
-def format_validation_error(err: ValidationError, raw: Any, source: str, origins: dict[tuple[Any, ...], str] | None = None) -> str:
+def format_validation_error(
+    err: ValidationError, raw: Any, source: str, origins: dict[tuple[Any, ...], str] | None = None
+) -> str:
     """One line per problem: 'pipeline.yaml: members[0].tta: ... '; a problem at a value an
     override file set (``origins``: YAML location -> file, see :func:`merge_override_file`)
     says so: '... (set by tuned.yaml)'."""
@@ -282,7 +291,9 @@ def _list_index(items: list[Any], part: str) -> int | None:
 NAMED_LISTS = {"members": "member", "blends": "blend"}
 
 
-def merge_override_file(raw: dict[str, Any], path: Path | str, origins: dict[tuple[Any, ...], str] | None = None) -> dict[tuple[Any, ...], str]:
+def merge_override_file(
+    raw: dict[str, Any], path: Path | str, origins: dict[tuple[Any, ...], str] | None = None
+) -> dict[tuple[Any, ...], str]:
     """Deep-merges a partial pipeline YAML (``kaggle-tta tune``'s tuned.yaml, or one written
     by hand) over the raw pipeline mapping, in place.
 
@@ -305,13 +316,17 @@ def merge_override_file(raw: dict[str, Any], path: Path | str, origins: dict[tup
     if over is None:
         over = {}
     if not isinstance(over, dict):
-        raise ConfigError(f"{where}: expected a mapping at the top level (a partial pipeline: members, blends, submission, ...), got {type(over).__name__}")
+        raise ConfigError(
+            f"{where}: expected a mapping at the top level (a partial pipeline: members, blends, submission, ...), got {type(over).__name__}"
+        )
     origins = {} if origins is None else origins
     _merge(raw, over, (), where, origins)
     return origins
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any], loc: tuple[Any, ...], where: str, origins: dict[tuple[Any, ...], str]) -> None:
+def _merge(
+    base: dict[str, Any], over: dict[str, Any], loc: tuple[Any, ...], where: str, origins: dict[tuple[Any, ...], str]
+) -> None:
     for key, value in over.items():
         here = (*loc, key)
         if not loc and key in NAMED_LISTS:
@@ -345,7 +360,9 @@ def _merge_named(base: dict[str, Any], key: str, items: Any, where: str, origins
 
 
 def load_pipeline(
-    source: Path | str | dict[str, Any], overrides: list[str] | None = None, base_dir: Path | str | None = None,
+    source: Path | str | dict[str, Any],
+    overrides: list[str] | None = None,
+    base_dir: Path | str | None = None,
     override_files: Sequence[Path | str] | None = None,
 ) -> PipelineConfig:
     """Reads, overrides and validates a pipeline.
@@ -394,11 +411,15 @@ def check_output_paths(cfg: PipelineConfig, where: str = "pipeline") -> None:
     """
     cache_dir = cfg.resolve(cfg.cache.dir)
     if cache_dir.exists() and not cache_dir.is_dir():
-        raise ConfigError(f"{where}: cache.dir: {cache_dir} is a file, not a folder; point cache.dir at a folder (or move the file)")
+        raise ConfigError(
+            f"{where}: cache.dir: {cache_dir} is a file, not a folder; point cache.dir at a folder (or move the file)"
+        )
     _check_parents(cache_dir, "cache.dir", where)
     sub = cfg.resolve(cfg.submission.path)
     if sub.is_dir():
-        raise ConfigError(f"{where}: submission.path: {sub} is a folder; give a file path, e.g. {sub / 'submission.csv'}")
+        raise ConfigError(
+            f"{where}: submission.path: {sub} is a folder; give a file path, e.g. {sub / 'submission.csv'}"
+        )
     _check_parents(sub, "submission.path", where)
 
 
@@ -406,7 +427,9 @@ def _check_parents(path: Path, key: str, where: str) -> None:
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
-                raise ConfigError(f"{where}: {key}: {parent} is a file, so {path} cannot be created below it; fix {key}")
+                raise ConfigError(
+                    f"{where}: {key}: {parent} is a file, so {path} cannot be created below it; fix {key}"
+                )
             return
 
 

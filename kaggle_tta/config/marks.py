@@ -31,7 +31,9 @@ class Bundle:
     kaggle: str | None = None
 
 
-def bundled_fields(model: BaseModel, loc: tuple[str | int, ...] = ()) -> Iterator[tuple[tuple[str | int, ...], Any, Bundle]]:
+def bundled_fields(
+    model: BaseModel, loc: tuple[str | int, ...] = ()
+) -> Iterator[tuple[tuple[str | int, ...], Any, Bundle]]:
     """Every set field marked with :class:`Bundle` under ``model``: (YAML path, value, mark),
     in schema order, through nested sections and lists of them."""
     for name, field in type(model).model_fields.items():

@@ -8,17 +8,17 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 
 from kaggle_tta.config.data import DataConfig
+from kaggle_tta.config.errors import did_you_mean
 from kaggle_tta.config.sections import (
     BlendConfig,
     CacheConfig,
     DetectionConfig,
     MemberConfig,
     RuntimeConfig,
+    Section,
     SegmentationConfig,
     SubmissionConfig,
-    Section,
 )
-from kaggle_tta.config.errors import did_you_mean
 
 
 class PipelineConfig(Section):
@@ -93,7 +93,7 @@ class PipelineConfig(Section):
 
         def visit(node: str, path: list[str]) -> None:
             if state.get(node) == 1:
-                cycle = path[path.index(node):] + [node]
+                cycle = path[path.index(node) :] + [node]
                 raise ValueError(f"blends form a cycle: {' -> '.join(cycle)}")
             if state.get(node) == 2 or node not in blend_inputs:
                 return

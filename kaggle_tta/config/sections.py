@@ -10,8 +10,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from kaggle_tta.config.marks import FACTORY_PATH_KWARGS, Bundle
 from kaggle_tta.config.errors import did_you_mean, template_fields
+from kaggle_tta.config.marks import FACTORY_PATH_KWARGS, Bundle
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 ViewItem = Union[str, dict[str, Any]]
@@ -33,14 +33,18 @@ def check_template(template: str, sample: dict[str, Any], example: str) -> str:
     try:
         names = template_fields(template)
     except ValueError as exc:
-        raise ValueError(f"'{template}' is not a valid template ({exc}); write fields as {fields}, e.g. '{example}'") from None
+        raise ValueError(
+            f"'{template}' is not a valid template ({exc}); write fields as {fields}, e.g. '{example}'"
+        ) from None
     for name in names:
         if name not in sample:
             raise ValueError(f"'{template}': unknown field '{{{name}}}'; only {fields} may be used, e.g. '{example}'")
     try:
         template.format(**sample)
     except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
-        raise ValueError(f"'{template}' cannot be formatted ({exc}); write fields as {fields}, e.g. '{example}'") from None
+        raise ValueError(
+            f"'{template}' cannot be formatted ({exc}); write fields as {fields}, e.g. '{example}'"
+        ) from None
     return template
 
 
@@ -147,7 +151,9 @@ class RuntimeConfig(Section):
             return v
         if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
             return v
-        raise ValueError(f"unknown device '{v}': use auto, cpu, cuda or cuda:N{did_you_mean(v, ('auto', 'cpu', 'cuda'))}")
+        raise ValueError(
+            f"unknown device '{v}': use auto, cpu, cuda or cuda:N{did_you_mean(v, ('auto', 'cpu', 'cuda'))}"
+        )
 
 
 class CacheConfig(Section):
@@ -273,7 +279,7 @@ class AdaptiveConfig(Section):
         return v
 
     @model_validator(mode="after")
-    def _one_rule(self) -> "AdaptiveConfig":
+    def _one_rule(self) -> AdaptiveConfig:
         if (self.confidence is None) == (self.margin is None):
             raise ValueError("give exactly one of confidence or margin, e.g. {first: identity, confidence: 0.9}")
         return self

@@ -37,12 +37,27 @@ def _polygon(cls: int, cx: float, cy: float, r: float, angle: float) -> np.ndarr
         pts = [(r * math.cos(a), r * math.sin(a)) for a in (0, 2 * math.pi / 3, 4 * math.pi / 3)]
     else:  # cross: arms of half-width w
         w = r * 0.33
-        pts = [(w, r), (-w, r), (-w, w), (-r, w), (-r, -w), (-w, -w), (-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w)]
+        pts = [
+            (w, r),
+            (-w, r),
+            (-w, w),
+            (-r, w),
+            (-r, -w),
+            (-w, -w),
+            (-w, -r),
+            (w, -r),
+            (w, -w),
+            (r, -w),
+            (r, w),
+            (w, w),
+        ]
     c, s = math.cos(angle), math.sin(angle)
     return np.array([[cx + x * c - y * s, cy + x * s + y * c] for x, y in pts], dtype=np.float32)
 
 
-def _draw(img: np.ndarray, mask: np.ndarray, cls: int, cx: float, cy: float, r: float, angle: float, colour: tuple[int, ...]) -> np.ndarray:
+def _draw(
+    img: np.ndarray, mask: np.ndarray, cls: int, cx: float, cy: float, r: float, angle: float, colour: tuple[int, ...]
+) -> np.ndarray:
     """Draws one object (anti-aliased, 4x sub-pixel precision); returns its pixel xyxy box."""
     shift = 4
     layer = np.zeros(mask.shape, np.uint8)
@@ -116,7 +131,9 @@ def write_split(out: Path, n: int, seed: int, size: int = DEMO_SIZE) -> int:
     box_rows: dict[str, list] = {"id": [], "x1": [], "y1": [], "x2": [], "y2": [], "label": []}
     for k, s in enumerate(scenes):
         ident = f"img_{k:05d}"
-        _write_if_changed(out / f"{ident}.png", cv2.imencode(".png", cv2.cvtColor(s.image, cv2.COLOR_RGB2BGR))[1].tobytes())
+        _write_if_changed(
+            out / f"{ident}.png", cv2.imencode(".png", cv2.cvtColor(s.image, cv2.COLOR_RGB2BGR))[1].tobytes()
+        )
         _write_if_changed(masks / f"{ident}.png", cv2.imencode(".png", s.mask)[1].tobytes())
         ids.append(ident)
         for b, lab in zip(s.boxes.tolist(), s.box_labels.tolist()):
@@ -124,6 +141,9 @@ def write_split(out: Path, n: int, seed: int, size: int = DEMO_SIZE) -> int:
                 box_rows[key].append(v)
             box_rows["id"].append(ident)
             box_rows["label"].append(CLASSES[lab])
-    for name, table in (("labels.csv", pl.DataFrame({"id": ids, "label": [CLASSES[s.label] for s in scenes]})), ("boxes.csv", pl.DataFrame(box_rows))):
+    for name, table in (
+        ("labels.csv", pl.DataFrame({"id": ids, "label": [CLASSES[s.label] for s in scenes]})),
+        ("boxes.csv", pl.DataFrame(box_rows)),
+    ):
         _write_if_changed(out / name, table.write_csv().encode())
     return n

@@ -39,7 +39,17 @@ def _center(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return x[..., top : top + size[0], left : left + size[1]]
 
 
-def train_member(arch: str, n_classes: int, pre, x: torch.Tensor, y: torch.Tensor, xv: torch.Tensor, yv: torch.Tensor, epochs: int, seed: int) -> tuple[torch.nn.Module, float]:
+def train_member(
+    arch: str,
+    n_classes: int,
+    pre,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    xv: torch.Tensor,
+    yv: torch.Tensor,
+    epochs: int,
+    seed: int,
+) -> tuple[torch.nn.Module, float]:
     import timm
 
     torch.manual_seed(seed)
@@ -94,8 +104,16 @@ def main() -> None:
         t = time.perf_counter()
         model, acc = train_member(m.arch, len(classes), pre, x, y, xv, yv, args.epochs, seed=k)
         ckpt.parent.mkdir(parents=True, exist_ok=True)
-        save_file({n: p.detach().half().contiguous() if p.is_floating_point() else p.contiguous() for n, p in model.state_dict().items()}, str(ckpt))
-        print(f"{m.name} ({m.arch}): val accuracy {acc:.3f}, {time.perf_counter() - t:.0f}s -> {ckpt} ({ckpt.stat().st_size / 1e6:.2f} MB)")
+        save_file(
+            {
+                n: p.detach().half().contiguous() if p.is_floating_point() else p.contiguous()
+                for n, p in model.state_dict().items()
+            },
+            str(ckpt),
+        )
+        print(
+            f"{m.name} ({m.arch}): val accuracy {acc:.3f}, {time.perf_counter() - t:.0f}s -> {ckpt} ({ckpt.stat().st_size / 1e6:.2f} MB)"
+        )
 
 
 if __name__ == "__main__":

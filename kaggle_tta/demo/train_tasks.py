@@ -66,7 +66,9 @@ def seg_metrics(pred: torch.Tensor, target: torch.Tensor) -> tuple[float, float]
 # --- detection --------------------------------------------------------------------------
 
 
-def centernet_targets(boxes: np.ndarray, labels: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def centernet_targets(
+    boxes: np.ndarray, labels: np.ndarray, size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gaussian heatmaps [K, h, w], regression targets [4, h, w] and centre mask [h, w].
 
     Regression targets are log width, log height (input pixels) and the centre's offset
@@ -173,7 +175,15 @@ EPOCHS = 8
 LR = {"segmentation": 3e-3, "detection": 6e-3}
 
 
-def train(task: str, n_train: int = 3000, epochs: int = EPOCHS, seed: int = 0, out: Path | None = None, device: str = "cpu", lr: float | None = None) -> float:
+def train(
+    task: str,
+    n_train: int = 3000,
+    epochs: int = EPOCHS,
+    seed: int = 0,
+    out: Path | None = None,
+    device: str = "cpu",
+    lr: float | None = None,
+) -> float:
     """Trains one demo model; saves it to ``out`` (if given) and checks the reload.
 
     Returns:
@@ -208,7 +218,9 @@ def train(task: str, n_train: int = 3000, epochs: int = EPOCHS, seed: int = 0, o
         targets = (_det_targets(scenes, False), _det_targets(scenes, True))
 
         def loss_fn(o, idx, flip):
-            ts = [torch.where(flip.view(-1, *[1] * (a.dim() - 1)), b[idx], a[idx]).to(o.device) for a, b in zip(*targets)]
+            ts = [
+                torch.where(flip.view(-1, *[1] * (a.dim() - 1)), b[idx], a[idx]).to(o.device) for a, b in zip(*targets)
+            ]
             return centernet_loss(o, *ts)
 
         def evaluate(m):
@@ -240,7 +252,13 @@ def train(task: str, n_train: int = 3000, epochs: int = EPOCHS, seed: int = 0, o
     if out is None:
         return metric
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({n: p.detach().half().contiguous() if p.is_floating_point() else p.contiguous() for n, p in model.state_dict().items()}, str(out))
+    save_file(
+        {
+            n: p.detach().half().contiguous() if p.is_floating_point() else p.contiguous()
+            for n, p in model.state_dict().items()
+        },
+        str(out),
+    )
     fresh = build(num_classes=K)
     fresh.load_state_dict(load_file(str(out)), strict=True)
     print(f"reloaded from fp16: {evaluate(fresh)[1]}")

@@ -16,16 +16,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kaggle_tta import cache as cache_mod
-from kaggle_tta.ops.gate import Gate, gate_of
 from kaggle_tta.config import MemberConfig, PipelineConfig, load_classes
+from kaggle_tta.config.errors import CheckpointError, ConfigError, did_you_mean
 from kaggle_tta.io.canvas import CanvasSpec
 from kaggle_tta.io.data import TestSet, list_test_set
-from kaggle_tta.config.errors import CheckpointError, ConfigError, did_you_mean
-from kaggle_tta.ops.merge import MERGE_KINDS
-from kaggle_tta.io.submission import SampleOrder, match_sample
 from kaggle_tta.io.models import Preprocess, check_checkpoint, resolve_preprocess
-from kaggle_tta.tasks import TASKS, Task, choose, find_task
+from kaggle_tta.io.submission import SampleOrder, match_sample
+from kaggle_tta.ops.gate import Gate, gate_of
+from kaggle_tta.ops.merge import MERGE_KINDS
 from kaggle_tta.ops.views import View, parse_tta
+from kaggle_tta.tasks import TASKS, Task, choose, find_task
 
 if TYPE_CHECKING:  # torch loads only where a device is resolved: re-blending never needs it
     import torch
@@ -77,15 +77,21 @@ def validate_static(cfg: PipelineConfig) -> dict[str, list[View]]:
         vs = parse_tta(m.tta, f"{where}.tta")
         for v in vs:
             if target not in v.targets:
-                raise ConfigError(f"{where}.tta: view '{v.name}' cannot be inverted on {target}s (task: {name}); {v.hint(target)}")
+                raise ConfigError(
+                    f"{where}.tta: view '{v.name}' cannot be inverted on {target}s (task: {name}); {v.hint(target)}"
+                )
         views[m.name] = vs
         choose(f"{name} view merge", str(m.merge), dict.fromkeys(task.merges), f"{where}.merge")
         if m.tiling is not None and not task.tiling:
             raise ConfigError(f"{where}.tiling: tiling is for {_tasks_with('tiling')}; remove it (task: {name})")
         if m.adaptive is not None and not task.adaptive:
-            raise ConfigError(f"{where}.adaptive: adaptive views are for {_tasks_with('adaptive')}; remove it (task: {name})")
+            raise ConfigError(
+                f"{where}.adaptive: adaptive views are for {_tasks_with('adaptive')}; remove it (task: {name})"
+            )
         if m.adaptive is not None and m.activation == "none":
-            raise ConfigError(f"{where}.adaptive: the gate reads probabilities, and activation none gives none; use softmax or sigmoid, or remove adaptive")
+            raise ConfigError(
+                f"{where}.adaptive: the gate reads probabilities, and activation none gives none; use softmax or sigmoid, or remove adaptive"
+            )
         if m.preprocess.albumentations is not None and not task.user_preprocessing:
             raise ConfigError(
                 f"{where}.preprocess.albumentations: for {name} the canvas is a plain resize, so that maps and boxes "
@@ -96,7 +102,9 @@ def validate_static(cfg: PipelineConfig) -> dict[str, list[View]]:
     choose(f"{name} format", str(cfg.submission.format), task.writers, "submission.format")
     if not task.dense_maps:
         if cfg.cache.dtype == "uint8":
-            raise ConfigError(f"cache.dtype: uint8 stores segmentation probabilities; use float32 or float16 for {name}")
+            raise ConfigError(
+                f"cache.dtype: uint8 stores segmentation probabilities; use float32 or float16 for {name}"
+            )
         if cfg.cache.scale != 1.0:
             raise ConfigError(f"cache.scale: a reduced resolution is for segmentation maps; remove it for {name}")
     for key in ("labels", "masks", "boxes"):  # each kind of ground truth scores the task that owns it
@@ -130,11 +138,15 @@ def build_plan(cfg: PipelineConfig) -> Plan:
         if m.checkpoint is not None:
             path = cfg.resolve(m.checkpoint)
             if not path.is_file():
-                raise CheckpointError(f"members.{m.name}.checkpoint: {path} not found; run 'make demo-weights' or fix the path")
+                raise CheckpointError(
+                    f"members.{m.name}.checkpoint: {path} not found; run 'make demo-weights' or fix the path"
+                )
             check_checkpoint(path, f"members.{m.name}.checkpoint")  # a damaged file fails before any forward
             ckpt = cache_mod.content_digest(path, memo)
         elif m.arch:
-            raise ConfigError(f"members.{m.name}.checkpoint: a timm member needs its trained weights (a .safetensors or torch state dict)")
+            raise ConfigError(
+                f"members.{m.name}.checkpoint: a timm member needs its trained weights (a .safetensors or torch state dict)"
+            )
         act = task.activation(cfg, m, len(classes))
         inputs = {
             "format_version": cache_mod.FORMAT_VERSION,
@@ -153,12 +165,22 @@ def build_plan(cfg: PipelineConfig) -> Plan:
         }
         key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
         bound = [v.bind(task.view_size(pre), pre.mean, pre.std) for v in views[m.name]]
-        members.append(MemberPlan(m, pre, canvas, bound, act, task.out_channels(act, len(classes)), inputs, key, resolve_gate(m, bound)))
+        members.append(
+            MemberPlan(
+                m, pre, canvas, bound, act, task.out_channels(act, len(classes)), inputs, key, resolve_gate(m, bound)
+            )
+        )
     plan = Plan(cfg, task, classes, testset, members, cache_root)
     check_spaces(plan)
     task.check_plan(plan)
     if cfg.submission.sample is not None:  # ids that do not match fail before the first forward
-        plan.sample = match_sample(cfg.resolve(cfg.submission.sample), cfg.submission.id_column, task.row_ids(plan), testset.paths, task.columns(plan))
+        plan.sample = match_sample(
+            cfg.resolve(cfg.submission.sample),
+            cfg.submission.id_column,
+            task.row_ids(plan),
+            testset.paths,
+            task.columns(plan),
+        )
     return plan
 
 
@@ -172,18 +194,24 @@ def resolve_gate(m: MemberConfig, views: list[View]) -> Gate | None:
     names = [v.name for v in views]
     where = f"members.{m.name}.adaptive"
     if len(names) < 2:
-        raise ConfigError(f"{where}: the member has one view ({names[0]}), so there are no other views to skip; give it a tta with more views or remove adaptive")
+        raise ConfigError(
+            f"{where}: the member has one view ({names[0]}), so there are no other views to skip; give it a tta with more views or remove adaptive"
+        )
     if m.adaptive.first is None:  # type: ignore[union-attr]
         return Gate("identity" if "identity" in names else names[0], gate.rule, gate.threshold)
     if gate.first not in names:
-        raise ConfigError(f"{where}.first: '{gate.first}' is not one of the member's views {names}{did_you_mean(gate.first, names)}")
+        raise ConfigError(
+            f"{where}.first: '{gate.first}' is not one of the member's views {names}{did_you_mean(gate.first, names)}"
+        )
     return gate
 
 
 def check_spaces(plan: Plan) -> None:
     """Each blend's stated space must hold: ``space: logits`` only over inputs that give
     logits (members merged with ``mean``, blends in logits) of one activation."""
-    out: dict[str, tuple[str, str]] = {m.name: (MERGE_KINDS.get(str(m.cfg.merge), "boxes"), m.activation) for m in plan.members}
+    out: dict[str, tuple[str, str]] = {
+        m.name: (MERGE_KINDS.get(str(m.cfg.merge), "boxes"), m.activation) for m in plan.members
+    }
     for i, b in enumerate(plan.cfg.blends):
         ins = [out[n] for n in b.inputs]
         if b.space == "logits":
@@ -197,7 +225,9 @@ def check_spaces(plan: Plan) -> None:
                 )
             acts = {a for _, a in ins}
             if len(acts) > 1:
-                raise ConfigError(f"blends[{i}].space: logits of different activations ({', '.join(sorted(acts))}) do not average; use space: probs")
+                raise ConfigError(
+                    f"blends[{i}].space: logits of different activations ({', '.join(sorted(acts))}) do not average; use space: probs"
+                )
         kind = "scores" if b.method == "rank_mean" else "logits" if b.space == "logits" else "probs"
         out[b.name] = (kind, ins[0][1])
 
@@ -214,9 +244,13 @@ def factory_digest(m: MemberConfig, memo: Path) -> str | None:
     try:
         spec = importlib.util.find_spec(module)
     except (ImportError, ValueError) as exc:
-        raise ConfigError(f"members.{m.name}.factory: cannot find module '{module}' ({exc}); install it or fix the name") from None
+        raise ConfigError(
+            f"members.{m.name}.factory: cannot find module '{module}' ({exc}); install it or fix the name"
+        ) from None
     if spec is None:
-        raise ConfigError(f"members.{m.name}.factory: no module '{module}'; install it or fix the name (is its folder on PYTHONPATH?)")
+        raise ConfigError(
+            f"members.{m.name}.factory: no module '{module}'; install it or fix the name (is its folder on PYTHONPATH?)"
+        )
     origin = spec.origin
     if not origin or not Path(origin).is_file():
         return None  # a built-in or namespace module: no source file to hash
@@ -260,7 +294,9 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
-def resolve_workers(setting: int | str, device: torch.device, threads: int | None, share: int = 1) -> tuple[int, int | None]:
+def resolve_workers(
+    setting: int | str, device: torch.device, threads: int | None, share: int = 1
+) -> tuple[int, int | None]:
     """(decode workers, torch CPU threads to set or None) for ``runtime.workers``.
 
     On the CPU the forward and the decoding share the cores: a worker that takes a core from
@@ -299,7 +335,9 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return "fp32"
 
 
-def find_entry(plan: Plan, m: MemberPlan, precision_setting: str, computed: str | None = None) -> cache_mod.CacheEntry | None:
+def find_entry(
+    plan: Plan, m: MemberPlan, precision_setting: str, computed: str | None = None
+) -> cache_mod.CacheEntry | None:
     """The cache entry a blend should read for member ``m``.
 
     With an explicit precision, exactly that fingerprint. With 'auto': the precision this run
@@ -314,7 +352,11 @@ def find_entry(plan: Plan, m: MemberPlan, precision_setting: str, computed: str 
     complete = []
     # a reduced precision that failed its check against fp32 (engine.choose_precisions) ran in fp32
     fp32 = cache_mod.CacheEntry(plan.cache_root, m.name, m.fingerprint("fp32"), m.inputs)
-    rejected = {p for p, r in fp32.manifest.get("precision_checks", {}).items() if isinstance(r, dict) and r.get("ran_in") == "fp32"}
+    rejected = {
+        p
+        for p, r in fp32.manifest.get("precision_checks", {}).items()
+        if isinstance(r, dict) and r.get("ran_in") == "fp32"
+    }
     for p in ("fp32", "bf16", "fp16"):
         if p in rejected:
             continue

@@ -21,16 +21,25 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from kaggle_tta.ops.gate import Forwards, Gate, held_gate, skipping
 from kaggle_tta.cache import CacheEntry, locked
 from kaggle_tta.cache.entry import SIZES, held_name
 from kaggle_tta.cache.shards import covered, list_shards, read_rows
-from kaggle_tta.io.data import make_loader
 from kaggle_tta.config.errors import CacheError, DataError, KaggleTTAError
-from kaggle_tta.exec.forward import ChunkSizer, MemberWork, PrecisionCheck, ProbeWork, Runner, compare_precision, layout_candidates, sizes_text
-from kaggle_tta.exec import decisions as tuning
-from kaggle_tta.io.models import build_model
 from kaggle_tta.engine.plan import MemberPlan, Plan, resolve_workers
+from kaggle_tta.exec import decisions as tuning
+from kaggle_tta.exec.forward import (
+    ChunkSizer,
+    MemberWork,
+    PrecisionCheck,
+    ProbeWork,
+    Runner,
+    compare_precision,
+    layout_candidates,
+    sizes_text,
+)
+from kaggle_tta.io.data import make_loader
+from kaggle_tta.io.models import build_model
+from kaggle_tta.ops.gate import Forwards, Gate, held_gate, skipping
 
 REDUCED = ("bf16", "fp16")
 PROBE_INPUTS = 64  # the precision check forwards at least this many inputs (images x views) per member
@@ -45,8 +54,12 @@ class MemberStats:
     forward_batch: int | None = None  # the chunk size it ended with (auto: the one picked)
     channels_last: bool | None = None  # the memory layout it ended with (auto: measured on a CPU in fp32)
     precision: str | None = None  # what its rows are computed in (precision auto: after the check against fp32)
-    precision_note: str | None = None  # precision auto, reduced: what the check found ("fp32: bf16 top-1 agreed on ...")
-    forwards: Forwards = field(default_factory=Forwards)  # rows x views forwarded this run, against plain TTA's (adaptive views)
+    precision_note: str | None = (
+        None  # precision auto, reduced: what the check found ("fp32: bf16 top-1 agreed on ...")
+    )
+    forwards: Forwards = field(
+        default_factory=Forwards
+    )  # rows x views forwarded this run, against plain TTA's (adaptive views)
 
 
 @dataclass
@@ -86,7 +99,9 @@ class RunStats:
         return all(not m.views_computed for m in self.members.values())
 
 
-def _pending(plan: Plan, precisions: dict[str, PrecisionCheck], stats: RunStats, locked_: bool = True) -> list[MemberWork]:
+def _pending(
+    plan: Plan, precisions: dict[str, PrecisionCheck], stats: RunStats, locked_: bool = True
+) -> list[MemberWork]:
     """Each member with views (or image sizes) still missing from its entry (the one of the
     precision it runs in). Holding the locks (``locked_``), it also sweeps what killed runs
     left and records the pipeline's use.
@@ -100,7 +115,11 @@ def _pending(plan: Plan, precisions: dict[str, PrecisionCheck], stats: RunStats,
         entry = main if plan.rows is None else main.shard(*plan.rows)
         if locked_:
             entry.sweep()  # no one else writes here while the lock is held
-            if main is entry and entry.mark_used(str(plan.cfg.source) if plan.cfg.source else None) and entry.manifest_path.is_file():
+            if (
+                main is entry
+                and entry.mark_used(str(plan.cfg.source) if plan.cfg.source else None)
+                and entry.manifest_path.is_file()
+            ):
                 entry.save()
         ms = stats.members[m.name] = MemberStats(m.name, precision=chosen.ran_in, precision_note=chosen.note or None)
         gate = skipping(m.gate)
@@ -112,7 +131,9 @@ def _pending(plan: Plan, precisions: dict[str, PrecisionCheck], stats: RunStats,
             work = MemberWork(m, entry, todo, gate=gate)
             if gate is not None:
                 cached = _first_values(work, main, entry, plan.rows)
-                work.first_values = lambda lo, hi, cached=cached, act=m.activation: plan.task.as_logits(cached(lo, hi), act)
+                work.first_values = lambda lo, hi, cached=cached, act=m.activation: plan.task.as_logits(
+                    cached(lo, hi), act
+                )
             out.append(work)
     ran = {c.ran_in for c in precisions.values()}
     stats.precision = ran.pop() if len(ran) == 1 else None
@@ -206,7 +227,9 @@ def run_inference(plan: Plan, device: torch.device, precision: str, progress: bo
 # ---- the check of precision: auto ----------------------------------------------------------
 
 
-def choose_precisions(plan: Plan, device: torch.device, precision: str, workers: int = 0, models: dict | None = None) -> dict[str, PrecisionCheck]:
+def choose_precisions(
+    plan: Plan, device: torch.device, precision: str, workers: int = 0, models: dict | None = None
+) -> dict[str, PrecisionCheck]:
     """The precision each member runs in.
 
     Where runtime.precision is given (bf16, fp16, fp32) or ``auto`` resolved to fp32, that one,
@@ -269,7 +292,9 @@ def _recorded_check(plan: Plan, m: MemberPlan, precision: str) -> PrecisionCheck
     for ran_in in ("fp32", precision):
         rec = _check_entry(plan, m, ran_in).manifest.get("precision_checks", {}).get(precision)
         if isinstance(rec, dict) and rec.get("ran_in") == ran_in:
-            return PrecisionCheck(ran_in, str(rec.get("note", "")), {k: v for k, v in rec.items() if k not in ("ran_in", "note")})
+            return PrecisionCheck(
+                ran_in, str(rec.get("note", "")), {k: v for k, v in rec.items() if k not in ("ran_in", "note")}
+            )
     return None
 
 
@@ -280,14 +305,21 @@ def _record_check(plan: Plan, m: MemberPlan, precision: str, check: PrecisionChe
     try:
         with entry.lock():
             entry.reload()
-            rec = {"ran_in": check.ran_in, "note": check.note, **check.details, "checked": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            rec = {
+                "ran_in": check.ran_in,
+                "note": check.note,
+                **check.details,
+                "checked": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
             entry.manifest.setdefault("precision_checks", {})[precision] = rec
             entry.save()
     except (OSError, KaggleTTAError):
         pass
 
 
-def _probe(plan: Plan, members: list[MemberPlan], device: torch.device, precision: str, workers: int, models: dict) -> dict[str, PrecisionCheck]:
+def _probe(
+    plan: Plan, members: list[MemberPlan], device: torch.device, precision: str, workers: int, models: dict
+) -> dict[str, PrecisionCheck]:
     """Runs each member's step on the first rows in ``precision`` and in fp32 and compares
     (member name -> verdict). A member whose task stores ragged rows (detection boxes) is not
     checked, and its model is not built here."""
@@ -300,14 +332,26 @@ def _probe(plan: Plan, members: list[MemberPlan], device: torch.device, precisio
         trial = ProbeWork(m, None, list(m.views))  # type: ignore[arg-type]
         task.open_views(trial, plan)
         if trial.ragged:
-            out[m.name] = PrecisionCheck(precision, f"{precision}: not checked against fp32 (its outputs are lists of boxes, with no element-wise error)")
+            out[m.name] = PrecisionCheck(
+                precision,
+                f"{precision}: not checked against fp32 (its outputs are lists of boxes, with no element-wise error)",
+            )
         else:
             dense.append(m)
     if not dense:
         return out
     want = min(n, max(rt.batch_size, max(math.ceil(PROBE_INPUTS / max(1, len(m.views))) for m in dense)))
     batches = []
-    it = iter(make_loader(plan.testset.paths, {m.canvas.key: m.canvas for m in dense}, rt.batch_size, workers, 0, pin_memory=device.type == "cuda"))
+    it = iter(
+        make_loader(
+            plan.testset.paths,
+            {m.canvas.key: m.canvas for m in dense},
+            rt.batch_size,
+            workers,
+            0,
+            pin_memory=device.type == "cuda",
+        )
+    )
     try:
         for batch in it:
             if batch.error is not None:
@@ -340,7 +384,16 @@ def _probe(plan: Plan, members: list[MemberPlan], device: torch.device, precisio
     return out
 
 
-def _run_locked(plan: Plan, device: torch.device, precisions: dict[str, PrecisionCheck], progress: bool, holding: bool = True, models: dict | None = None, share: int = 1, label: str = "") -> RunStats:
+def _run_locked(
+    plan: Plan,
+    device: torch.device,
+    precisions: dict[str, PrecisionCheck],
+    progress: bool,
+    holding: bool = True,
+    models: dict | None = None,
+    share: int = 1,
+    label: str = "",
+) -> RunStats:
     cfg, task = plan.cfg, plan.task
     rt = cfg.runtime
     n = len(plan.testset)
@@ -358,7 +411,9 @@ def _run_locked(plan: Plan, device: torch.device, precisions: dict[str, Precisio
     specs = {w.member.canvas.key: w.member.canvas for w in pending}
 
     def loader(start: int):
-        return iter(make_loader(plan.testset.paths, specs, rt.batch_size, workers, start, pin_memory=device.type == "cuda"))
+        return iter(
+            make_loader(plan.testset.paths, specs, rt.batch_size, workers, start, pin_memory=device.type == "cuda")
+        )
 
     # Start the workers now, from the first row any entry's manifest lacks: they decode the
     # first batches while the models are built.
@@ -412,10 +467,14 @@ def _check_space(plan: Plan, pending: list[MemberWork]) -> None:
         needed += sum(row * len(plan.testset) for v in w.views if w.entry.rows_done(v.name) == 0)
     free = free_bytes(plan)
     if free is not None and needed > free:
-        raise CacheError(f"cache.dir ({plan.cache_root}): this run writes {needed / 1e6:.1f} MB and {free / 1e6:.1f} MB are free; {SPACE_FIX}")
+        raise CacheError(
+            f"cache.dir ({plan.cache_root}): this run writes {needed / 1e6:.1f} MB and {free / 1e6:.1f} MB are free; {SPACE_FIX}"
+        )
 
 
-SPACE_FIX = "free space there, point cache.dir at a larger disk, or store less (cache.dtype: float16 or uint8, cache.scale)"
+SPACE_FIX = (
+    "free space there, point cache.dir at a larger disk, or store less (cache.dtype: float16 or uint8, cache.scale)"
+)
 
 
 def free_bytes(plan: Plan) -> int | None:
@@ -429,7 +488,9 @@ def free_bytes(plan: Plan) -> int | None:
         return None
 
 
-def _build_runners(plan: Plan, pending: list[MemberWork], device: torch.device, precisions: dict[str, PrecisionCheck], models: dict) -> None:
+def _build_runners(
+    plan: Plan, pending: list[MemberWork], device: torch.device, precisions: dict[str, PrecisionCheck], models: dict
+) -> None:
     """Every model first: a bad checkpoint fails before the cache is touched. Chunk size and
     layout are each member's own (a resnet and a convnext disagree), tuned in the precision it
     runs in; a decision recorded for this member on this machine is reused instead of timing
@@ -455,7 +516,17 @@ def _tuning_key(w: MemberWork, precision: str, device: torch.device, plan: Plan)
     return tuning.key(w.member.key, precision, device, plan.cfg.runtime, len(w.views))
 
 
-def _stream(plan: Plan, pending: list[MemberWork], batches, loader, start: int, stats: RunStats, progress: bool, device: torch.device, label: str = "") -> None:
+def _stream(
+    plan: Plan,
+    pending: list[MemberWork],
+    batches,
+    loader,
+    start: int,
+    stats: RunStats,
+    progress: bool,
+    device: torch.device,
+    label: str = "",
+) -> None:
     """Batches through every pending member's step, committed as each finishes.
 
     Rows computed while a member's chunk size or layout is still on trial are not committed:
@@ -467,7 +538,13 @@ def _stream(plan: Plan, pending: list[MemberWork], batches, loader, start: int, 
     trial_from: dict[int, int] = {}  # id(member work) -> its first row computed on trial
     counted: dict[int, Forwards] = {}  # ... and its forwards before that row
     n_views = sum(len(w.views) for w in pending)
-    bar = tqdm(total=n - start, unit="img", desc=f"{label + ': ' if label else ''}{len(pending)} member(s), {n_views} view(s)", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=n - start,
+        unit="img",
+        desc=f"{label + ': ' if label else ''}{len(pending)} member(s), {n_views} view(s)",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     try:
         while (batch := next(batches, None)) is not None:
             if batch.error is not None:
@@ -475,8 +552,12 @@ def _stream(plan: Plan, pending: list[MemberWork], batches, loader, start: int, 
             for w in pending:
                 todo = w.todo(batch.lo, batch.hi)
                 if todo and w.runner.sizer.measuring and id(w) not in trial_from:  # type: ignore[union-attr]
-                    trial_from[id(w)] = min(first for _, first in todo)  # a member with no rows yet does not hold others
-                    counted[id(w)] = dataclasses.replace(w.forwards)  # the rows on trial are computed again: counted once
+                    trial_from[id(w)] = min(
+                        first for _, first in todo
+                    )  # a member with no rows yet does not hold others
+                    counted[id(w)] = dataclasses.replace(
+                        w.forwards
+                    )  # the rows on trial are computed again: counted once
                 task.step(w, batch, plan)
             deciding = [w for w in pending if id(w) in trial_from]
             if deciding:
@@ -485,7 +566,9 @@ def _stream(plan: Plan, pending: list[MemberWork], batches, loader, start: int, 
                     continue
                 for w in deciding:
                     size, channels_last = w.runner.sizer.decide()  # type: ignore[union-attr]
-                    tuning.remember(plan.cache_root, _tuning_key(w, w.runner.precision, device, plan), size, channels_last)  # type: ignore[union-attr]
+                    tuning.remember(
+                        plan.cache_root, _tuning_key(w, w.runner.precision, device, plan), size, channels_last
+                    )  # type: ignore[union-attr]
                     w.rewind(trial_from[id(w)])
                     w.forwards = counted[id(w)]
                 batches = loader(min(trial_from.values()))

@@ -12,13 +12,12 @@ from typing import TypeVar
 
 import numpy as np
 
-from kaggle_tta.ops.gate import Gate, held_gate, needs
 from kaggle_tta.cache import CacheEntry
 from kaggle_tta.cache.entry import held_name
 from kaggle_tta.config import BlendConfig, MemberConfig, PipelineConfig
 from kaggle_tta.config.errors import CacheError
+from kaggle_tta.ops.gate import Gate, held_gate, needs
 from kaggle_tta.ops.merge import Prediction, blend, reduce_views
-
 
 T = TypeVar("T")
 
@@ -34,7 +33,9 @@ class MemberSource:
     merge: str
     fill_hint: str = "kaggle-tta infer PIPELINE"
     gate: Gate | None = None  # adaptive views: rows the first view is sure of merge it alone
-    merged: dict = field(default_factory=dict)  # adaptive views: (lo, hi) -> rows of gated views merged there (the report's forwards)
+    merged: dict = field(
+        default_factory=dict
+    )  # adaptive views: (lo, hi) -> rows of gated views merged there (the report's forwards)
 
     @property
     def plain_view(self) -> str:
@@ -60,7 +61,9 @@ class MemberSource:
             return None if why is None else f"its record of the rows it holds: {why}"
         return None
 
-    def masks(self, views: Sequence[str], lo: int, hi: int, transform: Callable[[np.ndarray, str], np.ndarray] | None = None) -> list[np.ndarray | None] | None:
+    def masks(
+        self, views: Sequence[str], lo: int, hi: int, transform: Callable[[np.ndarray, str], np.ndarray] | None = None
+    ) -> list[np.ndarray | None] | None:
         """Per view, which rows ``lo:hi`` it merges (None: every row); None when every view
         merges every row. A gated view merges the rows the gate sends on *and* it holds (its
         companion, cache.entry.held_name), so a row it did not compute is never read.
@@ -74,7 +77,13 @@ class MemberSource:
         out: list[np.ndarray | None] = []
         for v in views:
             held = held_gate(self.entry.view_state(v)) if v in gated else None
-            out.append(None if v not in gated else send & (np.asarray(self.entry.rows(held_name(v), lo, hi)) != 0) if held is not None else send)
+            out.append(
+                None
+                if v not in gated
+                else send & (np.asarray(self.entry.rows(held_name(v), lo, hi)) != 0)
+                if held is not None
+                else send
+            )
         if len(gated) == len(self.views) - 1:  # the member's whole merge (not a subset of its views)
             self.merged[(lo, hi)] = int(sum(int(m.sum()) for m in out if m is not None))
         return out
@@ -92,7 +101,9 @@ def check_complete(sources: Sequence[MemberSource], ids: Sequence[str], sizes: b
         if lacking:
             missing.append(f"{s.name}: {', '.join(lacking)}")
     if missing:
-        raise CacheError(f"not in the cache: {'; '.join(missing)} — run '{sources[0].fill_hint}' to compute them (blend runs no model)")
+        raise CacheError(
+            f"not in the cache: {'; '.join(missing)} — run '{sources[0].fill_hint}' to compute them (blend runs no model)"
+        )
     for s in sources:
         if s.entry.read_ids() != list(ids):  # type: ignore[union-attr]
             raise CacheError(f"{s.entry.dir}: row ids differ from the test set; delete that folder and rerun infer")  # type: ignore[union-attr]
@@ -110,8 +121,13 @@ def view_weights(m: MemberConfig, all_views: Sequence[str], views: Sequence[str]
 
 
 def member_prediction(
-    s: MemberSource, lo: int, hi: int, views: Sequence[str] | None = None, transform: Callable[[np.ndarray, str], np.ndarray] | None = None,
-    weights: np.ndarray | None = None, temperature: float = 1.0,
+    s: MemberSource,
+    lo: int,
+    hi: int,
+    views: Sequence[str] | None = None,
+    transform: Callable[[np.ndarray, str], np.ndarray] | None = None,
+    weights: np.ndarray | None = None,
+    temperature: float = 1.0,
 ) -> Prediction:
     """Merges a member's cached views (all of them, or the given subset) for rows ``lo:hi``
     (sliced from the memory-mapped files: only those rows are read, and verified as they
@@ -136,8 +152,14 @@ def blocks(n: int, block: int) -> Iterator[tuple[int, int]]:
 
 
 def node_predictions(
-    cfg: PipelineConfig, sources: Sequence[MemberSource], lo: int, hi: int, *,
-    views: Sequence[str] | None = None, transform: Callable[[np.ndarray, str], np.ndarray] | None = None, plain: bool = False,
+    cfg: PipelineConfig,
+    sources: Sequence[MemberSource],
+    lo: int,
+    hi: int,
+    *,
+    views: Sequence[str] | None = None,
+    transform: Callable[[np.ndarray, str], np.ndarray] | None = None,
+    plain: bool = False,
 ) -> dict[str, Prediction]:
     """Every node's prediction for rows ``lo:hi``: members from their views (each with its
     own activation, view weights and temperature), then blends. ``plain``: each member's
@@ -162,7 +184,9 @@ def members_under(cfg: PipelineConfig, node: str) -> list[str]:
     return out
 
 
-def evaluate_dag(cfg: PipelineConfig, members: Mapping[str, T], combine: Callable[[BlendConfig, list[T]], T]) -> dict[str, T]:
+def evaluate_dag(
+    cfg: PipelineConfig, members: Mapping[str, T], combine: Callable[[BlendConfig, list[T]], T]
+) -> dict[str, T]:
     """Every node's value: the members' as given, then each blend, ``combine(blend, its
     inputs' values)``, in dependency order (the config validator has ruled out cycles)."""
     out: dict[str, T] = dict(members)

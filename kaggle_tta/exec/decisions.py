@@ -34,7 +34,9 @@ _FILE = "decisions.json"
 
 def stores(cache_root: Path) -> list[Path]:
     """Where decisions are kept, first found first."""
-    home = os.environ.get("KAGGLE_TTA_TUNING_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kaggle-tta")
+    home = os.environ.get("KAGGLE_TTA_TUNING_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kaggle-tta"
+    )
     return [Path(home), Path(cache_root) / ".tuning"]
 
 
@@ -59,7 +61,18 @@ def machine(device: torch.device | None = None) -> str:
 def key(member_key: str, precision: str, device: torch.device, rt: RuntimeConfig, views: int) -> str:
     """The record's key: the member, its precision, the machine and device, and what bounds
     the trial (the settings; the number of views still to compute sets the size ceiling)."""
-    text = json.dumps([member_key, precision, str(device.type), machine(device), rt.forward_batch, rt.batch_size, rt.channels_last, views])
+    text = json.dumps(
+        [
+            member_key,
+            precision,
+            str(device.type),
+            machine(device),
+            rt.forward_batch,
+            rt.batch_size,
+            rt.channels_last,
+            views,
+        ]
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
@@ -75,7 +88,11 @@ def recall(cache_root: Path, k: str) -> tuple[int, bool] | None:
     """The recorded (chunk size, channels_last) for ``k``, if any."""
     for folder in stores(cache_root):
         rec = _read(folder).get(k)
-        if isinstance(rec, dict) and isinstance(rec.get("forward_batch"), int) and isinstance(rec.get("channels_last"), bool):
+        if (
+            isinstance(rec, dict)
+            and isinstance(rec.get("forward_batch"), int)
+            and isinstance(rec.get("channels_last"), bool)
+        ):
             return rec["forward_batch"], rec["channels_last"]
     return None
 

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kaggle_tta.ops.gate import Forwards, Gate, needs
 from kaggle_tta.cache.entry import held_name
 from kaggle_tta.config.errors import CheckpointError
+from kaggle_tta.ops.gate import Forwards, Gate, needs
 
 if TYPE_CHECKING:
     from kaggle_tta.cache import CacheEntry
@@ -98,7 +98,9 @@ class ChunkSizer:
         if untried:
             self.channels_last, self.layout_warm = untried[0], False
         else:
-            self.settle_layout(min(self.layout_timing, key=lambda c: self.layout_timing[c][1] / self.layout_timing[c][0]))
+            self.settle_layout(
+                min(self.layout_timing, key=lambda c: self.layout_timing[c][1] / self.layout_timing[c][0])
+            )
 
     def _report_size(self, n: int, seconds: float) -> None:
         if not self.warm:  # the first chunk pays one-off costs (allocations, kernel choice)
@@ -114,7 +116,10 @@ class ChunkSizer:
             i = self.trials.index(self.current)
             # Per-input cost is U-shaped in the chunk size: once a size is clearly slower than
             # the best so far, larger ones will not win, so the trials stop there.
-            worse = self.timing[self.current][1] / self.timing[self.current][0] > 1.05 * self.timing[best][1] / self.timing[best][0]
+            worse = (
+                self.timing[self.current][1] / self.timing[self.current][0]
+                > 1.05 * self.timing[best][1] / self.timing[best][0]
+            )
             if i + 1 < len(self.trials) and not worse:
                 self.current = self.trials[i + 1]
             else:
@@ -139,7 +144,11 @@ class ChunkSizer:
             self.trials = []
         if not self.layout_settled:
             timed_l = {c: t for c, t in self.layout_timing.items() if t[0]}
-            self.settle_layout(min(timed_l, key=lambda c: timed_l[c][1] / timed_l[c][0]) if len(timed_l) == len(self.layouts) else self.layouts[0])
+            self.settle_layout(
+                min(timed_l, key=lambda c: timed_l[c][1] / timed_l[c][0])
+                if len(timed_l) == len(self.layouts)
+                else self.layouts[0]
+            )
         return self.current, self.channels_last
 
     def shrink(self, failed: int | None = None) -> None:
@@ -173,7 +182,15 @@ class Runner:
     last call had (more than one where an out-of-memory split it).
     """
 
-    def __init__(self, model: nn.Module, device: torch.device, precision: str, sizer: ChunkSizer, post: Callable[[Any, Tensor], Any] | None = None, name: str = "model"):
+    def __init__(
+        self,
+        model: nn.Module,
+        device: torch.device,
+        precision: str,
+        sizer: ChunkSizer,
+        post: Callable[[Any, Tensor], Any] | None = None,
+        name: str = "model",
+    ):
         self.model, self.device, self.precision, self.sizer, self.name = model, device, precision, sizer, name
         self.post = post or (lambda out, x: first_tensor(out).float())
         self.nonfinite = 0
@@ -243,8 +260,6 @@ def _finite(out: Any) -> bool:
     return all(np.isfinite(b).all() and np.isfinite(s).all() for b, s, _ in out)  # detection results
 
 
-
-
 def layout_candidates(setting: bool | str, device: torch.device, precision: str) -> tuple[bool, ...]:
     """The channels_last values to use (one) or to time on the first chunks (two).
 
@@ -290,7 +305,9 @@ class ViewLog:
 Slot = tuple[str, int, int, int]  # (view, first row of the piece's slice, rows, offset in the chunk)
 
 
-def run_chunks(runner: Runner, pieces: Iterable[Piece], consume: Callable[[Any, list[Slot]], None], log: ViewLog) -> None:
+def run_chunks(
+    runner: Runner, pieces: Iterable[Piece], consume: Callable[[Any, list[Slot]], None], log: ViewLog
+) -> None:
     """Packs ``pieces`` (of equal input shape) into chunks of ``runner.sizer.current`` inputs,
     forwards each and passes its output with the slots it holds to ``consume``.
 
@@ -497,7 +514,9 @@ class PrecisionCheck:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def compare_precision(reduced: dict[str, np.ndarray], fp32: dict[str, np.ndarray], precision: str, nonfinite_chunks: int = 0) -> PrecisionCheck:
+def compare_precision(
+    reduced: dict[str, np.ndarray], fp32: dict[str, np.ndarray], precision: str, nonfinite_chunks: int = 0
+) -> PrecisionCheck:
     """Judges ``precision`` on the same inputs computed both ways (view -> rows as stored).
 
     Fails (``ran_in`` fp32) where a reduced chunk came out non-finite (``nonfinite_chunks``:
@@ -509,9 +528,15 @@ def compare_precision(reduced: dict[str, np.ndarray], fp32: dict[str, np.ndarray
     pct = f"{100 * AGREEMENT_BOUND:.1f}%"
     inputs = sum(a.shape[0] for a in fp32.values())
     if nonfinite_chunks or not all(np.isfinite(np.asarray(a, dtype=np.float64)).all() for a in reduced.values()):
-        return PrecisionCheck("fp32", f"fp32: {precision} output was non-finite on the first {inputs} inputs", {"inputs": inputs, "nonfinite_chunks": nonfinite_chunks})
+        return PrecisionCheck(
+            "fp32",
+            f"fp32: {precision} output was non-finite on the first {inputs} inputs",
+            {"inputs": inputs, "nonfinite_chunks": nonfinite_chunks},
+        )
     if not all(np.isfinite(np.asarray(a, dtype=np.float64)).all() for a in fp32.values()):
-        return PrecisionCheck(precision, f"{precision}: not checked (the fp32 output itself is non-finite)", {"inputs": inputs})
+        return PrecisionCheck(
+            precision, f"{precision}: not checked (the fp32 output itself is non-finite)", {"inputs": inputs}
+        )
     per_view: dict[str, dict[str, Any]] = {}
     for view, ref in fp32.items():
         r, f = np.asarray(reduced[view], dtype=np.float64), np.asarray(ref, dtype=np.float64)
@@ -522,7 +547,11 @@ def compare_precision(reduced: dict[str, np.ndarray], fp32: dict[str, np.ndarray
             same = r.argmax(axis=1) == f.argmax(axis=1)
             rec["agreement"], rec["decisions"] = float(same.mean()), int(same.size)
         per_view[view] = rec
-    what = "top-1" if all(v.get("decisions") == v["inputs"] for v in per_view.values() if "decisions" in v) else "per-pixel argmax"
+    what = (
+        "top-1"
+        if all(v.get("decisions") == v["inputs"] for v in per_view.values() if "decisions" in v)
+        else "per-pixel argmax"
+    )
     unit = "inputs" if what == "top-1" else "pixels"
     agreeing = [v for v in per_view.values() if "agreement" in v]
     details: dict[str, Any] = {
@@ -534,12 +563,26 @@ def compare_precision(reduced: dict[str, np.ndarray], fp32: dict[str, np.ndarray
     if agreeing:
         details["agreement"] = min(v["agreement"] for v in agreeing)
     in_view = lambda v: f" in view '{v}'" if len(per_view) > 1 else ""  # noqa: E731
-    worst = min((v for v in per_view if "agreement" in per_view[v]), key=lambda v: per_view[v]["agreement"], default=None)
+    worst = min(
+        (v for v in per_view if "agreement" in per_view[v]), key=lambda v: per_view[v]["agreement"], default=None
+    )
     if worst is not None and per_view[worst]["agreement"] < AGREEMENT_BOUND:
         w = per_view[worst]
-        return PrecisionCheck("fp32", f"fp32: {precision} {what} agreed on {100 * w['agreement']:.1f}% of {w['decisions']} {unit}{in_view(worst)} (< {pct})", details)
+        return PrecisionCheck(
+            "fp32",
+            f"fp32: {precision} {what} agreed on {100 * w['agreement']:.1f}% of {w['decisions']} {unit}{in_view(worst)} (< {pct})",
+            details,
+        )
     worst = max(per_view, key=lambda v: per_view[v]["rel_l2"])
     if per_view[worst]["rel_l2"] > REL_L2_BOUND:
-        return PrecisionCheck("fp32", f"fp32: {precision} relative L2 error {per_view[worst]['rel_l2']:.1e}{in_view(worst)} (> {REL_L2_BOUND:.0e})", details)
+        return PrecisionCheck(
+            "fp32",
+            f"fp32: {precision} relative L2 error {per_view[worst]['rel_l2']:.1e}{in_view(worst)} (> {REL_L2_BOUND:.0e})",
+            details,
+        )
     agreed = f"{what} agreed on {100 * details['agreement']:.1f}%, " if agreeing else ""
-    return PrecisionCheck(precision, f"{precision}: checked against fp32 on {inputs} inputs ({agreed}relative L2 error {details['rel_l2']:.1e})", details)
+    return PrecisionCheck(
+        precision,
+        f"{precision}: checked against fp32 on {inputs} inputs ({agreed}relative L2 error {details['rel_l2']:.1e})",
+        details,
+    )

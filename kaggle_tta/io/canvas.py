@@ -31,8 +31,20 @@ from dataclasses import dataclass
 import numpy as np
 
 POSITIONS = ("center", "tl", "tr", "bl", "br")  # the order crops are stacked in
-_CV2_INTERPOLATION = {"nearest": "INTER_NEAREST", "bilinear": "INTER_LINEAR", "bicubic": "INTER_CUBIC", "area": "INTER_AREA", "lanczos": "INTER_LANCZOS4"}
-_TIMM_INTERPOLATION = {"nearest": "nearest", "bilinear": "bilinear", "bicubic": "bicubic", "area": "box", "lanczos": "lanczos"}
+_CV2_INTERPOLATION = {
+    "nearest": "INTER_NEAREST",
+    "bilinear": "INTER_LINEAR",
+    "bicubic": "INTER_CUBIC",
+    "area": "INTER_AREA",
+    "lanczos": "INTER_LANCZOS4",
+}
+_TIMM_INTERPOLATION = {
+    "nearest": "nearest",
+    "bilinear": "bilinear",
+    "bicubic": "bicubic",
+    "area": "box",
+    "lanczos": "lanczos",
+}
 
 
 @dataclass(frozen=True)
@@ -87,7 +99,9 @@ def floor(d: float) -> int:
     return int(math.floor(d))
 
 
-def crop_box(size: tuple[int, int], crop: tuple[int, int], position: str, rounding: Callable[[float], int]) -> tuple[int, int]:
+def crop_box(
+    size: tuple[int, int], crop: tuple[int, int], position: str, rounding: Callable[[float], int]
+) -> tuple[int, int]:
     """Top-left (y, x) of a ``crop`` at ``position`` in an image of ``size``; the centre's
     half-difference goes through ``rounding`` (floor for albumentations, round half to even
     for torchvision)."""
@@ -118,7 +132,11 @@ def _albumentations_crops(spec: CanvasSpec) -> Callable[[np.ndarray], np.ndarray
 
     sh, sw = spec.canvas_size
     flag = _cv2_flag(spec.interpolation)
-    resize = A.SmallestMaxSize(max_size=sh, interpolation=flag) if spec.size[0] == spec.size[1] else A.Resize(sh, sw, interpolation=flag)
+    resize = (
+        A.SmallestMaxSize(max_size=sh, interpolation=flag)
+        if spec.size[0] == spec.size[1]
+        else A.Resize(sh, sw, interpolation=flag)
+    )
     return lambda img: _stack(resize(image=img)["image"], spec, floor)
 
 
@@ -127,7 +145,10 @@ def _timm_crops(spec: CanvasSpec) -> Callable[[np.ndarray], np.ndarray]:
     from timm.data import create_transform
 
     t = create_transform(
-        input_size=(3, *spec.size), crop_pct=spec.crop_pct, interpolation=_TIMM_INTERPOLATION[spec.interpolation], is_training=False
+        input_size=(3, *spec.size),
+        crop_pct=spec.crop_pct,
+        interpolation=_TIMM_INTERPOLATION[spec.interpolation],
+        is_training=False,
     )
     resize = t.transforms[0]  # timm's Resize / ResizeKeepRatio, on a PIL image
 
@@ -136,4 +157,3 @@ def _timm_crops(spec: CanvasSpec) -> Callable[[np.ndarray], np.ndarray]:
         return _stack(resized, spec, lambda d: int(round(d)))  # torchvision's center_crop: round half to even
 
     return crops
-

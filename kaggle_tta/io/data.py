@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from kaggle_tta.io.canvas import CanvasSpec
 from kaggle_tta.config import PipelineConfig
 from kaggle_tta.config.errors import ConfigError, DataError
+from kaggle_tta.io.canvas import CanvasSpec
 
 # OpenCV and torch are imported where images are decoded and batched, not at import: listing
 # the test set (which re-blending does) needs neither.
@@ -73,7 +73,9 @@ class TestSet:
 
     def rows(self, lo: int, hi: int) -> TestSet:
         """Rows ``lo:hi``: a rank's contiguous share (kaggle_tta.dist.launch)."""
-        return TestSet(self.ids[lo:hi], self.paths[lo:hi], self.identities[lo:hi], self.reference if self.paths else None)
+        return TestSet(
+            self.ids[lo:hi], self.paths[lo:hi], self.identities[lo:hi], self.reference if self.paths else None
+        )
 
 
 def list_test_set(cfg: PipelineConfig) -> TestSet:
@@ -125,7 +127,10 @@ def list_test_set(cfg: PipelineConfig) -> TestSet:
         raise DataError(f"{where}: image file not found: {', '.join(map(shown, missing[:3]))}{more}")
     empty = [p for p, (size, _) in zip(paths, identities) if size == 0]
     if empty:
-        raise DataError(f"{shown(empty[0])}: zero-byte image file; replace or remove it" + (f" ({len(empty)} such files)" if len(empty) > 1 else ""))
+        raise DataError(
+            f"{shown(empty[0])}: zero-byte image file; replace or remove it"
+            + (f" ({len(empty)} such files)" if len(empty) > 1 else "")
+        )
     return TestSet(ids, paths, identities)
 
 
@@ -208,7 +213,9 @@ def _check_unique(ids: Sequence[str], paths: Sequence[Path], where: str) -> None
     seen: dict[str, int] = {}
     for k, i in enumerate(ids):
         if i in seen:
-            raise DataError(f"{where}: duplicate id {i!r} ({shown(paths[seen[i]])} and {shown(paths[k])}); ids must be unique")
+            raise DataError(
+                f"{where}: duplicate id {i!r} ({shown(paths[seen[i]])} and {shown(paths[k])}); ids must be unique"
+            )
         seen[i] = k
 
 
@@ -223,9 +230,13 @@ def load_labels(cfg: PipelineConfig, ids: Sequence[str], classes: Sequence[str])
         if col not in df.columns:
             raise DataError(f"{path}: no column '{col}' (columns: {df.columns})")
     table: dict[str, Any] = {}
-    for k, (i, label) in enumerate(zip(_strings(df, spec.id_column, path, "data.labels.id_column"), df[spec.label_column].to_list())):
+    for k, (i, label) in enumerate(
+        zip(_strings(df, spec.id_column, path, "data.labels.id_column"), df[spec.label_column].to_list())
+    ):
         if i in table:  # the last row would win silently
-            raise DataError(f"{path}: id {i!r} has two rows (data rows {list(table).index(i) + 1} and {k + 1}); keep one label per id")
+            raise DataError(
+                f"{path}: id {i!r} has two rows (data rows {list(table).index(i) + 1} and {k + 1}); keep one label per id"
+            )
         table[i] = label
     index = {c: k for k, c in enumerate(classes)}
     missing = [i for i in ids if i not in table]
@@ -323,8 +334,16 @@ class CanvasDataset:
             out = {}
             for key, t in self._transforms.items():
                 canvas = t(img)
-                if not isinstance(canvas, np.ndarray) or canvas.dtype != np.uint8 or canvas.ndim != (4 if self.specs[key].stacked else 3):
-                    return i, f"{shown(self.paths[i])}: the albumentations preprocessing must return uint8 HWC images; drop Normalize/ToTensorV2 (normalization runs on the device)", None
+                if (
+                    not isinstance(canvas, np.ndarray)
+                    or canvas.dtype != np.uint8
+                    or canvas.ndim != (4 if self.specs[key].stacked else 3)
+                ):
+                    return (
+                        i,
+                        f"{shown(self.paths[i])}: the albumentations preprocessing must return uint8 HWC images; drop Normalize/ToTensorV2 (normalization runs on the device)",
+                        None,
+                    )
                 out[key] = canvas
             return i, out, np.array(img.shape[:2], dtype=np.int32)  # maps and boxes go back to it
         except DataError as exc:
@@ -343,10 +362,14 @@ def _collate(items: list[tuple[int, dict[str, np.ndarray] | str, np.ndarray | No
         arrays = [v[key] for _, v, _ in items]  # type: ignore[index]
         shapes = {a.shape for a in arrays}
         if len(shapes) > 1:
-            return Batch(lo, hi, error=(
-                f"images of different sizes {sorted(s[:2] for s in shapes)} in one batch (around {lo}); "
-                "segmentation: set segmentation.size: [H, W]; a user preprocessing: end it with a fixed-size resize or crop"
-            ))
+            return Batch(
+                lo,
+                hi,
+                error=(
+                    f"images of different sizes {sorted(s[:2] for s in shapes)} in one batch (around {lo}); "
+                    "segmentation: set segmentation.size: [H, W]; a user preprocessing: end it with a fixed-size resize or crop"
+                ),
+            )
         out[key] = torch.from_numpy(np.stack(arrays))  # [B, H, W, C] uint8
     return Batch(lo, hi, out, torch.from_numpy(np.stack([s for _, _, s in items])))
 
@@ -358,7 +381,14 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def make_loader(paths: Sequence[Path], specs: dict[str, CanvasSpec], batch_size: int, workers: int, start: int = 0, pin_memory: bool = False) -> Any:
+def make_loader(
+    paths: Sequence[Path],
+    specs: dict[str, CanvasSpec],
+    batch_size: int,
+    workers: int,
+    start: int = 0,
+    pin_memory: bool = False,
+) -> Any:
     """A torch DataLoader streaming a :class:`Batch` at a time from row ``start`` on."""
     from torch.utils.data import DataLoader
 

@@ -66,7 +66,11 @@ def _timm_cfg(arch: str, where: str, memo_dir: Path | None = None) -> dict[str, 
     if not timm.is_model(arch):
         raise ConfigError(f"{where}.arch: unknown timm architecture '{arch}'{did_you_mean(arch, timm.list_models())}")
     pc = get_pretrained_cfg(arch) or get_pretrained_cfg(arch.split(".")[0])
-    fields = {k: (list(v) if isinstance(v, tuple) else v) for k in _TIMM_FIELDS if (v := getattr(pc, k, None)) is not None} if pc else {}
+    fields = (
+        {k: (list(v) if isinstance(v, tuple) else v) for k in _TIMM_FIELDS if (v := getattr(pc, k, None)) is not None}
+        if pc
+        else {}
+    )
     if memo is not None:
         table[arch] = fields
         tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
@@ -94,7 +98,9 @@ def resolve_preprocess(cfg: PipelineConfig, m: MemberConfig, default_size: tuple
         raise ConfigError(f"{where}.preprocess.input_size: required for a factory model (e.g. [3, 224, 224])")
     hw = (int(size[-2]), int(size[-1]))
     crop_pct = p.crop_pct or pc.get("crop_pct") or 1.0
-    interp = p.interpolation or (pc["interpolation"] if pc.get("interpolation") in ("nearest", "bilinear", "bicubic") else "bilinear")
+    interp = p.interpolation or (
+        pc["interpolation"] if pc.get("interpolation") in ("nearest", "bilinear", "bicubic") else "bilinear"
+    )
     mean = tuple(p.mean or pc.get("mean") or IMAGENET_MEAN)
     std = tuple(p.std or pc.get("std") or IMAGENET_STD)
     if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
@@ -102,7 +108,9 @@ def resolve_preprocess(cfg: PipelineConfig, m: MemberConfig, default_size: tuple
     alb = None
     if p.albumentations is not None:
         if p.backend == "timm":
-            raise ConfigError(f"{where}.preprocess.backend: timm makes its own crops; remove it or preprocess.albumentations")
+            raise ConfigError(
+                f"{where}.preprocess.backend: timm makes its own crops; remove it or preprocess.albumentations"
+            )
         alb = _load_albumentations(cfg, p.albumentations, f"{where}.preprocess.albumentations")
     # auto: timm's eval transform where the preprocessing is timm's (an arch member), the
     # reference document's OpenCV path for a factory member
@@ -137,7 +145,9 @@ def build_model(cfg: PipelineConfig, m: MemberConfig, num_classes: int) -> nn.Mo
         import timm
 
         if not timm.is_model(m.arch):
-            raise ConfigError(f"{where}.arch: unknown timm architecture '{m.arch}'{did_you_mean(m.arch, timm.list_models())}")
+            raise ConfigError(
+                f"{where}.arch: unknown timm architecture '{m.arch}'{did_you_mean(m.arch, timm.list_models())}"
+            )
         try:
             model = timm.create_model(m.arch, pretrained=False, num_classes=num_classes, **m.kwargs)
         except TypeError as exc:
@@ -147,7 +157,9 @@ def build_model(cfg: PipelineConfig, m: MemberConfig, num_classes: int) -> nn.Mo
     if m.checkpoint is not None:
         load_checkpoint(model, cfg.resolve(m.checkpoint), f"{where}.checkpoint")
     elif m.arch:
-        raise ConfigError(f"{where}.checkpoint: a timm member needs its trained weights (a .safetensors or torch state dict)")
+        raise ConfigError(
+            f"{where}.checkpoint: a timm member needs its trained weights (a .safetensors or torch state dict)"
+        )
     return model.eval()
 
 
@@ -221,7 +233,9 @@ def _check_safetensors_header(f: Any, head: bytes, size: int, path: Path, where:
         if head.startswith((_ZIP_MAGIC, _PICKLE_MAGIC)):  # only a guess once the header is impossible
             raise CheckpointError(f"{where}: {path} is a torch.save file, not safetensors; rename it to .pt")
         if n > _MAX_SAFETENSORS_HEADER:  # more than safetensors itself accepts: this is no header
-            raise CheckpointError(f"{where}: {path} is not a safetensors file (it does not start with a safetensors header)")
+            raise CheckpointError(
+                f"{where}: {path} is not a safetensors file (it does not start with a safetensors header)"
+            )
         raise CheckpointError(bad.format(f"its header claims {n} bytes, the file has {size}"))
     try:
         header = json.loads(f.read(n))
@@ -254,7 +268,9 @@ def read_state_dict(path: Path, where: str) -> dict[str, torch.Tensor]:
         else:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt file, pickle with code objects, ...
-        raise CheckpointError(f"{where}: cannot load {path} safely ({_first_line(exc)}); save a plain state dict or safetensors") from None
+        raise CheckpointError(
+            f"{where}: cannot load {path} safely ({_first_line(exc)}); save a plain state dict or safetensors"
+        ) from None
     for _ in range(3):
         if isinstance(sd, dict) and not any(isinstance(v, torch.Tensor) for v in sd.values()):
             key = next((k for k in _NESTINGS if k in sd and isinstance(sd[k], dict)), None)
@@ -266,7 +282,7 @@ def read_state_dict(path: Path, where: str) -> dict[str, torch.Tensor]:
     sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
     for prefix in _PREFIXES:
         if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
+            sd = {k[len(prefix) :]: v for k, v in sd.items()}
     return sd
 
 
@@ -283,11 +299,17 @@ def load_checkpoint(model: nn.Module, path: Path, where: str) -> None:
         )
     for k, v in own.items():
         if sd[k].shape != v.shape:
-            head = k.endswith(("weight", "bias")) and v.dim() <= 2 and k.split(".")[0] in ("fc", "head", "classifier", "last_linear", "heads")
+            head = (
+                k.endswith(("weight", "bias"))
+                and v.dim() <= 2
+                and k.split(".")[0] in ("fc", "head", "classifier", "last_linear", "heads")
+            )
             hint = (
                 f"the checkpoint has {sd[k].shape[0]} classes, the pipeline declares {v.shape[0]} (data.classes)"
                 if head or (v.dim() >= 1 and sd[k].shape[1:] == v.shape[1:])
                 else "check the arch/kwargs"
             )
-            raise CheckpointError(f"{where}: {path.name}: '{k}' has shape {tuple(sd[k].shape)}, the model {tuple(v.shape)}: {hint}")
+            raise CheckpointError(
+                f"{where}: {path.name}: '{k}' has shape {tuple(sd[k].shape)}, the model {tuple(v.shape)}: {hint}"
+            )
     model.load_state_dict({k: sd[k].to(v.dtype) for k, v in own.items()}, strict=True)

@@ -34,7 +34,9 @@ def _examples(items: Sequence[str], n: int = 3) -> str:
     return ", ".join(repr(x) for x in items[:n]) + (", ..." if len(items) > n else "")
 
 
-def match_sample(path: Path, id_column: str, row_ids: Sequence[tuple[str, int]], files: Sequence[str], header: Sequence[str] | None) -> SampleOrder:
+def match_sample(
+    path: Path, id_column: str, row_ids: Sequence[tuple[str, int]], files: Sequence[str], header: Sequence[str] | None
+) -> SampleOrder:
     """Matches the sample's ids with the rows the writer will write.
 
     A sample id matches a row id, or, for a row whose id is its image's id, that image's
@@ -80,10 +82,16 @@ def match_sample(path: Path, id_column: str, row_ids: Sequence[tuple[str, int]],
         if missing:
             parts.append(f"{len(missing)} of {len(sample_ids)} sample ids match no test image ({_examples(missing)})")
         if extra:
-            parts.append(f"{len(extra)} of {len(row_ids)} rows to write are not in the sample ({_examples([row_ids[n][0] for n in extra])})")
-        raise ConfigError(f"{where}: {'; '.join(parts)}; the sample's ids must be the test ids or their file names (check data.* and the sample)")
+            parts.append(
+                f"{len(extra)} of {len(row_ids)} rows to write are not in the sample ({_examples([row_ids[n][0] for n in extra])})"
+            )
+        raise ConfigError(
+            f"{where}: {'; '.join(parts)}; the sample's ids must be the test ids or their file names (check data.* and the sample)"
+        )
     if header is not None and len(header) != df.width:
-        raise ConfigError(f"{where}: the sample has {df.width} columns {df.columns}, the submission {len(header)} {list(header)}; set submission.format or its column names to match")
+        raise ConfigError(
+            f"{where}: the sample has {df.width} columns {df.columns}, the submission {len(header)} {list(header)}; set submission.format or its column names to match"
+        )
     return SampleOrder(path, list(df.columns), sample_ids, rows)
 
 
@@ -91,11 +99,15 @@ def align(table: pl.DataFrame, order: SampleOrder) -> pl.DataFrame:
     """The table in the sample's order, with its ids and header: columns of the same names
     are taken by name, others by position."""
     if table.width != len(order.header):
-        raise ConfigError(f"submission.sample ({order.path}): the sample has {len(order.header)} columns, the submission {table.width} {table.columns}")
+        raise ConfigError(
+            f"submission.sample ({order.path}): the sample has {len(order.header)} columns, the submission {table.width} {table.columns}"
+        )
     out = table[order.rows]
     cols = out.columns
     by_name = set(cols[1:]) == set(order.header[1:])
-    body = [out[c] for c in order.header[1:]] if by_name else [out[c].alias(h) for c, h in zip(cols[1:], order.header[1:])]
+    body = (
+        [out[c] for c in order.header[1:]] if by_name else [out[c].alias(h) for c, h in zip(cols[1:], order.header[1:])]
+    )
     return pl.DataFrame([pl.Series(order.header[0], order.ids, dtype=pl.String), *body])
 
 

@@ -60,92 +60,205 @@ from kaggle_tta.kernel.wheels import Target, pin_closure, resolve_target, wheel_
 from kaggle_tta.kernel.write import wheels_ref, write_dataset, write_kernel, write_wheels
 
 __all__ = [
-    "DATASET_LICENSES", "DEFAULT_EXCLUDES", "DEFAULT_LICENSE", "DEFAULT_MACHINE_SHAPE", "DEFAULT_PINNING", "DEFAULT_WHEELS_LICENSE",
-    "KAGGLE_PYTHON", "MACHINE_SHAPES", "MANIFEST", "NOTEBOOK", "PACKAGE", "PINNING_TYPES", "WHEELS_MANIFEST", "BundleReport", "Collector",
-    "KernelError", "KernelOptions", "Target", "add_arguments", "build_bundle", "collect_files", "default_wheel_cache", "list_marked",
-    "pin_closure", "resolve_target", "run", "wheel_set_id", "wheels_ref", "write_dataset", "write_kernel", "write_wheels",
+    "DATASET_LICENSES",
+    "DEFAULT_EXCLUDES",
+    "DEFAULT_LICENSE",
+    "DEFAULT_MACHINE_SHAPE",
+    "DEFAULT_PINNING",
+    "DEFAULT_WHEELS_LICENSE",
+    "KAGGLE_PYTHON",
+    "MACHINE_SHAPES",
+    "MANIFEST",
+    "NOTEBOOK",
+    "PACKAGE",
+    "PINNING_TYPES",
+    "WHEELS_MANIFEST",
+    "BundleReport",
+    "Collector",
+    "KernelError",
+    "KernelOptions",
+    "Target",
+    "add_arguments",
+    "build_bundle",
+    "collect_files",
+    "default_wheel_cache",
+    "list_marked",
+    "pin_closure",
+    "resolve_target",
+    "run",
+    "wheel_set_id",
+    "wheels_ref",
+    "write_dataset",
+    "write_kernel",
+    "write_wheels",
 ]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``kernel`` subcommand's arguments (cheap: the CLI builds every parser)."""
     p.add_argument("pipeline", help="path of pipeline.yaml")
-    p.add_argument("--out", default="build/kaggle", help="output folder; gets dataset/ and kernel/ (default: build/kaggle)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a YAML value before bundling (repeatable)")
-    p.add_argument("--owner", "--username", dest="owner", default=None, help="Kaggle user owning the dataset and kernel (default: $KAGGLE_USERNAME)")
-    p.add_argument("--dataset-slug", default="kaggle-tta-bundle", help="slug of the dataset of weights and pipeline (default: kaggle-tta-bundle)")
     p.add_argument(
-        "--wheels-slug-prefix", default="kaggle-tta-wheels",
+        "--out", default="build/kaggle", help="output folder; gets dataset/ and kernel/ (default: build/kaggle)"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a YAML value before bundling (repeatable)",
+    )
+    p.add_argument(
+        "--owner",
+        "--username",
+        dest="owner",
+        default=None,
+        help="Kaggle user owning the dataset and kernel (default: $KAGGLE_USERNAME)",
+    )
+    p.add_argument(
+        "--dataset-slug",
+        default="kaggle-tta-bundle",
+        help="slug of the dataset of weights and pipeline (default: kaggle-tta-bundle)",
+    )
+    p.add_argument(
+        "--wheels-slug-prefix",
+        default="kaggle-tta-wheels",
         help="slug of the wheels dataset, before the hash of the wheel set (default: kaggle-tta-wheels)",
     )
-    p.add_argument("--kernel-slug", default="kaggle-tta-inference", help="slug of the notebook kernel (default: kaggle-tta-inference)")
-    p.add_argument("--competition", default=None, help="competition slug: attached to the kernel; its data is read from /kaggle/input")
     p.add_argument(
-        "--data-root", type=Path, default=None,
+        "--kernel-slug",
+        default="kaggle-tta-inference",
+        help="slug of the notebook kernel (default: kaggle-tta-inference)",
+    )
+    p.add_argument(
+        "--competition",
+        default=None,
+        help="competition slug: attached to the kernel; its data is read from /kaggle/input",
+    )
+    p.add_argument(
+        "--data-root",
+        type=Path,
+        default=None,
         help="local copy of the competition data: data paths under it are read from the competition's folder on Kaggle",
     )
-    p.add_argument("--bundle-data", action="store_true", help="ship the test data in the dataset even with --competition (default: only without one)")
     p.add_argument(
-        "--enable-gpu", action=argparse.BooleanOptionalAction, default=None,
+        "--bundle-data",
+        action="store_true",
+        help="ship the test data in the dataset even with --competition (default: only without one)",
+    )
+    p.add_argument(
+        "--enable-gpu",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help=f"request a GPU for the kernel (default: no; on with --machine-shape); it is {DEFAULT_MACHINE_SHAPE} unless --machine-shape says otherwise",
     )
     p.add_argument(
-        "--machine-shape", default=None, metavar="NAME",
+        "--machine-shape",
+        default=None,
+        metavar="NAME",
         help=f"the accelerator, as Kaggle names it (default with the GPU on: {DEFAULT_MACHINE_SHAPE}, GPU T4 x2; one of: {', '.join(MACHINE_SHAPES)})",
     )
     p.add_argument(
-        "--docker-image-pinning", default=DEFAULT_PINNING, metavar="|".join(PINNING_TYPES),
+        "--docker-image-pinning",
+        default=DEFAULT_PINNING,
+        metavar="|".join(PINNING_TYPES),
         help=f"kernel-metadata's docker_image_pinning_type (default: {DEFAULT_PINNING}: new versions keep the image the kernel first ran in)",
     )
-    p.add_argument("--license", default=DEFAULT_LICENSE, metavar="NAME", help=f"licence of the dataset of weights and pipeline, as Kaggle names it (default: {DEFAULT_LICENSE})")
     p.add_argument(
-        "--wheels-license", default=DEFAULT_WHEELS_LICENSE, metavar="NAME",
+        "--license",
+        default=DEFAULT_LICENSE,
+        metavar="NAME",
+        help=f"licence of the dataset of weights and pipeline, as Kaggle names it (default: {DEFAULT_LICENSE})",
+    )
+    p.add_argument(
+        "--wheels-license",
+        default=DEFAULT_WHEELS_LICENSE,
+        metavar="NAME",
         help=f"licence of the wheels dataset (default: {DEFAULT_WHEELS_LICENSE}: each wheel keeps its project's own, said in the description)",
     )
-    p.add_argument("--time-limit-hours", type=float, default=9.0, help="run-time limit the notebook checks its estimate against (default: 9)")
     p.add_argument(
-        "--wheel-exclude", action="append", default=[], metavar="PATTERN",
+        "--time-limit-hours",
+        type=float,
+        default=9.0,
+        help="run-time limit the notebook checks its estimate against (default: 9)",
+    )
+    p.add_argument(
+        "--wheel-exclude",
+        action="append",
+        default=[],
+        metavar="PATTERN",
         help=f"also leave these distributions to the Kaggle image (fnmatch, repeatable; always: {', '.join(DEFAULT_EXCLUDES)})",
     )
-    p.add_argument("--extra-wheel", action="append", default=[], metavar="DIST", help="also bundle this installed distribution and what it needs (repeatable)")
     p.add_argument(
-        "--wheel-cache", type=Path, default=None,
+        "--extra-wheel",
+        action="append",
+        default=[],
+        metavar="DIST",
+        help="also bundle this installed distribution and what it needs (repeatable)",
+    )
+    p.add_argument(
+        "--wheel-cache",
+        type=Path,
+        default=None,
         help="folder keeping downloaded wheels between builds (default: $KAGGLE_TTA_WHEEL_CACHE or ~/.cache/kaggle-tta/wheels; '' for none)",
     )
     p.add_argument(
-        "--python-version", default=KAGGLE_PYTHON, metavar="X.Y",
+        "--python-version",
+        default=KAGGLE_PYTHON,
+        metavar="X.Y",
         help=f"CPython the wheels are for, on Kaggle's manylinux x86_64 (default: {KAGGLE_PYTHON}, the Kaggle image's)",
     )
-
 
 
 def run(args: argparse.Namespace) -> None:
     """The CLI entry: builds the bundle and prints what to upload."""
     cache = args.wheel_cache
     opts = KernelOptions(
-        out=Path(args.out), overrides=args.set, owner=args.owner, dataset_slug=args.dataset_slug, kernel_slug=args.kernel_slug,
-        competition=args.competition, data_root=args.data_root, bundle_data=args.bundle_data, enable_gpu=args.enable_gpu,
-        machine_shape=args.machine_shape, docker_image_pinning=args.docker_image_pinning, license=args.license,
-        wheels_license=args.wheels_license, wheels_slug_prefix=args.wheels_slug_prefix,
-        time_limit_hours=args.time_limit_hours, wheel_exclude=args.wheel_exclude, extra_wheels=args.extra_wheel,
+        out=Path(args.out),
+        overrides=args.set,
+        owner=args.owner,
+        dataset_slug=args.dataset_slug,
+        kernel_slug=args.kernel_slug,
+        competition=args.competition,
+        data_root=args.data_root,
+        bundle_data=args.bundle_data,
+        enable_gpu=args.enable_gpu,
+        machine_shape=args.machine_shape,
+        docker_image_pinning=args.docker_image_pinning,
+        license=args.license,
+        wheels_license=args.wheels_license,
+        wheels_slug_prefix=args.wheels_slug_prefix,
+        time_limit_hours=args.time_limit_hours,
+        wheel_exclude=args.wheel_exclude,
+        extra_wheels=args.extra_wheel,
         wheel_cache=default_wheel_cache() if cache is None else (None if str(cache) in ("", ".") else cache),
         python_version=args.python_version,
     )
     rep = build_bundle(Path(args.pipeline), opts)
     n_deps = len(rep.wheels) - 1
-    print(f"kernel: {rep.wheels_dir}: {rep.wheels_ref}, {n_deps} dependency wheels ({_mb(rep.wheels_size_bytes)})"
-          + (": the same wheel set as the last build here" if rep.wheels_unchanged else ""))
-    print(f"kernel: {rep.dataset_dir}: kaggle-tta's wheel and {len(rep.files)} bundled file(s) or folder(s) ({_mb(rep.size_bytes)})")
+    print(
+        f"kernel: {rep.wheels_dir}: {rep.wheels_ref}, {n_deps} dependency wheels ({_mb(rep.wheels_size_bytes)})"
+        + (": the same wheel set as the last build here" if rep.wheels_unchanged else "")
+    )
+    print(
+        f"kernel: {rep.dataset_dir}: kaggle-tta's wheel and {len(rep.files)} bundled file(s) or folder(s) ({_mb(rep.size_bytes)})"
+    )
     print(f"kernel: left to the Kaggle image: {', '.join(rep.excluded) or 'nothing'}")
     shape = opts.shape
-    print(f"kernel: {rep.kernel_dir}: {NOTEBOOK} and kernel-metadata.json (internet off, "
-          + (f"GPU {shape} ({MACHINE_SHAPES.get(shape, shape)})" if shape else "GPU off") + f", image pinning {opts.docker_image_pinning})")
+    print(
+        f"kernel: {rep.kernel_dir}: {NOTEBOOK} and kernel-metadata.json (internet off, "
+        + (f"GPU {shape} ({MACHINE_SHAPES.get(shape, shape)})" if shape else "GPU off")
+        + f", image pinning {opts.docker_image_pinning})"
+    )
     if rep.owner_is_placeholder:
         print("kernel: owner is a placeholder: pass --owner (or set KAGGLE_USERNAME) before uploading")
     mode = " --dir-mode zip" if rep.subfolders else ""
     print("upload with the kaggle CLI (internet on this machine):")
-    print(f"  kaggle datasets create -p {rep.wheels_dir}   # once per wheel set: skip it when {rep.wheels_ref} is already on Kaggle")
-    print(f"  kaggle datasets create -p {rep.dataset_dir}{mode}   # later: kaggle datasets version -p {rep.dataset_dir}{mode} -m 'new weights'")
+    print(
+        f"  kaggle datasets create -p {rep.wheels_dir}   # once per wheel set: skip it when {rep.wheels_ref} is already on Kaggle"
+    )
+    print(
+        f"  kaggle datasets create -p {rep.dataset_dir}{mode}   # later: kaggle datasets version -p {rep.dataset_dir}{mode} -m 'new weights'"
+    )
     print(f"  kaggle kernels push -p {rep.kernel_dir}")
 
 

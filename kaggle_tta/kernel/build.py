@@ -7,7 +7,16 @@ import tempfile
 from pathlib import Path
 
 from kaggle_tta.kernel.bundle import collect_files
-from kaggle_tta.kernel.options import DEFAULT_EXCLUDES, NOTEBOOK, PACKAGE, WHEELS_MANIFEST, BundleReport, KernelError, KernelOptions, check_options
+from kaggle_tta.kernel.options import (
+    DEFAULT_EXCLUDES,
+    NOTEBOOK,
+    PACKAGE,
+    WHEELS_MANIFEST,
+    BundleReport,
+    KernelError,
+    KernelOptions,
+    check_options,
+)
 from kaggle_tta.kernel.wheels import build_own_wheel, fetch_wheels, pin_closure, read_wheel_requires, resolve_target
 from kaggle_tta.kernel.write import wheels_ref, write_dataset, write_kernel, write_wheels
 
@@ -38,7 +47,11 @@ def build_bundle(pipeline: Path, opts: KernelOptions) -> BundleReport:
     with tempfile.TemporaryDirectory(prefix="kaggle-tta-kernel-") as tmp:
         tmp_dir = Path(tmp)
         own = build_own_wheel(root, tmp_dir / "own")
-        roots = [(r, PACKAGE) for r in read_wheel_requires(own)] + [(r, "--extra-wheel") for r in opts.extra_wheels] + sorted(col.distributions.items())
+        roots = (
+            [(r, PACKAGE) for r in read_wheel_requires(own)]
+            + [(r, "--extra-wheel") for r in opts.extra_wheels]
+            + sorted(col.distributions.items())
+        )
         excludes = list(DEFAULT_EXCLUDES) + list(opts.wheel_exclude)
         pins, excluded = pin_closure(roots, excludes, target)
         cache = opts.wheel_cache or tmp_dir / "downloads"
@@ -47,7 +60,11 @@ def build_bundle(pipeline: Path, opts: KernelOptions) -> BundleReport:
         unchanged = _wheel_set_of(out / "wheels") == set_id
         # Written beside the final folders, then swapped in: an interrupted build leaves the
         # previous bundle (or none), never a half-written one.
-        stages = {"wheels": out / ".wheels.partial", "dataset": out / ".dataset.partial", "kernel": out / ".kernel.partial"}
+        stages = {
+            "wheels": out / ".wheels.partial",
+            "dataset": out / ".dataset.partial",
+            "kernel": out / ".kernel.partial",
+        }
         try:
             for d in stages.values():
                 _rmtree(d)
@@ -63,9 +80,18 @@ def build_bundle(pipeline: Path, opts: KernelOptions) -> BundleReport:
                 _rmtree(d)
     ds, wd = out / "dataset", out / "wheels"
     return BundleReport(
-        ds, out / "kernel", sorted([own.name, *(w.name for w in wheels.values())]), excluded,
-        sorted([*col.files, *col.trees, *col.tree_files]), sorted({n.split("/")[0] for n in [*col.trees, *col.tree_files]}), col.owner_placeholder,
-        _size(ds), wd, ref, _size(wd), unchanged,
+        ds,
+        out / "kernel",
+        sorted([own.name, *(w.name for w in wheels.values())]),
+        excluded,
+        sorted([*col.files, *col.trees, *col.tree_files]),
+        sorted({n.split("/")[0] for n in [*col.trees, *col.tree_files]}),
+        col.owner_placeholder,
+        _size(ds),
+        wd,
+        ref,
+        _size(wd),
+        unchanged,
     )
 
 
@@ -88,7 +114,9 @@ def _project_root() -> Path:
     notebook and metadata templates are read from its ``kernels/`` folder."""
     root = Path(__file__).resolve().parent.parent.parent
     if not (root / "pyproject.toml").is_file() or not (root / "kernels" / NOTEBOOK).is_file():
-        raise KernelError(f"{root}: no pyproject.toml and kernels/{NOTEBOOK}; run 'kaggle-tta kernel' from a source checkout (pip install -e .)")
+        raise KernelError(
+            f"{root}: no pyproject.toml and kernels/{NOTEBOOK}; run 'kaggle-tta kernel' from a source checkout (pip install -e .)"
+        )
     return root
 
 

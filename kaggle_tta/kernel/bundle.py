@@ -67,7 +67,9 @@ def list_marked(cfg: PipelineConfig) -> list[Marked]:
         if m.factory is not None:
             members[i].append(Marked(("members", i, "factory"), m.factory, Bundle("code")))
     order = list(Collector.ROLES)
-    rest.sort(key=lambda e: order.index(e.mark.role) if e.mark.role in order else len(order))  # stable: schema order within a role
+    rest.sort(
+        key=lambda e: order.index(e.mark.role) if e.mark.role in order else len(order)
+    )  # stable: schema order within a role
     return [e for entries in members for e in entries] + rest
 
 
@@ -149,7 +151,9 @@ class Collector:
         for e in list_marked(self.cfg):
             key = format_key(self.cfg, e.loc)
             if e.mark.role not in self.ROLES:
-                raise KernelError(f"{key}: the schema marks it with role '{e.mark.role}', which the bundle has no handler for; use one of {', '.join(self.ROLES)}")
+                raise KernelError(
+                    f"{key}: the schema marks it with role '{e.mark.role}', which the bundle has no handler for; use one of {', '.join(self.ROLES)}"
+                )
             new = self.ROLES[e.mark.role](self, e, key)
             if new is not None:
                 _put(self.raw, e.loc, new)
@@ -161,7 +165,9 @@ class Collector:
             return None  # inline content (an albumentations pipeline as a mapping): nothing to ship
         path = self.cfg.resolve(e.value)
         if e.loc[-1] == "checkpoint" and not path.is_file():  # the demo's weights are made, not checked in: say how
-            raise CheckpointError(f"{key}: {path} not found; fix the path (for the demo: make demo-weights) before bundling")
+            raise CheckpointError(
+                f"{key}: {path} not found; fix the path (for the demo: make demo-weights) before bundling"
+            )
         return self._flat(self._existing(path, key), self.cfg.members[e.loc[1]].name)  # type: ignore[index]
 
     def _code(self, e: Marked, key: str) -> None:
@@ -191,13 +197,19 @@ class Collector:
 
     def _output(self, e: Marked, key: str) -> str:
         if e.mark.kaggle is None:
-            raise KernelError(f"{key}: the schema marks it as an output without its /kaggle/working path; give the mark a 'kaggle' path")
+            raise KernelError(
+                f"{key}: the schema marks it as an output without its /kaggle/working path; give the mark a 'kaggle' path"
+            )
         return e.mark.kaggle
 
     # role -> its handler: ships one marked value and returns what the YAML holds there (None:
     # unchanged). Listed in bundling order (list_marked).
     ROLES: ClassVar[dict[str, Callable[[Collector, Marked, str], str | None]]] = {
-        "member": _member, "code": _code, "data": _data, "classes": _classes, "output": _output,
+        "member": _member,
+        "code": _code,
+        "data": _data,
+        "classes": _classes,
+        "output": _output,
     }
 
     # -- names and files
@@ -236,14 +248,25 @@ class Collector:
         if rel is not None:
             return self._competition(key, rel, "dir" if kind == "csv-root" else kind, optional)
         if self.opts.competition is not None and not self.opts.bundle_data:
-            where = f"it is not under --data-root {self.opts.data_root}" if self.opts.data_root else "no --data-root says where the competition data lies here"
+            where = (
+                f"it is not under --data-root {self.opts.data_root}"
+                if self.opts.data_root
+                else "no --data-root says where the competition data lies here"
+            )
             raise KernelError(
                 f"{key}: {path}: with --competition the test data is read from the competition's folder on Kaggle, but {where}; "
                 "give --data-root (your local copy of the competition data), or --bundle-data to ship this data in the dataset"
             )
-        shippers = {"glob": self._bundle_glob, "dir": self._bundle_dir, "csv-root": self._bundle_dir, "file": self._bundle_file}
+        shippers = {
+            "glob": self._bundle_glob,
+            "dir": self._bundle_dir,
+            "csv-root": self._bundle_dir,
+            "file": self._bundle_file,
+        }
         if kind not in shippers:
-            raise KernelError(f"{key}: the schema marks it with kind '{kind}', which the bundle cannot ship; use one of {', '.join(shippers)}")
+            raise KernelError(
+                f"{key}: the schema marks it with kind '{kind}', which the bundle cannot ship; use one of {', '.join(shippers)}"
+            )
         return shippers[kind](key, path, kind)
 
     def _bundle_glob(self, key: str, path: Path, kind: str) -> str:
@@ -288,7 +311,9 @@ class Collector:
             try:
                 rel = p.resolve().relative_to(root.resolve())
             except ValueError:
-                raise KernelError(f"data.csv: {p} is outside {root}, so it cannot be bundled; list paths relative to data.csv.root") from None
+                raise KernelError(
+                    f"data.csv: {p} is outside {root}, so it cannot be bundled; list paths relative to data.csv.root"
+                ) from None
             self.tree_files[f"{dest}/{rel.as_posix()}"] = p.resolve()
         return self._bundled(key, dest)
 
@@ -311,9 +336,12 @@ def _competition_relpath(path: Path, opts: KernelOptions) -> str | None:
     text = Path(os.path.normpath(str(path))).as_posix()
     for prefix in (f"/kaggle/input/competitions/{comp}", f"/kaggle/input/{comp}"):
         if text == prefix or text.startswith(prefix + "/"):
-            return text[len(prefix):].lstrip("/") or "."
+            return text[len(prefix) :].lstrip("/") or "."
     if opts.data_root is not None:
-        for base, p in ((opts.data_root.resolve(), path.resolve()), (Path(os.path.abspath(opts.data_root)), Path(os.path.abspath(path)))):
+        for base, p in (
+            (opts.data_root.resolve(), path.resolve()),
+            (Path(os.path.abspath(opts.data_root)), Path(os.path.abspath(path))),
+        ):
             if p == base or base in p.parents:
                 return p.relative_to(base).as_posix() or "."
     return None
@@ -345,6 +373,8 @@ def _find_module(top: str, key: str) -> str | Path:
     except (ImportError, ValueError):
         found = None
     if found is None or found.origin in (None, "built-in", "frozen"):
-        raise KernelError(f"{key}: module '{top}' is not importable here, so it cannot be bundled; install it or fix the name")
+        raise KernelError(
+            f"{key}: module '{top}' is not importable here, so it cannot be bundled; install it or fix the name"
+        )
     src = Path(found.origin)
     return src.parent if found.submodule_search_locations else src

@@ -62,10 +62,34 @@ DEFAULT_PINNING = "original"
 # pipeline are the user's ("copyright-authors": data files (c) the original authors). Not CC0:
 # that would put someone else's wheels, or the user's weights, in the public domain.
 DATASET_LICENSES = (
-    "CC0-1.0", "CC-BY-SA-3.0", "CC-BY-SA-4.0", "CC-BY-NC-SA-4.0", "GPL-2.0", "ODbL-1.0", "DbCL-1.0", "copyright-authors",
-    "other", "unknown", "CC-BY-4.0", "CC-BY-NC-4.0", "PDDL", "CC-BY-3.0", "CC-BY-3.0-IGO", "US-Government-Works",
-    "CC-BY-NC-SA-3.0-IGO", "CDLA-Permissive-1.0", "CDLA-Sharing-1.0", "CC-BY-ND-4.0", "CC-BY-NC-ND-4.0", "ODC-BY-1.0",
-    "LGPL-3.0", "AGPL-3.0", "FDL-1.3", "EU-ODP-Legal-Notice", "apache-2.0", "GPL-3.0",
+    "CC0-1.0",
+    "CC-BY-SA-3.0",
+    "CC-BY-SA-4.0",
+    "CC-BY-NC-SA-4.0",
+    "GPL-2.0",
+    "ODbL-1.0",
+    "DbCL-1.0",
+    "copyright-authors",
+    "other",
+    "unknown",
+    "CC-BY-4.0",
+    "CC-BY-NC-4.0",
+    "PDDL",
+    "CC-BY-3.0",
+    "CC-BY-3.0-IGO",
+    "US-Government-Works",
+    "CC-BY-NC-SA-3.0-IGO",
+    "CDLA-Permissive-1.0",
+    "CDLA-Sharing-1.0",
+    "CC-BY-ND-4.0",
+    "CC-BY-NC-ND-4.0",
+    "ODC-BY-1.0",
+    "LGPL-3.0",
+    "AGPL-3.0",
+    "FDL-1.3",
+    "EU-ODP-Legal-Notice",
+    "apache-2.0",
+    "GPL-3.0",
 )
 DEFAULT_LICENSE = "copyright-authors"
 DEFAULT_WHEELS_LICENSE = "other"
@@ -145,32 +169,48 @@ def check_options(opts: KernelOptions) -> None:
     """Raises KernelError naming the first malformed option (slugs, owner, limits, versions)."""
     for flag, slug in (("--dataset-slug", opts.dataset_slug), ("--kernel-slug", opts.kernel_slug)):
         if not _SLUG.match(slug):
-            raise KernelError(f"{flag} '{slug}': use 6-50 lowercase letters, digits and hyphens (the title made from it must have 6 or more characters)")
+            raise KernelError(
+                f"{flag} '{slug}': use 6-50 lowercase letters, digits and hyphens (the title made from it must have 6 or more characters)"
+            )
     if opts.competition is not None and not re.match(r"^[a-z0-9][a-z0-9-]*$", opts.competition):
-        raise KernelError(f"--competition '{opts.competition}': give the competition's slug as in its URL, e.g. 'titanic'")
+        raise KernelError(
+            f"--competition '{opts.competition}': give the competition's slug as in its URL, e.g. 'titanic'"
+        )
     if opts.owner is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9_-]*$", opts.owner):
         raise KernelError(f"--owner '{opts.owner}': give your Kaggle user name")
     if not opts.time_limit_hours > 0:
-        raise KernelError(f"--time-limit-hours {opts.time_limit_hours}: must be positive (Kaggle notebooks: 9 for most competitions)")
+        raise KernelError(
+            f"--time-limit-hours {opts.time_limit_hours}: must be positive (Kaggle notebooks: 9 for most competitions)"
+        )
     if opts.data_root is not None and opts.competition is None:
-        raise KernelError("--data-root maps data paths onto a competition's folder on Kaggle: give --competition SLUG too")
+        raise KernelError(
+            "--data-root maps data paths onto a competition's folder on Kaggle: give --competition SLUG too"
+        )
     if opts.data_root is not None and not opts.data_root.is_dir():
         raise KernelError(f"--data-root {opts.data_root}: not a folder; give the local copy of the competition data")
     if opts.python_version is not None and not re.match(r"^3\.\d{1,2}$", opts.python_version):
-        raise KernelError(f"--python-version '{opts.python_version}': give a CPython version like {KAGGLE_PYTHON} (Kaggle's image)")
+        raise KernelError(
+            f"--python-version '{opts.python_version}': give a CPython version like {KAGGLE_PYTHON} (Kaggle's image)"
+        )
     if not _SLUG.match(f"{opts.wheels_slug_prefix}-0123456789"):
-        raise KernelError(f"--wheels-slug-prefix '{opts.wheels_slug_prefix}': use 5-39 lowercase letters, digits and hyphens (11 more name the wheel set)")
+        raise KernelError(
+            f"--wheels-slug-prefix '{opts.wheels_slug_prefix}': use 5-39 lowercase letters, digits and hyphens (11 more name the wheel set)"
+        )
     if opts.machine_shape is not None:
         _check_shape(opts.machine_shape)
         if opts.enable_gpu is False:
-            raise KernelError(f"--machine-shape {opts.machine_shape} asks for a GPU, but --no-enable-gpu turns it off; drop one of them")
+            raise KernelError(
+                f"--machine-shape {opts.machine_shape} asks for a GPU, but --no-enable-gpu turns it off; drop one of them"
+            )
     _check_choice("--docker-image-pinning", opts.docker_image_pinning, PINNING_TYPES)
     _check_choice("--license", opts.license, DATASET_LICENSES)
     _check_choice("--wheels-license", opts.wheels_license, DATASET_LICENSES)
 
 
 def _did_you_mean(value: str, known: list[str] | tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(value, known, n=1, cutoff=0.6) or difflib.get_close_matches(value.lower(), [k.lower() for k in known], n=1, cutoff=0.6)
+    close = difflib.get_close_matches(value, known, n=1, cutoff=0.6) or difflib.get_close_matches(
+        value.lower(), [k.lower() for k in known], n=1, cutoff=0.6
+    )
     if not close:
         return ""
     hit = next(k for k in known if k.lower() == close[0].lower())
@@ -179,12 +219,18 @@ def _did_you_mean(value: str, known: list[str] | tuple[str, ...]) -> str:
 
 def _check_choice(flag: str, value: str, known: tuple[str, ...]) -> None:
     if value not in known:
-        raise KernelError(f"{flag} '{value}': not a value Kaggle accepts{_did_you_mean(value, known)} (one of: {', '.join(known)})")
+        raise KernelError(
+            f"{flag} '{value}': not a value Kaggle accepts{_did_you_mean(value, known)} (one of: {', '.join(known)})"
+        )
 
 
 def _check_shape(shape: str) -> None:
     if shape in REFUSED_MACHINE_SHAPES:
-        raise KernelError(f"--machine-shape {shape}: {REFUSED_MACHINE_SHAPES[shape]}; use {DEFAULT_MACHINE_SHAPE} ({MACHINE_SHAPES[DEFAULT_MACHINE_SHAPE]})")
+        raise KernelError(
+            f"--machine-shape {shape}: {REFUSED_MACHINE_SHAPES[shape]}; use {DEFAULT_MACHINE_SHAPE} ({MACHINE_SHAPES[DEFAULT_MACHINE_SHAPE]})"
+        )
     if shape not in MACHINE_SHAPES:
         known = ", ".join(f"{k} ({v})" for k, v in MACHINE_SHAPES.items())
-        raise KernelError(f"--machine-shape '{shape}': not an accelerator Kaggle names{_did_you_mean(shape, [*MACHINE_SHAPES, *REFUSED_MACHINE_SHAPES])}; one of: {known}")
+        raise KernelError(
+            f"--machine-shape '{shape}': not an accelerator Kaggle names{_did_you_mean(shape, [*MACHINE_SHAPES, *REFUSED_MACHINE_SHAPES])}; one of: {known}"
+        )

@@ -21,7 +21,11 @@ from typing import Any
 from kaggle_tta.kernel.options import KernelError
 
 # Kaggle's image is Ubuntu 22.04 on x86_64 (glibc 2.35): used with --python-version.
-_KAGGLE_PLATFORMS = [f"manylinux_2_{m}_x86_64" for m in range(35, 4, -1)] + ["manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64"]
+_KAGGLE_PLATFORMS = [f"manylinux_2_{m}_x86_64" for m in range(35, 4, -1)] + [
+    "manylinux2014_x86_64",
+    "manylinux2010_x86_64",
+    "manylinux1_x86_64",
+]
 _PIP_MISSING = re.compile(r"(?:No matching distribution found for|satisfies the requirement) ([A-Za-z0-9_.\-]+)==")
 
 
@@ -61,10 +65,21 @@ def resolve_target(python_version: str | None) -> Target:
     if python_version is None or (python_version == local and like_kaggle):
         return Target(None, list(tags.sys_tags()), env, [])
     ver = tuple(int(x) for x in python_version.split("."))
-    tag_list = list(tags.cpython_tags(ver, platforms=_KAGGLE_PLATFORMS)) + list(tags.compatible_tags(ver, f"cp{ver[0]}{ver[1]}", _KAGGLE_PLATFORMS))
-    env.update(python_version=python_version, python_full_version=f"{python_version}.0", implementation_name="cpython",
-               platform_python_implementation="CPython", sys_platform="linux", platform_system="Linux", platform_machine="x86_64")
-    args = ["--python-version", python_version, "--implementation", "cp"] + [a for p in _KAGGLE_PLATFORMS for a in ("--platform", p)]
+    tag_list = list(tags.cpython_tags(ver, platforms=_KAGGLE_PLATFORMS)) + list(
+        tags.compatible_tags(ver, f"cp{ver[0]}{ver[1]}", _KAGGLE_PLATFORMS)
+    )
+    env.update(
+        python_version=python_version,
+        python_full_version=f"{python_version}.0",
+        implementation_name="cpython",
+        platform_python_implementation="CPython",
+        sys_platform="linux",
+        platform_system="Linux",
+        platform_machine="x86_64",
+    )
+    args = ["--python-version", python_version, "--implementation", "cp"] + [
+        a for p in _KAGGLE_PLATFORMS for a in ("--platform", p)
+    ]
     return Target(python_version, tag_list, env, args)
 
 
@@ -114,7 +129,9 @@ def read_wheel_version(wheel: Path) -> str:
     return str(parse_wheel_filename(wheel.name)[1])
 
 
-def pin_closure(roots: list[tuple[str, str]], excludes: list[str], target: Target) -> tuple[dict[str, tuple[str, str]], list[str]]:
+def pin_closure(
+    roots: list[tuple[str, str]], excludes: list[str], target: Target
+) -> tuple[dict[str, tuple[str, str]], list[str]]:
     """Walks the installed metadata from ``roots`` ((requirement, who asks)): normalized name ->
     (version, required by).
 
@@ -136,8 +153,12 @@ def pin_closure(roots: list[tuple[str, str]], excludes: list[str], target: Targe
         try:
             req = Requirement(text)
         except InvalidRequirement:
-            raise KernelError(f"wheels: '{text}' (from {parent}) is not a requirement; give a distribution name") from None
-        if req.marker is not None and not any(req.marker.evaluate({**target.env, "extra": e}) for e in ["", *parent_extras]):
+            raise KernelError(
+                f"wheels: '{text}' (from {parent}) is not a requirement; give a distribution name"
+            ) from None
+        if req.marker is not None and not any(
+            req.marker.evaluate({**target.env, "extra": e}) for e in ["", *parent_extras]
+        ):
             continue
         name = canonicalize_name(req.name)
         if any(fnmatch.fnmatch(name, pat) for pat in excludes):
@@ -159,7 +180,9 @@ def pin_closure(roots: list[tuple[str, str]], excludes: list[str], target: Targe
         except InvalidVersion:
             ok = True
         if not ok:
-            raise KernelError(f"wheels: {name} {dist.version} is installed here but {parent} needs '{req}'; pip install '{req}' and rebuild")
+            raise KernelError(
+                f"wheels: {name} {dist.version} is installed here but {parent} needs '{req}'; pip install '{req}' and rebuild"
+            )
         pins.setdefault(name, (dist.version, parent))
         for sub in reversed(dist.requires or []):
             stack.append((sub, name, key[1]))
@@ -185,7 +208,9 @@ def _index_wheels(folders: list[Path], target: Target) -> dict[tuple[str, str], 
     return {k: v[1] for k, v in best.items()}
 
 
-def fetch_wheels(pins: dict[str, tuple[str, str]], folders: list[Path], download_to: Path, target: Target) -> dict[str, Path]:
+def fetch_wheels(
+    pins: dict[str, tuple[str, str]], folders: list[Path], download_to: Path, target: Target
+) -> dict[str, Path]:
     """A wheel per pin: reused from ``folders``, else fetched with pip into ``download_to``."""
     from packaging.utils import canonicalize_version
 
@@ -212,11 +237,15 @@ def fetch_wheels(pins: dict[str, tuple[str, str]], folders: list[Path], download
             found, missing = lookup()
             if missing:  # pip saved something our tag check refuses (should not happen)
                 n = missing[0]
-                raise KernelError(f"wheels: pip fetched {n}=={pins[n][0]}, but no wheel for {target.describe()} is in {download_to}; delete it and rebuild")
+                raise KernelError(
+                    f"wheels: pip fetched {n}=={pins[n][0]}, but no wheel for {target.describe()} is in {download_to}; delete it and rebuild"
+                )
             break
         bad = _failed_requirement(res, missing)
         if bad is None:
-            raise KernelError(f"wheels: pip download failed: {_pip_error(res)}; check the network access to the package index and rebuild")
+            raise KernelError(
+                f"wheels: pip download failed: {_pip_error(res)}; check the network access to the package index and rebuild"
+            )
         version, parent = pins[bad]
         if target.python_version is None and bad not in tried_build:  # only an sdist: build it here
             tried_build.add(bad)
@@ -243,7 +272,9 @@ def _failed_requirement(res: subprocess.CompletedProcess, candidates: list[str])
 
 
 def _pip(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", *args], capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "pip", "--disable-pip-version-check", *args], capture_output=True, text=True
+    )
 
 
 def _pip_error(res: subprocess.CompletedProcess) -> str:

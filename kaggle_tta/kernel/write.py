@@ -26,7 +26,15 @@ def wheels_ref(owner: str, opts: KernelOptions, wheels: dict[str, Path]) -> tupl
     return f"{owner}/{opts.wheels_slug_prefix}-{set_id}", set_id
 
 
-def write_wheels(stage: Path, owner: str, wheels: dict[str, Path], excluded: list[str], opts: KernelOptions, root: Path, target: Target) -> None:
+def write_wheels(
+    stage: Path,
+    owner: str,
+    wheels: dict[str, Path],
+    excluded: list[str],
+    opts: KernelOptions,
+    root: Path,
+    target: Target,
+) -> None:
     """The wheels dataset: the dependencies' wheels (hard-linked from the cache), its manifest
     and ``dataset-metadata.json``. Nothing in it depends on the pipeline or the weights, so a
     new submission with the same dependencies leaves it as it was, slug and all."""
@@ -46,14 +54,26 @@ def write_wheels(stage: Path, owner: str, wheels: dict[str, Path], excluded: lis
     (stage / WHEELS_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     slug = ref.split("/", 1)[1]
     meta = _template(
-        root / "kernels" / "wheels-metadata.json", OWNER=owner, DATASET_SLUG=slug, DATASET_TITLE=_title(slug),
-        BUILT_FOR=_short_target(target), WHEEL_SET=set_id, LICENSE=opts.wheels_license,
+        root / "kernels" / "wheels-metadata.json",
+        OWNER=owner,
+        DATASET_SLUG=slug,
+        DATASET_TITLE=_title(slug),
+        BUILT_FOR=_short_target(target),
+        WHEEL_SET=set_id,
+        LICENSE=opts.wheels_license,
     )
     (stage / "dataset-metadata.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
 def write_dataset(
-    stage: Path, col: Collector, own: Path, wheels: dict[str, Path], excluded: list[str], opts: KernelOptions, root: Path, target: Target
+    stage: Path,
+    col: Collector,
+    own: Path,
+    wheels: dict[str, Path],
+    excluded: list[str],
+    opts: KernelOptions,
+    root: Path,
+    target: Target,
 ) -> None:
     """The dataset that changes per submission: kaggle_tta's wheel, the collected files
     (copied), the rewritten pipeline, the manifest and ``dataset-metadata.json``. ``wheels``
@@ -75,7 +95,9 @@ def write_dataset(
         f"# Rewritten by 'kaggle-tta kernel' from {col.source.resolve()}: paths are relative to this\n"
         "# dataset; the notebook points competition data, cache.dir and submission.path at what it finds.\n"
     )
-    (stage / col.pipeline_name).write_text(header + yaml.safe_dump(col.raw, sort_keys=False, allow_unicode=True, default_flow_style=None), encoding="utf-8")
+    (stage / col.pipeline_name).write_text(
+        header + yaml.safe_dump(col.raw, sort_keys=False, allow_unicode=True, default_flow_style=None), encoding="utf-8"
+    )
     ref, set_id = wheels_ref(col.owner, opts, wheels)
     manifest = {
         "format": 2,
@@ -95,8 +117,12 @@ def write_dataset(
     }
     (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     meta = _template(
-        root / "kernels" / "dataset-metadata.json", OWNER=col.owner, DATASET_SLUG=opts.dataset_slug, DATASET_TITLE=_title(opts.dataset_slug),
-        WHEELS_REF=ref, LICENSE=opts.license,
+        root / "kernels" / "dataset-metadata.json",
+        OWNER=col.owner,
+        DATASET_SLUG=opts.dataset_slug,
+        DATASET_TITLE=_title(opts.dataset_slug),
+        WHEELS_REF=ref,
+        LICENSE=opts.license,
     )
     (stage / "dataset-metadata.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
@@ -113,20 +139,41 @@ def write_kernel(stage: Path, col: Collector, opts: KernelOptions, root: Path, w
         "COMPETITION": opts.competition or "",
         "TIME_LIMIT_HOURS": float(opts.time_limit_hours),
     }
-    cell = next((c for c in nb["cells"] if c["cell_type"] == "code" and "parameters" in c.get("metadata", {}).get("tags", [])), None)
+    cell = next(
+        (c for c in nb["cells"] if c["cell_type"] == "code" and "parameters" in c.get("metadata", {}).get("tags", [])),
+        None,
+    )
     if cell is None:
         raise KernelError(f"kernels/{NOTEBOOK}: no code cell tagged 'parameters'; restore the template")
     src = "".join(cell["source"])
     for name, value in values.items():
-        src, n = re.subn(rf"^{name} = .*?(\s+#.*)?$", lambda m, v=value, k=name: f"{k} = {_py_literal(v)}{m.group(1) or ''}", src, count=1, flags=re.M)
+        src, n = re.subn(
+            rf"^{name} = .*?(\s+#.*)?$",
+            lambda m, v=value, k=name: f"{k} = {_py_literal(v)}{m.group(1) or ''}",
+            src,
+            count=1,
+            flags=re.M,
+        )
         if n != 1:
-            raise KernelError(f"kernels/{NOTEBOOK}: the parameters cell has no '{name} = ...' line; restore the template")
+            raise KernelError(
+                f"kernels/{NOTEBOOK}: the parameters cell has no '{name} = ...' line; restore the template"
+            )
     cell["source"] = src.splitlines(keepends=True)
     (stage / NOTEBOOK).write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    meta = _template(root / "kernels" / "kernel-metadata.json", OWNER=col.owner, KERNEL_SLUG=opts.kernel_slug, KERNEL_TITLE=_title(opts.kernel_slug))
+    meta = _template(
+        root / "kernels" / "kernel-metadata.json",
+        OWNER=col.owner,
+        KERNEL_SLUG=opts.kernel_slug,
+        KERNEL_TITLE=_title(opts.kernel_slug),
+    )
     meta.update(
-        code_file=NOTEBOOK, language="python", kernel_type="notebook", enable_gpu=opts.gpu, enable_internet=False,
-        dataset_sources=[wheels_dataset, f"{col.owner}/{opts.dataset_slug}"], competition_sources=[opts.competition] if opts.competition else [],
+        code_file=NOTEBOOK,
+        language="python",
+        kernel_type="notebook",
+        enable_gpu=opts.gpu,
+        enable_internet=False,
+        dataset_sources=[wheels_dataset, f"{col.owner}/{opts.dataset_slug}"],
+        competition_sources=[opts.competition] if opts.competition else [],
         docker_image_pinning_type=opts.docker_image_pinning,
     )
     if opts.shape is not None:
@@ -140,7 +187,11 @@ def _short_target(target: Target) -> str:
     """The target in a dataset subtitle (20-80 characters)."""
     import sys
 
-    return f"CPython {target.python} (manylinux x86_64)" if target.python_version else f"CPython {target.python} ({sys.platform})"
+    return (
+        f"CPython {target.python} (manylinux x86_64)"
+        if target.python_version
+        else f"CPython {target.python} ({sys.platform})"
+    )
 
 
 def _py_literal(value: str | float) -> str:
@@ -170,6 +221,7 @@ def _template(path: Path, **values: str) -> dict[str, Any]:
 def _title(slug: str) -> str:
     """A title Kaggle turns back into the same slug (it warns and makes a new kernel otherwise)."""
     return slug.replace("-", " ")
+
 
 def _link_or_copy(src: Path, dst: Path) -> None:
     try:

@@ -43,7 +43,13 @@ def _eb():  # noqa: ANN202
 
 def _wbf(boxes: list, scores: list, labels: list, weights: list[float] | None, o: dict) -> tuple:
     return _eb().weighted_boxes_fusion(
-        boxes, scores, labels, weights=weights, iou_thr=o["iou_thr"], skip_box_thr=o["skip_box_thr"], conf_type=o["conf_type"]
+        boxes,
+        scores,
+        labels,
+        weights=weights,
+        iou_thr=o["iou_thr"],
+        skip_box_thr=o["skip_box_thr"],
+        conf_type=o["conf_type"],
     )
 
 
@@ -52,11 +58,15 @@ def _nms(boxes: list, scores: list, labels: list, weights: list[float] | None, o
 
 
 def _soft_nms(boxes: list, scores: list, labels: list, weights: list[float] | None, o: dict) -> tuple:
-    return _eb().soft_nms(boxes, scores, labels, iou_thr=o["iou_thr"], sigma=o["sigma"], thresh=o["thresh"], weights=weights)
+    return _eb().soft_nms(
+        boxes, scores, labels, iou_thr=o["iou_thr"], sigma=o["sigma"], thresh=o["thresh"], weights=weights
+    )
 
 
 def _nmw(boxes: list, scores: list, labels: list, weights: list[float] | None, o: dict) -> tuple:
-    return _eb().non_maximum_weighted(boxes, scores, labels, weights=weights, iou_thr=o["iou_thr"], skip_box_thr=o["skip_box_thr"])
+    return _eb().non_maximum_weighted(
+        boxes, scores, labels, weights=weights, iou_thr=o["iou_thr"], skip_box_thr=o["skip_box_thr"]
+    )
 
 
 _FUSERS: dict[str, Callable[..., tuple]] = {"wbf": _wbf, "nms": _nms, "soft_nms": _soft_nms, "nmw": _nmw}
@@ -106,7 +116,13 @@ def fuse_boxes(
             boxes array not ``[N, 4]``, scores or labels of the wrong length, non-finite
             values, non-integer labels, or a box with ``x2 < x1`` or ``y2 < y1``.
     """
-    options = {"iou_thr": iou_thr, "skip_box_thr": skip_box_thr, "conf_type": conf_type, "sigma": sigma, "thresh": thresh}
+    options = {
+        "iou_thr": iou_thr,
+        "skip_box_thr": skip_box_thr,
+        "conf_type": conf_type,
+        "sigma": sigma,
+        "thresh": thresh,
+    }
     _check_options(method, options)
     h, w = _check_image_size(image_size)
     n_models = len(boxes_list)
@@ -144,9 +160,13 @@ def fuse_boxes(
 
 def _check_options(method: str, o: dict[str, Any]) -> None:
     if method not in _FUSERS:
-        raise BoxesError(f"unknown box fusion method '{method}'{did_you_mean(method, _FUSERS)}; choose one of {', '.join(_FUSERS)}")
+        raise BoxesError(
+            f"unknown box fusion method '{method}'{did_you_mean(method, _FUSERS)}; choose one of {', '.join(_FUSERS)}"
+        )
     if o["conf_type"] not in CONF_TYPES:
-        raise BoxesError(f"unknown conf_type '{o['conf_type']}'{did_you_mean(o['conf_type'], CONF_TYPES)}; choose one of {', '.join(CONF_TYPES)}")
+        raise BoxesError(
+            f"unknown conf_type '{o['conf_type']}'{did_you_mean(o['conf_type'], CONF_TYPES)}; choose one of {', '.join(CONF_TYPES)}"
+        )
     for name in ("iou_thr", "skip_box_thr", "sigma", "thresh"):
         if not np.isfinite(o[name]):
             raise BoxesError(f"{name} must be finite, got {o[name]}")
@@ -161,7 +181,9 @@ def valid_boxes(boxes: np.ndarray, scores: np.ndarray, skip_box_thr: float) -> n
     return (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]) & (scores >= skip_box_thr)
 
 
-def _check_model(i: int, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _check_model(
+    i: int, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Model i's boxes [N, 4] float64, scores [N] float64 and labels [N] int64, checked."""
     try:
         b = np.asarray(boxes, dtype=np.float64)
@@ -303,12 +325,16 @@ def resolve_template(template: str) -> str:
     if template in PRESETS:
         return PRESETS[template]
     if "{" not in template:
-        raise BoxesError(f"unknown PredictionString preset '{template}'{did_you_mean(template, PRESETS)}; choose one of {', '.join(PRESETS)} or give a template")
+        raise BoxesError(
+            f"unknown PredictionString preset '{template}'{did_you_mean(template, PRESETS)}; choose one of {', '.join(PRESETS)} or give a template"
+        )
     try:
         names = template_fields(template)
     except ValueError as e:
         raise BoxesError(f"PredictionString template '{template}' is malformed: {e}") from None
     for f in names:
         if f not in FIELDS:
-            raise BoxesError(f"PredictionString template '{template}': unknown field '{{{f}}}'{did_you_mean(f, FIELDS)}; fields are {', '.join(FIELDS)}")
+            raise BoxesError(
+                f"PredictionString template '{template}': unknown field '{{{f}}}'{did_you_mean(f, FIELDS)}; fields are {', '.join(FIELDS)}"
+            )
     return template

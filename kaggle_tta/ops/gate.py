@@ -59,7 +59,13 @@ class Gate:
     def record(self, activation: str) -> dict[str, Any]:
         """What a gated view's manifest state records (``held``): the gate and the activation
         its scores went through."""
-        return {"first": self.first, "rule": self.rule, "threshold": float(self.threshold), "activation": activation, "version": SCORES_VERSION}
+        return {
+            "first": self.first,
+            "rule": self.rule,
+            "threshold": float(self.threshold),
+            "activation": activation,
+            "version": SCORES_VERSION,
+        }
 
     def covered_by(self, held: dict[str, Any] | None, activation: str) -> bool:
         """Whether a view computed under ``held`` (None: a plain view, every row) holds every
@@ -69,7 +75,12 @@ class Gate:
             return True
         if self.skips_nothing:
             return False
-        same = (held.get("first"), held.get("rule"), held.get("activation"), held.get("version")) == (self.first, self.rule, activation, SCORES_VERSION)
+        same = (held.get("first"), held.get("rule"), held.get("activation"), held.get("version")) == (
+            self.first,
+            self.rule,
+            activation,
+            SCORES_VERSION,
+        )
         return same and float(held.get("threshold", -1.0)) >= self.threshold
 
     def text(self) -> str:

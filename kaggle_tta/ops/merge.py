@@ -55,7 +55,11 @@ def _normalize_rows(x: np.ndarray, activation: str) -> np.ndarray:
 
 
 def reduce_views(
-    name: str, arrays: Iterable[np.ndarray], activation: str, weights: np.ndarray | Sequence[float] | None = None, temperature: float = 1.0,
+    name: str,
+    arrays: Iterable[np.ndarray],
+    activation: str,
+    weights: np.ndarray | Sequence[float] | None = None,
+    temperature: float = 1.0,
     masks: Sequence[np.ndarray | None] | None = None,
 ) -> Prediction:
     """Merges a member's per-view logits with the reducer called ``name``.
@@ -74,7 +78,9 @@ def reduce_views(
     over those (at least one view must hold every row: the gate's first view).
     """
     if name not in VIEW_REDUCERS:
-        raise ConfigError(f"unknown merge '{name}'{did_you_mean(name, VIEW_REDUCERS)}; choose one of {', '.join(VIEW_REDUCERS)}")
+        raise ConfigError(
+            f"unknown merge '{name}'{did_you_mean(name, VIEW_REDUCERS)}; choose one of {', '.join(VIEW_REDUCERS)}"
+        )
     if masks is not None and any(m is not None for m in masks):
         return _reduce_masked(name, arrays, activation, weights, temperature, masks)
     if weights is not None or temperature != 1.0:
@@ -103,7 +109,13 @@ def normalized_view_weights(weights: np.ndarray | Sequence[float], n_views: int)
     return (w / np.where(total > 0, total, 1.0)).astype(np.float32)
 
 
-def _reduce_weighted(name: str, arrays: Iterable[np.ndarray], activation: str, weights: np.ndarray | Sequence[float] | None, temperature: float) -> Prediction:
+def _reduce_weighted(
+    name: str,
+    arrays: Iterable[np.ndarray],
+    activation: str,
+    weights: np.ndarray | Sequence[float] | None,
+    temperature: float,
+) -> Prediction:
     """The weighted (and temperature-scaled) form of each reducer: the sum of the views'
     transforms, each times its normalized weight, finished as a mean of one."""
     transform, combine, finish, kind = VIEW_REDUCERS[name]
@@ -129,7 +141,12 @@ def _reduce_weighted(name: str, arrays: Iterable[np.ndarray], activation: str, w
 
 
 def _reduce_masked(
-    name: str, arrays: Iterable[np.ndarray], activation: str, weights: np.ndarray | Sequence[float] | None, temperature: float, masks: Sequence[np.ndarray | None]
+    name: str,
+    arrays: Iterable[np.ndarray],
+    activation: str,
+    weights: np.ndarray | Sequence[float] | None,
+    temperature: float,
+    masks: Sequence[np.ndarray | None],
 ) -> Prediction:
     """The merge of views that hold only some rows: per row, the reducer over the views
     holding it. Unweighted at temperature 1 it sums the rows held and divides by their count,
@@ -146,7 +163,9 @@ def _reduce_masked(
     (n,) = sizes
     count = sum(np.ones(n, np.float32) if m is None else m.astype(np.float32) for m in held)
     if not (count > 0).all():
-        raise ConfigError("adaptive views: a row is held by none of the views merged; merge the gate's first view with them")
+        raise ConfigError(
+            "adaptive views: a row is held by none of the views merged; merge the gate's first view with them"
+        )
     plain = weights is None and temperature == 1.0
     w = None if weights is None else np.asarray(weights, dtype=np.float64)
     if w is not None and w.shape[0] != len(held):
@@ -154,7 +173,10 @@ def _reduce_masked(
     total = None
     if not plain:  # per row (and channel): the sum of the weights of the views held there
         ws = w if w is not None else np.ones(len(held))
-        total = sum((np.ones(n) if m is None else m.astype(np.float64))[:, None] * np.atleast_1d(wv)[None, :] for m, wv in zip(held, ws))
+        total = sum(
+            (np.ones(n) if m is None else m.astype(np.float64))[:, None] * np.atleast_1d(wv)[None, :]
+            for m, wv in zip(held, ws)
+        )
         zero = total <= 0
     acc: np.ndarray | None = None
     k = 0
@@ -212,7 +234,12 @@ VIEW_REDUCERS: dict[str, tuple[Callable, Callable, Callable, str]] = {
     "mean_prob": (lambda x, act: activate(x, act), _add, _mean, "probs"),
     "geomean": (_log_probs, _add, lambda acc, n, act: _normalize_rows(np.exp(acc / n), act), "probs"),
     "max": (lambda x, act: activate(x, act), _max, lambda acc, n, act: acc, "probs"),
-    "tsharpen": (lambda x, act: np.sqrt(activate(x, act)), _add, lambda acc, n, act: _normalize_rows(acc / n, act), "probs"),
+    "tsharpen": (
+        lambda x, act: np.sqrt(activate(x, act)),
+        _add,
+        lambda acc, n, act: _normalize_rows(acc / n, act),
+        "probs",
+    ),
 }
 
 
@@ -233,7 +260,9 @@ def _space(inputs: Sequence[Prediction], space: str) -> Iterator[np.ndarray]:
     if space == "logits":
         bad = [q.kind for q in inputs if q.kind != "logits"] + sorted({q.activation for q in inputs})[1:]
         if bad:  # the schema rules this out at load; a direct caller gets the same rule
-            raise ConfigError(f"space: logits needs every input to be logits of one activation, got {[(q.kind, q.activation) for q in inputs]}")
+            raise ConfigError(
+                f"space: logits needs every input to be logits of one activation, got {[(q.kind, q.activation) for q in inputs]}"
+            )
         return (q.values for q in inputs)
     return (to_probs(q) for q in inputs)
 
@@ -265,7 +294,9 @@ BLEND_METHODS: dict[str, tuple[BlendMethod, bool]] = {
 MERGE_KINDS = {name: kind for name, (_, _, _, kind) in VIEW_REDUCERS.items()}
 
 
-def blend(method: str, inputs: Sequence[Prediction], weights: Sequence[float] | None, space: str = "probs", power: float = 2.0) -> Prediction:
+def blend(
+    method: str, inputs: Sequence[Prediction], weights: Sequence[float] | None, space: str = "probs", power: float = 2.0
+) -> Prediction:
     """Combines predictions with normalized weights, in ``space`` (probs or logits).
 
     mean: weighted mean; rank_mean: weighted mean of per-class ranks (of probabilities, or of
@@ -275,17 +306,27 @@ def blend(method: str, inputs: Sequence[Prediction], weights: Sequence[float] | 
     return weighted_sum(values, weights, kind, inputs[0].activation, power if root else None)
 
 
-def blend_terms(method: str, inputs: Sequence[Prediction], space: str = "probs", power: float = 2.0) -> tuple[Iterable[np.ndarray], str, bool]:
+def blend_terms(
+    method: str, inputs: Sequence[Prediction], space: str = "probs", power: float = 2.0
+) -> tuple[Iterable[np.ndarray], str, bool]:
     """Each input as it enters the blend's weighted sum (made lazily), the result's kind,
     and whether the sum's power is undone after it (power_mean)."""
     if method not in BLEND_METHODS:
-        raise ConfigError(f"unknown blend method '{method}'{did_you_mean(method, BLEND_METHODS)}; choose one of {', '.join(BLEND_METHODS)}")
+        raise ConfigError(
+            f"unknown blend method '{method}'{did_you_mean(method, BLEND_METHODS)}; choose one of {', '.join(BLEND_METHODS)}"
+        )
     transform, root = BLEND_METHODS[method]
     values, kind = transform(inputs, space, power)
     return values, kind, root
 
 
-def weighted_sum(values: Iterable[np.ndarray], weights: Sequence[float] | np.ndarray | None, kind: str, activation: str, root: float | None = None) -> Prediction:
+def weighted_sum(
+    values: Iterable[np.ndarray],
+    weights: Sequence[float] | np.ndarray | None,
+    kind: str,
+    activation: str,
+    root: float | None = None,
+) -> Prediction:
     """The blend of terms (see blend_terms) with weights normalized to sum 1; ``root``: the
     power to undo after the sum (power_mean)."""
     values = list(values) if weights is None else values

@@ -23,6 +23,7 @@ from kaggle_tta.config.errors import DataError, check_hw
 
 Order = Literal["F", "C"]
 
+
 class RLEError(DataError):
     """A malformed RLE string, or a mask that cannot be encoded."""
 
@@ -48,7 +49,9 @@ def mask_to_rle(mask: np.ndarray, order: Order = "F", one_indexed: bool = True, 
     if m.ndim != 2:
         raise RLEError(f"mask must be 2-D [H, W], got shape {m.shape}")
     if not (m.dtype == np.bool_ or np.issubdtype(m.dtype, np.integer)):
-        raise RLEError(f"mask must be bool or integer, got {m.dtype}; threshold probabilities first with threshold_mask")
+        raise RLEError(
+            f"mask must be bool or integer, got {m.dtype}; threshold probabilities first with threshold_mask"
+        )
     # Pad with background on both ends so every run has a rising and a falling edge; the
     # edge positions then alternate start, end, start, end ...
     flat = np.zeros(m.size + 2, dtype=np.bool_)
@@ -62,7 +65,9 @@ def mask_to_rle(mask: np.ndarray, order: Order = "F", one_indexed: bool = True, 
     return " ".join(map(str, runs.ravel().tolist()))
 
 
-def rle_to_mask(rle: str, shape: tuple[int, int], order: Order = "F", one_indexed: bool = True, empty: str = "") -> np.ndarray:
+def rle_to_mask(
+    rle: str, shape: tuple[int, int], order: Order = "F", one_indexed: bool = True, empty: str = ""
+) -> np.ndarray:
     """Decodes an RLE string into a ``[H, W]`` bool mask (C-contiguous).
 
     Args:

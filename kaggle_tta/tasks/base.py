@@ -23,13 +23,13 @@ if TYPE_CHECKING:
     import numpy as np
     import polars as pl
 
-    from kaggle_tta.exec.dag import MemberSource
     from kaggle_tta.config import MemberConfig, PipelineConfig
+    from kaggle_tta.engine.plan import Plan
+    from kaggle_tta.exec.dag import MemberSource
+    from kaggle_tta.exec.forward import MemberWork
     from kaggle_tta.io.canvas import CanvasSpec
     from kaggle_tta.io.data import Batch
-    from kaggle_tta.exec.forward import MemberWork
     from kaggle_tta.io.models import Preprocess
-    from kaggle_tta.engine.plan import Plan
     from kaggle_tta.ops.views import View
 
 Scores = dict[str, dict[str, float]]  # node -> metric -> value
@@ -177,24 +177,38 @@ def check_view_settings(task: Task, plan: Plan) -> None:
     """Each member's ``view_weights``, ``view_class_weights`` and ``temperature`` against its
     views, channels, merge rule and activation, naming the member."""
     if plan.cfg.submission.uncertainty and not task.uncertainty:
-        raise ConfigError(f"submission.uncertainty: per-image uncertainty columns are for {_with('uncertainty')}; remove it (task: {task.name})")
+        raise ConfigError(
+            f"submission.uncertainty: per-image uncertainty columns are for {_with('uncertainty')}; remove it (task: {task.name})"
+        )
     for m in plan.members:
         where, cfg, views = f"members.{m.name}", m.cfg, [v.name for v in m.views]
         given = cfg.view_class_weights if cfg.view_class_weights is not None else cfg.view_weights
         key = "view_class_weights" if cfg.view_class_weights is not None else "view_weights"
         if given is not None and len(given) != len(views):
-            raise ConfigError(f"{where}.{key}: {len(given)} weights for {len(views)} views {views}: give one per view, in the order of tta")
+            raise ConfigError(
+                f"{where}.{key}: {len(given)} weights for {len(views)} views {views}: give one per view, in the order of tta"
+            )
         if given is not None and cfg.merge == "max":
-            raise ConfigError(f"{where}.{key}: merge max takes no view weights; use mean, mean_prob, geomean or tsharpen, or remove {key}")
+            raise ConfigError(
+                f"{where}.{key}: merge max takes no view weights; use mean, mean_prob, geomean or tsharpen, or remove {key}"
+            )
         if cfg.view_class_weights is not None:
             if not task.logit_views:
-                raise ConfigError(f"{where}.view_class_weights: per-class view weights are for {_with('logit_views')}; use view_weights (task: {task.name})")
+                raise ConfigError(
+                    f"{where}.view_class_weights: per-class view weights are for {_with('logit_views')}; use view_weights (task: {task.name})"
+                )
             if len(cfg.view_class_weights[0]) != m.out_channels:
-                raise ConfigError(f"{where}.view_class_weights: {len(cfg.view_class_weights[0])} weights per view, the member outputs {m.out_channels} channels: give one per channel")
+                raise ConfigError(
+                    f"{where}.view_class_weights: {len(cfg.view_class_weights[0])} weights per view, the member outputs {m.out_channels} channels: give one per channel"
+                )
             if cfg.merge == "mean_prob" and m.activation == "softmax":
-                raise ConfigError(f"{where}.view_class_weights: a per-class mean of softmax probabilities no longer sums to one; use merge mean, geomean or tsharpen, or view_weights")
+                raise ConfigError(
+                    f"{where}.view_class_weights: a per-class mean of softmax probabilities no longer sums to one; use merge mean, geomean or tsharpen, or view_weights"
+                )
         if cfg.temperature != 1.0 and (not task.logit_views or m.activation == "none"):
-            why = "activation none gives no logits to scale" if task.logit_views else f"{task.name} views are not logits"
+            why = (
+                "activation none gives no logits to scale" if task.logit_views else f"{task.name} views are not logits"
+            )
             raise ConfigError(f"{where}.temperature: {why}; remove it (leave 1.0)")
 
 
@@ -229,5 +243,7 @@ def choose(kind: str, name: str, table: Mapping[str, Any], where: str) -> Any:
     """``table[name]``, or a ConfigError at ``where`` naming the choices: a registry lookup
     is never the last branch of an if/elif."""
     if name not in table:
-        raise ConfigError(f"{where}: '{name}' is not a {kind}{did_you_mean(name, table)}; choose one of {', '.join(table)}")
+        raise ConfigError(
+            f"{where}: '{name}' is not a {kind}{did_you_mean(name, table)}; choose one of {', '.join(table)}"
+        )
     return table[name]

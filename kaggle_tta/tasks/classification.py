@@ -16,20 +16,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 
-from kaggle_tta.exec.dag import MemberSource, blocks, members_under, node_predictions
 from kaggle_tta.config import SubmissionConfig
+from kaggle_tta.config.errors import CheckpointError, ConfigError
+from kaggle_tta.exec.dag import MemberSource, blocks, members_under, node_predictions
 from kaggle_tta.io.canvas import POSITIONS, CanvasSpec
 from kaggle_tta.io.data import load_labels
-from kaggle_tta.config.errors import CheckpointError, ConfigError
 from kaggle_tta.ops.merge import BLEND_METHODS, VIEW_REDUCERS, Prediction, activate, to_probs
 from kaggle_tta.tasks.base import Task, TaskOutput, register_task
 
 if TYPE_CHECKING:
     from kaggle_tta.config import PipelineConfig
-    from kaggle_tta.io.data import Batch
-    from kaggle_tta.exec.forward import MemberWork
-    from kaggle_tta.io.models import Preprocess
     from kaggle_tta.engine.plan import Plan
+    from kaggle_tta.exec.forward import MemberWork
+    from kaggle_tta.io.data import Batch
+    from kaggle_tta.io.models import Preprocess
     from kaggle_tta.ops.views import View
 
 BLOCK_ROWS = 2048  # rows merged and blended at a time: accumulators stay small and in cache
@@ -45,20 +45,29 @@ def _id_series(ids: Sequence[str], spec: SubmissionConfig) -> pl.Series:
 def write_label(ids: Sequence[str], probs: np.ndarray, classes: Sequence[str], spec: SubmissionConfig) -> pl.DataFrame:
     """The top class per row."""
     names = np.asarray(classes, dtype=object)
-    return pl.DataFrame([_id_series(ids, spec), pl.Series(spec.label_column, names[probs.argmax(axis=1)].tolist(), dtype=pl.String)])
+    return pl.DataFrame(
+        [_id_series(ids, spec), pl.Series(spec.label_column, names[probs.argmax(axis=1)].tolist(), dtype=pl.String)]
+    )
 
 
 def write_probs(ids: Sequence[str], probs: np.ndarray, classes: Sequence[str], spec: SubmissionConfig) -> pl.DataFrame:
     """One column per class (``class_columns`` names them; their count is checked with the plan)."""
     cols = spec.class_columns or list(classes)
-    return pl.DataFrame([_id_series(ids, spec), *(pl.Series(c, probs[:, k].astype(np.float64)) for k, c in enumerate(cols))])
+    return pl.DataFrame(
+        [_id_series(ids, spec), *(pl.Series(c, probs[:, k].astype(np.float64)) for k, c in enumerate(cols))]
+    )
 
 
 def write_topk(ids: Sequence[str], probs: np.ndarray, classes: Sequence[str], spec: SubmissionConfig) -> pl.DataFrame:
     """The k best classes, best first, space-separated."""
     names = np.asarray(classes, dtype=object)
     top = np.argsort(-probs, axis=1, kind="stable")[:, : min(spec.k, len(classes))]
-    return pl.DataFrame([_id_series(ids, spec), pl.Series(spec.label_column, [" ".join(row) for row in names[top].tolist()], dtype=pl.String)])
+    return pl.DataFrame(
+        [
+            _id_series(ids, spec),
+            pl.Series(spec.label_column, [" ".join(row) for row in names[top].tolist()], dtype=pl.String),
+        ]
+    )
 
 
 def class_thresholds(spec: SubmissionConfig) -> float | np.ndarray:
@@ -66,7 +75,9 @@ def class_thresholds(spec: SubmissionConfig) -> float | np.ndarray:
     return np.asarray(spec.threshold, dtype=np.float32) if isinstance(spec.threshold, list) else spec.threshold
 
 
-def write_multilabel(ids: Sequence[str], probs: np.ndarray, classes: Sequence[str], spec: SubmissionConfig) -> pl.DataFrame:
+def write_multilabel(
+    ids: Sequence[str], probs: np.ndarray, classes: Sequence[str], spec: SubmissionConfig
+) -> pl.DataFrame:
     """Every class at or above its threshold, in class order."""
     names = np.asarray(classes, dtype=object)
     labels = [" ".join(names[row].tolist()) for row in probs >= class_thresholds(spec)]
@@ -95,16 +106,22 @@ class Classification(Task):
         if cfg.submission.format == "multilabel" and not cfg.multilabel:
             raise ConfigError("submission.format: 'multilabel' needs 'multilabel: true' at the top level")
         if cfg.submission.uncertainty and cfg.submission.format != "probs":
-            raise ConfigError(f"submission.uncertainty: the uncertainty columns go with format probs, not {cfg.submission.format}; set format: probs or remove it")
+            raise ConfigError(
+                f"submission.uncertainty: the uncertainty columns go with format probs, not {cfg.submission.format}; set format: probs or remove it"
+            )
 
     def check_plan(self, plan: Plan) -> None:
         """What can only be checked with the classes and ids: before the first forward."""
         super().check_plan(plan)
         spec = plan.cfg.submission
         if spec.format == "probs" and spec.class_columns is not None and len(spec.class_columns) != len(plan.classes):
-            raise ConfigError(f"submission.class_columns: {len(spec.class_columns)} names for {len(plan.classes)} classes")
+            raise ConfigError(
+                f"submission.class_columns: {len(spec.class_columns)} names for {len(plan.classes)} classes"
+            )
         if isinstance(spec.threshold, list) and len(spec.threshold) != len(plan.classes):
-            raise ConfigError(f"submission.threshold: {len(spec.threshold)} thresholds for {len(plan.classes)} classes: give one value or one per class")
+            raise ConfigError(
+                f"submission.threshold: {len(spec.threshold)} thresholds for {len(plan.classes)} classes: give one value or one per class"
+            )
         load_labels(plan.cfg, plan.testset.ids, plan.classes)  # a bad labels file fails now, not after inference
 
     def columns(self, plan: Plan) -> list[str]:
@@ -113,7 +130,14 @@ class Classification(Task):
         return cols + (list(UNCERTAINTY_COLUMNS) if plan.cfg.submission.uncertainty else [])
 
     def canvas(self, cfg: PipelineConfig, pre: Preprocess) -> CanvasSpec:
-        return CanvasSpec(pre.size, pre.crop_pct if pre.albumentations is None else 1.0, pre.interpolation, pre.albumentations, "crop", pre.backend)
+        return CanvasSpec(
+            pre.size,
+            pre.crop_pct if pre.albumentations is None else 1.0,
+            pre.interpolation,
+            pre.albumentations,
+            "crop",
+            pre.backend,
+        )
 
     def crops(self, canvas: CanvasSpec, views: Sequence[View]) -> CanvasSpec:
         """The loader cuts each crop the views start from (kaggle_tta.io.canvas), so views see
@@ -153,7 +177,9 @@ class Classification(Task):
         else:
             at = dict.fromkeys(POSITIONS, normalize(raw, pre.mean, pre.std, runner.device))
         todo = work.todo(batch.lo, batch.hi)
-        first_of: dict[str, Any] = {v.name: first for v, first in todo}  # where a view's rows go: the first, or their indices
+        first_of: dict[str, Any] = {
+            v.name: first for v, first in todo
+        }  # where a view's rows go: the first, or their indices
 
         def pieces(views: list) -> dict[tuple[int, ...], list[Piece]]:
             by_size: dict[tuple[int, ...], list[Piece]] = defaultdict(list)  # chunks pack views of one input size
@@ -169,7 +195,9 @@ class Classification(Task):
                 work.forwards.full += batch.hi - first
                 if rows.shape[0] == 0:
                     continue
-                by_size[tuple(v.out_size(tuple(rows.shape[-2:])))].append(Piece(v.name, rows.shape[0], lambda a, b, v=v, rows=rows: v.apply(rows[a:b])))
+                by_size[tuple(v.out_size(tuple(rows.shape[-2:])))].append(
+                    Piece(v.name, rows.shape[0], lambda a, b, v=v, rows=rows: v.apply(rows[a:b]))
+                )
             return by_size
 
         def consume(out: Any, slots: list) -> None:
@@ -235,7 +263,9 @@ class Classification(Task):
 UNCERTAINTY_COLUMNS = ("tta_std", "tta_entropy")
 
 
-def view_probabilities(cfg: PipelineConfig, sources: Sequence[MemberSource], node: str, lo: int, hi: int) -> list[np.ndarray]:
+def view_probabilities(
+    cfg: PipelineConfig, sources: Sequence[MemberSource], node: str, lo: int, hi: int
+) -> list[np.ndarray]:
     """Each (member, view) prediction the node blends, as probabilities ``[n, C]`` (through
     the member's temperature and activation), for rows ``lo:hi``; NaN on the rows a gated
     view (adaptive views) does not hold."""
@@ -253,7 +283,9 @@ def view_probabilities(cfg: PipelineConfig, sources: Sequence[MemberSource], nod
     return out
 
 
-def uncertainty_columns(cfg: PipelineConfig, sources: Sequence[MemberSource], lo: int, hi: int, probs: np.ndarray) -> pl.DataFrame:
+def uncertainty_columns(
+    cfg: PipelineConfig, sources: Sequence[MemberSource], lo: int, hi: int, probs: np.ndarray
+) -> pl.DataFrame:
     """``tta_std``: the spread over the views of the written top class's probability;
     ``tta_entropy``: the written probabilities' entropy (nats; multi-label: the mean binary
     entropy over classes)."""

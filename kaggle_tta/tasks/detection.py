@@ -21,20 +21,27 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 
-from kaggle_tta.exec.dag import MemberSource, evaluate_dag
-from kaggle_tta.ops.boxes import FUSION_METHODS, BoxesError, fuse_boxes, prediction_string, resolve_template, valid_boxes
 from kaggle_tta.config import BlendConfig, DetectionConfig, MemberConfig, PipelineConfig
+from kaggle_tta.config.errors import CheckpointError, ConfigError, DataError
+from kaggle_tta.exec.dag import MemberSource, evaluate_dag
 from kaggle_tta.io.canvas import CanvasSpec
 from kaggle_tta.io.data import read_csv_table
-from kaggle_tta.config.errors import CheckpointError, ConfigError, DataError
 from kaggle_tta.io.models import import_callable
+from kaggle_tta.ops.boxes import (
+    FUSION_METHODS,
+    BoxesError,
+    fuse_boxes,
+    prediction_string,
+    resolve_template,
+    valid_boxes,
+)
 from kaggle_tta.tasks.base import Task, TaskOutput, register_task
 
 if TYPE_CHECKING:
-    from kaggle_tta.io.data import Batch
-    from kaggle_tta.exec.forward import MemberWork
-    from kaggle_tta.io.models import Preprocess
     from kaggle_tta.engine.plan import Plan
+    from kaggle_tta.exec.forward import MemberWork
+    from kaggle_tta.io.data import Batch
+    from kaggle_tta.io.models import Preprocess
 
 Boxes = tuple[np.ndarray, np.ndarray, np.ndarray]  # pixel xyxy [n, 4], scores [n], labels [n]
 
@@ -70,7 +77,10 @@ def boxes_adapter(output: Any, input_size: tuple[int, int]) -> list[Boxes]:
     return out
 
 
-ADAPTERS: dict[str, Callable[[Any, tuple[int, int]], list[Boxes]]] = {"torchvision": torchvision_adapter, "boxes": boxes_adapter}
+ADAPTERS: dict[str, Callable[[Any, tuple[int, int]], list[Boxes]]] = {
+    "torchvision": torchvision_adapter,
+    "boxes": boxes_adapter,
+}
 
 
 def resolve_adapter(spec: str, where: str) -> Callable[[Any, tuple[int, int]], list[Boxes]]:
@@ -90,16 +100,22 @@ def detection_post(spec: str, where: str, n_classes: int) -> Callable[[Any, Any]
         size = (int(x.shape[-2]), int(x.shape[-1]))
         res = adapter(output, size)
         if not isinstance(res, (list, tuple)) or len(res) != x.shape[0]:
-            raise CheckpointError(f"{where}: the adapter returned {type(res).__name__} of length {len(res) if hasattr(res, '__len__') else '?'} for {x.shape[0]} inputs; return one (boxes, scores, labels) per input")
+            raise CheckpointError(
+                f"{where}: the adapter returned {type(res).__name__} of length {len(res) if hasattr(res, '__len__') else '?'} for {x.shape[0]} inputs; return one (boxes, scores, labels) per input"
+            )
         out = []
         for b, s, lab in res:
             b = np.asarray(_np(b), dtype=np.float64).reshape(-1, 4)
             s = np.asarray(_np(s), dtype=np.float64).reshape(-1)
             lab = np.asarray(_np(lab)).reshape(-1)
             if not len(b) == len(s) == len(lab):
-                raise CheckpointError(f"{where}: the adapter gave {len(b)} boxes, {len(s)} scores and {len(lab)} labels for one image")
+                raise CheckpointError(
+                    f"{where}: the adapter gave {len(b)} boxes, {len(s)} scores and {len(lab)} labels for one image"
+                )
             if len(lab) and (lab.min() < 0 or lab.max() >= n_classes):
-                raise CheckpointError(f"{where}: the adapter gave label {int(lab.min() if lab.min() < 0 else lab.max())}; labels must index data.classes (0..{n_classes - 1})")
+                raise CheckpointError(
+                    f"{where}: the adapter gave label {int(lab.min() if lab.min() < 0 else lab.max())}; labels must index data.classes (0..{n_classes - 1})"
+                )
             out.append((b, s, lab.astype(np.int64)))
         return out
 
@@ -110,14 +126,26 @@ def detection_post(spec: str, where: str, n_classes: int) -> Callable[[Any, Any]
 
 
 def _options(d: DetectionConfig) -> dict[str, Any]:
-    return {"iou_thr": d.iou_thr, "skip_box_thr": d.skip_box_thr, "conf_type": d.conf_type, "sigma": d.sigma, "thresh": d.thresh}
+    return {
+        "iou_thr": d.iou_thr,
+        "skip_box_thr": d.skip_box_thr,
+        "conf_type": d.conf_type,
+        "sigma": d.sigma,
+        "thresh": d.thresh,
+    }
 
 
 def _cap(b: Boxes, max_boxes: int | None) -> Boxes:
     return b if max_boxes is None else (b[0][:max_boxes], b[1][:max_boxes], b[2][:max_boxes])
 
 
-def member_boxes(s: MemberSource, sizes: np.ndarray, d: DetectionConfig, views: Sequence[str] | None = None, weights: Sequence[float] | None = None) -> list[Boxes]:
+def member_boxes(
+    s: MemberSource,
+    sizes: np.ndarray,
+    d: DetectionConfig,
+    views: Sequence[str] | None = None,
+    weights: Sequence[float] | None = None,
+) -> list[Boxes]:
     """Per image, the member's views fused with its merge rule (one view passes through,
     sorted by score) and ``weights`` (one per view: the member's view_weights), in pixels
     of the original image."""
@@ -134,7 +162,15 @@ def member_boxes(s: MemberSource, sizes: np.ndarray, d: DetectionConfig, views: 
             out.append((r[order, :4] * scale, r[order, 4], r[order, 5].astype(np.int64)))
             continue
         out.append(
-            fuse_boxes([r[:, :4] * scale for r in per_view], [r[:, 4] for r in per_view], [r[:, 5] for r in per_view], (h, w), s.merge, weights, **_options(d))  # type: ignore[arg-type]
+            fuse_boxes(
+                [r[:, :4] * scale for r in per_view],
+                [r[:, 4] for r in per_view],
+                [r[:, 5] for r in per_view],
+                (h, w),
+                s.merge,
+                weights,
+                **_options(d),
+            )  # type: ignore[arg-type]
         )
     return out
 
@@ -147,16 +183,37 @@ def evaluate_boxes(cfg: PipelineConfig, members: dict[str, list[Boxes]], sizes: 
         out = []
         for i, (h, w) in enumerate(sizes.tolist()):
             ins = [x[i] for x in inputs]
-            out.append(_cap(fuse_boxes([x[0] for x in ins], [x[1] for x in ins], [x[2] for x in ins], (h, w), bl.method, bl.weights, **_options(d)), d.max_boxes))  # type: ignore[arg-type]
+            out.append(
+                _cap(
+                    fuse_boxes(
+                        [x[0] for x in ins],
+                        [x[1] for x in ins],
+                        [x[2] for x in ins],
+                        (h, w),
+                        bl.method,
+                        bl.weights,
+                        **_options(d),
+                    ),
+                    d.max_boxes,
+                )
+            )  # type: ignore[arg-type]
         return out
 
     return evaluate_dag(cfg, {k: [_cap(b, d.max_boxes) for b in v] for k, v in members.items()}, fuse)
 
 
-def submission_table(cfg: PipelineConfig, ids: Sequence[str], boxes: list[Boxes], sizes: np.ndarray, classes: Sequence[str]) -> pl.DataFrame:
+def submission_table(
+    cfg: PipelineConfig, ids: Sequence[str], boxes: list[Boxes], sizes: np.ndarray, classes: Sequence[str]
+) -> pl.DataFrame:
     spec = cfg.submission
-    strings = [prediction_string(b, s, lab, tuple(sz), spec.template, classes) for (b, s, lab), sz in zip(boxes, sizes.tolist())]
-    return pl.DataFrame({spec.id_column: list(ids), spec.prediction_column: strings}, schema={spec.id_column: pl.String, spec.prediction_column: pl.String})
+    strings = [
+        prediction_string(b, s, lab, tuple(sz), spec.template, classes)
+        for (b, s, lab), sz in zip(boxes, sizes.tolist())
+    ]
+    return pl.DataFrame(
+        {spec.id_column: list(ids), spec.prediction_column: strings},
+        schema={spec.id_column: pl.String, spec.prediction_column: pl.String},
+    )
 
 
 # ---- ground truth and mAP ------------------------------------------------------------------
@@ -167,7 +224,9 @@ def load_truth(cfg: PipelineConfig, ids: Sequence[str], classes: Sequence[str]) 
     spec = cfg.data.boxes
     assert spec is not None
     path = cfg.resolve(spec.path)
-    df = read_csv_table(path, "data.boxes.path", schema_overrides={spec.id_column: pl.String, spec.label_column: pl.String})
+    df = read_csv_table(
+        path, "data.boxes.path", schema_overrides={spec.id_column: pl.String, spec.label_column: pl.String}
+    )
     need = [spec.id_column, *spec.columns, spec.label_column]
     if len(spec.columns) != 4 or any(c not in df.columns for c in need):
         raise DataError(f"{path}: needs columns {need} (data.boxes.columns gives x1, y1, x2, y2), has {df.columns}")
@@ -182,7 +241,12 @@ def load_truth(cfg: PipelineConfig, ids: Sequence[str], classes: Sequence[str]) 
         if g is None:
             out.append((np.zeros((0, 4)), np.zeros(0, np.int64)))
         else:
-            out.append((g.select(spec.columns).to_numpy().astype(np.float64), np.array([index[x] for x in g[spec.label_column].to_list()], np.int64)))
+            out.append(
+                (
+                    g.select(spec.columns).to_numpy().astype(np.float64),
+                    np.array([index[x] for x in g[spec.label_column].to_list()], np.int64),
+                )
+            )
     return out
 
 
@@ -217,7 +281,13 @@ def _ap_coco(recall: np.ndarray, precision: np.ndarray) -> float:
 MAP_RULES = {"voc": (_ap_voc, None, "mAP@0.5 (VOC all-point)"), "coco": (_ap_coco, 100, "mAP@0.5 (COCO 101-point)")}
 
 
-def mean_ap(pred: list[Boxes], truth: list[tuple[np.ndarray, np.ndarray]], n_classes: int, iou_thr: float = 0.5, rule: str = "voc") -> float:
+def mean_ap(
+    pred: list[Boxes],
+    truth: list[tuple[np.ndarray, np.ndarray]],
+    n_classes: int,
+    iou_thr: float = 0.5,
+    rule: str = "voc",
+) -> float:
     """mAP at one IoU threshold: per class, detections matched greedily by descending score
     (each ground-truth box once, the best IoU first, as pycocotools does), AP by ``rule``
     (MAP_RULES), averaged over the classes that have ground truth."""
@@ -256,12 +326,20 @@ def mean_ap(pred: list[Boxes], truth: list[tuple[np.ndarray, np.ndarray]], n_cla
 # ---- the task ------------------------------------------------------------------------------
 
 
-def write_boxes(cfg: PipelineConfig, plan: Plan, sources: Sequence[MemberSource], sizes: np.ndarray, plain: bool) -> TaskOutput:
+def write_boxes(
+    cfg: PipelineConfig, plan: Plan, sources: Sequence[MemberSource], sizes: np.ndarray, plain: bool
+) -> TaskOutput:
     """Fuses every node's boxes per image, writes the source node's PredictionStrings and,
     with ``data.boxes``, scores every node's mAP@0.5 (``plain``: also the identity view alone)."""
     classes = plan.classes
-    nodes = evaluate_boxes(cfg, {s.name: member_boxes(s, sizes, cfg.detection, weights=cfg.member(s.name).view_weights) for s in sources}, sizes)
-    table = Detection.writers[cfg.submission.format](cfg, plan.testset.ids, nodes[cfg.submission_source], sizes, classes)  # type: ignore[index]
+    nodes = evaluate_boxes(
+        cfg,
+        {s.name: member_boxes(s, sizes, cfg.detection, weights=cfg.member(s.name).view_weights) for s in sources},
+        sizes,
+    )
+    table = Detection.writers[cfg.submission.format](
+        cfg, plan.testset.ids, nodes[cfg.submission_source], sizes, classes
+    )  # type: ignore[index]
     rule = cfg.detection.map_rule
     metric = MAP_RULES[rule][2]
     if cfg.data.boxes is None:
@@ -270,7 +348,9 @@ def write_boxes(cfg: PipelineConfig, plan: Plan, sources: Sequence[MemberSource]
     tta = {name: {metric: mean_ap(b, truth, len(classes), rule=rule)} for name, b in nodes.items()}
     no_tta = {}
     if plain:
-        plain_nodes = evaluate_boxes(cfg, {s.name: member_boxes(s, sizes, cfg.detection, ["identity"]) for s in sources}, sizes)
+        plain_nodes = evaluate_boxes(
+            cfg, {s.name: member_boxes(s, sizes, cfg.detection, ["identity"]) for s in sources}, sizes
+        )
         no_tta = {name: {metric: mean_ap(b, truth, len(classes), rule=rule)} for name, b in plain_nodes.items()}
     return TaskOutput(table, [metric], tta, no_tta)
 
@@ -300,7 +380,9 @@ class Detection(Task):
         super().check_plan(plan)
         for m in plan.members:
             if m.cfg.view_weights is not None and min(m.cfg.view_weights) <= 0:
-                raise ConfigError(f"members.{m.name}.view_weights: box fusion takes positive weights, got {m.cfg.view_weights}; drop a view from tta instead of weighing it zero")
+                raise ConfigError(
+                    f"members.{m.name}.view_weights: box fusion takes positive weights, got {m.cfg.view_weights}; drop a view from tta instead of weighing it zero"
+                )
         if plan.cfg.data.boxes is not None:  # a bad ground-truth file fails before the first forward
             load_truth(plan.cfg, plan.testset.ids, plan.classes)
 

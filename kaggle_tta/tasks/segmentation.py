@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 
-from kaggle_tta.exec.dag import MemberSource, blocks, member_prediction, node_predictions
 from kaggle_tta.config import MemberConfig, PipelineConfig, SubmissionConfig
+from kaggle_tta.config.errors import CheckpointError, ConfigError, DataError
+from kaggle_tta.exec.dag import MemberSource, blocks, member_prediction, node_predictions
 from kaggle_tta.io.canvas import CanvasSpec
 from kaggle_tta.io.data import decode_image
-from kaggle_tta.config.errors import CheckpointError, ConfigError, DataError
 from kaggle_tta.ops.merge import VIEW_REDUCERS, Prediction, to_probs
 from kaggle_tta.ops.rle import mask_to_rle, remove_small_components
 from kaggle_tta.tasks.base import Task, TaskOutput, register_task
@@ -35,10 +35,10 @@ from kaggle_tta.tasks.tiling import tile_origins, tile_weight
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from kaggle_tta.io.data import Batch
-    from kaggle_tta.exec.forward import MemberWork
-    from kaggle_tta.io.models import Preprocess
     from kaggle_tta.engine.plan import Plan
+    from kaggle_tta.exec.forward import MemberWork
+    from kaggle_tta.io.data import Batch
+    from kaggle_tta.io.models import Preprocess
 
 BLOCK = 16  # images per block: bounds the maps held in memory
 
@@ -60,12 +60,25 @@ def member_maps(s: MemberSource, lo: int, hi: int, views: Sequence[str] | None =
     return member_prediction(s, lo, hi, views, _as_logits)
 
 
-def node_maps(cfg: PipelineConfig, sources: Sequence[MemberSource], lo: int, hi: int, views: Sequence[str] | None = None, plain: bool = False) -> dict[str, Prediction]:
+def node_maps(
+    cfg: PipelineConfig,
+    sources: Sequence[MemberSource],
+    lo: int,
+    hi: int,
+    views: Sequence[str] | None = None,
+    plain: bool = False,
+) -> dict[str, Prediction]:
     """Every node's maps for images ``lo:hi`` (``plain``: each member's view without TTA)."""
     return node_predictions(cfg, sources, lo, hi, views=views, transform=_as_logits, plain=plain)
 
 
-def masks_of(probs: np.ndarray, size: tuple[int, int], activation: str, threshold: float | Sequence[float], min_area: int | Sequence[int]) -> np.ndarray:
+def masks_of(
+    probs: np.ndarray,
+    size: tuple[int, int],
+    activation: str,
+    threshold: float | Sequence[float],
+    min_area: int | Sequence[int],
+) -> np.ndarray:
     """One image's ``[K', h, w]`` probabilities -> ``[K, H, W]`` bool masks at its own size.
 
     Probabilities are resized (bilinear) to the image before deciding, so masks are as sharp
@@ -84,13 +97,18 @@ def image_probs(probs: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     h, w = int(size[0]), int(size[1])
     p = np.ascontiguousarray(np.moveaxis(probs.astype(np.float32), 0, -1))
     if p.shape[:2] != (h, w):  # cv2.resize takes at most 128 channels at a time here
-        parts = [cv2.resize(np.ascontiguousarray(p[:, :, c : c + 128]), (w, h), interpolation=cv2.INTER_LINEAR) for c in range(0, p.shape[-1], 128)]
+        parts = [
+            cv2.resize(np.ascontiguousarray(p[:, :, c : c + 128]), (w, h), interpolation=cv2.INTER_LINEAR)
+            for c in range(0, p.shape[-1], 128)
+        ]
         parts = [q[:, :, None] if q.ndim == 2 else q for q in parts]
         p = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
     return p
 
 
-def decide(p: np.ndarray, activation: str, threshold: float | Sequence[float], min_area: int | Sequence[int]) -> np.ndarray:
+def decide(
+    p: np.ndarray, activation: str, threshold: float | Sequence[float], min_area: int | Sequence[int]
+) -> np.ndarray:
     """``[H, W, K']`` probabilities -> ``[K, H, W]`` bool masks (see masks_of)."""
     if activation == "softmax":
         best = p.argmax(axis=-1)
@@ -99,7 +117,12 @@ def decide(p: np.ndarray, activation: str, threshold: float | Sequence[float], m
         masks = np.moveaxis(p >= np.asarray(threshold, dtype=np.float32), -1, 0)
     areas = list(min_area) if isinstance(min_area, (list, tuple, np.ndarray)) else [min_area] * len(masks)
     if any(a > 0 for a in areas):
-        masks = np.stack([remove_small_components(mk.astype(np.uint8), a).astype(bool) if a > 0 else mk for mk, a in zip(masks, areas)])
+        masks = np.stack(
+            [
+                remove_small_components(mk.astype(np.uint8), a).astype(bool) if a > 0 else mk
+                for mk, a in zip(masks, areas)
+            ]
+        )
     return masks
 
 
@@ -109,7 +132,10 @@ def rle_rows(image_id: str, masks: np.ndarray, classes: Sequence[str], spec: Sub
     order = "F" if r.order == "column" else "C"
     if r.rows == "image":
         return [(image_id, mask_to_rle(masks.any(axis=0), order, r.one_indexed, r.empty))]
-    return [(class_row_id(spec, image_id, k, name), mask_to_rle(masks[k], order, r.one_indexed, r.empty)) for k, name in enumerate(classes)]
+    return [
+        (class_row_id(spec, image_id, k, name), mask_to_rle(masks[k], order, r.one_indexed, r.empty))
+        for k, name in enumerate(classes)
+    ]
 
 
 def class_row_id(spec: SubmissionConfig, image_id: str, index: int, name: str) -> str:
@@ -151,14 +177,23 @@ def load_truth(cfg: PipelineConfig, image_id: str, n_classes: int, size: tuple[i
         raise DataError(f"{path}: mask is {m.shape[0]}x{m.shape[1]}, its image {size[0]}x{size[1]}")
     top = int(m.max()) if m.size else 0
     if n_classes > 1 and top > n_classes:
-        raise DataError(f"{path}: mask value {top} is not a class: 0 is background, 1..{n_classes} are data.classes; fix the mask or data.classes")
+        raise DataError(
+            f"{path}: mask value {top} is not a class: 0 is background, 1..{n_classes} are data.classes; fix the mask or data.classes"
+        )
     if n_classes == 1:
         return (m > 0)[None]
     return np.stack([m == k + 1 for k in range(n_classes)])
 
 
 def write_and_score(
-    cfg: PipelineConfig, ids: Sequence[str], classes: Sequence[str], sources: Sequence[MemberSource], sizes: np.ndarray, activation: str, plain: bool, encode: Any = rle_rows
+    cfg: PipelineConfig,
+    ids: Sequence[str],
+    classes: Sequence[str],
+    sources: Sequence[MemberSource],
+    sizes: np.ndarray,
+    activation: str,
+    plain: bool,
+    encode: Any = rle_rows,
 ) -> TaskOutput:
     """Streams blocks of images: the submission table of the source node (each image's rows
     by ``encode``), and (with ground truth) every node's Dice/IoU with TTA and, if ``plain``,
@@ -185,9 +220,16 @@ def write_and_score(
                 pred = masks if name == src else masks_of(probs[name][j], size, activation, seg.threshold, seg.min_area)
                 tta.setdefault(name, Scores([], [])).add(pred, truth)
             for name in plain_probs:
-                no_tta.setdefault(name, Scores([], [])).add(masks_of(plain_probs[name][j], size, activation, seg.threshold, seg.min_area), truth)
-    table = pl.DataFrame({cfg.submission.id_column: [r[0] for r in rows], cfg.submission.rle.column: [r[1] for r in rows]}, schema={cfg.submission.id_column: pl.String, cfg.submission.rle.column: pl.String})
-    return TaskOutput(table, ["Dice", "IoU"], {k: v.result() for k, v in tta.items()}, {k: v.result() for k, v in no_tta.items()})
+                no_tta.setdefault(name, Scores([], [])).add(
+                    masks_of(plain_probs[name][j], size, activation, seg.threshold, seg.min_area), truth
+                )
+    table = pl.DataFrame(
+        {cfg.submission.id_column: [r[0] for r in rows], cfg.submission.rle.column: [r[1] for r in rows]},
+        schema={cfg.submission.id_column: pl.String, cfg.submission.rle.column: pl.String},
+    )
+    return TaskOutput(
+        table, ["Dice", "IoU"], {k: v.result() for k, v in tta.items()}, {k: v.result() for k, v in no_tta.items()}
+    )
 
 
 # ---- the task ------------------------------------------------------------------------------
@@ -220,7 +262,9 @@ class Segmentation(Task):
 
     def canvas(self, cfg: PipelineConfig, pre: Preprocess) -> CanvasSpec:
         size = cfg.segmentation.size
-        return CanvasSpec(tuple(size) if size else (0, 0), 1.0, pre.interpolation, pre.albumentations, "resize" if size else "native")
+        return CanvasSpec(
+            tuple(size) if size else (0, 0), 1.0, pre.interpolation, pre.albumentations, "resize" if size else "native"
+        )
 
     def view_size(self, pre: Preprocess) -> None:
         return None  # views see the whole canvas or tile
@@ -235,7 +279,12 @@ class Segmentation(Task):
         return n_classes + 1 if activation == "softmax" else n_classes
 
     def fingerprint(self, cfg: PipelineConfig, m: MemberConfig, canvas: CanvasSpec, activation: str) -> dict[str, Any]:
-        return {"canvas": canvas.__dict__, "tiling": m.tiling.model_dump() if m.tiling else None, "scale": cfg.cache.scale, "activation": activation}
+        return {
+            "canvas": canvas.__dict__,
+            "tiling": m.tiling.model_dump() if m.tiling else None,
+            "scale": cfg.cache.scale,
+            "activation": activation,
+        }
 
     def check_plan(self, plan: Plan) -> None:
         super().check_plan(plan)
@@ -243,22 +292,32 @@ class Segmentation(Task):
         for key in ("threshold", "min_area"):
             value = getattr(seg, key)
             if isinstance(value, list) and len(value) != k:
-                raise ConfigError(f"segmentation.{key}: {len(value)} values for {k} classes: give one value or one per class")
+                raise ConfigError(
+                    f"segmentation.{key}: {len(value)} values for {k} classes: give one value or one per class"
+                )
         spec = plan.cfg.data.masks
         if spec is not None:  # every mask is there before the first forward (read when scored)
             folder = plan.cfg.resolve(spec.folder)
             missing = [i for i in plan.testset.ids if not (folder / spec.template.format(id=i)).is_file()]
             if missing:
-                raise DataError(f"data.masks: {folder / spec.template.format(id=missing[0])} not found for image '{missing[0]}' ({len(missing)} missing); check data.masks.folder and template")
+                raise DataError(
+                    f"data.masks: {folder / spec.template.format(id=missing[0])} not found for image '{missing[0]}' ({len(missing)} missing); check data.masks.folder and template"
+                )
         if len({m.activation for m in plan.members}) > 1:  # maps blend element-wise: one meaning per channel
             acts = ", ".join(f"{m.name}: {m.activation}" for m in plan.members)
-            raise ConfigError(f"members.*.activation: segmentation members must share one activation ({acts}); set activation on each member")
+            raise ConfigError(
+                f"members.*.activation: segmentation members must share one activation ({acts}); set activation on each member"
+            )
 
     def row_ids(self, plan: Plan) -> list[tuple[str, int]]:
         r = plan.cfg.submission.rle
         if r.rows == "image":
             return super().row_ids(plan)
-        return [(class_row_id(plan.cfg.submission, i, c, name), k) for k, i in enumerate(plan.testset.ids) for c, name in enumerate(plan.classes)]
+        return [
+            (class_row_id(plan.cfg.submission, i, c, name), k)
+            for k, i in enumerate(plan.testset.ids)
+            for c, name in enumerate(plan.classes)
+        ]
 
     def columns(self, plan: Plan) -> list[str]:
         return [plan.cfg.submission.id_column, plan.cfg.submission.rle.column]
@@ -299,7 +358,9 @@ class Segmentation(Task):
         origins = tile_origins(size, tiling.size, tiling.overlap) if tiling else [(0, 0)]
         th, tw = (min(tiling.size[0], size[0]), min(tiling.size[1], size[1])) if tiling else size
         n_tiles = len(origins)
-        weight = torch.from_numpy(tile_weight((th, tw), tiling.weight, tiling.sigma)).to(device) if n_tiles > 1 else None
+        weight = (
+            torch.from_numpy(tile_weight((th, tw), tiling.weight, tiling.sigma)).to(device) if n_tiles > 1 else None
+        )
         # [B * T, C, th, tw], image-major: tile row r is image r // T, tile r % T.
         xt = torch.stack([x[:, :, t : t + th, l : l + tw] for t, l in origins], 1).flatten(0, 1) if n_tiles > 1 else x
         k = m.out_channels
@@ -320,10 +381,21 @@ class Segmentation(Task):
             wsum = torch.zeros((n_img, 1, *size), device=device) if weight is not None else None
             xv = xt[(first - lo) * n_tiles :]
             if sent is not None:  # the tiles of the images sent on (image-major rows)
-                xv = xv.unflatten(0, (hi - first, n_tiles)).index_select(0, torch.from_numpy(sent).to(device, non_blocking=True)).flatten(0, 1)
+                xv = (
+                    xv.unflatten(0, (hi - first, n_tiles))
+                    .index_select(0, torch.from_numpy(sent).to(device, non_blocking=True))
+                    .flatten(0, 1)
+                )
             view_in = tuple(v.out_size((th, tw)))
 
-            def stitch(out: Tensor, slots: list, v: Any = v, acc: Tensor = acc, wsum: Tensor | None = wsum, view_in: tuple = view_in) -> None:
+            def stitch(
+                out: Tensor,
+                slots: list,
+                v: Any = v,
+                acc: Tensor = acc,
+                wsum: Tensor | None = wsum,
+                view_in: tuple = view_in,
+            ) -> None:
                 if out.dim() != 4 or out.shape[1] != k:
                     raise CheckpointError(
                         f"members.{m.name}: the model outputs shape {tuple(out.shape)}, expected [N, {k}, h, w] "
@@ -355,7 +427,9 @@ class Segmentation(Task):
         assert sizes is not None
         cfg = plan.cfg
         encode = self.writers[cfg.submission.format]  # type: ignore[index]
-        return write_and_score(cfg, plan.testset.ids, plan.classes, sources, sizes, plan.members[0].activation, plain, encode)
+        return write_and_score(
+            cfg, plan.testset.ids, plan.classes, sources, sizes, plan.members[0].activation, plain, encode
+        )
 
 
 def _to_store(maps: Tensor, plan: Plan, activation: str, dtype: str) -> np.ndarray:
@@ -367,7 +441,13 @@ def _to_store(maps: Tensor, plan: Plan, activation: str, dtype: str) -> np.ndarr
     if store != tuple(maps.shape[-2:]):
         maps = F.interpolate(maps, size=store, mode="area")
     if dtype == "uint8":
-        probs = torch.softmax(maps, 1) if activation == "softmax" else torch.sigmoid(maps) if activation == "sigmoid" else maps.clamp(0, 1)
+        probs = (
+            torch.softmax(maps, 1)
+            if activation == "softmax"
+            else torch.sigmoid(maps)
+            if activation == "sigmoid"
+            else maps.clamp(0, 1)
+        )
         return (probs * 255.0).round_().to(torch.uint8).cpu().numpy()
     if dtype == "float16":
         maps = maps.clamp(-65504, 65504)

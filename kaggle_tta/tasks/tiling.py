@@ -22,7 +22,11 @@ def tile_origins(size: tuple[int, int], tile: tuple[int, int], overlap: float) -
         tile: ``(h, w)`` of a tile; clipped to the image.
         overlap: fraction of a tile shared with its neighbour, in ``[0, 1)``.
     """
-    return [(t, l) for t in _starts(size[0], min(tile[0], size[0]), overlap) for l in _starts(size[1], min(tile[1], size[1]), overlap)]
+    return [
+        (t, l)
+        for t in _starts(size[0], min(tile[0], size[0]), overlap)
+        for l in _starts(size[1], min(tile[1], size[1]), overlap)
+    ]
 
 
 def _starts(n: int, t: int, overlap: float) -> list[int]:

@@ -26,7 +26,11 @@ from typing import Any
 
 __all__ = ["tune", "TuneOptions", "TuneResult"]
 
-_WHERE = {"tune": "kaggle_tta.tuning.run", "TuneOptions": "kaggle_tta.tuning.options", "TuneResult": "kaggle_tta.tuning.report"}
+_WHERE = {
+    "tune": "kaggle_tta.tuning.run",
+    "TuneOptions": "kaggle_tta.tuning.options",
+    "TuneResult": "kaggle_tta.tuning.report",
+}
 
 
 def __getattr__(name: str) -> Any:  # light until used: the CLI imports options only

@@ -46,7 +46,10 @@ class BoxProblem:
         d = plan.cfg.detection
         self.rule = d.map_rule
         self.metric = MAP_RULES[self.rule][2]
-        self.grid = [(d.skip_box_thr, d.iou_thr), *((s, i) for s, i in product(SKIP_BOX_THR, IOU_THR) if (s, i) != (d.skip_box_thr, d.iou_thr))]
+        self.grid = [
+            (d.skip_box_thr, d.iou_thr),
+            *((s, i) for s, i in product(SKIP_BOX_THR, IOU_THR) if (s, i) != (d.skip_box_thr, d.iou_thr)),
+        ]
         self.truth = load_truth(plan.cfg, plan.testset.ids, plan.classes)
         sizes = sources[0].entry.read_sizes()  # type: ignore[union-attr]
         self.boxes = [self._fused(sources, sizes, s, i) for s, i in self.grid]
@@ -66,7 +69,9 @@ class BoxProblem:
         return [(self.metric, True)]
 
     def _map(self, point: int, rows: np.ndarray) -> float:
-        return mean_ap([self.boxes[point][i] for i in rows], [self.truth[i] for i in rows], len(self.plan.classes), rule=self.rule)
+        return mean_ap(
+            [self.boxes[point][i] for i in rows], [self.truth[i] for i in rows], len(self.plan.classes), rule=self.rule
+        )
 
     def untuned(self) -> BoxTuned:
         return BoxTuned(0)
@@ -89,8 +94,16 @@ class BoxProblem:
         import polars as pl
 
         every = np.arange(self.n_units)
-        rows = [{"skip_box_thr": s, "iou_thr": i, self.metric: self._map(p, every), "pipeline's": p == before.point, "tuned": p == after.point}
-                for p, (s, i) in enumerate(self.grid)]
+        rows = [
+            {
+                "skip_box_thr": s,
+                "iou_thr": i,
+                self.metric: self._map(p, every),
+                "pipeline's": p == before.point,
+                "tuned": p == after.point,
+            }
+            for p, (s, i) in enumerate(self.grid)
+        ]
         return {"thresholds": pl.DataFrame(rows).sort(self.metric, descending=True)}
 
     def points(self, tuned: BoxTuned, tables: dict[str, Any]) -> list[tuple[str, str, float, float]]:

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kaggle_tta.ops.gate import held_gate
 from kaggle_tta.cache import DamagedView
-from kaggle_tta.exec.dag import MemberSource, check_complete
 from kaggle_tta.config.errors import CacheError, ConfigError
+from kaggle_tta.exec.dag import MemberSource, check_complete
+from kaggle_tta.ops.gate import held_gate
 
 if TYPE_CHECKING:
     from kaggle_tta.engine.plan import Plan
@@ -43,7 +43,9 @@ def open_sources(plan: Plan, pipeline_arg: str) -> list[MemberSource]:
     truth = task.truth
     if truth is None or getattr(plan.cfg.data, truth) is None:
         need = f"data.{truth}" if truth else "ground truth"
-        raise ConfigError(f"data.{truth or 'labels'}: kaggle-tta tune learns from a labelled fold; give {need} in the pipeline (task: {task.name})")
+        raise ConfigError(
+            f"data.{truth or 'labels'}: kaggle-tta tune learns from a labelled fold; give {need} in the pipeline (task: {task.name})"
+        )
     sources = sources_for(plan, pipeline_arg)
     check_full_rows(sources, pipeline_arg)
     check_complete(sources, plan.testset.ids, sizes=task.stores_image_sizes)

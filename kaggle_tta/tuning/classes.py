@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kaggle_tta.ops.gate import RULES
 from kaggle_tta.config import BlendConfig
+from kaggle_tta.config.errors import ConfigError
 from kaggle_tta.exec.dag import MemberSource, evaluate_dag
 from kaggle_tta.io.data import load_labels
-from kaggle_tta.config.errors import ConfigError
+from kaggle_tta.ops.gate import RULES
 from kaggle_tta.ops.merge import Prediction, blend, blend_terms, to_probs, weighted_sum
 from kaggle_tta.tuning import ensemble, gates, losses
 from kaggle_tta.tuning.cache import read_view, view_seconds
@@ -39,7 +39,9 @@ class Tuned:
     blends: dict[str, np.ndarray]
     threshold: float | np.ndarray
     notes: list[str] = field(default_factory=list)
-    gate_search: gates.GateSearch | None = None  # --adaptive: the gates learned (each member's ViewPolicy.gate holds its own)
+    gate_search: gates.GateSearch | None = (
+        None  # --adaptive: the gates learned (each member's ViewPolicy.gate holds its own)
+    )
     _nodes: dict[str, Prediction] | None = field(default=None, repr=False)
 
 
@@ -48,23 +50,38 @@ class Metric:
     name: str
     fn: Callable[[np.ndarray, np.ndarray, Any], float]  # (y, probs, thresholds) -> value
     higher_is_better: bool = True
-    per_row: Callable[[np.ndarray, np.ndarray, Any], np.ndarray] | None = None  # where the metric is a mean over rows: each row's value (the bootstrap's fast path)
+    per_row: Callable[[np.ndarray, np.ndarray, Any], np.ndarray] | None = (
+        None  # where the metric is a mean over rows: each row's value (the bootstrap's fast path)
+    )
 
 
 def resolve_metric(spec: str | None, multilabel: bool) -> Metric:
     """The task's metric (accuracy; micro F1 for multi-label), a name, or module:callable."""
     name = spec or ("f1" if multilabel else "accuracy")
     builtin = {
-        "accuracy": Metric("accuracy", lambda y, p, t: losses.accuracy(y, p), per_row=lambda y, p, t: (p.argmax(axis=1) == y).astype(np.float64)),
+        "accuracy": Metric(
+            "accuracy",
+            lambda y, p, t: losses.accuracy(y, p),
+            per_row=lambda y, p, t: (p.argmax(axis=1) == y).astype(np.float64),
+        ),
         "f1": Metric("F1", lambda y, p, t: losses.micro_f1(y, p, t)),
-        "nll": Metric("NLL", lambda y, p, t: float(losses.nll_of_probs(p, y).mean()), False, per_row=lambda y, p, t: np.asarray(losses.nll_of_probs(p, y), np.float64)),
+        "nll": Metric(
+            "NLL",
+            lambda y, p, t: float(losses.nll_of_probs(p, y).mean()),
+            False,
+            per_row=lambda y, p, t: np.asarray(losses.nll_of_probs(p, y), np.float64),
+        ),
     }
     if name in builtin:
         if (name == "f1") != multilabel and name != "nll":
-            raise ConfigError(f"--metric {name}: {'F1 scores multi-label pipelines' if name == 'f1' else 'accuracy scores single-label pipelines'}; use {'accuracy' if name == 'f1' else 'f1'}")
+            raise ConfigError(
+                f"--metric {name}: {'F1 scores multi-label pipelines' if name == 'f1' else 'accuracy scores single-label pipelines'}; use {'accuracy' if name == 'f1' else 'f1'}"
+            )
         return builtin[name]
     if ":" not in name:
-        raise ConfigError(f"--metric {name}: use accuracy, f1, nll or module:callable (called as fn(y_true, probs) -> float, higher is better)")
+        raise ConfigError(
+            f"--metric {name}: use accuracy, f1, nll or module:callable (called as fn(y_true, probs) -> float, higher is better)"
+        )
     from kaggle_tta.io.models import import_callable
 
     fn = import_callable(name, "--metric")
@@ -92,15 +109,32 @@ class ClassProblem:
             m = plan.cfg.member(s.name)
             w = m.view_class_weights if m.view_class_weights is not None else m.view_weights
             self.members[s.name] = MemberData(
-                s.name, list(s.views), [read_view(s, v) for v in s.views], mp.activation, str(m.merge), view_seconds(s), y,
-                m.temperature, None if w is None else np.asarray(w, dtype=np.float64),
+                s.name,
+                list(s.views),
+                [read_view(s, v) for v in s.views],
+                mp.activation,
+                str(m.merge),
+                view_seconds(s),
+                y,
+                m.temperature,
+                None if w is None else np.asarray(w, dtype=np.float64),
             )
-        self.settings = ViewSettings(views=opts.views, view_weights=opts.view_weights, class_weights=opts.class_weights, temperature=opts.temperature, seed=opts.seed)
+        self.settings = ViewSettings(
+            views=opts.views,
+            view_weights=opts.view_weights,
+            class_weights=opts.class_weights,
+            temperature=opts.temperature,
+            seed=opts.seed,
+        )
         self.pipeline_gates = {mp.name: mp.gate for mp in plan.members}  # adaptive as the pipeline sets it (as is)
-        self.rules = gate_rules(opts.adaptive, {n: g.rule if g is not None else None for n, g in self.pipeline_gates.items()})
+        self.rules = gate_rules(
+            opts.adaptive, {n: g.rule if g is not None else None for n, g in self.pipeline_gates.items()}
+        )
         self.held_out: list[gates.HeldOut] = []  # the folds' gates scored on their held-out rows (fit appends)
         self.keep_gain = opts.keep_gain  # what the gates keep in sample: --keep-gain, or what calibrate_keep chose
-        self.calibration: list[tuple[float, float | None, float | None]] = []  # (in-sample keep tried, the folds' pooled held-out keep, its SE)
+        self.calibration: list[
+            tuple[float, float | None, float | None]
+        ] = []  # (in-sample keep tried, the folds' pooled held-out keep, its SE)
 
     @property
     def n_units(self) -> int:
@@ -116,10 +150,17 @@ class ClassProblem:
 
     def untuned(self) -> Tuned:
         members = {
-            n: ViewPolicy(m.weights if m.weights is not None else np.ones(len(m.views)), m.temperature, gate=self.pipeline_gates.get(n))
+            n: ViewPolicy(
+                m.weights if m.weights is not None else np.ones(len(m.views)),
+                m.temperature,
+                gate=self.pipeline_gates.get(n),
+            )
             for n, m in self.members.items()
         }
-        blends = {b.name: np.asarray(b.weights if b.weights is not None else [1.0] * len(b.inputs), dtype=np.float64) for b in self.cfg.blends}
+        blends = {
+            b.name: np.asarray(b.weights if b.weights is not None else [1.0] * len(b.inputs), dtype=np.float64)
+            for b in self.cfg.blends
+        }
         th = self.cfg.submission.threshold
         return Tuned(members, blends, np.asarray(th, dtype=np.float32) if isinstance(th, list) else th)
 
@@ -128,7 +169,10 @@ class ClassProblem:
         TTA (no gate), then, with --adaptive (and ``gates_too``), each member's gate."""
         base = self.untuned()
         tuning_views = any((self.opts.views, self.opts.view_weights, self.opts.class_weights, self.opts.temperature))
-        members = {n: replace(tune_views(m, train, self.settings) if tuning_views else base.members[n], gate=None) for n, m in self.members.items()}
+        members = {
+            n: replace(tune_views(m, train, self.settings) if tuning_views else base.members[n], gate=None)
+            for n, m in self.members.items()
+        }
         tuned = Tuned(members, dict(base.blends), base.threshold)
         preds = {n: self._member_pred(n, p) for n, p in members.items()}
 
@@ -188,7 +232,9 @@ class ClassProblem:
             train[held] = False
             base = self.fit(train, gates_too=False)  # views, weights and blends on the other folds
             for k in ladder:
-                t = Tuned({m: replace(p, gate=None) for m, p in base.members.items()}, dict(base.blends), base.threshold)
+                t = Tuned(
+                    {m: replace(p, gate=None) for m, p in base.members.items()}, dict(base.blends), base.threshold
+                )
                 search = probe = gates.learn(self, t, train, rules, keep=k)
                 for name, gate in search.gates.items():
                     t.members[name].gate = gate
@@ -202,7 +248,14 @@ class ClassProblem:
             return  # no held-out gain to keep: nothing to calibrate against
         z = self.opts.keep_margin
         # a figure without a spread (too few resamples with a gain) is taken as it is
-        self.keep_gain = next((k for k, v, se in self.calibration if v is not None and v - (z * se if z and se is not None else 0.0) >= keep - 1e-12), 1.0)
+        self.keep_gain = next(
+            (
+                k
+                for k, v, se in self.calibration
+                if v is not None and v - (z * se if z and se is not None else 0.0) >= keep - 1e-12
+            ),
+            1.0,
+        )
 
     def _member_pred(self, name: str, p: ViewPolicy, drop: int | None = None) -> Prediction:
         """The member's merge as the blend computes it: its kept views, weights and
@@ -220,14 +273,22 @@ class ClassProblem:
         act, power = inputs[0].activation, b.power if root else None
         use_metric = self.opts.objective == "metric" or kind == "scores"
         if kind == "scores" and self.opts.objective == "nll":
-            tuned.notes.append(f"blends.{b.name}: rank_mean gives scores, not probabilities; its weights maximize {self.metric.name}")
-        if not use_metric and kind == "probs" and b.method == "mean" and not self.multilabel:  # q[y] is linear in w: gather once
+            tuned.notes.append(
+                f"blends.{b.name}: rank_mean gives scores, not probabilities; its weights maximize {self.metric.name}"
+            )
+        if (
+            not use_metric and kind == "probs" and b.method == "mean" and not self.multilabel
+        ):  # q[y] is linear in w: gather once
             cols = np.stack([t[np.arange(len(self.y)), self.y] for t in terms])[:, train].astype(np.float64)
             objective = lambda w: float(-np.log(np.clip((w / w.sum()) @ cols, losses.EPS, None)).mean())  # noqa: E731
         elif not use_metric and kind == "logits":  # logits in, logits out: summed block by block, never held whole
 
             def objective(w: np.ndarray) -> float:
-                return float(losses.nll_rows([(t, wi) for t, wi in zip(terms, w / w.sum()) if wi], "mean", act, self.y)[train].mean())
+                return float(
+                    losses.nll_rows([(t, wi) for t, wi in zip(terms, w / w.sum()) if wi], "mean", act, self.y)[
+                        train
+                    ].mean()
+                )
         else:
             sign = -1.0 if self.metric.higher_is_better else 1.0
 
@@ -248,10 +309,14 @@ class ClassProblem:
         """Every node's prediction on every row, as the blend computes it."""
         if tuned._nodes is None:
             preds = {n: self._member_pred(n, p) for n, p in tuned.members.items()}
-            tuned._nodes = evaluate_dag(self.cfg, preds, lambda b, ins: blend(str(b.method), ins, tuned.blends[b.name], b.space, b.power))
+            tuned._nodes = evaluate_dag(
+                self.cfg, preds, lambda b, ins: blend(str(b.method), ins, tuned.blends[b.name], b.space, b.power)
+            )
         return tuned._nodes
 
-    def score(self, tuned: Tuned, rows: np.ndarray, node: str | None = None, pred: Prediction | None = None) -> dict[str, float]:
+    def score(
+        self, tuned: Tuned, rows: np.ndarray, node: str | None = None, pred: Prediction | None = None
+    ) -> dict[str, float]:
         """The metric and NLL of a node (default: the submission's source) on ``rows``."""
         p = pred if pred is not None else self.nodes(tuned)[node or self.cfg.submission_source]
         probs = to_probs(p)
@@ -294,11 +359,17 @@ class ClassProblem:
         """What the report adds below its tables: the gates' summary and notes."""
         search = tuned.gate_search
         if search is None:
-            return [f"adaptive: no gate learned (--adaptive off); members.{n}.adaptive is null in tuned.yaml: plain TTA, as tune scored it"
-                    for n, g in self.pipeline_gates.items() if g is not None]
+            return [
+                f"adaptive: no gate learned (--adaptive off); members.{n}.adaptive is null in tuned.yaml: plain TTA, as tune scored it"
+                for n, g in self.pipeline_gates.items()
+                if g is not None
+            ]
         out = list(search.notes)
         if self.calibration:
-            tried = ", ".join(f"{k:g} -> {'—' if v is None else f'{100 * v:.1f}%'}{'' if se is None else f' ± {100 * se:.1f}%'}" for k, v, se in self.calibration)
+            tried = ", ".join(
+                f"{k:g} -> {'—' if v is None else f'{100 * v:.1f}%'}{'' if se is None else f' ± {100 * se:.1f}%'}"
+                for k, v, se in self.calibration
+            )
             out.append(
                 f"adaptive: keep-gain {self.opts.keep_gain:g} on new images: the gates are learned to keep {self.keep_gain:g} in sample "
                 f"(--calibrate-keep, --keep-margin {self.opts.keep_margin:g} SE; held-out gain kept, pooled over {self.opts.folds} folds, ± its bootstrap SE, "
@@ -320,14 +391,25 @@ class ClassProblem:
         for name, p in tuned.members.items():
             m, kept = self.members[name], p.kept()
             w = p.weights[kept]
-            entry: dict[str, Any] = {"name": name, "tta": [m.views[k] for k in kept], "temperature": float(p.temperature)}
+            entry: dict[str, Any] = {
+                "name": name,
+                "tta": [m.views[k] for k in kept],
+                "temperature": float(p.temperature),
+            }
             uniform = w.ndim == 1 and np.all(w == w[0])
             entry["view_weights"] = None if (uniform or w.ndim == 2) else _numbers(w)
             entry["view_class_weights"] = [_numbers(row) for row in w] if w.ndim == 2 else None
-            if p.gate is not None:  # every rule's key, so that an adaptive of the pipeline's merged under it keeps no other
-                entry["adaptive"] = {"first": p.gate.first, **{r: (float(p.gate.threshold) if r == p.gate.rule else None) for r in RULES}}
+            if (
+                p.gate is not None
+            ):  # every rule's key, so that an adaptive of the pipeline's merged under it keeps no other
+                entry["adaptive"] = {
+                    "first": p.gate.first,
+                    **{r: (float(p.gate.threshold) if r == p.gate.rule else None) for r in RULES},
+                }
             elif self.pipeline_gates.get(name) is not None:
-                entry["adaptive"] = None  # no gate learned (--adaptive off, one view, no gain): plain TTA, as tune scored it
+                entry["adaptive"] = (
+                    None  # no gate learned (--adaptive off, one view, no gain): plain TTA, as tune scored it
+                )
             members.append(entry)
         out: dict[str, Any] = {"members": members}
         if self.cfg.blends:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from kaggle_tta.ops.gate import skipping
 from kaggle_tta.exec.dag import evaluate_dag, members_under
+from kaggle_tta.ops.gate import skipping
 from kaggle_tta.ops.merge import activate, blend, to_probs
 from kaggle_tta.tuning import losses
 from kaggle_tta.tuning.classes import ClassProblem, Tuned
@@ -42,15 +42,24 @@ def view_table(pb: ClassProblem, before: Tuned, after: Tuned) -> pl.DataFrame:
             alt = w.copy()
             if k in kept:
                 alt[k] = 0.0
-                gain = m.loss(alt.reshape(p.weights.shape), p.temperature, every) - now if len(kept) > 1 else float("nan")
+                gain = (
+                    m.loss(alt.reshape(p.weights.shape), p.temperature, every) - now if len(kept) > 1 else float("nan")
+                )
             else:
                 alt[k] = w[sorted(kept)].mean(axis=0)
                 gain = now - m.loss(alt.reshape(p.weights.shape), p.temperature, every)
-            rows.append({
-                "member": name, "view": v, "kept": k in kept,
-                "weight before": float(wb[k].sum() / wb.sum()), "weight after": float(w[k].sum() / w.sum()),
-                "gain (NLL)": float(gain), "gain when added (NLL)": p.added_gain.get(k, float("nan")), "seconds": m.seconds[k],
-            })
+            rows.append(
+                {
+                    "member": name,
+                    "view": v,
+                    "kept": k in kept,
+                    "weight before": float(wb[k].sum() / wb.sum()),
+                    "weight after": float(w[k].sum() / w.sum()),
+                    "gain (NLL)": float(gain),
+                    "gain when added (NLL)": p.added_gain.get(k, float("nan")),
+                    "seconds": m.seconds[k],
+                }
+            )
     return pl.DataFrame(rows)
 
 
@@ -64,16 +73,29 @@ def member_table(pb: ClassProblem, before: Tuned, after: Tuned) -> pl.DataFrame:
     every = np.arange(pb.n_units)
     for name, m in pb.members.items():
         b, a = before.members[name], after.members[name]
-        sb, sa = pb.score(before, every, pred=pb._member_pred(name, b)), pb.score(after, every, pred=pb._member_pred(name, a))
+        sb, sa = (
+            pb.score(before, every, pred=pb._member_pred(name, b)),
+            pb.score(after, every, pred=pb._member_pred(name, a)),
+        )
         metric = pb.metric.name
-        rows.append({
-            "member": name, "views before": len(b.kept()), "views after": len(a.kept()),
-            "seconds before": float(sum(m.seconds[k] for k in b.kept())), "seconds after": float(sum(m.seconds[k] for k in a.kept())),
-            "T before": float(b.temperature), "T after": float(a.temperature),
-            "NLL before": sb.get("NLL", float("nan")), "NLL after": sa.get("NLL", float("nan")),
-            "ECE before": _ece(pb, name, b), "ECE after": _ece(pb, name, a),
-            f"{metric} before": sb[metric], f"{metric} after": sa[metric], "notes": "; ".join(a.notes),
-        })
+        rows.append(
+            {
+                "member": name,
+                "views before": len(b.kept()),
+                "views after": len(a.kept()),
+                "seconds before": float(sum(m.seconds[k] for k in b.kept())),
+                "seconds after": float(sum(m.seconds[k] for k in a.kept())),
+                "T before": float(b.temperature),
+                "T after": float(a.temperature),
+                "NLL before": sb.get("NLL", float("nan")),
+                "NLL after": sa.get("NLL", float("nan")),
+                "ECE before": _ece(pb, name, b),
+                "ECE after": _ece(pb, name, a),
+                f"{metric} before": sb[metric],
+                f"{metric} after": sa[metric],
+                "notes": "; ".join(a.notes),
+            }
+        )
     return pl.DataFrame(rows)
 
 
@@ -83,12 +105,19 @@ def blend_table(pb: ClassProblem, before: Tuned, after: Tuned) -> pl.DataFrame:
     metric = pb.metric.name
     for b in pb.cfg.blends:
         sb, sa = pb.score(before, every, node=b.name), pb.score(after, every, node=b.name)
-        rows.append({
-            "blend": b.name, "method": str(b.method), "inputs": ", ".join(b.inputs),
-            "weights before": _weights_text(before.blends[b.name]), "weights after": _weights_text(after.blends[b.name]),
-            f"{metric} before": sb[metric], f"{metric} after": sa[metric],
-            "NLL before": sb.get("NLL", float("nan")), "NLL after": sa.get("NLL", float("nan")),
-        })
+        rows.append(
+            {
+                "blend": b.name,
+                "method": str(b.method),
+                "inputs": ", ".join(b.inputs),
+                "weights before": _weights_text(before.blends[b.name]),
+                "weights after": _weights_text(after.blends[b.name]),
+                f"{metric} before": sb[metric],
+                f"{metric} after": sa[metric],
+                "NLL before": sb.get("NLL", float("nan")),
+                "NLL after": sa.get("NLL", float("nan")),
+            }
+        )
     return pl.DataFrame(rows)
 
 
@@ -107,7 +136,9 @@ def member_gains(pb: ClassProblem, tuned: Tuned) -> dict[str, float]:
             out[name] = float("nan")
             continue
         preds = {n: pb._member_pred(n, p) for n, p in tuned.members.items()}
-        nodes = evaluate_dag(pb.cfg, preds, lambda b, ins, weights=weights: blend(str(b.method), ins, weights[b.name], b.space, b.power))
+        nodes = evaluate_dag(
+            pb.cfg, preds, lambda b, ins, weights=weights: blend(str(b.method), ins, weights[b.name], b.space, b.power)
+        )
         without = losses.prediction_nll(nodes[src], pb.y)
         out[name] = float(without.mean() - nll.mean()) if without is not None else float("nan")
     return out
@@ -132,7 +163,9 @@ def uncertainty(pb: ClassProblem, tuned: Tuned) -> dict[str, np.ndarray]:
                 views.append(np.exp(z_top - losses.log_sum_exp(m.z[k], 1.0 / p.temperature)))
             else:
                 views.append(activate(z_top[:, None].astype(np.float32), m.activation)[:, 0].astype(np.float64))
-            if send is not None and m.views[k] != gate.first:  # adaptive: a row's spread is over the views it holds, as the blend's
+            if (
+                send is not None and m.views[k] != gate.first
+            ):  # adaptive: a row's spread is over the views it holds, as the blend's
                 views[-1][~send] = np.nan
     std = np.nanstd(np.stack(views), axis=0)
     q = np.clip(probs.astype(np.float64), 1e-12, 1.0)
@@ -151,7 +184,14 @@ def uncertainty_table(pb: ClassProblem, before: Tuned, after: Tuned) -> pl.DataF
     for label, t in (("before", before), ("after", after)):
         u = uncertainty(pb, t)
         for col in ("tta_std", "tta_entropy"):
-            rows.append({"pipeline": label, "column": col, "errors": int(u["error"].sum()), "AUROC (ranks errors)": losses.auroc(u[col], u["error"])})
+            rows.append(
+                {
+                    "pipeline": label,
+                    "column": col,
+                    "errors": int(u["error"].sum()),
+                    "AUROC (ranks errors)": losses.auroc(u[col], u["error"]),
+                }
+            )
     return pl.DataFrame(rows)
 
 

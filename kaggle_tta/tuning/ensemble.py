@@ -65,7 +65,9 @@ def hill_climb(objective: Objective, n_inputs: int, max_steps: int = 20, patienc
     return _local_search(f, best_counts, best, max_steps)
 
 
-def _local_search(f: Callable[[tuple[int, ...]], float], counts: list[int], best: float, max_steps: int) -> tuple[np.ndarray, float]:
+def _local_search(
+    f: Callable[[tuple[int, ...]], float], counts: list[int], best: float, max_steps: int
+) -> tuple[np.ndarray, float]:
     while True:
         moves = list(_neighbours(counts, max_steps))
         if not moves:
@@ -107,7 +109,9 @@ def brute_force(objective: Objective, n_inputs: int, max_steps: int) -> tuple[np
     return np.asarray(best_counts, dtype=np.float64), best
 
 
-def optimise_weights(objective: Objective, start: np.ndarray, iters: int = 200, digits: int = 6) -> tuple[np.ndarray, float]:
+def optimise_weights(
+    objective: Objective, start: np.ndarray, iters: int = 200, digits: int = 6
+) -> tuple[np.ndarray, float]:
     """Nelder-Mead on softmax-parametrized weights from ``start``; weights rounded to
     ``digits`` decimals. Returns the start when nothing lower is found."""
     w0 = np.asarray(start, dtype=np.float64)

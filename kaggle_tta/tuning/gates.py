@@ -33,13 +33,14 @@ problem scores the chosen gates through reduce_views itself; tests compare the t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kaggle_tta.ops.gate import Gate, needs, scores
 from kaggle_tta.exec.dag import evaluate_dag
+from kaggle_tta.ops.gate import Gate, needs, scores
 from kaggle_tta.ops.merge import Prediction, blend, to_probs
 
 if TYPE_CHECKING:
@@ -109,7 +110,9 @@ class GateSearch:
     adaptive: float = float("nan")
     evaluations: int = 0
     keep_changes: float = 0.0
-    calibration: list[tuple[float, float | None, float | None]] = field(default_factory=list)  # --calibrate-keep: (in-sample keep, held-out kept pooled, its SE)
+    calibration: list[tuple[float, float | None, float | None]] = field(
+        default_factory=list
+    )  # --calibrate-keep: (in-sample keep, held-out kept pooled, its SE)
     changed: int = 0  # training rows (multi-label: row x class) whose decision the full TTA changes
     changes_made: float = float("nan")  # the share of those decisions the gates make as the full TTA does
     notes: list[str] = field(default_factory=list)
@@ -117,7 +120,9 @@ class GateSearch:
     value: Any = field(default=None, repr=False)  # (member predictions, rows) -> the source's metric
     fixed: dict[str, Prediction] = field(default_factory=dict, repr=False)  # every member's full TTA
     alone: dict[str, Prediction] = field(default_factory=dict, repr=False)  # every member's first view alone
-    probs_none: np.ndarray | None = field(default=None, repr=False)  # the submission node's probabilities, every row: first views alone
+    probs_none: np.ndarray | None = field(
+        default=None, repr=False
+    )  # the submission node's probabilities, every row: first views alone
     probs_full: np.ndarray | None = field(default=None, repr=False)  # ... and full TTA
 
     @property
@@ -148,11 +153,21 @@ def candidates(s: np.ndarray) -> list[float]:
     return sorted(out, reverse=True)
 
 
-def learn(pb: ClassProblem, tuned: Tuned, train: np.ndarray, rules: dict[str, str], keep: float | None = None) -> GateSearch:
+def learn(
+    pb: ClassProblem, tuned: Tuned, train: np.ndarray, rules: dict[str, str], keep: float | None = None
+) -> GateSearch:
     """The gates of the members in ``rules`` (member -> rule) for the tuned pipeline, on
     the training rows ``train`` (bool ``[N]``); ``tuned``'s members hold no gate yet.
     ``keep``: the share of the gain to keep in sample (default --keep-gain)."""
-    search = GateSearch(pb.metric.name, pb.metric.higher_is_better, pb.opts.keep_gain if keep is None else keep, int(train.sum()), {}, {}, keep_changes=pb.opts.keep_changes)
+    search = GateSearch(
+        pb.metric.name,
+        pb.metric.higher_is_better,
+        pb.opts.keep_gain if keep is None else keep,
+        int(train.sum()),
+        {},
+        {},
+        keep_changes=pb.opts.keep_changes,
+    )
     fixed, alone = search.fixed, search.alone
     for name, p in tuned.members.items():
         m = pb.members[name]
@@ -175,7 +190,9 @@ def learn(pb: ClassProblem, tuned: Tuned, train: np.ndarray, rules: dict[str, st
             search.ungated[name] = len(views) - 1
             continue
         if configured is not None and configured != first:
-            search.notes.append(f"members.{name}: adaptive.first {configured} is not among the tuned views {views}: the gate reads {first}")
+            search.notes.append(
+                f"members.{name}: adaptive.first {configured} is not among the tuned views {views}: the gate reads {first}"
+            )
         z = m.z[m.views.index(first)]
         cands = candidates(scores(z, m.activation, rule)[train])
         sends = [needs(z, m.activation, Gate(first, rule, c)) for c in cands]
@@ -192,7 +209,9 @@ def learn(pb: ClassProblem, tuned: Tuned, train: np.ndarray, rules: dict[str, st
 
     def probs_of(preds: dict[str, Prediction]) -> np.ndarray:
         search.evaluations += 1
-        nodes = evaluate_dag(pb.cfg, preds, lambda b, ins: blend(str(b.method), ins, tuned.blends[b.name], b.space, b.power))
+        nodes = evaluate_dag(
+            pb.cfg, preds, lambda b, ins: blend(str(b.method), ins, tuned.blends[b.name], b.space, b.power)
+        )
         return to_probs(nodes[pb.cfg.submission_source])
 
     def value(preds: dict[str, Prediction], rows: np.ndarray, probs: np.ndarray | None = None) -> float:
@@ -270,7 +289,14 @@ def learn(pb: ClassProblem, tuned: Tuned, train: np.ndarray, rules: dict[str, st
     return search
 
 
-def held_out(search: GateSearch, tuned_nodes: dict[str, Prediction], pb: ClassProblem, rows: np.ndarray, threshold: Any, seed: int = 0) -> HeldOut | None:
+def held_out(
+    search: GateSearch,
+    tuned_nodes: dict[str, Prediction],
+    pb: ClassProblem,
+    rows: np.ndarray,
+    threshold: Any,
+    seed: int = 0,
+) -> HeldOut | None:
     """The fold's gates scored on its held-out rows: no TTA, full TTA and the gates (the
     tuned nodes, computed through reduce_views with the gates), the rows sent on, and the
     three on BOOTSTRAP resamples of those rows (seeded by ``seed`` and the fold's first row).
@@ -289,6 +315,7 @@ def held_out(search: GateSearch, tuned_nodes: dict[str, Prediction], pb: ClassPr
             a, b, c = (float(v[idx].mean()) for v in values)
             return a, b, c
     else:
+
         def again(idx: np.ndarray) -> tuple[float, float, float]:
             try:  # a user's metric may refuse a resample (a class missing from it): that resample is left out
                 a, b, c = (float(pb.metric.fn(y[idx], p[idx], threshold)) for p in probs)
@@ -300,7 +327,9 @@ def held_out(search: GateSearch, tuned_nodes: dict[str, Prediction], pb: ClassPr
     return HeldOut(len(rows), *whole, sent, resampled(again, len(rows), np.random.default_rng([seed, int(rows[0])])))
 
 
-def resampled(again: Callable[[np.ndarray], tuple[float, float, float]], n: int, rng: np.random.Generator) -> np.ndarray:
+def resampled(
+    again: Callable[[np.ndarray], tuple[float, float, float]], n: int, rng: np.random.Generator
+) -> np.ndarray:
     """[BOOTSTRAP, 3]: ``again(idx)`` (no TTA, full TTA, the gates) on BOOTSTRAP resamples of
     ``n`` rows with replacement, paired: the three are scored on the same rows."""
     return np.array([again(rng.integers(0, n, n)) for _ in range(BOOTSTRAP)], dtype=np.float64)
@@ -318,8 +347,19 @@ def table(search: GateSearch, folds: list[HeldOut], n: int) -> Any:
         sent = int(g.sends[g.at].sum()) if search.learned else n
         run, full = (g.views - 1) * sent, (g.views - 1) * n
         held = [f.sent[name] / f.rows for f in folds if name in f.sent]
-        rows.append(_row(name, g.rule, g.first, g.views, g.threshold if search.learned else None, sent / n if n else None, run, full,
-                         float(np.mean(held)) if held else None))
+        rows.append(
+            _row(
+                name,
+                g.rule,
+                g.first,
+                g.views,
+                g.threshold if search.learned else None,
+                sent / n if n else None,
+                run,
+                full,
+                float(np.mean(held)) if held else None,
+            )
+        )
         run_total += run
         full_total += full
     for name, extra in search.ungated.items():
@@ -362,16 +402,38 @@ def pooled_spread(search: GateSearch, folds: list[HeldOut]) -> float | None:
     no gain to keep, or fewer than two resamples with a finite share."""
     if not folds or any(f.boot is None for f in folds) or pooled_kept(search, folds) is None:
         return None
-    shares = [got for b in range(BOOTSTRAP) if (got := _pooled(search, [(f.rows, *f.boot[b]) for f in folds])) is not None and np.isfinite(got)]  # type: ignore[index]
+    shares = [
+        got
+        for b in range(BOOTSTRAP)
+        if (got := _pooled(search, [(f.rows, *f.boot[b]) for f in folds])) is not None and np.isfinite(got)
+    ]  # type: ignore[index]
     return float(np.std(shares, ddof=1)) if len(shares) > 1 else None
 
 
-def _row(member: str, rule: str | None, first: str | None, views: int | None, threshold: float | None, share: float | None,
-         run: int, full: int, held_share: float | None) -> dict[str, Any]:
+def _row(
+    member: str,
+    rule: str | None,
+    first: str | None,
+    views: int | None,
+    threshold: float | None,
+    share: float | None,
+    run: int,
+    full: int,
+    held_share: float | None,
+) -> dict[str, Any]:
     return {
-        "member": member, "rule": rule, "first view": first, "views": views, "threshold": threshold,
-        "share sent on": share, "share sent on (held out)": held_share, "extra forwards run": run, "extra forwards saved": full - run,
-        "saved": (full - run) / full if full else None, "gain kept (in sample)": None, "gain kept (held out)": None,
+        "member": member,
+        "rule": rule,
+        "first view": first,
+        "views": views,
+        "threshold": threshold,
+        "share sent on": share,
+        "share sent on (held out)": held_share,
+        "extra forwards run": run,
+        "extra forwards saved": full - run,
+        "saved": (full - run) / full if full else None,
+        "gain kept (in sample)": None,
+        "gain kept (held out)": None,
     }
 
 
@@ -381,14 +443,18 @@ def summary(search: GateSearch, folds: list[HeldOut], n: int) -> str:
     run, saved = t["extra forwards run"], t["extra forwards saved"]
     kept, held = t["gain kept (in sample)"], t["gain kept (held out)"]
     pct = f"{100 * run / (run + saved):.1f}%" if run + saved else "—"
-    text = (f"adaptive: the gates keep {_pct(kept)} of the full TTA's {search.metric} gain in sample ({search.none:.4f} with each member's first view "
-            f"alone, {search.full:.4f} full TTA, {search.adaptive:.4f} gated) at {run} of {run + saved} extra forwards ({pct}), "
-            f"keep-gain {search.keep:g}")
+    text = (
+        f"adaptive: the gates keep {_pct(kept)} of the full TTA's {search.metric} gain in sample ({search.none:.4f} with each member's first view "
+        f"alone, {search.full:.4f} full TTA, {search.adaptive:.4f} gated) at {run} of {run + saved} extra forwards ({pct}), "
+        f"keep-gain {search.keep:g}"
+    )
     if search.learned and search.changed:
         text += f"; they make {_pct(search.changes_made)} of the {search.changed} decisions the full TTA changes as it does (keep-changes {search.keep_changes:g})"
     if folds:
         se = pooled_spread(search, folds)
-        text += f"; held out ({len(folds)} folds, each tuned and gated on the others) {_pct(held)}" + ("" if se is None or held is None else f" ± {100 * se:.1f}% (bootstrap SE)")
+        text += f"; held out ({len(folds)} folds, each tuned and gated on the others) {_pct(held)}" + (
+            "" if se is None or held is None else f" ± {100 * se:.1f}% (bootstrap SE)"
+        )
         if search.calibration:
             text += " (the in-sample keep was chosen on these folds: this overstates a little; new images tell)"
     return text

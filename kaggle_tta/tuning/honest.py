@@ -56,7 +56,12 @@ class Estimate:
             return None
         gains = np.array([self.gain(name, *f[name]) for f in self.folds])
         spread = float(gains.std(ddof=1)) if len(gains) > 1 else 0.0
-        return float(gains.mean()), spread, float(np.mean([f[name][0] for f in self.folds])), float(np.mean([f[name][1] for f in self.folds]))
+        return (
+            float(gains.mean()),
+            spread,
+            float(np.mean([f[name][0] for f in self.folds])),
+            float(np.mean([f[name][1] for f in self.folds])),
+        )
 
 
 def estimate(problem: Problem, folds: int, seed: int = 0) -> Estimate:
@@ -87,21 +92,31 @@ def warnings(est: Estimate, problem: Problem, folds: int) -> list[str]:
     total = sum(params.values())
     if total and n < ROWS_PER_VALUE * total:
         what = ", ".join(f"{k} {v}" for k, v in params.items())
-        out.append(f"{n} labelled {unit} for {total} tuned values ({what}): fewer than {ROWS_PER_VALUE} per value; expect the in-sample gain to overstate, trust the out-of-sample one")
+        out.append(
+            f"{n} labelled {unit} for {total} tuned values ({what}): fewer than {ROWS_PER_VALUE} per value; expect the in-sample gain to overstate, trust the out-of-sample one"
+        )
     if folds < 2:
         out.append("no out-of-sample estimate (--folds 0): the in-sample gain overstates what tuning is worth")
         return out
     if n // folds < MIN_FOLD:
-        out.append(f"held-out folds of about {n // folds} {unit}: too few for a steady estimate; label more, or use fewer folds")
+        out.append(
+            f"held-out folds of about {n // folds} {unit}: too few for a steady estimate; label more, or use fewer folds"
+        )
     name = est.scores[0][0]
     oos = est.out_of_sample(name)
     assert oos is not None
     mean, spread, _, _ = oos
     if mean < 0:
-        out.append(f"tuning lowered the held-out {name} ({mean:+.4f} on average): keep the pipeline as it is, or tune less")
+        out.append(
+            f"tuning lowered the held-out {name} ({mean:+.4f} on average): keep the pipeline as it is, or tune less"
+        )
     elif abs(mean) <= spread:
-        out.append(f"the out-of-sample {name} gain ({mean:+.4f} ± {spread:.4f}) is within its spread over folds: not distinguishable from zero")
+        out.append(
+            f"the out-of-sample {name} gain ({mean:+.4f} ± {spread:.4f}) is within its spread over folds: not distinguishable from zero"
+        )
     ins = est.in_sample_gain(name)
     if ins > 0 and ins > mean + 2 * spread:
-        out.append(f"in-sample {name} gain {ins:+.4f} exceeds the out-of-sample {mean:+.4f} ± {spread:.4f}: overfitting shows")
+        out.append(
+            f"in-sample {name} gain {ins:+.4f} exceeds the out-of-sample {mean:+.4f} ± {spread:.4f}: overfitting shows"
+        )
     return out

@@ -58,7 +58,9 @@ def probabilities(acc: np.ndarray, merge: str, activation: str) -> np.ndarray:
 Terms = list[tuple[np.ndarray, "float | np.ndarray"]]  # (array [N, C], its coefficient: a number or [C])
 
 
-def combine(terms: Terms, rows: slice | np.ndarray, out: np.ndarray | None = None, tmp: np.ndarray | None = None) -> np.ndarray:
+def combine(
+    terms: Terms, rows: slice | np.ndarray, out: np.ndarray | None = None, tmp: np.ndarray | None = None
+) -> np.ndarray:
     """``sum_k coef_k * array_k[rows]`` as float32 (a block of a weighted merge), into
     ``out`` when given (its first rows; ``tmp``: a second scratch block). Equal scalar
     coefficients are summed first and multiplied once."""

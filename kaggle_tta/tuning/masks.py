@@ -37,7 +37,9 @@ class MaskTuned:
     notes: tuple[str, ...] = ()
 
 
-def dice_grid(p: np.ndarray, truth: np.ndarray, taus: np.ndarray | None, areas: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+def dice_grid(
+    p: np.ndarray, truth: np.ndarray, taus: np.ndarray | None, areas: np.ndarray, mask: np.ndarray | None = None
+) -> np.ndarray:
     """``[n_thresholds, n_areas]`` Dice of one class of one image: ``p >= tau`` (or the
     given ``mask``, softmax), components smaller than each area removed."""
     import cv2
@@ -69,7 +71,9 @@ class MaskProblem:
         from kaggle_tta.config.errors import ConfigError
 
         if not opts.thresholds:
-            raise ConfigError("--no-thresholds: segmentation tunes its threshold and min_area only; nothing is left to tune")
+            raise ConfigError(
+                "--no-thresholds: segmentation tunes its threshold and min_area only; nothing is left to tune"
+            )
         self.plan, self.cfg, self.opts = plan, plan.cfg, opts
         self.activation = plan.members[0].activation
         self.classes = plan.classes
@@ -126,7 +130,10 @@ class MaskProblem:
         """Dice ``[len(rows), K]``."""
         if tuned.base:
             return self.base_dice[rows]
-        ti = [0 if self.taus is None else int(np.flatnonzero(self.taus == t)[0]) for t in _per_class(tuned.threshold, len(self.classes))]
+        ti = [
+            0 if self.taus is None else int(np.flatnonzero(self.taus == t)[0])
+            for t in _per_class(tuned.threshold, len(self.classes))
+        ]
         ai = [int(np.flatnonzero(self.areas == a)[0]) for a in _per_class(tuned.min_area, len(self.classes))]
         return np.stack([self.grid[rows, c, ti[c], ai[c]] for c in range(len(self.classes))], axis=1)
 
@@ -148,12 +155,19 @@ class MaskProblem:
 
         k, every = len(self.classes), np.arange(self.n_units)
         db, da = self.per_class(before, every).mean(axis=0), self.per_class(after, every).mean(axis=0)
-        return {"thresholds": pl.DataFrame({
-            "class": self.classes,
-            "threshold before": _per_class(before.threshold, k), "threshold after": _per_class(after.threshold, k),
-            "min_area before": _per_class(before.min_area, k), "min_area after": _per_class(after.min_area, k),
-            "Dice before": db.tolist(), "Dice after": da.tolist(),
-        })}
+        return {
+            "thresholds": pl.DataFrame(
+                {
+                    "class": self.classes,
+                    "threshold before": _per_class(before.threshold, k),
+                    "threshold after": _per_class(after.threshold, k),
+                    "min_area before": _per_class(before.min_area, k),
+                    "min_area after": _per_class(after.min_area, k),
+                    "Dice before": db.tolist(),
+                    "Dice after": da.tolist(),
+                }
+            )
+        }
 
     def points(self, tuned: MaskTuned, tables: dict[str, Any]) -> list[tuple[str, str, float, float]]:
         return []

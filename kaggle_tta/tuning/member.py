@@ -67,7 +67,9 @@ class MemberData:
         keep = np.flatnonzero(w.reshape(len(t), -1).any(axis=1))
         return [(t[v], w[v].astype(np.float32)) for v in keep], (1.0 / temperature if self.linear else 1.0)
 
-    def acc(self, w: np.ndarray, temperature: float, rows: np.ndarray | slice = slice(None)) -> tuple[np.ndarray, float]:
+    def acc(
+        self, w: np.ndarray, temperature: float, rows: np.ndarray | slice = slice(None)
+    ) -> tuple[np.ndarray, float]:
         """``(sum_v w_v t_v, scale)`` for rows, weights normalized over the views."""
         terms, scale = self.terms(w, temperature)
         return losses.combine(terms, rows), scale
@@ -77,7 +79,9 @@ class MemberData:
         total = w.sum(axis=0, keepdims=True)
         return (np.round(w / np.where(total > 0, total, 1.0), 12).tobytes(), np.shape(w), round(float(temperature), 9))
 
-    def loss_rows(self, w: np.ndarray, temperature: float, terms: losses.Terms | None = None, scale: float | None = None) -> np.ndarray:
+    def loss_rows(
+        self, w: np.ndarray, temperature: float, terms: losses.Terms | None = None, scale: float | None = None
+    ) -> np.ndarray:
         """Per-row NLL ``[N]`` of the merge with weights ``w`` at ``temperature`` (memoized;
         ``terms`` and ``scale``: the same sum written another way, e.g. a running one)."""
         key = self._key(w, temperature)
@@ -111,7 +115,12 @@ class MemberData:
         return np.array([float(np.einsum("ij,ij->", g, x) / len(rows)) for x in tb])
 
     def predict(
-        self, views: list[str], w: np.ndarray | None, temperature: float, rows: np.ndarray | slice = slice(None), gate: Gate | None = None,
+        self,
+        views: list[str],
+        w: np.ndarray | None,
+        temperature: float,
+        rows: np.ndarray | slice = slice(None),
+        gate: Gate | None = None,
         send: np.ndarray | None = None,
     ) -> Prediction:
         """The merge exactly as the blend computes it (kaggle_tta.ops.merge.reduce_views; and
@@ -132,4 +141,6 @@ class MemberData:
 
     def probs(self, w: np.ndarray, temperature: float, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
         terms, scale = self.terms(w, temperature)
-        return losses.probabilities(losses.combine([(t, c * np.float32(scale)) for t, c in terms], rows), self.merge, self.activation)
+        return losses.probabilities(
+            losses.combine([(t, c * np.float32(scale)) for t, c in terms], rows), self.merge, self.activation
+        )

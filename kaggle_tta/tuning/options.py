@@ -70,17 +70,25 @@ class TuneOptions:
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"--objective: '{self.objective}'; choose one of {', '.join(OBJECTIVES)}")
         if self.folds < 0 or self.folds == 1:
-            raise ConfigError(f"--folds: {self.folds}; give 0 (in-sample only) or k >= 2 (tune on k - 1 folds, score the held-out one)")
+            raise ConfigError(
+                f"--folds: {self.folds}; give 0 (in-sample only) or k >= 2 (tune on k - 1 folds, score the held-out one)"
+            )
         if self.max_steps < 1:
             raise ConfigError(f"--max-steps: {self.max_steps}; give at least 1")
         if self.adaptive is not None and self.adaptive not in ADAPTIVE:
             raise ConfigError(f"--adaptive: '{self.adaptive}'; choose one of {', '.join(ADAPTIVE)}")
         if not 0.0 <= self.keep_gain <= 1.0:
-            raise ConfigError(f"--keep-gain: {self.keep_gain}; give a share of the full TTA's gain between 0 and 1 (e.g. 0.9)")
+            raise ConfigError(
+                f"--keep-gain: {self.keep_gain}; give a share of the full TTA's gain between 0 and 1 (e.g. 0.9)"
+            )
         if not 0.0 <= self.keep_margin <= 10.0:
-            raise ConfigError(f"--keep-margin: {self.keep_margin}; give standard errors between 0 and 10 (e.g. 1; 0: the held-out figure alone)")
+            raise ConfigError(
+                f"--keep-margin: {self.keep_margin}; give standard errors between 0 and 10 (e.g. 1; 0: the held-out figure alone)"
+            )
         if not 0.0 <= self.keep_changes <= 1.0:
-            raise ConfigError(f"--keep-changes: {self.keep_changes}; give a share of the full TTA's changed decisions between 0 and 1 (e.g. 0.9; 0: off)")
+            raise ConfigError(
+                f"--keep-changes: {self.keep_changes}; give a share of the full TTA's changed decisions between 0 and 1 (e.g. 0.9; 0: off)"
+            )
 
 
 SWITCHES = {
@@ -94,31 +102,77 @@ SWITCHES = {
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The tune subcommand's own arguments (the pipeline, --set and --overrides are shared)."""
-    p.add_argument("--out", default="tuned.yaml", help="the partial pipeline to write (default: tuned.yaml); apply it with --overrides")
-    p.add_argument("--folds", type=int, default=5, help="k of the out-of-sample estimate: tune on k - 1 folds, score the held-out one (0: in-sample only; default 5)")
-    p.add_argument("--metric", default=None, help="the task's metric (default), accuracy, f1, nll, or module:callable as fn(y_true, probs) -> float, higher is better")
+    p.add_argument(
+        "--out",
+        default="tuned.yaml",
+        help="the partial pipeline to write (default: tuned.yaml); apply it with --overrides",
+    )
+    p.add_argument(
+        "--folds",
+        type=int,
+        default=5,
+        help="k of the out-of-sample estimate: tune on k - 1 folds, score the held-out one (0: in-sample only; default 5)",
+    )
+    p.add_argument(
+        "--metric",
+        default=None,
+        help="the task's metric (default), accuracy, f1, nll, or module:callable as fn(y_true, probs) -> float, higher is better",
+    )
     defaults = TuneOptions()
     for name, text in SWITCHES.items():
-        p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=getattr(defaults, name.replace("-", "_")), help=text)
-    p.add_argument("--member-weights", choices=MEMBER_WEIGHTS, default="hill", help="blend weights: hill climbing with replacement (default), optimise (then Nelder-Mead), off")
-    p.add_argument("--objective", choices=OBJECTIVES, default="nll", help="what member weights minimize: nll (default) or the negated metric")
-    p.add_argument("--max-steps", type=int, default=20, help="hill climbing: at most this many copies of a blend's inputs (default 20)")
+        p.add_argument(
+            f"--{name}",
+            action=argparse.BooleanOptionalAction,
+            default=getattr(defaults, name.replace("-", "_")),
+            help=text,
+        )
+    p.add_argument(
+        "--member-weights",
+        choices=MEMBER_WEIGHTS,
+        default="hill",
+        help="blend weights: hill climbing with replacement (default), optimise (then Nelder-Mead), off",
+    )
+    p.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default="nll",
+        help="what member weights minimize: nll (default) or the negated metric",
+    )
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        default=20,
+        help="hill climbing: at most this many copies of a blend's inputs (default 20)",
+    )
     p.add_argument("--seed", type=int, default=0, help="folds and minibatches (default 0)")
     p.add_argument(
-        "--adaptive", choices=ADAPTIVE, default=None,
+        "--adaptive",
+        choices=ADAPTIVE,
+        default=None,
         help="learn each member's adaptive gate with this rule (off: none; default: off, except members whose pipeline sets adaptive learn its rule)",
     )
-    p.add_argument("--keep-gain", type=float, default=0.9, help="the gates keep at least this share of the full TTA's metric gain over no TTA (default 0.9)")
     p.add_argument(
-        "--calibrate-keep", action=argparse.BooleanOptionalAction, default=True,
+        "--keep-gain",
+        type=float,
+        default=0.9,
+        help="the gates keep at least this share of the full TTA's metric gain over no TTA (default 0.9)",
+    )
+    p.add_argument(
+        "--calibrate-keep",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="with --folds: learn the gates at the lowest in-sample keep whose held-out gain kept reaches --keep-gain (by --keep-margin SEs; default on)",
     )
     p.add_argument(
-        "--keep-margin", type=float, default=0.0,
+        "--keep-margin",
+        type=float,
+        default=0.0,
         help="--calibrate-keep: the held-out gain kept must reach --keep-gain by this many (bootstrap) standard errors (default 0: the figure alone)",
     )
     p.add_argument(
-        "--keep-changes", type=float, default=0.9,
+        "--keep-changes",
+        type=float,
+        default=0.9,
         help="and make at least this share of the decisions the full TTA changes as it does (labels not read; 0: off; default 0.9)",
     )
     p.add_argument("--report", default=None, help="also write the report (markdown) here")
@@ -127,8 +181,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def options_from(args: argparse.Namespace) -> TuneOptions:
     return TuneOptions(
-        views=args.views, view_weights=args.view_weights, class_weights=args.class_weights, temperature=args.temperature,
-        member_weights=args.member_weights, thresholds=args.thresholds, objective=args.objective, metric=args.metric,
-        folds=args.folds, seed=args.seed, max_steps=args.max_steps, adaptive=args.adaptive, keep_gain=args.keep_gain,
-        keep_changes=args.keep_changes, calibrate_keep=args.calibrate_keep, keep_margin=args.keep_margin,
+        views=args.views,
+        view_weights=args.view_weights,
+        class_weights=args.class_weights,
+        temperature=args.temperature,
+        member_weights=args.member_weights,
+        thresholds=args.thresholds,
+        objective=args.objective,
+        metric=args.metric,
+        folds=args.folds,
+        seed=args.seed,
+        max_steps=args.max_steps,
+        adaptive=args.adaptive,
+        keep_gain=args.keep_gain,
+        keep_changes=args.keep_changes,
+        calibrate_keep=args.calibrate_keep,
+        keep_margin=args.keep_margin,
     )

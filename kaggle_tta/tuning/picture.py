@@ -58,10 +58,18 @@ def draw(points: Sequence[tuple[str, str, float, float]], title: str) -> np.ndar
         r = SIZES[kind]
         img[max(py - r, 0) : py + r + 1, max(px - r, 0) : px + r + 1] = COLOURS[kind]
         labels.append((px + r + 2, py - 6, label, COLOURS[kind]))
-    ticks = [(MARGIN - 4, H - MARGIN + 6, "0 s"), (W - MARGIN - 40, H - MARGIN + 6, f"{x_hi:.3g} s"),
-             (4, at(0, y_hi)[1], f"{y_hi:+.3g}"), (4, at(0, y_lo)[1] - 10, f"{y_lo:+.3g}"), (4, zero - 6, "0")]
-    texts = [(x, y, t, (0, 0, 0)) for x, y, t in ticks] + labels + [(MARGIN, 16, title, (0, 0, 0)),
-             (W - MARGIN - 200, 16, "blue: views, orange: members", (90, 90, 90))]
+    ticks = [
+        (MARGIN - 4, H - MARGIN + 6, "0 s"),
+        (W - MARGIN - 40, H - MARGIN + 6, f"{x_hi:.3g} s"),
+        (4, at(0, y_hi)[1], f"{y_hi:+.3g}"),
+        (4, at(0, y_lo)[1] - 10, f"{y_lo:+.3g}"),
+        (4, zero - 6, "0"),
+    ]
+    texts = (
+        [(x, y, t, (0, 0, 0)) for x, y, t in ticks]
+        + labels
+        + [(MARGIN, 16, title, (0, 0, 0)), (W - MARGIN - 200, 16, "blue: views, orange: members", (90, 90, 90))]
+    )
     return _text(img, texts)
 
 

@@ -52,12 +52,18 @@ class TuneResult:
         est = self.estimate
         name = est.scores[0][0]
         ins, oos, spread = self.gain(name)
-        head = [f"# kaggle-tta tune {self.pipeline}: apply with --overrides (e.g. kaggle-tta blend {self.pipeline} --overrides THIS_FILE)"]
-        head.append(f"# {name} of '{self.source}': {est.in_sample[name][0]:.4f} as is, {est.in_sample[name][1]:.4f} tuned (in sample, {ins:+.4f})")
+        head = [
+            f"# kaggle-tta tune {self.pipeline}: apply with --overrides (e.g. kaggle-tta blend {self.pipeline} --overrides THIS_FILE)"
+        ]
+        head.append(
+            f"# {name} of '{self.source}': {est.in_sample[name][0]:.4f} as is, {est.in_sample[name][1]:.4f} tuned (in sample, {ins:+.4f})"
+        )
         if oos is not None:
             head.append(f"# out of sample ({len(est.folds)}-fold): {oos:+.4f} ± {spread:.4f}")
         head += [f"# warning: {w}" for w in self.warnings]
-        return "\n".join(head) + "\n" + yaml.safe_dump(self.overrides, sort_keys=False, default_flow_style=None, width=120)
+        return (
+            "\n".join(head) + "\n" + yaml.safe_dump(self.overrides, sort_keys=False, default_flow_style=None, width=120)
+        )
 
     def write(self, path: str | Path) -> None:
         """Writes tuned.yaml atomically (a temporary file beside it, then renamed)."""
@@ -98,11 +104,19 @@ def summary_table(est: Estimate, source: str) -> pl.DataFrame:
     for name, _ in est.scores:
         before, after = est.in_sample[name]
         oos = est.out_of_sample(name)
-        rows.append({
-            "node": source, "score": name, "as is": before, "tuned (in sample)": after, "gain in sample": est.in_sample_gain(name),
-            "gain out of sample": oos[0] if oos else None, "± (std over folds)": oos[1] if oos else None,
-            "held out as is": oos[2] if oos else None, "held out tuned": oos[3] if oos else None,
-        })
+        rows.append(
+            {
+                "node": source,
+                "score": name,
+                "as is": before,
+                "tuned (in sample)": after,
+                "gain in sample": est.in_sample_gain(name),
+                "gain out of sample": oos[0] if oos else None,
+                "± (std over folds)": oos[1] if oos else None,
+                "held out as is": oos[2] if oos else None,
+                "held out tuned": oos[3] if oos else None,
+            }
+        )
     return pl.DataFrame(rows)
 
 

@@ -93,7 +93,9 @@ def tune(
     sources = open_sources(plan, fill_command(name, [str(f) for f in override_files or []], overrides or []))
     problem = make(plan, sources, opts)
     if hasattr(problem, "calibrate_keep"):
-        problem.calibrate_keep(opts.folds, opts.seed)  # before the estimate: its folds learn their gates at the keep chosen
+        problem.calibrate_keep(
+            opts.folds, opts.seed
+        )  # before the estimate: its folds learn their gates at the keep chosen
     est = estimate(problem, opts.folds, opts.seed)
     source = plan.cfg.submission_source
     result = TuneResult(name, source, est, problem.overrides(est.tuned), warnings=est.warnings)
@@ -108,7 +110,9 @@ def tune(
     if picture is not None and points:
         from kaggle_tta.tuning.picture import write_picture
 
-        write_picture(Path(picture), points, f"gain ({problem.gain_label}) against seconds: {Path(result.pipeline).name}")
+        write_picture(
+            Path(picture), points, f"gain ({problem.gain_label}) against seconds: {Path(result.pipeline).name}"
+        )
         result.picture = str(picture)
     elif picture is not None:
         result.notes.append(f"no picture: {task.name} tunes no views or members, only its thresholds")

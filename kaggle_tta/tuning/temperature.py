@@ -19,7 +19,9 @@ T_MIN, T_MAX = 0.05, 20.0
 DIGITS = 3  # significant digits of the temperature written to tuned.yaml (and scored)
 
 
-def fit_temperature(m: MemberData, w: np.ndarray, train: np.ndarray, start: float = 1.0, iters: int = 30, acc: np.ndarray | None = None) -> float:
+def fit_temperature(
+    m: MemberData, w: np.ndarray, train: np.ndarray, start: float = 1.0, iters: int = 30, acc: np.ndarray | None = None
+) -> float:
     """The temperature minimizing the mean NLL over ``train``, rounded to DIGITS significant
     digits (the NLL is flat there: < 1e-5 apart; and folds that land on the same value
     share their later evaluations). ``iters``: Newton iterations (GPS refits with 2, warm);
@@ -62,7 +64,9 @@ def _fgh(acc: np.ndarray, beta: float, y: np.ndarray, activation: str) -> tuple[
     return f, g, h
 
 
-def _newton(m: MemberData, w: np.ndarray, train: np.ndarray, start: float, iters: int = 30, acc: np.ndarray | None = None) -> float:
+def _newton(
+    m: MemberData, w: np.ndarray, train: np.ndarray, start: float, iters: int = 30, acc: np.ndarray | None = None
+) -> float:
     """Newton on beta = 1/T (the NLL is convex in it), halving a step that raises the loss;
     one pass over the rows per evaluation of (f, f', f'')."""
     if acc is None:

@@ -14,7 +14,9 @@ import numpy as np
 GRID = np.round(np.arange(0.02, 0.99, 0.01), 2)
 
 
-def class_counts(probs: np.ndarray, y: np.ndarray, grid: np.ndarray = GRID) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def class_counts(
+    probs: np.ndarray, y: np.ndarray, grid: np.ndarray = GRID
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per class and grid threshold ``[C, G]``: true positives, false positives, false
     negatives of ``probs >= threshold``."""
     c = probs.shape[1]

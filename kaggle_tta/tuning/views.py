@@ -54,7 +54,9 @@ class ViewPolicy:
     weights: np.ndarray
     temperature: float
     counts: np.ndarray | None = None  # GPS's multiset (None: GPS off)
-    added_gain: dict[int, float] = field(default_factory=dict)  # view -> NLL drop when GPS first added it (NaN: the first pick)
+    added_gain: dict[int, float] = field(
+        default_factory=dict
+    )  # view -> NLL drop when GPS first added it (NaN: the first pick)
     notes: list[str] = field(default_factory=list)
     gate: Gate | None = None  # adaptive views (kaggle_tta.tuning.gates): rows its first view is sure of merge it alone
 
@@ -123,14 +125,25 @@ def greedy_policy_search(m: MemberData, train: np.ndarray, s: ViewSettings, temp
         counts[v] += 1
         total = views[v].copy() if total is None else total.__iadd__(views[v])
         if s.temperature:  # warm, 2 Newton steps: the policy changed by one view
-            t_new = fit_temperature(m, counts, train, t, iters=2, acc=total * np.float32(1.0 / counts.sum()) if m.linear else None)
+            t_new = fit_temperature(
+                m, counts, train, t, iters=2, acc=total * np.float32(1.0 / counts.sum()) if m.linear else None
+            )
             if t_new != t and not m.linear:  # the views' transforms change with T: sum them again
                 total = None
             t = t_new
     return ViewPolicy(counts.copy(), t, counts=counts, added_gain=gains)
 
 
-def _refine(m: MemberData, start: np.ndarray, t: float, train: np.ndarray, s: ViewSettings, l2: float, notes: list[str], what: str) -> np.ndarray:
+def _refine(
+    m: MemberData,
+    start: np.ndarray,
+    t: float,
+    train: np.ndarray,
+    s: ViewSettings,
+    l2: float,
+    notes: list[str],
+    what: str,
+) -> np.ndarray:
     """Exponentiated gradient (AdaGrad steps) on the simplex of the support of ``start``,
     regularized toward it; the result if it lowers the training NLL, else ``start``."""
     rng = np.random.default_rng(s.seed)

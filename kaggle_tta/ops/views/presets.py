@@ -19,7 +19,7 @@ import math
 from typing import Any
 
 from kaggle_tta.config.errors import ConfigError, did_you_mean
-from kaggle_tta.ops.views.views import PARAMETRIC, Crop, HFlip, Op, Parametric, Rot90, Transpose, View, VFlip
+from kaggle_tta.ops.views.views import PARAMETRIC, Crop, HFlip, Op, Parametric, Rot90, Transpose, VFlip, View
 
 # The atomic views. transverse (reflection over the anti-diagonal) is albumentations' 'hvt'.
 _ATOMIC: dict[str, tuple[Op, ...]] = {
