@@ -79,8 +79,8 @@ def _precision(setting: str, device: str = "cpu") -> tuple[str, tuple[bool, ...]
     (runtime.channels_last auto: on with CUDA or reduced precision; timed on a CPU in fp32)."""
     import torch
 
-    from kaggle_tta.engine.plan import resolve_precision
-    from kaggle_tta.exec.forward import layout_candidates
+    from kaggle_tta.engine.device import resolve_precision
+    from kaggle_tta.exec.chunks import layout_candidates
 
     p = resolve_precision(setting, torch.device(device))
     return p, layout_candidates("auto", torch.device(device), p)
@@ -419,7 +419,8 @@ def reblend_setup(spec: dict) -> None:
     from kaggle_tta.cache.entry import FORMAT_VERSION
     from kaggle_tta.config import load_pipeline
     from kaggle_tta.config.errors import CacheError
-    from kaggle_tta.engine.plan import build_plan, resolve_precision
+    from kaggle_tta.engine.device import resolve_precision
+    from kaggle_tta.engine.plan import build_plan
 
     cfg = load_pipeline(spec["pipeline"])
     plan = build_plan(cfg)

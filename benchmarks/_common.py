@@ -265,7 +265,7 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
     code = (
         "import json, torch, timm, albumentations, ttach, numpy, cv2\n"
         "from importlib.metadata import version\n"
-        "from kaggle_tta.engine.plan import cpu_has_native_bf16, resolve_precision\n"
+        "from kaggle_tta.engine.device import cpu_has_native_bf16, resolve_precision\n"
         f"dev = {device!r}\n"
         "info = {'torch': torch.__version__, 'timm': timm.__version__,"
         " 'albumentations': albumentations.__version__, 'ttach': version('ttach'),"

@@ -105,7 +105,7 @@ except Exception as exc:
     # run sees (one is used until sharding over ranks lands).
     step - 30 python3 -c "
 import torch
-from kaggle_tta.engine.plan import resolve_precision
+from kaggle_tta.engine.device import resolve_precision
 for i in range(torch.cuda.device_count()):
     d = torch.device('cuda', i)
     print('gpu', i, torch.cuda.get_device_name(i), 'sm_%d%d' % torch.cuda.get_device_capability(i),

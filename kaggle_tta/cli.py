@@ -24,7 +24,9 @@ def _print_stats(stats) -> None:
     if stats.rank is not None and not stats.ranks:  # a rank other than 0: one line, written at once (no interleaving)
         lo, hi = stats.share
         print(
-            f"kaggle-tta: {stats.rank} on {stats.device}: rows {lo}-{hi} of {stats.images}, {stats.rows_computed} computed in {stats.seconds:.1f}s; {'rank 0 blends' if stats.rank.startswith('rank') else 'join the shares with kaggle-tta cache merge'}",
+            f"kaggle-tta: {stats.rank} on {stats.device}: rows {lo}-{hi} of {stats.images}, {stats.rows_computed} "
+            f"computed in {stats.seconds:.1f}s; "
+            f"{'rank 0 blends' if stats.rank.startswith('rank') else 'join the shares with kaggle-tta cache merge'}",
             flush=True,
         )
         return
@@ -54,7 +56,8 @@ def _print_stats(stats) -> None:
     precision = stats.precision or "/".join(computed)  # members that ran in different precisions: each, in member order
     saved = f", {stats.forwards.text()}" if stats.forwards.saved else ""
     print(
-        f"inference: {stats.rows_computed} images on {stats.device} ({precision}, forward batch {stats.forward_batch}) in {stats.seconds:.1f}s{saved}"
+        f"inference: {stats.rows_computed} images on {stats.device} ({precision}, forward batch "
+        f"{stats.forward_batch}) in {stats.seconds:.1f}s{saved}"
     )
 
 
@@ -211,7 +214,7 @@ def cmd_cache_merge(args: argparse.Namespace) -> None:
     its share into its own cache.dir) into this cache, and assembles what they complete."""
     from kaggle_tta.cache.shards import missing_rows
     from kaggle_tta.config.errors import CacheError
-    from kaggle_tta.dist.ranked import assemble_from
+    from kaggle_tta.engine.assembly import assemble_from
     from kaggle_tta.engine.plan import build_plan
 
     plan = build_plan(_load(args))
@@ -229,7 +232,8 @@ def cmd_cache_merge(args: argparse.Namespace) -> None:
     print(f"cache: {done.copied} shard(s) copied, {done.made} view(s) assembled in {plan.cache_root}")
     if lacking:
         raise CacheError(
-            f"still missing after the merge: {'; '.join(lacking[:5])}{' ...' if len(lacking) > 5 else ''}; merge the other machines' caches too, or run 'kaggle-tta infer {args.pipeline}' to compute them here"
+            f"still missing after the merge: {'; '.join(lacking[:5])}{' ...' if len(lacking) > 5 else ''}; merge "
+            f"the other machines' caches too, or run 'kaggle-tta infer {args.pipeline}' to compute them here"
         )
 
 
@@ -247,7 +251,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str, bool]] = {
     "blend": (cmd_blend, "blend from the cache and write the submission (builds no model, reads no image)", False),
     "tune": (
         cmd_tune,
-        "learn views, weights, temperatures and thresholds from a labelled pipeline's cache; write tuned.yaml (no model, no image)",
+        "learn views, weights, temperatures and thresholds from a labelled pipeline's cache; write tuned.yaml "
+        "(no model, no image)",
         False,
     ),
     "cache ls": (cmd_cache_ls, "list cache entries: current or stale, views, rows, seconds", False),
@@ -267,7 +272,6 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str, bool]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     from kaggle_tta import __version__
-    from kaggle_tta.demo import DEMO_SIZE
 
     ap = argparse.ArgumentParser(
         prog="kaggle-tta", description="Test-time-augmentation ensemble inference with a prediction cache."
@@ -276,56 +280,80 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}
     for name, (fn, help_text, bar) in COMMANDS.items():
-        parent, _, child = name.partition(" ")
-        if child:
-            if parent not in groups:
-                gp = sub.add_parser(parent, help=f"{parent} subcommands")
-                groups[parent] = gp.add_subparsers(dest="subcommand", required=True)
-            p = groups[parent].add_parser(child, help=help_text)
-        else:
-            p = sub.add_parser(name, help=help_text)
-        p.add_argument("pipeline", help="path of pipeline.yaml")
-        p.add_argument(
-            "--overrides",
-            action="append",
-            default=[],
-            metavar="FILE",
-            help="a partial pipeline YAML merged over it before --set (repeatable; members and blends by name), e.g. tune's tuned.yaml",
-        )
-        p.add_argument(
-            "--set",
-            action="append",
-            default=[],
-            metavar="KEY.PATH=VALUE",
-            help="override a YAML value (repeatable), e.g. runtime.precision=fp32",
-        )
-        if bar:
-            p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-        if name == "infer":
-            p.add_argument(
-                "--share",
-                metavar="K/N",
-                help="compute only the K-th of N shares (0-based) into shard entries: for machines without a shared filesystem; join them with 'cache merge'",
-            )
-        if name == "cache merge":
-            p.add_argument(
-                "sources", nargs="+", metavar="OTHER_CACHE_DIR", help="another machine's cache.dir, copied here"
-            )
-        if name == "tune":
-            from kaggle_tta.tuning import options as tune_options  # light: argument definitions only
-
-            tune_options.add_arguments(p)
-        if name == "cache prune":
-            p.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
-            p.add_argument(
-                "--force", action="store_true", help="also remove entries another pipeline file recorded using"
-            )
+        p = _add_command_parser(sub, groups, name, help_text)
+        _add_pipeline_arguments(p, bar)
+        _add_command_arguments(p, name)
         p.set_defaults(func=fn)
+    _add_demo_data_parser(sub)
+    _add_kernel_parser(sub)
+    return ap
+
+
+def _add_command_parser(
+    sub: argparse._SubParsersAction, groups: dict[str, argparse._SubParsersAction], name: str, help_text: str
+) -> argparse.ArgumentParser:
+    """The parser of a pipeline command; a two-word name ('cache merge') goes under its group's
+    subcommands, made on first use."""
+    parent, _, child = name.partition(" ")
+    if child:
+        if parent not in groups:
+            gp = sub.add_parser(parent, help=f"{parent} subcommands")
+            groups[parent] = gp.add_subparsers(dest="subcommand", required=True)
+        return groups[parent].add_parser(child, help=help_text)
+    return sub.add_parser(name, help=help_text)
+
+
+def _add_pipeline_arguments(p: argparse.ArgumentParser, bar: bool) -> None:
+    """What every pipeline command takes: the pipeline, its overrides, and (with a progress bar) --quiet."""
+    p.add_argument("pipeline", help="path of pipeline.yaml")
+    p.add_argument(
+        "--overrides",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a partial pipeline YAML merged over it before --set (repeatable; members and blends by name), e.g. "
+        "tune's tuned.yaml",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a YAML value (repeatable), e.g. runtime.precision=fp32",
+    )
+    if bar:
+        p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+
+def _add_command_arguments(p: argparse.ArgumentParser, name: str) -> None:
+    """The arguments only one pipeline command takes."""
+    if name == "infer":
+        p.add_argument(
+            "--share",
+            metavar="K/N",
+            help="compute only the K-th of N shares (0-based) into shard entries: for machines without a shared "
+            "filesystem; join them with 'cache merge'",
+        )
+    if name == "cache merge":
+        p.add_argument("sources", nargs="+", metavar="OTHER_CACHE_DIR", help="another machine's cache.dir, copied here")
+    if name == "tune":
+        from kaggle_tta.tuning import options as tune_options  # light: argument definitions only
+
+        tune_options.add_arguments(p)
+    if name == "cache prune":
+        p.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+        p.add_argument("--force", action="store_true", help="also remove entries another pipeline file recorded using")
+
+
+def _add_demo_data_parser(sub: argparse._SubParsersAction) -> None:
+    from kaggle_tta.demo import DEMO_SIZE
+
     d = sub.add_parser(
         "demo-data",
         help="write the embedded demo test set: images, labels.csv, boxes.csv, and masks in OUT_masks/",
-        description="Writes synthetic top-down scenes (circle, square, triangle, cross among distractors) as PNGs, with "
-        "their class labels (labels.csv), boxes (boxes.csv) and masks (a sibling folder OUT_masks/). Idempotent.",
+        description="Writes synthetic top-down scenes (circle, square, triangle, cross among distractors) as PNGs, "
+        "with their class labels (labels.csv), boxes (boxes.csv) and masks (a sibling folder OUT_masks/). "
+        "Idempotent.",
     )
     d.add_argument("out", help="folder to write the images into (created if missing)")
     d.add_argument("--n", type=int, default=240, help="number of images (default: 240)")
@@ -337,25 +365,28 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"side of each square image in pixels (default: {DEMO_SIZE}, what the demo members were tuned on)",
     )
     d.set_defaults(func=cmd_demo_data)
+
+
+def _add_kernel_parser(sub: argparse._SubParsersAction) -> None:
     from kaggle_tta import kernel  # light: argument definitions only
 
     k = sub.add_parser(
         "kernel",
-        help="build the offline Kaggle bundle: two datasets (the wheels; the weights and pipeline) and a notebook kernel",
+        help="build the offline Kaggle bundle: two datasets (the wheels; the weights and pipeline) and a notebook "
+        "kernel",
     )
     kernel.add_arguments(k)
     k.set_defaults(func=kernel.run)
-    return ap
 
 
 RANKED = ("run", "infer")  # under torchrun every rank takes part in these; rank 0 alone runs the others
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from kaggle_tta.dist import launch as dist
+    from kaggle_tta.api import launched
 
     args = build_parser().parse_args(argv)
-    ranks = dist.current()
+    ranks = launched()
     if ranks is not None and not ranks.main and args.command not in RANKED:
         return 0  # blend, cache, kernel: rank 0's
     try:
@@ -367,9 +398,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("kaggle-tta: interrupted; completed batches are in the cache — rerun to resume", file=sys.stderr)
         return 130
     except Exception as exc:  # the launcher's store failing somewhere not caught closer: one line too
-        if ranks is None or not dist.store_error(exc, sockets=False):
+        if ranks is None:
             raise
-        print(f"kaggle-tta: {ranks}: error: {dist._lost(exc)}", file=sys.stderr)
+        from kaggle_tta.dist.group import lost
+        from kaggle_tta.dist.ranks import store_error
+
+        if not store_error(exc, sockets=False):
+            raise
+        print(f"kaggle-tta: {ranks}: error: {lost(exc)}", file=sys.stderr)
         return 2
     return 0
 

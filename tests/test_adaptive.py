@@ -451,7 +451,7 @@ def test_demo_d4_adaptive_run_keeps_the_gain_at_a_fraction_of_the_forwards(tmp_p
     plain, d4_acc = d4.scores_plain["accuracy"], d4.scores_tta["accuracy"]
     assert d4_acc > plain  # a gain to keep
     gates = tmp_path / "gates.yaml"
-    kaggle_tta.tuning(
+    kaggle_tta.tune(
         load_pipeline(ROOT / "pipeline.yaml", [*sets, f"cache.dir={tmp_path / 'full'}"]),
         out=gates,
         folds=0,
@@ -625,8 +625,8 @@ def test_a_damaged_share_keeps_the_gated_view_it_was_to_replace(plain_run, tmp_p
 
     from kaggle_tta.cache import CacheEntry
     from kaggle_tta.cache.shards import assemble
-    from kaggle_tta.dist.ranked import space_short
     from kaggle_tta.engine.plan import build_plan
+    from kaggle_tta.engine.shares import space_short
 
     write, cfg, plain = plain_run
     _gated(plain_run, tmp_path, "dmg")

@@ -256,7 +256,7 @@ def test_a_run_that_cannot_fit_stops_before_the_first_forward(pipeline, small_di
         }
     ]
     cfg["blends"] = []
-    import kaggle_tta.engine.stream as engine
+    import kaggle_tta.io.models as engine  # every model is built through it
 
     monkeypatch.setattr(engine, "build_model", lambda *a, **k: pytest.fail("a model was built"))
     assert main(["run", str(write(cfg)), "-q"]) == 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from kaggle_tta.exec.forward import ChunkSizer
+from kaggle_tta.exec.chunks import ChunkSizer
 
 
 def _drive(cost_per_input: dict[int, float], ceiling: int = 1024, chunks: int = 200) -> int:
@@ -145,7 +145,7 @@ def test_a_model_without_channels_last_stays_contiguous(layouts):
 def test_layout_candidates(setting, device, precision, expected):
     import torch
 
-    from kaggle_tta.exec.forward import layout_candidates
+    from kaggle_tta.exec.chunks import layout_candidates
 
     assert layout_candidates(setting, torch.device(device), precision) == expected
 
@@ -165,7 +165,7 @@ def test_layout_candidates(setting, device, precision, expected):
 def test_workers_auto(monkeypatch, cores, device, setting, threads, expected):
     import torch
 
-    from kaggle_tta.engine import plan
+    from kaggle_tta.engine import device as plan
 
     monkeypatch.setattr(plan, "cpu_cores", lambda: cores)
     assert plan.resolve_workers(setting, torch.device(device), threads) == expected
@@ -213,7 +213,7 @@ def test_out_of_memory_splits_into_pieces_of_the_size_that_fits(as_list):
 
 
 def test_run_summary_names_each_members_chunk_size_when_they_differ():
-    from kaggle_tta.engine.stream import MemberStats, RunStats
+    from kaggle_tta.engine.stats import MemberStats, RunStats
 
     st = RunStats(device="cpu", precision="fp32", images=4)
     st.members = {

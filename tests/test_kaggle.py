@@ -10,7 +10,7 @@ import torch
 
 from kaggle_tta import build_plan, load_pipeline, run
 from kaggle_tta.config.errors import ConfigError
-from kaggle_tta.engine.plan import resolve_precision
+from kaggle_tta.engine.device import resolve_precision
 
 
 @pytest.mark.parametrize(
@@ -52,7 +52,7 @@ def test_the_submission_takes_the_samples_header_ids_and_order(pipeline, demo_im
 def test_a_sample_id_missing_from_the_test_set_fails_before_the_first_forward(
     pipeline, demo_images, tmp_path, monkeypatch
 ):
-    import kaggle_tta.engine.stream as engine
+    import kaggle_tta.io.models as engine  # every model is built through it
 
     write, cfg = pipeline
     ids = sorted(p.stem for p in demo_images.glob("*.png"))

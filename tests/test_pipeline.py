@@ -496,7 +496,7 @@ def test_csv_and_glob_sources_and_image_conversions(pipeline, tmp_path):
 
 
 def test_loader_workers_and_auto_forward_batch(pipeline, tmp_path):
-    from kaggle_tta.exec.forward import ChunkSizer
+    from kaggle_tta.exec.chunks import ChunkSizer
 
     write, cfg = pipeline
     fixed = run(write(cfg, "fixed.yaml"), progress=False).stats

@@ -16,12 +16,14 @@ import pytest
 import yaml
 
 import kaggle_tta
-from kaggle_tta import api, cli
+from kaggle_tta import cli
 from kaggle_tta.config import load_pipeline
+from kaggle_tta.engine import device, pending
 from kaggle_tta.engine import plan as plan_mod
-from kaggle_tta.engine import stream as engine
+from kaggle_tta.engine import precision as precision_mod
 from kaggle_tta.engine.plan import build_plan
-from kaggle_tta.exec.forward import AGREEMENT_BOUND, REL_L2_BOUND, compare_precision
+from kaggle_tta.exec.precision import AGREEMENT_BOUND, REL_L2_BOUND, compare_precision
+from kaggle_tta.io import models as model_io
 
 PRE = {"input_size": [3, 56, 56], "crop_pct": 0.875, "mean": [0.5] * 3, "std": [0.5] * 3}
 
@@ -29,13 +31,14 @@ PRE = {"input_size": [3, 56, 56], "crop_pct": 0.875, "mean": [0.5] * 3, "std": [
 @pytest.fixture
 def auto_is_bf16(monkeypatch):
     """precision auto resolves to bf16 on this CPU, whatever its kind."""
-    orig = plan_mod.resolve_precision
+    orig = device.resolve_precision
 
     def resolve(name, device):
         return "bf16" if name == "auto" else orig(name, device)
 
     monkeypatch.setattr(plan_mod, "resolve_precision", resolve)  # plan.find_entry
-    monkeypatch.setattr(api, "resolve_precision", resolve)  # api.infer
+    monkeypatch.setattr(device, "resolve_precision", resolve)  # api.infer
+    monkeypatch.setattr(pending, "resolve_precision", resolve)  # pending.all_cached
 
 
 def _member(name: str, factory: str) -> dict:
@@ -55,8 +58,9 @@ def _forbid(monkeypatch, *names: str) -> None:
     def fail(*a, **k):
         raise AssertionError("called on a run with everything cached")
 
+    where = {"_probe": (precision_mod, "probe_precisions"), "build_model": (model_io, "build_model")}
     for n in names:
-        monkeypatch.setattr(engine, n, fail)
+        monkeypatch.setattr(*where[n], fail)
 
 
 def test_auto_bf16_falls_back_to_fp32_for_a_fragile_member_only(pipeline, tmp_path, auto_is_bf16, monkeypatch, capsys):
@@ -148,7 +152,7 @@ def test_all_members_robust_stay_bf16(pipeline, tmp_path, auto_is_bf16):
 def test_an_explicit_precision_is_not_checked_nor_overridden(pipeline, tmp_path, auto_is_bf16, monkeypatch, setting):
     write, cfg = pipeline
     if setting == "auto-fp32":  # auto on a CPU without native bf16: fp32, nothing to check
-        monkeypatch.setattr(api, "resolve_precision", lambda name, device: "fp32")
+        monkeypatch.setattr(device, "resolve_precision", lambda name, device: "fp32")
     cfg["runtime"]["precision"] = "auto" if setting == "auto-fp32" else setting
     cfg["members"] = [_member("frag", "nearly_tied_model")]
     cfg["blends"] = []

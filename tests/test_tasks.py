@@ -18,7 +18,7 @@ from kaggle_tta.cache import CacheEntry
 from kaggle_tta.config import PipelineConfig, load_pipeline
 from kaggle_tta.config.errors import ConfigError, KaggleTTAError
 from kaggle_tta.engine.plan import Plan
-from kaggle_tta.engine.stream import RunStats
+from kaggle_tta.engine.stats import RunStats
 from kaggle_tta.ops.rle import rle_to_mask
 from kaggle_tta.tasks import detection as det
 from kaggle_tta.tasks import segmentation as seg

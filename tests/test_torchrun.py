@@ -23,7 +23,7 @@ import yaml
 
 from kaggle_tta import build_plan, load_pipeline, run
 from kaggle_tta.cli import main
-from kaggle_tta.dist.launch import Ranks
+from kaggle_tta.dist.ranks import Ranks
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -342,8 +342,8 @@ def test_runtime_devices_2_under_precision_auto_starts_two_ranks_and_completes_i
     """precision auto: bf16 where the CPU has it natively (rank 0 checks it against fp32 for
     every rank), fp32 elsewhere. Both caches hold complete fp32 entries first: under a reduced
     auto they are not this run's, so the ranks start (and compute what one process does)."""
-    from kaggle_tta.api import _all_cached
-    from kaggle_tta.engine.plan import resolve_precision
+    from kaggle_tta.engine.device import resolve_precision
+    from kaggle_tta.engine.pending import all_cached as _all_cached
 
     auto = ["runtime.precision=auto"]
     reduced = resolve_precision("auto", torch.device("cpu")) != "fp32"
@@ -390,8 +390,8 @@ def test_ctrl_c_under_runtime_devices_stops_every_rank_with_one_line(pipeline, t
 
 
 def _share(plan, lo: int, hi: int):
-    from kaggle_tta.dist.ranked import run_share
-    from kaggle_tta.engine.stream import choose_precisions
+    from kaggle_tta.engine.precision import choose_precisions
+    from kaggle_tta.engine.shares import run_share
 
     precisions = choose_precisions(plan, torch.device("cpu"), "fp32")
     return run_share(plan, torch.device("cpu"), precisions, lo, hi), precisions
@@ -400,7 +400,7 @@ def _share(plan, lo: int, hi: int):
 def test_a_changed_split_uses_the_shards_of_the_old_one(pipeline, tmp_path):
     """An elastic group that shrank or grew: 2 ranks, of which one finished (rows 0-12),
     then 3 ranks. The new rank 0's rows are all in the old shard: it computes none."""
-    from kaggle_tta.dist.ranked import assemble_entries
+    from kaggle_tta.engine.assembly import assemble_entries
 
     single = _classification(pipeline[1], tmp_path, "single")
     run(single, progress=False)
@@ -430,7 +430,7 @@ def test_rank_0_checks_the_disk_for_every_share_and_the_assembly(pipeline, tmp_p
     import shutil
     from types import SimpleNamespace
 
-    from kaggle_tta.dist import ranked
+    from kaggle_tta.engine import shares as ranked
 
     single = _classification(pipeline[1], tmp_path, "single")
     run(single, progress=False)
@@ -513,7 +513,7 @@ def test_ranks_without_a_launcher_are_one_line(pipeline, tmp_path, monkeypatch, 
 
 def test_a_device_named_for_one_gpu_is_refused_with_ranks():
     from kaggle_tta.config.errors import ConfigError
-    from kaggle_tta.dist.launch import device_for
+    from kaggle_tta.dist.ranks import device_for
 
     with pytest.raises(ConfigError, match="names one GPU"):
         device_for("cuda:1", Ranks(0, 2, 0, 2))
@@ -568,12 +568,14 @@ def test_a_rank_failing_on_another_node_stops_every_rank_with_one_line(pipeline,
 _CHECK_SHARED = """
 import os, sys, time
 from pathlib import Path
-from kaggle_tta.dist import launch as dist
-r = dist.current()
+from kaggle_tta.dist import group as dist
+from kaggle_tta.dist.checks import check_shared
+from kaggle_tta.dist.ranks import current
+r = current()
 dist.join(r)
 try:
     t = time.monotonic()
-    dist.check_shared(Path(os.environ["KAGGLE_TTA_TEST_ROOT"]), r)
+    check_shared(Path(os.environ["KAGGLE_TTA_TEST_ROOT"]), r)
     print(f"shared in {time.monotonic() - t:.2f}s")
     dist._GROUP[0].settle()  # rank 0 hosts the store: it leaves once rank 1 has read the last exchange
 except Exception as exc:
@@ -686,7 +688,7 @@ def test_a_token_hidden_for_a_while_is_looked_for_again(tmp_path):
     the folder again until it appears (or the wait ends, naming the ranks still unseen)."""
     import threading
 
-    from kaggle_tta.dist.launch import _look
+    from kaggle_tta.dist.checks import _look
 
     folder = tmp_path / ".ranks" / "token"
     folder.mkdir(parents=True)
@@ -760,7 +762,7 @@ def test_ranks_running_another_job_are_refused_before_any_forward(pipeline, tmp_
 _JOIN = """
 import sys
 from datetime import timedelta
-from kaggle_tta.dist import launch as dist
+from kaggle_tta.dist import group as dist
 from kaggle_tta.cli import main
 dist.JOIN_TIMEOUT = timedelta(seconds=2)
 sys.exit(main(sys.argv[1:]))

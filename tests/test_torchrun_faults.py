@@ -13,7 +13,7 @@ from test_torchrun import _classification, _keep_threads, _same, _share  # noqa:
 
 from kaggle_tta import build_plan, load_pipeline, run
 from kaggle_tta.cache import CacheEntry
-from kaggle_tta.dist.launch import Ranks
+from kaggle_tta.dist.ranks import Ranks
 
 
 def _halves(pipeline, tmp_path, name: str):
@@ -34,7 +34,7 @@ def _entry(plan, name: str) -> CacheEntry:
 
 def test_the_assembly_frees_each_view_once_committed_and_keeps_partial_shards(pipeline, tmp_path, monkeypatch):
     from kaggle_tta.cache import shards
-    from kaggle_tta.dist.ranked import assemble_entries
+    from kaggle_tta.engine.assembly import assemble_entries
 
     single, p, plan, precisions = _halves(pipeline, tmp_path, "freed")
     entry = _entry(plan, "a")
@@ -76,7 +76,8 @@ def test_a_shard_lock_waited_on_while_the_shard_is_removed_is_taken_afresh(tmp_p
     new one: it takes the lock of the file now at that path."""
     import os
 
-    from kaggle_tta.cache.shards import _remove, _take, shard_lock
+    from kaggle_tta.cache.shards import _remove, shard_lock
+    from kaggle_tta.cache.shards import take_lock as _take
 
     folder = tmp_path / "shards" / "000000000-000000004"
     got, leave = threading.Event(), threading.Event()
@@ -110,7 +111,7 @@ def test_a_damaged_shard_is_never_assembled_and_its_rows_are_computed_again(pipe
     """A shard view whose CRC-32 fails as rank 0 copies it is marked damaged, not assembled;
     rank 0 computes that shard's rows again and assembles them: the cache ends as one
     process's."""
-    from kaggle_tta.dist.ranked import _assemble_or_recompute
+    from kaggle_tta.engine.shares import assemble_or_recompute as _assemble_or_recompute
 
     single, p, plan, precisions = _halves(pipeline, tmp_path, "damaged")
     shard = _entry(plan, "b").shard(12, 24)

@@ -183,7 +183,7 @@ def test_a_fresh_cache_is_computed_then_reused(toy, tmp_path):
 def test_an_unknown_task_name_suggests_the_registered_one(toy, tmp_path, capsys):
     cfg, _, _ = toy
     with pytest.raises(ConfigError, match=r"task: unknown task 'brightnes' — did you mean 'brightness'\?"):
-        kaggle_tta.load_pipeline({**cfg, "task": "brightnes"})
+        kaggle_tta.build_plan(kaggle_tta.load_pipeline({**cfg, "task": "brightnes"}))
     path = tmp_path / "typo.yaml"
     path.write_text(yaml.safe_dump({**cfg, "task": "brightnes"}))
     assert main(["run", str(path), "-q"]) == 2

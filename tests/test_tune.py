@@ -334,7 +334,7 @@ def two_members(tmp_path) -> tuple[Path, np.ndarray]:
 
 def test_tune_drops_the_view_that_changes_the_class_and_wins_out_of_sample(two_members, tmp_path):
     path, y = two_members
-    r = kaggle_tta.tuning(path, out=tmp_path / "tuned.yaml", folds=5)
+    r = kaggle_tta.tune(path, out=tmp_path / "tuned.yaml", folds=5)
     net = next(m for m in yaml.safe_load((tmp_path / "tuned.yaml").read_text())["members"] if m["name"] == "net")
     assert "hflip" not in net["tta"] and len(net["tta"]) >= 2  # dropped, and TTA kept
     views = r.tables["views"].filter(pl.col("member") == "net")
@@ -351,11 +351,11 @@ def test_tune_drops_the_view_that_changes_the_class_and_wins_out_of_sample(two_m
 
 
 def test_overrides_reproduce_the_tuned_score_in_blend_and_run(two_members, tmp_path, monkeypatch, capsys):
-    import kaggle_tta.engine.stream as engine  # imported first: it binds build_model by name
+    import kaggle_tta.io.models as engine  # every model is built through it
     import kaggle_tta.io.models as models
 
     path, y = two_members
-    r = kaggle_tta.tuning(path, out=tmp_path / "tuned.yaml", folds=0)
+    r = kaggle_tta.tune(path, out=tmp_path / "tuned.yaml", folds=0)
     tuned_acc, tuned_nll = r.estimate.in_sample["accuracy"][1], r.estimate.in_sample["NLL"][1]
     for where in (models, engine):
         monkeypatch.setattr(where, "build_model", lambda *a, **k: pytest.fail("built a model"), raising=False)
@@ -378,7 +378,7 @@ def test_noise_labels_show_about_zero_out_of_sample_gain(tmp_path):
     n, classes = 2000, ["a", "b", "c", "d"]
     views = {v: rng.normal(0, 2, (n, 4)).astype(np.float32) for v in ("identity", "hflip", "vflip", "rot180")}
     path = classification(tmp_path, {"m": views}, list(rng.choice(classes, n)), classes)
-    r = kaggle_tta.tuning(path, folds=5)
+    r = kaggle_tta.tune(path, folds=5)
     gain, spread, before, after = r.estimate.out_of_sample("accuracy")
     assert abs(gain) <= 0.035 and abs(after - 0.25) <= 0.035, r.report()
     assert r.estimate.in_sample_gain("NLL") >= r.estimate.out_of_sample("NLL")[0]  # in sample flatters
@@ -428,7 +428,7 @@ def test_multilabel_thresholds_are_tuned_per_class(tmp_path):
     views = {v: (logit + rng.normal(0, 0.5, (n, 3))).astype(np.float32) for v in ("identity", "hflip")}
     lab = [" ".join(c for c, on in zip(classes, row) if on) for row in truth]
     path = classification(tmp_path, {"m": views}, lab, classes, multilabel=True)
-    r = kaggle_tta.tuning(path, out=tmp_path / "tuned.yaml", folds=3)
+    r = kaggle_tta.tune(path, out=tmp_path / "tuned.yaml", folds=3)
     th = r.overrides["submission"]["threshold"]
     assert th[0] >= 0.7 and all(0.25 <= t <= 0.75 for t in th[1:]), th
     assert r.estimate.out_of_sample("F1")[0] > 0.02, r.report()
@@ -482,7 +482,7 @@ def test_segmentation_threshold_and_min_area_per_class(tmp_path):
     del arr
     entry.commit()
     entry.close()
-    r = kaggle_tta.tuning(path, out=tmp_path / "tuned.yaml", folds=3)
+    r = kaggle_tta.tune(path, out=tmp_path / "tuned.yaml", folds=3)
     seg = r.overrides["segmentation"]
     assert 0.02 < seg["threshold"][0] <= 0.35 and 0.6 < seg["threshold"][1] <= 0.8 and seg["min_area"][0] >= 2, seg
     assert r.estimate.in_sample["Dice"] == (pytest.approx(r.estimate.in_sample["Dice"][0]), 1.0)
@@ -539,7 +539,7 @@ def test_detection_iou_threshold_is_tuned_on_its_grid(tmp_path):
     entry.write_sizes(0, n, np.tile([size, size], (n, 1)))
     entry.commit()
     entry.close()
-    r = kaggle_tta.tuning(path, out=tmp_path / "tuned.yaml", folds=2)
+    r = kaggle_tta.tune(path, out=tmp_path / "tuned.yaml", folds=2)
     metric = r.estimate.scores[0][0]
     before, after = r.estimate.in_sample[metric]
     assert r.overrides["detection"]["iou_thr"] <= 0.4 and after == pytest.approx(1.0) and before < 0.9, r.report()
@@ -566,7 +566,7 @@ def test_demo_tuning_keeps_d4s_gain(tmp_path):
     ran = kaggle_tta.run(ROOT / "pipeline.yaml", overrides=sets, progress=False).blend
     plain, d4 = ran.row("final").scores_plain["accuracy"], ran.row("final").scores_tta["accuracy"]
     assert d4 > plain  # the gain to keep
-    r = kaggle_tta.tuning(load_pipeline(ROOT / "pipeline.yaml", sets), out=tmp_path / "tuned.yaml", folds=5)
+    r = kaggle_tta.tune(load_pipeline(ROOT / "pipeline.yaml", sets), out=tmp_path / "tuned.yaml", folds=5)
     before, after = r.estimate.in_sample["accuracy"]
     assert before == pytest.approx(d4) and after >= d4 - 1 / 240, r.report()
     _, _, held_before, held_after = r.estimate.out_of_sample("accuracy")

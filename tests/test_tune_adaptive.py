@@ -72,7 +72,7 @@ def test_demo_gates_keep_the_gain_with_few_forwards(demo, tmp_path):
     at most 40% of the full TTA's extra forwards (counted from the cached first views with
     adaptive.needs); and at most 40% of d4's, keeping KEEP of d4's gain over no TTA."""
     out = tmp_path / "tuned.yaml"
-    r = kaggle_tta.tuning(
+    r = kaggle_tta.tune(
         load_pipeline(ROOT / "pipeline.yaml", demo), out=out, folds=5, adaptive="confidence", keep_gain=KEEP
     )
     members = {m["name"]: m for m in yaml.safe_load(out.read_text())["members"]}
@@ -137,7 +137,7 @@ def test_blend_with_the_overrides_gives_what_tune_reported(demo, tmp_path, rule,
     written = yaml.safe_load(out.read_text())
     assert all(m["adaptive"][rule] is not None for m in written["members"])
     tuned_acc = float(out.read_text().split(" tuned (in sample")[0].rsplit(" ", 1)[-1])  # the header tune wrote
-    r = kaggle_tta.tuning(load_pipeline(ROOT / "pipeline.yaml", demo), folds=0, adaptive=rule)
+    r = kaggle_tta.tune(load_pipeline(ROOT / "pipeline.yaml", demo), folds=0, adaptive=rule)
     assert r.overrides == written
     assert f"{r.estimate.in_sample['accuracy'][1]:.4f}" == f"{tuned_acc:.4f}"
 
@@ -171,7 +171,7 @@ def test_the_search_scores_what_the_masked_merge_gives(demo):
     for name, g in search.members.items():
         p = tuned.members[name]
         for j in range(len(g.candidates)):
-            exact = pb._member_pred(name, type(p)(p.weights, p.temperature, gate=g.gate(j)))
+            exact = pb.member_prediction(name, type(p)(p.weights, p.temperature, gate=g.gate(j)))
             assert np.array_equal(g.prediction(j).values, exact.values), (name, g.candidates[j])
 
 
@@ -179,13 +179,13 @@ def test_adaptive_off_writes_no_adaptive_and_the_default_follows_the_pipeline(de
     """By default a pipeline without adaptive learns no gate; --adaptive off on one that sets
     a gate writes adaptive: null (scored as plain TTA); by default such a member learns its
     own rule and the others none."""
-    r = kaggle_tta.tuning(load_pipeline(ROOT / "pipeline.yaml", demo), folds=0)
+    r = kaggle_tta.tune(load_pipeline(ROOT / "pipeline.yaml", demo), folds=0)
     assert all("adaptive" not in m for m in r.overrides["members"]) and "gates" not in r.tables
 
     gated = _with_gate({"margin": 0.5})
     as_is = _accuracy(demo, [], source=gated)
     assert as_is != _accuracy(demo, [])  # the gate changes the demo's blend: "as is" below sees it
-    off = kaggle_tta.tuning(
+    off = kaggle_tta.tune(
         load_pipeline(gated, demo, base_dir=ROOT), folds=0, adaptive="off", out=tmp_path / "off.yaml"
     )
     assert off.estimate.in_sample["accuracy"][0] == as_is  # as is: the pipeline's gate, as the blend applies it
@@ -194,7 +194,7 @@ def test_adaptive_off_writes_no_adaptive_and_the_default_follows_the_pipeline(de
     assert _accuracy(demo, [tmp_path / "off.yaml"], source=gated) == off.estimate.in_sample["accuracy"][1]
     assert "gates" not in off.tables and any("adaptive is null" in n for n in off.notes)
 
-    auto = kaggle_tta.tuning(load_pipeline(gated, demo, base_dir=ROOT), folds=0, out=tmp_path / "auto.yaml")
+    auto = kaggle_tta.tune(load_pipeline(gated, demo, base_dir=ROOT), folds=0, out=tmp_path / "auto.yaml")
     members = {m["name"]: m for m in auto.overrides["members"]}
     assert members["resnet"]["adaptive"]["margin"] is not None and members["resnet"]["adaptive"]["confidence"] is None
     assert "adaptive" not in members["effnet"]
@@ -205,7 +205,7 @@ def test_keep_gain_one_keeps_all_of_it_and_zero_keeps_none(demo):
     """The constraint binds: keep-gain 1 keeps the whole in-sample gain; keep-gain 0 lets
     every gate go to the bottom (no extra forward), and costs never rise as it loosens."""
     runs = {
-        k: kaggle_tta.tuning(
+        k: kaggle_tta.tune(
             load_pipeline(ROOT / "pipeline.yaml", demo), folds=0, adaptive="confidence", keep_gain=k, keep_changes=0.0
         )
         for k in (1.0, 0.5, 0.0)
@@ -231,7 +231,7 @@ def test_keep_changes_makes_the_full_ttas_changed_decisions(demo, tmp_path):
     cost, made = {}, {}
     for kc in (0.0, 0.5, 1.0):
         out = tmp_path / f"kc{kc}.yaml"
-        r = kaggle_tta.tuning(
+        r = kaggle_tta.tune(
             load_pipeline(ROOT / "pipeline.yaml", demo),
             out=out,
             folds=0,
@@ -271,7 +271,7 @@ def test_gated_views_are_refused_with_the_fix_and_the_fix_works(pipeline, tmp_pa
     path = write(cfg)
     kaggle_tta.run(path, progress=False)
     with pytest.raises(GatedViewError) as err:
-        kaggle_tta.tuning(path, folds=0)
+        kaggle_tta.tune(path, folds=0)
     assert isinstance(err.value, CacheError) and "members.b" in str(err.value)
     assert main(["tune", str(path), "--out", str(tmp_path / "t.yaml")]) == 2
     line = capsys.readouterr().err
@@ -280,7 +280,7 @@ def test_gated_views_are_refused_with_the_fix_and_the_fix_works(pipeline, tmp_pa
 
     assert main(["infer", str(path), "--set", "members.b.adaptive=null"]) == 0
     capsys.readouterr()
-    r = kaggle_tta.tuning(path, folds=0, views=False, out=tmp_path / "t.yaml")
+    r = kaggle_tta.tune(path, folds=0, views=False, out=tmp_path / "t.yaml")
     assert r.tables["gates"].row(0, named=True)["rule"] == "confidence"  # the pipeline's rule, learned from full views
 
 
@@ -292,7 +292,7 @@ def test_no_gain_writes_no_gate(tmp_path):
     y, views = letters(200)
     same = {v: views["identity"].copy() for v in ("identity", "hflip", "vflip")}
     path = classification(tmp_path, {"net": same}, [CLASSES6[k] for k in y], CLASSES6)
-    r = kaggle_tta.tuning(path, folds=0, views=False, adaptive="confidence")
+    r = kaggle_tta.tune(path, folds=0, views=False, adaptive="confidence")
     assert "adaptive" not in r.overrides["members"][0], r.overrides
     search = r.estimate.tuned.gate_search
     assert not search.learned and search.full == search.none
@@ -326,7 +326,7 @@ def test_adaptive_is_refused_where_tune_learns_no_gate(tmp_path):
     with pytest.raises(
         ConfigError, match=r"^--adaptive margin: tune learns gates for the tuners classes; .*use --adaptive off$"
     ):
-        kaggle_tta.tuning(path, adaptive="margin")
+        kaggle_tta.tune(path, adaptive="margin")
 
 
 def _gates_of(r) -> dict:
@@ -343,7 +343,7 @@ def test_calibrate_keep_learns_the_gates_at_the_lowest_keep_that_holds_out(demo,
     from kaggle_tta.tuning.classes import KEEP_LADDER
 
     cfg = load_pipeline(ROOT / "pipeline.yaml", demo)
-    r = kaggle_tta.tuning(cfg, folds=3, adaptive="margin", keep_gain=0.9)
+    r = kaggle_tta.tune(cfg, folds=3, adaptive="margin", keep_gain=0.9)
     search = r.estimate.tuned.gate_search
     ladder = [k for k, *_ in search.calibration]
     assert ladder == [0.9, *KEEP_LADDER]
@@ -357,11 +357,11 @@ def test_calibrate_keep_learns_the_gates_at_the_lowest_keep_that_holds_out(demo,
     held = r.tables["gates"].filter(pl.col("member") == "(all)")["gain kept (held out)"][0]
     assert {k: v for k, v, _ in search.calibration}[chosen] == pytest.approx(held)
     assert any("--calibrate-keep" in n and " ± " in n for n in r.notes)
-    again = kaggle_tta.tuning(cfg, folds=3, adaptive="margin", keep_gain=0.9)
+    again = kaggle_tta.tune(cfg, folds=3, adaptive="margin", keep_gain=0.9)
     assert (
         again.estimate.tuned.gate_search.calibration == search.calibration
     )  # the resamples are seeded: the same figures
-    off = kaggle_tta.tuning(cfg, folds=3, adaptive="margin", keep_gain=0.9, calibrate_keep=False)
+    off = kaggle_tta.tune(cfg, folds=3, adaptive="margin", keep_gain=0.9, calibrate_keep=False)
     assert off.estimate.tuned.gate_search.keep == 0.9 and off.estimate.tuned.gate_search.calibration == []
 
     real = gates.held_out
@@ -385,10 +385,10 @@ def test_calibrate_keep_learns_the_gates_at_the_lowest_keep_that_holds_out(demo,
         with monkeypatch.context() as m:
             m.setattr(gates, "held_out", fake)
             m.setattr(gates, "pooled_spread", lambda search, folds, se=se: se)
-            climbed = kaggle_tta.tuning(cfg, folds=3, adaptive="margin", keep_gain=0.9, keep_margin=margin)
+            climbed = kaggle_tta.tune(cfg, folds=3, adaptive="margin", keep_gain=0.9, keep_margin=margin)
         assert climbed.estimate.tuned.gate_search.keep == expect
         assert [c[2] for c in climbed.estimate.tuned.gate_search.calibration] == [se] * len(ladder)
-        at = kaggle_tta.tuning(cfg, folds=0, adaptive="margin", keep_gain=expect)
+        at = kaggle_tta.tune(cfg, folds=0, adaptive="margin", keep_gain=expect)
         assert _gates_of(climbed) == _gates_of(at)
 
 

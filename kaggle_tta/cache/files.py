@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -111,7 +112,8 @@ def data_crc(arr: np.ndarray, crc: int = 0) -> int:
     """CRC-32 of an array's bytes in C order, continuing from ``crc``."""
     import zlib
 
-    return zlib.crc32(memoryview(np.ascontiguousarray(arr)).cast("B"), crc)
+    buf = memoryview(np.ascontiguousarray(arr))  # type: ignore[arg-type]  # an ndarray is a buffer
+    return zlib.crc32(buf.cast("B"), crc)
 
 
 def pid_alive(pid: int) -> bool:
@@ -198,7 +200,7 @@ class RaggedWriter:
         offsets = np.asarray(self.offsets)
         atomic_save_npy(offsets_path, offsets)
         atomic_save_npy(boxes_path, rows)
-        offsets_partial = Path(self.offsets.filename)
+        offsets_partial = Path(cast(str, self.offsets.filename))  # a file-backed memmap
         del self.offsets
         # the raw rows first: with them gone the finished files are taken as the view on load
         self.raw_path.unlink(missing_ok=True)

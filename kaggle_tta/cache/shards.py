@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kaggle_tta.cache.coverage import Held, held_by, more_rows, record_held, whole
 from kaggle_tta.cache.entry import HELD, SIZES, CacheEntry, DamagedView, held_name
 from kaggle_tta.cache.files import RaggedWriter, writing
 from kaggle_tta.config.errors import CacheError
@@ -68,7 +69,7 @@ def list_shards(entry: CacheEntry) -> list[tuple[int, int, CacheEntry]]:
 # ---- locks on shards, which are removed -----------------------------------------------------
 
 
-def _take(folder: Path, wait: bool, create: bool, on_wait: Callable[[Path], None] | None = None) -> int | None:
+def take_lock(folder: Path, wait: bool, create: bool, on_wait: Callable[[Path], None] | None = None) -> int | None:
     """An fd holding ``folder``'s lock, the lock file still at its path; None where the
     folder is gone (``create`` False: it is not made again) or the lock is held (``wait``
     False)."""
@@ -113,7 +114,7 @@ def shard_lock(folders: Iterable[Path], on_wait: Callable[[Path], None] | None =
     fds: list[int] = []
     try:
         for folder in sorted({Path(f) for f in folders}):
-            fd = _take(folder, wait=True, create=True, on_wait=on_wait)
+            fd = take_lock(folder, wait=True, create=True, on_wait=on_wait)
             assert fd is not None
             fds.append(fd)
         yield
@@ -161,10 +162,10 @@ def read_rows(entry: CacheEntry, view: str, lo: int, hi: int) -> np.ndarray:
     """Rows ``lo:hi`` of ``view``: from the entry where it is complete, else from the
     complete shard copies that cover them (an adaptive share reading a first view that
     shards of another split hold)."""
-    if entry.is_complete(view) and "held" not in entry.view_state(view):
+    if entry.is_complete(view) and held_by(entry, view) is None:
         return entry.read(view)[lo:hi]
     pieces = _cover(
-        list_shards(entry), view, lo, hi, lambda s, v: "held" not in s.view_state(v)
+        list_shards(entry), view, lo, hi, lambda s, v: held_by(s, v) is None
     )  # every row: never a gated copy
     if pieces is None:
         raise CacheError(
@@ -199,9 +200,9 @@ def assemble(
     shards = list_shards(entry)
     for view in [*views, *([SIZES] if sizes else [])] if shards else []:
         pieces, held = _pieces(shards, view, n)
-        if pieces is None or (_whole(entry, view) and not _better(entry.view_state(view).get("held"), held)):
+        if pieces is None or (whole(entry, view) and not more_rows(held_by(entry, view), held)):
             continue
-        if entry.view_state(view) and not _whole(entry, view):
+        if entry.view_state(view) and not whole(entry, view):
             # a partial (or a gated view whose mask is not whole): assembled into a fresh file,
             # and the manifest on disk says so first, so that a kill meanwhile resumes nothing
             entry.manifest["views"].pop(view, None)
@@ -218,7 +219,7 @@ def assemble(
                 _dense(entry, view, n, pieces)
                 if held is not None:  # a gated view: its rows' mask too, and the gate they were chosen by
                     _dense(entry, held_name(view), n, pieces)
-                    entry.manifest["views"][view]["held"] = held
+                    record_held(entry, view, held)
             entry.commit()
         except DamagedView as exc:  # marked in its shard by the read: never assembled
             lo, hi = exc.entry.manifest.get("shard", [0, 0])
@@ -239,67 +240,46 @@ def assemble(
         for name in replaced:  # the gated view's row mask: no longer named by the manifest
             with contextlib.suppress(FileNotFoundError):
                 (entry.dir / name).unlink()
-        _release(entry, shards, {view})
+        release_copies(entry, shards, {view})
     if shards:
-        _release(entry, list_shards(entry), None)
+        release_copies(entry, list_shards(entry), None)
     if entry.mark_used(source) and entry.manifest_path.is_file():
         entry.save()
     return out
 
 
-def _whole(entry: CacheEntry, view: str) -> bool:
-    """Whether the entry's ``view`` is complete, with its row mask where it is gated."""
-    return entry.is_complete(view) and ("held" not in entry.view_state(view) or entry.is_complete(held_name(view)))
-
-
-def _pieces(shards: list[tuple[int, int, CacheEntry]], view: str, n: int) -> tuple[list | None, dict | None]:
+def _pieces(shards: list[tuple[int, int, CacheEntry]], view: str, n: int) -> tuple[list | None, Held | None]:
     """Shard pieces covering every row of ``view``, and the gate their rows were chosen by
     (None: plain rows). Plain pieces first; else pieces that all hold the rows of one gate
     (adaptive views: with their row masks), never a mix."""
-    plain = _cover(shards, view, 0, n, lambda s, v: "held" not in s.view_state(v))
+    plain = _cover(shards, view, 0, n, lambda s, v: held_by(s, v) is None)
     if plain is not None:
         return plain, None
     gates = []
     for _, _, s in shards:
-        h = s.view_state(view).get("held")
+        h = held_by(s, view)
         if h is not None and h not in gates:
             gates.append(h)
     for h in gates:
-        pieces = _cover(
-            shards, view, 0, n, lambda s, v, h=h: s.view_state(v).get("held") == h and s.is_complete(held_name(v))
-        )
+        pieces = _cover(shards, view, 0, n, lambda s, v, h=h: held_by(s, v) == h and s.is_complete(held_name(v)))
         if pieces is not None:
             return pieces, h
     return None, None
-
-
-def _better(have: dict | None, pieces: dict | None) -> bool:
-    """Whether pieces whose rows were chosen by gate ``pieces`` (None: every row) hold rows a
-    complete view chosen by ``have`` lacks: a plain view holds them all; of two gates, the
-    one with the higher threshold holds every row of the other (kaggle_tta.ops.gate)."""
-    if have is None:
-        return False
-    if pieces is None:
-        return True
-    from kaggle_tta.ops.gate import Gate
-
-    ours = Gate(have["first"], have["rule"], float(have["threshold"]))
-    return pieces != have and ours.covered_by(pieces, have["activation"])
 
 
 def _holds_as(entry: CacheEntry, view: str, shards: list[tuple[int, int, CacheEntry]]) -> bool:
     """Whether the entry's complete ``view`` holds every row its shards' copies hold: it is
     plain, or gated at least as loosely as they are (kaggle_tta.ops.gate). A gated view (its
     rows only where a gate sent them on) does not stand for the plain view a share computed."""
-    held = entry.view_state(view).get("held")
+    held = held_by(entry, view)
     if held is None:
         return True  # a plain view holds every row
     if not entry.is_complete(held_name(view)):
         return False  # its mask damaged or missing: it holds no row that can be read
     for _, _, s in shards:
         if view in s.manifest["views"]:
-            theirs = s.view_state(view).get("held")
-            if theirs is None or (theirs != held and not _better(theirs, held)):
+            theirs = held_by(s, view)
+            if theirs is None or (theirs != held and not more_rows(theirs, held)):
                 return False
     return True
 
@@ -309,7 +289,7 @@ def _forget_gated(entry: CacheEntry, view: str) -> tuple[list[str], dict[str, di
     that the shards' plain rows are assembled in its place. Returns the companion's files,
     deleted once the plain view is committed, and the states dropped (put back where the
     assembly finds a shard damaged: the gated view is then kept as it was)."""
-    if "held" not in entry.view_state(view):
+    if held_by(entry, view) is None:
         return [], {}
     states = entry.manifest["views"]
     forgotten = {view: states.pop(view)}
@@ -362,7 +342,7 @@ def _ragged(entry: CacheEntry, view: str, n: int, pieces: list[tuple[int, int, C
     entry.record(view, n, seconds, int(nonfinite))
 
 
-_FILES = (
+SHARD_FILES = (
     "{v}.npy",
     "{v}.npy.partial",
     "{v}.boxes.npy",
@@ -372,13 +352,13 @@ _FILES = (
 )
 
 
-def _release(entry: CacheEntry, shards: list[tuple[int, int, CacheEntry]], views: set[str] | None) -> None:
+def release_copies(entry: CacheEntry, shards: list[tuple[int, int, CacheEntry]], views: set[str] | None) -> None:
     """Deletes the shards' copies of ``views`` (None: of every view) that the entry holds
     complete, and removes each shard left holding nothing. Only under the shard's own lock,
     taken without waiting: a shard a run is writing is left for a later assembly. A view the
     entry lacks is never deleted, partial or not (a killed rank resumes from it)."""
     for _, _, s in shards:
-        fd = _take(s.dir, wait=False, create=False)
+        fd = take_lock(s.dir, wait=False, create=False)
         if fd is None:
             continue
         try:
@@ -392,7 +372,7 @@ def _release(entry: CacheEntry, shards: list[tuple[int, int, CacheEntry]], views
                     del s.manifest["views"][v]
                 s.save()
                 for v in done:
-                    for name in _FILES:
+                    for name in SHARD_FILES:
                         with contextlib.suppress(FileNotFoundError):
                             (s.dir / name.format(v=v)).unlink()
             if not s.manifest["views"]:
@@ -409,7 +389,7 @@ def _released(entry: CacheEntry, s: CacheEntry, v: str, views: set[str] | None) 
     base = v[len(HELD) :] if v.startswith(HELD) else v
     if views is not None and base not in views:
         return False
-    return _whole(entry, base) and _holds_as(entry, base, [(0, 0, s)])
+    return whole(entry, base) and _holds_as(entry, base, [(0, 0, s)])
 
 
 def _remove(folder: Path) -> None:

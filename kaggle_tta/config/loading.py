@@ -104,7 +104,8 @@ def _check_nodes(root: yaml.Node, loader: yaml.SafeLoader, where: str) -> None:
             size[key] = 1 + sum(size[id(child)] for _, child in _children(node))
             if size[key] > distinct + MAX_ALIAS_NODES:
                 raise ConfigError(
-                    f"{where}: YAML aliases expand to more than {MAX_ALIAS_NODES} nodes (line {node.start_mark.line + 1}, "
+                    f"{where}: YAML aliases expand to more than {MAX_ALIAS_NODES} nodes (line "
+                    f"{node.start_mark.line + 1}, "
                     f"{loc or 'the top level'}); write the values out or use fewer aliases"
                 )
             continue
@@ -112,7 +113,8 @@ def _check_nodes(root: yaml.Node, loader: yaml.SafeLoader, where: str) -> None:
             continue  # an alias of a node already checked
         if key in open_nodes:
             raise ConfigError(
-                f"{where}: line {node.start_mark.line + 1}: {loc or 'the top level'} is an alias of a block that contains it "
+                f"{where}: line {node.start_mark.line + 1}: {loc or 'the top level'} is an alias of a block that "
+                "contains it "
                 "(a recursive anchor); a value cannot contain itself"
             )
         distinct += 1
@@ -317,7 +319,8 @@ def merge_override_file(
         over = {}
     if not isinstance(over, dict):
         raise ConfigError(
-            f"{where}: expected a mapping at the top level (a partial pipeline: members, blends, submission, ...), got {type(over).__name__}"
+            f"{where}: expected a mapping at the top level (a partial pipeline: members, blends, submission, "
+            f"...), got {type(over).__name__}"
         )
     origins = {} if origins is None else origins
     _merge(raw, over, (), where, origins)
@@ -343,7 +346,8 @@ def _merge_named(base: dict[str, Any], key: str, items: Any, where: str, origins
     kind = NAMED_LISTS[key]
     if not isinstance(items, list):
         raise ConfigError(f"{where}: {key}: give a list of {kind}s by name (- name: ...), got {type(items).__name__}")
-    have = base.get(key) if isinstance(base.get(key), list) else []
+    current = base.get(key)
+    have: list[Any] = current if isinstance(current, list) else []
     names = [m.get("name") if isinstance(m, dict) else None for m in have]
     for i, item in enumerate(items):
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from kaggle_tta.config.data import DataConfig
 from kaggle_tta.config.errors import did_you_mean
@@ -25,7 +25,9 @@ class PipelineConfig(Section):
     """The whole of pipeline.yaml."""
 
     task: str = "classification"
-    """A registered task (kaggle_tta.tasks): classification, segmentation, detection."""
+    """A registered task (kaggle_tta.tasks): classification, segmentation, detection. The plan
+    checks the name and fills the settings whose default is the task's (a member's ``merge``, a
+    blend's ``method``, ``submission.format``): the schema knows no task."""
     multilabel: bool = False
     """Classification with independent labels (sigmoid); views must leave every label unchanged."""
     data: DataConfig
@@ -42,30 +44,6 @@ class PipelineConfig(Section):
     # Set by load_pipeline: the YAML file read (None for a dict); the cache records which
     # pipeline files use an entry, so that `cache prune` of another keeps it.
     source: Path | None = Field(default=None, exclude=True)
-
-    @field_validator("task")
-    @classmethod
-    def _known_task(cls, v: str) -> str:
-        from kaggle_tta.tasks import find_task
-
-        find_task(v)  # ValueError naming the registered tasks, with a did-you-mean
-        return v
-
-    @model_validator(mode="after")
-    def _task_defaults(self) -> PipelineConfig:
-        """Fills the settings whose default depends on the task (the task says which)."""
-        from kaggle_tta.tasks import find_task  # the registry: the schema names no task itself
-
-        task = find_task(self.task)
-        for m in self.members:
-            if m.merge is None:
-                m.merge = task.default_merge
-        for b in self.blends:
-            if b.method is None:
-                b.method = task.default_blend
-        if self.submission.format is None:
-            self.submission.format = task.default_format
-        return self
 
     @model_validator(mode="after")
     def _graph(self) -> PipelineConfig:

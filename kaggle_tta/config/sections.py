@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
@@ -14,7 +14,7 @@ from kaggle_tta.config.errors import did_you_mean, template_fields
 from kaggle_tta.config.marks import FACTORY_PATH_KWARGS, Bundle
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
-ViewItem = Union[str, dict[str, Any]]
+ViewItem = str | dict[str, Any]
 
 
 class Section(BaseModel):
@@ -504,7 +504,8 @@ class BlendConfig(Section):
         if self.weights is not None:
             if len(self.weights) != len(self.inputs):
                 raise ValueError(
-                    f"{len(self.weights)} weights for {len(self.inputs)} inputs {self.inputs}: give one weight per input"
+                    f"{len(self.weights)} weights for {len(self.inputs)} inputs {self.inputs}: give one weight "
+                    "per input"
                 )
             check_weights(self.weights)
         return self

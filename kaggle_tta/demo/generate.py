@@ -31,7 +31,7 @@ class Scene:
 
 def _polygon(cls: int, cx: float, cy: float, r: float, angle: float) -> np.ndarray:
     if cls == 1:  # square
-        pts = [(1, 1), (-1, 1), (-1, -1), (1, -1)]
+        pts: list[tuple[float, float]] = [(1, 1), (-1, 1), (-1, -1), (1, -1)]
         pts = [(x * r * 0.8, y * r * 0.8) for x, y in pts]
     elif cls == 2:  # triangle
         pts = [(r * math.cos(a), r * math.sin(a)) for a in (0, 2 * math.pi / 3, 4 * math.pi / 3)]
@@ -83,7 +83,7 @@ def make_scene(rng: np.random.Generator, size: int = 64) -> Scene:
     low = rng.normal(0.0, 1.0, (6, 6, 3)).astype(np.float32)
     field = cv2.resize(low, (w, h), interpolation=cv2.INTER_CUBIC)
     tint = rng.uniform(70, 150, 3).astype(np.float32)
-    img = np.clip(tint + 25 * field + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
+    img: np.ndarray = np.clip(tint + 25 * field + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
     mask = np.zeros((h, w), np.uint8)
     boxes, labels = [], []
     n_small = int(rng.integers(0, 3))

@@ -112,7 +112,8 @@ def main() -> None:
             str(ckpt),
         )
         print(
-            f"{m.name} ({m.arch}): val accuracy {acc:.3f}, {time.perf_counter() - t:.0f}s -> {ckpt} ({ckpt.stat().st_size / 1e6:.2f} MB)"
+            f"{m.name} ({m.arch}): val accuracy {acc:.3f}, {time.perf_counter() - t:.0f}s -> {ckpt} "
+            f"({ckpt.stat().st_size / 1e6:.2f} MB)"
         )
 
 

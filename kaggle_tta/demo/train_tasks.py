@@ -16,13 +16,15 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kaggle_tta.demo.generate import CLASSES, make_split
+from kaggle_tta.demo.generate import CLASSES, Scene, make_split
 from kaggle_tta.demo.models import STRIDE, decode_centernet, tiny_centernet, tiny_unet
 
 MEAN = (0.485, 0.456, 0.406)
@@ -100,7 +102,9 @@ def _det_targets(scenes, flip: bool) -> tuple[torch.Tensor, torch.Tensor, torch.
         if flip:  # mirror x: x1' = W - x2, x2' = W - x1
             boxes[:, [0, 2]] = size[1] - s.boxes[:, [2, 0]]
         hm, rg, mk = centernet_targets(boxes, s.box_labels, size)
-        heats.append(hm), regs.append(rg), masks.append(mk)
+        heats.append(hm)
+        regs.append(rg)
+        masks.append(mk)
     return torch.from_numpy(np.stack(heats)), torch.from_numpy(np.stack(regs)), torch.from_numpy(np.stack(masks))
 
 
@@ -140,7 +144,7 @@ def voc_map(dets, gts, iou_thr: float = 0.5) -> float:
         n_gt = sum(len(g) for g in gt_c)
         if n_gt == 0:
             continue
-        cand = [(float(s), i, b) for i, (bs, ss, ls) in enumerate(dets) for b, s, l in zip(bs, ss, ls) if l == c]
+        cand = [(float(s), i, b) for i, (bs, ss, ls) in enumerate(dets) for b, s, lab in zip(bs, ss, ls) if lab == c]
         cand.sort(key=lambda t: -t[0])
         used = [np.zeros(len(g), bool) for g in gt_c]
         tp = np.zeros(len(cand))
@@ -161,7 +165,7 @@ def voc_map(dets, gts, iou_thr: float = 0.5) -> float:
 
 
 def det_metric(model: torch.nn.Module, x: torch.Tensor, scenes) -> float:
-    dets = decode_centernet(_predict(model, x), tuple(x.shape[-2:]))
+    dets = decode_centernet(_predict(model, x), (int(x.shape[-2]), int(x.shape[-1])))
     return voc_map(dets, [(s.boxes, s.box_labels) for s in scenes])
 
 
@@ -173,6 +177,50 @@ def det_metric(model: torch.nn.Module, x: torch.Tensor, scenes) -> float:
 BATCH = 16
 EPOCHS = 8
 LR = {"segmentation": 3e-3, "detection": 6e-3}
+
+
+@dataclass
+class Objective:
+    """What a task trains on and is judged by: ``loss(output, batch indices, flipped)`` (the
+    batch's images mirrored where ``flipped``) and ``evaluate(model) -> (metric, text)``."""
+
+    loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    evaluate: Callable[[torch.nn.Module], tuple[float, str]]
+
+
+def segmentation_objective(scenes: Sequence[Scene], val: Sequence[Scene], xv: torch.Tensor) -> Objective:
+    """Cross-entropy plus soft Dice on the masks; validation foreground Dice."""
+    y = torch.from_numpy(np.stack([s.mask for s in scenes])).long()
+    yv = torch.from_numpy(np.stack([s.mask for s in val])).long()
+    targets = (y, y.flip(-1))  # flipped copy lines up with the flipped images
+
+    def loss_fn(o: torch.Tensor, idx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+        t = torch.where(flip.view(-1, 1, 1), targets[1][idx], targets[0][idx])
+        t = t.to(o.device)
+        return F.cross_entropy(o, t) + _dice_loss(o, t)
+
+    def evaluate(m: torch.nn.Module) -> tuple[float, str]:
+        dice, acc = seg_metrics(_predict(m, xv).argmax(1), yv)
+        return dice, f"val foreground Dice {dice:.3f}, pixel accuracy {acc:.4f}"
+
+    return Objective(loss_fn, evaluate)
+
+
+def detection_objective(scenes: Sequence[Scene], val: Sequence[Scene], xv: torch.Tensor) -> Objective:
+    """CenterNet's loss on heatmaps, sizes and offsets; validation mAP@0.5."""
+    # Flipping targets is not a flip of the target maps (cells are floor-based), so
+    # both versions are built from mirrored boxes up front.
+    targets = (_det_targets(scenes, False), _det_targets(scenes, True))
+
+    def loss_fn(o: torch.Tensor, idx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+        ts = [torch.where(flip.view(-1, *[1] * (a.dim() - 1)), b[idx], a[idx]).to(o.device) for a, b in zip(*targets)]
+        return centernet_loss(o, *ts)
+
+    def evaluate(m: torch.nn.Module) -> tuple[float, str]:
+        ap = det_metric(m, xv, val)
+        return ap, f"val mAP@0.5 {ap:.3f}"
+
+    return Objective(loss_fn, evaluate)
 
 
 def train(
@@ -189,8 +237,6 @@ def train(
     Returns:
         The validation metric: mean foreground Dice or mAP@0.5.
     """
-    from safetensors.torch import load_file, save_file
-
     lr = lr or LR[task]
     t0 = time.perf_counter()
     torch.manual_seed(seed)
@@ -198,35 +244,27 @@ def train(
     x, xv = _images(scenes), _images(val)
     build = tiny_unet if task == "segmentation" else tiny_centernet
     model = build(num_classes=K).to(device)
-    if task == "segmentation":
-        y = torch.from_numpy(np.stack([s.mask for s in scenes])).long()
-        yv = torch.from_numpy(np.stack([s.mask for s in val])).long()
-        targets = (y, y.flip(-1))  # flipped copy lines up with the flipped images
+    objective = (segmentation_objective if task == "segmentation" else detection_objective)(scenes, val, xv)
+    fit(model, x, objective.loss, epochs, lr, seed, device, t0)
+    metric, text = objective.evaluate(model)
+    print(f"{task}: {text} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    if out is not None:
+        save_and_check(model, build, out, objective.evaluate, t0)
+    return metric
 
-        def loss_fn(o, idx, flip):
-            t = torch.where(flip.view(-1, 1, 1), targets[1][idx], targets[0][idx])
-            t = t.to(o.device)
-            return F.cross_entropy(o, t) + _dice_loss(o, t)
 
-        def evaluate(m):
-            dice, acc = seg_metrics(_predict(m, xv).argmax(1), yv)
-            return dice, f"val foreground Dice {dice:.3f}, pixel accuracy {acc:.4f}"
-
-    else:
-        # Flipping targets is not a flip of the target maps (cells are floor-based), so
-        # both versions are built from mirrored boxes up front.
-        targets = (_det_targets(scenes, False), _det_targets(scenes, True))
-
-        def loss_fn(o, idx, flip):
-            ts = [
-                torch.where(flip.view(-1, *[1] * (a.dim() - 1)), b[idx], a[idx]).to(o.device) for a, b in zip(*targets)
-            ]
-            return centernet_loss(o, *ts)
-
-        def evaluate(m):
-            ap = det_metric(m, xv, val)
-            return ap, f"val mAP@0.5 {ap:.3f}"
-
+def fit(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    epochs: int,
+    lr: float,
+    seed: int,
+    device: str,
+    t0: float,
+) -> None:
+    """AdamW with a one-cycle schedule over ``epochs`` of ``x`` in batches of BATCH, each
+    image flipped horizontally at random (seeded); prints each epoch's mean loss."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.02)
     bs = BATCH
     steps = epochs * math.ceil(len(x) / bs)
@@ -247,10 +285,19 @@ def train(
             sched.step()
             total += float(loss.detach()) * len(idx)
         print(f"epoch {epoch + 1}/{epochs}: loss {total / len(x):.4f} ({time.perf_counter() - t0:.0f}s)", flush=True)
-    metric, text = evaluate(model)
-    print(f"{task}: {text} ({time.perf_counter() - t0:.0f}s)", flush=True)
-    if out is None:
-        return metric
+
+
+def save_and_check(
+    model: torch.nn.Module,
+    build: Callable[..., torch.nn.Module],
+    out: Path,
+    evaluate: Callable[[torch.nn.Module], tuple[float, str]],
+    t0: float,
+) -> None:
+    """Saves the weights as fp16 safetensors, then reloads them into a fresh model and
+    evaluates it again, so that a broken checkpoint fails loudly here."""
+    from safetensors.torch import load_file, save_file
+
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(
         {
@@ -263,7 +310,6 @@ def train(
     fresh.load_state_dict(load_file(str(out)), strict=True)
     print(f"reloaded from fp16: {evaluate(fresh)[1]}")
     print(f"{time.perf_counter() - t0:.0f}s -> {out} ({out.stat().st_size / 1e6:.2f} MB)")
-    return metric
 
 
 def main() -> None:

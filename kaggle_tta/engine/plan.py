@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from kaggle_tta import cache as cache_mod
 from kaggle_tta.config import MemberConfig, PipelineConfig, load_classes
 from kaggle_tta.config.errors import CheckpointError, ConfigError, did_you_mean
+from kaggle_tta.engine.device import resolve_device, resolve_precision
 from kaggle_tta.io.canvas import CanvasSpec
 from kaggle_tta.io.data import TestSet, list_test_set
 from kaggle_tta.io.models import Preprocess, check_checkpoint, resolve_preprocess
@@ -28,7 +28,7 @@ from kaggle_tta.ops.views import View, parse_tta
 from kaggle_tta.tasks import TASKS, Task, choose, find_task
 
 if TYPE_CHECKING:  # torch loads only where a device is resolved: re-blending never needs it
-    import torch
+    pass
 
 
 @dataclass
@@ -66,10 +66,28 @@ class Plan:
         return next(m for m in self.members if m.name == name)
 
 
+def resolve_task(cfg: PipelineConfig) -> Task:
+    """The pipeline's registered task, with the settings whose default is the task's filled in
+    (a member's merge, a blend's method, submission.format)."""
+    try:
+        task = find_task(cfg.task)
+    except ValueError as exc:  # unknown: the registered ones, with a did-you-mean
+        raise ConfigError(f"{f'{cfg.source}: ' if cfg.source else ''}task: {exc}") from None
+    for m in cfg.members:
+        if m.merge is None:
+            m.merge = task.default_merge
+    for b in cfg.blends:
+        if b.method is None:
+            b.method = task.default_blend
+    if cfg.submission.format is None:
+        cfg.submission.format = task.default_format
+    return task
+
+
 def validate_static(cfg: PipelineConfig) -> dict[str, list[View]]:
     """Checks what needs no file: views per task, merge rules, blend methods, output format,
     and the settings the task does not take; then the task's own checks."""
-    task = find_task(cfg.task)
+    task = resolve_task(cfg)
     name, target = task.name, task.target
     views: dict[str, list[View]] = {}
     for m in cfg.members:
@@ -259,80 +277,6 @@ def factory_digest(m: MemberConfig, memo: Path) -> str | None:
 
 def _jsonable(x: Any) -> Any:
     return json.loads(json.dumps(x, sort_keys=True, default=str))
-
-
-# ---- device and precision ------------------------------------------------------------------
-
-
-def resolve_device(name: str) -> torch.device:
-    import torch
-
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"runtime.device: '{name}' but no CUDA device is visible; use auto or cpu")
-    return torch.device(name)
-
-
-def cpu_has_native_bf16() -> bool:
-    """True where oneDNN computes bf16 natively (AVX512-BF16 or AMX); emulated bf16 is slower
-    than fp32, so 'auto' keeps fp32 there."""
-    import torch
-
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def cpu_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))  # what this process may use (containers, taskset)
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def resolve_workers(
-    setting: int | str, device: torch.device, threads: int | None, share: int = 1
-) -> tuple[int, int | None]:
-    """(decode workers, torch CPU threads to set or None) for ``runtime.workers``.
-
-    On the CPU the forward and the decoding share the cores: a worker that takes a core from
-    a 2-thread forward stalls its synchronized kernels, so small machines decode in-process,
-    and larger ones leave the workers' cores out of torch's threads. ``share``: ranks on this
-    machine, which divide its cores among them.
-    """
-    cores = max(1, cpu_cores() // max(1, share))
-    if setting != "auto":
-        return int(setting), threads
-    if device.type == "cuda":
-        return min(8, max(0, cores - 1)), threads
-    if cores <= 4:
-        return 0, threads
-    workers = max(1, cores // 8)
-    return workers, threads if threads else cores - workers
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """auto: bf16 where native (CUDA capability >= 8.0, CPUs with AVX512-BF16 or AMX), fp16 on
-    older CUDA devices (T4, V100, P100), else fp32."""
-    import torch
-
-    if name != "auto":
-        if name == "fp16" and device.type == "cpu":
-            raise ConfigError("runtime.precision: fp16 autocast is for CUDA; on the CPU use bf16, fp32 or auto")
-        return name
-    if device.type == "cuda":
-        # Native bf16 from compute capability 8.0 (Ampere) on. torch's is_bf16_supported()
-        # answers True on a T4 (7.5) through emulation, slower than fp32 there, and cuDNN has
-        # no bf16 convolutions below 8.0: fp16 is the T4's, V100's and P100's fast path.
-        major, _ = torch.cuda.get_device_capability(device)
-        return "bf16" if major >= 8 else "fp16"
-    if device.type == "cpu" and cpu_has_native_bf16():
-        return "bf16"
-    return "fp32"
 
 
 def find_entry(

@@ -13,10 +13,11 @@ from typing import TypeVar
 import numpy as np
 
 from kaggle_tta.cache import CacheEntry
+from kaggle_tta.cache.coverage import Coverage, held_by
 from kaggle_tta.cache.entry import held_name
 from kaggle_tta.config import BlendConfig, MemberConfig, PipelineConfig
 from kaggle_tta.config.errors import CacheError
-from kaggle_tta.ops.gate import Gate, held_gate, needs
+from kaggle_tta.ops.gate import Gate, needs
 from kaggle_tta.ops.merge import Prediction, blend, reduce_views
 
 T = TypeVar("T")
@@ -47,19 +48,7 @@ class MemberSource:
         computed under a gate that does not hold every row this one needs."""
         if self.entry is None:
             return "not computed"
-        why = self.entry.lacks(view)
-        if why is not None:
-            return why
-        held = held_gate(self.entry.view_state(view))
-        wanted = self.gate if self.gate is not None and view != self.gate.first else None
-        if wanted is None and held is not None:
-            return f"computed for the rows of the gate {held.get('rule')} > {held.get('threshold')} only"
-        if wanted is not None and not wanted.covered_by(held, self.activation):
-            return f"computed for the rows of the gate {held.get('rule')} > {held.get('threshold')} on {held.get('first')} ({held.get('activation')}), not {wanted.text()} ({self.activation})"  # type: ignore[union-attr]
-        if held is not None:
-            why = self.entry.lacks(held_name(view))
-            return None if why is None else f"its record of the rows it holds: {why}"
-        return None
+        return Coverage(self.gate, self.activation).lacks(self.entry, view)
 
     def masks(
         self, views: Sequence[str], lo: int, hi: int, transform: Callable[[np.ndarray, str], np.ndarray] | None = None
@@ -76,7 +65,7 @@ class MemberSource:
         send = needs(transform(first, self.activation) if transform is not None else first, self.activation, self.gate)
         out: list[np.ndarray | None] = []
         for v in views:
-            held = held_gate(self.entry.view_state(v)) if v in gated else None
+            held = held_by(self.entry, v) if v in gated else None
             out.append(
                 None
                 if v not in gated

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -26,8 +26,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from kaggle_tta.cache.coverage import Coverage, forget_other, record_held
 from kaggle_tta.cache.entry import held_name
 from kaggle_tta.config.errors import CheckpointError
+from kaggle_tta.exec.chunks import ChunkSizer
 from kaggle_tta.ops.gate import Forwards, Gate, needs
 
 if TYPE_CHECKING:
@@ -35,128 +37,6 @@ if TYPE_CHECKING:
     from kaggle_tta.engine.plan import MemberPlan
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def sizes_text(sizes: list[int]) -> str:
-    """Chunk sizes of several members: '32' when they agree, else '32/64' in member order."""
-    return str(sizes[0]) if len(set(sizes)) == 1 else "/".join(map(str, sizes))
-
-
-class ChunkSizer:
-    """One member's forward tuning, decided on its first chunks (their outputs are kept;
-    nothing is computed twice):
-
-    - the chunk size, when ``forward_batch: auto``: sizes 8..128 are timed in turn (in the
-      first layout) and the fastest per input is kept;
-    - then the memory layout, when more than one is given (``channels_last: auto`` on a CPU
-      in fp32, where it depends on the model: measured 0.7x the time for resnet18 and
-      efficientnet_b0 but 1.1x for convnext_nano on this project's CPUs), at the chunk size
-      in use: each layout runs a warm-up chunk and then at least 32 timed inputs, and the
-      faster per input is kept.
-    """
-
-    CANDIDATES = (8, 16, 32, 64, 128)
-    LAYOUT_INPUTS = 32
-
-    def __init__(self, setting: int | str, ceiling: int, layouts: tuple[bool, ...] = (False,)):
-        self.auto = setting == "auto"
-        self.ceiling = max(1, ceiling)
-        self.layouts = list(layouts)  # channels_last values still to try
-        self.channels_last = self.layouts[0]
-        self.layout_timing: dict[bool, list[float]] = {}  # layout -> [inputs, seconds]
-        self.layout_warm = False
-        if self.auto:
-            self.trials = [c for c in self.CANDIDATES if c <= self.ceiling] or [self.ceiling]
-            self.timing: dict[int, list[float]] = defaultdict(list)  # size -> [inputs, seconds]
-            self.current = self.trials[0]
-            self.warm = False
-        else:
-            self.trials = []
-            self.current = int(setting)
-
-    @property
-    def measuring(self) -> bool:
-        """True while reports decide something (then CUDA work is synchronized before timing)."""
-        return not self.layout_settled or bool(self.trials)
-
-    def report(self, n: int, seconds: float) -> None:
-        if self.trials:
-            self._report_size(n, seconds)
-        elif not self.layout_settled:
-            self._report_layout(n, seconds)
-
-    def _report_layout(self, n: int, seconds: float) -> None:
-        if not self.layout_warm:  # a layout's first chunk pays its one-off costs (kernel choice)
-            self.layout_warm = True
-            return
-        rec = self.layout_timing.setdefault(self.channels_last, [0.0, 0.0])
-        rec[0] += n
-        rec[1] += seconds
-        if rec[0] < max(self.LAYOUT_INPUTS, 2 * self.current):
-            return
-        untried = [c for c in self.layouts if c not in self.layout_timing]
-        if untried:
-            self.channels_last, self.layout_warm = untried[0], False
-        else:
-            self.settle_layout(
-                min(self.layout_timing, key=lambda c: self.layout_timing[c][1] / self.layout_timing[c][0])
-            )
-
-    def _report_size(self, n: int, seconds: float) -> None:
-        if not self.warm:  # the first chunk pays one-off costs (allocations, kernel choice)
-            self.warm = True
-            return
-        rec = self.timing[self.current]
-        if not rec:
-            rec.extend([0.0, 0.0])
-        rec[0] += n
-        rec[1] += seconds
-        if rec[0] >= 2 * self.current and rec[0] >= 16:
-            best = min(self.timing, key=lambda s: self.timing[s][1] / self.timing[s][0])
-            i = self.trials.index(self.current)
-            # Per-input cost is U-shaped in the chunk size: once a size is clearly slower than
-            # the best so far, larger ones will not win, so the trials stop there.
-            worse = (
-                self.timing[self.current][1] / self.timing[self.current][0]
-                > 1.05 * self.timing[best][1] / self.timing[best][0]
-            )
-            if i + 1 < len(self.trials) and not worse:
-                self.current = self.trials[i + 1]
-            else:
-                self.current = best
-                self.trials = []
-
-    @property
-    def layout_settled(self) -> bool:
-        return len(self.layouts) == 1
-
-    def settle_layout(self, channels_last: bool) -> None:
-        """Ends the layout trial on ``channels_last`` (the model cannot take the other)."""
-        self.channels_last, self.layouts = channels_last, [channels_last]
-
-    def decide(self) -> tuple[int, bool]:
-        """Ends every trial now (a test set smaller than the trials): the fastest size and
-        layout measured so far, else the ones in use; returns (chunk size, channels_last)."""
-        if self.trials:
-            timed = {s: t for s, t in getattr(self, "timing", {}).items() if t and t[0]}
-            if timed:
-                self.current = min(timed, key=lambda s: timed[s][1] / timed[s][0])
-            self.trials = []
-        if not self.layout_settled:
-            timed_l = {c: t for c, t in self.layout_timing.items() if t[0]}
-            self.settle_layout(
-                min(timed_l, key=lambda c: timed_l[c][1] / timed_l[c][0])
-                if len(timed_l) == len(self.layouts)
-                else self.layouts[0]
-            )
-        return self.current, self.channels_last
-
-    def shrink(self, failed: int | None = None) -> None:
-        """After out-of-memory on a chunk of ``failed`` inputs: half of it (or of the current size)."""
-        self.current = max(1, min(self.current, failed or self.current) // 2)
-        self.ceiling = self.current
-        self.trials = []
-        self.settle_layout(self.channels_last)  # out of memory mid-trial: keep the layout in use
 
 
 def first_tensor(out: object) -> Tensor:
@@ -260,19 +140,6 @@ def _finite(out: Any) -> bool:
     return all(np.isfinite(b).all() and np.isfinite(s).all() for b, s, _ in out)  # detection results
 
 
-def layout_candidates(setting: bool | str, device: torch.device, precision: str) -> tuple[bool, ...]:
-    """The channels_last values to use (one) or to time on the first chunks (two).
-
-    ``auto``: on with CUDA or reduced precision, where it is the fast path of cuDNN and oneDNN;
-    timed on a CPU in fp32, where the answer depends on the model.
-    """
-    if setting != "auto":
-        return (bool(setting),)
-    if device.type == "cuda" or precision != "fp32":
-        return (True,)
-    return (False, True)
-
-
 def normalize(canvas: Tensor, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> Tensor:
     """uint8 [B, H, W, C] -> normalized float [B, C, H, W] on the device."""
     x = canvas.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
@@ -348,6 +215,21 @@ def run_chunks(
 
 
 @dataclass
+class ViewRows:
+    """A pending view's rows of one batch: from ``first`` on, every row (``sent`` None) or, for
+    a view under the member's adaptive gate, the rows ``first + sent`` the gate sends on."""
+
+    view: Any
+    first: int
+    sent: np.ndarray | None
+    count: int  # rows to forward
+
+    def destination(self) -> slice | np.ndarray:
+        """Where its rows go in the view's file: a run of rows, or the rows' indices."""
+        return slice(self.first, self.first + self.count) if self.sent is None else self.first + self.sent
+
+
+@dataclass
 class MemberWork:
     """One member's work in a run: what is left to compute and where its rows go."""
 
@@ -383,16 +265,11 @@ class MemberWork:
         """Before opening: drops a view state computed under another gate, or gated where
         this run computes every row (its rows are not this run's: it is computed again from
         row 0); after: records the gate it holds."""
-        held = self.gate.record(self.member.activation) if self.gated(view) else None  # type: ignore[union-attr]
-        states = self.entry.manifest["views"]
+        held = Coverage(self.gate, self.member.activation).mine(view)
         if record:
-            if held is None:
-                states[view].pop("held", None)
-            else:
-                states[view]["held"] = held
-        elif view in states and states[view].get("held") != held:
-            del states[view]
-            states.pop(held_name(view), None)
+            record_held(self.entry, view, held)
+        else:
+            forget_other(self.entry, view, held)
 
     def align_to_first(self) -> None:
         """After opening: a gated view resumes no later than the first view it is gated on,
@@ -448,6 +325,27 @@ class MemberWork:
                     self.store[held_name(v.name)] = self.entry.rewind(held_name(v.name), row)
         self._sent = None
 
+    def view_rows(self, lo: int, hi: int) -> Iterator[list[ViewRows]]:
+        """The pending views' rows of batch ``lo:hi``, in two parts: the views computed on every
+        row, then — resumed once the task has computed those, since the gate reads its first
+        view's rows of this batch — the gated views with the rows their gate sends on, recorded
+        as held. Gating happens here, once, for every task; forwards are counted here."""
+        todo = self.todo(lo, hi)
+        parts = [[t for t in todo if not self.gated(t[0].name)], [t for t in todo if self.gated(t[0].name)]]
+        for part in parts:
+            rows = []
+            for v, first in part:
+                sent = None
+                if self.gated(v.name):  # adaptive: only the rows the first view is not sure of
+                    send = self.gate_rows(first, hi, lo)  # scored once per batch, for every gated view
+                    self.hold(v.name, first, hi, send)
+                    sent = np.flatnonzero(send)
+                count = hi - first if sent is None else len(sent)
+                self.forwards.run += count
+                self.forwards.full += hi - first
+                rows.append(ViewRows(v, first, sent, count))
+            yield rows
+
     def todo(self, lo: int, hi: int) -> list[tuple[Any, int]]:
         """(view, first missing row) for each pending view lacking rows of ``lo:hi``."""
         return [(v, max(lo, self.start[v.name])) for v in self.views if max(lo, self.start[v.name]) < hi]
@@ -464,125 +362,3 @@ class MemberWork:
                 self.entry.record(v.name, hi, log.seconds[v.name], log.recomputed[v.name])
                 if self.gated(v.name):
                     self.entry.record(held_name(v.name), hi, 0.0)
-
-
-# ---- the check of precision: auto ----------------------------------------------------------
-
-AGREEMENT_BOUND = 0.995
-"""Reduced precision is kept only where, in every view, the top-1 class of ``[N, C]`` outputs
-(the argmax over channels of each pixel of ``[N, K, h, w]`` maps) agrees with fp32's on at
-least this fraction of the probed inputs (pixels). Not applied where there is one channel
-(a regressor, a binary map): there only the L2 bound decides."""
-REL_L2_BOUND = 1e-2
-"""... and where, in every view, ||reduced - fp32|| / ||fp32|| over all probed values is at most this."""
-
-
-@dataclass
-class ProbeWork(MemberWork):
-    """A member's work on the first ``rows`` rows of the test set into memory instead of the
-    cache: the task's own step fills it (views applied and inverted, tiles stitched, the
-    cache dtype), so the precision check compares exactly what the cache would hold.
-
-    ``ragged`` is set where the task opens ragged views (detection boxes): those are not
-    compared (a box list has no element-wise error), and the step is not run.
-    """
-
-    rows: int = 0
-    ragged: bool = False
-
-    def open_dense(self, view: str, shape: tuple[int, ...], dtype: str) -> None:
-        self.store[view], self.start[view] = np.zeros((self.rows, *shape[1:]), dtype=dtype), 0
-
-    def open_ragged(self, view: str, n: int) -> None:
-        self.ragged, self.start[view] = True, 0
-
-    def open_sizes(self, n: int) -> None:
-        pass
-
-    def record(self, lo: int, hi: int, sizes: Tensor, log: ViewLog) -> None:
-        for v in self.views:
-            self.start[v.name] = max(self.start[v.name], hi)
-
-
-@dataclass
-class PrecisionCheck:
-    """What the check decided for one member: ``ran_in`` (the reduced precision, or fp32
-    where it failed), a one-line ``note`` saying why, and the measures behind it."""
-
-    ran_in: str
-    note: str
-    details: dict[str, Any] = field(default_factory=dict)
-
-
-def compare_precision(
-    reduced: dict[str, np.ndarray], fp32: dict[str, np.ndarray], precision: str, nonfinite_chunks: int = 0
-) -> PrecisionCheck:
-    """Judges ``precision`` on the same inputs computed both ways (view -> rows as stored).
-
-    Fails (``ran_in`` fp32) where a reduced chunk came out non-finite (``nonfinite_chunks``:
-    chunks the runner had to recompute in fp32) or a reduced value is non-finite, or where
-    some view is outside :data:`AGREEMENT_BOUND` or :data:`REL_L2_BOUND`; the note names the
-    first bound missed and, where views disagree, the worst view. An fp32 reference that is
-    itself non-finite cannot judge anything: reduced precision is kept, and the note says so.
-    """
-    pct = f"{100 * AGREEMENT_BOUND:.1f}%"
-    inputs = sum(a.shape[0] for a in fp32.values())
-    if nonfinite_chunks or not all(np.isfinite(np.asarray(a, dtype=np.float64)).all() for a in reduced.values()):
-        return PrecisionCheck(
-            "fp32",
-            f"fp32: {precision} output was non-finite on the first {inputs} inputs",
-            {"inputs": inputs, "nonfinite_chunks": nonfinite_chunks},
-        )
-    if not all(np.isfinite(np.asarray(a, dtype=np.float64)).all() for a in fp32.values()):
-        return PrecisionCheck(
-            precision, f"{precision}: not checked (the fp32 output itself is non-finite)", {"inputs": inputs}
-        )
-    per_view: dict[str, dict[str, Any]] = {}
-    for view, ref in fp32.items():
-        r, f = np.asarray(reduced[view], dtype=np.float64), np.asarray(ref, dtype=np.float64)
-        diff, norm = float(np.linalg.norm(r - f)), float(np.linalg.norm(f))
-        rel = diff / norm if norm > 0 else (0.0 if diff == 0 else float("inf"))
-        rec: dict[str, Any] = {"inputs": int(f.shape[0]), "rel_l2": rel}
-        if f.ndim >= 2 and f.shape[1] > 1:  # [N, C] top-1, or [N, K, h, w] per-pixel argmax
-            same = r.argmax(axis=1) == f.argmax(axis=1)
-            rec["agreement"], rec["decisions"] = float(same.mean()), int(same.size)
-        per_view[view] = rec
-    what = (
-        "top-1"
-        if all(v.get("decisions") == v["inputs"] for v in per_view.values() if "decisions" in v)
-        else "per-pixel argmax"
-    )
-    unit = "inputs" if what == "top-1" else "pixels"
-    agreeing = [v for v in per_view.values() if "agreement" in v]
-    details: dict[str, Any] = {
-        "inputs": inputs,
-        "rel_l2": max((v["rel_l2"] for v in per_view.values()), default=0.0),
-        "bounds": {"agreement": AGREEMENT_BOUND, "rel_l2": REL_L2_BOUND},
-        "views": per_view,
-    }
-    if agreeing:
-        details["agreement"] = min(v["agreement"] for v in agreeing)
-    in_view = lambda v: f" in view '{v}'" if len(per_view) > 1 else ""  # noqa: E731
-    worst = min(
-        (v for v in per_view if "agreement" in per_view[v]), key=lambda v: per_view[v]["agreement"], default=None
-    )
-    if worst is not None and per_view[worst]["agreement"] < AGREEMENT_BOUND:
-        w = per_view[worst]
-        return PrecisionCheck(
-            "fp32",
-            f"fp32: {precision} {what} agreed on {100 * w['agreement']:.1f}% of {w['decisions']} {unit}{in_view(worst)} (< {pct})",
-            details,
-        )
-    worst = max(per_view, key=lambda v: per_view[v]["rel_l2"])
-    if per_view[worst]["rel_l2"] > REL_L2_BOUND:
-        return PrecisionCheck(
-            "fp32",
-            f"fp32: {precision} relative L2 error {per_view[worst]['rel_l2']:.1e}{in_view(worst)} (> {REL_L2_BOUND:.0e})",
-            details,
-        )
-    agreed = f"{what} agreed on {100 * details['agreement']:.1f}%, " if agreeing else ""
-    return PrecisionCheck(
-        precision,
-        f"{precision}: checked against fp32 on {inputs} inputs ({agreed}relative L2 error {details['rel_l2']:.1e})",
-        details,
-    )

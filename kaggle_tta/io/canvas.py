@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kaggle_tta.ops.geometry import crop_box, floor
+
 POSITIONS = ("center", "tl", "tr", "bl", "br")  # the order crops are stacked in
 _CV2_INTERPOLATION = {
     "nearest": "INTER_NEAREST",
@@ -92,27 +94,6 @@ def _cv2_flag(interpolation: str) -> int:
     import cv2
 
     return getattr(cv2, _CV2_INTERPOLATION[interpolation])
-
-
-def floor(d: float) -> int:
-    """albumentations' (and the reference code's) centre rounding: down."""
-    return int(math.floor(d))
-
-
-def crop_box(
-    size: tuple[int, int], crop: tuple[int, int], position: str, rounding: Callable[[float], int]
-) -> tuple[int, int]:
-    """Top-left (y, x) of a ``crop`` at ``position`` in an image of ``size``; the centre's
-    half-difference goes through ``rounding`` (floor for albumentations, round half to even
-    for torchvision)."""
-    (h, w), (ch, cw) = size, crop
-    return {
-        "center": (rounding((h - ch) / 2.0), rounding((w - cw) / 2.0)),
-        "tl": (0, 0),
-        "tr": (0, w - cw),
-        "bl": (h - ch, 0),
-        "br": (h - ch, w - cw),
-    }[position]
 
 
 def _stack(resized: np.ndarray, spec: CanvasSpec, rounding: Callable[[float], int]) -> np.ndarray:

@@ -21,7 +21,7 @@ import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import polars as pl
@@ -29,6 +29,9 @@ import polars as pl
 from kaggle_tta.config import PipelineConfig
 from kaggle_tta.config.errors import ConfigError, DataError
 from kaggle_tta.io.canvas import CanvasSpec
+
+if TYPE_CHECKING:
+    from multiprocessing.context import BaseContext
 
 # OpenCV and torch are imported where images are decoded and batched, not at import: listing
 # the test set (which re-blending does) needs neither.
@@ -209,7 +212,7 @@ def _list_csv(cfg: PipelineConfig) -> tuple[list[str], list[str]]:
     return ids, [os.path.normpath(r if os.path.isabs(r) else os.path.join(base, r)) for r in rel]
 
 
-def _check_unique(ids: Sequence[str], paths: Sequence[Path], where: str) -> None:
+def _check_unique(ids: Sequence[str], paths: Sequence[str | Path], where: str) -> None:
     seen: dict[str, int] = {}
     for k, i in enumerate(ids):
         if i in seen:
@@ -235,7 +238,8 @@ def load_labels(cfg: PipelineConfig, ids: Sequence[str], classes: Sequence[str])
     ):
         if i in table:  # the last row would win silently
             raise DataError(
-                f"{path}: id {i!r} has two rows (data rows {list(table).index(i) + 1} and {k + 1}); keep one label per id"
+                f"{path}: id {i!r} has two rows (data rows {list(table).index(i) + 1} and {k + 1}); keep one "
+                "label per id"
             )
         table[i] = label
     index = {c: k for k, c in enumerate(classes)}
@@ -341,7 +345,8 @@ class CanvasDataset:
                 ):
                     return (
                         i,
-                        f"{shown(self.paths[i])}: the albumentations preprocessing must return uint8 HWC images; drop Normalize/ToTensorV2 (normalization runs on the device)",
+                        f"{shown(self.paths[i])}: the albumentations preprocessing must return uint8 HWC images; "
+                        "drop Normalize/ToTensorV2 (normalization runs on the device)",
                         None,
                     )
                 out[key] = canvas
@@ -357,9 +362,10 @@ def _collate(items: list[tuple[int, dict[str, np.ndarray] | str, np.ndarray | No
     for _, v, _ in items:
         if isinstance(v, str):
             return Batch(lo, hi, error=v)
+    rows = [cast(dict[str, np.ndarray], v) for _, v, _ in items]  # no error: returned above
     out = {}
-    for key in items[0][1]:  # type: ignore[union-attr]
-        arrays = [v[key] for _, v, _ in items]  # type: ignore[index]
+    for key in rows[0]:
+        arrays = [v[key] for v in rows]
         shapes = {a.shape for a in arrays}
         if len(shapes) > 1:
             return Batch(
@@ -367,11 +373,12 @@ def _collate(items: list[tuple[int, dict[str, np.ndarray] | str, np.ndarray | No
                 hi,
                 error=(
                     f"images of different sizes {sorted(s[:2] for s in shapes)} in one batch (around {lo}); "
-                    "segmentation: set segmentation.size: [H, W]; a user preprocessing: end it with a fixed-size resize or crop"
+                    "segmentation: set segmentation.size: [H, W]; a user preprocessing: end it with a fixed-size "
+                    "resize or crop"
                 ),
             )
         out[key] = torch.from_numpy(np.stack(arrays))  # [B, H, W, C] uint8
-    return Batch(lo, hi, out, torch.from_numpy(np.stack([s for _, _, s in items])))
+    return Batch(lo, hi, out, torch.from_numpy(np.stack([cast(np.ndarray, s) for _, _, s in items])))
 
 
 def _worker_init(_: int) -> None:
@@ -396,7 +403,7 @@ def make_loader(
     # Workers are not forked from this process: a parent that has already used OpenCV's or
     # OpenMP's thread pools (a notebook, a test) can deadlock a forked child inside cv2.
     # forkserver starts them from a clean process once per loader.
-    ctx = None
+    ctx: BaseContext | None = None
     if workers:
         import multiprocessing as mp
 
@@ -408,7 +415,7 @@ def make_loader(
         else:
             ctx = mp.get_context("spawn")
     return DataLoader(
-        ds,
+        ds,  # type: ignore[arg-type]  # a map-style dataset without torch's base class
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,

@@ -57,7 +57,7 @@ def match_sample(
     id_col = id_column if id_column in df.columns else df.columns[0]
     sample_ids = [str(v) for v in df[id_col].to_list()]
     index: dict[str, int] = {}
-    for n, (rid, k) in enumerate(row_ids):
+    for n, (rid, _) in enumerate(row_ids):
         index.setdefault(rid, n)
     for n, (rid, k) in enumerate(row_ids):  # a file name stands for its image's row
         name = Path(files[k]).name
@@ -83,14 +83,17 @@ def match_sample(
             parts.append(f"{len(missing)} of {len(sample_ids)} sample ids match no test image ({_examples(missing)})")
         if extra:
             parts.append(
-                f"{len(extra)} of {len(row_ids)} rows to write are not in the sample ({_examples([row_ids[n][0] for n in extra])})"
+                f"{len(extra)} of {len(row_ids)} rows to write are not in the sample "
+                f"({_examples([row_ids[n][0] for n in extra])})"
             )
         raise ConfigError(
-            f"{where}: {'; '.join(parts)}; the sample's ids must be the test ids or their file names (check data.* and the sample)"
+            f"{where}: {'; '.join(parts)}; the sample's ids must be the test ids or their file names (check "
+            "data.* and the sample)"
         )
     if header is not None and len(header) != df.width:
         raise ConfigError(
-            f"{where}: the sample has {df.width} columns {df.columns}, the submission {len(header)} {list(header)}; set submission.format or its column names to match"
+            f"{where}: the sample has {df.width} columns {df.columns}, the submission {len(header)} "
+            f"{list(header)}; set submission.format or its column names to match"
         )
     return SampleOrder(path, list(df.columns), sample_ids, rows)
 
@@ -100,7 +103,8 @@ def align(table: pl.DataFrame, order: SampleOrder) -> pl.DataFrame:
     are taken by name, others by position."""
     if table.width != len(order.header):
         raise ConfigError(
-            f"submission.sample ({order.path}): the sample has {len(order.header)} columns, the submission {table.width} {table.columns}"
+            f"submission.sample ({order.path}): the sample has {len(order.header)} columns, the submission "
+            f"{table.width} {table.columns}"
         )
     out = table[order.rows]
     cols = out.columns

@@ -96,6 +96,15 @@ __all__ = [
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``kernel`` subcommand's arguments (cheap: the CLI builds every parser)."""
+    _add_input_arguments(p)
+    _add_naming_arguments(p)
+    _add_data_arguments(p)
+    _add_kernel_arguments(p)
+    _add_wheel_arguments(p)
+
+
+def _add_input_arguments(p: argparse.ArgumentParser) -> None:
+    """The pipeline, where the bundle goes, and overrides of its YAML."""
     p.add_argument("pipeline", help="path of pipeline.yaml")
     p.add_argument(
         "--out", default="build/kaggle", help="output folder; gets dataset/ and kernel/ (default: build/kaggle)"
@@ -107,6 +116,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="KEY.PATH=VALUE",
         help="override a YAML value before bundling (repeatable)",
     )
+
+
+def _add_naming_arguments(p: argparse.ArgumentParser) -> None:
+    """Who owns the bundle on Kaggle and the slugs of its datasets and kernel."""
     p.add_argument(
         "--owner",
         "--username",
@@ -129,6 +142,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="kaggle-tta-inference",
         help="slug of the notebook kernel (default: kaggle-tta-inference)",
     )
+
+
+def _add_data_arguments(p: argparse.ArgumentParser) -> None:
+    """The competition and where the test data is read from on Kaggle."""
     p.add_argument(
         "--competition",
         default=None,
@@ -145,23 +162,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="ship the test data in the dataset even with --competition (default: only without one)",
     )
+
+
+def _add_kernel_arguments(p: argparse.ArgumentParser) -> None:
+    """The kernel's accelerator, image, licences and run-time limit."""
     p.add_argument(
         "--enable-gpu",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help=f"request a GPU for the kernel (default: no; on with --machine-shape); it is {DEFAULT_MACHINE_SHAPE} unless --machine-shape says otherwise",
+        help=f"request a GPU for the kernel (default: no; on with --machine-shape); it is {DEFAULT_MACHINE_SHAPE} "
+        "unless --machine-shape says otherwise",
     )
     p.add_argument(
         "--machine-shape",
         default=None,
         metavar="NAME",
-        help=f"the accelerator, as Kaggle names it (default with the GPU on: {DEFAULT_MACHINE_SHAPE}, GPU T4 x2; one of: {', '.join(MACHINE_SHAPES)})",
+        help=f"the accelerator, as Kaggle names it (default with the GPU on: {DEFAULT_MACHINE_SHAPE}, GPU T4 x2; one "
+        f"of: {', '.join(MACHINE_SHAPES)})",
     )
     p.add_argument(
         "--docker-image-pinning",
         default=DEFAULT_PINNING,
         metavar="|".join(PINNING_TYPES),
-        help=f"kernel-metadata's docker_image_pinning_type (default: {DEFAULT_PINNING}: new versions keep the image the kernel first ran in)",
+        help=f"kernel-metadata's docker_image_pinning_type (default: {DEFAULT_PINNING}: new versions keep the image "
+        "the kernel first ran in)",
     )
     p.add_argument(
         "--license",
@@ -173,7 +197,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--wheels-license",
         default=DEFAULT_WHEELS_LICENSE,
         metavar="NAME",
-        help=f"licence of the wheels dataset (default: {DEFAULT_WHEELS_LICENSE}: each wheel keeps its project's own, said in the description)",
+        help=f"licence of the wheels dataset (default: {DEFAULT_WHEELS_LICENSE}: each wheel keeps its project's own, "
+        "said in the description)",
     )
     p.add_argument(
         "--time-limit-hours",
@@ -181,12 +206,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=9.0,
         help="run-time limit the notebook checks its estimate against (default: 9)",
     )
+
+
+def _add_wheel_arguments(p: argparse.ArgumentParser) -> None:
+    """Which wheels are bundled, where they are cached, and the CPython they are for."""
     p.add_argument(
         "--wheel-exclude",
         action="append",
         default=[],
         metavar="PATTERN",
-        help=f"also leave these distributions to the Kaggle image (fnmatch, repeatable; always: {', '.join(DEFAULT_EXCLUDES)})",
+        help="also leave these distributions to the Kaggle image (fnmatch, repeatable; always: "
+        f"{', '.join(DEFAULT_EXCLUDES)})",
     )
     p.add_argument(
         "--extra-wheel",
@@ -199,7 +229,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--wheel-cache",
         type=Path,
         default=None,
-        help="folder keeping downloaded wheels between builds (default: $KAGGLE_TTA_WHEEL_CACHE or ~/.cache/kaggle-tta/wheels; '' for none)",
+        help="folder keeping downloaded wheels between builds (default: $KAGGLE_TTA_WHEEL_CACHE or "
+        "~/.cache/kaggle-tta/wheels; '' for none)",
     )
     p.add_argument(
         "--python-version",
@@ -240,7 +271,8 @@ def run(args: argparse.Namespace) -> None:
         + (": the same wheel set as the last build here" if rep.wheels_unchanged else "")
     )
     print(
-        f"kernel: {rep.dataset_dir}: kaggle-tta's wheel and {len(rep.files)} bundled file(s) or folder(s) ({_mb(rep.size_bytes)})"
+        f"kernel: {rep.dataset_dir}: kaggle-tta's wheel and {len(rep.files)} bundled file(s) or folder(s) "
+        f"({_mb(rep.size_bytes)})"
     )
     print(f"kernel: left to the Kaggle image: {', '.join(rep.excluded) or 'nothing'}")
     shape = opts.shape
@@ -254,10 +286,12 @@ def run(args: argparse.Namespace) -> None:
     mode = " --dir-mode zip" if rep.subfolders else ""
     print("upload with the kaggle CLI (internet on this machine):")
     print(
-        f"  kaggle datasets create -p {rep.wheels_dir}   # once per wheel set: skip it when {rep.wheels_ref} is already on Kaggle"
+        f"  kaggle datasets create -p {rep.wheels_dir}   # once per wheel set: skip it when {rep.wheels_ref} is "
+        "already on Kaggle"
     )
     print(
-        f"  kaggle datasets create -p {rep.dataset_dir}{mode}   # later: kaggle datasets version -p {rep.dataset_dir}{mode} -m 'new weights'"
+        f"  kaggle datasets create -p {rep.dataset_dir}{mode}   # later: kaggle datasets version -p "
+        f"{rep.dataset_dir}{mode} -m 'new weights'"
     )
     print(f"  kaggle kernels push -p {rep.kernel_dir}")
 

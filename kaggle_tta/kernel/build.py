@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kaggle_tta.kernel.bundle import collect_files
 from kaggle_tta.kernel.options import (
@@ -20,6 +21,10 @@ from kaggle_tta.kernel.options import (
 from kaggle_tta.kernel.wheels import build_own_wheel, fetch_wheels, pin_closure, read_wheel_requires, resolve_target
 from kaggle_tta.kernel.write import wheels_ref, write_dataset, write_kernel, write_wheels
 
+if TYPE_CHECKING:
+    from kaggle_tta.kernel.bundle import Collector
+    from kaggle_tta.kernel.wheels import Target
+
 
 def build_bundle(pipeline: Path, opts: KernelOptions) -> BundleReport:
     """Checks everything, fetches the wheels, then writes ``opts.out/{wheels,dataset,kernel}``.
@@ -30,18 +35,9 @@ def build_bundle(pipeline: Path, opts: KernelOptions) -> BundleReport:
             left as it was.
     """
 
-    from kaggle_tta.config import apply_override, load_pipeline
-    from kaggle_tta.config.loading import read_yaml_file
-    from kaggle_tta.engine.plan import validate_static
-
     check_options(opts)
     root = _project_root()
-    cfg = load_pipeline(pipeline, opts.overrides)
-    validate_static(cfg)
-    raw = read_yaml_file(pipeline, "pipeline file")
-    for assignment in opts.overrides:
-        apply_override(raw, assignment)
-    col = collect_files(cfg, raw, opts, pipeline)
+    col = _collect(pipeline, opts)
     target = resolve_target(opts.python_version)
     out = opts.out
     with tempfile.TemporaryDirectory(prefix="kaggle-tta-kernel-") as tmp:
@@ -58,26 +54,70 @@ def build_bundle(pipeline: Path, opts: KernelOptions) -> BundleReport:
         wheels = fetch_wheels(pins, [out / "wheels", out / "dataset", cache], cache, target)
         ref, set_id = wheels_ref(col.owner, opts, wheels)
         unchanged = _wheel_set_of(out / "wheels") == set_id
-        # Written beside the final folders, then swapped in: an interrupted build leaves the
-        # previous bundle (or none), never a half-written one.
-        stages = {
-            "wheels": out / ".wheels.partial",
-            "dataset": out / ".dataset.partial",
-            "kernel": out / ".kernel.partial",
-        }
-        try:
-            for d in stages.values():
-                _rmtree(d)
-            write_wheels(stages["wheels"], col.owner, wheels, excluded, opts, root, target)
-            write_dataset(stages["dataset"], col, own, wheels, excluded, opts, root, target)
-            load_pipeline(stages["dataset"] / col.pipeline_name)  # the rewritten pipeline still validates
-            write_kernel(stages["kernel"], col, opts, root, ref)
-            for name, staged in stages.items():
-                _rmtree(out / name)
-                staged.rename(out / name)
-        finally:
-            for d in stages.values():
-                _rmtree(d)
+        _write_folders(out, col, own, wheels, excluded, opts, root, target, ref)
+    return _report(out, col, own, wheels, excluded, ref, unchanged)
+
+
+def _collect(pipeline: Path, opts: KernelOptions) -> Collector:
+    """The pipeline loaded and checked with the overrides, and the files it needs bundled."""
+    from kaggle_tta.config import apply_override, load_pipeline
+    from kaggle_tta.config.loading import read_yaml_file
+    from kaggle_tta.engine.plan import validate_static
+
+    cfg = load_pipeline(pipeline, opts.overrides)
+    validate_static(cfg)
+    raw = read_yaml_file(pipeline, "pipeline file")
+    for assignment in opts.overrides:
+        apply_override(raw, assignment)
+    return collect_files(cfg, raw, opts, pipeline)
+
+
+def _write_folders(
+    out: Path,
+    col: Collector,
+    own: Path,
+    wheels: dict[str, Path],
+    excluded: list[str],
+    opts: KernelOptions,
+    root: Path,
+    target: Target,
+    ref: str,
+) -> None:
+    """Writes the wheels, dataset and kernel folders under ``out``."""
+    from kaggle_tta.config import load_pipeline
+
+    # Written beside the final folders, then swapped in: an interrupted build leaves the
+    # previous bundle (or none), never a half-written one.
+    stages = {
+        "wheels": out / ".wheels.partial",
+        "dataset": out / ".dataset.partial",
+        "kernel": out / ".kernel.partial",
+    }
+    try:
+        for d in stages.values():
+            _rmtree(d)
+        write_wheels(stages["wheels"], col.owner, wheels, excluded, opts, root, target)
+        write_dataset(stages["dataset"], col, own, wheels, excluded, opts, root, target)
+        load_pipeline(stages["dataset"] / col.pipeline_name)  # the rewritten pipeline still validates
+        write_kernel(stages["kernel"], col, opts, root, ref)
+        for name, staged in stages.items():
+            _rmtree(out / name)
+            staged.rename(out / name)
+    finally:
+        for d in stages.values():
+            _rmtree(d)
+
+
+def _report(
+    out: Path,
+    col: Collector,
+    own: Path,
+    wheels: dict[str, Path],
+    excluded: list[str],
+    ref: str,
+    unchanged: bool,
+) -> BundleReport:
+    """What was written, for the CLI to print."""
     ds, wd = out / "dataset", out / "wheels"
     return BundleReport(
         ds,
@@ -115,7 +155,8 @@ def _project_root() -> Path:
     root = Path(__file__).resolve().parent.parent.parent
     if not (root / "pyproject.toml").is_file() or not (root / "kernels" / NOTEBOOK).is_file():
         raise KernelError(
-            f"{root}: no pyproject.toml and kernels/{NOTEBOOK}; run 'kaggle-tta kernel' from a source checkout (pip install -e .)"
+            f"{root}: no pyproject.toml and kernels/{NOTEBOOK}; run 'kaggle-tta kernel' from a source checkout "
+            "(pip install -e .)"
         )
     return root
 

@@ -90,7 +90,8 @@ def _unset_roots(cfg: PipelineConfig, loc: Loc, value: Any) -> list[Marked]:
 
 def format_key(cfg: PipelineConfig, loc: Loc) -> str:
     """('members', 1, 'checkpoint') -> 'members.effnet.checkpoint': the form ``--set`` takes."""
-    parts, node = [], cfg
+    parts: list[Any] = []
+    node: Any = cfg
     for part in loc:
         node = node[part] if isinstance(part, int) else getattr(node, str(part), None)
         parts.append(getattr(node, "name", part) if isinstance(part, int) else part)
@@ -152,7 +153,8 @@ class Collector:
             key = format_key(self.cfg, e.loc)
             if e.mark.role not in self.ROLES:
                 raise KernelError(
-                    f"{key}: the schema marks it with role '{e.mark.role}', which the bundle has no handler for; use one of {', '.join(self.ROLES)}"
+                    f"{key}: the schema marks it with role '{e.mark.role}', which the bundle has no handler for; "
+                    f"use one of {', '.join(self.ROLES)}"
                 )
             new = self.ROLES[e.mark.role](self, e, key)
             if new is not None:
@@ -198,7 +200,8 @@ class Collector:
     def _output(self, e: Marked, key: str) -> str:
         if e.mark.kaggle is None:
             raise KernelError(
-                f"{key}: the schema marks it as an output without its /kaggle/working path; give the mark a 'kaggle' path"
+                f"{key}: the schema marks it as an output without its /kaggle/working path; give the mark a "
+                "'kaggle' path"
             )
         return e.mark.kaggle
 
@@ -254,8 +257,10 @@ class Collector:
                 else "no --data-root says where the competition data lies here"
             )
             raise KernelError(
-                f"{key}: {path}: with --competition the test data is read from the competition's folder on Kaggle, but {where}; "
-                "give --data-root (your local copy of the competition data), or --bundle-data to ship this data in the dataset"
+                f"{key}: {path}: with --competition the test data is read from the competition's folder on "
+                f"Kaggle, but {where}; "
+                "give --data-root (your local copy of the competition data), or --bundle-data to ship this data "
+                "in the dataset"
             )
         shippers = {
             "glob": self._bundle_glob,
@@ -265,7 +270,8 @@ class Collector:
         }
         if kind not in shippers:
             raise KernelError(
-                f"{key}: the schema marks it with kind '{kind}', which the bundle cannot ship; use one of {', '.join(shippers)}"
+                f"{key}: the schema marks it with kind '{kind}', which the bundle cannot ship; use one of "
+                f"{', '.join(shippers)}"
             )
         return shippers[kind](key, path, kind)
 

@@ -170,7 +170,8 @@ def check_options(opts: KernelOptions) -> None:
     for flag, slug in (("--dataset-slug", opts.dataset_slug), ("--kernel-slug", opts.kernel_slug)):
         if not _SLUG.match(slug):
             raise KernelError(
-                f"{flag} '{slug}': use 6-50 lowercase letters, digits and hyphens (the title made from it must have 6 or more characters)"
+                f"{flag} '{slug}': use 6-50 lowercase letters, digits and hyphens (the title made from it must "
+                "have 6 or more characters)"
             )
     if opts.competition is not None and not re.match(r"^[a-z0-9][a-z0-9-]*$", opts.competition):
         raise KernelError(
@@ -194,13 +195,15 @@ def check_options(opts: KernelOptions) -> None:
         )
     if not _SLUG.match(f"{opts.wheels_slug_prefix}-0123456789"):
         raise KernelError(
-            f"--wheels-slug-prefix '{opts.wheels_slug_prefix}': use 5-39 lowercase letters, digits and hyphens (11 more name the wheel set)"
+            f"--wheels-slug-prefix '{opts.wheels_slug_prefix}': use 5-39 lowercase letters, digits and hyphens "
+            "(11 more name the wheel set)"
         )
     if opts.machine_shape is not None:
         _check_shape(opts.machine_shape)
         if opts.enable_gpu is False:
             raise KernelError(
-                f"--machine-shape {opts.machine_shape} asks for a GPU, but --no-enable-gpu turns it off; drop one of them"
+                f"--machine-shape {opts.machine_shape} asks for a GPU, but --no-enable-gpu turns it off; drop one "
+                "of them"
             )
     _check_choice("--docker-image-pinning", opts.docker_image_pinning, PINNING_TYPES)
     _check_choice("--license", opts.license, DATASET_LICENSES)
@@ -227,10 +230,12 @@ def _check_choice(flag: str, value: str, known: tuple[str, ...]) -> None:
 def _check_shape(shape: str) -> None:
     if shape in REFUSED_MACHINE_SHAPES:
         raise KernelError(
-            f"--machine-shape {shape}: {REFUSED_MACHINE_SHAPES[shape]}; use {DEFAULT_MACHINE_SHAPE} ({MACHINE_SHAPES[DEFAULT_MACHINE_SHAPE]})"
+            f"--machine-shape {shape}: {REFUSED_MACHINE_SHAPES[shape]}; use {DEFAULT_MACHINE_SHAPE} "
+            f"({MACHINE_SHAPES[DEFAULT_MACHINE_SHAPE]})"
         )
     if shape not in MACHINE_SHAPES:
         known = ", ".join(f"{k} ({v})" for k, v in MACHINE_SHAPES.items())
         raise KernelError(
-            f"--machine-shape '{shape}': not an accelerator Kaggle names{_did_you_mean(shape, [*MACHINE_SHAPES, *REFUSED_MACHINE_SHAPES])}; one of: {known}"
+            f"--machine-shape '{shape}': not an accelerator Kaggle "
+            f"names{_did_you_mean(shape, [*MACHINE_SHAPES, *REFUSED_MACHINE_SHAPES])}; one of: {known}"
         )

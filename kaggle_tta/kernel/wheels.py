@@ -16,7 +16,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from kaggle_tta.kernel.options import KernelError
 
@@ -59,7 +59,7 @@ def resolve_target(python_version: str | None) -> Target:
     from packaging import tags
     from packaging.markers import default_environment
 
-    env = dict(default_environment())
+    env = cast(dict[str, str], dict(default_environment()))  # packaging types the values as object
     local = f"{sys.version_info.major}.{sys.version_info.minor}"
     like_kaggle = sys.platform == "linux" and platform.machine() == "x86_64" and sys.implementation.name == "cpython"
     if python_version is None or (python_version == local and like_kaggle):
@@ -172,7 +172,8 @@ def pin_closure(
             dist = md.distribution(req.name)
         except md.PackageNotFoundError:
             raise KernelError(
-                f"wheels: {req.name} (required by {parent}) is not installed here, so which version to bundle is unknown; "
+                f"wheels: {req.name} (required by {parent}) is not installed here, so which version to bundle is "
+                "unknown; "
                 f"pip install '{req}' or add '{name}' to --wheel-exclude if the Kaggle image has it"
             ) from None
         try:
@@ -181,7 +182,8 @@ def pin_closure(
             ok = True
         if not ok:
             raise KernelError(
-                f"wheels: {name} {dist.version} is installed here but {parent} needs '{req}'; pip install '{req}' and rebuild"
+                f"wheels: {name} {dist.version} is installed here but {parent} needs '{req}'; pip install '{req}' "
+                "and rebuild"
             )
         pins.setdefault(name, (dist.version, parent))
         for sub in reversed(dist.requires or []):
@@ -238,13 +240,15 @@ def fetch_wheels(
             if missing:  # pip saved something our tag check refuses (should not happen)
                 n = missing[0]
                 raise KernelError(
-                    f"wheels: pip fetched {n}=={pins[n][0]}, but no wheel for {target.describe()} is in {download_to}; delete it and rebuild"
+                    f"wheels: pip fetched {n}=={pins[n][0]}, but no wheel for {target.describe()} is in "
+                    f"{download_to}; delete it and rebuild"
                 )
             break
         bad = _failed_requirement(res, missing)
         if bad is None:
             raise KernelError(
-                f"wheels: pip download failed: {_pip_error(res)}; check the network access to the package index and rebuild"
+                f"wheels: pip download failed: {_pip_error(res)}; check the network access to the package index "
+                "and rebuild"
             )
         version, parent = pins[bad]
         if target.python_version is None and bad not in tried_build:  # only an sdist: build it here

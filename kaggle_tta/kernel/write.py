@@ -147,9 +147,13 @@ def write_kernel(stage: Path, col: Collector, opts: KernelOptions, root: Path, w
         raise KernelError(f"kernels/{NOTEBOOK}: no code cell tagged 'parameters'; restore the template")
     src = "".join(cell["source"])
     for name, value in values.items():
+
+        def assign(m: re.Match[str], v: Any = value, k: str = name) -> str:
+            return f"{k} = {_py_literal(v)}{m.group(1) or ''}"
+
         src, n = re.subn(
             rf"^{name} = .*?(\s+#.*)?$",
-            lambda m, v=value, k=name: f"{k} = {_py_literal(v)}{m.group(1) or ''}",
+            assign,
             src,
             count=1,
             flags=re.M,

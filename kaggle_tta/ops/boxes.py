@@ -116,39 +116,51 @@ def fuse_boxes(
             boxes array not ``[N, 4]``, scores or labels of the wrong length, non-finite
             values, non-integer labels, or a box with ``x2 < x1`` or ``y2 < y1``.
     """
-    options = {
-        "iou_thr": iou_thr,
-        "skip_box_thr": skip_box_thr,
-        "conf_type": conf_type,
-        "sigma": sigma,
-        "thresh": thresh,
-    }
+    options = dict(iou_thr=iou_thr, skip_box_thr=skip_box_thr, conf_type=conf_type, sigma=sigma, thresh=thresh)
     _check_options(method, options)
     h, w = _check_image_size(image_size)
-    n_models = len(boxes_list)
-    if n_models == 0:
-        raise BoxesError("no models to fuse: boxes_list is empty")
-    if len(scores_list) != n_models or len(labels_list) != n_models:
-        raise BoxesError(
-            f"one entry per model is needed in each list: boxes_list has {n_models}, "
-            f"scores_list {len(scores_list)}, labels_list {len(labels_list)}"
-        )
+    n_models = _check_lists(boxes_list, scores_list, labels_list)
     weight_list = _check_weights(weights, n_models)
-
     scale = np.array([w, h, w, h], dtype=np.float64)
+    boxes_n, scores_n, labels_n = _normalized(boxes_list, scores_list, labels_list, scale, skip_box_thr)
+    return _fused(method, boxes_n, scores_n, labels_n, weight_list, options, scale)
+
+
+def _normalized(
+    boxes_list: Sequence[np.ndarray],
+    scores_list: Sequence[np.ndarray],
+    labels_list: Sequence[np.ndarray],
+    scale: np.ndarray,
+    skip_box_thr: float,
+) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """Each model's boxes, checked, clipped to the image and normalized (``scale``: ``W, H, W,
+    H``), with their scores and labels; only the boxes fusion keeps (:func:`valid_boxes`)."""
     boxes_n, scores_n, labels_n = [], [], []
-    for i in range(n_models):
+    for i in range(len(boxes_list)):
         b, s, lab = _check_model(i, boxes_list[i], scores_list[i], labels_list[i])
         b = np.clip(b, 0.0, scale) / scale  # clip to the image, then normalize
         keep = valid_boxes(b, s, skip_box_thr)
         boxes_n.append(b[keep])
         scores_n.append(s[keep])
         labels_n.append(lab[keep])
+    return boxes_n, scores_n, labels_n
+
+
+def _fused(
+    method: str,
+    boxes_n: list[np.ndarray],
+    scores_n: list[np.ndarray],
+    labels_n: list[np.ndarray],
+    weights: list[float] | None,
+    options: dict[str, Any],
+    scale: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The normalized boxes fused by ensemble-boxes, back in pixels (``scale``), in descending
+    score order (stable)."""
     if sum(len(s) for s in scores_n) == 0:
         # ensemble-boxes' nms crashes on no boxes at all; WBF returns float labels
         return _empty()
-
-    fused_b, fused_s, fused_l = _FUSERS[method](boxes_n, scores_n, labels_n, weight_list, options)
+    fused_b, fused_s, fused_l = _FUSERS[method](boxes_n, scores_n, labels_n, weights, options)
     fused_b = np.asarray(fused_b, dtype=np.float64).reshape(-1, 4)
     fused_s = np.asarray(fused_s, dtype=np.float64).reshape(-1)
     fused_l = np.rint(np.asarray(fused_l, dtype=np.float64)).astype(np.int64).reshape(-1)
@@ -158,6 +170,21 @@ def fuse_boxes(
     return fused_b[order] * scale, fused_s[order], fused_l[order]
 
 
+def _check_lists(
+    boxes_list: Sequence[np.ndarray], scores_list: Sequence[np.ndarray], labels_list: Sequence[np.ndarray]
+) -> int:
+    """The number of models: one entry each in every list, at least one."""
+    n_models = len(boxes_list)
+    if n_models == 0:
+        raise BoxesError("no models to fuse: boxes_list is empty")
+    if len(scores_list) != n_models or len(labels_list) != n_models:
+        raise BoxesError(
+            f"one entry per model is needed in each list: boxes_list has {n_models}, "
+            f"scores_list {len(scores_list)}, labels_list {len(labels_list)}"
+        )
+    return n_models
+
+
 def _check_options(method: str, o: dict[str, Any]) -> None:
     if method not in _FUSERS:
         raise BoxesError(
@@ -165,7 +192,8 @@ def _check_options(method: str, o: dict[str, Any]) -> None:
         )
     if o["conf_type"] not in CONF_TYPES:
         raise BoxesError(
-            f"unknown conf_type '{o['conf_type']}'{did_you_mean(o['conf_type'], CONF_TYPES)}; choose one of {', '.join(CONF_TYPES)}"
+            f"unknown conf_type '{o['conf_type']}'{did_you_mean(o['conf_type'], CONF_TYPES)}; "
+            f"choose one of {', '.join(CONF_TYPES)}"
         )
     for name in ("iou_thr", "skip_box_thr", "sigma", "thresh"):
         if not np.isfinite(o[name]):
@@ -326,7 +354,8 @@ def resolve_template(template: str) -> str:
         return PRESETS[template]
     if "{" not in template:
         raise BoxesError(
-            f"unknown PredictionString preset '{template}'{did_you_mean(template, PRESETS)}; choose one of {', '.join(PRESETS)} or give a template"
+            f"unknown PredictionString preset '{template}'{did_you_mean(template, PRESETS)}; "
+            f"choose one of {', '.join(PRESETS)} or give a template"
         )
     try:
         names = template_fields(template)
@@ -335,6 +364,7 @@ def resolve_template(template: str) -> str:
     for f in names:
         if f not in FIELDS:
             raise BoxesError(
-                f"PredictionString template '{template}': unknown field '{{{f}}}'{did_you_mean(f, FIELDS)}; fields are {', '.join(FIELDS)}"
+                f"PredictionString template '{template}': unknown field '{{{f}}}'{did_you_mean(f, FIELDS)}; "
+                f"fields are {', '.join(FIELDS)}"
             )
     return template

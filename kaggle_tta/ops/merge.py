@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -140,6 +141,45 @@ def _reduce_weighted(
     return Prediction(finish(acc, 1 if name != "max" else len(arrays), activation), kind, activation)
 
 
+def _masked_rows(masks: Sequence[np.ndarray | None]) -> tuple[list[np.ndarray | None], int, np.ndarray]:
+    """The views' row masks as booleans, the number of rows, and per row how many views hold it."""
+    held = [None if m is None else np.asarray(m, bool) for m in masks]
+    if not held:
+        raise ValueError("no views to merge")
+    sizes = {len(m) for m in held if m is not None}
+    if len(sizes) != 1:
+        raise ValueError("row masks of different lengths")
+    (n,) = sizes
+    count = cast(np.ndarray, sum(np.ones(n, np.float32) if m is None else m.astype(np.float32) for m in held))
+    if not (count > 0).all():
+        raise ConfigError(
+            "adaptive views: a row is held by none of the views merged; merge the gate's first view with them"
+        )
+    return held, n, count
+
+
+def _held_weight_total(held: Sequence[np.ndarray | None], w: np.ndarray | None, n: int) -> np.ndarray:
+    """Per row (and channel): the sum of the weights of the views held there."""
+    ws = w if w is not None else np.ones(len(held))
+    return cast(
+        np.ndarray,
+        sum(
+            (np.ones(n) if m is None else m.astype(np.float64))[:, None] * np.atleast_1d(wv)[None, :]
+            for m, wv in zip(held, ws)
+        ),
+    )
+
+
+def _held_row_weights(
+    m: np.ndarray | None, wk: np.ndarray, n: int, count: np.ndarray, total: np.ndarray, zero: np.ndarray
+) -> np.ndarray:
+    """One view's weight per row (and channel), renormalized over the views holding the row
+    (where those all weigh zero: equally)."""
+    wv = np.atleast_1d(wk)[None, :]
+    mm = (np.ones(n) if m is None else m.astype(np.float64))[:, None]
+    return np.where(zero, mm / count[:, None], mm * wv / np.where(zero, 1.0, total)).astype(np.float32)
+
+
 def _reduce_masked(
     name: str,
     arrays: Iterable[np.ndarray],
@@ -154,29 +194,14 @@ def _reduce_masked(
     renormalized over the views it holds (where those all weigh zero: equally). One view is
     read at a time; memory is the accumulator and the weights' denominator."""
     transform, combine, finish, kind = VIEW_REDUCERS[name]
-    held = [None if m is None else np.asarray(m, bool) for m in masks]
-    if not held:
-        raise ValueError("no views to merge")
-    sizes = {len(m) for m in held if m is not None}
-    if len(sizes) != 1:
-        raise ValueError("row masks of different lengths")
-    (n,) = sizes
-    count = sum(np.ones(n, np.float32) if m is None else m.astype(np.float32) for m in held)
-    if not (count > 0).all():
-        raise ConfigError(
-            "adaptive views: a row is held by none of the views merged; merge the gate's first view with them"
-        )
+    held, n, count = _masked_rows(masks)
     plain = weights is None and temperature == 1.0
     w = None if weights is None else np.asarray(weights, dtype=np.float64)
     if w is not None and w.shape[0] != len(held):
         raise ValueError(f"{w.shape[0]} view weights for {len(held)} views")
-    total = None
-    if not plain:  # per row (and channel): the sum of the weights of the views held there
-        ws = w if w is not None else np.ones(len(held))
-        total = sum(
-            (np.ones(n) if m is None else m.astype(np.float64))[:, None] * np.atleast_1d(wv)[None, :]
-            for m, wv in zip(held, ws)
-        )
+    total = zero = None
+    if not plain:
+        total = _held_weight_total(held, w, n)
         zero = total <= 0
     acc: np.ndarray | None = None
     k = 0
@@ -196,9 +221,9 @@ def _reduce_masked(
             if m is not None:
                 x = np.where(m.reshape((n, 1) + extra), x, np.float32(0.0))
         else:
-            wv = np.atleast_1d((w if w is not None else np.ones(len(held)))[k])[None, :]
-            mm = (np.ones(n) if m is None else m.astype(np.float64))[:, None]
-            eff = np.where(zero, mm / count[:, None], mm * wv / np.where(zero, 1.0, total)).astype(np.float32)  # type: ignore[operator]
+            assert total is not None and zero is not None
+            wk = (w if w is not None else np.ones(len(held)))[k]
+            eff = _held_row_weights(m, wk, n, count, total, zero)
             x = x * eff.reshape(eff.shape + extra)
         acc = x if acc is None else acc.__iadd__(x)
         k += 1
@@ -261,7 +286,8 @@ def _space(inputs: Sequence[Prediction], space: str) -> Iterator[np.ndarray]:
         bad = [q.kind for q in inputs if q.kind != "logits"] + sorted({q.activation for q in inputs})[1:]
         if bad:  # the schema rules this out at load; a direct caller gets the same rule
             raise ConfigError(
-                f"space: logits needs every input to be logits of one activation, got {[(q.kind, q.activation) for q in inputs]}"
+                "space: logits needs every input to be logits of one activation, got "
+                f"{[(q.kind, q.activation) for q in inputs]}"
             )
         return (q.values for q in inputs)
     return (to_probs(q) for q in inputs)
@@ -313,7 +339,8 @@ def blend_terms(
     and whether the sum's power is undone after it (power_mean)."""
     if method not in BLEND_METHODS:
         raise ConfigError(
-            f"unknown blend method '{method}'{did_you_mean(method, BLEND_METHODS)}; choose one of {', '.join(BLEND_METHODS)}"
+            f"unknown blend method '{method}'{did_you_mean(method, BLEND_METHODS)}; "
+            f"choose one of {', '.join(BLEND_METHODS)}"
         )
     transform, root = BLEND_METHODS[method]
     values, kind = transform(inputs, space, power)

@@ -141,7 +141,8 @@ def _check_runs(starts: np.ndarray, lengths: np.ndarray, n: int, one_indexed: bo
     if (bad := np.flatnonzero(lengths > n - starts)).size:
         i = bad[0]
         raise RLEError(
-            f"RLE pair {i + 1}: run of {lengths[i]} pixels from {starts[i] + base} is out of bounds for a mask of {n} pixels; "
+            f"RLE pair {i + 1}: run of {lengths[i]} pixels from {starts[i] + base} is out of bounds for a mask of "
+            f"{n} pixels; "
             "check the shape, order and indexing"
         )
     ends = starts + lengths

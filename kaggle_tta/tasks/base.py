@@ -178,7 +178,8 @@ def check_view_settings(task: Task, plan: Plan) -> None:
     views, channels, merge rule and activation, naming the member."""
     if plan.cfg.submission.uncertainty and not task.uncertainty:
         raise ConfigError(
-            f"submission.uncertainty: per-image uncertainty columns are for {_with('uncertainty')}; remove it (task: {task.name})"
+            f"submission.uncertainty: per-image uncertainty columns are for {_with('uncertainty')}; remove it "
+            f"(task: {task.name})"
         )
     for m in plan.members:
         where, cfg, views = f"members.{m.name}", m.cfg, [v.name for v in m.views]
@@ -186,24 +187,29 @@ def check_view_settings(task: Task, plan: Plan) -> None:
         key = "view_class_weights" if cfg.view_class_weights is not None else "view_weights"
         if given is not None and len(given) != len(views):
             raise ConfigError(
-                f"{where}.{key}: {len(given)} weights for {len(views)} views {views}: give one per view, in the order of tta"
+                f"{where}.{key}: {len(given)} weights for {len(views)} views {views}: give one per view, in the "
+                "order of tta"
             )
         if given is not None and cfg.merge == "max":
             raise ConfigError(
-                f"{where}.{key}: merge max takes no view weights; use mean, mean_prob, geomean or tsharpen, or remove {key}"
+                f"{where}.{key}: merge max takes no view weights; use mean, mean_prob, geomean or tsharpen, or "
+                f"remove {key}"
             )
         if cfg.view_class_weights is not None:
             if not task.logit_views:
                 raise ConfigError(
-                    f"{where}.view_class_weights: per-class view weights are for {_with('logit_views')}; use view_weights (task: {task.name})"
+                    f"{where}.view_class_weights: per-class view weights are for {_with('logit_views')}; use "
+                    f"view_weights (task: {task.name})"
                 )
             if len(cfg.view_class_weights[0]) != m.out_channels:
                 raise ConfigError(
-                    f"{where}.view_class_weights: {len(cfg.view_class_weights[0])} weights per view, the member outputs {m.out_channels} channels: give one per channel"
+                    f"{where}.view_class_weights: {len(cfg.view_class_weights[0])} weights per view, the member "
+                    f"outputs {m.out_channels} channels: give one per channel"
                 )
             if cfg.merge == "mean_prob" and m.activation == "softmax":
                 raise ConfigError(
-                    f"{where}.view_class_weights: a per-class mean of softmax probabilities no longer sums to one; use merge mean, geomean or tsharpen, or view_weights"
+                    f"{where}.view_class_weights: a per-class mean of softmax probabilities no longer sums to "
+                    "one; use merge mean, geomean or tsharpen, or view_weights"
                 )
         if cfg.temperature != 1.0 and (not task.logit_views or m.activation == "none"):
             why = (

@@ -164,7 +164,7 @@ class Classification(Task):
     def step(self, work: MemberWork, batch: Batch, plan: Plan) -> None:
         import torch
 
-        from kaggle_tta.exec.forward import Piece, ViewLog, normalize, run_chunks
+        from kaggle_tta.exec.forward import Piece, ViewLog, ViewRows, normalize, run_chunks
 
         runner, pre, k = work.runner, work.member.preprocess, work.member.out_channels
         assert runner is not None
@@ -176,24 +176,16 @@ class Classification(Task):
             at = {p: crops[:, k] for k, p in enumerate(canvas.positions)}
         else:
             at = dict.fromkeys(POSITIONS, normalize(raw, pre.mean, pre.std, runner.device))
-        todo = work.todo(batch.lo, batch.hi)
-        first_of: dict[str, Any] = {
-            v.name: first for v, first in todo
-        }  # where a view's rows go: the first, or their indices
+        first_of: dict[str, Any] = {}  # where a view's rows go: the first, or their indices
 
-        def pieces(views: list) -> dict[tuple[int, ...], list[Piece]]:
+        def pieces(views: list[ViewRows]) -> dict[tuple[int, ...], list[Piece]]:
             by_size: dict[tuple[int, ...], list[Piece]] = defaultdict(list)  # chunks pack views of one input size
-            for v, first in views:
-                rows = at[v.position][first - batch.lo :]
-                if work.gated(v.name):  # adaptive: only the rows the first view is not sure of
-                    send = work.gate_rows(first, batch.hi, batch.lo)
-                    work.hold(v.name, first, batch.hi, send)
-                    sent = np.flatnonzero(send)
-                    first_of[v.name] = first + sent
-                    rows = rows.index_select(0, torch.from_numpy(sent).to(rows.device, non_blocking=True))
-                work.forwards.run += rows.shape[0]
-                work.forwards.full += batch.hi - first
-                if rows.shape[0] == 0:
+            for job in views:
+                v, rows = job.view, at[job.view.position][job.first - batch.lo :]
+                first_of[v.name] = job.first if job.sent is None else job.first + job.sent
+                if job.sent is not None:  # adaptive: only the rows the gate sends on
+                    rows = rows.index_select(0, torch.from_numpy(job.sent).to(rows.device, non_blocking=True))
+                if job.count == 0:
                     continue
                 by_size[tuple(v.out_size(tuple(rows.shape[-2:])))].append(
                     Piece(v.name, rows.shape[0], lambda a, b, v=v, rows=rows: v.apply(rows[a:b]))
@@ -219,8 +211,7 @@ class Classification(Task):
                     arr[where + a : where + a + count] = chunk
 
         log = ViewLog()
-        # the gate reads its first view's rows of this batch, so gated views go after the rest
-        for part in ([t for t in todo if not work.gated(t[0].name)], [t for t in todo if work.gated(t[0].name)]):
+        for part in work.view_rows(batch.lo, batch.hi):  # gated views after the rest: see MemberWork.view_rows
             for group in pieces(part).values():
                 run_chunks(runner, group, consume, log)
         work.record(batch.lo, batch.hi, batch.sizes, log)

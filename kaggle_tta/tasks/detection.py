@@ -16,7 +16,7 @@ fused again by the blends, per image, through kaggle_tta.ops.boxes (ensemble-box
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import polars as pl
@@ -30,6 +30,7 @@ from kaggle_tta.io.models import import_callable
 from kaggle_tta.ops.boxes import (
     FUSION_METHODS,
     BoxesError,
+    Method,
     fuse_boxes,
     prediction_string,
     resolve_template,
@@ -101,7 +102,9 @@ def detection_post(spec: str, where: str, n_classes: int) -> Callable[[Any, Any]
         res = adapter(output, size)
         if not isinstance(res, (list, tuple)) or len(res) != x.shape[0]:
             raise CheckpointError(
-                f"{where}: the adapter returned {type(res).__name__} of length {len(res) if hasattr(res, '__len__') else '?'} for {x.shape[0]} inputs; return one (boxes, scores, labels) per input"
+                f"{where}: the adapter returned {type(res).__name__} of length "
+                f"{len(res) if hasattr(res, '__len__') else '?'} for {x.shape[0]} inputs; return one (boxes, "
+                "scores, labels) per input"
             )
         out = []
         for b, s, lab in res:
@@ -114,7 +117,8 @@ def detection_post(spec: str, where: str, n_classes: int) -> Callable[[Any, Any]
                 )
             if len(lab) and (lab.min() < 0 or lab.max() >= n_classes):
                 raise CheckpointError(
-                    f"{where}: the adapter gave label {int(lab.min() if lab.min() < 0 else lab.max())}; labels must index data.classes (0..{n_classes - 1})"
+                    f"{where}: the adapter gave label {int(lab.min() if lab.min() < 0 else lab.max())}; labels "
+                    f"must index data.classes (0..{n_classes - 1})"
                 )
             out.append((b, s, lab.astype(np.int64)))
         return out
@@ -123,6 +127,11 @@ def detection_post(spec: str, where: str, n_classes: int) -> Callable[[Any, Any]
 
 
 # ---- from the cache ------------------------------------------------------------------------
+
+
+def _rows_of(x: Any) -> Callable[[int, int], Any]:
+    """A :class:`Piece`'s ``make``: rows ``a:b`` of ``x``."""
+    return lambda a, b: x[a:b]
 
 
 def _options(d: DetectionConfig) -> dict[str, Any]:
@@ -167,10 +176,10 @@ def member_boxes(
                 [r[:, 4] for r in per_view],
                 [r[:, 5] for r in per_view],
                 (h, w),
-                s.merge,
+                cast(Method, s.merge),
                 weights,
                 **_options(d),
-            )  # type: ignore[arg-type]
+            )
         )
     return out
 
@@ -190,13 +199,13 @@ def evaluate_boxes(cfg: PipelineConfig, members: dict[str, list[Boxes]], sizes: 
                         [x[1] for x in ins],
                         [x[2] for x in ins],
                         (h, w),
-                        bl.method,
+                        cast(Method, bl.method),
                         bl.weights,
                         **_options(d),
                     ),
                     d.max_boxes,
                 )
-            )  # type: ignore[arg-type]
+            )
         return out
 
     return evaluate_dag(cfg, {k: [_cap(b, d.max_boxes) for b in v] for k, v in members.items()}, fuse)
@@ -307,7 +316,7 @@ def mean_ap(
         dets.sort(key=lambda t: -t[0])
         used = {i: np.zeros(int((lab == c).sum()), bool) for i, (_, lab) in enumerate(truth)}
         tp = np.zeros(len(dets))
-        for k, (_, i, box) in enumerate(dets):
+        for t, (_, i, box) in enumerate(dets):
             gt = truth[i][0][truth[i][1] == c]
             if len(gt) == 0:
                 continue
@@ -316,7 +325,7 @@ def mean_ap(
             j = int(ious.argmax())
             if ious[j] >= iou_thr:
                 used[i][j] = True
-                tp[k] = 1.0
+                tp[t] = 1.0
         ctp = np.cumsum(tp)
         precision = ctp / np.arange(1, len(dets) + 1) if len(dets) else np.zeros(0)
         aps.append(ap_of(ctp / n_truth, precision))
@@ -337,9 +346,9 @@ def write_boxes(
         {s.name: member_boxes(s, sizes, cfg.detection, weights=cfg.member(s.name).view_weights) for s in sources},
         sizes,
     )
-    table = Detection.writers[cfg.submission.format](
+    table = Detection.writers[cast(str, cfg.submission.format)](
         cfg, plan.testset.ids, nodes[cfg.submission_source], sizes, classes
-    )  # type: ignore[index]
+    )
     rule = cfg.detection.map_rule
     metric = MAP_RULES[rule][2]
     if cfg.data.boxes is None:
@@ -381,7 +390,8 @@ class Detection(Task):
         for m in plan.members:
             if m.cfg.view_weights is not None and min(m.cfg.view_weights) <= 0:
                 raise ConfigError(
-                    f"members.{m.name}.view_weights: box fusion takes positive weights, got {m.cfg.view_weights}; drop a view from tta instead of weighing it zero"
+                    f"members.{m.name}.view_weights: box fusion takes positive weights, got {m.cfg.view_weights}; "
+                    "drop a view from tta instead of weighing it zero"
                 )
         if plan.cfg.data.boxes is not None:  # a bad ground-truth file fails before the first forward
             load_truth(plan.cfg, plan.testset.ids, plan.classes)
@@ -421,7 +431,7 @@ class Detection(Task):
                     b = v.invert_boxes(np.clip(boxes / scale, 0.0, 1.0), size)
                     rows.append(np.column_stack([b, scores, labels]).astype(np.float32))
 
-            run_chunks(runner, [Piece(v.name, xv.shape[0], lambda a, b, xv=xv: xv[a:b])], invert, log)
+            run_chunks(runner, [Piece(v.name, xv.shape[0], _rows_of(xv))], invert, log)
             work.store[v.name].write(first, rows)
         work.record(batch.lo, batch.hi, batch.sizes, log)
 

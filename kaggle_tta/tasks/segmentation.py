@@ -23,14 +23,14 @@ import numpy as np
 import polars as pl
 
 from kaggle_tta.config import MemberConfig, PipelineConfig, SubmissionConfig
-from kaggle_tta.config.errors import CheckpointError, ConfigError, DataError
+from kaggle_tta.config.errors import ConfigError, DataError
 from kaggle_tta.exec.dag import MemberSource, blocks, member_prediction, node_predictions
 from kaggle_tta.io.canvas import CanvasSpec
 from kaggle_tta.io.data import decode_image
 from kaggle_tta.ops.merge import VIEW_REDUCERS, Prediction, to_probs
 from kaggle_tta.ops.rle import mask_to_rle, remove_small_components
 from kaggle_tta.tasks.base import Task, TaskOutput, register_task
-from kaggle_tta.tasks.tiling import tile_origins, tile_weight
+from kaggle_tta.tasks.seg_forward import Tiles, normalize_canvas, view_maps
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -339,86 +339,25 @@ class Segmentation(Task):
 
     def step(self, work: MemberWork, batch: Batch, plan: Plan) -> None:
         """Tiles x views -> forward -> resize to the view input -> invert -> stitch -> store."""
-        import torch
-        import torch.nn.functional as F
-
-        from kaggle_tta.exec.forward import Piece, ViewLog, normalize, run_chunks
+        from kaggle_tta.exec.forward import ViewLog
 
         m, runner, lo, hi = work.member, work.runner, batch.lo, batch.hi
         assert runner is not None
-        device = runner.device
-        x = normalize(batch.canvases[m.canvas.key], m.preprocess.mean, m.preprocess.std, device)
+        x = normalize_canvas(batch, m, runner.device)
         size = tuple(x.shape[-2:])
         if size != tuple(work.canvas_size):
             raise DataError(
                 f"{plan.testset.paths[lo]}: canvas {size[0]}x{size[1]} differs from the first image's "
                 f"{work.canvas_size[0]}x{work.canvas_size[1]}; set segmentation.size: [H, W] to resize every image"
             )
-        tiling = m.cfg.tiling
-        origins = tile_origins(size, tiling.size, tiling.overlap) if tiling else [(0, 0)]
-        th, tw = (min(tiling.size[0], size[0]), min(tiling.size[1], size[1])) if tiling else size
-        n_tiles = len(origins)
-        weight = (
-            torch.from_numpy(tile_weight((th, tw), tiling.weight, tiling.sigma)).to(device) if n_tiles > 1 else None
-        )
-        # [B * T, C, th, tw], image-major: tile row r is image r // T, tile r % T.
-        xt = torch.stack([x[:, :, t : t + th, l : l + tw] for t, l in origins], 1).flatten(0, 1) if n_tiles > 1 else x
-        k = m.out_channels
+        tiles = Tiles.of(x, m.cfg.tiling, runner.device)
         log = ViewLog()
-        todo = work.todo(lo, hi)  # the gate reads its first view's maps: gated views go last
-        for v, first in [t for t in todo if not work.gated(t[0].name)] + [t for t in todo if work.gated(t[0].name)]:
-            sent = None  # adaptive views: the images (from `first`) this gated view computes
-            if work.gated(v.name):
-                send = work.gate_rows(first, hi, lo)  # scored once per batch, for every gated view
-                work.hold(v.name, first, hi, send)
-                sent = np.flatnonzero(send)
-            n_img = hi - first if sent is None else len(sent)
-            work.forwards.run += n_img
-            work.forwards.full += hi - first
-            if n_img == 0:
-                continue
-            acc = torch.zeros((n_img, k, *size), device=device)
-            wsum = torch.zeros((n_img, 1, *size), device=device) if weight is not None else None
-            xv = xt[(first - lo) * n_tiles :]
-            if sent is not None:  # the tiles of the images sent on (image-major rows)
-                xv = (
-                    xv.unflatten(0, (hi - first, n_tiles))
-                    .index_select(0, torch.from_numpy(sent).to(device, non_blocking=True))
-                    .flatten(0, 1)
-                )
-            view_in = tuple(v.out_size((th, tw)))
-
-            def stitch(
-                out: Tensor,
-                slots: list,
-                v: Any = v,
-                acc: Tensor = acc,
-                wsum: Tensor | None = wsum,
-                view_in: tuple = view_in,
-            ) -> None:
-                if out.dim() != 4 or out.shape[1] != k:
-                    raise CheckpointError(
-                        f"members.{m.name}: the model outputs shape {tuple(out.shape)}, expected [N, {k}, h, w] "
-                        f"({'background + ' if k > len(plan.classes) else ''}one channel per class in data.classes, activation {m.activation})"
-                    )
-                if tuple(out.shape[-2:]) != view_in:  # a model predicting at a stride: back to its input
-                    out = F.interpolate(out, size=view_in, mode="bilinear", align_corners=False)
-                inv = v.invert_mask(out, (th, tw))
-                _, off, take, _ = slots[0]
-                for j in range(take):
-                    img, (top, left) = (off + j) // n_tiles, origins[(off + j) % n_tiles]
-                    if wsum is None:
-                        acc[img] = inv[j]
-                    else:
-                        acc[img, :, top : top + th, left : left + tw] += inv[j] * weight
-                        wsum[img, :, top : top + th, left : left + tw] += weight
-
-            run_chunks(runner, [Piece(v.name, xv.shape[0], lambda a, b, v=v, xv=xv: v.apply(xv[a:b]))], stitch, log)
-            maps = _to_store(acc / wsum if wsum is not None else acc, plan, m.activation, plan.cfg.cache.dtype)
-            if sent is None:
-                work.store[v.name][first:hi] = maps
-            else:
-                work.store[v.name][first + sent] = maps
+        for part in work.view_rows(lo, hi):  # the gate reads its first view's maps: gated views go last
+            for job in part:
+                if job.count == 0:
+                    continue
+                acc = view_maps(work, job, tiles, lo, hi, plan, log)
+                work.store[job.view.name][job.destination()] = _to_store(acc, plan, m.activation, plan.cfg.cache.dtype)
         work.record(lo, hi, batch.sizes, log)
 
     # ---- from the cache ------------------------------------------------------------------

@@ -23,9 +23,9 @@ def tile_origins(size: tuple[int, int], tile: tuple[int, int], overlap: float) -
         overlap: fraction of a tile shared with its neighbour, in ``[0, 1)``.
     """
     return [
-        (t, l)
-        for t in _starts(size[0], min(tile[0], size[0]), overlap)
-        for l in _starts(size[1], min(tile[1], size[1]), overlap)
+        (top, left)
+        for top in _starts(size[0], min(tile[0], size[0]), overlap)
+        for left in _starts(size[1], min(tile[1], size[1]), overlap)
     ]
 
 

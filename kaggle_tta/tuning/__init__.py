@@ -6,18 +6,25 @@ The public function is :func:`kaggle_tta.tuning.run.tune`, exported here and as
 of one name at the top of ``kaggle_tta`` shadow each other (whichever is imported first).
 
 - ``options``: the switches (TuneOptions) and the CLI's arguments;
+- ``problem``: what every tuning problem gives ``tune`` (TuningProblem);
 - ``cache``: reading the entries (missing ones named with the command that fills them);
 - ``member``, ``losses``, ``temperature``, ``views``: a member's merge, NLL, calibration, GPS
   and AugTTA / ClassTTA weights;
 - ``ensemble``: member weights (hill climbing with replacement, Nelder-Mead);
 - ``thresholds``, ``masks``, ``boxes``: multi-label thresholds; segmentation threshold and
   min_area; detection fusion thresholds;
+- ``class_data``: a classification pipeline's labelled rows, cached members, metric and
+  predictions under a tuning (as the blend computes them);
 - ``classes`` (+ ``classes_report``): the classification problem and its tables;
-- ``gates``: adaptive views' gates (``--adaptive``), one threshold per member, the fewest
-  extra forwards that keep ``--keep-gain`` of the full TTA's gain and ``--keep-changes`` of
-  the decisions it changes (``classes.ClassProblem.calibrate_keep``: the in-sample keep that
-  holds ``--keep-gain`` on the held-out folds);
+- ``gates`` (+ ``gate_results``, ``gates_report``): adaptive views' gates (``--adaptive``), one
+  threshold per member, the fewest extra forwards that keep ``--keep-gain`` of the full TTA's
+  gain and ``--keep-changes`` of the decisions it changes (``classes.ClassProblem.calibrate_keep``:
+  the in-sample keep that holds ``--keep-gain`` on the held-out folds); their table and summary;
 - ``honest``: k-fold in- and out-of-sample scores, warnings; ``report``, ``picture``.
+
+Imports go one way: ``problem``, ``options``, ``cache``, ``member`` ... ``gate_results`` below
+``class_data``, below ``gates`` and ``classes_report``, below ``gates_report``, below
+``classes``; ``run`` on top.
 """
 
 from __future__ import annotations

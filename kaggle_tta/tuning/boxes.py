@@ -17,6 +17,7 @@ import numpy as np
 from kaggle_tta.exec.dag import MemberSource
 from kaggle_tta.tasks.detection import MAP_RULES, evaluate_boxes, load_truth, mean_ap, member_boxes
 from kaggle_tta.tuning.options import TuneOptions
+from kaggle_tta.tuning.problem import Point, TuningProblem
 
 if TYPE_CHECKING:
     from kaggle_tta.engine.plan import Plan
@@ -31,7 +32,7 @@ class BoxTuned:
     notes: tuple[str, ...] = ()
 
 
-class BoxProblem:
+class BoxProblem(TuningProblem[BoxTuned]):
     """The detection tuning problem (registered as ``boxes``)."""
 
     unit = "images"
@@ -106,5 +107,5 @@ class BoxProblem:
         ]
         return {"thresholds": pl.DataFrame(rows).sort(self.metric, descending=True)}
 
-    def points(self, tuned: BoxTuned, tables: dict[str, Any]) -> list[tuple[str, str, float, float]]:
+    def points(self, tuned: BoxTuned, tables: dict[str, Any]) -> list[Point]:
         return []

@@ -44,7 +44,8 @@ def open_sources(plan: Plan, pipeline_arg: str) -> list[MemberSource]:
     if truth is None or getattr(plan.cfg.data, truth) is None:
         need = f"data.{truth}" if truth else "ground truth"
         raise ConfigError(
-            f"data.{truth or 'labels'}: kaggle-tta tune learns from a labelled fold; give {need} in the pipeline (task: {task.name})"
+            f"data.{truth or 'labels'}: kaggle-tta tune learns from a labelled fold; "
+            f"give {need} in the pipeline (task: {task.name})"
         )
     sources = sources_for(plan, pipeline_arg)
     check_full_rows(sources, pipeline_arg)
@@ -58,15 +59,21 @@ def check_full_rows(sources: Sequence[MemberSource], pipeline_arg: str = "PIPELI
     for s in sources:
         if s.entry is None:
             continue
-        gated = {v: held_gate(s.entry.view_state(v)) for v in s.views}
-        gated = {v: h for v, h in gated.items() if h is not None}
+        entry = s.entry
+        gated = {v: h for v in s.views if (h := held_gate(entry.view_state(v))) is not None}
         if not gated:
             continue
         h = next(iter(gated.values()))
-        what = f"{', '.join(gated)} {'holds' if len(gated) == 1 else 'hold'} only the rows of the gate {h.get('rule')} > {h.get('threshold')} on {h.get('first')}"
+        what = (
+            f"{', '.join(gated)} {'holds' if len(gated) == 1 else 'hold'} only the rows of the gate "
+            f"{h.get('rule')} > {h.get('threshold')} on {h.get('first')}"
+        )
         raise GatedViewError(
-            f"{s.entry.dir}: members.{s.name}: {what} (adaptive; the other rows are zeros): tune needs every view of every row: "
-            f"run once without adaptive or with confidence: 1.0 ('kaggle-tta infer {pipeline_arg} --set members.{s.name}.adaptive=null'), then tune learns the gate (--adaptive)"
+            f"{s.entry.dir}: members.{s.name}: {what} (adaptive; the other rows are zeros): "
+            "tune needs every view of every row: "
+            "run once without adaptive or with confidence: 1.0 "
+            f"('kaggle-tta infer {pipeline_arg} --set members.{s.name}.adaptive=null'), "
+            "then tune learns the gate (--adaptive)"
         )
 
 

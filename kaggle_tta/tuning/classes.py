@@ -1,124 +1,48 @@
 """Tuning a classification pipeline (single- or multi-label) from its cache: each member's
-views, view weights and temperature, each blend's member weights, multi-label thresholds.
+views, view weights and temperature, each blend's member weights, multi-label thresholds,
+and with --adaptive each member's gate (kaggle_tta.tuning.gates).
 
 Fitting works on a mask of training rows; every prediction it scores is computed exactly as
-the blend computes it (kaggle_tta.ops.merge.reduce_views and blend, the DAG in its order), so
-the tuned score reported is the score ``kaggle-tta blend --overrides tuned.yaml`` reports.
+the blend computes it (kaggle_tta.tuning.class_data: kaggle_tta.ops.merge.reduce_views and
+blend, the DAG in its order), so the tuned score reported is the score
+``kaggle-tta blend --overrides tuned.yaml`` reports.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from kaggle_tta.config import BlendConfig
-from kaggle_tta.config.errors import ConfigError
 from kaggle_tta.exec.dag import MemberSource, evaluate_dag
-from kaggle_tta.io.data import load_labels
 from kaggle_tta.ops.gate import RULES
-from kaggle_tta.ops.merge import Prediction, blend, blend_terms, to_probs, weighted_sum
-from kaggle_tta.tuning import ensemble, gates, losses
-from kaggle_tta.tuning.cache import read_view, view_seconds
-from kaggle_tta.tuning.member import MemberData
+from kaggle_tta.ops.merge import Prediction, blend_terms, to_probs, weighted_sum
+from kaggle_tta.tuning import classes_report as rep
+from kaggle_tta.tuning import ensemble, gates, gates_report, losses
+from kaggle_tta.tuning.class_data import ClassData, Tuned, blend_node
+from kaggle_tta.tuning.gate_results import HeldOut
 from kaggle_tta.tuning.options import TuneOptions
+from kaggle_tta.tuning.problem import Point, TuningProblem
 from kaggle_tta.tuning.thresholds import tune_thresholds
-from kaggle_tta.tuning.views import ViewPolicy, ViewSettings, tune_views
+from kaggle_tta.tuning.views import ViewSettings, tune_views
 
 if TYPE_CHECKING:
     from kaggle_tta.engine.plan import Plan
 
 
-@dataclass
-class Tuned:
-    """One tuning's result: a view policy per member, weights per blend, thresholds."""
-
-    members: dict[str, ViewPolicy]
-    blends: dict[str, np.ndarray]
-    threshold: float | np.ndarray
-    notes: list[str] = field(default_factory=list)
-    gate_search: gates.GateSearch | None = (
-        None  # --adaptive: the gates learned (each member's ViewPolicy.gate holds its own)
-    )
-    _nodes: dict[str, Prediction] | None = field(default=None, repr=False)
-
-
-@dataclass
-class Metric:
-    name: str
-    fn: Callable[[np.ndarray, np.ndarray, Any], float]  # (y, probs, thresholds) -> value
-    higher_is_better: bool = True
-    per_row: Callable[[np.ndarray, np.ndarray, Any], np.ndarray] | None = (
-        None  # where the metric is a mean over rows: each row's value (the bootstrap's fast path)
-    )
-
-
-def resolve_metric(spec: str | None, multilabel: bool) -> Metric:
-    """The task's metric (accuracy; micro F1 for multi-label), a name, or module:callable."""
-    name = spec or ("f1" if multilabel else "accuracy")
-    builtin = {
-        "accuracy": Metric(
-            "accuracy",
-            lambda y, p, t: losses.accuracy(y, p),
-            per_row=lambda y, p, t: (p.argmax(axis=1) == y).astype(np.float64),
-        ),
-        "f1": Metric("F1", lambda y, p, t: losses.micro_f1(y, p, t)),
-        "nll": Metric(
-            "NLL",
-            lambda y, p, t: float(losses.nll_of_probs(p, y).mean()),
-            False,
-            per_row=lambda y, p, t: np.asarray(losses.nll_of_probs(p, y), np.float64),
-        ),
-    }
-    if name in builtin:
-        if (name == "f1") != multilabel and name != "nll":
-            raise ConfigError(
-                f"--metric {name}: {'F1 scores multi-label pipelines' if name == 'f1' else 'accuracy scores single-label pipelines'}; use {'accuracy' if name == 'f1' else 'f1'}"
-            )
-        return builtin[name]
-    if ":" not in name:
-        raise ConfigError(
-            f"--metric {name}: use accuracy, f1, nll or module:callable (called as fn(y_true, probs) -> float, higher is better)"
-        )
-    from kaggle_tta.io.models import import_callable
-
-    fn = import_callable(name, "--metric")
-    return Metric(name, lambda y, p, t: float(fn(y, p)))
-
-
 KEEP_LADDER = (0.925, 0.95, 0.975, 1.0)  # in-sample keeps calibrate_keep tries above --keep-gain
 
 
-class ClassProblem:
+class ClassProblem(ClassData, TuningProblem[Tuned]):
     """The classification tuning problem (registered as ``classes``)."""
 
     unit = "rows"
     gain_label = "NLL, + helps"
 
     def __init__(self, plan: Plan, sources: list[MemberSource], opts: TuneOptions):
-        self.plan, self.cfg, self.opts = plan, plan.cfg, opts
-        y = load_labels(plan.cfg, plan.testset.ids, plan.classes)
-        assert y is not None
-        self.y = y
-        self.multilabel = plan.cfg.multilabel
-        self.metric = resolve_metric(opts.metric, self.multilabel)
-        self.members: dict[str, MemberData] = {}
-        for s, mp in zip(sources, plan.members):
-            m = plan.cfg.member(s.name)
-            w = m.view_class_weights if m.view_class_weights is not None else m.view_weights
-            self.members[s.name] = MemberData(
-                s.name,
-                list(s.views),
-                [read_view(s, v) for v in s.views],
-                mp.activation,
-                str(m.merge),
-                view_seconds(s),
-                y,
-                m.temperature,
-                None if w is None else np.asarray(w, dtype=np.float64),
-            )
+        super().__init__(plan, sources, opts)
         self.settings = ViewSettings(
             views=opts.views,
             view_weights=opts.view_weights,
@@ -126,43 +50,16 @@ class ClassProblem:
             temperature=opts.temperature,
             seed=opts.seed,
         )
-        self.pipeline_gates = {mp.name: mp.gate for mp in plan.members}  # adaptive as the pipeline sets it (as is)
         self.rules = gate_rules(
             opts.adaptive, {n: g.rule if g is not None else None for n, g in self.pipeline_gates.items()}
         )
-        self.held_out: list[gates.HeldOut] = []  # the folds' gates scored on their held-out rows (fit appends)
+        self.held_out: list[HeldOut] = []  # the folds' gates scored on their held-out rows (fit appends)
         self.keep_gain = opts.keep_gain  # what the gates keep in sample: --keep-gain, or what calibrate_keep chose
         self.calibration: list[
             tuple[float, float | None, float | None]
         ] = []  # (in-sample keep tried, the folds' pooled held-out keep, its SE)
 
-    @property
-    def n_units(self) -> int:
-        return len(self.y)
-
-    @property
-    def scores(self) -> list[tuple[str, bool]]:
-        """(name, higher is better) of what is scored: the metric, then NLL."""
-        out = [(self.metric.name, self.metric.higher_is_better)]
-        return out + ([("NLL", False)] if self.metric.name != "NLL" else [])
-
-    # ---- the pipeline as it is, and fitting ------------------------------------------------
-
-    def untuned(self) -> Tuned:
-        members = {
-            n: ViewPolicy(
-                m.weights if m.weights is not None else np.ones(len(m.views)),
-                m.temperature,
-                gate=self.pipeline_gates.get(n),
-            )
-            for n, m in self.members.items()
-        }
-        blends = {
-            b.name: np.asarray(b.weights if b.weights is not None else [1.0] * len(b.inputs), dtype=np.float64)
-            for b in self.cfg.blends
-        }
-        th = self.cfg.submission.threshold
-        return Tuned(members, blends, np.asarray(th, dtype=np.float32) if isinstance(th, list) else th)
+    # ---- fitting -------------------------------------------------------------------------------
 
     def fit(self, train: np.ndarray, gates_too: bool = True) -> Tuned:
         """Tunes on the rows where ``train`` is True: views, weights and thresholds on full
@@ -174,18 +71,18 @@ class ClassProblem:
             for n, m in self.members.items()
         }
         tuned = Tuned(members, dict(base.blends), base.threshold)
-        preds = {n: self._member_pred(n, p) for n, p in members.items()}
+        preds = {n: self.member_prediction(n, p) for n, p in members.items()}
 
         def combine(b: BlendConfig, inputs: list[Prediction]) -> Prediction:
             if self.opts.member_weights != "off" and len(inputs) > 1:
                 tuned.blends[b.name] = self._tune_blend(b, inputs, train, tuned)
-            return blend(str(b.method), inputs, tuned.blends[b.name], b.space, b.power)
+            return blend_node(b, inputs, tuned.blends[b.name])
 
         nodes = evaluate_dag(self.cfg, preds, combine)
         if self.multilabel and self.opts.thresholds:
             probs = to_probs(nodes[self.cfg.submission_source]).astype(np.float32)
             tuned.threshold = tune_thresholds(probs[train], self.y[train])
-        tuned._nodes = nodes
+        tuned.set_nodes(nodes)
         if gates_too and any(self.rules.values()):
             self._fit_gates(tuned, train)
         return tuned
@@ -199,7 +96,7 @@ class ClassProblem:
         for name, gate in search.gates.items():
             tuned.members[name].gate = gate
         if search.gates:
-            tuned._nodes = None  # the nodes again, through reduce_views with the gates' masks
+            tuned.set_nodes(None)  # the nodes again, through reduce_views with the gates' masks
         if train.all():
             self.held_out = []
             search.probs_none = search.probs_full = None  # [N, C] each, for held_out only: no held-out rows here
@@ -225,7 +122,7 @@ class ClassProblem:
         n, keep = self.n_units, self.opts.keep_gain
         ladder = [keep, *(k for k in KEEP_LADDER if k > keep + 1e-9)]
         parts = np.array_split(np.random.default_rng(seed).permutation(n), min(folds, n))
-        got: dict[float, list[gates.HeldOut]] = {k: [] for k in ladder}
+        got: dict[float, list[HeldOut]] = {k: [] for k in ladder}
         probe = None
         for held in parts:
             train = np.ones(n, dtype=bool)
@@ -256,16 +153,6 @@ class ClassProblem:
             ),
             1.0,
         )
-
-    def _member_pred(self, name: str, p: ViewPolicy, drop: int | None = None) -> Prediction:
-        """The member's merge as the blend computes it: its kept views, weights and
-        temperature, and its gate's masks where it has one (full TTA at 1.0: as
-        api.sources_for, no masks)."""
-        m = self.members[name]
-        kept = [k for k in p.kept() if k != drop]
-        w = p.weights[kept]
-        uniform = len(kept) == 1 or (w.ndim == 1 and np.all(w == w[0]))  # as dag.view_weights: one view weighs nothing
-        return m.predict([m.views[k] for k in kept], None if uniform else w, p.temperature, gate=p.gate)
 
     def _tune_blend(self, b: BlendConfig, inputs: list[Prediction], train: np.ndarray, tuned: Tuned) -> np.ndarray:
         values, kind, root = blend_terms(str(b.method), inputs, b.space, b.power)
@@ -303,29 +190,6 @@ class ClassProblem:
             counts, value = ensemble.optimise_weights(objective, counts)
         return counts
 
-    # ---- predicting and scoring ------------------------------------------------------------
-
-    def nodes(self, tuned: Tuned) -> dict[str, Prediction]:
-        """Every node's prediction on every row, as the blend computes it."""
-        if tuned._nodes is None:
-            preds = {n: self._member_pred(n, p) for n, p in tuned.members.items()}
-            tuned._nodes = evaluate_dag(
-                self.cfg, preds, lambda b, ins: blend(str(b.method), ins, tuned.blends[b.name], b.space, b.power)
-            )
-        return tuned._nodes
-
-    def score(
-        self, tuned: Tuned, rows: np.ndarray, node: str | None = None, pred: Prediction | None = None
-    ) -> dict[str, float]:
-        """The metric and NLL of a node (default: the submission's source) on ``rows``."""
-        p = pred if pred is not None else self.nodes(tuned)[node or self.cfg.submission_source]
-        probs = to_probs(p)
-        out = {self.metric.name: self.metric.fn(self.y[rows], probs[rows], tuned.threshold)}
-        if self.metric.name != "NLL":
-            nll = losses.prediction_nll(p, self.y)
-            out["NLL"] = float(nll[rows].mean()) if nll is not None else float("nan")
-        return out
-
     def n_params(self) -> dict[str, int]:
         """How many values each tuner sets (for the too-few-rows warning)."""
         o, c = self.opts, len(self.plan.classes)
@@ -342,8 +206,6 @@ class ClassProblem:
     # ---- what is written -------------------------------------------------------------------
 
     def tables(self, before: Tuned, after: Tuned) -> dict[str, Any]:
-        from kaggle_tta.tuning import classes_report as rep
-
         out = {"views": rep.view_table(self, before, after), "members": rep.member_table(self, before, after)}
         if self.cfg.blends:
             out["blends"] = rep.blend_table(self, before, after)
@@ -352,7 +214,7 @@ class ClassProblem:
         if any(m.activation != "none" for m in self.members.values()):
             out["uncertainty"] = rep.uncertainty_table(self, before, after)
         if after.gate_search is not None and after.gate_search.members:
-            out["gates"] = gates.table(after.gate_search, self.held_out, self.n_units)
+            out["gates"] = gates_report.table(after.gate_search, self.held_out, self.n_units)
         return out
 
     def report_notes(self, tuned: Tuned) -> list[str]:
@@ -360,7 +222,8 @@ class ClassProblem:
         search = tuned.gate_search
         if search is None:
             return [
-                f"adaptive: no gate learned (--adaptive off); members.{n}.adaptive is null in tuned.yaml: plain TTA, as tune scored it"
+                f"adaptive: no gate learned (--adaptive off); members.{n}.adaptive is null in tuned.yaml: "
+                "plain TTA, as tune scored it"
                 for n, g in self.pipeline_gates.items()
                 if g is not None
             ]
@@ -371,17 +234,17 @@ class ClassProblem:
                 for k, v, se in self.calibration
             )
             out.append(
-                f"adaptive: keep-gain {self.opts.keep_gain:g} on new images: the gates are learned to keep {self.keep_gain:g} in sample "
-                f"(--calibrate-keep, --keep-margin {self.opts.keep_margin:g} SE; held-out gain kept, pooled over {self.opts.folds} folds, ± its bootstrap SE, "
+                f"adaptive: keep-gain {self.opts.keep_gain:g} on new images: "
+                f"the gates are learned to keep {self.keep_gain:g} in sample "
+                f"(--calibrate-keep, --keep-margin {self.opts.keep_margin:g} SE; held-out gain kept, "
+                f"pooled over {self.opts.folds} folds, ± its bootstrap SE, "
                 f"at each in-sample keep: {tried})"
             )
         if search.learned:
-            out.append(gates.summary(search, self.held_out, self.n_units))
+            out.append(gates_report.summary(search, self.held_out, self.n_units))
         return out
 
-    def points(self, tuned: Tuned, tables: dict[str, Any]) -> list[tuple[str, str, float, float]]:
-        from kaggle_tta.tuning import classes_report as rep
-
+    def points(self, tuned: Tuned, tables: dict[str, Any]) -> list[Point]:
         return rep.picture_points(self, tuned, tables["views"])
 
     def overrides(self, tuned: Tuned) -> dict[str, Any]:

@@ -11,14 +11,18 @@ blend.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import polars as pl
 
+from kaggle_tta.config import BlendConfig
 from kaggle_tta.exec.dag import evaluate_dag, members_under
 from kaggle_tta.ops.gate import skipping
-from kaggle_tta.ops.merge import activate, blend, to_probs
+from kaggle_tta.ops.merge import Prediction, activate, to_probs
 from kaggle_tta.tuning import losses
-from kaggle_tta.tuning.classes import ClassProblem, Tuned
+from kaggle_tta.tuning.class_data import ClassData, Tuned, blend_node
+from kaggle_tta.tuning.problem import Point
 from kaggle_tta.tuning.views import ViewPolicy
 
 
@@ -29,7 +33,7 @@ def _weights_text(w: np.ndarray) -> str:
     return ", ".join(f"{x:g}" for x in np.round(w / w.sum(), 3))
 
 
-def view_table(pb: ClassProblem, before: Tuned, after: Tuned) -> pl.DataFrame:
+def view_table(pb: ClassData, before: Tuned, after: Tuned) -> pl.DataFrame:
     rows = []
     every = np.ones(pb.n_units, dtype=bool)
     for name, m in pb.members.items():
@@ -63,19 +67,19 @@ def view_table(pb: ClassProblem, before: Tuned, after: Tuned) -> pl.DataFrame:
     return pl.DataFrame(rows)
 
 
-def _ece(pb: ClassProblem, name: str, p: ViewPolicy) -> float:
-    probs = to_probs(pb._member_pred(name, p))
+def _ece(pb: ClassData, name: str, p: ViewPolicy) -> float:
+    probs = to_probs(pb.member_prediction(name, p))
     return losses.ece(pb.y, probs)
 
 
-def member_table(pb: ClassProblem, before: Tuned, after: Tuned) -> pl.DataFrame:
+def member_table(pb: ClassData, before: Tuned, after: Tuned) -> pl.DataFrame:
     rows = []
     every = np.arange(pb.n_units)
     for name, m in pb.members.items():
         b, a = before.members[name], after.members[name]
         sb, sa = (
-            pb.score(before, every, pred=pb._member_pred(name, b)),
-            pb.score(after, every, pred=pb._member_pred(name, a)),
+            pb.score(before, every, pred=pb.member_prediction(name, b)),
+            pb.score(after, every, pred=pb.member_prediction(name, a)),
         )
         metric = pb.metric.name
         rows.append(
@@ -99,7 +103,7 @@ def member_table(pb: ClassProblem, before: Tuned, after: Tuned) -> pl.DataFrame:
     return pl.DataFrame(rows)
 
 
-def blend_table(pb: ClassProblem, before: Tuned, after: Tuned) -> pl.DataFrame:
+def blend_table(pb: ClassData, before: Tuned, after: Tuned) -> pl.DataFrame:
     rows = []
     every = np.arange(pb.n_units)
     metric = pb.metric.name
@@ -121,7 +125,7 @@ def blend_table(pb: ClassProblem, before: Tuned, after: Tuned) -> pl.DataFrame:
     return pl.DataFrame(rows)
 
 
-def member_gains(pb: ClassProblem, tuned: Tuned) -> dict[str, float]:
+def member_gains(pb: ClassData, tuned: Tuned) -> dict[str, float]:
     """Each member's gain to the source node's NLL (NaN where it is the source, or a blend
     would be left without inputs)."""
     src = pb.cfg.submission_source
@@ -135,16 +139,19 @@ def member_gains(pb: ClassProblem, tuned: Tuned) -> dict[str, float]:
         if any(w.sum() <= 0 for w in weights.values()):
             out[name] = float("nan")
             continue
-        preds = {n: pb._member_pred(n, p) for n, p in tuned.members.items()}
-        nodes = evaluate_dag(
-            pb.cfg, preds, lambda b, ins, weights=weights: blend(str(b.method), ins, weights[b.name], b.space, b.power)
-        )
+        preds = {n: pb.member_prediction(n, p) for n, p in tuned.members.items()}
+        nodes = evaluate_dag(pb.cfg, preds, _blended_with(weights))
         without = losses.prediction_nll(nodes[src], pb.y)
         out[name] = float(without.mean() - nll.mean()) if without is not None else float("nan")
     return out
 
 
-def uncertainty(pb: ClassProblem, tuned: Tuned) -> dict[str, np.ndarray]:
+def _blended_with(weights: dict[str, np.ndarray]) -> Callable[[BlendConfig, list[Prediction]], Prediction]:
+    """Each blend's prediction with these member weights (blend -> weights)."""
+    return lambda b, ins: blend_node(b, ins, weights[b.name])
+
+
+def uncertainty(pb: ClassData, tuned: Tuned) -> dict[str, np.ndarray]:
     """Per row, as ``submission.uncertainty`` writes them: ``tta_std`` (spread over the
     source's (member, view) predictions of the top class's probability) and
     ``tta_entropy``; and whether the row is an error."""
@@ -156,16 +163,15 @@ def uncertainty(pb: ClassProblem, tuned: Tuned) -> dict[str, np.ndarray]:
     for name in members_under(pb.cfg, src):
         m, p = pb.members[name], tuned.members[name]
         gate = skipping(p.gate)
-        send = m.sends(gate) if gate is not None else None
+        send, first = (m.sends(gate), gate.first) if gate is not None else (None, None)
         for k in p.kept():
             z_top = m.z[k][rows, top].astype(np.float64) / p.temperature
             if m.activation == "softmax":  # the top class's probability without the whole softmax
                 views.append(np.exp(z_top - losses.log_sum_exp(m.z[k], 1.0 / p.temperature)))
             else:
                 views.append(activate(z_top[:, None].astype(np.float32), m.activation)[:, 0].astype(np.float64))
-            if (
-                send is not None and m.views[k] != gate.first
-            ):  # adaptive: a row's spread is over the views it holds, as the blend's
+            # adaptive: a row's spread is over the views it holds, as the blend's
+            if send is not None and m.views[k] != first:
                 views[-1][~send] = np.nan
     std = np.nanstd(np.stack(views), axis=0)
     q = np.clip(probs.astype(np.float64), 1e-12, 1.0)
@@ -179,7 +185,7 @@ def uncertainty(pb: ClassProblem, tuned: Tuned) -> dict[str, np.ndarray]:
     return {"tta_std": std, "tta_entropy": entropy, "error": error}
 
 
-def uncertainty_table(pb: ClassProblem, before: Tuned, after: Tuned) -> pl.DataFrame:
+def uncertainty_table(pb: ClassData, before: Tuned, after: Tuned) -> pl.DataFrame:
     rows = []
     for label, t in (("before", before), ("after", after)):
         u = uncertainty(pb, t)
@@ -195,7 +201,7 @@ def uncertainty_table(pb: ClassProblem, before: Tuned, after: Tuned) -> pl.DataF
     return pl.DataFrame(rows)
 
 
-def picture_points(pb: ClassProblem, tuned: Tuned, views: pl.DataFrame) -> list[tuple[str, str, float, float]]:
+def picture_points(pb: ClassData, tuned: Tuned, views: pl.DataFrame) -> list[Point]:
     """(kind, label, seconds, gain) of every view and member."""
     pts = [("view", f"{r['member']}/{r['view']}", r["seconds"], r["gain (NLL)"]) for r in views.iter_rows(named=True)]
     gains = member_gains(pb, tuned)

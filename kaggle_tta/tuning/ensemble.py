@@ -9,10 +9,10 @@ Hill climbing: start from no input; add (with replacement) the input whose extra
 lowers the objective, up to ``max_steps`` copies, stopping after ``patience`` additions that
 do not improve on the best; keep the best ensemble seen (Caruana's selection), then move to
 the best neighbour (one copy added, removed, or moved from one input to another, from the
-counts or any multiple of their ratio, at most ``max_steps`` copies) while that improves it. The result is a multiset: whole-number
-weights, written exactly. The neighbour moves reach, on every small case the tests try,
-the brute-force optimum over all multisets of at most ``max_steps`` copies, which pure
-forward selection does not always.
+counts or any multiple of their ratio, at most ``max_steps`` copies) while that improves it.
+The result is a multiset: whole-number weights, written exactly. The neighbour moves reach,
+on every small case the tests try, the brute-force optimum over all multisets of at most
+``max_steps`` copies, which pure forward selection does not always.
 
 The optimiser: Nelder-Mead on ``w = softmax(theta)`` (every weight positive, summing to one),
 from the hill-climbing weights; derivative-free, so it takes the metric as readily as NLL.

@@ -34,108 +34,21 @@ problem scores the chosen gates through reduce_views itself; tests compare the t
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from kaggle_tta.exec.dag import evaluate_dag
 from kaggle_tta.ops.gate import Gate, needs, scores
-from kaggle_tta.ops.merge import Prediction, blend, to_probs
-
-if TYPE_CHECKING:
-    from kaggle_tta.tuning.classes import ClassProblem, Tuned
+from kaggle_tta.ops.merge import Prediction, to_probs
+from kaggle_tta.tuning.class_data import ClassData, Tuned, blend_node
+from kaggle_tta.tuning.gate_results import EPS, GateSearch, HeldOut, MemberGate
+from kaggle_tta.tuning.member import MemberData
+from kaggle_tta.tuning.views import ViewPolicy
 
 LEVELS = 40  # candidates per member: 0, 1 and the k/LEVELS quantiles (k = 1 .. LEVELS - 1) of its scores
 DIGITS = 6  # significant digits of a candidate threshold (what tuned.yaml holds, and what is scored)
-EPS = 1e-12  # metric values this close are equal
-
-
-@dataclass
-class MemberGate:
-    """One gated member's candidates, and the two merges its rows are selected from."""
-
-    name: str
-    rule: str
-    first: str
-    views: int  # V: the member's tuned views (V - 1 extra forwards per row sent on)
-    candidates: list[float]  # descending; candidates[0] == 1.0 (every row sent on: plain TTA)
-    sends: list[np.ndarray]  # per candidate, the rows sent on (bool [N])
-    every: Prediction  # the masked merge with every row sent on
-    alone: Prediction  # the masked merge with no row sent on: the first view alone
-    full: Prediction  # plain TTA (no masks: what the blend merges for a gate at 1.0)
-    at: int = 0  # the chosen candidate
-
-    @property
-    def threshold(self) -> float:
-        return self.candidates[self.at]
-
-    def gate(self, j: int | None = None) -> Gate:
-        return Gate(self.first, self.rule, self.candidates[self.at if j is None else j])
-
-    def prediction(self, j: int) -> Prediction:
-        if self.candidates[j] >= 1.0:
-            return self.full
-        send = self.sends[j].reshape((-1,) + (1,) * (self.every.values.ndim - 1))
-        return Prediction(np.where(send, self.every.values, self.alone.values), self.every.kind, self.every.activation)
-
-
-@dataclass
-class HeldOut:
-    """A fold's gates scored on its held-out rows (the metric, as the metric gives it)."""
-
-    rows: int
-    none: float
-    full: float
-    adaptive: float
-    sent: dict[str, int]  # member -> held-out rows sent on
-    boot: np.ndarray | None = field(default=None, repr=False)
-    """[BOOTSTRAP, 3]: (none, full, adaptive) on resamples of the held-out rows (see
-    :func:`resampled`), for :func:`pooled_spread`; None: no spread known. Kept instead of the
-    rows' probabilities, which the calibration would hold for every fold and keep."""
-
-
-@dataclass
-class GateSearch:
-    """The gates learned on the training rows, with what they cost and keep there."""
-
-    metric: str
-    higher: bool
-    keep: float
-    rows: int  # training rows
-    members: dict[str, MemberGate]
-    ungated: dict[str, int]  # members with other views and no gate: V - 1 (every row gets them)
-    none: float = float("nan")  # the metric of no TTA, full TTA and the gates, on the training rows
-    full: float = float("nan")
-    adaptive: float = float("nan")
-    evaluations: int = 0
-    keep_changes: float = 0.0
-    calibration: list[tuple[float, float | None, float | None]] = field(
-        default_factory=list
-    )  # --calibrate-keep: (in-sample keep, held-out kept pooled, its SE)
-    changed: int = 0  # training rows (multi-label: row x class) whose decision the full TTA changes
-    changes_made: float = float("nan")  # the share of those decisions the gates make as the full TTA does
-    notes: list[str] = field(default_factory=list)
-    learned: bool = False  # False: no gate written (the full TTA gains nothing, or no member can be gated)
-    value: Any = field(default=None, repr=False)  # (member predictions, rows) -> the source's metric
-    fixed: dict[str, Prediction] = field(default_factory=dict, repr=False)  # every member's full TTA
-    alone: dict[str, Prediction] = field(default_factory=dict, repr=False)  # every member's first view alone
-    probs_none: np.ndarray | None = field(
-        default=None, repr=False
-    )  # the submission node's probabilities, every row: first views alone
-    probs_full: np.ndarray | None = field(default=None, repr=False)  # ... and full TTA
-
-    @property
-    def gates(self) -> dict[str, Gate]:
-        return {n: g.gate() for n, g in self.members.items()} if self.learned else {}
-
-    def signed(self, v: float) -> float:
-        return v if self.higher else -v
-
-    def kept(self, none: float, full: float, adaptive: float) -> float | None:
-        """The share of the full TTA's gain the gates keep (None: the full TTA gains nothing)."""
-        g = self.signed(full) - self.signed(none)
-        return (self.signed(adaptive) - self.signed(none)) / g if g > EPS else None
+BOOTSTRAP = 200  # resamples of the held-out rows behind pooled_spread
 
 
 def first_view(configured: str | None, views: list[str]) -> str:
@@ -153,8 +66,11 @@ def candidates(s: np.ndarray) -> list[float]:
     return sorted(out, reverse=True)
 
 
+# ---- learning the gates on the training rows ----------------------------------------------
+
+
 def learn(
-    pb: ClassProblem, tuned: Tuned, train: np.ndarray, rules: dict[str, str], keep: float | None = None
+    pb: ClassData, tuned: Tuned, train: np.ndarray, rules: dict[str, str], keep: float | None = None
 ) -> GateSearch:
     """The gates of the members in ``rules`` (member -> rule) for the tuned pipeline, on
     the training rows ``train`` (bool ``[N]``); ``tuned``'s members hold no gate yet.
@@ -168,131 +84,189 @@ def learn(
         {},
         keep_changes=pb.opts.keep_changes,
     )
-    fixed, alone = search.fixed, search.alone
     for name, p in tuned.members.items():
-        m = pb.members[name]
-        views = [m.views[k] for k in p.kept()]
-        cfg_adaptive = pb.cfg.member(name).adaptive
-        configured = cfg_adaptive.first if cfg_adaptive is not None else None
-        first = first_view(configured, views)
-        fixed[name] = pb._member_pred(name, p)
-        alone[name] = m.predict([first], None, p.temperature)
-        rule = rules.get(name)
-        if rule is None:
-            if len(views) > 1:
-                search.ungated[name] = len(views) - 1
-            continue
-        if len(views) < 2:
-            search.notes.append(f"members.{name}: one tuned view ({views[0]}): no other views to skip, no gate")
-            continue
-        if m.activation == "none":
-            search.notes.append(f"members.{name}: activation none gives no probabilities for the gate to read: no gate")
-            search.ungated[name] = len(views) - 1
-            continue
-        if configured is not None and configured != first:
-            search.notes.append(
-                f"members.{name}: adaptive.first {configured} is not among the tuned views {views}: the gate reads {first}"
-            )
-        z = m.z[m.views.index(first)]
-        cands = candidates(scores(z, m.activation, rule)[train])
-        sends = [needs(z, m.activation, Gate(first, rule, c)) for c in cands]
-        kept = p.kept()
-        w = p.weights[kept]
-        uniform = w.ndim == 1 and np.all(w == w[0])
-        wv = None if uniform else w
-        every = m.predict(views, wv, p.temperature, gate=Gate(first, rule, 0.0), send=np.ones(len(z), bool))
-        none = m.predict(views, wv, p.temperature, gate=Gate(first, rule, 0.0), send=np.zeros(len(z), bool))
-        alone[name] = none
-        search.members[name] = MemberGate(name, rule, first, len(views), cands, sends, every, none, fixed[name])
+        _add_member(search, pb, name, p, rules.get(name), train)
     if not search.members:
         return search
-
-    def probs_of(preds: dict[str, Prediction]) -> np.ndarray:
-        search.evaluations += 1
-        nodes = evaluate_dag(
-            pb.cfg, preds, lambda b, ins: blend(str(b.method), ins, tuned.blends[b.name], b.space, b.power)
-        )
-        return to_probs(nodes[pb.cfg.submission_source])
-
-    def value(preds: dict[str, Prediction], rows: np.ndarray, probs: np.ndarray | None = None) -> float:
-        probs = probs_of(preds) if probs is None else probs
-        return float(pb.metric.fn(pb.y[rows], probs[rows], tuned.threshold))
-
-    def decisions(probs: np.ndarray) -> np.ndarray:
-        """What the submission decides per row: the class, or (multi-label) each class's yes/no."""
-        return probs >= np.asarray(tuned.threshold) if pb.multilabel else probs.argmax(-1)
-
-    gated = list(search.members.values())
-    search.value = value
-    p_none, p_full = search.probs_none, search.probs_full = probs_of(alone), probs_of(fixed)
-    search.none = value(alone, train, p_none)
-    search.full = value(fixed, train, p_full)
-    d_full = decisions(p_full)[train]
-    changed = d_full != decisions(p_none)[train]  # the decisions the full TTA changes: what a gate must keep
+    blend = _Blend(pb, tuned, search)
+    search.value = blend.value
+    p_none, p_full = search.probs_none, search.probs_full = blend.probs(search.alone), blend.probs(search.fixed)
+    search.none = blend.value(search.alone, train, p_none)
+    search.full = blend.value(search.fixed, train, p_full)
+    d_full = blend.decisions(p_full)[train]
+    changed = d_full != blend.decisions(p_none)[train]  # the decisions the full TTA changes: what a gate must keep
     search.changed = int(changed.sum())
     if search.signed(search.full) - search.signed(search.none) <= EPS:
         search.notes.append(
-            f"adaptive: the full TTA gains nothing over each member's first view alone on these rows ({search.metric} {search.full:.4f} against "
-            f"{search.none:.4f}): no gate learned (a gate at 0 would only say 'fewer views'; see the views table)"
+            f"adaptive: the full TTA gains nothing over each member's first view alone on these rows "
+            f"({search.metric} {search.full:.4f} against {search.none:.4f}): no gate learned "
+            "(a gate at 0 would only say 'fewer views'; see the views table)"
         )
         search.adaptive = search.full
         return search
-    counts = [[int(s[train].sum()) for s in g.sends] for g in gated]
-    gain = search.signed(search.full) - search.signed(search.none)
-    required = search.signed(search.none) + search.keep * gain
-    memo: dict[tuple[int, ...], tuple[float, float]] = {}
+    descent = _Descent(search, blend, train, d_full, changed)
+    idx = descent.run()
+    for g, j in zip(descent.gated, idx):
+        g.at = j
+    search.learned = True
+    v, search.changes_made = descent.scored(idx)
+    search.adaptive = search.signed(v)
+    return search
 
-    def scored(idx: tuple[int, ...]) -> tuple[float, float]:
+
+def _add_member(
+    search: GateSearch, pb: ClassData, name: str, p: ViewPolicy, rule: str | None, train: np.ndarray
+) -> None:
+    """The member's full TTA and first view alone into ``search``; with a ``rule``, its gate's
+    candidates where it can be gated (else a note says why not, and it counts as ungated)."""
+    m = pb.members[name]
+    views = [m.views[k] for k in p.kept()]
+    cfg_adaptive = pb.cfg.member(name).adaptive
+    configured = cfg_adaptive.first if cfg_adaptive is not None else None
+    first = first_view(configured, views)
+    search.fixed[name] = pb.member_prediction(name, p)
+    search.alone[name] = m.predict([first], None, p.temperature)
+    if rule is None:
+        if len(views) > 1:
+            search.ungated[name] = len(views) - 1
+        return
+    if len(views) < 2:
+        search.notes.append(f"members.{name}: one tuned view ({views[0]}): no other views to skip, no gate")
+        return
+    if m.activation == "none":
+        search.notes.append(f"members.{name}: activation none gives no probabilities for the gate to read: no gate")
+        search.ungated[name] = len(views) - 1
+        return
+    if configured is not None and configured != first:
+        search.notes.append(
+            f"members.{name}: adaptive.first {configured} is not among the tuned views {views}: the gate reads {first}"
+        )
+    gate = _member_gate(name, m, p, rule, first, views, train, search.fixed[name])
+    search.alone[name] = gate.alone
+    search.members[name] = gate
+
+
+def _member_gate(
+    name: str,
+    m: MemberData,
+    p: ViewPolicy,
+    rule: str,
+    first: str,
+    views: list[str],
+    train: np.ndarray,
+    full: Prediction,
+) -> MemberGate:
+    """A member's candidates (from its first view's scores on the training rows), the rows
+    each sends on, and its masked merges with every row sent on and with none."""
+    z = m.z[m.views.index(first)]
+    cands = candidates(scores(z, m.activation, rule)[train])
+    sends = [needs(z, m.activation, Gate(first, rule, c)) for c in cands]
+    kept = p.kept()
+    w = p.weights[kept]
+    uniform = w.ndim == 1 and np.all(w == w[0])
+    wv = None if uniform else w
+    every = m.predict(views, wv, p.temperature, gate=Gate(first, rule, 0.0), send=np.ones(len(z), bool))
+    none = m.predict(views, wv, p.temperature, gate=Gate(first, rule, 0.0), send=np.zeros(len(z), bool))
+    return MemberGate(name, rule, first, len(views), cands, sends, every, none, full)
+
+
+class _Blend:
+    """The submission node of the tuned pipeline for any member predictions, its metric and
+    its decisions (each blend counted in ``search.evaluations``)."""
+
+    def __init__(self, pb: ClassData, tuned: Tuned, search: GateSearch):
+        self.pb, self.tuned, self.search = pb, tuned, search
+
+    def probs(self, preds: dict[str, Prediction]) -> np.ndarray:
+        self.search.evaluations += 1
+        nodes = evaluate_dag(self.pb.cfg, preds, lambda b, ins: blend_node(b, ins, self.tuned.blends[b.name]))
+        return to_probs(nodes[self.pb.cfg.submission_source])
+
+    def value(self, preds: dict[str, Prediction], rows: np.ndarray, probs: np.ndarray | None = None) -> float:
+        probs = self.probs(preds) if probs is None else probs
+        return float(self.pb.metric.fn(self.pb.y[rows], probs[rows], self.tuned.threshold))
+
+    def decisions(self, probs: np.ndarray) -> np.ndarray:
+        """What the submission decides per row: the class, or (multi-label) each class's yes/no."""
+        return probs >= np.asarray(self.tuned.threshold) if self.pb.multilabel else probs.argmax(-1)
+
+
+class _Descent:
+    """The search over the gated members' candidates (the module's docstring): from every
+    threshold at 1.0, one member's threshold at a time moved to a lower candidate that keeps
+    the constraint and saves forwards, until none does."""
+
+    def __init__(self, search: GateSearch, blend: _Blend, train: np.ndarray, d_full: np.ndarray, changed: np.ndarray):
+        self.search, self.blend, self.train = search, blend, train
+        self.d_full, self.changed = d_full, changed
+        self.gated = list(search.members.values())
+        self.counts = [[int(s[train].sum()) for s in g.sends] for g in self.gated]
+        self.gain = search.signed(search.full) - search.signed(search.none)
+        self.required = search.signed(search.none) + search.keep * self.gain
+        self.memo: dict[tuple[int, ...], tuple[float, float]] = {}
+
+    def scored(self, idx: tuple[int, ...]) -> tuple[float, float]:
         """(the signed metric, the share of the full TTA's changed decisions made) of the gates ``idx``."""
-        if idx not in memo:
-            preds = dict(fixed)
-            preds.update({g.name: g.prediction(j) for g, j in zip(gated, idx)})
-            probs = probs_of(preds)
-            made = float((decisions(probs)[train] == d_full)[changed].mean()) if changed.any() else 1.0
-            memo[idx] = (search.signed(value(preds, train, probs)), made)
-        return memo[idx]
+        if idx not in self.memo:
+            preds = dict(self.search.fixed)
+            preds.update({g.name: g.prediction(j) for g, j in zip(self.gated, idx)})
+            probs = self.blend.probs(preds)
+            changed = self.changed
+            made = (
+                float((self.blend.decisions(probs)[self.train] == self.d_full)[changed].mean())
+                if changed.any()
+                else 1.0
+            )
+            self.memo[idx] = (self.search.signed(self.blend.value(preds, self.train, probs)), made)
+        return self.memo[idx]
 
-    def keeps(idx: tuple[int, ...]) -> bool:
-        v, made = scored(idx)
-        return v >= required - EPS and made >= search.keep_changes - EPS
+    def keeps(self, idx: tuple[int, ...]) -> bool:
+        v, made = self.scored(idx)
+        return v >= self.required - EPS and made >= self.search.keep_changes - EPS
 
-    def cost(idx: tuple[int, ...]) -> int:
-        return sum((g.views - 1) * c[j] for g, c, j in zip(gated, counts, idx))
+    def cost(self, idx: tuple[int, ...]) -> int:
+        return sum((g.views - 1) * c[j] for g, c, j in zip(self.gated, self.counts, idx))
 
-    idx = tuple(0 for _ in gated)
-    while True:
-        (cur, cur_made), cur_cost = scored(idx), cost(idx)
+    def run(self) -> tuple[int, ...]:
+        """The candidates chosen, one per gated member."""
+        idx = tuple(0 for _ in self.gated)
+        while True:
+            best = self.best_move(idx)
+            if best is None:
+                return idx
+            idx = best
+
+    def best_move(self, idx: tuple[int, ...]) -> tuple[int, ...] | None:
+        """The move from ``idx`` that loses nothing and saves the most forwards, else the one
+        saving the most per unit lost; None: no lower candidate keeps the constraint and
+        saves a forward."""
+        (cur, cur_made), cur_cost = self.scored(idx), self.cost(idx)
         best, best_rank = None, None
-        for k, g in enumerate(gated):
+        for k, g in enumerate(self.gated):
             for j in range(idx[k] + 1, len(g.candidates)):
                 new = idx[:k] + (j,) + idx[k + 1 :]
-                saved = cur_cost - cost(new)
+                saved = cur_cost - self.cost(new)
                 if saved <= 0:
                     continue
-                if not keeps(new):
+                if not self.keeps(new):
                     continue
-                v, made = scored(new)
+                v, made = self.scored(new)
                 # what the move gives up: its share of the full TTA's gain, plus (where counted)
                 # its share of the full TTA's changed decisions
-                loss = (cur - v) / gain + ((cur_made - made) if search.keep_changes > 0 else 0.0)
+                loss = (cur - v) / self.gain + ((cur_made - made) if self.search.keep_changes > 0 else 0.0)
                 rank = (1, float(saved), v) if loss <= EPS else (0, saved / loss, v)
                 if best_rank is None or rank > best_rank:
                     best, best_rank = new, rank
-        if best is None:
-            break
-        idx = best
-    for g, j in zip(gated, idx):
-        g.at = j
-    search.learned = True
-    v, search.changes_made = scored(idx)
-    search.adaptive = search.signed(v)
-    return search
+        return best
+
+
+# ---- the gates on held-out rows ------------------------------------------------------------
 
 
 def held_out(
     search: GateSearch,
     tuned_nodes: dict[str, Prediction],
-    pb: ClassProblem,
+    pb: ClassData,
     rows: np.ndarray,
     threshold: Any,
     seed: int = 0,
@@ -306,7 +280,7 @@ def held_out(
     y = pb.y[rows]
     probs = [p[rows] for p in (search.probs_none, search.probs_full, to_probs(tuned_nodes[pb.cfg.submission_source]))]
     search.probs_none = search.probs_full = None  # [N, C] each: the held-out rows are taken, the rest is not kept
-    whole = tuple(float(pb.metric.fn(y, p, threshold)) for p in probs)
+    none, full, adaptive = (float(pb.metric.fn(y, p, threshold)) for p in probs)
     per_row = pb.metric.per_row
     if per_row is not None:  # a mean over rows (accuracy, NLL): each resample is a mean of those
         values = [per_row(y, p, threshold) for p in probs]
@@ -324,7 +298,8 @@ def held_out(
             return a, b, c
 
     sent = {n: int(g.sends[g.at][rows].sum()) if search.learned else len(rows) for n, g in search.members.items()}
-    return HeldOut(len(rows), *whole, sent, resampled(again, len(rows), np.random.default_rng([seed, int(rows[0])])))
+    boot = resampled(again, len(rows), np.random.default_rng([seed, int(rows[0])]))
+    return HeldOut(len(rows), none, full, adaptive, sent, boot)
 
 
 def resampled(
@@ -333,44 +308,6 @@ def resampled(
     """[BOOTSTRAP, 3]: ``again(idx)`` (no TTA, full TTA, the gates) on BOOTSTRAP resamples of
     ``n`` rows with replacement, paired: the three are scored on the same rows."""
     return np.array([again(rng.integers(0, n, n)) for _ in range(BOOTSTRAP)], dtype=np.float64)
-
-
-def table(search: GateSearch, folds: list[HeldOut], n: int) -> Any:
-    """Per member: rule, first view, threshold, rows sent on, extra forwards run and saved;
-    then every member together with the share of the full TTA's gain kept, in sample and
-    held out (pooled over the folds: each fold's gains weighed by its rows)."""
-    import polars as pl
-
-    rows = []
-    run_total, full_total = 0, 0
-    for name, g in search.members.items():
-        sent = int(g.sends[g.at].sum()) if search.learned else n
-        run, full = (g.views - 1) * sent, (g.views - 1) * n
-        held = [f.sent[name] / f.rows for f in folds if name in f.sent]
-        rows.append(
-            _row(
-                name,
-                g.rule,
-                g.first,
-                g.views,
-                g.threshold if search.learned else None,
-                sent / n if n else None,
-                run,
-                full,
-                float(np.mean(held)) if held else None,
-            )
-        )
-        run_total += run
-        full_total += full
-    for name, extra in search.ungated.items():
-        rows.append(_row(name, None, None, extra + 1, None, 1.0, extra * n, extra * n, 1.0 if folds else None))
-        run_total += extra * n
-        full_total += extra * n
-    total = _row("(all)", None, None, None, None, None, run_total, full_total, None)
-    total["gain kept (in sample)"] = search.kept(search.none, search.full, search.adaptive)
-    total["gain kept (held out)"] = pooled_kept(search, folds)
-    rows.append(total)
-    return pl.DataFrame(rows, infer_schema_length=None)
 
 
 def pooled_kept(search: GateSearch, folds: list[HeldOut]) -> float | None:
@@ -388,9 +325,6 @@ def _pooled(search: GateSearch, folds: list[tuple[int, float, float, float]]) ->
     return gained / full if full > EPS else None
 
 
-BOOTSTRAP = 200  # resamples of the held-out rows behind pooled_spread
-
-
 def pooled_spread(search: GateSearch, folds: list[HeldOut]) -> float | None:
     """The standard error of :func:`pooled_kept`: the spread of the share over BOOTSTRAP
     resamples of each fold's held-out rows (with replacement, paired: no TTA, full TTA and the
@@ -400,65 +334,13 @@ def pooled_spread(search: GateSearch, folds: list[HeldOut]) -> float | None:
     its uncertainty that comes from which rows were held out, each fold's gates as learned
     (not the spread of learning them on other rows). None: no fold, a fold without resamples,
     no gain to keep, or fewer than two resamples with a finite share."""
-    if not folds or any(f.boot is None for f in folds) or pooled_kept(search, folds) is None:
+    boots = [f.boot for f in folds if f.boot is not None]
+    if not folds or len(boots) < len(folds) or pooled_kept(search, folds) is None:
         return None
     shares = [
         got
         for b in range(BOOTSTRAP)
-        if (got := _pooled(search, [(f.rows, *f.boot[b]) for f in folds])) is not None and np.isfinite(got)
-    ]  # type: ignore[index]
+        if (got := _pooled(search, [(f.rows, r[b, 0], r[b, 1], r[b, 2]) for f, r in zip(folds, boots)])) is not None
+        and np.isfinite(got)
+    ]
     return float(np.std(shares, ddof=1)) if len(shares) > 1 else None
-
-
-def _row(
-    member: str,
-    rule: str | None,
-    first: str | None,
-    views: int | None,
-    threshold: float | None,
-    share: float | None,
-    run: int,
-    full: int,
-    held_share: float | None,
-) -> dict[str, Any]:
-    return {
-        "member": member,
-        "rule": rule,
-        "first view": first,
-        "views": views,
-        "threshold": threshold,
-        "share sent on": share,
-        "share sent on (held out)": held_share,
-        "extra forwards run": run,
-        "extra forwards saved": full - run,
-        "saved": (full - run) / full if full else None,
-        "gain kept (in sample)": None,
-        "gain kept (held out)": None,
-    }
-
-
-def summary(search: GateSearch, folds: list[HeldOut], n: int) -> str:
-    """One line: what the gates keep and cost, in sample and held out."""
-    t = table(search, folds, n).row(-1, named=True)
-    run, saved = t["extra forwards run"], t["extra forwards saved"]
-    kept, held = t["gain kept (in sample)"], t["gain kept (held out)"]
-    pct = f"{100 * run / (run + saved):.1f}%" if run + saved else "—"
-    text = (
-        f"adaptive: the gates keep {_pct(kept)} of the full TTA's {search.metric} gain in sample ({search.none:.4f} with each member's first view "
-        f"alone, {search.full:.4f} full TTA, {search.adaptive:.4f} gated) at {run} of {run + saved} extra forwards ({pct}), "
-        f"keep-gain {search.keep:g}"
-    )
-    if search.learned and search.changed:
-        text += f"; they make {_pct(search.changes_made)} of the {search.changed} decisions the full TTA changes as it does (keep-changes {search.keep_changes:g})"
-    if folds:
-        se = pooled_spread(search, folds)
-        text += f"; held out ({len(folds)} folds, each tuned and gated on the others) {_pct(held)}" + (
-            "" if se is None or held is None else f" ± {100 * se:.1f}% (bootstrap SE)"
-        )
-        if search.calibration:
-            text += " (the in-sample keep was chosen on these folds: this overstates a little; new images tell)"
-    return text
-
-
-def _pct(x: float | None) -> str:
-    return "—" if x is None else f"{100 * x:.1f}%"

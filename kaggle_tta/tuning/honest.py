@@ -93,14 +93,16 @@ def warnings(est: Estimate, problem: Problem, folds: int) -> list[str]:
     if total and n < ROWS_PER_VALUE * total:
         what = ", ".join(f"{k} {v}" for k, v in params.items())
         out.append(
-            f"{n} labelled {unit} for {total} tuned values ({what}): fewer than {ROWS_PER_VALUE} per value; expect the in-sample gain to overstate, trust the out-of-sample one"
+            f"{n} labelled {unit} for {total} tuned values ({what}): fewer than {ROWS_PER_VALUE} per value; "
+            "expect the in-sample gain to overstate, trust the out-of-sample one"
         )
     if folds < 2:
         out.append("no out-of-sample estimate (--folds 0): the in-sample gain overstates what tuning is worth")
         return out
     if n // folds < MIN_FOLD:
         out.append(
-            f"held-out folds of about {n // folds} {unit}: too few for a steady estimate; label more, or use fewer folds"
+            f"held-out folds of about {n // folds} {unit}: too few for a steady estimate; "
+            "label more, or use fewer folds"
         )
     name = est.scores[0][0]
     oos = est.out_of_sample(name)
@@ -112,7 +114,8 @@ def warnings(est: Estimate, problem: Problem, folds: int) -> list[str]:
         )
     elif abs(mean) <= spread:
         out.append(
-            f"the out-of-sample {name} gain ({mean:+.4f} ± {spread:.4f}) is within its spread over folds: not distinguishable from zero"
+            f"the out-of-sample {name} gain ({mean:+.4f} ± {spread:.4f}) is within its spread over folds: "
+            "not distinguishable from zero"
         )
     ins = est.in_sample_gain(name)
     if ins > 0 and ins > mean + 2 * spread:

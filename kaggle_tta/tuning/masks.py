@@ -21,6 +21,7 @@ from kaggle_tta.exec.dag import MemberSource, blocks
 from kaggle_tta.ops.merge import to_probs
 from kaggle_tta.tasks.segmentation import BLOCK, decide, image_probs, load_truth, node_maps
 from kaggle_tta.tuning.options import TuneOptions
+from kaggle_tta.tuning.problem import Point, TuningProblem
 
 if TYPE_CHECKING:
     from kaggle_tta.engine.plan import Plan
@@ -45,7 +46,11 @@ def dice_grid(
     import cv2
 
     t_sum = float(truth.sum())
-    rows = [mask] if taus is None else [p >= np.float32(t) for t in taus]
+    if taus is None:
+        assert mask is not None, "softmax maps: give the mask"
+        rows = [mask]
+    else:
+        rows = [p >= np.float32(t) for t in taus]
     out = np.empty((len(rows), len(areas)))
     for i, m in enumerate(rows):
         if not m.any():
@@ -61,7 +66,7 @@ def dice_grid(
     return out
 
 
-class MaskProblem:
+class MaskProblem(TuningProblem[MaskTuned]):
     """The segmentation tuning problem (registered as ``masks``)."""
 
     unit = "images"
@@ -93,7 +98,7 @@ class MaskProblem:
         for lo, hi in blocks(len(ids), BLOCK):
             probs = to_probs(node_maps(cfg, sources, lo, hi)[src])
             for j, i in enumerate(range(lo, hi)):
-                size = tuple(int(x) for x in sizes[i])
+                size = (int(sizes[i][0]), int(sizes[i][1]))
                 p = image_probs(probs[j], size)
                 truth = load_truth(cfg, ids[i], k, size)
                 mine = decide(p, self.activation, seg.threshold, seg.min_area)
@@ -169,7 +174,7 @@ class MaskProblem:
             )
         }
 
-    def points(self, tuned: MaskTuned, tables: dict[str, Any]) -> list[tuple[str, str, float, float]]:
+    def points(self, tuned: MaskTuned, tables: dict[str, Any]) -> list[Point]:
         return []
 
 

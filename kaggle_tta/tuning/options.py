@@ -71,7 +71,8 @@ class TuneOptions:
             raise ConfigError(f"--objective: '{self.objective}'; choose one of {', '.join(OBJECTIVES)}")
         if self.folds < 0 or self.folds == 1:
             raise ConfigError(
-                f"--folds: {self.folds}; give 0 (in-sample only) or k >= 2 (tune on k - 1 folds, score the held-out one)"
+                f"--folds: {self.folds}; give 0 (in-sample only) "
+                "or k >= 2 (tune on k - 1 folds, score the held-out one)"
             )
         if self.max_steps < 1:
             raise ConfigError(f"--max-steps: {self.max_steps}; give at least 1")
@@ -83,11 +84,13 @@ class TuneOptions:
             )
         if not 0.0 <= self.keep_margin <= 10.0:
             raise ConfigError(
-                f"--keep-margin: {self.keep_margin}; give standard errors between 0 and 10 (e.g. 1; 0: the held-out figure alone)"
+                f"--keep-margin: {self.keep_margin}; give standard errors between 0 and 10 "
+                "(e.g. 1; 0: the held-out figure alone)"
             )
         if not 0.0 <= self.keep_changes <= 1.0:
             raise ConfigError(
-                f"--keep-changes: {self.keep_changes}; give a share of the full TTA's changed decisions between 0 and 1 (e.g. 0.9; 0: off)"
+                f"--keep-changes: {self.keep_changes}; give a share of the full TTA's changed decisions "
+                "between 0 and 1 (e.g. 0.9; 0: off)"
             )
 
 
@@ -96,7 +99,9 @@ SWITCHES = {
     "view-weights": "AugTTA: per-view weights on the simplex, regularized",
     "class-weights": "ClassTTA: per-(view, class) weights (off by default: V x C parameters)",
     "temperature": "a temperature per member (NLL and ECE before and after)",
-    "thresholds": "multilabel per-class thresholds; segmentation threshold + min_area per class; detection skip_box_thr / iou_thr",
+    "thresholds": (
+        "multilabel per-class thresholds; segmentation threshold + min_area per class; detection skip_box_thr / iou_thr"
+    ),
 }
 
 
@@ -111,13 +116,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--folds",
         type=int,
         default=5,
-        help="k of the out-of-sample estimate: tune on k - 1 folds, score the held-out one (0: in-sample only; default 5)",
+        help=(
+            "k of the out-of-sample estimate: tune on k - 1 folds, score the held-out one "
+            "(0: in-sample only; default 5)"
+        ),
     )
     p.add_argument(
         "--metric",
         default=None,
-        help="the task's metric (default), accuracy, f1, nll, or module:callable as fn(y_true, probs) -> float, higher is better",
+        help=(
+            "the task's metric (default), accuracy, f1, nll, or module:callable as fn(y_true, probs) -> float, "
+            "higher is better"
+        ),
     )
+    _add_tuner_arguments(p)
+    _add_gate_arguments(p)
+    p.add_argument("--report", default=None, help="also write the report (markdown) here")
+    p.add_argument("--picture", default=None, help="the gain-against-cost PNG (default: beside --out, .png)")
+
+
+def _add_tuner_arguments(p: argparse.ArgumentParser) -> None:
+    """Which tuners run (SWITCHES), and how the member weights are learned."""
     defaults = TuneOptions()
     for name, text in SWITCHES.items():
         p.add_argument(
@@ -145,11 +164,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="hill climbing: at most this many copies of a blend's inputs (default 20)",
     )
     p.add_argument("--seed", type=int, default=0, help="folds and minibatches (default 0)")
+
+
+def _add_gate_arguments(p: argparse.ArgumentParser) -> None:
+    """Learning the adaptive gates (--adaptive) and what they keep."""
     p.add_argument(
         "--adaptive",
         choices=ADAPTIVE,
         default=None,
-        help="learn each member's adaptive gate with this rule (off: none; default: off, except members whose pipeline sets adaptive learn its rule)",
+        help=(
+            "learn each member's adaptive gate with this rule "
+            "(off: none; default: off, except members whose pipeline sets adaptive learn its rule)"
+        ),
     )
     p.add_argument(
         "--keep-gain",
@@ -161,22 +187,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--calibrate-keep",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="with --folds: learn the gates at the lowest in-sample keep whose held-out gain kept reaches --keep-gain (by --keep-margin SEs; default on)",
+        help=(
+            "with --folds: learn the gates at the lowest in-sample keep whose held-out gain kept reaches --keep-gain "
+            "(by --keep-margin SEs; default on)"
+        ),
     )
     p.add_argument(
         "--keep-margin",
         type=float,
         default=0.0,
-        help="--calibrate-keep: the held-out gain kept must reach --keep-gain by this many (bootstrap) standard errors (default 0: the figure alone)",
+        help=(
+            "--calibrate-keep: the held-out gain kept must reach --keep-gain by this many (bootstrap) standard errors "
+            "(default 0: the figure alone)"
+        ),
     )
     p.add_argument(
         "--keep-changes",
         type=float,
         default=0.9,
-        help="and make at least this share of the decisions the full TTA changes as it does (labels not read; 0: off; default 0.9)",
+        help=(
+            "and make at least this share of the decisions the full TTA changes as it does "
+            "(labels not read; 0: off; default 0.9)"
+        ),
     )
-    p.add_argument("--report", default=None, help="also write the report (markdown) here")
-    p.add_argument("--picture", default=None, help="the gain-against-cost PNG (default: beside --out, .png)")
 
 
 def options_from(args: argparse.Namespace) -> TuneOptions:

@@ -53,10 +53,12 @@ class TuneResult:
         name = est.scores[0][0]
         ins, oos, spread = self.gain(name)
         head = [
-            f"# kaggle-tta tune {self.pipeline}: apply with --overrides (e.g. kaggle-tta blend {self.pipeline} --overrides THIS_FILE)"
+            f"# kaggle-tta tune {self.pipeline}: apply with --overrides "
+            f"(e.g. kaggle-tta blend {self.pipeline} --overrides THIS_FILE)"
         ]
         head.append(
-            f"# {name} of '{self.source}': {est.in_sample[name][0]:.4f} as is, {est.in_sample[name][1]:.4f} tuned (in sample, {ins:+.4f})"
+            f"# {name} of '{self.source}': {est.in_sample[name][0]:.4f} as is, "
+            f"{est.in_sample[name][1]:.4f} tuned (in sample, {ins:+.4f})"
         )
         if oos is not None:
             head.append(f"# out of sample ({len(est.folds)}-fold): {oos:+.4f} ± {spread:.4f}")

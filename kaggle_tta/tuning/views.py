@@ -114,7 +114,7 @@ def greedy_policy_search(m: MemberData, train: np.ndarray, s: ViewSettings, temp
         for v in range(n_views):
             c = counts.copy()
             c[v] += 1
-            terms = [(views[v], 1.0)] + ([(total, 1.0)] if total is not None else [])
+            terms: losses.Terms = [(views[v], 1.0)] + ([(total, 1.0)] if total is not None else [])
             trial.append(float(m.loss_rows(c, t_rank, terms, scale)[train].mean()))
         v = int(np.argmin(trial))
         current = m.loss(counts, t_rank, train) if counts.any() else np.inf

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kaggle_tta.ops.geometry import crop_box, floor
+
 # ---- permutations: exact, bit for bit ------------------------------------------------------
 
 
@@ -71,9 +73,8 @@ def crop_origin(size: tuple[int, int], crop: tuple[int, int], position: str) -> 
     """Top-left corner (y, x) of a ``crop``-sized window at ``position`` in an image of ``size``.
 
     Positions: tl, tr, bl, br and center (rounded down, as the reference five-crop code and
-    albumentations' CenterCrop do): kaggle_tta.io.canvas.crop_box, the loader's own rule.
+    albumentations' CenterCrop do): :func:`crop_box`, the loader's own rule too.
     """
-    from kaggle_tta.io.canvas import crop_box, floor
 
     (h, w), (ch, cw) = size, crop
     if ch > h or cw > w:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, cast
 
 import numpy as np
 
@@ -172,7 +172,7 @@ class Crop(Op):
         return f"crop_{self.position}"
 
     def bind(self, input_size: Size | None, mean: tuple[float, ...], std: tuple[float, ...]) -> Crop:
-        return dataclasses.replace(self, size=tuple(input_size) if input_size else None)
+        return dataclasses.replace(self, size=cast(Size, tuple(input_size)) if input_size else None)
 
     def apply(self, x: Tensor) -> Tensor:
         size = self.size or tuple(x.shape[-2:])
@@ -406,7 +406,7 @@ class View:
         ops = tuple(op.bind(input_size, mean, std) for op in self.ops)
         if input_size is not None and not (ops and isinstance(ops[0], Crop)):
             # The canvas is larger than the model input (crop_pct): the centre is the input.
-            ops = (CentreCrop(size=tuple(input_size)), *ops)
+            ops = (CentreCrop(size=cast(Size, tuple(input_size))), *ops)
         return View(self.name, ops)
 
     def apply(self, images: Tensor) -> Tensor:
@@ -421,9 +421,9 @@ class View:
 
     def _sizes(self, size: Size) -> list[Size]:
         """The input size of each op, then the output size of the chain."""
-        sizes = [tuple(size)]
+        sizes = [cast(Size, tuple(size))]
         for op in self.ops:
-            sizes.append(tuple(op.out_size(sizes[-1])))
+            sizes.append(cast(Size, tuple(op.out_size(sizes[-1]))))
         return sizes
 
     def invert_mask(self, masks: Tensor, size: Size) -> Tensor:

@@ -1,0 +1,143 @@
+"""The forward's chunk size and memory layout: given, or timed on the stream's first chunks
+(:class:`ChunkSizer`)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+
+def sizes_text(sizes: list[int]) -> str:
+    """Chunk sizes of several members: '32' when they agree, else '32/64' in member order."""
+    return str(sizes[0]) if len(set(sizes)) == 1 else "/".join(map(str, sizes))
+
+
+class ChunkSizer:
+    """One member's forward tuning, decided on its first chunks (their outputs are kept;
+    nothing is computed twice):
+
+    - the chunk size, when ``forward_batch: auto``: sizes 8..128 are timed in turn (in the
+      first layout) and the fastest per input is kept;
+    - then the memory layout, when more than one is given (``channels_last: auto`` on a CPU
+      in fp32, where it depends on the model: measured 0.7x the time for resnet18 and
+      efficientnet_b0 but 1.1x for convnext_nano on this project's CPUs), at the chunk size
+      in use: each layout runs a warm-up chunk and then at least 32 timed inputs, and the
+      faster per input is kept.
+    """
+
+    CANDIDATES = (8, 16, 32, 64, 128)
+    LAYOUT_INPUTS = 32
+
+    def __init__(self, setting: int | str, ceiling: int, layouts: tuple[bool, ...] = (False,)):
+        self.auto = setting == "auto"
+        self.ceiling = max(1, ceiling)
+        self.layouts = list(layouts)  # channels_last values still to try
+        self.channels_last = self.layouts[0]
+        self.layout_timing: dict[bool, list[float]] = {}  # layout -> [inputs, seconds]
+        self.layout_warm = False
+        if self.auto:
+            self.trials = [c for c in self.CANDIDATES if c <= self.ceiling] or [self.ceiling]
+            self.timing: dict[int, list[float]] = defaultdict(list)  # size -> [inputs, seconds]
+            self.current = self.trials[0]
+            self.warm = False
+        else:
+            self.trials = []
+            self.current = int(setting)
+
+    @property
+    def measuring(self) -> bool:
+        """True while reports decide something (then CUDA work is synchronized before timing)."""
+        return not self.layout_settled or bool(self.trials)
+
+    def report(self, n: int, seconds: float) -> None:
+        if self.trials:
+            self._report_size(n, seconds)
+        elif not self.layout_settled:
+            self._report_layout(n, seconds)
+
+    def _report_layout(self, n: int, seconds: float) -> None:
+        if not self.layout_warm:  # a layout's first chunk pays its one-off costs (kernel choice)
+            self.layout_warm = True
+            return
+        rec = self.layout_timing.setdefault(self.channels_last, [0.0, 0.0])
+        rec[0] += n
+        rec[1] += seconds
+        if rec[0] < max(self.LAYOUT_INPUTS, 2 * self.current):
+            return
+        untried = [c for c in self.layouts if c not in self.layout_timing]
+        if untried:
+            self.channels_last, self.layout_warm = untried[0], False
+        else:
+            self.settle_layout(
+                min(self.layout_timing, key=lambda c: self.layout_timing[c][1] / self.layout_timing[c][0])
+            )
+
+    def _report_size(self, n: int, seconds: float) -> None:
+        if not self.warm:  # the first chunk pays one-off costs (allocations, kernel choice)
+            self.warm = True
+            return
+        rec = self.timing[self.current]
+        if not rec:
+            rec.extend([0.0, 0.0])
+        rec[0] += n
+        rec[1] += seconds
+        if rec[0] >= 2 * self.current and rec[0] >= 16:
+            best = min(self.timing, key=lambda s: self.timing[s][1] / self.timing[s][0])
+            i = self.trials.index(self.current)
+            # Per-input cost is U-shaped in the chunk size: once a size is clearly slower than
+            # the best so far, larger ones will not win, so the trials stop there.
+            worse = (
+                self.timing[self.current][1] / self.timing[self.current][0]
+                > 1.05 * self.timing[best][1] / self.timing[best][0]
+            )
+            if i + 1 < len(self.trials) and not worse:
+                self.current = self.trials[i + 1]
+            else:
+                self.current = best
+                self.trials = []
+
+    @property
+    def layout_settled(self) -> bool:
+        return len(self.layouts) == 1
+
+    def settle_layout(self, channels_last: bool) -> None:
+        """Ends the layout trial on ``channels_last`` (the model cannot take the other)."""
+        self.channels_last, self.layouts = channels_last, [channels_last]
+
+    def decide(self) -> tuple[int, bool]:
+        """Ends every trial now (a test set smaller than the trials): the fastest size and
+        layout measured so far, else the ones in use; returns (chunk size, channels_last)."""
+        if self.trials:
+            timed = {s: t for s, t in getattr(self, "timing", {}).items() if t and t[0]}
+            if timed:
+                self.current = min(timed, key=lambda s: timed[s][1] / timed[s][0])
+            self.trials = []
+        if not self.layout_settled:
+            timed_l = {c: t for c, t in self.layout_timing.items() if t[0]}
+            self.settle_layout(
+                min(timed_l, key=lambda c: timed_l[c][1] / timed_l[c][0])
+                if len(timed_l) == len(self.layouts)
+                else self.layouts[0]
+            )
+        return self.current, self.channels_last
+
+    def shrink(self, failed: int | None = None) -> None:
+        """After out-of-memory on a chunk of ``failed`` inputs: half of it (or of the current size)."""
+        self.current = max(1, min(self.current, failed or self.current) // 2)
+        self.ceiling = self.current
+        self.trials = []
+        self.settle_layout(self.channels_last)  # out of memory mid-trial: keep the layout in use
+
+
+def layout_candidates(setting: bool | str, device: torch.device, precision: str) -> tuple[bool, ...]:
+    """The channels_last values to use (one) or to time on the first chunks (two).
+
+    ``auto``: on with CUDA or reduced precision, where it is the fast path of cuDNN and oneDNN;
+    timed on a CPU in fp32, where the answer depends on the model.
+    """
+    if setting != "auto":
+        return (bool(setting),)
+    if device.type == "cuda" or precision != "fp32":
+        return (True,)
+    return (False, True)
