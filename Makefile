@@ -11,7 +11,7 @@ DEMO_DIR   ?= build/demo/test
 
 help:
 	@echo "make infer        install what is missing, write the demo test set, run pipeline.yaml"
-	@echo "make test         install what is missing, run the test suite"
+	@echo "make test         install what is missing, run ruff, mypy and the test suite"
 	@echo "make blend        re-blend from the cache (no model, no image)"
 	@echo "make examples     run examples/segmentation.yaml and examples/detection.yaml on the demo set"
 	@echo "make bench        run benchmarks/ and write bench-results/bench.md"
@@ -22,7 +22,7 @@ help:
 # then the package (editable) with its test extras.
 install:
 	@$(PYTHON) -c "import torch, torchvision" 2>/dev/null || $(PIP) install $(TORCH_PAIR)
-	@$(PYTHON) -c "import importlib.metadata as m, kaggle_tta, timm, albumentations, ensemble_boxes, polars, tqdm, safetensors, cv2, ttach, pytest, nbclient, nbformat, ipykernel, pycocotools; m.version('kaggle-tta')" 2>/dev/null \
+	@$(PYTHON) -c "import importlib.metadata as m, kaggle_tta, timm, albumentations, ensemble_boxes, polars, tqdm, safetensors, cv2, ttach, pytest, nbclient, nbformat, ipykernel, pycocotools, ruff, mypy; m.version('kaggle-tta'); assert m.version('ruff') == '0.17.6' and m.version('mypy') == '2.4.1'" 2>/dev/null \
 		|| $(PIP) install -e '.[test]'
 
 demo-data: install
@@ -45,7 +45,11 @@ demo-weights: install
 	$(PYTHON) -m kaggle_tta.demo.train_tasks segmentation --out kaggle_tta/demo/weights/seg_unet.safetensors
 	$(PYTHON) -m kaggle_tta.demo.train_tasks detection --out kaggle_tta/demo/weights/det_centernet.safetensors
 
+# Lint and types first (seconds), then the suite.
 test: install
+	$(PYTHON) -m ruff check kaggle_tta tests benchmarks
+	$(PYTHON) -m ruff format --check kaggle_tta tests benchmarks
+	$(PYTHON) -m mypy kaggle_tta
 	$(PYTHON) -m pytest
 
 bench: install

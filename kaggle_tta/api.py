@@ -28,7 +28,20 @@ if TYPE_CHECKING:
     from kaggle_tta.dist.ranks import Ranks
     from kaggle_tta.engine.stats import RunStats
 
-__all__ = ["BlendResult", "Pipeline", "ReportRow", "RunResult", "blend", "blend_plan", "format_report", "infer", "launched", "plan_of", "run", "sources_for"]
+__all__ = [
+    "BlendResult",
+    "Pipeline",
+    "ReportRow",
+    "RunResult",
+    "blend",
+    "blend_plan",
+    "format_report",
+    "infer",
+    "launched",
+    "plan_of",
+    "run",
+    "sources_for",
+]
 
 Pipeline = Union[str, Path, dict[str, Any], PipelineConfig, Plan]
 
@@ -92,7 +105,9 @@ def infer(
     if world > 1 and not all_cached(plan):  # nothing to compute: no ranks to start
         from kaggle_tta.dist.launch import launch
 
-        return launch(world, infer, plan.cfg, None, progress)  # each rank: this function again, under torchrun's variables
+        return launch(
+            world, infer, plan.cfg, None, progress
+        )  # each rank: this function again, under torchrun's variables
     device = resolve_device(rt.device)
     stats = run_inference(plan, device, resolve_precision(rt.precision, device), progress=progress)
     if not stats.all_cached:  # shards that only partly covered a view: their rows are in the entry now

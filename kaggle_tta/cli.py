@@ -212,9 +212,8 @@ def cmd_cache_verify(args: argparse.Namespace) -> None:
 def cmd_cache_merge(args: argparse.Namespace) -> None:
     """Joins shards computed elsewhere (machines without a shared filesystem, each running
     its share into its own cache.dir) into this cache, and assembles what they complete."""
-    from kaggle_tta.cache.shards import missing_rows
     from kaggle_tta.config.errors import CacheError
-    from kaggle_tta.engine.assembly import assemble_from
+    from kaggle_tta.engine.assembly import assemble_from, missing_rows
     from kaggle_tta.engine.plan import build_plan
 
     plan = build_plan(_load(args))

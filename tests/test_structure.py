@@ -197,9 +197,16 @@ def test_a_single_process_run_loads_no_distributed_module(pipeline_file, command
     )
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     if command == "blend":  # the cache filled first: blend reads it
-        subprocess.run([sys.executable, "-m", "kaggle_tta", "run", str(pipeline_file), "-q"], cwd=ROOT, env=env, check=True)
+        subprocess.run(
+            [sys.executable, "-m", "kaggle_tta", "run", str(pipeline_file), "-q"], cwd=ROOT, env=env, check=True
+        )
     done = subprocess.run(
-        [sys.executable, "-c", probe, str(pipeline_file)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", probe, str(pipeline_file)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     dist_modules, torch_loaded = done.stdout.strip().splitlines()[-2:]

@@ -185,9 +185,7 @@ def test_adaptive_off_writes_no_adaptive_and_the_default_follows_the_pipeline(de
     gated = _with_gate({"margin": 0.5})
     as_is = _accuracy(demo, [], source=gated)
     assert as_is != _accuracy(demo, [])  # the gate changes the demo's blend: "as is" below sees it
-    off = kaggle_tta.tune(
-        load_pipeline(gated, demo, base_dir=ROOT), folds=0, adaptive="off", out=tmp_path / "off.yaml"
-    )
+    off = kaggle_tta.tune(load_pipeline(gated, demo, base_dir=ROOT), folds=0, adaptive="off", out=tmp_path / "off.yaml")
     assert off.estimate.in_sample["accuracy"][0] == as_is  # as is: the pipeline's gate, as the blend applies it
     members = {m["name"]: m for m in off.overrides["members"]}
     assert members["resnet"]["adaptive"] is None and "adaptive" not in members["effnet"], off.overrides

@@ -19,20 +19,22 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from kaggle_tta.cache.files import atomic_write_bytes, sweep_tmp
-from kaggle_tta.config.errors import KaggleTTAError
+from kaggle_tta.config.errors import KaggleTTAError, UserPath
 
 _CHUNK = 1 << 22
+READ_FIX = "check that it exists and is readable (its permissions), or remove it"
 
 
 def identity(path: str | Path) -> str:
     """What must not change for a memoized hash of ``path`` to be trusted."""
-    st = os.stat(path)
+    with UserPath(path, READ_FIX):
+        st = os.stat(path)
     return f"{os.path.realpath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\0{st.st_dev}"
 
 
 def _sha256(path: str | Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with UserPath(path, READ_FIX), open(path, "rb") as f:  # the user's file: its OS errors are one line
         for chunk in iter(lambda: f.read(_CHUNK), b""):
             h.update(chunk)
     return h.hexdigest()

@@ -24,9 +24,17 @@ from kaggle_tta.config.errors import CacheError
 RAGGED_WIDTH = 6  # x1, y1, x2, y2 (normalized), score, label
 
 
+def size_text(n: float) -> str:
+    """A byte count as a person reads it, never rounded to zero: 512 bytes, 12.3 KB, 4.1 MB, 2.0 GB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} bytes"
+
+
 def disk_error(exc: OSError, where: Path | str, needed: int | None = None) -> CacheError:
     """One line for an OSError met while writing under ``where``."""
-    need = f" ({needed / 1e6:.1f} MB needed)" if needed else ""
+    need = f" ({size_text(needed)} needed)" if needed else ""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return CacheError(
             f"{where}: no space left on the device{need}; free space there or point cache.dir at a larger disk"
@@ -49,6 +57,13 @@ def writing(where: Path | str, needed: int | None = None) -> Iterator[None]:
         raise disk_error(exc, where, needed) from None
 
 
+def discard(path: Path) -> None:
+    """Removes a file this process left, if it can: a cleanup after a failed write never hides
+    that failure (on a read-only disk unlinking fails too, even a file that is not there)."""
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
+
+
 def tmp_name(path: Path) -> Path:
     """The temporary beside ``path`` that this process writes before renaming it into place."""
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -64,7 +79,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
         raise disk_error(exc, path.parent, len(data)) from None
 
 
@@ -77,7 +92,7 @@ def atomic_save_npy(path: Path, arr: np.ndarray) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
         raise disk_error(exc, path.parent, arr.nbytes) from None
 
 
@@ -103,7 +118,7 @@ def open_dense(path: Path, shape: tuple[int, ...], dtype: str) -> np.memmap:
         mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.dtype(dtype), shape=tuple(shape))
         preallocate(path)
     except OSError as exc:
-        path.unlink(missing_ok=True)
+        discard(path)
         raise disk_error(exc, path.parent, needed) from None
     return mm
 

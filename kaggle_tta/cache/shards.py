@@ -49,7 +49,7 @@ BLOCK = 4096  # rows copied at a time: memory bounded whatever the shard
 def list_shards(entry: CacheEntry) -> list[tuple[int, int, CacheEntry]]:
     """Every readable shard of ``entry``: (lo, hi, shard entry), by lo."""
     folder = entry.dir / "shards"
-    out = []
+    out: list[tuple[int, int, CacheEntry]] = []
     try:
         names = sorted(os.listdir(folder))
     except OSError:  # none, or removed meanwhile
@@ -212,30 +212,8 @@ def assemble(
         if held is not None:
             replaced = []  # the row mask is assembled anew in its place
         entry.write_ids(ids)
-        try:
-            if pieces[0][2].view_state(view).get("kind") == "ragged":
-                _ragged(entry, view, n, pieces)
-            else:
-                _dense(entry, view, n, pieces)
-                if held is not None:  # a gated view: its rows' mask too, and the gate they were chosen by
-                    _dense(entry, held_name(view), n, pieces)
-                    record_held(entry, view, held)
-            entry.commit()
-        except DamagedView as exc:  # marked in its shard by the read: never assembled
-            lo, hi = exc.entry.manifest.get("shard", [0, 0])
-            out.damaged.append((int(lo), int(hi), view, exc.reason))
-            print(
-                f"kaggle-tta: {exc.entry.path(view)}: damaged ({exc.reason}); not assembled, its rows are computed again",
-                file=sys.stderr,
-                flush=True,
-            )
-            entry.close()
-            entry.manifest["views"].pop(held_name(view), None)
-            entry.manifest["views"].update(forgotten)  # the gated view as it was: its files are still there
+        if not _assemble_view(entry, view, n, pieces, held, forgotten, out):
             continue
-        finally:
-            entry.close()
-            entry.save()
         out.views.append(view)
         for name in replaced:  # the gated view's row mask: no longer named by the manifest
             with contextlib.suppress(FileNotFoundError):
@@ -246,6 +224,44 @@ def assemble(
     if entry.mark_used(source) and entry.manifest_path.is_file():
         entry.save()
     return out
+
+
+def _assemble_view(
+    entry: CacheEntry,
+    view: str,
+    n: int,
+    pieces: list,
+    held: Held | None,
+    forgotten: dict[str, dict],
+    out: Assembled,
+) -> bool:
+    """One view (and, gated, its row mask) written from its shard pieces and committed; False
+    where a piece reads back damaged (then the view is left as it was, and ``out`` says so)."""
+    try:
+        if pieces[0][2].view_state(view).get("kind") == "ragged":
+            _ragged(entry, view, n, pieces)
+        else:
+            _dense(entry, view, n, pieces)
+            if held is not None:  # a gated view: its rows' mask too, and the gate they were chosen by
+                _dense(entry, held_name(view), n, pieces)
+                record_held(entry, view, held)
+        entry.commit()
+    except DamagedView as exc:  # marked in its shard by the read: never assembled
+        lo, hi = exc.entry.manifest.get("shard", [0, 0])
+        out.damaged.append((int(lo), int(hi), view, exc.reason))
+        print(
+            f"kaggle-tta: {exc.entry.path(view)}: damaged ({exc.reason}); not assembled, its rows are computed again",
+            file=sys.stderr,
+            flush=True,
+        )
+        entry.close()
+        entry.manifest["views"].pop(held_name(view), None)
+        entry.manifest["views"].update(forgotten)  # the gated view as it was: its files are still there
+        return False
+    finally:
+        entry.close()
+        entry.save()
+    return True
 
 
 def _pieces(shards: list[tuple[int, int, CacheEntry]], view: str, n: int) -> tuple[list | None, Held | None]:
@@ -261,7 +277,11 @@ def _pieces(shards: list[tuple[int, int, CacheEntry]], view: str, n: int) -> tup
         if h is not None and h not in gates:
             gates.append(h)
     for h in gates:
-        pieces = _cover(shards, view, 0, n, lambda s, v, h=h: held_by(s, v) == h and s.is_complete(held_name(v)))
+
+        def of_gate(s: CacheEntry, v: str, h: Held = h) -> bool:
+            return held_by(s, v) == h and s.is_complete(held_name(v))
+
+        pieces = _cover(shards, view, 0, n, of_gate)
         if pieces is not None:
             return pieces, h
     return None, None
@@ -422,14 +442,3 @@ def merge_from(entry: CacheEntry, other_root: Path, member: str) -> int:
             tmp.replace(dest)
             n += 1
     return n
-
-
-def missing_rows(entry: CacheEntry, view: str, n: int) -> int:
-    """Rows of ``view`` that neither the entry nor its complete shards hold (for messages)."""
-    if entry.is_complete(view):
-        return 0
-    have = np.zeros(n, bool)
-    for a, b, s in list_shards(entry):
-        if s.is_complete(view):
-            have[a:b] = True
-    return int((~have).sum())

@@ -6,9 +6,12 @@ timm's ``pretrained_cfg`` for the member's architecture > the default written he
 
 - ``marks``: which fields name files (``Bundle``) and which factory kwargs are paths;
 - ``data``: the test set, the classes and the ground truth;
-- ``sections``: runtime, cache, members, task settings, blends, submission;
+- ``section_base``: the base model of every section and the field checks they share;
+- ``sections``: runtime, cache, members, blends, submission;
+- ``task_sections``: tiling and the task settings (segmentation, detection, RLE);
 - ``pipeline``: the whole pipeline, its task defaults and graph checks;
-- ``loading``: ``load_pipeline`` (a path or a dict, with overrides) and ``load_classes``.
+- ``loading``: ``load_pipeline`` (a path or a dict, with overrides) and ``load_classes``;
+- ``yaml_files``: reading YAML files safely, every failure one ConfigError line.
 """
 
 from kaggle_tta.config.data import BoxesSpec, CsvSource, DataConfig, LabelsSpec, MasksSpec
@@ -18,15 +21,12 @@ from kaggle_tta.config.pipeline import PipelineConfig
 from kaggle_tta.config.sections import (
     BlendConfig,
     CacheConfig,
-    DetectionConfig,
     MemberConfig,
     PreprocessConfig,
-    RLEConfig,
     RuntimeConfig,
-    SegmentationConfig,
     SubmissionConfig,
-    TilingConfig,
 )
+from kaggle_tta.config.task_sections import DetectionConfig, RLEConfig, SegmentationConfig, TilingConfig
 
 __all__ = [
     "FACTORY_PATH_KWARGS",

@@ -9,7 +9,7 @@ from typing import Annotated
 from pydantic import field_validator, model_validator
 
 from kaggle_tta.config.marks import Bundle
-from kaggle_tta.config.sections import Section, check_template
+from kaggle_tta.config.section_base import Section, check_template
 
 
 class CsvSource(Section):

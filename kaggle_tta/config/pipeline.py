@@ -9,16 +9,9 @@ from pydantic import Field, model_validator
 
 from kaggle_tta.config.data import DataConfig
 from kaggle_tta.config.errors import did_you_mean
-from kaggle_tta.config.sections import (
-    BlendConfig,
-    CacheConfig,
-    DetectionConfig,
-    MemberConfig,
-    RuntimeConfig,
-    Section,
-    SegmentationConfig,
-    SubmissionConfig,
-)
+from kaggle_tta.config.section_base import Section
+from kaggle_tta.config.sections import BlendConfig, CacheConfig, MemberConfig, RuntimeConfig, SubmissionConfig
+from kaggle_tta.config.task_sections import DetectionConfig, SegmentationConfig
 
 
 class PipelineConfig(Section):

@@ -1,6 +1,7 @@
-"""The sections of pipeline.yaml: runtime, cache, members (preprocess, tiling), the task
-settings, blends and the submission (the data section is config.data). Every model forbids
-unknown keys."""
+"""The sections of pipeline.yaml: runtime, cache, members (preprocess), blends and the
+submission (the data section is config.data; tiling and the task settings are
+config.task_sections; the base model and shared checks are config.section_base). Every model
+forbids unknown keys."""
 
 from __future__ import annotations
 
@@ -8,79 +9,15 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import field_validator, model_validator
 
-from kaggle_tta.config.errors import did_you_mean, template_fields
+from kaggle_tta.config.errors import did_you_mean
 from kaggle_tta.config.marks import FACTORY_PATH_KWARGS, Bundle
+from kaggle_tta.config.section_base import Section, check_fractions, check_positive, check_weights
+from kaggle_tta.config.task_sections import RLEConfig, TilingConfig
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 ViewItem = str | dict[str, Any]
-
-
-class Section(BaseModel):
-    """A part of pipeline.yaml: unknown keys are errors (a typo is never silently ignored)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=False)
-
-
-def check_template(template: str, sample: dict[str, Any], example: str) -> str:
-    """A ``str.format`` template that only uses the fields of ``sample`` and formats them.
-
-    Checked at load so that a typo (``images/{id.jpg``) is an error naming its YAML path
-    rather than a traceback from the first image it is used on.
-    """
-    fields = ", ".join(f"{{{k}}}" for k in sample)
-    try:
-        names = template_fields(template)
-    except ValueError as exc:
-        raise ValueError(
-            f"'{template}' is not a valid template ({exc}); write fields as {fields}, e.g. '{example}'"
-        ) from None
-    for name in names:
-        if name not in sample:
-            raise ValueError(f"'{template}': unknown field '{{{name}}}'; only {fields} may be used, e.g. '{example}'")
-    try:
-        template.format(**sample)
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
-        raise ValueError(
-            f"'{template}' cannot be formatted ({exc}); write fields as {fields}, e.g. '{example}'"
-        ) from None
-    return template
-
-
-def check_fraction(v: float) -> float:
-    """``v`` in [0, 1] (NaN is not)."""
-    if not 0.0 <= v <= 1.0:
-        raise ValueError(f"must be in [0, 1], got {v}")
-    return v
-
-
-def check_positive(v: float) -> float:
-    """``v`` positive and finite (NaN is not)."""
-    if not 0.0 < v < math.inf:
-        raise ValueError(f"must be positive and finite, got {v}")
-    return v
-
-
-def check_fractions(v: float | list[float]) -> float | list[float]:
-    """One fraction, or one per class (a non-empty list), each in [0, 1]."""
-    if isinstance(v, list):
-        if not v:
-            raise ValueError("give one value, or a non-empty list with one per class")
-        bad = [x for x in v if not 0.0 <= x <= 1.0]
-        if bad:
-            raise ValueError(f"each must be in [0, 1], got {bad[0]}")
-        return v
-    return check_fraction(v)
-
-
-def check_weights(v: list[float], what: str = "weights") -> list[float]:
-    """Finite, non-negative weights that are not all zero."""
-    if any(w < 0 or not math.isfinite(w) for w in v):
-        raise ValueError(f"{what} must be finite and non-negative, got {v}")
-    if not v or sum(v) <= 0:
-        raise ValueError(f"{what} must not all be zero")
-    return v
 
 
 class RuntimeConfig(Section):
@@ -214,47 +151,6 @@ class PreprocessConfig(Section):
         return v
 
 
-class TilingConfig(Section):
-    """Sliding-window inference (segmentation): the canvas is cut into overlapping tiles, each
-    tile goes through every view, and the inverted tile maps are stitched with weights."""
-
-    tile: int | list[int]
-    """Tile size: one side, or [H, W]. A canvas side smaller than the tile is one tile."""
-    overlap: float = 0.25
-    """Fraction of the tile shared with its neighbour, in [0, 1)."""
-    weight: Literal["gaussian", "uniform"] = "gaussian"
-    """gaussian down-weights tile borders, where context is missing (as nnU-Net does)."""
-    sigma: float = 0.125
-    """The gaussian's standard deviation, as a fraction of the tile side."""
-
-    @field_validator("tile")
-    @classmethod
-    def _tile(cls, v: int | list[int]) -> int | list[int]:
-        sides = [v] if isinstance(v, int) else v
-        if len(sides) not in (1, 2) or any(s < 1 for s in sides):
-            raise ValueError("give one positive side or [H, W]")
-        return v
-
-    @field_validator("overlap")
-    @classmethod
-    def _overlap(cls, v: float) -> float:
-        if not 0.0 <= v < 1.0:
-            raise ValueError("must be in [0, 1)")
-        return v
-
-    @field_validator("sigma")
-    @classmethod
-    def _sigma(cls, v: float) -> float:
-        if v <= 0:
-            raise ValueError("must be positive")
-        return v
-
-    @property
-    def size(self) -> tuple[int, int]:
-        t = self.tile
-        return (t, t) if isinstance(t, int) else (int(t[0]), int(t[-1]))
-
-
 class AdaptiveConfig(Section):
     """Adaptive views (classification, segmentation): the ``first`` view runs for every image, the member's
     other views only for images whose first prediction is not confident. Give one rule:
@@ -378,103 +274,6 @@ class MemberConfig(Section):
         if self.view_weights is not None and self.view_class_weights is not None:
             raise ValueError("give view_weights or view_class_weights, not both (set the other to null)")
         return self
-
-
-class SegmentationConfig(Section):
-    """Segmentation settings shared by every member."""
-
-    size: list[int] | None = None
-    """Working canvas [H, W]: every image is resized to it, maps are predicted there and
-    resized back to each image's own size for the submission. null: images are used at their
-    native size (they must then all have one size)."""
-    threshold: float | list[float] = 0.5
-    """Sigmoid members: a pixel belongs to a class when its probability reaches this; one
-    value, or a list with one per class (``kaggle-tta tune`` writes one)."""
-    min_area: int | list[int] = 0
-    """Connected components smaller than this many pixels (of the image) are removed before
-    encoding; one value, or a list with one per class."""
-
-    @field_validator("size")
-    @classmethod
-    def _size(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None and (len(v) != 2 or any(s < 1 for s in v)):
-            raise ValueError("give [H, W] with positive sizes, or null for the native size")
-        return v
-
-    @field_validator("threshold")
-    @classmethod
-    def _threshold(cls, v: float | list[float]) -> float | list[float]:
-        return check_fractions(v)
-
-    @field_validator("min_area")
-    @classmethod
-    def _min_area(cls, v: int | list[int]) -> int | list[int]:
-        if isinstance(v, list) and not v:
-            raise ValueError("give one value, or a non-empty list with one per class")
-        bad = [a for a in (v if isinstance(v, list) else [v]) if a < 0]
-        if bad:
-            raise ValueError(f"must be 0 (keep every component) or more, got {bad[0]}")
-        return v
-
-
-class DetectionConfig(Section):
-    """Box fusion settings (ensemble-boxes), used over a member's views and in blends."""
-
-    iou_thr: float = 0.55
-    """IoU above which two boxes of a class match."""
-    skip_box_thr: float = 0.0
-    """Boxes scoring below this are dropped before fusion."""
-    conf_type: Literal["avg", "max", "box_and_model_avg", "absent_model_aware_avg"] = "avg"
-    """wbf: how a fused box's confidence is computed."""
-    sigma: float = 0.5
-    """soft_nms: the gaussian's width."""
-    thresh: float = 0.001
-    """soft_nms: boxes whose decayed score falls to this are dropped."""
-    map_rule: Literal["voc", "coco"] = "voc"
-    """How the report's mAP@0.5 reads AP off the precision/recall curve: voc (all-point, VOC
-    2010+) or coco (101 recall points and at most 100 boxes per image and class, as
-    pycocotools); the table's header names the one printed."""
-    max_boxes: int | None = None
-    """Keep at most this many boxes per image (highest scores), after fusion; null: all."""
-
-    @field_validator("iou_thr", "skip_box_thr", "thresh")
-    @classmethod
-    def _fraction(cls, v: float) -> float:
-        return check_fraction(v)
-
-    @field_validator("sigma")
-    @classmethod
-    def _sigma(cls, v: float) -> float:
-        return check_positive(v)
-
-    @field_validator("max_boxes")
-    @classmethod
-    def _max_boxes(cls, v: int | None) -> int | None:
-        if v is not None and v < 1:
-            raise ValueError(f"must be at least 1, or null to keep every box (got {v})")
-        return v
-
-
-class RLEConfig(Section):
-    """Run-length encoding of segmentation masks, with the options competitions differ on."""
-
-    order: Literal["column", "row"] = "column"
-    """column: pixels numbered top to bottom, then left to right (most competitions);
-    row: left to right, then top to bottom (e.g. Vesuvius)."""
-    one_indexed: bool = True
-    """Starts count from 1 (most competitions) or from 0."""
-    empty: str = ""
-    """What an empty mask is written as: '', '-1' or '-'."""
-    rows: Literal["image", "image_class"] = "image_class"
-    """One row per image (the union of foreground classes) or one per (image, class)."""
-    id_template: str = "{id}_{class}"
-    """The id of an image_class row; fields {id}, {class} (name) and {index} (0-based)."""
-    column: str = "EncodedPixels"
-
-    @field_validator("id_template")
-    @classmethod
-    def _template(cls, v: str) -> str:
-        return check_template(v, {"id": "x", "class": "c", "index": 0}, "{id}_{class}")
 
 
 class BlendConfig(Section):

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from kaggle_tta.cache import CacheEntry, locked
 from kaggle_tta.cache.shards import assemble, list_shards, merge_from, release_copies, take_lock
 from kaggle_tta.engine.plan import Plan
@@ -115,3 +117,14 @@ def assemble_entries(plan: Plan, precisions: dict[str, PrecisionCheck], label: s
 
     with locked(dirs, waiting):
         return assemble_from(plan, precisions)
+
+
+def missing_rows(entry: CacheEntry, view: str, n: int) -> int:
+    """Rows of ``view`` that neither the entry nor its complete shards hold (for messages)."""
+    if entry.is_complete(view):
+        return 0
+    have = np.zeros(n, bool)
+    for a, b, s in list_shards(entry):
+        if s.is_complete(view):
+            have[a:b] = True
+    return int((~have).sum())

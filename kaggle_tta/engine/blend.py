@@ -62,11 +62,11 @@ def sources_for(
                 entry,
                 [v.name for v in m.views],
                 m.activation,
-                m.cfg.merge,
+                str(m.cfg.merge),
                 f"kaggle-tta infer {pipeline_arg}",
                 skipping(m.gate),
             )
-        )  # type: ignore[arg-type]
+        )
     return out
 
 

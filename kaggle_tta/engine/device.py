@@ -83,11 +83,20 @@ def resolve_precision(name: str, device: torch.device) -> str:
 
 
 def world_for(devices: int | str, device_setting: str) -> int:
-    """Ranks for ``runtime.devices``: all = every CUDA device (1 without CUDA)."""
-    if devices != "all":
+    """Ranks for ``runtime.devices``: all = every CUDA device (1 without CUDA). A count above
+    what this machine has (its CUDA devices, or on the CPU its cores) is refused before any
+    rank starts: each rank is a process with its own model."""
+    if devices != "all" and int(devices) <= 1:
         return int(devices)
     import torch
 
-    if device_setting == "cpu" or not torch.cuda.is_available():
-        return 1
-    return max(1, torch.cuda.device_count())
+    cuda = device_setting != "cpu" and torch.cuda.is_available()
+    if devices == "all":
+        return max(1, torch.cuda.device_count()) if cuda else 1
+    have, what = (torch.cuda.device_count(), "CUDA devices") if cuda else (cpu_cores(), "CPU cores")
+    if int(devices) > have:
+        raise ConfigError(
+            f"runtime.devices: {devices} ranks, but this machine has {have} {what}; "
+            f"use at most {have} (or all), or 1 for one process"
+        )
+    return int(devices)

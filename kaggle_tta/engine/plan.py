@@ -142,52 +142,13 @@ def _tasks_with(capability: str) -> str:
 def build_plan(cfg: PipelineConfig) -> Plan:
     """Resolves every member (preprocessing, views, fingerprint) and lists the test set."""
     views = validate_static(cfg)
-    task = find_task(cfg.task)
+    task = resolve_task(cfg)
     classes = load_classes(cfg)
     testset = list_test_set(cfg)
     cache_root = cfg.resolve(cfg.cache.dir)
     memo = cache_root / ".digests"
     tfp = cache_mod.files_digest(testset.ids, testset.paths, memo)
-    members = []
-    for m in cfg.members:
-        pre = resolve_preprocess(cfg, m, default_size=task.input_size(cfg, m))
-        canvas = task.crops(task.canvas(cfg, pre), views[m.name])
-        ckpt = None
-        if m.checkpoint is not None:
-            path = cfg.resolve(m.checkpoint)
-            if not path.is_file():
-                raise CheckpointError(
-                    f"members.{m.name}.checkpoint: {path} not found; run 'make demo-weights' or fix the path"
-                )
-            check_checkpoint(path, f"members.{m.name}.checkpoint")  # a damaged file fails before any forward
-            ckpt = cache_mod.content_digest(path, memo)
-        elif m.arch:
-            raise ConfigError(
-                f"members.{m.name}.checkpoint: a timm member needs its trained weights (a .safetensors or torch state dict)"
-            )
-        act = task.activation(cfg, m, len(classes))
-        inputs = {
-            "format_version": cache_mod.FORMAT_VERSION,
-            "task": cfg.task,
-            "arch": m.arch,
-            "factory": m.factory,
-            "kwargs": _jsonable(m.kwargs),
-            "checkpoint_sha256": ckpt,
-            "factory_source_sha256": factory_digest(m, memo),
-            "num_classes": len(classes),
-            "preprocess": _jsonable(pre.__dict__),
-            "testset": tfp,
-            "n_images": len(testset),
-            "dtype": cfg.cache.dtype,
-            **_jsonable(task.fingerprint(cfg, m, canvas, act)),
-        }
-        key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
-        bound = [v.bind(task.view_size(pre), pre.mean, pre.std) for v in views[m.name]]
-        members.append(
-            MemberPlan(
-                m, pre, canvas, bound, act, task.out_channels(act, len(classes)), inputs, key, resolve_gate(m, bound)
-            )
-        )
+    members = [_member_plan(cfg, task, m, views[m.name], len(classes), tfp, len(testset), memo) for m in cfg.members]
     plan = Plan(cfg, task, classes, testset, members, cache_root)
     check_spaces(plan)
     task.check_plan(plan)
@@ -200,6 +161,54 @@ def build_plan(cfg: PipelineConfig) -> Plan:
             task.columns(plan),
         )
     return plan
+
+
+def _member_plan(
+    cfg: PipelineConfig, task: Task, m: MemberConfig, views: list[View], n_classes: int, tfp: str, n: int, memo: Path
+) -> MemberPlan:
+    """One member resolved: preprocessing, canvas, views bound to it, activation, gate, and the
+    fingerprint over everything that determines its numbers."""
+    pre = resolve_preprocess(cfg, m, default_size=task.input_size(cfg, m))
+    canvas = task.crops(task.canvas(cfg, pre), views)
+    ckpt = _checkpoint_digest(cfg, m, memo)
+    act = task.activation(cfg, m, n_classes)
+    inputs = {
+        "format_version": cache_mod.FORMAT_VERSION,
+        "task": cfg.task,
+        "arch": m.arch,
+        "factory": m.factory,
+        "kwargs": _jsonable(m.kwargs),
+        "checkpoint_sha256": ckpt,
+        "factory_source_sha256": factory_digest(m, memo),
+        "num_classes": n_classes,
+        "preprocess": _jsonable(pre.__dict__),
+        "testset": tfp,
+        "n_images": n,
+        "dtype": cfg.cache.dtype,
+        **_jsonable(task.fingerprint(cfg, m, canvas, act)),
+    }
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+    bound = [v.bind(task.view_size(pre), pre.mean, pre.std) for v in views]
+    return MemberPlan(
+        m, pre, canvas, bound, act, task.out_channels(act, n_classes), inputs, key, resolve_gate(m, bound)
+    )
+
+
+def _checkpoint_digest(cfg: PipelineConfig, m: MemberConfig, memo: Path) -> str | None:
+    """The member's checkpoint's content hash (checked readable first: a damaged file fails
+    before any forward); None for a factory member without one."""
+    if m.checkpoint is None:
+        if m.arch:
+            raise ConfigError(
+                f"members.{m.name}.checkpoint: a timm member needs its trained weights "
+                "(a .safetensors or torch state dict)"
+            )
+        return None
+    path = cfg.resolve(m.checkpoint)
+    if not path.is_file():
+        raise CheckpointError(f"members.{m.name}.checkpoint: {path} not found; run 'make demo-weights' or fix the path")
+    check_checkpoint(path, f"members.{m.name}.checkpoint")
+    return cache_mod.content_digest(path, memo)
 
 
 def resolve_gate(m: MemberConfig, views: list[View]) -> Gate | None:

@@ -16,7 +16,7 @@ from kaggle_tta.exec.chunks import ChunkSizer, layout_candidates
 from kaggle_tta.exec.forward import Runner
 from kaggle_tta.exec.precision import PrecisionCheck, ProbeWork, compare_precision
 from kaggle_tta.io import models as model_io
-from kaggle_tta.io.data import make_loader
+from kaggle_tta.io.data import Batch, make_loader
 
 REDUCED = ("bf16", "fp16")
 
@@ -120,7 +120,7 @@ def probe_precisions(
     """Runs each member's step on the first rows in ``precision`` and in fp32 and compares
     (member name -> verdict). A member whose task stores ragged rows (detection boxes) is not
     checked, and its model is not built here."""
-    rt, task, n = plan.cfg.runtime, plan.task, len(plan.testset)
+    rt, task = plan.cfg.runtime, plan.task
     out: dict[str, PrecisionCheck] = {}
     dense = []
     for m in members:
@@ -135,27 +135,7 @@ def probe_precisions(
             dense.append(m)
     if not dense:
         return out
-    want = min(n, max(rt.batch_size, max(math.ceil(PROBE_INPUTS / max(1, len(m.views))) for m in dense)))
-    batches = []
-    it = iter(
-        make_loader(
-            plan.testset.paths,
-            {m.canvas.key: m.canvas for m in dense},
-            rt.batch_size,
-            workers,
-            0,
-            pin_memory=device.type == "cuda",
-        )
-    )
-    try:
-        for batch in it:
-            if batch.error is not None:
-                raise DataError(batch.error)
-            batches.append(batch)
-            if batch.hi >= want:
-                break
-    finally:
-        del it  # stops the workers
+    batches = _first_batches(plan, dense, workers, device)
     rows = batches[-1].hi
     size = rt.forward_batch if isinstance(rt.forward_batch, int) else ChunkSizer.CANDIDATES[2]
     layout = layout_candidates(rt.channels_last, device, precision)[0]
@@ -177,3 +157,23 @@ def probe_precisions(
         model.to(memory_format=torch.contiguous_format)  # the run's runner starts from this layout
         out[m.name] = compare_precision(stores[precision], stores["fp32"], precision, nonfinite)
     return out
+
+
+def _first_batches(plan: Plan, dense: list[MemberPlan], workers: int, device: torch.device) -> list[Batch]:
+    """The loader's first batches: at least one, and enough rows for PROBE_INPUTS inputs over
+    each checked member's views."""
+    rt, n = plan.cfg.runtime, len(plan.testset)
+    want = min(n, max(rt.batch_size, max(math.ceil(PROBE_INPUTS / max(1, len(m.views))) for m in dense)))
+    batches = []
+    specs = {m.canvas.key: m.canvas for m in dense}
+    it = iter(make_loader(plan.testset.paths, specs, rt.batch_size, workers, 0, pin_memory=device.type == "cuda"))
+    try:
+        for batch in it:
+            if batch.error is not None:
+                raise DataError(batch.error)
+            batches.append(batch)
+            if batch.hi >= want:
+                break
+    finally:
+        del it  # stops the workers
+    return batches

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from collections.abc import Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -33,7 +34,7 @@ from kaggle_tta.exec.chunks import ChunkSizer, layout_candidates, sizes_text
 from kaggle_tta.exec.forward import MemberWork, Runner
 from kaggle_tta.exec.precision import PrecisionCheck
 from kaggle_tta.io import models as model_io
-from kaggle_tta.io.data import make_loader
+from kaggle_tta.io.data import Batch, make_loader
 from kaggle_tta.ops.gate import Forwards
 
 
@@ -73,10 +74,8 @@ def run_locked(
     share: int = 1,
     label: str = "",
 ) -> RunStats:
-    cfg, task = plan.cfg, plan.task
-    rt = cfg.runtime
-    n = len(plan.testset)
-    stats = RunStats(device=str(device), precision=None, images=n)
+    rt, task = plan.cfg.runtime, plan.task
+    stats = RunStats(device=str(device), precision=None, images=len(plan.testset))
     workers, threads = resolve_workers(rt.workers, device, rt.threads, share)
     if threads:
         torch.set_num_threads(threads)
@@ -87,7 +86,7 @@ def run_locked(
         return stats
     specs = {w.member.canvas.key: w.member.canvas for w in pending}
 
-    def loader(start: int):
+    def loader(start: int) -> Iterator[Batch]:
         return iter(
             make_loader(plan.testset.paths, specs, rt.batch_size, workers, start, pin_memory=device.type == "cuda")
         )
@@ -101,16 +100,7 @@ def run_locked(
     try:
         check_space(plan, pending)
         _build_runners(plan, pending, device, precisions, models or {})
-        for w in pending:
-            w.entry.write_ids(plan.testset.ids)
-            opened.append(w)  # first: files opened before a failure are still closed
-            if task.stores_image_sizes:
-                w.open_sizes(n)
-            task.open_views(w, plan)
-            w.align_to_first()
-            # commit, not save: a view whose rows were all recorded before an interrupt hit
-            # the last commit is completed here, instead of waiting for rows that never come
-            w.entry.commit()
+        _open_files(plan, pending, opened)
         first = min(w.first_row for w in pending)
         if first < start:  # a partial file was unusable: start again from there
             start, batches = first, loader(first)
@@ -122,6 +112,28 @@ def run_locked(
         for w in opened:
             w.entry.close()
             w.entry.save()
+    _summarize(stats, pending)
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def _open_files(plan: Plan, pending: list[MemberWork], opened: list[MemberWork]) -> None:
+    """Opens each member's files for writing (each appended to ``opened`` first, so that files
+    opened before a failure are still closed)."""
+    for w in pending:
+        w.entry.write_ids(plan.testset.ids)
+        opened.append(w)
+        if plan.task.stores_image_sizes:
+            w.open_sizes(len(plan.testset))
+        plan.task.open_views(w, plan)
+        w.align_to_first()
+        # commit, not save: a view whose rows were all recorded before an interrupt hit
+        # the last commit is completed here, instead of waiting for rows that never come
+        w.entry.commit()
+
+
+def _summarize(stats: RunStats, pending: list[MemberWork]) -> None:
+    """Each computed member's line: its views, forwards, recomputed chunks, chunk size, layout."""
     for w in pending:
         ms = stats.members[w.member.name]
         ms.views_computed = [v.name for v in w.views]
@@ -132,8 +144,6 @@ def run_locked(
             # a trial still running at the end (a small test set) picked nothing: reported as undecided
             ms.forward_batch = sz.current
             ms.channels_last = sz.channels_last if sz.layout_settled else None
-    stats.seconds = time.perf_counter() - t0
-    return stats
 
 
 def _build_runners(
@@ -164,11 +174,42 @@ def decision_key(w: MemberWork, precision: str, device: torch.device, plan: Plan
     return tuning.key(w.member.key, precision, device, plan.cfg.runtime, len(w.views))
 
 
+class _Trials:
+    """Members whose chunk size or layout is on trial: the first row each computed on trial,
+    and its forwards before that row (rows on trial are computed again, and counted once)."""
+
+    def __init__(self) -> None:
+        self.first: dict[int, int] = {}  # id(member work) -> its first row computed on trial
+        self.counted: dict[int, Forwards] = {}
+
+    def note(self, w: MemberWork, lo: int, hi: int) -> None:
+        todo = w.todo(lo, hi)
+        if todo and w.runner is not None and w.runner.sizer.measuring and id(w) not in self.first:
+            self.first[id(w)] = min(first for _, first in todo)  # a member with no rows yet does not hold others
+            self.counted[id(w)] = dataclasses.replace(w.forwards)
+
+    def deciding(self, pending: list[MemberWork]) -> list[MemberWork]:
+        return [w for w in pending if id(w) in self.first]
+
+    def settle(self, deciding: list[MemberWork], plan: Plan, device: torch.device) -> int:
+        """Each deciding member takes its decision (remembered for this machine) and rewinds to
+        its first row on trial; returns the row the stream starts again from."""
+        for w in deciding:
+            assert w.runner is not None
+            size, channels_last = w.runner.sizer.decide()
+            tuning.remember(plan.cache_root, decision_key(w, w.runner.precision, device, plan), size, channels_last)
+            w.rewind(self.first[id(w)])
+            w.forwards = self.counted[id(w)]
+        row = min(self.first.values())
+        self.first.clear()
+        return row
+
+
 def _stream(
     plan: Plan,
     pending: list[MemberWork],
-    batches,
-    loader,
+    batches: Iterator[Batch],
+    loader: Callable[[int], Iterator[Batch]],
     start: int,
     stats: RunStats,
     progress: bool,
@@ -183,8 +224,7 @@ def _stream(
     comes from one configuration and two runs give the same numbers.
     """
     task, n = plan.task, len(plan.testset)
-    trial_from: dict[int, int] = {}  # id(member work) -> its first row computed on trial
-    counted: dict[int, Forwards] = {}  # ... and its forwards before that row
+    trials = _Trials()
     n_views = sum(len(w.views) for w in pending)
     bar = tqdm(
         total=n - start,
@@ -198,29 +238,14 @@ def _stream(
             if batch.error is not None:
                 raise DataError(batch.error)
             for w in pending:
-                todo = w.todo(batch.lo, batch.hi)
-                if todo and w.runner.sizer.measuring and id(w) not in trial_from:  # type: ignore[union-attr]
-                    trial_from[id(w)] = min(
-                        first for _, first in todo
-                    )  # a member with no rows yet does not hold others
-                    counted[id(w)] = dataclasses.replace(
-                        w.forwards
-                    )  # the rows on trial are computed again: counted once
+                trials.note(w, batch.lo, batch.hi)
                 task.step(w, batch, plan)
-            deciding = [w for w in pending if id(w) in trial_from]
+            deciding = trials.deciding(pending)
             if deciding:
-                if batch.hi < n and any(w.runner.sizer.measuring for w in deciding):  # type: ignore[union-attr]
+                if batch.hi < n and any(w.runner is not None and w.runner.sizer.measuring for w in deciding):
                     bar.set_postfix_str("timing chunk sizes and layouts")
                     continue
-                for w in deciding:
-                    size, channels_last = w.runner.sizer.decide()  # type: ignore[union-attr]
-                    tuning.remember(
-                        plan.cache_root, decision_key(w, w.runner.precision, device, plan), size, channels_last
-                    )  # type: ignore[union-attr]
-                    w.rewind(trial_from[id(w)])
-                    w.forwards = counted[id(w)]
-                batches = loader(min(trial_from.values()))
-                trial_from.clear()
+                batches = loader(trials.settle(deciding, plan, device))
                 continue
             for w in pending:
                 w.entry.commit()

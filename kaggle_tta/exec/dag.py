@@ -190,4 +190,4 @@ def evaluate_dag(
 
 def evaluate(cfg: PipelineConfig, members: Mapping[str, Prediction]) -> dict[str, Prediction]:
     """Every node's prediction (classification, segmentation maps)."""
-    return evaluate_dag(cfg, members, lambda b, ins: blend(b.method, ins, b.weights, b.space, b.power))
+    return evaluate_dag(cfg, members, lambda b, ins: blend(str(b.method), ins, b.weights, b.space, b.power))

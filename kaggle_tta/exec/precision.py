@@ -89,14 +89,7 @@ def compare_precision(
     )
     unit = "inputs" if what == "top-1" else "pixels"
     agreeing = [v for v in per_view.values() if "agreement" in v]
-    details: dict[str, Any] = {
-        "inputs": inputs,
-        "rel_l2": max((v["rel_l2"] for v in per_view.values()), default=0.0),
-        "bounds": {"agreement": AGREEMENT_BOUND, "rel_l2": REL_L2_BOUND},
-        "views": per_view,
-    }
-    if agreeing:
-        details["agreement"] = min(v["agreement"] for v in agreeing)
+    details = _details(per_view, inputs)
     in_view = lambda v: f" in view '{v}'" if len(per_view) > 1 else ""  # noqa: E731
     worst = min(
         (v for v in per_view if "agreement" in per_view[v]), key=lambda v: per_view[v]["agreement"], default=None
@@ -137,3 +130,18 @@ def _measure(reduced: dict[str, np.ndarray], fp32: dict[str, np.ndarray]) -> dic
             rec["agreement"], rec["decisions"] = float(same.mean()), int(same.size)
         per_view[view] = rec
     return per_view
+
+
+def _details(per_view: dict[str, dict[str, Any]], inputs: int) -> dict[str, Any]:
+    """What the manifest records of a check: the worst figures over the views, the bounds and
+    each view's own."""
+    agreeing = [v for v in per_view.values() if "agreement" in v]
+    details: dict[str, Any] = {
+        "inputs": inputs,
+        "rel_l2": max((v["rel_l2"] for v in per_view.values()), default=0.0),
+        "bounds": {"agreement": AGREEMENT_BOUND, "rel_l2": REL_L2_BOUND},
+        "views": per_view,
+    }
+    if agreeing:
+        details["agreement"] = min(v["agreement"] for v in agreeing)
+    return details

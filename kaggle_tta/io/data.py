@@ -27,7 +27,7 @@ import numpy as np
 import polars as pl
 
 from kaggle_tta.config import PipelineConfig
-from kaggle_tta.config.errors import ConfigError, DataError
+from kaggle_tta.config.errors import ConfigError, DataError, shown_path
 from kaggle_tta.io.canvas import CanvasSpec
 
 if TYPE_CHECKING:
@@ -122,6 +122,8 @@ def list_test_set(cfg: PipelineConfig) -> TestSet:
             continue
         except OSError as exc:  # a link loop, a name too long, no permission on the folder
             raise DataError(f"{where}: cannot read {shown(p)} ({exc.strerror or exc}); fix or remove it") from None
+        except ValueError:  # a NUL byte in a listed path
+            raise DataError(f"{where}: {shown_path(p)} holds a NUL byte; fix the listing") from None
         if not stat.S_ISREG(st.st_mode):
             raise DataError(f"{where}: {shown(p)} is not a regular file (a folder?); list image files only")
         identities.append((st.st_size, st.st_mtime_ns))
@@ -208,6 +210,12 @@ def _list_csv(cfg: PipelineConfig) -> tuple[list[str], list[str]]:
             rel = [c.path_template.format(id=i) for i in ids]  # type: ignore[union-attr]
         except (KeyError, IndexError, ValueError, AttributeError, TypeError) as exc:
             raise ConfigError(f"data.csv.path_template: only {{id}} may be used ({exc})") from None
+    bad = next((k for k, r in enumerate(rel) if "\0" in r), None)
+    if bad is not None:  # the OS refuses such a path; say which row, before any file is touched
+        raise DataError(
+            f"{path}: row {bad + 1} of column '{c.path_column or 'path_template'}' holds a NUL byte "
+            f"({shown_path(rel[bad])}); fix the CSV"
+        )
     base = str(root)
     return ids, [os.path.normpath(r if os.path.isabs(r) else os.path.join(base, r)) for r in rel]
 
@@ -320,8 +328,8 @@ class CanvasDataset:
     (an exception raised in a worker would arrive wrapped in a traceback).
     """
 
-    def __init__(self, paths: Sequence[Path], specs: dict[str, CanvasSpec], start: int = 0):
-        self.paths = list(paths)
+    def __init__(self, paths: Sequence[str] | Sequence[Path], specs: dict[str, CanvasSpec], start: int = 0):
+        self.paths: list[str | Path] = list(paths)
         self.specs = specs
         self.start = start
         self._transforms: dict[str, Any] | None = None
@@ -389,7 +397,7 @@ def _worker_init(_: int) -> None:
 
 
 def make_loader(
-    paths: Sequence[Path],
+    paths: Sequence[str] | Sequence[Path],
     specs: dict[str, CanvasSpec],
     batch_size: int,
     workers: int,

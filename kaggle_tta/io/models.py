@@ -6,6 +6,7 @@ Checkpoints are read with safetensors or ``torch.load(weights_only=True)``; noth
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import json
 import os
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kaggle_tta.config import MemberConfig, PipelineConfig
-from kaggle_tta.config.errors import CheckpointError, ConfigError, did_you_mean
+from kaggle_tta.config.errors import CheckpointError, ConfigError, call_user, did_you_mean
 
 if TYPE_CHECKING:  # torch and timm load on use: resolving a member's inputs needs neither
     import torch
@@ -121,7 +122,7 @@ def resolve_preprocess(cfg: PipelineConfig, m: MemberConfig, default_size: tuple
 def _load_albumentations(cfg: PipelineConfig, spec: dict[str, Any] | Path, where: str) -> str:
     import albumentations as A
 
-    from kaggle_tta.config.loading import read_yaml_file
+    from kaggle_tta.config.yaml_files import read_yaml_file
 
     if not isinstance(spec, dict):
         path = cfg.resolve(spec)
@@ -163,18 +164,34 @@ def build_model(cfg: PipelineConfig, m: MemberConfig, num_classes: int) -> nn.Mo
     return model.eval()
 
 
-def import_callable(spec: str, where: str) -> Any:
-    """The object named by ``package.module:attr.path``; errors name ``where`` and the fix."""
+def import_callable(spec: str, where: str, wrap: bool = True) -> Any:
+    """The object named by ``package.module:attr.path``; errors name ``where`` and the fix.
+
+    This is the boundary of the user's code: importing the module, and (``wrap``) every call
+    of what it names, go through :func:`kaggle_tta.config.errors.call_user`, so that whatever
+    they raise is one line naming ``where`` and the callable. ``wrap=False`` for a caller that
+    says so itself (a model factory)."""
     mod_name, _, attr = spec.partition(":")
     try:
         fn: Any = importlib.import_module(mod_name)
     except ImportError as exc:
         raise ConfigError(f"{where}: cannot import '{mod_name}' ({exc}); install it or fix the name") from None
+    except Exception as exc:  # the module itself raises on import (a syntax error, a failing top level)
+        said = f"{type(exc).__name__}: {_first_line(exc)}"
+        raise ConfigError(f"{where}: importing '{mod_name}' raised {said}; fix that module") from None
     for part in attr.split("."):
         if not hasattr(fn, part):
             raise ConfigError(f"{where}: '{mod_name}' has no '{attr}'")
         fn = getattr(fn, part)
-    return fn
+    if not wrap or not callable(fn):
+        return fn
+    label = f"{where} ({spec})"
+
+    @functools.wraps(fn)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        return call_user(fn, label, *args, **kwargs)
+
+    return guarded
 
 
 def _call_factory(m: MemberConfig, cfg: PipelineConfig, where: str) -> nn.Module:
@@ -182,7 +199,7 @@ def _call_factory(m: MemberConfig, cfg: PipelineConfig, where: str) -> nn.Module
 
     spec = m.factory
     assert spec is not None
-    fn = import_callable(spec, f"{where}.factory")
+    fn = import_callable(spec, f"{where}.factory", wrap=False)  # its failure is said below
     # Path-like string kwargs (config.FACTORY_PATH_KWARGS) resolve against pipeline.yaml.
     kw = {**m.kwargs, **{k: str(cfg.resolve(v)) for k, v in m.path_kwargs().items()}}
     try:

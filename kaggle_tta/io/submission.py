@@ -28,10 +28,25 @@ class SampleOrder:
     header: list[str]
     ids: list[str]
     rows: list[int]
+    id_column: str = ""  # the sample's id column (the first where empty), wherever it stands
 
 
 def _examples(items: Sequence[str], n: int = 3) -> str:
     return ", ".join(repr(x) for x in items[:n]) + (", ..." if len(items) > n else "")
+
+
+def _row_index(row_ids: Sequence[tuple[str, int]], files: Sequence[str]) -> dict[str, int]:
+    """Each id a sample may name -> the row it names: the row ids, then the file names (and
+    ids with the file's suffix) of the rows whose id is their image's."""
+    index: dict[str, int] = {}
+    for n, (rid, _) in enumerate(row_ids):
+        index.setdefault(rid, n)
+    for n, (rid, k) in enumerate(row_ids):  # a file name stands for its image's row
+        name = Path(files[k]).name
+        if Path(name).stem == rid or rid.endswith("/" + Path(name).stem):
+            index.setdefault(name, n)
+            index.setdefault(rid + Path(name).suffix, n)
+    return index
 
 
 def match_sample(
@@ -55,15 +70,10 @@ def match_sample(
     if df.width < 1 or df.height < 1:
         raise ConfigError(f"{where}: the sample has no rows; give the competition's sample_submission.csv")
     id_col = id_column if id_column in df.columns else df.columns[0]
+    if id_col != id_column:  # the sample's first column stands in: say so in any refusal
+        where += f" (no column '{id_column}': its ids taken from '{id_col}'; set submission.id_column)"
     sample_ids = [str(v) for v in df[id_col].to_list()]
-    index: dict[str, int] = {}
-    for n, (rid, _) in enumerate(row_ids):
-        index.setdefault(rid, n)
-    for n, (rid, k) in enumerate(row_ids):  # a file name stands for its image's row
-        name = Path(files[k]).name
-        if Path(name).stem == rid or rid.endswith("/" + Path(name).stem):
-            index.setdefault(name, n)
-            index.setdefault(rid + Path(name).suffix, n)
+    index = _row_index(row_ids, files)
     seen: dict[str, int] = {}
     rows, missing = [], []
     for sid in sample_ids:
@@ -95,11 +105,12 @@ def match_sample(
             f"{where}: the sample has {df.width} columns {df.columns}, the submission {len(header)} "
             f"{list(header)}; set submission.format or its column names to match"
         )
-    return SampleOrder(path, list(df.columns), sample_ids, rows)
+    return SampleOrder(path, list(df.columns), sample_ids, rows, id_col)
 
 
 def align(table: pl.DataFrame, order: SampleOrder) -> pl.DataFrame:
-    """The table in the sample's order, with its ids and header: columns of the same names
+    """The table in the sample's order, with its ids and header, its columns in the sample's
+    order (the id column where the sample has it, not only first): columns of the same names
     are taken by name, others by position."""
     if table.width != len(order.header):
         raise ConfigError(
@@ -107,12 +118,16 @@ def align(table: pl.DataFrame, order: SampleOrder) -> pl.DataFrame:
             f"{table.width} {table.columns}"
         )
     out = table[order.rows]
-    cols = out.columns
-    by_name = set(cols[1:]) == set(order.header[1:])
-    body = (
-        [out[c] for c in order.header[1:]] if by_name else [out[c].alias(h) for c, h in zip(cols[1:], order.header[1:])]
+    id_column = order.id_column or order.header[0]
+    ours = out.columns[1:]  # the writer's id column is its first
+    theirs = [h for h in order.header if h != id_column]
+    source = dict(zip(theirs, theirs if set(ours) == set(theirs) else ours))
+    return pl.DataFrame(
+        [
+            pl.Series(h, order.ids, dtype=pl.String) if h == id_column else out[source[h]].alias(h)
+            for h in order.header
+        ]
     )
-    return pl.DataFrame([pl.Series(order.header[0], order.ids, dtype=pl.String), *body])
 
 
 def write_submission(df: pl.DataFrame, path: Path, key: str = "submission.path") -> None:

@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kaggle_tta.config.errors import ConfigError, UserPath, shown_path
 from kaggle_tta.kernel.bundle import collect_files
 from kaggle_tta.kernel.options import (
     DEFAULT_EXCLUDES,
@@ -36,10 +37,12 @@ def build_bundle(pipeline: Path, opts: KernelOptions) -> BundleReport:
     """
 
     check_options(opts)
+    out = opts.out
+    if out.exists() and not out.is_dir():  # before any wheel is fetched
+        raise ConfigError(f"--out {shown_path(out)}: a file, not a folder; give a folder (made if missing)")
     root = _project_root()
     col = _collect(pipeline, opts)
     target = resolve_target(opts.python_version)
-    out = opts.out
     with tempfile.TemporaryDirectory(prefix="kaggle-tta-kernel-") as tmp:
         tmp_dir = Path(tmp)
         own = build_own_wheel(root, tmp_dir / "own")
@@ -54,14 +57,15 @@ def build_bundle(pipeline: Path, opts: KernelOptions) -> BundleReport:
         wheels = fetch_wheels(pins, [out / "wheels", out / "dataset", cache], cache, target)
         ref, set_id = wheels_ref(col.owner, opts, wheels)
         unchanged = _wheel_set_of(out / "wheels") == set_id
-        _write_folders(out, col, own, wheels, excluded, opts, root, target, ref)
+        with UserPath(out, "give --out a folder you can write", ConfigError):  # the user's folder
+            _write_folders(out, col, own, wheels, excluded, opts, root, target, ref)
     return _report(out, col, own, wheels, excluded, ref, unchanged)
 
 
 def _collect(pipeline: Path, opts: KernelOptions) -> Collector:
     """The pipeline loaded and checked with the overrides, and the files it needs bundled."""
     from kaggle_tta.config import apply_override, load_pipeline
-    from kaggle_tta.config.loading import read_yaml_file
+    from kaggle_tta.config.yaml_files import read_yaml_file
     from kaggle_tta.engine.plan import validate_static
 
     cfg = load_pipeline(pipeline, opts.overrides)

@@ -1,7 +1,7 @@
 """Tasks, one module each, registered by name: ``find_task(cfg.task)`` is the task object.
 
 A task of your own is one module: subclass :class:`Task`, decorate it with
-:func:`register_task`, import the module before loading the pipeline (README, Development).
+:func:`register_task`, import the module before building the plan (docs/development.md).
 """
 
 from kaggle_tta.tasks.base import TASKS, Task, TaskOutput, choose, find_task, register_task

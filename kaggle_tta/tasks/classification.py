@@ -8,6 +8,7 @@ threshold, and with ``data.labels`` every node gets accuracy (F1 for multi-label
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import replace
@@ -188,7 +189,7 @@ class Classification(Task):
                 if job.count == 0:
                     continue
                 by_size[tuple(v.out_size(tuple(rows.shape[-2:])))].append(
-                    Piece(v.name, rows.shape[0], lambda a, b, v=v, rows=rows: v.apply(rows[a:b]))
+                    Piece(v.name, rows.shape[0], functools.partial(_apply, v, rows))
                 )
             return by_size
 
@@ -228,7 +229,9 @@ class Classification(Task):
         writer = self.writers[cfg.submission.format]  # type: ignore[index]
         step = n if any(b.method == "rank_mean" for b in cfg.blends) else BLOCK_ROWS
         metric = "F1" if cfg.multilabel else "accuracy"
-        tables, tta, no_tta = [], {}, {}
+        tables: list[Any] = []
+        tta: dict[str, Any] = {}
+        no_tta: dict[str, Any] = {}
         for lo, hi in blocks(n, step):
             nodes = node_predictions(cfg, sources, lo, hi)
             src = nodes[cfg.submission_source]
@@ -307,3 +310,8 @@ def _score(counts: np.ndarray, multilabel: bool) -> float:
         tp, fp, fn = counts
         return float(2 * tp / max(2 * tp + fp + fn, 1.0))
     return float(counts[0] / max(counts[1], 1.0))
+
+
+def _apply(view: Any, rows: Any, a: int, b: int) -> Any:
+    """``view`` applied to rows ``a:b`` (a chunk's piece)."""
+    return view.apply(rows[a:b])

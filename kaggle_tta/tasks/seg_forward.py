@@ -39,17 +39,19 @@ def view_maps(work: MemberWork, job: ViewRows, tiles: Tiles, lo: int, hi: int, p
         )
     view_in = tuple(v.out_size((th, tw)))
 
+    weight = tiles.weight
+
     def stitch(out: Tensor, slots: list) -> None:
         out = _checked_output(out, m, k, plan, view_in)
         inv = v.invert_mask(out, (th, tw))
         _, off, take, _ = slots[0]
         for j in range(take):
             img, (top, left) = (off + j) // n_tiles, tiles.origins[(off + j) % n_tiles]
-            if wsum is None:
+            if wsum is None or weight is None:
                 acc[img] = inv[j]
             else:
-                acc[img, :, top : top + th, left : left + tw] += inv[j] * tiles.weight
-                wsum[img, :, top : top + th, left : left + tw] += tiles.weight
+                acc[img, :, top : top + th, left : left + tw] += inv[j] * weight
+                wsum[img, :, top : top + th, left : left + tw] += weight
 
     run_chunks(runner, [Piece(v.name, xv.shape[0], lambda a, b: v.apply(xv[a:b]))], stitch, log)
     return acc / wsum if wsum is not None else acc

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import polars as pl
@@ -95,7 +95,7 @@ def image_probs(probs: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     import cv2
 
     h, w = int(size[0]), int(size[1])
-    p = np.ascontiguousarray(np.moveaxis(probs.astype(np.float32), 0, -1))
+    p: np.ndarray = np.ascontiguousarray(np.moveaxis(probs.astype(np.float32), 0, -1))
     if p.shape[:2] != (h, w):  # cv2.resize takes at most 128 channels at a time here
         parts = [
             cv2.resize(np.ascontiguousarray(p[:, :, c : c + 128]), (w, h), interpolation=cv2.INTER_LINEAR)
@@ -115,7 +115,9 @@ def decide(
         masks = np.stack([best == c for c in range(1, p.shape[-1])])
     else:
         masks = np.moveaxis(p >= np.asarray(threshold, dtype=np.float32), -1, 0)
-    areas = list(min_area) if isinstance(min_area, (list, tuple, np.ndarray)) else [min_area] * len(masks)
+    areas: list[Any] = (
+        list(min_area) if isinstance(min_area, (list, tuple, np.ndarray)) else [min_area] * len(masks)
+    )  # as given: a fractional area (a tuned one) compares as it is
     if any(a > 0 for a in areas):
         masks = np.stack(
             [
@@ -129,9 +131,9 @@ def decide(
 def rle_rows(image_id: str, masks: np.ndarray, classes: Sequence[str], spec: SubmissionConfig) -> list[tuple[str, str]]:
     """The submission rows of one image: ``(id, rle)`` per image or per (image, class)."""
     r = spec.rle
-    order = "F" if r.order == "column" else "C"
+    order: Literal["F", "C"] = "F" if r.order == "column" else "C"
     if r.rows == "image":
-        return [(image_id, mask_to_rle(masks.any(axis=0), order, r.one_indexed, r.empty))]
+        return [(image_id, mask_to_rle(np.asarray(masks.any(axis=0)), order, r.one_indexed, r.empty))]
     return [
         (class_row_id(spec, image_id, k, name), mask_to_rle(masks[k], order, r.one_indexed, r.empty))
         for k, name in enumerate(classes)
@@ -263,7 +265,11 @@ class Segmentation(Task):
     def canvas(self, cfg: PipelineConfig, pre: Preprocess) -> CanvasSpec:
         size = cfg.segmentation.size
         return CanvasSpec(
-            tuple(size) if size else (0, 0), 1.0, pre.interpolation, pre.albumentations, "resize" if size else "native"
+            (int(size[0]), int(size[1])) if size else (0, 0),
+            1.0,
+            pre.interpolation,
+            pre.albumentations,
+            "resize" if size else "native",
         )
 
     def view_size(self, pre: Preprocess) -> None:
@@ -376,7 +382,7 @@ def _to_store(maps: Tensor, plan: Plan, activation: str, dtype: str) -> np.ndarr
     import torch
     import torch.nn.functional as F
 
-    store = stored_size(plan, tuple(maps.shape[-2:]))
+    store = stored_size(plan, (int(maps.shape[-2]), int(maps.shape[-1])))
     if store != tuple(maps.shape[-2:]):
         maps = F.interpolate(maps, size=store, mode="area")
     if dtype == "uint8":
@@ -398,7 +404,8 @@ def map_size(plan: Plan, first_path: Any) -> tuple[int, int]:
     size = plan.cfg.segmentation.size
     if size:
         return int(size[0]), int(size[1])
-    return tuple(decode_image(first_path).shape[:2])  # type: ignore[return-value]
+    h, w = decode_image(first_path).shape[:2]
+    return int(h), int(w)
 
 
 def stored_size(plan: Plan, canvas: tuple[int, int]) -> tuple[int, int]:

@@ -1,5 +1,5 @@
 """``kaggle-tta tune``: learn views, weights, temperatures and thresholds from a labelled
-fold's cache, with an honest out-of-sample estimate (README, "Tuning from the cache").
+fold's cache, with an honest out-of-sample estimate (docs/tune.md).
 
 The public function is :func:`kaggle_tta.tuning.run.tune`, exported here and as
 ``kaggle_tta.tune``. The package is named ``tuning``, not ``tune``: a package and a function

@@ -87,8 +87,18 @@ def resolve_metric(spec: str | None, multilabel: bool) -> Metric:
         )
     from kaggle_tta.io.models import import_callable
 
-    fn = import_callable(name, "--metric")
-    return Metric(name, lambda y, p, t: float(fn(y, p)))
+    fn = import_callable(name, "--metric")  # what it raises is one line naming it
+
+    def score(y: np.ndarray, p: np.ndarray, t: Any) -> float:
+        value = fn(y, p)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"--metric ({name}) returned {type(value).__name__}, not a number; return a float, higher is better"
+            ) from None
+
+    return Metric(name, score)
 
 
 def blend_node(b: BlendConfig, inputs: list[Prediction], weights: np.ndarray) -> Prediction:

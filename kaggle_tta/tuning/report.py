@@ -12,6 +12,7 @@ from typing import Any
 import polars as pl
 import yaml
 
+from kaggle_tta.cache.files import discard
 from kaggle_tta.config.errors import ConfigError
 from kaggle_tta.tuning.honest import Estimate
 
@@ -97,7 +98,7 @@ def write_text(path: Path, text: str | bytes, key: str) -> Path:
     except OSError as exc:
         raise ConfigError(f"{key}: cannot write {path} ({exc.strerror or exc}); choose a writable location") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
     return path
 
 
