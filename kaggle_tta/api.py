@@ -16,7 +16,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 from kaggle_tta.cache import DamagedView
 from kaggle_tta.config import PipelineConfig, load_pipeline
@@ -43,7 +43,7 @@ __all__ = [
     "sources_for",
 ]
 
-Pipeline = Union[str, Path, dict[str, Any], PipelineConfig, Plan]
+Pipeline = str | Path | dict[str, Any] | PipelineConfig | Plan
 
 
 def launched() -> Ranks | None:

@@ -93,7 +93,7 @@ def test_concurrent_runs_on_one_cache_equal_a_single_run(task, pipeline, demo_im
             for p in paths
         ]
         outs = [p.communicate(timeout=300) for p in procs]
-        for proc, (out, err) in zip(procs, outs):
+        for proc, (_out, err) in zip(procs, outs):
             assert proc.returncode == 0, err
             assert "Traceback" not in err, err
         assert _files(cache) == reference

@@ -90,7 +90,10 @@ class Brightness(Task):
             for acc, preds in runs if truth is not None else []:
                 for name, p in preds.items():
                     acc[name] = acc.get(name, 0.0) + float(((p.values[:, 0] - truth[lo:hi]) ** 2).sum())
-        rmse = lambda acc: {k: {"RMSE": float(np.sqrt(v / len(ids)))} for k, v in acc.items()}
+
+        def rmse(acc: dict) -> dict:
+            return {k: {"RMSE": float(np.sqrt(v / len(ids)))} for k, v in acc.items()}
+
         table = self.writers[cfg.submission.format](ids, np.concatenate(values), cfg.submission)
         return TaskOutput(table, ["RMSE"], rmse(sse), rmse(sse_plain))
 

@@ -281,7 +281,7 @@ def test_hill_climbing_equals_brute_force_on_small_cases():
         rng = np.random.default_rng(seed)
         k = 3 + seed % 2
         cols = rng.uniform(0.05, 1.0, (k, 30)) ** rng.uniform(0.5, 3, (k, 1))
-        f = lambda w: float(-np.log((w / w.sum()) @ cols).mean())  # noqa: E731
+        f = lambda w, cols=cols: float(-np.log((w / w.sum()) @ cols).mean())  # noqa: E731
         counts_hc, hc = ensemble.hill_climb(f, k, max_steps=6)
         _, bf = ensemble.brute_force(f, k, max_steps=6)
         assert hc == pytest.approx(bf, abs=1e-12), seed

@@ -91,7 +91,8 @@ class CacheEntry(EntryReading):
             ) from None
         if m.get("format_version") != FORMAT_VERSION:
             raise CacheError(
-                f"{self.manifest_path}: cache format {m.get('format_version')} is not {FORMAT_VERSION}; delete {self.dir}"
+                f"{self.manifest_path}: cache format {m.get('format_version')} is not {FORMAT_VERSION}; delete "
+                f"{self.dir}"
             )
         for view, st in m["views"].items():
             if (

@@ -329,7 +329,8 @@ def _dense(entry: CacheEntry, view: str, n: int, pieces: list[tuple[int, int, Ca
             from kaggle_tta.config.errors import CacheError
 
             raise CacheError(
-                f"{s.dir}: view '{view}' is {other['shape'][1:]} {other['dtype']} where {pieces[0][2].dir} is {list(shape[1:])} {dtype}; delete {entry.dir / 'shards'} and run again"
+                f"{s.dir}: view '{view}' is {other['shape'][1:]} {other['dtype']} where {pieces[0][2].dir} is "
+                f"{list(shape[1:])} {dtype}; delete {entry.dir / 'shards'} and run again"
             )
     mm, _ = entry.open_for_write(view, shape, dtype)
     seconds = nonfinite = 0.0

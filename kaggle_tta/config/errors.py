@@ -93,12 +93,11 @@ class UserPath:
     def __enter__(self) -> UserPath:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         if isinstance(exc, OSError):
             raise self.error(f"{os_problem(exc, self.path)}; {self.fix}") from None
         if isinstance(exc, ValueError) and "null byte" in str(exc):
             raise self.error(f"{shown_path(self.path)}: the path holds a NUL byte; {self.fix}") from None
-        return False
 
 
 def call_user(fn: Callable[..., T], where: str, *args: object, **kwargs: object) -> T:

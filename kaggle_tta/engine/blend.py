@@ -169,6 +169,7 @@ def format_report(result: BlendResult) -> str:
             else (" — |" if adaptive else "")
         )
         lines.append(
-            f"| {r.node}{' ◀' if r.node == result.source else ''} | {r.kind} | {r.views} | {' | '.join(cells)} | {r.seconds:.2f} | {rel} |{fw}"
+            f"| {r.node}{' ◀' if r.node == result.source else ''} | {r.kind} | {r.views} | {' | '.join(cells)} | "
+            f"{r.seconds:.2f} | {rel} |{fw}"
         )
     return "\n".join(lines)

@@ -142,7 +142,8 @@ def check_space(plan: Plan, pending: list[MemberWork]) -> None:
     free = free_bytes(plan)
     if free is not None and needed > free:
         raise CacheError(
-            f"cache.dir ({plan.cache_root}): this run writes {needed / 1e6:.1f} MB and {free / 1e6:.1f} MB are free; {SPACE_FIX}"
+            f"cache.dir ({plan.cache_root}): this run writes {needed / 1e6:.1f} MB and {free / 1e6:.1f} MB are free; "
+            f"{SPACE_FIX}"
         )
 
 

@@ -108,7 +108,8 @@ def validate_static(cfg: PipelineConfig) -> dict[str, list[View]]:
             )
         if m.adaptive is not None and m.activation == "none":
             raise ConfigError(
-                f"{where}.adaptive: the gate reads probabilities, and activation none gives none; use softmax or sigmoid, or remove adaptive"
+                f"{where}.adaptive: the gate reads probabilities, and activation none gives none; use softmax or "
+                "sigmoid, or remove adaptive"
             )
         if m.preprocess.albumentations is not None and not task.user_preprocessing:
             raise ConfigError(
@@ -222,7 +223,8 @@ def resolve_gate(m: MemberConfig, views: list[View]) -> Gate | None:
     where = f"members.{m.name}.adaptive"
     if len(names) < 2:
         raise ConfigError(
-            f"{where}: the member has one view ({names[0]}), so there are no other views to skip; give it a tta with more views or remove adaptive"
+            f"{where}: the member has one view ({names[0]}), so there are no other views to skip; give it a tta with "
+            "more views or remove adaptive"
         )
     if m.adaptive.first is None:  # type: ignore[union-attr]
         return Gate("identity" if "identity" in names else names[0], gate.rule, gate.threshold)
@@ -247,13 +249,15 @@ def check_spaces(plan: Plan) -> None:
             wrong = [(n, k) for n, (k, _) in zip(b.inputs, ins) if k != "logits"]
             if wrong:
                 raise ConfigError(
-                    f"blends[{i}].space: logits needs every input to give logits, but '{wrong[0][0]}' gives {wrong[0][1]}; "
+                    f"blends[{i}].space: logits needs every input to give logits, but '{wrong[0][0]}' gives "
+                    f"{wrong[0][1]}; "
                     "use space: probs, or merge: mean on that member"
                 )
             acts = {a for _, a in ins}
             if len(acts) > 1:
                 raise ConfigError(
-                    f"blends[{i}].space: logits of different activations ({', '.join(sorted(acts))}) do not average; use space: probs"
+                    f"blends[{i}].space: logits of different activations ({', '.join(sorted(acts))}) do not average; "
+                    "use space: probs"
                 )
         kind = "scores" if b.method == "rank_mean" else "logits" if b.space == "logits" else "probs"
         out[b.name] = (kind, ins[0][1])

@@ -70,7 +70,8 @@ def space_short(plan: Plan, precisions: dict[str, PrecisionCheck], world: int) -
         return None
     return (
         f"cache.dir ({plan.cache_root}): the {world} ranks' shards and their assembly need {needed / 1e6:.1f} MB "
-        f"(the rows the entries lack, and {largest / 1e6:.1f} MB more while the largest view is assembled) and {free / 1e6:.1f} MB are free; {SPACE_FIX}"
+        f"(the rows the entries lack, and {largest / 1e6:.1f} MB more while the largest view is assembled) and "
+        f"{free / 1e6:.1f} MB are free; {SPACE_FIX}"
     )
 
 
@@ -96,7 +97,8 @@ def assemble_or_recompute(
             run_share(plan, device, precisions, lo, hi, False, None, share, label)
     member, lo, hi, view, why = done.damaged[0]
     raise CacheError(
-        f"{plan.cache_root / member}: shard {lo}-{hi} of view '{view}' was damaged again after it was computed anew ({why}); check the disk under cache.dir"
+        f"{plan.cache_root / member}: shard {lo}-{hi} of view '{view}' was damaged again after it was computed anew "
+        f"({why}); check the disk under cache.dir"
     )
 
 

@@ -91,7 +91,8 @@ def check_complete(sources: Sequence[MemberSource], ids: Sequence[str], sizes: b
             missing.append(f"{s.name}: {', '.join(lacking)}")
     if missing:
         raise CacheError(
-            f"not in the cache: {'; '.join(missing)} — run '{sources[0].fill_hint}' to compute them (blend runs no model)"
+            f"not in the cache: {'; '.join(missing)} — run '{sources[0].fill_hint}' to compute them (blend runs no "
+            "model)"
         )
     for s in sources:
         if s.entry.read_ids() != list(ids):  # type: ignore[union-attr]

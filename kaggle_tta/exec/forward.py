@@ -115,7 +115,8 @@ class Runner:
             if x.shape[0] == 1:
                 raise CheckpointError(
                     f"members.{self.name}: one input of {tuple(x.shape[1:])} does not fit in {self.device} memory "
-                    f"({self.precision}): lower its input size (preprocess.input_size, segmentation.size or tiling.size), "
+                    f"({self.precision}): lower its input size (preprocess.input_size, segmentation.size or "
+                    "tiling.size), "
                     "use precision: auto or fp16, or run on a larger device"
                 ) from exc
             torch.cuda.empty_cache() if self.device.type == "cuda" else None

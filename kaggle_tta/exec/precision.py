@@ -98,14 +98,16 @@ def compare_precision(
         w = per_view[worst]
         return PrecisionCheck(
             "fp32",
-            f"fp32: {precision} {what} agreed on {100 * w['agreement']:.1f}% of {w['decisions']} {unit}{in_view(worst)} (< {pct})",
+            f"fp32: {precision} {what} agreed on {100 * w['agreement']:.1f}% of {w['decisions']} "
+            f"{unit}{in_view(worst)} (< {pct})",
             details,
         )
     worst = max(per_view, key=lambda v: per_view[v]["rel_l2"])
     if per_view[worst]["rel_l2"] > REL_L2_BOUND:
         return PrecisionCheck(
             "fp32",
-            f"fp32: {precision} relative L2 error {per_view[worst]['rel_l2']:.1e}{in_view(worst)} (> {REL_L2_BOUND:.0e})",
+            f"fp32: {precision} relative L2 error {per_view[worst]['rel_l2']:.1e}{in_view(worst)} (> "
+            f"{REL_L2_BOUND:.0e})",
             details,
         )
     agreed = f"{what} agreed on {100 * details['agreement']:.1f}%, " if agreeing else ""

@@ -123,10 +123,7 @@ def align(table: pl.DataFrame, order: SampleOrder) -> pl.DataFrame:
     theirs = [h for h in order.header if h != id_column]
     source = dict(zip(theirs, theirs if set(ours) == set(theirs) else ours))
     return pl.DataFrame(
-        [
-            pl.Series(h, order.ids, dtype=pl.String) if h == id_column else out[source[h]].alias(h)
-            for h in order.header
-        ]
+        [pl.Series(h, order.ids, dtype=pl.String) if h == id_column else out[source[h]].alias(h) for h in order.header]
     )
 
 

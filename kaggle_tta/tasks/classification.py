@@ -108,7 +108,8 @@ class Classification(Task):
             raise ConfigError("submission.format: 'multilabel' needs 'multilabel: true' at the top level")
         if cfg.submission.uncertainty and cfg.submission.format != "probs":
             raise ConfigError(
-                f"submission.uncertainty: the uncertainty columns go with format probs, not {cfg.submission.format}; set format: probs or remove it"
+                f"submission.uncertainty: the uncertainty columns go with format probs, not {cfg.submission.format}; "
+                "set format: probs or remove it"
             )
 
     def check_plan(self, plan: Plan) -> None:
@@ -121,7 +122,8 @@ class Classification(Task):
             )
         if isinstance(spec.threshold, list) and len(spec.threshold) != len(plan.classes):
             raise ConfigError(
-                f"submission.threshold: {len(spec.threshold)} thresholds for {len(plan.classes)} classes: give one value or one per class"
+                f"submission.threshold: {len(spec.threshold)} thresholds for {len(plan.classes)} classes: give one "
+                "value or one per class"
             )
         load_labels(plan.cfg, plan.testset.ids, plan.classes)  # a bad labels file fails now, not after inference
 

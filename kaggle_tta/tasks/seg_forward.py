@@ -85,7 +85,11 @@ class Tiles:
         th, tw = (min(tiling.size[0], size[0]), min(tiling.size[1], size[1])) if tiling else size
         many = len(origins) > 1
         weight = torch.from_numpy(tile_weight((th, tw), tiling.weight, tiling.sigma)).to(device) if many else None
-        rows = torch.stack([x[:, :, t : t + th, l : l + tw] for t, l in origins], 1).flatten(0, 1) if many else x
+        rows = (
+            torch.stack([x[:, :, top : top + th, left : left + tw] for top, left in origins], 1).flatten(0, 1)
+            if many
+            else x
+        )
         return cls(x, rows, origins, (th, tw), size, weight)
 
 

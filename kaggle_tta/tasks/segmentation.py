@@ -6,8 +6,9 @@ predicts at a lower resolution, inverted, and stitched with the tile weights int
 the canvas' size; stored ``[N, K, h, w]`` as float32/float16 logits or uint8 probabilities,
 optionally at a reduced resolution.
 
-From the cache: merge aligned maps, blend, post-process, RLE, Dice/IoU. Maps are read in blocks of images (memory-mapped), so a blend holds a block of maps at a time
-whatever the test-set size. Each cached view is already inverted onto the canvas, so merging
+From the cache: merge aligned maps, blend, post-process, RLE, Dice/IoU. Maps are read in
+blocks of images (memory-mapped), so a blend holds a block of maps at a time whatever the
+test-set size. Each cached view is already inverted onto the canvas, so merging
 views and blending members are element-wise. A uint8 cache holds probabilities; they are read
 back as log-probabilities (softmax) or logits (sigmoid), whose activation gives the stored
 probabilities again, so every merge rule applies unchanged.
@@ -180,7 +181,8 @@ def load_truth(cfg: PipelineConfig, image_id: str, n_classes: int, size: tuple[i
     top = int(m.max()) if m.size else 0
     if n_classes > 1 and top > n_classes:
         raise DataError(
-            f"{path}: mask value {top} is not a class: 0 is background, 1..{n_classes} are data.classes; fix the mask or data.classes"
+            f"{path}: mask value {top} is not a class: 0 is background, 1..{n_classes} are data.classes; fix the mask "
+            "or data.classes"
         )
     if n_classes == 1:
         return (m > 0)[None]
@@ -255,7 +257,8 @@ class Segmentation(Task):
         for m in cfg.members:
             if m.preprocess.input_size is not None:
                 raise ConfigError(
-                    f"members.{m.name}.preprocess.input_size: a segmentation member sees the whole canvas (segmentation.size) "
+                    f"members.{m.name}.preprocess.input_size: a segmentation member sees the whole canvas "
+                    "(segmentation.size) "
                     "or its tiles (tiling.tile); remove input_size"
                 )
 
@@ -307,12 +310,14 @@ class Segmentation(Task):
             missing = [i for i in plan.testset.ids if not (folder / spec.template.format(id=i)).is_file()]
             if missing:
                 raise DataError(
-                    f"data.masks: {folder / spec.template.format(id=missing[0])} not found for image '{missing[0]}' ({len(missing)} missing); check data.masks.folder and template"
+                    f"data.masks: {folder / spec.template.format(id=missing[0])} not found for image '{missing[0]}' "
+                    f"({len(missing)} missing); check data.masks.folder and template"
                 )
         if len({m.activation for m in plan.members}) > 1:  # maps blend element-wise: one meaning per channel
             acts = ", ".join(f"{m.name}: {m.activation}" for m in plan.members)
             raise ConfigError(
-                f"members.*.activation: segmentation members must share one activation ({acts}); set activation on each member"
+                f"members.*.activation: segmentation members must share one activation ({acts}); set activation on "
+                "each member"
             )
 
     def row_ids(self, plan: Plan) -> list[tuple[str, int]]:
