@@ -10,8 +10,12 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kaggle_tta.config.errors import KaggleTTAError
+
+if TYPE_CHECKING:
+    from kaggle_tta.engine.plan import Plan
 
 
 def _load(args: argparse.Namespace):
@@ -146,9 +150,28 @@ def cmd_cache_ls(args: argparse.Namespace) -> None:
         secs = sum(st.get("seconds", 0.0) for st in views.values())
         size = sum(f.stat().st_size for f in (plan.cache_root / member / fp).iterdir() if f.is_file()) / 1e6
         state = "current" if (member, fp) in current else "stale"
+        damage = _damage(plan, member, fp, man, views)
+        state += f" (damaged: {damage}; 'cache verify' names it, a run computes it again)" if damage else ""
         need = wanted.get(member, [])
-        have = f"{len([v for v in need if v in done])}/{len(need)}" if state == "current" else f"{len(done)}"
+        have = f"{len([v for v in need if v in done])}/{len(need)}" if (member, fp) in current else f"{len(done)}"
         print(f"| {member} | {fp} | {state} | {have} | {rows} | {secs:.1f} | {size:.1f} |")
+
+
+def _damage(plan: Plan, member: str, fp: str, manifest: dict, views: dict) -> str:
+    """What ``cache ls`` can tell of an entry's damage without reading its views: a manifest
+    that does not parse, views a read marked damaged, an ids.json that is not the test set's."""
+    from kaggle_tta.cache.entry import CacheEntry
+    from kaggle_tta.cache.trust import ids_problem
+
+    if manifest.get("damaged"):
+        return "manifest.json"
+    said = [v for v, st in views.items() if st.get("status") == "damaged"]
+    if views and (member, fp) in _current(plan):  # the row order of this pipeline's test set
+        entry = CacheEntry(plan.cache_root, member, fp, blank=True)
+        entry.manifest = manifest
+        if ids_problem(entry, plan.testset.ids):
+            said.append("ids.json")
+    return ", ".join(said)
 
 
 def cmd_cache_prune(args: argparse.Namespace) -> None:
@@ -162,7 +185,7 @@ def cmd_cache_prune(args: argparse.Namespace) -> None:
     current, mine = _current(plan), {m.name for m in plan.members}
     me = str(plan.cfg.source) if plan.cfg.source else None
     verb = "would remove" if args.dry_run else "removed"
-    removed = kept = others = 0
+    removed = kept = others = busy = 0
     for member, fp, man in list_entries(plan.cache_root):
         if member not in mine:
             others += 1
@@ -174,17 +197,22 @@ def cmd_cache_prune(args: argparse.Namespace) -> None:
             print(f"kept {member}/{fp}: used by {', '.join(users)} (--force removes it)")
             kept += 1
             continue
-        if not args.dry_run:
-            remove_entry(plan.cache_root, member, fp)
+        if not args.dry_run and not remove_entry(plan.cache_root, member, fp):
+            print(f"skipped {member}/{fp}: a run is writing it (prune again once it has finished)")
+            busy += 1
+            continue
         print(f"{verb} {member}/{fp}")
         removed += 1
     note = f"; {others} entr{'y' if others == 1 else 'ies'} of other members left alone" if others else ""
+    note += f"; {busy} being written skipped" if busy else ""
     print(f"{verb} {removed} stale entr{'y' if removed == 1 else 'ies'} from {plan.cache_root}, kept {kept}{note}")
 
 
 def cmd_cache_verify(args: argparse.Namespace) -> None:
     """Reads every cached view of the pipeline whole (checksum, shape, finite values)."""
     from kaggle_tta.cache import CacheEntry
+    from kaggle_tta.cache.entry import DamagedEntry
+    from kaggle_tta.cache.trust import ids_problem
     from kaggle_tta.config.errors import CacheError
     from kaggle_tta.engine.plan import build_plan
 
@@ -196,12 +224,19 @@ def cmd_cache_verify(args: argparse.Namespace) -> None:
         for p in ("fp32", "bf16", "fp16"):
             if not (plan.cache_root / m.name / m.fingerprint(p)).is_dir():
                 continue
-            entry = CacheEntry(plan.cache_root, m.name, m.fingerprint(p), m.inputs)
-            for view, why in entry.verify_all([v.name for v in m.views], plan.task.stores_image_sizes).items():
+            try:
+                entry = CacheEntry(plan.cache_root, m.name, m.fingerprint(p), m.inputs)
+                trust = {"ids.json": ids_problem(entry, plan.testset.ids)}
+            except DamagedEntry as exc:  # nothing of it can be read: the next run computes it again
+                entry, trust = None, {"manifest.json": str(exc).split(";")[0]}
+            found = {n: why.split(": ", 1)[-1].removeprefix("damaged ") if why else None for n, why in trust.items()}
+            if entry is not None:
+                found.update(entry.verify_all([v.name for v in m.views], plan.task.stores_image_sizes))
+            for view, why in found.items():
                 checked += 1
-                print(f"| {m.name} | {entry.fingerprint} | {view} | {'ok' if why is None else 'damaged: ' + why} |")
+                print(f"| {m.name} | {m.fingerprint(p)} | {view} | {'ok' if why is None else 'damaged: ' + why} |")
                 if why is not None:
-                    bad.append(f"{m.name}/{entry.fingerprint}/{view} ({why})")
+                    bad.append(f"{m.name}/{m.fingerprint(p)}/{view} ({why})")
     if bad:
         raise CacheError(
             f"{len(bad)} damaged: {'; '.join(bad)}; marked for recomputing — run 'kaggle-tta infer {args.pipeline}'"

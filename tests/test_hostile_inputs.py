@@ -181,3 +181,132 @@ def test_a_detection_adapter_that_raises_is_one_line_naming_it(where, tmp_path, 
     text = str(info.value)
     assert "members.det.adapter" in text and "\n" not in text
     assert ("ValueError: at import" in text) if where == "import" else ("ZeroDivisionError" in text), text
+
+
+# ---- the cache: damage named, healed by a run, and never removed under a run ---------------
+
+
+def _run_once(pipeline, tmp_path) -> tuple[Path, dict]:
+    write, cfg = pipeline
+    path = write(cfg)
+    assert main(["run", str(path), "-q"]) == 0
+    return path, cfg
+
+
+def _entry_dir(cfg: dict, member: str) -> Path:
+    (folder,) = [p for p in (Path(cfg["cache"]["dir"]) / member).iterdir() if p.is_dir()]
+    return folder
+
+
+@pytest.mark.parametrize("damage", ["missing", "garbage", "reordered"])
+def test_a_damaged_ids_json_is_named_by_verify_and_ls_and_healed_by_run(pipeline, tmp_path, capsys, damage):
+    import json
+
+    path, cfg = _run_once(pipeline, tmp_path)
+    before = Path(cfg["submission"]["path"]).read_bytes()
+    ids_file = _entry_dir(cfg, "a") / "ids.json"
+    if damage == "missing":
+        ids_file.unlink()
+    elif damage == "garbage":
+        ids_file.write_text("[not json")
+    else:
+        ids_file.write_text(json.dumps(json.loads(ids_file.read_text())[::-1]))
+    capsys.readouterr()
+    assert main(["cache", "verify", str(path)]) == 2
+    out = capsys.readouterr()
+    assert "| ids.json | damaged" in out.out and "ids.json" in out.err.strip().splitlines()[-1], out
+    assert main(["cache", "ls", str(path)]) == 0
+    assert "damaged: ids.json" in capsys.readouterr().out
+    assert main(["run", str(path), "-q"]) == 0  # computes that entry again, saying so in one line
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ids.json" in err[0] and "computing" in err[0], err
+    assert Path(cfg["submission"]["path"]).read_bytes() == before
+    assert main(["cache", "verify", str(path)]) == 0
+
+
+def test_a_damaged_manifest_is_one_line_for_blend_and_healed_by_run(pipeline, tmp_path, capsys):
+    path, cfg = _run_once(pipeline, tmp_path)
+    before = Path(cfg["submission"]["path"]).read_bytes()
+    (_entry_dir(cfg, "b") / "manifest.json").write_text('{"views": 3')
+    capsys.readouterr()
+    assert main(["blend", str(path)]) == 2
+    assert "manifest.json" in _one_line(capsys)
+    assert main(["cache", "verify", str(path)]) == 2
+    assert "| manifest.json | damaged" in capsys.readouterr().out
+    assert main(["run", str(path), "-q"]) == 0
+    assert Path(cfg["submission"]["path"]).read_bytes() == before
+
+
+def test_cache_ls_names_a_view_marked_damaged(pipeline, tmp_path, capsys):
+    import json
+
+    path, cfg = _run_once(pipeline, tmp_path)
+    manifest = _entry_dir(cfg, "a") / "manifest.json"
+    m = json.loads(manifest.read_text())
+    m["views"]["hflip"]["status"] = "damaged"
+    manifest.write_text(json.dumps(m))
+    capsys.readouterr()
+    assert main(["cache", "ls", str(path)]) == 0
+    (row,) = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| a |")]
+    assert "damaged: hflip" in row and "1/2" in row, row
+
+
+def test_prune_during_a_run_skips_the_entry_being_written(pipeline, tmp_path, capsys):
+    """A run of the pipeline with other weights (so its entry is stale to the prune) is still
+    writing when the prune comes: the prune skips that entry and says so; the run completes
+    with every row."""
+    import os
+    import subprocess
+    import sys
+
+    write, cfg = pipeline
+    marks = tmp_path / "marks"
+    repo = Path(__file__).resolve().parents[1]
+    cfg["members"] = [
+        {
+            "name": "slow",
+            "factory": "rank_models:slow_marked",
+            "kwargs": {"marks": str(marks), "delay": 0.4},
+            "preprocess": {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3},
+            "tta": "hflip",
+        }
+    ]
+    cfg["blends"] = []
+    cfg["runtime"]["forward_batch"] = 4
+    cfg["runtime"]["batch_size"] = 4
+    path = write(cfg)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo / "tests"), str(repo)])}
+    other = ["--set", "members.0.kwargs.num_classes=4", "--set", "members.0.preprocess.input_size=[3,40,40]"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kaggle_tta", "run", str(path), "-q", *other],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (marks.exists() and any(marks.iterdir())) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.communicate()
+        monkeyed = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = env["PYTHONPATH"]
+        sys.path.insert(0, str(repo / "tests"))
+        try:
+            assert main(["cache", "prune", str(path)]) == 0
+        finally:
+            sys.path.remove(str(repo / "tests"))
+            if monkeyed is None:
+                os.environ.pop("PYTHONPATH")
+            else:
+                os.environ["PYTHONPATH"] = monkeyed
+        out = capsys.readouterr().out
+        assert "skipped slow/" in out and "a run is writing it" in out and "being written skipped" in out, out
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    rows = Path(cfg["submission"]["path"]).read_text().strip().splitlines()
+    assert len(rows) == 1 + len(list(Path(cfg["data"]["folder"]).glob("*.png")))

@@ -430,6 +430,7 @@ def test_rank_0_checks_the_disk_for_every_share_and_the_assembly(pipeline, tmp_p
     import shutil
     from types import SimpleNamespace
 
+    from kaggle_tta.cache.files import size_text
     from kaggle_tta.engine import shares as ranked
 
     single = _classification(pipeline[1], tmp_path, "single")
@@ -453,7 +454,7 @@ def test_rank_0_checks_the_disk_for_every_share_and_the_assembly(pipeline, tmp_p
     assert ranked.space_short(plan, precisions, 2) is None
     free(whole - 1)
     why = ranked.space_short(plan, precisions, 2)
-    assert why is not None and "\n" not in why and f"need {whole / 1e6:.1f} MB" in why and "cache.dtype" in why, why
+    assert why is not None and "\n" not in why and f"need {size_text(whole)}" in why and "cache.dtype" in why, why
     monkeypatch.setattr(shutil, "disk_usage", real)
     _share(plan, *Ranks(0, 2, 0, 2).share(24, 4))  # half the rows in shards: half of each view to come
     held = sum(
@@ -463,9 +464,9 @@ def test_rank_0_checks_the_disk_for_every_share_and_the_assembly(pipeline, tmp_p
     )
     free(whole - 1)
     why = ranked.space_short(plan, precisions, 2)
-    assert why is None or f"need {(whole - held) / 1e6:.1f} MB" in why, (why, whole, held)
+    assert why is None or f"need {size_text(whole - held)}" in why, (why, whole, held)
     free(0)
-    assert f"need {(whole - held) / 1e6:.1f} MB" in ranked.space_short(plan, precisions, 2)
+    assert f"need {size_text(whole - held)}" in ranked.space_short(plan, precisions, 2)
 
 
 def test_machines_without_a_shared_disk_join_with_cache_merge(pipeline, demo_images, tmp_path, capsys):

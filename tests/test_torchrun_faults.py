@@ -76,8 +76,9 @@ def test_a_shard_lock_waited_on_while_the_shard_is_removed_is_taken_afresh(tmp_p
     new one: it takes the lock of the file now at that path."""
     import os
 
-    from kaggle_tta.cache.shards import _remove, shard_lock
-    from kaggle_tta.cache.shards import take_lock as _take
+    from kaggle_tta.cache.lock import remove_held as _remove
+    from kaggle_tta.cache.lock import take_lock as _take
+    from kaggle_tta.cache.shards import shard_lock
 
     folder = tmp_path / "shards" / "000000000-000000004"
     got, leave = threading.Event(), threading.Event()

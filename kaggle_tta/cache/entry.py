@@ -16,6 +16,7 @@ marked in the manifest, so the next run recomputes it.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from kaggle_tta.cache.files import (
     open_dense,
     writing,
 )
-from kaggle_tta.cache.lock import locked
+from kaggle_tta.cache.lock import locked, remove_held, take_lock
 from kaggle_tta.cache.reading import HELD, SIZES, DamagedView, EntryReading, held_name
 
 __all__ = [
@@ -49,6 +50,11 @@ from kaggle_tta.config.errors import CacheError
 FORMAT_VERSION = 2  # 2: content fingerprints, ids.json, a CRC-32 per view
 
 
+class DamagedEntry(CacheError):
+    """An entry whose manifest or ids.json cannot be trusted: a run holding its lock computes
+    it again (:meth:`CacheEntry.checked`); a blend names it."""
+
+
 class CacheEntry(EntryReading):
     """The cached predictions of one member under one fingerprint."""
 
@@ -59,38 +65,42 @@ class CacheEntry(EntryReading):
         fingerprint: str,
         inputs: dict[str, Any] | None = None,
         folder: Path | None = None,
+        blank: bool = False,
     ):
         self.dir = Path(folder) if folder is not None else Path(root) / member / fingerprint
         self.member = member
         self.fingerprint = fingerprint
         self.inputs = inputs or {}
         self.manifest_path = self.dir / "manifest.json"
-        self.manifest = self._load()
+        self.manifest = self._fresh() if blank else self._load()
         self._open: dict[str, Any] = {}  # view -> memmap or RaggedWriter, while writing
         self._committed: dict[str, int] = {}  # view -> rows_done at the last commit
         self._streams: dict[str, list[int]] = {}  # view -> [next row, CRC so far], while reading
 
     # ---- manifest ------------------------------------------------------------------------
 
+    def _fresh(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "member": self.member,
+            "fingerprint": self.fingerprint,
+            "inputs": self.inputs,
+            "views": {},
+        }
+
     def _load(self) -> dict[str, Any]:
         if not self.manifest_path.is_file():
-            return {
-                "format_version": FORMAT_VERSION,
-                "member": self.member,
-                "fingerprint": self.fingerprint,
-                "inputs": self.inputs,
-                "views": {},
-            }
+            return self._fresh()
         try:
             m = json.loads(self.manifest_path.read_text(encoding="utf-8"))
             if not isinstance(m, dict) or not isinstance(m.get("views"), dict):
                 raise ValueError("not a manifest")
         except (OSError, ValueError) as exc:
-            raise CacheError(
-                f"{self.manifest_path}: damaged manifest ({exc}); delete {self.dir} to recompute"
+            raise DamagedEntry(
+                f"{self.manifest_path}: damaged manifest ({exc}); 'kaggle-tta run' computes it again"
             ) from None
         if m.get("format_version") != FORMAT_VERSION:
-            raise CacheError(
+            raise DamagedEntry(
                 f"{self.manifest_path}: cache format {m.get('format_version')} is not {FORMAT_VERSION}; delete "
                 f"{self.dir}"
             )
@@ -208,7 +218,7 @@ class CacheEntry(EntryReading):
         text = json.dumps(list(ids), ensure_ascii=False)
         if f.is_file():
             if self.read_ids() != list(ids):
-                raise CacheError(f"{f}: ids differ from the test set under the same fingerprint; delete {self.dir}")
+                raise DamagedEntry(f"{f}: ids differ from the test set under the same fingerprint; delete {self.dir}")
             return
         with writing(self.dir):
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -221,7 +231,9 @@ class CacheEntry(EntryReading):
         except FileNotFoundError:
             raise CacheError(f"{f}: missing; the entry is incomplete, run 'kaggle-tta infer' to fill it") from None
         except (OSError, ValueError) as exc:
-            raise CacheError(f"{f}: damaged ({exc}); delete {self.dir} to recompute") from None
+            raise DamagedEntry(f"{f}: damaged ({exc}); 'kaggle-tta run' computes the entry again") from None
+        if not isinstance(ids, list):
+            raise DamagedEntry(f"{f}: damaged (not a list of ids); 'kaggle-tta run' computes the entry again")
         return [str(i) for i in ids]
 
     # ---- writing -------------------------------------------------------------------------
@@ -417,7 +429,15 @@ def list_entries(root: Path) -> list[tuple[str, str, dict[str, Any]]]:
     return out
 
 
-def remove_entry(root: Path, member: str, fingerprint: str) -> None:
-    import shutil
-
-    shutil.rmtree(Path(root) / member / fingerprint, ignore_errors=True)
+def remove_entry(root: Path, member: str, fingerprint: str) -> bool:
+    """Removes an entry under its lock, taken without waiting; False (nothing removed) where a
+    run holds it: that run is writing it, and would lose every row."""
+    folder = Path(root) / member / fingerprint
+    fd = take_lock(folder, wait=False, create=False)
+    if fd is None:
+        return not folder.exists()
+    try:
+        remove_held(folder)
+    finally:
+        os.close(fd)
+    return True

@@ -26,7 +26,6 @@ rank which of its views need no computing.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import re
 import shutil
@@ -39,7 +38,8 @@ import numpy as np
 
 from kaggle_tta.cache.coverage import Held, held_by, more_rows, record_held, whole
 from kaggle_tta.cache.entry import HELD, SIZES, CacheEntry, DamagedView, held_name
-from kaggle_tta.cache.files import RaggedWriter, writing
+from kaggle_tta.cache.files import RaggedWriter
+from kaggle_tta.cache.lock import remove_held, take_lock
 from kaggle_tta.config.errors import CacheError
 
 _NAME = re.compile(r"^(\d+)-(\d+)$")
@@ -67,43 +67,6 @@ def list_shards(entry: CacheEntry) -> list[tuple[int, int, CacheEntry]]:
 
 
 # ---- locks on shards, which are removed -----------------------------------------------------
-
-
-def take_lock(folder: Path, wait: bool, create: bool, on_wait: Callable[[Path], None] | None = None) -> int | None:
-    """An fd holding ``folder``'s lock, the lock file still at its path; None where the
-    folder is gone (``create`` False: it is not made again) or the lock is held (``wait``
-    False)."""
-    while True:
-        if create:
-            with writing(folder):
-                folder.mkdir(parents=True, exist_ok=True)
-        try:
-            with writing(folder):
-                fd = os.open(
-                    folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644
-                )  # a shard copied here (cache merge) has none
-        except CacheError:
-            if create:
-                raise
-            return None  # removed: nothing to lock
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if not wait:
-                os.close(fd)
-                return None
-            if on_wait is not None:
-                on_wait(folder)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            held, now = os.fstat(fd), os.stat(folder / ".lock")
-            if (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
-                return fd
-        except FileNotFoundError:
-            pass
-        os.close(fd)  # the shard was removed while this process waited: take the new lock
-        if not create:
-            return None
 
 
 @contextlib.contextmanager
@@ -397,7 +360,7 @@ def release_copies(entry: CacheEntry, shards: list[tuple[int, int, CacheEntry]],
                         with contextlib.suppress(FileNotFoundError):
                             (s.dir / name.format(v=v)).unlink()
             if not s.manifest["views"]:
-                _remove(s.dir)
+                remove_held(s.dir)
         finally:
             os.close(fd)
     with contextlib.suppress(OSError):  # not empty (a shard in use, or new), or gone already
@@ -411,20 +374,6 @@ def _released(entry: CacheEntry, s: CacheEntry, v: str, views: set[str] | None) 
     if views is not None and base not in views:
         return False
     return whole(entry, base) and _holds_as(entry, base, [(0, 0, s)])
-
-
-def _remove(folder: Path) -> None:
-    """Removes a shard folder whose lock this process holds: its files, the lock last (see
-    the module's docstring), then the folder, which another process may have made anew."""
-    with contextlib.suppress(OSError):
-        for name in os.listdir(folder):
-            if name != ".lock":
-                p = folder / name
-                with contextlib.suppress(FileNotFoundError):
-                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-        with contextlib.suppress(FileNotFoundError):
-            (folder / ".lock").unlink()
-        folder.rmdir()
 
 
 def merge_from(entry: CacheEntry, other_root: Path, member: str) -> int:

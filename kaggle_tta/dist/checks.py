@@ -15,7 +15,6 @@ from kaggle_tta.config.errors import CacheError, ConfigError
 from kaggle_tta.dist.group import all_gather, broadcast
 from kaggle_tta.dist.ranks import Ranks, every_rank, one_line
 
-
 SHARED_WAIT = (
     10.0  # seconds a rank looks again for tokens it does not see yet (NFS caches a folder's listing a few seconds)
 )
@@ -47,7 +46,8 @@ def check_shared(root: Path, r: Ranks) -> None:
             said = "; ".join(f"rank {k} on {h} cannot write {p} ({w})" for k, h, p, w in cannot)
             raise every_rank(
                 CacheError(
-                    f"cache.dir: {said}; give every rank a cache.dir it can write (on several machines, one folder they all share)"
+                    f"cache.dir: {said}; give every rank a cache.dir it can write (on several machines, one folder "
+                    "they all share)"
                 )
             )
         missing = _look(folder, r.world, SHARED_WAIT)
@@ -61,10 +61,14 @@ def check_shared(root: Path, r: Ranks) -> None:
         k, h, m = unseen[0]
         raise every_rank(
             CacheError(
-                f"cache.dir ({root}): the {r.world} ranks do not see one folder (machines without a shared filesystem: rank {k} on {h} "
-                f"does not see the token{'s' if len(m) > 1 else ''} of rank(s) {', '.join(map(str, m))} after {SHARED_WAIT:g}s); "
-                "point cache.dir at a shared disk, or run each machine alone on its share ('kaggle-tta infer PIPELINE --share K/N', "
-                "with an explicit runtime.precision) and join the caches on one with 'kaggle-tta cache merge PIPELINE OTHER_CACHE_DIR'"
+                f"cache.dir ({root}): the {r.world} ranks do not see one folder (machines without a shared filesystem: "
+                f"rank {k} on {h} "
+                f"does not see the token{'s' if len(m) > 1 else ''} of rank(s) {', '.join(map(str, m))} after "
+                f"{SHARED_WAIT:g}s); "
+                "point cache.dir at a shared disk, or run each machine alone on its share ('kaggle-tta infer PIPELINE "
+                "--share K/N', "
+                "with an explicit runtime.precision) and join the caches on one with 'kaggle-tta cache merge PIPELINE "
+                "OTHER_CACHE_DIR'"
             )
         )
 
@@ -119,7 +123,8 @@ def check_same_job(job: dict[str, Any], r: Ranks) -> None:
             if a != b:
                 raise every_rank(
                     ConfigError(
-                        f"rank {k}/{r.world} on {h} runs another job than rank 0 on {host0}: {field} is {_short(b)} there and {_short(a)} on rank 0; "
+                        f"rank {k}/{r.world} on {h} runs another job than rank 0 on {host0}: {field} is {_short(b)} "
+                        f"there and {_short(a)} on rank 0; "
                         "run the same pipeline.yaml, the same --set/--overrides and the same test set on every node"
                     )
                 )

@@ -33,8 +33,6 @@ def launch(world: int, target: Callable[..., Any], *args: Any) -> Any:
     """Runs ``target(*args)`` on ``world`` ranks of this machine through torch's elastic launcher (as
     ``torchrun --standalone --nproc_per_node=world`` would) and returns rank 0's summary.
     Ctrl-C stops every rank and raises KeyboardInterrupt here (the CLI: one line, exit 130)."""
-    import logging
-
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -50,18 +48,14 @@ def launch(world: int, target: Callable[..., Any], *args: Any) -> Any:
         start_method="spawn",
         monitor_interval=0.1,
     )
-    for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed.elastic")] + [
-        "torch.distributed.elastic"
-    ]:
-        logging.getLogger(name).setLevel(
-            logging.ERROR
-        )  # its INFO and WARNING lines ("Received 2 death signal") are not ours to print
+    _quiet_torch()
     try:
         out = elastic_launch(conf, _rank_main)(target, *args)
     except ChildFailedError as exc:
         ranks = ", ".join(str(k) for k in sorted(exc.failures))
         raise KaggleTTAError(
-            f"runtime.devices: {world} ranks started and rank(s) {ranks} failed (their message is above); fix that and run again — the cache keeps every row already computed"
+            f"runtime.devices: {world} ranks started and rank(s) {ranks} failed (their message is above); fix that and "
+            "run again — the cache keeps every row already computed"
         ) from None
     except SignalException as exc:
         import signal
@@ -69,17 +63,40 @@ def launch(world: int, target: Callable[..., Any], *args: Any) -> Any:
         if exc.sigval == signal.SIGINT:
             raise KeyboardInterrupt from None
         raise KaggleTTAError(
-            f"runtime.devices: stopped by signal {exc.sigval.name}; the ranks were stopped — the cache keeps every row already computed"
+            f"runtime.devices: stopped by signal {exc.sigval.name}; the ranks were stopped — the cache keeps every row "
+            "already computed"
         ) from None
     except Exception as exc:
         from torch.distributed.elastic.rendezvous import RendezvousError
 
         if isinstance(exc, RendezvousError) or store_error(exc):  # the launcher's own store on this machine
             raise KaggleTTAError(
-                f"runtime.devices: torch's launcher could not start the {world} ranks ({one_line(exc)}); run again, or set runtime.devices: 1"
+                f"runtime.devices: torch's launcher could not start the {world} ranks ({one_line(exc)}); run again, or "
+                "set runtime.devices: 1"
             ) from None
         raise
     return out[0]
+
+
+def _quiet_torch() -> None:
+    """Leaves the ranks' failures to our own lines: torch's launcher logs each failed rank
+    with a traceback through its own frames (ERROR), its spawn module the ranks it
+    terminates, and the store's C++ client each slow poll; a rank's own message, and the
+    launching process's line naming the failed ranks, say all of it. A user's own
+    TORCH_CPP_LOG_LEVEL wins; the multiprocessing resource tracker's leaked-semaphore
+    warning (a terminated rank's, harmless) is not printed after our line."""
+    import logging
+    import os
+    import sys
+
+    prefixes = ("torch.distributed.elastic", "torch.multiprocessing")
+    names = [n for n in logging.root.manager.loggerDict if n.startswith(prefixes)]
+    for name in [*names, *prefixes]:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # read by each spawned rank's torch
+    quiet = "ignore::UserWarning:multiprocessing.resource_tracker"
+    if quiet not in sys.warnoptions:  # handed to the tracker process when it starts
+        sys.warnoptions.append(quiet)
 
 
 def _rank_main(target: Callable[..., Any], *args: Any) -> Any:

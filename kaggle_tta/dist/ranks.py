@@ -96,14 +96,16 @@ def device_for(setting: str, r: Ranks) -> Any:
 
     if setting.startswith("cuda:"):
         raise ConfigError(
-            f"runtime.device: '{setting}' names one GPU but {r.world} ranks run; use auto or cuda (each rank takes cuda:LOCAL_RANK)"
+            f"runtime.device: '{setting}' names one GPU but {r.world} ranks run; use auto or cuda (each rank takes "
+            "cuda:LOCAL_RANK)"
         )
     device = resolve_device(setting)
     if device.type == "cuda":
         count = torch.cuda.device_count()
         if r.local_rank >= count:
             raise ConfigError(
-                f"{r.local_world} ranks per machine but {count} CUDA device(s); start at most {count} (torchrun --nproc_per_node, runtime.devices)"
+                f"{r.local_world} ranks per machine but {count} CUDA device(s); start at most {count} (torchrun "
+                "--nproc_per_node, runtime.devices)"
             )
         return torch.device("cuda", r.local_rank)
     return device

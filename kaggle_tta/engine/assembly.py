@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kaggle_tta.cache import CacheEntry, locked
-from kaggle_tta.cache.shards import assemble, list_shards, merge_from, release_copies, take_lock
+from kaggle_tta.cache.lock import take_lock
+from kaggle_tta.cache.shards import assemble, list_shards, merge_from, release_copies
+from kaggle_tta.cache.trust import checked_entry
 from kaggle_tta.engine.plan import Plan
 
 if TYPE_CHECKING:
@@ -50,7 +52,8 @@ def assemble_from(
     source = str(plan.cfg.source) if plan.cfg.source else None
     for m in plan.members:
         for p in (precisions[m.name].ran_in,) if precisions is not None else PRECISIONS:
-            entry = CacheEntry(plan.cache_root, m.name, m.fingerprint(p), m.inputs)
+            ids = plan.testset.ids  # the caller holds the locks (not lock): a damaged entry is cleared
+            entry = checked_entry(plan.cache_root, m.name, m.fingerprint(p), m.inputs, ids, heal=not lock)
             if precisions is None and not any(
                 (Path(d) / m.name / entry.fingerprint / "shards").is_dir() for d in [plan.cache_root, *sources]
             ):

@@ -10,7 +10,9 @@ from collections.abc import Callable
 from kaggle_tta.cache import CacheEntry
 from kaggle_tta.cache.coverage import Coverage
 from kaggle_tta.cache.entry import SIZES
+from kaggle_tta.cache.files import size_text
 from kaggle_tta.cache.shards import covered, list_shards, read_rows
+from kaggle_tta.cache.trust import checked_entry
 from kaggle_tta.config.errors import CacheError
 from kaggle_tta.engine.device import resolve_device, resolve_precision
 from kaggle_tta.engine.plan import Plan
@@ -33,7 +35,8 @@ def pending_work(
     out = []
     for m in plan.members:
         chosen = precisions[m.name]
-        main = CacheEntry(plan.cache_root, m.name, m.fingerprint(chosen.ran_in), m.inputs)
+        ids = plan.testset.ids if plan.rows is None else None
+        main = checked_entry(plan.cache_root, m.name, m.fingerprint(chosen.ran_in), m.inputs, ids, heal=locked_)
         entry = main if plan.rows is None else main.shard(*plan.rows)
         if locked_:
             entry.sweep()  # no one else writes here while the lock is held
@@ -124,7 +127,7 @@ def all_cached(plan: Plan) -> bool:
                 plan.task.open_views(trial, plan)  # as engine._probe tells the members it does not check
                 if not trial.ragged:
                     return False
-        entry = CacheEntry(plan.cache_root, m.name, m.fingerprint(ran_in), m.inputs)
+        entry = checked_entry(plan.cache_root, m.name, m.fingerprint(ran_in), m.inputs, plan.testset.ids, heal=False)
         cov = Coverage(skipping(m.gate), m.activation)  # adaptive: the rows this run's gate needs
         if not all(entry.is_complete(v.name) and cov.serves(entry, v.name) for v in m.views) or (
             plan.task.stores_image_sizes and not entry.sizes_complete()
@@ -142,7 +145,7 @@ def check_space(plan: Plan, pending: list[MemberWork]) -> None:
     free = free_bytes(plan)
     if free is not None and needed > free:
         raise CacheError(
-            f"cache.dir ({plan.cache_root}): this run writes {needed / 1e6:.1f} MB and {free / 1e6:.1f} MB are free; "
+            f"cache.dir ({plan.cache_root}): this run writes {size_text(needed)} and {size_text(free)} are free; "
             f"{SPACE_FIX}"
         )
 

@@ -10,6 +10,7 @@ import time
 import torch
 
 from kaggle_tta.cache import CacheEntry
+from kaggle_tta.cache.entry import DamagedEntry
 from kaggle_tta.config.errors import DataError, KaggleTTAError
 from kaggle_tta.engine.plan import MemberPlan, Plan
 from kaggle_tta.exec.chunks import ChunkSizer, layout_candidates
@@ -87,7 +88,11 @@ def recorded_check(plan: Plan, m: MemberPlan, precision: str) -> PrecisionCheck 
     """The verdict of an earlier check of ``precision`` for ``m``: a fallback recorded in its
     fp32 entry first, then a pass recorded in its reduced entry."""
     for ran_in in ("fp32", precision):
-        rec = check_entry(plan, m, ran_in).manifest.get("precision_checks", {}).get(precision)
+        try:
+            manifest = check_entry(plan, m, ran_in).manifest
+        except DamagedEntry:  # a damaged manifest records nothing: checked again (the run clears it)
+            continue
+        rec = manifest.get("precision_checks", {}).get(precision)
         if isinstance(rec, dict) and rec.get("ran_in") == ran_in:
             return PrecisionCheck(
                 ran_in, str(rec.get("note", "")), {k: v for k, v in rec.items() if k not in ("ran_in", "note")}

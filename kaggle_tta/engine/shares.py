@@ -9,6 +9,7 @@ import dataclasses
 import sys
 from typing import TYPE_CHECKING
 
+from kaggle_tta.cache.files import size_text
 from kaggle_tta.cache.shards import (
     SHARD_FILES,
     list_shards,
@@ -69,9 +70,9 @@ def space_short(plan: Plan, precisions: dict[str, PrecisionCheck], world: int) -
     if free is None or needed <= free:
         return None
     return (
-        f"cache.dir ({plan.cache_root}): the {world} ranks' shards and their assembly need {needed / 1e6:.1f} MB "
-        f"(the rows the entries lack, and {largest / 1e6:.1f} MB more while the largest view is assembled) and "
-        f"{free / 1e6:.1f} MB are free; {SPACE_FIX}"
+        f"cache.dir ({plan.cache_root}): the {world} ranks' shards and their assembly need {size_text(needed)} "
+        f"(the rows the entries lack, and {size_text(largest)} more while the largest view is assembled) and "
+        f"{size_text(free)} are free; {SPACE_FIX}"
     )
 
 
