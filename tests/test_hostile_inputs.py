@@ -310,3 +310,17 @@ def test_prune_during_a_run_skips_the_entry_being_written(pipeline, tmp_path, ca
     assert proc.returncode == 0, err[-3000:]
     rows = Path(cfg["submission"]["path"]).read_text().strip().splitlines()
     assert len(rows) == 1 + len(list(Path(cfg["data"]["folder"]).glob("*.png")))
+
+
+@pytest.mark.parametrize(
+    ("n", "text"), [(0, None), (512, "512 bytes"), (1234, "1.2 KB"), (5_600_000, "5.6 MB"), (7.25e9, "7.2 GB")]
+)
+def test_disk_messages_never_round_a_size_to_zero(n, text):
+    import errno as errno_mod
+
+    from kaggle_tta.cache.files import disk_error, size_text
+
+    if text is not None:
+        assert size_text(n) == text
+    msg = str(disk_error(OSError(errno_mod.ENOSPC, "No space left on device"), "/some/cache", n or None))
+    assert "0.0 MB" not in msg and (text is None or f"({text} needed)" in msg), msg

@@ -825,3 +825,26 @@ def test_a_store_failing_past_every_catch_is_one_line_under_ranks(pipeline, tmp_
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(tdist.DistNetworkError):
         main(["blend", str(p)])
+
+
+def test_a_rank_failing_under_runtime_devices_prints_our_lines_only(pipeline, tmp_path):
+    """runtime.devices: 2 and rank 1's share holds an image that cannot be decoded: every line
+    on stderr is ours (each rank's, then the launching process's), none of torch's logged
+    tracebacks, terminations, C++ store warnings or leaked-semaphore warnings; exit 2."""
+    p = _corrupt_last(pipeline, tmp_path, "devices")
+    cfg = yaml.safe_load(p.read_text())
+    cfg["runtime"]["devices"] = 2
+    p.write_text(yaml.safe_dump(cfg))
+    done = subprocess.run(
+        [sys.executable, "-m", "kaggle_tta", "run", str(p), "-q"],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
+    assert lines and all(ln.startswith("kaggle-tta: ") for ln in lines), done.stderr[-3000:]
+    assert lines[-1].startswith("kaggle-tta: error: runtime.devices: 2 ranks started"), lines
+    assert any("img_00023" in ln for ln in lines), lines
