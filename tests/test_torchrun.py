@@ -848,3 +848,37 @@ def test_a_rank_failing_under_runtime_devices_prints_our_lines_only(pipeline, tm
     assert lines and all(ln.startswith("kaggle-tta: ") for ln in lines), done.stderr[-3000:]
     assert lines[-1].startswith("kaggle-tta: error: runtime.devices: 2 ranks started"), lines
     assert any("img_00023" in ln for ln in lines), lines
+
+
+def test_a_rank_killed_without_restarts_leaves_a_line_of_ours(pipeline, tmp_path):
+    """torchrun without --max-restarts, rank 1 killed (SIGKILL) mid-run: the agent stops rank 0
+    (SIGTERM), which says so in one line of ours, its committed rows kept; torchrun's own
+    report follows (not ours to silence) and the exit is non-zero."""
+    p = _slow(pipeline, tmp_path, "nokill", 0.4)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "kaggle_tta",
+        "run",
+        str(p),
+        "-q",
+    ]
+    deadline, killed = time.time() + 120, None
+    with _started(cmd) as (proc,):
+        while time.time() < deadline and killed is None and proc.poll() is None:
+            marks = list((tmp_path / "marks").glob("1.0.*")) if (tmp_path / "marks").is_dir() else []
+            if marks and list((tmp_path / "marks").glob("0.0.*")):  # both ranks are forwarding
+                killed = int(marks[0].name.split(".")[2])
+                os.kill(killed, signal.SIGKILL)
+            time.sleep(0.05)
+        _, err = proc.communicate(timeout=180)
+    assert killed is not None, "rank 1 never forwarded"
+    assert proc.returncode != 0, err[-3000:]
+    ours = [ln for ln in err.splitlines() if ln.startswith("kaggle-tta: rank 0/2: ")]
+    assert len(ours) == 1 and "stopped by the launcher" in ours[0] and "cache keeps" in ours[0], err[-3000:]
+    assert "kaggle_tta/" not in err, err[-3000:]  # no traceback through our code

@@ -83,6 +83,7 @@ class Group:
             import signal
 
             self._old = signal.signal(signal.SIGUSR1, self._on_signal)
+            self._old_term = signal.signal(signal.SIGTERM, self._on_term)
             self._watcher = threading.Thread(
                 target=self._watch, args=(threading.main_thread().ident,), name="kaggle-tta-ranks", daemon=True
             )
@@ -192,6 +193,18 @@ class Group:
         if not self.closed and self.stopped is not None:
             raise self._stop(self.stopped)
 
+    def _on_term(self, signum: int, frame: Any) -> None:
+        """The launcher's SIGTERM (a rank died, or the job was cancelled): this rank stops
+        with a line of ours, its committed rows kept, instead of vanishing without a word."""
+        if self.closed:  # stopping already: as SIGTERM's default would
+            raise SystemExit(128 + signum)
+        self.closed = True
+        raise PeerFailed(
+            "stopped by the launcher (SIGTERM): another rank ended or the job was "
+            "stopped; the launcher's report says which (torchrun restarts the ranks if --max-restarts allows) — "
+            "the cache keeps every row already computed"
+        )
+
     def close(self) -> None:
         """No more stops: the watcher ends (and its signal handler is put back)."""
         self.closed = True
@@ -201,6 +214,7 @@ class Group:
 
             self._watcher.join()
             signal.signal(signal.SIGUSR1, self._old)
+            signal.signal(signal.SIGTERM, self._old_term)
             self._watcher = None
 
     def fail(self, why: str, wait: bool = True) -> None:
