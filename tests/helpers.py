@@ -247,3 +247,20 @@ class WellSeparatedPixels(nn.Module):
 
 def well_separated_pixels(out_channels: int = 5) -> nn.Module:
     return WellSeparatedPixels(out_channels)
+
+
+class ChannelMeans(nn.Module):
+    """Logits from each channel's mean: a fixed, seeded linear map of [B, in_chans] means (the
+    readers' tests: any channel count, any intensity range)."""
+
+    def __init__(self, in_chans: int, num_classes: int):
+        super().__init__()
+        torch.manual_seed(0)
+        self.head = nn.Linear(in_chans, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def channel_means(in_chans: int = 3, num_classes: int = 4) -> nn.Module:
+    return ChannelMeans(in_chans, num_classes)

@@ -4,7 +4,7 @@ optional ground truth (labels, masks, boxes)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import field_validator, model_validator
 
@@ -72,6 +72,68 @@ class BoxesSpec(Section):
     """Class name of each box."""
 
 
+class WindowSpec(Section):
+    """The intensity window: the reader's values mapped to [0, 1] before normalization, per
+    image. Without one, 8-bit images go through as they always have (uint8, divided by 255 on
+    the device), other integer types by their type's maximum, floats as they are: nothing is
+    squeezed to 8 bits."""
+
+    mode: Literal["minmax", "percentile", "fixed", "dicom"]
+    """minmax: the image's own range; percentile: its ``range`` percentiles (e.g. [1, 99]);
+    fixed: the values ``range`` (e.g. Hounsfield units [-1000, 400]); dicom: the file's own
+    VOI LUT or window (DICOM only), then its output range."""
+    range: tuple[float, float] | None = None
+    """percentile: [low, high] percentiles; fixed: [low, high] values."""
+
+    @model_validator(mode="after")
+    def _range(self) -> WindowSpec:
+        if self.mode in ("percentile", "fixed"):
+            if self.range is None:
+                raise ValueError(f"mode {self.mode} needs 'range': [low, high]")
+            lo, hi = self.range
+            if not lo < hi or (self.mode == "percentile" and not 0 <= lo < hi <= 100):
+                raise ValueError(
+                    f"range must be [low, high] with low < high{' within 0..100' if self.mode == 'percentile' else ''}"
+                )
+        elif self.range is not None:
+            raise ValueError(f"mode {self.mode} takes no 'range'")
+        return self
+
+
+class ReaderConfig(Section):
+    """How an item's files become one array (kaggle_tta.io.readers): which reader, the
+    intensity window, and the files of one item when it has several."""
+
+    name: str = "auto"
+    """auto (by suffix: .dcm DICOM, .npy/.npz arrays, else images), image, dicom, array, or
+    ``module:callable`` (called with the file's path, returning an [H, W] or [H, W, C] array)."""
+    key: str | None = None
+    """array: the key of an .npz archive (default: its only array)."""
+    window: WindowSpec | None = None
+    """The intensity window (see WindowSpec); none: as read."""
+    channels: list[str] | None = None
+    """Several files per item, one channel each, in this order: templates relative to the
+    listed file's folder, e.g. ['{id}_red.png', '{id}_green.png', '{id}_blue.png',
+    '{id}_yellow.png']; the listing keeps the files of the first template as the items."""
+    gray: Literal["rgb", "keep"] = "rgb"
+    """A single-channel image: repeated to 3 channels (rgb, as for 8-bit images) or kept."""
+
+    @field_validator("channels")
+    @classmethod
+    def _templates(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            if len(v) < 1:
+                raise ValueError("give at least one file template")
+            for t in v:
+                check_template(t, {"id": "x"}, "{id}_red.png")
+        return v
+
+    @property
+    def plain(self) -> bool:
+        """Today's path: 8-bit images decoded to RGB (the default)."""
+        return self.name in ("auto", "image") and self.window is None and self.channels is None and self.gray == "rgb"
+
+
 class DataConfig(Section):
     """Where the test images are and what the classes are."""
 
@@ -93,6 +155,8 @@ class DataConfig(Section):
     """Segmentation ground truth, for the with/without-TTA Dice and IoU table."""
     boxes: BoxesSpec | None = None
     """Detection ground truth, for the with/without-TTA mAP@0.5 table."""
+    reader: ReaderConfig = ReaderConfig()
+    """How each item is read: DICOM, 16-bit and float images, arrays, several files per item."""
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:

@@ -21,6 +21,7 @@ from kaggle_tta.engine.device import resolve_device, resolve_precision
 from kaggle_tta.io.canvas import CanvasSpec
 from kaggle_tta.io.data import TestSet, list_test_set
 from kaggle_tta.io.models import Preprocess, check_checkpoint, resolve_preprocess
+from kaggle_tta.io.readers import item_files
 from kaggle_tta.io.submission import SampleOrder, match_sample
 from kaggle_tta.ops.gate import Gate, gate_of
 from kaggle_tta.ops.merge import MERGE_KINDS
@@ -148,7 +149,7 @@ def build_plan(cfg: PipelineConfig) -> Plan:
     testset = list_test_set(cfg)
     cache_root = cfg.resolve(cfg.cache.dir)
     memo = cache_root / ".digests"
-    tfp = cache_mod.files_digest(testset.ids, testset.paths, memo)
+    tfp = cache_mod.files_digest(*item_files(testset.ids, testset.paths, cfg), memo)  # every file an item reads
     members = [_member_plan(cfg, task, m, views[m.name], len(classes), tfp, len(testset), memo) for m in cfg.members]
     plan = Plan(cfg, task, classes, testset, members, cache_root)
     check_spaces(plan)
@@ -187,6 +188,8 @@ def _member_plan(
         "n_images": n,
         "dtype": cfg.cache.dtype,
         **_jsonable(task.fingerprint(cfg, m, canvas, act)),
+        # how each item is read, where it is not the 8-bit RGB default (whose keys stay as they were)
+        **({} if cfg.data.reader.plain else {"reader": _jsonable(cfg.data.reader.model_dump(mode="json"))}),
     }
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
     bound = [v.bind(task.view_size(pre), pre.mean, pre.std) for v in views]

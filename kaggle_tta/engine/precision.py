@@ -171,7 +171,17 @@ def _first_batches(plan: Plan, dense: list[MemberPlan], workers: int, device: to
     want = min(n, max(rt.batch_size, max(math.ceil(PROBE_INPUTS / max(1, len(m.views))) for m in dense)))
     batches = []
     specs = {m.canvas.key: m.canvas for m in dense}
-    it = iter(make_loader(plan.testset.paths, specs, rt.batch_size, workers, 0, pin_memory=device.type == "cuda"))
+    it = iter(
+        make_loader(
+            plan.testset.paths,
+            specs,
+            rt.batch_size,
+            workers,
+            0,
+            pin_memory=device.type == "cuda",
+            reader=plan.cfg.data.reader,
+        )
+    )
     try:
         for batch in it:
             if batch.error is not None:

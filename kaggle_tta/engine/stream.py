@@ -88,7 +88,15 @@ def run_locked(
 
     def loader(start: int) -> Iterator[Batch]:
         return iter(
-            make_loader(plan.testset.paths, specs, rt.batch_size, workers, start, pin_memory=device.type == "cuda")
+            make_loader(
+                plan.testset.paths,
+                specs,
+                rt.batch_size,
+                workers,
+                start,
+                pin_memory=device.type == "cuda",
+                reader=plan.cfg.data.reader,
+            )
         )
 
     # Start the workers now, from the first row any entry's manifest lacks: they decode the

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from kaggle_tta.cache.coverage import Coverage, forget_other, record_held
 from kaggle_tta.cache.entry import held_name
-from kaggle_tta.config.errors import CheckpointError
+from kaggle_tta.config.errors import CheckpointError, DataError
 from kaggle_tta.exec.chunks import ChunkSizer
 from kaggle_tta.ops.gate import Forwards, Gate, needs
 
@@ -142,10 +142,17 @@ def _finite(out: Any) -> bool:
 
 
 def normalize(canvas: Tensor, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> Tensor:
-    """uint8 [B, H, W, C] -> normalized float [B, C, H, W] on the device."""
+    """uint8 [B, H, W, C] (0..255), or float [B, H, W, C] in [0, 1] (a reader's window) ->
+    normalized float [B, C, H, W] on the device."""
+    if canvas.shape[-1] != len(mean) or len(mean) != len(std):
+        raise DataError(
+            f"the input has {canvas.shape[-1]} channels and preprocess.mean/std {len(mean)}/{len(std)} values; "
+            "give one mean and std per channel (members[].preprocess.mean, .std), and a model with that many in_chans"
+        )
     x = canvas.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-    m = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255.0
-    s = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255.0
+    scale = 255.0 if canvas.dtype == torch.uint8 else 1.0
+    m = torch.tensor(mean, device=device).view(1, -1, 1, 1) * scale
+    s = torch.tensor(std, device=device).view(1, -1, 1, 1) * scale
     return ((x - m) / s).contiguous()
 
 

@@ -101,7 +101,7 @@ def _stack(resized: np.ndarray, spec: CanvasSpec, rounding: Callable[[float], in
     h, w = resized.shape[:2]
     if ch > h or cw > w:  # crop_pct > 1 (timm pads there; we do not)
         raise ValueError(f"crop {ch}x{cw} is larger than the resized image {h}x{w}; use crop_pct <= 1")
-    out = np.empty((len(spec.positions), ch, cw, resized.shape[2]), np.uint8)
+    out = np.empty((len(spec.positions), ch, cw, resized.shape[2]), resized.dtype)  # uint8, or a window's float32
     for k, pos in enumerate(spec.positions):
         top, left = crop_box((h, w), (ch, cw), pos, rounding)
         out[k] = resized[top : top + ch, left : left + cw]

@@ -27,8 +27,10 @@ import numpy as np
 import polars as pl
 
 from kaggle_tta.config import PipelineConfig
+from kaggle_tta.config.data import ReaderConfig
 from kaggle_tta.config.errors import ConfigError, DataError, shown_path
 from kaggle_tta.io.canvas import CanvasSpec
+from kaggle_tta.io.readers import decode_image, items_of, opencv, read_item
 
 if TYPE_CHECKING:
     from multiprocessing.context import BaseContext
@@ -37,12 +39,7 @@ if TYPE_CHECKING:
 # the test set (which re-blending does) needs neither.
 
 
-def _cv2():
-    import cv2
-
-    if hasattr(cv2, "setLogLevel"):
-        cv2.setLogLevel(2)  # errors only; we report our own
-    return cv2
+_cv2 = opencv  # cv2 with its own log lines off
 
 
 # ---- listing -------------------------------------------------------------------------------
@@ -110,6 +107,8 @@ def list_test_set(cfg: PipelineConfig) -> TestSet:
     else:
         ids, paths = _list_csv(cfg)
         where = f"data.csv ({cfg.resolve(d.csv.path)})"  # type: ignore[union-attr]
+    if d.reader.channels and d.csv is None:  # items of several files: the first template's files
+        ids, paths = items_of(ids, paths, d.reader.channels[0])
     if not ids:
         raise DataError(f"{where}: the test set is empty; check the path and data.extensions {sorted(exts)}")
     _check_unique(ids, paths, where)
@@ -269,37 +268,6 @@ def load_labels(cfg: PipelineConfig, ids: Sequence[str], classes: Sequence[str])
 # ---- decoding ------------------------------------------------------------------------------
 
 
-def decode_image(path: Path | str) -> np.ndarray:
-    """Reads an image as uint8 RGB ``[H, W, 3]``, converting the formats listed above.
-
-    Raises:
-        DataError: zero bytes, unreadable or truncated, naming the path.
-    """
-    try:
-        buf = np.fromfile(str(path), dtype=np.uint8)
-    except OSError as exc:
-        raise DataError(f"{shown(path)}: cannot read ({exc.strerror})") from None
-    cv2 = _cv2()
-    if buf.size == 0:
-        raise DataError(f"{shown(path)}: zero-byte image file; replace or remove it")
-    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
-    if img is None or img.size == 0:
-        raise DataError(f"{shown(path)}: unreadable or truncated image; re-export or remove it")
-    if img.dtype == np.uint16:
-        img = (img.astype(np.uint32) // 257).astype(np.uint8)
-    elif img.dtype in (np.float32, np.float64):
-        img = (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    elif img.dtype != np.uint8:
-        raise DataError(f"{shown(path)}: unsupported pixel type {img.dtype}; convert to 8 or 16 bits")
-    if img.ndim == 2:
-        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
-    if img.shape[2] == 1:
-        return cv2.cvtColor(img[:, :, 0], cv2.COLOR_GRAY2RGB)
-    if img.shape[2] == 4:
-        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-
-
 # ---- preprocessing groups ------------------------------------------------------------------
 
 
@@ -328,10 +296,17 @@ class CanvasDataset:
     (an exception raised in a worker would arrive wrapped in a traceback).
     """
 
-    def __init__(self, paths: Sequence[str] | Sequence[Path], specs: dict[str, CanvasSpec], start: int = 0):
+    def __init__(
+        self,
+        paths: Sequence[str] | Sequence[Path],
+        specs: dict[str, CanvasSpec],
+        start: int = 0,
+        reader: ReaderConfig | None = None,
+    ):
         self.paths: list[str | Path] = list(paths)
         self.specs = specs
         self.start = start
+        self.reader = reader if reader is not None and not reader.plain else None  # None: 8-bit RGB, as always
         self._transforms: dict[str, Any] | None = None
 
     def __len__(self) -> int:
@@ -342,13 +317,13 @@ class CanvasDataset:
         if self._transforms is None:
             self._transforms = {key: spec.build() for key, spec in self.specs.items()}
         try:
-            img = decode_image(self.paths[i])
+            img = decode_image(self.paths[i]) if self.reader is None else read_item(str(self.paths[i]), self.reader)
             out = {}
             for key, t in self._transforms.items():
                 canvas = t(img)
                 if (
                     not isinstance(canvas, np.ndarray)
-                    or canvas.dtype != np.uint8
+                    or canvas.dtype != img.dtype  # uint8 as decoded, or float32 from a window
                     or canvas.ndim != (4 if self.specs[key].stacked else 3)
                 ):
                     return (
@@ -403,11 +378,13 @@ def make_loader(
     workers: int,
     start: int = 0,
     pin_memory: bool = False,
+    reader: ReaderConfig | None = None,
 ) -> Any:
-    """A torch DataLoader streaming a :class:`Batch` at a time from row ``start`` on."""
+    """A torch DataLoader streaming a :class:`Batch` at a time from row ``start`` on; each
+    item read by ``reader`` (data.reader; None or the default: 8-bit RGB images)."""
     from torch.utils.data import DataLoader
 
-    ds = CanvasDataset(paths, specs, start)
+    ds = CanvasDataset(paths, specs, start, reader)
     # Workers are not forked from this process: a parent that has already used OpenCV's or
     # OpenMP's thread pools (a notebook, a test) can deadlock a forked child inside cv2.
     # forkserver starts them from a clean process once per loader.

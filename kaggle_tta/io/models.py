@@ -104,8 +104,11 @@ def resolve_preprocess(cfg: PipelineConfig, m: MemberConfig, default_size: tuple
     )
     mean = tuple(p.mean or pc.get("mean") or IMAGENET_MEAN)
     std = tuple(p.std or pc.get("std") or IMAGENET_STD)
-    if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
-        raise ConfigError(f"{where}.preprocess: mean and std need 3 values each, std positive")
+    reader = cfg.data.reader
+    n = len(reader.channels) if reader.channels else 3 if reader.gray == "rgb" else None  # None: as read
+    if (n is not None and (len(mean) != n or len(std) != n)) or len(mean) != len(std) or any(s <= 0 for s in std):
+        said = f"{n} values each" if n is not None else "one value per channel each"
+        raise ConfigError(f"{where}.preprocess: mean and std need {said}, std positive")
     alb = None
     if p.albumentations is not None:
         if p.backend == "timm":
@@ -115,7 +118,13 @@ def resolve_preprocess(cfg: PipelineConfig, m: MemberConfig, default_size: tuple
         alb = _load_albumentations(cfg, p.albumentations, f"{where}.preprocess.albumentations")
     # auto: timm's eval transform where the preprocessing is timm's (an arch member), the
     # reference document's OpenCV path for a factory member
-    backend = p.backend if p.backend != "auto" else ("timm" if m.arch and alb is None else "albumentations")
+    plain = cfg.data.reader.plain  # timm's transform takes 8-bit RGB only
+    if p.backend == "timm" and not plain:
+        raise ConfigError(
+            f"{where}.preprocess.backend: timm's transform takes 8-bit RGB images; data.reader gives other "
+            "intensities or channels: use backend albumentations (or auto)"
+        )
+    backend = p.backend if p.backend != "auto" else ("timm" if m.arch and alb is None and plain else "albumentations")
     return Preprocess(hw, float(crop_pct), interp, mean, std, alb, backend)
 
 

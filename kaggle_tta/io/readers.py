@@ -1,0 +1,288 @@
+"""Readers: how an item's files become one array, in the loader workers (``data.reader``).
+
+A registry, as tasks and views are: each reader owns its file types and its errors, and hands
+the loader an ``[H, W, C]`` array of the item's own dtype and channel count. Then the
+intensity window (:func:`apply_window`) maps it to float32 in [0, 1]; without one, 8-bit
+images stay uint8 exactly as they always have, other integer types are divided by their
+type's maximum and floats pass as they are (nothing is squeezed to 8 bits).
+
+Built in: ``image`` (OpenCV, every bit depth), ``dicom`` (pydicom with the pylibjpeg plugins
+for JPEG 2000 / JPEG-LS: the rescale slope and intercept applied, MONOCHROME1 inverted, the
+file's VOI LUT or window under ``window: {mode: dicom}``), ``array`` (.npy, .npz by key) and
+``module:callable``. Where the libraries do the work (decoding, the modality and VOI LUTs)
+they are called, not re-written.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kaggle_tta.config.errors import ConfigError, DataError, shown_path
+
+if TYPE_CHECKING:
+    from kaggle_tta.config import PipelineConfig
+    from kaggle_tta.config.data import ReaderConfig, WindowSpec
+
+Reader = Callable[[str, "ReaderConfig"], np.ndarray]
+READERS: dict[str, Reader] = {}
+SUFFIXES = {".dcm": "dicom", ".dicom": "dicom", ".npy": "array", ".npz": "array"}
+
+
+def register_reader(name: str) -> Callable[[Reader], Reader]:
+    """Registers ``fn(path, spec) -> [H, W(, C)] array`` under ``name`` (``data.reader.name``)."""
+
+    def add(fn: Reader) -> Reader:
+        READERS[name] = fn
+        return fn
+
+    return add
+
+
+def reader_for(spec: ReaderConfig, path: str) -> Reader:
+    """The reader of ``path`` under ``spec`` (auto: by its suffix)."""
+    name = spec.name
+    if name == "auto":
+        name = SUFFIXES.get(Path(path).suffix.lower(), "image")
+    if name in READERS:
+        return READERS[name]
+    if ":" in name:
+        from kaggle_tta.io.models import import_callable
+
+        fn = import_callable(name, "data.reader.name")
+        return lambda p, s: np.asarray(fn(p))
+    raise ConfigError(f"data.reader.name: unknown reader '{name}'; use auto, {', '.join(READERS)} or module:callable")
+
+
+def read_item(path: str, spec: ReaderConfig, item_id: str | None = None) -> np.ndarray:
+    """The item at ``path`` (and its other channel files) as ``[H, W, C]``, windowed.
+
+    Raises:
+        DataError: a file that cannot be read, naming it and what is wrong.
+    """
+    if spec.channels is None:
+        arr = _hwc(reader_for(spec, path)(path, spec), path)
+        if arr.shape[2] == 1 and spec.gray == "rgb":
+            arr = np.repeat(arr, 3, axis=2)
+    else:
+        files = channel_files(path, spec, item_id)
+        planes: list[np.ndarray] = []
+        for f in files:
+            a = _hwc(reader_for(spec, f)(f, spec), f)
+            if a.shape[2] != 1:
+                raise DataError(f"{shown_path(f)}: {a.shape[2]} channels; data.reader.channels takes one per file")
+            if planes and a.shape[:2] != planes[0].shape[:2]:
+                raise DataError(
+                    f"{shown_path(f)}: {a.shape[0]}x{a.shape[1]} where {shown_path(files[0])} is "
+                    f"{planes[0].shape[0]}x{planes[0].shape[1]}; the files of one item must have one size"
+                )
+            planes.append(a)
+        arr = np.concatenate(planes, axis=2)
+    return apply_window(arr, spec.window, path)
+
+
+def channel_files(path: str, spec: ReaderConfig, item_id: str | None = None) -> list[str]:
+    """The files of one item, in channel order: each template of ``data.reader.channels``
+    with the item's id (read off the listed file by the first template), in its folder."""
+    assert spec.channels is not None
+    folder = Path(path).parent
+    key = item_id if item_id is not None else template_id(Path(path).name, spec.channels[0])
+    if key is None:
+        raise DataError(f"{shown_path(path)}: its name does not match data.reader.channels[0] '{spec.channels[0]}'")
+    return [str(folder / t.format(id=Path(key).name)) for t in spec.channels]
+
+
+def template_id(name: str, template: str) -> str | None:
+    """The ``{id}`` a file name was made with by ``template`` (None: another name)."""
+    head, _, tail = template.partition("{id}")
+    m = re.fullmatch(re.escape(head) + "(?P<id>.+?)" + re.escape(tail), name)
+    return m.group("id") if m else None
+
+
+def opencv() -> Any:
+    """cv2, its own log lines off (we report our own, in one line)."""
+    import cv2
+
+    if hasattr(cv2, "setLogLevel"):
+        cv2.setLogLevel(2)  # errors only
+    return cv2
+
+
+def _hwc(arr: Any, path: str) -> np.ndarray:
+    a = np.asarray(arr)
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.ndim != 3 or a.shape[0] == 0 or a.shape[1] == 0:
+        raise DataError(f"{shown_path(path)}: read as shape {a.shape}; a reader returns [H, W] or [H, W, C]")
+    if a.dtype.kind not in "uif" and a.dtype != np.bool_:
+        raise DataError(f"{shown_path(path)}: pixel type {a.dtype} is not a number")
+    return a
+
+
+def apply_window(arr: np.ndarray, window: WindowSpec | None, path: str) -> np.ndarray:
+    """``arr`` mapped to float32 [0, 1] by ``window``; without one, uint8 as it is, other
+    integers by their type's maximum, floats as they are."""
+    if window is None:
+        if arr.dtype == np.uint8:
+            return arr
+        if arr.dtype.kind in "ui":
+            return (arr.astype(np.float32) / np.float32(np.iinfo(arr.dtype).max)).astype(np.float32)
+        return arr.astype(np.float32, copy=False)
+    x = arr.astype(np.float32)
+    if window.mode == "dicom":  # the DICOM reader applied the file's window: scale its output range
+        lo, hi = float(x.min()), float(x.max())
+    elif window.mode == "minmax":
+        lo, hi = float(x.min()), float(x.max())
+    elif window.mode == "percentile":
+        assert window.range is not None
+        lo, hi = (float(v) for v in np.percentile(x, window.range))
+    else:
+        assert window.range is not None
+        lo, hi = window.range
+    if not np.isfinite(lo) or not np.isfinite(hi):
+        raise DataError(f"{shown_path(path)}: non-finite values; the window cannot scale them")
+    if hi <= lo:
+        return np.zeros_like(x)
+    return np.clip((x - np.float32(lo)) / np.float32(hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+@register_reader("image")
+def read_image(path: str, spec: ReaderConfig) -> np.ndarray:
+    """Any bit depth OpenCV decodes, channels in RGB(A) order; a single-channel image [H, W]."""
+    try:
+        buf = np.fromfile(str(path), dtype=np.uint8)
+    except OSError as exc:
+        raise DataError(f"{shown_path(path)}: cannot read ({exc.strerror})") from None
+    if buf.size == 0:
+        raise DataError(f"{shown_path(path)}: zero-byte image file; replace or remove it")
+    cv2 = opencv()
+    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    if img is None or img.size == 0:
+        raise DataError(f"{shown_path(path)}: unreadable or truncated image; re-export or remove it")
+    if img.ndim == 3 and img.shape[2] == 3:
+        return img[:, :, ::-1].copy()
+    if img.ndim == 3 and img.shape[2] == 4:
+        return img[:, :, [2, 1, 0, 3]].copy()
+    return img
+
+
+@register_reader("array")
+def read_array(path: str, spec: ReaderConfig) -> np.ndarray:
+    """An .npy array, or an .npz archive's ``data.reader.key`` (its only array by default)."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise DataError(
+            f"{shown_path(path)}: cannot read as a NumPy array ({exc}); re-save it with numpy.save"
+        ) from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        return data
+    with data:
+        keys = list(data.keys())
+        key = spec.key if spec.key is not None else (keys[0] if len(keys) == 1 else None)
+        if key is None or key not in keys:
+            want = f"no array '{spec.key}'" if spec.key else f"{len(keys)} arrays"
+            raise DataError(f"{shown_path(path)}: {want} (it holds {keys}); set data.reader.key")
+        return data[key]
+
+
+@register_reader("dicom")
+def read_dicom(path: str, spec: ReaderConfig) -> np.ndarray:
+    """A DICOM file's pixels through pydicom: the modality LUT (rescale slope and intercept)
+    applied, then, under ``window: {mode: dicom}``, the VOI LUT or window; MONOCHROME1
+    inverted so that bright is dense, as for MONOCHROME2. The first frame of a multi-frame file."""
+    try:
+        import pydicom
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError:
+        raise ConfigError("data.reader: DICOM needs pydicom; pip install 'kaggle-tta[dicom]'") from None
+    try:
+        ds = pydicom.dcmread(path)
+    except (OSError, pydicom.errors.InvalidDicomError) as exc:
+        raise DataError(f"{shown_path(path)}: not a readable DICOM file ({exc})") from None
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise DataError(f"{shown_path(path)}: a DICOM file without pixel data; remove it from the test set")
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # an unsupported transfer syntax names the package that decodes it
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        raise DataError(
+            f"{shown_path(path)}: cannot decode its pixels (transfer syntax {getattr(syntax, 'name', syntax)}: "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}); JPEG 2000 and "
+            "JPEG-LS need pylibjpeg with pylibjpeg-openjpeg / pylibjpeg-libjpeg (pip install 'kaggle-tta[dicom]')"
+        ) from None
+    if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
+        arr = arr[0]
+    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
+    if photometric.startswith("MONOCHROME"):
+        arr = apply_modality_lut(arr, ds)
+        if spec.window is not None and spec.window.mode == "dicom":
+            arr = apply_voi_lut(arr, ds)
+        arr = np.asarray(arr, dtype=np.float32)
+        if photometric == "MONOCHROME1":  # low values are bright: inverted within its own range
+            arr = np.float32(arr.max()) + np.float32(arr.min()) - arr
+    elif spec.window is not None and spec.window.mode == "dicom":
+        raise ConfigError(f"data.reader.window: dicom windows monochrome images; {shown_path(path)} is {photometric}")
+    return arr
+
+
+def decode_image(path: Path | str) -> np.ndarray:
+    """Reads an image as uint8 RGB ``[H, W, 3]``, converting the formats listed above.
+
+    Raises:
+        DataError: zero bytes, unreadable or truncated, naming the path.
+    """
+    try:
+        buf = np.fromfile(str(path), dtype=np.uint8)
+    except OSError as exc:
+        raise DataError(f"{shown_path(path)}: cannot read ({exc.strerror})") from None
+    cv2 = opencv()
+    if buf.size == 0:
+        raise DataError(f"{shown_path(path)}: zero-byte image file; replace or remove it")
+    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    if img is None or img.size == 0:
+        raise DataError(f"{shown_path(path)}: unreadable or truncated image; re-export or remove it")
+    if img.dtype == np.uint16:
+        img = (img.astype(np.uint32) // 257).astype(np.uint8)
+    elif img.dtype in (np.float32, np.float64):
+        img = (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        raise DataError(f"{shown_path(path)}: unsupported pixel type {img.dtype}; convert to 8 or 16 bits")
+    if img.ndim == 2:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    if img.shape[2] == 1:
+        return cv2.cvtColor(img[:, :, 0], cv2.COLOR_GRAY2RGB)
+    if img.shape[2] == 4:
+        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def items_of(ids: list[str], paths: list[str], template: str) -> tuple[list[str], list[str]]:
+    """The listed files that ``template`` (data.reader.channels[0]) names, each an item whose
+    id is the template's ``{id}`` (in its folder, for a folder listing)."""
+    out_ids, out_paths = [], []
+    for i, p in zip(ids, paths):
+        key = template_id(Path(p).name, template)
+        if key is not None:
+            folder = i.rpartition("/")[0]
+            out_ids.append(f"{folder}/{key}" if folder else key)
+            out_paths.append(p)
+    return out_ids, out_paths
+
+
+def item_files(ids: Sequence[str], paths: Sequence[str], cfg: PipelineConfig) -> tuple[list[str], list[str]]:
+    """Every file the test set's items read, with an id per file: one per item, or, for items
+    of several files (data.reader.channels), each channel's file (the fingerprint hashes them)."""
+    reader = cfg.data.reader
+    if not reader.channels:
+        return list(ids), list(paths)
+    out_ids, out_paths = [], []
+    for i, p in zip(ids, paths):
+        for k, f in enumerate(channel_files(p, reader)):
+            out_ids.append(f"{i}#{k}")
+            out_paths.append(f)
+    return out_ids, out_paths

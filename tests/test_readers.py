@@ -1,0 +1,238 @@
+"""Readers (data.reader): DICOM equal to a direct pydicom decode, 16-bit and float images
+windowed as numpy computes it, items of several files, arrays; and whole runs on them."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+from kaggle_tta.cli import main
+from kaggle_tta.config.data import ReaderConfig
+from kaggle_tta.config.errors import DataError
+from kaggle_tta.io.readers import apply_window, read_item
+
+pydicom = pytest.importorskip("pydicom")
+
+TESTS = Path(__file__).resolve().parent
+
+
+def _dicom(path: Path, arr: np.ndarray, photometric: str = "MONOCHROME2", **tags: object) -> Path:
+    """A DICOM file of ``arr`` (uint16 or int16, [H, W]) written by pydicom."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns = arr.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+    ds.PixelRepresentation = 1 if arr.dtype == np.int16 else 0
+    for k, v in tags.items():
+        setattr(ds, k, v)
+    ds.PixelData = arr.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _direct(path: Path, window: bool = False) -> np.ndarray:
+    """The oracle: pydicom's own decode, modality LUT and (window) VOI LUT."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    ds = pydicom.dcmread(path)
+    arr = apply_modality_lut(ds.pixel_array, ds)
+    if window:
+        arr = apply_voi_lut(arr, ds)
+    return np.asarray(arr, dtype=np.float32)
+
+
+@pytest.fixture
+def scan() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:37, 0:53]
+    return (
+        (800 + 600 * np.sin(yy / 6.0) * np.cos(xx / 9.0) + rng.normal(0, 40, (37, 53))).clip(0, 4095).astype(np.uint16)
+    )
+
+
+def test_dicom_with_rescale_equals_pydicom(tmp_path, scan):
+    p = _dicom(tmp_path / "a.dcm", scan, RescaleSlope="0.5", RescaleIntercept="-1024")
+    got = read_item(str(p), ReaderConfig(gray="keep"))
+    np.testing.assert_array_equal(got[:, :, 0], _direct(p))  # float32, exactly
+    assert got.dtype == np.float32 and got.shape == (37, 53, 1)
+    assert read_item(str(p), ReaderConfig()).shape == (37, 53, 3)  # gray: rgb repeats it
+
+
+def test_dicom_monochrome1_is_inverted_within_its_range(tmp_path, scan):
+    p = _dicom(tmp_path / "m1.dcm", scan, photometric="MONOCHROME1")
+    ref = _direct(p)
+    got = read_item(str(p), ReaderConfig(gray="keep"))[:, :, 0]
+    np.testing.assert_array_equal(got, ref.max() + ref.min() - ref)
+
+
+def test_dicom_window_from_the_file_equals_pydicom_then_scales_to_unit(tmp_path, scan):
+    p = _dicom(tmp_path / "w.dcm", scan, WindowCenter="900", WindowWidth="800")
+    spec = ReaderConfig.model_validate({"gray": "keep", "window": {"mode": "dicom"}})
+    got = read_item(str(p), spec)[:, :, 0]
+    ref = _direct(p, window=True)
+    want = (ref - ref.min()) / (ref.max() - ref.min())
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert got.min() == 0.0 and got.max() == 1.0
+
+
+def test_jpeg2000_dicom_equals_pydicom(tmp_path, scan):
+    pytest.importorskip("openjpeg")
+    from pydicom.uid import JPEG2000Lossless
+
+    p = _dicom(tmp_path / "plain.dcm", scan)
+    ds = pydicom.dcmread(p)
+    ds.compress(JPEG2000Lossless, scan)
+    ds.save_as(tmp_path / "j2k.dcm")
+    got = read_item(str(tmp_path / "j2k.dcm"), ReaderConfig(gray="keep"))[:, :, 0]
+    np.testing.assert_array_equal(got, scan.astype(np.float32))  # lossless: the pixels themselves
+
+
+def test_a_dicom_without_pixels_or_not_a_dicom_is_one_line(tmp_path, scan):
+    p = _dicom(tmp_path / "x.dcm", scan)
+    ds = pydicom.dcmread(p)
+    del ds.PixelData
+    ds.save_as(p)
+    with pytest.raises(DataError, match="without pixel data"):
+        read_item(str(p), ReaderConfig())
+    (tmp_path / "junk.dcm").write_bytes(b"not a dicom at all")
+    with pytest.raises(DataError, match="not a readable DICOM"):
+        read_item(str(tmp_path / "junk.dcm"), ReaderConfig())
+
+
+@pytest.mark.parametrize("mode", ["none", "minmax", "percentile", "fixed"])
+def test_16_bit_png_windowing_equals_numpy(tmp_path, scan, mode):
+    p = tmp_path / "slice.png"
+    assert cv2.imwrite(str(p), scan)
+    window = {"percentile": {"mode": "percentile", "range": [2, 98]}, "fixed": {"mode": "fixed", "range": [500, 1500]}}
+    window["minmax"] = {"mode": "minmax"}
+    spec = ReaderConfig.model_validate({"gray": "keep", **({"window": window[mode]} if mode != "none" else {})})
+    got = read_item(str(p), spec)[:, :, 0]
+    x = scan.astype(np.float32)
+    if mode == "none":
+        want = x / 65535.0  # not squeezed to 8 bits: every level kept
+        assert len(np.unique(got)) == len(np.unique(scan))
+    elif mode == "minmax":
+        want = (x - x.min()) / (x.max() - x.min())
+    else:
+        lo, hi = np.percentile(x, [2, 98]) if mode == "percentile" else (500.0, 1500.0)
+        want = np.clip((x - lo) / (hi - lo), 0, 1)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_float_tiff_and_8_bit_png_as_they_are(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    arr = np.random.default_rng(1).normal(0, 3, (9, 11)).astype(np.float32)
+    tifffile.imwrite(tmp_path / "f.tif", arr)
+    np.testing.assert_array_equal(read_item(str(tmp_path / "f.tif"), ReaderConfig(gray="keep"))[:, :, 0], arr)
+    u8 = np.random.default_rng(2).integers(0, 256, (9, 11, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "c.png"), u8[:, :, ::-1])
+    got = read_item(str(tmp_path / "c.png"), ReaderConfig(gray="keep"))
+    assert got.dtype == np.uint8 and np.array_equal(got, u8)
+    assert apply_window(u8, None, "x").dtype == np.uint8  # 8-bit stays 8-bit: the path it always took
+
+
+def test_arrays_npy_and_npz_by_key(tmp_path):
+    a = np.arange(2 * 5 * 7, dtype=np.int16).reshape(5, 7, 2)
+    np.save(tmp_path / "a.npy", a)
+    np.savez(tmp_path / "b.npz", band_08=a[:, :, 0], band_09=a[:, :, 1])
+    got = read_item(str(tmp_path / "a.npy"), ReaderConfig(gray="keep"))
+    np.testing.assert_array_equal(got, a / np.float32(32767))
+    spec = ReaderConfig(key="band_09", gray="keep")
+    np.testing.assert_array_equal(read_item(str(tmp_path / "b.npz"), spec)[:, :, 0], a[:, :, 1] / np.float32(32767))
+    with pytest.raises(DataError, match="set data.reader.key"):
+        read_item(str(tmp_path / "b.npz"), ReaderConfig())
+
+
+# ---- whole runs ------------------------------------------------------------------------------
+
+
+def _hpa(folder: Path, n: int) -> list[str]:
+    """HPA-style items: {id}_red/green/blue/yellow.png, one channel each."""
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    ids = [f"item{k:03d}" for k in range(n)]
+    for i in ids:
+        for c in ("red", "green", "blue", "yellow"):
+            cv2.imwrite(str(folder / f"{i}_{c}.png"), rng.integers(0, 256, (24, 20), dtype=np.uint8))
+    return ids
+
+
+def test_a_four_file_item_is_one_four_channel_input(tmp_path):
+    ids = _hpa(tmp_path / "test", 3)
+    spec = ReaderConfig(channels=["{id}_red.png", "{id}_green.png", "{id}_blue.png", "{id}_yellow.png"])
+    got = read_item(str(tmp_path / "test" / f"{ids[1]}_red.png"), spec)
+    assert got.shape == (24, 20, 4) and got.dtype == np.uint8
+    for k, c in enumerate(("red", "green", "blue", "yellow")):
+        np.testing.assert_array_equal(got[:, :, k], cv2.imread(str(tmp_path / "test" / f"{ids[1]}_{c}.png"), 0))
+
+
+def _pipeline(tmp_path: Path, data: dict, members: list[dict], fmt: str = "probs") -> Path:
+    cfg = {
+        "task": "classification",
+        "data": {"classes": ["a", "b"], **data},
+        "runtime": {"device": "cpu", "precision": "fp32", "workers": 0, "batch_size": 4, "forward_batch": 8},
+        "cache": {"dir": str(tmp_path / "cache")},
+        "members": members,
+        "submission": {"path": str(tmp_path / "sub.csv"), "format": fmt},
+    }
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_a_run_over_four_file_items(tmp_path, monkeypatch):
+    ids = _hpa(tmp_path / "test", 5)
+    monkeypatch.syspath_prepend(str(TESTS))
+    channels = ["{id}_red.png", "{id}_green.png", "{id}_blue.png", "{id}_yellow.png"]
+    member = {
+        "name": "m",
+        "factory": "helpers:channel_means",
+        "kwargs": {"in_chans": 4, "num_classes": 2},
+        "preprocess": {"input_size": [4, 16, 16], "mean": [0.0] * 4, "std": [1.0] * 4},
+        "tta": "flips",
+    }
+    path = _pipeline(tmp_path, {"folder": str(tmp_path / "test"), "reader": {"channels": channels}}, [member])
+    assert main(["run", str(path), "-q"]) == 0
+    with open(tmp_path / "sub.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["id"] for r in rows] == ids  # one row per item, not per file
+    cfg = yaml.safe_load(path.read_text())
+    cfg["members"][0]["preprocess"]["std"] = [1.0] * 3
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(path), "-q"]) == 2  # 3 std values for a 4-channel input: one line at load
+
+
+def test_a_dicom_run_and_its_fingerprint(tmp_path, scan, monkeypatch, capsys):
+    (tmp_path / "test").mkdir()
+    for k in range(4):
+        _dicom(tmp_path / "test" / f"s{k}.dcm", np.roll(scan, 3 * k, axis=1), WindowCenter="900", WindowWidth="800")
+    monkeypatch.syspath_prepend(str(TESTS))
+    member = {
+        "name": "m",
+        "factory": "helpers:channel_means",
+        "kwargs": {"in_chans": 3, "num_classes": 2},
+        "preprocess": {"input_size": [3, 16, 16], "mean": [0.5] * 3, "std": [0.25] * 3},
+        "tta": "hflip",
+    }
+    data = {"folder": str(tmp_path / "test"), "extensions": [".dcm"], "reader": {"window": {"mode": "dicom"}}}
+    path = _pipeline(tmp_path, data, [member])
+    assert main(["run", str(path), "-q"]) == 0
+    first = sorted(p.name for p in (tmp_path / "cache" / "m").iterdir())
+    cfg = yaml.safe_load(path.read_text())
+    cfg["data"]["reader"]["window"] = {"mode": "minmax"}
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(path), "-q"]) == 0  # another window: another entry, never the old one
+    assert len(sorted(p.name for p in (tmp_path / "cache" / "m").iterdir())) == len(first) + 1
