@@ -38,6 +38,16 @@ class CsvSource(Section):
         return self
 
 
+class RecordsSource(Section):
+    """A record file listing the test set: a JSON list of objects, or a parquet table, whose
+    rows are the items and whose array columns (``data.reader.columns``) hold their pixels."""
+
+    path: Annotated[Path, Bundle("data")]
+    """The .json or .parquet file (relative paths are relative to pipeline.yaml)."""
+    id_column: str = "id"
+    """The field holding each item's id."""
+
+
 class LabelsSpec(Section):
     """Ground-truth labels for the test set, used only to print the with/without-TTA table."""
 
@@ -117,6 +127,10 @@ class ReaderConfig(Section):
     '{id}_yellow.png']; the listing keeps the files of the first template as the items."""
     gray: Literal["rgb", "keep"] = "rgb"
     """A single-channel image: repeated to 3 channels (rgb, as for 8-bit images) or kept."""
+    columns: list[str] | None = None
+    """records (data.records): the fields holding each item's channels, in this order."""
+    shape: tuple[int, int] | None = None
+    """records: the [H, W] of a field given as a flat list (Statoil's 75 x 75 bands)."""
 
     @field_validator("channels")
     @classmethod
@@ -131,7 +145,8 @@ class ReaderConfig(Section):
     @property
     def plain(self) -> bool:
         """Today's path: 8-bit images decoded to RGB (the default)."""
-        return self.name in ("auto", "image") and self.window is None and self.channels is None and self.gray == "rgb"
+        default = self.window is None and self.channels is None and self.columns is None and self.gray == "rgb"
+        return self.name in ("auto", "image") and default
 
 
 class DataConfig(Section):
@@ -143,6 +158,8 @@ class DataConfig(Section):
     """A glob pattern (relative to pipeline.yaml); id = file name without suffix."""
     csv: CsvSource | None = None
     """A CSV with an id column and a path column or template."""
+    records: RecordsSource | None = None
+    """A JSON or parquet file whose rows are the items (with data.reader.columns)."""
     extensions: list[str] = [".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"]
     """File suffixes picked up by `folder` and `glob`."""
     classes: list[str] | None = None
@@ -160,9 +177,11 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
-        given = [k for k in ("folder", "glob", "csv") if getattr(self, k) is not None]
+        given = [k for k in ("folder", "glob", "csv", "records") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of 'folder', 'glob' or 'csv' (got {given or 'none'})")
+            raise ValueError(f"give exactly one of 'folder', 'glob', 'csv' or 'records' (got {given or 'none'})")
+        if self.records is not None and not self.reader.columns:
+            raise ValueError("records: give data.reader.columns, the fields holding each item's channels")
         if self.classes is None and self.classes_file is None:
             raise ValueError("give 'classes' (a list of names) or 'classes_file'")
         return self

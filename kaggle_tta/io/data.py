@@ -28,9 +28,9 @@ import polars as pl
 
 from kaggle_tta.config import PipelineConfig
 from kaggle_tta.config.data import ReaderConfig
-from kaggle_tta.config.errors import ConfigError, DataError, shown_path
+from kaggle_tta.config.errors import ConfigError, DataError, UserPath, shown_path
 from kaggle_tta.io.canvas import CanvasSpec
-from kaggle_tta.io.readers import decode_image, items_of, opencv, read_item
+from kaggle_tta.io.readers import decode_image, items_of, list_records, opencv, read_item, record_item
 
 if TYPE_CHECKING:
     from multiprocessing.context import BaseContext
@@ -104,6 +104,14 @@ def list_test_set(cfg: PipelineConfig) -> TestSet:
         found = sorted(_image_files(map(Path, globlib.glob(pattern, recursive=True)), exts, where))
         ids = [p.stem for p in found]
         paths = [str(p) for p in found]
+    elif d.records is not None:  # rows of one file: no file per item to stat
+        path = cfg.resolve(d.records.path)
+        ids = list_records(path, d.records.id_column)
+        size_mtime = _record_file_stat(path)
+        if not ids:
+            raise DataError(f"data.records ({path}): the test set is empty; check the file")
+        _check_unique(ids, [str(path)] * len(ids), f"data.records ({path})")
+        return TestSet(ids, [record_item(path, k) for k in range(len(ids))], [size_mtime] * len(ids))
     else:
         ids, paths = _list_csv(cfg)
         where = f"data.csv ({cfg.resolve(d.csv.path)})"  # type: ignore[union-attr]
@@ -217,6 +225,12 @@ def _list_csv(cfg: PipelineConfig) -> tuple[list[str], list[str]]:
         )
     base = str(root)
     return ids, [os.path.normpath(r if os.path.isabs(r) else os.path.join(base, r)) for r in rel]
+
+
+def _record_file_stat(path: Path) -> tuple[int, int]:
+    with UserPath(path, "check data.records.path"):
+        st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
 
 
 def _check_unique(ids: Sequence[str], paths: Sequence[str | Path], where: str) -> None:

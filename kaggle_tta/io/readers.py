@@ -15,6 +15,8 @@ they are called, not re-written.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
 
 Reader = Callable[[str, "ReaderConfig"], np.ndarray]
 READERS: dict[str, Reader] = {}
+RECORD = "#row="  # an item that is a row of a record file: <file>#row=<k>
 SUFFIXES = {".dcm": "dicom", ".dicom": "dicom", ".npy": "array", ".npz": "array"}
 
 
@@ -44,10 +47,10 @@ def register_reader(name: str) -> Callable[[Reader], Reader]:
 
 
 def reader_for(spec: ReaderConfig, path: str) -> Reader:
-    """The reader of ``path`` under ``spec`` (auto: by its suffix)."""
+    """The reader of ``path`` under ``spec`` (auto: by its suffix; a row of a record file)."""
     name = spec.name
     if name == "auto":
-        name = SUFFIXES.get(Path(path).suffix.lower(), "image")
+        name = "records" if RECORD in path else SUFFIXES.get(Path(path).suffix.lower(), "image")
     if name in READERS:
         return READERS[name]
     if ":" in name:
@@ -278,6 +281,8 @@ def item_files(ids: Sequence[str], paths: Sequence[str], cfg: PipelineConfig) ->
     """Every file the test set's items read, with an id per file: one per item, or, for items
     of several files (data.reader.channels), each channel's file (the fingerprint hashes them)."""
     reader = cfg.data.reader
+    if cfg.data.records is not None:  # rows of one file: the file
+        return ["records"], [str(cfg.resolve(cfg.data.records.path))]
     if not reader.channels:
         return list(ids), list(paths)
     out_ids, out_paths = [], []
@@ -286,3 +291,75 @@ def item_files(ids: Sequence[str], paths: Sequence[str], cfg: PipelineConfig) ->
             out_ids.append(f"{i}#{k}")
             out_paths.append(f)
     return out_ids, out_paths
+
+
+# ---- record files: rows are items (Statoil's test.json) -------------------------------------
+
+_TABLES: dict[tuple[str, int, int], list[dict[str, Any]]] = {}  # per process: one table read once
+
+
+def record_item(path: Path | str, k: int) -> str:
+    """The loader's name for row ``k`` of a record file."""
+    return f"{path}{RECORD}{k}"
+
+
+def _table(path: str) -> list[dict[str, Any]]:
+    """A record file's rows (a JSON list of objects, or a parquet table), read once per process."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise DataError(f"{shown_path(path)}: cannot read ({exc.strerror}); check data.records.path") from None
+    key = (path, st.st_size, st.st_mtime_ns)
+    if key not in _TABLES:
+        _TABLES.clear()
+        try:
+            if path.lower().endswith(".parquet"):
+                import polars as pl
+
+                rows = pl.read_parquet(path).to_dicts()
+            else:
+                with open(path, encoding="utf-8") as f:
+                    rows = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{shown_path(path)}: not a readable record file ({exc}); give JSON or parquet") from None
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise DataError(f"{shown_path(path)}: a record file is a list of objects (one per item)")
+        _TABLES[key] = rows
+    return _TABLES[key]
+
+
+def list_records(path: Path, id_column: str) -> list[str]:
+    """The ids of a record file's rows, in file order."""
+    rows = _table(str(path))
+    missing = next((k for k, r in enumerate(rows) if id_column not in r), None)
+    if missing is not None:
+        raise DataError(f"{shown_path(path)}: row {missing + 1} has no field '{id_column}'; set data.records.id_column")
+    return [str(r[id_column]) for r in rows]
+
+
+@register_reader("records")
+def read_record(item: str, spec: ReaderConfig) -> np.ndarray:
+    """Row k's ``data.reader.columns`` as channels ``[H, W, C]`` (a flat list reshaped to
+    ``data.reader.shape``); values as they are (float32)."""
+    path, _, k = item.rpartition(RECORD)
+    row = _table(path)[int(k)]
+    planes = []
+    for col in spec.columns or []:
+        if col not in row:
+            raise DataError(f"{shown_path(path)}: row {int(k) + 1} has no field '{col}' (data.reader.columns)")
+        try:
+            a = np.asarray(row[col], dtype=np.float32)
+            if spec.shape is not None:
+                a = a.reshape(spec.shape)
+        except (TypeError, ValueError) as exc:
+            raise DataError(
+                f"{shown_path(path)}: row {int(k) + 1}, field '{col}': not an array of that shape ({exc})"
+            ) from None
+        if a.ndim != 2:
+            raise DataError(
+                f"{shown_path(path)}: row {int(k) + 1}, field '{col}' has shape {a.shape}; set data.reader.shape"
+            )
+        planes.append(a)
+    if any(p.shape != planes[0].shape for p in planes):
+        raise DataError(f"{shown_path(path)}: row {int(k) + 1}: the columns' shapes differ")
+    return np.stack(planes, axis=2)
