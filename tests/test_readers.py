@@ -283,3 +283,55 @@ def test_a_statoil_style_record_file_runs_to_the_sample_shape(tmp_path, monkeypa
     assert [r[0] for r in rows[1:]] == ids
     values = np.array([float(r[1]) for r in rows[1:]])
     assert ((values >= 0) & (values <= 1)).all() and len(np.unique(values)) > 1
+
+
+def test_contrails_bands_at_one_frame_are_one_item_per_record(tmp_path):
+    """Contrails' layout: test/<record_id>/band_08.npy ... band_16.npy, each [H, W, T]; an item
+    is a record folder, its channels the named bands at ``frame``."""
+    from kaggle_tta.config import load_pipeline
+    from kaggle_tta.io.data import list_test_set
+
+    rng = np.random.default_rng(5)
+    bands = {}
+    for rec in ("1000", "2000", "3000"):
+        (tmp_path / "test" / rec).mkdir(parents=True)
+        for b in (8, 11, 14, 15, 16):
+            bands[rec, b] = rng.normal(260, 8, (16, 12, 8)).astype(np.float16)
+            np.save(tmp_path / "test" / rec / f"band_{b:02d}.npy", bands[rec, b])
+    reader = {
+        "channels": ["band_11.npy", "band_14.npy", "band_15.npy"],
+        "frame": 4,
+        "window": {"mode": "fixed", "range": [200, 320]},
+    }
+    cfg = load_pipeline(
+        {
+            "task": "classification",
+            "data": {"folder": str(tmp_path / "test"), "extensions": [".npy"], "classes": ["a"], "reader": reader},
+            "members": [{"name": "m", "factory": "helpers:channel_means", "preprocess": {"input_size": [3, 8, 8]}}],
+        }
+    )
+    ts = list_test_set(cfg)
+    assert ts.ids == ["1000", "2000", "3000"]
+    got = read_item(ts.paths[1], cfg.data.reader)
+    want = np.stack([bands["2000", b][:, :, 4].astype(np.float32) for b in (11, 14, 15)], axis=2)
+    np.testing.assert_allclose(got, np.clip((want - 200) / 120, 0, 1), atol=1e-6)
+
+
+def test_a_five_slice_stack_takes_the_neighbours_repeating_at_the_ends(tmp_path):
+    """UW-Madison's layout: case/day/scans/slice_0001_266_266_1.50_1.50.png (16-bit); each
+    slice an item whose channels are slices k-2 .. k+2 of its series, the ends repeated."""
+    scans = tmp_path / "test" / "case1" / "case1_day1" / "scans"
+    scans.mkdir(parents=True)
+    rng = np.random.default_rng(6)
+    slices = {}
+    for k in range(1, 7):
+        slices[k] = rng.integers(0, 4000, (10, 14), dtype=np.uint16)
+        cv2.imwrite(str(scans / f"slice_{k:04d}_14_10_1.50_1.50.png"), slices[k])
+    spec = ReaderConfig.model_validate(
+        {"slices": {"offsets": [-2, -1, 0, 1, 2]}, "window": {"mode": "fixed", "range": [0, 4000]}}
+    )
+    got = read_item(str(scans / "slice_0002_14_10_1.50_1.50.png"), spec)
+    want = np.stack([slices[k] for k in (1, 1, 2, 3, 4)], axis=2).astype(np.float32) / 4000
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    last = read_item(str(scans / "slice_0006_14_10_1.50_1.50.png"), spec)
+    np.testing.assert_allclose(last[:, :, 3:], np.stack([slices[6]] * 2, axis=2) / np.float32(4000), atol=1e-6)

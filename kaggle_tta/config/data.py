@@ -110,6 +110,27 @@ class WindowSpec(Section):
         return self
 
 
+class SliceSpec(Section):
+    """Neighbouring slices of a series as channels (2.5-D): each listed slice is an item."""
+
+    number: str = r"slice_(\d+)"
+    """A regular expression whose first group is the slice number in a file name."""
+    offsets: list[int] = [-2, -1, 0, 1, 2]
+    """The neighbours taken, in channel order (0: the slice itself); past an end, the last."""
+
+    @field_validator("number")
+    @classmethod
+    def _pattern(cls, v: str) -> str:
+        import re
+
+        try:
+            if re.compile(v).groups < 1:
+                raise ValueError("it needs a group, e.g. slice_(\\d+)")
+        except re.error as exc:
+            raise ValueError(f"not a regular expression ({exc})") from None
+        return v
+
+
 class ReaderConfig(Section):
     """How an item's files become one array (kaggle_tta.io.readers): which reader, the
     intensity window, and the files of one item when it has several."""
@@ -129,6 +150,10 @@ class ReaderConfig(Section):
     """A single-channel image: repeated to 3 channels (rgb, as for 8-bit images) or kept."""
     columns: list[str] | None = None
     """records (data.records): the fields holding each item's channels, in this order."""
+    frame: int | None = None
+    """A file with a time axis last ([H, W, T], Contrails' bands): the frame taken (e.g. 4)."""
+    slices: SliceSpec | None = None
+    """2.5-D: each item's slice and its neighbours in its folder, as channels."""
     shape: tuple[int, int] | None = None
     """records: the [H, W] of a field given as a flat list (Statoil's 75 x 75 bands)."""
 
@@ -146,6 +171,7 @@ class ReaderConfig(Section):
     def plain(self) -> bool:
         """Today's path: 8-bit images decoded to RGB (the default)."""
         default = self.window is None and self.channels is None and self.columns is None and self.gray == "rgb"
+        default = default and self.slices is None and self.frame is None
         return self.name in ("auto", "image") and default
 
 

@@ -105,8 +105,8 @@ def resolve_preprocess(cfg: PipelineConfig, m: MemberConfig, default_size: tuple
     mean = tuple(p.mean or pc.get("mean") or IMAGENET_MEAN)
     std = tuple(p.std or pc.get("std") or IMAGENET_STD)
     reader = cfg.data.reader
-    given = len(reader.channels or reader.columns or []) or None  # channels the reader makes, where known
-    n = given if given and given > 1 else (3 if reader.gray == "rgb" else given)  # one repeats to 3 (gray: rgb)
+    made = len(reader.channels or reader.columns or (reader.slices.offsets if reader.slices else [])) or None
+    n = made if made and made > 1 else (3 if reader.gray == "rgb" else made)  # one repeats to 3 (gray: rgb)
     if (n is not None and (len(mean) != n or len(std) != n)) or len(mean) != len(std) or any(s <= 0 for s in std):
         said = f"{n} values each" if n is not None else "one value per channel each"
         raise ConfigError(f"{where}.preprocess: mean and std need {said}, std positive")

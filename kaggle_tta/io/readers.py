@@ -67,15 +67,15 @@ def read_item(path: str, spec: ReaderConfig, item_id: str | None = None) -> np.n
     Raises:
         DataError: a file that cannot be read, naming it and what is wrong.
     """
-    if spec.channels is None:
+    if spec.channels is None and spec.slices is None:
         arr = _hwc(reader_for(spec, path)(path, spec), path)
         if arr.shape[2] == 1 and spec.gray == "rgb":
             arr = np.repeat(arr, 3, axis=2)
     else:
-        files = channel_files(path, spec, item_id)
+        files = channel_files(path, spec, item_id) if spec.channels else slice_files(path, spec)
         planes: list[np.ndarray] = []
         for f in files:
-            a = _hwc(reader_for(spec, f)(f, spec), f)
+            a = _hwc(_frame(reader_for(spec, f)(f, spec), spec, f), f)
             if a.shape[2] != 1:
                 raise DataError(f"{shown_path(f)}: {a.shape[2]} channels; data.reader.channels takes one per file")
             if planes and a.shape[:2] != planes[0].shape[:2]:
@@ -88,12 +88,60 @@ def read_item(path: str, spec: ReaderConfig, item_id: str | None = None) -> np.n
     return apply_window(arr, spec.window, path)
 
 
+def _frame(arr: Any, spec: ReaderConfig, path: str) -> Any:
+    """One frame of a file with a time (or band) axis last, ``data.reader.frame`` (Contrails'
+    band_XX.npy, [H, W, T]); other files as they are."""
+    a = np.asarray(arr)
+    if spec.frame is None or a.ndim != 3:
+        return a
+    if not -a.shape[2] <= spec.frame < a.shape[2]:
+        raise DataError(f"{shown_path(path)}: {a.shape[2]} frames; data.reader.frame {spec.frame} is not one of them")
+    return a[:, :, spec.frame]
+
+
+def slice_files(path: str, spec: ReaderConfig) -> list[str]:
+    """2.5-D: the item's slice and its neighbours at ``data.reader.slices.offsets`` in its
+    folder, by the slice number ``data.reader.slices.number`` reads off each file name; a
+    neighbour past the series' end repeats the last slice there."""
+    assert spec.slices is not None
+    folder = Path(path).parent
+    numbered = _numbered(str(folder), spec.slices.number)
+    mine = _number(Path(path).name, spec.slices.number)
+    if mine is None:
+        raise DataError(f"{shown_path(path)}: no slice number in its name (data.reader.slices.number)")
+    order = sorted(numbered)
+    at = order.index(mine)
+    return [numbered[order[min(max(at + d, 0), len(order) - 1)]] for d in spec.slices.offsets]
+
+
+def _number(name: str, pattern: str) -> int | None:
+    m = re.search(pattern, name)
+    return int(m.group(1)) if m else None
+
+
+_FOLDERS: dict[tuple[str, str], dict[int, str]] = {}  # per process: each series' slices, listed once
+
+
+def _numbered(folder: str, pattern: str) -> dict[int, str]:
+    key = (folder, pattern)
+    if key not in _FOLDERS:
+        found: dict[int, str] = {}
+        for name in sorted(os.listdir(folder)):
+            n = _number(name, pattern)
+            if n is not None:
+                found.setdefault(n, str(Path(folder) / name))
+        _FOLDERS[key] = found
+    return _FOLDERS[key]
+
+
 def channel_files(path: str, spec: ReaderConfig, item_id: str | None = None) -> list[str]:
     """The files of one item, in channel order: each template of ``data.reader.channels``
     with the item's id (read off the listed file by the first template), in its folder."""
     assert spec.channels is not None
     folder = Path(path).parent
     key = item_id if item_id is not None else template_id(Path(path).name, spec.channels[0])
+    if "{id}" not in spec.channels[0]:  # the item is its folder (Contrails: <record>/band_11.npy)
+        key = folder.name
     if key is None:
         raise DataError(f"{shown_path(path)}: its name does not match data.reader.channels[0] '{spec.channels[0]}'")
     return [str(folder / t.format(id=Path(key).name)) for t in spec.channels]
@@ -269,9 +317,14 @@ def items_of(ids: list[str], paths: list[str], template: str) -> tuple[list[str]
     id is the template's ``{id}`` (in its folder, for a folder listing)."""
     out_ids, out_paths = [], []
     for i, p in zip(ids, paths):
+        folder = i.rpartition("/")[0]
+        if "{id}" not in template:  # each folder is an item: its id is the folder's
+            if Path(p).name == template and folder:
+                out_ids.append(folder)
+                out_paths.append(p)
+            continue
         key = template_id(Path(p).name, template)
         if key is not None:
-            folder = i.rpartition("/")[0]
             out_ids.append(f"{folder}/{key}" if folder else key)
             out_paths.append(p)
     return out_ids, out_paths
