@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
@@ -29,6 +29,7 @@ class SampleOrder:
     ids: list[str]
     rows: list[int]
     id_column: str = ""  # the sample's id column (the first where empty), wherever it stands
+    copied: dict[str, list[str]] = field(default_factory=dict)  # columns written as the sample has them
 
 
 def _examples(items: Sequence[str], n: int = 3) -> str:
@@ -66,6 +67,7 @@ def match_sample(
     from kaggle_tta.io.data import read_csv_table
 
     df = read_csv_table(path, "submission.sample", infer_schema=False)
+    df.columns = _raw_header(path, df.columns)  # an empty name stays empty (polars says column_0)
     where = f"submission.sample ({path})"
     if df.width < 1 or df.height < 1:
         raise ConfigError(f"{where}: the sample has no rows; give the competition's sample_submission.csv")
@@ -100,19 +102,49 @@ def match_sample(
             f"{where}: {'; '.join(parts)}; the sample's ids must be the test ids or their file names (check "
             "data.* and the sample)"
         )
-    if header is not None and len(header) != df.width:
+    copied = _copied(df, id_col, header)
+    if header is not None and (copied is None or len(header) != df.width - len(copied)):
         raise ConfigError(
             f"{where}: the sample has {df.width} columns {df.columns}, the submission {len(header)} "
             f"{list(header)}; set submission.format or its column names to match"
         )
-    return SampleOrder(path, list(df.columns), sample_ids, rows, id_col)
+    return SampleOrder(path, list(df.columns), sample_ids, rows, id_col, copied or {})
+
+
+def _raw_header(path: Path, names: list[str]) -> list[str]:
+    """The sample's header as written in the file (polars renames an empty name)."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            raw = next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError):
+        return names
+    return raw if len(raw) == len(names) and len(set(raw)) == len(raw) else names
+
+
+def _copied(df: pl.DataFrame, id_col: str, header: Sequence[str] | None) -> dict[str, list[str]] | None:
+    """The sample's columns the writer does not make, written back as the sample has them: an
+    unnamed index column (pandas' ``to_csv`` with its index), or columns the competition fills
+    with constants (Contrails' ``height,width``) beside columns named as the writer's. None:
+    too many columns to tell which."""
+    if header is None or df.width <= len(header):
+        return {}
+    ours, others = list(header[1:]), [c for c in df.columns if c != id_col]
+    if set(ours) <= set(others):
+        extra = [c for c in others if c not in ours]
+    else:
+        extra = [c for c in others if c == "" or c.startswith("Unnamed:")]
+    if len(others) - len(extra) != len(ours):
+        return None
+    return {c: [str(v) if v is not None else "" for v in df[c].to_list()] for c in extra}
 
 
 def align(table: pl.DataFrame, order: SampleOrder) -> pl.DataFrame:
     """The table in the sample's order, with its ids and header, its columns in the sample's
     order (the id column where the sample has it, not only first): columns of the same names
     are taken by name, others by position."""
-    if table.width != len(order.header):
+    if table.width != len(order.header) - len(order.copied):
         raise ConfigError(
             f"submission.sample ({order.path}): the sample has {len(order.header)} columns, the submission "
             f"{table.width} {table.columns}"
@@ -120,11 +152,20 @@ def align(table: pl.DataFrame, order: SampleOrder) -> pl.DataFrame:
     out = table[order.rows]
     id_column = order.id_column or order.header[0]
     ours = out.columns[1:]  # the writer's id column is its first
-    theirs = [h for h in order.header if h != id_column]
+    theirs = [h for h in order.header if h != id_column and h not in order.copied]
     source = dict(zip(theirs, theirs if set(ours) == set(theirs) else ours))
-    return pl.DataFrame(
-        [pl.Series(h, order.ids, dtype=pl.String) if h == id_column else out[source[h]].alias(h) for h in order.header]
+    table = pl.DataFrame(
+        [
+            pl.Series(f"c{k}", order.ids, dtype=pl.String)
+            if h == id_column
+            else pl.Series(f"c{k}", order.copied[h], dtype=pl.String)
+            if h in order.copied
+            else out[source[h]].alias(f"c{k}")
+            for k, h in enumerate(order.header)
+        ]
     )
+    table.columns = list(order.header)  # as the sample has them, an empty name included
+    return table
 
 
 def write_submission(df: pl.DataFrame, path: Path, key: str = "submission.path") -> None:

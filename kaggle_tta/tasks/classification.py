@@ -52,11 +52,29 @@ def write_label(ids: Sequence[str], probs: np.ndarray, classes: Sequence[str], s
 
 
 def write_probs(ids: Sequence[str], probs: np.ndarray, classes: Sequence[str], spec: SubmissionConfig) -> pl.DataFrame:
-    """One column per class (``class_columns`` names them; their count is checked with the plan)."""
+    """One column per class (``class_columns`` names them; their count is checked with the plan).
+    Rows that are a distribution (softmax) are written so that what is written sums to 1: see
+    :func:`exact_distribution`."""
     cols = spec.class_columns or list(classes)
-    return pl.DataFrame(
-        [_id_series(ids, spec), *(pl.Series(c, probs[:, k].astype(np.float64)) for k, c in enumerate(cols))]
-    )
+    values = exact_distribution(np.asarray(probs, dtype=np.float64))
+    return pl.DataFrame([_id_series(ids, spec), *(pl.Series(c, values[:, k]) for k, c in enumerate(cols))])
+
+
+WRITTEN_DECIMALS = 6  # the submission's float precision (io.submission.write_submission)
+
+
+def exact_distribution(p: np.ndarray, decimals: int = WRITTEN_DECIMALS) -> np.ndarray:
+    """Rows that sum to 1 (several classes, softmax) rounded to ``decimals`` so that the written
+    numbers sum to exactly 1: in units of 10^-decimals, the rounding's remainder goes to each
+    row's largest entry (Dog Breed's grader wants 120 probabilities summing to 1 +- 1e-6;
+    rounded one by one they miss that about one row in a thousand). Other rows as they are."""
+    if p.ndim != 2 or p.shape[1] < 2 or not np.allclose(p.sum(axis=1), 1.0, atol=1e-4):
+        return p
+    unit = 10**decimals
+    q = np.rint(p * unit).astype(np.int64)
+    top = q.argmax(axis=1)
+    q[np.arange(len(q)), top] += unit - q.sum(axis=1)
+    return q / unit
 
 
 def write_topk(ids: Sequence[str], probs: np.ndarray, classes: Sequence[str], spec: SubmissionConfig) -> pl.DataFrame:
