@@ -335,3 +335,45 @@ def test_a_five_slice_stack_takes_the_neighbours_repeating_at_the_ends(tmp_path)
     np.testing.assert_allclose(got, want, atol=1e-6)
     last = read_item(str(scans / "slice_0006_14_10_1.50_1.50.png"), spec)
     np.testing.assert_allclose(last[:, :, 3:], np.stack([slices[6]] * 2, axis=2) / np.float32(4000), atol=1e-6)
+
+
+def test_regression_petfinder_layout_writes_the_graders_rows(tmp_path, monkeypatch, capsys):
+    """PetFinder's layout (mle-bench): test/<Id>.jpg, sample_submission.csv `Id,Pawpularity`.
+    A regression member (the image's mean brightness, scaled to 1..100): one row per image in
+    the sample's order, every value within [1, 100] as its grade.py checks, and the RMSE and
+    MAE the report prints equal numpy's on the written values."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    (tmp_path / "test").mkdir()
+    rng = np.random.default_rng(8)
+    ids = [f"{k:032x}" for k in rng.integers(0, 2**62, 12)]
+    for k, i in enumerate(ids):
+        cv2.imwrite(str(tmp_path / "test" / f"{i}.jpg"), np.full((30, 40, 3), 10 + 20 * k, np.uint8))
+    truth = {i: float(rng.uniform(1, 100)) for i in ids}
+    (tmp_path / "sample_submission.csv").write_text("Id,Pawpularity\n" + "".join(f"{i},50.0\n" for i in ids[::-1]))
+    (tmp_path / "labels.csv").write_text("Id,Pawpularity\n" + "".join(f"{i},{v}\n" for i, v in truth.items()))
+    member = {
+        "name": "bright",
+        "factory": "helpers:mean_brightness",
+        "preprocess": {"input_size": [3, 24, 32], "mean": [0, 0, 0], "std": [1, 1, 1]},
+        "tta": "flips",
+    }
+    data = {
+        "folder": str(tmp_path / "test"),
+        "labels": {"path": str(tmp_path / "labels.csv"), "id_column": "Id", "label_column": "Pawpularity"},
+    }
+    path = _pipeline(tmp_path, data, [member], fmt="values")
+    cfg = yaml.safe_load(path.read_text())
+    cfg.update({"task": "regression", "regression": {"scale": 100.0, "clip": [1.0, 100.0]}})
+    cfg["data"]["classes"] = ["Pawpularity"]
+    cfg["submission"].update({"id_column": "Id", "sample": str(tmp_path / "sample_submission.csv")})
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(path), "-q"]) == 0
+    report = capsys.readouterr().out
+    with open(tmp_path / "sub.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["Id", "Pawpularity"] and [r[0] for r in rows[1:]] == ids[::-1]
+    got = np.array([float(r[1]) for r in rows[1:]])
+    assert ((got >= 1) & (got <= 100)).all() and len(np.unique(got)) > 1
+    want = np.array([truth[r[0]] for r in rows[1:]])
+    rmse = float(np.sqrt(np.mean((got - want) ** 2)))
+    assert f"{rmse:.4g}" in report and "%" not in report.split("\n")[2], report

@@ -26,7 +26,13 @@ from kaggle_tta.config.sections import (
     RuntimeConfig,
     SubmissionConfig,
 )
-from kaggle_tta.config.task_sections import DetectionConfig, RLEConfig, SegmentationConfig, TilingConfig
+from kaggle_tta.config.task_sections import (
+    DetectionConfig,
+    RegressionConfig,
+    RLEConfig,
+    SegmentationConfig,
+    TilingConfig,
+)
 
 __all__ = [
     "FACTORY_PATH_KWARGS",
@@ -37,6 +43,7 @@ __all__ = [
     "CsvSource",
     "DataConfig",
     "DetectionConfig",
+    "RegressionConfig",
     "LabelsSpec",
     "MasksSpec",
     "MemberConfig",

@@ -11,7 +11,7 @@ from kaggle_tta.config.data import DataConfig
 from kaggle_tta.config.errors import did_you_mean
 from kaggle_tta.config.section_base import Section
 from kaggle_tta.config.sections import BlendConfig, CacheConfig, MemberConfig, RuntimeConfig, SubmissionConfig
-from kaggle_tta.config.task_sections import DetectionConfig, SegmentationConfig
+from kaggle_tta.config.task_sections import DetectionConfig, RegressionConfig, SegmentationConfig
 
 
 class PipelineConfig(Section):
@@ -28,6 +28,7 @@ class PipelineConfig(Section):
     cache: CacheConfig = CacheConfig()
     segmentation: SegmentationConfig = SegmentationConfig()
     detection: DetectionConfig = DetectionConfig()
+    regression: RegressionConfig = RegressionConfig()
     members: list[MemberConfig]
     blends: list[BlendConfig] = []
     submission: SubmissionConfig = SubmissionConfig()

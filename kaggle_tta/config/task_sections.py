@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import field_validator
+from pydantic import field_validator, model_validator
 
 from kaggle_tta.config.section_base import Section, check_fraction, check_fractions, check_positive, check_template
 
@@ -146,3 +146,23 @@ class RLEConfig(Section):
     @classmethod
     def _template(cls, v: str) -> str:
         return check_template(v, {"id": "x", "class": "c", "index": 0}, "{id}_{class}")
+
+
+class RegressionConfig(Section):
+    """Regression (``task: regression``): each member's outputs, one float per target (the
+    names in ``data.classes``), merged over views and blended as values, then mapped to the
+    competition's range."""
+
+    scale: float = 1.0
+    """Each written value is ``offset + scale * v`` (a model trained on target / 100 with a
+    sigmoid writes 1..100 with scale 100)."""
+    offset: float = 0.0
+    """See ``scale``."""
+    clip: tuple[float, float] | None = None
+    """[low, high]: written values kept in the range the grader accepts (PetFinder: [1, 100])."""
+
+    @model_validator(mode="after")
+    def _range(self) -> RegressionConfig:
+        if self.clip is not None and not self.clip[0] <= self.clip[1]:
+            raise ValueError("clip must be [low, high] with low <= high")
+        return self

@@ -144,6 +144,17 @@ def _members_of(cfg: PipelineConfig) -> dict[str, list[str]]:
     return out
 
 
+VALUE_METRICS = frozenset({"RMSE", "MAE"})  # errors in the target's own units: shown as numbers, not percents
+
+
+def _percent(x: float | None, gain: bool = False) -> str:
+    return "—" if x is None else f"{100 * x:+.2f}" if gain else f"{100 * x:.2f}%"
+
+
+def _value(x: float | None, gain: bool = False) -> str:
+    return "—" if x is None else f"{x:+.4g}" if gain else f"{x:.4g}"
+
+
 def format_report(result: BlendResult) -> str:
     """A markdown table like the reference document's: with and without TTA per node."""
     metrics = result.metrics or ["score"]
@@ -157,11 +168,9 @@ def format_report(result: BlendResult) -> str:
         cells = []
         for m in metrics:
             plain, tta = r.scores_plain.get(m), r.scores_tta.get(m)
-            cells += [
-                f"{100 * plain:.2f}%" if plain is not None else "—",
-                f"{100 * tta:.2f}%" if tta is not None else "—",
-            ]
-            cells.append(f"{100 * (tta - plain):+.2f}" if tta is not None and plain is not None else "—")
+            shown = _value if m in VALUE_METRICS else _percent
+            cells += [shown(plain), shown(tta)]
+            cells.append(shown(tta - plain, gain=True) if tta is not None and plain is not None else "—")
         rel = f"{r.seconds / r.seconds_plain:.1f}×" if r.seconds_plain else "—"
         fw = (
             f" {r.forwards.run} of {r.forwards.full} ({100 * r.forwards.saved / r.forwards.full:.0f}% saved) |"

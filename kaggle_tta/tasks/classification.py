@@ -12,7 +12,7 @@ import functools
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import polars as pl
@@ -119,7 +119,7 @@ class Classification(Task):
     user_preprocessing = True
     uncertainty = True
     adaptive = True
-    tuner = "classes"
+    tuner: ClassVar[str | None] = "classes"
 
     def validate(self, cfg: PipelineConfig) -> None:
         if cfg.submission.format == "multilabel" and not cfg.multilabel:

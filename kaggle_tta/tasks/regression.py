@@ -1,0 +1,135 @@
+"""Regression: one float per target and image (``data.classes`` names the targets; PetFinder's
+``Pawpularity``), merged over views and blended as values, written as ``id, <target>...``.
+
+The engine side is classification's (an ``[N, C]`` output per image, every view inverting to
+the identity): only the activation, the merges, the writer and the scores differ. A member's
+``activation`` is ``none`` (the model outputs the value) or ``sigmoid`` (it outputs a logit of
+value / scale); ``regression.scale``, ``offset`` and ``clip`` map merged values to what is
+written. Scores with ``data.labels`` (its label column holding the number): RMSE and MAE.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import polars as pl
+
+from kaggle_tta.config import MemberConfig, PipelineConfig, SubmissionConfig
+from kaggle_tta.config.errors import ConfigError, DataError
+from kaggle_tta.exec.dag import MemberSource, blocks, node_predictions
+from kaggle_tta.ops.merge import to_probs
+from kaggle_tta.tasks.base import TaskOutput, register_task
+from kaggle_tta.tasks.classification import Classification
+
+if TYPE_CHECKING:
+    from kaggle_tta.engine.plan import Plan
+
+BLOCK_ROWS = 4096
+ACTIVATIONS = ("none", "sigmoid")
+
+
+def write_values(
+    ids: Sequence[str], values: np.ndarray, targets: Sequence[str], spec: SubmissionConfig
+) -> pl.DataFrame:
+    """``id`` and one float column per target (``class_columns`` renames them)."""
+    cols = spec.class_columns or list(targets)
+    data = np.asarray(values, dtype=np.float64).reshape(len(ids), -1) if len(ids) else np.zeros((0, len(cols)))
+    return pl.DataFrame(
+        [pl.Series(spec.id_column, list(ids), dtype=pl.String), *(pl.Series(c, data[:, k]) for k, c in enumerate(cols))]
+    )
+
+
+def load_values(cfg: PipelineConfig, ids: Sequence[str]) -> np.ndarray | None:
+    """``data.labels`` as numbers, one per test id (None without labels)."""
+    spec = cfg.data.labels
+    if spec is None:
+        return None
+    from kaggle_tta.io.data import read_csv_table
+
+    path = cfg.resolve(spec.path)
+    df = read_csv_table(path, "data.labels.path", infer_schema=False)
+    for col in (spec.id_column, spec.label_column):
+        if col not in df.columns:
+            raise DataError(
+                f"{path}: no column '{col}' (columns: {df.columns}); set data.labels.id_column/label_column"
+            )
+    table: dict[str, float] = {}
+    for i, v in zip(df[spec.id_column].to_list(), df[spec.label_column].to_list()):
+        try:
+            table[str(i)] = float(v)
+        except (TypeError, ValueError):
+            raise DataError(f"{path}: label {v!r} of id {i!r} is not a number (task: regression)") from None
+    missing = [i for i in ids if i not in table]
+    if missing:
+        raise DataError(f"{path}: {len(missing)} test ids have no label (e.g. {missing[0]!r})")
+    return np.array([table[i] for i in ids], dtype=np.float64)
+
+
+def scores(values: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """RMSE and MAE over every image and target (lower is better)."""
+    err = values.reshape(len(truth), -1)[:, 0] - truth
+    return {"RMSE": float(np.sqrt(np.mean(err**2))), "MAE": float(np.mean(np.abs(err)))}
+
+
+@register_task
+class Regression(Classification):
+    name = "regression"
+    merges = ("mean",)
+    blends = ("mean",)
+    writers = {"values": write_values}
+    uncertainty = False
+    adaptive = False
+    tuner = None
+
+    def validate(self, cfg: PipelineConfig) -> None:
+        if cfg.multilabel:
+            raise ConfigError("multilabel: regression writes values; remove multilabel")
+        for m in cfg.members:
+            if m.activation not in ("auto", *ACTIVATIONS):
+                raise ConfigError(
+                    f"members.{m.name}.activation: regression members output values (none) or a logit of "
+                    f"value / regression.scale (sigmoid), not {m.activation}"
+                )
+
+    def activation(self, cfg: PipelineConfig, m: MemberConfig, n_classes: int) -> str:
+        return "none" if m.activation == "auto" else m.activation
+
+    def check_plan(self, plan: Plan) -> None:
+        spec = plan.cfg.submission
+        if spec.class_columns is not None and len(spec.class_columns) != len(plan.classes):
+            raise ConfigError(
+                f"submission.class_columns: {len(spec.class_columns)} names for {len(plan.classes)} targets"
+            )
+        load_values(plan.cfg, plan.testset.ids)  # a bad labels file fails now, not after inference
+
+    def columns(self, plan: Plan) -> list[str]:
+        return write_values([], np.zeros((0, len(plan.classes))), plan.classes, plan.cfg.submission).columns
+
+    def blend(self, plan: Plan, sources: Sequence[MemberSource], sizes: np.ndarray | None, plain: bool) -> TaskOutput:
+        cfg = plan.cfg
+        ids = plan.testset.ids
+        truth = load_values(cfg, ids)
+        values: dict[str, list[np.ndarray]] = {}
+        plain_values: dict[str, list[np.ndarray]] = {}
+        for lo, hi in blocks(len(ids), BLOCK_ROWS):
+            for name, pred in node_predictions(cfg, sources, lo, hi).items():
+                values.setdefault(name, []).append(self.written(cfg, to_probs(pred)))
+            if plain and truth is not None:
+                for name, pred in node_predictions(cfg, sources, lo, hi, plain=True).items():
+                    plain_values.setdefault(name, []).append(self.written(cfg, to_probs(pred)))
+        whole = {k: np.concatenate(v) for k, v in values.items()}
+        table = write_values(ids, whole[cfg.submission_source], plan.classes, cfg.submission)
+        if truth is None:
+            return TaskOutput(table, [], {}, {})
+        tta = {k: scores(v, truth) for k, v in whole.items()}
+        no_tta = {k: scores(np.concatenate(v), truth) for k, v in plain_values.items()}
+        return TaskOutput(table, ["RMSE", "MAE"], tta, no_tta)
+
+    @staticmethod
+    def written(cfg: PipelineConfig, v: Any) -> np.ndarray:
+        """Merged values as written: ``offset + scale * v``, clipped to ``regression.clip``."""
+        r = cfg.regression
+        out = r.offset + r.scale * np.asarray(v, dtype=np.float64)
+        return np.clip(out, *r.clip) if r.clip is not None else out
