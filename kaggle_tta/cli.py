@@ -26,7 +26,7 @@ def _load(args: argparse.Namespace):
 
 def _print_stats(stats) -> None:
     if stats.rank is not None and not stats.ranks:  # a rank other than 0: one line, written at once (no interleaving)
-        lo, hi = stats.share
+        lo, hi = stats.rows
         print(
             f"kaggle-tta: {stats.rank} on {stats.device}: rows {lo}-{hi} of {stats.images}, {stats.rows_computed} "
             f"computed in {stats.seconds:.1f}s; "

@@ -42,16 +42,16 @@ def cpu_cores() -> int:
 
 
 def resolve_workers(
-    setting: int | str, device: torch.device, threads: int | None, share: int = 1
+    setting: int | str, device: torch.device, threads: int | None, per_host: int = 1
 ) -> tuple[int, int | None]:
     """(decode workers, torch CPU threads to set or None) for ``runtime.workers``.
 
     On the CPU the forward and the decoding share the cores: a worker that takes a core from
     a 2-thread forward stalls its synchronized kernels, so small machines decode in-process,
-    and larger ones leave the workers' cores out of torch's threads. ``share``: ranks on this
+    and larger ones leave the workers' cores out of torch's threads. ``per_host``: ranks on this
     machine, which divide its cores among them.
     """
-    cores = max(1, cpu_cores() // max(1, share))
+    cores = max(1, cpu_cores() // max(1, per_host))
     if setting != "auto":
         return int(setting), threads
     if device.type == "cuda":

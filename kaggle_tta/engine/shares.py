@@ -77,7 +77,7 @@ def space_short(plan: Plan, precisions: dict[str, PrecisionCheck], world: int) -
 
 
 def assemble_or_recompute(
-    plan: Plan, device: torch.device, precisions: dict[str, PrecisionCheck], share: int, label: str
+    plan: Plan, device: torch.device, precisions: dict[str, PrecisionCheck], per_host: int, label: str
 ) -> int:
     """Rank 0's assembly. A shard view found damaged is not used: its rows are computed again
     here, into its shard, and assembled (a second damage is one line)."""
@@ -95,7 +95,7 @@ def assemble_or_recompute(
                 file=sys.stderr,
                 flush=True,
             )
-            run_share(plan, device, precisions, lo, hi, False, None, share, label)
+            run_share(plan, device, precisions, lo, hi, False, None, per_host, label)
     member, lo, hi, view, why = done.damaged[0]
     raise CacheError(
         f"{plan.cache_root / member}: shard {lo}-{hi} of view '{view}' was damaged again after it was computed anew "
@@ -111,7 +111,7 @@ def run_share(
     hi: int,
     progress: bool = False,
     models: dict | None = None,
-    share: int = 1,
+    per_host: int = 1,
     label: str = "",
 ) -> RunStats:
     """Rows ``lo:hi`` of every member still missing (from the entries and from complete
@@ -128,7 +128,7 @@ def run_share(
 
     with shard_lock([w.entry.dir for w in pending], waiting):
         stats = run_locked(
-            part, device, precisions, progress, holding=bool(pending), models=models, share=share, label=label
+            part, device, precisions, progress, holding=bool(pending), models=models, per_host=per_host, label=label
         )
-    stats.share, stats.images = (lo, hi), len(plan.testset)
+    stats.rows, stats.images = (lo, hi), len(plan.testset)
     return stats

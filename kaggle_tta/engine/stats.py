@@ -36,7 +36,7 @@ class RunStats:
     recomputed_damaged: bool = False  # a view found damaged while blending was recomputed
     members: dict[str, MemberStats] = field(default_factory=dict)
     rank: str | None = None  # under several ranks: "rank 1/2", this process's place
-    share: tuple[int, int] | None = None  # ... and its rows (lo, hi)
+    rows: tuple[int, int] | None = None  # ... and its rows (lo, hi)
     ranks: list = field(default_factory=list)  # on rank 0: one line per rank
     assembled: int = 0  # on rank 0: views (and image sizes) assembled from the ranks' shards
 

@@ -71,12 +71,12 @@ def run_locked(
     progress: bool,
     holding: bool = True,
     models: dict | None = None,
-    share: int = 1,
+    per_host: int = 1,
     label: str = "",
 ) -> RunStats:
     rt, task = plan.cfg.runtime, plan.task
     stats = RunStats(device=str(device), precision=None, images=len(plan.testset))
-    workers, threads = resolve_workers(rt.workers, device, rt.threads, share)
+    workers, threads = resolve_workers(rt.workers, device, rt.threads, per_host)
     if threads:
         torch.set_num_threads(threads)
     if holding and plan.rows is None:  # shards a torchrun left: rows computed already
