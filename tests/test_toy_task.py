@@ -217,31 +217,6 @@ def _modules() -> dict[str, Path]:
     return out
 
 
-def _top_level(tree) -> list:
-    """Module-level statements, into top-level if/try/with blocks but not `if TYPE_CHECKING:`
-    ones, nor into functions or classes (lazy imports there are the point)."""
-    import ast
-
-    out, todo = [], list(tree.body)
-    while todo:
-        node = todo.pop(0)
-        if isinstance(node, ast.If):
-            test = node.test
-            if (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-                isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-            ):
-                todo += node.orelse
-                continue
-            todo += node.body + node.orelse
-        elif isinstance(node, ast.Try):
-            todo += node.body + node.orelse + node.finalbody + [s for h in node.handlers for s in h.body]
-        elif isinstance(node, ast.With):
-            todo += node.body
-        else:
-            out.append(node)
-    return out
-
-
 def test_no_orchestrating_module_compares_a_task_name():
     """Nothing outside tasks/ compares a task's name: it asks the task (DESIGN.md, Rooms)."""
     import ast
@@ -264,39 +239,3 @@ def test_no_orchestrating_module_compares_a_task_name():
             ):
                 hits.append(f"{f.relative_to(PACKAGE.parent)}:{node.pattern.lineno}: case {ast.unparse(node.pattern)}")
     assert not hits, "compare a task's name; ask plan.task instead:\n" + "\n".join(hits)
-
-
-def test_module_level_imports_of_the_package_form_no_cycle():
-    import ast
-
-    modules = _modules()
-    graph: dict[str, set[str]] = {m: set() for m in modules}
-    for mod, f in modules.items():
-        package = mod if f.name == "__init__.py" else mod.rpartition(".")[0]
-        for node in _top_level(ast.parse(f.read_text(encoding="utf-8"))):
-            targets = []
-            if isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    up = package.split(".")[: len(package.split(".")) - (node.level - 1)]
-                    base = ".".join(up + ([base] if base else []))
-                targets = [base] + [f"{base}.{a.name}" for a in node.names]  # `from pkg import submodule`
-            graph[mod] |= {t for t in targets if t in modules and t != mod}
-    assert graph["kaggle_tta.engine.plan"] and graph["kaggle_tta.engine.stream"]  # the walk sees imports at all
-
-    state: dict[str, int] = {}
-
-    def visit(m: str, path: list[str]) -> None:
-        if state.get(m) == 1:
-            raise AssertionError("import cycle: " + " -> ".join(path[path.index(m) :] + [m]))
-        if state.get(m) == 2:
-            return
-        state[m] = 1
-        for n in sorted(graph[m]):
-            visit(n, path + [m])
-        state[m] = 2
-
-    for m in sorted(graph):
-        visit(m, [])

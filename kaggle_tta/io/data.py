@@ -243,8 +243,9 @@ def _check_unique(ids: Sequence[str], paths: Sequence[str | Path], where: str) -
         seen[i] = k
 
 
-def load_labels(cfg: PipelineConfig, ids: Sequence[str], classes: Sequence[str]) -> np.ndarray | None:
-    """Ground truth as class indices ``[N]`` (or ``[N, C]`` 0/1 for multi-label), if given."""
+def label_table(cfg: PipelineConfig, ids: Sequence[str]) -> tuple[Path, dict[str, Any]] | None:
+    """``data.labels`` as id -> the label as written (None without labels): one row per id,
+    every test id labelled."""
     spec = cfg.data.labels
     if spec is None:
         return None
@@ -263,10 +264,19 @@ def load_labels(cfg: PipelineConfig, ids: Sequence[str], classes: Sequence[str])
                 "label per id"
             )
         table[i] = label
-    index = {c: k for k, c in enumerate(classes)}
     missing = [i for i in ids if i not in table]
     if missing:
         raise DataError(f"{path}: no label for id {missing[0]!r} ({len(missing)} ids missing)")
+    return path, table
+
+
+def load_labels(cfg: PipelineConfig, ids: Sequence[str], classes: Sequence[str]) -> np.ndarray | None:
+    """Ground truth as class indices ``[N]`` (or ``[N, C]`` 0/1 for multi-label), if given."""
+    found = label_table(cfg, ids)
+    if found is None:
+        return None
+    path, table = found
+    index = {c: k for k, c in enumerate(classes)}
     try:
         if cfg.multilabel:
             y = np.zeros((len(ids), len(classes)), dtype=np.uint8)

@@ -43,28 +43,19 @@ def write_values(
 
 def load_values(cfg: PipelineConfig, ids: Sequence[str]) -> np.ndarray | None:
     """``data.labels`` as numbers, one per test id (None without labels)."""
-    spec = cfg.data.labels
-    if spec is None:
-        return None
-    from kaggle_tta.io.data import read_csv_table
+    from kaggle_tta.io.data import label_table
 
-    path = cfg.resolve(spec.path)
-    df = read_csv_table(path, "data.labels.path", infer_schema=False)
-    for col in (spec.id_column, spec.label_column):
-        if col not in df.columns:
-            raise DataError(
-                f"{path}: no column '{col}' (columns: {df.columns}); set data.labels.id_column/label_column"
-            )
-    table: dict[str, float] = {}
-    for i, v in zip(df[spec.id_column].to_list(), df[spec.label_column].to_list()):
+    found = label_table(cfg, ids)
+    if found is None:
+        return None
+    path, table = found
+    out = np.empty(len(ids), dtype=np.float64)
+    for k, i in enumerate(ids):
         try:
-            table[str(i)] = float(v)
+            out[k] = float(table[i])
         except (TypeError, ValueError):
-            raise DataError(f"{path}: label {v!r} of id {i!r} is not a number (task: regression)") from None
-    missing = [i for i in ids if i not in table]
-    if missing:
-        raise DataError(f"{path}: {len(missing)} test ids have no label (e.g. {missing[0]!r})")
-    return np.array([table[i] for i in ids], dtype=np.float64)
+            raise DataError(f"{path}: label {table[i]!r} of id {i!r} is not a number (task: regression)") from None
+    return out
 
 
 def scores(values: np.ndarray, truth: np.ndarray) -> dict[str, float]:
