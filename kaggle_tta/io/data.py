@@ -120,7 +120,15 @@ def list_test_set(cfg: PipelineConfig) -> TestSet:
     if not ids:
         raise DataError(f"{where}: the test set is empty; check the path and data.extensions {sorted(exts)}")
     _check_unique(ids, paths, where)
-    identities, missing = [], []
+    identities = _identities(paths, where)
+    return TestSet(ids, paths, identities)
+
+
+def _identities(paths: list[str], where: str) -> list[tuple[int, int]]:
+    """(size, mtime_ns) of each listed file, from one stat each: missing, unreadable, not a
+    regular file or zero bytes is one line naming the file(s)."""
+    identities: list[tuple[int, int]] = []
+    missing: list[str] = []
     for p in paths:  # one stat per file: existence, zero bytes and the fingerprint
         try:
             st = os.stat(p)
@@ -143,7 +151,7 @@ def list_test_set(cfg: PipelineConfig) -> TestSet:
             f"{shown(empty[0])}: zero-byte image file; replace or remove it"
             + (f" ({len(empty)} such files)" if len(empty) > 1 else "")
         )
-    return TestSet(ids, paths, identities)
+    return identities
 
 
 def _image_files(candidates: Any, exts: set[str], where: str) -> list[Path]:
