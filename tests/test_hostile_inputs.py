@@ -374,3 +374,16 @@ def test_samples_as_they_come_index_column_and_constant_columns(pipeline, tmp_pa
     for col in [c for c in want.columns if c not in ("id", "label")]:
         assert got[col].tolist() == want[col].tolist(), col
     assert set(got["label"]) <= set(cfg["data"]["classes"])
+
+
+def test_a_sample_column_that_varies_and_the_writer_lacks_is_refused(pipeline, tmp_path, capsys):
+    """An extra sample column with values that vary (a class missing from data.classes, say)
+    is no constant to copy: one line, as any header of another width."""
+    write, cfg = pipeline
+    images = Path(cfg["data"]["folder"])
+    ids = [p.stem for p in sorted(images.glob("*.png"))]
+    sample = tmp_path / "sample.csv"
+    sample.write_text("id,label,extra\n" + "".join(f"{i},circle,{k}\n" for k, i in enumerate(ids)))
+    cfg["submission"]["sample"] = str(sample)
+    assert main(["run", str(write(cfg)), "-q"]) == 2
+    assert "columns" in _one_line(capsys)

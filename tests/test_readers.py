@@ -377,3 +377,33 @@ def test_regression_petfinder_layout_writes_the_graders_rows(tmp_path, monkeypat
     want = np.array([truth[r[0]] for r in rows[1:]])
     rmse = float(np.sqrt(np.mean((got - want) ** 2)))
     assert f"{rmse:.4g}" in report and "%" not in report.split("\n")[2], report
+
+
+def test_auto_reads_arrays_by_suffix_with_no_other_setting(tmp_path, monkeypatch):
+    """data.extensions [.npy] and nothing else: the array reader, not the image decoder; a
+    single file's channel count is checked on the first batch (here: 2 channels, 2 values)."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    (tmp_path / "test").mkdir()
+    rng = np.random.default_rng(9)
+    for k in range(3):
+        np.save(tmp_path / "test" / f"a{k}.npy", rng.normal(0, 1, (12, 10, 2)).astype(np.float32))
+    member = {
+        "name": "m",
+        "factory": "helpers:channel_means",
+        "kwargs": {"in_chans": 2, "num_classes": 2},
+        "preprocess": {"input_size": [2, 8, 8], "mean": [0.0, 0.0], "std": [1.0, 1.0]},
+        "tta": "hflip",
+    }
+    path = _pipeline(tmp_path, {"folder": str(tmp_path / "test"), "extensions": [".npy"]}, [member])
+    assert main(["run", str(path), "-q"]) == 0
+    got = read_item(str(tmp_path / "test" / "a1.npy"), ReaderConfig(frame=1))
+    assert got.shape == (12, 10, 3)  # frame 1 of [12, 10, 2]: one channel, repeated (gray: rgb)
+
+
+def test_a_dicom_window_on_a_png_is_one_line(tmp_path, scan):
+    cv2.imwrite(str(tmp_path / "s.png"), scan)
+    spec = ReaderConfig.model_validate({"window": {"mode": "dicom"}})
+    from kaggle_tta.config.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no DICOM"):
+        read_item(str(tmp_path / "s.png"), spec)

@@ -423,7 +423,10 @@ def list_entries(root: Path) -> list[tuple[str, str, dict[str, Any]]]:
             f = fdir / "manifest.json"
             if f.is_file():
                 try:
-                    out.append((mdir.name, fdir.name, json.loads(f.read_text(encoding="utf-8"))))
+                    m = json.loads(f.read_text(encoding="utf-8"))
+                    if not isinstance(m, dict) or not isinstance(m.get("views"), dict):
+                        raise ValueError("not a manifest")
+                    out.append((mdir.name, fdir.name, m))
                 except (OSError, ValueError):
                     out.append((mdir.name, fdir.name, {"views": {}, "damaged": True}))
     return out

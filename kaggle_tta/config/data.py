@@ -131,6 +131,11 @@ class SliceSpec(Section):
         return v
 
 
+# Suffixes that name a reader under ``data.reader.name: auto`` (kaggle_tta.io.readers); any other
+# file is an image.
+READER_SUFFIXES = {".dcm": "dicom", ".dicom": "dicom", ".npy": "array", ".npz": "array"}
+
+
 class ReaderConfig(Section):
     """How an item's files become one array (kaggle_tta.io.readers): which reader, the
     intensity window, and the files of one item when it has several."""
@@ -172,7 +177,7 @@ class ReaderConfig(Section):
         """Today's path: 8-bit images decoded to RGB (the default)."""
         default = self.window is None and self.channels is None and self.columns is None and self.gray == "rgb"
         default = default and self.slices is None and self.frame is None
-        return self.name in ("auto", "image") and default
+        return self.name == "auto" and default  # a reader named, even image, keeps every bit
 
 
 class DataConfig(Section):
@@ -200,6 +205,13 @@ class DataConfig(Section):
     """Detection ground truth, for the with/without-TTA mAP@0.5 table."""
     reader: ReaderConfig = ReaderConfig()
     """How each item is read: DICOM, 16-bit and float images, arrays, several files per item."""
+
+    @property
+    def plain_images(self) -> bool:
+        """Whether every item is an 8-bit RGB image decoded as always (no reader at work: its
+        settings are the defaults, the listing is of files, and no listed suffix names one)."""
+        suffixes = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in self.extensions}
+        return self.reader.plain and self.records is None and not suffixes & set(READER_SUFFIXES)
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:

@@ -48,7 +48,7 @@ def launch(world: int, target: Callable[..., Any], *args: Any) -> Any:
         start_method="spawn",
         monitor_interval=0.1,
     )
-    _quiet_torch()
+    restore = _quiet_torch()
     try:
         out = elastic_launch(conf, _rank_main)(target, *args)
     except ChildFailedError as exc:
@@ -75,10 +75,12 @@ def launch(world: int, target: Callable[..., Any], *args: Any) -> Any:
                 "set runtime.devices: 1"
             ) from None
         raise
+    finally:
+        restore()
     return out[0]
 
 
-def _quiet_torch() -> None:
+def _quiet_torch() -> Callable[[], None]:
     """Leaves the ranks' failures to our own lines: torch's launcher logs each failed rank
     with a traceback through its own frames (ERROR), its spawn module the ranks it
     terminates, and the store's C++ client each slow poll; a rank's own message, and the
@@ -91,12 +93,25 @@ def _quiet_torch() -> None:
 
     prefixes = ("torch.distributed.elastic", "torch.multiprocessing")
     names = [n for n in logging.root.manager.loggerDict if n.startswith(prefixes)]
-    for name in [*names, *prefixes]:
+    levels = {name: logging.getLogger(name).level for name in [*names, *prefixes]}
+    for name in levels:
         logging.getLogger(name).setLevel(logging.CRITICAL)
+    had_level = "TORCH_CPP_LOG_LEVEL" in os.environ
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # read by each spawned rank's torch
     quiet = "ignore::UserWarning:multiprocessing.resource_tracker"
-    if quiet not in sys.warnoptions:  # handed to the tracker process when it starts
+    added = quiet not in sys.warnoptions
+    if added:  # handed to the tracker process when it starts
         sys.warnoptions.append(quiet)
+
+    def restore() -> None:  # the caller's process as it was (a notebook goes on after the run)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+        if not had_level:
+            os.environ.pop("TORCH_CPP_LOG_LEVEL", None)
+        if added and quiet in sys.warnoptions:
+            sys.warnoptions.remove(quiet)
+
+    return restore
 
 
 def _rank_main(target: Callable[..., Any], *args: Any) -> Any:

@@ -170,7 +170,8 @@ def format_report(result: BlendResult) -> str:
             plain, tta = r.scores_plain.get(m), r.scores_tta.get(m)
             shown = _value if m in VALUE_METRICS else _percent
             cells += [shown(plain), shown(tta)]
-            cells.append(shown(tta - plain, gain=True) if tta is not None and plain is not None else "—")
+            gain = None if tta is None or plain is None else plain - tta if m in VALUE_METRICS else tta - plain
+            cells.append(shown(gain, gain=True))  # an error's gain is how much TTA lowered it
         rel = f"{r.seconds / r.seconds_plain:.1f}×" if r.seconds_plain else "—"
         fw = (
             f" {r.forwards.run} of {r.forwards.full} ({100 * r.forwards.saved / r.forwards.full:.0f}% saved) |"

@@ -21,7 +21,7 @@ from kaggle_tta.engine.device import resolve_device, resolve_precision
 from kaggle_tta.io.canvas import CanvasSpec
 from kaggle_tta.io.data import TestSet, list_test_set
 from kaggle_tta.io.models import Preprocess, check_checkpoint, resolve_preprocess
-from kaggle_tta.io.readers import item_files
+from kaggle_tta.io.readers import item_files, reader_for
 from kaggle_tta.io.submission import SampleOrder, match_sample
 from kaggle_tta.ops.gate import Gate, gate_of
 from kaggle_tta.ops.merge import MERGE_KINDS
@@ -147,6 +147,8 @@ def build_plan(cfg: PipelineConfig) -> Plan:
     task = resolve_task(cfg)
     classes = load_classes(cfg)
     testset = list_test_set(cfg)
+    if not cfg.data.plain_images and len(testset):  # an unknown reader, or one that cannot import: now
+        reader_for(cfg.data.reader, testset.reference)
     cache_root = cfg.resolve(cfg.cache.dir)
     memo = cache_root / ".digests"
     tfp = cache_mod.files_digest(*item_files(testset.ids, testset.paths, cfg), memo)  # every file an item reads
@@ -189,7 +191,7 @@ def _member_plan(
         "dtype": cfg.cache.dtype,
         **_jsonable(task.fingerprint(cfg, m, canvas, act)),
         # how each item is read, where it is not the 8-bit RGB default (whose keys stay as they were)
-        **({} if cfg.data.reader.plain else {"reader": _jsonable(cfg.data.reader.model_dump(mode="json"))}),
+        **({} if cfg.data.plain_images else reader_inputs(cfg, memo)),
     }
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
     bound = [v.bind(task.view_size(pre), pre.mean, pre.std) for v in views]
@@ -269,22 +271,33 @@ def check_spaces(plan: Plan) -> None:
 def factory_digest(m: MemberConfig, memo: Path) -> str | None:
     """SHA-256 of the source file of a factory member's module (found, not imported): a
     factory edited to compute something else is a new entry. Only that file is hashed, not
-    what it imports (README, the cache)."""
+    what it imports (docs/cache.md)."""
     if m.factory is None:
         return None
+    return module_digest(m.factory, f"members.{m.name}.factory", memo)
+
+
+def reader_inputs(cfg: PipelineConfig, memo: Path) -> dict[str, Any]:
+    """What a reader adds to every member's fingerprint: its settings, and a user reader's
+    source file (edited to read otherwise: a new entry)."""
+    name = cfg.data.reader.name
+    out = {"reader": _jsonable(cfg.data.reader.model_dump(mode="json"))}
+    if ":" in name:
+        out["reader_source_sha256"] = module_digest(name, "data.reader.name", memo)
+    return out
+
+
+def module_digest(callable_spec: str, where: str, memo: Path) -> str | None:
+    """SHA-256 of the source file of ``module:callable``'s module (a factory, a reader)."""
     import importlib.util
 
-    module = m.factory.partition(":")[0]
+    module = callable_spec.partition(":")[0]
     try:
         spec = importlib.util.find_spec(module)
     except (ImportError, ValueError) as exc:
-        raise ConfigError(
-            f"members.{m.name}.factory: cannot find module '{module}' ({exc}); install it or fix the name"
-        ) from None
+        raise ConfigError(f"{where}: cannot find module '{module}' ({exc}); install it or fix the name") from None
     if spec is None:
-        raise ConfigError(
-            f"members.{m.name}.factory: no module '{module}'; install it or fix the name (is its folder on PYTHONPATH?)"
-        )
+        raise ConfigError(f"{where}: no module '{module}'; install it or fix the name (is its folder on PYTHONPATH?)")
     origin = spec.origin
     if not origin or not Path(origin).is_file():
         return None  # a built-in or namespace module: no source file to hash

@@ -18,6 +18,7 @@ from kaggle_tta.exec.forward import Runner
 from kaggle_tta.exec.precision import PrecisionCheck, ProbeWork, compare_precision
 from kaggle_tta.io import models as model_io
 from kaggle_tta.io.data import Batch, make_loader
+from kaggle_tta.io.readers import reader_of
 
 REDUCED = ("bf16", "fp16")
 
@@ -103,8 +104,8 @@ def recorded_check(plan: Plan, m: MemberPlan, precision: str) -> PrecisionCheck 
 def record_check(plan: Plan, m: MemberPlan, precision: str, check: PrecisionCheck) -> None:
     """Writes the verdict into the manifest of the entry the rows go to, under its lock (best
     effort: a read-only cache only means checking again next time)."""
-    entry = check_entry(plan, m, check.ran_in)
-    try:
+    try:  # a damaged manifest is cleared by the run that writes the entry: nothing recorded now
+        entry = check_entry(plan, m, check.ran_in)
         with entry.lock():
             entry.reload()
             rec = {
@@ -179,7 +180,7 @@ def _first_batches(plan: Plan, dense: list[MemberPlan], workers: int, device: to
             workers,
             0,
             pin_memory=device.type == "cuda",
-            reader=plan.cfg.data.reader,
+            reader=reader_of(plan.cfg),
         )
     )
     try:

@@ -35,6 +35,7 @@ from kaggle_tta.exec.forward import MemberWork, Runner
 from kaggle_tta.exec.precision import PrecisionCheck
 from kaggle_tta.io import models as model_io
 from kaggle_tta.io.data import Batch, make_loader
+from kaggle_tta.io.readers import reader_of
 from kaggle_tta.ops.gate import Forwards
 
 
@@ -95,7 +96,7 @@ def run_locked(
                 workers,
                 start,
                 pin_memory=device.type == "cuda",
-                reader=plan.cfg.data.reader,
+                reader=reader_of(plan.cfg),
             )
         )
 

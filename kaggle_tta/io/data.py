@@ -28,7 +28,7 @@ import polars as pl
 
 from kaggle_tta.config import PipelineConfig
 from kaggle_tta.config.data import ReaderConfig
-from kaggle_tta.config.errors import ConfigError, DataError, UserPath, shown_path
+from kaggle_tta.config.errors import ConfigError, DataError, KaggleTTAError, UserPath, shown_path
 from kaggle_tta.io.canvas import CanvasSpec
 from kaggle_tta.io.readers import decode_image, items_of, list_records, opencv, read_item, record_item
 
@@ -116,7 +116,7 @@ def list_test_set(cfg: PipelineConfig) -> TestSet:
         ids, paths = _list_csv(cfg)
         where = f"data.csv ({cfg.resolve(d.csv.path)})"  # type: ignore[union-attr]
     if d.reader.channels and d.csv is None:  # items of several files: the first template's files
-        ids, paths = items_of(ids, paths, d.reader.channels[0])
+        ids, paths = items_of(ids, paths, d.reader.channels)
     if not ids:
         raise DataError(f"{where}: the test set is empty; check the path and data.extensions {sorted(exts)}")
     _check_unique(ids, paths, where)
@@ -338,7 +338,7 @@ class CanvasDataset:
         self.paths: list[str | Path] = list(paths)
         self.specs = specs
         self.start = start
-        self.reader = reader if reader is not None and not reader.plain else None  # None: 8-bit RGB, as always
+        self.reader = reader  # None: 8-bit RGB images, decoded as always (readers.reader_of)
         self._transforms: dict[str, Any] | None = None
 
     def __len__(self) -> int:
@@ -366,7 +366,7 @@ class CanvasDataset:
                     )
                 out[key] = canvas
             return i, out, np.array(img.shape[:2], dtype=np.int32)  # maps and boxes go back to it
-        except DataError as exc:
+        except KaggleTTAError as exc:  # a reader's or a user's callable's: one line, as any bad image
             return i, str(exc), None
 
 

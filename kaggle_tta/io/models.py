@@ -106,7 +106,12 @@ def resolve_preprocess(cfg: PipelineConfig, m: MemberConfig, default_size: tuple
     std = tuple(p.std or pc.get("std") or IMAGENET_STD)
     reader = cfg.data.reader
     made = len(reader.channels or reader.columns or (reader.slices.offsets if reader.slices else [])) or None
-    n = made if made and made > 1 else (3 if reader.gray == "rgb" else made)  # one repeats to 3 (gray: rgb)
+    if cfg.data.plain_images:
+        n: int | None = 3
+    elif made is not None:
+        n = 3 if made == 1 and reader.gray == "rgb" else made  # one channel repeats to 3 (gray: rgb)
+    else:
+        n = None  # a single file of any channel count: normalize checks it on the first batch
     if (n is not None and (len(mean) != n or len(std) != n)) or len(mean) != len(std) or any(s <= 0 for s in std):
         said = f"{n} values each" if n is not None else "one value per channel each"
         raise ConfigError(f"{where}.preprocess: mean and std need {said}, std positive")
@@ -119,7 +124,7 @@ def resolve_preprocess(cfg: PipelineConfig, m: MemberConfig, default_size: tuple
         alb = _load_albumentations(cfg, p.albumentations, f"{where}.preprocess.albumentations")
     # auto: timm's eval transform where the preprocessing is timm's (an arch member), the
     # reference document's OpenCV path for a factory member
-    plain = cfg.data.reader.plain  # timm's transform takes 8-bit RGB only
+    plain = cfg.data.plain_images  # timm's transform takes 8-bit RGB only
     if p.backend == "timm" and not plain:
         raise ConfigError(
             f"{where}.preprocess.backend: timm's transform takes 8-bit RGB images; data.reader gives other "

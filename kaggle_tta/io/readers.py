@@ -18,12 +18,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from kaggle_tta.config.data import READER_SUFFIXES
 from kaggle_tta.config.errors import ConfigError, DataError, shown_path
 
 if TYPE_CHECKING:
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
 Reader = Callable[[str, "ReaderConfig"], np.ndarray]
 READERS: dict[str, Reader] = {}
 RECORD = "#row="  # an item that is a row of a record file: <file>#row=<k>
-SUFFIXES = {".dcm": "dicom", ".dicom": "dicom", ".npy": "array", ".npz": "array"}
+SUFFIXES = READER_SUFFIXES
 
 
 def register_reader(name: str) -> Callable[[Reader], Reader]:
@@ -61,16 +63,24 @@ def reader_for(spec: ReaderConfig, path: str) -> Reader:
     raise ConfigError(f"data.reader.name: unknown reader '{name}'; use auto, {', '.join(READERS)} or module:callable")
 
 
+def reader_of(cfg: PipelineConfig) -> ReaderConfig | None:
+    """The loader's reader: None where every item is a plain 8-bit image (decoded as always)."""
+    return None if cfg.data.plain_images else cfg.data.reader
+
+
 def read_item(path: str, spec: ReaderConfig, item_id: str | None = None) -> np.ndarray:
     """The item at ``path`` (and its other channel files) as ``[H, W, C]``, windowed.
 
     Raises:
         DataError: a file that cannot be read, naming it and what is wrong.
     """
+    reader = reader_for(spec, path)
+    if spec.window is not None and spec.window.mode == "dicom" and reader is not read_dicom:
+        raise ConfigError(
+            f"data.reader.window: mode dicom is the file's own VOI window; {shown_path(path)} is no DICOM"
+        )
     if spec.channels is None and spec.slices is None:
-        arr = _hwc(reader_for(spec, path)(path, spec), path)
-        if arr.shape[2] == 1 and spec.gray == "rgb":
-            arr = np.repeat(arr, 3, axis=2)
+        arr = _hwc(_frame(reader(path, spec), spec, path), path)
     else:
         files = channel_files(path, spec, item_id) if spec.channels else slice_files(path, spec)
         planes: list[np.ndarray] = []
@@ -85,6 +95,8 @@ def read_item(path: str, spec: ReaderConfig, item_id: str | None = None) -> np.n
                 )
             planes.append(a)
         arr = np.concatenate(planes, axis=2)
+    if arr.shape[2] == 1 and spec.gray == "rgb":  # one channel repeated to 3, as an 8-bit gray image is
+        arr = np.repeat(arr, 3, axis=2)
     return apply_window(arr, spec.window, path)
 
 
@@ -105,10 +117,11 @@ def slice_files(path: str, spec: ReaderConfig) -> list[str]:
     neighbour past the series' end repeats the last slice there."""
     assert spec.slices is not None
     folder = Path(path).parent
-    numbered = _numbered(str(folder), spec.slices.number)
     mine = _number(Path(path).name, spec.slices.number)
     if mine is None:
         raise DataError(f"{shown_path(path)}: no slice number in its name (data.reader.slices.number)")
+    numbered = dict(_numbered(str(folder), spec.slices.number, Path(path).suffix.lower()))
+    numbered[mine] = path  # the item itself, whatever else shares its number
     order = sorted(numbered)
     at = order.index(mine)
     return [numbered[order[min(max(at + d, 0), len(order) - 1)]] for d in spec.slices.offsets]
@@ -119,18 +132,23 @@ def _number(name: str, pattern: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-_FOLDERS: dict[tuple[str, str], dict[int, str]] = {}  # per process: each series' slices, listed once
+_FOLDERS: dict[tuple[str, str, str, int], dict[int, str]] = {}  # per process: each series, listed once
 
 
-def _numbered(folder: str, pattern: str) -> dict[int, str]:
-    key = (folder, pattern)
-    if key not in _FOLDERS:
-        found: dict[int, str] = {}
-        for name in sorted(os.listdir(folder)):
-            n = _number(name, pattern)
-            if n is not None:
-                found.setdefault(n, str(Path(folder) / name))
-        _FOLDERS[key] = found
+def _numbered(folder: str, pattern: str, suffix: str) -> dict[int, str]:
+    """The folder's files of ``suffix`` by slice number (listed again once the folder changes)."""
+    try:
+        key = (folder, pattern, suffix, os.stat(folder).st_mtime_ns)
+        if key not in _FOLDERS:
+            found: dict[int, str] = {}
+            for name in sorted(os.listdir(folder)):
+                n = _number(name, pattern)
+                if n is not None and Path(name).suffix.lower() == suffix:
+                    found.setdefault(n, str(Path(folder) / name))
+            _FOLDERS.clear()
+            _FOLDERS[key] = found
+    except OSError as exc:
+        raise DataError(f"{shown_path(folder)}: cannot list its slices ({exc.strerror})") from None
     return _FOLDERS[key]
 
 
@@ -226,7 +244,7 @@ def read_array(path: str, spec: ReaderConfig) -> np.ndarray:
     """An .npy array, or an .npz archive's ``data.reader.key`` (its only array by default)."""
     try:
         data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(
             f"{shown_path(path)}: cannot read as a NumPy array ({exc}); re-save it with numpy.save"
         ) from None
@@ -312,22 +330,24 @@ def decode_image(path: Path | str) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def items_of(ids: list[str], paths: list[str], template: str) -> tuple[list[str], list[str]]:
-    """The listed files that ``template`` (data.reader.channels[0]) names, each an item whose
-    id is the template's ``{id}`` (in its folder, for a folder listing)."""
-    out_ids, out_paths = [], []
+def items_of(ids: list[str], paths: list[str], templates: list[str]) -> tuple[list[str], list[str]]:
+    """The listed files that ``templates[0]`` (data.reader.channels) names, each an item whose
+    id is the template's ``{id}`` (in its folder, for a folder listing); a file another
+    template names (``a_nir.tif`` beside ``a.tif`` under ``{id}.tif``) is no item."""
+    template = templates[0]
+    found: list[tuple[str, str, str]] = []  # (id, path, key)
     for i, p in zip(ids, paths):
         folder = i.rpartition("/")[0]
-        if "{id}" not in template:  # each folder is an item: its id is the folder's
-            if Path(p).name == template and folder:
-                out_ids.append(folder)
-                out_paths.append(p)
+        if "{id}" not in template:  # each folder is an item: its id is the folder's own
+            if Path(p).name == template:
+                found.append((folder or Path(p).parent.name, p, ""))
             continue
         key = template_id(Path(p).name, template)
         if key is not None:
-            out_ids.append(f"{folder}/{key}" if folder else key)
-            out_paths.append(p)
-    return out_ids, out_paths
+            found.append((f"{folder}/{key}" if folder else key, p, key))
+    others = {(str(Path(p).parent), t.format(id=key)) for _, p, key in found for t in templates[1:]}
+    kept = [(i, p) for i, p, _ in found if (str(Path(p).parent), Path(p).name) not in others]
+    return [i for i, _ in kept], [p for _, p in kept]
 
 
 def item_files(ids: Sequence[str], paths: Sequence[str], cfg: PipelineConfig) -> tuple[list[str], list[str]]:

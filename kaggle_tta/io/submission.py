@@ -131,10 +131,9 @@ def _copied(df: pl.DataFrame, id_col: str, header: Sequence[str] | None) -> dict
     if header is None or df.width <= len(header):
         return {}
     ours, others = list(header[1:]), [c for c in df.columns if c != id_col]
-    if set(ours) <= set(others):
-        extra = [c for c in others if c not in ours]
-    else:
-        extra = [c for c in others if c == "" or c.startswith("Unnamed:")]
+    unnamed = [c for c in others if c == "" or c.startswith("Unnamed:")]
+    constant = [c for c in others if c not in ours and c not in unnamed and df[c].n_unique() == 1]
+    extra = unnamed + constant if set(ours) <= set(others) else unnamed  # never a class the writer lacks
     if len(others) - len(extra) != len(ours):
         return None
     return {c: [str(v) if v is not None else "" for v in df[c].to_list()] for c in extra}

@@ -77,6 +77,12 @@ class Regression(Classification):
     def validate(self, cfg: PipelineConfig) -> None:
         if cfg.multilabel:
             raise ConfigError("multilabel: regression writes values; remove multilabel")
+        acts = {"none" if m.activation == "auto" else m.activation for m in cfg.members}
+        if len(acts) > 1:
+            raise ConfigError(
+                "members.*.activation: regression members blend values in one unit; give every member the same "
+                f"activation (found {', '.join(sorted(acts))})"
+            )
         for m in cfg.members:
             if m.activation not in ("auto", *ACTIVATIONS):
                 raise ConfigError(
@@ -92,6 +98,10 @@ class Regression(Classification):
         if spec.class_columns is not None and len(spec.class_columns) != len(plan.classes):
             raise ConfigError(
                 f"submission.class_columns: {len(spec.class_columns)} names for {len(plan.classes)} targets"
+            )
+        if plan.cfg.data.labels is not None and len(plan.classes) > 1:
+            raise ConfigError(
+                f"data.labels: one label column scores one target; {len(plan.classes)} targets given (data.classes)"
             )
         load_values(plan.cfg, plan.testset.ids)  # a bad labels file fails now, not after inference
 

@@ -27,7 +27,8 @@ from kaggle_tta.config import MemberConfig, PipelineConfig, SubmissionConfig
 from kaggle_tta.config.errors import ConfigError, DataError
 from kaggle_tta.exec.dag import MemberSource, blocks, member_prediction, node_predictions
 from kaggle_tta.io.canvas import CanvasSpec
-from kaggle_tta.io.readers import decode_image, read_item
+from kaggle_tta.io.data import decode_image
+from kaggle_tta.io.readers import read_item, reader_of
 from kaggle_tta.ops.merge import VIEW_REDUCERS, Prediction, to_probs
 from kaggle_tta.ops.rle import mask_to_rle, remove_small_components
 from kaggle_tta.tasks.base import Task, TaskOutput, register_task
@@ -409,8 +410,8 @@ def map_size(plan: Plan, first_path: Any) -> tuple[int, int]:
     size = plan.cfg.segmentation.size
     if size:
         return int(size[0]), int(size[1])
-    reader = plan.cfg.data.reader
-    img = decode_image(first_path) if reader.plain else read_item(str(first_path), reader)
+    reader = reader_of(plan.cfg)
+    img = decode_image(first_path) if reader is None else read_item(str(first_path), reader)
     h, w = img.shape[:2]
     return int(h), int(w)
 
