@@ -599,6 +599,7 @@ def test_the_bundle_walks_every_path_field_the_schema_marks(kernel_demo_images, 
     (tmp_path / "sample_submission.csv").write_text("id,label\n")
     listing = "id,file\n" + "".join(f"x{i},img_{i:05d}.png\n" for i in range(3))
     (tmp_path / "list.csv").write_text(listing)
+    (tmp_path / "test.json").write_text(json.dumps([{"id": f"r{i}", "band_1": [0.0, 1.0, 2.0, 3.0]} for i in range(3)]))
     beside = tmp_path / "beside"  # a CSV beside its images: an unset root defaults to its folder
     shutil.copytree(images, beside / "test")
     (beside / "test" / "list.csv").write_text(listing)
@@ -612,6 +613,10 @@ def test_the_bundle_walks_every_path_field_the_schema_marks(kernel_demo_images, 
         "csv, root unset": {"csv": {"path": str(beside / "test" / "list.csv"), "path_column": "file"}},
         "folder": {"folder": str(images)},
         "glob": {"glob": f"{images}/img_0000*.png"},
+        "records": {
+            "records": {"path": str(tmp_path / "test.json")},
+            "reader": {"columns": ["band_1"], "shape": [2, 2]},
+        },
     }
     covered = set()
     for label, source in sources.items():
