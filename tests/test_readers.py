@@ -407,3 +407,27 @@ def test_a_dicom_window_on_a_png_is_one_line(tmp_path, scan):
 
     with pytest.raises(ConfigError, match="no DICOM"):
         read_item(str(tmp_path / "s.png"), spec)
+
+
+def test_colour_views_need_pixels_in_unit_range(tmp_path, scan, monkeypatch, capsys):
+    """A DICOM read as it is (Hounsfield-like values) under a colour view would be clamped to
+    [0, 1] by the view: refused at load in one line; with a window it runs."""
+    (tmp_path / "test").mkdir()
+    for k in range(2):
+        _dicom(tmp_path / "test" / f"s{k}.dcm", scan)
+    monkeypatch.syspath_prepend(str(TESTS))
+    member = {
+        "name": "m",
+        "factory": "helpers:channel_means",
+        "kwargs": {"in_chans": 3, "num_classes": 2},
+        "preprocess": {"input_size": [3, 16, 16], "mean": [0.5] * 3, "std": [0.25] * 3},
+        "tta": ["identity", "brightness_0.1"],
+    }
+    path = _pipeline(tmp_path, {"folder": str(tmp_path / "test"), "extensions": [".dcm"]}, [member])
+    assert main(["run", str(path), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "brightness_0.1" in err[0] and "data.reader.window" in err[0], err
+    cfg = yaml.safe_load(path.read_text())
+    cfg["data"]["reader"] = {"window": {"mode": "minmax"}}
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(path), "-q"]) == 0

@@ -213,6 +213,14 @@ class DataConfig(Section):
         suffixes = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in self.extensions}
         return self.reader.plain and self.records is None and not suffixes & set(READER_SUFFIXES)
 
+    @property
+    def unit_range(self) -> bool:
+        """Whether every pixel reaches the views in [0, 1]: 8-bit and other integer images (by
+        their type's maximum), or a window; not DICOM, arrays or records read as they are."""
+        suffixes = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in self.extensions}
+        images_only = self.records is None and not suffixes & set(READER_SUFFIXES)
+        return self.reader.window is not None or (self.reader.name in ("auto", "image") and images_only)
+
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
         given = [k for k in ("folder", "glob", "csv", "records") if getattr(self, k) is not None]

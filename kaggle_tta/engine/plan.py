@@ -26,6 +26,7 @@ from kaggle_tta.io.submission import SampleOrder, match_sample
 from kaggle_tta.ops.gate import Gate, gate_of
 from kaggle_tta.ops.merge import MERGE_KINDS
 from kaggle_tta.ops.views import View, parse_tta
+from kaggle_tta.ops.views.views import Colour
 from kaggle_tta.tasks import TASKS, Task, choose, find_task
 
 if TYPE_CHECKING:  # torch loads only where a device is resolved: re-blending never needs it
@@ -100,6 +101,12 @@ def validate_static(cfg: PipelineConfig) -> dict[str, list[View]]:
                     f"{where}.tta: view '{v.name}' cannot be inverted on {target}s (task: {name}); {v.hint(target)}"
                 )
         views[m.name] = vs
+        colour = next((v for v in vs if not cfg.data.unit_range and any(isinstance(op, Colour) for op in v.ops)), None)
+        if colour is not None:
+            raise ConfigError(
+                f"{where}.tta: view '{colour.name}' adjusts colours of pixels in [0, 1], but data.reader gives values "
+                "as read (DICOM, arrays, records); give data.reader.window, or drop the colour views"
+            )
         choose(f"{name} view merge", str(m.merge), dict.fromkeys(task.merges), f"{where}.merge")
         if m.tiling is not None and not task.tiling:
             raise ConfigError(f"{where}.tiling: tiling is for {_tasks_with('tiling')}; remove it (task: {name})")
