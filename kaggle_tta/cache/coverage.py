@@ -47,7 +47,9 @@ class Held:
     @classmethod
     def of_gate(cls, gate: Gate, activation: str) -> Held:
         """The record of views computed under ``gate`` with scores through ``activation``."""
-        return cls(gate.first, gate.rule, float(gate.threshold), activation, SCORES_VERSION)
+        held = cls.parse(gate.record(activation))
+        assert held is not None
+        return held
 
     def record(self) -> dict[str, Any]:
         """The manifest's ``held`` value (keys in the order the manifests have always had)."""

@@ -210,16 +210,19 @@ class DataConfig(Section):
     def plain_images(self) -> bool:
         """Whether every item is an 8-bit RGB image decoded as always (no reader at work: its
         settings are the defaults, the listing is of files, and no listed suffix names one)."""
-        suffixes = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in self.extensions}
-        return self.reader.plain and self.records is None and not suffixes & set(READER_SUFFIXES)
+        return self.reader.plain and self._images_only
 
     @property
     def unit_range(self) -> bool:
         """Whether every pixel reaches the views in [0, 1]: 8-bit and other integer images (by
         their type's maximum), or a window; not DICOM, arrays or records read as they are."""
+        return self.reader.window is not None or (self.reader.name in ("auto", "image") and self._images_only)
+
+    @property
+    def _images_only(self) -> bool:
+        """Files are listed (no record file) and no listed suffix names a reader other than images."""
         suffixes = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in self.extensions}
-        images_only = self.records is None and not suffixes & set(READER_SUFFIXES)
-        return self.reader.window is not None or (self.reader.name in ("auto", "image") and images_only)
+        return self.records is None and not suffixes & set(READER_SUFFIXES)
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:

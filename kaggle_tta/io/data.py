@@ -45,11 +45,7 @@ _cv2 = opencv  # cv2 with its own log lines off
 # ---- listing -------------------------------------------------------------------------------
 
 
-def shown(path: Path | str) -> str:
-    """A path as an error message shows it: as is, or quoted with escapes where it holds a
-    line break (a file name may), so that the message stays one line."""
-    s = str(path)
-    return s if s.splitlines() == [s] else repr(s)
+shown = shown_path  # a path as a message shows it: one line, whatever its characters
 
 
 @dataclass(frozen=True)

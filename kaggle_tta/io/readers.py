@@ -222,16 +222,7 @@ def apply_window(arr: np.ndarray, window: WindowSpec | None, path: str) -> np.nd
 @register_reader("image")
 def read_image(path: str, spec: ReaderConfig) -> np.ndarray:
     """Any bit depth OpenCV decodes, channels in RGB(A) order; a single-channel image [H, W]."""
-    try:
-        buf = np.fromfile(str(path), dtype=np.uint8)
-    except OSError as exc:
-        raise DataError(f"{shown_path(path)}: cannot read ({exc.strerror})") from None
-    if buf.size == 0:
-        raise DataError(f"{shown_path(path)}: zero-byte image file; replace or remove it")
-    cv2 = opencv()
-    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
-    if img is None or img.size == 0:
-        raise DataError(f"{shown_path(path)}: unreadable or truncated image; re-export or remove it")
+    img = _decoded(path)
     if img.ndim == 3 and img.shape[2] == 3:
         return img[:, :, ::-1].copy()
     if img.ndim == 3 and img.shape[2] == 4:
@@ -299,22 +290,29 @@ def read_dicom(path: str, spec: ReaderConfig) -> np.ndarray:
     return arr
 
 
+def _decoded(path: Path | str) -> np.ndarray:
+    """The file as OpenCV decodes it, unchanged (BGR(A) order, its own depth); a file that
+    cannot be read, is empty, or does not decode is one DataError naming it."""
+    try:
+        buf = np.fromfile(str(path), dtype=np.uint8)
+    except OSError as exc:
+        raise DataError(f"{shown_path(path)}: cannot read ({exc.strerror})") from None
+    if buf.size == 0:
+        raise DataError(f"{shown_path(path)}: zero-byte image file; replace or remove it")
+    img = opencv().imdecode(buf, opencv().IMREAD_UNCHANGED)
+    if img is None or img.size == 0:
+        raise DataError(f"{shown_path(path)}: unreadable or truncated image; re-export or remove it")
+    return img
+
+
 def decode_image(path: Path | str) -> np.ndarray:
     """Reads an image as uint8 RGB ``[H, W, 3]``, converting the formats listed above.
 
     Raises:
         DataError: zero bytes, unreadable or truncated, naming the path.
     """
-    try:
-        buf = np.fromfile(str(path), dtype=np.uint8)
-    except OSError as exc:
-        raise DataError(f"{shown_path(path)}: cannot read ({exc.strerror})") from None
     cv2 = opencv()
-    if buf.size == 0:
-        raise DataError(f"{shown_path(path)}: zero-byte image file; replace or remove it")
-    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
-    if img is None or img.size == 0:
-        raise DataError(f"{shown_path(path)}: unreadable or truncated image; re-export or remove it")
+    img = _decoded(path)
     if img.dtype == np.uint16:
         img = (img.astype(np.uint32) // 257).astype(np.uint8)
     elif img.dtype in (np.float32, np.float64):

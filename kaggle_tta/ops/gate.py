@@ -16,7 +16,7 @@ temperature 1, so the engine that decides which rows to compute and every blend 
 them later compute the same rows, bit for bit, from the same numbers.
 
 What a gated view holds is recorded twice. Its manifest state names the gate it was computed
-under (``held``: first view, rule, threshold, activation; see :func:`held_gate`), which says
+under (``held``: first view, rule, threshold, activation; see kaggle_tta.cache.coverage), which says
 which later gates it can serve: the same first view, rule and activation at a threshold as
 low or lower (a tighter gate re-blends from the cache; a looser one computes the view again).
 And a companion array (``cache.entry.held_name``: uint8 ``[N]``, committed with the rows,
@@ -67,22 +67,6 @@ class Gate:
             "version": SCORES_VERSION,
         }
 
-    def covered_by(self, held: dict[str, Any] | None, activation: str) -> bool:
-        """Whether a view computed under ``held`` (None: a plain view, every row) holds every
-        row this gate needs: the same first view, rule, activation and scores, and a
-        threshold at least as high."""
-        if held is None:
-            return True
-        if self.skips_nothing:
-            return False
-        same = (held.get("first"), held.get("rule"), held.get("activation"), held.get("version")) == (
-            self.first,
-            self.rule,
-            activation,
-            SCORES_VERSION,
-        )
-        return same and float(held.get("threshold", -1.0)) >= self.threshold
-
     def text(self) -> str:
         return f"{self.rule} > {self.threshold:g} on {self.first}"
 
@@ -128,12 +112,6 @@ def needs(values: np.ndarray, activation: str, gate: Gate) -> np.ndarray:
     if gate.skips_nothing:
         return np.ones(np.asarray(values).shape[0], dtype=bool)
     return ~(scores(values, activation, gate.rule) > np.float32(gate.threshold))
-
-
-def held_gate(state: dict[str, Any]) -> dict[str, Any] | None:
-    """The gate a view's manifest state says it was computed under (None: every row)."""
-    held = state.get("held")
-    return held if isinstance(held, dict) else None
 
 
 @dataclass

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from kaggle_tta.cache import DamagedView
+from kaggle_tta.cache.coverage import held_by
 from kaggle_tta.config.errors import CacheError, ConfigError
 from kaggle_tta.exec.dag import MemberSource, check_complete
-from kaggle_tta.ops.gate import held_gate
 
 if TYPE_CHECKING:
     from kaggle_tta.engine.plan import Plan
@@ -60,13 +60,13 @@ def check_full_rows(sources: Sequence[MemberSource], pipeline_arg: str = "PIPELI
         if s.entry is None:
             continue
         entry = s.entry
-        gated = {v: h for v in s.views if (h := held_gate(entry.view_state(v))) is not None}
+        gated = {v: h for v in s.views if (h := held_by(entry, v)) is not None}
         if not gated:
             continue
         h = next(iter(gated.values()))
         what = (
             f"{', '.join(gated)} {'holds' if len(gated) == 1 else 'hold'} only the rows of the gate "
-            f"{h.get('rule')} > {h.get('threshold')} on {h.get('first')}"
+            f"{h.rule} > {h.threshold} on {h.first}"
         )
         raise GatedViewError(
             f"{s.entry.dir}: members.{s.name}: {what} (adaptive; the other rows are zeros): "
