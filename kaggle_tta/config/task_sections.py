@@ -54,10 +54,13 @@ class TilingConfig(Section):
 class SegmentationConfig(Section):
     """Segmentation settings shared by every member."""
 
-    size: list[int] | None = None
+    size: list[int] | Literal["native"] | None = None
     """Working canvas [H, W]: every image is resized to it, maps are predicted there and
     resized back to each image's own size for the submission. null: images are used at their
-    native size (they must then all have one size)."""
+    size, which they must all share. native: each image at its own size, any size, read window
+    by window (tiles of a TIFF from disk) and tiled by each member's ``tiling``; maps are cached
+    at ``cache.scale`` of each image and written back band by band, so memory is bounded by
+    the tiles in flight, not by the image."""
     threshold: float | list[float] = 0.5
     """Sigmoid members: a pixel belongs to a class when its probability reaches this; one
     value, or a list with one per class (``kaggle-tta tune`` writes one)."""
@@ -67,9 +70,9 @@ class SegmentationConfig(Section):
 
     @field_validator("size")
     @classmethod
-    def _size(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None and (len(v) != 2 or any(s < 1 for s in v)):
-            raise ValueError("give [H, W] with positive sizes, or null for the native size")
+    def _size(cls, v: list[int] | str | None) -> list[int] | str | None:
+        if isinstance(v, list) and (len(v) != 2 or any(s < 1 for s in v)):
+            raise ValueError("give [H, W] with positive sizes, null (the images' one size) or native (each its own)")
         return v
 
     @field_validator("threshold")

@@ -63,6 +63,7 @@ class Plan:
     cache_root: Path
     sample: SampleOrder | None = None  # submission.sample, matched with the rows to write
     rows: tuple[int, int] | None = None  # a rank's share (lo, hi): testset is those rows, written to shard entries
+    native_sizes: Any = None  # segmentation.size native: every image's (H, W), read from headers once
 
     def member(self, name: str) -> MemberPlan:
         return next(m for m in self.members if m.name == name)

@@ -57,7 +57,8 @@ class CanvasSpec:
     crop_pct: float
     interpolation: str
     albumentations: str | None = None  # JSON of A.to_dict, when the user gives a pipeline
-    mode: str = "resize"  # resize: to `size`; native: as decoded; crop: the crops at `positions` (classification)
+    mode: str = "resize"  # resize: to `size`; native: as decoded; crop: the crops at `positions` (classification);
+    # window: none (the task reads the image's windows itself, io.windows)
     backend: str = "albumentations"  # crop mode: timm | albumentations (module docstring)
     positions: tuple[str, ...] = ("center",)  # crop mode: which crops, in POSITIONS order
 

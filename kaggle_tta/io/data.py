@@ -31,6 +31,7 @@ from kaggle_tta.config.data import ReaderConfig
 from kaggle_tta.config.errors import ConfigError, DataError, KaggleTTAError, UserPath, shown_path
 from kaggle_tta.io.canvas import CanvasSpec
 from kaggle_tta.io.readers import decode_image, items_of, list_records, opencv, read_item, record_item
+from kaggle_tta.io.windows import item_size
 
 if TYPE_CHECKING:
     from multiprocessing.context import BaseContext
@@ -345,6 +346,8 @@ class CanvasDataset:
         if self._transforms is None:
             self._transforms = {key: spec.build() for key, spec in self.specs.items()}
         try:
+            if all(spec.mode == "window" for spec in self.specs.values()):  # read later, window by window
+                return i, {}, np.array(item_size(str(self.paths[i]), self.reader), dtype=np.int32)
             img = decode_image(self.paths[i]) if self.reader is None else read_item(str(self.paths[i]), self.reader)
             out = {}
             for key, t in self._transforms.items():

@@ -207,3 +207,37 @@ def _check_shape(shape: tuple[int, int]) -> tuple[int, int]:
 
 def _clip(s: str, n: int = 60) -> str:
     return s if len(s) <= n else s[: n - 3] + "..."
+
+
+class RunWriter:
+    """An RLE string built from a mask's pixels in flattened order, given a chunk at a time
+    (a band of an image too large to flatten whole); runs that cross chunks are joined. The
+    text equals :func:`mask_to_rle` of the whole mask."""
+
+    def __init__(self, one_indexed: bool = True):
+        self.one_indexed = one_indexed
+        self._edges: list[np.ndarray] = []
+        self._at = 0
+        self._last = False
+
+    def add(self, flat: np.ndarray) -> None:
+        """The next pixels (bool or integer; non-zero is foreground)."""
+        f = np.asarray(flat).ravel() != 0
+        if f.size == 0:
+            return
+        padded = np.empty(f.size + 1, dtype=np.bool_)
+        padded[0], padded[1:] = self._last, f
+        self._edges.append(np.flatnonzero(padded[1:] != padded[:-1]) + self._at)
+        self._at += f.size
+        self._last = bool(f[-1])
+
+    def text(self, empty: str = "") -> str:
+        edges = np.concatenate(self._edges) if self._edges else np.zeros(0, np.int64)
+        if self._last:
+            edges = np.append(edges, self._at)
+        if edges.size == 0:
+            return empty
+        runs = edges.reshape(-1, 2).astype(np.int64)
+        runs[:, 1] -= runs[:, 0]
+        runs[:, 0] += int(self.one_indexed)
+        return " ".join(map(str, runs.ravel().tolist()))

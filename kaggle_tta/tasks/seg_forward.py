@@ -42,7 +42,7 @@ def view_maps(work: MemberWork, job: ViewRows, tiles: Tiles, lo: int, hi: int, p
     weight = tiles.weight
 
     def stitch(out: Tensor, slots: list) -> None:
-        out = _checked_output(out, m, k, plan, view_in)
+        out = checked_output(out, m, k, plan, view_in)
         inv = v.invert_mask(out, (th, tw))
         _, off, take, _ = slots[0]
         for j in range(take):
@@ -93,7 +93,7 @@ class Tiles:
         return cls(x, rows, origins, (th, tw), size, weight)
 
 
-def _checked_output(out: Tensor, m: Any, k: int, plan: Plan, view_in: tuple) -> Tensor:
+def checked_output(out: Tensor, m: Any, k: int, plan: Plan, view_in: tuple) -> Tensor:
     """The model's maps as [N, k, h, w] at the view's input size (a model predicting at a
     stride is resized back); any other shape is the member's error."""
     import torch.nn.functional as F

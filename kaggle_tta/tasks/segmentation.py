@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -33,6 +34,7 @@ from kaggle_tta.ops.merge import VIEW_REDUCERS, Prediction, to_probs
 from kaggle_tta.ops.rle import mask_to_rle, remove_small_components
 from kaggle_tta.tasks.base import Task, TaskOutput, register_task
 from kaggle_tta.tasks.seg_forward import Tiles, normalize_canvas, view_maps
+from kaggle_tta.tasks.seg_native import check_native, native, native_rows, native_step, stored_of
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -43,6 +45,19 @@ if TYPE_CHECKING:
     from kaggle_tta.io.models import Preprocess
 
 BLOCK = 16  # images per block: bounds the maps held in memory
+BLOCK_BYTES = 256 << 20  # ... and fewer where each image's maps are large
+
+
+def block_of(sources: Sequence[MemberSource]) -> int:
+    """Images per block: BLOCK, fewer where a block's float32 maps of every source's views
+    would pass BLOCK_BYTES (a native-size run's rows are as large as its largest image)."""
+    row = sum(
+        int(np.prod(s.entry.view_state(v).get("shape", [1])[1:])) * 4 * 2
+        for s in sources
+        for v in s.views
+        if s.entry is not None
+    )
+    return max(1, min(BLOCK, BLOCK_BYTES // max(1, row)))
 
 
 def _as_logits(arr: np.ndarray, activation: str) -> np.ndarray:
@@ -69,9 +84,15 @@ def node_maps(
     hi: int,
     views: Sequence[str] | None = None,
     plain: bool = False,
+    region: tuple[slice, slice] | None = None,
 ) -> dict[str, Prediction]:
-    """Every node's maps for images ``lo:hi`` (``plain``: each member's view without TTA)."""
-    return node_predictions(cfg, sources, lo, hi, views=views, transform=_as_logits, plain=plain)
+    """Every node's maps for images ``lo:hi`` (``plain``: each member's view without TTA);
+    ``region``: only those rows and columns of each map read and merged."""
+
+    def logits(arr: np.ndarray, activation: str) -> np.ndarray:
+        return _as_logits(arr if region is None else arr[:, :, region[0], region[1]], activation)
+
+    return node_predictions(cfg, sources, lo, hi, views=views, transform=logits, plain=plain)
 
 
 def masks_of(
@@ -190,6 +211,35 @@ def load_truth(cfg: PipelineConfig, image_id: str, n_classes: int, size: tuple[i
     return np.stack([m == k + 1 for k in range(n_classes)])
 
 
+def _masks(cfg: PipelineConfig, probs: np.ndarray, size: tuple[int, int], activation: str) -> np.ndarray:
+    seg = cfg.segmentation
+    return masks_of(own_map(probs, size, cfg), size, activation, seg.threshold, seg.min_area)
+
+
+def _native_image(
+    cfg: PipelineConfig,
+    sources: Sequence[MemberSource],
+    i: int,
+    image_id: str,
+    size: tuple[int, int],
+    classes: Sequence[str],
+    activation: str,
+) -> list[tuple[str, str]]:
+    """Image ``i``'s rows at native size: its maps read, merged and encoded one band at a time."""
+    stored = stored_of(cfg.cache.scale, size)
+    column = cfg.submission.rle.order == "column"
+
+    def read(a: int, b: int) -> np.ndarray:
+        region = (slice(0, stored[0]), slice(a, b)) if column else (slice(a, b), slice(0, stored[1]))
+        return to_probs(node_maps(cfg, sources, i, i + 1, region=region)[cfg.submission_source])[0]
+
+    def masks(p: np.ndarray) -> np.ndarray:
+        return decide(p, activation, cfg.segmentation.threshold, 0)
+
+    row_id = partial(class_row_id, cfg.submission)
+    return native_rows(image_id, read, stored, size, masks, classes, cfg.submission, row_id)
+
+
 def write_and_score(
     cfg: PipelineConfig,
     ids: Sequence[str],
@@ -204,30 +254,31 @@ def write_and_score(
     by ``encode``), and (with ground truth) every node's Dice/IoU with TTA and, if ``plain``,
     with the identity view alone."""
     src = cfg.submission_source
-    seg = cfg.segmentation
     rows: list[tuple[str, str]] = []
     truth_given = cfg.data.masks is not None
     tta: dict[str, Scores] = {}
     no_tta: dict[str, Scores] = {}
-    for lo, hi in blocks(len(ids), BLOCK):
-        nodes = node_maps(cfg, sources, lo, hi)
+    for lo, hi in blocks(len(ids), block_of(sources)):
+        nodes = node_maps(cfg, sources, lo, hi) if truth_given or not native(cfg) else {}
         plain_nodes = node_maps(cfg, sources, lo, hi, plain=True) if plain and truth_given else {}
         probs = {name: to_probs(p) for name, p in nodes.items()}
         plain_probs = {name: to_probs(p) for name, p in plain_nodes.items()}
         for j, i in enumerate(range(lo, hi)):
-            size = tuple(sizes[i])
-            masks = masks_of(probs[src][j], size, activation, seg.threshold, seg.min_area)
-            rows.extend(encode(ids[i], masks, classes, cfg.submission))
+            size = (int(sizes[i][0]), int(sizes[i][1]))
+            masks = None
+            if native(cfg):  # band by band: the image is never whole in memory
+                rows.extend(_native_image(cfg, sources, i, ids[i], size, classes, activation))
+            else:
+                masks = _masks(cfg, probs[src][j], size, activation)
+                rows.extend(encode(ids[i], masks, classes, cfg.submission))
             if not truth_given:
                 continue
             truth = load_truth(cfg, ids[i], len(classes), size)
             for name in probs:
-                pred = masks if name == src else masks_of(probs[name][j], size, activation, seg.threshold, seg.min_area)
+                pred = masks if name == src and masks is not None else _masks(cfg, probs[name][j], size, activation)
                 tta.setdefault(name, Scores([], [])).add(pred, truth)
             for name in plain_probs:
-                no_tta.setdefault(name, Scores([], [])).add(
-                    masks_of(plain_probs[name][j], size, activation, seg.threshold, seg.min_area), truth
-                )
+                no_tta.setdefault(name, Scores([], [])).add(_masks(cfg, plain_probs[name][j], size, activation), truth)
     table = pl.DataFrame(
         {cfg.submission.id_column: [r[0] for r in rows], cfg.submission.rle.column: [r[1] for r in rows]},
         schema={cfg.submission.id_column: pl.String, cfg.submission.rle.column: pl.String},
@@ -268,6 +319,8 @@ class Segmentation(Task):
 
     def canvas(self, cfg: PipelineConfig, pre: Preprocess) -> CanvasSpec:
         size = cfg.segmentation.size
+        if size == "native":  # nothing decoded by the loader: the step reads each image's windows
+            return CanvasSpec((0, 0), 1.0, pre.interpolation, None, "window")
         return CanvasSpec(
             (int(size[0]), int(size[1])) if size else (0, 0),
             1.0,
@@ -298,6 +351,8 @@ class Segmentation(Task):
 
     def check_plan(self, plan: Plan) -> None:
         super().check_plan(plan)
+        if native(plan.cfg):
+            check_native(plan)
         seg, k = plan.cfg.segmentation, len(plan.classes)
         for key in ("threshold", "min_area"):
             value = getattr(seg, key)
@@ -353,6 +408,9 @@ class Segmentation(Task):
         """Tiles x views -> forward -> resize to the view input -> invert -> stitch -> store."""
         from kaggle_tta.exec.forward import ViewLog
 
+        if native(plan.cfg):
+            native_step(work, batch, plan)
+            return
         m, runner, lo, hi = work.member, work.runner, batch.lo, batch.hi
         assert runner is not None
         x = normalize_canvas(batch, m, runner.device)
@@ -406,8 +464,11 @@ def _to_store(maps: Tensor, plan: Plan, activation: str, dtype: str) -> np.ndarr
 
 
 def map_size(plan: Plan, first_path: Any) -> tuple[int, int]:
-    """The canvas (H, W) of a segmentation run: segmentation.size, or the first image's."""
+    """The canvas (H, W) of a segmentation run: segmentation.size, the first image's, or at
+    native size the largest image's (each image's map fills its row's top-left corner)."""
     size = plan.cfg.segmentation.size
+    if size == "native":
+        return native_canvas(plan)
     if size:
         return int(size[0]), int(size[1])
     reader = reader_of(plan.cfg)
@@ -417,5 +478,28 @@ def map_size(plan: Plan, first_path: Any) -> tuple[int, int]:
 
 
 def stored_size(plan: Plan, canvas: tuple[int, int]) -> tuple[int, int]:
+    if native(plan.cfg):  # the largest image's stored map: each image's own is rounded alone
+        return canvas
     s = plan.cfg.cache.scale
     return (max(1, round(canvas[0] * s)), max(1, round(canvas[1] * s))) if s != 1.0 else canvas
+
+
+def native_canvas(plan: Plan) -> tuple[int, int]:
+    """The largest stored map of a native-size run (headers read once per plan)."""
+    from kaggle_tta.io.windows import item_size
+
+    if plan.rows is not None:
+        raise ConfigError("segmentation.size: native runs in one process (its maps' layout is the whole test set's)")
+    if plan.native_sizes is None:
+        reader = reader_of(plan.cfg)
+        plan.native_sizes = np.array([item_size(str(p), reader) for p in plan.testset.paths], np.int64).reshape(-1, 2)
+    stored = [stored_of(plan.cfg.cache.scale, (int(h), int(w))) for h, w in plan.native_sizes]
+    return max(h for h, _ in stored), max(w for _, w in stored)
+
+
+def own_map(probs: np.ndarray, size: tuple[int, int], cfg: PipelineConfig) -> np.ndarray:
+    """An image's stored map: at native size its top-left corner of the row, else the row."""
+    if not native(cfg):
+        return probs
+    h, w = stored_of(cfg.cache.scale, size)
+    return probs[:, :h, :w]

@@ -19,7 +19,7 @@ import numpy as np
 
 from kaggle_tta.exec.dag import MemberSource, blocks
 from kaggle_tta.ops.merge import to_probs
-from kaggle_tta.tasks.segmentation import BLOCK, decide, image_probs, load_truth, node_maps
+from kaggle_tta.tasks.segmentation import block_of, decide, image_probs, load_truth, node_maps, own_map
 from kaggle_tta.tuning.options import TuneOptions
 from kaggle_tta.tuning.problem import Point, TuningProblem
 
@@ -95,11 +95,11 @@ class MaskProblem(TuningProblem[MaskTuned]):
         n_t = 1 if self.taus is None else len(self.taus)
         base = np.empty((len(ids), k))
         grid = np.empty((len(ids), k, n_t, len(self.areas)))
-        for lo, hi in blocks(len(ids), BLOCK):
+        for lo, hi in blocks(len(ids), block_of(sources)):
             probs = to_probs(node_maps(cfg, sources, lo, hi)[src])
             for j, i in enumerate(range(lo, hi)):
                 size = (int(sizes[i][0]), int(sizes[i][1]))
-                p = image_probs(probs[j], size)
+                p = image_probs(own_map(probs[j], size, cfg), size)
                 truth = load_truth(cfg, ids[i], k, size)
                 mine = decide(p, self.activation, seg.threshold, seg.min_area)
                 base[i] = [_dice(a, b) for a, b in zip(mine, truth)]
