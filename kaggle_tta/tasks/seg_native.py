@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from kaggle_tta.io.data import Batch
 
 BAND = 256  # columns (or rows) of an image resized and encoded at a time
-TILE_BYTES = 48 << 20  # a group of tiles read and forwarded together: at most this much float32 input
+TILE_BYTES = 24 << 20  # a group of tiles read and forwarded together: at most this much float32 input
 
 
 def native(cfg: PipelineConfig) -> bool:
