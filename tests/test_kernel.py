@@ -777,3 +777,15 @@ def test_the_wheels_dataset_is_named_by_its_wheel_set_alone(kernel_demo_images, 
     # The default target is Kaggle's Python, named in one place.
     assert kernel.KernelOptions(out=tmp_path).python_version == kernel.KAGGLE_PYTHON == "3.12"
     assert kernel.resolve_target(kernel.KAGGLE_PYTHON).python == "3.12"
+
+
+def test_a_readers_wheels_are_bundled_only_where_the_pipeline_reads_its_files(kernel_demo_images, tmp_path):
+    """DICOM test sets bring pydicom and the pixel-data plugins installed here; TIFFs read by
+    windows bring tifffile; the demo (PNG images) brings neither."""
+    pipeline = _demo_pipeline(tmp_path, kernel_demo_images)
+    assert not {"pydicom", "tifffile"} & set(_collect(pipeline).distributions)
+    raw = yaml.safe_load(pipeline.read_text())
+    raw["data"]["extensions"] = [".png", ".dcm"]
+    pipeline.write_text(yaml.safe_dump(raw))
+    dists = _collect(pipeline).distributions
+    assert dists["pydicom"] == "data.reader" and "pylibjpeg" in dists and "tifffile" not in dists

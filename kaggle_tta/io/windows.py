@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kaggle_tta.config.errors import DataError, shown_path
+from kaggle_tta.config.errors import ConfigError, DataError, shown_path
 from kaggle_tta.io.readers import apply_window, decode_image, read_item
 
 if TYPE_CHECKING:
@@ -49,7 +49,12 @@ def _whole(path: str, reader: ReaderConfig | None) -> np.ndarray:
 
 
 def _tiff(path: str) -> Any:
-    import tifffile
+    try:
+        import tifffile
+    except ImportError:
+        raise ConfigError(
+            "segmentation.size: native reads TIFFs with tifffile; pip install 'kaggle-tta[tiff]'"
+        ) from None
 
     try:
         return tifffile.TiffFile(path)

@@ -124,8 +124,12 @@ def collect_files(cfg: PipelineConfig, raw: dict[str, Any], opts: KernelOptions,
     Raises:
         KaggleTTAError: a referenced file is missing or cannot be bundled.
     """
+    from kaggle_tta.io.readers import reader_needs
+
     col = Collector(cfg, raw, opts, source)
     col.collect()
+    for name, key in reader_needs(cfg).items():  # a reader's wheels, only where the pipeline reads its files
+        col.distributions.setdefault(name, key)
     return col
 
 
