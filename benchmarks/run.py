@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 import adaptive  # noqa: E402
 import ranks  # noqa: E402
+import readers  # noqa: E402
 from _common import CHILD, PRESET, REPO, child_env, loadavg, machine_info, member, write_pipeline  # noqa: E402
 
 ROWS = [
@@ -43,6 +44,7 @@ ROWS = [
     "tune",
     "ranks",
     "adaptive",
+    "readers",
 ]
 ROW_NUMBERS = {str(i + 1): r for i, r in enumerate(ROWS)}
 T_START = time.perf_counter()
@@ -1020,6 +1022,7 @@ def report(b: Bench) -> str:
 
     L += ranks.ranks_report(res, goals, med)
     L += adaptive.adaptive_report(res, goals, med)
+    L += readers.readers_report(res, goals, med)
     if goals:
         L.append("## Goals")
         L.append("")
@@ -1196,6 +1199,7 @@ def main(argv: list[str] | None = None) -> int:
         ("tune" in rows, b.tune_row),
         ("ranks" in rows, lambda: ranks.ranks_row(b, log, med)),
         ("adaptive" in rows, lambda: adaptive.adaptive_row(b, log, med)),
+        ("readers" in rows, lambda: readers.readers_row(b, log, med)),
     ]
     for wanted, fn in steps:
         if not wanted:

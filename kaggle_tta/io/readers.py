@@ -132,9 +132,17 @@ def read_item(path: str, spec: ReaderConfig, item_id: str | None = None) -> np.n
                 )
             planes.append(a)
         arr = np.concatenate(planes, axis=2)
+    arr = apply_window(arr, spec.window, path)  # on the channels read: a repeated gray is windowed once
     if arr.shape[2] == 1 and spec.gray == "rgb":  # one channel repeated to 3, as an 8-bit gray image is
-        arr = np.repeat(arr, 3, axis=2)
-    return apply_window(arr, spec.window, path)
+        arr = gray_to_rgb(arr)
+    return arr
+
+
+def gray_to_rgb(arr: np.ndarray) -> np.ndarray:
+    """``[H, W, 1]`` -> ``[H, W, 3]``, the channel repeated (OpenCV: 10x numpy's repeat)."""
+    if arr.dtype in (np.uint8, np.uint16, np.float32):
+        return opencv().cvtColor(np.ascontiguousarray(arr[:, :, 0]), opencv().COLOR_GRAY2RGB)
+    return np.repeat(arr, 3, axis=2)
 
 
 def _frame(arr: Any, spec: ReaderConfig, path: str) -> Any:
@@ -238,7 +246,7 @@ def apply_window(arr: np.ndarray, window: WindowSpec | None, path: str) -> np.nd
         if arr.dtype.kind in "ui":
             return (arr.astype(np.float32) / np.float32(np.iinfo(arr.dtype).max)).astype(np.float32)
         return arr.astype(np.float32, copy=False)
-    x = arr.astype(np.float32)
+    x = arr.astype(np.float32, copy=False)  # not written to: the result is a new array
     if window.mode == "dicom":  # the DICOM reader applied the file's window: scale its output range
         lo, hi = float(x.min()), float(x.max())
     elif window.mode == "minmax":
@@ -253,7 +261,9 @@ def apply_window(arr: np.ndarray, window: WindowSpec | None, path: str) -> np.nd
         raise DataError(f"{shown_path(path)}: non-finite values; the window cannot scale them")
     if hi <= lo:
         return np.zeros_like(x)
-    return np.clip((x - np.float32(lo)) / np.float32(hi - lo), 0.0, 1.0).astype(np.float32)
+    y = np.subtract(x, np.float32(lo), dtype=np.float32)  # in place from here: one array, not four
+    np.divide(y, np.float32(hi - lo), out=y)
+    return np.clip(y, 0.0, 1.0, out=y)
 
 
 @register_reader("image")

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kaggle_tta.config.errors import ConfigError, DataError, shown_path
-from kaggle_tta.io.readers import apply_window, decode_image, read_item
+from kaggle_tta.io.readers import apply_window, decode_image, gray_to_rgb, read_item
 
 if TYPE_CHECKING:
     from kaggle_tta.config.data import ReaderConfig
@@ -106,7 +106,7 @@ class WindowSource:
         a = raw[:, :, None] if raw.ndim == 2 else raw
         gray = self.reader is None or self.reader.gray == "rgb"
         if a.shape[2] == 1 and gray:
-            a = np.repeat(a, 3, axis=2)
+            a = gray_to_rgb(a)
         if self.reader is None and a.shape[2] == 4:  # an 8-bit RGBA image decodes to RGB
             a = a[:, :, :3]
         window = None if self.reader is None else self.reader.window
