@@ -101,23 +101,24 @@ class BrightPixels(nn.Module):
     """Per-pixel segmentation of bright colour channels: background logit 0, class c logit
     8 * (x_c - 1) (channel c of the normalized image), a fourth class never present."""
 
-    def __init__(self):
+    def __init__(self, num_classes: int = 4):
         super().__init__()
-        self.conv = nn.Conv2d(3, 5, 1)
+        self.conv = nn.Conv2d(3, num_classes + 1, 1)
         with torch.no_grad():
             self.conv.weight.zero_()
             self.conv.bias.zero_()
-            for c in range(3):
+            for c in range(min(3, num_classes)):
                 self.conv.weight[c + 1, c] = 8.0
                 self.conv.bias[c + 1] = -8.0
-            self.conv.bias[4] = -20.0
+            for c in range(4, num_classes + 1):
+                self.conv.bias[c] = -20.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
 
 
-def bright_pixels() -> nn.Module:
-    return BrightPixels()
+def bright_pixels(num_classes: int = 4) -> nn.Module:
+    return BrightPixels(num_classes)
 
 
 class MeanBrightness(nn.Module):

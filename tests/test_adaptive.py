@@ -396,20 +396,20 @@ def test_segmentation_gates_images_on_their_mean_pixel_confidence(seg_images, tm
     member's merged maps equal the masked oracle over the plain cache. Threshold 1.0 is plain
     TTA byte for byte."""
     from kaggle_tta.api import plan_of, sources_for
-    from kaggle_tta.tasks import segmentation as seg
+    from kaggle_tta.tasks import seg_maps as seg
 
     plain_path = _seg(seg_images, tmp_path, "plain", dtype, tiling)
     kaggle_tta.run(plain_path, progress=False)
     d = next(p for p in (tmp_path / "cache-plain" / "px").iterdir() if p.is_dir())
     plain = {v: np.load(d / f"{v}.npy") for v in D4}
-    first = seg._as_logits(plain["identity"], "softmax")
+    first = seg.as_logits(plain["identity"], "softmax")
     t = float(np.median(scores(first, "softmax", "confidence")))
     kaggle_tta.run(_seg(seg_images, tmp_path, "gated", dtype, tiling, confidence=t), progress=False)
     g = next(p for p in (tmp_path / "cache-gated" / "px").iterdir() if p.is_dir())
     got = {v: np.load(g / f"{v}.npy") for v in D4}
     tol = 1 if dtype == "uint8" else TOL
     np.testing.assert_allclose(got["identity"].astype(np.float32), plain["identity"].astype(np.float32), atol=tol)
-    send = needs(seg._as_logits(got["identity"], "softmax"), "softmax", Gate("identity", "confidence", t))
+    send = needs(seg.as_logits(got["identity"], "softmax"), "softmax", Gate("identity", "confidence", t))
     assert 0 < send.sum() < len(send)
     for v in D4[1:]:
         np.testing.assert_allclose(
@@ -420,7 +420,7 @@ def test_segmentation_gates_images_on_their_mean_pixel_confidence(seg_images, tm
     (src,) = sources_for(plan)
     merged = seg.member_maps(src, 0, len(send)).values
     want = reduce_views(
-        "mean", [seg._as_logits(got[v], "softmax") for v in D4], "softmax", masks=[None] + [send] * 7
+        "mean", [seg.as_logits(got[v], "softmax") for v in D4], "softmax", masks=[None] + [send] * 7
     ).values
     np.testing.assert_allclose(merged, want, atol=1e-5)
     kaggle_tta.run(_seg(seg_images, tmp_path, "one", dtype, tiling, confidence=1.0), progress=False)

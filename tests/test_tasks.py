@@ -21,7 +21,7 @@ from kaggle_tta.engine.plan import Plan
 from kaggle_tta.engine.stats import RunStats
 from kaggle_tta.ops.rle import rle_to_mask
 from kaggle_tta.tasks import detection as det
-from kaggle_tta.tasks import segmentation as seg
+from kaggle_tta.tasks import seg_maps as seg
 
 CLASSES = ["circle", "square", "triangle", "cross"]
 H, W = 37, 53  # odd and non-square on purpose

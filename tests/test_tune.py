@@ -257,7 +257,7 @@ def test_per_class_thresholds_and_uncertainty_columns_reach_the_submission(tmp_p
 
 
 def test_segmentation_decides_with_per_class_threshold_and_min_area():
-    from kaggle_tta.tasks.segmentation import decide
+    from kaggle_tta.tasks.seg_maps import decide
 
     p = np.zeros((8, 8, 2), np.float32)
     p[1:3, 1:3, 0] = 0.6  # a 4-pixel blob of class 0 at 0.6

@@ -136,6 +136,31 @@ class SliceSpec(Section):
 READER_SUFFIXES = {".dcm": "dicom", ".dicom": "dicom", ".npy": "array", ".npz": "array"}
 
 
+class IdRule(Section):
+    """Ids made from the listed paths (UW-Madison's ``case123_day20_slice_0001`` from
+    ``case123/case123_day20/scans/slice_0001_266_266_1.50_1.50.png``)."""
+
+    pattern: str
+    """A regular expression searched in each listed id (the path relative to data.folder
+    without its suffix, or a glob's file stem), with named groups."""
+    template: str
+    """The id, from the pattern's named groups: ``{case}_{day}_slice_{slice}``."""
+
+    @model_validator(mode="after")
+    def _groups(self) -> IdRule:
+        import re
+        import string
+
+        try:
+            names = set(re.compile(self.pattern).groupindex)
+        except re.error as exc:
+            raise ValueError(f"pattern: not a regular expression ({exc})") from None
+        fields = {f for _, f, _, _ in string.Formatter().parse(self.template) if f}
+        if not fields <= names:
+            raise ValueError(f"template: fields {sorted(fields - names)} are no named group of the pattern")
+        return self
+
+
 class ReaderConfig(Section):
     """How an item's files become one array (kaggle_tta.io.readers): which reader, the
     intensity window, and the files of one item when it has several."""
@@ -203,6 +228,8 @@ class DataConfig(Section):
     """Segmentation ground truth, for the with/without-TTA Dice and IoU table."""
     boxes: BoxesSpec | None = None
     """Detection ground truth, for the with/without-TTA mAP@0.5 table."""
+    id: IdRule | None = None
+    """Ids made from the listed paths by a pattern and a template (folder and glob listings)."""
     reader: ReaderConfig = ReaderConfig()
     """How each item is read: DICOM, 16-bit and float images, arrays, several files per item."""
 

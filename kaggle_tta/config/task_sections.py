@@ -142,8 +142,22 @@ class RLEConfig(Section):
     rows: Literal["image", "image_class"] = "image_class"
     """One row per image (the union of foreground classes) or one per (image, class)."""
     id_template: str = "{id}_{class}"
-    """The id of an image_class row; fields {id}, {class} (name) and {index} (0-based)."""
+    """The id of an image_class row; fields {id}, {class} (name) and {index} (0-based). With
+    ``class_column`` it defaults to ``{id}``."""
     column: str = "EncodedPixels"
+    """The column holding the RLE."""
+    class_column: str | None = None
+    """image_class rows with the class name in a column of its own (UW-Madison's
+    ``id,class,predicted``); a sample is then matched on (id, class)."""
+
+    @model_validator(mode="after")
+    def _class_column(self) -> RLEConfig:
+        if self.class_column is not None:
+            if self.rows != "image_class":
+                raise ValueError("class_column: one row per (image, class); set rows: image_class")
+            if "id_template" not in self.model_fields_set:
+                self.id_template = "{id}"
+        return self
 
     @field_validator("id_template")
     @classmethod

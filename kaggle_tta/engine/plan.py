@@ -171,6 +171,7 @@ def build_plan(cfg: PipelineConfig) -> Plan:
             task.row_ids(plan),
             testset.paths,
             task.columns(plan),
+            getattr(getattr(cfg.submission, "rle", None), "class_column", None) if cfg.task == "segmentation" else None,
         )
     return plan
 

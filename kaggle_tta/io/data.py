@@ -30,6 +30,7 @@ from kaggle_tta.config import PipelineConfig
 from kaggle_tta.config.data import ReaderConfig
 from kaggle_tta.config.errors import ConfigError, DataError, KaggleTTAError, UserPath, shown_path
 from kaggle_tta.io.canvas import CanvasSpec
+from kaggle_tta.io.ids import ids_by_rule
 from kaggle_tta.io.readers import decode_image, items_of, list_records, opencv, read_item, record_item
 from kaggle_tta.io.windows import item_size
 
@@ -114,6 +115,8 @@ def list_test_set(cfg: PipelineConfig) -> TestSet:
         where = f"data.csv ({cfg.resolve(d.csv.path)})"  # type: ignore[union-attr]
     if d.reader.channels and d.csv is None:  # items of several files: the first template's files
         ids, paths = items_of(ids, paths, d.reader.channels)
+    if d.id is not None and d.csv is None:
+        ids = ids_by_rule(ids, d.id.pattern, d.id.template, where)
     if not ids:
         raise DataError(f"{where}: the test set is empty; check the path and data.extensions {sorted(exts)}")
     _check_unique(ids, paths, where)

@@ -18,6 +18,8 @@ import polars as pl
 
 from kaggle_tta.config.errors import ConfigError
 
+KEY_SEP = "\x1f"  # a row keyed by two columns (id, class): the key as one string, split when written
+
 
 @dataclass
 class SampleOrder:
@@ -29,6 +31,7 @@ class SampleOrder:
     ids: list[str]
     rows: list[int]
     id_column: str = ""  # the sample's id column (the first where empty), wherever it stands
+    key_column: str | None = None  # a second key column (rle.class_column), matched with the id
     copied: dict[str, list[str]] = field(default_factory=dict)  # columns written as the sample has them
 
 
@@ -51,7 +54,12 @@ def _row_index(row_ids: Sequence[tuple[str, int]], files: Sequence[str]) -> dict
 
 
 def match_sample(
-    path: Path, id_column: str, row_ids: Sequence[tuple[str, int]], files: Sequence[str], header: Sequence[str] | None
+    path: Path,
+    id_column: str,
+    row_ids: Sequence[tuple[str, int]],
+    files: Sequence[str],
+    header: Sequence[str] | None,
+    key_column: str | None = None,
 ) -> SampleOrder:
     """Matches the sample's ids with the rows the writer will write.
 
@@ -74,13 +82,14 @@ def match_sample(
     id_col = id_column if id_column in df.columns else df.columns[0]
     if id_col != id_column:  # the sample's first column stands in: say so in any refusal
         where += f" (no column '{id_column}': its ids taken from '{id_col}'; set submission.id_column)"
-    sample_ids = [str(v) for v in df[id_col].to_list()]
+    sample_ids = _sample_keys(df, id_col, key_column, where)
     index = _row_index(row_ids, files)
     seen: dict[str, int] = {}
     rows, missing = [], []
     for sid in sample_ids:
         if sid in seen:
-            raise ConfigError(f"{where}: id {sid!r} appears twice in the sample")
+            shown = sid.replace(KEY_SEP, "' class '")
+            raise ConfigError(f"{where}: id '{shown}' appears twice in the sample")
         seen[sid] = 1
         if sid in index:
             rows.append(index[sid])
@@ -90,25 +99,45 @@ def match_sample(
         raise ConfigError(f"{where}: two sample ids name the same test image; each image must appear once")
     extra = sorted(set(range(len(row_ids))) - set(rows))
     if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} of {len(sample_ids)} sample ids match no test image ({_examples(missing)})")
-        if extra:
-            parts.append(
-                f"{len(extra)} of {len(row_ids)} rows to write are not in the sample "
-                f"({_examples([row_ids[n][0] for n in extra])})"
-            )
-        raise ConfigError(
-            f"{where}: {'; '.join(parts)}; the sample's ids must be the test ids or their file names (check "
-            "data.* and the sample)"
-        )
+        raise _mismatch(where, missing, extra, sample_ids, row_ids)
     copied = _copied(df, id_col, header)
     if header is not None and (copied is None or len(header) != df.width - len(copied)):
         raise ConfigError(
             f"{where}: the sample has {df.width} columns {df.columns}, the submission {len(header)} "
             f"{list(header)}; set submission.format or its column names to match"
         )
-    return SampleOrder(path, list(df.columns), sample_ids, rows, id_col, copied or {})
+    return SampleOrder(path, list(df.columns), sample_ids, rows, id_col, key_column, copied or {})
+
+
+def _mismatch(
+    where: str, missing: list[str], extra: list[int], sample_ids: list[str], row_ids: Sequence[tuple[str, int]]
+) -> ConfigError:
+    """The refusal of a sample whose ids and the rows to write differ, with counts and examples."""
+    parts = []
+    if missing:
+        missing = [m.replace(KEY_SEP, " ") for m in missing]
+        parts.append(f"{len(missing)} of {len(sample_ids)} sample ids match no test image ({_examples(missing)})")
+    if extra:
+        parts.append(
+            f"{len(extra)} of {len(row_ids)} rows to write are not in the sample "
+            f"({_examples([row_ids[n][0].replace(KEY_SEP, ' ') for n in extra])})"
+        )
+    return ConfigError(
+        f"{where}: {'; '.join(parts)}; the sample's ids must be the test ids or their file names (check "
+        "data.* and the sample)"
+    )
+
+
+def _sample_keys(df: pl.DataFrame, id_col: str, key_column: str | None, where: str) -> list[str]:
+    """The sample's row keys: its ids, or (id, class) joined by KEY_SEP."""
+    ids = [str(v) for v in df[id_col].to_list()]
+    if key_column is None:
+        return ids
+    if key_column not in df.columns:
+        raise ConfigError(
+            f"{where}: no column '{key_column}' (submission.rle.class_column); the sample has {df.columns}"
+        )
+    return [f"{i}{KEY_SEP}{c}" for i, c in zip(ids, (str(v) for v in df[key_column].to_list()))]
 
 
 def _raw_header(path: Path, names: list[str]) -> list[str]:
@@ -155,7 +184,7 @@ def align(table: pl.DataFrame, order: SampleOrder) -> pl.DataFrame:
     source = dict(zip(theirs, theirs if set(ours) == set(theirs) else ours))
     table = pl.DataFrame(
         [
-            pl.Series(f"c{k}", order.ids, dtype=pl.String)
+            pl.Series(f"c{k}", [i.split(KEY_SEP, 1)[0] for i in order.ids], dtype=pl.String)
             if h == id_column
             else pl.Series(f"c{k}", order.copied[h], dtype=pl.String)
             if h in order.copied

@@ -124,7 +124,7 @@ def collect_files(cfg: PipelineConfig, raw: dict[str, Any], opts: KernelOptions,
     Raises:
         KaggleTTAError: a referenced file is missing or cannot be bundled.
     """
-    from kaggle_tta.io.readers import reader_needs
+    from kaggle_tta.io.needs import reader_needs
 
     col = Collector(cfg, raw, opts, source)
     col.collect()

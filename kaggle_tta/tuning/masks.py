@@ -19,7 +19,7 @@ import numpy as np
 
 from kaggle_tta.exec.dag import MemberSource, blocks
 from kaggle_tta.ops.merge import to_probs
-from kaggle_tta.tasks.segmentation import block_of, decide, image_probs, load_truth, node_maps, own_map
+from kaggle_tta.tasks.seg_maps import block_of, decide, image_probs, load_truth, node_maps, own_map
 from kaggle_tta.tuning.options import TuneOptions
 from kaggle_tta.tuning.problem import Point, TuningProblem
 

@@ -1,0 +1,128 @@
+"""Rows a competition asks for (issue #25), laid out as openai/mle-bench's prepare.py lays the
+competition out: UW-Madison's ``id,class,predicted`` (the class in its own column, three rows
+per slice, ids made from the scans' paths, 16-bit PNGs at their own sizes)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+from kaggle_tta.cli import main
+from kaggle_tta.ops.rle import rle_to_mask
+
+TESTS = Path(__file__).resolve().parent
+UW = ["large_bowel", "small_bowel", "stomach"]
+
+
+def _uw(root: Path) -> dict[str, np.ndarray]:
+    """public/test/<case>/<case>_<day>/scans/slice_<n>_<W>_<H>_1.50_1.50.png (16-bit), the
+    sample (id, class, predicted; three rows per slice, classes in the competition's order,
+    slices not in listing order) and each slice's expected large_bowel mask."""
+    rng = np.random.default_rng(0)
+    truth, rows = {}, []
+    for case, day, (h, w) in [("case7", "day0", (40, 52)), ("case7", "day3", (36, 36)), ("case19", "day1", (44, 30))]:
+        scans = root / "test" / case / f"{case}_{day}" / "scans"
+        scans.mkdir(parents=True)
+        for n in (1, 2):
+            img = rng.integers(0, 300, (h, w)).astype(np.uint16)
+            img[h // 4 : h // 2 + n, w // 3 : w // 3 + 9 + n] = 3000 + 100 * n  # bright organ
+            img[0, 0] = 0
+            cv2.imwrite(str(scans / f"slice_{n:04d}_{w}_{h}_1.50_1.50.png"), img)
+            sid = f"{case}_{day}_slice_{n:04d}"
+            truth[sid] = img.astype(np.float32) / img.max() > 0.5
+            rows += [(sid, c) for c in UW]
+    rows.sort(key=lambda r: (r[0][::-1], UW.index(r[1])))  # the sample's own order
+    with open(root / "sample_submission.csv", "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["id", "class", "predicted"])
+        out.writerows([(i, c, "1 1 5 2") for i, c in rows])
+    return truth
+
+
+def test_uw_madison_rows_with_a_class_column(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+    truth = _uw(tmp_path)
+    cfg = {
+        "task": "segmentation",
+        "data": {
+            "folder": str(tmp_path / "test"),
+            "classes": UW,
+            "id": {
+                "pattern": r"(?P<case>case\d+)_(?P<day>day\d+)/scans/slice_(?P<n>\d+)",
+                "template": "{case}_{day}_slice_{n}",
+            },
+            "reader": {"name": "image", "window": {"mode": "minmax"}},
+        },
+        "runtime": {"device": "cpu", "precision": "fp32", "workers": 0, "batch_size": 4},
+        "cache": {"dir": str(tmp_path / "cache")},
+        "segmentation": {"size": "native"},
+        "members": [
+            {
+                "name": "m",
+                "factory": "helpers:bright_pixels",
+                "kwargs": {"num_classes": 3},
+                "preprocess": {"mean": [0.0] * 3, "std": [0.5] * 3},
+                "tta": "flips",
+            }
+        ],
+        "submission": {
+            "path": str(tmp_path / "submission.csv"),
+            "format": "rle",
+            "sample": str(tmp_path / "sample_submission.csv"),
+            "rle": {"class_column": "class", "column": "predicted"},
+        },
+    }
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(tmp_path / "p.yaml"), "-q"]) == 0
+    with open(tmp_path / "sample_submission.csv", newline="") as f:
+        sample = [(r["id"], r["class"]) for r in csv.DictReader(f)]
+    with open(tmp_path / "submission.csv", newline="") as f:
+        written = list(csv.DictReader(f))
+    assert list(written[0]) == ["id", "class", "predicted"]
+    assert [(r["id"], r["class"]) for r in written] == sample  # the sample's rows, in its order
+    for r in written:
+        mask = truth[r["id"]]
+        want = mask if r["class"] == "large_bowel" else np.zeros_like(mask)  # a gray scan: the first class wins
+        got = rle_to_mask(r["predicted"], mask.shape, "F", True, "")  # the grader's decode: column order
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_sample_without_the_class_column_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(TESTS))
+    _uw(tmp_path)
+    (tmp_path / "sample_submission.csv").write_text("id,predicted\ncase7_day0_slice_0001,1 1\n")
+    cfg = {
+        "task": "segmentation",
+        "data": {"folder": str(tmp_path / "test"), "classes": UW},
+        "members": [{"name": "m", "factory": "helpers:bright_pixels", "kwargs": {"num_classes": 3}}],
+        "segmentation": {"size": "native"},
+        "cache": {"dir": str(tmp_path / "cache")},
+        "submission": {
+            "path": str(tmp_path / "s.csv"),
+            "format": "rle",
+            "sample": str(tmp_path / "sample_submission.csv"),
+            "rle": {"class_column": "class"},
+        },
+    }
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(tmp_path / "p.yaml"), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no column 'class'" in err[0] and "submission.sample" in err[0]
+
+
+@pytest.mark.parametrize("bad", [{"pattern": "(?P<a>x", "template": "{a}"}, {"pattern": "(?P<a>x)", "template": "{b}"}])
+def test_a_bad_id_rule_is_one_line_at_load(tmp_path, capsys, bad):
+    (tmp_path / "test").mkdir()
+    cfg = {
+        "data": {"folder": str(tmp_path / "test"), "classes": ["a"], "id": bad},
+        "members": [{"name": "m", "arch": "resnet18"}],
+    }
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(tmp_path / "p.yaml"), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.id" in err[0]
