@@ -126,3 +126,123 @@ def test_a_bad_id_rule_is_one_line_at_load(tmp_path, capsys, bad):
     assert main(["run", str(tmp_path / "p.yaml"), "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "data.id" in err[0]
+
+
+def _rsna(root: Path) -> list[dict[str, str]]:
+    """test_images/<patient>/<image>.dcm, test.csv (prepare.py's columns, prediction_id =
+    patient_laterality), the sample (prediction_id, cancer): two patients, both sides, one to
+    three views a side."""
+    from test_readers import _dicom
+
+    rng = np.random.default_rng(5)
+    rows = []
+    for patient in ("10006", "10011"):
+        (root / "test_images" / patient).mkdir(parents=True)
+        for side in ("L", "R"):
+            for view in ("CC", "MLO", "ML")[: rng.integers(1, 4)]:
+                image = str(rng.integers(10**8, 10**9))
+                scan = rng.integers(0, 4000, (24, 20)).astype(np.uint16)
+                _dicom(root / "test_images" / patient / f"{image}.dcm", scan)
+                rows.append(
+                    {
+                        "site_id": "1",
+                        "patient_id": patient,
+                        "image_id": image,
+                        "laterality": side,
+                        "view": view,
+                        "age": "61",
+                        "implant": "0",
+                        "machine_id": "49",
+                        "prediction_id": f"{patient}_{side}",
+                    }
+                )
+    with open(root / "test.csv", "w", newline="") as f:
+        out = csv.DictWriter(f, list(rows[0]))
+        out.writeheader()
+        out.writerows(rows)
+    groups = sorted({r["prediction_id"] for r in rows}, reverse=True)
+    (root / "sample_submission.csv").write_text("prediction_id,cancer\n" + "".join(f"{g},0.021\n" for g in groups))
+    return rows
+
+
+@pytest.mark.parametrize("aggregate", ["mean", "max"])
+def test_rsna_rows_per_patient_side_aggregate_their_images(tmp_path, monkeypatch, aggregate):
+    monkeypatch.syspath_prepend(str(TESTS))
+    rows = _rsna(tmp_path)
+    cfg = {
+        "task": "regression",
+        "data": {
+            "csv": {
+                "path": str(tmp_path / "test.csv"),
+                "id_column": "image_id",
+                "path_template": "test_images/{patient_id}/{image_id}.dcm",
+            },
+            "classes": ["cancer"],
+            "reader": {"window": {"mode": "minmax"}},
+        },
+        "runtime": {"device": "cpu", "precision": "fp32", "workers": 0, "batch_size": 4},
+        "cache": {"dir": str(tmp_path / "cache")},
+        "members": [
+            {
+                "name": "m",
+                "factory": "helpers:mean_brightness",
+                "activation": "none",
+                "preprocess": {"input_size": [3, 16, 16], "mean": [0.0] * 3, "std": [1.0] * 3},
+                "tta": "hflip",
+            }
+        ],
+        "submission": {"path": str(tmp_path / "images.csv"), "format": "values", "id_column": "image_id"},
+    }
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(tmp_path / "p.yaml"), "-q"]) == 0  # per image first: the oracle
+    with open(tmp_path / "images.csv", newline="") as f:
+        per_image = {r["image_id"]: float(r["cancer"]) for r in csv.DictReader(f)}
+    cfg["submission"] = {
+        "path": str(tmp_path / "submission.csv"),
+        "format": "values",
+        "id_column": "prediction_id",
+        "group": {"column": "prediction_id", "aggregate": aggregate},
+        "sample": str(tmp_path / "sample_submission.csv"),
+    }
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(tmp_path / "p.yaml"), "-q"]) == 0
+    with open(tmp_path / "submission.csv", newline="") as f:
+        written = list(csv.DictReader(f))
+    with open(tmp_path / "sample_submission.csv", newline="") as f:
+        assert [r["prediction_id"] for r in written] == [r["prediction_id"] for r in csv.DictReader(f)]
+    assert list(written[0]) == ["prediction_id", "cancer"]
+    fn = np.mean if aggregate == "mean" else np.max
+    for r in written:
+        images = [per_image[x["image_id"]] for x in rows if x["prediction_id"] == r["prediction_id"]]
+        assert abs(float(r["cancer"]) - fn(images)) < 2e-6, r  # both written with 6 decimals
+
+
+def test_a_group_column_missing_from_the_csv_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(TESTS))
+    _rsna(tmp_path)
+    cfg = {
+        "task": "regression",
+        "data": {
+            "csv": {
+                "path": str(tmp_path / "test.csv"),
+                "id_column": "image_id",
+                "path_template": "test_images/{patient_id}/{image_id}.dcm",
+            },
+            "classes": ["cancer"],
+        },
+        "cache": {"dir": str(tmp_path / "cache")},
+        "members": [
+            {
+                "name": "m",
+                "factory": "helpers:mean_brightness",
+                "activation": "none",
+                "preprocess": {"input_size": [3, 8, 8]},
+            }
+        ],
+        "submission": {"format": "values", "path": str(tmp_path / "s.csv"), "group": {"column": "study"}},
+    }
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(tmp_path / "p.yaml"), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "submission.group.column" in err[0] and "'study'" in err[0]
+    assert not list((tmp_path / "cache").rglob("*.npy*"))

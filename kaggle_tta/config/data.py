@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import field_validator, model_validator
 
+from kaggle_tta.config.errors import template_fields
 from kaggle_tta.config.marks import Bundle
 from kaggle_tta.config.section_base import Section, check_template
 
@@ -22,14 +23,21 @@ class CsvSource(Section):
     path_column: str | None = None
     """Column holding the image path (relative to `root`); or give `path_template`."""
     path_template: str | None = None
-    """Builds the path from the id, e.g. ``images/{id}.jpg`` (relative to `root`)."""
+    """Builds the path from the id and the row's other columns, e.g. ``images/{id}.jpg`` or
+    ``test_images/{patient_id}/{image_id}.dcm`` (relative to `root`)."""
     root: Annotated[Path | None, Bundle("data", "csv-root")] = None
     """Folder the paths are relative to; default: the CSV's folder."""
 
     @field_validator("path_template")
     @classmethod
     def _template(cls, v: str | None) -> str | None:
-        return v if v is None else check_template(v, {"id": "x"}, "images/{id}.jpg")
+        if v is None:
+            return v
+        try:  # {id} and any column of the CSV (checked against its header when it is read)
+            names = template_fields(v)
+        except ValueError as exc:
+            raise ValueError(f"'{v}' is not a valid template ({exc}); e.g. 'images/{{id}}.jpg'") from None
+        return check_template(v, dict.fromkeys(names or ["id"], "x"), "images/{id}.jpg")
 
     @model_validator(mode="after")
     def _one_path_rule(self) -> CsvSource:

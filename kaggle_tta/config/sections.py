@@ -310,6 +310,20 @@ class BlendConfig(Section):
         return self
 
 
+class GroupSpec(Section):
+    """Rows per group of images (RSNA breast cancer's ``prediction_id`` = patient_laterality,
+    SIIM-COVID19's study): each group's row aggregates its images' values."""
+
+    column: str
+    """The CSV column holding each image's group (its value is the written row's id)."""
+    aggregate: Literal["mean", "max", "min"] = "mean"
+    """How a group's images' values become the row's: mean, max or min per column."""
+    csv: Annotated[Path | None, Bundle("data")] = None
+    """The CSV mapping images to groups; default: data.csv's file."""
+    key_column: str | None = None
+    """That CSV's column of image ids; default: data.csv.id_column, else 'id'."""
+
+
 class SubmissionConfig(Section):
     """What is written and how."""
 
@@ -343,6 +357,8 @@ class SubmissionConfig(Section):
     ('{conf} {x} {y} {w} {h}', pixels) or open_images ('{label} {conf} {nx1} {ny1} {nx2}
     {ny2}', normalized)."""
     prediction_column: str = "PredictionString"
+    group: GroupSpec | None = None
+    """One row per group of images, aggregated (formats probs and values; see GroupSpec)."""
     sample: Annotated[Path | None, Bundle("data")] = None
     """The competition's sample_submission.csv: the CSV written then has its header, exactly
     its ids (a sample id matches a row id, or a test image's file name with its suffix) and

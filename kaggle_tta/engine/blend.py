@@ -12,6 +12,7 @@ from kaggle_tta.cache import DamagedView
 from kaggle_tta.config import PipelineConfig
 from kaggle_tta.engine.plan import Plan, find_entry
 from kaggle_tta.exec.dag import MemberSource, check_complete
+from kaggle_tta.io.groups import group_table
 from kaggle_tta.io.submission import align, write_submission
 from kaggle_tta.ops.gate import Forwards, skipping
 
@@ -84,6 +85,8 @@ def blend_plan(plan: Plan, sources: list[MemberSource]) -> BlendResult:
         out = task.blend(plan, sources, sizes, has_identity)
     except DamagedView as exc:  # marked: the next infer recomputes it; say which command
         raise DamagedView(exc.entry, exc.view, exc.reason, sources[0].fill_hint) from None
+    if plan.groups is not None:  # one row per group of images
+        out.table = group_table(out.table, plan.groups, cfg.submission.group.aggregate)  # type: ignore[union-attr]
     if plan.sample is not None:
         out.table = align(out.table, plan.sample)
     out_path = cfg.resolve(cfg.submission.path)

@@ -20,6 +20,7 @@ from kaggle_tta.config.errors import CheckpointError, ConfigError, did_you_mean
 from kaggle_tta.engine.device import resolve_device, resolve_precision
 from kaggle_tta.io.canvas import CanvasSpec
 from kaggle_tta.io.data import TestSet, list_test_set
+from kaggle_tta.io.groups import group_of, group_row_ids
 from kaggle_tta.io.models import Preprocess, check_checkpoint, resolve_preprocess
 from kaggle_tta.io.readers import item_files, reader_for
 from kaggle_tta.io.submission import SampleOrder, match_sample
@@ -63,6 +64,7 @@ class Plan:
     cache_root: Path
     sample: SampleOrder | None = None  # submission.sample, matched with the rows to write
     rows: tuple[int, int] | None = None  # a rank's share (lo, hi): testset is those rows, written to shard entries
+    groups: list[str] | None = None  # submission.group: each image's group
     native_sizes: Any = None  # segmentation.size native: every image's (H, W), read from headers once
 
     def member(self, name: str) -> MemberPlan:
@@ -164,11 +166,13 @@ def build_plan(cfg: PipelineConfig) -> Plan:
     plan = Plan(cfg, task, classes, testset, members, cache_root)
     check_spaces(plan)
     task.check_plan(plan)
+    if cfg.submission.group is not None:  # every image's group, before the first forward
+        plan.groups = group_of(cfg, testset.ids)
     if cfg.submission.sample is not None:  # ids that do not match fail before the first forward
         plan.sample = match_sample(
             cfg.resolve(cfg.submission.sample),
             cfg.submission.id_column,
-            task.row_ids(plan),
+            task.row_ids(plan) if plan.groups is None else group_row_ids(plan.groups),
             testset.paths,
             task.columns(plan),
             getattr(getattr(cfg.submission, "rle", None), "class_column", None) if cfg.task == "segmentation" else None,

@@ -28,9 +28,9 @@ import polars as pl
 
 from kaggle_tta.config import PipelineConfig
 from kaggle_tta.config.data import ReaderConfig
-from kaggle_tta.config.errors import ConfigError, DataError, KaggleTTAError, UserPath, shown_path
+from kaggle_tta.config.errors import DataError, KaggleTTAError, UserPath, shown_path
 from kaggle_tta.io.canvas import CanvasSpec
-from kaggle_tta.io.ids import ids_by_rule
+from kaggle_tta.io.ids import ids_by_rule, templated_paths
 from kaggle_tta.io.readers import decode_image, items_of, list_records, opencv, read_item, record_item
 from kaggle_tta.io.windows import item_size
 
@@ -221,10 +221,7 @@ def _list_csv(cfg: PipelineConfig) -> tuple[list[str], list[str]]:
     if c.path_column:
         rel = _strings(df, c.path_column, path, "data.csv.path_column")
     else:
-        try:  # checked at load (CsvSource); kept for a config built without validation
-            rel = [c.path_template.format(id=i) for i in ids]  # type: ignore[union-attr]
-        except (KeyError, IndexError, ValueError, AttributeError, TypeError) as exc:
-            raise ConfigError(f"data.csv.path_template: only {{id}} may be used ({exc})") from None
+        rel = templated_paths(df, ids, c.path_template or "", path)
     bad = next((k for k, r in enumerate(rel) if "\0" in r), None)
     if bad is not None:  # the OS refuses such a path; say which row, before any file is touched
         raise DataError(
