@@ -246,3 +246,79 @@ def test_a_group_column_missing_from_the_csv_is_one_line(tmp_path, monkeypatch, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "submission.group.column" in err[0] and "'study'" in err[0]
     assert not list((tmp_path / "cache").rglob("*.npy*"))
+
+
+def test_vinbigdata_rows_boxes_a_pseudo_box_and_never_empty(tmp_path, monkeypatch):
+    """test/<image_id>.dicom and the sample (image_id, PredictionString "14 1 0 0 1 1"): boxes
+    as ``class_id conf x_min y_min x_max y_max`` in the DICOM's pixels, "no finding" appended
+    as ``14 p 0 0 1 1`` with p from a classifier's submission, and an image without a box gets
+    that row alone (the grader splits every string into floats: an empty one crashes it)."""
+    from test_readers import _dicom
+
+    monkeypatch.syspath_prepend(str(TESTS))
+    (tmp_path / "test").mkdir()
+    boxes = {"a1": (5, 7, 17, 15), "b2": (0, 3, 9, 20), "c3": None}  # x1, y1, x2, y2 of the bright patch
+    for image, box in boxes.items():
+        scan = np.full((24, 30), 100, np.uint16)
+        scan[0, 0] = 0
+        if box is not None:
+            x1, y1, x2, y2 = box
+            scan[y1:y2, x1:x2] = 4000
+        _dicom(tmp_path / "test" / f"{image}.dicom", scan)
+    (tmp_path / "sample_submission.csv").write_text(
+        "image_id,PredictionString\n" + "".join(f"{i},14 1 0 0 1 1\n" for i in ("c3", "a1", "b2"))
+    )
+    (tmp_path / "classifier.csv").write_text("image_id,no_finding\na1,0.1\nb2,0.25\nc3,0.9\n")
+    cfg = {
+        "task": "detection",
+        "data": {
+            "folder": str(tmp_path / "test"),
+            "extensions": [".dicom"],
+            "classes": [f"finding{k}" for k in range(14)],
+            "reader": {"window": {"mode": "fixed", "range": [0, 4000]}},
+        },
+        "runtime": {"device": "cpu", "precision": "fp32", "workers": 0, "batch_size": 4},
+        "cache": {"dir": str(tmp_path / "cache")},
+        "members": [
+            {
+                "name": "det",
+                "factory": "helpers:bright_boxes",
+                "adapter": "boxes",
+                "preprocess": {"input_size": [24, 30], "mean": [0.0] * 3, "std": [0.5] * 3},
+                "tta": "hflip",
+            }
+        ],
+        "submission": {
+            "path": str(tmp_path / "submission.csv"),
+            "id_column": "image_id",
+            "template": "vinbigdata",
+            "sample": str(tmp_path / "sample_submission.csv"),
+            "pseudo_box": {
+                "csv": str(tmp_path / "classifier.csv"),
+                "id_column": "image_id",
+                "column": "no_finding",
+                "template": "14 {p:.4f} 0 0 1 1",
+            },
+        },
+    }
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(tmp_path / "p.yaml"), "-q"]) == 0
+    with open(tmp_path / "submission.csv", newline="") as f:
+        written = {r["image_id"]: r["PredictionString"] for r in csv.DictReader(f)}
+    assert list(written) == ["c3", "a1", "b2"]
+    p = {"a1": 0.1, "b2": 0.25, "c3": 0.9}
+    for image, box in boxes.items():
+        values = np.array(written[image].split(" "), dtype=float).reshape(-1, 6)  # as the grader parses it
+        np.testing.assert_array_equal(values[-1], [14, p[image], 0, 0, 1, 1])
+        if box is None:
+            assert len(values) == 1
+            continue
+        assert set(values[:-1, 0]) == {0, 1, 2}  # the gray scan's three channels, one box each
+        for row in values[:-1]:
+            np.testing.assert_allclose(row[2:], box, atol=0.05)
+    cfg["submission"]["pseudo_box"]["when"] = "empty"
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(tmp_path / "p.yaml"), "-q"]) == 0
+    with open(tmp_path / "submission.csv", newline="") as f:
+        written = {r["image_id"]: r["PredictionString"] for r in csv.DictReader(f)}
+    assert written["c3"] == "14 0.9000 0 0 1 1" and "14" not in written["a1"].split(" ")[::6]  # no class 14 row

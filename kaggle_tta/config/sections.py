@@ -13,7 +13,7 @@ from pydantic import field_validator, model_validator
 
 from kaggle_tta.config.errors import did_you_mean
 from kaggle_tta.config.marks import FACTORY_PATH_KWARGS, Bundle
-from kaggle_tta.config.section_base import Section, check_fractions, check_positive, check_weights
+from kaggle_tta.config.section_base import Section, check_fractions, check_positive, check_template, check_weights
 from kaggle_tta.config.task_sections import RLEConfig, TilingConfig
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -324,6 +324,27 @@ class GroupSpec(Section):
     """That CSV's column of image ids; default: data.csv.id_column, else 'id'."""
 
 
+class PseudoBox(Section):
+    """A row from another model's verdict, added to each image's PredictionString (VinBigData's
+    "no finding" as ``14 p 0 0 1 1``, p from a classifier's submission)."""
+
+    csv: Annotated[Path, Bundle("data")]
+    """A CSV with a probability per image (a classification pipeline's ``probs`` submission)."""
+    column: str
+    """Its column holding the probability."""
+    id_column: str = "id"
+    """Its column of image ids."""
+    template: str = "{p:.4f} 0 0 1 1"
+    """The row written, ``{p}`` the probability: ``14 {p:.4f} 0 0 1 1``."""
+    when: Literal["always", "empty"] = "always"
+    """always: appended to every image's boxes; empty: only where the detector found none."""
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        return check_template(v, {"p": 0.5}, "14 {p:.4f} 0 0 1 1")
+
+
 class SubmissionConfig(Section):
     """What is written and how."""
 
@@ -357,6 +378,11 @@ class SubmissionConfig(Section):
     ('{conf} {x} {y} {w} {h}', pixels) or open_images ('{label} {conf} {nx1} {ny1} {nx2}
     {ny2}', normalized)."""
     prediction_column: str = "PredictionString"
+    empty_prediction: str = ""
+    """Detection: what an image with no box (and no pseudo-box) writes (VinBigData's grader
+    fails on an empty string: ``14 1 0 0 1 1``)."""
+    pseudo_box: PseudoBox | None = None
+    """Detection: a row from another model's verdict added to each image's boxes."""
     group: GroupSpec | None = None
     """One row per group of images, aggregated (formats probs and values; see GroupSpec)."""
     sample: Annotated[Path | None, Bundle("data")] = None

@@ -282,9 +282,11 @@ PRESETS: dict[str, str] = {
     "global_wheat": "{conf:.4f} {x} {y} {w} {h}",
     # Open Images: "label conf x_min y_min x_max y_max" per box, normalized to [0, 1]
     "open_images": "{label} {conf:.4f} {nx1:.4f} {ny1:.4f} {nx2:.4f} {ny2:.4f}",
+    # VinBigData chest X-ray: "class_id conf x_min y_min x_max y_max" per box, pixels of the DICOM
+    "vinbigdata": "{index} {conf:.4f} {x1:.1f} {y1:.1f} {x2:.1f} {y2:.1f}",
 }
 
-FIELDS = ("label", "conf", "x1", "y1", "x2", "y2", "nx1", "ny1", "nx2", "ny2", "x", "y", "w", "h")
+FIELDS = ("label", "index", "conf", "x1", "y1", "x2", "y2", "nx1", "ny1", "nx2", "ny2", "x", "y", "w", "h")
 
 
 def prediction_string(
@@ -305,6 +307,7 @@ def prediction_string(
         image_size: ``(H, W)``, to normalize.
         template: a ``str.format`` template, or the name of one in :data:`PRESETS`. Fields:
             ``label`` (the class name when ``classes`` is given, else the integer id),
+            ``index`` (the integer class id, its place in data.classes),
             ``conf``; ``x1, y1, x2, y2`` (float pixels); ``nx1, ny1, nx2, ny2`` (normalized
             to [0, 1]); ``x, y, w, h`` (integer pixels: the corners rounded to the nearest
             pixel, ``w = round(x2) - round(x1)``, so ``x + w`` is the rounded right edge).
@@ -336,10 +339,11 @@ def prediction_string(
         names = lab.tolist()
     norm = b / np.array([w, h, w, h], dtype=np.float64)
     ri = np.rint(b).astype(np.int64)
-    rows = zip(names, s.tolist(), b.tolist(), norm.tolist(), ri.tolist())
+    rows = zip(names, lab.tolist(), s.tolist(), b.tolist(), norm.tolist(), ri.tolist())
     out = []
-    for name, conf, (x1, y1, x2, y2), (nx1, ny1, nx2, ny2), (rx1, ry1, rx2, ry2) in rows:
-        fields = dict(label=name, conf=conf, x1=x1, y1=y1, x2=x2, y2=y2, nx1=nx1, ny1=ny1, nx2=nx2, ny2=ny2)
+    for name, index, conf, (x1, y1, x2, y2), (nx1, ny1, nx2, ny2), (rx1, ry1, rx2, ry2) in rows:
+        fields = dict(label=name, index=index, conf=conf, x1=x1, y1=y1, x2=x2, y2=y2)
+        fields.update(nx1=nx1, ny1=ny1, nx2=nx2, ny2=ny2)
         fields.update(x=rx1, y=ry1, w=rx2 - rx1, h=ry2 - ry1)
         try:
             out.append(template.format(**fields))

@@ -32,19 +32,17 @@ from kaggle_tta.ops.boxes import (
     BoxesError,
     Method,
     fuse_boxes,
-    prediction_string,
     resolve_template,
     valid_boxes,
 )
 from kaggle_tta.tasks.base import Task, TaskOutput, register_task
+from kaggle_tta.tasks.det_rows import Boxes, pseudo_probabilities, submission_table
 
 if TYPE_CHECKING:
     from kaggle_tta.engine.plan import Plan
     from kaggle_tta.exec.forward import MemberWork
     from kaggle_tta.io.data import Batch
     from kaggle_tta.io.models import Preprocess
-
-Boxes = tuple[np.ndarray, np.ndarray, np.ndarray]  # pixel xyxy [n, 4], scores [n], labels [n]
 
 
 # ---- adapters (engine side; tensors are duck-typed, torch is not imported here) ------------
@@ -209,20 +207,6 @@ def evaluate_boxes(cfg: PipelineConfig, members: dict[str, list[Boxes]], sizes: 
         return out
 
     return evaluate_dag(cfg, {k: [_cap(b, d.max_boxes) for b in v] for k, v in members.items()}, fuse)
-
-
-def submission_table(
-    cfg: PipelineConfig, ids: Sequence[str], boxes: list[Boxes], sizes: np.ndarray, classes: Sequence[str]
-) -> pl.DataFrame:
-    spec = cfg.submission
-    strings = [
-        prediction_string(b, s, lab, tuple(sz), spec.template, classes)
-        for (b, s, lab), sz in zip(boxes, sizes.tolist())
-    ]
-    return pl.DataFrame(
-        {spec.id_column: list(ids), spec.prediction_column: strings},
-        schema={spec.id_column: pl.String, spec.prediction_column: pl.String},
-    )
 
 
 # ---- ground truth and mAP ------------------------------------------------------------------
@@ -395,6 +379,8 @@ class Detection(Task):
                 )
         if plan.cfg.data.boxes is not None:  # a bad ground-truth file fails before the first forward
             load_truth(plan.cfg, plan.testset.ids, plan.classes)
+        if plan.cfg.submission.pseudo_box is not None:  # so does a bad pseudo-box file
+            pseudo_probabilities(plan.cfg, plan.testset.ids)
 
     def fingerprint(self, cfg: PipelineConfig, m: MemberConfig, canvas: CanvasSpec, activation: str) -> dict[str, Any]:
         return {"canvas": canvas.__dict__, "adapter": m.adapter}
