@@ -23,6 +23,10 @@ class PipelineConfig(Section):
     blend's ``method``, ``submission.format``): the schema knows no task."""
     multilabel: bool = False
     """Classification with independent labels (sigmoid); views must leave every label unchanged."""
+    metric: str | None = None
+    """What the report scores and ``tune`` optimizes, by name (kaggle_tta.ops.metrics):
+    accuracy, logloss, macro_f1, f1 (micro), f2, auc, qwk, map@3, map@5; regression rmse, mae.
+    Default: accuracy (F1 for multi-label; RMSE for regression)."""
     data: DataConfig
     runtime: RuntimeConfig = RuntimeConfig()
     cache: CacheConfig = CacheConfig()

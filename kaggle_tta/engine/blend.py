@@ -147,7 +147,7 @@ def _members_of(cfg: PipelineConfig) -> dict[str, list[str]]:
     return out
 
 
-VALUE_METRICS = frozenset({"RMSE", "MAE"})  # errors in the target's own units: shown as numbers, not percents
+VALUE_METRICS = frozenset({"RMSE", "MAE", "logloss"})  # errors (lower is better): shown as numbers, not percents
 
 
 def _percent(x: float | None, gain: bool = False) -> str:

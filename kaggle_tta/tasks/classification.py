@@ -23,6 +23,7 @@ from kaggle_tta.exec.dag import MemberSource, blocks, members_under, node_predic
 from kaggle_tta.io.canvas import POSITIONS, CanvasSpec
 from kaggle_tta.io.data import load_labels
 from kaggle_tta.ops.merge import BLEND_METHODS, VIEW_REDUCERS, Prediction, activate, to_probs
+from kaggle_tta.ops.metrics import check_metric, metric_named
 from kaggle_tta.tasks.base import Task, TaskOutput, register_task
 
 if TYPE_CHECKING:
@@ -122,6 +123,7 @@ class Classification(Task):
     tuner: ClassVar[str | None] = "classes"
 
     def validate(self, cfg: PipelineConfig) -> None:
+        check_metric(cfg.metric, "multilabel" if cfg.multilabel else "single")
         if cfg.submission.format == "multilabel" and not cfg.multilabel:
             raise ConfigError("submission.format: 'multilabel' needs 'multilabel: true' at the top level")
         if cfg.submission.uncertainty and cfg.submission.format != "probs":
@@ -248,7 +250,8 @@ class Classification(Task):
         labels = load_labels(cfg, plan.testset.ids, plan.classes)
         writer = self.writers[cfg.submission.format]  # type: ignore[index]
         step = n if any(b.method == "rank_mean" for b in cfg.blends) else BLOCK_ROWS
-        metric = "F1" if cfg.multilabel else "accuracy"
+        named = metric_named(cfg.metric) if cfg.metric else None  # scored on every row at the end
+        metric = named.name if named else "F1" if cfg.multilabel else "accuracy"
         tables: list[Any] = []
         tta: dict[str, Any] = {}
         no_tta: dict[str, Any] = {}
@@ -262,13 +265,21 @@ class Classification(Task):
             tables.append(table)
             if labels is None:
                 continue
+            count = (lambda p, y: [to_probs(p)]) if named else (lambda p, y: _counts(p, y, cfg))
             for name, pred in nodes.items():
-                tta[name] = tta.get(name, 0) + _counts(pred, labels[lo:hi], cfg)
+                tta[name] = tta.get(name, [] if named else 0) + count(pred, labels[lo:hi])
             if plain:  # without TTA: each member's identity view (or its gate's first view) alone, blended the same way
                 for name, pred in node_predictions(cfg, sources, lo, hi, plain=True).items():
-                    no_tta[name] = no_tta.get(name, 0) + _counts(pred, labels[lo:hi], cfg)
+                    no_tta[name] = no_tta.get(name, [] if named else 0) + count(pred, labels[lo:hi])
         table = pl.concat(tables) if len(tables) > 1 else tables[0]
-        scores = lambda counts: {k: {metric: _score(c, cfg.multilabel)} for k, c in counts.items()}  # noqa: E731
+
+        def scores(kept: dict[str, Any]) -> dict[str, dict[str, float]]:
+            if named is None:
+                return {k: {metric: _score(c, cfg.multilabel)} for k, c in kept.items()}
+            t, y = class_thresholds(cfg.submission), labels
+            assert y is not None  # nothing is kept without labels
+            return {k: {metric: named.fn(y, np.concatenate(v), t)} for k, v in kept.items()}
+
         return TaskOutput(table, [metric], scores(tta), scores(no_tta))
 
 

@@ -20,6 +20,7 @@ from kaggle_tta.config import MemberConfig, PipelineConfig, SubmissionConfig
 from kaggle_tta.config.errors import ConfigError, DataError
 from kaggle_tta.exec.dag import MemberSource, blocks, node_predictions
 from kaggle_tta.ops.merge import to_probs
+from kaggle_tta.ops.metrics import check_metric
 from kaggle_tta.tasks.base import TaskOutput, register_task
 from kaggle_tta.tasks.classification import Classification
 
@@ -75,6 +76,7 @@ class Regression(Classification):
     tuner = None
 
     def validate(self, cfg: PipelineConfig) -> None:
+        check_metric(cfg.metric, "regression")
         if cfg.multilabel:
             raise ConfigError("multilabel: regression writes values; remove multilabel")
         acts = {"none" if m.activation == "auto" else m.activation for m in cfg.members}

@@ -6,7 +6,6 @@ its gates (kaggle_tta.tuning.gates) and its tables (kaggle_tta.tuning.classes_re
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +16,7 @@ from kaggle_tta.config.errors import ConfigError
 from kaggle_tta.exec.dag import MemberSource, evaluate_dag
 from kaggle_tta.io.data import load_labels
 from kaggle_tta.ops.merge import Prediction, blend, to_probs
+from kaggle_tta.ops.metrics import Metric, metric_named, names_for
 from kaggle_tta.tuning import losses
 from kaggle_tta.tuning.cache import read_view, view_seconds
 from kaggle_tta.tuning.gate_results import GateSearch
@@ -45,44 +45,29 @@ class Tuned:
         self._nodes = nodes
 
 
-@dataclass
-class Metric:
-    name: str
-    fn: Callable[[np.ndarray, np.ndarray, Any], float]  # (y, probs, thresholds) -> value
-    higher_is_better: bool = True
-    per_row: Callable[[np.ndarray, np.ndarray, Any], np.ndarray] | None = (
-        None  # where the metric is a mean over rows: each row's value (the bootstrap's fast path)
-    )
-
-
 def resolve_metric(spec: str | None, multilabel: bool) -> Metric:
-    """The task's metric (accuracy; micro F1 for multi-label), a name, or module:callable."""
+    """The task's metric (accuracy; micro F1 for multi-label), a registered name
+    (kaggle_tta.ops.metrics: qwk, macro_f1, auc, logloss, ...), nll, or module:callable."""
     name = spec or ("f1" if multilabel else "accuracy")
-    builtin = {
-        "accuracy": Metric(
-            "accuracy",
-            lambda y, p, t: losses.accuracy(y, p),
-            per_row=lambda y, p, t: (p.argmax(axis=1) == y).astype(np.float64),
-        ),
-        "f1": Metric("F1", lambda y, p, t: losses.micro_f1(y, p, t)),
-        "nll": Metric(
+    kind = "multilabel" if multilabel else "single"
+    if name == "nll":
+        return Metric(
             "NLL",
             lambda y, p, t: float(losses.nll_of_probs(p, y).mean()),
             False,
             per_row=lambda y, p, t: np.asarray(losses.nll_of_probs(p, y), np.float64),
-        ),
-    }
-    if name in builtin:
-        if (name == "f1") != multilabel and name != "nll":
+        )
+    known = metric_named(name)
+    if known is not None:
+        if kind not in known.kinds:
             raise ConfigError(
-                f"--metric {name}: "
-                f"{'F1 scores multi-label pipelines' if name == 'f1' else 'accuracy scores single-label pipelines'}; "
-                f"use {'accuracy' if name == 'f1' else 'f1'}"
+                f"--metric {name}: it does not score {'multi-label' if multilabel else 'single-label'} pipelines; "
+                f"use one of {', '.join(names_for(kind))}"
             )
-        return builtin[name]
+        return known
     if ":" not in name:
         raise ConfigError(
-            f"--metric {name}: use accuracy, f1, nll or module:callable "
+            f"--metric {name}: use nll, one of {', '.join(names_for(kind))}, or module:callable "
             "(called as fn(y_true, probs) -> float, higher is better)"
         )
     from kaggle_tta.io.models import import_callable
@@ -116,7 +101,7 @@ class ClassData:
         assert y is not None
         self.y = y
         self.multilabel = plan.cfg.multilabel
-        self.metric = resolve_metric(opts.metric, self.multilabel)
+        self.metric = resolve_metric(opts.metric or plan.cfg.metric, self.multilabel)
         self.members: dict[str, MemberData] = {}
         for s, mp in zip(sources, plan.members):
             m = plan.cfg.member(s.name)

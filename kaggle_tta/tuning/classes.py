@@ -81,7 +81,7 @@ class ClassProblem(ClassData, TuningProblem[Tuned]):
         nodes = evaluate_dag(self.cfg, preds, combine)
         if self.multilabel and self.opts.thresholds:
             probs = to_probs(nodes[self.cfg.submission_source]).astype(np.float32)
-            tuned.threshold = tune_thresholds(probs[train], self.y[train])
+            tuned.threshold = tune_thresholds(probs[train], self.y[train], macro=self.metric.name == "macro_f1")
         tuned.set_nodes(nodes)
         if gates_too and any(self.rules.values()):
             self._fit_gates(tuned, train)

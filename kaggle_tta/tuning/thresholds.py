@@ -1,5 +1,5 @@
 """Per-class multi-label thresholds that maximize the micro F1 of the training rows (the
-score the blend reports for ``format: multilabel``).
+score the blend reports for ``format: multilabel``), or the macro F1 (``metric: macro_f1``).
 
 Micro F1 pools true and false positives over classes, so the classes' thresholds are not
 independent: the search starts from the best single threshold for every class, then sweeps
@@ -36,11 +36,17 @@ def _f1(tp: float, fp: float, fn: float) -> float:
     return 2 * tp / max(2 * tp + fp + fn, 1.0)
 
 
-def tune_thresholds(probs: np.ndarray, y: np.ndarray, grid: np.ndarray = GRID, sweeps: int = 2) -> np.ndarray:
-    """One threshold per class (values of ``grid``)."""
+def tune_thresholds(
+    probs: np.ndarray, y: np.ndarray, grid: np.ndarray = GRID, sweeps: int = 2, macro: bool = False
+) -> np.ndarray:
+    """One threshold per class (values of ``grid``): maximizing the pooled (micro) F1, or with
+    ``macro`` the macro F1, whose classes are independent: each class's best F1 alone."""
     probs = np.asarray(probs, dtype=np.float32)
     grid = grid.astype(np.float32)
     tp, fp, fn = class_counts(probs, y, grid)
+    if macro:
+        f1 = 2 * tp / np.maximum(2 * tp + fp + fn, 1.0)
+        return np.round(grid[f1.argmax(axis=1)].astype(np.float64), 2)
     g0 = int(np.argmax([_f1(tp[:, g].sum(), fp[:, g].sum(), fn[:, g].sum()) for g in range(len(grid))]))
     pick = np.full(probs.shape[1], g0)
     rows = np.arange(probs.shape[1])
