@@ -322,3 +322,117 @@ def test_vinbigdata_rows_boxes_a_pseudo_box_and_never_empty(tmp_path, monkeypatc
     with open(tmp_path / "submission.csv", newline="") as f:
         written = {r["image_id"]: r["PredictionString"] for r in csv.DictReader(f)}
     assert written["c3"] == "14 0.9000 0 0 1 1" and "14" not in written["a1"].split(" ")[::6]  # no class 14 row
+
+
+def _siim(root: Path) -> dict[str, tuple[int, int, int, int] | None]:
+    """test/<study>/<series>/<image>.dcm and the sample: the studies' rows, then the images'."""
+    from test_readers import _dicom
+
+    layout = {"st1": {"se1": ["im1"], "se2": ["im2"]}, "st2": {"se3": ["im3"]}}
+    boxes = {"im1": (4, 6, 15, 14), "im2": None, "im3": (10, 2, 22, 9)}
+    rng = np.random.default_rng(9)
+    for study, series in layout.items():
+        for se, images in series.items():
+            (root / "test" / study / se).mkdir(parents=True)
+            for im in images:
+                scan = rng.integers(0, 1500, (20, 26)).astype(np.uint16)
+                if boxes[im] is not None:
+                    x1, y1, x2, y2 = boxes[im]
+                    scan[y1:y2, x1:x2] = 4000
+                _dicom(root / "test" / study / se / f"{im}.dcm", scan)
+    rows = [f"{s}_study,negative 1 0 0 1 1" for s in layout] + [f"{i}_image,none 1 0 0 1 1" for i in boxes]
+    (root / "sample_submission.csv").write_text("id,PredictionString\n" + "\n".join(rows) + "\n")
+    (root / "none.csv").write_text("id,none\nim1,0.2\nim2,0.7\nim3,0.05\n")
+    return boxes
+
+
+def test_siim_covid19_two_kinds_of_rows_in_one_file(tmp_path, monkeypatch):
+    """Study rows (a classifier's four classes, averaged over the study's images, as
+    ``negative p 0 0 1 1 typical p 0 0 1 1 ...``) from one pipeline, appended to the image rows
+    (a detector's ``opacity conf x1 y1 x2 y2`` boxes and ``none p 0 0 1 1``) of another; ids
+    ``<study>_study`` and ``<image>_image``; the sample's rows and order."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    boxes = _siim(tmp_path)
+    study_classes = ["negative", "typical", "indeterminate", "atypical"]
+    classifier = {
+        "data": {
+            "folder": str(tmp_path / "test"),
+            "extensions": [".dcm"],
+            "classes": study_classes,
+            "reader": {"window": {"mode": "fixed", "range": [0, 4000]}},
+        },
+        "runtime": {"device": "cpu", "precision": "fp32", "workers": 0},
+        "cache": {"dir": str(tmp_path / "cache")},
+        "members": [
+            {
+                "name": "cls",
+                "factory": "helpers:channel_means",
+                "kwargs": {"num_classes": 4},
+                "preprocess": {"input_size": [3, 16, 16]},
+                "tta": "hflip",
+            }
+        ],
+        "submission": {"path": str(tmp_path / "images.csv"), "format": "probs"},
+    }
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(classifier))
+    assert main(["run", str(tmp_path / "a.yaml"), "-q"]) == 0  # per image: the oracle of the study rows
+    with open(tmp_path / "images.csv", newline="") as f:
+        per_image = {r["id"]: [float(r[c]) for c in study_classes] for r in csv.DictReader(f)}
+    classifier["submission"] = {
+        "path": str(tmp_path / "study.csv"),
+        "format": "string",
+        "template": "{label} {conf:.6f} 0 0 1 1",
+        "group": {"pattern": "^(?P<study>[^/]+)/", "template": "{study}"},
+        "id_format": "{id}_study",
+    }
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(classifier))
+    assert main(["run", str(tmp_path / "a.yaml"), "-q"]) == 0
+    detector = {
+        "task": "detection",
+        "data": {
+            "folder": str(tmp_path / "test"),
+            "extensions": [".dcm"],
+            "classes": ["opacity"],
+            "id": {"pattern": "(?P<image>[^/]+)$", "template": "{image}"},
+            "reader": {"window": {"mode": "fixed", "range": [0, 4000]}, "gray": "keep"},
+        },
+        "runtime": {"device": "cpu", "precision": "fp32", "workers": 0},
+        "cache": {"dir": str(tmp_path / "cache")},
+        "members": [
+            {
+                "name": "det",
+                "factory": "helpers:bright_boxes",
+                "adapter": "boxes",
+                "preprocess": {"input_size": [20, 26], "mean": [0.0], "std": [0.5]},
+                "tta": "hflip",
+            }
+        ],
+        "submission": {
+            "path": str(tmp_path / "submission.csv"),
+            "template": "{label} {conf:.4f} {x1:.1f} {y1:.1f} {x2:.1f} {y2:.1f}",
+            "pseudo_box": {"csv": str(tmp_path / "none.csv"), "column": "none", "template": "none {p:.4f} 0 0 1 1"},
+            "id_format": "{id}_image",
+            "append": [str(tmp_path / "study.csv")],
+            "sample": str(tmp_path / "sample_submission.csv"),
+        },
+    }
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(detector))
+    assert main(["run", str(tmp_path / "b.yaml"), "-q"]) == 0
+    with open(tmp_path / "submission.csv", newline="") as f:
+        written = list(csv.DictReader(f))
+    with open(tmp_path / "sample_submission.csv", newline="") as f:
+        assert [r["id"] for r in written] == [r["id"] for r in csv.DictReader(f)]
+    got = {r["id"]: r["PredictionString"] for r in written}
+    for study, images in (("st1", ["st1/se1/im1", "st1/se2/im2"]), ("st2", ["st2/se3/im3"])):
+        mean = np.mean([per_image[i] for i in images], axis=0)
+        toks = got[f"{study}_study"].split(" ")
+        assert toks[0::6] == study_classes and toks[2::6] == ["0"] * 4 and toks[5::6] == ["1"] * 4
+        np.testing.assert_allclose([float(t) for t in toks[1::6]], mean, atol=2e-6)
+    none = {"im1": 0.2, "im2": 0.7, "im3": 0.05}
+    for image, box in boxes.items():
+        toks = got[f"{image}_image"].split(" ")
+        assert len(toks) % 6 == 0 and toks[-6:] == ["none", f"{none[image]:.4f}", "0", "0", "1", "1"]
+        if box is None:
+            assert len(toks) == 6
+        else:
+            assert toks[0] == "opacity" and np.allclose([float(t) for t in toks[2:6]], box, atol=0.05)

@@ -314,14 +314,30 @@ class GroupSpec(Section):
     """Rows per group of images (RSNA breast cancer's ``prediction_id`` = patient_laterality,
     SIIM-COVID19's study): each group's row aggregates its images' values."""
 
-    column: str
-    """The CSV column holding each image's group (its value is the written row's id)."""
+    column: str | None = None
+    """The CSV column holding each image's group (its value is the written row's id); or give
+    ``pattern``."""
+    pattern: str | None = None
+    """Instead: a regular expression searched in each image's id, its named groups making the
+    group's id through ``template`` (SIIM-COVID19's study, the first folder: ``^(?P<study>[^/]+)/``)."""
+    template: str | None = None
+    """With ``pattern``: the group's id from its named groups, e.g. ``{study}``."""
     aggregate: Literal["mean", "max", "min"] = "mean"
     """How a group's images' values become the row's: mean, max or min per column."""
     csv: Annotated[Path | None, Bundle("data")] = None
     """The CSV mapping images to groups; default: data.csv's file."""
     key_column: str | None = None
     """That CSV's column of image ids; default: data.csv.id_column, else 'id'."""
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> GroupSpec:
+        if (self.column is None) == (self.pattern is None):
+            raise ValueError("give exactly one of 'column' (a CSV's) or 'pattern' (on the image ids)")
+        if self.pattern is not None:
+            from kaggle_tta.config.data import IdRule
+
+            IdRule(pattern=self.pattern, template=self.template or "")  # the same checks as data.id
+        return self
 
 
 class PseudoBox(Section):
@@ -353,7 +369,8 @@ class SubmissionConfig(Section):
     only member."""
     path: Annotated[Path, Bundle("output", kaggle="/kaggle/working/submission.csv")] = Path("submission.csv")
     format: str | None = None
-    """label (classification default): the top class; probs: one column per class; topk:
+    """label (classification default): the top class; probs: one column per class; string:
+    every class through ``template`` (fields label, index, conf) in one PredictionString; topk:
     the k best, space-separated; multilabel: every class whose probability reaches
     `threshold`, space-separated; rle (segmentation): run-length encoded masks; boxes
     (detection): one PredictionString per image."""
@@ -383,12 +400,22 @@ class SubmissionConfig(Section):
     fails on an empty string: ``14 1 0 0 1 1``)."""
     pseudo_box: PseudoBox | None = None
     """Detection: a row from another model's verdict added to each image's boxes."""
+    id_format: str = "{id}"
+    """Each written id through this template (SIIM-COVID19's ``{id}_study`` and ``{id}_image``)."""
+    append: list[Annotated[Path, Bundle("data")]] = []
+    """Rows of other submissions (CSVs with this one's header) written after this one's: one
+    file holding two kinds of rows (SIIM-COVID19's study and image rows, from two pipelines)."""
     group: GroupSpec | None = None
     """One row per group of images, aggregated (formats probs and values; see GroupSpec)."""
     sample: Annotated[Path | None, Bundle("data")] = None
     """The competition's sample_submission.csv: the CSV written then has its header, exactly
     its ids (a sample id matches a row id, or a test image's file name with its suffix) and
     its order; missing or extra ids are an error before the first forward."""
+
+    @field_validator("id_format")
+    @classmethod
+    def _id_format(cls, v: str) -> str:
+        return check_template(v, {"id": "x"}, "{id}_study")
 
     @field_validator("k")
     @classmethod

@@ -23,7 +23,7 @@ from kaggle_tta.io.data import TestSet, list_test_set
 from kaggle_tta.io.groups import group_of, group_row_ids
 from kaggle_tta.io.models import Preprocess, check_checkpoint, resolve_preprocess
 from kaggle_tta.io.readers import item_files, reader_for
-from kaggle_tta.io.submission import SampleOrder, match_sample
+from kaggle_tta.io.submission import SampleOrder, appended_rows, match_sample
 from kaggle_tta.ops.gate import Gate, gate_of
 from kaggle_tta.ops.merge import MERGE_KINDS
 from kaggle_tta.ops.views import View, parse_tta
@@ -172,12 +172,24 @@ def build_plan(cfg: PipelineConfig) -> Plan:
         plan.sample = match_sample(
             cfg.resolve(cfg.submission.sample),
             cfg.submission.id_column,
-            task.row_ids(plan) if plan.groups is None else group_row_ids(plan.groups),
+            written_row_ids(plan),
             testset.paths,
             task.columns(plan),
             getattr(getattr(cfg.submission, "rle", None), "class_column", None) if cfg.task == "segmentation" else None,
         )
     return plan
+
+
+def written_row_ids(plan: Plan) -> list[tuple[str, int]]:
+    """The ids of the rows written, in order, with their first image (-1: an appended row):
+    the task's (or the groups'), through submission.id_format, then submission.append's."""
+    spec = plan.cfg.submission
+    rows = plan.task.row_ids(plan) if plan.groups is None else group_row_ids(plan.groups)
+    rows = [(spec.id_format.format(id=i), k) for i, k in rows]
+    columns = plan.task.columns(plan)
+    paths = [plan.cfg.resolve(p) for p in spec.append]
+    extra = appended_rows(paths, columns) if columns is not None else None
+    return rows + ([(str(i), -1) for i in extra[extra.columns[0]].to_list()] if extra is not None else [])
 
 
 def _member_plan(

@@ -19,7 +19,7 @@ from kaggle_tta.config.errors import ConfigError, DataError
 if TYPE_CHECKING:
     from kaggle_tta.config import PipelineConfig
 
-GROUPED_FORMATS = ("probs", "values")
+GROUPED_FORMATS = ("probs", "values", "string")
 
 
 def group_of(cfg: PipelineConfig, ids: Sequence[str]) -> list[str]:
@@ -38,12 +38,17 @@ def group_of(cfg: PipelineConfig, ids: Sequence[str]) -> list[str]:
             f"submission.group: rows of format '{cfg.submission.format}' cannot be aggregated; use format "
             f"{' or '.join(GROUPED_FORMATS)}"
         )
+    if spec.pattern is not None:  # from the image ids themselves
+        from kaggle_tta.io.ids import ids_by_rule
+
+        return ids_by_rule(list(ids), spec.pattern, spec.template or "", "submission.group.pattern")
     source = spec.csv if spec.csv is not None else (cfg.data.csv.path if cfg.data.csv is not None else None)
     if source is None:
         raise ConfigError("submission.group.csv: give the CSV mapping each image id to its group")
     path = cfg.resolve(source)
     key = spec.key_column or (cfg.data.csv.id_column if cfg.data.csv is not None else "id")
     df = read_csv_table(path, "submission.group.csv", infer_schema=False)
+    assert spec.column is not None
     for col, yaml_key in ((key, "key_column"), (spec.column, "column")):
         if col not in df.columns:
             raise ConfigError(f"submission.group.{yaml_key}: {path} has no column '{col}' (columns: {df.columns})")

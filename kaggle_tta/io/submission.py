@@ -46,6 +46,8 @@ def _row_index(row_ids: Sequence[tuple[str, int]], files: Sequence[str]) -> dict
     for n, (rid, _) in enumerate(row_ids):
         index.setdefault(rid, n)
     for n, (rid, k) in enumerate(row_ids):  # a file name stands for its image's row
+        if k < 0:  # an appended row: its id only
+            continue
         name = Path(files[k]).name
         if Path(name).stem == rid or rid.endswith("/" + Path(name).stem):
             index.setdefault(name, n)
@@ -229,3 +231,51 @@ def _writing(path: Path, key: str):  # noqa: ANN202
     finally:  # after os.replace it is gone; on any failure (or an interrupt) it must not stay
         with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+def formatted_ids(table: pl.DataFrame, id_format: str) -> pl.DataFrame:
+    """The table's first column (its ids) through ``submission.id_format``."""
+    if id_format == "{id}":
+        return table
+    column = table.columns[0]
+    return table.with_columns(pl.Series(column, [id_format.format(id=i) for i in table[column].to_list()]))
+
+
+def appended_rows(paths: Sequence[Path], header: Sequence[str]) -> pl.DataFrame | None:
+    """``submission.append``: the rows of other submissions, as text, each with ``header``.
+
+    Raises:
+        ConfigError: a file that cannot be read, or whose header differs, naming it.
+    """
+    from kaggle_tta.io.data import read_csv_table
+
+    parts = []
+    for path in paths:
+        df = read_csv_table(path, "submission.append", infer_schema=False)
+        if list(df.columns) != list(header):
+            raise ConfigError(
+                f"submission.append ({path}): its header {df.columns} differs from this submission's {list(header)}; "
+                "append submissions written with the same columns"
+            )
+        parts.append(df.with_columns(pl.all().cast(pl.String).fill_null("")))
+    return pl.concat(parts) if parts else None
+
+
+def with_appended(table: pl.DataFrame, extra: pl.DataFrame | None) -> pl.DataFrame:
+    if extra is None:
+        return table
+    ours = table.with_columns(pl.all().cast(pl.String))
+    ours.columns = list(extra.columns)
+    return pl.concat([ours, extra])
+
+
+def class_strings(table: pl.DataFrame, template: str, column: str, classes: Sequence[str]) -> pl.DataFrame:
+    """Per-class probability columns -> one PredictionString per row: each class through
+    ``template`` (fields ``label``, ``index``, ``conf``), joined by spaces (SIIM-COVID19's
+    study rows: ``negative 0.71 0 0 1 1 typical 0.2 0 0 1 1 ...``)."""
+    values = table.select(table.columns[1 : 1 + len(classes)]).to_numpy()
+    strings = [
+        " ".join(template.format(label=c, index=k, conf=float(v)) for k, (c, v) in enumerate(zip(classes, row)))
+        for row in values
+    ]
+    return pl.DataFrame([table[table.columns[0]], pl.Series(column, strings, dtype=pl.String)])

@@ -136,6 +136,10 @@ class Task:
         """The submission's header, when known before writing (None: not checked early)."""
         return None
 
+    def finish(self, table: pl.DataFrame, plan: Plan) -> pl.DataFrame:
+        """The table as written, after rows are grouped (``submission.group``): by default as it is."""
+        return table
+
     def row_ids(self, plan: Plan) -> list[tuple[str, int]]:
         """The submission's row ids in the order the writer writes them, each with the test
         image it belongs to (one row per image unless the format says otherwise)."""

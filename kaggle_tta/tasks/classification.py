@@ -19,9 +19,11 @@ import polars as pl
 
 from kaggle_tta.config import SubmissionConfig
 from kaggle_tta.config.errors import CheckpointError, ConfigError
+from kaggle_tta.config.section_base import check_template
 from kaggle_tta.exec.dag import MemberSource, blocks, members_under, node_predictions
 from kaggle_tta.io.canvas import POSITIONS, CanvasSpec
 from kaggle_tta.io.data import load_labels
+from kaggle_tta.io.submission import class_strings
 from kaggle_tta.ops.merge import BLEND_METHODS, VIEW_REDUCERS, Prediction, activate, to_probs
 from kaggle_tta.ops.metrics import check_metric, metric_named
 from kaggle_tta.tasks.base import Task, TaskOutput, register_task
@@ -115,7 +117,13 @@ class Classification(Task):
     target = "label"
     merges = tuple(VIEW_REDUCERS)
     blends = tuple(BLEND_METHODS)
-    writers = {"label": write_label, "probs": write_probs, "topk": write_topk, "multilabel": write_multilabel}
+    writers = {
+        "label": write_label,
+        "probs": write_probs,
+        "topk": write_topk,
+        "multilabel": write_multilabel,
+        "string": write_probs,  # probabilities, made one string per row once grouped (finish)
+    }
     truth = "labels"
     user_preprocessing = True
     uncertainty = True
@@ -124,6 +132,13 @@ class Classification(Task):
 
     def validate(self, cfg: PipelineConfig) -> None:
         check_metric(cfg.metric, "multilabel" if cfg.multilabel else "single")
+        if cfg.submission.format == "string":
+            try:
+                check_template(
+                    cfg.submission.template, {"label": "a", "index": 0, "conf": 0.5}, "{label} {conf} 0 0 1 1"
+                )
+            except ValueError as exc:
+                raise ConfigError(f"submission.template: {exc}") from None
         if cfg.submission.format == "multilabel" and not cfg.multilabel:
             raise ConfigError("submission.format: 'multilabel' needs 'multilabel: true' at the top level")
         if cfg.submission.uncertainty and cfg.submission.format != "probs":
@@ -147,7 +162,15 @@ class Classification(Task):
             )
         load_labels(plan.cfg, plan.testset.ids, plan.classes)  # a bad labels file fails now, not after inference
 
+    def finish(self, table: pl.DataFrame, plan: Plan) -> pl.DataFrame:
+        spec = plan.cfg.submission
+        if spec.format != "string":
+            return table
+        return class_strings(table, spec.template, spec.prediction_column, plan.classes)
+
     def columns(self, plan: Plan) -> list[str]:
+        if plan.cfg.submission.format == "string":
+            return [plan.cfg.submission.id_column, plan.cfg.submission.prediction_column]
         writer = self.writers[plan.cfg.submission.format]  # type: ignore[index]
         cols = writer([], np.zeros((0, len(plan.classes)), np.float32), plan.classes, plan.cfg.submission).columns
         return cols + (list(UNCERTAINTY_COLUMNS) if plan.cfg.submission.uncertainty else [])
