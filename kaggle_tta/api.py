@@ -112,6 +112,7 @@ def infer(
     stats = run_inference(plan, device, resolve_precision(rt.precision, device), progress=progress)
     if not stats.all_cached:  # shards that only partly covered a view: their rows are in the entry now
         release_shards(plan, stats.computed)
+    plan.computed = stats.computed  # what a blend of this plan reads: blend(plan) needs no argument
     return stats
 
 
@@ -140,10 +141,12 @@ def blend(
 
     ``computed`` is the precision a run just filled the cache in, or one per member
     (``RunStats.computed``: a member whose reduced precision failed its check ran in fp32;
-    see plan.find_entry);
+    see plan.find_entry); by default what ``infer`` recorded on this plan, if it ran on it;
     ``fill_hint`` names the pipeline in the error that lists missing entries.
     """
     plan = plan_of(pipeline, overrides)
+    if computed is None:  # an infer on this plan recorded what it computed in
+        computed = plan.computed
     return blend_plan(plan, sources_for(plan, fill_hint, computed))
 
 

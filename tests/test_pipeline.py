@@ -565,3 +565,19 @@ def test_blending_in_blocks_of_rows_changes_nothing(pipeline, tmp_path, monkeypa
     for a, b in zip(one.rows, blocked.rows, strict=True):
         assert a.node == b.node
         assert a.scores_tta == pytest.approx(b.scores_tta) and a.scores_plain == pytest.approx(b.scores_plain)
+
+
+def test_blend_after_infer_on_a_plan_needs_no_argument(pipeline):
+    """The notebook's path: infer(plan) records what it computed; blend(plan) reads it; the
+    log line's precision is a word, never None (also when everything was cached)."""
+    import kaggle_tta
+    from kaggle_tta.api import plan_of
+
+    write, cfg = pipeline
+    plan = plan_of(write(cfg))
+    stats = kaggle_tta.infer(plan, progress=False)
+    assert stats.precision_text in ("fp32", "bf16", "fp16") and plan.computed == stats.computed
+    first = kaggle_tta.blend(plan)
+    again = kaggle_tta.infer(plan, progress=False)  # all cached now
+    assert again.rows_computed == 0 and again.precision_text not in ("", "None")
+    assert kaggle_tta.blend(plan).path == first.path

@@ -65,6 +65,7 @@ class Plan:
     sample: SampleOrder | None = None  # submission.sample, matched with the rows to write
     rows: tuple[int, int] | None = None  # a rank's share (lo, hi): testset is those rows, written to shard entries
     groups: list[str] | None = None  # submission.group: each image's group
+    computed: dict[str, str] | None = None  # what an infer on this plan ran each member in (api.blend reads it)
     native_sizes: Any = None  # segmentation.size native: every image's (H, W), read from headers once
 
     def member(self, name: str) -> MemberPlan:

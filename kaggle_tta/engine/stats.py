@@ -46,6 +46,14 @@ class RunStats:
         return sizes_text([m.forward_batch for m in self.members.values() if m.forward_batch is not None])
 
     @property
+    def precision_text(self) -> str:
+        """The precision for a log line: one, each member's (where they differ), or none computed."""
+        if self.precision is not None:
+            return self.precision
+        each = sorted({m.precision for m in self.members.values() if m.precision is not None})
+        return "/".join(each) if each else "nothing computed"
+
+    @property
     def computed(self) -> dict[str, str]:
         """Each member's precision: the entry a blend of this run must read (plan.find_entry)."""
         return {name: m.precision for name, m in self.members.items() if m.precision is not None}

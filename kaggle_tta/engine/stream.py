@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable, Iterator
 
 import torch
-from tqdm.auto import tqdm
 
 from kaggle_tta.cache import locked
 from kaggle_tta.config.errors import DataError
@@ -37,6 +36,20 @@ from kaggle_tta.io import models as model_io
 from kaggle_tta.io.data import Batch, make_loader
 from kaggle_tta.io.readers import reader_of
 from kaggle_tta.ops.gate import Forwards
+
+
+def _bar() -> type:
+    """tqdm's notebook bar where Jupyter widgets are installed, else its text bar (tqdm.auto in
+    a kernel without ipywidgets warns 'IProgress not found' on every run)."""
+    try:
+        import ipywidgets  # noqa: F401
+    except ImportError:
+        from tqdm import tqdm as text
+
+        return text
+    from tqdm.auto import tqdm as auto
+
+    return auto
 
 
 def run_inference(plan: Plan, device: torch.device, precision: str, progress: bool = True) -> RunStats:
@@ -235,7 +248,7 @@ def _stream(
     task, n = plan.task, len(plan.testset)
     trials = _Trials()
     n_views = sum(len(w.views) for w in pending)
-    bar = tqdm(
+    bar = _bar()(
         total=n - start,
         unit="img",
         desc=f"{label + ': ' if label else ''}{len(pending)} member(s), {n_views} view(s)",
