@@ -215,7 +215,11 @@ def test_the_default_bundle_installs_and_imports_on_kaggles_python(py312_kaggle)
 
     t0 = time.perf_counter()
     runner = _notebook_runner(py312_kaggle["tmp"] / "run_to_pip.py")
-    env = _clean_env(KAGGLE_INPUT_ROOT=str(fake / "input"), KAGGLE_WORKING_DIR=str(fake / "working"))
+    env = _clean_env(
+        KAGGLE_INPUT_ROOT=str(fake / "input"),
+        KAGGLE_WORKING_DIR=str(fake / "working"),
+        KAGGLE_TTA_SCRATCH=str(fake / "scratch"),
+    )
     done = subprocess.run(
         [str(python), str(runner), str(rep.kernel_dir / kernel.NOTEBOOK)],
         cwd=fake / "working",
@@ -271,7 +275,11 @@ def test_a_bundle_for_another_python_says_so_before_pip(py312_kaggle, tmp_path):
     (bundle / kernel.MANIFEST).write_text(json.dumps(man))
     (fake / "working").mkdir()
     runner = _notebook_runner(tmp_path / "run_to_pip.py")
-    env = _clean_env(KAGGLE_INPUT_ROOT=str(fake / "input"), KAGGLE_WORKING_DIR=str(fake / "working"))
+    env = _clean_env(
+        KAGGLE_INPUT_ROOT=str(fake / "input"),
+        KAGGLE_WORKING_DIR=str(fake / "working"),
+        KAGGLE_TTA_SCRATCH=str(fake / "scratch"),
+    )
     done = subprocess.run(
         [str(python), str(runner), str(rep.kernel_dir / kernel.NOTEBOOK)],
         capture_output=True,

@@ -115,6 +115,7 @@ def _offline_env(monkeypatch, kaggle: Path) -> dict[str, str]:
     env = {
         "KAGGLE_INPUT_ROOT": str(kaggle / "input"),
         "KAGGLE_WORKING_DIR": str(kaggle / "working"),
+        "KAGGLE_TTA_SCRATCH": str(kaggle / "scratch"),
         "PIP_CONFIG_FILE": os.devnull,  # no find-links, index or constraints from this machine
         "PIP_NO_INDEX": "1",
         "http_proxy": "http://127.0.0.1:9",  # a package index would be unreachable anyway
@@ -283,7 +284,8 @@ def test_notebook_runs_offline_from_the_bundle_and_matches_kaggle_tta_run(
         after_run
     )  # the rest: the bundle's wheels
     assert _tree(kaggle / "input") == before  # the input stays read-only
-    assert not (working / ".kaggle_tta").exists()  # cache removed (KEEP_CACHE False)
+    assert not (kaggle / "scratch").exists()  # cache removed (KEEP_CACHE False)
+    assert sorted(p.name for p in working.iterdir()) == ["submission.csv"]  # nothing else under the quota
 
     # The same pipeline and images through `kaggle-tta run` give the same submission.
     monkeypatch.undo()
@@ -346,6 +348,7 @@ def test_notebook_finds_the_competition_data_wherever_it_is_mounted(kernel_demo_
     for key, value in {
         "KAGGLE_INPUT_ROOT": kaggle / "input",
         "KAGGLE_WORKING_DIR": kaggle / "working",
+        "KAGGLE_TTA_SCRATCH": kaggle / "scratch",
         "NO_ALBUMENTATIONS_UPDATE": 1,
         "HF_HUB_OFFLINE": 1,
     }.items():
@@ -404,6 +407,7 @@ def test_notebook_runs_the_segmentation_and_detection_examples(tmp_path, monkeyp
     for key, value in {
         "KAGGLE_INPUT_ROOT": kaggle / "input",
         "KAGGLE_WORKING_DIR": kaggle / "working",
+        "KAGGLE_TTA_SCRATCH": kaggle / "scratch",
         "NO_ALBUMENTATIONS_UPDATE": 1,
     }.items():
         monkeypatch.setenv(key, str(value))

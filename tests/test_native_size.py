@@ -261,3 +261,22 @@ for path in {paths!r}:
     rows = _rows(tmp_path / "7000" / "sub.csv")
     yy, xx = np.arange(7000)[:, None] // 700, np.arange(7000)[None, :] // 900
     assert rows["slide_r"] == mask_to_rle(((yy + xx) % 2) == 1, "F", True, "")
+
+
+def test_a_cache_over_kaggles_working_quota_is_refused_before_the_first_forward(tmp_path, monkeypatch, capsys):
+    """cache.dir under /kaggle/working (KAGGLE_WORKING_DIR here) with its quota set to 200 kB:
+    a segmentation run whose maps need more stops at once, with the figures and the fix; the
+    same run with its cache elsewhere (the notebook's default) goes ahead."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    _images(tmp_path)
+    working = tmp_path / "working"
+    working.mkdir()
+    monkeypatch.setenv("KAGGLE_WORKING_DIR", str(working))
+    monkeypatch.setenv("KAGGLE_TTA_WORKING_QUOTA", str(200_000))
+    path = _pipeline(tmp_path, cache={"dir": str(working / "cache")})
+    assert main(["run", str(path), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "quota" in err[0] and "m: 8 view(s) x 5 rows" in err[0] and "cache.dir outside" in err[0]
+    assert not list(working.rglob("*.npy*"))
+    path = _pipeline(tmp_path, cache={"dir": str(tmp_path / "scratch" / "cache")})
+    assert main(["run", str(path), "-q"]) == 0

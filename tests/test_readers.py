@@ -71,11 +71,19 @@ def test_dicom_with_rescale_equals_pydicom(tmp_path, scan):
     assert read_item(str(p), ReaderConfig()).shape == (37, 53, 3)  # gray: rgb repeats it
 
 
-def test_dicom_monochrome1_is_inverted_within_its_range(tmp_path, scan):
-    p = _dicom(tmp_path / "m1.dcm", scan, photometric="MONOCHROME1")
+def test_dicom_monochrome1_is_inverted_within_the_range_the_file_can_hold(tmp_path, scan):
+    """12 bits stored, rescaled by slope 2 and intercept -1024: values in [-1024, 7166];
+    MONOCHROME1 is that range upside down, whatever the image's own minimum and maximum (so
+    a fixed window reads MONOCHROME1 and MONOCHROME2 files alike)."""
+    tags = {"RescaleSlope": "2", "RescaleIntercept": "-1024"}
+    p = _dicom(tmp_path / "m1.dcm", scan, photometric="MONOCHROME1", **tags)
     ref = _direct(p)
     got = read_item(str(p), ReaderConfig(gray="keep"))[:, :, 0]
-    np.testing.assert_array_equal(got, ref.max() + ref.min() - ref)
+    lo, hi = -1024.0, 2 * 4095 - 1024.0
+    np.testing.assert_array_equal(got, np.float32(lo + hi) - ref)
+    q = _dicom(tmp_path / "m2.dcm", scan, **tags)  # the same pixels as MONOCHROME2, half of them brighter
+    m2 = read_item(str(q), ReaderConfig(gray="keep"))[:, :, 0]
+    np.testing.assert_array_equal(got + m2, np.float32(lo + hi))
 
 
 def test_dicom_window_from_the_file_equals_pydicom_then_scales_to_unit(tmp_path, scan):

@@ -1,6 +1,9 @@
 """Rows a competition asks for (issue #25), laid out as openai/mle-bench's prepare.py lays the
 competition out: UW-Madison's ``id,class,predicted`` (the class in its own column, three rows
-per slice, ids made from the scans' paths, 16-bit PNGs at their own sizes)."""
+per slice, ids made from the scans' paths, 16-bit PNGs at their own sizes, RLE along rows:
+graded by mle-bench's grade.py, row order scores 1.0 where column order scores 0.47), RSNA
+breast cancer's rows per patient and side, VinBigData's boxes with a pseudo-box, and
+SIIM-COVID19's two kinds of rows."""
 
 from __future__ import annotations
 
@@ -74,7 +77,7 @@ def test_uw_madison_rows_with_a_class_column(tmp_path, monkeypatch):
             "path": str(tmp_path / "submission.csv"),
             "format": "rle",
             "sample": str(tmp_path / "sample_submission.csv"),
-            "rle": {"class_column": "class", "column": "predicted"},
+            "rle": {"class_column": "class", "column": "predicted", "order": "row"},
         },
     }
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
@@ -88,7 +91,7 @@ def test_uw_madison_rows_with_a_class_column(tmp_path, monkeypatch):
     for r in written:
         mask = truth[r["id"]]
         want = mask if r["class"] == "large_bowel" else np.zeros_like(mask)  # a gray scan: the first class wins
-        got = rle_to_mask(r["predicted"], mask.shape, "F", True, "")  # the grader's decode: column order
+        got = rle_to_mask(r["predicted"], mask.shape, "C", True, "")  # UW's masks run along rows
         np.testing.assert_array_equal(got, want)
 
 

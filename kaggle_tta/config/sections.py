@@ -96,7 +96,7 @@ class RuntimeConfig(Section):
 class CacheConfig(Section):
     """The prediction cache."""
 
-    dir: Annotated[Path, Bundle("output", "dir", kaggle="/kaggle/working/.kaggle_tta/cache")] = Path("cache")
+    dir: Annotated[Path, Bundle("output", "dir", kaggle="/tmp/kaggle_tta/cache")] = Path("cache")
     """Root folder; relative paths are relative to pipeline.yaml."""
     dtype: Literal["float32", "float16", "uint8"] = "float32"
     """Storage type of cached predictions. float16 halves the disk and the re-blend I/O;

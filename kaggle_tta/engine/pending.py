@@ -4,8 +4,11 @@ and whether the disk under cache.dir holds what the run writes."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 from collections.abc import Callable
+from pathlib import Path
 
 from kaggle_tta.cache import CacheEntry
 from kaggle_tta.cache.coverage import Coverage
@@ -137,17 +140,56 @@ def all_cached(plan: Plan) -> bool:
 
 
 def check_space(plan: Plan, pending: list[MemberWork]) -> None:
-    """Stops before any forward when the new files this run preallocates do not fit."""
-    needed = 0
+    """Stops before any forward when the new files this run preallocates do not fit: on the
+    disk, and under /kaggle/working within Kaggle's quota on what a notebook writes there."""
+    needed, parts = 0, []
     for w in pending:
         row = plan.task.row_bytes(w, plan)
-        needed += sum(row * len(plan.testset) for v in w.views if w.entry.rows_done(v.name) == 0)
-    free = free_bytes(plan)
+        views = [v for v in w.views if w.entry.rows_done(v.name) == 0]
+        needed += row * len(plan.testset) * len(views)
+        if views and row:
+            parts.append(f"{w.member.name}: {len(views)} view(s) x {len(plan.testset)} rows x {size_text(row)}")
+    free, where = free_bytes(plan), "free"
+    room = quota_left(plan.cache_root)
+    if room is not None and (free is None or room < free):
+        free, where = room, f"left of the {size_text(KAGGLE_QUOTA)} quota of {working_dir()}"
     if free is not None and needed > free:
         raise CacheError(
-            f"cache.dir ({plan.cache_root}): this run writes {size_text(needed)} and {size_text(free)} are free; "
-            f"{SPACE_FIX}"
+            f"cache.dir ({plan.cache_root}): this run writes {size_text(needed)} ({'; '.join(parts)}) and "
+            f"{size_text(max(free, 0))} are {where}; {SPACE_FIX if 'quota' not in where else QUOTA_FIX}"
         )
+
+
+KAGGLE_QUOTA = 20 * 10**9  # bytes a Kaggle notebook may write under /kaggle/working
+
+
+def working_dir() -> Path:
+    return Path(os.environ.get("KAGGLE_WORKING_DIR", "/kaggle/working"))
+
+
+def quota_left(root: Path) -> int | None:
+    """Bytes left of Kaggle's quota when ``root`` is under /kaggle/working (None elsewhere):
+    the quota (KAGGLE_TTA_WORKING_QUOTA bytes where set) less what the folder holds now."""
+    working = working_dir()
+    try:
+        root.resolve().relative_to(working.resolve())
+    except ValueError:
+        return None
+    if not working.is_dir():
+        return None
+    quota = int(os.environ.get("KAGGLE_TTA_WORKING_QUOTA", KAGGLE_QUOTA))
+    used = 0
+    for dirpath, _, files in os.walk(working):
+        for name in files:
+            with contextlib.suppress(OSError):
+                used += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+    return quota - used
+
+
+QUOTA_FIX = (
+    "put cache.dir outside the working folder (the notebook's default is /tmp/kaggle_tta/cache), or store less "
+    "(cache.dtype: float16 or uint8, cache.scale, fewer views)"
+)
 
 
 SPACE_FIX = (

@@ -293,11 +293,28 @@ def read_dicom(path: str, spec: ReaderConfig) -> np.ndarray:
         if spec.window is not None and spec.window.mode == "dicom":
             arr = apply_voi_lut(arr, ds)
         arr = np.asarray(arr, dtype=np.float32)
-        if photometric == "MONOCHROME1":  # low values are bright: inverted within its own range
-            arr = np.float32(arr.max()) + np.float32(arr.min()) - arr
+        if photometric == "MONOCHROME1":  # low values are bright: inverted within the range the file can hold
+            lo, hi = _value_range(ds, spec, apply_modality_lut, apply_voi_lut)
+            arr = np.float32(lo + hi) - arr
     elif spec.window is not None and spec.window.mode == "dicom":
         raise ConfigError(f"data.reader.window: dicom windows monochrome images; {shown_path(path)} is {photometric}")
     return arr
+
+
+def _value_range(ds: Any, spec: ReaderConfig, modality: Any, voi: Any) -> tuple[float, float]:
+    """The lowest and highest value a monochrome file can hold after the reader's LUTs: the
+    stored range (BitsStored, signed or not) through the modality LUT and, under
+    ``window: dicom``, the VOI LUT. Inverting within it (not within the image's own range)
+    keeps MONOCHROME1 values on the scale of MONOCHROME2 files, so a fixed window treats both
+    alike."""
+    bits = int(getattr(ds, "BitsStored", 0) or getattr(ds, "BitsAllocated", 16) or 16)
+    signed = int(getattr(ds, "PixelRepresentation", 0) or 0) == 1
+    ends = np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1] if signed else [0, 2**bits - 1], dtype=np.int64)
+    out = modality(ends, ds)
+    if spec.window is not None and spec.window.mode == "dicom":
+        out = voi(out, ds)
+    out = np.asarray(out, dtype=np.float64)
+    return float(out.min()), float(out.max())
 
 
 def _decoded(path: Path | str) -> np.ndarray:
