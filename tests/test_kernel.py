@@ -793,3 +793,55 @@ def test_a_readers_wheels_are_bundled_only_where_the_pipeline_reads_its_files(ke
     pipeline.write_text(yaml.safe_dump(raw))
     dists = _collect(pipeline).distributions
     assert dists["pydicom"] == "data.reader" and "pylibjpeg" in dists and "tifffile" not in dists
+
+
+def test_checkpoints_from_kaggle_models_are_mounted_not_bundled(kernel_demo_images, tmp_path, monkeypatch, capsys):
+    """Members whose checkpoints live in Kaggle Model versions: kernel-metadata.json lists them
+    in model_sources and the dataset holds no copy; the notebook, in a fake /kaggle where each
+    model is mounted at input/<model>/<framework>/<variation>/<version>, writes the submission
+    `kaggle-tta run` writes from the local copies (runtime.kaggle_models)."""
+    pipeline = _demo_pipeline(tmp_path, kernel_demo_images, batch_size=8, workers=0)
+    raw = yaml.safe_load(pipeline.read_text())
+    models = tmp_path / "local-models"
+    handles = []
+    for m in raw["members"]:
+        handle = f"tester/{m['name']}-weights/pytorch/fold0/2"
+        where = models / f"{m['name']}-weights" / "pytorch" / "fold0" / "2"
+        where.mkdir(parents=True)
+        shutil.copy(m["checkpoint"], where / "model.safetensors")
+        m.update(checkpoint="model.safetensors", kaggle_model=handle)
+        handles.append(handle)
+    raw["runtime"]["kaggle_models"] = str(models)
+    pipeline.write_text(yaml.safe_dump(raw))
+    dataset, kdir = _bundle_without_wheels(pipeline, tmp_path / "kaggle")
+    meta = json.loads((kdir / "kernel-metadata.json").read_text())
+    assert meta["model_sources"] == handles
+    assert not list(dataset.rglob("*.safetensors")) and not list(dataset.rglob("*.pt*"))
+    code, _, err = _run(capsys, "run", str(pipeline), "-q")  # local: from runtime.kaggle_models
+    assert code == 0, err
+    reference = (tmp_path / "reference" / "submission.csv").read_text()
+
+    kaggle = tmp_path / "fake-kaggle"
+    shutil.copytree(dataset, kaggle / "input" / "tta-bundle")
+    shutil.copytree(tmp_path / "kaggle" / "wheels", kaggle / "input" / "wheels")
+    shutil.copytree(kernel_demo_images, kaggle / "input" / "tta-bundle" / "data" / "test", dirs_exist_ok=True)
+    for handle in handles:  # mounted where Kaggle mounts a notebook's models
+        _, model, framework, variation, version = handle.split("/")
+        shutil.copytree(models / model, kaggle / "input" / model)
+    shutil.rmtree(models)  # nothing local left to fall back on
+    (kaggle / "working").mkdir()
+    for key, value in {
+        "KAGGLE_INPUT_ROOT": kaggle / "input",
+        "KAGGLE_WORKING_DIR": kaggle / "working",
+        "KAGGLE_TTA_SCRATCH": kaggle / "scratch",
+        "NO_ALBUMENTATIONS_UPDATE": 1,
+        "HF_HUB_OFFLINE": 1,
+    }.items():
+        monkeypatch.setenv(key, str(value))
+    nb = json.loads((kdir / kernel.NOTEBOOK).read_text())
+    ns: dict = {"__name__": "__main__"}
+    for cell in nb["cells"]:
+        src = "".join(cell["source"])
+        if cell["cell_type"] == "code" and '"pip", "install"' not in src:
+            exec(compile(src, "<cell>", "exec"), ns)
+    assert (kaggle / "working" / "submission.csv").read_text() == reference

@@ -581,3 +581,18 @@ def test_blend_after_infer_on_a_plan_needs_no_argument(pipeline):
     again = kaggle_tta.infer(plan, progress=False)  # all cached now
     assert again.rows_computed == 0 and again.precision_text not in ("", "None")
     assert kaggle_tta.blend(plan).path == first.path
+
+
+def test_a_kaggle_model_that_is_not_mounted_is_one_line(pipeline, capsys, monkeypatch, tmp_path):
+    from kaggle_tta.cli import main
+
+    monkeypatch.setenv("KAGGLE_INPUT_ROOT", str(tmp_path / "no-input"))
+    write, cfg = pipeline
+    cfg["members"][0].update(kaggle_model="me/effnet/pytorch/fold0/3", checkpoint="model.safetensors")
+    assert main(["run", str(write(cfg)), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "kaggle_model: me/effnet/pytorch/fold0/3 is not mounted here" in err[0]
+    assert "runtime.kaggle_models" in err[0]
+    cfg["members"][0]["kaggle_model"] = "me/effnet/pytorch/fold0"  # no version
+    assert main(["run", str(write(cfg)), "-q"]) == 2
+    assert "owner/model/framework/variation/version" in capsys.readouterr().err

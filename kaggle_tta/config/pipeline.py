@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import Field, model_validator
 
 from kaggle_tta.config.data import DataConfig
-from kaggle_tta.config.errors import did_you_mean
+from kaggle_tta.config.errors import CheckpointError, did_you_mean
 from kaggle_tta.config.section_base import Section
 from kaggle_tta.config.sections import BlendConfig, CacheConfig, MemberConfig, RuntimeConfig, SubmissionConfig
 from kaggle_tta.config.task_sections import DetectionConfig, RegressionConfig, SegmentationConfig
@@ -94,6 +94,24 @@ class PipelineConfig(Section):
         p = Path(os.path.expanduser(str(path)))
         return p if p.is_absolute() else (self.base_dir / p)
 
+    def checkpoint_of(self, m: MemberConfig) -> Path | None:
+        """A member's checkpoint file: its path, or inside its Kaggle Model version, found
+        where Kaggle mounts it (/kaggle/input, or KAGGLE_INPUT_ROOT) or under
+        runtime.kaggle_models (see kaggle_model_dirs); None without a checkpoint."""
+        if m.checkpoint is None:
+            return None
+        if m.kaggle_model is None:
+            return self.resolve(m.checkpoint)
+        tried = kaggle_model_dirs(m.kaggle_model, self)
+        for folder in tried:
+            if folder.is_dir():
+                return folder / m.checkpoint
+        raise CheckpointError(
+            f"members.{m.name}.kaggle_model: {m.kaggle_model} is not mounted here (looked in "
+            f"{', '.join(str(t) for t in tried[:3])}, ...); on Kaggle add it to the notebook's models, elsewhere set "
+            "runtime.kaggle_models to the folder holding it (kagglehub.model_download gives one)"
+        )
+
     @property
     def submission_source(self) -> str:
         if self.submission.source:
@@ -102,3 +120,15 @@ class PipelineConfig(Section):
 
     def member(self, name: str) -> MemberConfig:
         return next(m for m in self.members if m.name == name)
+
+
+def kaggle_model_dirs(handle: str, cfg: PipelineConfig) -> list[Path]:
+    """Where a Kaggle Model version may be, in order: under /kaggle/input (KAGGLE_INPUT_ROOT)
+    as Kaggle mounts models — ``<model>/<framework>/<variation>/<version>``, or with the owner
+    and a ``models/`` level in front — then the same under runtime.kaggle_models."""
+    owner, model, framework, variation, version = handle.split("/")
+    tail = Path(model, framework, variation, version)
+    roots = [Path(os.environ.get("KAGGLE_INPUT_ROOT", "/kaggle/input"))]
+    if cfg.runtime.kaggle_models is not None:
+        roots.append(cfg.resolve(cfg.runtime.kaggle_models))
+    return [r / lay for r in roots for lay in (tail, Path("models", owner) / tail, Path(owner) / tail)]

@@ -23,6 +23,11 @@ ViewItem = str | dict[str, Any]
 class RuntimeConfig(Section):
     """Where and how the forward passes run."""
 
+    kaggle_models: Path | None = None
+    """Where Kaggle Model versions (``members[].kaggle_model``) are found off Kaggle: a folder
+    holding ``<model>/<framework>/<variation>/<version>/`` (as Kaggle mounts them, or as
+    ``kagglehub.model_download`` leaves them under ``models/<owner>/...``)."""
+
     device: str = "auto"
     """auto | cpu | cuda | cuda:N | mps (Apple GPUs: refused at load where torch has no MPS)."""
     precision: Precision = "auto"
@@ -195,7 +200,25 @@ class MemberConfig(Section):
     of the keys ``f``, ``path`` and ``file`` are paths relative to pipeline.yaml."""
     checkpoint: Annotated[Path | None, Bundle("member")] = None
     """Weights: .safetensors, or a torch file loaded with weights_only=True. Nestings
-    (state_dict, model, ema, ...) and a 'module.' prefix are unwrapped."""
+    (state_dict, model, ema, ...) and a 'module.' prefix are unwrapped. With ``kaggle_model``,
+    the file's path inside that model version."""
+    kaggle_model: str | None = None
+    """A Kaggle Model version holding the checkpoint: ``owner/model/framework/variation/version``.
+    On Kaggle it is found where the notebook mounts it under /kaggle/input; elsewhere under
+    ``runtime.kaggle_models``. `kaggle-tta kernel` lists it in ``model_sources`` and bundles no copy."""
+
+    @field_validator("kaggle_model")
+    @classmethod
+    def _kaggle_model(cls, v: str | None) -> str | None:
+        if v is not None:
+            parts = v.strip("/").split("/")
+            if len(parts) != 5 or not all(parts) or not parts[4].isdigit():
+                raise ValueError(
+                    f"'{v}': give owner/model/framework/variation/version, e.g. 'me/effnet/pytorch/b0-fold0/3'"
+                )
+            v = "/".join(parts)
+        return v
+
     preprocess: PreprocessConfig = PreprocessConfig()
     tta: str | list[ViewItem] = "none"
     """A preset name (none, hflip, flips, d4, five_crop, ten_crop) or a list of views."""

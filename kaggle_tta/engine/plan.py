@@ -236,7 +236,8 @@ def _checkpoint_digest(cfg: PipelineConfig, m: MemberConfig, memo: Path) -> str 
                 "(a .safetensors or torch state dict)"
             )
         return None
-    path = cfg.resolve(m.checkpoint)
+    path = cfg.checkpoint_of(m)
+    assert path is not None  # m.checkpoint is set
     if not path.is_file():
         raise CheckpointError(f"members.{m.name}.checkpoint: {path} not found; run 'make demo-weights' or fix the path")
     check_checkpoint(path, f"members.{m.name}.checkpoint")

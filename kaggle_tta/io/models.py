@@ -171,7 +171,7 @@ def build_model(cfg: PipelineConfig, m: MemberConfig, num_classes: int) -> nn.Mo
     else:
         model = _call_factory(m, cfg, where)
     if m.checkpoint is not None:
-        load_checkpoint(model, cfg.resolve(m.checkpoint), f"{where}.checkpoint")
+        load_checkpoint(model, cfg.checkpoint_of(m), f"{where}.checkpoint")  # type: ignore[arg-type]
     elif m.arch:
         raise ConfigError(
             f"{where}.checkpoint: a timm member needs its trained weights (a .safetensors or torch state dict)"

@@ -146,6 +146,7 @@ class Collector:
         self.competition_paths: list[dict[str, Any]] = []
         self.bundled_paths: list[dict[str, str]] = []  # YAML keys pointing into data/ or code/
         self.distributions: dict[str, str] = {}  # installed distribution -> the factory needing it
+        self.model_sources: list[str] = []  # Kaggle Models the members' checkpoints are in
         self.code_modules: list[str] = []
         self.owner = opts.owner or os.environ.get("KAGGLE_USERNAME") or "your-kaggle-username"
         self.owner_placeholder = not (opts.owner or os.environ.get("KAGGLE_USERNAME"))
@@ -169,6 +170,12 @@ class Collector:
     def _member(self, e: Marked, key: str) -> str | None:
         if not isinstance(e.value, (str, Path)):
             return None  # inline content (an albumentations pipeline as a mapping): nothing to ship
+        model = self.cfg.members[e.loc[1]].kaggle_model if e.loc[-1] == "checkpoint" else None  # type: ignore[index]
+        if model is not None:  # a Kaggle Model: mounted by model_sources, no copy in the dataset
+            self.cfg.checkpoint_of(self.cfg.members[e.loc[1]])  # type: ignore[index]  # found here, or one line
+            if model not in self.model_sources:
+                self.model_sources.append(model)
+            return None
         path = self.cfg.resolve(e.value)
         if e.loc[-1] == "checkpoint" and not path.is_file():  # the demo's weights are made, not checked in: say how
             raise CheckpointError(

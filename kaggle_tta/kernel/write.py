@@ -178,6 +178,7 @@ def write_kernel(stage: Path, col: Collector, opts: KernelOptions, root: Path, w
         enable_internet=False,
         dataset_sources=[wheels_dataset, f"{col.owner}/{opts.dataset_slug}"],
         competition_sources=[opts.competition] if opts.competition else [],
+        model_sources=list(col.model_sources),
         docker_image_pinning_type=opts.docker_image_pinning,
     )
     if opts.shape is not None:
