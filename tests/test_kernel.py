@@ -601,6 +601,8 @@ def test_the_bundle_walks_every_path_field_the_schema_marks(kernel_demo_images, 
     (tmp_path / "masks").mkdir()
     (tmp_path / "boxes.csv").write_text("id,x1,y1,x2,y2,label\n")
     (tmp_path / "sample_submission.csv").write_text("id,label\n")
+    (tmp_path / "groups.csv").write_text("id,group\n")
+    (tmp_path / "verdicts.csv").write_text("id,p\n")
     listing = "id,file\n" + "".join(f"x{i},img_{i:05d}.png\n" for i in range(3))
     (tmp_path / "list.csv").write_text(listing)
     (tmp_path / "test.json").write_text(json.dumps([{"id": f"r{i}", "band_1": [0.0, 1.0, 2.0, 3.0]} for i in range(3)]))
@@ -642,13 +644,18 @@ def test_the_bundle_walks_every_path_field_the_schema_marks(kernel_demo_images, 
                 },
             ],
             "blends": [{"name": "ens", "inputs": ["resnet", "inv"]}],
-            "submission": {"path": str(tmp_path / "submission.csv"), "sample": str(tmp_path / "sample_submission.csv")},
+            "submission": {
+                "path": str(tmp_path / "submission.csv"),
+                "sample": str(tmp_path / "sample_submission.csv"),
+                "group": {"column": "group", "csv": str(tmp_path / "groups.csv")},
+                "pseudo_box": {"csv": str(tmp_path / "verdicts.csv"), "column": "p"},
+            },
         }
         pipeline = tmp_path / "pipeline.yaml"
         pipeline.write_text(yaml.safe_dump(raw, sort_keys=False))
         cfg = load_pipeline(pipeline)
         fields = list(bundled_fields(cfg))
-        assert len(fields) == (12 if label == "csv" else 11), (
+        assert len(fields) == (14 if label == "csv" else 13), (
             label,
             [loc for loc, _, _ in fields],
         )  # csv: its path and root
@@ -665,9 +672,10 @@ def test_the_bundle_walks_every_path_field_the_schema_marks(kernel_demo_images, 
             cfg, yaml.safe_load(pipeline.read_text()), kernel.KernelOptions(out=tmp_path / "out"), pipeline
         )
         shipped = {*col.files, *(n.split("/")[0] for n in [*col.trees, *col.tree_files])}
-        for loc, value, _ in fields:  # each rewritten in place: a dataset path, or /kaggle/working for the outputs
+        for loc, value, _ in fields:  # each rewritten in place: a dataset path, or the notebook's folders for outputs
             new = _at(col.raw, loc)
-            assert new != str(value) and (new.startswith("/kaggle/working/") or new.split("/")[0] in shipped), (
+            written = new.startswith(("/kaggle/working/", "/tmp/kaggle_tta/"))
+            assert new != str(value) and (written or new.split("/")[0] in shipped), (
                 label,
                 loc,
                 new,

@@ -14,7 +14,8 @@ import yaml
 from kaggle_tta.cli import main
 from kaggle_tta.config.data import ReaderConfig
 from kaggle_tta.config.errors import DataError
-from kaggle_tta.io.readers import apply_window, read_item
+from kaggle_tta.io.intensity import apply_window
+from kaggle_tta.io.readers import read_item
 
 pydicom = pytest.importorskip("pydicom")
 

@@ -174,9 +174,12 @@ def test_shares_are_contiguous_whole_batches_covering_every_row_once(n, world, u
 
 @pytest.mark.parametrize("task", ["classification", "segmentation", "detection"])
 def test_two_and_three_ranks_equal_one_process(task, pipeline, demo_images, tmp_path):
+    """Every task on 2 ranks; 3 ranks (shares of unequal size) for classification: how rows are
+    shared and assembled is the same code for every task, so 3 ranks on each task repeated it
+    at 40 s a task."""
     single = _pipeline_for(task, pipeline, demo_images, tmp_path, "single")
     run(single, progress=False)
-    for n in (2, 3):
+    for n in (2, 3) if task == "classification" else (2,):
         p = _pipeline_for(task, pipeline, demo_images, tmp_path, f"ranks{n}")
         done = _torchrun(["--standalone", "--nproc_per_node", str(n)], p)
         _ok(done)

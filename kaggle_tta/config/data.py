@@ -37,6 +37,9 @@ class CsvSource(Section):
             names = template_fields(v)
         except ValueError as exc:
             raise ValueError(f"'{v}' is not a valid template ({exc}); e.g. 'images/{{id}}.jpg'") from None
+        odd = [n for n in names if not n.isidentifier()]
+        if odd:  # attribute or index access: {id.stem}, {id[0]}
+            raise ValueError(f"'{v}': unknown field '{{{odd[0]}}}'; use {{id}} and the CSV's column names")
         return check_template(v, dict.fromkeys(names or ["id"], "x"), "images/{id}.jpg")
 
     @model_validator(mode="after")

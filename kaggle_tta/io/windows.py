@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kaggle_tta.config.errors import ConfigError, DataError, shown_path
-from kaggle_tta.io.readers import apply_window, decode_image, gray_to_rgb, read_item
+from kaggle_tta.io.intensity import apply_window, gray_to_rgb
+from kaggle_tta.io.readers import decode_image, read_item
 
 if TYPE_CHECKING:
     from kaggle_tta.config.data import ReaderConfig

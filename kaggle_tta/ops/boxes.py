@@ -342,9 +342,8 @@ def prediction_string(
     rows = zip(names, lab.tolist(), s.tolist(), b.tolist(), norm.tolist(), ri.tolist())
     out = []
     for name, index, conf, (x1, y1, x2, y2), (nx1, ny1, nx2, ny2), (rx1, ry1, rx2, ry2) in rows:
-        fields = dict(label=name, index=index, conf=conf, x1=x1, y1=y1, x2=x2, y2=y2)
-        fields.update(nx1=nx1, ny1=ny1, nx2=nx2, ny2=ny2)
-        fields.update(x=rx1, y=ry1, w=rx2 - rx1, h=ry2 - ry1)
+        fields = dict(label=name, index=index, conf=conf, x1=x1, y1=y1, x2=x2, y2=y2, nx1=nx1, ny1=ny1, nx2=nx2)
+        fields.update(ny2=ny2, x=rx1, y=ry1, w=rx2 - rx1, h=ry2 - ry1)
         try:
             out.append(template.format(**fields))
         except (ValueError, TypeError) as e:

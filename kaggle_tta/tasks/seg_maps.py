@@ -229,7 +229,9 @@ def _native_image(
         return decide(p, activation, cfg.segmentation.threshold, 0)
 
     row_id = partial(class_row_id, cfg.submission)
-    return native_rows(image_id, read, stored, size, masks, classes, cfg.submission, row_id)
+    s = sources[0]
+    channels = int(s.entry.view_state(s.views[0]).get("shape", [0, 1])[1]) if s.entry is not None else 1
+    return native_rows(image_id, read, stored, size, masks, classes, cfg.submission, row_id, channels)
 
 
 def write_and_score(

@@ -35,7 +35,8 @@ if TYPE_CHECKING:
     from kaggle_tta.exec.forward import MemberWork, ViewLog
     from kaggle_tta.io.data import Batch
 
-BAND = 256  # columns (or rows) of an image resized and encoded at a time
+BAND = 256  # at most this many columns (or rows) of an image resized and encoded at a time
+BAND_BYTES = 32 << 20  # ... fewer where the band's float32 probabilities would pass this (tall images)
 TILE_BYTES = 24 << 20  # a group of tiles read and forwarded together: at most this much float32 input
 
 
@@ -218,8 +219,10 @@ def native_rows(
     classes: Sequence[str],
     spec: SubmissionConfig,
     row_id: Any,
+    channels: int = 1,
 ) -> list[tuple[str, str]]:
-    """One image's RLE rows, band by band: ``read(a, b)`` gives its stored probabilities
+    """One image's RLE rows, band by band (``channels``, the maps' K', sizes the bands):
+    ``read(a, b)`` gives its stored probabilities
     ``[K', h, w]`` of stored columns (column order) or rows (row order) ``a:b`` only, and
     ``decide`` turns ``[.., .., K']`` probabilities into ``[K, .., ..]`` masks."""
     r = spec.rle
@@ -227,8 +230,10 @@ def native_rows(
     H, W = int(size[0]), int(size[1])
     per_class = r.rows != "image"
     writers = [RunWriter(r.one_indexed) for _ in (classes if per_class else [0])]
-    for a in range(0, W if column else H, BAND):
-        b = min(a + BAND, W if column else H)
+    across = H if column else W  # a band's other side: its memory grows with it, so bands narrow
+    band = max(8, min(BAND, BAND_BYTES // max(1, across * channels * 4 * 6)))  # ~6 float32 copies in flight
+    for a in range(0, W if column else H, band):
+        b = min(a + band, W if column else H)
         masks = decide(band_probs(read, stored, (H, W), (a, b), column))
         for k, w in enumerate(writers):
             mk = masks[k] if per_class else masks.any(axis=0)
