@@ -440,3 +440,11 @@ def test_colour_views_need_pixels_in_unit_range(tmp_path, scan, monkeypatch, cap
     cfg["data"]["reader"] = {"window": {"mode": "minmax"}}
     path.write_text(yaml.safe_dump(cfg))
     assert main(["run", str(path), "-q"]) == 0
+
+
+def test_a_channels_first_array_is_read_channels_last(tmp_path):
+    """SETI's cadences are (6, 273, 256): layout chw moves the first axis last."""
+    a = np.random.default_rng(1).random((6, 13, 11)).astype(np.float32)
+    np.save(tmp_path / "c.npy", a)
+    got = read_item(str(tmp_path / "c.npy"), ReaderConfig(name="array", layout="chw"))
+    np.testing.assert_array_equal(got, np.moveaxis(a, 0, -1))

@@ -439,3 +439,19 @@ def test_siim_covid19_two_kinds_of_rows_in_one_file(tmp_path, monkeypatch):
             assert len(toks) == 6
         else:
             assert toks[0] == "opacity" and np.allclose([float(t) for t in toks[2:6]], box, atol=0.05)
+
+
+def test_box_centres_for_point_answers_and_a_template_through_set():
+    """Kuzushiji scores ``label cx cy``: the centre of each box, in pixels; and a template given
+    with --set is text, not a YAML mapping."""
+    from kaggle_tta.config.loading import apply_override
+    from kaggle_tta.ops.boxes import prediction_string
+
+    boxes = np.array([[10.0, 20.0, 30.0, 60.0], [0.0, 0.0, 5.0, 7.0]])
+    s = prediction_string(
+        boxes, np.array([0.9, 0.4]), np.array([1, 0]), (100, 80), "{label} {cx:.1f} {cy:.1f}", ["U+3042", "U+304A"]
+    )
+    assert s == "U+304A 20.0 40.0 U+3042 2.5 3.5"
+    raw: dict = {}
+    apply_override(raw, "submission.template={label} {cx:.1f} {cy:.1f}")
+    assert raw == {"submission": {"template": "{label} {cx:.1f} {cy:.1f}"}}

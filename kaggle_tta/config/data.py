@@ -195,6 +195,9 @@ class ReaderConfig(Section):
     """A file with a time axis last ([H, W, T], Contrails' bands): the frame taken (e.g. 4)."""
     slices: SliceSpec | None = None
     """2.5-D: each item's slice and its neighbours in its folder, as channels."""
+    layout: Literal["hwc", "chw"] = "hwc"
+    """The axes of a 3-D array as read: hwc (channels last), or chw (channels first: SETI's
+    ``(6, 273, 256)`` cadences), moved last before anything else."""
     shape: tuple[int, int] | None = None
     """records: the [H, W] of a field given as a flat list (Statoil's 75 x 75 bands)."""
 
@@ -212,7 +215,7 @@ class ReaderConfig(Section):
     def plain(self) -> bool:
         """Today's path: 8-bit images decoded to RGB (the default)."""
         default = self.window is None and self.channels is None and self.columns is None and self.gray == "rgb"
-        default = default and self.slices is None and self.frame is None
+        default = default and self.slices is None and self.frame is None and self.layout == "hwc"
         return self.name == "auto" and default  # a reader named, even image, keeps every bit
 
 

@@ -102,7 +102,8 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     """Applies ``key.path=value`` to the raw YAML mapping, in place.
 
     Path parts address mappings by key and lists by index or, for members and blends, by
-    name (``members.effb0.tta=d4``). The value is parsed as YAML (``[1, 2]``, ``true``, ``0.5``).
+    name (``members.effb0.tta=d4``). The value is parsed as YAML (``[1, 2]``, ``true``, ``0.5``);
+    text starting with ``{`` that is no YAML (a template, ``{label} {conf:.4f} ...``) is taken as it is.
     """
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment}: expected key.path=value")
@@ -110,7 +111,12 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         raise ConfigError(f"--set {assignment}: empty key")
-    value = parse_yaml(value_text, f"--set {assignment}: value")
+    try:
+        value = parse_yaml(value_text, f"--set {assignment}: value")
+    except ConfigError:
+        if not value_text.lstrip().startswith("{"):
+            raise
+        value = value_text  # a str.format template ('{label} {conf} ...') is no YAML mapping: taken as text
     node: Any = raw
     for i, part in enumerate(parts):
         last = i == len(parts) - 1

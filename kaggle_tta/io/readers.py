@@ -104,8 +104,11 @@ def read_item(path: str, spec: ReaderConfig, item_id: str | None = None) -> np.n
 
 def _frame(arr: Any, spec: ReaderConfig, path: str) -> Any:
     """One frame of a file with a time (or band) axis last, ``data.reader.frame`` (Contrails'
-    band_XX.npy, [H, W, T]); other files as they are."""
+    band_XX.npy, [H, W, T]); other files as they are. A channels-first array
+    (``data.reader.layout: chw``) has its first axis moved last first."""
     a = np.asarray(arr)
+    if spec.layout == "chw" and a.ndim == 3:
+        a = np.moveaxis(a, 0, -1)
     if spec.frame is None or a.ndim != 3:
         return a
     if not -a.shape[2] <= spec.frame < a.shape[2]:

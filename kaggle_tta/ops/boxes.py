@@ -286,7 +286,7 @@ PRESETS: dict[str, str] = {
     "vinbigdata": "{index} {conf:.4f} {x1:.1f} {y1:.1f} {x2:.1f} {y2:.1f}",
 }
 
-FIELDS = ("label", "index", "conf", "x1", "y1", "x2", "y2", "nx1", "ny1", "nx2", "ny2", "x", "y", "w", "h")
+FIELDS = ("label", "index", "conf", "cx", "cy", "x1", "y1", "x2", "y2", "nx1", "ny1", "nx2", "ny2", "x", "y", "w", "h")
 
 
 def prediction_string(
@@ -307,7 +307,8 @@ def prediction_string(
         image_size: ``(H, W)``, to normalize.
         template: a ``str.format`` template, or the name of one in :data:`PRESETS`. Fields:
             ``label`` (the class name when ``classes`` is given, else the integer id),
-            ``index`` (the integer class id, its place in data.classes),
+            ``index`` (the integer class id, its place in data.classes), ``cx, cy`` (the
+            box's centre in float pixels: Kuzushiji's ``label cx cy``),
             ``conf``; ``x1, y1, x2, y2`` (float pixels); ``nx1, ny1, nx2, ny2`` (normalized
             to [0, 1]); ``x, y, w, h`` (integer pixels: the corners rounded to the nearest
             pixel, ``w = round(x2) - round(x1)``, so ``x + w`` is the rounded right edge).
@@ -343,7 +344,7 @@ def prediction_string(
     out = []
     for name, index, conf, (x1, y1, x2, y2), (nx1, ny1, nx2, ny2), (rx1, ry1, rx2, ry2) in rows:
         fields = dict(label=name, index=index, conf=conf, x1=x1, y1=y1, x2=x2, y2=y2, nx1=nx1, ny1=ny1, nx2=nx2)
-        fields.update(ny2=ny2, x=rx1, y=ry1, w=rx2 - rx1, h=ry2 - ry1)
+        fields.update(ny2=ny2, x=rx1, y=ry1, w=rx2 - rx1, h=ry2 - ry1, cx=(x1 + x2) / 2, cy=(y1 + y2) / 2)
         try:
             out.append(template.format(**fields))
         except (ValueError, TypeError) as e:
