@@ -265,3 +265,16 @@ class ChannelMeans(nn.Module):
 
 def channel_means(in_chans: int = 3, num_classes: int = 4) -> nn.Module:
     return ChannelMeans(in_chans, num_classes)
+
+
+class PixelValue(nn.Module):
+    """One map: the logit of the first input channel, so its sigmoid gives back the pixel's
+    value (inputs normalized with mean 0, std 1: values in [0, 1])."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = x[:, :1].clamp(1e-6, 1 - 1e-6)
+        return torch.log(v) - torch.log1p(-v)
+
+
+def pixel_value() -> nn.Module:
+    return PixelValue()

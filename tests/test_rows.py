@@ -455,3 +455,49 @@ def test_box_centres_for_point_answers_and_a_template_through_set():
     raw: dict = {}
     apply_override(raw, "submission.template={label} {cx:.1f} {cy:.1f}")
     assert raw == {"submission": {"template": "{label} {cx:.1f} {cy:.1f}"}}
+
+
+def test_denoising_rows_one_per_pixel(tmp_path, monkeypatch):
+    """denoising-dirty-documents: ``<image>_<row>_<col>,value`` for every pixel (1-based), in the
+    sample's order; each value the model's map at that pixel (here the pixel itself / 255)."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    (tmp_path / "test").mkdir()
+    rng = np.random.default_rng(8)
+    images = {}
+    for name, (h, w) in {"2": (7, 9), "8": (5, 4)}.items():
+        img = rng.integers(20, 236, (h, w)).astype(np.uint8)
+        cv2.imwrite(str(tmp_path / "test" / f"{name}.png"), img)
+        images[name] = img
+    ids = [
+        f"{n}_{r}_{c}" for n, im in images.items() for r in range(1, im.shape[0] + 1) for c in range(1, im.shape[1] + 1)
+    ]
+    (tmp_path / "sampleSubmission.csv").write_text("id,value\n" + "".join(f"{i},1\n" for i in reversed(ids)))
+    cfg = {
+        "task": "segmentation",
+        "data": {"folder": str(tmp_path / "test"), "classes": ["ink"]},
+        "runtime": {"device": "cpu", "precision": "fp32", "workers": 0},
+        "cache": {"dir": str(tmp_path / "cache")},
+        "segmentation": {"size": "native"},
+        "members": [
+            {
+                "name": "m",
+                "factory": "helpers:pixel_value",
+                "activation": "sigmoid",
+                "preprocess": {"mean": [0.0] * 3, "std": [1.0] * 3},
+                "tta": "flips",
+            }
+        ],
+        "submission": {
+            "path": str(tmp_path / "submission.csv"),
+            "format": "pixels",
+            "sample": str(tmp_path / "sampleSubmission.csv"),
+        },
+    }
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(tmp_path / "p.yaml"), "-q"]) == 0
+    with open(tmp_path / "submission.csv", newline="") as f:
+        written = list(csv.DictReader(f))
+    assert [r["id"] for r in written] == list(reversed(ids)) and list(written[0]) == ["id", "value"]
+    for r in written:
+        name, row, col = r["id"].split("_")
+        assert abs(float(r["value"]) - images[name][int(row) - 1, int(col) - 1] / 255) < 2e-6, r

@@ -192,6 +192,22 @@ def load_truth(cfg: PipelineConfig, image_id: str, n_classes: int, size: tuple[i
     return np.stack([m == k + 1 for k in range(n_classes)])
 
 
+def pixel_ids(image_id: str, size: tuple[int, int]) -> list[str]:
+    """``<id>_<row>_<col>`` of every pixel, 1-based, row by row (denoising-dirty-documents)."""
+    h, w = int(size[0]), int(size[1])
+    return [f"{image_id}_{r}_{c}" for r in range(1, h + 1) for c in range(1, w + 1)]
+
+
+def pixel_rows(
+    image_id: str, probs: np.ndarray, size: tuple[int, int], activation: str
+) -> tuple[list[str], np.ndarray]:
+    """One image's rows of format ``pixels``: every pixel's value at the image's size (the first
+    class's probability; a model without activation, its output), row by row."""
+    p = image_probs(probs, size)
+    value = p[..., 1] if activation == "softmax" else p[..., 0]
+    return pixel_ids(image_id, size), value.reshape(-1).astype(np.float64)
+
+
 def rle_table(spec: SubmissionConfig, rows: Sequence[tuple[str, str]]) -> pl.DataFrame:
     """The RLE rows as the submission's table: id and RLE, or id, class and RLE."""
     ids = [r[0] for r in rows]
@@ -252,15 +268,20 @@ def write_and_score(
     truth_given = cfg.data.masks is not None
     tta: dict[str, Scores] = {}
     no_tta: dict[str, Scores] = {}
+    pixels: tuple[list[str], list[np.ndarray]] = ([], [])  # format pixels: ids and values
     for lo, hi in blocks(len(ids), block_of(sources)):
-        nodes = node_maps(cfg, sources, lo, hi) if truth_given or not native(cfg) else {}
+        nodes = node_maps(cfg, sources, lo, hi) if truth_given or not native(cfg) or encode is pixel_rows else {}
         plain_nodes = node_maps(cfg, sources, lo, hi, plain=True) if plain and truth_given else {}
         probs = {name: to_probs(p) for name, p in nodes.items()}
         plain_probs = {name: to_probs(p) for name, p in plain_nodes.items()}
         for j, i in enumerate(range(lo, hi)):
             size = (int(sizes[i][0]), int(sizes[i][1]))
             masks = None
-            if native(cfg):  # band by band: the image is never whole in memory
+            if encode is pixel_rows:
+                pid, value = pixel_rows(ids[i], own_map(probs[src][j], size, cfg), size, activation)
+                pixels[0].extend(pid)
+                pixels[1].append(value)
+            elif native(cfg):  # band by band: the image is never whole in memory
                 rows.extend(_native_image(cfg, sources, i, ids[i], size, classes, activation))
             else:
                 masks = _masks(cfg, probs[src][j], size, activation)
@@ -273,7 +294,14 @@ def write_and_score(
                 tta.setdefault(name, Scores([], [])).add(pred, truth)
             for name in plain_probs:
                 no_tta.setdefault(name, Scores([], [])).add(_masks(cfg, plain_probs[name][j], size, activation), truth)
-    table = rle_table(cfg.submission, rows)
+    table = (
+        rle_table(cfg.submission, rows)
+        if encode is not pixel_rows
+        else pl.DataFrame(
+            {cfg.submission.id_column: pixels[0], cfg.submission.label_column: np.concatenate(pixels[1])},
+            schema={cfg.submission.id_column: pl.String, cfg.submission.label_column: pl.Float64},
+        )
+    )
     return TaskOutput(
         table, ["Dice", "IoU"], {k: v.result() for k, v in tta.items()}, {k: v.result() for k, v in no_tta.items()}
     )

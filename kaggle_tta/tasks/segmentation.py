@@ -29,6 +29,8 @@ from kaggle_tta.tasks.seg_forward import Tiles, normalize_canvas, view_maps
 from kaggle_tta.tasks.seg_maps import (
     as_logits,
     class_row_id,
+    pixel_ids,
+    pixel_rows,
     rle_rows,
     write_and_score,
 )
@@ -51,7 +53,7 @@ class Segmentation(Task):
     target = "mask"
     merges = tuple(VIEW_REDUCERS)
     blends = ("mean", "power_mean")
-    writers = {"rle": rle_rows}
+    writers = {"rle": rle_rows, "pixels": pixel_rows}
     truth = "masks"
     stores_image_sizes = True
     tiling = True
@@ -132,6 +134,15 @@ class Segmentation(Task):
 
     def row_ids(self, plan: Plan) -> list[tuple[str, int]]:
         r = plan.cfg.submission.rle
+        if plan.cfg.submission.format == "pixels":  # every pixel of every image: their sizes from the headers
+            from kaggle_tta.io.windows import item_size
+
+            reader = reader_of(plan.cfg)
+            return [
+                (pid, k)
+                for k, (i, p) in enumerate(zip(plan.testset.ids, plan.testset.paths))
+                for pid in pixel_ids(i, item_size(str(p), reader))
+            ]
         if r.rows == "image":
             return super().row_ids(plan)
         return [
@@ -142,6 +153,8 @@ class Segmentation(Task):
 
     def columns(self, plan: Plan) -> list[str]:
         spec = plan.cfg.submission
+        if spec.format == "pixels":
+            return [spec.id_column, spec.label_column]
         named = [spec.rle.class_column] if spec.rle.class_column is not None else []
         return [spec.id_column, *named, spec.rle.column]
 
