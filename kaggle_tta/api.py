@@ -145,6 +145,9 @@ def blend(
     ``fill_hint`` names the pipeline in the error that lists missing entries.
     """
     plan = plan_of(pipeline, overrides)
+    from kaggle_tta.engine.phases import phase
+
+    phase("blending and writing the submission")
     if computed is None:  # an infer on this plan recorded what it computed in
         computed = plan.computed
     return blend_plan(plan, sources_for(plan, fill_hint, computed))

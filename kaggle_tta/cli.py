@@ -34,7 +34,8 @@ def _print_stats(stats) -> None:
             flush=True,
         )
         return
-    _print_ranks(stats)
+    if stats.ranks:
+        print(stats.ranks_line)
     if stats.all_cached:
         n = sum(len(m.views_cached) for m in stats.members.values())
         print(f"cache: all {n} (member, view) predictions reused — no model was run")
@@ -56,22 +57,11 @@ def _print_stats(stats) -> None:
         if m.precision_note and (m.views_computed or m.precision == "fp32"):
             parts.append(f"precision {m.precision_note}")
         print(f"cache: {m.name}: {', '.join(parts)}")
-    computed = [m.precision for m in stats.members.values() if m.views_computed and m.precision]
-    precision = stats.precision or "/".join(computed)  # members that ran in different precisions: each, in member order
     saved = f", {stats.forwards.text()}" if stats.forwards.saved else ""
     print(
-        f"inference: {stats.rows_computed} images on {stats.device} ({precision}, forward batch "
+        f"inference: {stats.rows_computed} images on {stats.device} ({stats.precision_text}, forward batch "
         f"{stats.forward_batch}) in {stats.seconds:.1f}s{saved}"
     )
-
-
-def _print_ranks(stats) -> None:
-    if stats.ranks:
-        parts = [
-            f"{r.rank} rows {r.lo}-{r.hi} ({r.rows_computed} computed, {r.seconds:.1f}s, {r.device} on {r.host})"
-            for r in stats.ranks
-        ]
-        print(f"ranks: {'; '.join(parts)}; {stats.assembled} view(s) assembled from their shards")
 
 
 def _print_blend(result) -> None:
@@ -81,15 +71,19 @@ def _print_blend(result) -> None:
 
 def cmd_run(args: argparse.Namespace) -> None:
     from kaggle_tta.api import run
+    from kaggle_tta.engine.phases import begin_command
 
+    phases = begin_command(verbose=not args.quiet)
     result = run(_load(args), progress=not args.quiet, fill_hint=args.pipeline)
     _print_stats(result.stats)
     if result.blend is not None:
         _print_blend(result.blend)
+    print(phases.summary())
 
 
 def cmd_infer(args: argparse.Namespace) -> None:
     from kaggle_tta.api import infer
+    from kaggle_tta.engine.phases import begin_command
 
     share = None
     if args.share:
@@ -101,7 +95,9 @@ def cmd_infer(args: argparse.Namespace) -> None:
                 f"--share {args.share}: give K/N with 0 <= K < N, e.g. --share 1/2 for the second of two machines"
             )
         share = (int(k), int(n))
+    phases = begin_command(verbose=not args.quiet)
     _print_stats(infer(_load(args), progress=not args.quiet, share=share))
+    print(phases.summary())
 
 
 def cmd_blend(args: argparse.Namespace) -> None:

@@ -596,3 +596,27 @@ def test_a_kaggle_model_that_is_not_mounted_is_one_line(pipeline, capsys, monkey
     cfg["members"][0]["kaggle_model"] = "me/effnet/pytorch/fold0"  # no version
     assert main(["run", str(write(cfg)), "-q"]) == 2
     assert "owner/model/framework/variation/version" in capsys.readouterr().err
+
+
+def test_phases_are_announced_from_the_first_second_and_add_up_to_the_wall_time(pipeline, capsys):
+    """Each phase on its own stderr line as it starts, in order; the summary's times add up to
+    the total (each shown to 0.1 s), which is the command's wall time."""
+    import re
+    import time
+
+    from kaggle_tta.cli import main
+
+    write, cfg = pipeline
+    path = write(cfg)
+    t0 = time.perf_counter()
+    assert main(["run", str(path)]) == 0
+    wall = time.perf_counter() - t0
+    out, err = capsys.readouterr()
+    said = [line.split("] ", 1)[1] for line in err.splitlines() if line.startswith("kaggle-tta: [")]
+    assert said[:3] == ["reading the pipeline", "listing the test set", f"hashing the test set's {24} item(s)"]
+    assert said[-1] == "blending and writing the submission"
+    assert any(s.startswith("building ") for s in said) and any(s.startswith("streaming ") for s in said)
+    line = next(x for x in out.splitlines() if x.startswith("time: "))
+    total = float(re.match(r"time: ([\d.]+)s", line).group(1))
+    parts = [float(v) for v in re.findall(r" ([\d.]+)s \(\d+%\)", line)]
+    assert abs(sum(parts) - total) <= 0.05 * len(parts) + 0.051 and total <= wall + 0.05

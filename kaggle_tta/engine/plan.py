@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,7 @@ from kaggle_tta import cache as cache_mod
 from kaggle_tta.config import MemberConfig, PipelineConfig, load_classes
 from kaggle_tta.config.errors import CheckpointError, ConfigError, did_you_mean
 from kaggle_tta.engine.device import resolve_device, resolve_precision
+from kaggle_tta.engine.phases import phase
 from kaggle_tta.io.canvas import CanvasSpec
 from kaggle_tta.io.data import TestSet, list_test_set
 from kaggle_tta.io.groups import group_of, group_row_ids
@@ -157,12 +159,21 @@ def build_plan(cfg: PipelineConfig) -> Plan:
     views = validate_static(cfg)
     task = resolve_task(cfg)
     classes = load_classes(cfg)
+    phase("listing the test set")
     testset = list_test_set(cfg)
     if not cfg.data.plain_images and len(testset):  # an unknown reader, or one that cannot import: now
         reader_for(cfg.data.reader, testset.reference)
     cache_root = cfg.resolve(cfg.cache.dir)
     memo = cache_root / ".digests"
+    phase(f"hashing the test set's {len(testset)} item(s)")
     tfp = cache_mod.files_digest(*item_files(testset.ids, testset.paths, cfg), memo)  # every file an item reads
+    if "torch" not in sys.modules or ("timm" not in sys.modules and any(m.arch for m in cfg.members)):
+        phase("importing torch" + (" and timm" if any(m.arch for m in cfg.members) else ""))
+        import torch  # noqa: F401  # seconds on a fresh process: said, not hidden in the next phase
+
+        if any(m.arch for m in cfg.members):
+            import timm  # noqa: F401
+    phase("planning the members (their checkpoints hashed)")
     members = [_member_plan(cfg, task, m, views[m.name], len(classes), tfp, len(testset), memo) for m in cfg.members]
     plan = Plan(cfg, task, classes, testset, members, cache_root)
     check_spaces(plan)

@@ -12,6 +12,7 @@ import torch
 from kaggle_tta.cache import CacheEntry
 from kaggle_tta.cache.entry import DamagedEntry
 from kaggle_tta.config.errors import DataError, KaggleTTAError
+from kaggle_tta.engine.phases import phase
 from kaggle_tta.engine.plan import MemberPlan, Plan
 from kaggle_tta.exec.chunks import ChunkSizer, layout_candidates
 from kaggle_tta.exec.forward import Runner
@@ -73,6 +74,7 @@ def choose_precisions(
         else:
             todo.append(m)
     if todo:
+        phase(f"checking {precision} against fp32 ({', '.join(m.name for m in todo)})")
         checks = probe_precisions(plan, todo, device, precision, workers, models if models is not None else {})
         for m in todo:
             out[m.name] = checks[m.name]

@@ -46,12 +46,22 @@ class RunStats:
         return sizes_text([m.forward_batch for m in self.members.values() if m.forward_batch is not None])
 
     @property
+    def ranks_line(self) -> str:
+        """On rank 0 of several: each rank's rows, what it computed, where, and the views assembled."""
+        parts = [
+            f"{r.rank} rows {r.lo}-{r.hi} ({r.rows_computed} computed, {r.seconds:.1f}s, {r.device} on {r.host})"
+            for r in self.ranks
+        ]
+        return f"ranks: {'; '.join(parts)}; {self.assembled} view(s) assembled from their shards"
+
+    @property
     def precision_text(self) -> str:
         """The precision for a log line: one, each member's (where they differ), or none computed."""
         if self.precision is not None:
             return self.precision
-        each = sorted({m.precision for m in self.members.values() if m.precision is not None})
-        return "/".join(each) if each else "nothing computed"
+        computed = [m.precision for m in self.members.values() if m.views_computed and m.precision]
+        each = computed or sorted({m.precision for m in self.members.values() if m.precision is not None})
+        return "/".join(each) if each else "nothing computed"  # several: each computed member's, in member order
 
     @property
     def computed(self) -> dict[str, str]:

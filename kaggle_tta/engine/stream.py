@@ -25,6 +25,7 @@ from kaggle_tta.config.errors import DataError
 from kaggle_tta.engine.assembly import assemble_members
 from kaggle_tta.engine.device import resolve_workers
 from kaggle_tta.engine.pending import check_space, pending_work
+from kaggle_tta.engine.phases import phase
 from kaggle_tta.engine.plan import Plan
 from kaggle_tta.engine.precision import choose_precisions
 from kaggle_tta.engine.stats import RunStats
@@ -61,6 +62,7 @@ def run_inference(plan: Plan, device: torch.device, precision: str, progress: bo
     reduced, each member is checked against fp32 first (:func:`choose_precisions`) and runs
     in what the check chose, locking and writing that precision's entry only.
     """
+    phase("reading the cache")
     workers, threads = resolve_workers(plan.cfg.runtime.workers, device, plan.cfg.runtime.threads)
     if threads:
         torch.set_num_threads(threads)
@@ -116,6 +118,7 @@ def run_locked(
     # Start the workers now, from the first row any entry's manifest lacks: they decode the
     # first batches while the models are built.
     start = min(w.entry.first_missing([v.name for v in w.views], task.stores_image_sizes) for w in pending)
+    phase(f"starting the loader ({workers} worker(s))")
     batches = loader(start)
     opened: list[MemberWork] = []
     t0 = time.perf_counter()
@@ -177,6 +180,7 @@ def _build_runners(
     again. ``models``: those the precision check built already."""
     rt = plan.cfg.runtime
     for w in pending:
+        phase(f"building {w.member.name}")
         precision = precisions[w.member.name].ran_in
         layouts = layout_candidates(rt.channels_last, device, precision)
         model = models.pop(w.member.name, None)
@@ -246,6 +250,7 @@ def _stream(
     comes from one configuration and two runs give the same numbers.
     """
     task, n = plan.task, len(plan.testset)
+    phase(f"streaming {n - start} item(s) through {len(pending)} member(s)")
     trials = _Trials()
     n_views = sum(len(w.views) for w in pending)
     bar = _bar()(
@@ -266,8 +271,10 @@ def _stream(
             if deciding:
                 if batch.hi < n and any(w.runner is not None and w.runner.sizer.measuring for w in deciding):
                     bar.set_postfix_str("timing chunk sizes and layouts")
+                    phase("timing chunk sizes and layouts")
                     continue
                 batches = loader(trials.settle(deciding, plan, device))
+                phase("streaming (the decided chunk size and layout)")
                 continue
             for w in pending:
                 w.entry.commit()

@@ -307,8 +307,7 @@ def prediction_string(
         image_size: ``(H, W)``, to normalize.
         template: a ``str.format`` template, or the name of one in :data:`PRESETS`. Fields:
             ``label`` (the class name when ``classes`` is given, else the integer id),
-            ``index`` (the integer class id, its place in data.classes), ``cx, cy`` (the
-            box's centre in float pixels: Kuzushiji's ``label cx cy``),
+            ``index`` (the class id), ``cx, cy`` (the centre, float pixels: Kuzushiji's),
             ``conf``; ``x1, y1, x2, y2`` (float pixels); ``nx1, ny1, nx2, ny2`` (normalized
             to [0, 1]); ``x, y, w, h`` (integer pixels: the corners rounded to the nearest
             pixel, ``w = round(x2) - round(x1)``, so ``x + w`` is the rounded right edge).
