@@ -448,3 +448,34 @@ def test_a_channels_first_array_is_read_channels_last(tmp_path):
     np.save(tmp_path / "c.npy", a)
     got = read_item(str(tmp_path / "c.npy"), ReaderConfig(name="array", layout="chw"))
     np.testing.assert_array_equal(got, np.moveaxis(a, 0, -1))
+
+
+def test_a_test_set_in_a_zip_archive_is_read_in_place(tmp_path, monkeypatch):
+    """data.folder naming a zip (Aerial Cactus' test.zip holds test/<id>.jpg): read without
+    extracting, ids relative to its one top folder; the submission equals the extracted
+    folder's, and the cache fingerprints the archive."""
+    import zipfile
+
+    monkeypatch.syspath_prepend(str(TESTS))
+    rng = np.random.default_rng(3)
+    (tmp_path / "test").mkdir()
+    with zipfile.ZipFile(tmp_path / "test.zip", "w") as z:
+        for k in range(6):
+            img = (rng.random((12, 12, 3)) * 255).astype(np.uint8)
+            ok, buf = cv2.imencode(".png", img)
+            (tmp_path / "test" / f"c{k}.png").write_bytes(buf.tobytes())
+            z.writestr(f"test/c{k}.png", buf.tobytes())
+        z.writestr("test/readme.txt", "not an image")
+    member = {
+        "name": "m",
+        "factory": "helpers:channel_means",
+        "kwargs": {"in_chans": 3, "num_classes": 2},
+        "preprocess": {"input_size": [3, 12, 12]},
+        "tta": "hflip",
+    }
+    out = {}
+    for name, folder in (("zip", tmp_path / "test.zip"), ("dir", tmp_path / "test")):
+        path = _pipeline(tmp_path, {"folder": str(folder)}, [member])
+        assert main(["run", str(path), "-q"]) == 0
+        out[name] = (tmp_path / "sub.csv").read_text()
+    assert out["zip"] == out["dir"] and out["zip"].splitlines()[1].startswith("c0,")

@@ -33,6 +33,7 @@ from kaggle_tta.io.canvas import CanvasSpec
 from kaggle_tta.io.ids import ids_by_rule, templated_paths
 from kaggle_tta.io.readers import decode_image, items_of, list_records, opencv, read_item, record_item
 from kaggle_tta.io.windows import item_size
+from kaggle_tta.io.zips import is_archive, list_archive
 
 if TYPE_CHECKING:
     from multiprocessing.context import BaseContext
@@ -88,6 +89,8 @@ def list_test_set(cfg: PipelineConfig) -> TestSet:
     """
     d = cfg.data
     exts = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in d.extensions}
+    if d.folder is not None and is_archive(cfg.resolve(d.folder)):  # images in a zip, read in place
+        return TestSet(*list_archive(cfg.resolve(d.folder), exts, d.id))
     if d.folder is not None:
         root = cfg.resolve(d.folder)
         if not root.is_dir():

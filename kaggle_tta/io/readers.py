@@ -28,6 +28,7 @@ import numpy as np
 from kaggle_tta.config.data import READER_SUFFIXES
 from kaggle_tta.config.errors import ConfigError, DataError, shown_path
 from kaggle_tta.io.intensity import apply_window, gray_to_rgb
+from kaggle_tta.io.zips import ZIP_SEP, is_zip_item, member_bytes, source
 
 if TYPE_CHECKING:
     from kaggle_tta.config import PipelineConfig
@@ -212,7 +213,7 @@ def read_image(path: str, spec: ReaderConfig) -> np.ndarray:
 def read_array(path: str, spec: ReaderConfig) -> np.ndarray:
     """An .npy array, or an .npz archive's ``data.reader.key`` (its only array by default)."""
     try:
-        data = np.load(path, allow_pickle=False)
+        data = np.load(source(path), allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(
             f"{shown_path(path)}: cannot read as a NumPy array ({exc}); re-save it with numpy.save"
@@ -239,7 +240,7 @@ def read_dicom(path: str, spec: ReaderConfig) -> np.ndarray:
     except ImportError:
         raise ConfigError("data.reader: DICOM needs pydicom; pip install 'kaggle-tta[dicom]'") from None
     try:
-        ds = pydicom.dcmread(path)
+        ds = pydicom.dcmread(source(path))
     except (OSError, pydicom.errors.InvalidDicomError) as exc:
         raise DataError(f"{shown_path(path)}: not a readable DICOM file ({exc})") from None
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
@@ -289,7 +290,9 @@ def _decoded(path: Path | str) -> np.ndarray:
     """The file as OpenCV decodes it, unchanged (BGR(A) order, its own depth); a file that
     cannot be read, is empty, or does not decode is one DataError naming it."""
     try:
-        buf = np.fromfile(str(path), dtype=np.uint8)
+        buf = (
+            np.frombuffer(member_bytes(str(path)), np.uint8) if is_zip_item(path) else np.fromfile(str(path), np.uint8)
+        )
     except OSError as exc:
         raise DataError(f"{shown_path(path)}: cannot read ({exc.strerror})") from None
     if buf.size == 0:
@@ -349,6 +352,8 @@ def item_files(ids: Sequence[str], paths: Sequence[str], cfg: PipelineConfig) ->
     reader = cfg.data.reader
     if cfg.data.records is not None:  # rows of one file: the file
         return ["records"], [str(cfg.resolve(cfg.data.records.path))]
+    if paths and is_zip_item(paths[0]):  # members of an archive: the archive
+        return ["archive"], [str(paths[0]).partition(ZIP_SEP)[0]]
     if not reader.channels:
         return list(ids), list(paths)
     out_ids, out_paths = [], []

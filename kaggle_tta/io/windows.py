@@ -24,6 +24,7 @@ import numpy as np
 from kaggle_tta.config.errors import ConfigError, DataError, shown_path
 from kaggle_tta.io.intensity import apply_window, gray_to_rgb
 from kaggle_tta.io.readers import decode_image, read_item
+from kaggle_tta.io.zips import ZIP_SEP
 
 if TYPE_CHECKING:
     from kaggle_tta.config.data import ReaderConfig
@@ -32,7 +33,8 @@ TIFF = (".tif", ".tiff")
 
 
 def is_tiff(path: str | Path) -> bool:
-    return Path(path).suffix.lower() in TIFF
+    """A TIFF on disk (read by windows); one in an archive is read whole."""
+    return Path(path).suffix.lower() in TIFF and ZIP_SEP not in str(path)
 
 
 def item_size(path: str, reader: ReaderConfig | None) -> tuple[int, int]:
