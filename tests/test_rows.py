@@ -501,3 +501,16 @@ def test_denoising_rows_one_per_pixel(tmp_path, monkeypatch):
     for r in written:
         name, row, col = r["id"].split("_")
         assert abs(float(r["value"]) - images[name][int(row) - 1, int(col) - 1] / 255) < 2e-6, r
+
+
+def test_a_parquet_submission(tmp_path):
+    """submission.path ending in .parquet: the same table, as parquet (what kaggle_evaluation
+    competitions take)."""
+    import polars as pl
+
+    from kaggle_tta.io.submission import write_submission
+
+    table = pl.DataFrame({"id": ["a", "b"], "cancer": [0.25, 0.5]})
+    write_submission(table, tmp_path / "submission.parquet")
+    assert pl.read_parquet(tmp_path / "submission.parquet").equals(table)
+    assert [p.name for p in tmp_path.iterdir()] == ["submission.parquet"]  # no temporary file left

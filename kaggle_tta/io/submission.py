@@ -199,14 +199,18 @@ def align(table: pl.DataFrame, order: SampleOrder) -> pl.DataFrame:
 
 
 def write_submission(df: pl.DataFrame, path: Path, key: str = "submission.path") -> None:
-    """Writes ``df`` to ``path`` through a temporary file beside it, then renames it.
+    """Writes ``df`` to ``path`` (CSV; parquet where the path ends in .parquet) through a
+    temporary file beside it, then renames it.
 
     Raises:
         ConfigError: ``path`` is a folder or cannot be written there; the message names
             ``key`` (the YAML path that set it). No temporary file is left behind.
     """
     with _writing(path, key) as tmp:
-        df.write_csv(tmp, float_precision=6)
+        if path.suffix.lower() == ".parquet":  # competitions served through kaggle_evaluation take parquet
+            df.write_parquet(tmp)
+        else:
+            df.write_csv(tmp, float_precision=6)
         os.replace(tmp, path)
 
 
