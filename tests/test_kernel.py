@@ -497,8 +497,8 @@ def test_data_under_data_root_is_read_from_the_competition(kernel_demo_images, t
     ]
     assert not col.trees and not col.tree_files  # the test data is not bundled
     assert sorted(col.files) == ["test_efficientnet.safetensors", "test_resnet.safetensors"]
-    assert (
-        col.raw["cache"]["dir"].startswith("/kaggle/working/")
+    assert (  # the cache on scratch space, outside the working folder's quota; the submission in it
+        col.raw["cache"]["dir"] == "/tmp/kaggle_tta/cache"
         and col.raw["submission"]["path"] == "/kaggle/working/submission.csv"
     )
 
@@ -817,7 +817,7 @@ def test_checkpoints_from_kaggle_models_are_mounted_not_bundled(kernel_demo_imag
         where = models / f"{m['name']}-weights" / "pytorch" / "fold0" / "2"
         where.mkdir(parents=True)
         shutil.copy(m["checkpoint"], where / "model.safetensors")
-        m.update(checkpoint="model.safetensors", kaggle_model=handle)
+        m.update(checkpoint="model.safetensors", kaggle_model=handle, tta="hflip")  # hflip: the test is the files
         handles.append(handle)
     raw["runtime"]["kaggle_models"] = str(models)
     pipeline.write_text(yaml.safe_dump(raw))

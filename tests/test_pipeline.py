@@ -574,6 +574,8 @@ def test_blend_after_infer_on_a_plan_needs_no_argument(pipeline):
     from kaggle_tta.api import plan_of
 
     write, cfg = pipeline
+    for m in cfg["members"]:
+        m["tta"] = "hflip"
     plan = plan_of(write(cfg))
     stats = kaggle_tta.infer(plan, progress=False)
     assert stats.precision_text in ("fp32", "bf16", "fp16") and plan.computed == stats.computed
@@ -607,6 +609,8 @@ def test_phases_are_announced_from_the_first_second_and_add_up_to_the_wall_time(
     from kaggle_tta.cli import main
 
     write, cfg = pipeline
+    for m in cfg["members"]:
+        m["tta"] = "hflip"
     path = write(cfg)
     t0 = time.perf_counter()
     assert main(["run", str(path)]) == 0
