@@ -22,7 +22,7 @@ help:
 # then the package (editable) with its test extras.
 install:
 	@$(PYTHON) -c "import torch, torchvision" 2>/dev/null || $(PIP) install $(TORCH_PAIR)
-	@$(PYTHON) -c "import importlib.metadata as m, kaggle_tta, timm, albumentations, ensemble_boxes, polars, tqdm, safetensors, cv2, ttach, pytest, nbclient, nbformat, ipykernel, pycocotools, ruff, mypy, pydicom, pylibjpeg, openjpeg, tifffile; m.version('kaggle-tta'); assert m.version('ruff') == '0.17.6' and m.version('mypy') == '2.4.1'" 2>/dev/null \
+	@$(PYTHON) -c "import importlib.metadata as m, kaggle_tta, timm, albumentations, ensemble_boxes, polars, tqdm, safetensors, cv2, ttach, pytest, nbclient, nbformat, ipykernel, pycocotools, ruff, mypy, pydicom, pylibjpeg, openjpeg, tifffile, sklearn; m.version('kaggle-tta'); assert m.version('ruff') == '0.17.6' and m.version('mypy') == '2.4.1'" 2>/dev/null \
 		|| $(PIP) install -e '.[test]'
 
 demo-data: install
