@@ -87,6 +87,10 @@ def infer(
     ``share`` (k, n): only the k-th of n shares (0-based), into shard entries, with no process
     group: for machines that share no filesystem (then ``kaggle-tta cache merge``).
     """
+    from kaggle_tta.engine.phases import phase
+
+    if "torch" not in sys.modules:
+        phase("importing torch")
     from kaggle_tta.engine.assembly import release_shards
     from kaggle_tta.engine.device import resolve_device, resolve_precision, world_for
     from kaggle_tta.engine.pending import all_cached

@@ -78,7 +78,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     _print_stats(result.stats)
     if result.blend is not None:
         _print_blend(result.blend)
-    print(phases.summary())
+    phases.report()
 
 
 def cmd_infer(args: argparse.Namespace) -> None:
@@ -97,7 +97,7 @@ def cmd_infer(args: argparse.Namespace) -> None:
         share = (int(k), int(n))
     phases = begin_command(verbose=not args.quiet)
     _print_stats(infer(_load(args), progress=not args.quiet, share=share))
-    print(phases.summary())
+    phases.report()
 
 
 def cmd_blend(args: argparse.Namespace) -> None:

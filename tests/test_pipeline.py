@@ -620,7 +620,7 @@ def test_phases_are_announced_from_the_first_second_and_add_up_to_the_wall_time(
     assert said[:3] == ["reading the pipeline", "listing the test set", f"hashing the test set's {24} item(s)"]
     assert said[-1] == "blending and writing the submission"
     assert any(s.startswith("building ") for s in said) and any(s.startswith("streaming ") for s in said)
-    line = next(x for x in out.splitlines() if x.startswith("time: "))
+    line = next(x for x in err.splitlines() if x.startswith("kaggle-tta: time: ")).removeprefix("kaggle-tta: ")
     total = float(re.match(r"time: ([\d.]+)s", line).group(1))
     parts = [float(v) for v in re.findall(r" ([\d.]+)s \(\d+%\)", line)]
     assert abs(sum(parts) - total) <= 0.05 * len(parts) + 0.051 and total <= wall + 0.05

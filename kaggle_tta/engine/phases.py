@@ -1,7 +1,8 @@
 """A run's phases, from its first second: each announced on stderr as it starts (reading the
 pipeline, listing the test set, hashing its files, checking precision, building each member,
 timing chunk sizes and layouts, streaming, blending), and a summary whose times add up to the
-wall time since the command started, with each phase's share.
+wall time since the command started, with each phase's share (on stderr too: stdout stays
+the report).
 
 One recorder per command (``begin``); library calls without one record nothing. Phases of the
 same name add up (streaming before and after a trial).
@@ -32,6 +33,11 @@ class Phases:
         if self.current is not None:
             self.spent[self.current] = self.spent.get(self.current, 0.0) + now - self.since
             self.current = None
+
+    def report(self) -> None:
+        """The summary on stderr, after the command's own output (unless quiet)."""
+        if self.verbose:
+            print(f"kaggle-tta: {self.summary()}", file=sys.stderr, flush=True)
 
     def summary(self) -> str:
         """``time: 61.9s = reading the pipeline 0.3s (0%) + ...``: every phase, in the order first

@@ -167,12 +167,9 @@ def build_plan(cfg: PipelineConfig) -> Plan:
     memo = cache_root / ".digests"
     phase(f"hashing the test set's {len(testset)} item(s)")
     tfp = cache_mod.files_digest(*item_files(testset.ids, testset.paths, cfg), memo)  # every file an item reads
-    if "torch" not in sys.modules or ("timm" not in sys.modules and any(m.arch for m in cfg.members)):
-        phase("importing torch" + (" and timm" if any(m.arch for m in cfg.members) else ""))
-        import torch  # noqa: F401  # seconds on a fresh process: said, not hidden in the next phase
-
-        if any(m.arch for m in cfg.members):
-            import timm  # noqa: F401
+    if "timm" not in sys.modules and any(m.arch for m in cfg.members):  # timm members' preprocessing reads timm
+        phase("importing torch and timm")
+        import timm  # noqa: F401  # seconds on a fresh process: said, not hidden in the next phase
     phase("planning the members (their checkpoints hashed)")
     members = [_member_plan(cfg, task, m, views[m.name], len(classes), tfp, len(testset), memo) for m in cfg.members]
     plan = Plan(cfg, task, classes, testset, members, cache_root)
