@@ -59,8 +59,10 @@ def _files(cache: Path) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("task", ["classification", "segmentation", "detection"])
 def test_concurrent_runs_on_one_cache_equal_a_single_run(task, pipeline, demo_images, tmp_path):
-    """2 and then 3 `kaggle-tta run` processes started together on one empty cache: all exit
-    0 with no traceback, and the entries are byte-identical to a single run's."""
+    """2 (and for classification then 3) `kaggle-tta run` processes started together on one
+    empty cache: all exit 0 with no traceback, and the entries are byte-identical to a single
+    run's. The locks are the cache's, not the task's: 3 processes on every task repeated the
+    same waits at 20 s a task."""
     write, cfg = pipeline
     # one memory layout for every run: `auto` times both on a CPU in fp32, and processes timing
     # against each other may pick the other one (equal predictions, not equal bits)
@@ -79,7 +81,7 @@ def test_concurrent_runs_on_one_cache_equal_a_single_run(task, pipeline, demo_im
     run(single, progress=False)
     reference = _files(tmp_path / "single")
     assert reference
-    for n in (2, 3):
+    for n in (2, 3) if task == "classification" else (2,):
         cache = tmp_path / f"shared{n}"
         paths = [pipeline_for(cache, f"c{n}_{k}") for k in range(n)]
         procs = [
