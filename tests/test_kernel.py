@@ -853,3 +853,18 @@ def test_checkpoints_from_kaggle_models_are_mounted_not_bundled(kernel_demo_imag
         if cell["cell_type"] == "code" and '"pip", "install"' not in src:
             exec(compile(src, "<cell>", "exec"), ns)
     assert (kaggle / "working" / "submission.csv").read_text() == reference
+
+
+def test_a_test_set_in_a_zip_is_bundled_as_its_archive(tmp_path, kernel_demo_images):
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "test.zip", "w") as z:
+        for p in sorted(kernel_demo_images.glob("*.png"))[:3]:
+            z.write(p, f"test/{p.name}")
+    pipeline = _demo_pipeline(tmp_path, kernel_demo_images)
+    raw = yaml.safe_load(pipeline.read_text())
+    raw["data"] = {"folder": str(tmp_path / "test.zip"), "classes": raw["data"]["classes"]}
+    pipeline.write_text(yaml.safe_dump(raw))
+    col = _collect(pipeline)
+    shipped = {**col.files, **col.tree_files}
+    assert col.raw["data"]["folder"] == "data/test.zip" and shipped["data/test.zip"] == tmp_path / "test.zip"

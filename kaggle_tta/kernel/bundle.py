@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from kaggle_tta.config.errors import CheckpointError
+from kaggle_tta.io.zips import is_archive
 from kaggle_tta.kernel.options import MANIFEST, KernelError, KernelOptions
 
 if TYPE_CHECKING:
@@ -258,6 +259,8 @@ class Collector:
         return f"/kaggle/input/{self.opts.competition}/{rel}"
 
     def _data_path(self, key: str, path: Path, kind: str, optional: bool = False) -> str:
+        if kind == "dir" and is_archive(path):  # a test set in a zip (io.zips): the archive is the file
+            kind = "file"
         rel = _competition_relpath(path, self.opts)
         if rel is not None:
             return self._competition(key, rel, "dir" if kind == "csv-root" else kind, optional)
