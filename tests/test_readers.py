@@ -479,3 +479,43 @@ def test_a_test_set_in_a_zip_archive_is_read_in_place(tmp_path, monkeypatch):
         assert main(["run", str(path), "-q"]) == 0
         out[name] = (tmp_path / "sub.csv").read_text()
     assert out["zip"] == out["dir"] and out["zip"].splitlines()[1].startswith("c0,")
+
+
+def test_a_neighbour_slice_changed_changes_the_fingerprint(tmp_path):
+    """2.5-D from a CSV listing one slice: the neighbours it reads, listed nowhere, are hashed
+    with it, so a neighbour changed on disk is a new entry, not stale rows."""
+    from kaggle_tta.config import load_pipeline
+    from kaggle_tta.engine.plan import build_plan
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for n in range(1, 4):
+        cv2.imwrite(str(folder / f"slice_{n:04d}.png"), np.full((8, 8), 40 * n, np.uint16))
+    cfg = {
+        "data": {
+            "csv": {"path": str(tmp_path / "list.csv"), "path_column": "file"},
+            "classes": ["a", "b"],
+            "reader": {"slices": {"number": "slice_(\\d+)", "offsets": [-1, 0, 1]}},
+        },
+        "cache": {"dir": str(tmp_path / "cache")},
+        "members": [
+            {
+                "name": "m",
+                "factory": "helpers:channel_means",
+                "kwargs": {"num_classes": 2},
+                "preprocess": {"input_size": [3, 8, 8]},
+            }
+        ],
+    }
+    (tmp_path / "list.csv").write_text("id,file\ns2,scans/slice_0002.png\n")
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
+    import sys
+
+    sys.path.insert(0, str(TESTS))
+    try:
+        before = build_plan(load_pipeline(tmp_path / "p.yaml")).members[0].fingerprint("fp32")
+        cv2.imwrite(str(folder / "slice_0003.png"), np.full((8, 8), 7, np.uint16))  # only a neighbour's pixels
+        after = build_plan(load_pipeline(tmp_path / "p.yaml")).members[0].fingerprint("fp32")
+    finally:
+        sys.path.remove(str(TESTS))
+    assert before != after

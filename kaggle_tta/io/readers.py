@@ -348,17 +348,19 @@ def items_of(ids: list[str], paths: list[str], templates: list[str]) -> tuple[li
 
 def item_files(ids: Sequence[str], paths: Sequence[str], cfg: PipelineConfig) -> tuple[list[str], list[str]]:
     """Every file the test set's items read, with an id per file: one per item, or, for items
-    of several files (data.reader.channels), each channel's file (the fingerprint hashes them)."""
+    of several files (data.reader.channels, or 2.5-D slices), each one's file (the fingerprint
+    hashes them)."""
     reader = cfg.data.reader
     if cfg.data.records is not None:  # rows of one file: the file
         return ["records"], [str(cfg.resolve(cfg.data.records.path))]
     if paths and is_zip_item(paths[0]):  # members of an archive: the archive
         return ["archive"], [str(paths[0]).partition(ZIP_SEP)[0]]
-    if not reader.channels:
+    if not reader.channels and reader.slices is None:
         return list(ids), list(paths)
     out_ids, out_paths = [], []
-    for i, p in zip(ids, paths):
-        for k, f in enumerate(channel_files(p, reader)):
+    for i, p in zip(ids, paths):  # 2.5-D: the neighbours read, in their order, whatever lists the items
+        files = channel_files(p, reader) if reader.channels else slice_files(p, reader)
+        for k, f in enumerate(files):
             out_ids.append(f"{i}#{k}")
             out_paths.append(f)
     return out_ids, out_paths
