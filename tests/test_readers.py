@@ -479,6 +479,15 @@ def test_a_test_set_in_a_zip_archive_is_read_in_place(tmp_path, monkeypatch):
         assert main(["run", str(path), "-q"]) == 0
         out[name] = (tmp_path / "sub.csv").read_text()
     assert out["zip"] == out["dir"] and out["zip"].splitlines()[1].startswith("c0,")
+    with zipfile.ZipFile(tmp_path / "flat.zip", "w") as z:  # images at the archive's root, as mle-bench's cactus
+        for k in range(6):
+            z.write(tmp_path / "test" / f"c{k}.png", f"c{k}.png")
+    (tmp_path / "sample.csv").write_text("id,a,b\n" + "".join(f"c{k}.png,0.5,0.5\n" for k in reversed(range(6))))
+    path = _pipeline(tmp_path, {"folder": str(tmp_path / "flat.zip")}, [member])
+    assert main(["run", str(path), "-q", "--set", f"submission.sample={tmp_path / 'sample.csv'}"]) == 0
+    assert [r.split(",")[0] for r in (tmp_path / "sub.csv").read_text().splitlines()[1:]] == [
+        f"c{k}.png" for k in reversed(range(6))
+    ]  # the sample's ids: the members' file names
 
 
 def test_a_neighbour_slice_changed_changes_the_fingerprint(tmp_path):

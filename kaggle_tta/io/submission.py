@@ -17,6 +17,7 @@ from pathlib import Path
 import polars as pl
 
 from kaggle_tta.config.errors import ConfigError
+from kaggle_tta.io.zips import ZIP_SEP
 
 KEY_SEP = "\x1f"  # a row keyed by two columns (id, class): the key as one string, split when written
 
@@ -48,7 +49,7 @@ def _row_index(row_ids: Sequence[tuple[str, int]], files: Sequence[str]) -> dict
     for n, (rid, k) in enumerate(row_ids):  # a file name stands for its image's row
         if k < 0:  # an appended row: its id only
             continue
-        name = Path(files[k]).name
+        name = Path(str(files[k]).rpartition(ZIP_SEP)[2]).name  # an archive's member: its own name
         if Path(name).stem == rid or rid.endswith("/" + Path(name).stem):
             index.setdefault(name, n)
             index.setdefault(rid + Path(name).suffix, n)

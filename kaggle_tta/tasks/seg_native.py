@@ -75,14 +75,50 @@ def native_step(work: MemberWork, batch: Batch, plan: Plan) -> None:
 
     log = ViewLog()
     reader = reader_of(plan.cfg)
+    tile = work.member.cfg.tiling.size if work.member.cfg.tiling else None
     for part in work.view_rows(batch.lo, batch.hi):
         jobs = [j for j in part if j.count]
+        whole: dict[tuple, list[int]] = {}  # images that are one tile, by size and views: forwarded together
         for i in range(batch.lo, batch.hi):
             views = [j.view for j in jobs if j.first <= i]
-            if views:
+            h, w = (int(v) for v in batch.sizes[i - batch.lo])
+            if views and (tile is None or (h <= tile[0] and w <= tile[1])):
+                whole.setdefault(((h, w), tuple(v.name for v in views)), []).append(i)
+            elif views:
                 with WindowSource(str(plan.testset.paths[i]), reader) as src:
                     _image(work, i, src, views, plan, log)
+        for (size, names), rows in whole.items():
+            _whole_images(work, rows, size, [j.view for j in jobs if j.view.name in names], plan, log)
     work.record(batch.lo, batch.hi, batch.sizes, log)
+
+
+def _whole_images(
+    work: MemberWork, rows: list[int], size: tuple[int, int], views: list, plan: Plan, log: ViewLog
+) -> None:
+    """Images of one size that are one tile each, read whole and forwarded together (a batch
+    of UW-Madison's slices, not one forward per slice)."""
+    import torch
+    import torch.nn.functional as F
+
+    from kaggle_tta.exec.forward import normalize
+    from kaggle_tta.io.readers import reader_of
+
+    m, runner, reader = work.member, work.runner, reader_of(plan.cfg)
+    assert runner is not None
+    pixels = []
+    for i in rows:
+        with WindowSource(str(plan.testset.paths[i]), reader) as src:
+            pixels.append(src.read(0, 0, *size))
+    x = normalize(torch.from_numpy(np.stack(pixels)), m.preprocess.mean, m.preprocess.std, runner.device)
+    stored = stored_of(plan.cfg.cache.scale, size)
+    for v in views:
+        maps = _view_tiles(work, v, x, plan, log)
+        if tuple(stored) != tuple(size):  # to the cache's resolution, as a band scales its one tile
+            maps = F.interpolate(maps, size=stored, mode="area")
+        for k, i in enumerate(rows):
+            work.store[v.name][i, :, : stored[0], : stored[1]] = _stored_values(
+                maps[k], m.activation, plan.cfg.cache.dtype
+            )
 
 
 def _image(work: MemberWork, i: int, src: WindowSource, views: list, plan: Plan, log: ViewLog) -> None:
@@ -189,13 +225,14 @@ class _Band:
         return rows, values
 
 
-def _stored_values(maps: Tensor, activation: str, dtype: str) -> np.ndarray:
-    """Logits ``[K, h, w]`` as the cache holds them (uint8 probabilities, float16, float32)."""
+def _stored_values(maps: Tensor, activation: str, dtype: str, axis: int = 0) -> np.ndarray:
+    """Logits ``[K, h, w]`` (channels on ``axis``) as the cache holds them (uint8
+    probabilities, float16, float32)."""
     import torch
 
     if dtype == "uint8":
         probs = (
-            torch.softmax(maps, 0)
+            torch.softmax(maps, axis)
             if activation == "softmax"
             else torch.sigmoid(maps)
             if activation == "sigmoid"
