@@ -297,3 +297,34 @@ def test_compare_precision_bounds():
         compare_precision({"identity": one["identity"] * (1 + 1e-3)}, one, "bf16").note
         == "bf16: checked against fp32 on 50 inputs (relative L2 error 1.0e-03)"
     )
+
+
+def test_a_second_run_on_new_images_checks_nothing_it_already_knows(
+    pipeline, demo_images, tmp_path, auto_is_bf16, monkeypatch
+):
+    """The precision verdict and the chunk size and layout are the model's on this machine, not
+    the test set's: a run on other images, into another cache, neither probes precision nor
+    times layouts again, and its fragile member is in fp32 again, its robust one in bf16."""
+    import shutil
+
+    write, cfg = pipeline
+    cfg["runtime"].update(precision="auto", forward_batch="auto", channels_last="auto")
+    cfg["members"] = [_member("frag", "nearly_tied_model"), _member("rob", "well_separated_model")]
+    cfg["blends"] = [{"name": "both", "inputs": ["frag", "rob"]}]
+    first = kaggle_tta.run(write(cfg), progress=False)
+    assert first.stats.members["frag"].precision == "fp32" and first.stats.members["rob"].precision == "bf16"
+    other = tmp_path / "other"
+    other.mkdir()
+    for p in sorted(demo_images.glob("*.png"))[:10]:  # other images: another test set, another entry
+        shutil.copy(p, other / p.name)
+    cfg["data"] = {"folder": str(other), "classes": cfg["data"]["classes"]}
+    cfg["cache"]["dir"] = str(tmp_path / "cache2")
+    cfg["submission"]["path"] = str(tmp_path / "other.csv")
+
+    def fail(*a, **k):
+        raise AssertionError("a verdict known for this model and machine was checked again")
+
+    monkeypatch.setattr(precision_mod, "probe_precisions", fail)
+    second = kaggle_tta.run(write(cfg, "other.yaml"), progress=False)
+    assert second.stats.members["frag"].precision == "fp32" and second.stats.members["rob"].precision == "bf16"
+    assert second.blend.n_rows == 10

@@ -55,6 +55,13 @@ class MemberPlan:
     def fingerprint(self, precision: str) -> str:
         return f"{self.key}-{precision}"
 
+    @property
+    def model_key(self) -> str:
+        """The member without its test set: what a decision about the model (chunk size,
+        layout, a precision verdict) is remembered under, for new images too."""
+        rest = {k: v for k, v in self.inputs.items() if k not in ("testset", "n_images")}
+        return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()[:16]
+
 
 @dataclass
 class Plan:

@@ -14,6 +14,7 @@ from kaggle_tta.cache.entry import DamagedEntry
 from kaggle_tta.config.errors import DataError, KaggleTTAError
 from kaggle_tta.engine.phases import phase
 from kaggle_tta.engine.plan import MemberPlan, Plan
+from kaggle_tta.exec import decisions
 from kaggle_tta.exec.chunks import ChunkSizer, layout_candidates
 from kaggle_tta.exec.forward import Runner
 from kaggle_tta.exec.precision import PrecisionCheck, ProbeWork, compare_precision
@@ -69,6 +70,10 @@ def choose_precisions(
     todo: list[MemberPlan] = []
     for m in plan.members:
         known = recorded_check(plan, m, precision)
+        if known is None:  # checked before on this machine for this model, on other images
+            known = remembered_check(plan, m, precision, device)
+            if known is not None:
+                record_check(plan, m, precision, known)  # the entry read by blend says it too
         if known is not None:
             out[m.name] = known
         else:
@@ -80,7 +85,28 @@ def choose_precisions(
             out[m.name] = checks[m.name]
             if checks[m.name].details:  # "not checked" (detection) is not recorded: nothing was measured
                 record_check(plan, m, precision, checks[m.name])
+                c = checks[m.name]
+                verdict = {"ran_in": c.ran_in, "note": c.note, **c.details}
+                decisions.remember_verdict(plan.cache_root, verdict_key(m, precision, device), verdict)
     return out
+
+
+def verdict_key(m: MemberPlan, precision: str, device: torch.device) -> str:
+    """Where a member's precision verdict is remembered: the model (not the test set), the
+    reduced precision and this machine (kaggle_tta.exec.decisions)."""
+    import hashlib
+    import json
+
+    text = json.dumps(["precision", m.model_key, precision, decisions.machine(device)])
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def remembered_check(plan: Plan, m: MemberPlan, precision: str, device: torch.device) -> PrecisionCheck | None:
+    rec = decisions.recall_verdict(plan.cache_root, verdict_key(m, precision, device))
+    if rec is None:
+        return None
+    details = {k: v for k, v in rec.items() if k not in ("ran_in", "note")}
+    return PrecisionCheck(str(rec["ran_in"]), str(rec.get("note", "")), details)
 
 
 def check_entry(plan: Plan, m: MemberPlan, precision: str) -> CacheEntry:

@@ -197,7 +197,7 @@ def _build_runners(
 def decision_key(w: MemberWork, precision: str, device: torch.device, plan: Plan) -> str:
     """Where a member's forward tuning is recorded: its fingerprint, precision, machine and
     the trial's bounds (the chunk-size ceiling grows with the views still to compute)."""
-    return tuning.key(w.member.key, precision, device, plan.cfg.runtime, len(w.views))
+    return tuning.key(w.member.model_key, precision, device, plan.cfg.runtime, len(w.views))
 
 
 class _Trials:

@@ -100,11 +100,28 @@ def recall(cache_root: Path, k: str) -> tuple[int, bool] | None:
 def remember(cache_root: Path, k: str, forward_batch: int, channels_last: bool) -> None:
     """Records a decision in every store (best effort: one that cannot be written, a
     read-only home or cache, only means deciding again there)."""
+    _store(cache_root, k, {"forward_batch": int(forward_batch), "channels_last": bool(channels_last)})
+
+
+def recall_verdict(cache_root: Path, k: str) -> dict[str, Any] | None:
+    """A precision check's recorded verdict for ``k`` (model, precision, machine), if any."""
+    for folder in stores(cache_root):
+        rec = _read(folder).get(k)
+        if isinstance(rec, dict) and isinstance(rec.get("ran_in"), str):
+            return rec
+    return None
+
+
+def remember_verdict(cache_root: Path, k: str, verdict: dict[str, Any]) -> None:
+    _store(cache_root, k, verdict)
+
+
+def _store(cache_root: Path, k: str, record: dict[str, Any]) -> None:
     for folder in stores(cache_root):
         try:
             with locked([folder]):
                 data = _read(folder)
-                data[k] = {"forward_batch": int(forward_batch), "channels_last": bool(channels_last)}
+                data[k] = record
                 atomic_write_bytes(folder / _FILE, json.dumps(data, indent=1, sort_keys=True).encode("utf-8"))
         except (OSError, KaggleTTAError):
             pass
