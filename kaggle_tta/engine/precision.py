@@ -85,9 +85,7 @@ def choose_precisions(
             out[m.name] = checks[m.name]
             if checks[m.name].details:  # "not checked" (detection) is not recorded: nothing was measured
                 record_check(plan, m, precision, checks[m.name])
-                c = checks[m.name]
-                verdict = {"ran_in": c.ran_in, "note": c.note, **c.details}
-                decisions.remember_verdict(plan.cache_root, verdict_key(m, precision, device), verdict)
+                remember_check(plan, m, precision, device, checks[m.name])
     return out
 
 
@@ -99,6 +97,11 @@ def verdict_key(m: MemberPlan, precision: str, device: torch.device) -> str:
 
     text = json.dumps(["precision", m.model_key, precision, decisions.machine(device)])
     return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def remember_check(plan: Plan, m: MemberPlan, precision: str, device: torch.device, c: PrecisionCheck) -> None:
+    verdict = {"ran_in": c.ran_in, "note": c.note, **c.details}
+    decisions.remember_verdict(plan.cache_root, verdict_key(m, precision, device), verdict)
 
 
 def remembered_check(plan: Plan, m: MemberPlan, precision: str, device: torch.device) -> PrecisionCheck | None:
