@@ -320,6 +320,25 @@ def _bundle_without_wheels(pipeline: Path, out: Path, **opts) -> tuple[Path, Pat
     return out / "dataset", out / "kernel"
 
 
+def _run_notebook_here(kdir: Path, kaggle: Path, monkeypatch) -> None:
+    """The bundle's notebook run in this process (kaggle_tta is installed here: the pip cell is
+    skipped) in the fake Kaggle folders under ``kaggle``."""
+    for key, value in {
+        "KAGGLE_INPUT_ROOT": kaggle / "input",
+        "KAGGLE_WORKING_DIR": kaggle / "working",
+        "KAGGLE_TTA_SCRATCH": kaggle / "scratch",
+        "NO_ALBUMENTATIONS_UPDATE": 1,
+        "HF_HUB_OFFLINE": 1,
+    }.items():
+        monkeypatch.setenv(key, str(value))
+    nb = json.loads((kdir / kernel.NOTEBOOK).read_text())
+    ns: dict = {"__name__": "__main__"}
+    for cell in nb["cells"]:
+        src = "".join(cell["source"])
+        if cell["cell_type"] == "code" and '"pip", "install"' not in src:
+            exec(compile(src, "<cell>", "exec"), ns)
+
+
 def test_notebook_finds_the_competition_data_wherever_it_is_mounted(kernel_demo_images, tmp_path, monkeypatch, capsys):
     """Competition mode, in this process (kaggle_tta is installed here; the pip cell is skipped):
     the data under --data-root is read from /kaggle/input/competitions/<slug>, hidden labels are
@@ -345,20 +364,7 @@ def test_notebook_finds_the_competition_data_wherever_it_is_mounted(kernel_demo_
     ids = sorted((p.stem for p in (comp / "test").glob("*.png")), reverse=True)
     (comp / "sample_submission.csv").write_text("id,label\n" + "".join(f"{i},circle\n" for i in ids))
     (kaggle / "working").mkdir()
-    for key, value in {
-        "KAGGLE_INPUT_ROOT": kaggle / "input",
-        "KAGGLE_WORKING_DIR": kaggle / "working",
-        "KAGGLE_TTA_SCRATCH": kaggle / "scratch",
-        "NO_ALBUMENTATIONS_UPDATE": 1,
-        "HF_HUB_OFFLINE": 1,
-    }.items():
-        monkeypatch.setenv(key, str(value))
-    nb = json.loads((kdir / kernel.NOTEBOOK).read_text())
-    ns: dict = {"__name__": "__main__"}
-    for cell in nb["cells"]:
-        src = "".join(cell["source"])
-        if cell["cell_type"] == "code" and '"pip", "install"' not in src:
-            exec(compile(src, "<cell>", "exec"), ns)
+    _run_notebook_here(kdir, kaggle, monkeypatch)
     out = capsys.readouterr().out
     assert f"competition data: {comp}" in out
     assert "data.labels.path" in out and "not used" in out
@@ -838,20 +844,7 @@ def test_checkpoints_from_kaggle_models_are_mounted_not_bundled(kernel_demo_imag
         shutil.copytree(models / model, kaggle / "input" / model)
     shutil.rmtree(models)  # nothing local left to fall back on
     (kaggle / "working").mkdir()
-    for key, value in {
-        "KAGGLE_INPUT_ROOT": kaggle / "input",
-        "KAGGLE_WORKING_DIR": kaggle / "working",
-        "KAGGLE_TTA_SCRATCH": kaggle / "scratch",
-        "NO_ALBUMENTATIONS_UPDATE": 1,
-        "HF_HUB_OFFLINE": 1,
-    }.items():
-        monkeypatch.setenv(key, str(value))
-    nb = json.loads((kdir / kernel.NOTEBOOK).read_text())
-    ns: dict = {"__name__": "__main__"}
-    for cell in nb["cells"]:
-        src = "".join(cell["source"])
-        if cell["cell_type"] == "code" and '"pip", "install"' not in src:
-            exec(compile(src, "<cell>", "exec"), ns)
+    _run_notebook_here(kdir, kaggle, monkeypatch)
     assert (kaggle / "working" / "submission.csv").read_text() == reference
 
 

@@ -43,8 +43,28 @@ def item_size(path: str, reader: ReaderConfig | None) -> tuple[int, int]:
         with _tiff(path) as tf:
             h, w, _ = _page_layout(tf, path)
             return h, w
+    plain = reader is None or (reader.name in ("auto", "image") and reader.channels is None and reader.slices is None)
+    if plain and not path.lower().endswith((".dcm", ".dicom", ".npy", ".npz")):
+        header = _header_size(path)  # the header alone: the pixels are decoded once, by the step
+        if header is not None:
+            return header
     img = _whole(path, reader)
     return int(img.shape[0]), int(img.shape[1])
+
+
+def _header_size(path: str) -> tuple[int, int] | None:
+    """(H, W) from an image file's header through PIL (which reads no pixels until asked);
+    None where PIL cannot tell (the item is then read whole)."""
+    try:
+        from PIL import Image
+
+        from kaggle_tta.io.zips import source
+
+        with Image.open(source(path)) as im:
+            w, h = im.size
+        return int(h), int(w)
+    except Exception:  # noqa: BLE001 - any PIL failure: read it whole, where the reader names the problem
+        return None
 
 
 def _whole(path: str, reader: ReaderConfig | None) -> np.ndarray:

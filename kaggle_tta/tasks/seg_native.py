@@ -116,7 +116,7 @@ def _whole_images(
         if tuple(stored) != tuple(size):  # to the cache's resolution, as a band scales its one tile
             maps = F.interpolate(maps, size=stored, mode="area")
         for k, i in enumerate(rows):
-            work.store[v.name][i, :, : stored[0], : stored[1]] = _stored_values(
+            work.store[v.name][i, :, : stored[0], : stored[1]] = stored_values(
                 maps[k], m.activation, plan.cfg.cache.dtype
             )
 
@@ -157,7 +157,7 @@ def _image(work: MemberWork, i: int, src: WindowSource, views: list, plan: Plan,
             rows, values = bands[v.name].take(done)
             if values is not None:
                 store = work.store[v.name]
-                store[i, :, rows[0] : rows[1], : stored[1]] = _stored_values(values, m.activation, plan.cfg.cache.dtype)
+                store[i, :, rows[0] : rows[1], : stored[1]] = stored_values(values, m.activation, plan.cfg.cache.dtype)
 
 
 def _view_tiles(work: MemberWork, v: Any, x: Tensor, plan: Plan, log: ViewLog) -> Tensor:
@@ -225,7 +225,7 @@ class _Band:
         return rows, values
 
 
-def _stored_values(maps: Tensor, activation: str, dtype: str, axis: int = 0) -> np.ndarray:
+def stored_values(maps: Tensor, activation: str, dtype: str, axis: int = 0) -> np.ndarray:
     """Logits ``[K, h, w]`` (channels on ``axis``) as the cache holds them (uint8
     probabilities, float16, float32)."""
     import torch

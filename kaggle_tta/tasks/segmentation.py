@@ -34,7 +34,7 @@ from kaggle_tta.tasks.seg_maps import (
     rle_rows,
     write_and_score,
 )
-from kaggle_tta.tasks.seg_native import check_native, native, native_step, stored_of
+from kaggle_tta.tasks.seg_native import check_native, native, native_step, stored_of, stored_values
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -212,24 +212,12 @@ class Segmentation(Task):
 
 def _to_store(maps: Tensor, plan: Plan, activation: str, dtype: str) -> np.ndarray:
     """Stitched logits -> what the cache holds (reduced resolution, float16 or uint8 probs)."""
-    import torch
     import torch.nn.functional as F
 
     store = stored_size(plan, (int(maps.shape[-2]), int(maps.shape[-1])))
     if store != tuple(maps.shape[-2:]):
         maps = F.interpolate(maps, size=store, mode="area")
-    if dtype == "uint8":
-        probs = (
-            torch.softmax(maps, 1)
-            if activation == "softmax"
-            else torch.sigmoid(maps)
-            if activation == "sigmoid"
-            else maps.clamp(0, 1)
-        )
-        return (probs * 255.0).round_().to(torch.uint8).cpu().numpy()
-    if dtype == "float16":
-        maps = maps.clamp(-65504, 65504)
-    return maps.cpu().numpy()
+    return stored_values(maps, activation, dtype, axis=1)
 
 
 def map_size(plan: Plan, first_path: Any) -> tuple[int, int]:
