@@ -56,6 +56,8 @@ def _print_stats(stats) -> None:
             parts.append(f"{m.nonfinite_recomputed} non-finite chunk(s) recomputed in fp32")
         if m.precision_note and (m.views_computed or m.precision == "fp32"):
             parts.append(f"precision {m.precision_note}")
+        if m.compile_note and m.views_computed:
+            parts.append(m.compile_note)
         print(f"cache: {m.name}: {', '.join(parts)}")
     saved = f", {stats.forwards.text()}" if stats.forwards.saved else ""
     print(
@@ -419,6 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ranks = launched()
     if ranks is not None and not ranks.main and args.command not in RANKED:
         return 0  # blend, cache, kernel: rank 0's
+    from kaggle_tta.engine import phases
+
     try:
         args.func(args)
     except KaggleTTAError as exc:
@@ -437,6 +441,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"kaggle-tta: {ranks}: error: {lost(exc)}", file=sys.stderr)
         return 2
+    finally:
+        phases.end()  # a command's recorder is its own: the next call in this process starts afresh
     return 0
 
 

@@ -278,3 +278,45 @@ class PixelValue(nn.Module):
 
 def pixel_value() -> nn.Module:
     return PixelValue()
+
+
+class TinyConv(nn.Module):
+    """A small convolutional classifier (what inductor compiles in seconds)."""
+
+    def __init__(self, num_classes: int = 4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+class RefusesCompile(TinyConv):
+    """Fails while torch.compile traces it; eager, it is TinyConv."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            raise RuntimeError("this model cannot be traced")
+        return super().forward(x)
+
+
+class DiffersCompiled(TinyConv):
+    """Compiled, its logits are doubled and shifted: a compiler that changes the numbers."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        return out * -2.0 + 1.0 if torch.compiler.is_compiling() else out
+
+
+def tiny_conv(num_classes: int = 4) -> nn.Module:
+    return TinyConv(num_classes)
+
+
+def refuses_compile(num_classes: int = 4) -> nn.Module:
+    return RefusesCompile(num_classes)
+
+
+def differs_compiled(num_classes: int = 4) -> nn.Module:
+    return DiffersCompiled(num_classes)

@@ -94,7 +94,7 @@ def test_a_gate_that_skips_nothing_is_plain_tta(plain_run, tmp_path, rule):
 
 
 @pytest.mark.parametrize("forward_batch", [16, "auto"])
-def test_gated_views_hold_exactly_the_rows_the_gate_needs(plain_run, tmp_path, forward_batch):
+def test_gated_views_hold_exactly_the_rows_the_gate_needs(plain_run, tmp_path, forward_batch, trials_always):
     """The median first-view confidence as threshold: about half the rows get the other
     seven views. Those rows equal plain TTA's (within TOL), the others are zeros; the forwards
     are counted (rows computed again after a chunk-size trial once); the submission equals

@@ -372,7 +372,9 @@ def test_the_next_run_sweeps_what_killed_runs_left(pipeline, tmp_path):
 # ---- 12. forward tuning decided once ----------------------------------------------------------
 
 
-def test_rows_computed_on_trial_are_computed_again_in_the_decided_layout(pipeline, tmp_path, monkeypatch):
+def test_rows_computed_on_trial_are_computed_again_in_the_decided_layout(
+    pipeline, tmp_path, monkeypatch, trials_always
+):
     """A model whose output says which memory layout it was given: with channels_last timed
     on the first chunks (CPU, fp32), every cached row still comes from the one decided."""
     write, cfg = pipeline
@@ -394,7 +396,33 @@ def test_rows_computed_on_trial_are_computed_again_in_the_decided_layout(pipelin
     assert set(flags.tolist()) == {float(stats.members["l"].channels_last)}
 
 
-def test_two_clean_runs_give_byte_identical_caches(pipeline, tmp_path, monkeypatch):
+def test_a_small_run_times_nothing_and_says_so(pipeline, tmp_path, monkeypatch, capsys):
+    """24 images x d4 (192 inputs) cannot repay a layout and chunk-size trial: the run takes
+    channels_last and a chunk of 32 untimed, says so on its phase lines, every row comes from
+    that one configuration, and nothing is remembered as decided."""
+    write, cfg = pipeline
+    monkeypatch.setenv("KAGGLE_TTA_TUNING_DIR", str(tmp_path / "tuning"))
+    cfg["members"] = [
+        {
+            "name": "l",
+            "factory": "helpers:layout_reporter",
+            "preprocess": {"input_size": [3, 56, 56], "crop_pct": 0.875, "mean": [0.5] * 3, "std": [0.5] * 3},
+            "tta": "d4",
+        }
+    ]
+    cfg["blends"] = []
+    cfg["runtime"].update(channels_last="auto", forward_batch="auto", batch_size=8)
+    assert main(["infer", str(write(cfg))]) == 0
+    err = capsys.readouterr().err
+    assert "l: 192 inputs to forward, too few to repay a chunk-size and layout trial: chunk 32, channels_last" in err
+    assert "timing chunk sizes" not in err
+    entry = next((tmp_path / "cache" / "l").iterdir())
+    flags = np.concatenate([np.load(f)[:, 0] for f in sorted(entry.glob("*.npy")) if f.name != "_image_size.npy"])
+    assert set(flags.tolist()) == {1.0}
+    assert not (tmp_path / "tuning" / "decisions.json").exists()
+
+
+def test_two_clean_runs_give_byte_identical_caches(pipeline, tmp_path, monkeypatch, trials_always):
     write, cfg = pipeline
     monkeypatch.setenv("KAGGLE_TTA_TUNING_DIR", str(tmp_path / "tuning"))
     cfg["runtime"].update(channels_last="auto", forward_batch="auto")
@@ -406,7 +434,7 @@ def test_two_clean_runs_give_byte_identical_caches(pipeline, tmp_path, monkeypat
     assert caches[0] == caches[1] and len(caches[0]) == 10
 
 
-def test_a_run_stopped_during_the_trial_counts_none_of_its_trial_rows(pipeline, tmp_path, monkeypatch):
+def test_a_run_stopped_during_the_trial_counts_none_of_its_trial_rows(pipeline, tmp_path, monkeypatch, trials_always):
     """Rows computed while the layout is on trial are never counted: stopped mid-trial, the
     manifest holds no row of the view, and the resumed run's rows all come from one layout."""
     import kaggle_tta.tasks.classification as cls

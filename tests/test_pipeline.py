@@ -495,7 +495,7 @@ def test_csv_and_glob_sources_and_image_conversions(pipeline, tmp_path):
     )
 
 
-def test_loader_workers_and_auto_forward_batch(pipeline, tmp_path):
+def test_loader_workers_and_auto_forward_batch(pipeline, tmp_path, trials_always):
     from kaggle_tta.exec.chunks import ChunkSizer
 
     write, cfg = pipeline

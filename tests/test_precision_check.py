@@ -30,7 +30,9 @@ PRE = {"input_size": [3, 56, 56], "crop_pct": 0.875, "mean": [0.5] * 3, "std": [
 
 @pytest.fixture
 def auto_is_bf16(monkeypatch):
-    """precision auto resolves to bf16 on this CPU, whatever its kind."""
+    """precision auto resolves to bf16 on this CPU, whatever its kind (and is checked however
+    small the test set: by default a run must forward CHECK_REPAY times the check's inputs)."""
+    monkeypatch.setattr(precision_mod, "CHECK_REPAY", 0)
     orig = device.resolve_precision
 
     def resolve(name, device):
@@ -300,7 +302,7 @@ def test_compare_precision_bounds():
 
 
 def test_a_second_run_on_new_images_checks_nothing_it_already_knows(
-    pipeline, demo_images, tmp_path, auto_is_bf16, monkeypatch
+    pipeline, demo_images, tmp_path, auto_is_bf16, monkeypatch, trials_always
 ):
     """The precision verdict and the chunk size and layout are the model's on this machine, not
     the test set's: a run on other images, into another cache, neither probes precision nor
@@ -328,3 +330,27 @@ def test_a_second_run_on_new_images_checks_nothing_it_already_knows(
     second = kaggle_tta.run(write(cfg, "other.yaml"), progress=False)
     assert second.stats.members["frag"].precision == "fp32" and second.stats.members["rob"].precision == "bf16"
     assert second.blend.n_rows == 10
+
+
+def test_a_run_too_small_to_repay_the_check_runs_fp32_and_says_so(pipeline, tmp_path, auto_is_bf16, monkeypatch):
+    """24 images x hflip: the check would forward all 48 inputs twice, so auto runs fp32
+    unchecked (CHECK_REPAY), says why, records it in the fp32 entry (a re-blend and a second
+    run find everything there) and remembers nothing for the model."""
+    monkeypatch.setattr(precision_mod, "CHECK_REPAY", 3)
+    monkeypatch.setattr(precision_mod, "probe_precisions", lambda *a, **k: pytest.fail("checked"))
+    write, cfg = pipeline
+    cfg["runtime"]["precision"] = "auto"
+    cfg["members"] = [_member("rob", "well_separated_model")]
+    cfg["blends"] = []
+    path = write(cfg)
+    res = kaggle_tta.run(path, progress=False)
+    m = res.stats.members["rob"]
+    assert m.precision == "fp32" and m.precision_note == (
+        "fp32: 48 inputs to forward, too few to repay checking bf16 against fp32 (which forwards 48 inputs twice)"
+    )
+    plan = build_plan(load_pipeline(path))
+    assert _entries(tmp_path / "cache", "rob") == [plan.member("rob").fingerprint("fp32")]
+    assert pending.all_cached(plan)
+    assert kaggle_tta.blend(path).n_rows == 24
+    again = kaggle_tta.run(path, progress=False)
+    assert again.stats.all_cached and again.stats.members["rob"].precision == "fp32"

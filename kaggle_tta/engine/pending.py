@@ -19,10 +19,10 @@ from kaggle_tta.cache.trust import checked_entry
 from kaggle_tta.config.errors import CacheError
 from kaggle_tta.engine.device import resolve_device, resolve_precision
 from kaggle_tta.engine.plan import Plan
-from kaggle_tta.engine.precision import REDUCED, recorded_check
+from kaggle_tta.engine.precision import REDUCED, check_repays, ragged, recorded_check
 from kaggle_tta.engine.stats import MemberStats, RunStats
 from kaggle_tta.exec.forward import MemberWork
-from kaggle_tta.exec.precision import PrecisionCheck, ProbeWork
+from kaggle_tta.exec.precision import PrecisionCheck
 from kaggle_tta.ops.gate import skipping
 
 
@@ -125,11 +125,10 @@ def all_cached(plan: Plan) -> bool:
             known = recorded_check(plan, m, precision)
             if known is not None:
                 ran_in = known.ran_in
-            else:
-                trial = ProbeWork(m, None, list(m.views))  # type: ignore[arg-type]
-                plan.task.open_views(trial, plan)  # as engine._probe tells the members it does not check
-                if not trial.ragged:
-                    return False
+            elif not ragged(plan, m):  # detection members are not checked: their reduced entry is theirs
+                if check_repays(plan, m)[0]:
+                    return False  # it would be checked first
+                ran_in = "fp32"  # too small to be checked: it runs in fp32 (engine.precision.CHECK_REPAY)
         entry = checked_entry(plan.cache_root, m.name, m.fingerprint(ran_in), m.inputs, plan.testset.ids, heal=False)
         cov = Coverage(skipping(m.gate), m.activation)  # adaptive: the rows this run's gate needs
         if not all(entry.is_complete(v.name) and cov.serves(entry, v.name) for v in m.views) or (

@@ -29,6 +29,11 @@ class Phases:
         if self.verbose:
             print(f"kaggle-tta: [{now - self.t0:6.1f}s] {name}", file=sys.stderr, flush=True)
 
+    def say(self, line: str) -> None:
+        """A line within the current phase (a decision and why), not a phase of its own."""
+        if self.verbose:
+            print(f"kaggle-tta: [{time.perf_counter() - self.t0:6.1f}s]   {line}", file=sys.stderr, flush=True)
+
     def _close(self, now: float) -> None:
         if self.current is not None:
             self.spent[self.current] = self.spent.get(self.current, 0.0) + now - self.since
@@ -70,10 +75,22 @@ def begin_command(verbose: bool) -> Phases:
     return phases
 
 
+def end() -> None:
+    """The command is over: later library calls in this process record nothing."""
+    global _current
+    _current = None
+
+
 def phase(name: str) -> None:
     """Marks the start of a phase (nothing without a recorder)."""
     if _current is not None:
         _current.start(name)
+
+
+def say(line: str) -> None:
+    """A line within the current phase (nothing without a recorder)."""
+    if _current is not None:
+        _current.say(line)
 
 
 def summary() -> str | None:

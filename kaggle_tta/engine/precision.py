@@ -26,6 +26,10 @@ REDUCED = ("bf16", "fp16")
 
 
 PROBE_INPUTS = 64  # the precision check forwards at least this many inputs (images x views) per member
+CHECK_REPAY = 3
+"""A member is checked only where it forwards at least this many times the check's inputs:
+the check forwards them twice (reduced and fp32) and keeps neither, so with reduced precision
+at half fp32's time it pays from three times on; below, the member runs in fp32, unchecked."""
 
 
 def choose_precisions(
@@ -78,6 +82,7 @@ def choose_precisions(
             out[m.name] = known
         else:
             todo.append(m)
+    todo = _without_small(plan, todo, precision, out)
     if todo:
         phase(f"checking {precision} against fp32 ({', '.join(m.name for m in todo)})")
         checks = probe_precisions(plan, todo, device, precision, workers, models if models is not None else {})
@@ -87,6 +92,45 @@ def choose_precisions(
                 record_check(plan, m, precision, checks[m.name])
                 remember_check(plan, m, precision, device, checks[m.name])
     return out
+
+
+def _without_small(
+    plan: Plan, todo: list[MemberPlan], precision: str, out: dict[str, PrecisionCheck]
+) -> list[MemberPlan]:
+    """``todo`` less the members too small to repay their check: those run in fp32, and their
+    fp32 entry says why (a blend reads it there)."""
+    small = [m for m in todo if _too_small(plan, m, precision, out)]
+    for m in small:
+        record_check(plan, m, precision, out[m.name])
+    return [m for m in todo if m not in small]
+
+
+def _too_small(plan: Plan, m: MemberPlan, precision: str, out: dict[str, PrecisionCheck]) -> bool:
+    """Whether ``m``'s run cannot repay its check (:func:`check_repays`); it then runs in fp32."""
+    repays, inputs, probe = check_repays(plan, m)
+    if repays or ragged(plan, m):  # a detection member is not checked: nothing to repay
+        return False
+    out[m.name] = PrecisionCheck(
+        "fp32",
+        f"fp32: {inputs} inputs to forward, too few to repay checking {precision} against fp32 "
+        f"(which forwards {probe} inputs twice)",
+    )
+    return True
+
+
+def ragged(plan: Plan, m: MemberPlan) -> bool:
+    """Whether ``m``'s task stores ragged rows (detection boxes), which are not checked."""
+    trial = ProbeWork(m, None, list(m.views))  # type: ignore[arg-type]
+    plan.task.open_views(trial, plan)
+    return trial.ragged
+
+
+def check_repays(plan: Plan, m: MemberPlan) -> tuple[bool, int, int]:
+    """(whether ``m``'s inputs are at least :data:`CHECK_REPAY` times the check's, its inputs,
+    the check's inputs)."""
+    rows = min(len(plan.testset), max(plan.cfg.runtime.batch_size, math.ceil(PROBE_INPUTS / max(1, len(m.views)))))
+    probe, inputs = rows * len(m.views), len(plan.testset) * len(m.views)
+    return inputs >= CHECK_REPAY * probe, inputs, probe
 
 
 def verdict_key(m: MemberPlan, precision: str, device: torch.device) -> str:
@@ -172,7 +216,7 @@ def probe_precisions(
             dense.append(m)
     if not dense:
         return out
-    batches = _first_batches(plan, dense, workers, device)
+    batches = first_batches(plan, dense, workers, device)
     rows = batches[-1].hi
     size = rt.forward_batch if isinstance(rt.forward_batch, int) else ChunkSizer.CANDIDATES[2]
     layout = layout_candidates(rt.channels_last, device, precision)[0]
@@ -196,11 +240,14 @@ def probe_precisions(
     return out
 
 
-def _first_batches(plan: Plan, dense: list[MemberPlan], workers: int, device: torch.device) -> list[Batch]:
+def first_batches(
+    plan: Plan, dense: list[MemberPlan], workers: int, device: torch.device, rows: int | None = None
+) -> list[Batch]:
     """The loader's first batches: at least one, and enough rows for PROBE_INPUTS inputs over
-    each checked member's views."""
+    each checked member's views; or, with ``rows``, the first ``rows`` rows (the last batch cut)."""
     rt, n = plan.cfg.runtime, len(plan.testset)
     want = min(n, max(rt.batch_size, max(math.ceil(PROBE_INPUTS / max(1, len(m.views))) for m in dense)))
+    want = want if rows is None else min(n, rows)
     batches = []
     specs = {m.canvas.key: m.canvas for m in dense}
     it = iter(
@@ -218,9 +265,16 @@ def _first_batches(plan: Plan, dense: list[MemberPlan], workers: int, device: to
         for batch in it:
             if batch.error is not None:
                 raise DataError(batch.error)
-            batches.append(batch)
             if batch.hi >= want:
+                batches.append(batch if rows is None or batch.hi == want else head(batch, want))
                 break
+            batches.append(batch)
     finally:
         del it  # stops the workers
     return batches
+
+
+def head(batch: Batch, hi: int) -> Batch:
+    """Rows ``batch.lo:hi`` of a loader batch."""
+    k = hi - batch.lo
+    return Batch(batch.lo, hi, {g: c[:k] for g, c in batch.canvases.items()}, batch.sizes[:k])

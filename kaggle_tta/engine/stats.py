@@ -21,6 +21,8 @@ class MemberStats:
     precision_note: str | None = (
         None  # precision auto, reduced: what the check found ("fp32: bf16 top-1 agreed on ...")
     )
+    compiled: bool = False  # runtime.compile: its forward ran compiled
+    compile_note: str | None = None  # ... compiled or eager, and why
     forwards: Forwards = field(
         default_factory=Forwards
     )  # rows x views forwarded this run, against plain TTA's (adaptive views)

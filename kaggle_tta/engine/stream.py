@@ -23,9 +23,10 @@ import torch
 from kaggle_tta.cache import locked
 from kaggle_tta.config.errors import DataError
 from kaggle_tta.engine.assembly import assemble_members
+from kaggle_tta.engine.compiling import choose_compile, may_compile
 from kaggle_tta.engine.device import resolve_workers
 from kaggle_tta.engine.pending import check_space, pending_work
-from kaggle_tta.engine.phases import phase
+from kaggle_tta.engine.phases import phase, say
 from kaggle_tta.engine.plan import Plan
 from kaggle_tta.engine.precision import choose_precisions
 from kaggle_tta.engine.stats import RunStats
@@ -124,7 +125,7 @@ def run_locked(
     t0 = time.perf_counter()
     try:
         check_space(plan, pending)
-        _build_runners(plan, pending, device, precisions, models or {})
+        _build_runners(plan, pending, device, precisions, models or {}, workers)
         _open_files(plan, pending, opened)
         first = min(w.first_row for w in pending)
         if first < start:  # a partial file was unusable: start again from there
@@ -165,6 +166,8 @@ def _summarize(stats: RunStats, pending: list[MemberWork]) -> None:
         ms.forwards = w.forwards
         if w.runner:
             ms.nonfinite_recomputed = w.runner.nonfinite
+            ms.compiled = w.runner.compiled is not None
+            ms.compile_note = w.runner.compile_failure or w.compile_note or None
             sz = w.runner.sizer
             # a trial still running at the end (a small test set) picked nothing: reported as undecided
             ms.forward_batch = sz.current
@@ -172,26 +175,71 @@ def _summarize(stats: RunStats, pending: list[MemberWork]) -> None:
 
 
 def _build_runners(
-    plan: Plan, pending: list[MemberWork], device: torch.device, precisions: dict[str, PrecisionCheck], models: dict
+    plan: Plan,
+    pending: list[MemberWork],
+    device: torch.device,
+    precisions: dict[str, PrecisionCheck],
+    models: dict,
+    workers: int = 0,
 ) -> None:
     """Every model first: a bad checkpoint fails before the cache is touched. Chunk size and
     layout are each member's own (a resnet and a convnext disagree), tuned in the precision it
     runs in; a decision recorded for this member on this machine is reused instead of timing
-    again. ``models``: those the precision check built already."""
+    again, and a run too small to repay the trial is not timed. ``runtime.compile`` is decided
+    then (engine.compiling), at one chunk shape. ``models``: those the precision check built."""
     rt = plan.cfg.runtime
     for w in pending:
         phase(f"building {w.member.name}")
         precision = precisions[w.member.name].ran_in
-        layouts = layout_candidates(rt.channels_last, device, precision)
         model = models.pop(w.member.name, None)
         if model is None:
             model = model_io.build_model(plan.cfg, w.member.cfg, len(plan.classes)).to(device)
-        sizer = ChunkSizer(rt.forward_batch, rt.batch_size * max(1, len(w.views)), layouts)
-        if sizer.measuring:
-            known = tuning.recall(plan.cache_root, decision_key(w, precision, device, plan))
-            if known is not None:
-                sizer = ChunkSizer(known[0], known[0], (known[1],))
-        w.runner = Runner(model, device, precision, sizer, plan.task.post(plan, w.member.cfg), w.member.name)
+        sizer = ChunkSizer(
+            rt.forward_batch,
+            rt.batch_size * max(1, len(w.views)),
+            layout_candidates(rt.channels_last, device, precision),
+        )
+        known = tuning.recall(plan.cache_root, decision_key(w, precision, device, plan)) if sizer.measuring else None
+        if known is not None:
+            sizer = ChunkSizer(known[0], known[0], (known[1],))
+        inputs = _inputs_to_forward(plan, w)
+        w.runner = _runner(plan, w, model, precision, sizer, device)
+        if may_compile(rt.compile, device, inputs):
+            fixed = sizer
+            if sizer.measuring:  # compiled: one chunk shape, untimed
+                fixed = ChunkSizer(sizer.current, sizer.ceiling, tuple(sizer.layouts))
+                fixed.untimed()
+            runner = _runner(plan, w, model, precision, fixed, device)
+            choice = choose_compile(plan, w, runner, device, workers, inputs)
+            if choice.note:
+                say(f"{w.member.name}: {choice.note}")
+                w.compile_note = choice.note
+            if choice.compiled is not None:
+                w.runner, sizer = runner, fixed
+            else:
+                model.to(memory_format=torch.contiguous_format)  # the eager runner starts from this layout
+                w.runner = _runner(plan, w, model, precision, sizer, device)
+        if sizer.measuring and not sizer.repays(inputs):
+            size, cl = sizer.untimed()
+            say(
+                f"{w.member.name}: {inputs} inputs to forward, too few to repay a chunk-size and layout trial: "
+                f"chunk {size}, {_layout(cl)}"
+            )
+
+
+def _runner(
+    plan: Plan, w: MemberWork, model: torch.nn.Module, precision: str, sizer: ChunkSizer, device: torch.device
+) -> Runner:
+    return Runner(model, device, precision, sizer, plan.task.post(plan, w.member.cfg), w.member.name)
+
+
+def _layout(channels_last: bool) -> str:
+    return "channels_last" if channels_last else "contiguous"
+
+
+def _inputs_to_forward(plan: Plan, w: MemberWork) -> int:
+    """Rows still missing times the views missing them (images x views, as the forward counts)."""
+    return sum(len(plan.testset) - w.entry.rows_done(v.name) for v in w.views)
 
 
 def decision_key(w: MemberWork, precision: str, device: torch.device, plan: Plan) -> str:

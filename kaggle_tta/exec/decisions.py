@@ -32,12 +32,18 @@ if TYPE_CHECKING:
 _FILE = "decisions.json"
 
 
+def home() -> Path:
+    """This machine's store: ``$KAGGLE_TTA_TUNING_DIR``, else ``$XDG_CACHE_HOME/kaggle-tta``, else
+    ``~/.cache/kaggle-tta``."""
+    return Path(
+        os.environ.get("KAGGLE_TTA_TUNING_DIR")
+        or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kaggle-tta")
+    )
+
+
 def stores(cache_root: Path) -> list[Path]:
     """Where decisions are kept, first found first."""
-    home = os.environ.get("KAGGLE_TTA_TUNING_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kaggle-tta"
-    )
-    return [Path(home), Path(cache_root) / ".tuning"]
+    return [home(), Path(cache_root) / ".tuning"]
 
 
 def machine(device: torch.device | None = None) -> str:

@@ -75,6 +75,9 @@ class Runner:
         self.post = post or (lambda out, x: first_tensor(out).float())
         self.nonfinite = 0
         self.last_recomputed = 0
+        self.compiled: Callable[[Tensor], Any] | None = None  # runtime.compile: the model compiled (fixed shapes)
+        self.compile_failure = ""  # ... where it failed at run time: eager since, and why
+        self.chunk_times: list[tuple[int, float]] | None = None  # (inputs, seconds) per chunk, where asked
         self._layout = False  # the model's current memory format: channels_last or not
         self._set_layout(sizer.channels_last)
 
@@ -87,11 +90,33 @@ class Runner:
         self.model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         self._layout = channels_last
 
-    def _forward(self, x: Tensor, reduced: bool) -> Any:
+    def _forward(self, x: Tensor, reduced: bool, eager: bool = False) -> Any:
         ctx = torch.autocast(self.device.type, dtype=_DTYPES[self.precision]) if reduced else contextlib.nullcontext()
+        n, fixed = x.shape[0], self.sizer.current
+        if self.compiled is not None and not eager and n < fixed:
+            # compiled for one chunk shape: a short chunk is padded (copies of its last input)
+            # so that the member compiles once, and the padding's outputs are dropped
+            x = torch.cat([x, x[-1:].expand(fixed - n, *x.shape[1:])]).contiguous(
+                memory_format=torch.channels_last if self._layout and x.dim() == 4 else torch.contiguous_format
+            )
         with ctx:
-            out = self.model(x)
-        return self.post(out, x)
+            out = self.model(x) if eager or self.compiled is None else self._compiled(x)
+        res = self.post(out, x)
+        return res[:n] if x.shape[0] != n else res
+
+    def _compiled(self, x: Tensor) -> Any:
+        """The compiled forward; where it fails (a compiler missing since it was checked, a
+        shape it cannot take), the member goes on eager and says why once."""
+        assert self.compiled is not None
+        try:
+            return self.compiled(x)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure of the compiler stack means: run eager
+            self.compiled = None
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            self.compile_failure = f"eager: torch.compile failed ({type(exc).__name__}: {first})"
+            return self.model(x)
 
     def __call__(self, x: Tensor) -> Any:
         self._set_layout(self.sizer.channels_last)
@@ -99,10 +124,14 @@ class Runner:
         measuring = self.sizer.measuring
         t0 = time.perf_counter()
         out = self._call(x)
-        if measuring:
+        if measuring or self.chunk_times is not None:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            self.sizer.report(x.shape[0], time.perf_counter() - t0)
+            dt = time.perf_counter() - t0
+            if measuring:
+                self.sizer.report(x.shape[0], dt)
+            if self.chunk_times is not None:
+                self.chunk_times.append((x.shape[0], dt))
         self.last_recomputed = self.nonfinite - before
         return out
 
@@ -131,7 +160,7 @@ class Runner:
             return torch.cat(parts) if isinstance(parts[0], Tensor) else [r for part in parts for r in part]
         if self.precision != "fp32" and not _finite(out):
             self.nonfinite += 1
-            out = self._forward(x, False)
+            out = self._forward(x, False, eager=True)  # a compiled program is for the reduced precision only
         return out
 
 
@@ -252,6 +281,7 @@ class MemberWork:
     gate: Gate | None = None  # adaptive views: the member's gate, where it skips rows
     first_values: Callable[[int, int], np.ndarray] | None = None  # the gate's first view, rows lo:hi as cached
     forwards: Forwards = field(default_factory=Forwards)  # rows forwarded, against plain TTA's
+    compile_note: str = ""  # runtime.compile: compiled or eager, and why (engine.compiling)
     _sent: tuple | None = None  # ((lo, hi), the gate's rows of that batch): scored once per batch
 
     def gated(self, view: str) -> bool:

@@ -1,0 +1,154 @@
+"""runtime.compile: members through torch.compile at one chunk shape, checked against eager
+fp32 on the first rows, remembered per model and machine; a member that cannot compile, or
+disagrees, runs eager with one line.
+
+Most tests compile with a recording backend (the graph dynamo traced, run as it is): what is
+tested is ours (the shapes handed to the compiler, the check, the fallbacks, the decision),
+not inductor's code generation; one test runs inductor itself on a small model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import kaggle_tta
+from kaggle_tta.engine import compiling
+
+PRE = {"input_size": [3, 40, 40], "crop_pct": 1.0, "mean": [0.5] * 3, "std": [0.5] * 3}
+
+
+def _cfg(pipeline, factory: str, compile_: bool | str, tmp_path, name: str = "c", **runtime) -> dict:
+    write, cfg = pipeline
+    cfg["members"] = [{"name": "m", "factory": f"helpers:{factory}", "preprocess": dict(PRE), "tta": "d4"}]
+    cfg["blends"] = []
+    cfg["runtime"].update(precision="fp32", compile=compile_, forward_batch=16, channels_last=False, **runtime)
+    cfg["cache"]["dir"] = str(tmp_path / f"cache_{name}")
+    cfg["submission"] = {"path": str(tmp_path / f"{name}.csv"), "format": "probs"}
+    return cfg
+
+
+def _run(pipeline, cfg: dict, name: str):
+    write, _ = pipeline
+    return kaggle_tta.run(write(cfg, f"{name}.yaml"), progress=False)
+
+
+@pytest.fixture(autouse=True)
+def own_store(monkeypatch, tmp_path):
+    """Each test starts on a machine that has compiled nothing (its own decisions store)."""
+    monkeypatch.setenv("KAGGLE_TTA_TUNING_DIR", str(tmp_path / "tuning"))
+
+
+@pytest.fixture
+def recording(monkeypatch):
+    """torch.compile's backend records the shape of every batch of images it is handed (the
+    graph's other inputs are the weights) and runs the traced graph."""
+    shapes: list[tuple[int, ...]] = []
+
+    def backend(gm, example_inputs):
+        shapes.extend(
+            tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor) and t.shape[1:] == (3, 40, 40)
+        )
+        return gm.forward
+
+    monkeypatch.setattr(compiling, "backend", lambda: backend)
+    return shapes
+
+
+def test_compiled_member_runs_one_chunk_shape_and_matches_eager(pipeline, tmp_path, recording, capsys):
+    """24 images x 8 views in chunks of 16: the last chunk of each batch is padded, so the
+    compiler sees batches of 16 only, and the probabilities equal the eager run's (the traced
+    graph runs the same operations: to 1e-6)."""
+    eager = _run(pipeline, _cfg(pipeline, "tiny_conv", False, tmp_path, "eager"), "eager")
+    res = _run(pipeline, _cfg(pipeline, "tiny_conv", True, tmp_path, "comp"), "comp")
+    assert recording and {s[0] for s in recording} == {16}, recording
+    m = res.stats.members["m"]
+    assert m.compiled and m.compile_note.startswith("compiled in "), m.compile_note
+    assert "checked against eager fp32 on " in m.compile_note
+    a = pd.read_csv(eager.blend.path).drop(columns="id").to_numpy()
+    b = pd.read_csv(res.blend.path).drop(columns="id").to_numpy()
+    np.testing.assert_allclose(b, a, atol=1e-6)
+    # a second run on other images (another cache) checks nothing again
+    recording.clear()
+    monkeypatch_check = pytest.MonkeyPatch()
+    monkeypatch_check.setattr(compiling, "compare_precision", lambda *a, **k: pytest.fail("checked again"))
+    try:
+        again = _run(pipeline, _cfg(pipeline, "tiny_conv", True, tmp_path, "again"), "again")
+    finally:
+        monkeypatch_check.undo()
+    assert again.stats.members["m"].compiled and "as before on this machine" in again.stats.members["m"].compile_note
+    assert {s[0] for s in recording} <= {16}  # dynamo may reuse the first program (same code, same shapes)
+
+
+@pytest.mark.parametrize(
+    ("factory", "fails", "says"),
+    [
+        ("tiny_conv", True, "eager: torch.compile failed (BackendCompilerFailed: "),
+        ("differs_compiled", False, "eager: the compiled forward disagreed with eager fp32 (top-1 agreed on"),
+    ],
+)
+def test_a_member_that_cannot_compile_runs_eager_with_one_line(
+    pipeline, tmp_path, recording, monkeypatch, factory, fails, says
+):
+    """A compiler that fails (here its backend raises, as where no C++ compiler is found), or
+    one whose output disagrees with eager fp32: the member runs eager, with one line."""
+    if fails:
+
+        def broken(gm, example_inputs):
+            raise RuntimeError("no working C++ compiler found")
+
+        monkeypatch.setattr(compiling, "backend", lambda: broken)
+    eager = _run(pipeline, _cfg(pipeline, factory, False, tmp_path, "eager"), "eager")
+    res = _run(pipeline, _cfg(pipeline, factory, True, tmp_path, "comp"), "comp")
+    m = res.stats.members["m"]
+    assert not m.compiled and m.compile_note.startswith(says), m.compile_note
+    assert "\n" not in m.compile_note and len(m.compile_note) < 300
+    assert pd.read_csv(res.blend.path).equals(pd.read_csv(eager.blend.path))  # eager, as without compile
+
+
+def test_auto_compiles_only_where_the_forward_repays_the_compile(pipeline, tmp_path, recording, monkeypatch):
+    """auto: a run below MIN_INPUTS measures nothing and runs eager; above it, the measured
+    eager time against the compile time decides (here a compile priced at 1e9 s, then at 0)."""
+    small = _run(pipeline, _cfg(pipeline, "tiny_conv", "auto", tmp_path, "small"), "small")
+    assert not small.stats.members["m"].compiled and not small.stats.members["m"].compile_note and not recording
+    monkeypatch.setattr(compiling, "MIN_INPUTS", 0)
+    monkeypatch.setattr(compiling, "COLD_SECONDS", {"cpu": 1e9})
+    dear = _run(pipeline, _cfg(pipeline, "tiny_conv", "auto", tmp_path, "dear"), "dear")
+    note = dear.stats.members["m"].compile_note
+    assert not dear.stats.members["m"].compiled and note.startswith("eager: compiling (about 1000000000s)"), note
+    monkeypatch.setattr(compiling, "COLD_SECONDS", {"cpu": 0.0})
+    cheap = _run(pipeline, _cfg(pipeline, "tiny_conv", "auto", tmp_path, "cheap"), "cheap")
+    assert cheap.stats.members["m"].compiled, cheap.stats.members["m"].compile_note
+
+
+def test_inductor_compiles_a_small_model_and_caches_the_program(pipeline, tmp_path, monkeypatch):
+    """The real compiler (inductor, C++ on the CPU): predictions within 1e-5 of eager, the
+    program written under the decisions store (where a later run finds it)."""
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    eager = _run(pipeline, _cfg(pipeline, "tiny_conv", False, tmp_path, "eager"), "eager")
+    res = _run(pipeline, _cfg(pipeline, "tiny_conv", True, tmp_path, "ind"), "ind")
+    assert res.stats.members["m"].compiled, res.stats.members["m"].compile_note
+    a = pd.read_csv(eager.blend.path).drop(columns="id").to_numpy()
+    b = pd.read_csv(res.blend.path).drop(columns="id").to_numpy()
+    np.testing.assert_allclose(b, a, atol=1e-5)
+    store = compiling.decisions.home() / "inductor"
+    assert store.is_dir() and any(store.rglob("*")), store
+
+
+def test_a_compile_that_fails_later_goes_on_eager(pipeline, tmp_path, recording, monkeypatch):
+    """Checked and remembered on this machine, then the compiler breaks (a toolchain removed):
+    the next run goes on eager at its first chunk, with one line, and the same predictions."""
+    first = _run(pipeline, _cfg(pipeline, "tiny_conv", True, tmp_path, "first"), "first")
+    assert first.stats.members["m"].compiled
+    torch._dynamo.reset()  # a new process: nothing compiled in memory
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("no working C++ compiler found")
+
+    monkeypatch.setattr(compiling, "backend", lambda: broken)
+    later = _run(pipeline, _cfg(pipeline, "tiny_conv", True, tmp_path, "later"), "later")
+    m = later.stats.members["m"]
+    assert not m.compiled and m.compile_note.startswith("eager: torch.compile failed (BackendCompilerFailed"), m
+    a = pd.read_csv(first.blend.path).drop(columns="id").to_numpy()
+    np.testing.assert_allclose(pd.read_csv(later.blend.path).drop(columns="id").to_numpy(), a, atol=1e-6)
