@@ -54,20 +54,23 @@ def _bar() -> type:
     return auto
 
 
-def run_inference(plan: Plan, device: torch.device, precision: str, progress: bool = True) -> RunStats:
+def run_inference(
+    plan: Plan, device: torch.device, precision: str, progress: bool = True, models: dict | None = None
+) -> RunStats:
     """Fills the cache for every (member, view) of the plan that is not complete, holding
     each member's entry lock meanwhile: a second run on the same cache waits, then computes
     only what the first left missing.
 
     ``precision`` is the resolved runtime.precision; where that came from ``auto`` and is
     reduced, each member is checked against fp32 first (:func:`choose_precisions`) and runs
-    in what the check chose, locking and writing that precision's entry only.
+    in what the check chose, locking and writing that precision's entry only. ``models``:
+    members built already (name -> model on the device), taken from the dict as they are used.
     """
     phase("reading the cache")
     workers, threads = resolve_workers(plan.cfg.runtime.workers, device, plan.cfg.runtime.threads)
     if threads:
         torch.set_num_threads(threads)
-    models: dict[str, torch.nn.Module] = {}  # built by the check, used again by the run
+    models = {} if models is None else models  # built before (serving) or by the check, used by the run
     precisions = choose_precisions(plan, device, precision, workers, models)
     if not pending_work(plan, precisions, RunStats(str(device), precision, len(plan.testset)), locked_=False):
         # all complete: nothing to write, so no lock (a cache on a read-only mount re-runs)
