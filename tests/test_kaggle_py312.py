@@ -37,6 +37,8 @@ REPO = Path(__file__).resolve().parent.parent
 # #1151, 2026-07-28) and the torchvision released with it. The test checks that every wheel in
 # the bundle accepts these versions before using them.
 STAND_INS = {"torch": "2.10.0", "torchvision": "0.25.0"}
+# What `import kaggle_tta, kaggle_tta.config` imports: installed for real, at the image's versions.
+IMPORTED = ["pydantic", "pydantic-core", "typing-extensions", "annotated-types", "typing-inspection", "pyyaml"]
 
 
 def _find_python312() -> str | None:
@@ -155,10 +157,20 @@ def py312_kaggle(tmp_path_factory) -> dict:
     stand = tmp / "stand-ins"
     _stand_in_wheel(stand, "torch", STAND_INS["torch"], [])
     _stand_in_wheel(stand, "torchvision", STAND_INS["torchvision"], [f"torch=={STAND_INS['torch']}"])
+    # What the lean bundle left to the image, at the image's versions (kernel/kaggle_image.txt):
+    # the real wheels of what `import kaggle_tta.config` imports, stand-ins for the rest.
+    image = kernel.image.image_packages()
+    left = json.loads((rep.dataset_dir / kernel.MANIFEST).read_text())["image_has"]
+    real = {n: (image[n], "the image") for n in IMPORTED if n in image}
+    fetched = kernel.wheels.fetch_wheels(real, [], kernel.default_wheel_cache(), kernel.resolve_target("3.12"))
+    for w in fetched.values():
+        shutil.copy2(w, stand / w.name)
+    for name in sorted(set(left) - set(real)):
+        _stand_in_wheel(stand, name.replace("-", "_"), image[name], [])
     venv = tmp / "venv"
     subprocess.run([PY312, "-m", "venv", str(venv)], check=True, env=_clean_env(), timeout=300)
     python = venv / "bin" / "python"
-    pins = [f"{k}=={v}" for k, v in STAND_INS.items()]
+    pins = [f"{k}=={v}" for k, v in STAND_INS.items()] + [f"{n}=={image[n]}" for n in sorted(set(left) | set(real))]
     done = subprocess.run(
         [
             str(python),
@@ -211,7 +223,9 @@ def test_the_default_bundle_installs_and_imports_on_kaggles_python(py312_kaggle)
     man = json.loads((rep.dataset_dir / kernel.MANIFEST).read_text())
     assert man["python"] == "3.12" and "CPython 3.12" in man["built_for"]
     wheels = json.loads((rep.wheels_dir / kernel.WHEELS_MANIFEST).read_text())["wheels"]
-    assert any("cp312" in w for w in wheels) and not any("cp311-cp311" in w for w in wheels)
+    assert wheels and all("-py3-none-any" in w or "-cp312-" in w or "abi3" in w for w in wheels), wheels
+    assert man["image_has"] and "numpy" in man["image_has"] and "v170" in man["image"]  # lean: left to the image
+    assert sum((rep.wheels_dir / w).stat().st_size for w in wheels) < 40e6
 
     t0 = time.perf_counter()
     runner = _notebook_runner(py312_kaggle["tmp"] / "run_to_pip.py")
@@ -291,3 +305,34 @@ def test_a_bundle_for_another_python_says_so_before_pip(py312_kaggle, tmp_path):
     assert "runs Python 3.12, but the wheels" in done.stderr and "--python-version 3.12" in done.stderr, done.stderr[
         -3000:
     ]
+
+
+def test_an_image_without_what_the_bundle_left_to_it_is_named_before_pip(py312_kaggle, tmp_path):
+    """A lean bundle on an image that lacks a package it left out, or has it at a version
+    kaggle_tta does not accept: the notebook stops before pip, naming each and the fix."""
+    rep, python = py312_kaggle["rep"], py312_kaggle["python"]
+    fake = tmp_path / "fake-kaggle"
+    bundle = fake / "input" / "kaggle-tta-bundle"
+    shutil.copytree(rep.dataset_dir, bundle, copy_function=shutil.copy2)
+    shutil.copytree(rep.wheels_dir, fake / "input" / rep.wheels_ref.split("/")[1], copy_function=os.link)
+    man = json.loads((bundle / kernel.MANIFEST).read_text())
+    man["image_has"].update({"numba": ">=99", "not-in-any-image": ""})
+    (bundle / kernel.MANIFEST).write_text(json.dumps(man))
+    (fake / "working").mkdir()
+    env = _clean_env(
+        KAGGLE_INPUT_ROOT=str(fake / "input"),
+        KAGGLE_WORKING_DIR=str(fake / "working"),
+        KAGGLE_TTA_SCRATCH=str(fake / "scratch"),
+    )
+    done = subprocess.run(
+        [str(python), str(_notebook_runner(tmp_path / "run_to_pip.py")), str(rep.kernel_dir / kernel.NOTEBOOK)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode != 0 and "Successfully installed" not in done.stdout
+    line = done.stderr.strip().splitlines()[-1]
+    image = kernel.image.image_packages()
+    assert f"numba: {image['numba']}, needs '>=99'" in line and "not-in-any-image: absent" in line, line
+    assert "--wheel-include not-in-any-image --wheel-include numba" in line or "--wheel-include numba" in line, line

@@ -338,6 +338,7 @@ def test_a_run_too_small_to_repay_the_check_runs_fp32_and_says_so(pipeline, tmp_
     run find everything there) and remembers nothing for the model."""
     monkeypatch.setattr(precision_mod, "CHECK_REPAY", 3)
     monkeypatch.setattr(precision_mod, "probe_precisions", lambda *a, **k: pytest.fail("checked"))
+    monkeypatch.setenv("KAGGLE_TTA_TUNING_DIR", str(tmp_path / "tuning"))  # a verdict known for the model wins
     write, cfg = pipeline
     cfg["runtime"]["precision"] = "auto"
     cfg["members"] = [_member("rob", "well_separated_model")]

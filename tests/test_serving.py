@@ -10,9 +10,9 @@ import time
 import numpy as np
 import polars as pl
 import pytest
+from evaluation_standin import Failure, Gateway, GatewayError
 
 import kaggle_tta
-from evaluation_standin import Failure, Gateway, GatewayError
 from kaggle_tta.kernel import serving
 from kaggle_tta.kernel.serving import predictor
 
@@ -46,9 +46,7 @@ def test_a_gateway_gets_what_kaggle_tta_run_writes(pipeline, demo_images, tmp_pa
 
     started = time.monotonic()
     predict = predictor(path)
-    gateway = Gateway(
-        [(args(b), [p.stem for p in b]) for b in cuts], "id", tmp_path, started, startup_limit_s=120.0
-    )
+    gateway = Gateway([(args(b), [p.stem for p in b]) for b in cuts], "id", tmp_path, started, startup_limit_s=120.0)
     got = pl.read_parquet(gateway.run(predict))
     assert got.columns == expected.columns and got.height == 24
     joined = got.join(expected, on="id", suffix="_run")

@@ -219,6 +219,20 @@ def _add_wheel_arguments(p: argparse.ArgumentParser) -> None:
         f"{', '.join(DEFAULT_EXCLUDES)})",
     )
     p.add_argument(
+        "--no-lean",
+        dest="lean",
+        action="store_false",
+        help="bundle every dependency's wheel, even those the Kaggle image has at an accepted version "
+        "(kaggle_tta/kernel/kaggle_image.txt)",
+    )
+    p.add_argument(
+        "--wheel-include",
+        action="append",
+        default=[],
+        metavar="DIST",
+        help="bundle this distribution's wheel even where the Kaggle image has it (repeatable)",
+    )
+    p.add_argument(
         "--extra-wheel",
         action="append",
         default=[],
@@ -260,6 +274,8 @@ def run(args: argparse.Namespace) -> None:
         wheels_slug_prefix=args.wheels_slug_prefix,
         time_limit_hours=args.time_limit_hours,
         wheel_exclude=args.wheel_exclude,
+        lean=args.lean,
+        wheel_include=args.wheel_include,
         extra_wheels=args.extra_wheel,
         wheel_cache=default_wheel_cache() if cache is None else (None if str(cache) in ("", ".") else cache),
         python_version=args.python_version,

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from kaggle_tta.config.errors import ConfigError, UserPath, shown_path
 from kaggle_tta.kernel.bundle import collect_files
+from kaggle_tta.kernel.image import left_out
 from kaggle_tta.kernel.options import (
     DEFAULT_EXCLUDES,
     NOTEBOOK,
@@ -52,13 +53,19 @@ def build_bundle(pipeline: Path, opts: KernelOptions) -> BundleReport:
             + sorted(col.distributions.items())
         )
         excludes = list(DEFAULT_EXCLUDES) + list(opts.wheel_exclude)
-        pins, excluded = pin_closure(roots, excludes, target)
+        specs: dict[str, str] = {}
+        pins, excluded = pin_closure(roots, excludes, target, specs)
+        image_has = left_out(pins, specs, opts.wheel_include) if opts.lean else {}
+        if image_has:  # walked again, not into what the image has: its own requirements come with it
+            needs: dict[str, str] = {}  # what kaggle_tta and the bundled wheels ask of them, only
+            pins, reached = pin_closure(roots, excludes + sorted(image_has), target, needs)
+            image_has = {name: needs.get(name, "") for name in image_has if name in reached}
         cache = opts.wheel_cache or tmp_dir / "downloads"
         wheels = fetch_wheels(pins, [out / "wheels", out / "dataset", cache], cache, target)
         ref, set_id = wheels_ref(col.owner, opts, wheels)
         unchanged = _wheel_set_of(out / "wheels") == set_id
         with UserPath(out, "give --out a folder you can write", ConfigError):  # the user's folder
-            _write_folders(out, col, own, wheels, excluded, opts, root, target, ref)
+            _write_folders(out, col, own, wheels, excluded, opts, root, target, ref, image_has)
     return _report(out, col, own, wheels, excluded, ref, unchanged)
 
 
@@ -86,6 +93,7 @@ def _write_folders(
     root: Path,
     target: Target,
     ref: str,
+    image_has: dict[str, str],
 ) -> None:
     """Writes the wheels, dataset and kernel folders under ``out``."""
     from kaggle_tta.config import load_pipeline
@@ -100,8 +108,8 @@ def _write_folders(
     try:
         for d in stages.values():
             _rmtree(d)
-        write_wheels(stages["wheels"], col.owner, wheels, excluded, opts, root, target)
-        write_dataset(stages["dataset"], col, own, wheels, excluded, opts, root, target)
+        write_wheels(stages["wheels"], col.owner, wheels, excluded, opts, root, target, image_has)
+        write_dataset(stages["dataset"], col, own, wheels, excluded, opts, root, target, image_has)
         load_pipeline(stages["dataset"] / col.pipeline_name)  # the rewritten pipeline still validates
         write_kernel(stages["kernel"], col, opts, root, ref)
         for name, staged in stages.items():

@@ -128,6 +128,10 @@ class KernelOptions:
     wheels_slug_prefix: str = "kaggle-tta-wheels"
     time_limit_hours: float = 9.0
     wheel_exclude: list[str] = field(default_factory=list)
+    lean: bool = True
+    """Leave out the wheels of what the Kaggle image has at an accepted version (kernel.image)."""
+    wheel_include: list[str] = field(default_factory=list)
+    """Bundled even where the image has them (a lean bundle's notebook names these when the image differs)."""
     extra_wheels: list[str] = field(default_factory=list)
     wheel_cache: Path | None = field(default_factory=default_wheel_cache)
     python_version: str | None = KAGGLE_PYTHON

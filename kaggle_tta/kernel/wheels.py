@@ -130,16 +130,19 @@ def read_wheel_version(wheel: Path) -> str:
 
 
 def pin_closure(
-    roots: list[tuple[str, str]], excludes: list[str], target: Target
+    roots: list[tuple[str, str]], excludes: list[str], target: Target, specs: dict[str, str] | None = None
 ) -> tuple[dict[str, tuple[str, str]], list[str]]:
     """Walks the installed metadata from ``roots`` ((requirement, who asks)): normalized name ->
     (version, required by).
 
-    Returns the pins and the excluded names that were reached (the Kaggle image must have them).
+    Returns the pins and the excluded names that were reached (the Kaggle image must have them);
+    ``specs`` receives, per pinned name, every requirement on it that applies, joined (what
+    another version must satisfy to stand in for the pin: kaggle_tta.kernel.image).
     """
     import importlib.metadata as md
 
     from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.specifiers import SpecifierSet
     from packaging.utils import canonicalize_name
     from packaging.version import InvalidVersion, Version
 
@@ -161,6 +164,8 @@ def pin_closure(
         ):
             continue
         name = canonicalize_name(req.name)
+        if specs is not None:  # excluded names too: what the image's version must satisfy
+            specs[name] = str(SpecifierSet(specs.get(name, "")) & req.specifier)
         if any(fnmatch.fnmatch(name, pat) for pat in excludes):
             excluded.add(name)
             continue

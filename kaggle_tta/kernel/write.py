@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kaggle_tta.kernel.image import image_source
 from kaggle_tta.kernel.options import MANIFEST, NOTEBOOK, PACKAGE, WHEELS_MANIFEST, KernelError, KernelOptions
 from kaggle_tta.kernel.wheels import Target, read_wheel_version, wheel_set_id
 
@@ -34,6 +35,7 @@ def write_wheels(
     opts: KernelOptions,
     root: Path,
     target: Target,
+    image_has: dict[str, str] | None = None,
 ) -> None:
     """The wheels dataset: the dependencies' wheels (hard-linked from the cache), its manifest
     and ``dataset-metadata.json``. Nothing in it depends on the pipeline or the weights, so a
@@ -50,6 +52,7 @@ def write_wheels(
         "built_for": target.describe(),
         "wheels": sorted(w.name for w in wheels.values()),
         "provided_by_image": excluded,
+        "image_has": image_has or {},  # left out: the image's version is accepted (kernel.image)
     }
     (stage / WHEELS_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     slug = ref.split("/", 1)[1]
@@ -74,6 +77,7 @@ def write_dataset(
     opts: KernelOptions,
     root: Path,
     target: Target,
+    image_has: dict[str, str] | None = None,
 ) -> None:
     """The dataset that changes per submission: kaggle_tta's wheel, the collected files
     (copied), the rewritten pipeline, the manifest and ``dataset-metadata.json``. ``wheels``
@@ -108,6 +112,8 @@ def write_dataset(
         "wheel_set": set_id,
         "wheels": sorted(w.name for w in wheels.values()),
         "provided_by_image": excluded,
+        "image_has": image_has or {},  # left out: the notebook checks the image's version first
+        "image": image_source(),
         "python": target.python,
         "built_for": target.describe(),
         "competition": opts.competition,
