@@ -28,6 +28,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 import adaptive  # noqa: E402
+import process  # noqa: E402
 import ranks  # noqa: E402
 import readers  # noqa: E402
 from _common import CHILD, PRESET, REPO, child_env, loadavg, machine_info, member, write_pipeline  # noqa: E402
@@ -45,6 +46,7 @@ ROWS = [
     "ranks",
     "adaptive",
     "readers",
+    "process",
 ]
 ROW_NUMBERS = {str(i + 1): r for i, r in enumerate(ROWS)}
 T_START = time.perf_counter()
@@ -682,9 +684,17 @@ def report(b: Bench) -> str:
                     continue
                 per = med([r["per_input"] for r in raw[lim]])
                 label = f"auto (→{info['auto_precision']})" if prec == "auto" else "fp32"
+                comp = [r for r in raw[lim] if r.get("per_input_compiled") is not None]
+                how = (
+                    f" (the best of eager {ms(med([r['per_input_eager'] for r in comp]))} and torch.compile "
+                    f"{ms(med([r['per_input_compiled'] for r in comp]))} ms/input, compiled in "
+                    f"{med([r['compile_s'] for r in comp]):.0f} s)"
+                    if comp
+                    else ""
+                )
                 L.append(
-                    f"| 1 | limit: forward only{layout(lim)}, {ms(per)} ms/input × {v}×{n} | {v} | {label} | {sec(med(secs(lim)))} | "
-                    f"{fmt(n / med(secs(lim)), '.1f')} | 1.00 | — | |"
+                    f"| 1 | limit: forward only{layout(lim)}, {ms(per)} ms/input{how} × {v}×{n} | {v} | {label} | "
+                    f"{sec(med(secs(lim)))} | {fmt(n / med(secs(lim)), '.1f')} | 1.00 | — | |"
                 )
             for prec in ("fp32", "auto"):
                 key = alias(f"kaggle/{prec}/{v}")
@@ -1023,6 +1033,7 @@ def report(b: Bench) -> str:
     L += ranks.ranks_report(res, goals, med)
     L += adaptive.adaptive_report(res, goals, med)
     L += readers.readers_report(res, goals, med)
+    L += process.process_report(res, goals, med)
     if goals:
         L.append("## Goals")
         L.append("")
@@ -1067,6 +1078,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=None,
         help="DataLoader workers of kaggle-tta and ttach (default: what workers: auto gives, 0 on a CPU of <= 4 cores, cores // 8 above; 8 on cuda)",
+    )
+    ap.add_argument(
+        "--process-images",
+        type=lambda t: [int(x) for x in t.split(",")],
+        default=[60, 512],
+        help="row 13 (process): test-set sizes, comma-separated (default 60,512; #27 also asks 5000)",
     )
     ap.add_argument(
         "--limit-inputs",
@@ -1200,6 +1217,7 @@ def main(argv: list[str] | None = None) -> int:
         ("ranks" in rows, lambda: ranks.ranks_row(b, log, med)),
         ("adaptive" in rows, lambda: adaptive.adaptive_row(b, log, med)),
         ("readers" in rows, lambda: readers.readers_row(b, log, med)),
+        ("process" in rows, lambda: process.process_row(b, log, med)),
     ]
     for wanted, fn in steps:
         if not wanted:

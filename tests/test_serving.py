@@ -24,10 +24,9 @@ def _cfg(pipeline, tmp_path) -> dict:
     return cfg
 
 
-@pytest.mark.parametrize("hand", ["paths", "frame"])
-def test_a_gateway_gets_what_kaggle_tta_run_writes(pipeline, demo_images, tmp_path, monkeypatch, hand):
-    """24 images in batches of 1, 5 and 18 (shuffled, as gateways do), handed as paths or as a
-    polars frame of paths: the gateway's submission.parquet holds, per row id, what
+def test_a_gateway_gets_what_kaggle_tta_run_writes(pipeline, demo_images, tmp_path, monkeypatch):
+    """24 images in batches of 1, 5 and 18 (shuffled, as gateways do), handed as a path, a
+    list of paths and a polars frame of paths: the gateway's submission.parquet holds, per row id, what
     ``kaggle-tta run`` wrote for that image (every class's probability, to 1e-6: the chunks
     are cut differently), and the server started within the window after the predictor had
     built both members and taken its decisions on the pipeline's own first images."""
@@ -40,13 +39,15 @@ def test_a_gateway_gets_what_kaggle_tta_run_writes(pipeline, demo_images, tmp_pa
     order = [images[i] for i in rng.permutation(len(images))]
     cuts = [order[:1], order[1:6], order[6:]]
 
-    def args(batch):
+    def args(k, batch):
         paths = [str(p) for p in batch]
-        return (paths,) if hand == "paths" else (pl.DataFrame({"image_path": paths}),)
+        return [(paths[0],), (paths,), (pl.DataFrame({"image_path": paths}),)][k]
 
     started = time.monotonic()
     predict = predictor(path)
-    gateway = Gateway([(args(b), [p.stem for p in b]) for b in cuts], "id", tmp_path, started, startup_limit_s=120.0)
+    gateway = Gateway(
+        [(args(k, b), [p.stem for p in b]) for k, b in enumerate(cuts)], "id", tmp_path, started, startup_limit_s=120.0
+    )
     got = pl.read_parquet(gateway.run(predict))
     assert got.columns == expected.columns and got.height == 24
     joined = got.join(expected, on="id", suffix="_run")
