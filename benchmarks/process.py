@@ -51,7 +51,7 @@ with torch.inference_mode():
         logits = torch.stack([model(v) for v in views]).mean(0)
         rows += logits.argmax(1).tolist()
 with open(out, "w", newline="") as f:
-    w = csv.writer(f); w.writerow(["id", "label"]); w.writerows(zip((p.stem for p in paths), rows))
+    w = csv.writer(f); w.writerow(["id", "label"]); w.writerows(zip((p.stem for p in paths), (f"c{r:04d}" for r in rows)))
 print(f"plain: {time.perf_counter() - t0:.1f}s in-process", file=sys.stderr)
 """
 

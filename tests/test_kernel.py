@@ -861,3 +861,63 @@ def test_a_test_set_in_a_zip_is_bundled_as_its_archive(tmp_path, kernel_demo_ima
     col = _collect(pipeline)
     shipped = {**col.files, **col.tree_files}
     assert col.raw["data"]["folder"] == "data/test.zip" and shipped["data/test.zip"] == tmp_path / "test.zip"
+
+
+STANDIN_SERVER = '''
+"""A competition's inference server, standing in for kaggle_evaluation's (tests/evaluation_standin.py)."""
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, {tests!r})
+from evaluation_standin import Gateway
+
+IMPORTED = time.monotonic()
+
+
+class ShapesInferenceServer:
+    def __init__(self, predict):
+        self.predict = predict
+
+    def serve(self):
+        raise AssertionError("only the local gateway runs in this test")
+
+    def run_local_gateway(self):
+        images = sorted((Path(__file__).parent / "test").glob("*.png"))
+        batches = [((str(p) for p in images[i : i + 6]), [p.stem for p in images[i : i + 6]]) for i in range(0, len(images), 6)]
+        batches = [(([*paths],), ids) for (paths, ids) in batches]
+        Gateway(batches, "id", Path(os.environ["KAGGLE_WORKING_DIR"]), IMPORTED).run(self.predict)
+'''
+
+
+def test_a_serving_notebook_answers_the_competitions_gateway(kernel_demo_images, tmp_path, monkeypatch, capsys):
+    """`kaggle-tta kernel --serve module:Class`: the notebook imports the competition's server
+    from its data folder, serves `predict` through it instead of running the test set, and the
+    gateway's submission.parquet holds `kaggle-tta run`'s labels."""
+    import polars as pl
+
+    local = tmp_path / "comp-data"
+    shutil.copytree(kernel_demo_images, local / "test")
+    pipeline = _demo_pipeline(tmp_path, local / "test", batch_size=8, workers=0)
+    serve = "shapes_inference_server:ShapesInferenceServer"
+    dataset, kdir = _bundle_without_wheels(
+        pipeline, tmp_path / "kaggle", competition="shapes-comp", data_root=local, serve=serve
+    )
+    kaggle = tmp_path / "fake-kaggle"
+    shutil.copytree(dataset, kaggle / "input" / "kaggle-tta-bundle")
+    shutil.copytree(tmp_path / "kaggle" / "wheels", kaggle / "input" / "wheels")
+    comp = kaggle / "input" / "competitions" / "shapes-comp"
+    shutil.copytree(local, comp)
+    (comp / "shapes_inference_server.py").write_text(STANDIN_SERVER.format(tests=str(Path(__file__).parent)))
+    (kaggle / "working").mkdir()
+    _run_notebook_here(kdir, kaggle, monkeypatch)
+    out = capsys.readouterr().out
+    assert f"serving through {serve} (its local gateway)" in out
+    assert not (kaggle / "working" / "submission.csv").exists()  # the batch run did not run
+    served = pl.read_parquet(kaggle / "working" / "submission.parquet")
+    monkeypatch.undo()
+    code, _, err = _run(capsys, "run", str(pipeline), "-q")
+    assert code == 0, err
+    ran = pl.read_csv(tmp_path / "reference" / "submission.csv")
+    assert served.columns == ["id", "label"] and served.sort("id").equals(ran.sort("id")), (served, ran)

@@ -79,20 +79,24 @@ def choose_compile(
         return CompileChoice(note="eager: not compiled (its outputs are lists of boxes, with no element-wise check)")
     k = record_key(w, runner, device)
     rec = decisions.recall_verdict(plan.cache_root, k)
-    if rec is not None and rec["ran_in"] != "compiled":
+    if rec is not None and rec["ran_in"] == "eager":  # failed or disagreed before on this machine
         return CompileChoice(note=str(rec.get("note", "")))
     eager_store: dict[str, np.ndarray] | None = None
-    batches = first_batches(plan, [w.member], workers, device, rows=_rows(w, runner))
-    if rec is None:
+    batches = None
+    if rec is None:  # the eager time, measured once per model and machine (remembered, compiled or not)
+        batches = first_batches(plan, [w.member], workers, device, rows=_rows(w, runner))
         eager_store, eager_s = _timed_pass(plan, w, runner, batches, runner.precision)
-        rec = {"eager_s": eager_s, "compiled_s": eager_s / EXPECTED_SPEEDUP, "compile_s": COLD_SECONDS[device.type]}
-    gain = inputs * (float(rec["eager_s"]) - float(rec["compiled_s"]))
-    if setting == "auto" and gain <= float(rec["compile_s"]):
+        rec = {"ran_in": "untried", "eager_s": eager_s}
+        decisions.remember_verdict(plan.cache_root, k, rec)
+    est = {"compiled_s": float(rec["eager_s"]) / EXPECTED_SPEEDUP, "compile_s": COLD_SECONDS[device.type], **rec}
+    gain = inputs * (float(est["eager_s"]) - float(est["compiled_s"]))
+    if setting == "auto" and gain <= float(est["compile_s"]):
         return CompileChoice(
-            note=f"eager: compiling (about {float(rec['compile_s']):.0f}s) would not repay itself on {inputs} inputs "
+            note=f"eager: compiling (about {float(est['compile_s']):.0f}s) would not repay itself on {inputs} inputs "
             f"(about {gain:.0f}s saved)"
         )
-    return _compile_and_check(plan, w, runner, device, batches, k, rec, eager_store)
+    batches = batches or first_batches(plan, [w.member], workers, device, rows=_rows(w, runner))
+    return _compile_and_check(plan, w, runner, device, batches, k, est, eager_store)
 
 
 def record_key(w: MemberWork, runner: Runner, device: torch.device) -> str:

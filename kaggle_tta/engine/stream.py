@@ -222,7 +222,7 @@ def _build_runners(
             else:
                 model.to(memory_format=torch.contiguous_format)  # the eager runner starts from this layout
                 w.runner = _runner(plan, w, model, precision, sizer, device)
-        if sizer.measuring and not sizer.repays(inputs):
+        if sizer.measuring and not sizer.repays(inputs, rt.batch_size * len(w.views)):
             size, cl = sizer.untimed()
             say(
                 f"{w.member.name}: {inputs} inputs to forward, too few to repay a chunk-size and layout trial: "

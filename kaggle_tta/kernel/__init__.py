@@ -201,6 +201,13 @@ def _add_kernel_arguments(p: argparse.ArgumentParser) -> None:
         "said in the description)",
     )
     p.add_argument(
+        "--serve",
+        default=None,
+        metavar="MODULE:CLASS",
+        help="a code competition's kaggle_evaluation inference server (e.g. "
+        "kaggle_evaluation.foo_inference_server:FooInferenceServer): the notebook serves predictions through it",
+    )
+    p.add_argument(
         "--time-limit-hours",
         type=float,
         default=9.0,
@@ -275,6 +282,7 @@ def run(args: argparse.Namespace) -> None:
         time_limit_hours=args.time_limit_hours,
         wheel_exclude=args.wheel_exclude,
         lean=args.lean,
+        serve=args.serve,
         wheel_include=args.wheel_include,
         extra_wheels=args.extra_wheel,
         wheel_cache=default_wheel_cache() if cache is None else (None if str(cache) in ("", ".") else cache),

@@ -128,6 +128,9 @@ class KernelOptions:
     wheels_slug_prefix: str = "kaggle-tta-wheels"
     time_limit_hours: float = 9.0
     wheel_exclude: list[str] = field(default_factory=list)
+    serve: str | None = None
+    """A code competition's inference server, ``module:Class``: the notebook serves predictions
+    through it (kaggle_tta.kernel.serving) instead of running the test set."""
     lean: bool = True
     """Leave out the wheels of what the Kaggle image has at an accepted version (kernel.image)."""
     wheel_include: list[str] = field(default_factory=list)
@@ -183,6 +186,11 @@ def check_options(opts: KernelOptions) -> None:
         )
     if opts.owner is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9_-]*$", opts.owner):
         raise KernelError(f"--owner '{opts.owner}': give your Kaggle user name")
+    if opts.serve is not None and not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", opts.serve):
+        raise KernelError(
+            f"--serve '{opts.serve}': give the inference server as module:Class, e.g. "
+            "kaggle_evaluation.foo_inference_server:FooInferenceServer"
+        )
     if not opts.time_limit_hours > 0:
         raise KernelError(
             f"--time-limit-hours {opts.time_limit_hours}: must be positive (Kaggle notebooks: 9 for most competitions)"

@@ -143,6 +143,7 @@ def write_kernel(stage: Path, col: Collector, opts: KernelOptions, root: Path, w
         "DATASET_SLUG": opts.dataset_slug,
         "PIPELINE": col.pipeline_name,
         "COMPETITION": opts.competition or "",
+        "SERVE": opts.serve or "",
         "TIME_LIMIT_HOURS": float(opts.time_limit_hours),
     }
     cell = next(
