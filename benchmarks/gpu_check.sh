@@ -7,7 +7,8 @@
 # bench.log, bench.md, bench.json. Each step runs under `timeout`, its log tee'd as it goes, so a
 # hung step costs at most its own budget and partial logs come back. The whole script ends
 # within GPU_CHECK_TOTAL seconds (default 420, 7 min): install + import check ~0.5 min, smoke
-# ~0.7 min, the segmentation and detection examples ~1 min, 1 vs 2 GPUs ~1 min, and the benchmark gets the rest — its --deadline is set so that it starts no new run
+# ~0.7 min, the segmentation and detection examples ~1 min, the demo compiled and eager ~1.5 min (the
+# limit rows of the benchmark time torch.compile too), 1 vs 2 GPUs ~1 min, and the benchmark gets the rest — its --deadline is set so that it starts no new run
 # 60 s before the end (a run in flight may take up to --child-timeout 45 s, then the report).
 #
 # Environment (for trying the script elsewhere):
@@ -131,6 +132,21 @@ print('devices visible:', torch.cuda.device_count(), '(a run uses cuda:0)')
     export -f tasks
     export DEVICE
     step tasks 100 bash -c tasks
+
+    # Compiled members (issue #27): the demo with runtime.compile true against eager, on the
+    # device: each member's line says whether it compiled, in how long, how fast against eager
+    # and how far from eager fp32; the two submissions are compared.
+    compiled() {
+        python3 -m kaggle_tta demo-data build/demo/test >/dev/null
+        for c in false true; do
+            echo "--- runtime.compile $c"
+            python3 -m kaggle_tta run pipeline.yaml -q --set runtime.device="$DEVICE" --set runtime.compile=$c \
+                --set cache.dir=/tmp/gc-compile/$c --set submission.path=/tmp/gc-compile/$c.csv || echo "compile $c FAILED"
+        done
+        cmp -s /tmp/gc-compile/false.csv /tmp/gc-compile/true.csv && echo "compiled and eager submissions identical" || echo "compiled and eager submissions differ"
+    }
+    export -f compiled
+    step compiled 150 bash -c compiled
 
     # 1 against 2 GPUs (issue #14): the same inference as one process and as torchrun
     # --nproc_per_node 2, one rank per GPU; skipped (and said) where there is one GPU.

@@ -126,8 +126,8 @@ def _timed_pass(
     plan: Plan, w: MemberWork, runner: Runner, batches: list, precision: str, compiled: Any = None
 ) -> tuple[dict[str, np.ndarray], float]:
     """The member's step on ``batches`` into memory, in ``precision``, eager or through
-    ``compiled``: (view -> rows as they would be cached, forward seconds per input after the
-    first chunk)."""
+    ``compiled``: (view -> rows as they would be cached, forward seconds per input over the
+    chunks after each input shape's first)."""
     saved = runner.precision, runner.compiled
     runner.chunk_times, runner.precision, runner.compiled = [], precision, compiled
     try:
@@ -136,7 +136,13 @@ def _timed_pass(
         with torch.inference_mode():
             for batch in batches:
                 plan.task.step(work, batch, plan)
-        times = runner.chunk_times[1:] or runner.chunk_times
+        seen: set[tuple[int, ...]] = set()
+        times = []  # each input shape's first chunk compiles (or warms up): not timed
+        for shape, t in runner.chunk_times:
+            if shape in seen:
+                times.append((shape[0], t))
+            seen.add(shape)
+        times = times or [(shape[0], t) for shape, t in runner.chunk_times]
         return work.store, sum(t for _, t in times) / max(1, sum(n for n, _ in times))
     finally:
         runner.chunk_times = None

@@ -77,7 +77,7 @@ class Runner:
         self.last_recomputed = 0
         self.compiled: Callable[[Tensor], Any] | None = None  # runtime.compile: the model compiled (fixed shapes)
         self.compile_failure = ""  # ... where it failed at run time: eager since, and why
-        self.chunk_times: list[tuple[int, float]] | None = None  # (inputs, seconds) per chunk, where asked
+        self.chunk_times: list[tuple[tuple[int, ...], float]] | None = None  # (input shape, seconds) per chunk
         self._layout = False  # the model's current memory format: channels_last or not
         self._set_layout(sizer.channels_last)
 
@@ -131,7 +131,7 @@ class Runner:
             if measuring:
                 self.sizer.report(x.shape[0], dt)
             if self.chunk_times is not None:
-                self.chunk_times.append((x.shape[0], dt))
+                self.chunk_times.append((tuple(x.shape), dt))
         self.last_recomputed = self.nonfinite - before
         return out
 

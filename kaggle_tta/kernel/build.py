@@ -12,6 +12,7 @@ from kaggle_tta.kernel.bundle import collect_files
 from kaggle_tta.kernel.image import left_out
 from kaggle_tta.kernel.options import (
     DEFAULT_EXCLUDES,
+    KAGGLE_PYTHON,
     NOTEBOOK,
     PACKAGE,
     WHEELS_MANIFEST,
@@ -55,7 +56,8 @@ def build_bundle(pipeline: Path, opts: KernelOptions) -> BundleReport:
         excludes = list(DEFAULT_EXCLUDES) + list(opts.wheel_exclude)
         specs: dict[str, str] = {}
         pins, excluded = pin_closure(roots, excludes, target, specs)
-        image_has = left_out(pins, specs, opts.wheel_include) if opts.lean else {}
+        # the list describes the Kaggle image: a bundle for another Python is for another image
+        image_has = left_out(pins, specs, opts.wheel_include) if opts.lean and target.python == KAGGLE_PYTHON else {}
         if image_has:  # walked again, not into what the image has: its own requirements come with it
             needs: dict[str, str] = {}  # what kaggle_tta and the bundled wheels ask of them, only
             pins, reached = pin_closure(roots, excludes + sorted(image_has), target, needs)

@@ -139,12 +139,9 @@ def pin_closure(
     ``specs`` receives, per pinned name, every requirement on it that applies, joined (what
     another version must satisfy to stand in for the pin: kaggle_tta.kernel.image).
     """
-    import importlib.metadata as md
-
     from packaging.requirements import InvalidRequirement, Requirement
     from packaging.specifiers import SpecifierSet
     from packaging.utils import canonicalize_name
-    from packaging.version import InvalidVersion, Version
 
     pins: dict[str, tuple[str, str]] = {}
     excluded: set[str] = set()
@@ -173,27 +170,37 @@ def pin_closure(
         if key in seen:
             continue
         seen.add(key)
-        try:
-            dist = md.distribution(req.name)
-        except md.PackageNotFoundError:
-            raise KernelError(
-                f"wheels: {req.name} (required by {parent}) is not installed here, so which version to bundle is "
-                "unknown; "
-                f"pip install '{req}' or add '{name}' to --wheel-exclude if the Kaggle image has it"
-            ) from None
-        try:
-            ok = req.specifier.contains(Version(dist.version), prereleases=True)
-        except InvalidVersion:
-            ok = True
-        if not ok:
-            raise KernelError(
-                f"wheels: {name} {dist.version} is installed here but {parent} needs '{req}'; pip install '{req}' "
-                "and rebuild"
-            )
+        dist = _installed(req, name, parent)
         pins.setdefault(name, (dist.version, parent))
         for sub in reversed(dist.requires or []):
             stack.append((sub, name, key[1]))
     return pins, sorted(excluded)
+
+
+def _installed(req: Any, name: str, parent: str) -> Any:
+    """The installed distribution ``req`` names, at a version ``req`` accepts (else one line)."""
+    import importlib.metadata as md
+
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        dist = md.distribution(req.name)
+    except md.PackageNotFoundError:
+        raise KernelError(
+            f"wheels: {req.name} (required by {parent}) is not installed here, so which version to bundle is "
+            "unknown; "
+            f"pip install '{req}' or add '{name}' to --wheel-exclude if the Kaggle image has it"
+        ) from None
+    try:
+        ok = req.specifier.contains(Version(dist.version), prereleases=True)
+    except InvalidVersion:
+        ok = True
+    if not ok:
+        raise KernelError(
+            f"wheels: {name} {dist.version} is installed here but {parent} needs '{req}'; pip install '{req}' "
+            "and rebuild"
+        )
+    return dist
 
 
 def _index_wheels(folders: list[Path], target: Target) -> dict[tuple[str, str], Path]:

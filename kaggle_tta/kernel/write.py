@@ -102,8 +102,31 @@ def write_dataset(
     (stage / col.pipeline_name).write_text(
         header + yaml.safe_dump(col.raw, sort_keys=False, allow_unicode=True, default_flow_style=None), encoding="utf-8"
     )
+    manifest = _dataset_manifest(col, own, wheels, excluded, opts, target, image_has)
+    (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    meta = _template(
+        root / "kernels" / "dataset-metadata.json",
+        OWNER=col.owner,
+        DATASET_SLUG=opts.dataset_slug,
+        DATASET_TITLE=_title(opts.dataset_slug),
+        WHEELS_REF=manifest["wheels_dataset"],
+        LICENSE=opts.license,
+    )
+    (stage / "dataset-metadata.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def _dataset_manifest(
+    col: Collector,
+    own: Path,
+    wheels: dict[str, Path],
+    excluded: list[str],
+    opts: KernelOptions,
+    target: Target,
+    image_has: dict[str, str] | None,
+) -> dict[str, Any]:
+    """``kaggle_tta_bundle.json``: what the notebook reads of the bundle."""
     ref, set_id = wheels_ref(col.owner, opts, wheels)
-    manifest = {
+    return {
         "format": 2,
         "pipeline": col.pipeline_name,
         "dataset": f"{col.owner}/{opts.dataset_slug}",
@@ -121,16 +144,6 @@ def write_dataset(
         "bundled_paths": col.bundled_paths,
         "code_dirs": ["code"] if col.code_modules else [],
     }
-    (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    meta = _template(
-        root / "kernels" / "dataset-metadata.json",
-        OWNER=col.owner,
-        DATASET_SLUG=opts.dataset_slug,
-        DATASET_TITLE=_title(opts.dataset_slug),
-        WHEELS_REF=ref,
-        LICENSE=opts.license,
-    )
-    (stage / "dataset-metadata.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
 def write_kernel(stage: Path, col: Collector, opts: KernelOptions, root: Path, wheels_dataset: str) -> None:
