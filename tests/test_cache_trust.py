@@ -375,12 +375,9 @@ def test_the_next_run_sweeps_what_killed_runs_left(pipeline, tmp_path):
 # ---- 12. forward tuning decided once ----------------------------------------------------------
 
 
-def test_rows_computed_on_trial_are_computed_again_in_the_decided_layout(
-    pipeline, tmp_path, monkeypatch, trials_always
-):
-    """A model whose output says which memory layout it was given: with channels_last timed
-    on the first chunks (CPU, fp32), every cached row still comes from the one decided."""
-    write, cfg = pipeline
+def _layout_reporter(cfg: dict, tmp_path, monkeypatch, **runtime) -> dict:
+    """``cfg`` with one member whose output says which memory layout it was given (d4), a
+    decisions store of its own and ``runtime``."""
     monkeypatch.setenv("KAGGLE_TTA_TUNING_DIR", str(tmp_path / "tuning"))
     cfg["members"] = [
         {
@@ -391,12 +388,27 @@ def test_rows_computed_on_trial_are_computed_again_in_the_decided_layout(
         }
     ]
     cfg["blends"] = []
-    cfg["runtime"].update(channels_last="auto", forward_batch=8, batch_size=8)
+    cfg["runtime"].update(runtime)
+    return cfg
+
+
+def _layout_flags(tmp_path) -> set[float]:
+    entry = next((tmp_path / "cache" / "l").iterdir())
+    return set(
+        np.concatenate([np.load(f)[:, 0] for f in sorted(entry.glob("*.npy")) if f.name != "_image_size.npy"]).tolist()
+    )
+
+
+def test_rows_computed_on_trial_are_computed_again_in_the_decided_layout(
+    pipeline, tmp_path, monkeypatch, trials_always
+):
+    """A model whose output says which memory layout it was given: with channels_last timed
+    on the first chunks (CPU, fp32), every cached row still comes from the one decided."""
+    write, cfg = pipeline
+    cfg = _layout_reporter(cfg, tmp_path, monkeypatch, channels_last="auto", forward_batch=8, batch_size=8)
     stats = infer(write(cfg), progress=False)
     assert stats.members["l"].channels_last is not None  # decided
-    entry = next((tmp_path / "cache" / "l").iterdir())
-    flags = np.concatenate([np.load(f)[:, 0] for f in sorted(entry.glob("*.npy")) if f.name != "_image_size.npy"])
-    assert set(flags.tolist()) == {float(stats.members["l"].channels_last)}
+    assert _layout_flags(tmp_path) == {float(stats.members["l"].channels_last)}
 
 
 def test_a_small_run_times_nothing_and_says_so(pipeline, tmp_path, monkeypatch, capsys):
@@ -404,24 +416,12 @@ def test_a_small_run_times_nothing_and_says_so(pipeline, tmp_path, monkeypatch, 
     channels_last and a chunk of 32 untimed, says so on its phase lines, every row comes from
     that one configuration, and nothing is remembered as decided."""
     write, cfg = pipeline
-    monkeypatch.setenv("KAGGLE_TTA_TUNING_DIR", str(tmp_path / "tuning"))
-    cfg["members"] = [
-        {
-            "name": "l",
-            "factory": "helpers:layout_reporter",
-            "preprocess": {"input_size": [3, 56, 56], "crop_pct": 0.875, "mean": [0.5] * 3, "std": [0.5] * 3},
-            "tta": "d4",
-        }
-    ]
-    cfg["blends"] = []
-    cfg["runtime"].update(channels_last="auto", forward_batch="auto", batch_size=8)
+    cfg = _layout_reporter(cfg, tmp_path, monkeypatch, channels_last="auto", forward_batch="auto", batch_size=8)
     assert main(["infer", str(write(cfg))]) == 0
     err = capsys.readouterr().err
     assert "l: 192 inputs to forward, too few to repay a chunk-size and layout trial: chunk 32, channels_last" in err
     assert "timing chunk sizes" not in err
-    entry = next((tmp_path / "cache" / "l").iterdir())
-    flags = np.concatenate([np.load(f)[:, 0] for f in sorted(entry.glob("*.npy")) if f.name != "_image_size.npy"])
-    assert set(flags.tolist()) == {1.0}
+    assert _layout_flags(tmp_path) == {1.0}
     assert not (tmp_path / "tuning" / "decisions.json").exists()
 
 
@@ -443,17 +443,9 @@ def test_a_run_stopped_during_the_trial_counts_none_of_its_trial_rows(pipeline, 
     import kaggle_tta.tasks.classification as cls
 
     write, cfg = pipeline
-    monkeypatch.setenv("KAGGLE_TTA_TUNING_DIR", str(tmp_path / "tuning"))
-    cfg["members"] = [
-        {
-            "name": "l",
-            "factory": "helpers:layout_reporter",
-            "preprocess": {"input_size": [3, 56, 56], "crop_pct": 0.875, "mean": [0.5] * 3, "std": [0.5] * 3},
-            "tta": "none",
-        }
-    ]
-    cfg["blends"] = []
-    cfg["runtime"].update(channels_last="auto", forward_batch=8, batch_size=4)  # the trial spans batches
+    # the trial spans batches
+    cfg = _layout_reporter(cfg, tmp_path, monkeypatch, channels_last="auto", forward_batch=8, batch_size=4)
+    cfg["members"][0]["tta"] = "none"
     p = write(cfg)
     real, calls = cls.Classification.step, {"n": 0}
 

@@ -196,10 +196,10 @@ def test_a_single_process_run_loads_no_distributed_module(pipeline_file, command
         "sys.exit(code)\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    if command == "blend":  # the cache filled first: blend reads it
-        subprocess.run(
-            [sys.executable, "-m", "kaggle_tta", "run", str(pipeline_file), "-q"], cwd=ROOT, env=env, check=True
-        )
+    if command == "blend":  # the cache filled first (in this process, where torch is loaded already): blend reads it
+        import kaggle_tta
+
+        kaggle_tta.run(pipeline_file, progress=False)
     done = subprocess.run(
         [sys.executable, "-c", probe, str(pipeline_file)],
         cwd=ROOT,
