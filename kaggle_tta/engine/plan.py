@@ -23,7 +23,7 @@ from kaggle_tta.engine.phases import phase
 from kaggle_tta.io.canvas import CanvasSpec
 from kaggle_tta.io.data import TestSet, list_test_set
 from kaggle_tta.io.groups import group_of, group_row_ids
-from kaggle_tta.io.models import Preprocess, check_checkpoint, resolve_preprocess
+from kaggle_tta.io.models import Preprocess, check_checkpoint, needs_timm, resolve_preprocess
 from kaggle_tta.io.readers import item_files, reader_for
 from kaggle_tta.io.submission import SampleOrder, appended_rows, match_sample
 from kaggle_tta.ops.gate import Gate, gate_of
@@ -174,7 +174,7 @@ def build_plan(cfg: PipelineConfig) -> Plan:
     memo = cache_root / ".digests"
     phase(f"hashing the test set's {len(testset)} item(s)")
     tfp = cache_mod.files_digest(*item_files(testset.ids, testset.paths, cfg), memo)  # every file an item reads
-    if "timm" not in sys.modules and any(m.arch for m in cfg.members):  # timm members' preprocessing reads timm
+    if "timm" not in sys.modules and any(needs_timm(cfg, m) for m in cfg.members):  # their preprocessing reads timm
         phase("importing torch and timm")
         import timm  # noqa: F401  # seconds on a fresh process: said, not hidden in the next phase
     phase("planning the members (their checkpoints hashed)")

@@ -66,6 +66,9 @@ def run_inference(
     in what the check chose, locking and writing that precision's entry only. ``models``:
     members built already (name -> model on the device), taken from the dict as they are used.
     """
+    if "timm" not in sys.modules and any(m.cfg.arch for m in plan.members):  # a re-blend never gets here
+        phase("importing torch and timm")
+        import timm  # noqa: F401  # seconds on a fresh process: said, not hidden in the next phase
     phase("reading the cache")
     workers, threads = resolve_workers(plan.cfg.runtime.workers, device, plan.cfg.runtime.threads)
     if threads:

@@ -85,6 +85,20 @@ def _timm_cfg(arch: str, where: str, memo_dir: Path | None = None) -> dict[str, 
     return fields
 
 
+def needs_timm(cfg: PipelineConfig, m: MemberConfig) -> bool:
+    """Whether resolving ``m``'s preprocessing imports timm: an arch member whose preprocessing
+    the YAML leaves to timm's pretrained_cfg and whose fields are not memoized (_timm_cfg)."""
+    if not m.arch or all(getattr(m.preprocess, k) is not None for k in _TIMM_FIELDS):
+        return False
+    from importlib.metadata import version
+
+    memo = cfg.resolve(cfg.cache.dir) / ".digests" / f"timm-{version('timm')}-cfg.json"
+    try:
+        return m.arch not in json.loads(memo.read_text())
+    except (OSError, ValueError):
+        return True
+
+
 def resolve_preprocess(cfg: PipelineConfig, m: MemberConfig, default_size: tuple[int, int] | None = None) -> Preprocess:
     """YAML values first, then timm's pretrained_cfg for the arch, then defaults.
 
