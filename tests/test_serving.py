@@ -74,3 +74,17 @@ def test_a_path_that_is_no_file_is_one_line(pipeline, tmp_path, monkeypatch):
     with pytest.raises(kaggle_tta.config.errors.DataError, match=r"serving: .*nope.png: no such file"):
         predict([str(tmp_path / "nope.png")])
     assert serving.WARMUP_ITEMS > 0
+
+
+def test_what_predict_takes_as_a_batch():
+    """A path, a list of paths, a polars or a pandas frame (its first text column; pandas read
+    as it is, without pyarrow): the item paths, in order."""
+    import pandas as pd
+
+    from kaggle_tta.kernel.serving import _paths
+
+    assert _paths(("a.png",)) == ["a.png"] and _paths((["a.png", "b.png"],)) == ["a.png", "b.png"]
+    assert _paths((pl.DataFrame({"n": [1, 2], "p": ["b.png", "a.png"]}),)) == ["b.png", "a.png"]
+    assert _paths((pd.DataFrame({"n": [1, 2], "p": ["b.png", "a.png"]}),)) == ["b.png", "a.png"]
+    with pytest.raises(kaggle_tta.config.errors.DataError, match="no text column of paths"):
+        _paths((pl.DataFrame({"n": [1]}),))

@@ -121,13 +121,17 @@ def _paths(batch: tuple[Any, ...]) -> list[str]:
     """The item paths of a batch as a server hands it."""
     if len(batch) == 1:
         batch = batch[0] if not isinstance(batch[0], (str, os.PathLike)) else batch
-    if hasattr(batch, "to_pandas") or hasattr(batch, "columns"):  # a polars or pandas frame
-        frame = batch if isinstance(batch, pl.DataFrame) else pl.from_pandas(batch)
-        texts = [c for c, t in frame.schema.items() if t == pl.Utf8]
-        if not texts:
-            raise DataError("serving: the batch's DataFrame has no text column of paths; hand predict paths")
-        return [str(p) for p in frame[texts[0]].to_list()]
-    return [str(p) for p in batch]
+    if isinstance(batch, pl.DataFrame):
+        texts = [c for c, t in batch.schema.items() if t == pl.Utf8]
+        column = batch[texts[0]].to_list() if texts else None
+    elif hasattr(batch, "columns") and hasattr(batch, "dtypes"):  # pandas (read as it is: no pyarrow needed)
+        texts = [c for c in batch.columns if batch[c].map(lambda v: isinstance(v, str)).all()]
+        column = batch[texts[0]].tolist() if texts else None
+    else:
+        return [str(p) for p in batch]
+    if column is None:
+        raise DataError("serving: the batch's DataFrame has no text column of paths; hand predict paths")
+    return [str(p) for p in column]
 
 
 def _with_items(paths: list[str], root: Path, run: Callable[[Path, list[str] | None], pl.DataFrame]) -> pl.DataFrame:
