@@ -425,6 +425,24 @@ def test_a_small_run_times_nothing_and_says_so(pipeline, tmp_path, monkeypatch, 
     assert not (tmp_path / "tuning" / "decisions.json").exists()
 
 
+def test_a_trial_computes_again_only_its_own_rows(pipeline, tmp_path, monkeypatch, trials_always):
+    """24 images x d4 in one loader batch, the layout timed at chunks of 8: the stream cuts the
+    batch where the trial ends, so the model sees the 192 inputs and the trial's 80 again (a
+    warm-up chunk and 32 inputs per layout), not the whole batch twice (384)."""
+    import helpers
+
+    from kaggle_tta.exec.chunks import ChunkSizer
+
+    write, cfg = pipeline
+    cfg = _layout_reporter(cfg, tmp_path, monkeypatch, channels_last="auto", forward_batch=8, batch_size=64)
+    cfg["members"][0]["factory"] = "helpers:input_counter"
+    helpers.InputCounter.seen = 0
+    stats = infer(write(cfg), progress=False)
+    trial = ChunkSizer(8, 8, (False, True)).trial_inputs()
+    assert trial == 80 and stats.members["l"].channels_last is not None
+    assert helpers.InputCounter.seen == 24 * 8 + trial, helpers.InputCounter.seen
+
+
 def test_two_clean_runs_give_byte_identical_caches(pipeline, tmp_path, monkeypatch, trials_always):
     write, cfg = pipeline
     monkeypatch.setenv("KAGGLE_TTA_TUNING_DIR", str(tmp_path / "tuning"))

@@ -14,6 +14,7 @@ With ``precision: auto`` resolved to bf16 or fp16, each member is first checked 
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +29,7 @@ from kaggle_tta.engine.device import resolve_workers
 from kaggle_tta.engine.pending import check_space, pending_work
 from kaggle_tta.engine.phases import phase, say
 from kaggle_tta.engine.plan import Plan
-from kaggle_tta.engine.precision import choose_precisions
+from kaggle_tta.engine.precision import choose_precisions, head
 from kaggle_tta.engine.stats import RunStats
 from kaggle_tta.exec import decisions as tuning
 from kaggle_tta.exec.chunks import ChunkSizer, layout_candidates, sizes_text
@@ -136,6 +137,7 @@ def run_locked(
         first = min(w.first_row for w in pending)
         if first < start:  # a partial file was unusable: start again from there
             start, batches = first, loader(first)
+        batches = _trial_first(batches, start + _trial_rows(plan, pending))
         t0 = time.perf_counter()
         with torch.inference_mode():
             _stream(plan, pending, batches, loader, start, stats, progress, device, label)
@@ -225,7 +227,7 @@ def _build_runners(
             else:
                 model.to(memory_format=torch.contiguous_format)  # the eager runner starts from this layout
                 w.runner = _runner(plan, w, model, precision, sizer, device)
-        if sizer.measuring and not sizer.repays(inputs, rt.batch_size * len(w.views)):
+        if sizer.measuring and not sizer.repays(inputs):
             size, cl = sizer.untimed()
             say(
                 f"{w.member.name}: {inputs} inputs to forward, too few to repay a chunk-size and layout trial: "
@@ -237,6 +239,33 @@ def _runner(
     plan: Plan, w: MemberWork, model: torch.nn.Module, precision: str, sizer: ChunkSizer, device: torch.device
 ) -> Runner:
     return Runner(model, device, precision, sizer, plan.task.post(plan, w.member.cfg), w.member.name)
+
+
+def _trial_rows(plan: Plan, pending: list[MemberWork]) -> int:
+    """Rows enough for every member's chunk-size and layout trial (0: none on trial)."""
+    rows = [
+        math.ceil(w.runner.sizer.trial_inputs() / max(1, len(w.views)))
+        for w in pending
+        if w.runner is not None and w.runner.sizer.measuring
+    ]
+    return max(rows, default=0)
+
+
+def _trial_first(batches: Iterator[Batch], at: int) -> Iterator[Batch]:
+    """The loader's batches, the first cut at row ``at`` where a trial runs: the stream decides
+    at a batch's end and computes the rows on trial again, so they are the trial's, not a whole
+    loader batch (512 inputs at d4 and batch_size 64, where the layout trial needs 192)."""
+    first = next(batches, None)
+    if first is None:
+        return
+    whole = all(isinstance(c, torch.Tensor) and c.shape[0] == first.hi - first.lo for c in first.canvases.values())
+    if first.error is None and whole and first.lo < at < first.hi:
+        yield head(first, at)
+        k = at - first.lo
+        yield Batch(at, first.hi, {g: c[k:] for g, c in first.canvases.items()}, first.sizes[k:])
+    else:
+        yield first
+    yield from batches
 
 
 def _layout(channels_last: bool) -> str:
