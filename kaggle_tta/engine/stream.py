@@ -123,8 +123,7 @@ def run_locked(
             )
         )
 
-    # Start the workers now, from the first row any entry's manifest lacks: they decode the
-    # first batches while the models are built.
+    # The workers start now, from the first row any entry lacks: they decode while models build.
     start = min(w.entry.first_missing([v.name for v in w.views], task.stores_image_sizes) for w in pending)
     phase(f"starting the loader ({workers} worker(s))")
     batches = loader(start)
