@@ -56,8 +56,8 @@ def _print_stats(stats) -> None:
             parts.append(f"{m.nonfinite_recomputed} non-finite chunk(s) recomputed in fp32")
         if m.precision_note and (m.views_computed or m.precision == "fp32"):
             parts.append(f"precision {m.precision_note}")
-        if m.compile_note and m.views_computed:
-            parts.append(m.compile_note)
+        if m.compile_note and m.views_computed and (m.compiled or "would not repay" not in m.compile_note):
+            parts.append(m.compile_note)  # compiled, or a compile that failed; auto's "not worth it" is a phase line
         print(f"cache: {m.name}: {', '.join(parts)}")
     saved = f", {stats.forwards.text()}" if stats.forwards.saved else ""
     print(
