@@ -36,7 +36,7 @@ import torch
 
 from kaggle_tta.engine.phases import phase
 from kaggle_tta.engine.plan import Plan
-from kaggle_tta.engine.precision import PROBE_INPUTS, first_batches
+from kaggle_tta.engine.precision import PROBE_INPUTS, first_batches, ragged
 from kaggle_tta.exec import decisions
 from kaggle_tta.exec.forward import MemberWork, Runner
 from kaggle_tta.exec.precision import ProbeWork, compare_precision
@@ -69,13 +69,10 @@ def may_compile(setting: bool | str, device: torch.device, inputs: int) -> bool:
 def choose_compile(
     plan: Plan, w: MemberWork, runner: Runner, device: torch.device, workers: int, inputs: int
 ) -> CompileChoice:
-    """Decides, checks where needed, and returns the member's forward (see the module)."""
+    """Decides, checks where needed, and returns the member's forward (see the module); called
+    where :func:`may_compile`."""
     setting = plan.cfg.runtime.compile
-    if not may_compile(setting, device, inputs):
-        return CompileChoice()
-    trial = ProbeWork(w.member, None, list(w.views))  # type: ignore[arg-type]
-    plan.task.open_views(trial, plan)
-    if trial.ragged:
+    if ragged(plan, w.member):
         return CompileChoice(note="eager: not compiled (its outputs are lists of boxes, with no element-wise check)")
     k = record_key(w, runner, device)
     rec = decisions.recall_verdict(plan.cache_root, k)

@@ -205,9 +205,7 @@ def probe_precisions(
     out: dict[str, PrecisionCheck] = {}
     dense = []
     for m in members:
-        trial = ProbeWork(m, None, list(m.views))  # type: ignore[arg-type]
-        task.open_views(trial, plan)
-        if trial.ragged:
+        if ragged(plan, m):
             out[m.name] = PrecisionCheck(
                 precision,
                 f"{precision}: not checked against fp32 (its outputs are lists of boxes, with no element-wise error)",
@@ -266,15 +264,9 @@ def first_batches(
             if batch.error is not None:
                 raise DataError(batch.error)
             if batch.hi >= want:
-                batches.append(batch if rows is None or batch.hi == want else head(batch, want))
+                batches.append(batch if rows is None or batch.hi == want else batch.rows(batch.lo, want))
                 break
             batches.append(batch)
     finally:
         del it  # stops the workers
     return batches
-
-
-def head(batch: Batch, hi: int) -> Batch:
-    """Rows ``batch.lo:hi`` of a loader batch."""
-    k = hi - batch.lo
-    return Batch(batch.lo, hi, {g: c[:k] for g, c in batch.canvases.items()}, batch.sizes[:k])

@@ -29,7 +29,7 @@ from kaggle_tta.engine.device import resolve_workers
 from kaggle_tta.engine.pending import check_space, pending_work
 from kaggle_tta.engine.phases import phase, say
 from kaggle_tta.engine.plan import Plan
-from kaggle_tta.engine.precision import choose_precisions, head
+from kaggle_tta.engine.precision import choose_precisions
 from kaggle_tta.engine.stats import RunStats
 from kaggle_tta.exec import decisions as tuning
 from kaggle_tta.exec.chunks import ChunkSizer, layout_candidates, sizes_text
@@ -210,7 +210,7 @@ def _build_runners(
         if known is not None:
             sizer = ChunkSizer(known[0], known[0], (known[1],))
         inputs = _inputs_to_forward(plan, w)
-        w.runner = _runner(plan, w, model, precision, sizer, device)
+        w.runner = None
         if may_compile(rt.compile, device, inputs):
             fixed = sizer
             if sizer.measuring:  # compiled: one chunk shape, untimed
@@ -225,7 +225,7 @@ def _build_runners(
                 w.runner, sizer = runner, fixed
             else:
                 model.to(memory_format=torch.contiguous_format)  # the eager runner starts from this layout
-                w.runner = _runner(plan, w, model, precision, sizer, device)
+        w.runner = w.runner or _runner(plan, w, model, precision, sizer, device)
         if sizer.measuring and not sizer.repays(inputs):
             size, cl = sizer.untimed()
             say(
@@ -259,9 +259,8 @@ def _trial_first(batches: Iterator[Batch], at: int) -> Iterator[Batch]:
         return
     whole = all(isinstance(c, torch.Tensor) and c.shape[0] == first.hi - first.lo for c in first.canvases.values())
     if first.error is None and whole and first.lo < at < first.hi:
-        yield head(first, at)
-        k = at - first.lo
-        yield Batch(at, first.hi, {g: c[k:] for g, c in first.canvases.items()}, first.sizes[k:])
+        yield first.rows(first.lo, at)
+        yield first.rows(at, first.hi)
     else:
         yield first
     yield from batches

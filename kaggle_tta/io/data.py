@@ -297,9 +297,6 @@ def load_labels(cfg: PipelineConfig, ids: Sequence[str], classes: Sequence[str])
         raise DataError(f"{path}: label {exc} is not in data.classes") from None
 
 
-# ---- decoding ------------------------------------------------------------------------------
-
-
 # ---- preprocessing groups ------------------------------------------------------------------
 
 
@@ -314,6 +311,11 @@ class Batch:
     canvases: dict[str, Any] = field(default_factory=dict)
     sizes: Any = None
     error: str | None = None
+
+    def rows(self, lo: int, hi: int) -> Batch:
+        """Rows ``lo:hi`` of this batch (test-set rows, within ``self.lo:self.hi``)."""
+        a, b = lo - self.lo, hi - self.lo
+        return Batch(lo, hi, {g: c[a:b] for g, c in self.canvases.items()}, self.sizes[a:b])
 
     def pin_memory(self) -> Batch:
         """What the DataLoader calls with ``pin_memory=True`` (CUDA): the canvases pinned."""

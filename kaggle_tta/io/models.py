@@ -50,9 +50,7 @@ def _timm_cfg(arch: str, where: str, memo_dir: Path | None = None) -> dict[str, 
     Memoized per timm version under ``memo_dir``, so that re-blending, which must resolve the
     same inputs, does not import timm (and torch) again.
     """
-    from importlib.metadata import version
-
-    memo = memo_dir / f"timm-{version('timm')}-cfg.json" if memo_dir is not None else None
+    memo = _timm_memo(memo_dir) if memo_dir is not None else None
     table: dict[str, Any] = {}
     if memo is not None and memo.is_file():
         try:
@@ -85,16 +83,20 @@ def _timm_cfg(arch: str, where: str, memo_dir: Path | None = None) -> dict[str, 
     return fields
 
 
+def _timm_memo(memo_dir: Path) -> Path:
+    """Where timm's preprocessing fields are memoized, per timm version (read without timm)."""
+    from importlib.metadata import version
+
+    return memo_dir / f"timm-{version('timm')}-cfg.json"
+
+
 def needs_timm(cfg: PipelineConfig, m: MemberConfig) -> bool:
     """Whether resolving ``m``'s preprocessing imports timm: an arch member whose preprocessing
     the YAML leaves to timm's pretrained_cfg and whose fields are not memoized (_timm_cfg)."""
     if not m.arch or all(getattr(m.preprocess, k) is not None for k in _TIMM_FIELDS):
         return False
-    from importlib.metadata import version
-
-    memo = cfg.resolve(cfg.cache.dir) / ".digests" / f"timm-{version('timm')}-cfg.json"
     try:
-        return m.arch not in json.loads(memo.read_text())
+        return m.arch not in json.loads(_timm_memo(cfg.resolve(cfg.cache.dir) / ".digests").read_text())
     except (OSError, ValueError):
         return True
 

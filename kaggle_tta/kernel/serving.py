@@ -71,7 +71,6 @@ def predictor(
     precision = resolve_precision(cfg.runtime.precision, device)
     root = Path(scratch or os.environ.get("KAGGLE_TTA_SCRATCH") or Path(tempfile.gettempdir()) / "kaggle_tta")
     root.mkdir(parents=True, exist_ok=True)
-    n_classes = len(plan_of(cfg).classes) if _has_test_set(cfg) else None
     models: dict[str, torch.nn.Module] = {}
     lock = threading.Lock()  # the server calls from its worker thread, one call at a time
 
@@ -81,7 +80,7 @@ def predictor(
             plan = plan_of(pipeline, [*base, *_folder_overrides(folder, work)])
             if not models:  # built once; the run takes each from here (popped), so a copy is handed
                 for m in plan.members:
-                    models[m.name] = model_io.build_model(plan.cfg, m.cfg, n_classes or len(plan.classes)).to(device)
+                    models[m.name] = model_io.build_model(plan.cfg, m.cfg, len(plan.classes)).to(device)
             stats = run_inference(plan, device, precision, progress=False, models=dict(models))
             table = blend(plan, computed=stats.computed).table
             assert table is not None
