@@ -214,7 +214,7 @@ def _build_runners(
         if may_compile(rt.compile, device, inputs):
             fixed = sizer
             if sizer.measuring:  # compiled: one chunk shape, untimed
-                fixed = ChunkSizer(sizer.current, sizer.ceiling, tuple(sizer.layouts))
+                fixed = ChunkSizer(rt.forward_batch, sizer.ceiling, tuple(sizer.layouts))
                 fixed.untimed()
             runner = _runner(plan, w, model, precision, fixed, device)
             choice = choose_compile(plan, w, runner, device, workers, inputs)
