@@ -322,18 +322,14 @@ def differs_compiled(num_classes: int = 4) -> nn.Module:
     return DiffersCompiled(num_classes)
 
 
-class InputCounter(nn.Module):
-    """Counts the inputs it is handed (over every instance: ``InputCounter.seen``); zero logits."""
+class InputCounter(LayoutReporter):
+    """A LayoutReporter that counts the inputs it is handed (over every instance: ``InputCounter.seen``)."""
 
     seen = 0
 
-    def __init__(self, num_classes: int = 4):
-        super().__init__()
-        self.num_classes = num_classes
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         InputCounter.seen += x.shape[0]
-        return x.new_zeros(x.shape[0], self.num_classes)
+        return super().forward(x)
 
 
 def input_counter(num_classes: int = 4) -> nn.Module:

@@ -425,10 +425,12 @@ def test_a_small_run_times_nothing_and_says_so(pipeline, tmp_path, monkeypatch, 
     assert not (tmp_path / "tuning" / "decisions.json").exists()
 
 
-def test_a_trial_computes_again_only_its_own_rows(pipeline, tmp_path, monkeypatch, trials_always):
-    """24 images x d4 in one loader batch, the layout timed at chunks of 8: the stream cuts the
-    batch where the trial ends, so the model sees the 192 inputs and the trial's 80 again (a
-    warm-up chunk and 32 inputs per layout), not the whole batch twice (384)."""
+def test_a_trial_computes_again_only_its_rows_in_the_losing_layout(pipeline, tmp_path, monkeypatch, trials_always):
+    """24 images x d4 in one loader batch, the layout timed at chunks of 8 (a warm-up chunk and
+    32 inputs per layout: 80): the stream cuts the batch where the trial ends, and of the trial's
+    rows computes again only the views that ran in the losing layout (the first layout's 40
+    inputs, views 0-3 of 10 rows, or the second's), not the whole batch (384): the model sees
+    192 + 40 inputs, and every cached row comes from the decided layout."""
     import helpers
 
     from kaggle_tta.exec.chunks import ChunkSizer
@@ -440,7 +442,8 @@ def test_a_trial_computes_again_only_its_own_rows(pipeline, tmp_path, monkeypatc
     stats = infer(write(cfg), progress=False)
     trial = ChunkSizer(8, 8, (False, True)).trial_inputs()
     assert trial == 80 and stats.members["l"].channels_last is not None
-    assert helpers.InputCounter.seen == 24 * 8 + trial, helpers.InputCounter.seen
+    assert helpers.InputCounter.seen == 24 * 8 + trial // 2, helpers.InputCounter.seen
+    assert _layout_flags(tmp_path) == {float(stats.members["l"].channels_last)}
 
 
 def test_two_clean_runs_give_byte_identical_caches(pipeline, tmp_path, monkeypatch, trials_always):

@@ -67,6 +67,29 @@ def test_out_of_memory_ends_the_trials_on_the_layout_in_use():
     assert (s.channels_last, s.current, s.measuring) == (False, 4, False)
 
 
+def test_time_too_times_the_decided_configuration_once_after_a_warm_up():
+    """compile: auto's eager time: a settled sizer times 64 more inputs after a warm-up chunk
+    (the warm-up's time, 99 s a chunk, is not in it); where a layout trial ran, its timing of
+    the winner is the figure and nothing more is timed; decide() ends the timing early."""
+    s = ChunkSizer(16, 1024)
+    s.time_too(64)
+    assert s.measuring and s.inputs_on_trial() == 16 + 64
+    s.report(16, 99.0)
+    for _ in range(4):
+        s.report(16, 16 * 0.5)
+    assert not s.measuring and s.per_input() == pytest.approx(0.5)
+    t = _drive_layout({False: 1.0, True: 0.7}, chunks=0)
+    t.time_too(64)
+    assert t.inputs_on_trial() == t.trial_inputs()  # the trial times the winner on the way
+    for _ in range(40):
+        t.report(t.current, t.current * (0.7 if t.channels_last else 1.0))
+    assert not t.measuring and t.channels_last and t.per_input() == pytest.approx(0.7)
+    u = ChunkSizer(16, 1024)
+    u.time_too(64)
+    u.report(16, 1.0)
+    assert u.decide() == (16, False) and not u.measuring and u.per_input() is None
+
+
 def test_runner_times_both_layouts_and_keeps_the_faster(monkeypatch):
     """The runner converts model and input to the layout under trial, times the forward alone
     and then keeps the faster layout; every chunk's output is the model's own."""

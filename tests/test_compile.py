@@ -126,6 +126,26 @@ def test_auto_compiles_only_where_the_forward_repays_the_compile(pipeline, tmp_p
     assert cheap.stats.members["m"].compiled, cheap.stats.members["m"].compile_note
 
 
+def test_auto_times_the_eager_forward_on_the_stream_and_keeps_its_rows(pipeline, tmp_path, monkeypatch):
+    """auto with nothing remembered: the eager time comes from the stream's first chunks (no
+    pass of its own over rows decoded again), and where the member stays eager those rows are
+    kept: the model sees each of the 24 x 8 inputs once; the time is remembered for the next run."""
+    import helpers
+
+    monkeypatch.setattr(compiling, "MIN_INPUTS", 0)
+    monkeypatch.setattr(compiling, "COLD_SECONDS", {"cpu": 1e9})
+    monkeypatch.setattr(compiling, "first_batches", lambda *a, **k: pytest.fail("a pass of its own"))
+    cfg = _cfg(pipeline, "input_counter", "auto", tmp_path, "dear")
+    helpers.InputCounter.seen = 0
+    res = _run(pipeline, cfg, "dear")
+    note = res.stats.members["m"].compile_note
+    assert note.startswith("eager: compiling (about 1000000000s) would not repay itself on 192 inputs"), note
+    assert helpers.InputCounter.seen == 24 * 8, helpers.InputCounter.seen
+    again = _run(pipeline, _cfg(pipeline, "input_counter", "auto", tmp_path, "dear2"), "dear2")
+    assert again.stats.members["m"].compile_note == note  # decided from the remembered time, before streaming
+    assert helpers.InputCounter.seen == 2 * 24 * 8, helpers.InputCounter.seen
+
+
 def test_inductor_compiles_a_small_model_and_caches_the_program(pipeline, tmp_path, monkeypatch):
     """The real compiler (inductor, C++ on the CPU): predictions within 1e-5 of eager, the
     program written under the decisions store (where a later run finds it)."""

@@ -5,7 +5,8 @@ For each member whose model runs dense outputs (classification scores, segmentat
 - ``false``: eager. ``true``: compiled. ``auto``: compiled where the run's forward time repays
   the compile time: ``inputs x (eager - compiled seconds per input) > compile seconds``, with
   the figures this model measured on this machine before (kaggle_tta.exec.decisions), else the
-  eager time measured on the first rows, :data:`EXPECTED_SPEEDUP` and a cold compile
+  eager time the stream measures on its first chunks (rows kept where the member stays eager;
+  ``ChunkSizer.time_too``), :data:`EXPECTED_SPEEDUP` and a cold compile
   (:data:`COLD_SECONDS`). A run of fewer than :data:`MIN_INPUTS` inputs does not measure.
 - A compiled member runs one chunk shape (``forward_batch``, the last chunk padded; no chunk
   size or layout trial, whose every size would compile again), so it compiles once per view
@@ -59,6 +60,7 @@ class CompileChoice:
 
     compiled: Any = None
     note: str = ""
+    pending: bool = False  # auto, decided once the stream has timed the eager forward
 
 
 def may_compile(setting: bool | str, device: torch.device, inputs: int) -> bool:
@@ -70,7 +72,9 @@ def choose_compile(
     plan: Plan, w: MemberWork, runner: Runner, device: torch.device, workers: int, inputs: int
 ) -> CompileChoice:
     """Decides, checks where needed, and returns the member's forward (see the module); called
-    where :func:`may_compile`."""
+    where :func:`may_compile`. ``auto`` where this model's eager time on this machine is not
+    remembered returns ``pending``: the stream times it on its first chunks, whose rows are kept
+    where the member stays eager, and decides then (:func:`compile_on_trial`)."""
     setting = plan.cfg.runtime.compile
     if ragged(plan, w.member):
         return CompileChoice(note="eager: not compiled (its outputs are lists of boxes, with no element-wise check)")
@@ -78,16 +82,46 @@ def choose_compile(
     rec = decisions.recall_verdict(plan.cache_root, k)
     if rec is not None and rec["ran_in"] == "eager":  # failed or disagreed before on this machine
         return CompileChoice(note=str(rec.get("note", "")))
+    if rec is None and setting == "auto":
+        return CompileChoice(pending=True)
     eager_store: dict[str, np.ndarray] | None = None
     batches = None
-    if rec is None:  # the eager time, measured once per model and machine (remembered, compiled or not)
+    if rec is None:  # compile: true: the eager time, measured once per model and machine
         batches = first_batches(plan, [w.member], workers, device, rows=_rows(w, runner))
         eager_store, eager_s = _timed_pass(plan, w, runner, batches, runner.precision)
         rec = {"ran_in": "untried", "eager_s": eager_s}
         decisions.remember_verdict(plan.cache_root, k, rec)
+    return _choose(plan, w, runner, device, workers, inputs, k, rec, batches, eager_store)
+
+
+def compile_on_trial(plan: Plan, w: MemberWork, runner: Runner, device: torch.device, workers: int) -> CompileChoice:
+    """``auto``, once the stream's first chunks timed the eager forward in the configuration
+    its trial decided (or the one given): that time, remembered for this model and machine,
+    against the compile; a member compiled now computes its rows on trial again, compiled."""
+    eager_s = runner.sizer.per_input()
+    if eager_s is None:
+        return CompileChoice(note="eager: not compiled (the test set ended before the eager forward was timed)")
+    k = record_key(w, runner, device)
+    rec = {"ran_in": "untried", "eager_s": eager_s}
+    decisions.remember_verdict(plan.cache_root, k, rec)
+    return _choose(plan, w, runner, device, workers, w.compile_pending, k, rec)
+
+
+def _choose(
+    plan: Plan,
+    w: MemberWork,
+    runner: Runner,
+    device: torch.device,
+    workers: int,
+    inputs: int,
+    k: str,
+    rec: dict[str, Any],
+    batches: list | None = None,
+    eager_store: dict[str, np.ndarray] | None = None,
+) -> CompileChoice:
     est = {"compiled_s": float(rec["eager_s"]) / EXPECTED_SPEEDUP, "compile_s": COLD_SECONDS[device.type], **rec}
     gain = inputs * (float(est["eager_s"]) - float(est["compiled_s"]))
-    if setting == "auto" and gain <= float(est["compile_s"]):
+    if plan.cfg.runtime.compile == "auto" and gain <= float(est["compile_s"]):
         return CompileChoice(
             note=f"eager: compiling (about {float(est['compile_s']):.0f}s) would not repay itself on {inputs} inputs "
             f"(about {gain:.0f}s saved)"

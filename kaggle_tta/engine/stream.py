@@ -24,12 +24,12 @@ import torch
 from kaggle_tta.cache import locked
 from kaggle_tta.config.errors import DataError
 from kaggle_tta.engine.assembly import assemble_members
-from kaggle_tta.engine.compiling import choose_compile, may_compile
+from kaggle_tta.engine.compiling import choose_compile, compile_on_trial, may_compile
 from kaggle_tta.engine.device import resolve_workers
 from kaggle_tta.engine.pending import check_space, pending_work
 from kaggle_tta.engine.phases import phase, say
 from kaggle_tta.engine.plan import Plan
-from kaggle_tta.engine.precision import choose_precisions
+from kaggle_tta.engine.precision import PROBE_INPUTS, choose_precisions
 from kaggle_tta.engine.stats import RunStats
 from kaggle_tta.exec import decisions as tuning
 from kaggle_tta.exec.chunks import ChunkSizer, layout_candidates, sizes_text
@@ -210,7 +210,7 @@ def _build_runners(
         if known is not None:
             sizer = ChunkSizer(known[0], known[0], (known[1],))
         inputs = _inputs_to_forward(plan, w)
-        w.runner = None
+        w.runner, w.compile_pending = None, 0
         if may_compile(rt.compile, device, inputs):
             fixed = sizer
             if sizer.measuring:  # compiled: one chunk shape, untimed
@@ -225,6 +225,7 @@ def _build_runners(
                 w.runner, sizer = runner, fixed
             else:
                 model.to(memory_format=torch.contiguous_format)  # the eager runner starts from this layout
+            w.compile_pending = inputs if choice.pending else 0
         w.runner = w.runner or _runner(plan, w, model, precision, sizer, device)
         if sizer.measuring and not sizer.repays(inputs):
             size, cl = sizer.untimed()
@@ -232,6 +233,8 @@ def _build_runners(
                 f"{w.member.name}: {inputs} inputs to forward, too few to repay a chunk-size and layout trial: "
                 f"chunk {size}, {_layout(cl)}"
             )
+        if w.compile_pending:  # the eager forward timed on the first chunks decides (their rows kept if eager)
+            sizer.time_too(max(PROBE_INPUTS, 2 * sizer.current))
 
 
 def _runner(
@@ -243,7 +246,7 @@ def _runner(
 def _trial_rows(plan: Plan, pending: list[MemberWork]) -> int:
     """Rows enough for every member's chunk-size and layout trial (0: none on trial)."""
     rows = [
-        math.ceil(w.runner.sizer.trial_inputs() / max(1, len(w.views)))
+        math.ceil(w.runner.sizer.inputs_on_trial() / max(1, len(w.views)))
         for w in pending
         if w.runner is not None and w.runner.sizer.measuring
     ]
@@ -282,34 +285,55 @@ def decision_key(w: MemberWork, precision: str, device: torch.device, plan: Plan
 
 
 class _Trials:
-    """Members whose chunk size or layout is on trial: the first row each computed on trial,
-    and its forwards before that row (rows on trial are computed again, and counted once)."""
+    """Members whose chunk size or layout is on trial, or whose eager forward is being timed
+    for ``compile: auto``: the first row each computed on trial, and its forwards before that
+    row. At the end each view's rows on trial are kept where all of them ran in the decided
+    configuration, and computed again otherwise (counted once)."""
 
     def __init__(self) -> None:
         self.first: dict[int, int] = {}  # id(member work) -> its first row computed on trial
         self.counted: dict[int, Forwards] = {}
+        self.starts: dict[int, dict[str, int]] = {}  # ... each view's first row on trial
+        self.tried: dict[int, bool] = {}  # ... whether a chunk size or layout was on trial (else only timed)
 
     def note(self, w: MemberWork, lo: int, hi: int) -> None:
         todo = w.todo(lo, hi)
         if todo and w.runner is not None and w.runner.sizer.measuring and id(w) not in self.first:
             self.first[id(w)] = min(first for _, first in todo)  # a member with no rows yet does not hold others
             self.counted[id(w)] = dataclasses.replace(w.forwards)
+            self.starts[id(w)] = {v.name: max(lo, w.start[v.name]) for v in w.views}
+            sizer = w.runner.sizer
+            self.tried[id(w)] = bool(sizer.trials) or not sizer.layout_settled
+            w.configs = {}
 
     def deciding(self, pending: list[MemberWork]) -> list[MemberWork]:
         return [w for w in pending if id(w) in self.first]
 
-    def settle(self, deciding: list[MemberWork], plan: Plan, device: torch.device) -> int:
-        """Each deciding member takes its decision (remembered for this machine) and rewinds to
-        its first row on trial; returns the row the stream starts again from."""
+    def settle(self, deciding: list[MemberWork], plan: Plan, device: torch.device) -> tuple[int, int]:
+        """Each deciding member takes its decisions (remembered for this machine), then keeps
+        its views' rows on trial that all ran in the decided configuration and rewinds the
+        others to its first row on trial; returns (the first row on trial, the row the stream
+        starts again from: rows before it are complete, to be committed)."""
         for w in deciding:
             assert w.runner is not None
             size, channels_last = w.runner.sizer.decide()
-            tuning.remember(plan.cache_root, decision_key(w, w.runner.precision, device, plan), size, channels_last)
-            w.rewind(self.first[id(w)])
+            if self.tried[id(w)]:
+                tuning.remember(plan.cache_root, decision_key(w, w.runner.precision, device, plan), size, channels_last)
+            if w.compile_pending:
+                choice = compile_on_trial(plan, w, w.runner, device, 0)  # its check decodes a few rows in-process
+                w.compile_pending, w.compile_note = 0, choice.note
+                if choice.note:
+                    say(f"{w.member.name}: {choice.note}")
+            decided = (w.runner.sizer.current, w.runner.sizer.channels_last, w.runner.compiled is not None)
+            keep = frozenset(v for v, ran in w.configs.items() if ran == {decided}) if w.gate is None else frozenset()
+            w.rewind(self.first[id(w)], keep)
             w.forwards = self.counted[id(w)]
-        row = min(self.first.values())
+            for v in keep:  # rows kept are counted here, as the stream would have counted them
+                rows = w.start[v] - self.starts[id(w)][v]
+                w.forwards.run, w.forwards.full = w.forwards.run + rows, w.forwards.full + rows
+        first, row = min(self.first.values()), min(w.first_row for w in deciding)
         self.first.clear()
-        return row
+        return first, row
 
 
 def _stream(
@@ -354,7 +378,12 @@ def _stream(
                     bar.set_postfix_str("timing chunk sizes and layouts")
                     phase("timing chunk sizes and layouts")
                     continue
-                batches = loader(trials.settle(deciding, plan, device))
+                first, row = trials.settle(deciding, plan, device)
+                for w in pending:  # rows kept: every view's rows before ``row`` are complete
+                    w.entry.commit()
+                stats.rows_computed += max(0, row - first)
+                bar.update(max(0, row - first))
+                batches = loader(row)
                 phase("streaming (the decided chunk size and layout)")
                 continue
             for w in pending:

@@ -23,7 +23,13 @@ class ChunkSizer:
       in fp32, where it depends on the model: measured 0.7x the time for resnet18 and
       efficientnet_b0 but 1.1x for convnext_nano on this project's CPUs), at the chunk size
       in use: each layout runs a warm-up chunk and then at least 32 timed inputs, and the
-      faster per input is kept.
+      faster per input is kept;
+    - then, where :meth:`time_too` asked (``compile: auto`` deciding from the eager time), the
+      decided configuration's time per input over at least that many inputs more, unless a
+      trial timed it already (:meth:`per_input`).
+
+    The configuration each chunk ran in is :meth:`config`: rows computed in the one finally
+    decided are kept, the others computed again (engine.stream).
     """
 
     CANDIDATES = (8, 16, 32, 64, 128)
@@ -46,6 +52,9 @@ class ChunkSizer:
         self.channels_last = self.layouts[0]
         self.layout_timing: dict[bool, list[float]] = {}  # layout -> [inputs, seconds]
         self.layout_warm = False
+        self.wanted = 0  # time_too: inputs of the decided configuration still to time
+        self.plain: list[float] = [0.0, 0.0]  # ... timed so far: [inputs, seconds]
+        self.plain_warm = False
         if self.auto:
             self.trials = [c for c in self.CANDIDATES if c <= self.ceiling] or [self.ceiling]
             self.timing: dict[int, list[float]] = defaultdict(list)  # size -> [inputs, seconds]
@@ -58,13 +67,44 @@ class ChunkSizer:
     @property
     def measuring(self) -> bool:
         """True while reports decide something (then CUDA work is synchronized before timing)."""
-        return not self.layout_settled or bool(self.trials)
+        return not self.layout_settled or bool(self.trials) or self._timing_left
+
+    @property
+    def _timing_left(self) -> bool:
+        return self.plain[0] < self.wanted and self._trial_per_input() is None
+
+    def config(self) -> tuple[int, bool]:
+        """What a chunk runs in now: (chunk size, channels_last)."""
+        return self.current, self.channels_last
+
+    def time_too(self, inputs: int) -> None:
+        """Also times the decided configuration (after the trials, if any) over at least
+        ``inputs`` inputs after a warm-up chunk, unless a trial measures it on the way."""
+        self.wanted = inputs
+
+    def per_input(self) -> float | None:
+        """The decided configuration's seconds per input, as timed (None: not timed)."""
+        trial = self._trial_per_input()
+        return trial if trial is not None else self.plain[1] / self.plain[0] if self.plain[0] else None
+
+    def _trial_per_input(self) -> float | None:
+        """... as the chunk-size or layout trial timed it, where it did."""
+        rec = self.layout_timing.get(self.channels_last) if len(self.layout_timing) > 1 else None
+        if rec is None and self.auto:
+            rec = self.timing.get(self.current)
+        return rec[1] / rec[0] if rec and rec[0] else None
 
     def report(self, n: int, seconds: float) -> None:
         if self.trials:
             self._report_size(n, seconds)
         elif not self.layout_settled:
             self._report_layout(n, seconds)
+        elif self._timing_left:
+            if not self.plain_warm:
+                self.plain_warm = True  # its first chunk pays one-off costs
+            else:
+                self.plain[0] += n
+                self.plain[1] += seconds
 
     def _report_layout(self, n: int, seconds: float) -> None:
         if not self.layout_warm:  # a layout's first chunk pays its one-off costs (kernel choice)
@@ -115,6 +155,13 @@ class ChunkSizer:
         layouts = 0 if self.layout_settled else len(self.layouts) * (c + max(self.LAYOUT_INPUTS, 2 * c))
         return sizes + layouts
 
+    def inputs_on_trial(self) -> int:
+        """:meth:`trial_inputs` and the decided configuration's timing still to run (its rows
+        are kept where nothing else changes: they do not count against a trial's repay)."""
+        settled = self.layout_settled and not self.trials  # else the trial times it on the way
+        timed = self.current + self.wanted - int(self.plain[0]) if settled and self._timing_left else 0
+        return self.trial_inputs() + timed
+
     def repays(self, inputs: int) -> bool:
         """Whether ``inputs`` to forward repay the trials (:data:`REPAY`)."""
         return inputs >= self.REPAY * self.trial_inputs()
@@ -151,13 +198,14 @@ class ChunkSizer:
                 if len(timed_l) == len(self.layouts)
                 else self.layouts[0]
             )
+        self.wanted = 0
         return self.current, self.channels_last
 
     def shrink(self, failed: int | None = None) -> None:
         """After out-of-memory on a chunk of ``failed`` inputs: half of it (or of the current size)."""
         self.current = max(1, min(self.current, failed or self.current) // 2)
         self.ceiling = self.current
-        self.trials = []
+        self.trials, self.wanted = [], 0
         self.settle_layout(self.channels_last)  # out of memory mid-trial: keep the layout in use
 
 

@@ -79,6 +79,7 @@ class Runner:
         self.compile_failure = ""  # ... where it failed at run time: eager since, and why
         self.chunk_times: list[tuple[tuple[int, ...], float]] | None = None  # (input shape, seconds) per chunk
         self._layout = False  # the model's current memory format: channels_last or not
+        self.last_config: tuple[int, bool, bool] = (0, False, False)  # the last chunk's (size, layout, compiled)
         self._set_layout(sizer.channels_last)
 
     def _set_layout(self, channels_last: bool) -> None:
@@ -124,6 +125,7 @@ class Runner:
         measuring = self.sizer.measuring
         t0 = time.perf_counter()
         out = self._call(x)
+        self.last_config = (self.sizer.current, self._layout, self.compiled is not None)
         if measuring or self.chunk_times is not None:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -200,10 +202,12 @@ class Piece:
 
 @dataclass
 class ViewLog:
-    """Per view, this batch's forward seconds and chunks recomputed in fp32."""
+    """Per view, this batch's forward seconds, chunks recomputed in fp32, and the runner's
+    configurations its chunks ran in (``Runner.last_config``)."""
 
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     recomputed: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    configs: dict[str, set] = field(default_factory=lambda: defaultdict(set))
 
 
 Slot = tuple[str, int, int, int]  # (view, first row of the piece's slice, rows, offset in the chunk)
@@ -232,6 +236,7 @@ def run_chunks(
         for view, _, count, _ in slots:
             log.seconds[view] += dt * count / x.shape[0]
             log.recomputed[view] += runner.last_recomputed
+            log.configs[view].add(runner.last_config)
         buf, slots, filled, t0 = [], [], 0, time.perf_counter()
 
     for piece in pieces:
@@ -282,6 +287,8 @@ class MemberWork:
     first_values: Callable[[int, int], np.ndarray] | None = None  # the gate's first view, rows lo:hi as cached
     forwards: Forwards = field(default_factory=Forwards)  # rows forwarded, against plain TTA's
     compile_note: str = ""  # runtime.compile: compiled or eager, and why (engine.compiling)
+    compile_pending: int = 0  # runtime.compile auto: the run's inputs, deciding from the eager time on trial
+    configs: dict[str, set] = field(default_factory=dict)  # view -> configurations its rows ran in (ViewLog)
     _sent: tuple | None = None  # ((lo, hi), the gate's rows of that batch): scored once per batch
 
     def gated(self, view: str) -> bool:
@@ -351,12 +358,12 @@ class MemberWork:
         starts = list(self.start.values()) + ([self.sizes_from] if self.sizes_from is not None else [])
         return min(starts)
 
-    def rewind(self, row: int) -> None:
-        """Makes every view compute rows from ``row`` on again (rows computed while the chunk
-        size or layout was still on trial: recomputed in the decided one, so that every row
-        of a run comes from one configuration)."""
+    def rewind(self, row: int, keep: frozenset[str] = frozenset()) -> None:
+        """Makes every view but those in ``keep`` compute rows from ``row`` on again (rows
+        computed while the chunk size or layout was still on trial: recomputed in the decided
+        one, so that every row of a run comes from one configuration)."""
         for v in self.views:
-            if self.start[v.name] > row:
+            if self.start[v.name] > row and v.name not in keep:
                 self.start[v.name] = row
                 self.store[v.name] = self.entry.rewind(v.name, row)
                 if self.gated(v.name):
@@ -398,5 +405,6 @@ class MemberWork:
             if self.start[v.name] < hi:
                 self.start[v.name] = hi
                 self.entry.record(v.name, hi, log.seconds[v.name], log.recomputed[v.name])
+                self.configs.setdefault(v.name, set()).update(log.configs.get(v.name, ()))
                 if self.gated(v.name):
                     self.entry.record(held_name(v.name), hi, 0.0)
