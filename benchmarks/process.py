@@ -9,6 +9,7 @@ the first: its phase lines show what it checked or timed again (nothing, where i
 
     python3 benchmarks/run.py --out X --only process --process-images 60,512
     python3 benchmarks/process.py 60 512        # alone, printing the figures
+    python3 benchmarks/process.py 5000 --first-only   # no second run (about 20 minutes a run here)
 """
 
 from __future__ import annotations
@@ -79,14 +80,15 @@ def _timed(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
     return wall, done.stderr
 
 
-def measure(n: int, runs: Path) -> dict[str, Any]:
-    """One size: the first kaggle-tta run, the plain loop, the second kaggle-tta run."""
+def measure(n: int, runs: Path, second: bool = True) -> dict[str, Any]:
+    """One size: the first kaggle-tta run, the plain loop, the second kaggle-tta run (not
+    where ``second`` is false: at 5 000 images each run takes about 20 minutes here)."""
     work = runs / f"process-{n}"
     work.mkdir(parents=True, exist_ok=True)
     ckpt = write_checkpoint(runs / "resnet18.safetensors")
     classes = write_classes(runs / "classes.txt")
     first_imgs = write_photo_jpegs(work / "images-a", n, seed=1)
-    other_imgs = write_photo_jpegs(work / "images-b", n, seed=2)
+    other_imgs = write_photo_jpegs(work / "images-b", n, seed=2) if second else first_imgs
     env = dict(os.environ, PYTHONPATH=str(REPO), NO_ALBUMENTATIONS_UPDATE="1")
     env["KAGGLE_TTA_TUNING_DIR"] = str(work / f"decisions-{time.time_ns()}")  # a machine that decided nothing
     env["TORCHINDUCTOR_CACHE_DIR"] = str(work / f"inductor-{time.time_ns()}")
@@ -96,8 +98,11 @@ def measure(n: int, runs: Path) -> dict[str, Any]:
     plain = work / "plain.py"
     plain.write_text(PLAIN)
     res["plain_s"], _ = _timed([sys.executable, str(plain), str(first_imgs), str(ckpt), str(work / "plain.csv")], env)
-    p2 = _pipeline(work / "b.yaml", other_imgs, classes, ckpt, work / f"cache-b-{time.time_ns()}", work / "b.csv")
-    res["second_s"], err2 = _timed([sys.executable, "-m", "kaggle_tta", "run", str(p2)], env)
+    err2 = ""
+    if second:
+        p2 = _pipeline(work / "b.yaml", other_imgs, classes, ckpt, work / f"cache-b-{time.time_ns()}", work / "b.csv")
+        res["second_s"], err2 = _timed([sys.executable, "-m", "kaggle_tta", "run", str(p2)], env)
+    res["first_phases"] = [x for x in err1.splitlines() if x.startswith("kaggle-tta:") or x.startswith("  ")][-60:]
     res["first_time_line"] = next((x for x in err1.splitlines() if "kaggle-tta: time:" in x), "")
     res["second_time_line"] = next((x for x in err2.splitlines() if "kaggle-tta: time:" in x), "")
     res["first_decisions"] = [x for x in err1.splitlines() if any(w in x for w in TRIAL_WORDS) or "too few" in x]
@@ -133,9 +138,10 @@ def process_report(res: dict[str, Any], goals: list, med: Any) -> list[str]:
     for r in rows:
         ratio = r["kaggle_tta_s"] / r["plain_s"]
         again = "; ".join(x.split("] ", 1)[-1] for x in r["second_decisions"]) or "nothing"
+        second = f"{r['second_s']:.1f} s" if "second_s" in r else "not run"
         L.append(
             f"| {r['images']} | {r['kaggle_tta_s']:.1f} s | {r['plain_s']:.1f} s | {ratio:.2f}x | "
-            f"{r['second_s']:.1f} s | {again} |"
+            f"{second} | {again if 'second_s' in r else ''} |"
         )
         goal = 1.1 if r["images"] < 512 else 1.0
         goals.append(
@@ -157,6 +163,7 @@ def process_report(res: dict[str, Any], goals: list, med: Any) -> list[str]:
 if __name__ == "__main__":
     import tempfile
 
+    args = [a for a in sys.argv[1:] if a != "--first-only"]  # --first-only: no second run on new images
     with tempfile.TemporaryDirectory() as tmp:
-        for n in [int(x) for x in sys.argv[1:]] or [60]:
-            print(json.dumps(measure(n, Path(tmp)), indent=1), flush=True)
+        for n in [int(x) for x in args] or [60]:
+            print(json.dumps(measure(n, Path(tmp), "--first-only" not in sys.argv), indent=1), flush=True)

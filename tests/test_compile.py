@@ -176,3 +176,21 @@ def test_a_compile_that_fails_later_goes_on_eager(pipeline, tmp_path, recording,
     assert not m.compiled and m.compile_note.startswith("eager: torch.compile failed (BackendCompilerFailed"), m
     a = pd.read_csv(first.blend.path).drop(columns="id").to_numpy()
     np.testing.assert_allclose(pd.read_csv(later.blend.path).drop(columns="id").to_numpy(), a, atol=1e-6)
+
+
+def test_a_store_moves_to_a_machine_of_its_kind(tmp_path, monkeypatch):
+    """export writes the store (records and inductor's programs); adopt takes in what the
+    store here lacks and keeps its own record where both have one."""
+    from kaggle_tta.exec import decisions
+
+    decisions.remember_verdict(tmp_path / "c", "a", {"ran_in": "compiled", "compile_s": 20.0})
+    (decisions.home() / decisions.INDUCTOR / "x").mkdir(parents=True)
+    (decisions.home() / decisions.INDUCTOR / "x" / "program").write_text("compiled")
+    assert decisions.export(tmp_path / "out") == 1
+    monkeypatch.setenv("KAGGLE_TTA_TUNING_DIR", str(tmp_path / "next-machine"))
+    decisions.remember_verdict(tmp_path / "d", "a", {"ran_in": "eager", "note": "its own"})
+    (tmp_path / "out" / "decisions.json").write_text('{"a": {"ran_in": "compiled"}, "b": {"ran_in": "fp32"}}')
+    assert decisions.adopt(tmp_path / "out") == 1
+    assert decisions.recall_verdict(tmp_path / "e", "a") == {"ran_in": "eager", "note": "its own"}
+    assert decisions.recall_verdict(tmp_path / "e", "b") == {"ran_in": "fp32"}
+    assert (tmp_path / "next-machine" / decisions.INDUCTOR / "x" / "program").read_text() == "compiled"

@@ -364,8 +364,18 @@ def test_notebook_finds_the_competition_data_wherever_it_is_mounted(kernel_demo_
     ids = sorted((p.stem for p in (comp / "test").glob("*.png")), reverse=True)
     (comp / "sample_submission.csv").write_text("id,label\n" + "".join(f"{i},circle\n" for i in ids))
     (kaggle / "working").mkdir()
+    # an earlier version's output attached: its decisions and compiled programs are adopted, and saved again
+    earlier = kaggle / "input" / "my-notebook" / "kaggle-tta-decisions"
+    (earlier / "inductor" / "fxgraph").mkdir(parents=True)
+    (earlier / "decisions.json").write_text(json.dumps({"from-an-earlier-run": {"ran_in": "fp32"}}))
+    (earlier / "inductor" / "fxgraph" / "program").write_text("compiled")
+    monkeypatch.setenv("KAGGLE_TTA_TUNING_DIR", str(tmp_path / "the-image-store"))
     _run_notebook_here(kdir, kaggle, monkeypatch)
     out = capsys.readouterr().out
+    assert f"decisions: 1 record(s) adopted from {earlier}" in out
+    saved = kaggle / "working" / "kaggle-tta-decisions"
+    assert "from-an-earlier-run" in json.loads((saved / "decisions.json").read_text())
+    assert (saved / "inductor" / "fxgraph" / "program").read_text() == "compiled"
     assert f"competition data: {comp}" in out
     assert "data.labels.path" in out and "not used" in out
     assert "warning: no dataset named 'kaggle-tta-bundle'" in out

@@ -50,8 +50,9 @@ class RuntimeConfig(Section):
     the compiled program cached on disk, see docs/reference.md). Its output is checked against
     the eager forward in fp32 on the first rows, as ``precision: auto`` is; a member that fails
     to compile or disagrees runs eager, with one line saying why. auto: where the run's forward
-    time, estimated from a timed eager pass, repays the compile time (and what a compile of this
-    model on this machine measured before)."""
+    time, estimated from the eager time of the stream's first chunks (kept where it stays
+    eager), repays the compile time (and what a compile of this model on this machine measured
+    before)."""
     threads: int | None = None
     """torch intra-op threads on the CPU (at least 1); null: torch's own choice."""
     devices: int | Literal["all"] = 1

@@ -237,7 +237,7 @@ def compiled_model(model: torch.nn.Module) -> Any:
 
     # torch writes its default into the environment when first asked; a folder the user chose stays
     if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, os.path.abspath(default_cache_dir())):
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(decisions.home() / "inductor")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(decisions.home() / decisions.INDUCTOR)
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found"
     import torch._dynamo
 

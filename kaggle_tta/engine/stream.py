@@ -349,10 +349,11 @@ def _stream(
 ) -> None:
     """Batches through every pending member's step, committed as each finishes.
 
-    Rows computed while a member's chunk size or layout is still on trial are not committed:
-    once every trial has decided (or the test set ends), those members rewind to the first
-    such row and compute it again in the decided configuration, so every row of the cache
-    comes from one configuration and two runs give the same numbers.
+    Rows computed while a member's chunk size or layout is still on trial (or its eager time
+    timed for ``compile: auto``) are not committed: once every trial has decided (or the test
+    set ends), each view whose rows on trial all ran in the decided configuration keeps them,
+    the others rewind to the first such row and compute it again in the decided one, so every
+    row of the cache comes from one configuration and two runs give the same numbers.
     """
     task, n = plan.task, len(plan.testset)
     phase(f"streaming {n - start} item(s) through {len(pending)} member(s)")

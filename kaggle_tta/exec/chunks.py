@@ -14,8 +14,7 @@ def sizes_text(sizes: list[int]) -> str:
 
 
 class ChunkSizer:
-    """One member's forward tuning, decided on its first chunks (their outputs are kept;
-    nothing is computed twice):
+    """One member's forward tuning, decided on its first chunks:
 
     - the chunk size, when ``forward_batch: auto``: sizes 8..128 are timed in turn (in the
       first layout) and the fastest per input is kept;
@@ -38,10 +37,10 @@ class ChunkSizer:
     """The chunk size where ``auto`` is not timed (a run too small to repay the trial)."""
     REPAY = 10
     """Trials run only where the inputs to forward are at least this many times the trial's own
-    (rows computed on trial, at least a loader batch of them, are computed again in the decided
-    configuration). Untimed, the layout is channels_last, the faster for most networks, so a
-    trial gains only where a model prefers the other: convnext_nano measured 1.1x, a 10% gain
-    that repays the trial from 10 times its inputs on. (The stream cuts its first loader batch
+    (rows computed on trial in a configuration that lost are computed again in the decided
+    one). Untimed, the layout is channels_last, the faster for most networks, so a trial gains
+    only where a model prefers the other: convnext_nano measured 1.1x, a 10% gain that repays
+    the trial from 10 times its inputs on. (The stream cuts its first loader batch
     where the trial ends: measured with a whole batch of 512 inputs computed again, resnet18
     d4 on 512 photos, the trial cost 16.6 s of a 156.5 s run on the 2-core EPYC.)"""
 

@@ -9,6 +9,12 @@ run with that key reuses it without timing — in this machine's store
 (``$KAGGLE_TTA_TUNING_DIR``, else ``$XDG_CACHE_HOME/kaggle-tta``, else
 ``~/.cache/kaggle-tta``), so that two runs into fresh caches decide alike, and beside the
 cache (``<cache>/.tuning``), so that a cache moved with its decisions keeps them.
+
+:func:`adopt` and :func:`export` carry a store, with inductor's compiled programs kept in it
+(engine.compiling), from one machine to the next of its kind: the Kaggle notebook saves its
+store as output and adopts the one an earlier version saved. Every key names the machine and
+(for compiles) the torch version, and inductor checks its own, so nothing decided on other
+hardware is ever used.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -131,3 +138,35 @@ def _store(cache_root: Path, k: str, record: dict[str, Any]) -> None:
                 atomic_write_bytes(folder / _FILE, json.dumps(data, indent=1, sort_keys=True).encode("utf-8"))
         except (OSError, KaggleTTAError):
             pass
+
+
+INDUCTOR = "inductor"
+"""The folder of a store where inductor keeps its programs (``$TORCHINDUCTOR_CACHE_DIR`` by default)."""
+
+
+def adopt(src: Path) -> int:
+    """Takes into this machine's store what the store ``src`` holds and it lacks (records kept
+    where both have one) and inductor's programs; returns how many records were new."""
+    dest = home()
+    theirs = _read(Path(src))
+    with locked([dest]):
+        mine = _read(dest)
+        new = {k: v for k, v in theirs.items() if k not in mine}
+        if new:
+            atomic_write_bytes(dest / _FILE, json.dumps({**mine, **new}, indent=1, sort_keys=True).encode("utf-8"))
+    if (Path(src) / INDUCTOR).is_dir():
+        shutil.copytree(Path(src) / INDUCTOR, dest / INDUCTOR, dirs_exist_ok=True)
+    return len(new)
+
+
+def export(dest: Path) -> int:
+    """Writes this machine's store (its records and inductor's programs) to ``dest``, replacing
+    what was there; returns the number of records."""
+    src, dest = home(), Path(dest)
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    data = _read(src)
+    atomic_write_bytes(dest / _FILE, json.dumps(data, indent=1, sort_keys=True).encode("utf-8"))
+    if (src / INDUCTOR).is_dir():
+        shutil.copytree(src / INDUCTOR, dest / INDUCTOR, ignore=shutil.ignore_patterns("*.lock", "*.tmp*"))
+    return len(data)
