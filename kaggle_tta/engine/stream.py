@@ -309,6 +309,11 @@ class _Trials:
     def deciding(self, pending: list[MemberWork]) -> list[MemberWork]:
         return [w for w in pending if id(w) in self.first]
 
+    def what(self, deciding: list[MemberWork]) -> str:
+        if any(self.tried[id(w)] for w in deciding):
+            return "timing chunk sizes and layouts"
+        return "timing the eager forward (compile: auto)"
+
     def settle(self, deciding: list[MemberWork], plan: Plan, device: torch.device) -> tuple[int, int]:
         """Each deciding member takes its decisions (remembered for this machine), then keeps
         its views' rows on trial that all ran in the decided configuration and rewinds the
@@ -376,8 +381,9 @@ def _stream(
             deciding = trials.deciding(pending)
             if deciding:
                 if batch.hi < n and any(w.runner is not None and w.runner.sizer.measuring for w in deciding):
-                    bar.set_postfix_str("timing chunk sizes and layouts")
-                    phase("timing chunk sizes and layouts")
+                    what = trials.what(deciding)
+                    bar.set_postfix_str(what)
+                    phase(what)
                     continue
                 first, row = trials.settle(deciding, plan, device)
                 for w in pending:  # rows kept: every view's rows before ``row`` are complete
