@@ -9,7 +9,7 @@ the first: its phase lines show what it checked or timed again (nothing, where i
 
     python3 benchmarks/run.py --out X --only process --process-images 60,512
     python3 benchmarks/process.py 60 512        # alone, printing the figures
-    python3 benchmarks/process.py 5000 --first-only   # no second run (about 20 minutes a run here)
+    python3 benchmarks/process.py 5000 --first-only --dir D   # no second run (about 25 minutes a run here)
 """
 
 from __future__ import annotations
@@ -163,7 +163,10 @@ def process_report(res: dict[str, Any], goals: list, med: Any) -> list[str]:
 if __name__ == "__main__":
     import tempfile
 
-    args = [a for a in sys.argv[1:] if a != "--first-only"]  # --first-only: no second run on new images
+    # --first-only: no second run on new images; --dir DIR: work there (its images are reused), not in a temp folder
+    args = sys.argv[1:]
+    keep = args[args.index("--dir") + 1] if "--dir" in args else None
+    sizes = [int(a) for a in args if a.isdigit() and a != keep] or [60]
     with tempfile.TemporaryDirectory() as tmp:
-        for n in [int(x) for x in args] or [60]:
-            print(json.dumps(measure(n, Path(tmp), "--first-only" not in sys.argv), indent=1), flush=True)
+        for n in sizes:
+            print(json.dumps(measure(n, Path(keep or tmp), "--first-only" not in args), indent=1), flush=True)

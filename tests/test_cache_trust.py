@@ -425,12 +425,16 @@ def test_a_small_run_times_nothing_and_says_so(pipeline, tmp_path, monkeypatch, 
     assert not (tmp_path / "tuning" / "decisions.json").exists()
 
 
-def test_a_trial_computes_again_only_its_rows_in_the_losing_layout(pipeline, tmp_path, monkeypatch, trials_always):
+def test_a_trial_computes_again_only_the_views_that_ran_in_the_losing_layout(
+    pipeline, tmp_path, monkeypatch, trials_always
+):
     """24 images x d4 in one loader batch, the layout timed at chunks of 8 (a warm-up chunk and
-    32 inputs per layout: 80): the stream cuts the batch where the trial ends, and of the trial's
-    rows computes again only the views that ran in the losing layout (the first layout's 40
-    inputs, views 0-3 of 10 rows, or the second's), not the whole batch (384): the model sees
-    192 + 40 inputs, and every cached row comes from the decided layout."""
+    32 inputs per layout: 80 inputs, 10 rows): the stream cuts the batch after 16 rows (whole
+    chunks of every view), so each view's 16 inputs are two chunks: views 0-1 ran in the first
+    layout, view 2 in both, views 3-4 in the second, views 5-7 in the decided one. Only the three
+    views that touched the layout that lost are computed again (48 inputs), not the trial's
+    rows (80) or the whole batch (192): the model sees 192 + 48 inputs, and every cached row
+    comes from the decided layout."""
     import helpers
 
     from kaggle_tta.exec.chunks import ChunkSizer
@@ -440,16 +444,18 @@ def test_a_trial_computes_again_only_its_rows_in_the_losing_layout(pipeline, tmp
     cfg["members"][0]["factory"] = "helpers:input_counter"
     helpers.InputCounter.seen = 0
     stats = infer(write(cfg), progress=False)
-    trial = ChunkSizer(8, 8, (False, True)).trial_inputs()
-    assert trial == 80 and stats.members["l"].channels_last is not None
-    assert helpers.InputCounter.seen == 24 * 8 + trial // 2, helpers.InputCounter.seen
+    assert ChunkSizer(8, 8, (False, True)).trial_inputs() == 80 and stats.members["l"].channels_last is not None
+    assert helpers.InputCounter.seen == 24 * 8 + 3 * 16, helpers.InputCounter.seen
     assert _layout_flags(tmp_path) == {float(stats.members["l"].channels_last)}
 
 
-def test_two_clean_runs_give_byte_identical_caches(pipeline, tmp_path, monkeypatch, trials_always):
+@pytest.mark.parametrize("forward_batch", ["auto", 8])
+def test_two_clean_runs_give_byte_identical_caches(pipeline, tmp_path, monkeypatch, trials_always, forward_batch):
+    """The first run times chunk sizes and layouts (at a fixed chunk size, keeping the views
+    that ran in the decided layout); the second remembers and times nothing: the same bytes."""
     write, cfg = pipeline
     monkeypatch.setenv("KAGGLE_TTA_TUNING_DIR", str(tmp_path / "tuning"))
-    cfg["runtime"].update(channels_last="auto", forward_batch="auto")
+    cfg["runtime"].update(channels_last="auto", forward_batch=forward_batch)
     caches = []
     for k in range(2):
         cfg["cache"]["dir"] = str(tmp_path / f"cache{k}")

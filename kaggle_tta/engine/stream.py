@@ -244,13 +244,16 @@ def _runner(
 
 
 def _trial_rows(plan: Plan, pending: list[MemberWork]) -> int:
-    """Rows enough for every member's chunk-size and layout trial (0: none on trial)."""
-    rows = [
-        math.ceil(w.runner.sizer.inputs_on_trial() / max(1, len(w.views)))
-        for w in pending
-        if w.runner is not None and w.runner.sizer.measuring
-    ]
-    return max(rows, default=0)
+    """Rows enough for every member's chunk-size and layout trial (0: none on trial); at a fixed
+    chunk size, whole chunks of each view (rows a multiple of it), so that the views that ran
+    in the decided configuration can be kept (:meth:`_Trials.kept`)."""
+    rows = [0]
+    for w in pending:
+        if w.runner is not None and w.runner.sizer.measuring:
+            sizer = w.runner.sizer
+            r = math.ceil(sizer.inputs_on_trial() / max(1, len(w.views)))
+            rows.append(r if sizer.trials else -(-r // sizer.current) * sizer.current)
+    return max(rows)
 
 
 def _trial_first(batches: Iterator[Batch], at: int) -> Iterator[Batch]:
@@ -304,7 +307,7 @@ class _Trials:
             self.starts[id(w)] = {v.name: max(lo, w.start[v.name]) for v in w.views}
             sizer = w.runner.sizer
             self.tried[id(w)] = bool(sizer.trials) or not sizer.layout_settled
-            w.configs = {}
+            w.configs, w.inputs = {}, {}
 
     def deciding(self, pending: list[MemberWork]) -> list[MemberWork]:
         return [w for w in pending if id(w) in self.first]
@@ -314,11 +317,11 @@ class _Trials:
             return "timing chunk sizes and layouts"
         return "timing the eager forward (compile: auto)"
 
-    def settle(self, deciding: list[MemberWork], plan: Plan, device: torch.device) -> tuple[int, int]:
+    def settle(self, deciding: list[MemberWork], plan: Plan, device: torch.device, start: int) -> tuple[int, int]:
         """Each deciding member takes its decisions (remembered for this machine), then keeps
-        its views' rows on trial that all ran in the decided configuration and rewinds the
-        others to its first row on trial; returns (the first row on trial, the row the stream
-        starts again from: rows before it are complete, to be committed)."""
+        its views' rows on trial where :meth:`kept` allows and rewinds the others to its first
+        row on trial; returns (the first row on trial, the row the stream starts again from:
+        on the loader's grid from ``start``; rows before it are complete, to be committed)."""
         for w in deciding:
             assert w.runner is not None
             size, channels_last = w.runner.sizer.decide()
@@ -329,16 +332,43 @@ class _Trials:
                 w.compile_pending, w.compile_note = 0, choice.note
                 if choice.note:
                     say(f"{w.member.name}: {choice.note}")
-            decided = (w.runner.sizer.current, w.runner.sizer.channels_last, w.runner.compiled is not None)
-            keep = frozenset(v for v, ran in w.configs.items() if ran == {decided}) if w.gate is None else frozenset()
+            keep = self.kept(w, plan, start)
             w.rewind(self.first[id(w)], keep)
             w.forwards = self.counted[id(w)]
             for v in keep:  # rows kept are counted here, as the stream would have counted them
-                rows = w.start[v] - self.starts[id(w)][v]
+                rows = max(0, w.start[v] - self.starts[id(w)][v])
                 w.forwards.run, w.forwards.full = w.forwards.run + rows, w.forwards.full + rows
-        first, row = min(self.first.values()), min(w.first_row for w in deciding)
+        first, row, b = min(self.first.values()), min(w.first_row for w in deciding), plan.cfg.runtime.batch_size
         self.first.clear()
-        return first, row
+        return first, start + (row - start) // b * b
+
+    def kept(self, w: MemberWork, plan: Plan, start: int) -> frozenset[str]:
+        """The views of ``w`` whose rows on trial stay: those that computed none, and (unless
+        the member is gated: its gated views follow its first view's values) each whose inputs
+        on trial, one per row, all ran in full chunks of the decided configuration and are a
+        whole number of chunks, where the loader batch they lie in is whole chunks too. Every
+        input of the run is then forwarded in a chunk of the shape a run that decided nothing
+        gives it (convolutions of other batch shapes differ in the last bits: engine.shares);
+        a model's output for an input does not depend on the other inputs of its chunk."""
+        assert w.runner is not None
+        sizer, starts = w.runner.sizer, self.starts[id(w)]
+        untouched = {v.name for v in w.views if w.start[v.name] <= starts[v.name]}
+        b = plan.cfg.runtime.batch_size
+        grid = start + (self.first[id(w)] - start) // b * b
+        size = sizer.current
+        if w.gate is not None:
+            return frozenset()
+        if len(w.views) * min(b, len(plan.testset) - grid) % size:
+            return frozenset(untouched)
+        decided = {(size, sizer.channels_last, w.runner.compiled is not None)}
+        whole = {
+            v.name
+            for v in w.views
+            if w.configs.get(v.name) == decided
+            and w.inputs.get(v.name) == w.start[v.name] - starts[v.name]
+            and (w.start[v.name] - starts[v.name]) % size == 0
+        }
+        return frozenset(untouched | whole)
 
 
 def _stream(
@@ -385,7 +415,7 @@ def _stream(
                     bar.set_postfix_str(what)
                     phase(what)
                     continue
-                first, row = trials.settle(deciding, plan, device)
+                first, row = trials.settle(deciding, plan, device, start)
                 for w in pending:  # rows kept: every view's rows before ``row`` are complete
                     w.entry.commit()
                 stats.rows_computed += max(0, row - first)

@@ -79,7 +79,7 @@ class Runner:
         self.compile_failure = ""  # ... where it failed at run time: eager since, and why
         self.chunk_times: list[tuple[tuple[int, ...], float]] | None = None  # (input shape, seconds) per chunk
         self._layout = False  # the model's current memory format: channels_last or not
-        self.last_config: tuple[int, bool, bool] = (0, False, False)  # the last chunk's (size, layout, compiled)
+        self.last_config: tuple[int, bool, bool] = (0, False, False)  # the last chunk's (inputs, layout, compiled)
         self._set_layout(sizer.channels_last)
 
     def _set_layout(self, channels_last: bool) -> None:
@@ -125,7 +125,7 @@ class Runner:
         measuring = self.sizer.measuring
         t0 = time.perf_counter()
         out = self._call(x)
-        self.last_config = (self.sizer.current, self._layout, self.compiled is not None)
+        self.last_config = (x.shape[0], self._layout, self.compiled is not None)
         if measuring or self.chunk_times is not None:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -202,12 +202,13 @@ class Piece:
 
 @dataclass
 class ViewLog:
-    """Per view, this batch's forward seconds, chunks recomputed in fp32, and the runner's
-    configurations its chunks ran in (``Runner.last_config``)."""
+    """Per view, this batch's forward seconds, chunks recomputed in fp32, inputs forwarded and
+    the configurations its chunks ran in (``Runner.last_config``: inputs, layout, compiled)."""
 
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     recomputed: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     configs: dict[str, set] = field(default_factory=lambda: defaultdict(set))
+    inputs: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
 Slot = tuple[str, int, int, int]  # (view, first row of the piece's slice, rows, offset in the chunk)
@@ -237,6 +238,7 @@ def run_chunks(
             log.seconds[view] += dt * count / x.shape[0]
             log.recomputed[view] += runner.last_recomputed
             log.configs[view].add(runner.last_config)
+            log.inputs[view] += count
         buf, slots, filled, t0 = [], [], 0, time.perf_counter()
 
     for piece in pieces:
@@ -288,7 +290,8 @@ class MemberWork:
     forwards: Forwards = field(default_factory=Forwards)  # rows forwarded, against plain TTA's
     compile_note: str = ""  # runtime.compile: compiled or eager, and why (engine.compiling)
     compile_pending: int = 0  # runtime.compile auto: the run's inputs, deciding from the eager time on trial
-    configs: dict[str, set] = field(default_factory=dict)  # view -> configurations its rows ran in (ViewLog)
+    configs: dict[str, set] = field(default_factory=dict)  # view -> configurations its rows ran in (ViewLog) ...
+    inputs: dict[str, int] = field(default_factory=dict)  # ... and its inputs forwarded, since engine.stream reset them
     _sent: tuple | None = None  # ((lo, hi), the gate's rows of that batch): scored once per batch
 
     def gated(self, view: str) -> bool:
@@ -406,5 +409,6 @@ class MemberWork:
                 self.start[v.name] = hi
                 self.entry.record(v.name, hi, log.seconds[v.name], log.recomputed[v.name])
                 self.configs.setdefault(v.name, set()).update(log.configs.get(v.name, ()))
+                self.inputs[v.name] = self.inputs.get(v.name, 0) + log.inputs.get(v.name, 0)
                 if self.gated(v.name):
                     self.entry.record(held_name(v.name), hi, 0.0)
