@@ -100,7 +100,7 @@ def compile_on_trial(plan: Plan, w: MemberWork, runner: Runner, device: torch.de
     against the compile; a member compiled now computes its rows on trial again, compiled."""
     eager_s = runner.sizer.per_input()
     if eager_s is None:
-        return CompileChoice(note="eager: not compiled (the test set ended before the eager forward was timed)")
+        return CompileChoice(note="eager: not compiled (the eager forward was not timed: too few inputs, or memory)")
     k = record_key(w, runner, device)
     rec = {"ran_in": "untried", "eager_s": eager_s}
     decisions.remember_verdict(plan.cache_root, k, rec)
