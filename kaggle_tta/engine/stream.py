@@ -336,11 +336,15 @@ class _Trials:
             w.rewind(self.first[id(w)], keep)
             w.forwards = self.counted[id(w)]
             for v in keep:  # rows kept are counted here, as the stream would have counted them
-                rows = max(0, w.start[v] - self.starts[id(w)][v])
+                rows = self._rows(w, v)
                 w.forwards.run, w.forwards.full = w.forwards.run + rows, w.forwards.full + rows
-        first, row, b = min(self.first.values()), min(w.first_row for w in deciding), plan.cfg.runtime.batch_size
+        first, row = min(self.first.values()), min(w.first_row for w in deciding)
         self.first.clear()
-        return first, start + (row - start) // b * b
+        return first, _on_grid(row, start, plan.cfg.runtime.batch_size)
+
+    def _rows(self, w: MemberWork, view: str) -> int:
+        """Rows ``view`` of ``w`` computed on trial."""
+        return max(0, w.start[view] - self.starts[id(w)][view])
 
     def kept(self, w: MemberWork, plan: Plan, start: int) -> frozenset[str]:
         """The views of ``w`` whose rows on trial stay: those that computed none, and (unless
@@ -351,24 +355,27 @@ class _Trials:
         gives it (convolutions of other batch shapes differ in the last bits: engine.shares);
         a model's output for an input does not depend on the other inputs of its chunk."""
         assert w.runner is not None
-        sizer, starts = w.runner.sizer, self.starts[id(w)]
-        untouched = {v.name for v in w.views if w.start[v.name] <= starts[v.name]}
-        b = plan.cfg.runtime.batch_size
-        grid = start + (self.first[id(w)] - start) // b * b
-        size = sizer.current
         if w.gate is not None:
             return frozenset()
-        if len(w.views) * min(b, len(plan.testset) - grid) % size:
+        sizer, b = w.runner.sizer, plan.cfg.runtime.batch_size
+        untouched = {v.name for v in w.views if self._rows(w, v.name) == 0}
+        grid = _on_grid(self.first[id(w)], start, b)
+        if len(w.views) * min(b, len(plan.testset) - grid) % sizer.current:
             return frozenset(untouched)
-        decided = {(size, sizer.channels_last, w.runner.compiled is not None)}
+        decided = {(sizer.current, sizer.channels_last, w.runner.compiled is not None)}
         whole = {
             v.name
             for v in w.views
             if w.configs.get(v.name) == decided
-            and w.inputs.get(v.name) == w.start[v.name] - starts[v.name]
-            and (w.start[v.name] - starts[v.name]) % size == 0
+            and w.inputs.get(v.name) == self._rows(w, v.name)
+            and self._rows(w, v.name) % sizer.current == 0
         }
         return frozenset(untouched | whole)
+
+
+def _on_grid(row: int, start: int, batch_size: int) -> int:
+    """The first row of the loader batch (from ``start``) that holds ``row``."""
+    return start + (row - start) // batch_size * batch_size
 
 
 def _stream(

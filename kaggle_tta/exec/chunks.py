@@ -27,8 +27,8 @@ class ChunkSizer:
       decided configuration's time per input over at least that many inputs more, unless a
       trial timed it already (:meth:`per_input`).
 
-    The configuration each chunk ran in is :meth:`config`: rows computed in the one finally
-    decided are kept, the others computed again (engine.stream).
+    The configuration each chunk ran in is ``Runner.last_config``: rows computed in the one
+    finally decided are kept, the others computed again (engine.stream).
     """
 
     CANDIDATES = (8, 16, 32, 64, 128)
@@ -72,10 +72,6 @@ class ChunkSizer:
     def _timing_left(self) -> bool:
         return self.plain[0] < self.wanted and self._trial_per_input() is None
 
-    def config(self) -> tuple[int, bool]:
-        """What a chunk runs in now: (chunk size, channels_last)."""
-        return self.current, self.channels_last
-
     def time_too(self, inputs: int) -> None:
         """Also times the decided configuration (after the trials, if any) over at least
         ``inputs`` inputs after a warm-up chunk, unless a trial measures it on the way."""
@@ -84,7 +80,9 @@ class ChunkSizer:
     def per_input(self) -> float | None:
         """The decided configuration's seconds per input, as timed (None: not timed)."""
         trial = self._trial_per_input()
-        return trial if trial is not None else self.plain[1] / self.plain[0] if self.plain[0] else None
+        if trial is None and self.plain[0]:
+            return self.plain[1] / self.plain[0]
+        return trial
 
     def _trial_per_input(self) -> float | None:
         """... as the chunk-size or layout trial timed it, where it did."""

@@ -89,6 +89,10 @@ def key(member_key: str, precision: str, device: torch.device, rt: RuntimeConfig
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
+def _write(folder: Path, data: dict[str, Any]) -> None:
+    atomic_write_bytes(folder / _FILE, json.dumps(data, indent=1, sort_keys=True).encode("utf-8"))
+
+
 def _read(folder: Path) -> dict[str, Any]:
     try:
         data = json.loads((folder / _FILE).read_text(encoding="utf-8"))
@@ -135,7 +139,7 @@ def _store(cache_root: Path, k: str, record: dict[str, Any]) -> None:
             with locked([folder]):
                 data = _read(folder)
                 data[k] = record
-                atomic_write_bytes(folder / _FILE, json.dumps(data, indent=1, sort_keys=True).encode("utf-8"))
+                _write(folder, data)
         except (OSError, KaggleTTAError):
             pass
 
@@ -153,7 +157,7 @@ def adopt(src: Path) -> int:
         mine = _read(dest)
         new = {k: v for k, v in theirs.items() if k not in mine}
         if new:
-            atomic_write_bytes(dest / _FILE, json.dumps({**mine, **new}, indent=1, sort_keys=True).encode("utf-8"))
+            _write(dest, {**mine, **new})
     if (Path(src) / INDUCTOR).is_dir():
         shutil.copytree(Path(src) / INDUCTOR, dest / INDUCTOR, dirs_exist_ok=True)
     return len(new)
@@ -166,7 +170,7 @@ def export(dest: Path) -> int:
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
     data = _read(src)
-    atomic_write_bytes(dest / _FILE, json.dumps(data, indent=1, sort_keys=True).encode("utf-8"))
+    _write(dest, data)
     if (src / INDUCTOR).is_dir():
         shutil.copytree(src / INDUCTOR, dest / INDUCTOR, ignore=shutil.ignore_patterns("*.lock", "*.tmp*"))
     return len(data)
