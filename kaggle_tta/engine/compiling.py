@@ -7,7 +7,9 @@ For each member whose model runs dense outputs (classification scores, segmentat
   the figures this model measured on this machine before (kaggle_tta.exec.decisions), else the
   eager time the stream measures on its first chunks (rows kept where the member stays eager;
   ``ChunkSizer.time_too``), :data:`EXPECTED_SPEEDUP` and a cold compile
-  (:data:`COLD_SECONDS`). A run of fewer than :data:`MIN_INPUTS` inputs does not measure.
+  (:data:`COLD_SECONDS`); there, the inputs on trial that eager keeps and a compiled member
+  computes again count against the compile. A run of fewer than :data:`MIN_INPUTS` inputs
+  does not measure.
 - A compiled member runs one chunk shape (``forward_batch``, the last chunk padded; no chunk
   size or layout trial, whose every size would compile again), so it compiles once per view
   shape.
@@ -94,17 +96,20 @@ def choose_compile(
     return _choose(plan, w, runner, device, workers, inputs, k, rec, batches, eager_store)
 
 
-def compile_on_trial(plan: Plan, w: MemberWork, runner: Runner, device: torch.device, workers: int) -> CompileChoice:
+def compile_on_trial(
+    plan: Plan, w: MemberWork, runner: Runner, device: torch.device, workers: int, kept: int = 0
+) -> CompileChoice:
     """``auto``, once the stream's first chunks timed the eager forward in the configuration
     its trial decided (or the one given): that time, remembered for this model and machine,
-    against the compile; a member compiled now computes its rows on trial again, compiled."""
+    against the compile. A member compiled now computes its rows on trial again, compiled: the
+    ``kept`` inputs that staying eager would keep count against the compile."""
     eager_s = runner.sizer.per_input()
     if eager_s is None:
         return CompileChoice(note="eager: not compiled (the eager forward was not timed: too few inputs, or memory)")
     k = record_key(w, runner, device)
     rec = {"ran_in": "untried", "eager_s": eager_s}
     decisions.remember_verdict(plan.cache_root, k, rec)
-    return _choose(plan, w, runner, device, workers, w.compile_pending, k, rec)
+    return _choose(plan, w, runner, device, workers, w.compile_pending, k, rec, kept=kept)
 
 
 def _choose(
@@ -118,13 +123,16 @@ def _choose(
     rec: dict[str, Any],
     batches: list | None = None,
     eager_store: dict[str, np.ndarray] | None = None,
+    kept: int = 0,
 ) -> CompileChoice:
     est = {"compiled_s": float(rec["eager_s"]) / EXPECTED_SPEEDUP, "compile_s": COLD_SECONDS[device.type], **rec}
-    gain = inputs * (float(est["eager_s"]) - float(est["compiled_s"]))
+    # eager, the rest of the run; compiled, all of it again (``kept`` inputs already ran eager)
+    gain = inputs * (float(est["eager_s"]) - float(est["compiled_s"])) - kept * float(est["eager_s"])
     if plan.cfg.runtime.compile == "auto" and gain <= float(est["compile_s"]):
         return CompileChoice(
             note=f"eager: compiling (about {float(est['compile_s']):.0f}s) would not repay itself on {inputs} inputs "
-            f"(about {gain:.0f}s saved)"
+            + (f"of which {kept} already ran eager " if kept else "")
+            + f"(about {max(gain, 0.0):.0f}s saved)"
         )
     batches = batches or first_batches(plan, [w.member], workers, device, rows=_rows(w, runner))
     return _compile_and_check(plan, w, runner, device, batches, k, est, eager_store)

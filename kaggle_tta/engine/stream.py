@@ -327,8 +327,9 @@ class _Trials:
             size, channels_last = w.runner.sizer.decide()
             if self.tried[id(w)]:
                 tuning.remember(plan.cache_root, decision_key(w, w.runner.precision, device, plan), size, channels_last)
-            if w.compile_pending:
-                choice = compile_on_trial(plan, w, w.runner, device, 0)  # its check decodes a few rows in-process
+            if w.compile_pending:  # its check decodes a few rows in-process; rows eager would keep count against it
+                eager_kept = sum(self._rows(w, v) for v in self.kept(w, plan, start))
+                choice = compile_on_trial(plan, w, w.runner, device, 0, eager_kept)
                 w.compile_pending, w.compile_note = 0, choice.note
                 if choice.note:
                     say(f"{w.member.name}: {choice.note}")
