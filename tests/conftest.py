@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import copy
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -15,7 +17,9 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py holds test factories
 # Forward-tuning decisions (kaggle_tta.exec.decisions) go to a store of this test session's, not to
 # the user's ~/.cache: every session times afresh, and tests never see a developer's records.
+# Removed when the session ends (inductor's programs are kept there too).
 os.environ["KAGGLE_TTA_TUNING_DIR"] = tempfile.mkdtemp(prefix="kaggle-tta-tuning-")
+atexit.register(shutil.rmtree, os.environ["KAGGLE_TTA_TUNING_DIR"], True)
 # Test modules that import albumentations before kaggle_tta (the oracles) would ask PyPI for updates.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
