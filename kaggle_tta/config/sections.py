@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import field_validator, model_validator
 
-from kaggle_tta.config.errors import did_you_mean
+from kaggle_tta.config.errors import did_you_mean, template_fields
 from kaggle_tta.config.marks import FACTORY_PATH_KWARGS, Bundle
 from kaggle_tta.config.rows import GroupSpec, PseudoBox
 from kaggle_tta.config.section_base import Section, check_fractions, check_positive, check_template, check_weights
@@ -382,7 +382,12 @@ class SubmissionConfig(Section):
     pseudo_box: PseudoBox | None = None
     """Detection: a row from another model's verdict added to each image's boxes."""
     id_format: str = "{id}"
-    """Each written id through this template (SIIM-COVID19's ``{id}_study`` and ``{id}_image``)."""
+    """Each written id through this template (SIIM-COVID19's ``{id}_study`` and ``{id}_image``);
+    with ``rows: class``, ``{class}`` names the row's class (RSNA 2022's ``{id}_{class}``)."""
+    rows: Literal["image", "class"] = "image"
+    """probs and values: ``class`` writes one row per (image or group, class), its id
+    ``id_format`` with ``{class}`` (the class's column name) and its value in ``label_column``:
+    a long table (RSNA 2022 cervical spine's ``row_id,fractured``)."""
     append: list[Annotated[Path, Bundle("data")]] = []
     """Rows of other submissions (CSVs with this one's header) written after this one's: one
     file holding two kinds of rows (SIIM-COVID19's study and image rows, from two pipelines)."""
@@ -396,7 +401,19 @@ class SubmissionConfig(Section):
     @field_validator("id_format")
     @classmethod
     def _id_format(cls, v: str) -> str:
-        return check_template(v, {"id": "x"}, "{id}_study")
+        return check_template(v, {"id": "x", "class": "c"}, "{id}_study")
+
+    @model_validator(mode="after")
+    def _rows(self) -> SubmissionConfig:
+        per_class = "class" in template_fields(self.id_format)
+        if self.rows == "class" and not per_class:
+            raise ValueError(
+                f"id_format: '{self.id_format}' gives every class of a row one id; with rows: class write "
+                "{class} in it, e.g. '{id}_{class}'"
+            )
+        if per_class and self.rows != "class":
+            raise ValueError(f"id_format: '{self.id_format}': {{class}} is for rows: class (one row per class)")
+        return self
 
     @field_validator("k")
     @classmethod

@@ -13,7 +13,7 @@ from kaggle_tta.config import PipelineConfig
 from kaggle_tta.engine.plan import Plan, find_entry
 from kaggle_tta.exec.dag import MemberSource, check_complete
 from kaggle_tta.io.groups import group_table
-from kaggle_tta.io.submission import align, appended_rows, formatted_ids, with_appended, write_submission
+from kaggle_tta.io.submission import align, appended_rows, formatted_ids, long_rows, with_appended, write_submission
 from kaggle_tta.ops.gate import Forwards, skipping
 
 
@@ -87,7 +87,11 @@ def blend_plan(plan: Plan, sources: list[MemberSource]) -> BlendResult:
         raise DamagedView(exc.entry, exc.view, exc.reason, sources[0].fill_hint) from None
     if plan.groups is not None:  # one row per group of images
         out.table = group_table(out.table, plan.groups, cfg.submission.group.aggregate)  # type: ignore[union-attr]
-    out.table = formatted_ids(task.finish(out.table, plan), cfg.submission.id_format)
+    spec = cfg.submission
+    if spec.rows == "class":  # a long table: one row per class
+        out.table = long_rows(task.finish(out.table, plan), spec.id_format, spec.label_column)
+    else:
+        out.table = formatted_ids(task.finish(out.table, plan), spec.id_format)
     if cfg.submission.append:  # other submissions' rows after ours
         extra = appended_rows([cfg.resolve(p) for p in cfg.submission.append], out.table.columns)
         out.table = with_appended(out.table, extra)

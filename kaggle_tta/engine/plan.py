@@ -25,7 +25,7 @@ from kaggle_tta.io.data import TestSet, list_test_set
 from kaggle_tta.io.groups import group_of, group_row_ids
 from kaggle_tta.io.models import Preprocess, check_checkpoint, needs_timm, resolve_preprocess
 from kaggle_tta.io.readers import item_files, reader_for
-from kaggle_tta.io.submission import SampleOrder, appended_rows, match_sample
+from kaggle_tta.io.submission import LONG_FORMATS, SampleOrder, appended_rows, match_sample
 from kaggle_tta.ops.gate import Gate, gate_of
 from kaggle_tta.ops.merge import MERGE_KINDS
 from kaggle_tta.ops.views import View, parse_tta
@@ -140,6 +140,13 @@ def validate_static(cfg: PipelineConfig) -> dict[str, list[View]]:
     for i, b in enumerate(cfg.blends):
         choose(f"{name} blend", str(b.method), dict.fromkeys(task.blends), f"blends[{i}].method")
     choose(f"{name} format", str(cfg.submission.format), task.writers, "submission.format")
+    if cfg.submission.rows == "class" and cfg.submission.format not in LONG_FORMATS:
+        raise ConfigError(
+            f"submission.rows: one row per class is for format {' or '.join(LONG_FORMATS)}, not "
+            f"{cfg.submission.format}; set format: probs (classification), or remove rows"
+        )
+    if cfg.submission.rows == "class" and cfg.submission.uncertainty:
+        raise ConfigError("submission.uncertainty: its columns are per image; remove it with rows: class")
     if not task.dense_maps:
         if cfg.cache.dtype == "uint8":
             raise ConfigError(
@@ -190,19 +197,30 @@ def build_plan(cfg: PipelineConfig) -> Plan:
             cfg.submission.id_column,
             written_row_ids(plan),
             testset.paths,
-            task.columns(plan),
+            written_columns(plan),
             getattr(getattr(cfg.submission, "rle", None), "class_column", None) if cfg.task == "segmentation" else None,
         )
     return plan
 
 
+def written_columns(plan: Plan) -> list[str] | None:
+    """The submission's header: the task's, or with ``rows: class`` the id and the value."""
+    spec = plan.cfg.submission
+    return [spec.id_column, spec.label_column] if spec.rows == "class" else plan.task.columns(plan)
+
+
 def written_row_ids(plan: Plan) -> list[tuple[str, int]]:
     """The ids of the rows written, in order, with their first image (-1: an appended row):
-    the task's (or the groups'), through submission.id_format, then submission.append's."""
+    the task's (or the groups'), through submission.id_format (with ``rows: class`` one per
+    class, class by class), then submission.append's."""
     spec = plan.cfg.submission
     rows = plan.task.row_ids(plan) if plan.groups is None else group_row_ids(plan.groups)
-    rows = [(spec.id_format.format(id=i), k) for i, k in rows]
-    columns = plan.task.columns(plan)
+    if spec.rows == "class":
+        names = (plan.task.columns(plan) or [""])[1:]  # the class columns, as the wide table names them
+        rows = [(spec.id_format.format(id=i, **{"class": c}), k) for i, k in rows for c in names]
+    else:
+        rows = [(spec.id_format.format(id=i), k) for i, k in rows]
+    columns = written_columns(plan)
     paths = [plan.cfg.resolve(p) for p in spec.append]
     extra = appended_rows(paths, columns) if columns is not None else None
     return rows + ([(str(i), -1) for i in extra[extra.columns[0]].to_list()] if extra is not None else [])

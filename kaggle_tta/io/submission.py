@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from kaggle_tta.config.errors import ConfigError
@@ -71,9 +72,12 @@ def match_sample(
     ``files`` are the test images' paths by index. The sample's id column is ``id_column``
     where the sample has it, else its first column.
 
+    A sample that repeats an id (HMS: one row per EEG window, the id the recording's) gets
+    that id's row at each of its places.
+
     Raises:
-        ConfigError: ids missing or extra (with counts and examples), repeated sample ids, or
-            a header of another width than the writer's, naming ``submission.sample``.
+        ConfigError: ids missing or extra (with counts and examples), two sample ids for one
+            row, or a header of another width than the writer's, naming ``submission.sample``.
     """
     from kaggle_tta.io.data import read_csv_table
 
@@ -87,19 +91,19 @@ def match_sample(
         where += f" (no column '{id_column}': its ids taken from '{id_col}'; set submission.id_column)"
     sample_ids = _sample_keys(df, id_col, key_column, where)
     index = _row_index(row_ids, files)
-    seen: dict[str, int] = {}
+    named: dict[int, str] = {}  # row -> the sample id naming it (an id may repeat: HMS' eeg_id)
     rows, missing = [], []
     for sid in sample_ids:
-        if sid in seen:
-            shown = sid.replace(KEY_SEP, "' class '")
-            raise ConfigError(f"{where}: id '{shown}' appears twice in the sample")
-        seen[sid] = 1
-        if sid in index:
-            rows.append(index[sid])
-        else:
+        if sid not in index:
             missing.append(sid)
-    if len(rows) != len(set(rows)):
-        raise ConfigError(f"{where}: two sample ids name the same test image; each image must appear once")
+            continue
+        n = index[sid]
+        if named.setdefault(n, sid) != sid:
+            raise ConfigError(
+                f"{where}: two sample ids ('{named[n]}', '{sid}') name the same test image; each image must "
+                "appear under one id"
+            )
+        rows.append(n)
     extra = sorted(set(range(len(row_ids))) - set(rows))
     if missing or extra:
         raise _mismatch(where, missing, extra, sample_ids, row_ids)
@@ -244,6 +248,20 @@ def formatted_ids(table: pl.DataFrame, id_format: str) -> pl.DataFrame:
         return table
     column = table.columns[0]
     return table.with_columns(pl.Series(column, [id_format.format(id=i) for i in table[column].to_list()]))
+
+
+LONG_FORMATS = ("probs", "values")
+"""The formats ``submission.rows: class`` writes one row per class of."""
+
+
+def long_rows(table: pl.DataFrame, id_format: str, value_column: str) -> pl.DataFrame:
+    """``submission.rows: class``: each row of the wide table (its ids first, one column per
+    class) as one row per class, in that order: the id ``id_format`` with ``{id}`` and
+    ``{class}`` (the column's name), the value in ``value_column``."""
+    column, classes = table.columns[0], table.columns[1:]
+    ids = [id_format.format(id=i, **{"class": c}) for i in table[column].to_list() for c in classes]
+    values = table.select(classes).to_numpy().reshape(-1) if classes else np.zeros(0)
+    return pl.DataFrame([pl.Series(column, ids, dtype=pl.String), pl.Series(value_column, values)])
 
 
 def appended_rows(paths: Sequence[Path], header: Sequence[str]) -> pl.DataFrame | None:

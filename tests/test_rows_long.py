@@ -1,0 +1,146 @@
+"""Rows a competition asks for, laid out as openai/mle-bench's prepare.py lays it out: RSNA 2022
+cervical spine's long table (``row_id,fractured``: a study's eight classes as eight rows,
+``<study>_C1``) and HMS' sample that repeats an id (one row per EEG window, the id the
+recording's), each against the same pipeline's wide rows as the oracle."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+from kaggle_tta.cli import main
+
+TESTS = Path(__file__).resolve().parent
+RSNA22 = ["patient_overall", "C1", "C2", "C3", "C4", "C5", "C6", "C7"]
+
+
+def _studies(root: Path, studies: list[str]) -> None:
+    """test_images/<study>/<slice>.png: two to four slices a study, each a flat colour."""
+    rng = np.random.default_rng(3)
+    for s in studies:
+        (root / "test_images" / s).mkdir(parents=True)
+        for n in range(int(rng.integers(2, 5))):
+            img = np.full((20, 24, 3), rng.integers(0, 256, 3), np.uint8)
+            cv2.imwrite(str(root / "test_images" / s / f"{n + 1}.png"), img)
+
+
+def _pipeline(root: Path, submission: dict) -> Path:
+    cfg = {
+        "task": "classification",
+        "multilabel": True,
+        "data": {"folder": str(root / "test_images"), "classes": RSNA22},
+        "runtime": {"device": "cpu", "precision": "fp32", "workers": 0, "batch_size": 4},
+        "cache": {"dir": str(root / "cache")},
+        "members": [
+            {
+                "name": "m",
+                "factory": "helpers:invariant_model",
+                "kwargs": {"num_classes": len(RSNA22)},
+                "activation": "sigmoid",
+                "preprocess": {"input_size": [3, 16, 16]},
+                "tta": "hflip",
+            }
+        ],
+        "submission": {
+            "format": "probs",
+            "group": {"pattern": "^(?P<study>[^/]+)/", "template": "{study}", "aggregate": "max"},
+            **submission,
+        },
+    }
+    p = root / "p.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def _read(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_rsna_2022_one_row_per_study_and_class(tmp_path, monkeypatch):
+    """rows: class with a group: each study's eight aggregated probabilities as eight rows,
+    ``{id}_{class}``, in the sample's (shuffled) order, equal to the wide table's values."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    studies = ["1.2.826.0.1.3680043.10001", "1.2.826.0.1.3680043.10014", "1.2.826.0.1.3680043.2243"]
+    _studies(tmp_path, studies)
+    wide = _pipeline(tmp_path, {"path": str(tmp_path / "wide.csv"), "id_column": "StudyInstanceUID"})
+    assert main(["run", str(wide), "-q"]) == 0
+    oracle = {r["StudyInstanceUID"]: r for r in _read(tmp_path / "wide.csv")}
+    ids = [f"{s}_{c}" for s in studies for c in RSNA22]
+    np.random.default_rng(0).shuffle(ids)
+    (tmp_path / "sample_submission.csv").write_text("row_id,fractured\n" + "".join(f"{i},0.5\n" for i in ids))
+    long = _pipeline(
+        tmp_path,
+        {
+            "path": str(tmp_path / "submission.csv"),
+            "rows": "class",
+            "id_column": "row_id",
+            "label_column": "fractured",
+            "id_format": "{id}_{class}",
+            "sample": str(tmp_path / "sample_submission.csv"),
+        },
+    )
+    assert main(["run", str(long), "-q"]) == 0
+    written = _read(tmp_path / "submission.csv")
+    assert list(written[0]) == ["row_id", "fractured"]
+    assert [r["row_id"] for r in written] == ids
+    for r in written:
+        study, _, cls = r["row_id"].partition("_")
+        assert r["fractured"] == oracle[study][cls], r  # the same number, to the written digit
+    assert len({r["fractured"] for r in written}) > len(studies)  # the classes differ
+
+
+@pytest.mark.parametrize(
+    ("submission", "says"),
+    [
+        ({"rows": "class"}, "id_format: '{id}' gives every class of a row one id; with rows: class write {class}"),
+        ({"id_format": "{id}_{class}"}, "id_format: '{id}_{class}': {class} is for rows: class"),
+        ({"rows": "class", "id_format": "{id}_{class}", "format": "label"}, "submission.rows: one row per class is"),
+    ],
+)
+def test_rows_per_class_needs_its_template_and_a_format_of_values(tmp_path, monkeypatch, capsys, submission, says):
+    monkeypatch.syspath_prepend(str(TESTS))
+    _studies(tmp_path, ["a"])
+    p = _pipeline(tmp_path, {"path": str(tmp_path / "s.csv"), **submission})
+    assert main(["run", str(p), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0], err
+    assert not (tmp_path / "cache").exists()  # before any forward
+
+
+def test_hms_a_sample_repeating_ids_gets_each_ids_row_at_every_place(tmp_path, monkeypatch, capsys):
+    """HMS: the sample names a recording once per window (``eeg_id`` repeated, in no order):
+    every sample row is written, with its id's prediction; two different sample ids for one
+    image stay an error."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    _studies(tmp_path, ["568657", "582999", "642382"])
+    wide = _pipeline(tmp_path, {"path": str(tmp_path / "wide.csv"), "id_column": "eeg_id"})
+    assert main(["run", str(wide), "-q"]) == 0
+    oracle = {r["eeg_id"]: r for r in _read(tmp_path / "wide.csv")}
+    ids = ["582999", "568657", "582999", "642382", "568657", "582999"]
+    header = "eeg_id," + ",".join(RSNA22) + "\n"
+    (tmp_path / "sample.csv").write_text(header + "".join(f"{i}," + ",".join(["0.1"] * 8) + "\n" for i in ids))
+    p = _pipeline(
+        tmp_path, {"path": str(tmp_path / "s.csv"), "id_column": "eeg_id", "sample": str(tmp_path / "sample.csv")}
+    )
+    assert main(["run", str(p), "-q"]) == 0
+    written = _read(tmp_path / "s.csv")
+    assert [r["eeg_id"] for r in written] == ids
+    assert all(r == oracle[r["eeg_id"]] for r in written)
+    capsys.readouterr()
+    (tmp_path / "sample.csv").write_text(
+        header + "".join(f"{i}," + ",".join(["0.1"] * 8) + "\n" for i in ids + ["568657/1"])
+    )
+    cfg = yaml.safe_load(p.read_text())
+    del cfg["submission"]["group"]  # per image: '568657/1' names an image, and so does its file name
+    cfg["submission"]["sample"] = str(tmp_path / "sample2.csv")
+    (tmp_path / "sample2.csv").write_text("eeg_id," + ",".join(RSNA22) + "\n568657/1,0\n568657/1.png,0\n")
+    p.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(p), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "two sample ids ('568657/1', '568657/1.png') name the same test image" in err[0], err
