@@ -144,3 +144,31 @@ def test_hms_a_sample_repeating_ids_gets_each_ids_row_at_every_place(tmp_path, m
     assert main(["run", str(p), "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "two sample ids ('568657/1', '568657/1.png') name the same test image" in err[0], err
+
+
+def test_ranzcr_a_sample_asking_for_fewer_classes_gets_those(tmp_path, monkeypatch, capsys):
+    """mle-bench's RANZCR scores 9 of the competition's 11 classes: a sample whose class columns
+    are some of the writer's, by name, gets those (in its order), one line naming the others;
+    a sample naming a class the writer lacks is still refused."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    _studies(tmp_path, ["1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2"])
+    wide = _pipeline(tmp_path, {"path": str(tmp_path / "wide.csv"), "id_column": "StudyInstanceUID"})
+    assert main(["run", str(wide), "-q"]) == 0
+    oracle = {r["StudyInstanceUID"]: r for r in _read(tmp_path / "wide.csv")}
+    asked = ["C3", "patient_overall", "C1"]
+    sample = tmp_path / "sample.csv"
+    sample.write_text("StudyInstanceUID," + ",".join(asked) + "\n" + "".join(f"{s},0,0,0\n" for s in oracle))
+    cfg = yaml.safe_load(wide.read_text())
+    cfg["submission"].update(path=str(tmp_path / "s.csv"), sample=str(sample))
+    wide.write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()
+    assert main(["run", str(wide)]) == 0
+    err = capsys.readouterr().err
+    assert "submission.sample asks for 3 of the 8 columns: 5 not written (C2, C4, C5, ...)" in err, err
+    written = _read(tmp_path / "s.csv")
+    assert list(written[0]) == ["StudyInstanceUID", *asked]
+    assert all(r[c] == oracle[r["StudyInstanceUID"]][c] for r in written for c in asked)
+    sample.write_text("StudyInstanceUID,C1,C9\n" + "".join(f"{s},0,0\n" for s in oracle))
+    assert main(["run", str(wide), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the sample has 3 columns" in err[0], err

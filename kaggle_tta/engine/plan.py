@@ -19,7 +19,7 @@ from kaggle_tta import cache as cache_mod
 from kaggle_tta.config import MemberConfig, PipelineConfig, load_classes
 from kaggle_tta.config.errors import CheckpointError, ConfigError, did_you_mean
 from kaggle_tta.engine.device import resolve_device, resolve_precision
-from kaggle_tta.engine.phases import phase
+from kaggle_tta.engine.phases import phase, say
 from kaggle_tta.io.canvas import CanvasSpec
 from kaggle_tta.io.data import TestSet, list_test_set
 from kaggle_tta.io.groups import group_of, group_row_ids
@@ -200,6 +200,13 @@ def build_plan(cfg: PipelineConfig) -> Plan:
             written_columns(plan),
             getattr(getattr(cfg.submission, "rle", None), "class_column", None) if cfg.task == "segmentation" else None,
         )
+        if plan.sample.dropped:
+            n = len(plan.sample.dropped)
+            say(
+                f"submission.sample asks for {len(plan.sample.header) - 1 - len(plan.sample.copied)} of the "
+                f"{len(plan.sample.header) - 1 - len(plan.sample.copied) + n} columns: {n} not written "
+                f"({', '.join(plan.sample.dropped[:3])}{', ...' if n > 3 else ''})"
+            )
     return plan
 
 

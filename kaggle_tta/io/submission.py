@@ -35,6 +35,7 @@ class SampleOrder:
     id_column: str = ""  # the sample's id column (the first where empty), wherever it stands
     key_column: str | None = None  # a second key column (rle.class_column), matched with the id
     copied: dict[str, list[str]] = field(default_factory=dict)  # columns written as the sample has them
+    dropped: list[str] = field(default_factory=list)  # the writer's columns the sample does not ask for
 
 
 def _examples(items: Sequence[str], n: int = 3) -> str:
@@ -108,12 +109,22 @@ def match_sample(
     if missing or extra:
         raise _mismatch(where, missing, extra, sample_ids, row_ids)
     copied = _copied(df, id_col, header)
-    if header is not None and (copied is None or len(header) != df.width - len(copied)):
+    dropped = _dropped(df, id_col, header)
+    if header is not None and (copied is None or len(header) - len(dropped) != df.width - len(copied)):
         raise ConfigError(
             f"{where}: the sample has {df.width} columns {df.columns}, the submission {len(header)} "
             f"{list(header)}; set submission.format or its column names to match"
         )
-    return SampleOrder(path, list(df.columns), sample_ids, rows, id_col, key_column, copied or {})
+    return SampleOrder(path, list(df.columns), sample_ids, rows, id_col, key_column, copied or {}, dropped)
+
+
+def _dropped(df: pl.DataFrame, id_col: str, header: Sequence[str] | None) -> list[str]:
+    """The writer's columns a sample asking for fewer, all named as the writer's, leaves out
+    (mle-bench's RANZCR scores 9 of the 11 classes a model of the competition predicts)."""
+    if header is None or df.width >= len(header):
+        return []
+    theirs = {c for c in df.columns if c != id_col}
+    return [c for c in header[1:] if c not in theirs] if theirs < set(header[1:]) else []
 
 
 def _mismatch(
@@ -179,12 +190,12 @@ def align(table: pl.DataFrame, order: SampleOrder) -> pl.DataFrame:
     """The table in the sample's order, with its ids and header, its columns in the sample's
     order (the id column where the sample has it, not only first): columns of the same names
     are taken by name, others by position."""
-    if table.width != len(order.header) - len(order.copied):
+    if table.width - len(order.dropped) != len(order.header) - len(order.copied):
         raise ConfigError(
             f"submission.sample ({order.path}): the sample has {len(order.header)} columns, the submission "
             f"{table.width} {table.columns}"
         )
-    out = table[order.rows]
+    out = table[order.rows].drop(order.dropped)
     id_column = order.id_column or order.header[0]
     ours = out.columns[1:]  # the writer's id column is its first
     theirs = [h for h in order.header if h != id_column and h not in order.copied]
