@@ -172,3 +172,29 @@ def test_ranzcr_a_sample_asking_for_fewer_classes_gets_those(tmp_path, monkeypat
     assert main(["run", str(wide), "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "the sample has 3 columns" in err[0], err
+
+
+@pytest.mark.parametrize("fmt", ["label", "topk", "multilabel"])
+def test_cdiscount_a_label_per_product_from_its_pictures(tmp_path, monkeypatch, fmt):
+    """One row per product (1-4 pictures): the label, the top k or the classes over the
+    threshold of the group's mean probabilities, as the grouped probs rows give them."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    _studies(tmp_path, ["10", "14", "21", "35"])
+    group = {"pattern": "^(?P<p>[^/]+)/", "template": "{p}", "aggregate": "mean"}
+    probs = _pipeline(tmp_path, {"path": str(tmp_path / "probs.csv"), "id_column": "_id", "group": group})
+    assert main(["run", str(probs), "-q"]) == 0
+    oracle = {r["_id"]: np.array([float(r[c]) for c in RSNA22]) for r in _read(tmp_path / "probs.csv")}
+    p = _pipeline(
+        tmp_path,
+        {"path": str(tmp_path / "s.csv"), "id_column": "_id", "label_column": "category_id", "format": fmt, "k": 3}
+        | {"group": group, "threshold": 0.5},
+    )
+    assert main(["run", str(p), "-q"]) == 0
+    written = {r["_id"]: r["category_id"] for r in _read(tmp_path / "s.csv")}
+    assert written.keys() == oracle.keys()
+    for pid, v in oracle.items():
+        order = [RSNA22[k] for k in np.argsort(-v, kind="stable")]
+        expect = {"label": order[0], "topk": " ".join(order[:3])}.get(fmt)
+        if fmt == "multilabel":
+            expect = " ".join(c for c, x in zip(RSNA22, v) if x >= 0.5)
+        assert written[pid] == expect, (pid, v, written[pid])

@@ -19,7 +19,9 @@ from kaggle_tta.config.errors import ConfigError, DataError
 if TYPE_CHECKING:
     from kaggle_tta.config import PipelineConfig
 
-GROUPED_FORMATS = ("probs", "values", "string")
+GROUPED_FORMATS = ("probs", "values", "string", "label", "topk", "multilabel")
+"""Formats whose rows aggregate: label, topk, multilabel and string from the group's
+aggregated probabilities (classification's ``finish``)."""
 
 
 def group_of(cfg: PipelineConfig, ids: Sequence[str]) -> list[str]:

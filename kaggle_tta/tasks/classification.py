@@ -109,6 +109,15 @@ def write_multilabel(
 # label and topk only rank each row: logits rank as their probabilities do, so the softmax
 # over [N, C] is skipped for them.
 RANK_ONLY = frozenset({"label", "topk"})
+# formats written from each group's aggregated probabilities (submission.group): the blend
+# writes the probabilities, unrounded, and finish the format (string: always in finish)
+FROM_GROUPED = frozenset({"label", "topk", "multilabel"})
+
+
+def write_raw(ids: Sequence[str], probs: np.ndarray, classes: Sequence[str], spec: SubmissionConfig) -> pl.DataFrame:
+    """The probabilities as they are, one column per class (rows aggregated before the format)."""
+    data = np.asarray(probs, dtype=np.float64)
+    return pl.DataFrame([_id_series(ids, spec), *(pl.Series(f"p{k}", data[:, k]) for k in range(len(classes)))])
 
 
 @register_task
@@ -163,10 +172,15 @@ class Classification(Task):
         load_labels(plan.cfg, plan.testset.ids, plan.classes)  # a bad labels file fails now, not after inference
 
     def finish(self, table: pl.DataFrame, plan: Plan) -> pl.DataFrame:
+        """string rows from their (grouped) probabilities; label, topk and multilabel too where
+        the rows are groups'."""
         spec = plan.cfg.submission
-        if spec.format != "string":
+        if spec.format == "string":
+            return class_strings(table, spec.template, spec.prediction_column, plan.classes)
+        if plan.groups is None or spec.format not in FROM_GROUPED:
             return table
-        return class_strings(table, spec.template, spec.prediction_column, plan.classes)
+        probs = table.select(table.columns[1:]).to_numpy()
+        return self.writers[spec.format](table[table.columns[0]].to_list(), probs, plan.classes, spec)
 
     def columns(self, plan: Plan) -> list[str]:
         if plan.cfg.submission.format == "string":
@@ -271,7 +285,8 @@ class Classification(Task):
         cfg = plan.cfg
         n = len(plan.testset)
         labels = load_labels(cfg, plan.testset.ids, plan.classes)
-        writer = self.writers[cfg.submission.format]  # type: ignore[index]
+        grouped = plan.groups is not None and cfg.submission.format in FROM_GROUPED
+        writer = write_raw if grouped else self.writers[cfg.submission.format]  # type: ignore[index]
         step = n if any(b.method == "rank_mean" for b in cfg.blends) else BLOCK_ROWS
         named = metric_named(cfg.metric) if cfg.metric else None  # scored on every row at the end
         metric = named.name if named else "F1" if cfg.multilabel else "accuracy"
@@ -281,7 +296,7 @@ class Classification(Task):
         for lo, hi in blocks(n, step):
             nodes = node_predictions(cfg, sources, lo, hi)
             src = nodes[cfg.submission_source]
-            probs = src.values if cfg.submission.format in RANK_ONLY else to_probs(src)
+            probs = src.values if cfg.submission.format in RANK_ONLY and not grouped else to_probs(src)
             table = writer(plan.testset.ids[lo:hi], probs, plan.classes, cfg.submission)
             if cfg.submission.uncertainty:
                 table = table.hstack(uncertainty_columns(cfg, sources, lo, hi, probs))
