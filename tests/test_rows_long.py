@@ -198,3 +198,25 @@ def test_cdiscount_a_label_per_product_from_its_pictures(tmp_path, monkeypatch, 
         if fmt == "multilabel":
             expect = " ".join(c for c, x in zip(RSNA22, v) if x >= 0.5)
         assert written[pid] == expect, (pid, v, written[pid])
+
+
+def test_a_zipped_sample_is_read_as_its_csv(tmp_path, monkeypatch, capsys):
+    """mle-bench ships some samples as ``sample_submission.csv.zip``: its one CSV is the sample
+    (header and order kept); an archive of two CSVs is one line naming them."""
+    import zipfile
+
+    monkeypatch.syspath_prepend(str(TESTS))
+    _studies(tmp_path, ["7", "3", "5"])
+    text = "id," + ",".join(RSNA22) + "\n" + "".join(f"{i}," + ",".join(["0"] * 8) + "\n" for i in ["5", "7", "3"])
+    with zipfile.ZipFile(tmp_path / "sample_submission.csv.zip", "w") as z:
+        z.writestr("sample_submission.csv", text)
+    p = _pipeline(tmp_path, {"path": str(tmp_path / "s.csv"), "sample": str(tmp_path / "sample_submission.csv.zip")})
+    assert main(["run", str(p), "-q"]) == 0
+    assert [r["id"] for r in _read(tmp_path / "s.csv")] == ["5", "7", "3"]
+    with zipfile.ZipFile(tmp_path / "sample_submission.csv.zip", "w") as z:
+        z.writestr("a.csv", text)
+        z.writestr("b.csv", text)
+    capsys.readouterr()
+    assert main(["run", str(p), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a zip archive holding 2 CSV files ['a.csv', 'b.csv']; give the CSV itself" in err[0]

@@ -140,13 +140,7 @@ def validate_static(cfg: PipelineConfig) -> dict[str, list[View]]:
     for i, b in enumerate(cfg.blends):
         choose(f"{name} blend", str(b.method), dict.fromkeys(task.blends), f"blends[{i}].method")
     choose(f"{name} format", str(cfg.submission.format), task.writers, "submission.format")
-    if cfg.submission.rows == "class" and cfg.submission.format not in LONG_FORMATS:
-        raise ConfigError(
-            f"submission.rows: one row per class is for format {' or '.join(LONG_FORMATS)}, not "
-            f"{cfg.submission.format}; set format: probs (classification), or remove rows"
-        )
-    if cfg.submission.rows == "class" and cfg.submission.uncertainty:
-        raise ConfigError("submission.uncertainty: its columns are per image; remove it with rows: class")
+    _check_rows(cfg)
     if not task.dense_maps:
         if cfg.cache.dtype == "uint8":
             raise ConfigError(
@@ -161,6 +155,17 @@ def validate_static(cfg: PipelineConfig) -> dict[str, list[View]]:
             raise ConfigError(f"data.{key}: {key} score {owner}; {fix}")
     task.validate(cfg)
     return views
+
+
+def _check_rows(cfg: PipelineConfig) -> None:
+    """``submission.rows: class`` takes a format of one value per class, and no per-image column."""
+    if cfg.submission.rows == "class" and cfg.submission.format not in LONG_FORMATS:
+        raise ConfigError(
+            f"submission.rows: one row per class is for format {' or '.join(LONG_FORMATS)}, not "
+            f"{cfg.submission.format}; set format: probs (classification), or remove rows"
+        )
+    if cfg.submission.rows == "class" and cfg.submission.uncertainty:
+        raise ConfigError("submission.uncertainty: its columns are per image; remove it with rows: class")
 
 
 def _tasks_with(capability: str) -> str:

@@ -32,6 +32,7 @@ from kaggle_tta.config.errors import DataError, KaggleTTAError, UserPath, shown_
 from kaggle_tta.io.canvas import CanvasSpec
 from kaggle_tta.io.ids import ids_by_rule, templated_paths
 from kaggle_tta.io.readers import decode_image, items_of, list_records, opencv, read_item, record_item
+from kaggle_tta.io.tables import read_csv_table
 from kaggle_tta.io.windows import item_size
 from kaggle_tta.io.zips import is_archive, list_archive
 
@@ -172,35 +173,6 @@ def _image_files(candidates: Any, exts: set[str], where: str) -> list[Path]:
                 target = ""
             raise DataError(f"{where}: {shown(p)} is a broken symbolic link{target}; fix its target or remove it")
     return out
-
-
-def read_csv_table(path: Path, key: str, **read_options: Any) -> pl.DataFrame:
-    """A CSV file as a DataFrame; anything that makes it unreadable is one DataError line
-    naming the file (and, for text that is not UTF-8, the line of the first bad byte).
-
-    ``key`` is the YAML path that names the file (``data.labels.path``).
-    """
-    if not path.is_file():
-        raise DataError(f"{key}: {path} does not exist" if not path.exists() else f"{key}: {path} is not a file")
-    try:
-        return pl.read_csv(path, **read_options)
-    except Exception as exc:  # polars raises several types for a malformed file
-        reason = _csv_problem(path, exc)
-    raise DataError(f"{path}: {reason} ({key})")
-
-
-def _csv_problem(path: Path, exc: Exception) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        return f"cannot read ({err.strerror or err})"
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        return f"not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}); save it as UTF-8"
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return f"cannot read as CSV ({lines[0] if lines else type(exc).__name__})"
 
 
 def _strings(df: pl.DataFrame, col: str, path: Path, key: str) -> list[str]:

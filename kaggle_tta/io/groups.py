@@ -31,7 +31,7 @@ def group_of(cfg: PipelineConfig, ids: Sequence[str]) -> list[str]:
         ConfigError: no CSV to read groups from, or a column missing.
         DataError: images without a group (with counts and examples).
     """
-    from kaggle_tta.io.data import read_csv_table
+    from kaggle_tta.io.tables import read_csv_table
 
     spec = cfg.submission.group
     assert spec is not None

@@ -80,7 +80,7 @@ def match_sample(
         ConfigError: ids missing or extra (with counts and examples), two sample ids for one
             row, or a header of another width than the writer's, naming ``submission.sample``.
     """
-    from kaggle_tta.io.data import read_csv_table
+    from kaggle_tta.io.tables import read_csv_table
 
     df = read_csv_table(path, "submission.sample", infer_schema=False)
     df.columns = _raw_header(path, df.columns)  # an empty name stays empty (polars says column_0)
@@ -161,10 +161,14 @@ def _sample_keys(df: pl.DataFrame, id_col: str, key_column: str | None, where: s
 def _raw_header(path: Path, names: list[str]) -> list[str]:
     """The sample's header as written in the file (polars renames an empty name)."""
     import csv
+    import io
+
+    from kaggle_tta.io.tables import csv_source
 
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            raw = next(csv.reader(f), [])
+        source = csv_source(path, "submission.sample")
+        data = source.getvalue() if isinstance(source, io.BytesIO) else path.read_bytes()
+        raw = next(csv.reader(io.StringIO(data.decode("utf-8-sig"), newline="")), [])
     except (OSError, UnicodeDecodeError):
         return names
     return raw if len(raw) == len(names) and len(set(raw)) == len(raw) else names
@@ -281,7 +285,7 @@ def appended_rows(paths: Sequence[Path], header: Sequence[str]) -> pl.DataFrame 
     Raises:
         ConfigError: a file that cannot be read, or whose header differs, naming it.
     """
-    from kaggle_tta.io.data import read_csv_table
+    from kaggle_tta.io.tables import read_csv_table
 
     parts = []
     for path in paths:

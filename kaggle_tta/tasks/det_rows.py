@@ -11,7 +11,7 @@ import polars as pl
 
 from kaggle_tta.config import PipelineConfig
 from kaggle_tta.config.errors import ConfigError, DataError
-from kaggle_tta.io.data import read_csv_table
+from kaggle_tta.io.tables import read_csv_table
 from kaggle_tta.ops.boxes import prediction_string
 
 Boxes = tuple[np.ndarray, np.ndarray, np.ndarray]  # pixel xyxy [n, 4], scores [n], labels [n]

@@ -25,8 +25,8 @@ from kaggle_tta.config import BlendConfig, DetectionConfig, MemberConfig, Pipeli
 from kaggle_tta.config.errors import CheckpointError, ConfigError, DataError
 from kaggle_tta.exec.dag import MemberSource, evaluate_dag
 from kaggle_tta.io.canvas import CanvasSpec
-from kaggle_tta.io.data import read_csv_table
 from kaggle_tta.io.models import import_callable
+from kaggle_tta.io.tables import read_csv_table
 from kaggle_tta.ops.boxes import (
     FUSION_METHODS,
     BoxesError,
