@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
+import polars as pl
 import pytest
 import torch
 from conftest import CLASSES, save_random_checkpoint
@@ -142,6 +143,11 @@ def test_empty_test_set(pipeline, capsys, tmp_path):
     cfg["data"].pop("labels")
     err = _fails(capsys, write(cfg))
     assert "the test set is empty" in err and "data.folder" in err
+    for k in range(3):  # a folder of DICOMs under the default suffixes: the refusal says what it holds
+        (tmp_path / "empty" / f"{k}.dcm").write_bytes(b"x")
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    err = _fails(capsys, write(cfg))
+    assert "(the folder holds 3 .dcm, 1 .txt files: add their suffix)" in err, err
 
 
 def test_duplicate_ids(pipeline, capsys, tmp_path, demo_images):
@@ -257,3 +263,18 @@ def test_demo_data_help_describes_each_option(capsys):
         assert re.search(rf"--{name} {name.upper()} [a-z(][a-z]+ ", text), name
     assert "(default: 240)" in text and "(default: 1)" in text and f"(default: {DEMO_SIZE}," in text and DEMO_SIZE == 72
     assert "labels.csv" in text and "masks" in text  # what it writes
+
+
+def test_class_names_written_as_numbers(pipeline, capsys, tmp_path):
+    """APTOS' grades as YAML integers are the names as written; a float is refused with the fix."""
+    write, cfg = pipeline
+    cfg["data"]["classes"] = [0, 1, 2, 3]
+    cfg["data"].pop("labels")
+    cfg["blends"], cfg["members"] = [], cfg["members"][:1]
+    cfg["submission"].pop("source", None)
+    assert main(["run", str(write(cfg)), "-q"]) == 0
+    labels = pl.read_csv(cfg["submission"]["path"], infer_schema=False)["label"].to_list()
+    assert labels and set(labels) <= {"0", "1", "2", "3"}
+    cfg["data"]["classes"] = [0, 1.5, 2, 3]
+    err = _fails(capsys, write(cfg))
+    assert "data.classes" in err and "class name 1.5 is not text; quote it" in err, err

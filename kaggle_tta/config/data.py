@@ -10,7 +10,7 @@ from pydantic import field_validator, model_validator
 
 from kaggle_tta.config.errors import template_fields
 from kaggle_tta.config.marks import Bundle
-from kaggle_tta.config.section_base import Section, check_template
+from kaggle_tta.config.section_base import Section, check_template, class_names
 
 
 class CsvSource(Section):
@@ -264,6 +264,11 @@ class DataConfig(Section):
         """Files are listed (no record file) and no listed suffix names a reader other than images."""
         suffixes = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in self.extensions}
         return self.records is None and not suffixes & set(READER_SUFFIXES)
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _names(cls, v: object) -> object:
+        return class_names(v)
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:

@@ -75,3 +75,15 @@ def check_weights(v: list[float], what: str = "weights") -> list[float]:
     if not v or sum(v) <= 0:
         raise ValueError(f"{what} must not all be zero")
     return v
+
+
+def class_names(v: object) -> object:
+    """Class names written as YAML integers (APTOS' grades ``[0, 1, 2, 3, 4]``, iMet's attribute
+    ids) are the names as written; other numbers are refused with the fix (a float's text is
+    not what the file says: ``1.50`` reads as 1.5)."""
+    if not isinstance(v, list):
+        return v
+    odd = next((x for x in v if isinstance(x, (bool, float))), None)
+    if odd is not None:
+        raise ValueError(f"class name {odd!r} is not text; quote it, e.g. ['{odd}']")
+    return [str(x) if isinstance(x, int) else x for x in v]

@@ -14,7 +14,14 @@ from pydantic import field_validator, model_validator
 from kaggle_tta.config.errors import did_you_mean, template_fields
 from kaggle_tta.config.marks import FACTORY_PATH_KWARGS, Bundle
 from kaggle_tta.config.rows import GroupSpec, PseudoBox
-from kaggle_tta.config.section_base import Section, check_fractions, check_positive, check_template, check_weights
+from kaggle_tta.config.section_base import (
+    Section,
+    check_fractions,
+    check_positive,
+    check_template,
+    check_weights,
+    class_names,
+)
 from kaggle_tta.config.task_sections import RLEConfig, TilingConfig
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -397,6 +404,11 @@ class SubmissionConfig(Section):
     """The competition's sample_submission.csv: the CSV written then has its header, exactly
     its ids (a sample id matches a row id, or a test image's file name with its suffix) and
     its order; missing or extra ids are an error before the first forward."""
+
+    @field_validator("class_columns", mode="before")
+    @classmethod
+    def _names(cls, v: object) -> object:
+        return class_names(v)
 
     @field_validator("id_format")
     @classmethod

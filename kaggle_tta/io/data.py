@@ -122,10 +122,23 @@ def list_test_set(cfg: PipelineConfig) -> TestSet:
     if d.id is not None and d.csv is None:
         ids = ids_by_rule(ids, d.id.pattern, d.id.template, where)
     if not ids:
-        raise DataError(f"{where}: the test set is empty; check the path and data.extensions {sorted(exts)}")
+        held = _seen(cfg.resolve(d.folder) if d.folder else None)
+        raise DataError(f"{where}: the test set is empty; check the path and data.extensions {sorted(exts)}{held}")
     _check_unique(ids, paths, where)
     identities = _identities(paths, where)
     return TestSet(ids, paths, identities)
+
+
+def _seen(folder: Path | None) -> str:
+    """What an empty folder listing holds instead (its commonest suffixes), for the refusal."""
+    if folder is None or not folder.is_dir():
+        return ""
+    counts: dict[str, int] = {}
+    for p in folder.rglob("*"):
+        if p.suffix and p.is_file():
+            counts[p.suffix.lower()] = counts.get(p.suffix.lower(), 0) + 1
+    top = sorted(counts.items(), key=lambda kv: -kv[1])[:3]
+    return f" (the folder holds {', '.join(f'{n} {s}' for s, n in top)} files: add their suffix)" if top else ""
 
 
 def _identities(paths: list[str], where: str) -> list[tuple[int, int]]:
