@@ -220,3 +220,36 @@ def test_a_zipped_sample_is_read_as_its_csv(tmp_path, monkeypatch, capsys):
     assert main(["run", str(p), "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is a zip archive holding 2 CSV files ['a.csv', 'b.csv']; give the CSV itself" in err[0]
+
+
+def test_aptos_a_regression_head_written_as_grades(tmp_path, monkeypatch, capsys):
+    """regression.cutoffs: each value (after scale and offset) as the number of cutoffs at or
+    below it, written as an integer (APTOS' grader refuses floats); equal to the float run's
+    values binned. Cutoffs out of order are refused at load."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    _studies(tmp_path, ["a", "b", "c", "d", "e"])
+    cfg = yaml.safe_load(_pipeline(tmp_path, {}).read_text())
+    cfg.pop("multilabel")
+    cfg["data"]["classes"] = ["diagnosis"]
+    cfg["task"], cfg["regression"] = "regression", {"scale": 5.0}
+    cfg["members"][0].update(factory="helpers:mean_brightness", activation="none", kwargs={})
+    cfg["submission"] = {"path": str(tmp_path / "values.csv"), "format": "values", "id_column": "id_code"}
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(p), "-q"]) == 0
+    values = {r["id_code"]: float(r["diagnosis"]) for r in _read(tmp_path / "values.csv")}
+    cuts = [0.5, 1.5, 2.5, 3.5]
+    cfg["regression"]["cutoffs"] = cuts
+    cfg["submission"]["path"] = str(tmp_path / "grades.csv")
+    p.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(p), "-q"]) == 0
+    text = (tmp_path / "grades.csv").read_text()
+    grades = {r["id_code"]: r["diagnosis"] for r in _read(tmp_path / "grades.csv")}
+    assert grades == {k: str(int(np.searchsorted(cuts, v, side="right"))) for k, v in values.items()}, (values, text)
+    assert len(set(grades.values())) > 1, values
+    cfg["regression"]["cutoffs"] = [1.5, 0.5]
+    p.write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()
+    assert main(["run", str(p), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cutoffs must be one or more ascending numbers" in err[0], err

@@ -177,9 +177,17 @@ class RegressionConfig(Section):
     """See ``scale``."""
     clip: tuple[float, float] | None = None
     """[low, high]: written values kept in the range the grader accepts (PetFinder: [1, 100])."""
+    cutoffs: list[float] | None = None
+    """Ascending: each value (after scale, offset and clip) written as the number of cutoffs
+    at or below it, an integer grade (APTOS' regression heads: ``[0.5, 1.5, 2.5, 3.5]`` gives
+    0-4 for quadratic weighted kappa)."""
 
     @model_validator(mode="after")
     def _range(self) -> RegressionConfig:
         if self.clip is not None and not self.clip[0] <= self.clip[1]:
             raise ValueError("clip must be [low, high] with low <= high")
+        if self.cutoffs is not None and (
+            not self.cutoffs or any(a >= b for a, b in zip(self.cutoffs, self.cutoffs[1:]))
+        ):
+            raise ValueError(f"cutoffs must be one or more ascending numbers, got {self.cutoffs}")
         return self

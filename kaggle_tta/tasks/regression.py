@@ -34,9 +34,12 @@ ACTIVATIONS = ("none", "sigmoid")
 def write_values(
     ids: Sequence[str], values: np.ndarray, targets: Sequence[str], spec: SubmissionConfig
 ) -> pl.DataFrame:
-    """``id`` and one float column per target (``class_columns`` renames them)."""
+    """``id`` and one float column per target (``class_columns`` renames them); integer
+    grades (``regression.cutoffs``) as integers."""
     cols = spec.class_columns or list(targets)
-    data = np.asarray(values, dtype=np.float64).reshape(len(ids), -1) if len(ids) else np.zeros((0, len(cols)))
+    data = np.asarray(values)
+    data = data if data.dtype.kind == "i" else data.astype(np.float64)
+    data = data.reshape(len(ids), -1) if len(ids) else np.zeros((0, len(cols)))
     return pl.DataFrame(
         [pl.Series(spec.id_column, list(ids), dtype=pl.String), *(pl.Series(c, data[:, k]) for k, c in enumerate(cols))]
     )
@@ -132,7 +135,9 @@ class Regression(Classification):
 
     @staticmethod
     def written(cfg: PipelineConfig, v: Any) -> np.ndarray:
-        """Merged values as written: ``offset + scale * v``, clipped to ``regression.clip``."""
+        """Merged values as written: ``offset + scale * v``, clipped to ``regression.clip``,
+        then graded by ``regression.cutoffs``."""
         r = cfg.regression
         out = r.offset + r.scale * np.asarray(v, dtype=np.float64)
-        return np.clip(out, *r.clip) if r.clip is not None else out
+        out = np.clip(out, *r.clip) if r.clip is not None else out
+        return np.digitize(out, r.cutoffs, right=False).astype(np.int64) if r.cutoffs else out
