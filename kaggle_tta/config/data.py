@@ -14,10 +14,10 @@ from kaggle_tta.config.section_base import Section, check_template, class_names
 
 
 class CsvSource(Section):
-    """A CSV listing the test set."""
+    """A CSV (or a JSON list of objects) listing the test set."""
 
     path: Annotated[Path, Bundle("data")]
-    """The CSV file (relative paths are relative to pipeline.yaml)."""
+    """The CSV or JSON file (relative paths are relative to pipeline.yaml)."""
     id_column: str = "id"
     """Column holding the image id written to the submission."""
     path_column: str | None = None
@@ -26,7 +26,11 @@ class CsvSource(Section):
     """Builds the path from the id and the row's other columns, e.g. ``images/{id}.jpg`` or
     ``test_images/{patient_id}/{image_id}.dcm`` (relative to `root`)."""
     root: Annotated[Path | None, Bundle("data", "csv-root")] = None
-    """Folder the paths are relative to; default: the CSV's folder."""
+    """Folder the paths are relative to, or an archive (zip, tar) whose members they name;
+    default: the CSV's folder."""
+    key: str | None = None
+    """A JSON listing (``path`` ending in .json: a list of objects, their fields the columns):
+    the key of the object holding that list (COCO's ``images``)."""
 
     @field_validator("path_template")
     @classmethod

@@ -32,9 +32,9 @@ from kaggle_tta.config.errors import DataError, KaggleTTAError, UserPath, shown_
 from kaggle_tta.io.canvas import CanvasSpec
 from kaggle_tta.io.ids import ids_by_rule, templated_paths
 from kaggle_tta.io.readers import decode_image, items_of, list_records, opencv, read_item, record_item
-from kaggle_tta.io.tables import read_csv_table
+from kaggle_tta.io.tables import read_csv_table, read_listing
 from kaggle_tta.io.windows import item_size
-from kaggle_tta.io.zips import is_archive, list_archive
+from kaggle_tta.io.zips import archive_items, is_archive, list_archive
 
 if TYPE_CHECKING:
     from multiprocessing.context import BaseContext
@@ -115,7 +115,7 @@ def list_test_set(cfg: PipelineConfig) -> TestSet:
         _check_unique(ids, [str(path)] * len(ids), f"data.records ({path})")
         return TestSet(ids, [record_item(path, k) for k in range(len(ids))], [size_mtime] * len(ids))
     else:
-        ids, paths = _list_csv(cfg)
+        ids, paths, known = _list_csv(cfg)
         where = f"data.csv ({cfg.resolve(d.csv.path)})"  # type: ignore[union-attr]
     if d.reader.channels and d.csv is None:  # items of several files: the first template's files
         ids, paths = items_of(ids, paths, d.reader.channels)
@@ -125,7 +125,7 @@ def list_test_set(cfg: PipelineConfig) -> TestSet:
         held = _seen(cfg.resolve(d.folder) if d.folder else None)
         raise DataError(f"{where}: the test set is empty; check the path and data.extensions {sorted(exts)}{held}")
     _check_unique(ids, paths, where)
-    identities = _identities(paths, where)
+    identities = known if d.csv is not None and known is not None else _identities(paths, where)
     return TestSet(ids, paths, identities)
 
 
@@ -196,11 +196,13 @@ def _strings(df: pl.DataFrame, col: str, path: Path, key: str) -> list[str]:
     return [str(v) for v in values]
 
 
-def _list_csv(cfg: PipelineConfig) -> tuple[list[str], list[str]]:
+def _list_csv(cfg: PipelineConfig) -> tuple[list[str], list[str], list[tuple[int, int]] | None]:
+    """(ids, paths, and the identities where the paths are an archive's members: data.csv.root
+    an archive, read in place)."""
     c = cfg.data.csv
     assert c is not None
     path = cfg.resolve(c.path)
-    df = read_csv_table(path, "data.csv.path", infer_schema=False)
+    df = read_listing(path, "data.csv.path", c.key)
     for col in filter(None, [c.id_column, c.path_column]):
         if col not in df.columns:
             raise DataError(f"{path}: no column '{col}' (columns: {df.columns}); set data.csv.id_column / path_column")
@@ -216,8 +218,10 @@ def _list_csv(cfg: PipelineConfig) -> tuple[list[str], list[str]]:
             f"{path}: row {bad + 1} of column '{c.path_column or 'path_template'}' holds a NUL byte "
             f"({shown_path(rel[bad])}); fix the CSV"
         )
+    if is_archive(root):
+        return ids, *archive_items(root, rel, f"data.csv.root ({root})")
     base = str(root)
-    return ids, [os.path.normpath(r if os.path.isabs(r) else os.path.join(base, r)) for r in rel]
+    return ids, [os.path.normpath(r if os.path.isabs(r) else os.path.join(base, r)) for r in rel], None
 
 
 def _record_file_stat(path: Path) -> tuple[int, int]:

@@ -4,6 +4,7 @@ each problem one line naming the file and its YAML path."""
 from __future__ import annotations
 
 import io
+import json
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -60,3 +61,32 @@ def _csv_problem(path: Path, exc: Exception, key: str) -> str:
         return f"not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}); save it as UTF-8"
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     return f"cannot read as CSV ({lines[0] if lines else type(exc).__name__})"
+
+
+def read_listing(path: Path, key: str, json_key: str | None) -> pl.DataFrame:
+    """``data.csv.path``: a CSV, or a JSON list of objects (or the list under ``json_key`` of a
+    JSON object: COCO's ``images`` of ``id`` and ``file_name``, iNaturalist's test2019.json),
+    every value as text."""
+    if path.suffix.lower() != ".json":
+        return read_csv_table(path, key, infer_schema=False)
+    try:
+        with open(path, "rb") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{key}: {path} does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not readable JSON ({exc}) ({key})") from None
+    if isinstance(data, dict):
+        if json_key is None or json_key not in data:
+            got = f"no key '{json_key}'" if json_key else "an object"
+            raise DataError(
+                f"{path}: {got} (keys: {sorted(data)[:8]}); set data.csv.key to the one holding the items, e.g. images"
+            )
+        data = data[json_key]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise DataError(f"{path}: the items are not a list of objects ({key}); give the list of the test items")
+    columns = list(dict.fromkeys(k for r in data for k in r))
+    return pl.DataFrame(
+        {c: [None if r.get(c) is None else str(r[c]) for r in data] for c in columns},
+        schema=dict.fromkeys(columns, pl.String),
+    )

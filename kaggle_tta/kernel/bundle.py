@@ -259,7 +259,7 @@ class Collector:
         return f"/kaggle/input/{self.opts.competition}/{rel}"
 
     def _data_path(self, key: str, path: Path, kind: str, optional: bool = False) -> str:
-        if kind == "dir" and is_archive(path):  # a test set in a zip (io.zips): the archive is the file
+        if kind in ("dir", "csv-root") and is_archive(path):  # a test set in an archive (io.zips): the file
             kind = "file"
         rel = _competition_relpath(path, self.opts)
         if rel is not None:

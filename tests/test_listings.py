@@ -1,0 +1,142 @@
+"""Test sets listed as competitions ship them, laid out as openai/mle-bench's prepare.py lays
+them out: iNaturalist 2019's images in an uncompressed tar named ``test2019.tar.gz`` (members
+``<md5>.jpg``), the integer ids the grader wants only in ``test2019.json``'s COCO ``images``
+(``id``, ``file_name: test2019/<md5>.jpg``). Oracle: the same images extracted and listed by
+a CSV."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import json
+import tarfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+from kaggle_tta.cli import main
+
+TESTS = Path(__file__).resolve().parent
+CLASSES = ["0", "1", "2", "3"]
+
+
+def _inaturalist(root: Path) -> list[int]:
+    """public/test2019.tar.gz (a plain tar), test2019.json and kaggle_sample_submission.csv;
+    returns the ids in the sample's order."""
+    rng = np.random.default_rng(11)
+    src = root / "src" / "test2019"
+    src.mkdir(parents=True)
+    images, ids = [], []
+    for k in range(7):
+        img = np.full((18 + k, 23, 3), rng.integers(0, 256, 3), np.uint8)
+        name = hashlib.md5(str(k).encode()).hexdigest() + ".jpg"
+        cv2.imwrite(str(src / name), img)
+        ids.append(int(rng.integers(260000, 300000)))
+        images.append({"id": ids[-1], "file_name": f"test2019/{name}", "height": 18 + k, "width": 23, "license": 1})
+    with tarfile.open(root / "test2019.tar.gz", "w") as t:  # as prepare.py's add_to_tar: not compressed
+        for p in sorted(src.iterdir()):
+            t.add(p, arcname=p.name)
+    (root / "test2019.json").write_text(json.dumps({"images": images, "info": {}, "licenses": []}, indent=4))
+    order = list(ids)
+    rng.shuffle(order)
+    with open(root / "kaggle_sample_submission.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "predicted"])
+        w.writerows([(i, 7) for i in order])
+    return order
+
+
+def _pipeline(root: Path, data: dict, out: str, sample: bool = True) -> Path:
+    cfg = {
+        "task": "classification",
+        "data": {**data, "classes": CLASSES},
+        "runtime": {"device": "cpu", "precision": "fp32", "workers": 0, "batch_size": 4},
+        "cache": {"dir": str(root / f"cache-{out}")},
+        "members": [
+            {
+                "name": "m",
+                "factory": "helpers:invariant_model",
+                "preprocess": {"input_size": [3, 16, 16]},
+                "tta": "hflip",
+            }
+        ],
+        "submission": {"path": str(root / f"{out}.csv"), "id_column": "id", "label_column": "predicted"},
+    }
+    if sample:
+        cfg["submission"]["sample"] = str(root / "kaggle_sample_submission.csv")
+    p = root / f"{out}.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def _rows(path: Path) -> list[tuple[str, str]]:
+    with open(path, newline="") as f:
+        return [(r["id"], r["predicted"]) for r in csv.DictReader(f)]
+
+
+def test_inaturalist_a_coco_json_listing_images_in_a_tar_read_in_place(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+    order = _inaturalist(tmp_path)
+    listing = {
+        "path": str(tmp_path / "test2019.json"),
+        "key": "images",
+        "id_column": "id",
+        "path_column": "file_name",
+        "root": str(tmp_path / "test2019.tar.gz"),
+    }
+    assert main(["run", str(_pipeline(tmp_path, {"csv": listing}, "tar")), "-q"]) == 0
+    written = _rows(tmp_path / "tar.csv")
+    assert [i for i, _ in written] == [str(i) for i in order]
+    # the oracle: the images extracted, listed by a CSV of the same ids and paths
+    images = json.loads((tmp_path / "test2019.json").read_text())["images"]
+    with open(tmp_path / "test.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image_id", "path"])
+        w.writerows([(m["id"], m["file_name"]) for m in images])
+    csv_listing = {"path": str(tmp_path / "test.csv"), "id_column": "image_id", "path_column": "path"}
+    csv_listing["root"] = str(tmp_path / "src")
+    assert main(["run", str(_pipeline(tmp_path, {"csv": csv_listing}, "files")), "-q"]) == 0
+    assert written == _rows(tmp_path / "files.csv")
+    assert len({p for _, p in written}) > 1
+    # the tar as data.folder: its members' names are the ids
+    assert main(["run", str(_pipeline(tmp_path, {"folder": str(tmp_path / "test2019.tar.gz")}, "f", False)), "-q"]) == 0
+    names = {m["file_name"].split("/")[1][:-4]: str(m["id"]) for m in images}
+    assert sorted((names[i], p) for i, p in _rows(tmp_path / "f.csv")) == sorted(written)
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ("gzip", "is a compressed tar, which cannot be read in place; extract it (tar xf test2019.tar.gz)"),
+        ("key", "set data.csv.key to the one holding the items, e.g. images"),
+        ("member", "'test2019/nothere.jpg' is not in"),
+    ],
+)
+def test_a_listing_or_archive_that_cannot_be_read_is_one_line(tmp_path, monkeypatch, capsys, change, says):
+    monkeypatch.syspath_prepend(str(TESTS))
+    _inaturalist(tmp_path)
+    listing = {
+        "path": str(tmp_path / "test2019.json"),
+        "key": "images",
+        "id_column": "id",
+        "path_column": "file_name",
+        "root": str(tmp_path / "test2019.tar.gz"),
+    }
+    if change == "gzip":
+        data = (tmp_path / "test2019.tar.gz").read_bytes()
+        with gzip.open(tmp_path / "test2019.tar.gz", "wb") as f:
+            f.write(data)
+    elif change == "key":
+        del listing["key"]
+    else:
+        meta = json.loads((tmp_path / "test2019.json").read_text())
+        meta["images"][3]["file_name"] = "test2019/nothere.jpg"
+        (tmp_path / "test2019.json").write_text(json.dumps(meta))
+    assert main(["run", str(_pipeline(tmp_path, {"csv": listing}, "s")), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0], err
+    assert not (tmp_path / "cache-s").exists() or not any((tmp_path / "cache-s").rglob("*.npy"))
