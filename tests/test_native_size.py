@@ -81,6 +81,37 @@ def test_a_16_bit_tiff_window_equals_numpy(tmp_path):
     np.testing.assert_allclose(got[..., 0], want, atol=1e-6)
 
 
+@pytest.mark.parametrize("window", [None, {"mode": "fixed", "range": [1000, 60000]}])
+def test_an_item_of_several_tiffs_is_read_by_windows(tmp_path, monkeypatch, window):
+    """Vesuvius: a fragment's layers 00.tif ... as channels. Each layer is read by windows, as
+    one TIFF is (tiled, striped, memory-mapped), never whole: the windows equal the whole
+    item's (readers.read_item); layers of two sizes are one line."""
+    from kaggle_tta.io import readers, windows
+    from kaggle_tta.io.windows import WindowSource, item_size
+
+    rng = np.random.default_rng(4)
+    layers = [rng.integers(0, 65536, (61, 83), dtype=np.uint16) for _ in range(3)]
+    frag = tmp_path / "a" / "surface_volume"
+    frag.mkdir(parents=True)
+    for k, (a, kw) in enumerate(zip(layers, [{"tile": (16, 32), "compression": "zlib"}, {"rowsperstrip": 9}, {}])):
+        tifffile.imwrite(frag / f"{k:02d}.tif", a, **kw)
+    spec = ReaderConfig(name="image", channels=["00.tif", "01.tif", "02.tif"], window=window)
+    whole = readers.read_item(str(frag / "00.tif"), spec)
+    assert whole.shape == (61, 83, 3)
+
+    def refused(*a, **k):
+        raise AssertionError("read whole")
+
+    monkeypatch.setattr(windows, "_whole", refused)
+    assert item_size(str(frag / "00.tif"), spec) == (61, 83)
+    with WindowSource(str(frag / "00.tif"), spec) as src:
+        for top, left, h, w in [(0, 0, 61, 83), (13, 29, 40, 50), (60, 82, 1, 1)]:
+            np.testing.assert_array_equal(src.read(top, left, h, w), whole[top : top + h, left : left + w])
+    tifffile.imwrite(frag / "01.tif", layers[1][:60])
+    with pytest.raises(windows.DataError, match="60x83 where .*00.tif is 61x83; the files of one item must have"):
+        WindowSource(str(frag / "00.tif"), spec)
+
+
 def test_band_probs_equal_one_cv2_resize():
     rng = np.random.default_rng(0)
     for k, h, w, big_h, big_w in [(3, 7, 9, 37, 53), (2, 50, 40, 50, 40), (5, 30, 20, 10, 45)]:

@@ -38,10 +38,13 @@ def is_tiff(path: str | Path) -> bool:
 
 
 def item_size(path: str, reader: ReaderConfig | None) -> tuple[int, int]:
-    """``(H, W)`` of an item, from the TIFF header without its pixels; other files are read."""
-    if is_tiff(path) and (reader is None or reader.plain or reader.channels is None):
-        with _tiff(path) as tf:
-            h, w, _ = _page_layout(tf, path)
+    """``(H, W)`` of an item, from the TIFF header without its pixels (an item of several
+    TIFFs: its first file's); other files are read."""
+    tiffs = _channel_tiffs(path, reader)
+    if tiffs or (is_tiff(path) and (reader is None or reader.plain or reader.channels is None)):
+        first = tiffs[0] if tiffs else path
+        with _tiff(first) as tf:
+            h, w, _ = _page_layout(tf, first)
             return h, w
     plain = reader is None or (reader.name in ("auto", "image") and reader.channels is None and reader.slices is None)
     if plain and not path.lower().endswith((".dcm", ".dicom", ".npy", ".npz")):
@@ -99,19 +102,56 @@ def _page_layout(tf: Any, path: str) -> tuple[int, int, int]:
     return h, w, int(page.samplesperpixel) * planes
 
 
+def _channel_tiffs(path: str, reader: ReaderConfig | None) -> list[str]:
+    """An item of several files (``data.reader.channels``) that are all TIFFs on disk: its
+    files, read by windows as one TIFF is (Vesuvius' 65 layers of a fragment); else none."""
+    if reader is None or reader.channels is None or reader.slices is not None or _tiff_whole(reader):
+        return []
+    from kaggle_tta.io.readers import channel_files
+
+    files = channel_files(path, reader)
+    return files if all(is_tiff(f) for f in files) else []
+
+
+class _Tiff:
+    """One TIFF file open for windows: its size, and the raw pixels of a window ``[h, w, S]``."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.tf = _tiff(path)
+        self.size = _page_layout(self.tf, path)[:2]
+        self.pages = self.tf.series[0].pages
+        self.map = _memmap(self.tf, path)
+
+    def raw(self, top: int, left: int, h: int, w: int) -> np.ndarray:
+        if self.map is not None:
+            a = np.asarray(self.map[top : top + h, left : left + w])
+            return a[:, :, None] if a.ndim == 2 else a
+        return np.concatenate([_tiff_window(p, top, left, h, w) for p in self.pages], axis=2)
+
+
 class WindowSource:
     """One item, read a window at a time: ``read(top, left, h, w)`` -> ``[h, w, C]``."""
 
     def __init__(self, path: str, reader: ReaderConfig | None):
         self.path = path
         self.reader = reader
-        self._tf: Any = None
+        self._tiffs: list[_Tiff] = []
         self._img: np.ndarray | None = None
-        if is_tiff(path) and (reader is None or reader.channels is None) and not _tiff_whole(reader):
-            self._tf = _tiff(path)
-            self.size = _page_layout(self._tf, path)[:2]
-            self._pages = self._tf.series[0].pages
-            self._map = _memmap(self._tf, path)
+        files = _channel_tiffs(path, reader)
+        if not files and is_tiff(path) and (reader is None or reader.channels is None) and not _tiff_whole(reader):
+            files = [path]
+        if files:
+            for f in files:
+                self._tiffs.append(_Tiff(f))
+                (h, w), (h0, w0) = self._tiffs[-1].size, self._tiffs[0].size
+                if (h, w) != (h0, w0):
+                    self.close()
+                    raise DataError(
+                        f"{shown_path(f)}: {h}x{w} where {shown_path(files[0])} is {h0}x{w0}; the files of one "
+                        "item must have one size"
+                    )
+            self.size = self._tiffs[0].size
         else:
             self._img = _whole(path, reader)
             self.size = (int(self._img.shape[0]), int(self._img.shape[1]))
@@ -119,11 +159,11 @@ class WindowSource:
     def read(self, top: int, left: int, h: int, w: int) -> np.ndarray:
         if self._img is not None:
             return self._img[top : top + h, left : left + w]
-        if self._map is not None:
-            raw = np.asarray(self._map[top : top + h, left : left + w])
-        else:
-            raw = np.concatenate([_tiff_window(p, top, left, h, w) for p in self._pages], axis=2)
-        return self._converted(raw)
+        planes = [t.raw(top, left, h, w) for t in self._tiffs]
+        if len(planes) > 1 and any(p.shape[2] != 1 for p in planes):
+            bad = next(t.path for t, p in zip(self._tiffs, planes) if p.shape[2] != 1)
+            raise DataError(f"{shown_path(bad)}: several channels; data.reader.channels takes one per file")
+        return self._converted(planes[0] if len(planes) == 1 else np.concatenate(planes, axis=2))
 
     def _converted(self, raw: np.ndarray) -> np.ndarray:
         a = raw[:, :, None] if raw.ndim == 2 else raw
@@ -138,9 +178,9 @@ class WindowSource:
         return apply_window(np.ascontiguousarray(a), window, self.path)
 
     def close(self) -> None:
-        if self._tf is not None:
-            self._tf.close()
-            self._tf = None
+        for t in self._tiffs:
+            t.tf.close()
+        self._tiffs = []
 
     def __enter__(self) -> WindowSource:
         return self
