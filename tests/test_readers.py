@@ -219,6 +219,16 @@ def test_a_run_over_four_file_items(tmp_path, monkeypatch):
         rows = list(csv.DictReader(f))
     assert [r["id"] for r in rows] == ids  # one row per item, not per file
     cfg = yaml.safe_load(path.read_text())
+    cfg["members"][0]["preprocess"].update(mean=0.25, std=0.5)  # one value for every channel
+    cfg["submission"]["path"] = str(tmp_path / "one.csv")
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(path), "-q"]) == 0
+    cfg["members"][0]["preprocess"].update(mean=[0.25] * 4, std=[0.5] * 4)
+    cfg["submission"]["path"] = str(tmp_path / "four.csv")
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(path), "-q"]) == 0
+    assert (tmp_path / "one.csv").read_bytes() == (tmp_path / "four.csv").read_bytes()
+    assert (tmp_path / "one.csv").read_bytes() != (tmp_path / "sub.csv").read_bytes()  # the values do act
     cfg["members"][0]["preprocess"]["std"] = [1.0] * 3
     path.write_text(yaml.safe_dump(cfg))
     assert main(["run", str(path), "-q"]) == 2  # 3 std values for a 4-channel input: one line at load

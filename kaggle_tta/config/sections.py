@@ -144,8 +144,10 @@ class PreprocessConfig(Section):
     """The image is resized so its shortest side is floor(size / crop_pct), then the
     centre (or, for crop views, a corner) at the input size is taken."""
     interpolation: Literal["nearest", "bilinear", "bicubic", "area", "lanczos"] | None = None
-    mean: list[float] | None = None
-    std: list[float] | None = None
+    mean: float | list[float] | None = None
+    """One value per input channel, or one for every channel (SETI's 6, Vesuvius' 65)."""
+    std: float | list[float] | None = None
+    """As ``mean``."""
     albumentations: Annotated[dict[str, Any] | Path | None, Bundle("member")] = None
     """An albumentations pipeline in its own serialized form (``A.to_dict``), inline or as a
     JSON/YAML file. It replaces resize and crop; it must end with uint8 HWC images of one

@@ -175,7 +175,7 @@ def _finite(out: Any) -> bool:
 def normalize(canvas: Tensor, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> Tensor:
     """uint8 [B, H, W, C] (0..255), or float [B, H, W, C] in [0, 1] (a reader's window) ->
     normalized float [B, C, H, W] on the device."""
-    if canvas.shape[-1] != len(mean) or len(mean) != len(std):
+    if canvas.shape[-1] != len(mean) != 1 or len(mean) != len(std):  # one value: every channel
         raise DataError(
             f"the input has {canvas.shape[-1]} channels and preprocess.mean/std {len(mean)}/{len(std)} values; "
             "give one mean and std per channel (members[].preprocess.mean, .std), and a model with that many in_chans"

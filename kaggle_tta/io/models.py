@@ -118,8 +118,8 @@ def resolve_preprocess(cfg: PipelineConfig, m: MemberConfig, default_size: tuple
     interp = p.interpolation or (
         pc["interpolation"] if pc.get("interpolation") in ("nearest", "bilinear", "bicubic") else "bilinear"
     )
-    mean = tuple(p.mean or pc.get("mean") or IMAGENET_MEAN)
-    std = tuple(p.std or pc.get("std") or IMAGENET_STD)
+    mean = _values(p.mean) or tuple(pc.get("mean") or IMAGENET_MEAN)
+    std = _values(p.std) or tuple(pc.get("std") or IMAGENET_STD)
     reader = cfg.data.reader
     made = len(reader.channels or reader.columns or (reader.slices.offsets if reader.slices else [])) or None
     if cfg.data.plain_images:
@@ -128,6 +128,8 @@ def resolve_preprocess(cfg: PipelineConfig, m: MemberConfig, default_size: tuple
         n = 3 if made == 1 and reader.gray == "rgb" else made  # one channel repeats to 3 (gray: rgb)
     else:
         n = None  # a single file of any channel count: normalize checks it on the first batch
+    if n is not None and len(mean) == len(std) == 1:  # one value for every channel
+        mean, std = mean * n, std * n
     if (n is not None and (len(mean) != n or len(std) != n)) or len(mean) != len(std) or any(s <= 0 for s in std):
         said = f"{n} values each" if n is not None else "one value per channel each"
         raise ConfigError(f"{where}.preprocess: mean and std need {said}, std positive")
@@ -168,6 +170,13 @@ def _load_albumentations(cfg: PipelineConfig, spec: dict[str, Any] | Path, where
     except Exception as exc:  # albumentations raises several types for a bad dict
         raise ConfigError(f"{where}: not an albumentations pipeline in A.to_dict form ({exc})") from None
     return json.dumps(spec, sort_keys=True)
+
+
+def _values(v: float | list[float] | None) -> tuple[float, ...]:
+    """``preprocess.mean`` or ``std`` as given: a list, or one number for every channel."""
+    if v is None:
+        return ()
+    return (float(v),) if isinstance(v, (int, float)) else tuple(v)
 
 
 def build_model(cfg: PipelineConfig, m: MemberConfig, num_classes: int) -> nn.Module:
