@@ -140,3 +140,28 @@ def test_a_listing_or_archive_that_cannot_be_read_is_one_line(tmp_path, monkeypa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and says in err[0], err
     assert not (tmp_path / "cache-s").exists() or not any((tmp_path / "cache-s").rglob("*.npy"))
+
+
+@pytest.mark.parametrize("column", ["bytes", "struct"])
+def test_records_of_encoded_images_equal_the_files(tmp_path, monkeypatch, column):
+    """A parquet table whose field holds each image's encoded bytes (Cdiscount's pictures, a
+    Hugging Face image column's {bytes, path}): decoded as the file is, the same predictions
+    as the images on disk."""
+    import polars as pl
+
+    monkeypatch.syspath_prepend(str(TESTS))
+    order = _inaturalist(tmp_path)  # the sources: src/test2019/<md5>.jpg
+    images = json.loads((tmp_path / "test2019.json").read_text())["images"]
+    blobs = [(tmp_path / "src" / m["file_name"]).read_bytes() for m in images]
+    value = blobs if column == "bytes" else [{"bytes": b, "path": None} for b in blobs]
+    pl.DataFrame({"id": [str(m["id"]) for m in images], "picture": value}).write_parquet(tmp_path / "test.parquet")
+    records = {"records": {"path": str(tmp_path / "test.parquet")}, "reader": {"columns": ["picture"]}}
+    assert main(["run", str(_pipeline(tmp_path, records, "rec")), "-q"]) == 0
+    with open(tmp_path / "files.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "path"])
+        w.writerows([(m["id"], m["file_name"]) for m in images])
+    files = {"csv": {"path": str(tmp_path / "files.csv"), "path_column": "path", "root": str(tmp_path / "src")}}
+    assert main(["run", str(_pipeline(tmp_path, files, "files")), "-q"]) == 0
+    assert _rows(tmp_path / "rec.csv") == _rows(tmp_path / "files.csv")
+    assert [i for i, _ in _rows(tmp_path / "rec.csv")] == [str(i) for i in order]

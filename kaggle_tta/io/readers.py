@@ -286,13 +286,17 @@ def _value_range(ds: Any, spec: ReaderConfig, modality: Any, voi: Any) -> tuple[
     return float(out.min()), float(out.max())
 
 
-def _decoded(path: Path | str) -> np.ndarray:
-    """The file as OpenCV decodes it, unchanged (BGR(A) order, its own depth); a file that
-    cannot be read, is empty, or does not decode is one DataError naming it."""
+def _decoded(path: Path | str, data: bytes | None = None) -> np.ndarray:
+    """The file (or ``data``, an encoded image named ``path``) as OpenCV decodes it, unchanged
+    (BGR(A) order, its own depth); a file that cannot be read, is empty, or does not decode
+    is one DataError naming it."""
     try:
-        buf = (
-            np.frombuffer(member_bytes(str(path)), np.uint8) if is_zip_item(path) else np.fromfile(str(path), np.uint8)
-        )
+        if data is not None:
+            buf = np.frombuffer(data, np.uint8)
+        elif is_zip_item(path):
+            buf = np.frombuffer(member_bytes(str(path)), np.uint8)
+        else:
+            buf = np.fromfile(str(path), np.uint8)
     except OSError as exc:
         raise DataError(f"{shown_path(path)}: cannot read ({exc.strerror})") from None
     if buf.size == 0:
@@ -303,14 +307,15 @@ def _decoded(path: Path | str) -> np.ndarray:
     return img
 
 
-def decode_image(path: Path | str) -> np.ndarray:
-    """Reads an image as uint8 RGB ``[H, W, 3]``, converting the formats listed above.
+def decode_image(path: Path | str, data: bytes | None = None) -> np.ndarray:
+    """Reads an image (or decodes ``data``, named ``path``) as uint8 RGB ``[H, W, 3]``,
+    converting the formats listed above.
 
     Raises:
         DataError: zero bytes, unreadable or truncated, naming the path.
     """
     cv2 = opencv()
-    img = _decoded(path)
+    img = _decoded(path, data)
     if img.dtype == np.uint16:
         img = (img.astype(np.uint32) // 257).astype(np.uint8)
     elif img.dtype in (np.float32, np.float64):
@@ -420,19 +425,26 @@ def read_record(item: str, spec: ReaderConfig) -> np.ndarray:
     for col in spec.columns or []:
         if col not in row:
             raise DataError(f"{shown_path(path)}: row {int(k) + 1} has no field '{col}' (data.reader.columns)")
-        try:
-            a = np.asarray(row[col], dtype=np.float32)
-            if spec.shape is not None:
-                a = a.reshape(spec.shape)
-        except (TypeError, ValueError) as exc:
-            raise DataError(
-                f"{shown_path(path)}: row {int(k) + 1}, field '{col}': not an array of that shape ({exc})"
-            ) from None
-        if a.ndim != 2:
-            raise DataError(
-                f"{shown_path(path)}: row {int(k) + 1}, field '{col}' has shape {a.shape}; set data.reader.shape"
-            )
-        planes.append(a)
-    if any(p.shape != planes[0].shape for p in planes):
-        raise DataError(f"{shown_path(path)}: row {int(k) + 1}: the columns' shapes differ")
-    return np.stack(planes, axis=2)
+        planes.append(_field(row[col], spec, f"{shown_path(path)}: row {int(k) + 1}, field '{col}'"))
+    if any(p.shape[:2] != planes[0].shape[:2] or p.dtype != planes[0].dtype for p in planes):
+        raise DataError(f"{shown_path(path)}: row {int(k) + 1}: the columns' shapes or kinds differ")
+    return np.concatenate(planes, axis=2)
+
+
+def _field(value: Any, spec: ReaderConfig, where: str) -> np.ndarray:
+    """One field of a record as ``[H, W, C]``: an encoded image (bytes, or a dict with
+    ``bytes``: a Hugging Face image column) decoded as a file is, RGB uint8; else numbers,
+    reshaped to ``data.reader.shape``, float32, one channel."""
+    data = value.get("bytes") if isinstance(value, dict) else value
+    if isinstance(data, (bytes, bytearray)):
+        return decode_image(where, bytes(data))
+    try:
+        a = np.asarray(value, dtype=np.float32)
+        if spec.shape is not None:
+            a = a.reshape(spec.shape)
+    except (TypeError, ValueError) as exc:
+        shown = str(exc) if len(str(exc)) <= 120 else str(exc)[:117] + "..."
+        raise DataError(f"{where}: not an array of that shape ({shown})") from None
+    if a.ndim != 2:
+        raise DataError(f"{where} has shape {a.shape}; set data.reader.shape")
+    return a[:, :, None]
