@@ -253,3 +253,29 @@ def test_aptos_a_regression_head_written_as_grades(tmp_path, monkeypatch, capsys
     assert main(["run", str(p), "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cutoffs must be one or more ascending numbers" in err[0], err
+
+
+def test_decimals_keep_confident_probabilities_apart(tmp_path):
+    """submission.decimals: at 6, two sigmoid probabilities past 0.9999995 are both 1.000000
+    (an AUC grader sees a tie); at 9 they differ, and softmax rows still sum to exactly 1."""
+    from decimal import Decimal
+
+    from kaggle_tta.config import SubmissionConfig
+    from kaggle_tta.io.submission import write_submission
+    from kaggle_tta.tasks.classification import write_probs
+
+    confident = np.array([[0.99999991], [0.99999962]])
+    rng = np.random.default_rng(0)
+    soft = rng.random((500, 3))
+    soft /= soft.sum(axis=1, keepdims=True)
+    for decimals, distinct in [(6, 1), (9, 2)]:
+        spec = SubmissionConfig(format="probs", decimals=decimals)
+        write_submission(
+            write_probs(["a", "b"], confident, ["has_cactus"], spec), tmp_path / "c.csv", decimals=decimals
+        )
+        assert len({r[1] for r in (ln.split(",") for ln in (tmp_path / "c.csv").read_text().split()[1:])}) == distinct
+        table = write_probs([str(i) for i in range(500)], soft, ["x", "y", "z"], spec)
+        write_submission(table, tmp_path / "s.csv", decimals=decimals)
+        rows = [ln.split(",")[1:] for ln in (tmp_path / "s.csv").read_text().split()[1:]]
+        assert all(sum(Decimal(v) for v in r) == 1 for r in rows)
+        assert all(len(v.split(".")[1]) <= decimals for r in rows for v in r)

@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from kaggle_tta.config.errors import did_you_mean, template_fields
 from kaggle_tta.config.marks import FACTORY_PATH_KWARGS, Bundle
@@ -378,6 +378,10 @@ class SubmissionConfig(Section):
     probabilities; multi-label: the mean over classes of each class's binary entropy)."""
     class_columns: list[str] | None = None
     """Column names for `probs` (default: the class names)."""
+    decimals: Annotated[int, Field(ge=1, le=15)] = 6
+    """Digits after the point of every number written (1-15): probabilities that sum to 1 sum
+    to exactly 1 at this many; a sigmoid past about 0.9999995 is written 1.000000 at 6, so
+    AUC graders with many confident positives may want more."""
     rle: RLEConfig = RLEConfig()
     """Segmentation: how masks are encoded."""
     template: str = "global_wheat"

@@ -98,7 +98,7 @@ def blend_plan(plan: Plan, sources: list[MemberSource]) -> BlendResult:
     if plan.sample is not None:
         out.table = align(out.table, plan.sample)
     out_path = cfg.resolve(cfg.submission.path)
-    write_submission(out.table, out_path)
+    write_submission(out.table, out_path, decimals=cfg.submission.decimals)
     result = BlendResult(
         str(out_path),
         cfg.submission_source,

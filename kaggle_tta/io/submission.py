@@ -218,7 +218,7 @@ def align(table: pl.DataFrame, order: SampleOrder) -> pl.DataFrame:
     return table
 
 
-def write_submission(df: pl.DataFrame, path: Path, key: str = "submission.path") -> None:
+def write_submission(df: pl.DataFrame, path: Path, key: str = "submission.path", decimals: int = 6) -> None:
     """Writes ``df`` to ``path`` (CSV; parquet where the path ends in .parquet) through a
     temporary file beside it, then renames it.
 
@@ -230,7 +230,7 @@ def write_submission(df: pl.DataFrame, path: Path, key: str = "submission.path")
         if path.suffix.lower() == ".parquet":  # competitions served through kaggle_evaluation take parquet
             df.write_parquet(tmp)
         else:
-            df.write_csv(tmp, float_precision=6)
+            df.write_csv(tmp, float_precision=decimals)
         os.replace(tmp, path)
 
 

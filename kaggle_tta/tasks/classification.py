@@ -59,14 +59,11 @@ def write_probs(ids: Sequence[str], probs: np.ndarray, classes: Sequence[str], s
     Rows that are a distribution (softmax) are written so that what is written sums to 1: see
     :func:`exact_distribution`."""
     cols = spec.class_columns or list(classes)
-    values = exact_distribution(np.asarray(probs, dtype=np.float64))
+    values = exact_distribution(np.asarray(probs, dtype=np.float64), spec.decimals)
     return pl.DataFrame([_id_series(ids, spec), *(pl.Series(c, values[:, k]) for k, c in enumerate(cols))])
 
 
-WRITTEN_DECIMALS = 6  # the submission's float precision (io.submission.write_submission)
-
-
-def exact_distribution(p: np.ndarray, decimals: int = WRITTEN_DECIMALS) -> np.ndarray:
+def exact_distribution(p: np.ndarray, decimals: int = 6) -> np.ndarray:
     """Rows that sum to 1 (several classes, softmax) rounded to ``decimals`` so that the written
     numbers sum to exactly 1: in units of 10^-decimals, the rounding's remainder goes to each
     row's largest entry (Dog Breed's grader wants 120 probabilities summing to 1 +- 1e-6;
