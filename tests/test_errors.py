@@ -278,3 +278,16 @@ def test_class_names_written_as_numbers(pipeline, capsys, tmp_path):
     cfg["data"]["classes"] = [0, 1.5, 2, 3]
     err = _fails(capsys, write(cfg))
     assert "data.classes" in err and "class name 1.5 is not text; quote it" in err, err
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("", "the file is empty"),
+        ("# nothing yet\n", "the file is empty"),
+        ("- a\n", "expected a mapping at the top level"),
+    ],
+)
+def test_an_empty_pipeline_file_says_so(tmp_path, capsys, text, says):
+    (tmp_path / "p.yaml").write_text(text)
+    assert says in _fails(capsys, tmp_path / "p.yaml")

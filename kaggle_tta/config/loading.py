@@ -252,6 +252,8 @@ def load_pipeline(
         path = Path(source)
         raw = read_yaml_file(path, "pipeline file")
         where, folder = str(path), path.resolve().parent
+    if raw is None:
+        raise ConfigError(f"{where}: the file is empty; write the pipeline in it (task, data, members, ...)")
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping at the top level (task, data, members, ...)")
     origins: dict[tuple[Any, ...], str] = {}
