@@ -275,9 +275,16 @@ def test_class_names_written_as_numbers(pipeline, capsys, tmp_path):
     assert main(["run", str(write(cfg)), "-q"]) == 0
     labels = pl.read_csv(cfg["submission"]["path"], infer_schema=False)["label"].to_list()
     assert labels and set(labels) <= {"0", "1", "2", "3"}
+    path = write(cfg)  # in the file, each name is its own text: not YAML 1.1's octal 8 for 010
+    path.write_text(path.read_text().replace("- 0\n", "- 000\n").replace("- 2\n", "- 010\n"))
+    from kaggle_tta import load_pipeline
+
+    assert load_pipeline(path).data.classes == ["000", "1", "010", "3"]
+    assert main(["run", str(path), "-q", "--set", f"submission.path={tmp_path / 'text.csv'}"]) == 0
+    assert set(pl.read_csv(tmp_path / "text.csv", infer_schema=False)["label"]) <= {"000", "1", "010", "3"}
     cfg["data"]["classes"] = [0, 1.5, 2, 3]
-    err = _fails(capsys, write(cfg))
-    assert "data.classes" in err and "class name 1.5 is not text; quote it" in err, err
+    err = _fails(capsys, write(cfg), "--set", "data.classes=[0, 1.5, 2, 3]")
+    assert "data.classes" in err and "class name 1.5 is not text; quote the names" in err, err
 
 
 @pytest.mark.parametrize(

@@ -102,6 +102,19 @@ def test_inaturalist_a_coco_json_listing_images_in_a_tar_read_in_place(tmp_path,
     assert main(["run", str(_pipeline(tmp_path, {"csv": csv_listing}, "files")), "-q"]) == 0
     assert written == _rows(tmp_path / "files.csv")
     assert len({p for _, p in written}) > 1
+    # the listing decides which member each row is: a changed listing is not served the old rows
+    meta = json.loads((tmp_path / "test2019.json").read_text())
+    names = [m["file_name"] for m in meta["images"]]
+    for m, name in zip(meta["images"], names[1:] + names[:1]):
+        m["file_name"] = name
+    (tmp_path / "test2019.json").write_text(json.dumps(meta))
+    assert main(["run", str(_pipeline(tmp_path, {"csv": listing}, "tar")), "-q"]) == 0
+    rotated = dict(_rows(tmp_path / "tar.csv"))
+    before = dict(written)
+    assert rotated == {
+        str(m["id"]): before[str(n["id"])] for m, n in zip(meta["images"], meta["images"][1:] + meta["images"][:1])
+    }
+    assert rotated != before
     # the tar as data.folder: its members' names are the ids
     assert main(["run", str(_pipeline(tmp_path, {"folder": str(tmp_path / "test2019.tar.gz")}, "f", False)), "-q"]) == 0
     names = {m["file_name"].split("/")[1][:-4]: str(m["id"]) for m in images}
@@ -165,3 +178,26 @@ def test_records_of_encoded_images_equal_the_files(tmp_path, monkeypatch, column
     assert main(["run", str(_pipeline(tmp_path, files, "files")), "-q"]) == 0
     assert _rows(tmp_path / "rec.csv") == _rows(tmp_path / "files.csv")
     assert [i for i, _ in _rows(tmp_path / "rec.csv")] == [str(i) for i in order]
+
+
+def test_a_tar_of_dot_slash_members_and_groups_from_a_json_listing(tmp_path, monkeypatch):
+    """``tar cf t.tar -C dir .`` names members ``./x.jpg``: a listing naming ``x.jpg`` finds
+    them; submission.group reads its column from data.csv's JSON listing."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    _inaturalist(tmp_path)
+    with tarfile.open(tmp_path / "dot.tar", "w") as t:
+        t.add(tmp_path / "src" / "test2019", arcname=".")
+    meta = json.loads((tmp_path / "test2019.json").read_text())
+    for k, m in enumerate(meta["images"]):
+        m["file_name"] = m["file_name"].split("/")[1]
+        m["site"] = f"site{k % 2}"
+    (tmp_path / "test2019.json").write_text(json.dumps(meta))
+    listing = {"path": str(tmp_path / "test2019.json"), "key": "images", "path_column": "file_name"}
+    listing["root"] = str(tmp_path / "dot.tar")
+    p = _pipeline(tmp_path, {"csv": listing}, "dot", sample=False)
+    cfg = yaml.safe_load(p.read_text())
+    cfg["submission"].update(format="probs", id_column="site", group={"column": "site"})
+    p.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(p), "-q"]) == 0
+    with open(tmp_path / "dot.csv", newline="") as f:
+        assert sorted(r["site"] for r in csv.DictReader(f)) == ["site0", "site1"]

@@ -247,6 +247,14 @@ def test_aptos_a_regression_head_written_as_grades(tmp_path, monkeypatch, capsys
     grades = {r["id_code"]: r["diagnosis"] for r in _read(tmp_path / "grades.csv")}
     assert grades == {k: str(int(np.searchsorted(cuts, v, side="right"))) for k, v in values.items()}, (values, text)
     assert len(set(grades.values())) > 1, values
+    # grouped: a group's grade is its mean value's, an integer (not the mean of its grades)
+    cfg["submission"].update(path=str(tmp_path / "g.csv"), group={"pattern": "^(?P<g>[a-e])/", "template": "{g}"})
+    p.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(p), "-q"]) == 0
+    for row in _read(tmp_path / "g.csv"):
+        mean = np.mean([v for k, v in values.items() if k.startswith(row["id_code"] + "/")])
+        assert row["diagnosis"] == str(int(np.searchsorted(cuts, mean, side="right"))), (row, mean)
+    del cfg["submission"]["group"]
     cfg["regression"]["cutoffs"] = [1.5, 0.5]
     p.write_text(yaml.safe_dump(cfg))
     capsys.readouterr()
@@ -279,3 +287,29 @@ def test_decimals_keep_confident_probabilities_apart(tmp_path):
         rows = [ln.split(",")[1:] for ln in (tmp_path / "s.csv").read_text().split()[1:]]
         assert all(sum(Decimal(v) for v in r) == 1 for r in rows)
         assert all(len(v.split(".")[1]) <= decimals for r in rows for v in r)
+
+
+def test_a_sample_of_ids_only_is_refused(tmp_path, monkeypatch, capsys):
+    """A sample with no column but its ids asks for nothing the writer makes: refused, not a
+    submission of ids alone."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    _studies(tmp_path, ["1", "2"])
+    (tmp_path / "sample.csv").write_text("id\n2\n1\n")
+    p = _pipeline(tmp_path, {"path": str(tmp_path / "s.csv"), "sample": str(tmp_path / "sample.csv")})
+    assert main(["run", str(p), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the sample has 1 columns" in err[0], err
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_appended_rows_keep_the_decimals(tmp_path):
+    """submission.append: our floats become text with ``decimals`` digits, as the CSV writer
+    writes them, beside the appended rows as they are."""
+    import polars as pl
+
+    from kaggle_tta.io.submission import with_appended
+
+    ours = pl.DataFrame({"id": ["a", "b"], "p": [0.78004288673, 1e-7]})
+    extra = pl.DataFrame({"id": ["c"], "p": ["0.5 0 0 1 1"]})
+    out = with_appended(ours, extra, 3)
+    assert out["p"].to_list() == ["0.780", "0.000", "0.5 0 0 1 1"]

@@ -78,12 +78,12 @@ def check_weights(v: list[float], what: str = "weights") -> list[float]:
 
 
 def class_names(v: object) -> object:
-    """Class names written as YAML integers (APTOS' grades ``[0, 1, 2, 3, 4]``, iMet's attribute
-    ids) are the names as written; other numbers are refused with the fix (a float's text is
-    not what the file says: ``1.50`` reads as 1.5)."""
+    """Class names that arrive as integers (a dict given to the API, ``--set``) are their
+    decimal text; other numbers and booleans are refused with the fix. In a pipeline file the
+    loader keeps each name's own text (config.yaml_files.NAME_LISTS: ``[010, no]`` stays so)."""
     if not isinstance(v, list):
         return v
     odd = next((x for x in v if isinstance(x, (bool, float))), None)
     if odd is not None:
-        raise ValueError(f"class name {odd!r} is not text; quote it, e.g. ['{odd}']")
+        raise ValueError(f"class name {odd!r} is not text; quote the names as the competition writes them")
     return [str(x) if isinstance(x, int) else x for x in v]

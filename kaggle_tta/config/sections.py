@@ -379,7 +379,7 @@ class SubmissionConfig(Section):
     class_columns: list[str] | None = None
     """Column names for `probs` (default: the class names)."""
     decimals: Annotated[int, Field(ge=1, le=15)] = 6
-    """Digits after the point of every number written (1-15): probabilities that sum to 1 sum
+    """Digits after the point of every number in a column of its own (1-15): probabilities that sum to 1 sum
     to exactly 1 at this many; a sigmoid past about 0.9999995 is written 1.000000 at 6, so
     AUC graders with many confident positives may want more."""
     rle: RLEConfig = RLEConfig()

@@ -62,6 +62,7 @@ def parse_yaml(text: str, where: str) -> Any:
         if node is None:
             return None
         _check_nodes(node, loader, where)
+        _names_as_written(node)
         return loader.construct_document(node)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{where}: not valid YAML: {_yaml_problem(exc)}") from None
@@ -69,6 +70,27 @@ def parse_yaml(text: str, where: str) -> Any:
         raise ConfigError(f"{where}: not valid YAML: nested too deeply") from None
     finally:
         loader.dispose()
+
+
+NAME_LISTS = (("data", "classes"), ("submission", "class_columns"))
+"""Lists of names, each taken as its text: ``[0, 1, 2]`` (APTOS' grades), ``[010, 011]`` (not
+YAML 1.1's octal 8, 9), ``[no, yes]`` (not booleans)."""
+
+
+def _names_as_written(root: yaml.Node) -> None:
+    """The scalars of :data:`NAME_LISTS` as strings, whatever YAML would resolve them to."""
+    for section, key in NAME_LISTS:
+        node = _value(_value(root, section), key)
+        if isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                if isinstance(item, yaml.ScalarNode) and item.tag != "tag:yaml.org,2002:null":
+                    item.tag = "tag:yaml.org,2002:str"
+
+
+def _value(node: yaml.Node | None, key: str) -> yaml.Node | None:
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    return next((v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == key), None)
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:

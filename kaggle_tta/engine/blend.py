@@ -94,7 +94,7 @@ def blend_plan(plan: Plan, sources: list[MemberSource]) -> BlendResult:
         out.table = formatted_ids(task.finish(out.table, plan), spec.id_format)
     if cfg.submission.append:  # other submissions' rows after ours
         extra = appended_rows([cfg.resolve(p) for p in cfg.submission.append], out.table.columns)
-        out.table = with_appended(out.table, extra)
+        out.table = with_appended(out.table, extra, cfg.submission.decimals)
     if plan.sample is not None:
         out.table = align(out.table, plan.sample)
     out_path = cfg.resolve(cfg.submission.path)

@@ -31,7 +31,7 @@ def group_of(cfg: PipelineConfig, ids: Sequence[str]) -> list[str]:
         ConfigError: no CSV to read groups from, or a column missing.
         DataError: images without a group (with counts and examples).
     """
-    from kaggle_tta.io.tables import read_csv_table
+    from kaggle_tta.io.tables import read_csv_table, read_listing
 
     spec = cfg.submission.group
     assert spec is not None
@@ -49,7 +49,10 @@ def group_of(cfg: PipelineConfig, ids: Sequence[str]) -> list[str]:
         raise ConfigError("submission.group.csv: give the CSV mapping each image id to its group")
     path = cfg.resolve(source)
     key = spec.key_column or (cfg.data.csv.id_column if cfg.data.csv is not None else "id")
-    df = read_csv_table(path, "submission.group.csv", infer_schema=False)
+    if spec.csv is None and cfg.data.csv is not None:  # data.csv's own listing, a JSON one included
+        df = read_listing(path, "data.csv.path", cfg.data.csv.key)
+    else:
+        df = read_csv_table(path, "submission.group.csv", infer_schema=False)
     assert spec.column is not None
     for col, yaml_key in ((key, "key_column"), (spec.column, "column")):
         if col not in df.columns:

@@ -19,7 +19,8 @@ def ids_by_rule(listed: list[str], pattern: str, template: str, where: str) -> l
     for name in listed:
         m = rx.search(name)
         if m is None:
-            raise DataError(f"{where}: '{name}' does not match data.id.pattern {pattern!r}; fix the pattern")
+            key = "submission.group.pattern" if where.startswith("submission.group") else "data.id.pattern"
+            raise DataError(f"{where}: '{name}' does not match {key} {pattern!r}; fix the pattern")
         out.append(template.format(**m.groupdict()))
     return out
 

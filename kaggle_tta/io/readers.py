@@ -15,6 +15,7 @@ they are called, not re-written.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -291,12 +292,9 @@ def _decoded(path: Path | str, data: bytes | None = None) -> np.ndarray:
     (BGR(A) order, its own depth); a file that cannot be read, is empty, or does not decode
     is one DataError naming it."""
     try:
-        if data is not None:
-            buf = np.frombuffer(data, np.uint8)
-        elif is_zip_item(path):
-            buf = np.frombuffer(member_bytes(str(path)), np.uint8)
-        else:
-            buf = np.fromfile(str(path), np.uint8)
+        if data is None and is_zip_item(path):
+            data = member_bytes(str(path))
+        buf = np.frombuffer(data, np.uint8) if data is not None else np.fromfile(str(path), np.uint8)
     except OSError as exc:
         raise DataError(f"{shown_path(path)}: cannot read ({exc.strerror})") from None
     if buf.size == 0:
@@ -358,8 +356,9 @@ def item_files(ids: Sequence[str], paths: Sequence[str], cfg: PipelineConfig) ->
     reader = cfg.data.reader
     if cfg.data.records is not None:  # rows of one file: the file
         return ["records"], [str(cfg.resolve(cfg.data.records.path))]
-    if paths and is_zip_item(paths[0]):  # members of an archive: the archive
-        return ["archive"], [str(paths[0]).partition(ZIP_SEP)[0]]
+    if paths and is_zip_item(paths[0]):  # members of an archive: the archive, and which member each row is
+        rows = hashlib.sha256("\n".join(f"{i}\0{p}" for i, p in zip(ids, paths)).encode()).hexdigest()
+        return [f"archive {rows}"], [str(paths[0]).partition(ZIP_SEP)[0]]
     if not reader.channels and reader.slices is None:
         return list(ids), list(paths)
     out_ids, out_paths = [], []

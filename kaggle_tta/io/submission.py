@@ -124,7 +124,7 @@ def _dropped(df: pl.DataFrame, id_col: str, header: Sequence[str] | None) -> lis
     if header is None or df.width >= len(header):
         return []
     theirs = {c for c in df.columns if c != id_col}
-    return [c for c in header[1:] if c not in theirs] if theirs < set(header[1:]) else []
+    return [c for c in header[1:] if c not in theirs] if theirs and theirs < set(header[1:]) else []
 
 
 def _mismatch(
@@ -299,10 +299,17 @@ def appended_rows(paths: Sequence[Path], header: Sequence[str]) -> pl.DataFrame 
     return pl.concat(parts) if parts else None
 
 
-def with_appended(table: pl.DataFrame, extra: pl.DataFrame | None) -> pl.DataFrame:
+def with_appended(table: pl.DataFrame, extra: pl.DataFrame | None, decimals: int = 6) -> pl.DataFrame:
+    """Our rows, as text (floats with ``decimals`` digits, as the CSV writer would), then
+    ``extra``'s."""
     if extra is None:
         return table
-    ours = table.with_columns(pl.all().cast(pl.String))
+    ours = table.with_columns(
+        pl.Series(c, np.char.mod(f"%.{decimals}f", table[c].to_numpy()).tolist(), dtype=pl.String)
+        if table[c].dtype.is_float()
+        else table[c].cast(pl.String)
+        for c in table.columns
+    )
     ours.columns = list(extra.columns)
     return pl.concat([ours, extra])
 

@@ -119,9 +119,13 @@ class _Tiff:
     def __init__(self, path: str):
         self.path = path
         self.tf = _tiff(path)
-        self.size = _page_layout(self.tf, path)[:2]
-        self.pages = self.tf.series[0].pages
-        self.map = _memmap(self.tf, path)
+        try:
+            self.size = _page_layout(self.tf, path)[:2]
+            self.pages = self.tf.series[0].pages
+            self.map = _memmap(self.tf, path)
+        except BaseException:
+            self.tf.close()
+            raise
 
     def raw(self, top: int, left: int, h: int, w: int) -> np.ndarray:
         if self.map is not None:
@@ -142,15 +146,18 @@ class WindowSource:
         if not files and is_tiff(path) and (reader is None or reader.channels is None) and not _tiff_whole(reader):
             files = [path]
         if files:
-            for f in files:
-                self._tiffs.append(_Tiff(f))
-                (h, w), (h0, w0) = self._tiffs[-1].size, self._tiffs[0].size
-                if (h, w) != (h0, w0):
-                    self.close()
-                    raise DataError(
-                        f"{shown_path(f)}: {h}x{w} where {shown_path(files[0])} is {h0}x{w0}; the files of one "
-                        "item must have one size"
-                    )
+            try:
+                for f in files:
+                    self._tiffs.append(_Tiff(f))
+                    (h, w), (h0, w0) = self._tiffs[-1].size, self._tiffs[0].size
+                    if (h, w) != (h0, w0):
+                        raise DataError(
+                            f"{shown_path(f)}: {h}x{w} where {shown_path(files[0])} is {h0}x{w0}; the files of one "
+                            "item must have one size"
+                        )
+            except BaseException:  # the layers opened so far are closed
+                self.close()
+                raise
             self.size = self._tiffs[0].size
         else:
             self._img = _whole(path, reader)

@@ -14,6 +14,7 @@ refused: each member would decompress the archive up to it.
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 import zipfile
 from pathlib import Path, PurePosixPath
@@ -61,7 +62,7 @@ def _tar_index(path: Path | str, where: str) -> dict[str, tuple[int, int]]:
     if magic[:2] == b"\x1f\x8b" or magic == b"BZh" or magic[:2] == b"\xfd7":
         raise DataError(
             f"{where}: {shown_path(path)} is a compressed tar, which cannot be read in place; extract it "
-            f"(tar xf {Path(path).name}) and point data.folder at the folder"
+            f"(tar xf {Path(path).name}) and point {where.split(' ')[0]} at the folder"
         )
     try:
         with tarfile.open(path, "r:") as t:
@@ -72,7 +73,8 @@ def _tar_index(path: Path | str, where: str) -> dict[str, tuple[int, int]]:
 
 def list_archive(path: Path, exts: set[str], rule: Any = None) -> tuple[list[str], list[str], list[tuple[int, int]]]:
     """(ids, item names, identities) of the archive's members with a listed suffix, in path
-    order (``rule``: data.id); identities are each member's (size, checksum), known unread."""
+    order (``rule``: data.id); identities are each member's (size, CRC-32 or tar data offset),
+    known unread."""
     where = f"data.folder ({path})"
     infos = sorted(m for m in _members(path, where) if PurePosixPath(m[0]).suffix.lower() in exts)
     names = [PurePosixPath(i[0]) for i in infos]
@@ -99,8 +101,8 @@ def archive_items(archive: Path, rel: list[str], where: str) -> tuple[list[str],
     """``data.csv.root`` an archive: each listed path's member, by its name, else by the path
     with leading folders dropped (iNaturalist's ``test2019/x.jpg`` in ``test2019.tar.gz``,
     whose members are ``x.jpg``); (item names, identities)."""
-    members = {name: (size, check) for name, size, check in _members(archive, where)}
-    items, identities = [], []
+    members = {PurePosixPath(name).as_posix(): (name, size, check) for name, size, check in _members(archive, where)}
+    items, identities, named = [], [], dict[str, str]()
     for r in rel:
         parts = PurePosixPath(r.replace("\\", "/")).parts
         name = next(("/".join(parts[k:]) for k in range(len(parts)) if "/".join(parts[k:]) in members), None)
@@ -109,18 +111,23 @@ def archive_items(archive: Path, rel: list[str], where: str) -> tuple[list[str],
                 f"{where}: '{r}' is not in {shown_path(archive)} (members such as {sorted(members)[:2]}); check "
                 "the path column and data.csv.root"
             )
-        items.append(f"{archive}{ZIP_SEP}{name}")
-        identities.append(members[name])
+        if named.setdefault(name, r) != r:
+            raise DataError(f"{where}: '{named[name]}' and '{r}' both name the member '{name}'; check the paths")
+        real, size, check = members[name]
+        items.append(f"{archive}{ZIP_SEP}{real}")
+        identities.append((size, check))
     return items, identities
 
 
 def member_bytes(item: str) -> bytes:
     """The bytes of ``<archive>::<member>``."""
     archive, _, member = item.partition(ZIP_SEP)
-    z = _OPEN.get(archive)
     try:
+        st = os.stat(archive)
+        key = f"{archive}\0{st.st_size}\0{st.st_mtime_ns}"  # a replaced archive is opened again
+        z = _OPEN.get(key)
         if z is None:
-            z = _OPEN[archive] = zipfile.ZipFile(archive) if zipfile.is_zipfile(archive) else _tar_index(archive, item)
+            z = _OPEN[key] = zipfile.ZipFile(archive) if zipfile.is_zipfile(archive) else _tar_index(archive, item)
         if isinstance(z, zipfile.ZipFile):
             return z.read(member)
         offset, size = z[member]

@@ -119,14 +119,18 @@ class Regression(Classification):
         truth = load_values(cfg, ids)
         values: dict[str, list[np.ndarray]] = {}
         plain_values: dict[str, list[np.ndarray]] = {}
+        ungraded: list[np.ndarray] = []  # the source's, for groups: graded once aggregated (finish)
         for lo, hi in blocks(len(ids), BLOCK_ROWS):
             for name, pred in node_predictions(cfg, sources, lo, hi).items():
-                values.setdefault(name, []).append(self.written(cfg, to_probs(pred)))
+                v = self.written(cfg, to_probs(pred), grade=False)
+                values.setdefault(name, []).append(self.graded(cfg, v))
+                ungraded += [v] if name == cfg.submission_source else []
             if plain and truth is not None:
                 for name, pred in node_predictions(cfg, sources, lo, hi, plain=True).items():
                     plain_values.setdefault(name, []).append(self.written(cfg, to_probs(pred)))
         whole = {k: np.concatenate(v) for k, v in values.items()}
-        table = write_values(ids, whole[cfg.submission_source], plan.classes, cfg.submission)
+        source = np.concatenate(ungraded) if plan.groups is not None else whole[cfg.submission_source]
+        table = write_values(ids, source, plan.classes, cfg.submission)
         if truth is None:
             return TaskOutput(table, [], {}, {})
         tta = {k: scores(v, truth) for k, v in whole.items()}
@@ -134,10 +138,23 @@ class Regression(Classification):
         return TaskOutput(table, ["RMSE", "MAE"], tta, no_tta)
 
     @staticmethod
-    def written(cfg: PipelineConfig, v: Any) -> np.ndarray:
+    def written(cfg: PipelineConfig, v: Any, grade: bool = True) -> np.ndarray:
         """Merged values as written: ``offset + scale * v``, clipped to ``regression.clip``,
         then graded by ``regression.cutoffs``."""
         r = cfg.regression
         out = r.offset + r.scale * np.asarray(v, dtype=np.float64)
         out = np.clip(out, *r.clip) if r.clip is not None else out
-        return np.digitize(out, r.cutoffs, right=False).astype(np.int64) if r.cutoffs else out
+        return Regression.graded(cfg, out) if grade else out
+
+    @staticmethod
+    def graded(cfg: PipelineConfig, v: np.ndarray) -> np.ndarray:
+        """Values as ``regression.cutoffs`` grades them (as they are without cutoffs)."""
+        cuts = cfg.regression.cutoffs
+        return np.digitize(v, cuts).astype(np.int64) if cuts else v
+
+    def finish(self, table: pl.DataFrame, plan: Plan) -> pl.DataFrame:
+        """Grouped rows (``submission.group``) graded once aggregated: a group's grade is its
+        aggregated value's, never an average of grades."""
+        if plan.groups is None or not plan.cfg.regression.cutoffs:
+            return table
+        return table.with_columns(pl.Series(c, self.graded(plan.cfg, table[c].to_numpy())) for c in table.columns[1:])
