@@ -50,6 +50,12 @@ def _inaturalist(root: Path) -> list[int]:
     return order
 
 
+def _coco_listing(root: Path) -> dict:
+    """data.csv: test2019.json's COCO images, their files members of test2019.tar.gz."""
+    json_path, tar = str(root / "test2019.json"), str(root / "test2019.tar.gz")
+    return {"path": json_path, "key": "images", "id_column": "id", "path_column": "file_name", "root": tar}
+
+
 def _pipeline(root: Path, data: dict, out: str, sample: bool = True) -> Path:
     cfg = {
         "task": "classification",
@@ -81,13 +87,7 @@ def _rows(path: Path) -> list[tuple[str, str]]:
 def test_inaturalist_a_coco_json_listing_images_in_a_tar_read_in_place(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(TESTS))
     order = _inaturalist(tmp_path)
-    listing = {
-        "path": str(tmp_path / "test2019.json"),
-        "key": "images",
-        "id_column": "id",
-        "path_column": "file_name",
-        "root": str(tmp_path / "test2019.tar.gz"),
-    }
+    listing = _coco_listing(tmp_path)
     assert main(["run", str(_pipeline(tmp_path, {"csv": listing}, "tar")), "-q"]) == 0
     written = _rows(tmp_path / "tar.csv")
     assert [i for i, _ in written] == [str(i) for i in order]
@@ -132,13 +132,7 @@ def test_inaturalist_a_coco_json_listing_images_in_a_tar_read_in_place(tmp_path,
 def test_a_listing_or_archive_that_cannot_be_read_is_one_line(tmp_path, monkeypatch, capsys, change, says):
     monkeypatch.syspath_prepend(str(TESTS))
     _inaturalist(tmp_path)
-    listing = {
-        "path": str(tmp_path / "test2019.json"),
-        "key": "images",
-        "id_column": "id",
-        "path_column": "file_name",
-        "root": str(tmp_path / "test2019.tar.gz"),
-    }
+    listing = _coco_listing(tmp_path)
     if change == "gzip":
         data = (tmp_path / "test2019.tar.gz").read_bytes()
         with gzip.open(tmp_path / "test2019.tar.gz", "wb") as f:
