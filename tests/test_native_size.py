@@ -95,7 +95,10 @@ def test_an_item_of_several_tiffs_is_read_by_windows(tmp_path, monkeypatch, wind
     frag.mkdir(parents=True)
     for k, (a, kw) in enumerate(zip(layers, [{"tile": (16, 32), "compression": "zlib"}, {"rowsperstrip": 9}, {}])):
         tifffile.imwrite(frag / f"{k:02d}.tif", a, **kw)
-    spec = ReaderConfig(name="image", channels=["00.tif", "01.tif", "02.tif"], window=window)
+    spec = ReaderConfig(name="image", channels=["{00..02}.tif"], window=window)  # a range, as the shell writes it
+    assert spec.channels == ["00.tif", "01.tif", "02.tif"]
+    with pytest.raises(ValueError, match="the range {3..1} runs backwards"):
+        ReaderConfig(channels=["{3..1}.tif"])
     whole = readers.read_item(str(frag / "00.tif"), spec)
     assert whole.shape == (61, 83, 3)
 

@@ -3,6 +3,7 @@ optional ground truth (labels, masks, boxes)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -209,6 +210,7 @@ class ReaderConfig(Section):
     @classmethod
     def _templates(cls, v: list[str] | None) -> list[str] | None:
         if v is not None:
+            v = [name for t in v for name in _expanded(t)]
             if len(v) < 1:
                 raise ValueError("give at least one file template")
             for t in v:
@@ -221,6 +223,21 @@ class ReaderConfig(Section):
         default = self.window is None and self.channels is None and self.columns is None and self.gray == "rgb"
         default = default and self.slices is None and self.frame is None and self.layout == "hwc"
         return self.name == "auto" and default  # a reader named, even image, keeps every bit
+
+
+def _expanded(template: str) -> list[str]:
+    """A range as the shell writes it, ``{00..64}.tif`` (zero-padded to its first bound's
+    width), as one template per number: Vesuvius' 65 layers of a fragment."""
+    m = re.search(r"\{(\d+)\.\.(\d+)\}", template)
+    if m is None:
+        return [template]
+    lo, hi = int(m[1]), int(m[2])
+    if hi < lo:
+        raise ValueError(f"'{template}': the range {m[0]} runs backwards")
+    width = len(m[1]) if m[1].startswith("0") else 0
+    return [
+        n for k in range(lo, hi + 1) for n in _expanded(template[: m.start()] + f"{k:0{width}d}" + template[m.end() :])
+    ]
 
 
 class DataConfig(Section):
