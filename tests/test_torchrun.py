@@ -353,8 +353,8 @@ def test_runtime_devices_2_under_precision_auto_starts_two_ranks_and_completes_i
 
     auto = ["runtime.precision=auto"]
     reduced = resolve_precision("auto", torch.device("cpu")) != "fp32"
-    single = _classification(pipeline[1], tmp_path, "single")
-    p = _classification(pipeline[1], tmp_path, "devices")
+    single = _slow(pipeline, tmp_path, "single", 0.0)  # a factory member: the launching process imports no timm
+    p = _slow(pipeline, tmp_path, "devices", 0.0)
     for q in (single, p):
         run(q, progress=False)  # fp32
     assert _all_cached(build_plan(load_pipeline(single, auto))) is not reduced
@@ -524,17 +524,20 @@ def test_a_device_named_for_one_gpu_is_refused_with_ranks():
 
 
 def _corrupt_last(pipeline, tmp: Path, name: str) -> Path:
-    """The classification pipeline on a copy of the demo set whose last image is not an image
-    (found by the loader, in the last rank's share; the listing does not read the images)."""
+    """The factory pipeline (_slow, no delay: no timm to import on every rank) on a copy of the
+    demo set whose last image is not an image (found by the loader, in the last rank's share;
+    the listing does not read the images)."""
     import shutil
 
     images = tmp / f"{name}-images"
     shutil.copytree(Path(pipeline[1]["data"]["folder"]), images)
     sorted(images.glob("*.png"))[-1].write_bytes(b"not a png")
-    cfg = copy.deepcopy(pipeline[1])
+    p = _slow(pipeline, tmp, name, 0.0)
+    cfg = yaml.safe_load(p.read_text())
     cfg["data"]["folder"] = str(images)
     cfg["data"]["labels"] = {"path": str(images / "labels.csv")}
-    return _classification(cfg, tmp, name)
+    p.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return p
 
 
 def test_a_rank_failing_on_another_node_stops_every_rank_with_one_line(pipeline, tmp_path):
@@ -778,7 +781,7 @@ def test_a_store_nobody_serves_is_one_line(pipeline, tmp_path):
     with a stack of C++ frames) end in one line naming the endpoint. Rank 0 alone hosts the
     store and waits for a rank 1 that never comes: one line naming the wait. Exit 2 both.
     (The two are run side by side, each on a port of its own: both mostly wait.)"""
-    p = _classification(pipeline[1], tmp_path, "alone")
+    p = _slow(pipeline, tmp_path, "alone", 0.0)  # a factory member: no timm to import
     ports = [_free_port()]
     while len(ports) < 2:  # rank 1's port must not be the one rank 0 serves
         ports += [q for q in [_free_port()] if q != ports[0]]
