@@ -65,7 +65,7 @@ def test_concurrent_runs_on_one_cache_equal_a_single_run(task, pipeline, demo_im
     waits at 10-20 s a round. Classification writes dense rows (as segmentation does, whose
     maps and image sizes go through the same memory-mapped files), detection ragged ones;
     segmentation's own rows under several writers are checked by the rank tests
-    (test_torchrun: two ranks on every task)."""
+    (test_torchrun: two ranks as two nodes)."""
     write, cfg = pipeline
     # one memory layout for every run: `auto` times both on a CPU in fp32, and processes timing
     # against each other may pick the other one (equal predictions, not equal bits)
