@@ -235,9 +235,8 @@ def _expanded(template: str) -> list[str]:
     if hi < lo:
         raise ValueError(f"'{template}': the range {m[0]} runs backwards")
     width = len(m[1]) if m[1].startswith("0") else 0
-    return [
-        n for k in range(lo, hi + 1) for n in _expanded(template[: m.start()] + f"{k:0{width}d}" + template[m.end() :])
-    ]
+    head, tail = template[: m.start()], template[m.end() :]
+    return [n for k in range(lo, hi + 1) for n in _expanded(f"{head}{k:0{width}d}{tail}")]
 
 
 class DataConfig(Section):

@@ -88,17 +88,18 @@ def blend_plan(plan: Plan, sources: list[MemberSource]) -> BlendResult:
     if plan.groups is not None:  # one row per group of images
         out.table = group_table(out.table, plan.groups, cfg.submission.group.aggregate)  # type: ignore[union-attr]
     spec = cfg.submission
+    finished = task.finish(out.table, plan)
     if spec.rows == "class":  # a long table: one row per class
-        out.table = long_rows(task.finish(out.table, plan), spec.id_format, spec.label_column)
+        out.table = long_rows(finished, spec.id_format, spec.label_column)
     else:
-        out.table = formatted_ids(task.finish(out.table, plan), spec.id_format)
-    if cfg.submission.append:  # other submissions' rows after ours
-        extra = appended_rows([cfg.resolve(p) for p in cfg.submission.append], out.table.columns)
-        out.table = with_appended(out.table, extra, cfg.submission.decimals)
+        out.table = formatted_ids(finished, spec.id_format)
+    if spec.append:  # other submissions' rows after ours
+        extra = appended_rows([cfg.resolve(p) for p in spec.append], out.table.columns)
+        out.table = with_appended(out.table, extra, spec.decimals)
     if plan.sample is not None:
         out.table = align(out.table, plan.sample)
-    out_path = cfg.resolve(cfg.submission.path)
-    write_submission(out.table, out_path, decimals=cfg.submission.decimals)
+    out_path = cfg.resolve(spec.path)
+    write_submission(out.table, out_path, decimals=spec.decimals)
     result = BlendResult(
         str(out_path),
         cfg.submission_source,

@@ -205,12 +205,13 @@ def build_plan(cfg: PipelineConfig) -> Plan:
             written_columns(plan),
             getattr(getattr(cfg.submission, "rle", None), "class_column", None) if cfg.task == "segmentation" else None,
         )
-        if plan.sample.dropped:
-            n = len(plan.sample.dropped)
+        dropped = plan.sample.dropped
+        if dropped:
+            asked = len(plan.sample.header) - 1 - len(plan.sample.copied)
+            more = ", ..." if len(dropped) > 3 else ""
             say(
-                f"submission.sample asks for {len(plan.sample.header) - 1 - len(plan.sample.copied)} of the "
-                f"{len(plan.sample.header) - 1 - len(plan.sample.copied) + n} columns: {n} not written "
-                f"({', '.join(plan.sample.dropped[:3])}{', ...' if n > 3 else ''})"
+                f"submission.sample asks for {asked} of the {asked + len(dropped)} columns: {len(dropped)} not "
+                f"written ({', '.join(dropped[:3])}{more})"
             )
     return plan
 

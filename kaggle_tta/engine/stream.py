@@ -327,13 +327,14 @@ class _Trials:
             size, channels_last = w.runner.sizer.decide()
             if self.tried[id(w)]:
                 tuning.remember(plan.cache_root, decision_key(w, w.runner.precision, device, plan), size, channels_last)
+            keep = self.kept(w, plan, start)
             if w.compile_pending:  # its check decodes a few rows in-process; rows eager would keep count against it
-                eager_kept = sum(self._rows(w, v) for v in self.kept(w, plan, start))
-                choice = compile_on_trial(plan, w, w.runner, device, 0, eager_kept)
+                choice = compile_on_trial(plan, w, w.runner, device, 0, sum(self._rows(w, v) for v in keep))
                 w.compile_pending, w.compile_note = 0, choice.note
                 if choice.note:
                     say(f"{w.member.name}: {choice.note}")
-            keep = self.kept(w, plan, start)
+                if w.runner.compiled is not None:  # its rows on trial ran eager: only untouched views stay
+                    keep = self.kept(w, plan, start)
             w.rewind(self.first[id(w)], keep)
             w.forwards = self.counted[id(w)]
             for v in keep:  # rows kept are counted here, as the stream would have counted them

@@ -90,6 +90,7 @@ def list_test_set(cfg: PipelineConfig) -> TestSet:
     """
     d = cfg.data
     exts = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in d.extensions}
+    known: list[tuple[int, int]] | None = None  # identities the listing gives (an archive's members)
     if d.folder is not None and is_archive(cfg.resolve(d.folder)):  # images in a zip, read in place
         return TestSet(*list_archive(cfg.resolve(d.folder), exts, d.id))
     if d.folder is not None:
@@ -125,7 +126,7 @@ def list_test_set(cfg: PipelineConfig) -> TestSet:
         held = _seen(cfg.resolve(d.folder) if d.folder else None)
         raise DataError(f"{where}: the test set is empty; check the path and data.extensions {sorted(exts)}{held}")
     _check_unique(ids, paths, where)
-    identities = known if d.csv is not None and known is not None else _identities(paths, where)
+    identities = known if known is not None else _identities(paths, where)
     return TestSet(ids, paths, identities)
 
 

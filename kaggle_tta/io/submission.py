@@ -163,12 +163,10 @@ def _raw_header(path: Path, names: list[str]) -> list[str]:
     import csv
     import io
 
-    from kaggle_tta.io.tables import csv_source
+    from kaggle_tta.io.tables import csv_bytes
 
     try:
-        source = csv_source(path, "submission.sample")
-        data = source.getvalue() if isinstance(source, io.BytesIO) else path.read_bytes()
-        raw = next(csv.reader(io.StringIO(data.decode("utf-8-sig"), newline="")), [])
+        raw = next(csv.reader(io.StringIO(csv_bytes(path, "submission.sample").decode("utf-8-sig"), newline="")), [])
     except (OSError, UnicodeDecodeError):
         return names
     return raw if len(raw) == len(names) and len(set(raw)) == len(raw) else names

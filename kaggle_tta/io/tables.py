@@ -48,10 +48,15 @@ def csv_source(path: Path, key: str) -> Path | io.BytesIO:
         raise DataError(f"{key}: {path} is not a readable zip archive ({exc}); re-download it") from None
 
 
+def csv_bytes(path: Path, key: str) -> bytes:
+    """The CSV's bytes (a zip's one CSV: :func:`csv_source`)."""
+    source = csv_source(path, key)
+    return source.getvalue() if isinstance(source, io.BytesIO) else path.read_bytes()
+
+
 def _csv_problem(path: Path, exc: Exception, key: str) -> str:
     try:
-        source = csv_source(path, key)
-        data = source.getvalue() if isinstance(source, io.BytesIO) else path.read_bytes()
+        data = csv_bytes(path, key)
     except OSError as err:
         return f"cannot read ({err.strerror or err})"
     try:

@@ -120,7 +120,8 @@ class _Tiff:
         self.path = path
         self.tf = _tiff(path)
         try:
-            self.size = _page_layout(self.tf, path)[:2]
+            h, w, self.channels = _page_layout(self.tf, path)
+            self.size = (h, w)
             self.pages = self.tf.series[0].pages
             self.map = _memmap(self.tf, path)
         except BaseException:
@@ -155,6 +156,8 @@ class WindowSource:
                             f"{shown_path(f)}: {h}x{w} where {shown_path(files[0])} is {h0}x{w0}; the files of one "
                             "item must have one size"
                         )
+                    if len(files) > 1 and self._tiffs[-1].channels != 1:
+                        raise DataError(f"{shown_path(f)}: several channels; data.reader.channels takes one per file")
             except BaseException:  # the layers opened so far are closed
                 self.close()
                 raise
@@ -167,9 +170,6 @@ class WindowSource:
         if self._img is not None:
             return self._img[top : top + h, left : left + w]
         planes = [t.raw(top, left, h, w) for t in self._tiffs]
-        if len(planes) > 1 and any(p.shape[2] != 1 for p in planes):
-            bad = next(t.path for t, p in zip(self._tiffs, planes) if p.shape[2] != 1)
-            raise DataError(f"{shown_path(bad)}: several channels; data.reader.channels takes one per file")
         return self._converted(planes[0] if len(planes) == 1 else np.concatenate(planes, axis=2))
 
     def _converted(self, raw: np.ndarray) -> np.ndarray:

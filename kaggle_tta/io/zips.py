@@ -52,7 +52,19 @@ def _members(path: Path, where: str) -> list[tuple[str, int, int]]:
             raise DataError(
                 f"{where}: {shown_path(path)} is not a readable zip archive ({exc}); re-download it"
             ) from None
-    return [(name, size, offset) for name, (offset, size) in _tar_index(path, where).items()]
+    index = _opened(str(path), where)
+    assert isinstance(index, dict)
+    return [(name, size, offset) for name, (offset, size) in index.items()]
+
+
+def _opened(archive: str, where: str) -> zipfile.ZipFile | dict[str, tuple[int, int]]:
+    """The archive, opened once per process (a replaced one again): a zip, or a tar's index,
+    whose one pass over the headers serves the listing and every read."""
+    st = os.stat(archive)
+    key = f"{archive}\0{st.st_size}\0{st.st_mtime_ns}"
+    if key not in _OPEN:
+        _OPEN[key] = zipfile.ZipFile(archive) if zipfile.is_zipfile(archive) else _tar_index(archive, where)
+    return _OPEN[key]
 
 
 def _tar_index(path: Path | str, where: str) -> dict[str, tuple[int, int]]:
@@ -123,11 +135,7 @@ def member_bytes(item: str) -> bytes:
     """The bytes of ``<archive>::<member>``."""
     archive, _, member = item.partition(ZIP_SEP)
     try:
-        st = os.stat(archive)
-        key = f"{archive}\0{st.st_size}\0{st.st_mtime_ns}"  # a replaced archive is opened again
-        z = _OPEN.get(key)
-        if z is None:
-            z = _OPEN[key] = zipfile.ZipFile(archive) if zipfile.is_zipfile(archive) else _tar_index(archive, item)
+        z = _opened(archive, item)
         if isinstance(z, zipfile.ZipFile):
             return z.read(member)
         offset, size = z[member]

@@ -124,7 +124,8 @@ class Regression(Classification):
             for name, pred in node_predictions(cfg, sources, lo, hi).items():
                 v = self.written(cfg, to_probs(pred), grade=False)
                 values.setdefault(name, []).append(self.graded(cfg, v))
-                ungraded += [v] if name == cfg.submission_source else []
+                if name == cfg.submission_source:
+                    ungraded.append(v)
             if plain and truth is not None:
                 for name, pred in node_predictions(cfg, sources, lo, hi, plain=True).items():
                     plain_values.setdefault(name, []).append(self.written(cfg, to_probs(pred)))
